@@ -1,0 +1,48 @@
+# The README's two commands are `make run` and `make test`; `make bench` is separate.
+PY        ?= python3
+VENV      ?= .venv
+STATE     ?= $(CURDIR)/state
+BUILD     ?= $(CURDIR)/build
+MAILMAN_VENV ?= $(BUILD)/mailman-venv
+PIP        = $(VENV)/bin/python -m pip -q --disable-pip-version-check
+PYTEST_ARGS ?=
+
+.PHONY: run test bench venv mailman-venv mta-deps test-deps clean
+
+venv: $(VENV)/.installed
+
+$(VENV)/.installed: setup.cfg pyproject.toml
+	$(PY) -m venv $(VENV)
+	$(PIP) install --upgrade pip setuptools wheel
+	$(PIP) install -e '.[test,postgresql,mysql]'
+	touch $@
+
+# The real Mailman 3 core, the reference for its semantics, in a virtualenv of its own.
+mailman-venv: $(MAILMAN_VENV)/.installed
+
+$(MAILMAN_VENV)/.installed:
+	$(PY) -m venv $(MAILMAN_VENV)
+	$(MAILMAN_VENV)/bin/python -m pip -q --disable-pip-version-check install 'mailman==3.3.10' psycopg2-binary
+	touch $@
+
+# Debian's Postfix and Exim for the real-MTA tests (needs root; the tests skip outside CI
+# and fail in CI when the MTAs are missing).
+mta-deps:
+	@if [ "$$(id -u)" = 0 ]; then bash tests/integration/mta/install-mtas.sh "$(BUILD)/mta"; \
+	else echo "mta-deps: not root, not installing Exim and Postfix (their tests will skip outside CI)"; fi
+
+test-deps: venv mailman-venv mta-deps
+
+test: test-deps
+	POLICYD_MAILMAN_PYTHON=$(MAILMAN_VENV)/bin/python POLICYD_MTA_DIR=$(BUILD)/mta \
+	  $(VENV)/bin/python -m pytest $(PYTEST_ARGS)
+
+run: venv
+	$(VENV)/bin/python -m policyd.demo --state-dir $(STATE)
+	exec $(VENV)/bin/policyd --config $(STATE)/policyd.conf
+
+bench: venv
+	$(VENV)/bin/python -m bench --state-dir $(BUILD)/bench
+
+clean:
+	rm -rf $(VENV) $(BUILD) $(STATE) *.egg-info .pytest_cache .hypothesis

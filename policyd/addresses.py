@@ -1,0 +1,266 @@
+"""Envelope and header address parsing and normalisation (pure).
+
+Header values are split into mailboxes *before* anything is RFC 2047 decoded, so an
+encoded comma or an encoded ``<spoof@member>`` in a display name stays inside the display
+name and can never become an address.  Display names are never needed for a decision, so
+they are never decoded.  Every address that comes out is normalised the same way:
+
+* a source route (``@a,@b:user@x``) is dropped;
+* a quoted local part is unquoted (Postfix hands policyd ``quoted part@x`` for
+  ``"quoted part"@x``, so both spellings must meet);
+* the local part is lower-cased (Mailman lower-cases everything and compares that);
+* the domain is lower-cased and converted to IDNA A-labels (``xn--...``);
+* anything without a local part or a domain, or with control characters, is dropped: an
+  empty or unparseable address never reaches a membership lookup.
+"""
+
+from __future__ import annotations
+
+import re
+from functools import lru_cache
+
+__all__ = ["normalise", "parse_header", "mailman_valid", "split_address"]
+
+_CONTROL = re.compile(r"[\x00-\x1f\x7f]")
+_WSP = " \t\r\n"
+
+# Mailman 3's email/validate.py, applied to normalised addresses in Mailman 3 mode so that
+# a sender Mailman would drop from msg.senders is dropped here too.
+_MM_LOCAL_BAD = re.compile(r"[^-0-9a-z!#$%&'*+./=?@_`{}~]")
+_MM_LABEL_BAD = re.compile(r"[^-a-z0-9]")
+
+
+def split_address(address: str) -> tuple[str, str]:
+    """Split a normalised address at its last ``@``."""
+    local, _, domain = address.rpartition("@")
+    return local, domain
+
+
+def _unquote_local(local: str) -> str | None:
+    if len(local) >= 2 and local[0] == '"' and local[-1] == '"':
+        body = local[1:-1]
+        out = []
+        escaped = False
+        for ch in body:
+            if escaped:
+                out.append(ch)
+                escaped = False
+            elif ch == "\\":
+                escaped = True
+            elif ch == '"':
+                return None
+            else:
+                out.append(ch)
+        if escaped:
+            return None
+        return "".join(out)
+    if '"' in local:
+        return None
+    return local
+
+
+def _ascii_domain(domain: str) -> str | None:
+    domain = domain.strip().rstrip(".").lower()
+    if not domain:
+        return None
+    if domain.startswith("[") and domain.endswith("]"):
+        return domain
+    if domain.isascii():
+        labels = domain.split(".")
+    else:
+        try:
+            labels = [
+                label if label.isascii() else "xn--" + label.encode("punycode").decode("ascii")
+                for label in _nameprep_labels(domain)
+            ]
+        except (UnicodeError, ValueError):
+            return None
+    if any(not label for label in labels):
+        return None
+    if any(ch in label for label in labels for ch in ' "\\<>()[],;:@'):
+        return None
+    return ".".join(labels)
+
+
+def _nameprep_labels(domain: str) -> list[str]:
+    # The stdlib idna codec applies IDNA 2003 nameprep (lower-casing, NFKC) per label;
+    # use it label by label so one odd label does not hide which one failed.
+    import encodings.idna
+
+    labels = re.split("[.\u3002\uff0e\uff61]", domain)
+    return [encodings.idna.nameprep(label) if not label.isascii() else label for label in labels]
+
+
+@lru_cache(maxsize=65536)
+def normalise(address: str) -> str | None:
+    """Return the canonical form of one addr-spec, or ``None`` if it cannot be an address.
+
+    ``""`` (the null sender) gives ``None``: it is nobody.
+    """
+    if not address:
+        return None
+    address = address.strip().strip(_WSP)
+    if address.startswith("<") and address.endswith(">"):
+        address = address[1:-1].strip()
+    if address.startswith("@"):
+        # Source route: "@a,@b:user@x".
+        colon = address.find(":")
+        if colon < 0:
+            return None
+        address = address[colon + 1 :]
+    if not address or _CONTROL.search(address):
+        return None
+    at = _last_unquoted_at(address)
+    if at <= 0:
+        return None
+    local = _unquote_local(address[:at].strip())
+    domain = _ascii_domain(address[at + 1 :])
+    if not local or domain is None or _CONTROL.search(local):
+        return None
+    return f"{local.lower()}@{domain}"
+
+
+def _last_unquoted_at(address: str) -> int:
+    in_quotes = False
+    escaped = False
+    last = -1
+    for i, ch in enumerate(address):
+        if escaped:
+            escaped = False
+        elif ch == "\\" and in_quotes:
+            escaped = True
+        elif ch == '"':
+            in_quotes = not in_quotes
+        elif ch == "@" and not in_quotes:
+            last = i
+    return -1 if in_quotes else last
+
+
+def mailman_valid(address: str) -> bool:
+    """Would Mailman 3's validator keep this (normalised) address in ``msg.senders``?"""
+    local, domain = split_address(address)
+    if not local or _MM_LOCAL_BAD.search(local):
+        return False
+    labels = domain.split(".")
+    if len(labels) < 2:
+        return False
+    return all(label and label[0] != "-" and not _MM_LABEL_BAD.search(label) for label in labels)
+
+
+@lru_cache(maxsize=65536)
+def parse_header(value: str | None) -> tuple[str, ...]:
+    """Return the normalised addresses of an address-list header value, in order.
+
+    Handles folding, comments, quoted strings, angle addresses, group syntax
+    (``team: a@x, b@y;``), several mailboxes and several headers joined by newlines.
+    Unparseable mailboxes are dropped, never guessed at.
+    """
+    if not value:
+        return ()
+    out = []
+    for spec in _addr_specs(value):
+        address = normalise(spec)
+        if address is not None:
+            out.append(address)
+    return tuple(out)
+
+
+def _addr_specs(value: str) -> list[str]:
+    """Split a header value into raw addr-specs (tokenizer for RFC 5322 address-lists)."""
+    specs: list[str] = []
+    bare: list[str] = []  # addr-spec characters seen outside angle brackets
+    angle: list[str] | None = None  # inside <...>
+    found_angle: str | None = None
+    i = 0
+    n = len(value)
+
+    def flush() -> None:
+        nonlocal bare, found_angle
+        if found_angle is not None:
+            specs.append(found_angle)
+        else:
+            text = "".join(bare).strip()
+            if text:
+                specs.append(text)
+        bare = []
+        found_angle = None
+
+    while i < n:
+        ch = value[i]
+        if ch == '"':
+            # Quoted string: copied with its quotes, escapes kept for normalise().
+            j = i + 1
+            while j < n and value[j] != '"':
+                j += 2 if value[j] == "\\" else 1
+            token = value[i : j + 1]
+            if angle is not None:
+                angle.append(token)
+            else:
+                bare.append(token)
+            i = j + 1
+            continue
+        if ch == "(" and angle is None:
+            depth = 0
+            while i < n:
+                c = value[i]
+                if c == "\\":
+                    i += 2
+                    continue
+                if c == "(":
+                    depth += 1
+                elif c == ")":
+                    depth -= 1
+                    if depth == 0:
+                        break
+                i += 1
+            i += 1
+            bare.append(" ")
+            continue
+        if angle is not None:
+            if ch == ">":
+                if found_angle is None:
+                    found_angle = "".join(angle).strip()
+                angle = None
+            elif ch not in "\r\n":
+                angle.append(ch)
+            i += 1
+            continue
+        if ch == "<":
+            angle = []
+            bare = []  # what came before was a display name
+        elif ch in ",;\n":
+            flush()
+        elif ch == ":":
+            # Group syntax: what came before was the group's name.
+            bare = []
+        elif ch in _WSP:
+            bare.append(" ")
+        else:
+            bare.append(ch)
+        i += 1
+    if angle is not None and found_angle is None:
+        found_angle = "".join(angle).strip()
+    flush()
+    # A bare mailbox with internal spaces is a display name without an address
+    # ("John Doe"); keep it only if it looks like an addr-spec once CFWS is removed.
+    result = []
+    for spec in specs:
+        if " " in spec and not spec.startswith('"'):
+            compact = _strip_unquoted_space(spec)
+            if "@" not in compact:
+                continue
+            spec = compact
+        result.append(spec)
+    return result
+
+
+def _strip_unquoted_space(spec: str) -> str:
+    out = []
+    in_quotes = False
+    for ch in spec:
+        if ch == '"':
+            in_quotes = not in_quotes
+        if ch == " " and not in_quotes:
+            continue
+        out.append(ch)
+    return "".join(out)

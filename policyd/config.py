@@ -1,0 +1,279 @@
+"""Load, validate and freeze the configuration file.
+
+The file is INI (``configparser``, no interpolation).  Every key is declared here with its
+type and default; an unknown section or key, or a bad value, is a ``ConfigError`` whose
+message names the file, the key and what is allowed.  Relative paths are relative to the
+directory of the configuration file, so a whole setup can live in one folder.
+"""
+
+from __future__ import annotations
+
+import configparser
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Mapping
+
+from .smtp import DISCARD_OUTCOMES, HOLD_OUTCOMES, Outcome, ReplyPolicy
+
+
+class ConfigError(Exception):
+    """A configuration problem, worded for the admin who has to fix it."""
+
+
+@dataclass(frozen=True)
+class StoreConfig:
+    backend: str
+    url: str
+    refresh_interval: float
+
+
+@dataclass(frozen=True)
+class DaemonConfig:
+    state_dir: Path
+    control_socket: Path
+    control_socket_mode: int
+    log_file: Path | None
+    log_level: str
+    shutdown_grace: float
+
+
+@dataclass(frozen=True)
+class EximConfig:
+    listen: tuple[str, ...]
+    timeout: float
+    max_request: int
+
+
+@dataclass(frozen=True)
+class PostfixConfig:
+    listen: tuple[str, ...]
+    mode: str
+    accept_action: str
+    idle_timeout: float
+    max_line: int
+    max_attributes: int
+    max_request: int
+
+
+@dataclass(frozen=True)
+class Config:
+    source: str
+    store: StoreConfig
+    daemon: DaemonConfig
+    exim: EximConfig
+    postfix: PostfixConfig
+    smtp: ReplyPolicy
+
+
+# --- value parsers: each raises ValueError with the "allowed" wording ------------------
+
+
+def _choice(*allowed: str) -> Callable[[str], str]:
+    def parse(value: str) -> str:
+        value = value.strip().lower()
+        if value not in allowed:
+            raise ValueError("allowed: " + ", ".join(allowed))
+        return value
+    return parse
+
+
+def _positive_float(value: str) -> float:
+    try:
+        number = float(value)
+    except ValueError:
+        raise ValueError("allowed: a number of seconds greater than 0") from None
+    if not number > 0:
+        raise ValueError("allowed: a number of seconds greater than 0")
+    return number
+
+
+def _positive_int(value: str) -> int:
+    try:
+        number = int(value)
+    except ValueError:
+        raise ValueError("allowed: a whole number greater than 0") from None
+    if number <= 0:
+        raise ValueError("allowed: a whole number greater than 0")
+    return number
+
+
+def _mode(value: str) -> int:
+    try:
+        mode = int(value, 8)
+    except ValueError:
+        raise ValueError("allowed: an octal file mode such as 0660") from None
+    if not 0 <= mode <= 0o777:
+        raise ValueError("allowed: an octal file mode such as 0660")
+    return mode
+
+
+def _listeners(value: str) -> tuple[str, ...]:
+    # Whitespace-separated; Twisted endpoint strings never contain unescaped whitespace.
+    items = tuple(value.split())
+    for item in items:
+        kind = item.split(":", 1)[0]
+        if kind not in ("unix", "tcp", "tcp6", "systemd", "ssl"):
+            raise ValueError("allowed: Twisted endpoint strings such as "
+                             "unix:/run/policyd/exim.sock:mode=666, "
+                             "tcp:10040:interface=127.0.0.1, systemd:domain=UNIX:index=0")
+    return items
+
+
+def _text(value: str) -> str:
+    if any(ch in value for ch in "\r\n\x00"):
+        raise ValueError("allowed: one line of text")
+    return value.strip()
+
+
+def _code(low: int, high: int) -> Callable[[str], int]:
+    def parse(value: str) -> int:
+        try:
+            code = int(value)
+        except ValueError:
+            code = -1
+        if not low <= code <= high:
+            raise ValueError(f"allowed: an SMTP code from {low} to {high}")
+        return code
+    return parse
+
+
+def _status(first: str) -> Callable[[str], str]:
+    def parse(value: str) -> str:
+        parts = value.strip().split(".")
+        if (len(parts) != 3 or parts[0] != first
+                or not all(p.isdigit() and len(p) <= 3 for p in parts[1:])):
+            raise ValueError(f"allowed: an enhanced status code such as {first}.7.1")
+        return value.strip()
+    return parse
+
+
+_D = ReplyPolicy()
+
+# section -> key -> (parser, default as text)
+SCHEMA: Mapping[str, Mapping[str, tuple[Callable[[str], object], str]]] = {
+    "store": {
+        "backend": (_choice("native", "mailman3"), "native"),
+        "url": (_text, ""),
+        "refresh_interval": (_positive_float, "2"),
+    },
+    "daemon": {
+        "state_dir": (_text, "/var/lib/policyd"),
+        "control_socket": (_text, "/run/policyd/control.sock"),
+        "control_socket_mode": (_mode, "0660"),
+        "log_file": (_text, ""),
+        "log_level": (_choice("debug", "info", "warn", "error"), "info"),
+        "shutdown_grace": (_positive_float, "10"),
+    },
+    "exim": {
+        "listen": (_listeners, "unix:/run/policyd/exim.sock:mode=666"),
+        "timeout": (_positive_float, "10"),
+        "max_request": (_positive_int, "65536"),
+    },
+    "postfix": {
+        "listen": (_listeners, "unix:/run/policyd/postfix.sock:mode=666"),
+        "mode": (_choice("safe", "envelope"), "safe"),
+        "accept_action": (_choice("dunno", "ok"), "dunno"),
+        "idle_timeout": (_positive_float, "600"),
+        "max_line": (_positive_int, "4096"),
+        "max_attributes": (_positive_int, "100"),
+        "max_request": (_positive_int, "65536"),
+    },
+    "smtp": {
+        "hold": (_choice(*(o.value.lower() for o in HOLD_OUTCOMES)), "accept"),
+        "discard": (_choice(*(o.value.lower() for o in DISCARD_OUTCOMES)), "discard"),
+        "reject_code": (_code(500, 559), str(_D.reject_code)),
+        "reject_status": (_status("5"), _D.reject_status),
+        "reject_text": (_text, _D.reject_text),
+        "unknown_list_text": (_text, _D.unknown_list_text),
+        "null_sender_text": (_text, _D.null_sender_text),
+        "discard_reject_text": (_text, _D.discard_reject_text),
+        "defer_code": (_code(400, 459), str(_D.defer_code)),
+        "defer_status": (_status("4"), _D.defer_status),
+        "defer_text": (_text, _D.defer_text),
+        "error_code": (_code(400, 459), str(_D.error_code)),
+        "error_status": (_status("4"), _D.error_status),
+        "error_text": (_text, _D.error_text),
+    },
+}
+
+
+def load(path: str | os.PathLike) -> Config:
+    path = Path(path)
+    try:
+        text = path.read_text(encoding="utf-8")
+    except OSError as error:
+        raise ConfigError(f"{path}: cannot read the configuration file: "
+                          f"{error.strerror}") from None
+    return parse(text, source=str(path), base=path.resolve().parent)
+
+
+def parse(text: str, source: str = "<config>", base: Path | None = None) -> Config:
+    parser = configparser.ConfigParser(interpolation=None, default_section="\0none")
+    parser.optionxform = str  # keys are case-sensitive: a typo should not pass
+    try:
+        parser.read_string(text, source=source)
+    except configparser.Error as error:
+        raise ConfigError(f"{source}: {error}".replace("\n", " ")) from None
+    values: dict[str, dict[str, object]] = {}
+    for section in parser.sections():
+        if section not in SCHEMA:
+            raise ConfigError(f"{source}: unknown section [{section}] "
+                              f"(allowed: {', '.join('[' + s + ']' for s in SCHEMA)})")
+        for key in parser[section]:
+            if key not in SCHEMA[section]:
+                raise ConfigError(f"{source}: [{section}] unknown key {key!r} "
+                                  f"(allowed: {', '.join(SCHEMA[section])})")
+    for section, keys in SCHEMA.items():
+        values[section] = {}
+        for key, (convert, default) in keys.items():
+            raw = parser.get(section, key, fallback=default)
+            try:
+                values[section][key] = convert(raw)
+            except ValueError as error:
+                raise ConfigError(f"{source}: [{section}] {key} = {raw.strip()!r} "
+                                  f"is not valid ({error})") from None
+    base = base or Path.cwd()
+
+    def path_of(value: str) -> Path:
+        return (base / value).resolve() if value else base
+
+    d = values["daemon"]
+    state_dir = path_of(d["state_dir"])
+    s = values["store"]
+    url = s["url"] or f"sqlite:///{state_dir / 'policyd.sqlite'}"
+    if s["backend"] == "mailman3" and not s["url"]:
+        raise ConfigError(f"{source}: [store] url must be set when backend = mailman3 "
+                          "(allowed: an SQLAlchemy URL of the Mailman 3 database)")
+    if url.startswith("sqlite:///") and not url.startswith("sqlite:////") and base:
+        relative = url[len("sqlite:///"):]
+        if relative and relative != ":memory:" and not os.path.isabs(relative):
+            url = f"sqlite:///{(base / relative).resolve()}"
+    p = values["postfix"]
+    if p["idle_timeout"] <= 300:
+        raise ConfigError(f"{source}: [postfix] idle_timeout = {p['idle_timeout']:g} is not "
+                          "valid (allowed: more than Postfix's 300 s max_idle)")
+    smtp = values["smtp"]
+    return Config(
+        source=source,
+        store=StoreConfig(s["backend"], url, s["refresh_interval"]),
+        daemon=DaemonConfig(
+            state_dir=state_dir,
+            control_socket=path_of(d["control_socket"]),
+            control_socket_mode=d["control_socket_mode"],
+            log_file=path_of(d["log_file"]) if d["log_file"] else None,
+            log_level=d["log_level"],
+            shutdown_grace=d["shutdown_grace"],
+        ),
+        exim=EximConfig(**values["exim"]),
+        postfix=PostfixConfig(**p),
+        smtp=ReplyPolicy(
+            hold=Outcome(smtp.pop("hold").upper()),
+            discard=Outcome(smtp.pop("discard").upper()),
+            **smtp,
+        ),
+    )
+
+
+def default_path(environ: Mapping[str, str]) -> str:
+    return environ.get("POLICYD_CONFIG", "/etc/policyd/policyd.conf")

@@ -1,0 +1,306 @@
+"""The rules, each small and named (pure).
+
+A rule looks at a ``Context`` and returns a ``Hit`` (it decides) or a ``Miss`` (no
+opinion, with the reason for the trace).  A miss may carry a ``note`` and ``action``:
+Mailman's "defer" and Mailman 2's accepted member are misses that the final ``accept``
+step reports, because later rules (Mailman 2's emergency) still get their say.
+
+Sources: mailman 3.3.10 ``rules/moderation.py``, ``rules/banned_address.py``,
+``chains/builtin.py``, ``email/message.py``; Mailman 2.1 ``Handlers/Moderate.py``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Protocol
+
+from .addresses import mailman_valid, normalise, parse_header
+from .snapshot import ListPolicy, Pattern, Snapshot, Target
+from .verdict import ACTION_VERDICT, Action, Mode, Query, Role, Verdict
+
+
+@dataclass(frozen=True, slots=True)
+class Context:
+    snapshot: Snapshot
+    query: Query
+    target: Target
+    senders: tuple[str, ...]
+
+    @property
+    def policy(self) -> ListPolicy:
+        return self.target.list
+
+
+@dataclass(frozen=True, slots=True)
+class Hit:
+    verdict: Verdict
+    reason: str
+    action: Action | None = None
+    sender: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class Miss:
+    detail: str
+    note: str | None = None
+    action: Action | None = None
+    sender: str | None = None
+
+
+class Rule(Protocol):
+    name: str
+    description: str
+
+    def check(self, ctx: Context) -> Hit | Miss: ...
+
+
+def senders_mailman3(query: Query) -> tuple[str, ...]:
+    """Mailman 3's ``msg.senders``: From:, envelope, Reply-To:, Sender:, minus what its
+    validator would drop."""
+    out = list(parse_header(query.from_header))
+    envelope = normalise(query.envelope_sender)
+    if envelope is not None:
+        out.append(envelope)
+    out.extend(parse_header(query.reply_to_header))
+    out.extend(parse_header(query.sender_header))
+    return tuple(s for s in out if mailman_valid(s))
+
+
+def senders_mailman2(query: Query) -> tuple[str, ...]:
+    """Mailman 2.1's ``msg.get_senders()`` order: From:, envelope, Reply-To:, Sender:."""
+    out = list(parse_header(query.from_header))
+    envelope = normalise(query.envelope_sender)
+    if envelope is not None:
+        out.append(envelope)
+    out.extend(parse_header(query.reply_to_header))
+    out.extend(parse_header(query.sender_header))
+    return tuple(out)
+
+
+def sender_mailman2(query: Query) -> str | None:
+    """Mailman 2.1's ``msg.get_sender()``: the first From: address, else Sender:, else the
+    envelope sender.  The nonmember lists are checked against this one address."""
+    for header in (query.from_header, query.sender_header):
+        addresses = parse_header(header)
+        if addresses:
+            return addresses[0]
+    return normalise(query.envelope_sender)
+
+
+def _action_hit(action: Action, reason: str, sender: str | None) -> Hit:
+    return Hit(ACTION_VERDICT[action], reason, action, sender)
+
+
+# --- SMTP-time rules: Mailman never sees these cases, the MTA must answer them ----------
+
+
+class UnknownList:
+    name = "unknown-list"
+    description = "A recipient in a list domain that is no list (5.1.1 at RCPT)."
+
+    def check(self, ctx: Context) -> Hit | Miss:
+        if ctx.target.list is None:
+            return Hit(Verdict.REJECT, f"no list at {ctx.target.address}")
+        return Miss(f"{ctx.target.address} is the {ctx.target.role.value} address of "
+                    f"{ctx.policy.posting_address}")
+
+
+class NullSender:
+    name = "null-sender"
+    description = "The null sender <> may only write to a list's -bounces address."
+
+    def check(self, ctx: Context) -> Hit | Miss:
+        if ctx.query.envelope_sender.strip() not in ("", "<>"):
+            return Miss("envelope sender is not null")
+        if ctx.target.role is Role.BOUNCES:
+            return Miss("null sender to the -bounces address is a bounce")
+        return Hit(Verdict.REJECT,
+                   f"the null sender may not write to {ctx.target.address}")
+
+
+class AdministrativeAddress:
+    name = "administrative-address"
+    description = "Mail to -request, -owner, -bounces and the like is not a post."
+
+    def check(self, ctx: Context) -> Hit | Miss:
+        if ctx.target.role is Role.POST:
+            return Miss("posting address")
+        return Hit(Verdict.ACCEPT,
+                   f"{ctx.target.address} is the list's {ctx.target.role.value} address, "
+                   "not a post")
+
+
+# --- Mailman 3 ---------------------------------------------------------------------------
+
+
+class NoSenders:
+    name = "no-senders"
+    description = "Mailman 3 discards a message with no valid sender address."
+
+    def check(self, ctx: Context) -> Hit | Miss:
+        if ctx.senders:
+            return Miss("senders: " + ", ".join(ctx.senders))
+        return Hit(Verdict.DISCARD, "no valid sender address in From:, envelope, "
+                   "Reply-To: or Sender:", Action.DISCARD)
+
+
+class BannedAddress:
+    name = "banned-address"
+    description = "A banned sender (list or site-wide, exact or ^regex) is discarded."
+
+    def check(self, ctx: Context) -> Hit | Miss:
+        for sender in ctx.senders:
+            entry = ctx.policy.bans.match(sender)
+            scope = "list"
+            if entry is None:
+                entry = ctx.snapshot.site_bans.match(sender)
+                scope = "site-wide"
+            if entry is not None:
+                return Hit(Verdict.DISCARD, f"{sender} is banned ({scope} ban {entry!r})",
+                           Action.DISCARD, sender)
+        return Miss("no sender is banned")
+
+
+class Emergency:
+    name = "emergency"
+    description = "A list in emergency moderation holds every post."
+
+    def check(self, ctx: Context) -> Hit | Miss:
+        if ctx.policy.emergency:
+            return Hit(Verdict.HOLD, "the list is in emergency moderation", Action.HOLD,
+                       ctx.senders[0] if ctx.senders else None)
+        return Miss("emergency moderation is off")
+
+
+def _first_member(policy: ListPolicy, senders) -> tuple[str, str, Action | None] | None:
+    for sender in senders:
+        found = policy.find_member(sender)
+        if found is not None:
+            return sender, found[0], found[1]
+    return None
+
+
+def _member_words(sender: str, member: str) -> str:
+    return sender if sender == member else f"{sender} (through {member} of the same user)"
+
+
+class MemberModeration:
+    name = "member-moderation"
+    description = ("The first sender that is a member decides, with the member's action "
+                   "or else the list's default member action.")
+
+    def check(self, ctx: Context) -> Hit | Miss:
+        found = _first_member(ctx.policy, ctx.senders)
+        if found is None:
+            return Miss("no sender is a member")
+        sender, member, own = found
+        action = ctx.policy.default_member_action if own is None else own
+        source = "list default" if own is None else "member's own"
+        who = _member_words(sender, member)
+        if action is Action.DEFER:
+            return Miss(f"{who} is a member; {source} action defer: no opinion",
+                        note=f"{who} is a member", action=action, sender=sender)
+        return _action_hit(action, f"{who} is a member; {source} action {action.label}",
+                           sender)
+
+
+class NonmemberModeration:
+    name = "nonmember-moderation"
+    description = ("For a nonmember: its own nonmember action, else the "
+                   "accept/hold/reject/discard_these_nonmembers lists, else the list's "
+                   "default nonmember action.")
+
+    def check(self, ctx: Context) -> Hit | Miss:
+        policy = ctx.policy
+        if _first_member(policy, ctx.senders) is not None:
+            return Miss("a sender is a member")
+        for sender in ctx.senders:
+            own = policy.nonmembers.get(sender)
+            if own is not None:
+                reason = f"{sender} is a nonmember with its own action {own.label}"
+                if own is Action.DEFER:
+                    return Miss(reason + ": no opinion", note=reason, action=own,
+                                sender=sender)
+                return _action_hit(own, reason, sender)
+            for action, patterns in policy.nonmember_patterns:
+                entry = _matching_entry(ctx.snapshot, policy, patterns, sender)
+                if entry is None:
+                    continue
+                reason = f"{sender} matches {entry!r} in {action.label}_these_nonmembers"
+                if action is Action.ACCEPT:
+                    # Mailman 3 turns accept_these_nonmembers into "defer".
+                    return Miss(reason, note=reason, action=Action.DEFER, sender=sender)
+                return _action_hit(action, reason, sender)
+        action = policy.default_nonmember_action
+        sender = ctx.senders[-1] if ctx.senders else None
+        reason = f"no sender is a member; list default nonmember action {action.label}"
+        if action is Action.DEFER:
+            return Miss(reason, note=reason, action=action, sender=sender)
+        return _action_hit(action, reason, sender)
+
+
+def _matching_entry(snapshot: Snapshot, policy: ListPolicy, patterns: tuple[Pattern, ...],
+                    sender: str) -> str | None:
+    for pattern in patterns:
+        if pattern.exact is not None:
+            if pattern.exact == sender:
+                return pattern.text
+        elif pattern.regex is not None:
+            if pattern.regex.match(sender):
+                return pattern.text
+        elif pattern.at_list is not None and pattern.at_list != policy.posting_address:
+            other = snapshot.lists.get(pattern.at_list)
+            if other is not None and sender in other.members:
+                return pattern.text
+    return None
+
+
+# --- Mailman 2.1 -------------------------------------------------------------------------
+
+
+class Mailman2MemberModeration:
+    name = "member-moderation"
+    description = ("Mailman 2.1: the first sender that is a member decides; a member with "
+                   "the Moderate bit gets member_moderation_action, any other is accepted.")
+
+    def check(self, ctx: Context) -> Hit | Miss:
+        found = _first_member(ctx.policy, ctx.senders)
+        if found is None:
+            return Miss("no sender is a member")
+        sender, member, action = found
+        if action in (Action.HOLD, Action.REJECT, Action.DISCARD):
+            return _action_hit(action, f"{sender} is a moderated member; "
+                               f"member_moderation_action {action.label}", sender)
+        detail = f"{sender} is a member without the Moderate bit"
+        return Miss(detail, note=detail, action=Action.ACCEPT, sender=sender)
+
+
+class Mailman2NonmemberModeration:
+    name = "nonmember-moderation"
+    description = ("Mailman 2.1: the From: (else Sender:, else envelope) address against "
+                   "accept/hold/reject/discard_these_nonmembers, else "
+                   "generic_nonmember_action.")
+
+    def check(self, ctx: Context) -> Hit | Miss:
+        policy = ctx.policy
+        if _first_member(policy, ctx.senders) is not None:
+            return Miss("a sender is a member")
+        sender = sender_mailman2(ctx.query) or ""
+        for action, patterns in policy.nonmember_patterns:
+            entry = _matching_entry(ctx.snapshot, policy, patterns, sender) if sender else None
+            if entry is None:
+                continue
+            reason = f"{sender} matches {entry!r} in {action.label}_these_nonmembers"
+            if action is Action.ACCEPT:
+                return Miss(reason, note=reason, action=Action.ACCEPT, sender=sender)
+            return _action_hit(action, reason, sender)
+        action = policy.default_nonmember_action
+        reason = (f"{sender or 'no sender'} is not a member; "
+                  f"generic_nonmember_action {action.label}")
+        if action in (Action.ACCEPT, Action.DEFER):
+            return Miss(reason, note=reason, action=Action.ACCEPT, sender=sender or None)
+        return _action_hit(action, reason, sender or None)
+
+
+def mode_senders(mode: Mode, query: Query) -> tuple[str, ...]:
+    return senders_mailman3(query) if mode is Mode.MAILMAN3 else senders_mailman2(query)

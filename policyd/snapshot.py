@@ -1,0 +1,311 @@
+"""The immutable in-memory view of the store that every decision reads (pure).
+
+A loader (native store, Mailman 3 database) builds plain ``ListSpec`` values; ``build``
+turns them into a ``Snapshot``: dicts keyed by normalised address, regular expressions
+compiled once, ``@list`` references resolved to the other list's member set.  Nothing here
+does I/O; the reactor only ever holds a reference to a finished ``Snapshot``.
+"""
+
+from __future__ import annotations
+
+import re
+import time
+from dataclasses import dataclass, field
+from types import MappingProxyType
+from typing import Iterable, Mapping
+
+from .addresses import normalise, split_address
+from .verdict import Action, Mode, Role
+
+# Mailman 3 LMTP's suffixes (mailman/runners/lmtp.py SUBADDRESS_NAMES), plus "subscribe"
+# and "unsubscribe" that Mailman 2's aliases had.
+SUFFIXES: Mapping[str, Role] = {
+    "bounces": Role.BOUNCES,
+    "confirm": Role.CONFIRM,
+    "join": Role.JOIN,
+    "leave": Role.LEAVE,
+    "owner": Role.OWNER,
+    "request": Role.REQUEST,
+    "subscribe": Role.SUBSCRIBE,
+    "unsubscribe": Role.UNSUBSCRIBE,
+}
+
+
+@dataclass(frozen=True, slots=True)
+class MemberSpec:
+    """One membership as a loader sees it: an address and its moderation action."""
+
+    address: str
+    action: Action | None = None
+
+
+@dataclass(frozen=True)
+class ListSpec:
+    """Everything the decision needs about one list, as plain loader output."""
+
+    posting_address: str
+    mode: Mode = Mode.MAILMAN3
+    list_id: str | None = None
+    display_name: str | None = None
+    emergency: bool = False
+    default_member_action: Action = Action.DEFER
+    default_nonmember_action: Action = Action.HOLD
+    rejection_notice: str | None = None
+    members: tuple[MemberSpec, ...] = ()
+    # Other addresses of the users behind members: address -> the member address it
+    # stands for (Mailman 3's "through another address of the same user").
+    user_aliases: Mapping[str, str] = field(default_factory=dict)
+    nonmembers: tuple[MemberSpec, ...] = ()
+    accept_these_nonmembers: tuple[str, ...] = ()
+    hold_these_nonmembers: tuple[str, ...] = ()
+    reject_these_nonmembers: tuple[str, ...] = ()
+    discard_these_nonmembers: tuple[str, ...] = ()
+    bans: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True, slots=True)
+class Pattern:
+    """One ``*_these_nonmembers`` or ban entry: exact address, ``^regex`` or ``@list``."""
+
+    text: str
+    exact: str | None = None
+    regex: re.Pattern | None = None
+    at_list: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class BanList:
+    exact: frozenset[str] = frozenset()
+    patterns: tuple[Pattern, ...] = ()
+
+    def match(self, address: str) -> str | None:
+        """Return the ban entry that bans ``address`` (Mailman: exact, or ``re.match``
+        with IGNORECASE for ``^`` entries), else ``None``."""
+        if address in self.exact:
+            return address
+        for pattern in self.patterns:
+            if pattern.regex.match(address):
+                return pattern.text
+        return None
+
+
+@dataclass(frozen=True, slots=True)
+class ListPolicy:
+    posting_address: str
+    list_id: str
+    display_name: str
+    mode: Mode
+    emergency: bool
+    default_member_action: Action
+    default_nonmember_action: Action
+    rejection_notice: str | None
+    members: Mapping[str, Action | None]
+    member_aliases: Mapping[str, str]
+    nonmembers: Mapping[str, Action | None]
+    nonmember_patterns: tuple[tuple[Action, tuple[Pattern, ...]], ...]
+    bans: BanList
+
+    def find_member(self, address: str) -> tuple[str, Action | None] | None:
+        """The member ``address`` posts as (itself, or another address of its user)."""
+        action = self.members.get(address, _MISSING)
+        if action is not _MISSING:
+            return address, action
+        alias = self.member_aliases.get(address)
+        if alias is not None:
+            return alias, self.members[alias]
+        return None
+
+
+_MISSING = object()
+
+
+@dataclass(frozen=True, slots=True)
+class Target:
+    """What a recipient address resolved to."""
+
+    list: ListPolicy | None
+    role: Role | None
+    managed_domain: bool
+    address: str | None
+
+
+@dataclass(frozen=True)
+class Snapshot:
+    lists: Mapping[str, ListPolicy]
+    domains: Mapping[str, str]
+    site_bans: BanList
+    version: str = ""
+    built_at: float = 0.0
+    problems: tuple[str, ...] = ()
+
+    @property
+    def membership_count(self) -> int:
+        return sum(len(policy.members) for policy in self.lists.values())
+
+    def resolve(self, recipient: str) -> Target:
+        """Map a recipient as the MTA saw it to a list and the role of that address.
+
+        Like Mailman 3's LMTP runner: lower-case, map an alias domain to the list's mail
+        host, drop a ``+tag``, then try the exact list name before a ``-suffix``.
+        """
+        address = normalise(recipient)
+        if address is None:
+            return Target(None, None, False, None)
+        local, domain = split_address(address)
+        mail_host = self.domains.get(domain)
+        if mail_host is None:
+            return Target(None, None, False, address)
+        local = local.split("+", 1)[0]
+        policy = self.lists.get(f"{local}@{mail_host}")
+        if policy is not None:
+            return Target(policy, Role.POST, True, address)
+        base, dash, suffix = local.rpartition("-")
+        if dash and suffix in SUFFIXES:
+            policy = self.lists.get(f"{base}@{mail_host}")
+            if policy is not None:
+                return Target(policy, SUFFIXES[suffix], True, address)
+        return Target(None, None, True, address)
+
+
+def compile_pattern(text: str, mode: Mode, *, ban: bool = False) -> Pattern | None:
+    """Compile one entry the way the list's Mailman version would read it.
+
+    Mailman 3 ``*_these_nonmembers``: ``re.match`` case-sensitive; Mailman 2: ``re.search``
+    case-insensitive; bans (Mailman 3): ``re.match`` case-insensitive.  Returns ``None``
+    for a regex that does not compile (Mailman logs and skips those too).
+    """
+    text = text.strip()
+    if not text:
+        return None
+    if text.startswith("^"):
+        flags = re.IGNORECASE if (ban or mode is Mode.MAILMAN2) else 0
+        try:
+            regex = re.compile(text, flags)
+        except re.error:
+            return None
+        if mode is Mode.MAILMAN2 and not ban:
+            return Pattern(text, regex=_SearchRegex(regex))
+        return Pattern(text, regex=regex)
+    if text.startswith("@") and not ban:
+        return Pattern(text, at_list=text[1:].lower())
+    return Pattern(text, exact=text.lower() if (ban or mode is Mode.MAILMAN2) else text)
+
+
+class _SearchRegex:
+    """Makes ``.match`` behave like ``re.search`` (Mailman 2's GetPattern)."""
+
+    __slots__ = ("regex",)
+
+    def __init__(self, regex: re.Pattern) -> None:
+        self.regex = regex
+
+    def match(self, text: str):
+        return self.regex.search(text)
+
+
+def _ban_list(entries: Iterable[str], problems: list[str], where: str) -> BanList:
+    exact = set()
+    patterns = []
+    for entry in entries:
+        compiled = compile_pattern(entry, Mode.MAILMAN3, ban=True)
+        if compiled is None:
+            problems.append(f"{where}: ban {entry!r} is not a valid regular expression")
+        elif compiled.regex is not None:
+            patterns.append(compiled)
+        else:
+            exact.add(compiled.exact)
+    return BanList(frozenset(exact), tuple(patterns))
+
+
+def _address_map(specs: Iterable[MemberSpec]) -> dict[str, Action | None]:
+    out: dict[str, Action | None] = {}
+    for spec in specs:
+        address = normalise(spec.address)
+        if address is not None and address not in out:
+            out[address] = spec.action
+    return out
+
+
+def build_list(spec: ListSpec, problems: list[str]) -> ListPolicy:
+    posting = normalise(spec.posting_address)
+    if posting is None:
+        raise ValueError(f"bad posting address {spec.posting_address!r}")
+    members = _address_map(spec.members)
+    aliases = {}
+    for other, member in spec.user_aliases.items():
+        other_n, member_n = normalise(other), normalise(member)
+        if other_n and member_n in members and other_n not in members:
+            aliases[other_n] = member_n
+    groups = []
+    for action, entries in (
+        (Action.ACCEPT, spec.accept_these_nonmembers),
+        (Action.HOLD, spec.hold_these_nonmembers),
+        (Action.REJECT, spec.reject_these_nonmembers),
+        (Action.DISCARD, spec.discard_these_nonmembers),
+    ):
+        compiled = []
+        for entry in entries:
+            pattern = compile_pattern(entry, spec.mode)
+            if pattern is None:
+                if entry.strip():
+                    problems.append(
+                        f"{posting}: {action.label}_these_nonmembers entry {entry!r} "
+                        "is not a valid regular expression"
+                    )
+                continue
+            compiled.append(pattern)
+        groups.append((action, tuple(compiled)))
+    local, _ = split_address(posting)
+    return ListPolicy(
+        posting_address=posting,
+        list_id=spec.list_id or posting.replace("@", "."),
+        display_name=spec.display_name or local,
+        mode=spec.mode,
+        emergency=spec.emergency,
+        default_member_action=spec.default_member_action,
+        default_nonmember_action=spec.default_nonmember_action,
+        rejection_notice=spec.rejection_notice or None,
+        members=MappingProxyType(members),
+        member_aliases=MappingProxyType(aliases),
+        nonmembers=MappingProxyType(_address_map(spec.nonmembers)),
+        nonmember_patterns=tuple(groups),
+        bans=_ban_list(spec.bans, problems, posting),
+    )
+
+
+def build(
+    lists: Iterable[ListSpec],
+    *,
+    domains: Mapping[str, str] | Iterable[str] = (),
+    site_bans: Iterable[str] = (),
+    version: str = "",
+    built_at: float | None = None,
+) -> Snapshot:
+    """Build a snapshot.  ``domains`` maps each managed domain (alias domains included) to
+    its mail host; the domains of the lists' posting addresses are always managed."""
+    problems: list[str] = []
+    policies: dict[str, ListPolicy] = {}
+    for spec in lists:
+        policy = build_list(spec, problems)
+        policies[policy.posting_address] = policy
+    domain_map: dict[str, str] = {}
+    if isinstance(domains, Mapping):
+        for alias, host in domains.items():
+            domain_map[alias.lower()] = host.lower()
+    else:
+        for host in domains:
+            domain_map[host.lower()] = host.lower()
+    for posting in policies:
+        host = split_address(posting)[1]
+        domain_map.setdefault(host, host)
+    return Snapshot(
+        lists=MappingProxyType(policies),
+        domains=MappingProxyType(domain_map),
+        site_bans=_ban_list(site_bans, problems, "site"),
+        version=version,
+        built_at=time.time() if built_at is None else built_at,
+        problems=tuple(problems),
+    )
+
+
+EMPTY = build(())
