@@ -1,0 +1,108 @@
+"""Address parsing and normalisation (mission.md section 5)."""
+
+import pytest
+from hypothesis import given, settings, strategies as st
+
+from policyd.addresses import mailman_valid, normalise, parse_header
+
+
+@pytest.mark.parametrize("raw, expected", [
+    ("Alice <Alice@Example.COM>", ("alice@example.com",)),
+    ("alice@example.com", ("alice@example.com",)),
+    # An encoded comma stays in the display name: the address is still found.
+    ("=?utf-8?Q?Last=2C_First?= <u@example.com>", ("u@example.com",)),
+    ("=?utf-8?B?TGFzdCwgRmlyc3Q=?= <u@example.com>", ("u@example.com",)),
+    # An encoded "<spoof@member>" never becomes an address.
+    ("=?utf-8?Q?=3Cspoof=40member.example=3E?= <real@example.com>", ("real@example.com",)),
+    ("a@x.example, B <b@y.example>", ("a@x.example", "b@y.example")),
+    ("Team: a@x.example, \"B, b\" <b@y.example>;", ("a@x.example", "b@y.example")),
+    ("undisclosed-recipients:;", ()),
+    ("\"quoted part\"@x.example", ("quoted part@x.example",)),
+    ("\"Quoted Name\" <\"q p\"@X.example>", ("q p@x.example",)),
+    ("a@x.example (A comment, with a comma)", ("a@x.example",)),
+    ("(lead comment) a@x.example", ("a@x.example",)),
+    ("<@relay.example,@other.example:u@final.example>", ("u@final.example",)),
+    ("u@bücher.example", ("u@xn--bcher-kva.example",)),
+    ("U@BÜCHER.example", ("u@xn--bcher-kva.example",)),
+    ("Name <a@x.example>\nOther <b@y.example>", ("a@x.example", "b@y.example")),
+    ("Folded\r\n <a@x.example>", ("a@x.example",)),
+    ("John Doe", ()),
+    ("", ()),
+    ("<>", ()),
+    ("x <>", ()),
+    ("@", ()),
+    ("user@", ()),
+    ("@domain.example", ()),
+    ("not an address at all", ()),
+    ("\"unterminated@x.example", ()),
+])
+def test_parse_header(raw, expected):
+    """Headers split before decoding; every address normalised; junk dropped."""
+    assert parse_header(raw) == expected
+
+
+@pytest.mark.parametrize("raw, expected", [
+    ("Bob@Example.Com", "bob@example.com"),
+    ("<bob@example.com>", "bob@example.com"),
+    ("quoted part@x.example", "quoted part@x.example"),
+    ("\"quoted part\"@x.example", "quoted part@x.example"),
+    ("bob@example.com.", "bob@example.com"),
+    ("", None),
+    ("<>", None),
+    ("bob", None),
+    ("bob@", None),
+    ("bob@exa\x00mple.com", None),
+    ("bob@[192.0.2.1]", "bob@[192.0.2.1]"),
+])
+def test_normalise(raw, expected):
+    """Envelope addresses: case folded, unquoted, IDNA, null and junk are nobody."""
+    assert normalise(raw) == expected
+
+
+@pytest.mark.parametrize("address, valid", [
+    ("bob@example.com", True),
+    ("b.o+b@sub.example.com", True),
+    ("quoted part@example.com", False),
+    ("bob@localhost", False),
+    ("bob@-bad.example", False),
+    ("bob@xn--bcher-kva.example", True),
+])
+def test_mailman_valid(address, valid):
+    """Mirrors Mailman 3's email/validate.py on normalised addresses."""
+    assert mailman_valid(address) is valid
+
+
+header_text = st.text(
+    alphabet=st.sampled_from(list("abcXYZ@.,;:<>\"()\\ =?-_+\t\r\n") + ["ü", "é", "\x00"]),
+    max_size=80,
+)
+
+
+@settings(max_examples=500, deadline=None)
+@given(header_text)
+def test_parse_header_never_crashes_and_never_yields_empty(raw):
+    """Any input parses; every address has a local part and a domain."""
+    for address in parse_header(raw):
+        local, _, domain = address.rpartition("@")
+        assert local and domain
+        assert address == address.lower() or not address.isascii()
+        assert "\x00" not in address and "\n" not in address
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.text(max_size=60))
+def test_normalise_total(raw):
+    """normalise never raises; its output is a fixed point."""
+    result = normalise(raw)
+    if result is not None:
+        assert "@" in result
+        assert normalise(result) == result
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.from_regex(r"[a-z][a-z0-9.]{0,10}@[a-z]{1,8}\.example", fullmatch=True),
+       st.text(alphabet="abc XYZ,=?", max_size=20))
+def test_display_name_never_changes_the_address(address, name):
+    """Whatever the (quoted) display name, the address in the angle brackets is found."""
+    quoted = '"' + name.replace('"', "") + '"'
+    assert parse_header(f"{quoted} <{address}>") == (address,)

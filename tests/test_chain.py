@@ -1,0 +1,351 @@
+"""Table-driven tests of every rule and every action value, in both Mailman modes, and of
+the SMTP-time rules."""
+
+import pytest
+
+from policyd.chain import ALL_RULES, MAILMAN2_CHAIN, MAILMAN3_CHAIN, decide
+from policyd.snapshot import ListSpec, MemberSpec, build
+from policyd.verdict import Action, Mode, Query, Role, Verdict
+
+A, H, R, D, DEF = Action.ACCEPT, Action.HOLD, Action.REJECT, Action.DISCARD, Action.DEFER
+LIST = "test@lists.example.com"
+
+
+def snap(mode=Mode.MAILMAN3, site_bans=(), others=(), **settings):
+    spec = ListSpec(LIST, mode=mode, **settings)
+    other = ListSpec("other@lists.example.com", members=(MemberSpec("friend@x.example"),))
+    return build([spec, other, *others], domains={"lists.example.com": "lists.example.com",
+                                                  "alias.example.com": "lists.example.com"},
+                 site_bans=site_bans)
+
+
+def q(envelope="nobody@x.example", frm=None, reply_to=None, sender=None, to=LIST):
+    return Query(to, envelope, frm, reply_to, sender)
+
+
+def check(snapshot, query, verdict, rule, sender=None):
+    decision = decide(snapshot, query)
+    assert (decision.verdict, decision.rule) == (verdict, rule), decision.trace
+    if sender is not None:
+        assert decision.sender == sender
+    assert decision.trace[-1].hit and decision.trace[-1].rule == rule
+    return decision
+
+
+# --- SMTP-time rules ---------------------------------------------------------------------
+
+def test_not_managed_domain_has_no_opinion():
+    """A recipient outside the list domains is not ours: accept with no list."""
+    d = check(snap(), q(to="someone@elsewhere.example"), Verdict.ACCEPT, "not-managed")
+    assert d.list is None and not d.managed
+
+
+@pytest.mark.parametrize("to", ["nolist@lists.example.com", "test-nosuch@lists.example.com",
+                                "nolist-request@lists.example.com"])
+def test_unknown_list_rejected(to):
+    """An address in a list domain that is no list (or no list suffix) is rejected."""
+    check(snap(), q(to=to), Verdict.REJECT, "unknown-list")
+
+
+@pytest.mark.parametrize("to, role", [
+    ("TEST@Lists.Example.COM", Role.POST),
+    ("test+tag@lists.example.com", Role.POST),
+    ("test@alias.example.com", Role.POST),
+    ("test-request@lists.example.com", Role.REQUEST),
+    ("test-owner@lists.example.com", Role.OWNER),
+    ("test-join@lists.example.com", Role.JOIN),
+    ("test-leave@lists.example.com", Role.LEAVE),
+    ("test-confirm+abc123@lists.example.com", Role.CONFIRM),
+    ("test-subscribe@lists.example.com", Role.SUBSCRIBE),
+    ("test-unsubscribe@lists.example.com", Role.UNSUBSCRIBE),
+    ("test-bounces+bob=x.example@lists.example.com", Role.BOUNCES),
+])
+def test_recipient_resolution(to, role):
+    """Case, +tag, alias domains and every administrative suffix resolve to the list."""
+    s = snap(default_nonmember_action=R)
+    d = decide(s, q(to=to))
+    assert d.list == LIST and d.role is role
+    if role is not Role.POST:
+        assert (d.verdict, d.rule) == (Verdict.ACCEPT, "administrative-address")
+    else:
+        assert (d.verdict, d.rule) == (Verdict.REJECT, "nonmember-moderation")
+
+
+@pytest.mark.parametrize("to", [LIST, "test-request@lists.example.com",
+                                "test-owner@lists.example.com", "test-join@lists.example.com"])
+@pytest.mark.parametrize("null", ["", "<>"])
+def test_null_sender_rejected_except_to_bounces(to, null):
+    """<> may not post or write to administrative addresses..."""
+    check(snap(members=(MemberSpec("a@x.example"),)), q(envelope=null, frm="a@x.example",
+                                                        to=to), Verdict.REJECT, "null-sender")
+
+
+def test_null_sender_to_bounces_accepted():
+    """...but bounces to -bounces stay accepted."""
+    check(snap(), q(envelope="", to="test-bounces+u=x.example@lists.example.com"),
+          Verdict.ACCEPT, "administrative-address")
+
+
+def test_list_named_like_a_suffix():
+    """An exact list name wins over suffix stripping."""
+    s = build([ListSpec(LIST), ListSpec("test-request@lists.example.com",
+                                        default_nonmember_action=R)])
+    d = check(s, q(to="test-request@lists.example.com"), Verdict.REJECT,
+              "nonmember-moderation")
+    assert d.role is Role.POST
+
+
+# --- Mailman 3 mode ----------------------------------------------------------------------
+
+def test_no_senders_discarded():
+    """Mailman 3 discards a message with no valid sender address."""
+    check(snap(), q(envelope="\"quoted part\"@x.example", frm="John Doe"),
+          Verdict.DISCARD, "no-senders")
+
+
+@pytest.mark.parametrize("bans, site, sender", [
+    (("bad@x.example",), (), "bad@x.example"),
+    (("^.*@spam\\.example$",), (), "a@spam.example"),
+    (("^.*@SPAM\\.example$",), (), "a@spam.example"),  # IGNORECASE
+    ((), ("bad@x.example",), "bad@x.example"),
+    ((), ("^bad",), "bad@x.example"),
+])
+def test_banned_discarded(bans, site, sender):
+    """List and site bans, exact and ^regex, discard — even for members, even in an
+    emergency (Mailman 3.3.10's chain checks bans first)."""
+    s = snap(bans=bans, site_bans=site, emergency=True,
+             members=(MemberSpec(sender, A),))
+    check(s, q(envelope=sender), Verdict.DISCARD, "banned-address", sender)
+
+
+def test_any_banned_sender_discards():
+    """A banned Reply-To: discards a post from a member."""
+    s = snap(bans=("bad@x.example",), members=(MemberSpec("m@x.example", A),))
+    check(s, q(envelope="m@x.example", reply_to="bad@x.example"), Verdict.DISCARD,
+          "banned-address", "bad@x.example")
+
+
+def test_emergency_holds_members():
+    check(snap(emergency=True, members=(MemberSpec("m@x.example", A),)),
+          q("m@x.example"), Verdict.HOLD, "emergency")
+
+
+@pytest.mark.parametrize("own, default, verdict, rule", [
+    (A, DEF, Verdict.ACCEPT, "member-moderation"),
+    (H, DEF, Verdict.HOLD, "member-moderation"),
+    (R, DEF, Verdict.REJECT, "member-moderation"),
+    (D, DEF, Verdict.DISCARD, "member-moderation"),
+    (DEF, R, Verdict.ACCEPT, "accept"),
+    (None, A, Verdict.ACCEPT, "member-moderation"),
+    (None, H, Verdict.HOLD, "member-moderation"),
+    (None, R, Verdict.REJECT, "member-moderation"),
+    (None, D, Verdict.DISCARD, "member-moderation"),
+    (None, DEF, Verdict.ACCEPT, "accept"),
+])
+def test_member_actions(own, default, verdict, rule):
+    """The member's own action, else the list default; defer is no opinion."""
+    s = snap(members=(MemberSpec("m@x.example", own),), default_member_action=default,
+             default_nonmember_action=R)
+    d = check(s, q("m@x.example"), verdict, rule, "m@x.example")
+    assert d.action is (own if own is not None else default)
+
+
+def test_first_member_in_sender_order_decides():
+    """From: comes before the envelope: a held From: member beats an accepted envelope."""
+    s = snap(members=(MemberSpec("a@x.example", A), MemberSpec("h@x.example", H)))
+    check(s, q("a@x.example", frm="h@x.example"), Verdict.HOLD, "member-moderation",
+          "h@x.example")
+    check(s, q("h@x.example", frm="a@x.example"), Verdict.ACCEPT, "member-moderation",
+          "a@x.example")
+
+
+@pytest.mark.parametrize("field", ["envelope", "frm", "reply_to", "sender"])
+def test_member_found_in_any_sender_field(field):
+    """A member in From:, envelope, Reply-To: or Sender: is a member post."""
+    s = snap(members=(MemberSpec("m@x.example", A),), default_nonmember_action=R)
+    value = "M@X.example" if field == "envelope" else "Member <M@X.example>"
+    kwargs = {"envelope": "stranger@y.example", field: value}
+    check(s, q(**kwargs), Verdict.ACCEPT, "member-moderation", "m@x.example")
+
+
+def test_member_through_another_address_of_the_same_user():
+    """Mailman 3: an address of a subscribed user's account counts as that member."""
+    s = snap(members=(MemberSpec("work@x.example", H),),
+             user_aliases={"home@y.example": "work@x.example"}, default_nonmember_action=R)
+    d = check(s, q("home@y.example"), Verdict.HOLD, "member-moderation", "home@y.example")
+    assert "work@x.example" in d.reason
+
+
+@pytest.mark.parametrize("own, verdict, rule", [
+    (A, Verdict.ACCEPT, "nonmember-moderation"),
+    (H, Verdict.HOLD, "nonmember-moderation"),
+    (R, Verdict.REJECT, "nonmember-moderation"),
+    (D, Verdict.DISCARD, "nonmember-moderation"),
+    (DEF, Verdict.ACCEPT, "accept"),
+    (None, Verdict.REJECT, "nonmember-moderation"),
+])
+def test_nonmember_own_action(own, verdict, rule):
+    """A nonmember's own action beats the patterns and the list default."""
+    s = snap(nonmembers=(MemberSpec("n@y.example", own),), default_nonmember_action=R,
+             discard_these_nonmembers=("n@y.example",) if own is not None else ())
+    check(s, q("n@y.example"), verdict, rule, "n@y.example")
+
+
+@pytest.mark.parametrize("field, entry, verdict, rule", [
+    ("accept_these_nonmembers", "n@y.example", Verdict.ACCEPT, "accept"),
+    ("hold_these_nonmembers", "n@y.example", Verdict.HOLD, "nonmember-moderation"),
+    ("reject_these_nonmembers", "n@y.example", Verdict.REJECT, "nonmember-moderation"),
+    ("discard_these_nonmembers", "n@y.example", Verdict.DISCARD, "nonmember-moderation"),
+    ("hold_these_nonmembers", "^n@.*", Verdict.HOLD, "nonmember-moderation"),
+    ("discard_these_nonmembers", "^.*@y\\.example$", Verdict.DISCARD, "nonmember-moderation"),
+    ("accept_these_nonmembers", "@other@lists.example.com", Verdict.REJECT,
+     "nonmember-moderation"),  # n@y is not a member of other@
+    ("hold_these_nonmembers", "N@Y.example", Verdict.REJECT, "nonmember-moderation"),
+    ("hold_these_nonmembers", "^N@", Verdict.REJECT, "nonmember-moderation"),
+    ("hold_these_nonmembers", "^n@(", Verdict.REJECT, "nonmember-moderation"),
+])
+def test_nonmember_patterns(field, entry, verdict, rule):
+    """Exact and ^regex entries; Mailman 3 matches them case-sensitively (re.match) on the
+    lower-cased sender; a bad regex is skipped; otherwise the list default applies."""
+    s = snap(default_nonmember_action=R, **{field: (entry,)})
+    check(s, q("n@y.example"), verdict, rule)
+
+
+def test_at_list_entry_accepts_members_of_the_other_list():
+    """@otherlist in accept_these_nonmembers admits that list's members."""
+    s = snap(default_nonmember_action=R, accept_these_nonmembers=("@other@lists.example.com",))
+    check(s, q("friend@x.example"), Verdict.ACCEPT, "accept")
+    check(s, q("stranger@x.example"), Verdict.REJECT, "nonmember-moderation")
+
+
+def test_pattern_lists_in_order_accept_first():
+    """accept, hold, reject, discard: the first list that matches wins."""
+    s = snap(default_nonmember_action=D, hold_these_nonmembers=("n@y.example",),
+             reject_these_nonmembers=("n@y.example",))
+    check(s, q("n@y.example"), Verdict.HOLD, "nonmember-moderation")
+
+
+def test_nonmember_senders_checked_in_order():
+    """For each sender in turn: its own action, then the pattern lists."""
+    s = snap(default_nonmember_action=A, reject_these_nonmembers=("first@y.example",),
+             nonmembers=(MemberSpec("second@y.example", H),))
+    check(s, q("second@y.example", frm="first@y.example"), Verdict.REJECT,
+          "nonmember-moderation", "first@y.example")
+    check(s, q("first@y.example", frm="second@y.example"), Verdict.HOLD,
+          "nonmember-moderation", "second@y.example")
+
+
+@pytest.mark.parametrize("default, verdict, rule", [
+    (A, Verdict.ACCEPT, "nonmember-moderation"),
+    (H, Verdict.HOLD, "nonmember-moderation"),
+    (R, Verdict.REJECT, "nonmember-moderation"),
+    (D, Verdict.DISCARD, "nonmember-moderation"),
+    (DEF, Verdict.ACCEPT, "accept"),
+])
+def test_nonmember_default_action(default, verdict, rule):
+    check(snap(default_nonmember_action=default), q("n@y.example"), verdict, rule)
+
+
+def test_rejection_notice_carried():
+    s = snap(default_nonmember_action=R, rejection_notice="Members only, sorry.")
+    assert decide(s, q("n@y.example")).rejection_notice == "Members only, sorry."
+
+
+# --- Mailman 2.1 mode --------------------------------------------------------------------
+
+MM2 = Mode.MAILMAN2
+
+
+@pytest.mark.parametrize("moderation, verdict, rule", [
+    (None, Verdict.ACCEPT, "accept"),
+    (A, Verdict.ACCEPT, "accept"),
+    (H, Verdict.HOLD, "member-moderation"),
+    (R, Verdict.REJECT, "member-moderation"),
+    (D, Verdict.DISCARD, "member-moderation"),
+])
+def test_mm2_member_moderation(moderation, verdict, rule):
+    """Moderate bit set: member_moderation_action; otherwise the member is accepted."""
+    s = snap(MM2, members=(MemberSpec("m@x.example", moderation),),
+             default_nonmember_action=R)
+    check(s, q("m@x.example"), verdict, rule)
+
+
+@pytest.mark.parametrize("moderation, verdict, rule", [
+    (None, Verdict.HOLD, "emergency"),
+    (R, Verdict.REJECT, "member-moderation"),
+    (D, Verdict.DISCARD, "member-moderation"),
+])
+def test_mm2_emergency_after_moderation(moderation, verdict, rule):
+    """Mailman 2 runs Moderate before Emergency."""
+    s = snap(MM2, emergency=True, members=(MemberSpec("m@x.example", moderation),))
+    check(s, q("m@x.example"), verdict, rule)
+
+
+def test_mm2_bans_do_not_apply_to_posts():
+    """Mailman 2's ban_list only blocks subscription."""
+    s = snap(MM2, bans=("m@x.example",), members=(MemberSpec("m@x.example"),))
+    check(s, q("m@x.example"), Verdict.ACCEPT, "accept")
+
+
+@pytest.mark.parametrize("field, entry, verdict, rule", [
+    ("accept_these_nonmembers", "N@Y.example", Verdict.ACCEPT, "accept"),
+    ("hold_these_nonmembers", "n@y.example", Verdict.HOLD, "nonmember-moderation"),
+    ("reject_these_nonmembers", "^N@", Verdict.REJECT, "nonmember-moderation"),
+    ("discard_these_nonmembers", "y\\.EXAMPLE$", Verdict.HOLD, "nonmember-moderation"),
+    ("discard_these_nonmembers", "^.*Y\\.EXAMPLE$", Verdict.DISCARD, "nonmember-moderation"),
+    ("accept_these_nonmembers", "@other@lists.example.com", Verdict.HOLD,
+     "nonmember-moderation"),
+])
+def test_mm2_nonmember_lists(field, entry, verdict, rule):
+    """Mailman 2's GetPattern: case-insensitive exact, ^regex with re.search IGNORECASE,
+    @list; then generic_nonmember_action (hold here)."""
+    s = snap(MM2, default_nonmember_action=H, **{field: (entry,)})
+    check(s, q("n@y.example"), verdict, rule)
+
+
+def test_mm2_nonmember_lists_use_from_not_envelope():
+    """get_sender(): From: first, then Sender:, then the envelope."""
+    s = snap(MM2, default_nonmember_action=H, reject_these_nonmembers=("env@y.example",),
+             discard_these_nonmembers=("snd@y.example",))
+    check(s, q("env@y.example", frm="from@y.example"), Verdict.HOLD, "nonmember-moderation")
+    check(s, q("env@y.example"), Verdict.REJECT, "nonmember-moderation")
+    check(s, q("env@y.example", sender="snd@y.example"), Verdict.DISCARD,
+          "nonmember-moderation")
+
+
+@pytest.mark.parametrize("generic, verdict, rule", [
+    (A, Verdict.ACCEPT, "accept"),
+    (H, Verdict.HOLD, "nonmember-moderation"),
+    (R, Verdict.REJECT, "nonmember-moderation"),
+    (D, Verdict.DISCARD, "nonmember-moderation"),
+])
+def test_mm2_generic_nonmember_action(generic, verdict, rule):
+    check(snap(MM2, default_nonmember_action=generic), q("n@y.example"), verdict, rule)
+
+
+def test_mm2_accepted_nonmember_still_held_in_emergency():
+    s = snap(MM2, emergency=True, accept_these_nonmembers=("n@y.example",))
+    check(s, q("n@y.example"), Verdict.HOLD, "emergency")
+
+
+def test_mm2_member_case_insensitive_and_reply_to():
+    """Mailman 2 lower-cases senders; Reply-To: can make the post a member post."""
+    s = snap(MM2, members=(MemberSpec("M@X.example", H),), default_nonmember_action=R)
+    check(s, q("n@y.example", reply_to="m@x.EXAMPLE"), Verdict.HOLD, "member-moderation")
+
+
+# --- the trace ---------------------------------------------------------------------------
+
+def test_trace_records_hits_and_misses_in_chain_order():
+    s = snap(default_nonmember_action=R)
+    d = decide(s, q("n@y.example"))
+    names = [step.rule for step in d.trace]
+    assert names == ["unknown-list", "null-sender", "administrative-address",
+                     *[r.name for r in MAILMAN3_CHAIN]]
+    assert [step.hit for step in d.trace] == [False] * (len(names) - 1) + [True]
+    assert d.to_dict()["trace"][-1]["rule"] == "nonmember-moderation"
+
+
+def test_every_rule_is_named_and_described():
+    for rule in ALL_RULES + MAILMAN2_CHAIN:
+        assert rule.name and rule.description

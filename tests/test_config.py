@@ -1,0 +1,86 @@
+"""Configuration is validated at start-up with messages naming file, key and what is
+allowed."""
+
+import pytest
+
+from policyd.config import ConfigError, load, parse
+from policyd.smtp import Outcome
+
+
+def test_defaults(tmp_path):
+    conf = tmp_path / "policyd.conf"
+    conf.write_text("[daemon]\nstate_dir = state\n")
+    c = load(conf)
+    assert c.store.backend == "native"
+    assert c.store.url == f"sqlite:///{tmp_path / 'state' / 'policyd.sqlite'}"
+    assert c.store.refresh_interval == 2.0
+    assert c.postfix.mode == "safe" and c.postfix.idle_timeout > 300
+    assert c.smtp.hold is Outcome.ACCEPT and c.smtp.discard is Outcome.DISCARD
+
+
+def test_every_key_set(tmp_path):
+    c = parse("""
+[store]
+backend = mailman3
+url = postgresql://mailman@db/mailman
+refresh_interval = 0.5
+[daemon]
+state_dir = /var/lib/policyd
+control_socket = /run/policyd/control.sock
+control_socket_mode = 0600
+log_file = /var/log/policyd.log
+log_level = debug
+shutdown_grace = 3
+[exim]
+listen = unix:/run/policyd/exim.sock:mode=666
+         tcp:10041:interface=127.0.0.1
+timeout = 4
+max_request = 1000
+[postfix]
+listen = systemd:domain=UNIX:index=0
+mode = envelope
+accept_action = ok
+idle_timeout = 900
+max_line = 2000
+max_attributes = 50
+max_request = 20000
+[smtp]
+hold = hold
+discard = reject
+reject_code = 554
+reject_status = 5.7.1
+reject_text = Only members may post to {list}
+defer_code = 450
+defer_status = 4.7.1
+error_code = 451
+error_status = 4.3.5
+""", "x.conf")
+    assert c.exim.listen == ("unix:/run/policyd/exim.sock:mode=666",
+                             "tcp:10041:interface=127.0.0.1")
+    assert c.daemon.control_socket_mode == 0o600
+    assert c.smtp.hold is Outcome.HOLD and c.smtp.reject_code == 554
+    assert c.postfix.accept_action == "ok"
+
+
+@pytest.mark.parametrize("text, words", [
+    ("[store]\nbackend = ldap\n", ["x.conf", "[store] backend", "native, mailman3"]),
+    ("[store]\nrefresh = 2\n", ["x.conf", "unknown key 'refresh'", "refresh_interval"]),
+    ("[stroe]\n", ["x.conf", "unknown section [stroe]"]),
+    ("[exim]\nlisten = udp:53\n", ["[exim] listen", "endpoint"]),
+    ("[postfix]\nidle_timeout = 60\n", ["[postfix] idle_timeout", "300"]),
+    ("[smtp]\nerror_code = 550\n", ["[smtp] error_code", "400 to 459"]),
+    ("[smtp]\nhold = reject\n", ["[smtp] hold", "accept, hold"]),
+    ("[daemon]\ncontrol_socket_mode = rw\n", ["control_socket_mode", "octal"]),
+    ("[store]\nbackend = mailman3\n", ["[store] url", "mailman3"]),
+    ("not ini", ["x.conf"]),
+])
+def test_errors_name_file_key_and_allowed(text, words):
+    with pytest.raises(ConfigError) as info:
+        parse(text, "x.conf")
+    for word in words:
+        assert word in str(info.value)
+
+
+def test_missing_file(tmp_path):
+    with pytest.raises(ConfigError, match="cannot read"):
+        load(tmp_path / "nope.conf")
