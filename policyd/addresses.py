@@ -19,7 +19,7 @@ from __future__ import annotations
 import re
 from functools import lru_cache
 
-__all__ = ["normalise", "parse_header", "mailman_valid", "split_address"]
+__all__ = ["canonical", "normalise", "parse_header", "mailman_valid", "split_address"]
 
 _CONTROL = re.compile(r"[\x00-\x1f\x7f]")
 _WSP = " \t\r\n"
@@ -91,8 +91,19 @@ def _nameprep_labels(domain: str) -> list[str]:
     return [encodings.idna.nameprep(label) if not label.isascii() else label for label in labels]
 
 
-@lru_cache(maxsize=65536)
-def normalise(address: str) -> str | None:
+_CANONICAL = re.compile(r"[a-z0-9!#$%&'*+/=?^_`{|}~-][a-z0-9!#$%&'*+/=?^_`{|}~.-]*"
+                        r"@[a-z0-9-]+(?:\.[a-z0-9-]+)*")
+
+
+def canonical(address: str) -> str | None:
+    """``normalise`` without the cache, with a fast path for the common already-canonical
+    address: for bulk loads, where a cache would only churn."""
+    if _CANONICAL.fullmatch(address):
+        return address
+    return _normalise(address)
+
+
+def _normalise(address: str) -> str | None:
     """Return the canonical form of one addr-spec, or ``None`` if it cannot be an address.
 
     ``""`` (the null sender) gives ``None``: it is nobody.
@@ -118,6 +129,9 @@ def normalise(address: str) -> str | None:
     if not local or domain is None or _CONTROL.search(local):
         return None
     return f"{local.lower()}@{domain}"
+
+
+normalise = lru_cache(maxsize=65536)(_normalise)
 
 
 def _last_unquoted_at(address: str) -> int:

@@ -9,12 +9,13 @@ does I/O; the reactor only ever holds a reference to a finished ``Snapshot``.
 from __future__ import annotations
 
 import re
+import sys
 import time
 from dataclasses import dataclass, field
 from types import MappingProxyType
 from typing import Iterable, Mapping
 
-from .addresses import normalise, split_address
+from .addresses import canonical, normalise, split_address
 from .verdict import Action, Mode, Role
 
 # Mailman 3 LMTP's suffixes (mailman/runners/lmtp.py SUBADDRESS_NAMES), plus "subscribe"
@@ -99,7 +100,10 @@ class ListPolicy:
     default_member_action: Action
     default_nonmember_action: Action
     rejection_notice: str | None
-    members: Mapping[str, Action | None]
+    # All member addresses, and the actions of the few members that have their own: a
+    # set plus a sparse dict costs far less per membership than one dict of them all.
+    members: frozenset[str]
+    member_actions: Mapping[str, Action]
     member_aliases: Mapping[str, str]
     nonmembers: Mapping[str, Action | None]
     nonmember_patterns: tuple[tuple[Action, tuple[Pattern, ...]], ...]
@@ -107,16 +111,12 @@ class ListPolicy:
 
     def find_member(self, address: str) -> tuple[str, Action | None] | None:
         """The member ``address`` posts as (itself, or another address of its user)."""
-        action = self.members.get(address, _MISSING)
-        if action is not _MISSING:
-            return address, action
+        if address in self.members:
+            return address, self.member_actions.get(address)
         alias = self.member_aliases.get(address)
         if alias is not None:
-            return alias, self.members[alias]
+            return alias, self.member_actions.get(alias)
         return None
-
-
-_MISSING = object()
 
 
 @dataclass(frozen=True, slots=True)
@@ -220,9 +220,10 @@ def _ban_list(entries: Iterable[str], problems: list[str], where: str) -> BanLis
 def _address_map(specs: Iterable[MemberSpec]) -> dict[str, Action | None]:
     out: dict[str, Action | None] = {}
     for spec in specs:
-        address = normalise(spec.address)
+        address = canonical(spec.address)
         if address is not None and address not in out:
-            out[address] = spec.action
+            # Interned: one string per address however many lists it is on.
+            out[sys.intern(address)] = spec.action
     return out
 
 
@@ -231,6 +232,7 @@ def build_list(spec: ListSpec, problems: list[str]) -> ListPolicy:
     if posting is None:
         raise ValueError(f"bad posting address {spec.posting_address!r}")
     members = _address_map(spec.members)
+    actions = {address: action for address, action in members.items() if action is not None}
     aliases = {}
     for other, member in spec.user_aliases.items():
         other_n, member_n = normalise(other), normalise(member)
@@ -265,7 +267,8 @@ def build_list(spec: ListSpec, problems: list[str]) -> ListPolicy:
         default_member_action=spec.default_member_action,
         default_nonmember_action=spec.default_nonmember_action,
         rejection_notice=spec.rejection_notice or None,
-        members=MappingProxyType(members),
+        members=frozenset(members),
+        member_actions=MappingProxyType(actions),
         member_aliases=MappingProxyType(aliases),
         nonmembers=MappingProxyType(_address_map(spec.nonmembers)),
         nonmember_patterns=tuple(groups),

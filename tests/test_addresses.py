@@ -106,3 +106,11 @@ def test_display_name_never_changes_the_address(address, name):
     """Whatever the (quoted) display name, the address in the angle brackets is found."""
     quoted = '"' + name.replace('"', "") + '"'
     assert parse_header(f"{quoted} <{address}>") == (address,)
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.text(alphabet="abcXY.@-+_\"é ", max_size=30))
+def test_canonical_agrees_with_normalise(raw):
+    """The bulk-load fast path gives exactly what normalise gives."""
+    from policyd.addresses import canonical
+    assert canonical(raw) == normalise(raw)

@@ -1,0 +1,252 @@
+"""The native store's schema: plain SQLAlchemy 2 models, nothing else.
+
+Tables (every change goes through an Alembic migration in ``migrations/versions``):
+
+``domains``            mail hosts, and alias domains (``alias_of_id``) mapped to one
+``lists``              one row per list; ``posting_address`` = ``list_name@mail_host``
+``addresses``          ``email`` normalised (lower case, IDNA), ``original`` as typed,
+                       optionally owned by a user
+``users``              a person with several addresses and an optional preferred one
+``memberships``        (list, address *or* user, role) with a nullable moderation action;
+                       a user membership posts through the user's preferred address
+``nonmember_patterns`` the four ``*_these_nonmembers`` lists (``kind`` is the Action)
+``bans``               list bans, and site-wide bans (``list_id`` NULL)
+``store_state``        one row; ``generation`` is bumped by every write (see below)
+
+Actions are stored as Mailman 3's integers (hold 0, reject 1, discard 2, accept 3,
+defer 4) and roles as Mailman 3's (member 1, owner 2, moderator 3, nonmember 4).
+
+Change tracking: every writer must run ``UPDATE store_state SET generation =
+generation + 1 WHERE id = 1`` in the same transaction as its change (``policyd.store.
+queries.bump`` does; ``Store.write()`` calls it).  The daemon's cheap change token also
+looks at the row count and highest id of every table, so a foreign writer that forgets
+the bump is still noticed when it inserts or deletes rows; an in-place UPDATE by such a
+writer is only seen at the next bump.
+"""
+
+from __future__ import annotations
+
+import enum
+
+from sqlalchemy import (
+    BigInteger,
+    Boolean,
+    CheckConstraint,
+    ForeignKey,
+    Index,
+    Integer,
+    SmallInteger,
+    String,
+    Text,
+    UniqueConstraint,
+)
+from sqlalchemy.dialects import mysql
+from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
+from sqlalchemy.types import TypeDecorator
+
+from ..verdict import Action, Mode
+
+ADDRESS_LENGTH = 255
+PATTERN_LENGTH = 255
+
+
+def text_column(length: int):
+    """A VARCHAR compared byte for byte on every database.
+
+    MariaDB's default collations are case-insensitive: ``^Foo`` and ``^foo`` would be one
+    pattern there and two on PostgreSQL and SQLite.  A binary collation makes all three
+    agree (addresses are stored lower-cased anyway).
+    """
+    return String(length).with_variant(
+        mysql.VARCHAR(length, charset="utf8mb4", collation="utf8mb4_bin"), "mysql", "mariadb"
+    )
+
+
+class MemberRole(enum.IntEnum):
+    """Mailman 3's ``MemberRole`` integers."""
+
+    MEMBER = 1
+    OWNER = 2
+    MODERATOR = 3
+    NONMEMBER = 4
+
+    @classmethod
+    def from_name(cls, name: str) -> "MemberRole":
+        try:
+            return cls[name.strip().upper()]
+        except KeyError:
+            allowed = ", ".join(r.name.lower() for r in cls)
+            raise ValueError(f"unknown role {name!r} (allowed: {allowed})") from None
+
+    @property
+    def label(self) -> str:
+        return self.name.lower()
+
+
+class ActionType(TypeDecorator):
+    """``Action`` <-> Mailman's integer."""
+
+    impl = SmallInteger
+    cache_ok = True
+
+    def process_bind_param(self, value, dialect):
+        return None if value is None else int(Action(value))
+
+    def process_result_value(self, value, dialect):
+        return None if value is None else Action(value)
+
+
+class RoleType(TypeDecorator):
+    """``MemberRole`` <-> Mailman's integer."""
+
+    impl = SmallInteger
+    cache_ok = True
+
+    def process_bind_param(self, value, dialect):
+        return None if value is None else int(MemberRole(value))
+
+    def process_result_value(self, value, dialect):
+        return None if value is None else MemberRole(value)
+
+
+class ModeType(TypeDecorator):
+    """``Mode`` <-> ``"mailman3"``/``"mailman2"``."""
+
+    impl = String(16)
+    cache_ok = True
+
+    def process_bind_param(self, value, dialect):
+        return None if value is None else Mode(value).value
+
+    def process_result_value(self, value, dialect):
+        return None if value is None else Mode(value)
+
+
+class Base(DeclarativeBase):
+    pass
+
+
+class StoreState(Base):
+    __tablename__ = "store_state"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=False)
+    generation: Mapped[int] = mapped_column(BigInteger, nullable=False, default=0)
+
+
+class Domain(Base):
+    __tablename__ = "domains"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    name: Mapped[str] = mapped_column(text_column(ADDRESS_LENGTH), nullable=False, unique=True)
+    alias_of_id: Mapped[int | None] = mapped_column(
+        ForeignKey("domains.id", ondelete="CASCADE"), nullable=True, index=True
+    )
+
+
+class MailingList(Base):
+    __tablename__ = "lists"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    domain_id: Mapped[int] = mapped_column(
+        ForeignKey("domains.id", ondelete="RESTRICT"), nullable=False, index=True
+    )
+    list_name: Mapped[str] = mapped_column(text_column(ADDRESS_LENGTH), nullable=False)
+    posting_address: Mapped[str] = mapped_column(
+        text_column(ADDRESS_LENGTH), nullable=False, unique=True
+    )
+    list_id: Mapped[str] = mapped_column(text_column(ADDRESS_LENGTH), nullable=False, unique=True)
+    display_name: Mapped[str] = mapped_column(String(255), nullable=False)
+    mode: Mapped[Mode] = mapped_column(ModeType, nullable=False, default=Mode.MAILMAN3)
+    emergency: Mapped[bool] = mapped_column(Boolean, nullable=False, default=False)
+    default_member_action: Mapped[Action] = mapped_column(
+        ActionType, nullable=False, default=Action.DEFER
+    )
+    default_nonmember_action: Mapped[Action] = mapped_column(
+        ActionType, nullable=False, default=Action.HOLD
+    )
+    rejection_notice: Mapped[str | None] = mapped_column(Text, nullable=True)
+
+
+class User(Base):
+    __tablename__ = "users"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    name: Mapped[str] = mapped_column(text_column(ADDRESS_LENGTH), nullable=False, unique=True)
+    display_name: Mapped[str | None] = mapped_column(String(255), nullable=True)
+    preferred_address_id: Mapped[int | None] = mapped_column(
+        ForeignKey("addresses.id", ondelete="SET NULL", use_alter=True,
+                   name="fk_users_preferred_address"),
+        nullable=True,
+    )
+
+
+class Address(Base):
+    __tablename__ = "addresses"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    email: Mapped[str] = mapped_column(text_column(ADDRESS_LENGTH), nullable=False, unique=True)
+    original: Mapped[str] = mapped_column(text_column(ADDRESS_LENGTH), nullable=False)
+    user_id: Mapped[int | None] = mapped_column(
+        ForeignKey("users.id", ondelete="SET NULL"), nullable=True, index=True
+    )
+
+
+class Membership(Base):
+    __tablename__ = "memberships"
+    __table_args__ = (
+        UniqueConstraint("list_id", "address_id", "role", name="uq_memberships_address"),
+        UniqueConstraint("list_id", "user_id", "role", name="uq_memberships_user"),
+        CheckConstraint(
+            "(address_id IS NULL) <> (user_id IS NULL)", name="ck_memberships_subscriber"
+        ),
+        Index("ix_memberships_address_id", "address_id"),
+        Index("ix_memberships_user_id", "user_id"),
+    )
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    list_id: Mapped[int] = mapped_column(
+        ForeignKey("lists.id", ondelete="CASCADE"), nullable=False
+    )
+    address_id: Mapped[int | None] = mapped_column(
+        ForeignKey("addresses.id", ondelete="CASCADE"), nullable=True
+    )
+    user_id: Mapped[int | None] = mapped_column(
+        ForeignKey("users.id", ondelete="CASCADE"), nullable=True
+    )
+    role: Mapped[MemberRole] = mapped_column(RoleType, nullable=False, default=MemberRole.MEMBER)
+    moderation_action: Mapped[Action | None] = mapped_column(ActionType, nullable=True)
+
+
+class NonmemberPattern(Base):
+    __tablename__ = "nonmember_patterns"
+    __table_args__ = (
+        UniqueConstraint("list_id", "kind", "pattern", name="uq_nonmember_patterns"),
+        CheckConstraint("kind IN (0, 1, 2, 3)", name="ck_nonmember_patterns_kind"),
+        Index("ix_nonmember_patterns_order", "list_id", "kind", "position"),
+    )
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    list_id: Mapped[int] = mapped_column(
+        ForeignKey("lists.id", ondelete="CASCADE"), nullable=False
+    )
+    kind: Mapped[Action] = mapped_column(ActionType, nullable=False)
+    position: Mapped[int] = mapped_column(Integer, nullable=False)
+    pattern: Mapped[str] = mapped_column(text_column(PATTERN_LENGTH), nullable=False)
+
+
+class Ban(Base):
+    __tablename__ = "bans"
+    __table_args__ = (
+        UniqueConstraint("list_id", "pattern", name="uq_bans"),
+        Index("ix_bans_pattern", "pattern"),
+    )
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    list_id: Mapped[int | None] = mapped_column(
+        ForeignKey("lists.id", ondelete="CASCADE"), nullable=True
+    )
+    pattern: Mapped[str] = mapped_column(text_column(PATTERN_LENGTH), nullable=False)
+
+
+# The tables the change token watches, in a fixed order.
+TRACKED = (Domain, MailingList, User, Address, Membership, NonmemberPattern, Ban)
