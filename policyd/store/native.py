@@ -1,0 +1,265 @@
+"""The native store as the daemon sees it: a cheap change token and a snapshot loader.
+
+Everything here is blocking and runs in a thread (never on the reactor).  The bulk paths
+read plain rows with Core selects, no ORM objects, and share one string object per
+address across lists (``sys.intern``).
+
+Mailman 3 semantics of the loaded data:
+
+* members and nonmembers: a membership is direct (an address) or through a user, which
+  then posts with its preferred address; when an address has both, the direct one wins
+  (``model/roster.py get_member``);
+* ``user_aliases``: a sender that is not itself a member but belongs to a user counts as
+  the first address of that user (in address order) that is a member
+  (``rules/moderation.py _find_sender_member``);
+* patterns in position order, list bans, site bans (``list_id`` NULL), and every domain
+  with its alias domains mapped to their mail host.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import sys
+import time
+from collections import defaultdict
+from contextlib import contextmanager
+from typing import Iterator
+
+from sqlalchemy import SmallInteger, func, select, type_coerce
+from sqlalchemy.engine import Connection
+from sqlalchemy.exc import SQLAlchemyError
+
+from .. import snapshot as snapshot_module
+from ..errors import StoreUnavailable
+from ..snapshot import ListSpec, MemberSpec, Snapshot
+from ..verdict import Action, Mode
+from . import engine as engine_module
+from .models import (
+    TRACKED,
+    Address,
+    Ban,
+    Domain,
+    MailingList,
+    Membership,
+    MemberRole,
+    NonmemberPattern,
+    StoreState,
+    User,
+)
+
+_ACTIONS = {int(a): a for a in Action}
+_KIND_FIELD = {
+    int(Action.ACCEPT): "accept_these_nonmembers",
+    int(Action.HOLD): "hold_these_nonmembers",
+    int(Action.REJECT): "reject_these_nonmembers",
+    int(Action.DISCARD): "discard_these_nonmembers",
+}
+_MEMBER = int(MemberRole.MEMBER)
+_NONMEMBER = int(MemberRole.NONMEMBER)
+
+
+def _raw(column):
+    """The column's stored integer, without the TypeDecorator's per-row conversion."""
+    return type_coerce(column, SmallInteger)
+
+
+def token_query():
+    """One statement: the generation, the schema revision, and count + max(id) of every
+    tracked table (the fallback for writers that forget to bump the generation)."""
+    columns = [select(StoreState.generation).where(StoreState.id == 1).scalar_subquery()]
+    for model in TRACKED:
+        table = model.__table__
+        columns.append(select(func.count()).select_from(table).scalar_subquery())
+        columns.append(select(func.max(table.c.id)).scalar_subquery())
+    return select(*columns)
+
+
+def read_token(connection: Connection) -> str:
+    row = tuple(connection.execute(token_query()).one())
+    generation = row[0] if row[0] is not None else 0
+    digest = hashlib.sha1(repr(row[1:]).encode()).hexdigest()[:12]
+    return f"{generation}.{digest}"
+
+
+def load_specs(connection: Connection) -> tuple[list[ListSpec], dict[str, str], list[str]]:
+    """(list specs, domain -> mail host, site bans) from one consistent read."""
+    intern = sys.intern
+
+    domain_table = Domain.__table__
+    host = domain_table.alias("host")
+    domain_map: dict[str, str] = {}
+    for name, host_name in connection.execute(
+        select(domain_table.c.name, host.c.name)
+        .select_from(domain_table.outerjoin(host, domain_table.c.alias_of_id == host.c.id))
+    ):
+        domain_map[name] = host_name or name
+
+    lists_table = MailingList.__table__
+    lists: dict[int, dict] = {}
+    for row in connection.execute(select(
+        lists_table.c.id, lists_table.c.posting_address, lists_table.c.list_id,
+        lists_table.c.display_name, lists_table.c.mode, lists_table.c.emergency,
+        _raw(lists_table.c.default_member_action), _raw(lists_table.c.default_nonmember_action),
+        lists_table.c.rejection_notice,
+    )):
+        (id_, posting, list_id, display_name, mode, emergency, member_action,
+         nonmember_action, notice) = row
+        lists[id_] = {
+            "posting_address": posting, "list_id": list_id, "display_name": display_name,
+            "mode": Mode(mode), "emergency": bool(emergency),
+            "default_member_action": _ACTIONS[member_action],
+            "default_nonmember_action": _ACTIONS[nonmember_action],
+            "rejection_notice": notice,
+        }
+
+    m = Membership.__table__
+    a = Address.__table__
+    u = User.__table__
+    # list id -> email -> action, for role member and role nonmember; and the users
+    # behind member-role memberships.
+    members: dict[int, dict[str, Action | None]] = defaultdict(dict)
+    nonmembers: dict[int, dict[str, Action | None]] = defaultdict(dict)
+    member_users: dict[int, set[int]] = defaultdict(set)
+    direct = connection.execute(
+        select(m.c.list_id, _raw(m.c.role), _raw(m.c.moderation_action), a.c.email,
+               a.c.user_id)
+        .select_from(m.join(a, a.c.id == m.c.address_id))
+        .where(m.c.role.in_((_MEMBER, _NONMEMBER)))
+    )
+    for list_id, role, action, email, user_id in direct:
+        email = intern(email)
+        if role == _MEMBER:
+            members[list_id][email] = None if action is None else _ACTIONS[action]
+            if user_id is not None:
+                member_users[list_id].add(user_id)
+        else:
+            nonmembers[list_id][email] = None if action is None else _ACTIONS[action]
+    through_user = connection.execute(
+        select(m.c.list_id, _raw(m.c.role), _raw(m.c.moderation_action), a.c.email, u.c.id)
+        .select_from(m.join(u, u.c.id == m.c.user_id)
+                     .join(a, a.c.id == u.c.preferred_address_id))
+        .where(m.c.role.in_((_MEMBER, _NONMEMBER)))
+    )
+    for list_id, role, action, email, user_id in through_user:
+        email = intern(email)
+        target = members if role == _MEMBER else nonmembers
+        if email not in target[list_id]:  # a direct membership wins
+            target[list_id][email] = None if action is None else _ACTIONS[action]
+        if role == _MEMBER:
+            member_users[list_id].add(user_id)
+
+    # Addresses of the users behind members, in address order.
+    wanted = set().union(*member_users.values()) if member_users else set()
+    user_addresses: dict[int, list[str]] = defaultdict(list)
+    if wanted:
+        for user_id, email in connection.execute(
+            select(a.c.user_id, a.c.email).where(a.c.user_id.is_not(None))
+            .order_by(a.c.user_id, a.c.id)
+        ):
+            if user_id in wanted:
+                user_addresses[user_id].append(intern(email))
+
+    patterns: dict[int, dict[str, list[str]]] = defaultdict(lambda: defaultdict(list))
+    p = NonmemberPattern.__table__
+    for list_id, kind, text in connection.execute(
+        select(p.c.list_id, _raw(p.c.kind), p.c.pattern)
+        .order_by(p.c.list_id, p.c.kind, p.c.position, p.c.id)
+    ):
+        field = _KIND_FIELD.get(kind)
+        if field is not None:
+            patterns[list_id][field].append(text)
+
+    list_bans: dict[int, list[str]] = defaultdict(list)
+    site_bans: list[str] = []
+    b = Ban.__table__
+    for list_id, text in connection.execute(select(b.c.list_id, b.c.pattern).order_by(b.c.id)):
+        if list_id is None:
+            site_bans.append(text)
+        else:
+            list_bans[list_id].append(text)
+
+    specs = []
+    for id_, settings in lists.items():
+        list_members = members.get(id_, {})
+        aliases: dict[str, str] = {}
+        for user_id in member_users.get(id_, ()):
+            addresses = user_addresses.get(user_id, ())
+            if len(addresses) < 2:
+                continue
+            first = next((e for e in addresses if e in list_members), None)
+            if first is None:
+                continue
+            for email in addresses:
+                if email not in list_members and email not in aliases:
+                    aliases[email] = first
+        list_patterns = patterns.get(id_, {})
+        specs.append(ListSpec(
+            **settings,
+            members=tuple(MemberSpec(e, act) for e, act in list_members.items()),
+            user_aliases=aliases,
+            nonmembers=tuple(MemberSpec(e, act) for e, act in nonmembers.get(id_, {}).items()),
+            accept_these_nonmembers=tuple(list_patterns.get("accept_these_nonmembers", ())),
+            hold_these_nonmembers=tuple(list_patterns.get("hold_these_nonmembers", ())),
+            reject_these_nonmembers=tuple(list_patterns.get("reject_these_nonmembers", ())),
+            discard_these_nonmembers=tuple(list_patterns.get("discard_these_nonmembers", ())),
+            bans=tuple(list_bans.get(id_, ())),
+        ))
+    return specs, domain_map, site_bans
+
+
+class NativeBackend:
+    """The daemon's view of the native store (``policyd.store.open_backend``)."""
+
+    name = "native"
+
+    def __init__(self, url: str) -> None:
+        self.url = url
+        self.engine = engine_module.make_engine(url)
+        self._path = engine_module.sqlite_path(self.engine)
+
+    @contextmanager
+    def _connection(self, *, consistent: bool = False) -> Iterator[Connection]:
+        if self._path is not None and not self._path.exists():
+            raise StoreUnavailable(f"no store at {self._path}; run `policyctl init`")
+        try:
+            with self.engine.connect() as connection:
+                if consistent and self.engine.dialect.name != "sqlite":
+                    connection = connection.execution_options(isolation_level="REPEATABLE READ")
+                with connection.begin():
+                    yield connection
+        except SQLAlchemyError as error:
+            raise StoreUnavailable(f"store {engine_module.safe_url(self.url)}: "
+                                   f"{engine_module._first_line(error)}") from None
+
+    def change_token(self) -> str:
+        with self._connection() as connection:
+            return read_token(connection)
+
+    def load_snapshot(self) -> Snapshot:
+        started = time.time()
+        with self._connection(consistent=True) as connection:
+            version = read_token(connection)
+            specs, domain_map, site_bans = load_specs(connection)
+        return snapshot_module.build(specs, domains=domain_map, site_bans=site_bans,
+                                     version=version, built_at=started)
+
+    def check(self) -> None:
+        with self._connection() as connection:
+            engine_module.ping(connection)
+            problem = engine_module.schema_problem(connection)
+        if problem is not None:
+            raise StoreUnavailable(f"store {engine_module.safe_url(self.url)}: {problem}")
+
+    def revision(self) -> str | None:
+        with self._connection() as connection:
+            return engine_module.current_revision(connection)
+
+    def describe(self) -> str:
+        try:
+            revision = self.revision() or "none"
+        except StoreUnavailable:
+            revision = "unknown"
+        return f"native {engine_module.safe_url(self.url)} (schema rev {revision})"
+
+    def close(self) -> None:
+        self.engine.dispose()
