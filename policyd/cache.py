@@ -1,0 +1,298 @@
+"""The snapshot service: the live ``Snapshot`` every decision reads, kept fresh off-reactor.
+
+The reactor thread never runs SQL.  Every ``refresh_interval`` seconds a ``TimerService``
+asks the store for its change token in a small dedicated thread pool; only when the token
+differs from the current snapshot's version (or on SIGHUP / ``policyctl reload``) does that
+thread build a new ``Snapshot``, and the reactor swaps the reference (one assignment, so a
+query sees the old or the new snapshot, never half of one).
+
+Failure policy:
+* the timer body catches and logs every error (an uncaught one would stop the timer);
+* a failed refresh keeps the last good snapshot serving; the failure is logged once per
+  incident, and once more when the store is back;
+* two refreshes never overlap: a tick that finds one running does nothing, a forced reload
+  requested meanwhile runs right after it;
+* before the first snapshot ``current`` is ``None`` and ``unavailable_reason`` says why;
+  the decision service then answers every query with the configured temporary failure.
+"""
+
+from __future__ import annotations
+
+import queue
+import threading
+from typing import Any, Callable
+
+from twisted.application.internet import TimerService
+from twisted.application.service import Service
+from twisted.internet.defer import Deferred, succeed
+from twisted.logger import Logger
+from twisted.python.failure import Failure
+
+from .snapshot import Snapshot
+
+RunInThread = Callable[..., Deferred]
+
+
+class StoreThread(Service):
+    """One daemon thread that runs every store call, in order, off the reactor.
+
+    One thread, so two store calls never overlap and a backend never sees two threads at
+    once.  A daemon thread, and never joined at shutdown: a call stuck in a dead TCP
+    connection must not keep the process alive after SIGTERM.
+    """
+
+    log = Logger()
+
+    def __init__(self, reactor, name: str = "policyd-store") -> None:
+        self.reactor = reactor
+        self.name = name
+        self._jobs: queue.SimpleQueue = queue.SimpleQueue()
+        self._thread: threading.Thread | None = None
+
+    def startService(self) -> None:
+        super().startService()
+        if self._thread is None:
+            self._thread = threading.Thread(target=self._loop, name=self.name, daemon=True)
+            self._thread.start()
+
+    def stopService(self):
+        super().stopService()
+        if self._thread is not None:
+            self._jobs.put(None)
+            self._thread = None
+
+    def run(self, f: Callable, *args: Any, **kwargs: Any) -> Deferred:
+        """Run ``f(*args, **kwargs)`` in the thread; the Deferred fires on the reactor."""
+        d: Deferred = Deferred()
+        self._jobs.put((d, f, args, kwargs))
+        return d
+
+    def _loop(self) -> None:
+        call = self.reactor.callFromThread
+        while True:
+            job = self._jobs.get()
+            if job is None:
+                return
+            d, f, args, kwargs = job
+            try:
+                result = f(*args, **kwargs)
+            except BaseException:
+                call(d.errback, Failure())
+            else:
+                call(d.callback, result)
+
+
+class SnapshotService(Service):
+    """Holds ``current`` (a ``Snapshot`` or ``None``) and refreshes it from a backend.
+
+    ``backend`` is a store ``Backend`` (``change_token``, ``load_snapshot``, ``check``,
+    ``describe``, ``close``), only ever called through ``run_in_thread``.  ``clock`` is an
+    ``IReactorTime`` (a ``Clock`` in tests); ``run_in_thread(f, *args)`` returns a
+    Deferred (a thread pool in the daemon, a synchronous or hand-driven substitute in
+    tests).
+    """
+
+    log = Logger()
+    CLOSE_TIMEOUT = 2.0
+
+    def __init__(self, backend, *, interval: float, clock, run_in_thread: RunInThread,
+                 describe_store: str = "") -> None:
+        self.backend = backend
+        self.interval = interval
+        self.clock = clock
+        self.run_in_thread = run_in_thread
+        self.current: Snapshot | None = None
+        self.loaded_at: float | None = None
+        self.checked_at: float | None = None
+        self.store_description = describe_store
+        self.last_error: str | None = None
+        self.last_error_at: float | None = None
+        self.failing_since: float | None = None
+        self.failures = 0
+        self.loads = 0
+        self.checks = 0
+        self._busy: Deferred | None = None
+        self._forced: list[Deferred] = []
+        self._timer = TimerService(interval, self.tick)
+        self._timer.clock = clock
+
+    # --- the state queries read ------------------------------------------------------
+
+    @property
+    def unavailable_reason(self) -> str:
+        if self.current is not None:
+            return ""
+        if self.last_error:
+            return f"no snapshot loaded yet: the store failed: {self.last_error}"
+        return "no snapshot loaded yet: the store has not answered yet"
+
+    def age(self) -> float | None:
+        if self.loaded_at is None:
+            return None
+        return max(0.0, self.clock.seconds() - self.loaded_at)
+
+    # --- service -----------------------------------------------------------------------
+
+    def startService(self) -> None:
+        super().startService()
+        self._timer.startService()
+
+    def stopService(self):
+        super().stopService()
+        # Do not wait for a refresh in progress: it may hang in a dead connection.
+        self._timer.stopService()
+        if self._busy is not None:
+            return None
+        d = self.run_in_thread(self.backend.close)
+        d.addTimeout(self.CLOSE_TIMEOUT, self.clock)
+        d.addErrback(lambda f: self.log.failure("closing the store failed", f))
+        return d
+
+    # --- refresh -------------------------------------------------------------------------
+
+    def tick(self) -> Deferred:
+        """The timer body: check the change token, load if it changed.  Never fails."""
+        d = self.refresh(force=False)
+        d.addErrback(self._unexpected)
+        return d
+
+    def reload(self) -> Deferred:
+        """Load a new snapshot whatever the change token says (SIGHUP, ``reload``).
+
+        Fires with ``True`` once a snapshot is in place, ``False`` if the load failed (the
+        last good snapshot stays).  Never fails.
+        """
+        if self._busy is not None:
+            waiter: Deferred = Deferred()
+            self._forced.append(waiter)
+            return waiter
+        d = self.refresh(force=True)
+        d.addErrback(self._unexpected)
+        return d
+
+    def refresh(self, force: bool) -> Deferred:
+        if self._busy is not None:
+            return succeed(None)
+        known = self.current.version if self.current is not None else None
+        d = self.run_in_thread(self._work, force, known)
+        self._busy = d
+        d.addCallbacks(self._done, self._failed)
+        d.addBoth(self._idle)
+        return d
+
+    def _work(self, force: bool, known: str | None):
+        """In the store thread: (token, new snapshot or None, description or None)."""
+        token = self.backend.change_token()
+        if not force and known is not None and token == known:
+            return token, None, None
+        snapshot = self.backend.load_snapshot()
+        return token, snapshot, self.backend.describe()
+
+    def _done(self, result) -> bool:
+        token, snapshot, description = result
+        now = self.clock.seconds()
+        self.checks += 1
+        self.checked_at = now
+        if description is not None:
+            self.store_description = description
+        if snapshot is not None:
+            previous = self.current
+            self.current = snapshot
+            self.loaded_at = now
+            self.loads += 1
+            self.log.info(
+                "snapshot {version} loaded: {lists} lists, {memberships} memberships"
+                "{problems}",
+                version=snapshot.version, lists=len(snapshot.lists),
+                memberships=snapshot.membership_count,
+                previous=previous.version if previous is not None else None,
+                problems=(f"; {len(snapshot.problems)} problems: "
+                          + "; ".join(snapshot.problems[:5])) if snapshot.problems else "",
+            )
+        if self.failing_since is not None:
+            self.log.info("store recovered after {duration:.1f} s and {failures} failed "
+                          "refreshes; serving snapshot {version}",
+                          duration=now - self.failing_since, failures=self.failures,
+                          version=self.current.version if self.current else None)
+            self.failing_since = None
+            self.failures = 0
+        return True
+
+    def _failed(self, failure: Failure) -> bool:
+        now = self.clock.seconds()
+        self.last_error = _describe_error(failure)
+        self.last_error_at = now
+        self.failures += 1
+        if self.failing_since is None:
+            self.failing_since = now
+            if self.current is not None:
+                self.log.failure(
+                    "store refresh failed: {error}; serving the last good snapshot "
+                    "{version} (loaded {age:.1f} s ago) until the store is back",
+                    failure, error=self.last_error, version=self.current.version,
+                    age=now - self.loaded_at)
+            else:
+                self.log.failure(
+                    "store refresh failed: {error}; no snapshot yet, every query gets a "
+                    "temporary failure until the store answers",
+                    failure, error=self.last_error)
+        return False
+
+    def _idle(self, result):
+        self._busy = None
+        forced, self._forced = self._forced, []
+        if forced and self.running:
+            d = self.refresh(force=True)
+            d.addErrback(self._unexpected)
+
+            def wake(ok):
+                for waiter in forced:
+                    waiter.callback(ok)
+                return ok
+            d.addCallback(wake)
+        else:
+            for waiter in forced:
+                waiter.callback(False)
+        return result
+
+    def _unexpected(self, failure: Failure) -> bool:
+        self.log.failure("unexpected error in the snapshot refresh", failure)
+        return False
+
+    def status(self) -> dict:
+        snap = self.current
+        now = self.clock.seconds()
+        return {
+            "snapshot": None if snap is None else {
+                "version": snap.version,
+                "age": round(self.age(), 3),
+                "built_at": snap.built_at,
+                "lists": len(snap.lists),
+                "memberships": snap.membership_count,
+                "domains": len(snap.domains),
+                "problems": list(snap.problems),
+            },
+            "unavailable_reason": self.unavailable_reason or None,
+            "store": {
+                "describe": self.store_description,
+                "healthy": self.failing_since is None and self.checked_at is not None,
+                "last_check_age": (None if self.checked_at is None
+                                   else round(now - self.checked_at, 3)),
+                "last_error": self.last_error,
+                "last_error_age": (None if self.last_error_at is None
+                                   else round(now - self.last_error_at, 3)),
+                "failing_for": (None if self.failing_since is None
+                                else round(now - self.failing_since, 3)),
+                "failed_refreshes": self.failures,
+                "refresh_interval": self.interval,
+                "loads": self.loads,
+            },
+        }
+
+
+def _describe_error(failure: Failure) -> str:
+    error = failure.value
+    text = str(error).strip().splitlines()
+    first = text[0] if text else ""
+    name = type(error).__name__
+    return f"{name}: {first}" if first else name

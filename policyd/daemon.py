@@ -1,0 +1,91 @@
+"""``policyd --config PATH``: run the daemon in the foreground (systemd, ``make run``).
+
+Exit status: 0 after SIGTERM/SIGINT (listeners closed, connections in flight given
+``[daemon] shutdown_grace`` seconds), 2 for a configuration error, 1 when start-up fails
+(a listener cannot bind, the store cannot be opened).  SIGHUP reloads the data and reopens
+the log file.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+
+from . import __version__
+from .config import ConfigError, default_path
+
+
+def _parser(environ) -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="policyd",
+        description="SMTP-time mailing-list posting policy daemon for Postfix and Exim.")
+    parser.add_argument("-c", "--config", default=default_path(environ),
+                        help="configuration file (default: $POLICYD_CONFIG or "
+                             "/etc/policyd/policyd.conf)")
+    parser.add_argument("--check-config", action="store_true",
+                        help="validate the configuration file and exit")
+    parser.add_argument("--version", action="version", version=f"policyd {__version__}")
+    return parser
+
+
+def main(argv=None, environ=None) -> int:
+    environ = os.environ if environ is None else environ
+    args = _parser(environ).parse_args(argv)
+    from .tap import load_config
+
+    try:
+        config = load_config(args.config)
+    except ConfigError as error:
+        print(f"policyd: {error}", file=sys.stderr)
+        return 2
+    if args.check_config:
+        print(f"policyd: {config.source}: configuration OK")
+        return 0
+
+    from twisted.internet import reactor
+    from twisted.internet.task import LoopingCall
+    from twisted.logger import Logger
+
+    from .logging import setup
+    from .service import ListenError, PolicyService
+
+    logs = setup(config.daemon, sys.stdout, environ)
+    log = Logger(namespace="policyd")
+    try:
+        from .store import open_backend
+
+        backend = open_backend(config.store)
+    except Exception as error:
+        log.failure("cannot open the store {url}", url=config.store.url)
+        logs.flush()
+        print(f"policyd: cannot open the store: {error}", file=sys.stderr)
+        return 1
+    service = PolicyService(config, reactor, backend, install_signals=True,
+                            on_sighup=logs.reopen)
+    try:
+        service.startService()
+    except (ListenError, OSError) as error:
+        log.critical("start-up failed: {error}", error=error)
+        logs.flush()
+        print(f"policyd: start-up failed: {config.source}: {error}", file=sys.stderr)
+        try:
+            backend.close()
+        except Exception:
+            pass
+        return 1
+    flusher = LoopingCall(logs.flush)
+    flusher.clock = reactor
+    flusher.start(1.0, now=False)
+    reactor.addSystemEventTrigger("before", "shutdown", service.stopService)
+    reactor.run()
+    logs.close()
+    return 0
+
+
+def run() -> None:
+    sys.exit(main())
+
+
+if __name__ == "__main__":
+    run()

@@ -1,0 +1,141 @@
+"""The control socket: JSON lines over a Unix socket, for ``policyctl``.
+
+One JSON object per line each way; a connection may carry several requests, answered in
+order.  Requests::
+
+    {"op": "query", "recipient": "...", "envelope_sender": "...",
+     "from_header": "..."|null, "reply_to_header": "..."|null, "sender_header": "..."|null}
+    {"op": "status"}
+    {"op": "reload"}
+
+Answers: ``{"ok": true, "result": {...}}`` or ``{"ok": false, "error": "..."}``.  The
+``query`` result is ``policyd.wire.query_result``'s dict: the decision with its trace, the
+SMTP reply, the exact Exim line and Postfix action, and the snapshot version and age.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+
+from twisted.internet import defer
+from twisted.logger import Logger
+from twisted.protocols.basic import LineOnlyReceiver
+
+from ..verdict import Query
+from . import ProtocolError, TrackingFactory
+
+__all__ = ["OPS", "ControlRequest", "parse_request", "format_response", "ControlProtocol",
+           "ControlFactory"]
+
+OPS = ("query", "status", "reload")
+MAX_LINE = 1 << 20
+_HEADER_KEYS = ("from_header", "reply_to_header", "sender_header")
+
+
+@dataclass(frozen=True)
+class ControlRequest:
+    op: str
+    query: Query | None = None
+
+
+def parse_request(line: bytes) -> ControlRequest:
+    try:
+        message = json.loads(line)
+    except (ValueError, UnicodeDecodeError) as error:
+        raise ProtocolError(f"not a JSON line: {error}") from None
+    if not isinstance(message, dict):
+        raise ProtocolError("the request must be a JSON object")
+    op = message.get("op")
+    if op not in OPS:
+        raise ProtocolError(f"unknown op {op!r} (allowed: {', '.join(OPS)})")
+    if op != "query":
+        return ControlRequest(op)
+    recipient = message.get("recipient")
+    sender = message.get("envelope_sender", "")
+    if not isinstance(recipient, str) or not recipient:
+        raise ProtocolError("query needs a recipient (a string)")
+    if not isinstance(sender, str):
+        raise ProtocolError("envelope_sender must be a string (\"\" for <>)")
+    headers = []
+    for key in _HEADER_KEYS:
+        value = message.get(key)
+        if value is not None and not isinstance(value, str):
+            raise ProtocolError(f"{key} must be a string or null")
+        headers.append(value)
+    return ControlRequest("query", Query(recipient, sender, *headers))
+
+
+def format_response(result=None, error: str | None = None) -> bytes:
+    if error is not None:
+        body = {"ok": False, "error": error}
+    else:
+        body = {"ok": True, "result": result}
+    return json.dumps(body, sort_keys=True, default=str).encode("utf-8") + b"\n"
+
+
+class ControlProtocol(LineOnlyReceiver):
+    delimiter = b"\n"
+    MAX_LENGTH = MAX_LINE
+    log = Logger(namespace="policyd.control")
+
+    def __init__(self, factory: "ControlFactory") -> None:
+        self.factory = factory
+        self._queue: defer.Deferred = defer.succeed(None)
+
+    def connectionMade(self) -> None:
+        self.factory.track(self)
+
+    def lineReceived(self, line: bytes) -> None:
+        if not line.strip():
+            return
+        self._queue.addCallback(lambda _: self._handle(line))
+
+    def _handle(self, line: bytes) -> defer.Deferred:
+        d = defer.maybeDeferred(self.factory.handle, line)
+
+        def failed(failure):
+            self.log.failure("control request failed", failure)
+            return format_response(error=f"internal error: {failure.getErrorMessage()}")
+        d.addErrback(failed)
+        d.addCallback(self._write)
+        return d
+
+    def _write(self, data: bytes) -> None:
+        if self.transport is not None and self.connected:
+            self.transport.write(data)
+
+    def lineLengthExceeded(self, line: bytes) -> None:
+        self.transport.write(format_response(error=f"request longer than {MAX_LINE} bytes"))
+        self.transport.loseConnection()
+
+    def shutdown(self) -> None:
+        self._queue.addCallback(lambda _: self.transport.loseConnection())
+
+    def connectionLost(self, reason=None) -> None:
+        self.factory.untrack(self)
+
+
+class ControlFactory(TrackingFactory):
+    protocol = ControlProtocol
+    log = Logger(namespace="policyd.control")
+
+    def __init__(self, service, reactor) -> None:
+        super().__init__(reactor)
+        self.service = service
+
+    def buildProtocol(self, addr):
+        return self.protocol(self)
+
+    def handle(self, line: bytes):
+        try:
+            request = parse_request(line)
+        except ProtocolError as error:
+            return format_response(error=error.reason)
+        if request.op == "query":
+            return format_response(self.service.control_query(request.query))
+        if request.op == "status":
+            return format_response(self.service.status())
+        d = defer.maybeDeferred(self.service.reload)
+        d.addCallback(format_response)
+        return d

@@ -1,0 +1,411 @@
+"""The running daemon: decisions on the live snapshot, listeners, start-up and shutdown.
+
+``Decider`` is what every protocol calls: current snapshot + ``chain.decide`` + the
+configured ``ReplyPolicy``, with the error policy (no snapshot yet, or any exception
+inside the decision -> the configured 4xx, never a 5xx), the counters ``policyctl status``
+shows, and one structured log line per decision.
+
+``PolicyService`` composes the store thread, the ``SnapshotService``, one ``Listener``
+per configured endpoint string and the control socket, and owns the order of start-up
+(a failed bind aborts it, naming the configuration key) and shutdown (close the
+listeners, let connections in flight finish within ``daemon.shutdown_grace``, stop the
+refresh, close the store).
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+import signal
+import socket
+import stat
+import time
+from collections import Counter
+from typing import Callable
+
+from twisted.application.service import Service
+from twisted.internet import defer
+from twisted.internet.endpoints import UNIXServerEndpoint, serverFromString
+from twisted.logger import Logger
+from twisted.python.failure import Failure
+
+from . import __version__
+from .cache import SnapshotService, StoreThread
+from .chain import decide as chain_decide
+from .config import Config, ConfigError
+from .smtp import ReplyPolicy, SmtpReply
+from .verdict import Decision, Query
+from .wire import exim_reply_line, query_result, reply_dict
+
+Render = Callable[[Decision | None, SmtpReply], str]
+
+
+def _exim_render(decision, reply) -> str:
+    return exim_reply_line(reply)
+
+
+class Decider:
+    """Decide one query on the current snapshot, count it and log it."""
+
+    log = Logger(namespace="policyd.decision")
+
+    def __init__(self, snapshots, policy: ReplyPolicy, *, log_decisions: bool = True,
+                 decide=chain_decide) -> None:
+        self.snapshots = snapshots
+        self.policy = policy
+        self.log_decisions = log_decisions
+        self._decide = decide
+        # counters: protocol -> verdict/outcome label -> count
+        self.by_protocol: dict[str, Counter] = {}
+        self.by_outcome: Counter = Counter()
+
+    def decide(self, query: Query, protocol: str, request_id: str | None = None,
+               render: Render = _exim_render) -> tuple[Decision | None, SmtpReply, str]:
+        """Return ``(decision or None, reply, wire text)``; never raises for the query's
+        sake: no snapshot or an error inside the decision gives the configured 4xx."""
+        started = time.perf_counter()
+        snapshot = self.snapshots.current
+        reason = None
+        if snapshot is None:
+            decision = None
+            reason = self.snapshots.unavailable_reason
+            reply = self.policy.error(reason)
+            label = "unavailable"
+        else:
+            try:
+                decision = self._decide(snapshot, query)
+                reply = self.policy.reply(decision)
+                label = decision.verdict.value
+            except Exception:
+                self.log.failure("the decision failed for {protocol} recipient={recipient!r}"
+                                 " sender={sender!r}", protocol=protocol,
+                                 recipient=query.recipient, sender=query.envelope_sender)
+                decision = None
+                reason = "internal error in the decision (logged)"
+                reply = self.policy.error(reason)
+                label = "error"
+        try:
+            wire = render(decision, reply)
+        except Exception:
+            self.log.failure("rendering the {protocol} answer failed", protocol=protocol)
+            decision, reason, label = None, "internal error rendering the answer", "error"
+            reply = self.policy.error(reason)
+            wire = exim_reply_line(reply) if render is _exim_render else \
+                f"{reply.code} {reply.status} {reply.text}"
+        counts = self.by_protocol.get(protocol)
+        if counts is None:
+            counts = self.by_protocol[protocol] = Counter()
+        counts[label] += 1
+        self.by_outcome[reply.outcome.value] += 1
+        if self.log_decisions:
+            elapsed = (time.perf_counter() - started) * 1000.0
+            if decision is not None:
+                self.log.info(
+                    "{protocol} {verdict} list={list} sender=<{sender}> senders={senders} "
+                    "rule={rule} reply={reply!r} {elapsed:.3f}ms{request}",
+                    protocol=protocol, verdict=label, list=decision.list or query.recipient,
+                    sender=query.envelope_sender, senders=",".join(decision.senders) or "-",
+                    decided_by=decision.sender, rule=decision.rule, reply=wire,
+                    elapsed=elapsed, request=f" id={request_id}" if request_id else "",
+                    request_id=request_id,
+                )
+            else:
+                self.log.warn(
+                    "{protocol} {verdict} list={list} sender=<{sender}> reason={reason!r} "
+                    "reply={reply!r} {elapsed:.3f}ms{request}",
+                    protocol=protocol, verdict=label, list=query.recipient,
+                    sender=query.envelope_sender, reason=reason, reply=wire,
+                    elapsed=elapsed, request=f" id={request_id}" if request_id else "",
+                    request_id=request_id,
+                )
+        return decision, reply, wire
+
+    def count(self, protocol: str, label: str, reply: SmtpReply | None = None) -> None:
+        """Count an answer that was not a decision (malformed request, other state)."""
+        counts = self.by_protocol.get(protocol)
+        if counts is None:
+            counts = self.by_protocol[protocol] = Counter()
+        counts[label] += 1
+        if reply is not None:
+            self.by_outcome[reply.outcome.value] += 1
+
+    def counters(self) -> dict:
+        verdicts: Counter = Counter()
+        for counts in self.by_protocol.values():
+            verdicts.update(counts)
+        return {
+            "total": sum(verdicts.values()),
+            "by_verdict": dict(verdicts),
+            "by_outcome": dict(self.by_outcome),
+            "by_protocol": {name: dict(counts) for name, counts in self.by_protocol.items()},
+        }
+
+
+class ListenError(Exception):
+    """A listener could not start; the message names the configuration key."""
+
+
+class Listener(Service):
+    """Listen on one configured endpoint string; a failure aborts start-up.
+
+    Like ``strports.service`` (the endpoint is built with ``serverFromString``), but the
+    error names the configuration key, and a stale Unix socket left by a killed daemon is
+    removed while a live one (another daemon) is an error.
+    """
+
+    log = Logger()
+
+    def __init__(self, reactor, kind: str, key: str, description: str, factory,
+                 endpoint=None) -> None:
+        self.reactor = reactor
+        self.kind = kind
+        self.key = key
+        self.description = description
+        self.factory = factory
+        self.endpoint = endpoint if endpoint is not None else \
+            parse_endpoint(reactor, key, description)
+        self.port = None
+
+    @property
+    def address(self) -> str:
+        if self.port is None:
+            return "-"
+        host = self.port.getHost()
+        if hasattr(host, "port"):
+            return f"{getattr(host, 'type', 'TCP').lower()}:{host.host}:{host.port}"
+        name = getattr(host, "name", None)
+        if isinstance(name, bytes):
+            name = name.decode("utf-8", "replace")
+        return f"unix:{name}"
+
+    def startService(self) -> None:
+        self._clear_stale_socket()
+        results: list = []
+        d = self.endpoint.listen(self.factory)
+        d.addBoth(results.append)
+        if not results:
+            # An endpoint that listens asynchronously: wait for it in the background.
+            d.cancel()
+            raise ListenError(f"{self.key} = {self.description}: the endpoint did not "
+                              "listen at once")
+        result = results[0]
+        if isinstance(result, Failure):
+            error = result.value
+            raise ListenError(f"{self.key} = {self.description}: cannot listen: "
+                              f"{_error_text(error)}")
+        self.port = result
+        super().startService()
+
+    def stopService(self):
+        super().stopService()
+        port, self.port = self.port, None
+        if port is not None:
+            return defer.maybeDeferred(port.stopListening)
+        return None
+
+    def status(self) -> dict:
+        return {"kind": self.kind, "key": self.key, "endpoint": self.description,
+                "address": self.address, "connections": len(self.factory.connections)}
+
+    def _clear_stale_socket(self) -> None:
+        if not isinstance(self.endpoint, UNIXServerEndpoint):
+            return
+        path = self.endpoint._address
+        try:
+            st = os.stat(path)
+        except OSError:
+            return
+        if not stat.S_ISSOCK(st.st_mode):
+            raise ListenError(f"{self.key} = {self.description}: {path} exists and is not "
+                              "a socket")
+        probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        probe.settimeout(1.0)
+        try:
+            probe.connect(path)
+        except OSError as error:
+            if error.errno in (errno.ECONNREFUSED, errno.ENOENT):
+                os.unlink(path)
+                self.log.info("removed the stale socket {path} left by an earlier run",
+                              path=path)
+                return
+            raise ListenError(f"{self.key} = {self.description}: cannot check the "
+                              f"existing socket {path}: {_error_text(error)}") from None
+        finally:
+            probe.close()
+        raise ListenError(f"{self.key} = {self.description}: another process is already "
+                          f"listening on {path}")
+
+
+def _error_text(error: BaseException) -> str:
+    if getattr(error, "socketError", None) is not None:
+        inner = error.socketError
+        return getattr(inner, "strerror", None) or str(inner)
+    return str(error) or type(error).__name__
+
+
+def parse_endpoint(reactor, key: str, description: str):
+    """``serverFromString`` with a ``ConfigError`` that names the key."""
+    try:
+        return serverFromString(reactor, description)
+    except Exception as error:  # the parsers raise ValueError, KeyError, IndexError...
+        raise ConfigError(
+            f"{key} = {description}: not a usable listener ({error}); allowed: Twisted "
+            "endpoint strings such as unix:/run/policyd/exim.sock:mode=666, "
+            "tcp:10040:interface=127.0.0.1, systemd:domain=UNIX:index=0") from None
+
+
+class PolicyService(Service):
+    """The whole daemon as one Twisted service (what ``tap.makeService`` returns)."""
+
+    log = Logger(namespace="policyd")
+
+    def __init__(self, config: Config, reactor, backend, *, store_thread=None,
+                 install_signals: bool = False, on_sighup: Callable[[], None] | None = None
+                 ) -> None:
+        from .protocols.control import ControlFactory
+        from .protocols.exim import EximFactory
+        from .protocols.postfix import PostfixFactory
+
+        self.config = config
+        self.reactor = reactor
+        self.backend = backend
+        self.install_signals = install_signals
+        self.on_sighup = on_sighup
+        self.store_thread = store_thread if store_thread is not None else StoreThread(reactor)
+        self.snapshots = SnapshotService(
+            backend, interval=config.store.refresh_interval, clock=reactor,
+            run_in_thread=self.store_thread.run)
+        self.decider = Decider(self.snapshots, config.smtp,
+                               log_decisions=config.daemon.log_level in ("debug", "info"))
+        self.started_at: float | None = None
+        self.exim_factory = EximFactory(self.decider, config.exim, reactor)
+        self.postfix_factory = PostfixFactory(self.decider, config.postfix, reactor)
+        self.control_factory = ControlFactory(self, reactor)
+        self.listeners: list[Listener] = []
+        for description in config.exim.listen:
+            self.listeners.append(Listener(reactor, "exim", "[exim] listen", description,
+                                           self.exim_factory))
+        for description in config.postfix.listen:
+            self.listeners.append(Listener(reactor, "postfix", "[postfix] listen",
+                                           description, self.postfix_factory))
+        control = str(config.daemon.control_socket)
+        self.listeners.append(Listener(
+            reactor, "control", "[daemon] control_socket", control, self.control_factory,
+            endpoint=UNIXServerEndpoint(reactor, control,
+                                        mode=config.daemon.control_socket_mode)))
+        self._previous_sighup = None
+
+    # --- lifecycle ---------------------------------------------------------------------
+
+    def startService(self) -> None:
+        self.started_at = self.reactor.seconds()
+        started = []
+        try:
+            for listener in self.listeners:
+                listener.startService()
+                started.append(listener)
+        except Exception:
+            for listener in reversed(started):
+                listener.stopService()
+            raise
+        self.store_thread.startService()
+        self.snapshots.startService()
+        super().startService()
+        if self.install_signals:
+            self._previous_sighup = signal.signal(
+                signal.SIGHUP, lambda *_: self.reactor.callFromThread(self.sighup))
+        self.log.info(
+            "policyd {version} started (pid {pid}): {listeners}; store {store}; "
+            "refresh every {interval:g} s",
+            version=__version__, pid=os.getpid(),
+            listeners=", ".join(f"{l.kind} on {l.address}" for l in self.listeners),
+            store=_safe_url(self.config.store.url), interval=self.config.store.refresh_interval,
+            endpoints=[l.status() for l in self.listeners])
+
+    @defer.inlineCallbacks
+    def stopService(self):
+        if not self.running:
+            return
+        super().stopService()
+        if self._previous_sighup is not None:
+            signal.signal(signal.SIGHUP, self._previous_sighup)
+            self._previous_sighup = None
+        self.log.info("policyd stopping: closing the listeners ({listeners})",
+                      listeners=", ".join(f"{l.kind} on {l.address}" for l in self.listeners))
+        yield defer.DeferredList([defer.maybeDeferred(l.stopService)
+                                  for l in self.listeners])
+        grace = self.config.daemon.shutdown_grace
+        factories = (self.exim_factory, self.postfix_factory, self.control_factory)
+        in_flight = sum(len(f.connections) for f in factories)
+        if in_flight:
+            self.log.info("waiting up to {grace:g} s for {count} open connections",
+                          grace=grace, count=in_flight)
+        yield defer.DeferredList([f.drain(grace) for f in factories])
+        yield defer.maybeDeferred(self.snapshots.stopService)
+        self.store_thread.stopService()
+        self.log.info("policyd stopped after {uptime:.1f} s; {total} answers",
+                      uptime=self.reactor.seconds() - (self.started_at or 0),
+                      total=self.decider.counters()["total"])
+
+    def sighup(self) -> defer.Deferred:
+        self.log.info("SIGHUP: reloading the data")
+        if self.on_sighup is not None:
+            try:
+                self.on_sighup()
+            except Exception:
+                self.log.failure("SIGHUP hook failed")
+        return self.snapshots.reload()
+
+    # --- what the control socket asks ---------------------------------------------------
+
+    def control_query(self, query: Query) -> dict:
+        snapshot = self.snapshots.current
+        if snapshot is None:
+            reason = self.snapshots.unavailable_reason
+            reply = self.config.smtp.error(reason)
+            self.decider.count("control", "unavailable", reply)
+            return {"decision": None, "reason": reason, "reply": reply_dict(reply),
+                    "exim": exim_reply_line(reply),
+                    "postfix": f"{reply.code} {reply.status} {reply.text}",
+                    "snapshot": None}
+        p = self.config.postfix
+        result = query_result(snapshot, query, self.config.smtp, postfix_mode=p.mode,
+                              accept_action=p.accept_action, decide=chain_decide,
+                              now=self.reactor.seconds(), loaded_at=self.snapshots.loaded_at)
+        self.decider.count("control", result["decision"]["verdict"])
+        self.log.info("control query {recipient} sender=<{sender}>: {exim!r}",
+                      recipient=query.recipient, sender=query.envelope_sender,
+                      exim=result["exim"])
+        return result
+
+    def status(self) -> dict:
+        now = self.reactor.seconds()
+        out = {
+            "version": __version__,
+            "pid": os.getpid(),
+            "config": self.config.source,
+            "uptime": round(now - self.started_at, 3) if self.started_at else 0.0,
+            "listeners": [l.status() for l in self.listeners],
+            "postfix": {"mode": self.config.postfix.mode,
+                        "accept_action": self.config.postfix.accept_action},
+            "counters": self.decider.counters(),
+        }
+        out.update(self.snapshots.status())
+        return out
+
+    @defer.inlineCallbacks
+    def reload(self):
+        ok = yield self.snapshots.reload()
+        status = self.snapshots.status()
+        return {"reloaded": bool(ok), "snapshot": status["snapshot"],
+                "error": None if ok else self.snapshots.last_error}
+
+
+def _safe_url(url: str) -> str:
+    """The store URL without a password."""
+    head, sep, tail = url.partition("://")
+    if not sep or "@" not in tail:
+        return url
+    creds, at, rest = tail.rpartition("@")
+    user = creds.split(":", 1)[0]
+    return f"{head}://{user}:***@{rest}" if ":" in creds else url
