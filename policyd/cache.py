@@ -30,6 +30,8 @@ from twisted.python.failure import Failure
 
 from .snapshot import Snapshot
 
+log = Logger(namespace="policyd.store")
+
 RunInThread = Callable[..., Deferred]
 
 
@@ -41,7 +43,6 @@ class StoreThread(Service):
     connection must not keep the process alive after SIGTERM.
     """
 
-    log = Logger()
 
     def __init__(self, reactor, name: str = "policyd-store") -> None:
         self.reactor = reactor
@@ -92,7 +93,6 @@ class SnapshotService(Service):
     tests).
     """
 
-    log = Logger()
     CLOSE_TIMEOUT = 2.0
 
     def __init__(self, backend, *, interval: float, clock, run_in_thread: RunInThread,
@@ -145,7 +145,7 @@ class SnapshotService(Service):
             return None
         d = self.run_in_thread(self.backend.close)
         d.addTimeout(self.CLOSE_TIMEOUT, self.clock)
-        d.addErrback(lambda f: self.log.failure("closing the store failed", f))
+        d.addErrback(lambda f: log.failure("closing the store failed", f))
         return d
 
     # --- refresh -------------------------------------------------------------------------
@@ -200,7 +200,7 @@ class SnapshotService(Service):
             self.current = snapshot
             self.loaded_at = now
             self.loads += 1
-            self.log.info(
+            log.info(
                 "snapshot {version} loaded: {lists} lists, {memberships} memberships"
                 "{problems}",
                 version=snapshot.version, lists=len(snapshot.lists),
@@ -210,7 +210,7 @@ class SnapshotService(Service):
                           + "; ".join(snapshot.problems[:5])) if snapshot.problems else "",
             )
         if self.failing_since is not None:
-            self.log.info("store recovered after {duration:.1f} s and {failures} failed "
+            log.info("store recovered after {duration:.1f} s and {failures} failed "
                           "refreshes; serving snapshot {version}",
                           duration=now - self.failing_since, failures=self.failures,
                           version=self.current.version if self.current else None)
@@ -226,13 +226,13 @@ class SnapshotService(Service):
         if self.failing_since is None:
             self.failing_since = now
             if self.current is not None:
-                self.log.failure(
+                log.failure(
                     "store refresh failed: {error}; serving the last good snapshot "
                     "{version} (loaded {age:.1f} s ago) until the store is back",
                     failure, error=self.last_error, version=self.current.version,
                     age=now - self.loaded_at)
             else:
-                self.log.failure(
+                log.failure(
                     "store refresh failed: {error}; no snapshot yet, every query gets a "
                     "temporary failure until the store answers",
                     failure, error=self.last_error)
@@ -256,7 +256,7 @@ class SnapshotService(Service):
         return result
 
     def _unexpected(self, failure: Failure) -> bool:
-        self.log.failure("unexpected error in the snapshot refresh", failure)
+        log.failure("unexpected error in the snapshot refresh", failure)
         return False
 
     def status(self) -> dict:

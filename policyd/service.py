@@ -37,6 +37,9 @@ from .smtp import ReplyPolicy, SmtpReply
 from .verdict import Decision, Query
 from .wire import exim_reply_line, query_result, reply_dict
 
+log = Logger(namespace="policyd")
+decision_log = Logger(namespace="policyd.decision")
+
 Render = Callable[[Decision | None, SmtpReply], str]
 
 
@@ -46,8 +49,6 @@ def _exim_render(decision, reply) -> str:
 
 class Decider:
     """Decide one query on the current snapshot, count it and log it."""
-
-    log = Logger(namespace="policyd.decision")
 
     def __init__(self, snapshots, policy: ReplyPolicy, *, log_decisions: bool = True,
                  decide=chain_decide) -> None:
@@ -77,7 +78,7 @@ class Decider:
                 reply = self.policy.reply(decision)
                 label = decision.verdict.value
             except Exception:
-                self.log.failure("the decision failed for {protocol} recipient={recipient!r}"
+                decision_log.failure("the decision failed for {protocol} recipient={recipient!r}"
                                  " sender={sender!r}", protocol=protocol,
                                  recipient=query.recipient, sender=query.envelope_sender)
                 decision = None
@@ -87,7 +88,7 @@ class Decider:
         try:
             wire = render(decision, reply)
         except Exception:
-            self.log.failure("rendering the {protocol} answer failed", protocol=protocol)
+            decision_log.failure("rendering the {protocol} answer failed", protocol=protocol)
             decision, reason, label = None, "internal error rendering the answer", "error"
             reply = self.policy.error(reason)
             wire = exim_reply_line(reply) if render is _exim_render else \
@@ -100,7 +101,7 @@ class Decider:
         if self.log_decisions:
             elapsed = (time.perf_counter() - started) * 1000.0
             if decision is not None:
-                self.log.info(
+                decision_log.info(
                     "{protocol} {verdict} list={list} sender=<{sender}> senders={senders} "
                     "rule={rule} reply={reply!r} {elapsed:.3f}ms{request}",
                     protocol=protocol, verdict=label, list=decision.list or query.recipient,
@@ -110,7 +111,7 @@ class Decider:
                     request_id=request_id,
                 )
             else:
-                self.log.warn(
+                decision_log.warn(
                     "{protocol} {verdict} list={list} sender=<{sender}> reason={reason!r} "
                     "reply={reply!r} {elapsed:.3f}ms{request}",
                     protocol=protocol, verdict=label, list=query.recipient,
@@ -152,8 +153,6 @@ class Listener(Service):
     error names the configuration key, and a stale Unix socket left by a killed daemon is
     removed while a live one (another daemon) is an error.
     """
-
-    log = Logger()
 
     def __init__(self, reactor, kind: str, key: str, description: str, factory,
                  endpoint=None) -> None:
@@ -225,7 +224,7 @@ class Listener(Service):
         except OSError as error:
             if error.errno in (errno.ECONNREFUSED, errno.ENOENT):
                 os.unlink(path)
-                self.log.info("removed the stale socket {path} left by an earlier run",
+                log.info("removed the stale socket {path} left by an earlier run",
                               path=path)
                 return
             raise ListenError(f"{self.key} = {self.description}: cannot check the "
@@ -256,8 +255,6 @@ def parse_endpoint(reactor, key: str, description: str):
 
 class PolicyService(Service):
     """The whole daemon as one Twisted service (what ``tap.makeService`` returns)."""
-
-    log = Logger(namespace="policyd")
 
     def __init__(self, config: Config, reactor, backend, *, store_thread=None,
                  install_signals: bool = False, on_sighup: Callable[[], None] | None = None
@@ -314,7 +311,7 @@ class PolicyService(Service):
         if self.install_signals:
             self._previous_sighup = signal.signal(
                 signal.SIGHUP, lambda *_: self.reactor.callFromThread(self.sighup))
-        self.log.info(
+        log.info(
             "policyd {version} started (pid {pid}): {listeners}; store {store}; "
             "refresh every {interval:g} s",
             version=__version__, pid=os.getpid(),
@@ -330,7 +327,7 @@ class PolicyService(Service):
         if self._previous_sighup is not None:
             signal.signal(signal.SIGHUP, self._previous_sighup)
             self._previous_sighup = None
-        self.log.info("policyd stopping: closing the listeners ({listeners})",
+        log.info("policyd stopping: closing the listeners ({listeners})",
                       listeners=", ".join(f"{l.kind} on {l.address}" for l in self.listeners))
         yield defer.DeferredList([defer.maybeDeferred(l.stopService)
                                   for l in self.listeners])
@@ -338,22 +335,22 @@ class PolicyService(Service):
         factories = (self.exim_factory, self.postfix_factory, self.control_factory)
         in_flight = sum(len(f.connections) for f in factories)
         if in_flight:
-            self.log.info("waiting up to {grace:g} s for {count} open connections",
+            log.info("waiting up to {grace:g} s for {count} open connections",
                           grace=grace, count=in_flight)
         yield defer.DeferredList([f.drain(grace) for f in factories])
         yield defer.maybeDeferred(self.snapshots.stopService)
         self.store_thread.stopService()
-        self.log.info("policyd stopped after {uptime:.1f} s; {total} answers",
+        log.info("policyd stopped after {uptime:.1f} s; {total} answers",
                       uptime=self.reactor.seconds() - (self.started_at or 0),
                       total=self.decider.counters()["total"])
 
     def sighup(self) -> defer.Deferred:
-        self.log.info("SIGHUP: reloading the data")
+        log.info("SIGHUP: reloading the data")
         if self.on_sighup is not None:
             try:
                 self.on_sighup()
             except Exception:
-                self.log.failure("SIGHUP hook failed")
+                log.failure("SIGHUP hook failed")
         return self.snapshots.reload()
 
     # --- what the control socket asks ---------------------------------------------------
@@ -373,7 +370,7 @@ class PolicyService(Service):
                               accept_action=p.accept_action, decide=chain_decide,
                               now=self.reactor.seconds(), loaded_at=self.snapshots.loaded_at)
         self.decider.count("control", result["decision"]["verdict"])
-        self.log.info("control query {recipient} sender=<{sender}>: {exim!r}",
+        log.info("control query {recipient} sender=<{sender}>: {exim!r}",
                       recipient=query.recipient, sender=query.envelope_sender,
                       exim=result["exim"])
         return result

@@ -25,6 +25,8 @@ from twisted.protocols.basic import LineOnlyReceiver
 from ..verdict import Query
 from . import ProtocolError, TrackingFactory
 
+log = Logger(namespace="policyd.control")
+
 __all__ = ["OPS", "ControlRequest", "parse_request", "format_response", "ControlProtocol",
            "ControlFactory"]
 
@@ -77,7 +79,6 @@ def format_response(result=None, error: str | None = None) -> bytes:
 class ControlProtocol(LineOnlyReceiver):
     delimiter = b"\n"
     MAX_LENGTH = MAX_LINE
-    log = Logger(namespace="policyd.control")
 
     def __init__(self, factory: "ControlFactory") -> None:
         self.factory = factory
@@ -95,7 +96,7 @@ class ControlProtocol(LineOnlyReceiver):
         d = defer.maybeDeferred(self.factory.handle, line)
 
         def failed(failure):
-            self.log.failure("control request failed", failure)
+            log.failure("control request failed", failure)
             return format_response(error=f"internal error: {failure.getErrorMessage()}")
         d.addErrback(failed)
         d.addCallback(self._write)
@@ -118,7 +119,6 @@ class ControlProtocol(LineOnlyReceiver):
 
 class ControlFactory(TrackingFactory):
     protocol = ControlProtocol
-    log = Logger(namespace="policyd.control")
 
     def __init__(self, service, reactor) -> None:
         super().__init__(reactor)

@@ -44,6 +44,8 @@ from ..verdict import Query
 from ..wire import aggregate, exim_reply_line
 from . import ProtocolError, TrackingFactory
 
+log = Logger(namespace="policyd.exim")
+
 __all__ = ["VERSION", "EximRequest", "parse_request", "format_reply", "malformed_reply",
            "EximPolicyProtocol", "EximFactory"]
 
@@ -83,9 +85,10 @@ def parse_request(line: bytes) -> EximRequest:
     if line.endswith(b"\r"):
         line = line[:-1]
     words = line.split(b" ")
-    if not words or not words[0]:
-        raise ProtocolError("empty request" if not line.strip() else
-                            "the request must start with the version word POLICYD/1")
+    if not line.strip():
+        raise ProtocolError("empty request")
+    if words[0] != VERSION and (not words[0] or b"=" in words[0]):
+        raise ProtocolError("the request must start with the version word POLICYD/1")
     if words[0] != VERSION:
         raise ProtocolError(f"unsupported version {words[0][:20].decode('ascii', 'replace')!r}"
                             " (this daemon speaks POLICYD/1)")
@@ -133,7 +136,6 @@ def malformed_reply(reason: str) -> SmtpReply:
 class EximPolicyProtocol(Protocol, TimeoutMixin):
     """Reads one line (newline or half-close), answers it, closes."""
 
-    log = Logger(namespace="policyd.exim")
 
     def __init__(self, factory: "EximFactory") -> None:
         self.factory = factory
@@ -188,7 +190,6 @@ class EximPolicyProtocol(Protocol, TimeoutMixin):
 
 class EximFactory(TrackingFactory):
     protocol = EximPolicyProtocol
-    log = Logger(namespace="policyd.exim")
 
     def __init__(self, decider, config, reactor) -> None:
         super().__init__(reactor)
@@ -208,7 +209,7 @@ class EximFactory(TrackingFactory):
         return format_reply(replies[0] if len(replies) == 1 else aggregate(replies))
 
     def malformed(self, error: ProtocolError, transport) -> bytes:
-        self.log.warn("malformed Exim policy request from {peer}: {reason}",
+        log.warn("malformed Exim policy request from {peer}: {reason}",
                       peer=transport.getPeer() if transport is not None else None,
                       reason=error.reason)
         reply = malformed_reply(error.reason)

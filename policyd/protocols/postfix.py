@@ -32,6 +32,8 @@ from ..verdict import Query
 from ..wire import postfix_action
 from . import ProtocolError, TrackingFactory
 
+log = Logger(namespace="policyd.postfix")
+
 __all__ = ["PostfixRequest", "RequestReader", "parse_request", "format_response",
            "malformed_action", "PostfixPolicyProtocol", "PostfixFactory"]
 
@@ -221,7 +223,6 @@ DUNNO = b"action=DUNNO\n\n"
 class PostfixPolicyProtocol(Protocol, TimeoutMixin):
     """Frames bytes into requests, answers each, batches the answers of one read."""
 
-    log = Logger(namespace="policyd.postfix")
 
     def __init__(self, factory: "PostfixFactory") -> None:
         self.factory = factory
@@ -252,7 +253,7 @@ class PostfixPolicyProtocol(Protocol, TimeoutMixin):
             self.transport.loseConnection()
 
     def timeoutConnection(self) -> None:
-        self.log.info("closing an idle Postfix connection after {timeout:g} s{partial}",
+        log.info("closing an idle Postfix connection after {timeout:g} s{partial}",
                       timeout=self.factory.config.idle_timeout,
                       partial=" (an incomplete request was pending)"
                       if self.reader.pending else "")
@@ -272,7 +273,6 @@ class PostfixPolicyProtocol(Protocol, TimeoutMixin):
 
 class PostfixFactory(TrackingFactory):
     protocol = PostfixPolicyProtocol
-    log = Logger(namespace="policyd.postfix")
 
     def __init__(self, decider, config, reactor) -> None:
         super().__init__(reactor)
@@ -298,7 +298,7 @@ class PostfixFactory(TrackingFactory):
 
     def malformed(self, error: ProtocolError, transport) -> bytes:
         peer = transport.getPeer() if transport is not None else None
-        self.log.warn("malformed Postfix policy request from {peer}: {reason}{closing}",
+        log.warn("malformed Postfix policy request from {peer}: {reason}{closing}",
                       peer=peer, reason=error.reason,
                       closing="; closing the connection" if error.fatal else "")
         self.decider.count("postfix", "malformed", MALFORMED)

@@ -1,0 +1,116 @@
+"""The control socket protocol: JSON lines, ops query/status/reload, answered in order."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+from twisted.internet import defer
+from twisted.internet.task import Clock
+from twisted.internet.testing import StringTransport
+
+from policyd.protocols import ProtocolError
+from policyd.protocols.control import ControlFactory, format_response, parse_request
+from policyd.verdict import Query
+
+
+class FakeService:
+    def __init__(self) -> None:
+        self.reloads: list[defer.Deferred] = []
+        self.queries: list[Query] = []
+
+    def control_query(self, query):
+        self.queries.append(query)
+        return {"exim": "ACCEPT 250 2.1.5 accept", "recipient": query.recipient}
+
+    def status(self):
+        return {"uptime": 1.5}
+
+    def reload(self):
+        d = defer.Deferred()
+        self.reloads.append(d)
+        return d
+
+
+def connect():
+    service = FakeService()
+    factory = ControlFactory(service, Clock())
+    proto = factory.buildProtocol(None)
+    transport = StringTransport()
+    proto.makeConnection(transport)
+    return proto, transport, service, factory
+
+
+def lines(transport) -> list[dict]:
+    return [json.loads(x) for x in transport.value().splitlines()]
+
+
+def test_parse_query():
+    req = parse_request(b'{"op": "query", "recipient": "l@x", "envelope_sender": "",'
+                        b' "from_header": "A <a@x>"}')
+    assert req.op == "query"
+    assert req.query == Query("l@x", "", "A <a@x>", None, None)
+
+
+@pytest.mark.parametrize("data, reason", [
+    (b"not json", "not a JSON line"),
+    (b"[1]", "JSON object"),
+    (b'{"op": "explode"}', "unknown op"),
+    (b'{"op": "query"}', "needs a recipient"),
+    (b'{"op": "query", "recipient": "a@x", "envelope_sender": 3}', "envelope_sender"),
+    (b'{"op": "query", "recipient": "a@x", "from_header": 3}', "from_header"),
+    (b"\xff", "not a JSON line"),
+])
+def test_parse_errors(data, reason):
+    with pytest.raises(ProtocolError) as info:
+        parse_request(data)
+    assert reason in info.value.reason
+
+
+def test_query_status_and_errors_over_one_connection():
+    proto, transport, service, _ = connect()
+    proto.dataReceived(b'{"op": "query", "recipient": "l@x", "envelope_sender": "s@y"}\n'
+                       b'{"op": "status"}\n{"op": "nope"}\n')
+    got = lines(transport)
+    assert got[0] == {"ok": True, "result": {"exim": "ACCEPT 250 2.1.5 accept",
+                                             "recipient": "l@x"}}
+    assert got[1] == {"ok": True, "result": {"uptime": 1.5}}
+    assert got[2]["ok"] is False and "unknown op" in got[2]["error"]
+    assert service.queries == [Query("l@x", "s@y")]
+
+
+def test_reload_answers_when_done_and_keeps_order():
+    """A reload answers when the snapshot is in place; later requests wait for it."""
+    proto, transport, service, _ = connect()
+    proto.dataReceived(b'{"op": "reload"}\n{"op": "status"}\n')
+    assert transport.value() == b""
+    service.reloads[0].callback({"reloaded": True})
+    got = lines(transport)
+    assert got == [{"ok": True, "result": {"reloaded": True}},
+                   {"ok": True, "result": {"uptime": 1.5}}]
+
+
+def test_internal_error_is_answered():
+    proto, transport, service, _ = connect()
+    service.status = lambda: 1 / 0
+    proto.dataReceived(b'{"op": "status"}\n')
+    got = lines(transport)
+    assert got[0]["ok"] is False and "internal error" in got[0]["error"]
+
+
+def test_overlong_line_answered_and_closed():
+    proto, transport, _, _ = connect()
+    proto.dataReceived(b"x" * (proto.MAX_LENGTH + 10))
+    assert json.loads(transport.value())["ok"] is False
+    assert transport.disconnecting
+
+
+def test_blank_lines_ignored():
+    proto, transport, _, _ = connect()
+    proto.dataReceived(b"\n\n")
+    assert transport.value() == b""
+
+
+def test_format_response_is_one_line():
+    data = format_response({"text": "a\nb"})
+    assert data.endswith(b"\n") and data.count(b"\n") == 1

@@ -1,0 +1,349 @@
+"""The Exim ${readsocket} protocol: codec and the one-shot half-closing adapter."""
+
+from __future__ import annotations
+
+import base64
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from twisted.internet.interfaces import IHalfCloseableProtocol
+from twisted.internet.task import Clock
+from twisted.internet.testing import StringTransport
+from twisted.logger import LogLevel
+
+from policyd.config import EximConfig
+from policyd.protocols import ProtocolError
+from policyd.protocols.exim import EximFactory, parse_request
+from policyd.service import Decider
+from policyd.smtp import Outcome, ReplyPolicy
+from policyd.snapshot import ListSpec, MemberSpec, build
+from policyd.verdict import Action
+
+from .fakes import HOLDING, LIST, MEMBER, NONMEMBER, OPEN, StaticSnapshots, sample_snapshot
+
+CONFIG = EximConfig(listen=(), timeout=10.0, max_request=65536)
+REJECT = (b"REJECT 550 5.7.1 Posting to test@lists.example.com is restricted to its "
+          b"members; your message was not accepted")
+TEMPFAIL = b"DEFER 451 4.3.0 List policy service temporarily unavailable, please try again later"
+
+
+def b64(text: str, pad: bool = True) -> str:
+    value = base64.b64encode(text.encode()).decode()
+    return value if pad else value.rstrip("=")
+
+
+def line(lists=LIST, sender=NONMEMBER, from_=None, reply_to=None, sender_header=None,
+         extra="") -> bytes:
+    words = ["POLICYD/1", f"list={lists}", f"sender={b64(sender)}"]
+    for key, value in (("from", from_), ("reply_to", reply_to),
+                       ("sender_header", sender_header)):
+        if value is not None:
+            words.append(f"{key}={b64(value)}")
+    if extra:
+        words.append(extra)
+    return " ".join(words).encode()
+
+
+def connect(config=CONFIG, snapshot="default", policy=ReplyPolicy(), decide=None):
+    snap = sample_snapshot() if snapshot == "default" else snapshot
+    kwargs = {} if decide is None else {"decide": decide}
+    decider = Decider(StaticSnapshots(snap), policy, **kwargs)
+    clock = Clock()
+    factory = EximFactory(decider, config, clock)
+    proto = factory.buildProtocol(None)
+    proto.callLater = clock.callLater
+    transport = StringTransport()
+    proto.makeConnection(transport)
+    return proto, transport, clock, factory
+
+
+def ask(data: bytes, half_close: bool = False, **kwargs) -> tuple[bytes, bool]:
+    proto, transport, _, _ = connect(**kwargs)
+    proto.dataReceived(data)
+    if half_close:
+        proto.readConnectionLost()
+    return transport.value(), transport.disconnecting
+
+
+# --- codec -----------------------------------------------------------------------------
+
+
+def test_parse_full_request():
+    req = parse_request(b"POLICYD/1 list=a@l.example,b@l.example sender=" + b64("s@x").encode()
+                        + b" from=" + b64("A <a@x>", pad=False).encode()
+                        + b" reply_to= sender_header=" + b64("S <s@y>").encode()
+                        + b" id=1abc-00 future=whatever")
+    assert req.lists == ("a@l.example", "b@l.example")
+    assert req.envelope_sender == "s@x"
+    assert req.from_header == "A <a@x>"
+    assert req.reply_to_header is None
+    assert req.sender_header == "S <s@y>"
+    assert req.id == "1abc-00"
+    assert [q.recipient for q in req.queries()] == ["a@l.example", "b@l.example"]
+
+
+def test_parse_keys_in_any_order_and_absent_headers():
+    req = parse_request(b"POLICYD/1 sender= list=a@l.example")
+    assert req.envelope_sender == "" and req.from_header is None and req.id is None
+
+
+def test_parse_raw_header_bytes_survive_base64():
+    """Headers are passed raw: an encoded word, a comma in the display name, 8-bit."""
+    raw = "=?utf-8?Q?Last=2C_First?= <alice@example.com>,\n Bob <b@x>"
+    req = parse_request(line(from_=raw))
+    assert req.from_header == raw
+
+
+def test_parse_quoted_local_part_with_space_continues_value():
+    req = parse_request(b'POLICYD/1 list="a b"@l.example sender=')
+    assert req.lists == ('"a b"@l.example',)
+
+
+def test_parse_trailing_cr_is_dropped():
+    assert parse_request(b"POLICYD/1 list=a@l.example sender=\r").lists == ("a@l.example",)
+
+
+def test_parse_id_is_sanitised():
+    req = parse_request(b"POLICYD/1 list=a@l.example sender= id=x\x1b[31m" + b"y" * 100)
+    assert len(req.id) == 64 and "\x1b" not in req.id
+
+
+@pytest.mark.parametrize("data, reason", [
+    (b"", "empty request"),
+    (b"   ", "empty request"),
+    (b"list=a@x sender=", "version word"),
+    (b"POLICYD/2 list=a@x sender=", "unsupported version"),
+    (b"POLICYD/1 sender=", "list= is required"),
+    (b"POLICYD/1 list=, sender=", "names no address"),
+    (b"POLICYD/1 list=a@x", "sender= is required"),
+    (b"POLICYD/1 list=a@x sender=!!!", "sender= is not valid base64"),
+    (b"POLICYD/1 list=a@x sender= from=abcde", "from= is not valid base64"),
+    (b"POLICYD/1 list=a@x list=b@x sender=", "given twice"),
+    (b"POLICYD/1 junk list=a@x sender=", "expected key=value"),
+])
+def test_parse_errors(data, reason):
+    with pytest.raises(ProtocolError) as info:
+        parse_request(data)
+    assert reason in info.value.reason
+
+
+# --- protocol --------------------------------------------------------------------------
+
+
+def test_protocol_is_half_closeable():
+    proto, _, _, _ = connect()
+    assert IHalfCloseableProtocol.providedBy(proto)
+
+
+def test_nonmember_rejected_at_first_newline_without_trailing_newline():
+    """Answered at the first newline; the reply has no trailing newline; then close."""
+    value, closed = ask(line() + b"\n")
+    assert value == REJECT
+    assert closed
+
+
+def test_member_accepted():
+    value, _ = ask(line(sender=MEMBER) + b"\n")
+    assert value == b"ACCEPT 250 2.1.5 accept"
+
+
+def test_member_from_header_with_nonmember_envelope_is_accepted():
+    """Forwarders/SRS: the From: member decides, as in Mailman."""
+    value, _ = ask(line(sender="srs0=x@fwd.example", from_=f"Alice <{MEMBER}>") + b"\n")
+    assert value == b"ACCEPT 250 2.1.5 accept"
+
+
+def test_null_sender_rejected():
+    value, _ = ask(line(sender="") + b"\n")
+    assert value == b"REJECT 550 5.7.1 The null sender may not write to test@lists.example.com"
+
+
+def test_answer_at_half_close_without_newline():
+    """Exim's default shutdown=yes: no newline, EOF ends the request."""
+    proto, transport, _, _ = connect()
+    proto.dataReceived(line(sender=MEMBER))
+    assert transport.value() == b""
+    proto.readConnectionLost()
+    assert transport.value() == b"ACCEPT 250 2.1.5 accept"
+    assert transport.disconnecting
+
+
+def test_bytes_after_the_newline_are_ignored():
+    proto, transport, _, _ = connect()
+    proto.dataReceived(line(sender=MEMBER) + b"\nPOLICYD/1 more")
+    proto.dataReceived(b"stuff\n")
+    proto.readConnectionLost()
+    assert transport.value() == b"ACCEPT 250 2.1.5 accept"
+
+
+def test_empty_request_at_eof_is_deferred():
+    value, closed = ask(b"", half_close=True)
+    assert value == b"DEFER 451 4.3.0 Malformed policy request: empty request"
+    assert closed
+
+
+def test_malformed_request_is_deferred_and_logged(events):
+    value, closed = ask(b"HELLO\n")
+    assert value.startswith(b"DEFER 451 4.3.0 Malformed policy request: ")
+    assert closed
+    assert any(e["log_level"] == LogLevel.warn and "version" in e.get("reason", "")
+               for e in events)
+
+
+def test_oversized_request_is_deferred():
+    config = EximConfig(listen=(), timeout=10.0, max_request=50)
+    proto, transport, _, _ = connect(config)
+    proto.dataReceived(b"POLICYD/1 list=" + b"a" * 30)
+    assert transport.value() == b""
+    proto.dataReceived(b"b" * 30)
+    assert transport.value() == b"DEFER 451 4.3.0 Malformed policy request: request longer than 50 bytes"
+    assert transport.disconnecting
+
+
+def test_timeout_answers_defer_and_closes():
+    """A client that never finishes its line gets a 4xx after ``[exim] timeout``."""
+    proto, transport, clock, _ = connect()
+    proto.dataReceived(b"POLICYD/1 list=")
+    clock.advance(9.9)
+    assert transport.value() == b""
+    clock.advance(0.2)
+    assert transport.value() == b"DEFER 451 4.3.0 Malformed policy request: no complete request within 10 s"
+    assert transport.disconnecting
+
+
+def test_no_timeout_after_the_answer():
+    proto, transport, clock, _ = connect()
+    proto.dataReceived(line() + b"\n")
+    clock.advance(100)
+    assert transport.value() == REJECT
+
+
+def test_several_lists_most_severe_wins():
+    """DEFER > REJECT > DISCARD > HOLD > ACCEPT; one answer for all lists."""
+    value, _ = ask(line(lists=f"{OPEN},{LIST},{HOLDING}") + b"\n")
+    assert value == REJECT
+
+
+def test_several_lists_all_accept():
+    value, _ = ask(line(lists=f"{OPEN},{LIST}", sender=MEMBER) + b"\n")
+    assert value == b"ACCEPT 250 2.1.5 accept"
+
+
+def test_several_lists_tie_goes_to_first_list():
+    """Two rejections with different texts: the first list's reply is sent."""
+    value, _ = ask(line(lists=f"nosuch@lists.example.com,{LIST}") + b"\n")
+    assert value == b"REJECT 550 5.1.1 No such list: nosuch@lists.example.com"
+    value, _ = ask(line(lists=f"{LIST},nosuch@lists.example.com") + b"\n")
+    assert value == REJECT
+
+
+def test_several_lists_hold_beats_accept_when_hold_is_mapped():
+    value, _ = ask(line(lists=f"{OPEN},{HOLDING}") + b"\n",
+                   policy=ReplyPolicy(hold=Outcome.HOLD))
+    assert value == b"HOLD 250 2.6.0 accepted for moderation by nonmember-moderation"
+
+
+def test_several_lists_discard_beats_hold():
+    snap = build([
+        ListSpec("a@lists.example.com", default_nonmember_action=Action.HOLD),
+        ListSpec("b@lists.example.com", default_nonmember_action=Action.DISCARD),
+    ])
+    value, _ = ask(line(lists="a@lists.example.com,b@lists.example.com") + b"\n",
+                   snapshot=snap, policy=ReplyPolicy(hold=Outcome.HOLD))
+    assert value == b"DISCARD 250 2.7.0 discarded by nonmember-moderation"
+
+
+def test_defer_beats_reject():
+    def decide(snapshot, query):
+        if query.recipient == OPEN:
+            raise RuntimeError("boom")
+        from policyd.chain import decide as real
+        return real(snapshot, query)
+    value, _ = ask(line(lists=f"{LIST},{OPEN}") + b"\n", decide=decide)
+    assert value == TEMPFAIL
+
+
+def test_exception_in_decision_is_a_temporary_failure(events):
+    """An error inside the decision: log.failure and DEFER 451 4.3.0, never 5xx."""
+    def broken(snapshot, query):
+        raise ZeroDivisionError()
+    value, closed = ask(line() + b"\n", decide=broken)
+    assert value == TEMPFAIL
+    assert closed
+    assert any("log_failure" in e and e["log_failure"].check(ZeroDivisionError)
+               for e in events)
+
+
+def test_no_snapshot_is_a_temporary_failure(events):
+    value, _ = ask(line() + b"\n", snapshot=None)
+    assert value == TEMPFAIL
+    assert any(e.get("verdict") == "unavailable" and "no snapshot" in e.get("reason", "")
+               for e in events)
+
+
+def test_one_log_event_per_decision(events):
+    """One structured event per list decided, with the fields the log line shows."""
+    ask(line(lists=f"{LIST},{OPEN}", extra="id=1qX-00") + b"\n")
+    decisions = [e for e in events if e.get("log_namespace") == "policyd.decision"]
+    assert [(e["list"], e["verdict"], e["rule"]) for e in decisions] == [
+        (LIST, "reject", "nonmember-moderation"),
+        (OPEN, "accept", "nonmember-moderation"),
+    ]
+    assert decisions[0]["protocol"] == "exim"
+    assert decisions[0]["request_id"] == "1qX-00"
+    assert decisions[0]["reply"] == REJECT.decode()
+    assert decisions[0]["sender"] == NONMEMBER
+    assert decisions[0]["elapsed"] >= 0
+
+
+def test_counters(events):
+    proto, transport, _, factory = connect()
+    proto.dataReceived(line() + b"\n")
+    counters = factory.decider.counters()
+    assert counters["by_protocol"] == {"exim": {"reject": 1}}
+    assert counters["by_outcome"] == {"REJECT": 1}
+
+
+def test_shutdown_waits_for_the_answer():
+    proto, transport, _, _ = connect()
+    proto.dataReceived(b"POLICYD/1 ")
+    proto.shutdown()
+    assert not transport.disconnecting
+    proto.dataReceived(line()[10:] + b"\n")
+    assert transport.value() == REJECT and transport.disconnecting
+
+
+REQUEST = line(lists=f"{OPEN},{LIST}", from_="Alice <alice@example.com>") + b"\n"
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.lists(st.integers(min_value=0, max_value=len(REQUEST)), max_size=20),
+       st.booleans())
+def test_any_split_gives_the_same_answer(cuts, trailing_newline):
+    """However the line is split across reads (and ended by newline or EOF), the
+    answer is the same."""
+    data = REQUEST if trailing_newline else REQUEST[:-1]
+    points = sorted(set(cuts))
+    chunks, last = [], 0
+    for p in points:
+        chunks.append(data[last:p])
+        last = p
+    chunks.append(data[last:])
+    proto, transport, _, _ = connect()
+    for chunk in chunks:
+        if chunk:
+            proto.dataReceived(chunk)
+    if not trailing_newline:
+        proto.readConnectionLost()
+    assert transport.value() == b"ACCEPT 250 2.1.5 accept"
+    assert transport.disconnecting
+
+
+def test_every_byte_split():
+    data = line() + b"\n"
+    for i in range(1, len(data)):
+        proto, transport, _, _ = connect()
+        proto.dataReceived(data[:i])
+        proto.dataReceived(data[i:])
+        assert transport.value() == REJECT, i
