@@ -19,7 +19,8 @@ from __future__ import annotations
 import re
 from functools import lru_cache
 
-__all__ = ["canonical", "normalise", "parse_header", "mailman_valid", "split_address"]
+__all__ = ["canonical", "normalise", "parse_header", "parse_header_mailman3", "mailman_valid",
+           "mailman3_raw_valid", "split_address"]
 
 _CONTROL = re.compile(r"[\x00-\x1f\x7f]")
 _WSP = " \t\r\n"
@@ -175,6 +176,42 @@ def parse_header(value: str | None) -> tuple[str, ...]:
     for spec in _addr_specs(value):
         address = normalise(spec)
         if address is not None:
+            out.append(address)
+    return tuple(out)
+
+
+def mailman3_raw_valid(spec: str) -> bool:
+    """Could Mailman 3's validator accept this addr-spec *as written*?
+
+    Mailman validates the address it got from ``getaddresses`` (or the envelope sender),
+    lower-cased but otherwise untouched: a non-ASCII address (a UTF-8 local part, an IDN
+    domain in U-labels), a domain with a trailing dot, or a second ``@`` outside quotes
+    makes it invalid there, even where ``normalise`` would turn it into a valid address.
+    """
+    spec = spec.strip()
+    if not spec.isascii():
+        return False
+    if spec.startswith("@"):
+        # A source route: Python's parser drops it, and so does normalise().
+        spec = spec[spec.find(":") + 1 :]
+    at = _last_unquoted_at(spec)
+    if at < 0 or _last_unquoted_at(spec[:at]) >= 0:
+        return False
+    return not spec.endswith(".")
+
+
+@lru_cache(maxsize=65536)
+def parse_header_mailman3(value: str | None) -> tuple[str, ...]:
+    """``parse_header`` minus what Mailman 3's ``msg.senders`` drops: addresses invalid as
+    written (``mailman3_raw_valid``) or once normalised (``mailman_valid``)."""
+    if not value:
+        return ()
+    out = []
+    for spec in _addr_specs(value):
+        if not mailman3_raw_valid(spec):
+            continue
+        address = normalise(spec)
+        if address is not None and mailman_valid(address):
             out.append(address)
     return tuple(out)
 

@@ -14,7 +14,13 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Protocol
 
-from .addresses import mailman_valid, normalise, parse_header
+from .addresses import (
+    mailman3_raw_valid,
+    mailman_valid,
+    normalise,
+    parse_header,
+    parse_header_mailman3,
+)
 from .snapshot import ListPolicy, Pattern, Snapshot, Target
 from .verdict import ACTION_VERDICT, Action, Mode, Query, Role, Verdict
 
@@ -56,13 +62,13 @@ class Rule(Protocol):
 
 def senders_mailman3(query: Query) -> tuple[str, ...]:
     """Mailman 3's ``msg.senders``: From:, envelope, Reply-To:, Sender:, minus what its
-    validator would drop."""
-    out = list(parse_header(query.from_header))
+    validator would drop (it sees the addresses as written, before normalisation)."""
+    out = list(parse_header_mailman3(query.from_header))
     envelope = normalise(query.envelope_sender)
-    if envelope is not None:
+    if envelope is not None and mailman3_raw_valid(query.envelope_sender):
         out.append(envelope)
-    out.extend(parse_header(query.reply_to_header))
-    out.extend(parse_header(query.sender_header))
+    out.extend(parse_header_mailman3(query.reply_to_header))
+    out.extend(parse_header_mailman3(query.sender_header))
     return tuple(s for s in out if mailman_valid(s))
 
 

@@ -173,6 +173,10 @@ def compile_pattern(text: str, mode: Mode, *, ban: bool = False) -> Pattern | No
     Mailman 3 ``*_these_nonmembers``: ``re.match`` case-sensitive; Mailman 2: ``re.search``
     case-insensitive; bans (Mailman 3): ``re.match`` case-insensitive.  Returns ``None``
     for a regex that does not compile (Mailman logs and skips those too).
+
+    Mailman 3 compares exact entries and exact bans with the lower-cased sender as they
+    are stored (a ban is an SQL equality), and finds an ``@list`` entry's list by its
+    exact name: an entry with capitals never matches there, so it does not here either.
     """
     text = text.strip()
     if not text:
@@ -187,8 +191,8 @@ def compile_pattern(text: str, mode: Mode, *, ban: bool = False) -> Pattern | No
             return Pattern(text, regex=_SearchRegex(regex))
         return Pattern(text, regex=regex)
     if text.startswith("@") and not ban:
-        return Pattern(text, at_list=text[1:].lower())
-    return Pattern(text, exact=text.lower() if (ban or mode is Mode.MAILMAN2) else text)
+        return Pattern(text, at_list=text[1:].lower() if mode is Mode.MAILMAN2 else text[1:])
+    return Pattern(text, exact=text.lower() if mode is Mode.MAILMAN2 else text)
 
 
 class _SearchRegex:
@@ -254,6 +258,14 @@ def build_list(spec: ListSpec, problems: list[str]) -> ListPolicy:
                         f"{posting}: {action.label}_these_nonmembers entry {entry!r} "
                         "is not a valid regular expression"
                     )
+                continue
+            if (pattern.at_list is not None and spec.mode is Mode.MAILMAN3
+                    and action is not Action.ACCEPT):
+                # Mailman 3 (rules/moderation.py _at_list) reads @list entries in
+                # accept_these_nonmembers only; elsewhere one can never match.
+                problems.append(f"{posting}: {action.label}_these_nonmembers entry "
+                                f"{entry!r} is ignored (Mailman 3 reads @list entries "
+                                "only in accept_these_nonmembers)")
                 continue
             compiled.append(pattern)
         groups.append((action, tuple(compiled)))

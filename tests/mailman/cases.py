@@ -1,0 +1,443 @@
+"""The agreement scenario: Mailman 3 lists, users, members, patterns and bans, plus a few
+hundred (recipient, envelope sender, From:, Reply-To:, Sender:) cases, generated
+deterministically from a seed.
+
+Plain JSON-able data (stdlib only), read by the oracle inside Mailman's virtualenv and by
+the harness in policyd's.  The scenario format:
+
+``domains``     ``[{"mail_host", "alias_domain"}]``
+``users``       ``[{"key", "addresses": [first is the user's own], "preferred"}]``
+``addresses``   addresses to register without a user
+``lists``       ``[{"fqdn", "default_member_action", "default_nonmember_action",
+                "emergency", "members": [{"address"|"user", "action"}],
+                "nonmembers": [{"address", "action"}], "moderators": [...],
+                "accept_these_nonmembers"... "discard_these_nonmembers", "bans"}]``
+``site_bans``   site-wide ban entries
+``cases``       ``[{"id", "recipient", "envelope_sender", "from", "reply_to", "sender",
+                "why"}]``; a header value is ``None`` (absent), a string (one header) or
+                a list of strings (that header repeated)
+
+Cases whose answer intentionally differs from Mailman's are built by
+``intended_differences()``: each carries ``expect_mailman`` and ``expect_policyd``
+(verdicts) and ``difference`` (the key of its section in docs/mailman-differences.md).
+"""
+
+from __future__ import annotations
+
+import random
+
+ACTIONS = ("accept", "hold", "reject", "discard", "defer")
+MEMBER_ACTIONS = (None,) + ACTIONS
+HOST = "lists.example.com"
+ALIAS = "lists.example.net"
+HOST2 = "other.example.org"
+
+# Users with several addresses: key -> (addresses, preferred).
+USERS = {
+    "ann": (["ann@example.com", "ann.work@corp.example", "Ann.Home@Home.Example"],
+            "ann@example.com"),
+    "ben": (["ben@example.com", "ben.alt@example.com"], "ben@example.com"),
+    "cat": (["cat@example.com", "cat.alt@example.com", "cat.third@example.com"],
+            "cat.alt@example.com"),
+    "dan": (["dan1@example.com", "dan2@example.com", "dan3@example.com"],
+            "dan1@example.com"),
+    "eve": (["eve@example.com", "eve.alt@example.com"], None),
+    "fay": (["Fay.Mixed@Example.COM", "fay.other@example.com"], "fay.mixed@example.com"),
+}
+
+PLAIN_MEMBERS = ["pat@example.com", "Quinn.Case@Example.Org", "rob@sub.example.net"]
+NONMEMBER_ROWS = {action: f"nm-{action}@outside.example" for action in ("none",) + ACTIONS}
+STRANGERS = ["stranger@outside.example", "Other.Stranger@Outside.Example",
+             "nobody@nowhere.example"]
+MODERATOR = "mod@example.com"
+
+# Entries of the four *_these_nonmembers lists, and the senders that exercise them.
+PATTERN_POOL = {
+    "accept": ["acc-exact@outside.example", r"^acc-rx-.*@outside\.example$",
+               f"@friends@{HOST}", r"^bad[regex", r"^ACC-UPPER.*", "Acc-Upper@Outside.Example",
+               f"@Friends@{HOST.upper()}", f"@nosuchlist@{HOST}"],
+    "hold": ["hold-exact@outside.example", r"^hold-rx-\d+@outside\.example$",
+             f"@friends@{HOST}"],
+    "reject": ["reject-exact@outside.example", r"^reject-rx-.*", r"^(unbalanced"],
+    "discard": ["discard-exact@outside.example", r"^discard-rx-.*@outside\.example$",
+                "Discard-Upper@Outside.Example"],
+}
+PATTERN_SENDERS = [
+    "acc-exact@outside.example", "acc-rx-7@outside.example", "ACC-RX-8@Outside.Example",
+    "acc-upper@outside.example", "hold-exact@outside.example", "hold-rx-42@outside.example",
+    "hold-rx-x@outside.example", "reject-exact@outside.example", "reject-rx-1@any.example",
+    "discard-exact@outside.example", "discard-rx-9@outside.example",
+    "discard-upper@outside.example", "friend@example.com",
+]
+
+LIST_BANS = ["banned@outside.example", r"^spam.*@outside\.example$", "Banned-Upper@Outside.Example",
+             r"^MixedBan@"]
+SITE_BANS = ["sitebanned@outside.example", r"^.*@banned-domain\.example$"]
+BAN_SENDERS = ["banned@outside.example", "spammer@outside.example", "SPAM2@Outside.Example",
+               "banned-upper@outside.example", "mixedban@x.example", "sitebanned@outside.example",
+               "anyone@banned-domain.example"]
+
+
+def _user_addresses():
+    return [a for addresses, _ in USERS.values() for a in addresses]
+
+
+def scenario(seed: int = 20240601, per_list: int = 12) -> dict:
+    """The whole scenario with its generated cases (no intended differences)."""
+    rng = random.Random(seed)
+    lists = []
+    # The helper list that @friends entries point at.
+    lists.append({
+        "fqdn": f"friends@{HOST}",
+        "default_member_action": "defer",
+        "default_nonmember_action": "hold",
+        "members": [{"address": "friend@example.com"}, {"user": "ben", "action": "hold"}],
+    })
+    combos = [(m, n) for m in ACTIONS for n in ACTIONS]
+    for index, (member_default, nonmember_default) in enumerate(combos):
+        lists.append(_list(rng, index, member_default, nonmember_default))
+    # A second domain, and an emergency list with a default that would otherwise accept.
+    lists.append(_list(rng, len(combos), "accept", "accept", host=HOST2))
+    lists.append(_list(rng, len(combos) + 1, "accept", "accept", emergency=True))
+    lists.extend(fixed_lists())
+    cases = []
+    for spec in lists:
+        if spec["fqdn"] in (TARGETS, ATLIST, DIFFS):
+            continue
+        for n in range(per_list if spec["fqdn"] != f"friends@{HOST}" else 4):
+            cases.append(_random_case(rng, spec, f"{spec['fqdn'].split('@')[0]}-{n}"))
+    cases.extend(targeted_cases())
+    return {
+        "domains": [{"mail_host": HOST, "alias_domain": ALIAS},
+                    {"mail_host": HOST2, "alias_domain": None}],
+        "users": [{"key": key, "addresses": addresses, "preferred": preferred}
+                  for key, (addresses, preferred) in USERS.items()],
+        "addresses": list(NONMEMBER_ROWS.values()),
+        "lists": lists,
+        "site_bans": list(SITE_BANS),
+        "cases": cases,
+    }
+
+
+def _list(rng, index, member_default, nonmember_default, host=HOST, emergency=None):
+    """One list: every kind of membership, with actions cycling through every value so
+    that across the lists each persona has each action."""
+    def action(offset):
+        return MEMBER_ACTIONS[(index + offset) % len(MEMBER_ACTIONS)]
+
+    members = [
+        {"user": "ann", "action": action(0)},                  # by user (preferred address)
+        {"address": "ben.alt@example.com", "action": action(1)},  # a non-preferred address
+        {"user": "cat", "action": action(2)},                  # preferred is not the first
+        {"address": "dan2@example.com", "action": action(3)},  # two addresses of one user
+        {"address": "dan3@example.com", "action": action(4)},
+        {"address": "eve.alt@example.com", "action": action(5)},  # user without preferred
+        {"user": "fay", "action": action(1)},
+        {"address": "fay.mixed@example.com", "action": action(3)},  # direct and by user
+    ]
+    members += [{"address": a, "action": action(i + 2)} for i, a in enumerate(PLAIN_MEMBERS)]
+    if index % 3 == 0:
+        # A banned member: the ban wins.
+        members.append({"address": "banned@outside.example", "action": "accept"})
+    nonmembers = [{"address": a, "action": (None if key == "none" else key)}
+                  for key, a in NONMEMBER_ROWS.items()]
+    # A nonmember row for an address that also matches a pattern: the row wins.
+    nonmembers.append({"address": "hold-exact@outside.example", "action": action(0)})
+    spec = {
+        "fqdn": f"l{index:02d}-{member_default}-{nonmember_default}@{host}",
+        "default_member_action": member_default,
+        "default_nonmember_action": nonmember_default,
+        "emergency": bool(emergency if emergency is not None else index % 7 == 3),
+        "members": members,
+        "nonmembers": nonmembers,
+        "moderators": [MODERATOR],
+        "bans": [b for b in LIST_BANS if rng.random() < 0.75],
+    }
+    for key, pool in PATTERN_POOL.items():
+        spec[f"{key}_these_nonmembers"] = [entry for entry in pool if rng.random() < 0.6]
+    return spec
+
+
+def _sender_pool(spec):
+    return (_user_addresses() + PLAIN_MEMBERS + list(NONMEMBER_ROWS.values()) + STRANGERS
+            + PATTERN_SENDERS + BAN_SENDERS + [MODERATOR])
+
+
+def _render(rng, address):
+    """One way a mail client writes ``address`` in a header."""
+    variant = rng.randrange(10)
+    if variant == 0:
+        return address.upper()
+    if variant == 1:
+        return f"<{address}>"
+    if variant == 2:
+        return f"Some Name <{address}>"
+    if variant == 3:
+        return f'"Last, First" <{address}>'
+    if variant == 4:
+        return f"=?utf-8?q?J=C3=B6rg_M=C3=BCller?= <{address}>"
+    if variant == 5:
+        return f"=?utf-8?q?Last=2C_First?= <{address}>"
+    if variant == 6:
+        return f"{address} (a comment)"
+    if variant == 7:
+        return f'"Quoted \\"Name\\"" <{address.title()}>'
+    return address
+
+
+def _random_case(rng, spec, case_id):
+    pool = _sender_pool(spec)
+    pick = lambda: rng.choice(pool)  # noqa: E731
+    shape = rng.randrange(9)
+    envelope = pick()
+    case = {"id": case_id, "recipient": spec["fqdn"], "envelope_sender": envelope,
+            "from": None, "reply_to": None, "sender": None, "why": f"random shape {shape}"}
+    if shape == 0:
+        case["from"] = _render(rng, envelope)
+    elif shape == 1:
+        case["from"] = _render(rng, pick())
+    elif shape == 2:
+        pass  # no From: at all: the envelope decides
+    elif shape == 3:
+        case["from"] = f"{_render(rng, pick())}, {_render(rng, pick())}"
+    elif shape == 4:
+        case["from"] = _render(rng, pick())
+        case["reply_to"] = _render(rng, pick())
+    elif shape == 5:
+        case["from"] = _render(rng, pick())
+        case["sender"] = _render(rng, pick())
+    elif shape == 6:
+        case["from"] = [_render(rng, pick()), _render(rng, pick())]
+    elif shape == 7:
+        case["from"] = rng.choice(["", "undisclosed-recipients:;", "Just A Name",
+                                   "not an address", "@", "<>"])
+    else:
+        case["from"] = _render(rng, pick())
+        case["reply_to"] = _render(rng, pick())
+        case["sender"] = _render(rng, pick())
+    # The recipient as an MTA may see it: any case, alias domain, +tag.
+    local, host = spec["fqdn"].split("@")
+    variant = rng.randrange(6)
+    if variant == 0:
+        case["recipient"] = spec["fqdn"].upper()
+    elif variant == 1 and host == HOST:
+        case["recipient"] = f"{local}@{ALIAS}"
+    elif variant == 2:
+        case["recipient"] = f"{local}+tag@{host}"
+    if rng.random() < 0.2:
+        case["envelope_sender"] = envelope.upper()
+    return case
+
+
+TARGETS = f"targets@{HOST}"
+ATLIST = f"atlist@{HOST}"
+DIFFS = f"diffs@{HOST}"
+
+
+def fixed_lists() -> list[dict]:
+    """Two lists with fixed settings for the hand-written cases: members accepted by
+    default, nonmembers rejected, a few members with their own actions, so that who is
+    found to be the sender shows in the verdict."""
+    targets = {
+        "fqdn": TARGETS,
+        "default_member_action": "accept",
+        "default_nonmember_action": "reject",
+        "members": [
+            {"user": "ann"}, {"address": "ben.alt@example.com"}, {"user": "cat"},
+            {"address": "dan2@example.com", "action": "hold"},
+            {"address": "dan3@example.com", "action": "discard"},
+            {"address": "eve.alt@example.com", "action": "hold"},
+            {"user": "fay", "action": "discard"}, {"address": "fay.mixed@example.com"},
+            {"address": "banned@outside.example"},
+        ] + [{"address": a} for a in PLAIN_MEMBERS],
+        "nonmembers": [{"address": a, "action": (None if key == "none" else key)}
+                       for key, a in NONMEMBER_ROWS.items()],
+        "moderators": [MODERATOR],
+        "bans": list(LIST_BANS),
+        "accept_these_nonmembers": [f"@friends@{HOST}", "acc-exact@outside.example"],
+        "hold_these_nonmembers": [f"@friends@{HOST}", "hold-exact@outside.example"],
+        "reject_these_nonmembers": [],
+        "discard_these_nonmembers": [r"^disc.*"],
+    }
+    targets["members"].append({"address": "idn@xn--bcher-kva.example"})
+    atlist = {
+        "fqdn": ATLIST,
+        "default_member_action": "accept",
+        "default_nonmember_action": "reject",
+        "members": [{"address": "pat@example.com"}],
+        # Mailman 3 reads @list entries only in accept_these_nonmembers, and finds the
+        # list by its exact name; a reference to itself or to no list is skipped.
+        "accept_these_nonmembers": [f"@{ATLIST}", f"@nosuchlist@{HOST}",
+                                    f"@Friends@{HOST}", "^ACC.*", "Acc-Upper@Outside.Example"],
+        "hold_these_nonmembers": [f"@friends@{HOST}"],
+        "discard_these_nonmembers": [f"@friends@{HOST}", "^bad[regex", "disc@outside.example"],
+    }
+    diffs = {
+        "fqdn": DIFFS,
+        "default_member_action": "accept",
+        "default_nonmember_action": "reject",
+        "members": [{"address": "pat@example.com"}],
+    }
+    return [targets, atlist, diffs]
+
+
+def targeted_cases() -> list[dict]:
+    """Hand-written cases for the header, sender and recipient pitfalls."""
+    rej = TARGETS
+    local = TARGETS.split("@")[0]
+    out = []
+
+    def case(case_id, frm=None, envelope="stranger@outside.example", reply_to=None,
+             sender=None, recipient=rej, why=""):
+        out.append({"id": f"t-{case_id}", "recipient": recipient, "envelope_sender": envelope,
+                    "from": frm, "reply_to": reply_to, "sender": sender, "why": why})
+
+    member = "pat@example.com"
+    case("plain-member", member, why="a member in From:")
+    case("member-envelope-only", None, envelope=member, why="no From:, member envelope")
+    case("member-envelope-stranger-from", "stranger@outside.example", envelope=member,
+         why="nonmember From:, member envelope: any sender that is a member counts")
+    case("stranger-envelope-member-from", member, envelope="stranger@outside.example")
+    case("member-in-reply-to", "stranger@outside.example", reply_to=member)
+    case("member-in-sender", "stranger@outside.example", sender=member)
+    case("two-from-second-member", f"stranger@outside.example, {member}")
+    case("two-from-headers", ["stranger@outside.example", member])
+    case("mixed-case", "PAT@EXAMPLE.COM")
+    case("mixed-case-member-stored-mixed", "quinn.case@example.org")
+    case("user-other-address", "ann.work@corp.example", why="another address of a user "
+         "subscribed by user")
+    case("user-other-address-mixed", "ANN.HOME@home.example")
+    case("user-first-member-address", "dan1@example.com",
+         why="dan2 and dan3 are both members: the first in Mailman's order decides")
+    case("user-no-preferred", "eve@example.com")
+    case("direct-and-user", "fay.mixed@example.com", why="direct membership wins")
+    case("direct-and-user-other", "fay.other@example.com")
+    case("encoded-comma-member", f"=?utf-8?q?Doe=2C_Pat?= <{member}>")
+    case("encoded-comma-stranger", "=?utf-8?q?Doe=2C_Jane?= <stranger@outside.example>")
+    case("encoded-name-member", f"=?iso-8859-1?q?P=E4t?= <{member}>")
+    case("raw-utf8-name-member", f"Pät Ünïcode <{member}>")
+    case("quoted-local-space", '"pat smith"@example.com', envelope="nobody@nowhere.example")
+    case("quoted-display-with-at", f'"stranger@outside.example" <{member}>')
+    case("quoted-display-with-angle", f'"<{member}>" <stranger@outside.example>')
+    case("comment-with-address", f"stranger@outside.example ({member})")
+    case("group-with-member", f"Team: {member}, stranger@outside.example;")
+    case("empty-group", "undisclosed-recipients:;", envelope=member)
+    case("empty-from", "", envelope=member)
+    case("empty-from-stranger", "", envelope="stranger@outside.example")
+    case("unparseable-from", "this is not an address", envelope="nobody@nowhere.example")
+    case("only-angle", "<>", envelope="nobody@nowhere.example")
+    case("folded-from", f"Pat\n <{member}>")
+    case("utf8-local", "pät@example.com", envelope="nobody@nowhere.example",
+         why="Mailman's validator drops non-ASCII local parts")
+    case("no-valid-sender", "junk", envelope="also junk")
+    case("bad-envelope-only", None, envelope="not-an-address")
+    case("underscore-plus", "pat+tag@example.com", why="a +tag sender is a different address")
+    case("moderator-is-not-member", MODERATOR)
+    case("banned-member", "banned@outside.example", recipient=f"l00-accept-accept@{HOST}")
+    case("site-ban-regex", "x@banned-domain.example")
+    case("site-ban-exact-upper", "SITEBANNED@OUTSIDE.EXAMPLE")
+    case("ban-in-reply-to", member, reply_to="sitebanned@outside.example",
+         why="a banned sender anywhere discards")
+    case("nonmember-row-first", "nm-discard@outside.example", envelope="nm-accept@outside.example")
+    case("nonmember-row-defer-first", "nm-defer@outside.example",
+         envelope="nm-reject@outside.example", why="defer on the first sender ends the rule")
+    case("nonmember-none-then-row", "nm-none@outside.example",
+         envelope="nm-discard@outside.example")
+    case("pattern-then-row", "reject-exact@outside.example", envelope="nm-accept@outside.example")
+    case("accept-pattern-first", "acc-exact@outside.example", envelope="nm-reject@outside.example")
+    case("friends-member", "friend@example.com", why="@friends in accept_these_nonmembers")
+    case("friends-user-member", "ben@example.com", why="user member of @friends")
+    case("friends-user-alias", "ben.alt@example.com",
+         why="@list entries see members' subscribed addresses only, no user aliases")
+    case("idn-u-label-member", "idn@bücher.example",
+         why="Mailman's validator drops a U-label domain; the A-label member is not found")
+    case("idn-a-label-member", "idn@xn--bcher-kva.example")
+    case("idn-u-label-envelope", None, envelope="idn@bücher.example")
+    case("trailing-dot-member", "pat@example.com.", why="Mailman drops a trailing-dot domain")
+    case("trailing-dot-envelope", None, envelope="pat@example.com.")
+    case("double-at", "pat@x@example.com", envelope="nobody@nowhere.example")
+    case("source-route", "<@relay.example:pat@example.com>")
+    case("spaces-around-at", "pat @ example.com")
+    case("comment-in-local", "pat(comment)@example.com")
+    case("domain-literal", "pat@[192.0.2.1]", envelope="nobody@nowhere.example")
+    case("single-label-domain", "pat@example", envelope="nobody@nowhere.example")
+    case("dots-in-local", "p..at@example.com", envelope="nobody@nowhere.example")
+    case("stray-after-angle", f"<{member}>garbage")
+    case("unclosed-angle", f"<{member}")
+    case("empty-quoted-name", f'"" <{member}>')
+    for sender in ("friend@example.com", "ben@example.com", "ben.alt@example.com",
+                   "acc-upper@outside.example", "ACC-X@outside.example",
+                   "disc@outside.example", "pat@example.com", "stranger@outside.example"):
+        case(f"atlist-{sender.split('@')[0].lower()}", sender, recipient=ATLIST,
+             why="@list only in accept_these_nonmembers, by exact list name")
+    case("disc-pattern", "disco@outside.example")
+    case("disc-pattern-upper", "DISCO@outside.example")
+    # Recipients.
+    case("rcpt-alias-domain", member, recipient=f"{local}@{ALIAS}")
+    case("rcpt-upper", member, recipient=TARGETS.upper())
+    case("rcpt-tag", "stranger@outside.example", recipient=f"{local}+x@{HOST}")
+    case("rcpt-request", "stranger@outside.example", recipient=f"{local}-request@{HOST}")
+    case("rcpt-owner-banned", "banned@outside.example", recipient=f"{local}-owner@{HOST}")
+    case("rcpt-bounces", "stranger@outside.example",
+         recipient=f"{local}-bounces+x=y.example@{HOST}")
+    case("rcpt-join-alias", "stranger@outside.example", recipient=f"{local}-join@{ALIAS}")
+    case("rcpt-subscribe", "stranger@outside.example", recipient=f"{local}-subscribe@{HOST}")
+    case("rcpt-confirm", "stranger@outside.example", recipient=f"{local}-confirm+abc@{HOST}")
+    case("rcpt-unknown", "stranger@outside.example", recipient=f"nolist@{HOST}")
+    case("rcpt-bad-suffix", "stranger@outside.example", recipient=f"{local}-bogus@{HOST}")
+    case("rcpt-other-host", member, recipient=f"{local}@{HOST2}")
+    case("rcpt-second-domain", member, recipient=f"l25-accept-accept@{HOST2}")
+    case("emergency-member", member, recipient=f"l26-accept-accept@{HOST}")
+    return out
+
+
+def intended_differences() -> list[dict]:
+    """Cases where policyd answers differently from Mailman on purpose (see
+    docs/mailman-differences.md).  Each names the difference, Mailman's expected outcome
+    and policyd's expected verdict."""
+    rej = DIFFS
+    member = "pat@example.com"
+    out = []
+
+    def case(case_id, difference, expect_mailman, expect_policyd, frm=None,
+             envelope="stranger@outside.example", reply_to=None, sender=None,
+             recipient=rej, why=""):
+        out.append({"id": f"x-{case_id}", "recipient": recipient, "envelope_sender": envelope,
+                    "from": frm, "reply_to": reply_to, "sender": sender, "why": why,
+                    "difference": difference, "expect_mailman": expect_mailman,
+                    "expect_policyd": expect_policyd})
+
+    case("encoded-angle-spoof", "decode-after-split", "accept", "reject",
+         frm=f"=?utf-8?q?=3C{member.replace('@', '=40')}=3E?= <stranger@outside.example>",
+         why="an encoded <member> display name becomes a sender in Mailman")
+    case("encoded-address-spoof", "decode-after-split", "accept", "reject",
+         frm="=?utf-8?q?" + member.replace("@", "=40").replace(".", "=2E") + "?=",
+         why="a From: that is one encoded word decoding to a member's address")
+    case("encoded-comma-spoof", "decode-after-split", "accept", "reject",
+         frm=f"=?utf-8?q?x=2C_{member.replace('@', '=40')}?= <stranger@outside.example>",
+         why="an encoded comma splits one mailbox into two in Mailman")
+    case("encoded-local-part", "decode-after-split", "accept", "reject",
+         frm="<=?utf-8?q?pat?=@example.com>",
+         why="Mailman decodes an encoded word even inside the address")
+    case("quoted-local-header", "quoted-local", "reject", "accept", frm='"pat"@example.com',
+         why="Mailman keeps the quotes: \"pat\"@example.com is a nonmember there")
+    case("quoted-local-envelope", "quoted-local", "reject", "accept", frm=None,
+         envelope='"pat"@example.com')
+    case("address-as-display-name", "malformed-header", "accept", "reject",
+         frm=f"{member} <stranger@outside.example>",
+         why="an unquoted address-like display name: Python's non-strict parser returns "
+             "it as a mailbox too")
+    case("two-angle-addresses", "malformed-header", "accept", "reject",
+         frm=f"<stranger@outside.example> <{member}>",
+         why="two angle addresses without a comma: policyd takes the first only")
+    case("unbalanced-quote", "malformed-header", "accept", "reject", frm=f'"{member}',
+         why="an unterminated quoted string: policyd drops the mailbox")
+    case("folded-without-comma", "malformed-header", "reject", "accept",
+         frm=f"{member}\n\tstranger@outside.example",
+         why="a line break inside one header: Mailman unfolds and finds no mailbox, "
+             "policyd splits at newlines (several headers are joined by newlines)")
+    case("null-sender-post", "null-sender", "accept", "reject", frm=member, envelope="",
+         why="Mailman decides a bounce-less <> post from From:; policyd refuses <> at SMTP")
+    case("null-sender-request", "null-sender", "not-a-post:request", "reject", frm=member,
+         envelope="", recipient=f"diffs-request@{HOST}")
+    return out
