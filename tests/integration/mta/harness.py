@@ -1,0 +1,298 @@
+"""Processes and sessions for the real-MTA tests: policyd, Exim, Postfix, a stand-in.
+
+Every process is started here with its id kept, and stopped by that id (or process group
+we created) in the fixtures' teardown, even when a test fails.  Nothing here asserts:
+helpers return what the MTA said and the tests decide.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import signal
+import smtplib
+import socket
+import subprocess
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[3]
+CONTRIB = REPO / "contrib"
+HERE = Path(__file__).resolve().parent
+
+LIST_DOMAIN = "lists.test.example"
+USER_DOMAIN = "users.test.example"
+
+
+# --- small utilities ---------------------------------------------------------------------
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def wait_until(predicate, timeout: float, what: str, interval: float = 0.02):
+    end = time.monotonic() + timeout
+    while True:
+        result = predicate()
+        if result:
+            return result
+        if time.monotonic() > end:
+            raise TimeoutError(f"gave up after {timeout}s waiting for {what}")
+        time.sleep(interval)
+
+
+def port_open(port: int) -> bool:
+    try:
+        socket.create_connection(("127.0.0.1", port), 0.2).close()
+        return True
+    except OSError:
+        return False
+
+
+def stop_process(proc: subprocess.Popen, timeout: float = 10.0, group: bool = False) -> None:
+    """SIGTERM the process we started (or the process group it leads), then SIGKILL."""
+    if proc.poll() is not None:
+        return
+    try:
+        if group:
+            os.killpg(proc.pid, signal.SIGTERM)
+        else:
+            proc.send_signal(signal.SIGTERM)
+    except ProcessLookupError:
+        return
+    try:
+        proc.wait(timeout)
+    except subprocess.TimeoutExpired:
+        if group:
+            os.killpg(proc.pid, signal.SIGKILL)
+        else:
+            proc.kill()
+        proc.wait(5)
+
+
+def pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    return True
+
+
+def render(template: Path, values: dict[str, str]) -> str:
+    text = template.read_text(encoding="utf-8")
+    for key, value in values.items():
+        text = text.replace(f"@{key}@", value)
+    left = re.findall(r"@[A-Z_]+@", text)
+    if left:
+        raise ValueError(f"{template}: placeholders left: {left}")
+    return text
+
+
+# --- messages and SMTP sessions -----------------------------------------------------------
+
+
+@dataclass
+class Message:
+    """One SMTP transaction: envelope, headers, and a unique tag in Subject and body."""
+
+    sender: str
+    recipients: list[str]
+    headers: list[str] = field(default_factory=list)
+    tag: str = ""
+
+    def __post_init__(self) -> None:
+        if not self.tag:
+            Message._n = getattr(Message, "_n", 0) + 1
+            self.tag = f"policyd-test-{os.getpid()}-{Message._n}-{time.monotonic_ns()}"
+
+    def data(self) -> str:
+        lines = list(self.headers) + [f"Subject: {self.tag}", f"Message-ID: <{self.tag}@test>",
+                                      "", f"tag {self.tag}", ""]
+        return "\r\n".join(lines)
+
+
+@dataclass
+class Result:
+    """What the client saw: the MAIL reply, one reply per RCPT, the DATA reply (or None
+    when no recipient was accepted)."""
+
+    mail: tuple[int, str]
+    rcpt: list[tuple[int, str]]
+    data: tuple[int, str] | None
+
+    @property
+    def accepted(self) -> bool:
+        return self.data is not None and self.data[0] == 250
+
+
+def _one_line(text: str) -> str:
+    return " ".join(text.split())
+
+
+def smtp_send(port: int, message: Message, timeout: float = 60.0) -> Result:
+    """Drive a real SMTP server with smtplib, like any client would."""
+    with smtplib.SMTP("127.0.0.1", port, local_hostname="client.test.example",
+                      timeout=timeout) as client:
+        client.ehlo()
+        code, text = client.mail(message.sender)
+        mail = (code, _one_line(text.decode()))
+        rcpts = []
+        for recipient in message.recipients:
+            code, text = client.rcpt(recipient)
+            rcpts.append((code, _one_line(text.decode())))
+        data = None
+        if any(code // 100 == 2 for code, _ in rcpts):
+            code, text = client.data(message.data())
+            data = (code, _one_line(text.decode()))
+        else:
+            client.rset()
+    return Result(mail, rcpts, data)
+
+
+_REPLY = re.compile(r"^(\d{3})([ -])(.*?)\r?$")
+
+
+def parse_bh(stdout: str, message: Message) -> Result:
+    """Split the output of ``exim -bh`` into the replies to MAIL, each RCPT and DATA."""
+    replies = []
+    text: list[str] = []
+    for line in stdout.splitlines():
+        if line.startswith("**** "):
+            continue
+        match = _REPLY.match(line)
+        if not match:
+            continue
+        text.append(match.group(3))
+        if match.group(2) == " ":
+            replies.append((int(match.group(1)), _one_line(" ".join(text))))
+            text = []
+    # 220 banner, EHLO, MAIL, RCPT..., then 354 + DATA reply or a 503 (no valid RCPT).
+    replies = replies[2:]
+    mail = replies[0]
+    rcpts = replies[1:1 + len(message.recipients)]
+    rest = replies[1 + len(message.recipients):]
+    data = rest[1] if rest and rest[0][0] == 354 else None
+    return Result(mail, rcpts, data)
+
+
+# --- maildirs -----------------------------------------------------------------------------
+
+
+def find_in_maildir(directory: Path, tag: str) -> Path | None:
+    new = directory / "new"
+    if not new.is_dir():
+        return None
+    for path in new.iterdir():
+        try:
+            if tag in path.read_text(errors="replace"):
+                return path
+        except FileNotFoundError:
+            continue
+    return None
+
+
+def wait_delivered(directory: Path, tag: str, timeout: float = 10.0) -> Path:
+    return wait_until(lambda: find_in_maildir(directory, tag), timeout,
+                      f"message {tag} in {directory}")
+
+
+# --- a stand-in for policyd on its sockets (only for answers policyd never gives) -----------
+
+
+class StandIn:
+    """A socket server that answers what a test tells it to, bound at policyd's socket
+    paths while policyd is stopped.
+
+    ``answer(line)`` returns the bytes to send for one Exim request line, ``None`` to hang
+    up without answering, or a float to sleep that long first (then answer ACCEPT).
+    The Postfix listener answers every request with ``postfix_reply`` (bytes, sent as is).
+    """
+
+    def __init__(self, exim_path: Path, postfix_path: Path) -> None:
+        self.exim_path = exim_path
+        self.postfix_path = postfix_path
+        self.answer = lambda line: b"ACCEPT 250 2.1.5 stand-in"
+        self.postfix_reply = b"action=DUNNO\n\n"
+        self.requests: list[bytes] = []
+        self._sockets: list[socket.socket] = []
+        self._stop = threading.Event()
+        self._threads: list[threading.Thread] = []
+
+    def __enter__(self) -> "StandIn":
+        for path, handler in ((self.exim_path, self._exim), (self.postfix_path, self._postfix)):
+            if path.exists() or path.is_symlink():
+                path.unlink()
+            server = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+            server.bind(str(path))
+            os.chmod(path, 0o666)
+            server.listen(16)
+            server.settimeout(0.1)
+            self._sockets.append(server)
+            thread = threading.Thread(target=self._accept, args=(server, handler), daemon=True)
+            thread.start()
+            self._threads.append(thread)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._stop.set()
+        for thread in self._threads:
+            thread.join(5)
+        for server in self._sockets:
+            server.close()
+        for path in (self.exim_path, self.postfix_path):
+            if path.exists():
+                path.unlink()
+
+    def _accept(self, server, handler) -> None:
+        while not self._stop.is_set():
+            try:
+                conn, _ = server.accept()
+            except (socket.timeout, OSError):
+                continue
+            threading.Thread(target=self._serve, args=(conn, handler), daemon=True).start()
+
+    def _serve(self, conn, handler) -> None:
+        try:
+            with conn:
+                conn.settimeout(30)
+                handler(conn)
+        except OSError:
+            pass
+
+    def _exim(self, conn) -> None:
+        data = b""
+        while b"\n" not in data:
+            chunk = conn.recv(4096)
+            if not chunk:
+                break
+            data += chunk
+        line = data.split(b"\n", 1)[0]
+        self.requests.append(line)
+        answer = self.answer(line)
+        if isinstance(answer, float):
+            self._stop.wait(answer)
+            answer = b"ACCEPT 250 2.1.5 stand-in (late)"
+        if answer is not None:
+            conn.sendall(answer)
+
+    def _postfix(self, conn) -> None:
+        buffer = b""
+        while not self._stop.is_set():
+            chunk = conn.recv(4096)
+            if not chunk:
+                return
+            buffer += chunk
+            while b"\n\n" in buffer:
+                request, buffer = buffer.split(b"\n\n", 1)
+                self.requests.append(request)
+                conn.sendall(self.postfix_reply)
+
+
+def is_data_request(line: bytes) -> bool:
+    """The DATA question carries the headers; the RCPT question has list and sender only."""
+    return b" from=" in line
