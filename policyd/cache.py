@@ -24,7 +24,7 @@ from typing import Any, Callable
 
 from twisted.application.internet import TimerService
 from twisted.application.service import Service
-from twisted.internet.defer import Deferred, succeed
+from twisted.internet.defer import Deferred, maybeDeferred, succeed
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
@@ -152,7 +152,7 @@ class SnapshotService(Service):
 
     def tick(self) -> Deferred:
         """The timer body: check the change token, load if it changed.  Never fails."""
-        d = self.refresh(force=False)
+        d = maybeDeferred(self.refresh, False)
         d.addErrback(self._unexpected)
         return d
 
@@ -186,6 +186,8 @@ class SnapshotService(Service):
         if not force and known is not None and token == known:
             return token, None, None
         snapshot = self.backend.load_snapshot()
+        if not isinstance(snapshot, Snapshot):
+            raise TypeError(f"the store returned {type(snapshot).__name__}, not a Snapshot")
         return token, snapshot, self.backend.describe()
 
     def _done(self, result) -> bool:
@@ -196,24 +198,24 @@ class SnapshotService(Service):
         if description is not None:
             self.store_description = description
         if snapshot is not None:
-            previous = self.current
-            self.current = snapshot
-            self.loaded_at = now
-            self.loads += 1
-            log.info(
-                "snapshot {version} loaded: {lists} lists, {memberships} memberships"
-                "{problems}",
+            # Describe it first: a snapshot that cannot even be counted is not swapped in.
+            fields = dict(
                 version=snapshot.version, lists=len(snapshot.lists),
                 memberships=snapshot.membership_count,
-                previous=previous.version if previous is not None else None,
+                previous=self.current.version if self.current is not None else None,
                 problems=(f"; {len(snapshot.problems)} problems: "
                           + "; ".join(snapshot.problems[:5])) if snapshot.problems else "",
             )
+            self.current = snapshot
+            self.loaded_at = now
+            self.loads += 1
+            log.info("snapshot {version} loaded: {lists} lists, {memberships} memberships"
+                     "{problems}", **fields)
         if self.failing_since is not None:
             log.info("store recovered after {duration:.1f} s and {failures} failed "
-                          "refreshes; serving snapshot {version}",
-                          duration=now - self.failing_since, failures=self.failures,
-                          version=self.current.version if self.current else None)
+                     "refreshes; serving snapshot {version}",
+                     duration=now - self.failing_since, failures=self.failures,
+                     version=self.current.version if self.current else None)
             self.failing_since = None
             self.failures = 0
         return True

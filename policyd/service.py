@@ -245,7 +245,10 @@ def _error_text(error: BaseException) -> str:
 def parse_endpoint(reactor, key: str, description: str):
     """``serverFromString`` with a ``ConfigError`` that names the key."""
     try:
-        return serverFromString(reactor, description)
+        endpoint = serverFromString(reactor, description)
+        if isinstance(endpoint, UNIXServerEndpoint) and not endpoint._address:
+            raise ValueError("no socket path")
+        return endpoint
     except Exception as error:  # the parsers raise ValueError, KeyError, IndexError...
         raise ConfigError(
             f"{key} = {description}: not a usable listener ({error}); allowed: Twisted "
@@ -381,7 +384,7 @@ class PolicyService(Service):
             "version": __version__,
             "pid": os.getpid(),
             "config": self.config.source,
-            "uptime": round(now - self.started_at, 3) if self.started_at else 0.0,
+            "uptime": round(now - self.started_at, 3) if self.started_at is not None else 0.0,
             "listeners": [l.status() for l in self.listeners],
             "postfix": {"mode": self.config.postfix.mode,
                         "accept_action": self.config.postfix.accept_action},

@@ -1,0 +1,274 @@
+"""The snapshot service: refresh off the reactor, token check, last-good, no overlap.
+
+Driven with a ``Clock``, an in-memory backend and a synchronous (or hand-stepped)
+substitute for the store thread.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import threading
+
+from twisted.internet import defer
+from twisted.internet.task import Clock
+from twisted.logger import LogLevel
+
+from policyd.cache import SnapshotService, StoreThread
+
+from .protocols.fakes import FakeBackend, ManualThread, captured_events, run_now, sample_lists
+
+
+def make(backend=None, run=run_now, interval=2.0):
+    clock = Clock()
+    backend = backend or FakeBackend()
+    service = SnapshotService(backend, interval=interval, clock=clock, run_in_thread=run)
+    return service, backend, clock
+
+
+def errors(events):
+    return [e for e in events if e["log_level"] in (LogLevel.error, LogLevel.critical)]
+
+
+def test_first_snapshot_loaded_at_start():
+    service, backend, clock = make()
+    assert service.current is None
+    assert "no snapshot loaded yet" in service.unavailable_reason
+    service.startService()
+    assert service.current is not None
+    assert service.current.version == "1"
+    assert service.unavailable_reason == ""
+    assert backend.calls == ["change_token", "load_snapshot"]
+    assert service.store_description == "fake in-memory store"
+
+
+def test_unchanged_token_does_not_reload():
+    """Every interval only the change token is read while nothing changed."""
+    service, backend, clock = make()
+    service.startService()
+    first = service.current
+    backend.calls.clear()
+    clock.advance(2)
+    clock.advance(2)
+    assert backend.calls == ["change_token", "change_token"]
+    assert service.current is first
+
+
+def test_changed_token_reloads_within_the_interval():
+    service, backend, clock = make()
+    service.startService()
+    backend.lists = sample_lists(extra_member="bob@example.com")
+    backend.token = "2"
+    clock.advance(1.9)
+    assert service.current.version == "1"
+    clock.advance(0.1)
+    assert service.current.version == "2"
+    assert "bob@example.com" in service.current.lists["test@lists.example.com"].members
+
+
+def test_reload_loads_even_when_unchanged():
+    service, backend, clock = make()
+    service.startService()
+    first = service.current
+    backend.calls.clear()
+    results = []
+    service.reload().addCallback(results.append)
+    assert results == [True]
+    assert backend.calls == ["change_token", "load_snapshot"]
+    assert service.current is not first
+
+
+def test_failure_keeps_last_good_and_logs_once_per_incident():
+    """A failing store: the last good snapshot keeps serving; one error line for the
+    whole incident, one info line at recovery."""
+    service, backend, clock = make()
+    service.startService()
+    good = service.current
+    with captured_events() as events:
+        backend.fail = ConnectionError("connection refused")
+        for _ in range(5):
+            clock.advance(2)
+        assert service.current is good
+        assert len(errors(events)) == 1
+        assert "serving the last good snapshot" in errors(events)[0]["log_format"]
+        assert service.status()["store"]["healthy"] is False
+        assert service.status()["store"]["last_error"] == "ConnectionError: connection refused"
+        assert service.failures == 5
+        backend.fail = None
+        backend.token = "2"
+        clock.advance(2)
+        recovered = [e for e in events if "recovered" in e.get("log_format", "")]
+        assert len(recovered) == 1
+        assert service.current.version == "2"
+        assert service.status()["store"]["healthy"] is True
+        # a second incident is logged again
+        backend.fail = ConnectionError("again")
+        clock.advance(2)
+        clock.advance(2)
+        assert len(errors(events)) == 2
+
+
+def test_failed_load_after_token_change_keeps_last_good():
+    service, backend, clock = make()
+    service.startService()
+    backend.token = "2"
+    backend.fail_load = RuntimeError("half-migrated schema")
+    clock.advance(2)
+    assert service.current.version == "1"
+    backend.fail_load = None
+    clock.advance(2)
+    assert service.current.version == "2"
+
+
+def test_no_snapshot_until_the_store_answers():
+    """Before the first snapshot, ``current`` is None and the reason is clear."""
+    backend = FakeBackend()
+    backend.fail = ConnectionError("no route to host")
+    with captured_events() as events:
+        service, _, clock = make(backend)
+        service.startService()
+        clock.advance(2)
+        clock.advance(2)
+        assert service.current is None
+        assert service.unavailable_reason == \
+            "no snapshot loaded yet: the store failed: ConnectionError: no route to host"
+        assert len(errors(events)) == 1
+        assert "no snapshot yet" in errors(events)[0]["log_format"]
+        backend.fail = None
+        clock.advance(2)
+        assert service.current is not None
+
+
+def test_refreshes_never_overlap():
+    """A tick while a refresh is in flight does nothing; the timer waits for it."""
+    thread = ManualThread()
+    service, backend, clock = make(run=thread.run)
+    service.startService()
+    assert len(thread.jobs) == 1
+    clock.advance(2)
+    clock.advance(2)
+    assert len(thread.jobs) == 1
+    thread.step()
+    assert service.current is not None
+    clock.advance(2)
+    assert len(thread.jobs) == 1
+
+
+def test_reload_during_refresh_runs_after_it():
+    thread = ManualThread()
+    service, backend, clock = make(run=thread.run)
+    service.startService()
+    results = []
+    service.reload().addCallback(results.append)
+    assert len(thread.jobs) == 1 and results == []
+    thread.step()  # the timer's refresh
+    assert len(thread.jobs) == 1 and results == []  # the forced one, queued after it
+    backend.calls.clear()
+    thread.step()
+    assert results == [True]
+    assert backend.calls == ["change_token", "load_snapshot"]
+
+
+def test_reload_failure_reports_false():
+    service, backend, clock = make()
+    service.startService()
+    backend.fail = OSError("disk gone")
+    results = []
+    service.reload().addCallback(results.append)
+    assert results == [False]
+    assert service.current.version == "1"
+
+
+def test_store_returning_garbage_is_a_store_failure():
+    service, backend, clock = make()
+    service.startService()
+    backend.token = "2"
+    backend.load_snapshot = lambda: object()
+    clock.advance(2)
+    assert service.current.version == "1"
+    assert service.last_error == "TypeError: the store returned object, not a Snapshot"
+
+
+def test_timer_survives_an_unexpected_error():
+    """An exception outside the store calls is logged, the snapshot is not swapped in,
+    and the timer keeps running."""
+    service, backend, clock = make()
+    service.startService()
+    backend.token = "2"
+    broken = dataclasses.replace(service.current, lists=None, version="2")
+    backend.load_snapshot = lambda: broken  # a Snapshot that cannot even be counted
+    with captured_events() as events:
+        clock.advance(2)
+        clock.advance(2)
+        unexpected = [e for e in events if "unexpected error" in e.get("log_format", "")]
+    assert len(unexpected) == 2
+    assert service.current.version == "1"
+    backend.load_snapshot = FakeBackend.load_snapshot.__get__(backend)
+    clock.advance(2)
+    assert service.current.version == "2"
+
+
+def test_stop_closes_the_backend_through_the_thread():
+    service, backend, clock = make()
+    service.startService()
+    service.stopService()
+    assert backend.calls[-1] == "close"
+    backend.calls.clear()
+    clock.advance(10)
+    assert backend.calls == []
+
+
+def test_stop_during_a_hung_refresh_does_not_wait():
+    thread = ManualThread()
+    service, backend, clock = make(run=thread.run)
+    service.startService()
+    assert service.stopService() is None
+    assert "close" not in backend.calls
+
+
+def test_status_fields():
+    service, backend, clock = make()
+    service.startService()
+    clock.advance(2)
+    clock.advance(1)
+    status = service.status()
+    assert status["snapshot"]["version"] == "1"
+    assert status["snapshot"]["lists"] == 3
+    assert status["snapshot"]["memberships"] == 3
+    assert status["snapshot"]["age"] == 3.0
+    assert status["store"]["describe"] == "fake in-memory store"
+    assert status["store"]["last_check_age"] == 1.0
+    assert status["unavailable_reason"] is None
+
+
+def test_store_thread_runs_calls_off_the_calling_thread():
+    """The real StoreThread: calls run in its own daemon thread, results come back via
+    the reactor's callFromThread."""
+    delivered = []
+
+    class Reactor:
+        def callFromThread(self, f, *args):
+            delivered.append((f, args))
+
+    worker = StoreThread(Reactor())
+    worker.startService()
+    done = threading.Event()
+    names = []
+
+    def job():
+        names.append(threading.current_thread().name)
+        done.set()
+        return 42
+    d = worker.run(job)
+    assert done.wait(5)
+    worker.stopService()
+    for _ in range(100):
+        if delivered:
+            break
+        threading.Event().wait(0.01)
+    results = []
+    d.addCallback(results.append)
+    f, args = delivered[0]
+    f(*args)
+    assert results == [42]
+    assert names == ["policyd-store"]
+    assert isinstance(d, defer.Deferred)

@@ -1,0 +1,278 @@
+"""tap.Options/makeService and the PolicyService it builds, on a MemoryReactor."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+
+import pytest
+from twisted.application.service import IServiceMaker
+from twisted.internet.error import CannotListenError
+from twisted.internet.testing import MemoryReactorClock, StringTransport
+from twisted.plugin import getPlugins
+from twisted.python import usage
+
+from policyd import tap
+from policyd.service import ListenError, PolicyService, _safe_url
+from policyd.verdict import Query
+
+from .protocols.fakes import LIST, MEMBER, NONMEMBER, FakeBackend, SyncStoreThread
+
+
+def write_config(tmp_path, text: str = "", **sections) -> str:
+    body = (
+        "[daemon]\n"
+        f"state_dir = {tmp_path}\n"
+        "control_socket = control.sock\n"
+        "control_socket_mode = 0600\n"
+        "shutdown_grace = 5\n"
+        "[exim]\n"
+        "listen = unix:exim.sock:mode=666 tcp:10031:interface=127.0.0.1\n"
+        "[postfix]\n"
+        "listen = tcp:10040:interface=127.0.0.1\n"
+    ) + text
+    path = tmp_path / "policyd.conf"
+    path.write_text(body)
+    return str(path)
+
+
+def options_for(path) -> tap.Options:
+    options = tap.Options(environ={})
+    options.parseOptions(["--config", path])
+    return options
+
+
+def build(tmp_path, reactor=None, text: str = ""):
+    reactor = reactor or MemoryReactorClock()
+    backend = FakeBackend()
+    options = options_for(write_config(tmp_path, text))
+    service = tap.makeService(options, reactor=reactor, backend=backend)
+    service.store_thread = SyncStoreThread()
+    service.snapshots.run_in_thread = service.store_thread.run
+    return service, reactor, backend
+
+
+def test_options_load_and_validate_the_config(tmp_path):
+    options = options_for(write_config(tmp_path))
+    assert options.loaded.exim.listen == ("unix:exim.sock:mode=666",
+                                          "tcp:10031:interface=127.0.0.1")
+
+
+def test_options_default_config_path_from_environment(tmp_path):
+    path = write_config(tmp_path)
+    options = tap.Options(environ={"POLICYD_CONFIG": path})
+    options.parseOptions([])
+    assert options["config"] == path
+
+
+def test_bad_config_is_a_usage_error_naming_the_key(tmp_path):
+    path = write_config(tmp_path, "[store]\nrefresh_interval = soon\n")
+    with pytest.raises(usage.UsageError) as info:
+        options_for(path)
+    assert "[store] refresh_interval" in str(info.value)
+    assert path in str(info.value)
+
+
+@pytest.mark.parametrize("listen", ["tcp:notaport", "unix:", "tcp:10040:bogus=1"])
+def test_unusable_endpoint_string_is_a_usage_error(tmp_path, listen):
+    path = write_config(tmp_path)
+    text = open(path).read().replace("tcp:10040:interface=127.0.0.1", listen)
+    open(path, "w").write(text)
+    with pytest.raises(usage.UsageError) as info:
+        options_for(path)
+    assert "[postfix] listen" in str(info.value)
+    assert listen in str(info.value)
+    assert "allowed" in str(info.value)
+
+
+def test_make_service_listens_on_every_endpoint(tmp_path):
+    service, reactor, backend = build(tmp_path)
+    assert isinstance(service, PolicyService)
+    assert reactor.tcpServers == []
+    service.startService()
+    try:
+        ports = sorted((p[0], p[3]) for p in reactor.tcpServers)
+        assert ports == [(10031, "127.0.0.1"), (10040, "127.0.0.1")]
+        unix = {p[0]: p[3] for p in reactor.unixServers}
+        assert unix["exim.sock"] == 0o666
+        assert unix[str(tmp_path / "control.sock")] == 0o600
+        kinds = [l["kind"] for l in service.status()["listeners"]]
+        assert kinds == ["exim", "exim", "postfix", "control"]
+        assert service.snapshots.current.version == "1"
+    finally:
+        service.stopService()
+
+
+def test_failed_bind_aborts_start_and_names_the_key(tmp_path):
+    class Busy(MemoryReactorClock):
+        def listenTCP(self, port, factory, backlog=50, interface=""):
+            if port == 10040:
+                raise CannotListenError(interface, port, OSError(98, "Address already in use"))
+            return super().listenTCP(port, factory, backlog, interface)
+
+    service, reactor, backend = build(tmp_path, Busy())
+    with pytest.raises(ListenError) as info:
+        service.startService()
+    message = str(info.value)
+    assert "[postfix] listen = tcp:10040:interface=127.0.0.1" in message
+    assert "Address already in use" in message
+    assert not service.running
+    assert backend.calls == []  # the store was never touched
+
+
+def test_live_unix_socket_of_another_process_is_an_error(tmp_path):
+    import socket
+
+    path = tmp_path / "control.sock"
+    live = socket.socket(socket.AF_UNIX)
+    live.bind(str(path))
+    live.listen(1)
+    try:
+        service, reactor, _ = build(tmp_path)
+        with pytest.raises(ListenError) as info:
+            service.startService()
+        assert "[daemon] control_socket" in str(info.value)
+        assert "another process is already listening" in str(info.value)
+    finally:
+        live.close()
+
+
+def test_stale_unix_socket_is_removed(tmp_path):
+    import socket
+
+    path = tmp_path / "control.sock"
+    dead = socket.socket(socket.AF_UNIX)
+    dead.bind(str(path))
+    dead.close()
+    service, reactor, _ = build(tmp_path)
+    service.startService()
+    assert not path.exists()  # removed; the MemoryReactor does not create a new one
+    service.stopService()
+
+
+def test_stop_closes_listeners_then_drains_connections(tmp_path):
+    """SIGTERM: listeners close at once, an answer in flight is given up to
+    shutdown_grace, then the rest is aborted and the store closed."""
+    service, reactor, backend = build(tmp_path)
+    service.startService()
+    exim = service.exim_factory.buildProtocol(None)
+    exim.callLater = reactor.callLater
+    transport = StringTransport()
+    exim.makeConnection(transport)
+    exim.dataReceived(b"POLICYD/1 list=" + LIST.encode())
+    idle = service.postfix_factory.buildProtocol(None)
+    idle_transport = StringTransport()
+    idle.makeConnection(idle_transport)
+    d = service.stopService()
+    results = []
+    d.addCallback(results.append)
+    assert idle_transport.disconnecting
+    assert results == []
+    exim.dataReceived(b" sender=\n")
+    assert transport.value().startswith(b"REJECT 550 5.7.1 The null sender")
+    exim.connectionLost(None)
+    idle.connectionLost(None)
+    assert results == [None]
+    assert backend.calls[-1] == "close"
+
+
+def test_stop_aborts_connections_after_the_grace(tmp_path):
+    service, reactor, backend = build(tmp_path)
+    service.startService()
+    exim = service.exim_factory.buildProtocol(None)
+    exim.callLater = reactor.callLater
+    transport = StringTransport()
+    aborted = []
+    transport.abortConnection = lambda: (aborted.append(True), exim.connectionLost(None))
+    exim.makeConnection(transport)
+    exim.dataReceived(b"POLICYD/1")
+    results = []
+    service.stopService().addCallback(results.append)
+    reactor.advance(4.9)
+    assert results == [] and aborted == []
+    reactor.advance(0.2)
+    assert aborted == [True]
+    assert results == [None]
+
+
+def test_control_query_and_status(tmp_path):
+    service, reactor, backend = build(tmp_path)
+    service.startService()
+    try:
+        reactor.advance(1.5)
+        result = service.control_query(Query(LIST, NONMEMBER, from_header=f"A <{MEMBER}>"))
+        assert result["exim"] == "ACCEPT 250 2.1.5 accept"
+        assert result["postfix"] == "DUNNO"
+        assert result["snapshot"] == {"version": "1", "age": 1.5}
+        json.dumps(result)
+        status = service.status()
+        json.dumps(status)
+        assert status["counters"]["by_protocol"] == {"control": {"accept": 1}}
+        assert status["snapshot"]["lists"] == 3
+        assert status["store"]["healthy"] is True
+        assert status["uptime"] == 1.5
+        assert status["pid"] == os.getpid()
+    finally:
+        service.stopService()
+
+
+def test_control_query_without_snapshot(tmp_path):
+    service, reactor, backend = build(tmp_path)
+    backend.fail = ConnectionError("refused")
+    service.startService()
+    try:
+        result = service.control_query(Query(LIST, NONMEMBER))
+        assert result["decision"] is None
+        assert result["exim"].startswith("DEFER 451 4.3.0 ")
+        assert "ConnectionError: refused" in result["reason"]
+    finally:
+        service.stopService()
+
+
+def test_reload_and_sighup(tmp_path):
+    service, reactor, backend = build(tmp_path)
+    hooks = []
+    service.on_sighup = lambda: hooks.append(True)
+    service.startService()
+    try:
+        backend.calls.clear()
+        results = []
+        service.reload().addCallback(results.append)
+        assert results[0]["reloaded"] is True
+        assert backend.calls == ["change_token", "load_snapshot", ]
+        backend.calls.clear()
+        service.sighup()
+        assert hooks == [True]
+        assert backend.calls == ["change_token", "load_snapshot"]
+        backend.fail = OSError("gone")
+        results.clear()
+        service.reload().addCallback(results.append)
+        assert results[0] == {"reloaded": False, "snapshot": results[0]["snapshot"],
+                              "error": "OSError: gone"}
+    finally:
+        service.stopService()
+
+
+def test_signal_handler_installed_only_when_asked(tmp_path):
+    service, reactor, backend = build(tmp_path)
+    before = signal.getsignal(signal.SIGHUP)
+    service.install_signals = True
+    service.startService()
+    assert signal.getsignal(signal.SIGHUP) is not before
+    service.stopService()
+    assert signal.getsignal(signal.SIGHUP) is before
+
+
+def test_plugin_names_the_service_maker():
+    makers = {p.tapname: p for p in getPlugins(IServiceMaker)}
+    assert "policyd" in makers
+    maker = makers["policyd"]
+    assert maker.module == "policyd.tap"
+    assert maker.options is tap.Options
+    assert maker.makeService is tap.makeService
+
+
+def test_safe_url_hides_password():
+    assert _safe_url("postgresql://u:secret@h/db") == "postgresql://u:***@h/db"
+    assert _safe_url("sqlite:////x") == "sqlite:////x"
