@@ -41,6 +41,8 @@ from __future__ import annotations
 
 import hashlib
 import sys
+import threading
+import time
 import zlib
 from collections import defaultdict
 from dataclasses import replace
@@ -48,6 +50,7 @@ from typing import Iterable
 from urllib.parse import quote
 
 from sqlalchemy import (
+    BigInteger,
     Boolean,
     Column,
     Integer,
@@ -55,9 +58,11 @@ from sqlalchemy import (
     MetaData,
     Table,
     Unicode,
+    cast,
     create_engine,
     event,
     func,
+    literal,
     select,
     text,
 )
@@ -90,6 +95,7 @@ KNOWN_REVISIONS: dict[str, str] = {
     "8cc1f79f4459": "add _member_id index on member (Mailman 3.3.10 head)",
 }
 
+GATE_MAX_AGE = 60.0
 MEMBER_ROLE = 1
 NONMEMBER_ROLE = 4
 
@@ -175,6 +181,7 @@ def read_only_engine(url: str) -> Engine:
         parsed = make_url(url)
     except ArgumentError as error:
         raise BadInput(f"bad Mailman 3 database URL {url!r}: {error}") from None
+    parsed = with_installed_driver(parsed)
     backend = parsed.get_backend_name()
     kwargs: dict = {}
     if backend == "sqlite":
@@ -213,6 +220,29 @@ def read_only_engine(url: str) -> Engine:
     return engine
 
 
+_DRIVERS = {"postgresql": ("psycopg2", "psycopg"), "mysql": ("pymysql", "mysqldb"),
+            "mariadb": ("pymysql", "mysqldb")}
+_MODULES = {"psycopg2": "psycopg2", "psycopg": "psycopg", "pymysql": "pymysql",
+            "mysqldb": "MySQLdb"}
+
+
+def with_installed_driver(parsed):
+    """Mailman's documentation writes ``postgres://`` and ``mysql://`` URLs; SQLAlchemy
+    wants ``postgresql`` and picks a default driver that may not be installed.  Choose the
+    first installed driver when the URL names none."""
+    import importlib.util
+
+    name = parsed.drivername
+    if name == "postgres" or name.startswith("postgres+"):
+        name = "postgresql" + name[len("postgres"):]
+    if "+" not in name and name in _DRIVERS:
+        for driver in _DRIVERS[name]:
+            if importlib.util.find_spec(_MODULES[driver]) is not None:
+                name = f"{name}+{driver}"
+                break
+    return parsed.set(drivername=name)
+
+
 def _crc32(value) -> int:
     if value is None:
         return 0
@@ -233,13 +263,18 @@ def _install_hooks(engine: Engine, backend: str) -> None:
 
 
 def _string_hash(engine: Engine, column):
-    """A cheap hash of a string column, as a small non-negative-or-not integer, in SQL."""
+    """A cheap hash of a string column in SQL, or ``None`` where ids are never reused.
+
+    Only SQLite (``INTEGER PRIMARY KEY`` without AUTOINCREMENT hands the id of a deleted
+    last row to the next insert) and MySQL/MariaDB (older servers recompute
+    AUTO_INCREMENT from MAX(id) at restart) can give a new row an old id; PostgreSQL's
+    sequences never do, so there the id sums alone notice every insert."""
     name = engine.dialect.name
-    if name == "postgresql":
-        return func.hashtext(column) % 65521
     if name in ("mysql", "mariadb"):
         return func.crc32(column) % 65521
-    return func.policyd_crc32(column) % 65521
+    if name == "sqlite":
+        return func.policyd_crc32(column) % 65521
+    return None
 
 
 # --- the backend ---------------------------------------------------------------------------
@@ -257,6 +292,12 @@ class Mailman3Backend:
             KNOWN_REVISIONS if known_revisions is None else known_revisions)
         self._revision: str | None = None
         self._token_sql = self._token_statements()
+        # SQLite only: PRAGMA data_version on one long-lived connection changes whenever
+        # another connection (Mailman) commits; while it stays the same, the last token
+        # still holds and the aggregates need not be recomputed.
+        self._gate_lock = threading.Lock()
+        self._gate_connection = None
+        self._gate: tuple[int, str, float] | None = None
 
     @classmethod
     def from_config(cls, store_config) -> "Mailman3Backend":
@@ -276,13 +317,49 @@ class Mailman3Backend:
         return f"mailman3 {safe_url(self.url)} (schema rev {revision}{label}; read-only)"
 
     def close(self) -> None:
+        with self._gate_lock:
+            if self._gate_connection is not None:
+                self._gate_connection.close()
+                self._gate_connection = None
+            self._gate = None
         self.engine.dispose()
 
     def change_token(self) -> str:
+        data_version = self._data_version()
+        if data_version is not None:
+            gate = self._gate
+            # Recomputed once a minute anyway: a database file replaced under the same
+            # name keeps the old file's data_version on the open connection.
+            if (gate is not None and gate[0] == data_version
+                    and time.monotonic() - gate[2] < GATE_MAX_AGE):
+                return gate[1]
         with self._connect() as connection:
             token = self._token(connection)
             connection.rollback()
+        if data_version is not None:
+            # data_version was read first: a commit after it changes it again.
+            self._gate = (data_version, token, time.monotonic())
         return token
+
+    def _data_version(self) -> int | None:
+        if self.engine.dialect.name != "sqlite":
+            return None
+        with self._gate_lock:
+            try:
+                if self._gate_connection is None:
+                    self._gate_connection = self.engine.raw_connection()
+                cursor = self._gate_connection.cursor()
+                try:
+                    cursor.execute("PRAGMA data_version")
+                    return int(cursor.fetchone()[0])
+                finally:
+                    cursor.close()
+            except Exception:
+                if self._gate_connection is not None:
+                    self._gate_connection.invalidate()
+                    self._gate_connection = None
+                self._gate = None
+                return None
 
     def load_snapshot(self) -> Snapshot:
         """Build the snapshot.  ``version`` is the change token read before the rows."""
@@ -346,7 +423,8 @@ class Mailman3Backend:
         table with no sort: tens of milliseconds for 200,000 memberships.
         """
         def weight(column):
-            return column % 65521 + 1
+            # BIGINT: PostgreSQL's int4 arithmetic would overflow on the products.
+            return cast(column, BigInteger) % 65521 + 1
 
         member_hash = _string_hash(self.engine, member_t.c.list_id)
         address_hash = _string_hash(self.engine, address_t.c.email)
@@ -360,14 +438,16 @@ class Mailman3Backend:
             func.coalesce(func.sum(
                 func.coalesce(member_t.c.address_id, 0) * 3
                 + func.coalesce(member_t.c.user_id, 0) * 5), 0),
-            func.coalesce(func.sum(member_hash * weight(member_t.c.id)), 0),
+            func.coalesce(func.sum(member_hash * weight(member_t.c.id)), 0)
+            if member_hash is not None else literal(0),
         )
         address = select(
             func.count(),
             func.coalesce(func.max(address_t.c.id), 0),
             func.coalesce(func.sum(func.coalesce(address_t.c.user_id, 0)
                                    * weight(address_t.c.id)), 0),
-            func.coalesce(func.sum(address_hash * weight(address_t.c.id)), 0),
+            func.coalesce(func.sum(address_hash * weight(address_t.c.id)), 0)
+            if address_hash is not None else literal(0),
         )
         user = select(
             func.count(),

@@ -43,8 +43,8 @@ def write_config(url: str, var_dir: str) -> str:
     database_class = {
         "sqlite": "mailman.database.sqlite.SQLiteDatabase",
         "postgresql": "mailman.database.postgresql.PostgreSQLDatabase",
-        "mysql+pymysql": "mailman.database.mysql.MySQLDatabase",
-    }[url.split(":", 1)[0]]
+        "mysql": "mailman.database.mysql.MySQLDatabase",
+    }[url.split(":", 1)[0].split("+", 1)[0]]
     os.makedirs(var_dir, exist_ok=True)
     path = os.path.join(var_dir, "mailman.cfg")
     with open(path, "w", encoding="utf-8") as fp:
@@ -146,7 +146,14 @@ def main() -> int:
             apply_settings(get_list(op["list"]), op["settings"])
         elif kind == "user":
             emails = op["emails"]
-            user = users.get_user(emails[0]) or users.create_user(emails[0])
+            user = users.get_user(emails[0])
+            if user is None:
+                existing = users.get_address(emails[0])
+                if existing is None:
+                    user = users.create_user(emails[0])
+                else:
+                    user = users.create_user()
+                    user.link(existing)
             for email in emails[1:]:
                 address = users.get_address(email)
                 if address is None:
