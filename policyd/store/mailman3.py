@@ -551,6 +551,8 @@ def specs_from_rows(domains, lists, addresses, users, members, bans):
     # list_id -> role -> (direct {address_id: action}, through-user {address_id: action})
     rosters: dict[str, dict[int, tuple[dict, dict]]] = {}
     for list_id, role, action_value, address_id, user_id in members:
+        if role not in (MEMBER_ROLE, NONMEMBER_ROLE):
+            continue  # owners and moderators are not members for posting (roster.py)
         roster = rosters.setdefault(list_id, {MEMBER_ROLE: ({}, {}),
                                               NONMEMBER_ROLE: ({}, {})})
         action = _action(action_value, f"member of {list_id}")
