@@ -1,8 +1,8 @@
 """The native store as the daemon sees it: a cheap change token and a snapshot loader.
 
 Everything here is blocking and runs in a thread (never on the reactor).  The bulk paths
-read plain rows with Core selects, no ORM objects, and share one string object per
-address across lists (``sys.intern``).
+read plain rows with Core selects, no ORM objects, and share one string object (and one
+``MemberSpec`` when it has no own action) per address across lists.
 
 Mailman 3 semantics of the loaded data:
 
@@ -19,13 +19,12 @@ Mailman 3 semantics of the loaded data:
 from __future__ import annotations
 
 import hashlib
-import sys
 import time
 from collections import defaultdict
 from contextlib import contextmanager
 from typing import Iterator
 
-from sqlalchemy import SmallInteger, func, select, type_coerce
+from sqlalchemy import SmallInteger, func, null, select, type_coerce
 from sqlalchemy.engine import Connection
 from sqlalchemy.exc import SQLAlchemyError
 
@@ -81,10 +80,22 @@ def read_token(connection: Connection) -> str:
     return f"{generation}.{digest}"
 
 
+def _raw_rows(connection: Connection, statement, size: int = 50000):
+    """Batches of plain DBAPI tuples for a parameterless statement (the bulk paths:
+    no per-row Result processing), in the connection's current transaction."""
+    compiled = statement.compile(dialect=connection.dialect,
+                                 compile_kwargs={"literal_binds": True})
+    cursor = connection.connection.dbapi_connection.cursor()
+    try:
+        cursor.execute(str(compiled))
+        while rows := cursor.fetchmany(size):
+            yield rows
+    finally:
+        cursor.close()
+
+
 def load_specs(connection: Connection) -> tuple[list[ListSpec], dict[str, str], list[str]]:
     """(list specs, domain -> mail host, site bans) from one consistent read."""
-    intern = sys.intern
-
     domain_table = Domain.__table__
     host = domain_table.alias("host")
     domain_map: dict[str, str] = {}
@@ -115,49 +126,62 @@ def load_specs(connection: Connection) -> tuple[list[ListSpec], dict[str, str], 
     m = Membership.__table__
     a = Address.__table__
     u = User.__table__
-    # list id -> email -> action, for role member and role nonmember; and the users
-    # behind member-role memberships.
-    members: dict[int, dict[str, Action | None]] = defaultdict(dict)
-    nonmembers: dict[int, dict[str, Action | None]] = defaultdict(dict)
+    # One string per address, shared by every list it is on (no join: the membership
+    # rows are plain integers, the cheapest thing a database can send).
+    emails: dict[int, str] = {}
+    for rows in _raw_rows(connection, select(a.c.id, a.c.email)):
+        emails.update(rows)
+    address_user: dict[int, int] = dict(connection.execute(
+        select(a.c.id, a.c.user_id).where(a.c.user_id.is_not(None))).fetchall())
+    # MemberSpecs without an own action are shared across lists too.
+    plain: dict[int, MemberSpec] = {}
+    # list id -> MemberSpecs, direct memberships first so that they win in the snapshot
+    # (``snapshot.build`` keeps the first spec of an address); users behind members.
+    members: dict[int, list[MemberSpec]] = defaultdict(list)
+    nonmembers: dict[int, list[MemberSpec]] = defaultdict(list)
     member_users: dict[int, set[int]] = defaultdict(set)
-    direct = connection.execute(
-        select(m.c.list_id, _raw(m.c.role), _raw(m.c.moderation_action), a.c.email,
-               a.c.user_id)
-        .select_from(m.join(a, a.c.id == m.c.address_id))
-        .where(m.c.role.in_((_MEMBER, _NONMEMBER)))
+
+    actions = _ACTIONS
+    plain_get = plain.get
+
+    def add(rows, with_users: bool) -> None:
+        # The hot loop (one iteration per membership): everything inlined.
+        for list_id, role, action, address_id, user_id in rows:
+            if action is None:
+                spec = plain_get(address_id)
+                if spec is None:
+                    spec = plain[address_id] = MemberSpec(emails[address_id], None)
+            else:
+                spec = MemberSpec(emails[address_id], actions[action])
+            if role == _MEMBER:
+                members[list_id].append(spec)
+                if with_users:
+                    user_id = user_id or address_user.get(address_id)
+                    if user_id is not None:
+                        member_users[list_id].add(user_id)
+            else:
+                nonmembers[list_id].append(spec)
+
+    roles = m.c.role.in_((_MEMBER, _NONMEMBER))
+    direct = select(m.c.list_id, _raw(m.c.role), _raw(m.c.moderation_action), m.c.address_id,
+                    null().label("user_id")).where(roles, m.c.address_id.is_not(None))
+    for rows in _raw_rows(connection, direct):
+        add(rows, bool(address_user))
+    through_user = (
+        select(m.c.list_id, _raw(m.c.role), _raw(m.c.moderation_action),
+               u.c.preferred_address_id, u.c.id)
+        .select_from(m.join(u, u.c.id == m.c.user_id))
+        .where(roles, u.c.preferred_address_id.is_not(None))
     )
-    for list_id, role, action, email, user_id in direct:
-        email = intern(email)
-        if role == _MEMBER:
-            members[list_id][email] = None if action is None else _ACTIONS[action]
-            if user_id is not None:
-                member_users[list_id].add(user_id)
-        else:
-            nonmembers[list_id][email] = None if action is None else _ACTIONS[action]
-    through_user = connection.execute(
-        select(m.c.list_id, _raw(m.c.role), _raw(m.c.moderation_action), a.c.email, u.c.id)
-        .select_from(m.join(u, u.c.id == m.c.user_id)
-                     .join(a, a.c.id == u.c.preferred_address_id))
-        .where(m.c.role.in_((_MEMBER, _NONMEMBER)))
-    )
-    for list_id, role, action, email, user_id in through_user:
-        email = intern(email)
-        target = members if role == _MEMBER else nonmembers
-        if email not in target[list_id]:  # a direct membership wins
-            target[list_id][email] = None if action is None else _ACTIONS[action]
-        if role == _MEMBER:
-            member_users[list_id].add(user_id)
+    for rows in _raw_rows(connection, through_user):
+        add(rows, True)
 
     # Addresses of the users behind members, in address order.
     wanted = set().union(*member_users.values()) if member_users else set()
     user_addresses: dict[int, list[str]] = defaultdict(list)
-    if wanted:
-        for user_id, email in connection.execute(
-            select(a.c.user_id, a.c.email).where(a.c.user_id.is_not(None))
-            .order_by(a.c.user_id, a.c.id)
-        ):
-            if user_id in wanted:
-                user_addresses[user_id].append(intern(email))
+    for address_id in sorted(address_id for address_id, user_id in address_user.items()
+                             if user_id in wanted):
+        user_addresses[address_user[address_id]].append(emails[address_id])
 
     patterns: dict[int, dict[str, list[str]]] = defaultdict(lambda: defaultdict(list))
     p = NonmemberPattern.__table__
@@ -180,9 +204,11 @@ def load_specs(connection: Connection) -> tuple[list[ListSpec], dict[str, str], 
 
     specs = []
     for id_, settings in lists.items():
-        list_members = members.get(id_, {})
+        list_specs = members.get(id_, ())
         aliases: dict[str, str] = {}
-        for user_id in member_users.get(id_, ()):
+        users = member_users.get(id_, ())
+        list_members = {spec.address for spec in list_specs} if users else frozenset()
+        for user_id in users:
             addresses = user_addresses.get(user_id, ())
             if len(addresses) < 2:
                 continue
@@ -195,9 +221,9 @@ def load_specs(connection: Connection) -> tuple[list[ListSpec], dict[str, str], 
         list_patterns = patterns.get(id_, {})
         specs.append(ListSpec(
             **settings,
-            members=tuple(MemberSpec(e, act) for e, act in list_members.items()),
+            members=tuple(list_specs),
             user_aliases=aliases,
-            nonmembers=tuple(MemberSpec(e, act) for e, act in nonmembers.get(id_, {}).items()),
+            nonmembers=tuple(nonmembers.get(id_, ())),
             accept_these_nonmembers=tuple(list_patterns.get("accept_these_nonmembers", ())),
             hold_these_nonmembers=tuple(list_patterns.get("hold_these_nonmembers", ())),
             reject_these_nonmembers=tuple(list_patterns.get("reject_these_nonmembers", ())),
