@@ -413,6 +413,21 @@ class Bench:
             "runs": out,
         }
 
+    def stages(self) -> None:
+        """Microseconds per request in each stage of the daemon's own code, no sockets."""
+        out = subprocess.run(
+            ["taskset", "-c", SERVER_CPU, str(self.python), "-m", "bench.stages",
+             f"sqlite:///{self.store}", str(self.mixes / "exim.txt"),
+             str(self.mixes / "postfix.txt"), "20000"],
+            capture_output=True, text=True, cwd=REPO, timeout=300)
+        if out.returncode != 0:
+            log(f"stages failed: {out.stderr.strip()[-1000:]}")
+            return
+        stages = json.loads(out.stdout)
+        self.results["figures"]["stages"] = stages
+        log("stages (µs per request, no sockets): " + ", ".join(
+            f"{k[:-3]} {v:g}" for k, v in stages.items() if k.endswith("_us")))
+
     def _build_once(self, url: str) -> dict:
         out = subprocess.run(["taskset", "-c", SERVER_CPU, str(self.python), "-m",
                               "bench.snapbuild", url], capture_output=True, text=True,
@@ -582,6 +597,7 @@ class Bench:
 
             self.forkexec()
             self.snapshot_builds()
+            self.stages()
         self.results["elapsed_s"] = time.monotonic() - wall
         self.results["environment"]["load_after"] = os.getloadavg()
         rows = summarise(self.results)
@@ -742,6 +758,16 @@ def render(rows: list[tuple], results: dict) -> str:
         out += ["", f"Fork-exec baseline ({fe['interpreter']} bench/oldcheck.py per query): "
                 f"{fe['c1']['qps']:.1f} q/s with one caller (p50 {fe['c1']['p50_ms']:.1f} ms), "
                 f"{fe['c2']['qps']:.1f} q/s with two."]
+    st = results["figures"].get("stages")
+    if st:
+        out += ["", "Where a request's CPU goes in policyd's own code (µs per request, "
+                "in-process, no sockets): "
+                f"Exim parse {st['exim_parse_us']:g}, decide {st['exim_decide_warm_us']:g} "
+                f"(cold header caches {st['exim_decide_cold_us']:g}), reply+render "
+                f"{st['exim_reply_us'] + st['exim_render_us']:.2f}, log line "
+                f"{st['log_line_us']:g}; Postfix parse {st['postfix_parse_us']:g}, decide "
+                f"{st['postfix_decide_warm_us']:g}, reply+render "
+                f"{st['postfix_reply_render_us']:g}."]
     env = results["environment"]
     out += ["", f"Python {env.get('python')} ({env.get('executable')}), {env.get('cpus')} CPUs, "
             f"server on CPU {SERVER_CPU}, load generator on CPU {CLIENT_CPU}; "
