@@ -207,11 +207,15 @@ class _Mailman2Unpickler(pickle.Unpickler):
         raise UnsafePickleError("refusing a persistent id in a Mailman 2.1 pickle")
 
 
-def loads_mailman2(data: bytes) -> dict[str, Any]:
-    """Unpickle a Mailman 2.1 ``config.pck``; Python 2 byte strings come back as latin-1
-    ``str``."""
+def loads_mailman2(data: bytes, encoding: str = "latin-1") -> dict[str, Any]:
+    """Unpickle a Mailman 2.1 ``config.pck``.  Python 2 byte strings come back as
+    ``str`` holding the same bytes as Latin-1 code points (``encoding="latin-1"``), or as
+    ``bytes`` with ``encoding="bytes"`` (then dict keys that were byte strings are bytes
+    too); Python 2 ``unicode`` always comes back as ``str``."""
+    if encoding not in ("latin-1", "bytes"):
+        raise ValueError("encoding must be 'latin-1' or 'bytes'")
     try:
-        value = _Mailman2Unpickler(io.BytesIO(data), encoding="latin-1").load()
+        value = _Mailman2Unpickler(io.BytesIO(data), encoding=encoding).load()
     except UnsafePickleError:
         raise
     except Exception as error:
@@ -222,10 +226,10 @@ def loads_mailman2(data: bytes) -> dict[str, Any]:
     return value
 
 
-def load_mailman2_file(path) -> dict[str, Any]:
+def load_mailman2_file(path, encoding: str = "latin-1") -> dict[str, Any]:
     with open(path, "rb") as fp:
         data = fp.read()
     try:
-        return loads_mailman2(data)
+        return loads_mailman2(data, encoding)
     except UnsafePickleError as error:
         raise UnsafePickleError(f"{path}: {error}") from None

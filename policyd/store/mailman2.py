@@ -1,0 +1,503 @@
+"""Import Mailman 2.1 lists into the native store (``policyctl import-mailman2``).
+
+Mailman 2.1 keeps each list in ``lists/NAME/config.pck``: a Python 2 ``cPickle`` of the
+list's attribute dict (protocol 1; ``config.pck.last`` is the previous save, which Mailman
+itself falls back to).  Those are read with ``safe_pickle.loads_mailman2`` (no code runs,
+``Mailman`` classes become inert placeholders) and written into the native store as
+``mode = mailman2`` lists, one transaction per list:
+
+=====================================  ==============================================
+Mailman 2.1 (``Defaults.py``/``Moderate.py``)  native store
+=====================================  ==============================================
+``NAME@host_name``                     the posting address; ``host_name`` the domain
+``real_name``                          display name
+``members`` + ``digest_members``       members (the value, when a string, is the
+                                       address as typed)
+Moderate bit (128) of ``user_options``  the member's action = ``member_moderation_action``
+                                       (0 hold, 1 reject, 2 discard); other members:
+                                       no action (Mailman 2 accepts them)
+``generic_nonmember_action``           default nonmember action (0 accept, 1 hold,
+                                       2 reject, 3 discard)
+``accept/hold/reject/discard_these_nonmembers``  the four pattern lists, in order;
+                                       ``^regex`` verbatim, ``@name`` -> ``@name@host`` of
+                                       that list, plain addresses lower-cased
+``emergency``                          emergency
+``nonmember_rejection_notice``         rejection notice (one line: the SMTP reply)
+=====================================  ==============================================
+
+Running it again updates: members that left are removed, changed actions and settings
+are updated, the pattern lists are replaced when they differ.  A list whose Mailman 2
+data did not change is not written at all (no change-generation bump, so the daemon does
+not rebuild for nothing).  Not imported, because Mailman 2 does not use them for posting
+decisions or policyd has no equivalent: ``ban_list`` (subscription bans only),
+``member_moderation_notice``, ``equivalent_domains`` (reported when set), passwords,
+digests, bounce data.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, Iterable
+
+from sqlalchemy import delete, insert, select, update
+
+from ..addresses import normalise
+from ..errors import BadInput, PolicydError
+from ..verdict import Action, Mode
+from .safe_pickle import UnsafePickleError, loads_mailman2
+
+__all__ = ["import_path", "find_lists", "read_list", "Mailman2List", "register",
+           "cmd_import_mailman2", "watch"]
+
+MODERATE = 128  # Mailman/Defaults.py: Moderate = 128
+MEMBER_ACTIONS = {0: Action.HOLD, 1: Action.REJECT, 2: Action.DISCARD}
+NONMEMBER_ACTIONS = {0: Action.ACCEPT, 1: Action.HOLD, 2: Action.REJECT, 3: Action.DISCARD}
+KINDS = (("accept_these_nonmembers", Action.ACCEPT), ("hold_these_nonmembers", Action.HOLD),
+         ("reject_these_nonmembers", Action.REJECT),
+         ("discard_these_nonmembers", Action.DISCARD))
+PICKLES = ("config.pck", "config.pck.last")
+
+
+class ImportFailed(PolicydError):
+    """Some lists could not be imported (the others were)."""
+
+    exit_code = 2
+
+
+class _Unchanged(Exception):
+    """Raised inside the write transaction to roll it back when nothing changed."""
+
+
+# --- reading Mailman 2 ---------------------------------------------------------------------
+
+
+def _text(value) -> str:
+    """A Mailman 2 string: Python 2 ``str`` arrives as bytes (in the list's charset:
+    UTF-8, else Latin-1), ``unicode`` as ``str``."""
+    if value is None:
+        return ""
+    if isinstance(value, bytes):
+        try:
+            return value.decode("utf-8")
+        except UnicodeDecodeError:
+            return value.decode("latin-1")
+    if isinstance(value, str):
+        return value
+    return str(value)
+
+
+def _int(value, default: int = 0) -> int:
+    if isinstance(value, bool):
+        return int(value)
+    if isinstance(value, int):
+        return value
+    return default
+
+
+@dataclass
+class Mailman2List:
+    """What policyd takes from one ``config.pck``."""
+
+    name: str
+    source: Path
+    host_name: str
+    display_name: str
+    members: dict[str, tuple[str, Action | None]]  # lower-cased -> (as typed, action)
+    emergency: bool
+    default_nonmember_action: Action
+    patterns: dict[Action, list[str]]
+    rejection_notice: str | None
+    warnings: list[str] = field(default_factory=list)
+
+    @property
+    def posting_address(self) -> str:
+        return f"{self.name}@{self.host_name}"
+
+
+def find_lists(path: Path) -> list[Path]:
+    """The list directories under ``path``: a Mailman prefix (``lists/`` inside), a
+    ``lists`` directory, or one list directory."""
+    path = Path(path)
+    if not path.is_dir():
+        raise BadInput(f"{path}: not a directory")
+    if any((path / name).exists() for name in PICKLES):
+        return [path]
+    base = path / "lists" if (path / "lists").is_dir() else path
+    found = sorted(p for p in base.iterdir()
+                   if p.is_dir() and any((p / name).exists() for name in PICKLES))
+    if not found:
+        raise BadInput(f"{path}: no Mailman 2 list (no */config.pck) found")
+    return found
+
+
+def load_config(directory: Path) -> tuple[dict, Path, list[str]]:
+    """The list's attribute dict from ``config.pck``, else ``config.pck.last`` (Mailman's
+    own order); returns (dict, file used, warnings)."""
+    warnings: list[str] = []
+    errors: list[str] = []
+    for name in PICKLES:
+        source = directory / name
+        try:
+            data = source.read_bytes()
+        except FileNotFoundError:
+            continue
+        except OSError as error:
+            errors.append(f"{source}: cannot read: {error.strerror} (policyd must be in "
+                          "Mailman's group to read config.pck)")
+            continue
+        try:
+            config = loads_mailman2(data, encoding="bytes")
+        except UnsafePickleError as error:
+            errors.append(f"{source}: refused: {error}")
+            continue
+        if errors:
+            warnings.extend(errors)
+            warnings.append(f"{directory.name}: using {name}")
+        return {_text(k): v for k, v in config.items()}, source, warnings
+    raise BadInput("; ".join(errors) or f"{directory}: no config.pck or config.pck.last")
+
+
+def read_list(directory: Path) -> Mailman2List:
+    config, source, warnings = load_config(directory)
+    name = directory.name.lower()
+    internal = _text(config.get("_internal_name")).lower()
+    if internal and internal != name:
+        warnings.append(f"{name}: config.pck says its name is {internal!r}; using the "
+                        "directory name, as Mailman does")
+    host = _text(config.get("host_name")).strip().lower()
+    if not host or normalise(f"{name}@{host}") is None:
+        raise BadInput(f"{source}: bad list address {name}@{host}")
+    member_action_code = _int(config.get("member_moderation_action"), 0)
+    if member_action_code not in MEMBER_ACTIONS:
+        raise BadInput(f"{source}: member_moderation_action {member_action_code!r} is not "
+                       "0 (hold), 1 (reject) or 2 (discard)")
+    nonmember_code = _int(config.get("generic_nonmember_action"), 1)
+    if nonmember_code not in NONMEMBER_ACTIONS:
+        raise BadInput(f"{source}: generic_nonmember_action {nonmember_code!r} is not "
+                       "0 (accept), 1 (hold), 2 (reject) or 3 (discard)")
+    options = {_text(k).lower(): _int(v) for k, v in
+               (config.get("user_options") or {}).items()}
+    members: dict[str, tuple[str, Action | None]] = {}
+    for key in ("members", "digest_members"):
+        for address, typed in (config.get(key) or {}).items():
+            lower = _text(address).lower()
+            original = _text(typed) if isinstance(typed, (bytes, str)) and typed else lower
+            action = (MEMBER_ACTIONS[member_action_code]
+                      if options.get(lower, 0) & MODERATE else None)
+            members.setdefault(lower, (original, action))
+    patterns = {kind: [_text(entry).strip() for entry in (config.get(attribute) or ())
+                       if _text(entry).strip()]
+                for attribute, kind in KINDS}
+    if config.get("equivalent_domains"):
+        warnings.append(f"{name}: equivalent_domains is set; policyd does not apply it "
+                        "(members must post from their subscribed address)")
+    notice = " ".join(_text(config.get("nonmember_rejection_notice")).split()) or None
+    return Mailman2List(
+        name=name, source=source, host_name=host,
+        display_name=_text(config.get("real_name")).strip() or name,
+        members=members, emergency=bool(_int(config.get("emergency"), 0)),
+        default_nonmember_action=NONMEMBER_ACTIONS[nonmember_code], patterns=patterns,
+        rejection_notice=notice, warnings=warnings)
+
+
+# --- writing the native store -------------------------------------------------------------
+
+
+@dataclass
+class ListReport:
+    address: str
+    source: str
+    created: bool = False
+    added: int = 0
+    removed: int = 0
+    changed: int = 0
+    settings: list[str] = field(default_factory=list)
+    patterns: bool = False
+    warnings: list[str] = field(default_factory=list)
+
+    @property
+    def unchanged(self) -> bool:
+        return not (self.created or self.added or self.removed or self.changed
+                    or self.settings or self.patterns)
+
+    def line(self) -> str:
+        if self.unchanged:
+            return f"{self.address}: unchanged ({self.source})"
+        parts = ["created"] if self.created else []
+        if self.added:
+            parts.append(f"+{self.added} members")
+        if self.removed:
+            parts.append(f"-{self.removed} members")
+        if self.changed:
+            parts.append(f"{self.changed} moderation changes")
+        if self.settings and not self.created:
+            parts.append("settings: " + ", ".join(self.settings))
+        if self.patterns and not self.created:
+            parts.append("nonmember patterns replaced")
+        return f"{self.address}: {', '.join(parts)} ({self.source})"
+
+
+def _patterns_for(mm2: Mailman2List, at_lists: dict[str, str], report: ListReport,
+                  check_pattern) -> list[tuple[Action, int, str]]:
+    rows = []
+    for kind, entries in mm2.patterns.items():
+        seen = set()
+        for entry in entries:
+            text = entry
+            if entry.startswith("@"):
+                # Mailman 2: "@name" is another list of this installation, by name.
+                target = at_lists.get(entry[1:].strip().lower())
+                if target is None:
+                    report.warnings.append(f"{mm2.name}: {kind.label}_these_nonmembers "
+                                           f"entry {entry!r} names no imported list; "
+                                           "skipped (Mailman 2 skips it too)")
+                    continue
+                if target == mm2.posting_address:
+                    report.warnings.append(f"{mm2.name}: {entry!r} refers to the list "
+                                           "itself; skipped (Mailman 2 skips it too)")
+                    continue
+                text = "@" + target
+            try:
+                text = check_pattern(text)
+            except BadInput as error:
+                report.warnings.append(f"{mm2.name}: {kind.label}_these_nonmembers entry "
+                                       f"{entry!r} skipped: {error}")
+                continue
+            if text in seen:
+                continue
+            seen.add(text)
+            rows.append((kind, len(seen), text))
+    return rows
+
+
+def _sync_list(session, mm2: Mailman2List, at_lists: dict[str, str]) -> ListReport:
+    from . import queries as q
+    from .models import Address, Membership, MemberRole, MailingList, NonmemberPattern
+
+    report = ListReport(mm2.posting_address, mm2.source.name, warnings=list(mm2.warnings))
+    settings = dict(display_name=mm2.display_name[:255], mode=Mode.MAILMAN2,
+                    emergency=mm2.emergency, default_member_action=Action.ACCEPT,
+                    default_nonmember_action=mm2.default_nonmember_action,
+                    rejection_notice=mm2.rejection_notice)
+    row = session.scalar(select(MailingList).where(
+        MailingList.posting_address == mm2.posting_address))
+    if row is None:
+        row, _ = q.add_list(session, mm2.posting_address, **settings)
+        report.created = True
+    else:
+        current = {key: getattr(row, key) for key in settings}
+        wanted = dict(settings, display_name=q._display_name(settings["display_name"],
+                                                             row.list_name),
+                      rejection_notice=q._notice(settings["rejection_notice"]))
+        report.settings = [key for key in settings if current[key] != wanted[key]]
+        if report.settings:
+            q.set_list(session, mm2.posting_address,
+                       **{key: settings[key] if key != "rejection_notice"
+                          else (settings[key] or "") for key in report.settings})
+
+    # Members: Mailman 2 has only direct memberships.
+    wanted: dict[str, tuple[str, Action | None]] = {}
+    for lower, (original, action) in mm2.members.items():
+        try:
+            email, typed = q.parse_address(original)
+        except BadInput as error:
+            report.warnings.append(f"{mm2.name}: member {lower!r} skipped: {error}")
+            continue
+        wanted.setdefault(email, (typed, action))
+    current: dict[str, tuple[int, Action | None]] = {
+        email: (id_, None if action is None else Action(action))
+        for id_, email, action in session.execute(
+            select(Membership.id, Address.email, Membership.moderation_action)
+            .join(Address, Address.id == Membership.address_id)
+            .where(Membership.list_id == row.id, Membership.role == MemberRole.MEMBER))}
+    user_memberships = session.scalars(select(Membership.id).where(
+        Membership.list_id == row.id, Membership.role == MemberRole.MEMBER,
+        Membership.user_id.is_not(None))).all()
+    gone = [id_ for email, (id_, _) in current.items() if email not in wanted]
+    gone += list(user_memberships)
+    for chunk in q._chunks(gone):
+        session.execute(delete(Membership).where(Membership.id.in_(chunk)))
+    report.removed = len(gone)
+    new = [q.Entry(email, typed, action) for email, (typed, action) in wanted.items()
+           if email not in current]
+    if new:
+        added, _ = q.add_members(session, row, new)
+        report.added = len(added)
+    by_action: dict[Action | None, list[int]] = {}
+    for email, (typed, action) in wanted.items():
+        if email in current and current[email][1] != action:
+            by_action.setdefault(action, []).append(current[email][0])
+    for action, ids in by_action.items():
+        for chunk in q._chunks(ids):
+            session.execute(update(Membership).where(Membership.id.in_(chunk))
+                            .values(moderation_action=action))
+        report.changed += len(ids)
+
+    # The four nonmember lists, replaced as a whole when they differ.
+    wanted_patterns = _patterns_for(mm2, at_lists, report, q.check_pattern)
+    have = [(Action(kind), position, text) for kind, position, text in session.execute(
+        select(NonmemberPattern.kind, NonmemberPattern.position, NonmemberPattern.pattern)
+        .where(NonmemberPattern.list_id == row.id)
+        .order_by(NonmemberPattern.kind, NonmemberPattern.position))]
+    if sorted(have) != sorted(wanted_patterns):
+        session.execute(delete(NonmemberPattern).where(NonmemberPattern.list_id == row.id))
+        if wanted_patterns:
+            session.execute(insert(NonmemberPattern), [
+                {"list_id": row.id, "kind": kind, "position": position, "pattern": text}
+                for kind, position, text in wanted_patterns])
+        report.patterns = True
+    return report
+
+
+def import_lists(store, lists: Iterable[Mailman2List]) -> ImportResult:
+    """Write each list in its own transaction; a list whose data did not change is
+    rolled back (nothing written, no generation bump)."""
+    from .models import MailingList
+
+    lists = list(lists)
+    at_lists = {mm2.name: mm2.posting_address for mm2 in lists}
+    with store.read() as session:
+        for name, posting in session.execute(
+                select(MailingList.list_name, MailingList.posting_address)
+                .where(MailingList.mode == Mode.MAILMAN2)):
+            at_lists.setdefault(name, posting)
+    result = ImportResult([], [])
+    for mm2 in lists:
+        holder: list[ListReport] = []
+        try:
+            with store.write() as session:
+                report = _sync_list(session, mm2, at_lists)
+                holder.append(report)
+                if report.unchanged:
+                    raise _Unchanged()
+        except _Unchanged:
+            pass
+        except PolicydError as error:
+            result.failures.append(f"{mm2.name}: {error}")
+            continue
+        result.reports.append(holder[0])
+    return result
+
+
+@dataclass
+class ImportResult:
+    reports: list[ListReport]
+    failures: list[str]
+
+
+def import_path(store, path: Path) -> ImportResult:
+    """Import every list under ``path``.  A list that cannot be read or written is
+    reported and the others are still imported."""
+    lists, failures = [], []
+    for directory in find_lists(Path(path)):
+        try:
+            lists.append(read_list(directory))
+        except BadInput as error:
+            failures.append(f"{directory.name}: {error}")
+    result = import_lists(store, lists) if lists else ImportResult([], [])
+    result.failures[:0] = failures
+    return result
+
+
+# --- --watch -----------------------------------------------------------------------------
+
+
+def _fingerprint(path: Path) -> tuple:
+    """mtime, size and inode of every list's pickles: Mailman 2 saves by writing a new
+    file and renaming it over config.pck, which changes all three."""
+    out = []
+    for directory in find_lists(path):
+        for name in PICKLES:
+            try:
+                st = (directory / name).stat()
+            except OSError:
+                continue
+            out.append((str(directory / name), st.st_mtime_ns, st.st_size, st.st_ino))
+    return tuple(out)
+
+
+def watch(store, path: Path, interval: float, report: Callable[[ImportResult], None],
+          *, sleep: Callable[[float], None] = time.sleep,
+          rounds: int | None = None) -> None:
+    """Import now, then again whenever a list's config.pck changes (polled every
+    ``interval`` seconds).  ``rounds`` bounds the loop (tests)."""
+    seen = None
+    count = 0
+    while rounds is None or count < rounds:
+        count += 1
+        try:
+            fingerprint = _fingerprint(path)
+        except BadInput as error:
+            report(ImportResult([], [str(error)]))
+            fingerprint = None
+        if fingerprint is not None and fingerprint != seen:
+            report(import_path(store, path))
+            seen = fingerprint
+        if rounds is None or count < rounds:
+            sleep(interval)
+
+
+# --- policyctl -------------------------------------------------------------------------------
+
+CRON_LINE = ("*/5 * * * *  list  policyctl import-mailman2 /var/lib/mailman "
+             ">/dev/null")
+
+
+def register(commands) -> None:
+    """Add ``import-mailman2`` to policyctl's subcommands."""
+    p = commands.add_parser(
+        "import-mailman2",
+        help="import or update Mailman 2.1 lists (lists/NAME/config.pck) into the store",
+        description="Import or update Mailman 2.1 lists into the native store, in Mailman "
+                    "2 mode.  PATH is Mailman 2's prefix (e.g. /var/lib/mailman), its "
+                    "lists directory, or one list's directory.  Run it again (or use "
+                    "--watch, or cron: " + CRON_LINE + ") to keep the store current.")
+    p.add_argument("path", metavar="PATH")
+    p.add_argument("--watch", type=_seconds, metavar="SECONDS",
+                   help="keep running: re-import whenever a config.pck changes, polling "
+                        "every SECONDS")
+    p.add_argument("--quiet", action="store_true", help="print only changes and problems")
+    p.set_defaults(handler=cmd_import_mailman2)
+
+
+def _seconds(text: str) -> float:
+    import argparse
+
+    try:
+        value = float(text)
+    except ValueError:
+        value = 0
+    if not value > 0:
+        raise argparse.ArgumentTypeError("a number of seconds greater than 0")
+    return value
+
+
+def cmd_import_mailman2(ctx) -> int:
+    store = ctx.store()
+    store.require_schema()
+    failures_seen: list[str] = []
+
+    def show(result: ImportResult) -> None:
+        for report in result.reports:
+            for warning in report.warnings:
+                ctx.warn(warning)
+            if not (ctx.args.quiet and report.unchanged):
+                ctx.print(report.line())
+        for failure in result.failures:
+            ctx.warn(f"not imported: {failure}")
+        failures_seen[:] = result.failures
+
+    if ctx.args.watch:
+        try:
+            watch(store, Path(ctx.args.path), ctx.args.watch, show)
+        except KeyboardInterrupt:
+            return 0
+        return 0
+    show(import_path(store, Path(ctx.args.path)))
+    if failures_seen:
+        raise ImportFailed(f"{len(failures_seen)} list(s) not imported (see the warnings "
+                           "above); the others were")
+    return 0
+
