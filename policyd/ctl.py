@@ -388,7 +388,9 @@ def _summary(emails: list[str], limit: int = 5) -> str:
 
 
 def _plural(count: int, word: str) -> str:
-    return f"{count} {word}" + ("" if count == 1 else "s")
+    if count == 1:
+        return f"{count} {word}"
+    return f"{count} {word}" + ("es" if word.endswith("s") else "s")
 
 
 def cmd_member_add(ctx: Context) -> int:
