@@ -18,19 +18,35 @@ import sys
 import time
 from typing import IO, Mapping
 
-from twisted.logger import (
-    FilteringLogObserver,
-    LogLevel,
-    LogLevelFilterPredicate,
-    formatEvent,
-    globalLogBeginner,
-)
+from twisted.logger import LogLevel, Logger, formatEvent, globalLogBeginner
 
 _LEVELS = {"debug": LogLevel.debug, "info": LogLevel.info, "warn": LogLevel.warn,
            "error": LogLevel.error}
 _PRIORITY = {LogLevel.debug: "<7>", LogLevel.info: "<6>", LogLevel.warn: "<4>",
              LogLevel.error: "<3>", LogLevel.critical: "<2>"}
 _URGENT = (LogLevel.warn, LogLevel.error, LogLevel.critical)
+
+
+class FastLogger(Logger):
+    """A ``Logger`` for the line-per-decision path: the same events, without
+    ``Logger.emit``'s per-call validation of the level (our levels are constants)."""
+
+    def emit(self, level: LogLevel, format: str | None = None, **kwargs: object) -> None:
+        kwargs.update(log_logger=self, log_level=level, log_namespace=self.namespace,
+                      log_source=self.source, log_format=format, log_time=time.time())
+        self.observer(kwargs)
+
+
+def _format(event: dict) -> str:
+    """``formatEvent``, fast for plain ``{name}`` formats (one C-level ``format_map``);
+    anything else (``{obj.method()}``, a missing field) goes through ``formatEvent``."""
+    fmt = event.get("log_format")
+    if fmt is not None:
+        try:
+            return fmt.format_map(event)
+        except Exception:
+            pass
+    return formatEvent(event)
 
 
 class LineWriter:
@@ -51,7 +67,7 @@ class LineWriter:
 
     def format(self, event: dict) -> str:
         level = event.get("log_level", LogLevel.info)
-        text = formatEvent(event)
+        text = _format(event)
         failure = event.get("log_failure")
         if failure is not None:
             try:
@@ -109,10 +125,36 @@ def _open(path: str) -> IO[str]:
     return open(path, "a", encoding="utf-8", errors="backslashreplace")
 
 
+_ORDER = (LogLevel.debug, LogLevel.info, LogLevel.warn, LogLevel.error, LogLevel.critical)
+
+
+class LevelFilter:
+    """Drop events below the configured level before anything formats them (one set
+    lookup: cheaper than ``FilteringLogObserver`` on a line-per-decision path).
+
+    Twisted's own legacy info lines ("Factory starting on ...", "Port ... Closed") repeat
+    what policyd's start-up and shutdown lines say: they are kept for ``debug`` only.
+    """
+
+    def __init__(self, observer, level: str) -> None:
+        self.observer = observer
+        threshold = _LEVELS[level]
+        self.allowed = frozenset(_ORDER[_ORDER.index(threshold):])
+        self.quiet_legacy = level != "debug"
+
+    def __call__(self, event: dict) -> None:
+        level = event.get("log_level")
+        if level not in self.allowed:
+            return
+        if (self.quiet_legacy and level is LogLevel.info
+                and event.get("log_namespace") == "log_legacy"):
+            return
+        self.observer(event)
+
+
 def make_observer(level: str, stream: IO[str], *, journal: bool = False):
     writer = LineWriter(stream, journal=journal)
-    predicate = LogLevelFilterPredicate(defaultLogLevel=_LEVELS[level])
-    return writer, FilteringLogObserver(writer, [predicate])
+    return writer, LevelFilter(writer, level)
 
 
 def setup(daemon_config, stream: IO[str] | None = None,

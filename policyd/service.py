@@ -33,12 +33,13 @@ from . import __version__
 from .cache import SnapshotService, StoreThread
 from .chain import decide as chain_decide
 from .config import Config, ConfigError
+from .logging import FastLogger
 from .smtp import ReplyPolicy, SmtpReply
 from .verdict import Decision, Query
 from .wire import exim_reply_line, query_result, reply_dict
 
 log = Logger(namespace="policyd")
-decision_log = Logger(namespace="policyd.decision")
+decision_log = FastLogger(namespace="policyd.decision")
 
 Render = Callable[[Decision | None, SmtpReply], str]
 

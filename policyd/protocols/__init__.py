@@ -26,6 +26,20 @@ from twisted.internet import defer  # noqa: E402
 from twisted.internet.protocol import Factory  # noqa: E402
 
 
+def peer_text(transport) -> str:
+    """``127.0.0.1:4321`` for TCP, ``unix`` for a Unix socket peer, for log lines."""
+    if transport is None:
+        return "-"
+    try:
+        peer = transport.getPeer()
+    except Exception:
+        return "-"
+    host = getattr(peer, "host", None)
+    if host is not None:
+        return f"{host}:{peer.port}"
+    return "unix"
+
+
 class TrackingFactory(Factory):
     """A factory that knows its open connections, so shutdown can let them finish.
 

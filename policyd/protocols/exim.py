@@ -42,7 +42,7 @@ from zope.interface import implementer
 from ..smtp import Outcome, SmtpReply, clean_text
 from ..verdict import Query
 from ..wire import aggregate, exim_reply_line
-from . import ProtocolError, TrackingFactory
+from . import ProtocolError, TrackingFactory, peer_text
 
 log = Logger(namespace="policyd.exim")
 
@@ -210,7 +210,7 @@ class EximFactory(TrackingFactory):
 
     def malformed(self, error: ProtocolError, transport) -> bytes:
         log.warn("malformed Exim policy request from {peer}: {reason}",
-                      peer=transport.getPeer() if transport is not None else None,
+                      peer=peer_text(transport),
                       reason=error.reason)
         reply = malformed_reply(error.reason)
         self.decider.count("exim", "malformed", reply)

@@ -30,7 +30,7 @@ from twisted.protocols.policies import TimeoutMixin
 from ..smtp import Outcome, SmtpReply, clean_text
 from ..verdict import Query
 from ..wire import postfix_action
-from . import ProtocolError, TrackingFactory
+from . import ProtocolError, TrackingFactory, peer_text
 
 log = Logger(namespace="policyd.postfix")
 
@@ -245,7 +245,7 @@ class PostfixPolicyProtocol(Protocol, TimeoutMixin):
         out = []
         for item in items:
             if isinstance(item, PostfixRequest):
-                out.append(answer(item))
+                out.append(answer(item, self.transport))
             else:
                 out.append(self.factory.malformed(item, self.transport))
         self.transport.write(out[0] if len(out) == 1 else b"".join(out))
@@ -284,11 +284,11 @@ class PostfixFactory(TrackingFactory):
     def buildProtocol(self, addr):
         return self.protocol(self)
 
-    def answer(self, request: PostfixRequest) -> bytes:
+    def answer(self, request: PostfixRequest, transport=None) -> bytes:
         try:
             query = request.query()
         except ProtocolError as error:
-            return self.malformed(error, None)
+            return self.malformed(error, transport)
         if query is None:
             self.decider.count("postfix", "other-state")
             return DUNNO
@@ -297,7 +297,7 @@ class PostfixFactory(TrackingFactory):
         return format_response(action)
 
     def malformed(self, error: ProtocolError, transport) -> bytes:
-        peer = transport.getPeer() if transport is not None else None
+        peer = peer_text(transport)
         log.warn("malformed Postfix policy request from {peer}: {reason}{closing}",
                       peer=peer, reason=error.reason,
                       closing="; closing the connection" if error.fatal else "")
