@@ -276,3 +276,96 @@ def test_plugin_names_the_service_maker():
 def test_safe_url_hides_password():
     assert _safe_url("postgresql://u:secret@h/db") == "postgresql://u:***@h/db"
     assert _safe_url("sqlite:////x") == "sqlite:////x"
+
+
+# --- policyd.logging: the daemon's log sink -----------------------------------------------
+
+def _emit(observer, level, fmt, namespace="policyd.decision", **fields):
+    from twisted.logger import Logger
+
+    Logger(namespace=namespace, observer=observer).emit(level, fmt, **fields)
+
+
+def test_log_lines_are_formatted_from_fields_and_filtered_by_level():
+    import io
+
+    from twisted.logger import LogLevel
+
+    from policyd.logging import make_observer
+
+    out = io.StringIO()
+    writer, observer = make_observer("info", out)
+    _emit(observer, LogLevel.debug, "hidden {x}", x=1)
+    _emit(observer, LogLevel.info, "{protocol} {verdict} reply={reply!r}",
+          protocol="exim", verdict="reject", reply="550 5.7.1 no")
+    _emit(observer, LogLevel.info, "Port {p} Closed", namespace="log_legacy", p=1)
+    _emit(observer, LogLevel.warn, "bad {x.real}", namespace="policyd.exim", x=3)
+    lines = out.getvalue().splitlines()
+    assert len(lines) == 2
+    assert lines[0].endswith(" info [policyd.decision] exim reject reply='550 5.7.1 no'")
+    assert lines[1].endswith(" warn [policyd.exim] bad 3")
+
+
+def test_log_debug_level_keeps_twisted_legacy_lines():
+    import io
+
+    from twisted.logger import LogLevel
+
+    from policyd.logging import make_observer
+
+    out = io.StringIO()
+    _, observer = make_observer("debug", out)
+    _emit(observer, LogLevel.info, "Port {p} Closed", namespace="log_legacy", p=1)
+    assert "Port 1 Closed" in out.getvalue()
+
+
+def test_log_journal_mode_prefixes_priority_and_failure_traceback():
+    import io
+
+    from twisted.logger import LogLevel
+    from twisted.python.failure import Failure
+
+    from policyd.logging import make_observer
+
+    out = io.StringIO()
+    _, observer = make_observer("info", out, journal=True)
+    try:
+        1 / 0
+    except ZeroDivisionError:
+        failure = Failure()
+    _emit(observer, LogLevel.critical, "it broke", log_failure=failure)
+    lines = out.getvalue().splitlines()
+    assert lines[0] == "<2>[policyd.decision] it broke"
+    assert all(line.startswith("<2>") for line in lines)
+    assert any("ZeroDivisionError" in line for line in lines)
+
+
+def test_fast_logger_emits_standard_events():
+    from twisted.logger import LogLevel
+
+    from policyd.logging import FastLogger
+
+    seen = []
+    FastLogger(namespace="policyd.decision", observer=seen.append).info("x {a}", a=1)
+    event = seen[0]
+    assert event["log_level"] is LogLevel.info and event["log_format"] == "x {a}"
+    assert event["log_namespace"] == "policyd.decision" and event["a"] == 1
+    assert event["log_time"] > 0
+
+
+def test_log_file_reopen(tmp_path):
+    from twisted.logger import LogLevel
+
+    from policyd.logging import LogSetup, LineWriter, _open
+
+    path = tmp_path / "policyd.log"
+    writer = LineWriter(_open(str(path)))
+    logs = LogSetup(writer, str(path))
+    _emit(writer, LogLevel.info, "one")
+    logs.flush()
+    path.rename(tmp_path / "policyd.log.1")
+    logs.reopen()
+    _emit(writer, LogLevel.info, "two")
+    logs.close()
+    assert "one" in (tmp_path / "policyd.log.1").read_text()
+    assert "two" in path.read_text() and "one" not in path.read_text()
