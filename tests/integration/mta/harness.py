@@ -130,8 +130,17 @@ class Result:
         return self.data is not None and self.data[0] == 250
 
 
+_STATUS = re.compile(r"^[245]\.\d{1,3}\.\d{1,3} ")
+
+
 def _one_line(text: str) -> str:
-    return " ".join(text.split())
+    """A multi-line reply as one line: the lines joined, the enhanced status code that
+    RFC 2034 repeats on every line kept only once."""
+    lines = text.splitlines() or [""]
+    first = _STATUS.match(lines[0])
+    rest = [line[first.end():] if first and line.startswith(first.group(0)) else line
+            for line in lines[1:]]
+    return " ".join(" ".join([lines[0], *rest]).split())
 
 
 def smtp_send(port: int, message: Message, timeout: float = 60.0) -> Result:
@@ -169,7 +178,7 @@ def parse_bh(stdout: str, message: Message) -> Result:
             continue
         text.append(match.group(3))
         if match.group(2) == " ":
-            replies.append((int(match.group(1)), _one_line(" ".join(text))))
+            replies.append((int(match.group(1)), _one_line("\n".join(text))))
             text = []
     # 220 banner, EHLO, MAIL, RCPT..., then 354 + DATA reply or a 503 (no valid RCPT).
     replies = replies[2:]
