@@ -320,6 +320,27 @@ class Bench:
             }
         self.results["figures"]["throughput"] = table
 
+    def profile(self, daemon: Daemon) -> None:
+        """py-spy samples of the daemon under Exim and Postfix load (``--py-spy``)."""
+        from . import profile
+
+        out = {}
+        for shape, target in (("exim", f"unix:{daemon.exim}"),
+                              ("postfix", f"unix:{daemon.postfix}")):
+            raw = self.state / f"profile-{shape}.txt"
+            raw.unlink(missing_ok=True)
+            cmd = self.loadgen_cmd(shape, target, self.mixes / f"{shape}.txt", 8,
+                                   self.duration + 6)
+            gen = subprocess.Popen(cmd, stdout=subprocess.PIPE, text=True)
+            time.sleep(self.warmup + 0.5)
+            profile.record(self.args.py_spy, daemon.pid, self.duration + 4, raw)
+            gen.communicate(timeout=120)
+            daemon.truncate_log()
+            out[shape] = profile.summarise(raw)
+            log(f"profile {shape}: " + ", ".join(
+                f"{v:g}% {k}" for k, v in out[shape].get("categories", {}).items()))
+        self.results["figures"]["profile"] = out
+
     def half_rate(self, daemon: Daemon) -> None:
         out = {}
         table = self.results["figures"]["throughput"]
@@ -579,6 +600,8 @@ class Bench:
             self.throughput(daemon, ref_targets)
             _stop(ref)
             self.half_rate(daemon)
+            if self.args.py_spy:
+                self.profile(daemon)
             rss_after = proc_status(daemon.pid)["VmRSS"]
             memberships = self.data.memberships
             figures["memory"] = {
@@ -768,6 +791,12 @@ def render(rows: list[tuple], results: dict) -> str:
                 f"{st['log_line_us']:g}; Postfix parse {st['postfix_parse_us']:g}, decide "
                 f"{st['postfix_decide_warm_us']:g}, reply+render "
                 f"{st['postfix_reply_render_us']:g}."]
+    prof = results["figures"].get("profile")
+    if prof:
+        for shape, p in prof.items():
+            if p.get("categories"):
+                out += ["", f"py-spy, {shape} at concurrency 8 ({p['samples']} samples): "
+                        + ", ".join(f"{k} {v:g}%" for k, v in p["categories"].items()) + "."]
     env = results["environment"]
     out += ["", f"Python {env.get('python')} ({env.get('executable')}), {env.get('cpus')} CPUs, "
             f"server on CPU {SERVER_CPU}, load generator on CPU {CLIENT_CPU}; "
@@ -788,6 +817,8 @@ def main(argv=None) -> int:
                         help="a small store and one short run: checks the harness, not speed")
     parser.add_argument("--skip-postgresql", action="store_true",
                         help="no PostgreSQL snapshot-build figure")
+    parser.add_argument("--py-spy", metavar="PATH",
+                        help="a py-spy binary: also sample the daemon under load")
     args = parser.parse_args(argv)
     if args.quick:
         args.runs = 1

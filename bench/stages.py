@@ -113,12 +113,16 @@ def main(argv=None) -> None:
                                          redirectStandardIO=False)
         quiet = Decider(holder, policy, log_decisions=False)
         loud = Decider(holder, policy, log_decisions=True)
-        for label, decider in (("decider_nolog_us", quiet), ("decider_log_us", loud)):
-            t = time.perf_counter()
-            for r in requests:
-                for q in r.queries():
-                    decider.decide(q, "exim", r.id)
-            out[label] = _per(t, n)
+        # alternate and keep the best of three: the difference is small next to noise
+        for label in ("decider_nolog_us", "decider_log_us"):
+            out[label] = float("inf")
+        for _ in range(3):
+            for label, decider in (("decider_nolog_us", quiet), ("decider_log_us", loud)):
+                t = time.perf_counter()
+                for r in requests:
+                    for q in r.queries():
+                        decider.decide(q, "exim", r.id)
+                out[label] = min(out[label], _per(t, n))
         writer.flush()
     out["log_line_us"] = round(out["decider_log_us"] - out["decider_nolog_us"], 2)
     print(json.dumps(out))
