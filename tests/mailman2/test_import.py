@@ -1,0 +1,293 @@
+"""Mailman 2.1 import: real Python 2.7 cPickle fixtures (tests/mailman2/make_fixtures.py)
+into the native store, in Mailman 2 mode; idempotence, updates, removal, malicious
+pickles, --watch and the policyctl command."""
+
+from __future__ import annotations
+
+import argparse
+import io
+import os
+import pickle
+import shutil
+from pathlib import Path
+
+import pytest
+
+from policyd.chain import decide
+from policyd.store import Store
+from policyd.store.mailman2 import (
+    find_lists,
+    import_path,
+    read_list,
+    register,
+    watch,
+)
+from policyd.store.native import NativeBackend
+from policyd.store.safe_pickle import (
+    MailmanPlaceholder,
+    UnsafePickleError,
+    load_mailman2_file,
+    loads_mailman2,
+)
+from policyd.verdict import Action, Mode, Query, Verdict
+
+FIXTURES = Path(__file__).resolve().parent / "fixtures"
+MAILMAN = FIXTURES / "mailman"
+PWNED = Path("/tmp/policyd-mailman2-fixture-pwned")
+
+
+@pytest.fixture
+def store(tmp_path):
+    url = f"sqlite:///{tmp_path / 'policyd.sqlite'}"
+    store = Store(url)
+    store.upgrade()
+    yield store
+    store.close()
+
+
+@pytest.fixture
+def mailman_copy(tmp_path):
+    target = tmp_path / "mailman"
+    shutil.copytree(MAILMAN, target)
+    return target
+
+
+def snapshot_of(store):
+    backend = NativeBackend(store.url)
+    try:
+        return backend.load_snapshot(), backend.change_token()
+    finally:
+        backend.close()
+
+
+def verdict(snapshot, recipient, sender):
+    return decide(snapshot, Query(recipient, sender, sender)).verdict
+
+
+# --- the fixtures are what Python 2 wrote --------------------------------------------------
+
+
+def test_fixtures_are_python2_pickles_of_both_protocols():
+    """announce is protocol 1 (cPickle.dump(dict, fp, 1), no PROTO opcode, byte-string keys
+    as SHORT_BINSTRING 'U'), discuss protocol 2; the _BounceInfo instance is an old-style
+    OBJ of Mailman.Bouncer._BounceInfo."""
+    announce = (MAILMAN / "lists" / "announce" / "config.pck").read_bytes()
+    discuss = (MAILMAN / "lists" / "discuss" / "config.pck").read_bytes()
+    assert announce[:3] == b"}q\x01" and b"\x80" not in announce[:1]
+    assert discuss[:2] == b"\x80\x02"
+    assert b"cMailman.Bouncer\n_BounceInfo\n" in announce
+    assert b"U\x07membersq" in announce  # a Python 2 str key
+    assert b"X!\x00\x00\x00Caf\xc3\xa9 announcements" in announce  # unicode: BINUNICODE
+
+
+def test_restricted_unpickler_reads_python2_data():
+    config = load_mailman2_file(MAILMAN / "lists" / "announce" / "config.pck")
+    assert config["members"]["bob@example.org"] == "Bob@Example.ORG"
+    assert config["user_options"]["bob@example.org"] == 132
+    assert config["info"] == "Caf\u00e9 announcements \u2013 read only"
+    # Python 2 byte strings: Latin-1 code points by default, bytes on request.
+    assert config["nonmember_rejection_notice"].startswith("Membres seulement, d\xe9sol\xe9")
+    raw = load_mailman2_file(MAILMAN / "lists" / "announce" / "config.pck", "bytes")
+    assert raw[b"nonmember_rejection_notice"].startswith(b"Membres seulement, d\xe9sol\xe9")
+    info = config["bounce_info"]["dave@example.net"]
+    assert isinstance(info, MailmanPlaceholder)
+    assert info.mailman_class == "Mailman.Bouncer._BounceInfo"
+    assert (info.member, info.score, info.date, info.noticesleft) == (
+        "dave@example.net", 1.0, (2024, 5, 1), 3)
+    with pytest.raises(TypeError):
+        pickle.dumps(info)
+    discuss = load_mailman2_file(MAILMAN / "lists" / "discuss" / "config.pck")
+    assert discuss["_policyd_fixture_set"] == {"a", "b"}
+    assert discuss["emergency"] == 1 and discuss["description"] == "Discussion \u00fcber alles"
+    assert "Mailman" not in __import__("sys").modules
+
+
+@pytest.mark.parametrize("data, words", [
+    (b"cos\nsystem\n(S'touch /tmp/policyd-mailman2-fixture-pwned'\ntR.", "os.system"),
+    (b"(S'touch /tmp/policyd-mailman2-fixture-pwned'\nios\nsystem\n.", "os.system"),
+    (b"c__builtin__\ngetattr\n(c__builtin__\nobject\nS'x'\ntR.", "__builtin__.getattr"),
+    (b"ccopy_reg\n_reconstructor\n(c__builtin__\nobject\nc__builtin__\nobject\nNtR.",
+     "_reconstructor"),
+    (b"csubprocess\ncall\n(S'true'\ntR.", "subprocess.call"),
+    (b"\x80\x02]q\x01.", "expected a dict"),
+    (b"garbage", "not a readable pickle"),
+])
+def test_restricted_unpickler_refuses(data, words):
+    PWNED.unlink(missing_ok=True)
+    with pytest.raises(UnsafePickleError, match=words):
+        loads_mailman2(data)
+    assert not PWNED.exists()
+
+
+# --- importing -------------------------------------------------------------------------------
+
+
+def test_import_creates_mailman2_lists(store):
+    """Every list under the prefix becomes a mode=mailman2 list with Mailman 2's members,
+    Moderate bits, actions, patterns, emergency, notice and host."""
+    result = import_path(store, MAILMAN)
+    assert result.failures == []
+    assert sorted(r.address for r in result.reports) == [
+        "announce@lists.example.org", "discuss@lists.example.org",
+        "fallback@lists.example.org", "legacy@old.example.net"]
+    assert all(r.created for r in result.reports)
+    warnings = [w for r in result.reports for w in r.warnings]
+    assert any("config.pck.last" in w for w in warnings)           # fallback list
+    assert any("@nosuchlist" in w for w in warnings)
+    assert any("refers to the list itself" in w for w in warnings)
+    assert any("^bad[regex" in w for w in warnings)
+
+    snap, _ = snapshot_of(store)
+    announce = snap.lists["announce@lists.example.org"]
+    assert announce.mode is Mode.MAILMAN2
+    assert announce.members == {"alice@example.org", "bob@example.org", "carol@example.com",
+                                "dave@example.net"}
+    assert dict(announce.member_actions) == {"bob@example.org": Action.REJECT,
+                                             "dave@example.net": Action.REJECT}
+    assert announce.default_nonmember_action is Action.REJECT
+    assert announce.rejection_notice == "Membres seulement, d\u00e9sol\u00e9. Voir la page."
+    patterns = {action: [p.text for p in entries]
+                for action, entries in announce.nonmember_patterns}
+    assert patterns == {
+        Action.ACCEPT: ["^.*@partner\\.example$", "friend@outside.example",
+                        "@discuss@lists.example.org"],
+        Action.HOLD: ["^hold-"], Action.REJECT: ["troll@outside.example"],
+        Action.DISCARD: ["^spam.*@"]}
+    discuss = snap.lists["discuss@lists.example.org"]
+    assert discuss.emergency and discuss.default_nonmember_action is Action.HOLD
+    assert dict(discuss.member_actions) == {"erin@example.org": Action.HOLD,
+                                            "gina@example.com": Action.HOLD}
+    assert "gina@example.com" in discuss.members  # digest member
+    assert snap.lists["legacy@old.example.net"].default_nonmember_action is Action.DISCARD
+    assert snap.lists["fallback@lists.example.org"].default_nonmember_action is Action.ACCEPT
+    assert snap.domains["old.example.net"] == "old.example.net"
+
+
+def test_imported_lists_decide_like_mailman2(store):
+    import_path(store, MAILMAN)
+    snap, _ = snapshot_of(store)
+    a = "announce@lists.example.org"
+    assert verdict(snap, a, "alice@example.org") is Verdict.ACCEPT
+    assert verdict(snap, a, "BOB@example.org") is Verdict.REJECT        # Moderate bit
+    assert verdict(snap, a, "x@partner.example") is Verdict.ACCEPT      # ^regex, search
+    assert verdict(snap, a, "Friend@Outside.Example") is Verdict.ACCEPT
+    assert verdict(snap, a, "frank@example.org") is Verdict.ACCEPT      # @discuss
+    assert verdict(snap, a, "hold-me@x.example") is Verdict.HOLD
+    assert verdict(snap, a, "troll@outside.example") is Verdict.REJECT
+    assert verdict(snap, a, "spam42@x.example") is Verdict.DISCARD
+    decision = decide(snap, Query(a, "stranger@x.example", "stranger@x.example"))
+    assert decision.verdict is Verdict.REJECT
+    assert decision.rejection_notice == "Membres seulement, d\u00e9sol\u00e9. Voir la page."
+    d = "discuss@lists.example.org"
+    assert verdict(snap, d, "erin@example.org") is Verdict.HOLD          # moderated: hold
+    assert verdict(snap, d, "alice@example.org") is Verdict.HOLD         # emergency
+    assert verdict(snap, d, "x@rejected.example") is Verdict.REJECT      # moderation first
+
+
+def test_import_is_idempotent(store):
+    """A second run finds nothing to change, writes nothing (the change token stays)."""
+    import_path(store, MAILMAN)
+    _, token = snapshot_of(store)
+    again = import_path(store, MAILMAN)
+    assert again.failures == [] and all(r.unchanged for r in again.reports)
+    snap, token2 = snapshot_of(store)
+    assert token2 == token
+    assert len(snap.lists["announce@lists.example.org"].members) == 4
+
+
+def test_import_updates_and_removes_members_that_left(store, mailman_copy):
+    import_path(store, mailman_copy)
+    shutil.copy(FIXTURES / "variants" / "discuss-v2.pck",
+                mailman_copy / "lists" / "discuss" / "config.pck")
+    result = import_path(store, mailman_copy)
+    reports = {r.address: r for r in result.reports}
+    discuss = reports.pop("discuss@lists.example.org")
+    assert all(r.unchanged for r in reports.values())
+    assert (discuss.added, discuss.removed, discuss.changed) == (1, 1, 2)
+    assert discuss.settings == ["emergency"] and discuss.patterns
+    snap, _ = snapshot_of(store)
+    policy = snap.lists["discuss@lists.example.org"]
+    assert policy.members == {"alice@example.org", "erin@example.org", "harry@example.org",
+                              "gina@example.com"}
+    assert dict(policy.member_actions) == {"erin@example.org": Action.DISCARD}
+    assert not policy.emergency
+    patterns = {action: [p.text for p in entries]
+                for action, entries in policy.nonmember_patterns}
+    assert patterns[Action.HOLD] == ["^new-.*"] and patterns[Action.REJECT] == []
+    assert import_path(store, mailman_copy).reports[1].unchanged
+
+
+def test_malicious_config_pck_is_refused_and_others_imported(store):
+    """A config.pck whose pickle would run os.system or eval is refused with the global it
+    names; the code does not run; the other list is imported."""
+    PWNED.unlink(missing_ok=True)
+    result = import_path(store, FIXTURES / "evil")
+    assert [r.address for r in result.reports] == ["fine@old.example.net"]
+    assert len(result.failures) == 2
+    assert "refusing to load global posix.system" in result.failures[0]
+    assert "refusing to load global __builtin__.eval" in result.failures[1]
+    assert not PWNED.exists()
+    snap, _ = snapshot_of(store)
+    assert set(snap.lists) == {"fine@old.example.net"}
+
+
+def test_find_lists_accepts_prefix_lists_dir_or_one_list():
+    prefix = find_lists(MAILMAN)
+    assert [p.name for p in prefix] == ["announce", "discuss", "fallback", "legacy"]
+    assert find_lists(MAILMAN / "lists") == prefix
+    assert find_lists(MAILMAN / "lists" / "legacy") == [MAILMAN / "lists" / "legacy"]
+    assert read_list(MAILMAN / "lists" / "legacy").source.name == "config.pck.last"
+
+
+def test_watch_reimports_when_a_config_pck_changes(store, mailman_copy):
+    """--watch imports at once, then only when a config.pck changed."""
+    results = []
+    sleeps = []
+
+    def sleep(seconds):
+        sleeps.append(seconds)
+        if len(sleeps) == 2:
+            target = mailman_copy / "lists" / "discuss" / "config.pck"
+            shutil.copy(FIXTURES / "variants" / "discuss-v2.pck", target)
+            os.utime(target, ns=(1, 1))
+
+    watch(store, mailman_copy, 7.0, results.append, sleep=sleep, rounds=4)
+    assert sleeps == [7.0, 7.0, 7.0]
+    assert len(results) == 2
+    assert all(r.created for r in results[0].reports)
+    changed = [r.address for r in results[1].reports if not r.unchanged]
+    assert changed == ["discuss@lists.example.org"]
+
+
+# --- policyctl import-mailman2 -------------------------------------------------------------
+
+
+def _policyctl(argv, store_url):
+    from policyd import ctl
+
+    parser = ctl.build_parser()
+    commands = next(a for a in parser._subparsers._group_actions
+                    if isinstance(a, argparse._SubParsersAction))
+    if "import-mailman2" not in commands.choices:
+        register(commands)
+    args = parser.parse_args(["--store", store_url] + argv)
+    out, err = io.StringIO(), io.StringIO()
+    code = ctl.run(args, out, err, environ={})
+    return code, out.getvalue(), err.getvalue()
+
+
+def test_policyctl_import_mailman2(store):
+    code, out, err = _policyctl(["import-mailman2", str(MAILMAN)], store.url)
+    assert code == 0, err
+    assert "announce@lists.example.org: created, +4 members" in out
+    assert "config.pck.last" in err
+    code, out, err = _policyctl(["import-mailman2", "--quiet", str(MAILMAN)], store.url)
+    assert (code, out) == (0, "")
+    PWNED.unlink(missing_ok=True)
+    code, out, err = _policyctl(["import-mailman2", str(FIXTURES / "evil")], store.url)
+    assert code == 2
+    assert "fine@old.example.net: created" in out
+    assert "refusing to load global posix.system" in err and "2 list(s) not imported" in err
+    assert not PWNED.exists()
+    code, out, err = _policyctl(["import-mailman2", "/nonexistent/mailman"], store.url)
+    assert code == 2 and "not a directory" in err
