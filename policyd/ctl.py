@@ -450,7 +450,7 @@ def cmd_member_set(ctx: Context) -> int:
         mlist = q.find_list(session, ctx.args.list)
         count = q.set_members(session, mlist, entries, role)
         address = mlist.posting_address
-    actions = sorted({q._label(e.action) for e in entries})
+    actions = sorted({q.action_label(e.action) for e in entries})
     ctx.print(f"{address}: set the action of {_plural(count, role.label)} to "
               f"{', '.join(actions)}")
     return EXIT_OK
@@ -464,11 +464,11 @@ def cmd_member_ls(ctx: Context) -> int:
         mlist = q.find_list(session, ctx.args.list)
         rows = q.members(session, mlist, role)
     if ctx.args.json:
-        ctx.json([{**row, "action": q._label(row["action"])} for row in rows])
+        ctx.json([{**row, "action": q.action_label(row["action"])} for row in rows])
         return EXIT_OK
     for row in rows:
         extra = f"  (user {row['user']})" if row["user"] else ""
-        ctx.print(f"{row['address']}  {q._label(row['action'])}{extra}")
+        ctx.print(f"{row['address']}  {q.action_label(row['action'])}{extra}")
     return EXIT_OK
 
 

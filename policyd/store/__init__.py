@@ -74,10 +74,10 @@ class Store:
             yield
         except IntegrityError as error:
             # A concurrent writer got there first (our own checks run before writing).
-            raise BadInput(f"conflicting change: {engine_module._first_line(error)}") from None
+            raise BadInput(f"conflicting change: {engine_module.first_line(error)}") from None
         except SQLAlchemyError as error:
             raise StoreUnavailable(f"store {self.describe()}: "
-                                   f"{engine_module._first_line(error)}") from None
+                                   f"{engine_module.first_line(error)}") from None
 
     @contextmanager
     def write(self) -> Iterator[Session]:

@@ -9,6 +9,7 @@ concurrent writers queue on the lock instead of failing when one upgrades its re
 
 from __future__ import annotations
 
+from functools import lru_cache
 from pathlib import Path
 
 from sqlalchemy import create_engine, event, inspect, text
@@ -95,6 +96,7 @@ def _alembic_config(connection: Connection):
     return config
 
 
+@lru_cache(maxsize=1)
 def head_revision() -> str:
     from alembic.script import ScriptDirectory
 
@@ -132,7 +134,7 @@ def upgrade(engine: Engine, target: str = "head") -> tuple[str | None, str]:
                 raw.close()
     except SQLAlchemyError as error:
         raise StoreUnavailable(f"cannot migrate the store at {safe_url(engine.url)}: "
-                               f"{_first_line(error)}") from None
+                               f"{first_line(error)}") from None
     return before, after
 
 
@@ -154,6 +156,6 @@ def ping(connection: Connection) -> None:
     connection.execute(text("SELECT 1"))
 
 
-def _first_line(error: Exception) -> str:
+def first_line(error: Exception) -> str:
     message = str(getattr(error, "orig", None) or error)
     return message.strip().splitlines()[0] if message.strip() else type(error).__name__

@@ -255,7 +255,7 @@ class NativeBackend:
                     yield connection
         except SQLAlchemyError as error:
             raise StoreUnavailable(f"store {engine_module.safe_url(self.url)}: "
-                                   f"{engine_module._first_line(error)}") from None
+                                   f"{engine_module.first_line(error)}") from None
 
     def change_token(self) -> str:
         with self._connection() as connection:

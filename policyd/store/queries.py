@@ -150,11 +150,12 @@ def _dedupe(entries: Sequence[Entry]) -> list[Entry]:
             seen[entry.email] = entry
         elif previous.action != entry.action:
             raise BadInput(f"{entry.email} is given twice with different actions "
-                           f"({_label(previous.action)} and {_label(entry.action)})")
+                           f"({action_label(previous.action)} and {action_label(entry.action)})")
     return list(seen.values())
 
 
-def _label(action: Action | None) -> str:
+def action_label(action: Action | None) -> str:
+    """An action for people: its name, or "list default" for None."""
     return "list default" if action is None else action.label
 
 
@@ -482,7 +483,7 @@ def user_info(session: Session, user: User) -> dict:
         "addresses": [email for _, email, _ in addresses],
         "subscriptions": [
             {"list": posting, "role": MemberRole(role).label,
-             "action": _label(None if action is None else Action(action))}
+             "action": action_label(None if action is None else Action(action))}
             for posting, role, action in subscriptions],
     }
 
