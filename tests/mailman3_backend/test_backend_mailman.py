@@ -334,3 +334,30 @@ def test_known_revisions_match_installed_mailman(mailman_python):
     assert head in KNOWN_REVISIONS
     assert chain[0] == head
     assert chain[: len(KNOWN_REVISIONS)] == list(reversed(list(KNOWN_REVISIONS)))
+
+
+def test_policyctl_query_offline_reads_mailman(built, tmp_path):
+    """`policyctl query --offline` with [store] backend = mailman3 decides from Mailman's
+    database, with the list's rejection notice in the reply."""
+    import io
+    import json
+
+    from policyd import ctl
+
+    builder, _ = built
+    config = tmp_path / "policyd.conf"
+    config.write_text(f"[store]\nbackend = mailman3\nurl = {builder.url}\n")
+    out, err = io.StringIO(), io.StringIO()
+    code = ctl.main(["--config", str(config), "query", "--offline", "--json",
+                     "test@alias.example.com", "rej@x.org", "--from", "Rej <rej@x.org>"],
+                    out=out, err=err, environ={})
+    assert code == 0, err.getvalue()
+    result = json.loads(out.getvalue())
+    assert result["decision"]["verdict"] == "reject"
+    assert result["decision"]["rule"] == "nonmember-moderation"
+    assert result["reply"]["text"] == "Members only, please."
+    out, err = io.StringIO(), io.StringIO()
+    code = ctl.main(["--config", str(config), "status", "--offline", "--json"],
+                    out=out, err=err, environ={})
+    assert code == 0, err.getvalue()
+    assert json.loads(out.getvalue())["store"].startswith("mailman3 ")
