@@ -36,7 +36,7 @@ from .config import Config, ConfigError
 from .logging import FastLogger
 from .smtp import ReplyPolicy, SmtpReply
 from .verdict import Decision, Query
-from .wire import exim_reply_line, query_result, reply_dict
+from .wire import exim_reply_line, query_result
 
 log = Logger(namespace="policyd")
 decision_log = FastLogger(namespace="policyd.decision")
@@ -141,6 +141,10 @@ class Decider:
             "by_outcome": dict(self.by_outcome),
             "by_protocol": {name: dict(counts) for name, counts in self.by_protocol.items()},
         }
+
+
+class Unavailable(Exception):
+    """No snapshot yet: a control query cannot be decided (the MTAs get the 4xx)."""
 
 
 class ListenError(Exception):
@@ -365,10 +369,7 @@ class PolicyService(Service):
             reason = self.snapshots.unavailable_reason
             reply = self.config.smtp.error(reason)
             self.decider.count("control", "unavailable", reply)
-            return {"decision": None, "reason": reason, "reply": reply_dict(reply),
-                    "exim": exim_reply_line(reply),
-                    "postfix": f"{reply.code} {reply.status} {reply.text}",
-                    "snapshot": None}
+            raise Unavailable(f"{reason}; the MTAs get {exim_reply_line(reply)!r}")
         p = self.config.postfix
         result = query_result(snapshot, query, self.config.smtp, postfix_mode=p.mode,
                               accept_action=p.accept_action, decide=chain_decide,

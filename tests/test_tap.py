@@ -14,7 +14,7 @@ from twisted.plugin import getPlugins
 from twisted.python import usage
 
 from policyd import tap
-from policyd.service import ListenError, PolicyService, _safe_url
+from policyd.service import ListenError, PolicyService, Unavailable, _safe_url
 from policyd.verdict import Query
 
 from .protocols.fakes import LIST, MEMBER, NONMEMBER, FakeBackend, SyncStoreThread
@@ -222,10 +222,13 @@ def test_control_query_without_snapshot(tmp_path):
     backend.fail = ConnectionError("refused")
     service.startService()
     try:
-        result = service.control_query(Query(LIST, NONMEMBER))
-        assert result["decision"] is None
-        assert result["exim"].startswith("DEFER 451 4.3.0 ")
-        assert "ConnectionError: refused" in result["reason"]
+        with pytest.raises(Unavailable) as info:
+            service.control_query(Query(LIST, NONMEMBER))
+        assert "ConnectionError: refused" in str(info.value)
+        assert "DEFER 451 4.3.0 " in str(info.value)
+        line = service.control_factory.handle(b'{"op": "query", "recipient": "a@b"}')
+        answer = json.loads(line)
+        assert answer["ok"] is False and "no snapshot loaded yet" in answer["error"]
     finally:
         service.stopService()
 

@@ -22,6 +22,7 @@ from twisted.internet import defer
 from twisted.logger import Logger
 from twisted.protocols.basic import LineOnlyReceiver
 
+from ..service import Unavailable
 from ..verdict import Query
 from . import ProtocolError, TrackingFactory
 
@@ -133,7 +134,11 @@ class ControlFactory(TrackingFactory):
         except ProtocolError as error:
             return format_response(error=error.reason)
         if request.op == "query":
-            return format_response(self.service.control_query(request.query))
+            try:
+                result = self.service.control_query(request.query)
+            except Unavailable as error:
+                return format_response(error=str(error))
+            return format_response(result)
         if request.op == "status":
             return format_response(self.service.status())
         d = defer.maybeDeferred(self.service.reload)

@@ -268,7 +268,8 @@ def fixed_lists() -> list[dict]:
         # Mailman 3 reads @list entries only in accept_these_nonmembers, and finds the
         # list by its exact name; a reference to itself or to no list is skipped.
         "accept_these_nonmembers": [f"@{ATLIST}", f"@nosuchlist@{HOST}",
-                                    f"@Friends@{HOST}", "^ACC.*", "Acc-Upper@Outside.Example"],
+                                    f"@Friends@{HOST}", "^ACC.*", "Acc-Upper@Outside.Example",
+                                    f"@friends@{HOST}"],
         "hold_these_nonmembers": [f"@friends@{HOST}"],
         "discard_these_nonmembers": [f"@friends@{HOST}", "^bad[regex", "disc@outside.example"],
     }

@@ -95,7 +95,8 @@ def run_oracle(python: Path, scenario: dict, *, database_url: str | None = None,
         elif kind == "done":
             result.done = record
     if result is None or result.done is None:
-        raise RuntimeError(f"oracle output incomplete:\n{proc.stdout[-2000:]}\n{proc.stderr[-2000:]}")
+        raise RuntimeError("oracle output incomplete:\n"
+                           f"{proc.stdout[-2000:]}\n{proc.stderr[-2000:]}")
     return result
 
 

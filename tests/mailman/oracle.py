@@ -204,14 +204,17 @@ class Oracle:
                             "reject_these_nonmembers", "discard_these_nonmembers"):
                 setattr(mlist, setting, list(spec.get(setting, ())))
             for entry in spec.get("moderators", ()):
-                mlist.subscribe(address_of(entry), MemberRole.moderator)
+                mlist.subscribe(address_of(entry), MemberRole.moderator,
+                                send_welcome_message=False)
             for entry in spec.get("members", ()):
                 subscriber = (users[entry["user"]] if "user" in entry
                               else address_of(entry["address"]))
-                member = mlist.subscribe(subscriber, MemberRole.member)
+                member = mlist.subscribe(subscriber, MemberRole.member,
+                                         send_welcome_message=False)
                 member.moderation_action = action(entry.get("action"))
             for entry in spec.get("nonmembers", ()):
-                member = mlist.subscribe(address_of(entry["address"]), MemberRole.nonmember)
+                member = mlist.subscribe(address_of(entry["address"]), MemberRole.nonmember,
+                                         send_welcome_message=False)
                 member.moderation_action = action(entry.get("action"))
             bans = self.IBanManager(mlist)
             for entry in spec.get("bans", ()):
@@ -414,12 +417,14 @@ def main(argv=None):
         oracle = Oracle(emit)
         oracle.build(scenario)
         oracle.export()
+        built = time.monotonic()
         count = 0
         if not args.build_only:
             for case in scenario.get("cases", ()):
                 emit(oracle.decide(case))
                 count += 1
         emit({"kind": "done", "cases": count,
+              "build_seconds": round(built - started, 3),
               "seconds": round(time.monotonic() - started, 3)})
         out.flush()
         config.db.abort()

@@ -88,7 +88,7 @@ def test_intended_differences_differ_as_documented(agreement):
     """Each intended difference gives exactly the documented Mailman outcome and policyd
     verdict, and has its section in docs/mailman-differences.md."""
     doc = DIFFERENCES_DOC.read_text(encoding="utf-8")
-    documented = set(re.findall(r"^#+ .*\{#([a-z0-9-]+)\}\s*$", doc, re.M))
+    documented = set(re.findall(r'^<a id="([a-z0-9-]+)"></a>$', doc, re.M))
     wrong = []
     for row in agreement.intended:
         case = row.case
@@ -202,7 +202,7 @@ def test_oracle_keeps_its_database_for_a_later_reader(mm_python, tmp_path):
 def test_native_engine_agrees_with_mailman_on_postgresql(mm_python, postgres_database, capsys):
     """The same agreement with Mailman keeping its data in PostgreSQL (a smaller draw of
     the random cases, every hand-written case)."""
-    run = _run(mm_python, database_url=postgres_database, per_list=4, seed=7)
+    run = _run(mm_python, database_url=postgres_database, per_list=3, seed=7)
     with capsys.disabled():
         print(run.summary("PostgreSQL"))
     assert run.result.database["url"] == postgres_database
@@ -223,5 +223,7 @@ def test_export_round_trips_through_list_specs(agreement):
         spec = specs[lst["fqdn"]]
         for key in ("accept_these_nonmembers", "hold_these_nonmembers",
                     "reject_these_nonmembers", "discard_these_nonmembers", "bans"):
-            assert list(getattr(spec, key)) == list(lst.get(key, ())), (lst["fqdn"], key)
+            # (Mailman lists bans sorted by their text.)
+            order = sorted if key == "bans" else list
+            assert order(getattr(spec, key)) == order(lst.get(key, ())), (lst["fqdn"], key)
     json.dumps(agreement.data)  # the scenario is plain JSON
