@@ -329,7 +329,7 @@ def _list_info(session, row, details: bool = False) -> dict:
 
 
 def _show_value(value) -> str:
-    if value is None:
+    if value is None or value == {} or value == []:
         return "-"
     if isinstance(value, bool):
         return "on" if value else "off"
@@ -828,10 +828,15 @@ def _print_mapping(ctx: Context, value, indent: str = "") -> None:
                 ctx.print(f"{indent}{key}: {_show_value(item)}")
     elif isinstance(value, list):
         for item in value:
-            if isinstance(item, (dict, list)):
+            if isinstance(item, dict) and item:
+                # "- first: value" then the other keys aligned under it.
+                first, *rest = item.items()
+                ctx.print(f"{indent}- {first[0]}: {_show_value(first[1])}")
+                _print_mapping(ctx, dict(rest), indent + "  ")
+            elif isinstance(item, list):
                 _print_mapping(ctx, item, indent + "  ")
             else:
-                ctx.print(f"{indent}- {item}")
+                ctx.print(f"{indent}- {_show_value(item)}")
     else:
         ctx.print(f"{indent}{value}")
 

@@ -465,3 +465,34 @@ def test_status_offline(with_demo):
     info = json.loads(with_demo.ok("status", "--offline", "--json"))
     assert info["change_token"] == with_demo.token()
     assert info["memberships"] > 0
+
+
+def test_daemon_answers_are_printed_like_offline_ones(with_demo, tmp_path, monkeypatch):
+    """Without --offline, policyctl prints the control socket's answer: the same lines
+    (and the same JSON) as an offline decision."""
+    from policyd import control_client
+
+    offline = json.loads(with_demo.ok("query", LIST, "dave@example.com", "--offline", "--json"))
+    calls = []
+
+    def fake_query(socket_path, recipient, sender, from_header=None, reply_to_header=None,
+                   sender_header=None, timeout=5.0):
+        calls.append((str(socket_path), recipient, sender, from_header))
+        return offline
+
+    monkeypatch.setattr(control_client, "query", fake_query)
+    config = tmp_path / "policyd.conf"
+    config.write_text(f"[store]\nurl = {with_demo.url}\n[daemon]\n"
+                      f"control_socket = {tmp_path / 'control.sock'}\n")
+    live = with_demo.ok("--config", str(config), "query", LIST, "dave@example.com",
+                        "--from", "Dave <dave@example.com>", "--explain")
+    assert calls == [(str(tmp_path / "control.sock"), LIST, "dave@example.com",
+                      "Dave <dave@example.com>")]
+    offline_text = with_demo.ok("query", LIST, "dave@example.com", "--offline", "--explain")
+    def without_age(text: str) -> list[str]:
+        return [line for line in text.splitlines() if not line.startswith("snapshot:")]
+
+    assert without_age(live) == without_age(offline_text)
+    assert "HIT   member-moderation" in live
+    assert json.loads(with_demo.ok("--config", str(config), "query", LIST,
+                                   "dave@example.com", "--json")) == offline
