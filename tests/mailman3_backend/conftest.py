@@ -42,14 +42,18 @@ def mailman_python() -> Path:
 class MailmanBuilder:
     """Applies ``mm3_build.py`` operations to one database through Mailman's API."""
 
-    def __init__(self, python: Path, url: str, var_dir: Path) -> None:
+    def __init__(self, python: Path, url: str, var_dir: Path,
+                 pythonpath: Path | None = None) -> None:
         self.python = python
         self.url = url
         self.var_dir = var_dir
+        self.pythonpath = pythonpath
 
     def apply(self, *operations: dict) -> dict:
         env = {k: v for k, v in os.environ.items() if not k.startswith("MAILMAN_")}
         env.pop("PYTHONPATH", None)
+        if self.pythonpath is not None:
+            env["PYTHONPATH"] = str(self.pythonpath)
         proc = subprocess.run(
             [str(self.python), str(BUILDER), "--url", self.url, "--var-dir", str(self.var_dir)],
             input=json.dumps(list(operations)), capture_output=True, text=True, timeout=300,
@@ -92,16 +96,63 @@ def pg_database():
         _pg_admin(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
 
 
-@pytest.fixture(params=["sqlite", pytest.param("postgresql", marks=[
-    pytest.mark.integration, pytest.mark.postgres])])
+MY_HOST, MY_PORT = "127.0.0.1", 3306
+
+
+def mariadb_reachable() -> bool:
+    try:
+        with socket.create_connection((MY_HOST, MY_PORT), timeout=2):
+            return True
+    except OSError:
+        return False
+
+
+def _my_admin(statement: str) -> None:
+    import pymysql
+
+    connection = pymysql.connect(host=MY_HOST, port=MY_PORT, user="root", password="")
+    try:
+        with connection.cursor() as cursor:
+            cursor.execute(statement)
+        connection.commit()
+    finally:
+        connection.close()
+
+
+@pytest.fixture
+def mariadb_database(tmp_path):
+    """A new, empty MariaDB database; dropped afterwards.  Yields (URL, a PYTHONPATH
+    holding only PyMySQL for Mailman's virtualenv, which does not install it)."""
+    require(mariadb_reachable(), f"MariaDB on {MY_HOST}:{MY_PORT}")
+    import pymysql
+
+    name = "policyd_mm3_" + uuid.uuid4().hex[:12]
+    _my_admin(f"CREATE DATABASE `{name}` CHARACTER SET utf8mb4")
+    shim = tmp_path / "pymysql-only"
+    shim.mkdir()
+    (shim / "pymysql").symlink_to(Path(pymysql.__file__).parent)
+    try:
+        yield f"mysql+pymysql://root@{MY_HOST}:{MY_PORT}/{name}?charset=utf8mb4", shim
+    finally:
+        _my_admin(f"DROP DATABASE IF EXISTS `{name}`")
+
+
+@pytest.fixture(params=[
+    "sqlite",
+    pytest.param("postgresql", marks=[pytest.mark.integration, pytest.mark.postgres]),
+    pytest.param("mariadb", marks=[pytest.mark.integration, pytest.mark.mariadb]),
+])
 def mailman_db(request, mailman_python, tmp_path):
-    """A ``MailmanBuilder`` on an empty SQLite file or PostgreSQL database."""
+    """A ``MailmanBuilder`` on an empty SQLite file, PostgreSQL or MariaDB database."""
+    pythonpath = None
     if request.param == "sqlite":
         url = f"sqlite:///{tmp_path / 'mailman.db'}"
-    else:
+    elif request.param == "postgresql":
         url = request.getfixturevalue("pg_database")
+    else:
+        url, pythonpath = request.getfixturevalue("mariadb_database")
     var_dir = tmp_path / "var"
     var_dir.mkdir()
-    builder = MailmanBuilder(mailman_python, url, var_dir)
+    builder = MailmanBuilder(mailman_python, url, var_dir, pythonpath)
     yield builder
     shutil.rmtree(var_dir, ignore_errors=True)
