@@ -2,7 +2,8 @@
 # Install the real MTAs the integration tests in this folder drive (Debian 12, as root):
 #   - Postfix from Debian's package (apt), configured for nothing: no system MTA starts;
 #   - Exim 4 from Debian's exim4-daemon-light package, unpacked with `dpkg -x` into
-#     BUILD_DIR/exim-root (the two packages conflict; Exim is a single binary).
+#     BUILD_DIR/exim-root (the two packages conflict; Exim is a single binary);
+#   - Debian's exim4-config package, unpacked into BUILD_DIR/exim4-config (not installed).
 #
 #   bash tests/integration/mta/install-mtas.sh BUILD_DIR        (`make mta-deps` does this)
 #
@@ -90,6 +91,19 @@ if [ ! -x "$EXIM_BIN" ]; then
     dpkg -x "$DEB" "$EXIM_ROOT.tmp"          # keeps the setuid bit of usr/sbin/exim4
     rm -rf "$EXIM_ROOT"
     mv "$EXIM_ROOT.tmp" "$EXIM_ROOT"
+fi
+
+# Debian's own configuration (exim4.conf.template, conf.d/, update-exim4.conf), unpacked
+# only: the tests check that contrib/exim/ plugs into it as its README says.
+if [ ! -f "$BUILD_DIR/exim4-config/usr/sbin/update-exim4.conf" ]; then
+    say "downloading and unpacking exim4-config into $BUILD_DIR/exim4-config"
+    mkdir -p "$BUILD_DIR/debs"
+    rm -f "$BUILD_DIR"/debs/exim4-config_*.deb
+    (cd "$BUILD_DIR/debs" && apt_run download exim4-config)
+    rm -rf "$BUILD_DIR/exim4-config.tmp"
+    dpkg -x "$BUILD_DIR"/debs/exim4-config_*.deb "$BUILD_DIR/exim4-config.tmp"
+    rm -rf "$BUILD_DIR/exim4-config"
+    mv "$BUILD_DIR/exim4-config.tmp" "$BUILD_DIR/exim4-config"
 fi
 
 # Debian's binary has EXIM_USER=Debian-exim compiled in and exits without that user.
