@@ -77,8 +77,9 @@ from .safe_pickle import UnsafePickleError, loads_mailman3_list
 
 __all__ = ["Mailman3Backend", "UnknownSchemaError", "open_backend", "KNOWN_REVISIONS"]
 
-# Alembic revisions of Mailman 3.3.x (mailman/database/alembic/versions in 3.3.10; the
-# first is the newest revision older than 3.3.0, dated 2019-07-17).  Every one of them
+# Alembic revisions of Mailman 3.3.x (mailman/database/alembic/versions in 3.3.10, newest
+# last).  The first is dated 2019-07-17, the newest one older than the 3.3.0 release
+# (2019-09-04, docs/NEWS.rst); the next is dated 2019-12-24.  Every one of them
 # has every column read here.  A database at another revision is refused: an older one
 # may lack a column, a newer one may have changed a meaning.
 KNOWN_REVISIONS: dict[str, str] = {
