@@ -193,7 +193,7 @@ def read_list(directory: Path) -> Mailman2List:
     if config.get("equivalent_domains"):
         warnings.append(f"{name}: equivalent_domains is set; policyd does not apply it "
                         "(members must post from their subscribed address)")
-    notice = " ".join(_text(config.get("nonmember_rejection_notice")).split()) or None
+    notice = _one_line(_text(config.get("nonmember_rejection_notice"))) or None
     return Mailman2List(
         name=name, source=source, host_name=host,
         display_name=_text(config.get("real_name")).strip() or name,
@@ -239,6 +239,19 @@ class ListReport:
         return f"{self.address}: {', '.join(parts)} ({self.source})"
 
 
+def _one_line(text: str | None) -> str:
+    """Whitespace (newlines included) collapsed, control characters dropped: the form the
+    native store keeps display names and SMTP rejection texts in."""
+    return " ".join("".join(ch for ch in (text or "") if ch >= " " or ch in "\t\n\r"
+                            ).split())
+
+
+def _chunks(items, size: int = 500):
+    items = list(items)
+    for start in range(0, len(items), size):
+        yield items[start:start + size]
+
+
 def _patterns_for(mm2: Mailman2List, at_lists: dict[str, str], report: ListReport,
                   check_pattern) -> list[tuple[Action, int, str]]:
     rows = []
@@ -277,7 +290,8 @@ def _sync_list(session, mm2: Mailman2List, at_lists: dict[str, str]) -> ListRepo
     from .models import Address, Membership, MemberRole, MailingList, NonmemberPattern
 
     report = ListReport(mm2.posting_address, mm2.source.name, warnings=list(mm2.warnings))
-    settings = dict(display_name=mm2.display_name[:255], mode=Mode.MAILMAN2,
+    settings = dict(display_name=_one_line(mm2.display_name)[:255] or mm2.name.capitalize(),
+                    mode=Mode.MAILMAN2,
                     emergency=mm2.emergency, default_member_action=Action.ACCEPT,
                     default_nonmember_action=mm2.default_nonmember_action,
                     rejection_notice=mm2.rejection_notice)
@@ -287,11 +301,7 @@ def _sync_list(session, mm2: Mailman2List, at_lists: dict[str, str]) -> ListRepo
         row, _ = q.add_list(session, mm2.posting_address, **settings)
         report.created = True
     else:
-        current = {key: getattr(row, key) for key in settings}
-        wanted = dict(settings, display_name=q._display_name(settings["display_name"],
-                                                             row.list_name),
-                      rejection_notice=q._notice(settings["rejection_notice"]))
-        report.settings = [key for key in settings if current[key] != wanted[key]]
+        report.settings = [key for key in settings if getattr(row, key) != settings[key]]
         if report.settings:
             q.set_list(session, mm2.posting_address,
                        **{key: settings[key] if key != "rejection_notice"
@@ -317,7 +327,7 @@ def _sync_list(session, mm2: Mailman2List, at_lists: dict[str, str]) -> ListRepo
         Membership.user_id.is_not(None))).all()
     gone = [id_ for email, (id_, _) in current.items() if email not in wanted]
     gone += list(user_memberships)
-    for chunk in q._chunks(gone):
+    for chunk in _chunks(gone):
         session.execute(delete(Membership).where(Membership.id.in_(chunk)))
     report.removed = len(gone)
     new = [q.Entry(email, typed, action) for email, (typed, action) in wanted.items()
@@ -330,7 +340,7 @@ def _sync_list(session, mm2: Mailman2List, at_lists: dict[str, str]) -> ListRepo
         if email in current and current[email][1] != action:
             by_action.setdefault(action, []).append(current[email][0])
     for action, ids in by_action.items():
-        for chunk in q._chunks(ids):
+        for chunk in _chunks(ids):
             session.execute(update(Membership).where(Membership.id.in_(chunk))
                             .values(moderation_action=action))
         report.changed += len(ids)
