@@ -116,6 +116,7 @@ def test_missing_configuration_is_bad_input(run):
 
 
 def test_bad_store_url_is_bad_input(run):
+    """A store URL SQLAlchemy cannot parse is bad input (exit 2)."""
     run.url = "nonsense://"
     code, out, err = run("list", "ls")
     assert code == 2
@@ -283,6 +284,7 @@ def test_bulk_input_from_stdin_and_its_errors(initialised):
 
 
 def test_missing_file_is_bad_input(initialised, tmp_path):
+    """--file naming a file that does not exist is bad input (exit 2)."""
     code, out, err = initialised("member", "add", LIST, "--file", str(tmp_path / "none"))
     assert code == 2 and "cannot read" in err
 
