@@ -176,10 +176,12 @@ def compile_pattern(text: str, mode: Mode, *, ban: bool = False) -> Pattern | No
 
     Mailman 3 compares exact entries and exact bans with the lower-cased sender as they
     are stored (a ban is an SQL equality), and finds an ``@list`` entry's list by its
-    exact name: an entry with capitals never matches there, so it does not here either.
+    exact name: an entry with capitals or stray white space never matches there, so it
+    does not here either.
     """
-    text = text.strip()
-    if not text:
+    if mode is Mode.MAILMAN2:
+        text = text.strip()
+    if not text.strip():
         return None
     if text.startswith("^"):
         flags = re.IGNORECASE if (ban or mode is Mode.MAILMAN2) else 0

@@ -44,6 +44,15 @@ def _snapshot(**settings):
     # Exact *_these_nonmembers entries compare verbatim with the lower-cased sender.
     ({"discard_these_nonmembers": ("Disc@Outside.Example",)}, "disc@outside.example",
      Verdict.REJECT, "nonmember-moderation"),
+    # ... and so do entries and bans with stray white space: they never match.
+    ({"hold_these_nonmembers": (" hold@outside.example",)}, "hold@outside.example",
+     Verdict.REJECT, "nonmember-moderation"),
+    ({"hold_these_nonmembers": ("^hold@ ",)}, "hold@outside.example", Verdict.REJECT,
+     "nonmember-moderation"),
+    ({"bans": ("banned@outside.example ",)}, "banned@outside.example", Verdict.REJECT,
+     "nonmember-moderation"),
+    ({"bans": (" ^banned",)}, "banned@outside.example", Verdict.REJECT,
+     "nonmember-moderation"),
     # Addresses Mailman's validator drops as written never reach the membership check.
     ({}, "idn@bücher.example", Verdict.REJECT, "nonmember-moderation"),
     ({}, "idn@xn--bcher-kva.example", Verdict.ACCEPT, "member-moderation"),

@@ -253,9 +253,10 @@ def fixed_lists() -> list[dict]:
         "nonmembers": [{"address": a, "action": (None if key == "none" else key)}
                        for key, a in NONMEMBER_ROWS.items()],
         "moderators": [MODERATOR],
-        "bans": list(LIST_BANS),
+        "bans": list(LIST_BANS) + ["banned-ws@outside.example ", " ^ban-rx-ws"],
         "accept_these_nonmembers": [f"@friends@{HOST}", "acc-exact@outside.example"],
-        "hold_these_nonmembers": [f"@friends@{HOST}", "hold-exact@outside.example"],
+        "hold_these_nonmembers": [f"@friends@{HOST}", "hold-exact@outside.example",
+                                  " hold-ws@outside.example", "^hold-rx-ws@ "],
         "reject_these_nonmembers": [],
         "discard_these_nonmembers": [r"^disc.*"],
     }
@@ -371,6 +372,15 @@ def targeted_cases() -> list[dict]:
                    "disc@outside.example", "pat@example.com", "stranger@outside.example"):
         case(f"atlist-{sender.split('@')[0].lower()}", sender, recipient=ATLIST,
              why="@list only in accept_these_nonmembers, by exact list name")
+    case("reply-to-the-list", member, reply_to=TARGETS,
+         why="a list's own address among the senders (Mailman makes it a nonmember row)")
+    case("from-the-list", TARGETS, envelope=f"{local}-bounces@{HOST}")
+    case("sender-other-list-bounces", "stranger@outside.example",
+         sender=f"friends-bounces@{HOST}", envelope=f"friends-bounces@{HOST}")
+    for sender in ("hold-ws@outside.example", "hold-rx-ws@outside.example",
+                   "banned-ws@outside.example", "ban-rx-ws@outside.example"):
+        case(f"whitespace-{sender.split('@')[0]}", sender,
+             why="entries with stray white space compare verbatim in Mailman")
     case("disc-pattern", "disco@outside.example")
     case("disc-pattern-upper", "DISCO@outside.example")
     # Recipients.
