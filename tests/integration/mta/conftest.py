@@ -57,7 +57,7 @@ EXIM_TIMEOUT = "2s"
 POSTFIX_TIMEOUT = "2s"
 
 
-def _command(name: str) -> list[str]:
+def command_line(name: str) -> list[str]:
     """The venv's console script, or the module when the script is not installed."""
     script = BIN / name
     if script.exists():
@@ -117,7 +117,7 @@ def layout(mtas) -> Layout:
 
 
 def policyctl(config: Path, *args: str, input: str | None = None) -> str:
-    done = subprocess.run(_command("policyctl") + ["--config", str(config), *args],
+    done = subprocess.run(command_line("policyctl") + ["--config", str(config), *args],
                           capture_output=True, text=True, input=input, timeout=60)
     if done.returncode != 0:
         raise AssertionError(f"policyctl {' '.join(args)} failed ({done.returncode}):\n"
@@ -152,11 +152,11 @@ mode = {postfix_mode}
 def fill_store(config: Path) -> None:
     """The lists the tests post to, written the way an admin would: with policyctl."""
     policyctl(config, "init")
-    policyctl(config, "domain", "add", LIST_DOMAIN)
     policyctl(config, "list", "add", ANNOUNCE, "--default-nonmember-action", "reject",
               "--rejection-notice", NOTICE)
-    policyctl(config, "member", "add", ANNOUNCE, MEMBER)
-    policyctl(config, "member", "add", ANNOUNCE, MODERATED, "--action", "hold")
+    # Bulk form: one address per line, optionally followed by its moderation action.
+    policyctl(config, "member", "add", ANNOUNCE, "--file", "-",
+              input=f"{MEMBER}\n{MODERATED} hold\n")
     policyctl(config, "list", "add", QUIET, "--default-nonmember-action", "discard")
     policyctl(config, "member", "add", QUIET, MEMBER)
     policyctl(config, "list", "add", OTHER)
@@ -178,7 +178,7 @@ class Policyd:
         if config is not None:
             self.config = config
         with open(self.output, "ab") as out:
-            self.proc = subprocess.Popen(_command("policyd") + ["--config", str(self.config)],
+            self.proc = subprocess.Popen(command_line("policyd") + ["--config", str(self.config)],
                                          stdout=out, stderr=subprocess.STDOUT,
                                          start_new_session=True)
         control = self.layout.policyd_dir / "control.sock"

@@ -66,6 +66,13 @@ if ! installed postfix; then
     apt_run install --no-install-recommends postfix
 fi
 
+# --- systemd's tools (systemd-analyze, -sysusers, -tmpfiles, -socket-activate) for the
+# contrib/systemd tests; nothing is started (no systemd runs as PID 1 here).
+if ! command -v systemd-socket-activate >/dev/null || ! command -v systemd-analyze >/dev/null; then
+    say "installing systemd (its tools only)"
+    apt_run install --no-install-recommends systemd
+fi
+
 # --- Exim: the package's binary, unpacked --------------------------------------------------
 if [ ! -x "$EXIM_BIN" ]; then
     say "downloading and unpacking exim4-daemon-light into $EXIM_ROOT"
