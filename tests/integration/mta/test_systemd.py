@@ -67,6 +67,7 @@ def test_service_runs_unprivileged():
 def test_sysusers_and_tmpfiles(tmp_path):
     """In an empty root: the user policyd, and Postfix's socket directory 2750
     policyd:postfix (group postfix inherited by the socket policyd creates there)."""
+    require(os.geteuid() == 0, "systemd-tmpfiles must run as root to set owners")
     sysusers, tmpfiles = tool("systemd-sysusers"), tool("systemd-tmpfiles")
     (tmp_path / "etc").mkdir()
     for args in (["--inline", "g postfix -"], [str(SYSTEMD / "policyd.sysusers")]):
