@@ -64,7 +64,6 @@ from sqlalchemy import (
     func,
     literal,
     select,
-    text,
 )
 from sqlalchemy.engine import Connection, Engine, make_url
 from sqlalchemy.exc import ArgumentError, NoSuchModuleError, SQLAlchemyError
@@ -363,15 +362,33 @@ class Mailman3Backend:
                 return None
 
     def load_snapshot(self) -> Snapshot:
-        """Build the snapshot.  ``version`` is the change token read before the rows."""
-        attempts = 3 if self.engine.dialect.name == "sqlite" else 1
-        for attempt in range(attempts):
+        """Build the snapshot.  ``version`` is the change token read before the rows.
+
+        PostgreSQL and MariaDB read everything in one REPEATABLE READ transaction.  SQLite
+        reads statement by statement (see the module docstring), so a build that a
+        Mailman commit straddled (``PRAGMA data_version`` moved) is done again, up to
+        three times."""
+        if self.engine.dialect.name != "sqlite":
             with self._connect() as connection:
                 token = self._token(connection)
                 snapshot = self._build(connection, token)
-                after = self._token(connection) if attempts > 1 else token
                 connection.rollback()
-            if after == token:
+            return snapshot
+        for attempt in range(3):
+            before = self._data_version()
+            gate = self._gate
+            with self._connect() as connection:
+                if (before is not None and gate is not None and gate[0] == before
+                        and time.monotonic() - gate[2] < GATE_MAX_AGE):
+                    token = gate[1]  # nothing committed since change_token() read it
+                    self._check_schema(connection)
+                else:
+                    token = self._token(connection)
+                snapshot = self._build(connection, token)
+            if before is None:
+                return snapshot
+            if self._data_version() == before:
+                self._gate = (before, token, time.monotonic())
                 return snapshot
         # Mailman kept committing during every attempt: serve the last build; its version
         # is the token read before it, so the next refresh sees a change and rebuilds.
