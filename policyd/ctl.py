@@ -1048,6 +1048,9 @@ def build_parser() -> argparse.ArgumentParser:
     p = command(commands, "reload", cmd_reload, "make the daemon reload its snapshot now")
     p.add_argument("--timeout", type=float, default=5.0, help=argparse.SUPPRESS)
     json_flag(p)
+    from .store import mailman2
+
+    mailman2.register(commands)
     return parser
 
 

@@ -4,7 +4,6 @@ pickles, --watch and the policyctl command."""
 
 from __future__ import annotations
 
-import argparse
 import io
 import os
 import pickle
@@ -19,7 +18,6 @@ from policyd.store.mailman2 import (
     find_lists,
     import_path,
     read_list,
-    register,
     watch,
 )
 from policyd.store.native import NativeBackend
@@ -266,10 +264,6 @@ def _policyctl(argv, store_url):
     from policyd import ctl
 
     parser = ctl.build_parser()
-    commands = next(a for a in parser._subparsers._group_actions
-                    if isinstance(a, argparse._SubParsersAction))
-    if "import-mailman2" not in commands.choices:
-        register(commands)
     args = parser.parse_args(["--store", store_url] + argv)
     out, err = io.StringIO(), io.StringIO()
     code = ctl.run(args, out, err, environ={})
