@@ -73,6 +73,10 @@ def main(argv=None, environ=None) -> int:
             backend.close()
         except Exception:
             pass
+        cleanup = getattr(error, "cleanup", None)
+        if cleanup is not None:  # let the listeners that did bind close their sockets
+            reactor.callWhenRunning(cleanup.addBoth, lambda _: reactor.stop())
+            reactor.run(installSignalHandlers=False)
         return 1
     flusher = LoopingCall(logs.flush)
     flusher.clock = reactor

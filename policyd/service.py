@@ -44,6 +44,9 @@ decision_log = FastLogger(namespace="policyd.decision")
 Render = Callable[[Decision | None, SmtpReply], str]
 
 
+_WORDS = frozenset({"DUNNO", "OK"})
+
+
 def _exim_render(decision, reply) -> str:
     return exim_reply_line(reply)
 
@@ -57,14 +60,19 @@ class Decider:
         self.policy = policy
         self.log_decisions = log_decisions
         self._decide = decide
-        # counters: protocol -> verdict/outcome label -> count
+        # protocol -> verdict (or error, unavailable, malformed, other-state) -> count
         self.by_protocol: dict[str, Counter] = {}
-        self.by_outcome: Counter = Counter()
+        # protocol -> what was answered (ACCEPT, REJECT, ..., or Postfix's DUNNO, OK)
+        self.answers: dict[str, Counter] = {}
 
     def decide(self, query: Query, protocol: str, request_id: str | None = None,
-               render: Render = _exim_render) -> tuple[Decision | None, SmtpReply, str]:
+               render: Render = _exim_render, count_answer: bool = True
+               ) -> tuple[Decision | None, SmtpReply, str]:
         """Return ``(decision or None, reply, wire text)``; never raises for the query's
-        sake: no snapshot or an error inside the decision gives the configured 4xx."""
+        sake: no snapshot or an error inside the decision gives the configured 4xx.
+
+        ``count_answer=False`` when the caller sends something else (Exim's aggregate
+        over several lists) and counts it with ``count_answer``."""
         started = time.perf_counter()
         snapshot = self.snapshots.current
         reason = None
@@ -97,8 +105,10 @@ class Decider:
         counts = self.by_protocol.get(protocol)
         if counts is None:
             counts = self.by_protocol[protocol] = Counter()
+            self.answers[protocol] = Counter()
         counts[label] += 1
-        self.by_outcome[reply.outcome.value] += 1
+        if count_answer:
+            self.answers[protocol][wire if wire in _WORDS else reply.outcome.value] += 1
         if self.log_decisions:
             elapsed = (time.perf_counter() - started) * 1000.0
             if decision is not None:
@@ -112,7 +122,7 @@ class Decider:
                     request_id=request_id,
                 )
             else:
-                decision_log.warn(
+                (decision_log.warn if label == "error" else decision_log.info)(
                     "{protocol} {verdict} list={list} sender=<{sender}> reason={reason!r} "
                     "reply={reply!r} {elapsed:.3f}ms{request}",
                     protocol=protocol, verdict=label, list=query.recipient,
@@ -122,14 +132,22 @@ class Decider:
                 )
         return decision, reply, wire
 
-    def count(self, protocol: str, label: str, reply: SmtpReply | None = None) -> None:
+    def count(self, protocol: str, label: str, answer: str | None = None) -> None:
         """Count an answer that was not a decision (malformed request, other state)."""
         counts = self.by_protocol.get(protocol)
         if counts is None:
             counts = self.by_protocol[protocol] = Counter()
+            self.answers[protocol] = Counter()
         counts[label] += 1
-        if reply is not None:
-            self.by_outcome[reply.outcome.value] += 1
+        if answer is not None:
+            self.answers[protocol][answer] += 1
+
+    def count_answer(self, protocol: str, answer: str) -> None:
+        answers = self.answers.get(protocol)
+        if answers is None:
+            answers = self.answers[protocol] = Counter()
+            self.by_protocol[protocol] = Counter()
+        answers[answer] += 1
 
     def counters(self) -> dict:
         verdicts: Counter = Counter()
@@ -138,8 +156,8 @@ class Decider:
         return {
             "total": sum(verdicts.values()),
             "by_verdict": dict(verdicts),
-            "by_outcome": dict(self.by_outcome),
             "by_protocol": {name: dict(counts) for name, counts in self.by_protocol.items()},
+            "answers": {name: dict(counts) for name, counts in self.answers.items()},
         }
 
 
@@ -283,16 +301,16 @@ class PolicyService(Service):
         self.decider = Decider(self.snapshots, config.smtp,
                                log_decisions=config.daemon.log_level in ("debug", "info"))
         self.started_at: float | None = None
-        self.exim_factory = EximFactory(self.decider, config.exim, reactor)
-        self.postfix_factory = PostfixFactory(self.decider, config.postfix, reactor)
-        self.control_factory = ControlFactory(self, reactor)
+        # One factory per listener, so each listener's open connections can be counted.
         self.listeners: list[Listener] = []
         for description in config.exim.listen:
             self.listeners.append(Listener(reactor, "exim", "[exim] listen", description,
-                                           self.exim_factory))
+                                           EximFactory(self.decider, config.exim, reactor)))
         for description in config.postfix.listen:
-            self.listeners.append(Listener(reactor, "postfix", "[postfix] listen",
-                                           description, self.postfix_factory))
+            self.listeners.append(Listener(
+                reactor, "postfix", "[postfix] listen", description,
+                PostfixFactory(self.decider, config.postfix, reactor)))
+        self.control_factory = ControlFactory(self, reactor)
         control = str(config.daemon.control_socket)
         self.listeners.append(Listener(
             reactor, "control", "[daemon] control_socket", control, self.control_factory,
@@ -309,9 +327,11 @@ class PolicyService(Service):
             for listener in self.listeners:
                 listener.startService()
                 started.append(listener)
-        except Exception:
-            for listener in reversed(started):
-                listener.stopService()
+        except Exception as error:
+            # Close what did bind; ``error.cleanup`` fires once the sockets are gone (the
+            # reactor must run for that: Unix socket files are removed on the next turn).
+            error.cleanup = defer.DeferredList([defer.maybeDeferred(l.stopService)
+                                                for l in reversed(started)])
             raise
         self.store_thread.startService()
         self.snapshots.startService()
@@ -340,7 +360,7 @@ class PolicyService(Service):
         yield defer.DeferredList([defer.maybeDeferred(l.stopService)
                                   for l in self.listeners])
         grace = self.config.daemon.shutdown_grace
-        factories = (self.exim_factory, self.postfix_factory, self.control_factory)
+        factories = [listener.factory for listener in self.listeners]
         in_flight = sum(len(f.connections) for f in factories)
         if in_flight:
             log.info("waiting up to {grace:g} s for {count} open connections",
@@ -351,6 +371,10 @@ class PolicyService(Service):
         log.info("policyd stopped after {uptime:.1f} s; {total} answers",
                       uptime=self.reactor.seconds() - (self.started_at or 0),
                       total=self.decider.counters()["total"])
+
+    def factory(self, kind: str):
+        """The factory of the first listener of ``kind`` (for tests)."""
+        return next(l.factory for l in self.listeners if l.kind == kind)
 
     def sighup(self) -> defer.Deferred:
         log.info("SIGHUP: reloading the data")
@@ -368,13 +392,14 @@ class PolicyService(Service):
         if snapshot is None:
             reason = self.snapshots.unavailable_reason
             reply = self.config.smtp.error(reason)
-            self.decider.count("control", "unavailable", reply)
+            self.decider.count("control", "unavailable", reply.outcome.value)
             raise Unavailable(f"{reason}; the MTAs get {exim_reply_line(reply)!r}")
         p = self.config.postfix
         result = query_result(snapshot, query, self.config.smtp, postfix_mode=p.mode,
                               accept_action=p.accept_action, decide=chain_decide,
                               now=self.reactor.seconds(), loaded_at=self.snapshots.loaded_at)
-        self.decider.count("control", result["decision"]["verdict"])
+        self.decider.count("control", result["decision"]["verdict"],
+                           result["reply"]["outcome"])
         log.info("control query {recipient} sender=<{sender}>: {exim!r}",
                       recipient=query.recipient, sender=query.envelope_sender,
                       exim=result["exim"])

@@ -156,12 +156,12 @@ def test_stop_closes_listeners_then_drains_connections(tmp_path):
     shutdown_grace, then the rest is aborted and the store closed."""
     service, reactor, backend = build(tmp_path)
     service.startService()
-    exim = service.exim_factory.buildProtocol(None)
+    exim = service.factory("exim").buildProtocol(None)
     exim.callLater = reactor.callLater
     transport = StringTransport()
     exim.makeConnection(transport)
     exim.dataReceived(b"POLICYD/1 list=" + LIST.encode())
-    idle = service.postfix_factory.buildProtocol(None)
+    idle = service.factory("postfix").buildProtocol(None)
     idle_transport = StringTransport()
     idle.makeConnection(idle_transport)
     d = service.stopService()
@@ -180,7 +180,7 @@ def test_stop_closes_listeners_then_drains_connections(tmp_path):
 def test_stop_aborts_connections_after_the_grace(tmp_path):
     service, reactor, backend = build(tmp_path)
     service.startService()
-    exim = service.exim_factory.buildProtocol(None)
+    exim = service.factory("exim").buildProtocol(None)
     exim.callLater = reactor.callLater
     transport = StringTransport()
     aborted = []

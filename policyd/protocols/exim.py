@@ -205,13 +205,16 @@ class EximFactory(TrackingFactory):
         except ProtocolError as error:
             return self.malformed(error, transport)
         decide = self.decider.decide
-        replies = [decide(query, "exim", request.id)[1] for query in request.queries()]
-        return format_reply(replies[0] if len(replies) == 1 else aggregate(replies))
+        replies = [decide(query, "exim", request.id, count_answer=False)[1]
+                   for query in request.queries()]
+        reply = replies[0] if len(replies) == 1 else aggregate(replies)
+        self.decider.count_answer("exim", reply.outcome.value)
+        return format_reply(reply)
 
     def malformed(self, error: ProtocolError, transport) -> bytes:
         log.warn("malformed Exim policy request from {peer}: {reason}",
                       peer=peer_text(transport),
                       reason=error.reason)
         reply = malformed_reply(error.reason)
-        self.decider.count("exim", "malformed", reply)
+        self.decider.count("exim", "malformed", "DEFER")
         return format_reply(reply)

@@ -216,7 +216,6 @@ def malformed_action(reason: str) -> str:
     return f"451 4.3.0 {clean_text('Malformed policy request: ' + reason)}"
 
 
-MALFORMED = SmtpReply(Outcome.DEFER, 451, "4.3.0", "Malformed policy request")
 DUNNO = b"action=DUNNO\n\n"
 
 
@@ -290,7 +289,7 @@ class PostfixFactory(TrackingFactory):
         except ProtocolError as error:
             return self.malformed(error, transport)
         if query is None:
-            self.decider.count("postfix", "other-state")
+            self.decider.count("postfix", "other-state", "DUNNO")
             return DUNNO
         _, _, action = self.decider.decide(query, "postfix", request.request_id,
                                            self._render)
@@ -301,5 +300,5 @@ class PostfixFactory(TrackingFactory):
         log.warn("malformed Postfix policy request from {peer}: {reason}{closing}",
                       peer=peer, reason=error.reason,
                       closing="; closing the connection" if error.fatal else "")
-        self.decider.count("postfix", "malformed", MALFORMED)
+        self.decider.count("postfix", "malformed", "DEFER")
         return format_response(malformed_action(error.reason))

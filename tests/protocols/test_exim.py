@@ -302,7 +302,7 @@ def test_counters(events):
     proto.dataReceived(line() + b"\n")
     counters = factory.decider.counters()
     assert counters["by_protocol"] == {"exim": {"reject": 1}}
-    assert counters["by_outcome"] == {"REJECT": 1}
+    assert counters["answers"] == {"exim": {"REJECT": 1}}
 
 
 def test_shutdown_waits_for_the_answer():
