@@ -5,7 +5,7 @@ imports policyd)::
 
     build/mailman-venv/bin/python tests/mailman/oracle.py scenario.json > verdicts.jsonl
     build/mailman-venv/bin/python tests/mailman/oracle.py --keep \\
-        --database-url postgresql://postgres@127.0.0.1:5432/mm_agree < scenario.json
+        --database-url postgresql+psycopg2://postgres@127.0.0.1:5432/mm_agree < scenario.json
 
 It initialises a throwaway Mailman (its own var dir and ``mailman.cfg``; the database is a
 SQLite file in the var dir unless ``--database-url`` names another one, which must exist
@@ -97,6 +97,13 @@ def parse_args(argv):
 def write_config(var_dir, database_url):
     if database_url is None:
         database_url = "sqlite:///{}".format(os.path.join(var_dir, "data", "mailman.db"))
+    if database_url.startswith(("postgresql://", "postgres://")):
+        # SQLAlchemy's default PostgreSQL driver may be psycopg 3; Mailman's virtualenv
+        # has psycopg2 (make mailman-venv installs psycopg2-binary).
+        try:
+            import psycopg  # noqa: F401
+        except ImportError:
+            database_url = "postgresql+psycopg2://" + database_url.split("://", 1)[1]
     scheme = database_url.split(":", 1)[0].split("+", 1)[0].lower()
     try:
         database_class = DATABASE_CLASSES[scheme]
