@@ -25,9 +25,10 @@ from typing import Any, Callable
 from twisted.application.internet import TimerService
 from twisted.application.service import Service
 from twisted.internet.defer import Deferred, maybeDeferred, succeed
-from twisted.logger import Logger
+from twisted.logger import Logger, LogLevel
 from twisted.python.failure import Failure
 
+from .errors import PolicydError
 from .snapshot import Snapshot
 
 log = Logger(namespace="policyd.store")
@@ -228,16 +229,18 @@ class SnapshotService(Service):
         if self.failing_since is None:
             self.failing_since = now
             if self.current is not None:
-                log.failure(
-                    "store refresh failed: {error}; serving the last good snapshot "
-                    "{version} (loaded {age:.1f} s ago) until the store is back",
-                    failure, error=self.last_error, version=self.current.version,
-                    age=now - self.loaded_at)
+                text = ("store refresh failed: {error}; serving the last good snapshot "
+                        "{version} (loaded {age:.1f} s ago) until the store is back")
+                fields = dict(version=self.current.version, age=now - self.loaded_at)
             else:
-                log.failure(
-                    "store refresh failed: {error}; no snapshot yet, every query gets a "
-                    "temporary failure until the store answers",
-                    failure, error=self.last_error)
+                text = ("store refresh failed: {error}; no snapshot yet, every query gets "
+                        "a temporary failure until the store answers")
+                fields = {}
+            if failure.check(PolicydError):
+                # The store's own, already worded error: no traceback needed.
+                log.error(text, error=self.last_error, **fields)
+            else:
+                log.failure(text, failure, LogLevel.error, error=self.last_error, **fields)
         return False
 
     def _idle(self, result):

@@ -272,3 +272,21 @@ def test_store_thread_runs_calls_off_the_calling_thread():
     assert results == [42]
     assert names == ["policyd-store"]
     assert isinstance(d, defer.Deferred)
+
+
+def test_store_unavailable_is_logged_without_traceback():
+    """The store's own worded error is logged as one line; anything else with its
+    traceback."""
+    from policyd.errors import StoreUnavailable
+
+    service, backend, clock = make()
+    service.startService()
+    with captured_events() as events:
+        backend.fail = StoreUnavailable("store x: connection refused")
+        clock.advance(2)
+        assert [("log_failure" in e) for e in errors(events)] == [False]
+        backend.fail = None
+        clock.advance(2)
+        backend.fail = KeyError("surprise")
+        clock.advance(2)
+        assert [("log_failure" in e) for e in errors(events)] == [False, True]
