@@ -290,6 +290,7 @@ class SnapshotService(Service):
                                 else round(now - self.failing_since, 3)),
                 "failed_refreshes": self.failures,
                 "refresh_interval": self.interval,
+                "checks": self.checks,
                 "loads": self.loads,
             },
         }

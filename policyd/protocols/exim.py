@@ -3,7 +3,8 @@
 Request, terminated by ``\\n`` or by the client's half-close (Exim's default
 ``shutdown=yes``)::
 
-    POLICYD/1 list=<addr>[,<addr>...] sender=<b64> from=<b64> reply_to=<b64> sender_header=<b64> [id=<token>]
+    POLICYD/1 list=<addr>[,<addr>...] sender=<b64> from=<b64> reply_to=<b64>
+              sender_header=<b64> [id=<token>]          (one line)
 
 * the version word comes first; then space-separated ``key=value`` in any order; unknown
   keys are ignored;

@@ -27,7 +27,7 @@ from twisted.internet.protocol import Protocol
 from twisted.logger import Logger
 from twisted.protocols.policies import TimeoutMixin
 
-from ..smtp import Outcome, SmtpReply, clean_text
+from ..smtp import clean_text
 from ..verdict import Query
 from ..wire import postfix_action
 from . import ProtocolError, TrackingFactory, peer_text

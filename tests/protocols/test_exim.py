@@ -17,7 +17,7 @@ from policyd.protocols import ProtocolError
 from policyd.protocols.exim import EximFactory, parse_request
 from policyd.service import Decider
 from policyd.smtp import Outcome, ReplyPolicy
-from policyd.snapshot import ListSpec, MemberSpec, build
+from policyd.snapshot import ListSpec, build
 from policyd.verdict import Action
 
 from .fakes import HOLDING, LIST, MEMBER, NONMEMBER, OPEN, StaticSnapshots, sample_snapshot
@@ -197,7 +197,8 @@ def test_oversized_request_is_deferred():
     proto.dataReceived(b"POLICYD/1 list=" + b"a" * 30)
     assert transport.value() == b""
     proto.dataReceived(b"b" * 30)
-    assert transport.value() == b"DEFER 451 4.3.0 Malformed policy request: request longer than 50 bytes"
+    assert transport.value() == (b"DEFER 451 4.3.0 Malformed policy request: request longer "
+                                 b"than 50 bytes")
     assert transport.disconnecting
 
 
@@ -208,7 +209,8 @@ def test_timeout_answers_defer_and_closes():
     clock.advance(9.9)
     assert transport.value() == b""
     clock.advance(0.2)
-    assert transport.value() == b"DEFER 451 4.3.0 Malformed policy request: no complete request within 10 s"
+    assert transport.value() == (b"DEFER 451 4.3.0 Malformed policy request: no complete "
+                                 b"request within 10 s")
     assert transport.disconnecting
 
 
