@@ -19,7 +19,7 @@ from __future__ import annotations
 import re
 from functools import lru_cache
 
-__all__ = ["canonical", "normalise", "parse_header", "parse_header_mailman3", "mailman_valid",
+__all__ = ["canonical", "envelope_mailman3", "normalise", "parse_header", "parse_header_mailman3", "mailman_valid",
            "mailman3_raw_valid", "split_address"]
 
 _CONTROL = re.compile(r"[\x00-\x1f\x7f]")
@@ -198,6 +198,16 @@ def mailman3_raw_valid(spec: str) -> bool:
     if at < 0 or _last_unquoted_at(spec[:at]) >= 0:
         return False
     return not spec.endswith(".")
+
+
+@lru_cache(maxsize=65536)
+def envelope_mailman3(sender: str) -> tuple[str, ...]:
+    """The envelope sender as Mailman 3's ``msg.senders`` has it: ``()`` when null or
+    when its validator would drop it."""
+    address = normalise(sender)
+    if address is None or not mailman3_raw_valid(sender) or not mailman_valid(address):
+        return ()
+    return (address,)
 
 
 @lru_cache(maxsize=65536)

@@ -11,12 +11,10 @@ Sources: mailman 3.3.10 ``rules/moderation.py``, ``rules/banned_address.py``,
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import Protocol
+from typing import NamedTuple, Protocol
 
 from .addresses import (
-    mailman3_raw_valid,
-    mailman_valid,
+    envelope_mailman3,
     normalise,
     parse_header,
     parse_header_mailman3,
@@ -25,8 +23,9 @@ from .snapshot import ListPolicy, Pattern, Snapshot, Target
 from .verdict import ACTION_VERDICT, Action, Mode, Query, Role, Verdict
 
 
-@dataclass(frozen=True, slots=True)
-class Context:
+# NamedTuples, not frozen dataclasses: several are made per query on the hot path, and a
+# tuple is built in C where a frozen dataclass pays object.__setattr__ per field.
+class Context(NamedTuple):
     snapshot: Snapshot
     query: Query
     target: Target
@@ -37,16 +36,14 @@ class Context:
         return self.target.list
 
 
-@dataclass(frozen=True, slots=True)
-class Hit:
+class Hit(NamedTuple):
     verdict: Verdict
     reason: str
     action: Action | None = None
     sender: str | None = None
 
 
-@dataclass(frozen=True, slots=True)
-class Miss:
+class Miss(NamedTuple):
     detail: str
     note: str | None = None
     action: Action | None = None
@@ -63,13 +60,10 @@ class Rule(Protocol):
 def senders_mailman3(query: Query) -> tuple[str, ...]:
     """Mailman 3's ``msg.senders``: From:, envelope, Reply-To:, Sender:, minus what its
     validator would drop (it sees the addresses as written, before normalisation)."""
-    out = list(parse_header_mailman3(query.from_header))
-    envelope = normalise(query.envelope_sender)
-    if envelope is not None and mailman3_raw_valid(query.envelope_sender):
-        out.append(envelope)
-    out.extend(parse_header_mailman3(query.reply_to_header))
-    out.extend(parse_header_mailman3(query.sender_header))
-    return tuple(s for s in out if mailman_valid(s))
+    return (parse_header_mailman3(query.from_header)
+            + envelope_mailman3(query.envelope_sender)
+            + parse_header_mailman3(query.reply_to_header)
+            + parse_header_mailman3(query.sender_header))
 
 
 def senders_mailman2(query: Query) -> tuple[str, ...]:

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import enum
 from dataclasses import dataclass, field
+from typing import NamedTuple
 
 
 class Verdict(enum.Enum):
@@ -90,8 +91,7 @@ class Query:
     sender_header: str | None = None
 
 
-@dataclass(frozen=True, slots=True)
-class TraceStep:
+class TraceStep(NamedTuple):
     """One rule consulted: whether it hit, and why."""
 
     rule: str
