@@ -14,7 +14,8 @@ venv: $(VENV)/.installed
 $(VENV)/.installed: setup.cfg pyproject.toml
 	$(PY) -m venv $(VENV)
 	$(PIP) install --upgrade pip setuptools wheel
-	$(PIP) install -e '.[test,postgresql,mysql]'
+	# compat mode puts the checkout on sys.path, so Twisted finds twisted/plugins/ (twist policyd)
+	$(PIP) install -e '.[test,postgresql,mysql]' --config-settings editable_mode=compat
 	touch $@
 
 # The real Mailman 3 core, the reference for its semantics, in a virtualenv of its own.

@@ -168,9 +168,45 @@ def run(state_dir: str, out: TextIO) -> int:
         print("demo data: loaded", file=out)
         for line in loaded:
             print(f"  {line}", file=out)
-    print(f"try: policyctl --config {conf} query {DISCUSS} dave@example.com --offline",
-          file=out)
+    print(howto(cfg, conf), file=out)
     return 0
+
+
+def howto(cfg, conf: Path) -> str:
+    """How to query the daemon once it runs: policyctl, and one line per protocol."""
+    ctl = f".venv/bin/policyctl --config {conf}"
+    lines = ["", "policyd is starting with these listeners:"]
+    for proto, listeners in (("exim", cfg.exim.listen), ("postfix", cfg.postfix.listen)):
+        lines += [f"  {proto:8} {listen}" for listen in listeners]
+    lines.append(f"  control  {cfg.daemon.control_socket}")
+    exim = _unix_path(cfg.exim.listen)
+    postfix = _unix_path(cfg.postfix.listen)
+    lines += [
+        "query it (in another terminal):",
+        f"  {ctl} query {DISCUSS} dave@example.com --explain",
+        f"  {ctl} query announce@lists.example.org stranger@elsewhere.example "
+        "--from 'Editor <editor@example.com>'",
+        f"  {ctl} status",
+    ]
+    if exim:
+        lines.append(
+            "  printf 'POLICYD/1 list=" + DISCUSS + " sender=%s\\n' "
+            "\"$(printf %s stranger@elsewhere.example | base64 -w0)\" "
+            f"| socat - UNIX-CONNECT:{exim}; echo")
+    if postfix:
+        lines.append(
+            "  printf 'request=smtpd_access_policy\\nprotocol_state=RCPT\\n"
+            "sender=a@b.example\\nrecipient=nolist@lists.example.org\\n\\n' "
+            f"| socat - UNIX-CONNECT:{postfix}")
+    lines.append("stop it with Ctrl-C.")
+    return "\n".join(lines)
+
+
+def _unix_path(listeners) -> str | None:
+    for listen in listeners:
+        if listen.startswith("unix:"):
+            return listen[len("unix:"):].split(":", 1)[0]
+    return None
 
 
 def _store_exists(store: Store) -> bool:

@@ -28,6 +28,7 @@ def make_engine(url: str, *, create_dirs: bool = False) -> Engine:
         parsed = make_url(url)
     except ArgumentError as error:
         raise BadInput(f"bad store URL {url!r}: {error}") from None
+    parsed = with_installed_driver(parsed)
     backend = parsed.get_backend_name()
     kwargs: dict = {}
     if backend == "sqlite":
@@ -51,6 +52,29 @@ def make_engine(url: str, *, create_dirs: bool = False) -> Engine:
     if backend == "sqlite":
         _sqlite_hooks(engine)
     return engine
+
+
+_DRIVERS = {"postgresql": ("psycopg2", "psycopg"), "mysql": ("pymysql", "mysqldb"),
+            "mariadb": ("pymysql", "mysqldb")}
+_MODULES = {"psycopg2": "psycopg2", "psycopg": "psycopg", "pymysql": "pymysql",
+            "mysqldb": "MySQLdb"}
+
+
+def with_installed_driver(parsed):
+    """Mailman's documentation writes ``postgres://`` and ``mysql://`` URLs; SQLAlchemy
+    wants ``postgresql`` and picks a default driver that may not be installed.  Choose the
+    first installed driver when the URL names none."""
+    import importlib.util
+
+    name = parsed.drivername
+    if name == "postgres" or name.startswith("postgres+"):
+        name = "postgresql" + name[len("postgres"):]
+    if "+" not in name and name in _DRIVERS:
+        for driver in _DRIVERS[name]:
+            if importlib.util.find_spec(_MODULES[driver]) is not None:
+                name = f"{name}+{driver}"
+                break
+    return parsed.set(drivername=name)
 
 
 def _sqlite_hooks(engine: Engine) -> None:

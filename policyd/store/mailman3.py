@@ -71,7 +71,7 @@ from sqlalchemy.exc import ArgumentError, NoSuchModuleError, SQLAlchemyError
 from ..errors import BadInput, StoreUnavailable
 from ..snapshot import ListSpec, MemberSpec, Snapshot, build
 from ..verdict import Action, Mode
-from .engine import safe_url
+from .engine import safe_url, with_installed_driver
 from .safe_pickle import UnsafePickleError, loads_mailman3_list
 
 __all__ = ["Mailman3Backend", "UnknownSchemaError", "open_backend", "KNOWN_REVISIONS"]
@@ -218,29 +218,6 @@ def read_only_engine(url: str) -> Engine:
                        f"({error})") from None
     _install_hooks(engine, backend)
     return engine
-
-
-_DRIVERS = {"postgresql": ("psycopg2", "psycopg"), "mysql": ("pymysql", "mysqldb"),
-            "mariadb": ("pymysql", "mysqldb")}
-_MODULES = {"psycopg2": "psycopg2", "psycopg": "psycopg", "pymysql": "pymysql",
-            "mysqldb": "MySQLdb"}
-
-
-def with_installed_driver(parsed):
-    """Mailman's documentation writes ``postgres://`` and ``mysql://`` URLs; SQLAlchemy
-    wants ``postgresql`` and picks a default driver that may not be installed.  Choose the
-    first installed driver when the URL names none."""
-    import importlib.util
-
-    name = parsed.drivername
-    if name == "postgres" or name.startswith("postgres+"):
-        name = "postgresql" + name[len("postgres"):]
-    if "+" not in name and name in _DRIVERS:
-        for driver in _DRIVERS[name]:
-            if importlib.util.find_spec(_MODULES[driver]) is not None:
-                name = f"{name}+{driver}"
-                break
-    return parsed.set(drivername=name)
 
 
 def _crc32(value) -> int:
