@@ -23,6 +23,9 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Mapping
 
+from zope.interface import implementer
+
+from twisted.internet.interfaces import IHalfCloseableProtocol
 from twisted.internet.protocol import Protocol
 from twisted.logger import Logger
 from twisted.protocols.policies import TimeoutMixin
@@ -219,9 +222,14 @@ def malformed_action(reason: str) -> str:
 DUNNO = b"action=DUNNO\n\n"
 
 
+@implementer(IHalfCloseableProtocol)
 class PostfixPolicyProtocol(Protocol, TimeoutMixin):
-    """Frames bytes into requests, answers each, batches the answers of one read."""
+    """Frames bytes into requests, answers each, batches the answers of one read.
 
+    Half-closeable: Postfix never half-closes, but a client that sends its requests and
+    then shuts down its write side (``printf ... | socat``) must still get every answer,
+    which a plain connectionLost would drop with the unsent write buffer.
+    """
 
     def __init__(self, factory: "PostfixFactory") -> None:
         self.factory = factory
@@ -264,6 +272,12 @@ class PostfixPolicyProtocol(Protocol, TimeoutMixin):
             self._close_when_idle = True
         else:
             self.transport.loseConnection()
+
+    def readConnectionLost(self) -> None:
+        self.transport.loseConnection()
+
+    def writeConnectionLost(self) -> None:
+        self.transport.loseConnection()
 
     def connectionLost(self, reason=None) -> None:
         self.setTimeout(None)

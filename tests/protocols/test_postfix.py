@@ -403,3 +403,16 @@ def test_reader_memory_is_bounded():
     assert len(items) == 1 and items[0].fatal
     assert not reader.pending
     assert reader.feed(b"a=b\n\n") == []
+
+
+def test_half_close_after_requests_still_answers():
+    """A client that writes its requests and half-closes (printf | socat) gets every
+    answer, then the connection closes."""
+    from twisted.internet.interfaces import IHalfCloseableProtocol
+
+    protocol, transport, _, _ = connect()
+    assert IHalfCloseableProtocol.providedBy(protocol)
+    protocol.dataReceived(request() + request(recipient="nolist@" + LIST.split("@")[1]))
+    protocol.readConnectionLost()
+    assert len(answers(transport.value())) == 2
+    assert transport.disconnecting
