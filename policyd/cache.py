@@ -114,6 +114,7 @@ class SnapshotService(Service):
         self.checks = 0
         self._busy: Deferred | None = None
         self._forced: list[Deferred] = []
+        self._attempt_waiters: list[Deferred] | None = []
         self._timer = TimerService(interval, self.tick)
         self._timer.clock = clock
 
@@ -243,8 +244,19 @@ class SnapshotService(Service):
                 log.failure(text, failure, LogLevel.error, error=self.last_error, **fields)
         return False
 
+    def first_attempt(self) -> Deferred:
+        """Fires (with None) once the first refresh has finished, loaded or failed."""
+        if self._attempt_waiters is None:
+            return succeed(None)
+        waiter: Deferred = Deferred()
+        self._attempt_waiters.append(waiter)
+        return waiter
+
     def _idle(self, result):
         self._busy = None
+        waiters, self._attempt_waiters = self._attempt_waiters, None
+        for waiter in waiters or ():
+            waiter.callback(None)
         forced, self._forced = self._forced, []
         if forced and self.running:
             d = self.refresh(force=True)

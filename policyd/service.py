@@ -334,6 +334,7 @@ class PolicyService(Service):
                                                 for l in reversed(started)])
             raise
         self.store_thread.startService()
+        self._hold_mta_listeners()
         self.snapshots.startService()
         super().startService()
         if self.install_signals:
@@ -346,6 +347,31 @@ class PolicyService(Service):
             listeners=", ".join(f"{l.kind} on {l.address}" for l in self.listeners),
             store=_safe_url(self.config.store.url), interval=self.config.store.refresh_interval,
             endpoints=[l.status() for l in self.listeners])
+
+    # Bound to the sockets already (a failed bind aborted start-up above), but the MTA
+    # listeners accept nothing until the first snapshot attempt has finished: connections
+    # wait in the kernel's backlog for the ~100 ms of a first load instead of all getting
+    # "no snapshot yet" 4xx (socket activation delivers the first client at once).  A store
+    # that fails or is slow does not keep them waiting past FIRST_LOAD_WAIT.
+    FIRST_LOAD_WAIT = 10.0
+
+    def _hold_mta_listeners(self) -> None:
+        held = [l.port for l in self.listeners
+                if l.kind != "control" and hasattr(l.port, "stopReading")]
+        if not held:
+            return
+        for port in held:
+            port.stopReading()
+
+        def resume(_=None):
+            if timer.active():
+                timer.cancel()
+            for port in held:
+                if port.connected:
+                    port.startReading()
+
+        timer = self.reactor.callLater(self.FIRST_LOAD_WAIT, resume)
+        self.snapshots.first_attempt().addCallback(resume)
 
     @defer.inlineCallbacks
     def stopService(self):

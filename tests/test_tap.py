@@ -8,6 +8,7 @@ import signal
 
 import pytest
 from twisted.application.service import IServiceMaker
+from twisted.internet import defer
 from twisted.internet.error import CannotListenError
 from twisted.internet.testing import MemoryReactorClock, StringTransport
 from twisted.plugin import getPlugins
@@ -372,3 +373,94 @@ def test_log_file_reopen(tmp_path):
     logs.close()
     assert "one" in (tmp_path / "policyd.log.1").read_text()
     assert "two" in path.read_text() and "one" not in path.read_text()
+
+
+class _ReadingPort:
+    """An IListeningPort that records whether it accepts connections."""
+
+    connected = True
+
+    def __init__(self, name):
+        self.name, self.reading = name, True
+
+    def stopReading(self):
+        self.reading = False
+
+    def startReading(self):
+        self.reading = True
+
+    def stopListening(self):
+        self.connected = False
+
+    def getHost(self):
+        from twisted.internet.address import UNIXAddress
+        return UNIXAddress(self.name)
+
+
+class _PortReactor(MemoryReactorClock):
+    def listenUNIX(self, address, factory, backlog=50, mode=0o666, wantPID=0):
+        port = _ReadingPort(address)
+        self.ports = getattr(self, "ports", []) + [port]
+        return port
+
+    def listenTCP(self, port, factory, backlog=50, interface=""):
+        return self.listenUNIX(f"tcp-{port}", factory)
+
+
+class _ManualThread(SyncStoreThread):
+    """Store jobs wait until the test releases them."""
+
+    def __init__(self):
+        self.jobs = []
+
+    def run(self, f, *args, **kwargs):
+        d = defer.Deferred()
+        self.jobs.append((d, f, args, kwargs))
+        return d
+
+    def release(self):
+        jobs, self.jobs = self.jobs, []
+        for d, f, args, kwargs in jobs:
+            try:
+                d.callback(f(*args, **kwargs))
+            except Exception as error:
+                d.errback(error)
+
+
+@pytest.mark.parametrize("fail", [False, True])
+def test_mta_listeners_accept_only_after_the_first_snapshot_attempt(tmp_path, fail):
+    """Bound at start (a bad bind still aborts), but connections wait in the backlog until
+    the first load has finished, loaded or failed; the control socket answers at once."""
+    service, reactor, backend = build(tmp_path, reactor=_PortReactor())
+    thread = _ManualThread()
+    service.store_thread = thread
+    service.snapshots.run_in_thread = thread.run
+    if fail:
+        backend.fail = ConnectionError("refused")
+    service.startService()
+    try:
+        mta = [l.port for l in service.listeners if l.kind != "control"]
+        control = [l.port for l in service.listeners if l.kind == "control"]
+        assert mta and not any(port.reading for port in mta)
+        assert all(port.reading for port in control)
+        thread.release()
+        assert all(port.reading for port in mta)
+    finally:
+        service.stopService()
+
+
+def test_mta_listeners_resume_after_the_first_load_wait(tmp_path):
+    """A store that hangs does not keep the MTAs waiting past FIRST_LOAD_WAIT."""
+    service, reactor, backend = build(tmp_path, reactor=_PortReactor())
+    thread = _ManualThread()
+    service.store_thread = thread
+    service.snapshots.run_in_thread = thread.run
+    service.startService()
+    try:
+        mta = [l.port for l in service.listeners if l.kind != "control"]
+        reactor.advance(service.FIRST_LOAD_WAIT - 0.1)
+        assert not any(port.reading for port in mta)
+        reactor.advance(0.2)
+        assert all(port.reading for port in mta)
+    finally:
+        service.stopService()
