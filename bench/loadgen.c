@@ -530,9 +530,14 @@ int main(int argc, char **argv) {
             }
             if (stopping && !busy) break;
             if (stopping && t > t_measure1 + timeout_s) break;
-            int ms = (int)((wake - now()) * 1e3);
-            if (ms < 0) ms = 0;
-            int n = epoll_wait(ep, evs, 256, ms);
+            /* Sleep until the next due time with nanosecond precision: spinning here
+             * (epoll_wait with a 0 ms timeout) would burn the client CPU, and on a
+             * virtual machine that can slow the server's CPU too. */
+            double left = wake - now();
+            if (left < 0) left = 0;
+            struct timespec ts = { .tv_sec = (time_t)left,
+                                   .tv_nsec = (long)((left - (time_t)left) * 1e9) };
+            int n = epoll_pwait2(ep, evs, 256, &ts, NULL);
             if (n < 0 && errno != EINTR) die("epoll_wait");
             for (int k = 0; k < n; k++) on_event(evs[k].data.ptr, evs[k].events);
         }
