@@ -175,19 +175,26 @@ class SnapshotService(Service):
     def refresh(self, force: bool) -> Deferred:
         if self._busy is not None:
             return succeed(None)
-        known = self.current.version if self.current is not None else None
-        d = self.run_in_thread(self._work, force, known)
+        d = self.run_in_thread(self._work, force, self.current)
         self._busy = d
         d.addCallbacks(self._done, self._failed)
         d.addBoth(self._idle)
         return d
 
-    def _work(self, force: bool, known: str | None):
-        """In the store thread: (token, new snapshot or None, description or None)."""
+    def _work(self, force: bool, current: Snapshot | None):
+        """In the store thread: (token, new snapshot or None, description or None).
+
+        A forced refresh (SIGHUP, ``reload``) is always a full build; a change seen by
+        the token is an incremental one where the backend can do that safely
+        (``load_changes``)."""
         token = self.backend.change_token()
-        if not force and known is not None and token == known:
+        if not force and current is not None and token == current.version:
             return token, None, None
-        snapshot = self.backend.load_snapshot()
+        load_changes = getattr(self.backend, "load_changes", None)
+        if not force and current is not None and load_changes is not None:
+            snapshot = load_changes(current)
+        else:
+            snapshot = self.backend.load_snapshot()
         if not isinstance(snapshot, Snapshot):
             raise TypeError(f"the store returned {type(snapshot).__name__}, not a Snapshot")
         return token, snapshot, self.backend.describe()

@@ -290,3 +290,29 @@ def test_store_unavailable_is_logged_without_traceback():
         backend.fail = KeyError("surprise")
         clock.advance(2)
         assert [("log_failure" in e) for e in errors(events)] == [False, True]
+
+
+class IncrementalBackend(FakeBackend):
+    """A backend that can refresh incrementally (``load_changes``)."""
+
+    def load_changes(self, previous):
+        self.calls.append("load_changes")
+        assert previous.version != self.token
+        return self.load_snapshot()
+
+
+def test_changed_token_uses_the_incremental_load_when_the_backend_has_one():
+    """A change seen by the timer goes through ``load_changes(current)``; the first load
+    and a forced reload are full builds."""
+    service, backend, clock = make(IncrementalBackend())
+    service.startService()
+    assert backend.calls == ["change_token", "load_snapshot"]
+    backend.calls.clear()
+    backend.lists = sample_lists(extra_member="bob@example.com")
+    backend.token = "2"
+    clock.advance(2)
+    assert backend.calls == ["change_token", "load_changes", "load_snapshot"]
+    assert "bob@example.com" in service.current.lists["test@lists.example.com"].members
+    backend.calls.clear()
+    service.reload()
+    assert backend.calls == ["change_token", "load_snapshot"]

@@ -22,9 +22,10 @@ import hashlib
 import time
 from collections import defaultdict
 from contextlib import contextmanager
-from typing import Iterator
+from dataclasses import dataclass
+from typing import Collection, Iterator, Mapping
 
-from sqlalchemy import SmallInteger, func, null, select, type_coerce
+from sqlalchemy import SmallInteger, func, null, or_, select, type_coerce
 from sqlalchemy.engine import Connection
 from sqlalchemy.exc import SQLAlchemyError
 
@@ -94,8 +95,10 @@ def _raw_rows(connection: Connection, statement, size: int = 50000):
         cursor.close()
 
 
-def load_specs(connection: Connection) -> tuple[list[ListSpec], dict[str, str], list[str]]:
-    """(list specs, domain -> mail host, site bans) from one consistent read."""
+def load_specs(connection: Connection, list_ids: Collection[int] | None = None
+               ) -> tuple[list[ListSpec], dict[str, str], list[str]]:
+    """(list specs, domain -> mail host, site bans) from one consistent read; with
+    ``list_ids``, only those lists (an incremental refresh)."""
     domain_table = Domain.__table__
     host = domain_table.alias("host")
     domain_map: dict[str, str] = {}
@@ -107,12 +110,20 @@ def load_specs(connection: Connection) -> tuple[list[ListSpec], dict[str, str], 
 
     lists_table = MailingList.__table__
     lists: dict[int, dict] = {}
-    for row in connection.execute(select(
+    m = Membership.__table__
+    a = Address.__table__
+    u = User.__table__
+    wanted_lists = None if list_ids is None else sorted(list_ids)
+
+    def only(column, statement):
+        return statement if wanted_lists is None else statement.where(column.in_(wanted_lists))
+
+    for row in connection.execute(only(lists_table.c.id, select(
         lists_table.c.id, lists_table.c.posting_address, lists_table.c.list_id,
         lists_table.c.display_name, lists_table.c.mode, lists_table.c.emergency,
         _raw(lists_table.c.default_member_action), _raw(lists_table.c.default_nonmember_action),
         lists_table.c.rejection_notice,
-    )):
+    ))):
         (id_, posting, list_id, display_name, mode, emergency, member_action,
          nonmember_action, notice) = row
         lists[id_] = {
@@ -123,13 +134,16 @@ def load_specs(connection: Connection) -> tuple[list[ListSpec], dict[str, str], 
             "rejection_notice": notice,
         }
 
-    m = Membership.__table__
-    a = Address.__table__
-    u = User.__table__
     # One string per address, shared by every list it is on (no join: the membership
-    # rows are plain integers, the cheapest thing a database can send).
+    # rows are plain integers, the cheapest thing a database can send).  For a few lists,
+    # only their members' addresses and the addresses that belong to users.
     emails: dict[int, str] = {}
-    for rows in _raw_rows(connection, select(a.c.id, a.c.email)):
+    email_query = select(a.c.id, a.c.email)
+    if wanted_lists is not None:
+        email_query = email_query.where(or_(
+            a.c.user_id.is_not(None),
+            a.c.id.in_(select(m.c.address_id).where(m.c.list_id.in_(wanted_lists)))))
+    for rows in _raw_rows(connection, email_query):
         emails.update(rows)
     address_user: dict[int, int] = dict(connection.execute(
         select(a.c.id, a.c.user_id).where(a.c.user_id.is_not(None))).fetchall())
@@ -163,16 +177,17 @@ def load_specs(connection: Connection) -> tuple[list[ListSpec], dict[str, str], 
                 nonmembers[list_id].append(spec)
 
     roles = m.c.role.in_((_MEMBER, _NONMEMBER))
-    direct = select(m.c.list_id, _raw(m.c.role), _raw(m.c.moderation_action), m.c.address_id,
-                    null().label("user_id")).where(roles, m.c.address_id.is_not(None))
+    direct = only(m.c.list_id, select(
+        m.c.list_id, _raw(m.c.role), _raw(m.c.moderation_action), m.c.address_id,
+        null().label("user_id")).where(roles, m.c.address_id.is_not(None)))
     for rows in _raw_rows(connection, direct):
         add(rows, bool(address_user))
-    through_user = (
+    through_user = only(m.c.list_id, (
         select(m.c.list_id, _raw(m.c.role), _raw(m.c.moderation_action),
                u.c.preferred_address_id, u.c.id)
         .select_from(m.join(u, u.c.id == m.c.user_id))
         .where(roles, u.c.preferred_address_id.is_not(None))
-    )
+    ))
     for rows in _raw_rows(connection, through_user):
         add(rows, True)
 
@@ -185,8 +200,8 @@ def load_specs(connection: Connection) -> tuple[list[ListSpec], dict[str, str], 
 
     patterns: dict[int, dict[str, list[str]]] = defaultdict(lambda: defaultdict(list))
     p = NonmemberPattern.__table__
-    for list_id, kind, text in connection.execute(
-        select(p.c.list_id, _raw(p.c.kind), p.c.pattern)
+    for list_id, kind, text in connection.execute(only(
+        p.c.list_id, select(p.c.list_id, _raw(p.c.kind), p.c.pattern))
         .order_by(p.c.list_id, p.c.kind, p.c.position, p.c.id)
     ):
         field = _KIND_FIELD.get(kind)
@@ -196,7 +211,10 @@ def load_specs(connection: Connection) -> tuple[list[ListSpec], dict[str, str], 
     list_bans: dict[int, list[str]] = defaultdict(list)
     site_bans: list[str] = []
     b = Ban.__table__
-    for list_id, text in connection.execute(select(b.c.list_id, b.c.pattern).order_by(b.c.id)):
+    ban_query = select(b.c.list_id, b.c.pattern).order_by(b.c.id)
+    if wanted_lists is not None:
+        ban_query = ban_query.where(or_(b.c.list_id.in_(wanted_lists), b.c.list_id.is_(None)))
+    for list_id, text in connection.execute(ban_query):
         if list_id is None:
             site_bans.append(text)
         else:
@@ -233,6 +251,90 @@ def load_specs(connection: Connection) -> tuple[list[ListSpec], dict[str, str], 
     return specs, domain_map, site_bans
 
 
+# --- incremental refresh -------------------------------------------------------------------
+#
+# A full build of a large store takes seconds; most changes touch one list.  Each snapshot
+# carries a ``SourceState``: a digest per list (its settings row and aggregates of its
+# memberships, patterns and bans, one GROUP BY per table) and a digest of what several
+# lists share (domains, site bans, and how the *existing* addresses and users are linked).
+# When the change token moves, the lists whose digest changed are reloaded and swapped in;
+# anything else (shared data changed, or a change no digest explains) is a full build.
+
+MAX_INCREMENTAL_LISTS = 64
+
+
+@dataclass(frozen=True)
+class SourceState:
+    lists: Mapping[int, tuple[str, tuple]]  # list row id -> (posting address, digest)
+    shared: tuple
+    max_address_id: int
+    max_user_id: int
+
+
+def _per_list(connection: Connection, statement) -> dict[int, tuple]:
+    return {row[0]: tuple(row[1:]) for row in connection.execute(statement)}
+
+
+def read_state(connection: Connection, previous: SourceState | None = None
+               ) -> tuple[SourceState, bool]:
+    """The current ``SourceState``, and whether what lists share is unchanged since
+    ``previous`` (always False without one)."""
+    lt, m, p, b = (MailingList.__table__, Membership.__table__, NonmemberPattern.__table__,
+                   Ban.__table__)
+    a, u, d = Address.__table__, User.__table__, Domain.__table__
+    settings = {row[0]: tuple(row[1:]) for row in connection.execute(select(
+        lt.c.id, lt.c.posting_address, lt.c.list_id, lt.c.display_name, lt.c.mode,
+        lt.c.emergency, _raw(lt.c.default_member_action),
+        _raw(lt.c.default_nonmember_action), lt.c.rejection_notice))}
+    action = func.coalesce(_raw(m.c.moderation_action), 7) + 1
+    members = _per_list(connection, select(
+        m.c.list_id, func.count(), func.sum(m.c.id), func.sum(m.c.id * action),
+        func.sum(m.c.id * _raw(m.c.role)), func.sum(func.coalesce(m.c.address_id, 0)),
+        func.sum(func.coalesce(m.c.user_id, 0))).group_by(m.c.list_id))
+    patterns = _per_list(connection, select(
+        p.c.list_id, func.count(), func.sum(p.c.id * (p.c.position + 1)),
+        func.sum(p.c.id * _raw(p.c.kind)), func.sum(func.length(p.c.pattern)))
+        .group_by(p.c.list_id))
+    bans = _per_list(connection, select(
+        b.c.list_id, func.count(), func.sum(b.c.id), func.sum(func.length(b.c.pattern)))
+        .where(b.c.list_id.is_not(None)).group_by(b.c.list_id))
+    lists = {id_: (row[0], (row, members.get(id_), patterns.get(id_), bans.get(id_)))
+             for id_, row in settings.items()}
+    max_address, max_user = connection.execute(select(
+        select(func.max(a.c.id)).scalar_subquery(),
+        select(func.max(u.c.id)).scalar_subquery())).one()
+    max_address, max_user = max_address or 0, max_user or 0
+
+    def shared_digest(address_bound: int, user_bound: int) -> tuple:
+        return (
+            tuple(connection.execute(select(d.c.id, d.c.name, d.c.alias_of_id)
+                                     .order_by(d.c.id))),
+            tuple(connection.execute(select(b.c.id, b.c.pattern)
+                                     .where(b.c.list_id.is_(None)).order_by(b.c.id))),
+            # Only addresses and users that existed at the previous build: a new address
+            # or user only matters to the lists it is subscribed to, whose digests show it.
+            tuple(connection.execute(select(
+                func.count(), func.sum(a.c.id * a.c.user_id))
+                .where(a.c.user_id.is_not(None), a.c.id <= address_bound)).one()),
+            tuple(connection.execute(select(
+                func.count(), func.sum(u.c.id * (func.coalesce(u.c.preferred_address_id, 0)
+                                                  + 1)))
+                .where(u.c.id <= user_bound)).one()),
+        )
+
+    state = SourceState(lists, shared_digest(max_address, max_user), max_address, max_user)
+    if previous is None:
+        return state, False
+    same = shared_digest(previous.max_address_id, previous.max_user_id) == previous.shared
+    if same:
+        # A new address linked to an existing user makes that user's other addresses
+        # post as it on every list the user is on.
+        linked = connection.execute(select(func.count()).where(
+            a.c.id > previous.max_address_id, a.c.user_id <= previous.max_user_id)).scalar()
+        same = not linked
+    return state, same
+
+
 class NativeBackend:
     """The daemon's view of the native store (``policyd.store.open_backend``)."""
 
@@ -265,9 +367,34 @@ class NativeBackend:
         started = time.time()
         with self._connection(consistent=True) as connection:
             version = read_token(connection)
+            state, _ = read_state(connection)
             specs, domain_map, site_bans = load_specs(connection)
         return snapshot_module.build(specs, domains=domain_map, site_bans=site_bans,
-                                     version=version, built_at=started)
+                                     version=version, built_at=started, source_state=state)
+
+    def load_changes(self, previous: Snapshot) -> Snapshot:
+        """The snapshot after a change: ``previous`` with only the changed lists rebuilt
+        when that is provably enough, else a full build."""
+        prior = previous.source_state
+        if not isinstance(prior, SourceState):
+            return self.load_snapshot()
+        started = time.time()
+        with self._connection(consistent=True) as connection:
+            version = read_token(connection)
+            state, shared_same = read_state(connection, prior)
+            changed = [id_ for id_, entry in state.lists.items()
+                       if prior.lists.get(id_) != entry]
+            removed = [posting for id_, (posting, _) in prior.lists.items()
+                       if state.lists.get(id_, ("",))[0] != posting]
+            if (not shared_same or not (changed or removed)
+                    or len(changed) > MAX_INCREMENTAL_LISTS):
+                specs, domain_map, site_bans = load_specs(connection)
+                return snapshot_module.build(
+                    specs, domains=domain_map, site_bans=site_bans, version=version,
+                    built_at=started, source_state=state)
+            specs, _, _ = load_specs(connection, changed)
+        return snapshot_module.replace_lists(previous, specs, removed, version=version,
+                                             built_at=started, source_state=state)
 
     def check(self) -> None:
         with self._connection() as connection:

@@ -539,3 +539,116 @@ class StoreContract:
                           "patterns": 0, "bans": 0}
         assert totals["memberships"] == 3 and totals["addresses"] == 3
         assert lists == [LIST]
+
+    # --- incremental refresh ---------------------------------------------------------------
+
+    @staticmethod
+    def content(snapshot) -> dict:
+        """Everything a decision reads, as plain data."""
+        return {
+            "domains": dict(snapshot.domains),
+            "site_bans": (snapshot.site_bans.exact,
+                          [p.text for p in snapshot.site_bans.patterns]),
+            "lists": {
+                posting: (policy.members, dict(policy.member_actions),
+                          dict(policy.member_aliases), dict(policy.nonmembers),
+                          [(a, [p.text for p in ps]) for a, ps in policy.nonmember_patterns],
+                          policy.bans.exact, [p.text for p in policy.bans.patterns],
+                          policy.emergency, policy.default_member_action,
+                          policy.default_nonmember_action, policy.rejection_notice,
+                          policy.mode, policy.display_name)
+                for posting, policy in snapshot.lists.items()},
+        }
+
+    OTHER = "other@lists.example.org"
+
+    @pytest.fixture
+    def two_lists(self, store, mlist):
+        with store.write() as session:
+            q.add_list(session, self.OTHER)
+        self.add(store, ["a@example.com", "b@example.com"])
+        self.add(store, ["c@example.com"], target=self.OTHER)
+        self.add(store, ["u1@example.com", "u2@example.com"], user="pat")
+        return LIST
+
+    def _changes(self, store, backend, write):
+        before = backend.load_snapshot()
+        with store.write() as session:
+            write(session)
+        after = backend.load_changes(before)
+        assert after.version == backend.change_token()
+        assert self.content(after) == self.content(backend.load_snapshot())
+        return before, after
+
+    @pytest.mark.parametrize("change", [
+        "member add", "member action", "member remove", "pattern", "list ban", "setting",
+        "subscribe new user",
+    ])
+    def test_incremental_refresh_rebuilds_only_the_changed_list(self, store, backend,
+                                                                two_lists, change):
+        """A change to one list swaps in a new policy for that list only; the others are
+        the very same objects; the result equals a full build."""
+        def write(session):
+            mlist = q.find_list(session, LIST)
+            if change == "member add":
+                q.add_members(session, mlist, q.entries_from(["new@example.com"], None))
+            elif change == "member action":
+                q.set_members(session, mlist, q.entries_from(["a@example.com"], Action.HOLD))
+            elif change == "member remove":
+                q.remove_members(session, mlist, q.entries_from(["b@example.com"], None))
+            elif change == "pattern":
+                q.add_pattern(session, mlist, Action.REJECT, "^spam@")
+            elif change == "list ban":
+                q.add_ban(session, mlist, "troll@example.net")
+            elif change == "setting":
+                q.set_list(session, LIST, emergency=True)
+            else:
+                user = q.get_or_create_user(session, "newcomer")[0]
+                q.add_members(session, mlist, q.entries_from(["n1@example.com"], None),
+                              MemberRole.MEMBER, user)
+        before, after = self._changes(store, backend, write)
+        assert after.lists[LIST] is not before.lists[LIST]
+        assert after.lists[self.OTHER] is before.lists[self.OTHER]
+
+    @pytest.mark.parametrize("change", ["domain", "site ban", "link address", "no visible"])
+    def test_shared_changes_rebuild_everything(self, store, backend, two_lists, change):
+        """Domains, site bans, a new address of an existing user, and a change no digest
+        explains are full builds (every policy new), equal to a fresh full build, even
+        when a list changed in the same transaction."""
+        def write(session):
+            if change != "no visible":
+                q.add_members(session, q.find_list(session, LIST),
+                              q.entries_from(["also@example.com"], None))
+            if change == "domain":
+                q.add_domain(session, "lists.example.net", alias_of="lists.example.org")
+            elif change == "site ban":
+                q.add_ban(session, None, "^.*@spam\\.example$")
+            elif change == "link address":
+                q.link_addresses(session, q.find_user(session, "pat"),
+                                 q.entries_from(["u3@example.com"], None))
+            # "no visible": the write transaction only bumps the generation.
+        before, after = self._changes(store, backend, write)
+        assert all(after.lists[p] is not before.lists[p] for p in before.lists)
+
+    def test_incremental_refresh_of_added_and_removed_lists(self, store, backend, two_lists):
+        """A new list appears and a removed one disappears without a full build."""
+        def write(session):
+            q.add_list(session, "third@lists.example.org")
+            q.remove_list(session, self.OTHER)
+        before, after = self._changes(store, backend, write)
+        assert self.OTHER not in after.lists and "third@lists.example.org" in after.lists
+        assert after.lists[LIST] is before.lists[LIST]
+
+    def test_linked_address_of_a_member_posts_after_an_incremental_refresh(
+            self, store, backend, two_lists):
+        """Linking a new address to a subscribed user's account lets it post at once."""
+        with store.write() as session:
+            mlist = q.find_list(session, LIST)
+            q.set_list(session, LIST, default_nonmember_action=Action.REJECT)
+        before = backend.load_snapshot()
+        with store.write() as session:
+            q.link_addresses(session, q.find_user(session, "pat"),
+                             q.entries_from(["pat@home.example"], None))
+        after = backend.load_changes(before)
+        decision = decide(after, Query(LIST, "pat@home.example"))
+        assert decision.verdict is Verdict.ACCEPT
