@@ -12,7 +12,8 @@
  * One thread, epoll, C concurrent slots.  Closed loop by default; --rate R issues requests
  * on a fixed schedule and measures latency from the scheduled start (so a stalled server
  * is charged for the queue it causes).  Requests come from a file and are used round-robin
- * (exim/exec: one per line; postfix: blocks ended by an empty line).
+ * (exim/exec: one per line; postfix: blocks ended by an empty line), from --start on, so
+ * that consecutive runs can walk through the file instead of replaying its beginning.
  *
  * Output: one JSON object on stdout with count, errors, qps and latency percentiles in
  * milliseconds, and a count of replies by their first word (a sanity check on the mix).
@@ -66,7 +67,7 @@ static double duration = 3.0, warmup = 0.5, rate = 0.0, timeout_s = 5.0;
 static long max_count = 0;
 static req_t *reqs;
 static int nreqs;
-static long next_req;
+static long next_req, start_req;
 static char **exec_argv;
 static int exec_argc;
 static double timeline_step = 0.0;
@@ -444,7 +445,8 @@ static void usage(void) {
     fprintf(stderr,
             "usage: loadgen --mode exim|postfix|exec --requests FILE [--target unix:PATH|tcp:HOST:PORT]\n"
             "       [--concurrency C] [--duration S] [--warmup S] [--count N] [--rate R]\n"
-            "       [--timeout S] [--timeline STEP] [-- COMMAND ARGS... (exec mode)]\n");
+            "       [--timeout S] [--timeline STEP] [--start INDEX]\n"
+            "       [-- COMMAND ARGS... (exec mode)]\n");
     exit(2);
 }
 
@@ -471,6 +473,7 @@ int main(int argc, char **argv) {
         else if (strcmp(a, "--rate") == 0) rate = atof(v);
         else if (strcmp(a, "--timeout") == 0) timeout_s = atof(v);
         else if (strcmp(a, "--timeline") == 0) timeline_step = atof(v);
+        else if (strcmp(a, "--start") == 0) start_req = atol(v);
         else usage();
         i++;
     }
@@ -479,6 +482,8 @@ int main(int argc, char **argv) {
     if (mode == M_EXEC && exec_argc < 1) usage();
     if (target) parse_target(target);
     load_requests(reqfile);
+    next_req = start_req > 0 ? start_req % nreqs : 0;
+    start_req = next_req;
 
     slot_t *slots = calloc(concurrency, sizeof *slots);
     for (int i = 0; i < concurrency; i++) slots[i].fd = -1;
@@ -554,11 +559,13 @@ int main(int argc, char **argv) {
 
     printf("{\"mode\": \"%s\", \"target\": \"%s\", \"concurrency\": %d, \"rate\": %.1f, "
            "\"duration\": %.3f, \"count\": %zu, \"errors\": %ld, \"bad_replies\": %ld, "
-           "\"timeouts\": %ld, \"connect_retries\": %ld, \"qps\": %.1f, \"mean_ms\": %.4f, "
+           "\"timeouts\": %ld, \"connect_retries\": %ld, \"issued\": %ld, \"requests_in_file\": %d, "
+           "\"qps\": %.1f, \"mean_ms\": %.4f, "
            "\"p50_ms\": %.4f, \"p99_ms\": %.4f, \"p999_ms\": %.4f, \"max_ms\": %.4f, ",
            mode == M_EXIM ? "exim" : mode == M_POSTFIX ? "postfix" : "exec",
            target ? target : exec_argv[0], concurrency, rate, measured, nlat, errors,
-           bad_replies, timeouts, connect_retries, measured > 0 ? nlat / measured : 0,
+           bad_replies, timeouts, connect_retries, next_req - start_req, nreqs,
+           measured > 0 ? nlat / measured : 0,
            nlat ? sum / nlat : 0, pct(0.5), pct(0.99), pct(0.999), nlat ? lat[nlat - 1] : 0);
     printf("\"first_error\": \"");
     for (const char *p = first_error; *p; p++) {

@@ -17,8 +17,10 @@ mix (per cent of requests):
      1  null sender <>
      2  Exim: a second list in the same request; Postfix: a recipient in no list domain
 
-Posting activity is skewed: a list's early members post far more often than its late
-ones, so senders repeat as they do on a real site (what a header-parse cache sees).
+Posting activity is skewed (Zipf-like: a list's k-th most active member posts about 1/k
+as often as its most active one) and a person's From: form, envelope form and extra
+headers are the same in every message, so senders and headers repeat as they do on a
+real site (what a header-parse cache sees).
 
 Exim requests follow the brief's wire format exactly
 (``POLICYD/1 list=... sender=<b64> from=<b64> reply_to=<b64> sender_header=<b64> id=...``,
@@ -31,6 +33,7 @@ from __future__ import annotations
 import base64
 import random
 import string
+import zlib
 from dataclasses import dataclass
 
 from .dataset import ALIAS_DOMAIN, HOSTS, Dataset
@@ -88,15 +91,22 @@ class Generator:
         return address
 
     def active_member(self, i: int) -> int:
+        """Posting activity is Zipf-like: rank k posts about 1/k as often as the first."""
         size = self.data.sizes[i]
-        return min(size - 1, int(size * self.rng.random() ** 3))
+        return min(size - 1, int(size ** self.rng.random()) - 1)
+
+    @staticmethod
+    def habits(address: str) -> random.Random:
+        """A person's mail client and route do not change between messages: the From:
+        form, the envelope form and the extra headers are fixed per address."""
+        return random.Random(zlib.crc32(address.encode()))
 
     def display(self, address: str) -> str:
         local = address.split("@", 1)[0]
         first, _, rest = local.partition(".")
         last = rest.rstrip("0123456789")
         name = f"{first.title()} {last.title()}"
-        r = self.rng.random()
+        r = self.habits(address).random()
         if r < 0.35:
             return f"{name} <{address}>"
         if r < 0.55:
@@ -113,11 +123,14 @@ class Generator:
 
     def envelope_for(self, address: str) -> str:
         local, domain = address.split("@", 1)
-        r = self.rng.random()
+        habits = self.habits(address)
+        habits.random()  # the draw display() used
+        r = habits.random()
         if r < 0.65:
             return address
         if r < 0.80:
-            tag = "".join(self.rng.choices(string.ascii_uppercase + string.digits, k=4))
+            # SRS: the hash changes with the day, not with the message
+            tag = "".join(habits.choices(string.ascii_uppercase + string.digits, k=4))
             return f"SRS0={tag}=TT={domain}={local}@forwarder.example"
         if r < 0.90:
             return f"{local}+bounces@{domain}"
@@ -126,7 +139,7 @@ class Generator:
         return f"postmaster@{domain}"
 
     def case_noise(self, address: str) -> str:
-        return address.title() if self.rng.random() < 0.05 else address
+        return address.title() if zlib.crc32(address.encode()) % 20 == 0 else address
 
     # --- posts -------------------------------------------------------------------------
 
@@ -153,9 +166,12 @@ class Generator:
             from_header = self.display(self.case_noise(address))
             reply_to = None
             sender_header = None
-            if rng.random() < 0.15:
-                reply_to = self.display(address) if rng.random() < 0.5 else recipients[0]
-            if rng.random() < 0.05:
+            habits = self.habits(address)
+            for _ in range(3):
+                habits.random()
+            if habits.random() < 0.15:
+                reply_to = self.display(address) if habits.random() < 0.5 else recipients[0]
+            if habits.random() < 0.05:
                 sender_header = f"{address.split('@')[0]}-owner@{address.split('@')[1]}"
             return Post(kind, recipients, self.envelope_for(address), from_header, reply_to,
                         sender_header, address)
