@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import errno
 import os
+import sys
 import signal
 import socket
 import stat
@@ -320,7 +321,13 @@ class PolicyService(Service):
 
     # --- lifecycle ---------------------------------------------------------------------
 
+    # The store thread builds snapshots in Python; the reactor thread needs the GIL back
+    # after every system call.  Python's default 5 ms switch interval would add up to
+    # that per call to a query answered during a rebuild.
+    SWITCH_INTERVAL = 0.0005
+
     def startService(self) -> None:
+        sys.setswitchinterval(self.SWITCH_INTERVAL)
         self.started_at = self.reactor.seconds()
         started = []
         try:

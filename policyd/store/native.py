@@ -81,9 +81,11 @@ def read_token(connection: Connection) -> str:
     return f"{generation}.{digest}"
 
 
-def _raw_rows(connection: Connection, statement, size: int = 50000):
+def _raw_rows(connection: Connection, statement, size: int = 5000):
     """Batches of plain DBAPI tuples for a parameterless statement (the bulk paths:
-    no per-row Result processing), in the connection's current transaction."""
+    no per-row Result processing), in the connection's current transaction.  Batches stay
+    small because the driver converts one in a single call that holds the GIL, and the
+    reactor thread waits for it."""
     compiled = statement.compile(dialect=connection.dialect,
                                  compile_kwargs={"literal_binds": True})
     cursor = connection.connection.dbapi_connection.cursor()
