@@ -43,4 +43,7 @@ def loadgen(state_dir: Path) -> Path:
         subprocess.run(["gcc", "-O2", "-Wall", "-o", str(tmp), str(SOURCE), "-lm"],
                        check=True)
         tmp.rename(binary)
+        for old in state_dir.glob("loadgen-*"):
+            if old != binary:
+                old.unlink(missing_ok=True)
     return binary
