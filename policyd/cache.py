@@ -86,6 +86,20 @@ class StoreThread(Service):
                 call(d.callback, result)
 
 
+def release(box: list) -> None:
+    """Drop the snapshot in ``box`` (the only reference left) one list at a time.
+
+    Freeing an object graph happens inside a single reference-count drop, without a chance
+    for another thread to take the GIL; freeing the lists one by one from a Python loop
+    gives the reactor thread its turns in between.  Lists the new snapshot shares survive.
+    """
+    snapshot = box.pop()
+    policies = list(snapshot.lists.values())
+    del snapshot
+    while policies:
+        policies.pop()
+
+
 class SnapshotService(Service):
     """Holds ``current`` (a ``Snapshot`` or ``None``) and refreshes it from a backend.
 
@@ -228,7 +242,14 @@ class SnapshotService(Service):
                 problems=(f"; {len(snapshot.problems)} problems: "
                           + "; ".join(snapshot.problems[:5])) if snapshot.problems else "",
             )
-            self.current = snapshot
+            previous, self.current = self.current, snapshot
+            if previous is not None:
+                # Hand the old snapshot to the store thread to be freed there, piece by
+                # piece (see ``release``): freeing it here in one go would stall the
+                # reactor for as long as a million-membership snapshot takes to free.
+                d = self.run_in_thread(release, [previous])
+                d.addErrback(lambda f: log.failure("freeing an old snapshot failed", f))
+                del previous
             self.loaded_at = now
             self.loads += 1
             log.info("snapshot {version} loaded: {lists} lists, {memberships} memberships"

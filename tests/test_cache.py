@@ -316,3 +316,28 @@ def test_changed_token_uses_the_incremental_load_when_the_backend_has_one():
     backend.calls.clear()
     service.reload()
     assert backend.calls == ["change_token", "load_snapshot"]
+
+
+def test_old_snapshot_is_freed_through_the_store_thread():
+    """After a swap the previous snapshot is handed to the store thread and freed there;
+    nothing else keeps it alive."""
+    import gc as _gc
+    import weakref
+
+    from policyd.cache import release
+
+    jobs = []
+
+    def recording(f, *args, **kwargs):
+        jobs.append(f)
+        return run_now(f, *args, **kwargs)
+
+    service, backend, clock = make(run=recording)
+    service.startService()
+    first = weakref.ref(service.current)
+    backend.token = "2"
+    clock.advance(2)
+    assert release in jobs
+    _gc.collect()
+    assert first() is None
+    assert service.current.version == "2"

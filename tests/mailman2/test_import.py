@@ -138,7 +138,7 @@ def test_import_creates_mailman2_lists(store):
     snap, _ = snapshot_of(store)
     announce = snap.lists["announce@lists.example.org"]
     assert announce.mode is Mode.MAILMAN2
-    assert announce.members == {"alice@example.org", "bob@example.org", "carol@example.com",
+    assert set(announce.members) == {"alice@example.org", "bob@example.org", "carol@example.com",
                                 "dave@example.net"}
     assert dict(announce.member_actions) == {"bob@example.org": Action.REJECT,
                                              "dave@example.net": Action.REJECT}
@@ -205,7 +205,7 @@ def test_import_updates_and_removes_members_that_left(store, mailman_copy):
     assert discuss.settings == ["emergency"] and discuss.patterns
     snap, _ = snapshot_of(store)
     policy = snap.lists["discuss@lists.example.org"]
-    assert policy.members == {"alice@example.org", "erin@example.org", "harry@example.org",
+    assert set(policy.members) == {"alice@example.org", "erin@example.org", "harry@example.org",
                               "gina@example.com"}
     assert dict(policy.member_actions) == {"erin@example.org": Action.DISCARD}
     assert not policy.emergency
