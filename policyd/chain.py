@@ -48,6 +48,9 @@ MAILMAN2_CHAIN: tuple[Rule, ...] = (
 
 CHAINS = {Mode.MAILMAN3: MAILMAN3_CHAIN, Mode.MAILMAN2: MAILMAN2_CHAIN}
 
+# What decide() runs: the SMTP-time rules, then the list's Mailman chain.
+_FULL_CHAINS = {mode: SMTP_CHAIN + chain for mode, chain in CHAINS.items()}
+
 ALL_RULES: tuple[Rule, ...] = SMTP_CHAIN + MAILMAN3_CHAIN + MAILMAN2_CHAIN
 
 
@@ -65,8 +68,7 @@ def decide(snapshot: Snapshot, query: Query) -> Decision:
     ctx = Context(snapshot, query, target, senders)
     trace: list[TraceStep] = []
     note: Miss | None = None
-    chain = SMTP_CHAIN + (CHAINS[policy.mode] if policy is not None else ())
-    for rule in chain:
+    for rule in _FULL_CHAINS[policy.mode] if policy is not None else SMTP_CHAIN:
         result = rule.check(ctx)
         if isinstance(result, Hit):
             trace.append(TraceStep(rule.name, True, result.reason))

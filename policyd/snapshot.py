@@ -13,7 +13,7 @@ import sys
 import time
 from dataclasses import dataclass, field
 from types import MappingProxyType
-from typing import Iterable, Mapping
+from typing import Iterable, Mapping, NamedTuple
 
 from .addresses import canonical, normalise, split_address
 from .verdict import Action, Mode, Role
@@ -123,9 +123,8 @@ class ListPolicy:
         return None
 
 
-@dataclass(frozen=True, slots=True)
-class Target:
-    """What a recipient address resolved to."""
+class Target(NamedTuple):
+    """What a recipient address resolved to (a tuple: one is made per query)."""
 
     list: ListPolicy | None
     role: Role | None

@@ -6,7 +6,7 @@ Nothing here knows about SMTP codes, wire formats, SQL or Twisted.
 from __future__ import annotations
 
 import enum
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import NamedTuple
 
 
@@ -102,8 +102,7 @@ class TraceStep(NamedTuple):
         return {"rule": self.rule, "hit": self.hit, "detail": self.detail}
 
 
-@dataclass(frozen=True, slots=True)
-class Decision:
+class Decision(NamedTuple):
     """The answer for one query, with the rule that decided and the whole trace.
 
     ``list`` is ``None`` when the recipient is not an address policyd manages; protocol
@@ -119,7 +118,7 @@ class Decision:
     role: Role | None = None
     rejection_notice: str | None = None
     senders: tuple[str, ...] = ()
-    trace: tuple[TraceStep, ...] = field(default=())
+    trace: tuple[TraceStep, ...] = ()
 
     @property
     def managed(self) -> bool:

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import dataclasses
 
 import pytest
 
@@ -62,7 +61,7 @@ def test_postfix_hold_and_discard_words():
         "HOLD accepted for moderation by nonmember-moderation"
     reply = SmtpReply(Outcome.DISCARD, 250, "2.7.0", "discarded by banned-address")
     decision = decide(SNAP, Query(LIST, NONMEMBER))
-    decision = dataclasses.replace(decision, rule="banned-address")
+    decision = decision._replace(rule="banned-address")
     assert postfix_action(decision, reply, "envelope", "dunno") == \
         "DISCARD discarded by banned-address"
 
