@@ -97,14 +97,23 @@ _CANONICAL = re.compile(r"[a-z0-9!#$%&'*+/=?^_`{|}~-][a-z0-9!#$%&'*+/=?^_`{|}~.-
 
 
 def canonical(address: str) -> str | None:
-    """``normalise`` without the cache, with a fast path for the common already-canonical
-    address: for bulk loads, where a cache would only churn."""
-    if _CANONICAL.fullmatch(address):
-        return address
+    """``normalise`` without the cache: for bulk loads, where a cache would only churn."""
     return _normalise(address)
 
 
 def _normalise(address: str) -> str | None:
+    # Fast path, for the plain ASCII address nearly every query carries (tested to agree
+    # with the full path below).
+    if _CANONICAL.fullmatch(address):
+        return address
+    if address.isascii():
+        lowered = address.lower()
+        if _CANONICAL.fullmatch(lowered):
+            return lowered
+    return _normalise_slowly(address)
+
+
+def _normalise_slowly(address: str) -> str | None:
     """Return the canonical form of one addr-spec, or ``None`` if it cannot be an address.
 
     ``""`` (the null sender) gives ``None``: it is nobody.
@@ -204,10 +213,27 @@ def mailman3_raw_valid(spec: str) -> bool:
 def envelope_mailman3(sender: str) -> tuple[str, ...]:
     """The envelope sender as Mailman 3's ``msg.senders`` has it: ``()`` when null or
     when its validator would drop it."""
-    address = normalise(sender)
-    if address is None or not mailman3_raw_valid(sender) or not mailman_valid(address):
-        return ()
-    return (address,)
+    address = _mailman3_address(sender)
+    return () if address is None else (address,)
+
+
+# A plain ASCII address that Mailman 3's validator keeps, lower-cased: the common case,
+# where normalise() and both validity checks all come down to lower().
+_MM3_PLAIN = re.compile(r"[-0-9a-z!#$%&'*+./=?_`{}~]+@[a-z0-9][a-z0-9-]*(?:\.[a-z0-9][a-z0-9-]*)+")
+
+
+def _mailman3_address(spec: str) -> str | None:
+    """One raw addr-spec as an address in Mailman 3's ``msg.senders``, or ``None``."""
+    if spec.isascii():
+        lowered = spec.lower()
+        if _MM3_PLAIN.fullmatch(lowered):
+            return lowered
+    if not mailman3_raw_valid(spec):
+        return None
+    address = normalise(spec)
+    if address is None or not mailman_valid(address):
+        return None
+    return address
 
 
 @lru_cache(maxsize=65536)
@@ -218,16 +244,27 @@ def parse_header_mailman3(value: str | None) -> tuple[str, ...]:
         return ()
     out = []
     for spec in _addr_specs(value):
-        if not mailman3_raw_valid(spec):
-            continue
-        address = normalise(spec)
-        if address is not None and mailman_valid(address):
+        address = _mailman3_address(spec)
+        if address is not None:
             out.append(address)
     return tuple(out)
 
 
+# "Display Name <addr>" or "<addr>" with nothing the tokenizer treats specially in the
+# name: the shape of nearly every From: header, split with one regex instead of the
+# character loop (tested to agree with it).
+_SIMPLE_MAILBOX = re.compile(r'[^"(),;:<>\\\r\n]*<([^"(),;:<>\\\s]*)>[ \t]*')
+
+
 def _addr_specs(value: str) -> list[str]:
     """Split a header value into raw addr-specs (tokenizer for RFC 5322 address-lists)."""
+    simple = _SIMPLE_MAILBOX.fullmatch(value)
+    if simple is not None:
+        return [simple.group(1)]
+    return _addr_specs_slowly(value)
+
+
+def _addr_specs_slowly(value: str) -> list[str]:
     specs: list[str] = []
     bare: list[str] = []  # addr-spec characters seen outside angle brackets
     angle: list[str] | None = None  # inside <...>

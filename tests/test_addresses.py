@@ -114,3 +114,52 @@ def test_canonical_agrees_with_normalise(raw):
     """The bulk-load fast path gives exactly what normalise gives."""
     from policyd.addresses import canonical
     assert canonical(raw) == normalise(raw)
+
+
+mailbox_text = st.text(alphabet=st.sampled_from(
+    list("abAB@.-_+=?!<>\"(),;: \t\r\n\\") + ["ü", "K", "\u212a"]), max_size=40)
+
+
+@settings(max_examples=1000, deadline=None)
+@given(mailbox_text)
+def test_fast_paths_agree_with_the_full_parsers(raw):
+    """Each fast path (plain address, simple "Name <addr>" header, Mailman 3's plain
+    sender) gives exactly what the full code gives."""
+    from policyd import addresses as a
+
+    assert a._addr_specs(raw) == a._addr_specs_slowly(raw)
+    assert a._normalise(raw) == a._normalise_slowly(raw)
+    slow = None
+    if a.mailman3_raw_valid(raw):
+        address = a._normalise_slowly(raw)
+        if address is not None and a.mailman_valid(address):
+            slow = address
+    assert a._mailman3_address(raw) == slow
+
+
+@pytest.mark.parametrize("raw", ["Alice <Alice@Example.COM>", "<bob@x.example>",
+                                 "=?utf-8?Q?Smith=2C_Al?= <al@x.example> ",
+                                 "Bob.Smith+tag@Example.com", "K\u212aelvin@x.example"])
+def test_fast_paths_agree_on_common_shapes(raw):
+    from policyd import addresses as a
+
+    assert a._addr_specs(raw) == a._addr_specs_slowly(raw)
+    assert a._normalise(raw) == a._normalise_slowly(raw)
+
+
+@settings(max_examples=1000, deadline=None)
+@given(st.from_regex(r"[ A-Za-z=?\"]{0,6}<?[-A-Za-z0-9.+_'^|`~!\"]{0,6}@[-A-Za-z0-9.]{0,12}>?[ ]?",
+                     fullmatch=True))
+def test_fast_paths_agree_on_address_like_text(raw):
+    """The same agreement, on text shaped like addresses and "Name <addr>" headers."""
+    from policyd import addresses as a
+
+    assert a._addr_specs(raw) == a._addr_specs_slowly(raw)
+    for spec in a._addr_specs_slowly(raw) + [raw]:
+        assert a._normalise(spec) == a._normalise_slowly(spec)
+        slow = None
+        if a.mailman3_raw_valid(spec):
+            address = a._normalise_slowly(spec)
+            if address is not None and a.mailman_valid(address):
+                slow = address
+        assert a._mailman3_address(spec) == slow
