@@ -24,7 +24,12 @@ For each database (SQLite, and PostgreSQL when 127.0.0.1:5432 answers):
    snapshot is in place; median of 3), then 3 times: a new address is subscribed through
    Mailman's API (``IMailingList.subscribe`` in Mailman's virtualenv, which prints the
    time of its commit) while the control socket is polled every 50 ms; the figure is the
-   time from Mailman's commit to the daemon's first answer that the sender is a member.
+   time from Mailman's commit to the daemon's first answer that the sender is a member,
+   as measured (no adjustment).  The daemon checks the change token every
+   ``refresh_interval`` and then refreshes incrementally (``Mailman3Backend.load_changes``:
+   only the changed list is read again), so the figure is the wait for the next check
+   plus that short refresh; the target is that the daemon answers accordingly within
+   the refresh interval (median of the runs; the worst run is printed too).
 
 ``run(work_dir, python_for_mailman) -> dict`` returns every figure (JSON-serialisable);
 the command line prints a table with PASS/FAIL per target and writes
@@ -653,13 +658,6 @@ def one_database(label: str, url: str, python: Path, work: Path, n_lists: int,
         "notice": {"value_s": notice, "limit_s": REFRESH_INTERVAL,
                    "pass": notice is not None and notice <= REFRESH_INTERVAL},
     }
-    # Not observable from outside: the daemon's answer changes one full rebuild after the
-    # refresh that saw the new change token.  Notice minus the daemon's rebuild time
-    # estimates when the change was picked up (reported, not counted in "pass").
-    rebuild = out["daemon"]["reload_median_s"]
-    detect = None if notice is None or rebuild is None else round(max(0.0, notice - rebuild), 3)
-    out["detect_estimate"] = {"value_s": detect, "limit_s": REFRESH_INTERVAL,
-                              "pass": detect is not None and detect <= REFRESH_INTERVAL}
     return out
 
 
@@ -742,13 +740,12 @@ def render(results: dict) -> str:
     row("daemon rebuild (control reload)", lambda d: fmt(d["daemon"]["reload_median_s"]))
     row("subscription via Mailman -> daemon answers", lambda d: fmt(
         d["daemon"]["notice_median_s"]))
+    row("  worst of the runs", lambda d: fmt(max(d["daemon"]["notice_s"])))
     row("build target (worse of the two builds)", lambda d: verdict(
         d["targets"]["build"]["pass"]), f"< {BUILD_TARGET_S:g} s")
-    row("notice target", lambda d: verdict(d["targets"]["notice"]["pass"]),
-        f"<= refresh_interval ({results['refresh_interval_s']:g} s)")
-    row("  picked up (notice - rebuild), estimate", lambda d: "{} {}".format(
-        fmt(d["detect_estimate"]["value_s"]), verdict(d["detect_estimate"]["pass"])),
-        "(informational, not in overall)")
+    row("notice target: answers within refresh_interval", lambda d: verdict(
+        d["targets"]["notice"]["pass"]),
+        f"<= {results['refresh_interval_s']:g} s (median, measured)")
     for name, db in dbs.items():
         if "skipped" in db:
             lines.append(f"{name}: skipped ({db['skipped']})")
