@@ -370,7 +370,7 @@ class Mailman3Backend:
         when that is provably enough (see "Incremental refresh" in the module docstring),
         else a full build.  Read as consistently as ``load_snapshot``."""
         prior = previous.source_state
-        if not isinstance(prior, SourceState) or prior.backend != self.engine.dialect.name:
+        if not isinstance(prior, SourceState) or prior.origin != self.url:
             return self.load_snapshot()
         return self._consistent_read(
             lambda connection, token: self._changes(connection, token, previous, prior))
@@ -514,7 +514,7 @@ class Mailman3Backend:
     def _build(self, connection: Connection, token: str) -> Snapshot:
         started = time.time()
         try:
-            state, _, _ = read_state(connection, self.engine.dialect.name)
+            state, _, _ = read_state(connection, self.engine.dialect.name, origin=self.url)
             rows = _read_rows(connection)
         except SQLAlchemyError as error:
             raise StoreUnavailable(f"cannot read the Mailman 3 database "
@@ -531,7 +531,7 @@ class Mailman3Backend:
         started = time.time()
         try:
             state, shared_same, relinked = read_state(
-                connection, self.engine.dialect.name, prior)
+                connection, self.engine.dialect.name, prior, origin=self.url)
             changed = {id_ for id_, entry in state.lists.items()
                        if prior.lists.get(id_) != entry}
             changed.update(id_ for id_ in relinked if id_ in state.lists)
@@ -599,7 +599,8 @@ MAX_INCREMENTAL_LISTS = 64
 class SourceState:
     """What a snapshot was built from, in digests (``Snapshot.source_state``)."""
 
-    backend: str  # the dialect: a state is only compared with one from the same database
+    origin: str  # the database URL: a state is only compared with one of the same database
+    dialect: str
     lists: Mapping[int, tuple[str, str, tuple]]  # mailinglist.id -> (posting, list-id, digest)
     shared: tuple
     max_address_id: int
@@ -619,8 +620,8 @@ def _big(column):
     return cast(column, BigInteger)
 
 
-def read_state(connection: Connection, dialect: str, previous: SourceState | None = None
-               ) -> tuple[SourceState, bool, frozenset[int]]:
+def read_state(connection: Connection, dialect: str, previous: SourceState | None = None,
+               *, origin: str = "") -> tuple[SourceState, bool, frozenset[int]]:
     """The current ``SourceState``; whether what lists share is unchanged since
     ``previous`` (always False without one); and the lists (``mailinglist.id``) whose
     members' addresses were linked to a user created since ``previous``."""
@@ -682,7 +683,7 @@ def read_state(connection: Connection, dialect: str, previous: SourceState | Non
         ).where(u.c.id <= user_bound)).one())
         return domains, tuple(site_bans), addresses, users
 
-    state = SourceState(dialect, lists, shared_digest(max_address, max_user),
+    state = SourceState(origin, dialect, lists, shared_digest(max_address, max_user),
                         max_address, max_user)
     if previous is None:
         return state, False, frozenset()

@@ -5,6 +5,8 @@ equals a full build; shared changes, and changes no digest explains, are full bu
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import pytest
 from twisted.internet.defer import maybeDeferred
 from twisted.internet.task import Clock
@@ -245,19 +247,56 @@ def test_too_many_changed_lists_is_a_full_build(built, monkeypatch):
     assert rebuilt(after, again) == {FRIENDS, THIRD}
 
 
-def test_without_a_source_state_it_is_a_full_build(built):
-    """A snapshot without this backend's state (another backend's, or none) gets a full
-    build."""
+@pytest.mark.parametrize("state", ["none", "another database"])
+def test_without_this_databases_source_state_it_is_a_full_build(built, state):
+    """A snapshot without a state (another backend's) or with the state of another
+    database gets a full build."""
     builder, backend = built
     before = backend.load_snapshot()
-    from dataclasses import replace
-
-    stateless = replace(before, source_state=None)
+    other = (None if state == "none"
+             else replace(before.source_state, origin="sqlite:////elsewhere/mailman.db"))
     builder.apply({"op": "subscribe", "list": FRIENDS, "email": "n1@x.org"})
-    after = backend.load_changes(stateless)
+    after = backend.load_changes(replace(before, source_state=other))
     assert all(after.lists[p] is not before.lists[p] for p in before.lists)
     assert isinstance(after.source_state, SourceState)
+    assert after.source_state.origin == builder.url
     assert content(after) == content(backend.load_snapshot())
+
+
+def test_a_commit_during_load_changes(built, monkeypatch):
+    """A Mailman commit between the digests and the rows of an incremental refresh: on
+    PostgreSQL and MariaDB the refresh reads the state before it (one REPEATABLE READ
+    transaction); on SQLite ``PRAGMA data_version`` shows it and the refresh is read
+    again.  Either way the snapshot is one consistent state with its own token."""
+    builder, backend = built
+    before = backend.load_snapshot()
+    builder.apply({"op": "subscribe", "list": FRIENDS, "email": "first@x.org"})
+    token = backend.change_token()
+    expected = content(backend.load_snapshot())
+    read_list_rows = mailman3._read_list_rows
+    calls = []
+
+    def commit_first(*args):
+        if not calls:
+            builder.apply({"op": "subscribe", "list": THIRD, "email": "mid@x.org"})
+        calls.append(args[2])
+        return read_list_rows(*args)
+
+    monkeypatch.setattr(mailman3, "_read_list_rows", commit_first)
+    after = backend.load_changes(before)
+    monkeypatch.undo()
+    if builder.url.startswith("sqlite"):
+        assert len(calls) == 2  # read again after the commit
+        assert after.version == backend.change_token() != token
+        assert content(after) == content(backend.load_snapshot())
+        assert "mid@x.org" in after.lists[THIRD].members
+    else:
+        assert len(calls) == 1
+        assert after.version == token and content(after) == expected
+        assert rebuilt(before, after) == {FRIENDS}
+        later = backend.load_changes(after)
+        assert rebuilt(after, later) == {THIRD}
+        assert content(later) == content(backend.load_snapshot())
 
 
 def test_the_snapshot_service_refreshes_incrementally(built):
