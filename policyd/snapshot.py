@@ -52,11 +52,13 @@ class ListSpec:
     default_member_action: Action = Action.DEFER
     default_nonmember_action: Action = Action.HOLD
     rejection_notice: str | None = None
-    members: tuple[MemberSpec, ...] = ()
+    # Either MemberSpecs or, from bulk loaders, a dict address -> own action (no object
+    # per membership: less memory and less to free after a build).
+    members: tuple[MemberSpec, ...] | Mapping[str, Action | None] = ()
     # Other addresses of the users behind members: address -> the member address it
     # stands for (Mailman 3's "through another address of the same user").
     user_aliases: Mapping[str, str] = field(default_factory=dict)
-    nonmembers: tuple[MemberSpec, ...] = ()
+    nonmembers: tuple[MemberSpec, ...] | Mapping[str, Action | None] = ()
     accept_these_nonmembers: tuple[str, ...] = ()
     hold_these_nonmembers: tuple[str, ...] = ()
     reject_these_nonmembers: tuple[str, ...] = ()
@@ -229,13 +231,16 @@ def _ban_list(entries: Iterable[str], problems: list[str], where: str) -> BanLis
     return BanList(frozenset(exact), tuple(patterns))
 
 
-def _address_map(specs: Iterable[MemberSpec]) -> dict[str, Action | None]:
+def _address_map(specs) -> dict[str, Action | None]:
+    """Normalised address -> own action, from MemberSpecs or a dict (first one wins)."""
     out: dict[str, Action | None] = {}
-    for spec in specs:
-        address = canonical(spec.address)
+    pairs = specs.items() if isinstance(specs, Mapping) else \
+        ((spec.address, spec.action) for spec in specs)
+    for raw, action in pairs:
+        address = canonical(raw)
         if address is not None and address not in out:
             # Interned: one string per address however many lists it is on.
-            out[sys.intern(address)] = spec.action
+            out[sys.intern(address)] = action
     return out
 
 

@@ -2,7 +2,7 @@
 
 Everything here is blocking and runs in a thread (never on the reactor).  The bulk paths
 read plain rows with Core selects, no ORM objects, and share one string object (and one
-``MemberSpec`` when it has no own action) per address across lists.
+dict of members per list) per address across lists.
 
 Mailman 3 semantics of the loaded data:
 
@@ -31,7 +31,7 @@ from sqlalchemy.exc import SQLAlchemyError
 
 from .. import snapshot as snapshot_module
 from ..errors import StoreUnavailable
-from ..snapshot import ListSpec, MemberSpec, Snapshot
+from ..snapshot import ListSpec, Snapshot
 from ..verdict import Action, Mode
 from . import engine as engine_module
 from .models import (
@@ -149,34 +149,26 @@ def load_specs(connection: Connection, list_ids: Collection[int] | None = None
         emails.update(rows)
     address_user: dict[int, int] = dict(connection.execute(
         select(a.c.id, a.c.user_id).where(a.c.user_id.is_not(None))).fetchall())
-    # MemberSpecs without an own action are shared across lists too.
-    plain: dict[int, MemberSpec] = {}
-    # list id -> MemberSpecs, direct memberships first so that they win in the snapshot
-    # (``snapshot.build`` keeps the first spec of an address); users behind members.
-    members: dict[int, list[MemberSpec]] = defaultdict(list)
-    nonmembers: dict[int, list[MemberSpec]] = defaultdict(list)
+    # list id -> {address: own action}, direct memberships first so that they win (the
+    # first entry of an address is kept); users behind members.  Plain dicts, no object
+    # per membership.
+    members: dict[int, dict[str, Action | None]] = defaultdict(dict)
+    nonmembers: dict[int, dict[str, Action | None]] = defaultdict(dict)
     member_users: dict[int, set[int]] = defaultdict(set)
 
     actions = _ACTIONS
-    plain_get = plain.get
 
     def add(rows, with_users: bool) -> None:
         # The hot loop (one iteration per membership): everything inlined.
         for list_id, role, action, address_id, user_id in rows:
-            if action is None:
-                spec = plain_get(address_id)
-                if spec is None:
-                    spec = plain[address_id] = MemberSpec(emails[address_id], None)
-            else:
-                spec = MemberSpec(emails[address_id], actions[action])
-            if role == _MEMBER:
-                members[list_id].append(spec)
-                if with_users:
-                    user_id = user_id or address_user.get(address_id)
-                    if user_id is not None:
-                        member_users[list_id].add(user_id)
-            else:
-                nonmembers[list_id].append(spec)
+            email = emails[address_id]
+            target = (members if role == _MEMBER else nonmembers)[list_id]
+            if email not in target:
+                target[email] = None if action is None else actions[action]
+            if with_users and role == _MEMBER:
+                user_id = user_id or address_user.get(address_id)
+                if user_id is not None:
+                    member_users[list_id].add(user_id)
 
     roles = m.c.role.in_((_MEMBER, _NONMEMBER))
     direct = only(m.c.list_id, select(
@@ -224,10 +216,9 @@ def load_specs(connection: Connection, list_ids: Collection[int] | None = None
 
     specs = []
     for id_, settings in lists.items():
-        list_specs = members.get(id_, ())
+        list_members = members.pop(id_, {})
         aliases: dict[str, str] = {}
         users = member_users.get(id_, ())
-        list_members = {spec.address for spec in list_specs} if users else frozenset()
         for user_id in users:
             addresses = user_addresses.get(user_id, ())
             if len(addresses) < 2:
@@ -241,9 +232,9 @@ def load_specs(connection: Connection, list_ids: Collection[int] | None = None
         list_patterns = patterns.get(id_, {})
         specs.append(ListSpec(
             **settings,
-            members=tuple(list_specs),
+            members=list_members,
             user_aliases=aliases,
-            nonmembers=tuple(nonmembers.get(id_, ())),
+            nonmembers=nonmembers.pop(id_, {}),
             accept_these_nonmembers=tuple(list_patterns.get("accept_these_nonmembers", ())),
             hold_these_nonmembers=tuple(list_patterns.get("hold_these_nonmembers", ())),
             reject_these_nonmembers=tuple(list_patterns.get("reject_these_nonmembers", ())),
@@ -337,6 +328,13 @@ def read_state(connection: Connection, previous: SourceState | None = None
     return state, same
 
 
+def drain(items: list) -> None:
+    """Free a loader's intermediate data one item at a time: dropping it all at once is
+    one long pause under the GIL for the reactor thread (see ``cache.release``)."""
+    while items:
+        items.pop()
+
+
 class NativeBackend:
     """The daemon's view of the native store (``policyd.store.open_backend``)."""
 
@@ -371,8 +369,11 @@ class NativeBackend:
             version = read_token(connection)
             state, _ = read_state(connection)
             specs, domain_map, site_bans = load_specs(connection)
-        return snapshot_module.build(specs, domains=domain_map, site_bans=site_bans,
-                                     version=version, built_at=started, source_state=state)
+        snapshot = snapshot_module.build(specs, domains=domain_map, site_bans=site_bans,
+                                         version=version, built_at=started,
+                                         source_state=state)
+        drain(specs)
+        return snapshot
 
     def load_changes(self, previous: Snapshot) -> Snapshot:
         """The snapshot after a change: ``previous`` with only the changed lists rebuilt
@@ -391,9 +392,11 @@ class NativeBackend:
             if (not shared_same or not (changed or removed)
                     or len(changed) > MAX_INCREMENTAL_LISTS):
                 specs, domain_map, site_bans = load_specs(connection)
-                return snapshot_module.build(
+                snapshot = snapshot_module.build(
                     specs, domains=domain_map, site_bans=site_bans, version=version,
                     built_at=started, source_state=state)
+                drain(specs)
+                return snapshot
             specs, _, _ = load_specs(connection, changed)
         return snapshot_module.replace_lists(previous, specs, removed, version=version,
                                              built_at=started, source_state=state)
