@@ -22,6 +22,10 @@ from functools import lru_cache
 __all__ = ["canonical", "envelope_mailman3", "normalise", "parse_header", "parse_header_mailman3", "mailman_valid",
            "mailman3_raw_valid", "split_address"]
 
+# Entries per parsing cache: senders repeat (the same people post again and again), but a
+# stream of one-off spam senders must not grow the caches without bound.
+CACHE_SIZE = 16384
+
 _CONTROL = re.compile(r"[\x00-\x1f\x7f]")
 _WSP = " \t\r\n"
 
@@ -141,7 +145,7 @@ def _normalise_slowly(address: str) -> str | None:
     return f"{local.lower()}@{domain}"
 
 
-normalise = lru_cache(maxsize=65536)(_normalise)
+normalise = lru_cache(maxsize=CACHE_SIZE)(_normalise)
 
 
 def _last_unquoted_at(address: str) -> int:
@@ -171,7 +175,7 @@ def mailman_valid(address: str) -> bool:
     return all(label and label[0] != "-" and not _MM_LABEL_BAD.search(label) for label in labels)
 
 
-@lru_cache(maxsize=65536)
+@lru_cache(maxsize=CACHE_SIZE)
 def parse_header(value: str | None) -> tuple[str, ...]:
     """Return the normalised addresses of an address-list header value, in order.
 
@@ -209,7 +213,7 @@ def mailman3_raw_valid(spec: str) -> bool:
     return not spec.endswith(".")
 
 
-@lru_cache(maxsize=65536)
+@lru_cache(maxsize=CACHE_SIZE)
 def envelope_mailman3(sender: str) -> tuple[str, ...]:
     """The envelope sender as Mailman 3's ``msg.senders`` has it: ``()`` when null or
     when its validator would drop it."""
@@ -236,7 +240,7 @@ def _mailman3_address(spec: str) -> str | None:
     return address
 
 
-@lru_cache(maxsize=65536)
+@lru_cache(maxsize=CACHE_SIZE)
 def parse_header_mailman3(value: str | None) -> tuple[str, ...]:
     """``parse_header`` minus what Mailman 3's ``msg.senders`` drops: addresses invalid as
     written (``mailman3_raw_valid``) or once normalised (``mailman_valid``)."""

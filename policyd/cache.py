@@ -98,6 +98,26 @@ def release(box: list) -> None:
     del snapshot
     while policies:
         policies.pop()
+    return_free_memory()
+
+
+def return_free_memory() -> None:
+    """Give the C heap's free memory back to the system after a build (glibc keeps what
+    a build's temporary tables used otherwise, and the daemon's RSS only grows)."""
+    if _malloc_trim is not None:
+        _malloc_trim(0)
+
+
+def _find_malloc_trim():
+    try:
+        import ctypes
+
+        return ctypes.CDLL("libc.so.6").malloc_trim
+    except (OSError, AttributeError):
+        return None
+
+
+_malloc_trim = _find_malloc_trim()
 
 
 class SnapshotService(Service):
@@ -224,6 +244,7 @@ class SnapshotService(Service):
                 gc.enable()
         if not isinstance(snapshot, Snapshot):
             raise TypeError(f"the store returned {type(snapshot).__name__}, not a Snapshot")
+        return_free_memory()
         return token, snapshot, self.backend.describe()
 
     def _done(self, result) -> bool:

@@ -9,7 +9,6 @@ does I/O; the reactor only ever holds a reference to a finished ``Snapshot``.
 from __future__ import annotations
 
 import re
-import sys
 import time
 from dataclasses import dataclass, field
 from types import MappingProxyType
@@ -232,24 +231,40 @@ def _ban_list(entries: Iterable[str], problems: list[str], where: str) -> BanLis
 
 
 def _address_map(specs) -> dict[str, Action | None]:
-    """Normalised address -> own action, from MemberSpecs or a dict (first one wins)."""
+    """Normalised address -> own action, from MemberSpecs or a dict (first one wins).
+
+    Loaders should hand over one string object per address however many lists it is on
+    (the native and Mailman 3 loaders do): the snapshot keeps those objects."""
     out: dict[str, Action | None] = {}
     pairs = specs.items() if isinstance(specs, Mapping) else \
         ((spec.address, spec.action) for spec in specs)
     for raw, action in pairs:
         address = canonical(raw)
         if address is not None and address not in out:
-            # Interned: one string per address however many lists it is on.
-            out[sys.intern(address)] = action
+            out[address] = action
     return out
+
+
+def _members(specs) -> tuple[dict[str, None], dict[str, Action]]:
+    """The member dict (address -> None) and the own actions, in one pass."""
+    members: dict[str, None] = {}
+    actions: dict[str, Action] = {}
+    pairs = specs.items() if isinstance(specs, Mapping) else \
+        ((spec.address, spec.action) for spec in specs)
+    for raw, action in pairs:
+        address = canonical(raw)
+        if address is not None and address not in members:
+            members[address] = None
+            if action is not None:
+                actions[address] = action
+    return members, actions
 
 
 def build_list(spec: ListSpec, problems: list[str]) -> ListPolicy:
     posting = normalise(spec.posting_address)
     if posting is None:
         raise ValueError(f"bad posting address {spec.posting_address!r}")
-    members = _address_map(spec.members)
-    actions = {address: action for address, action in members.items() if action is not None}
+    members, actions = _members(spec.members)
     aliases = {}
     for other, member in spec.user_aliases.items():
         other_n, member_n = normalise(other), normalise(member)
@@ -292,7 +307,7 @@ def build_list(spec: ListSpec, problems: list[str]) -> ListPolicy:
         default_member_action=spec.default_member_action,
         default_nonmember_action=spec.default_nonmember_action,
         rejection_notice=spec.rejection_notice or None,
-        members=dict.fromkeys(members),
+        members=members,
         member_actions=MappingProxyType(actions),
         member_aliases=MappingProxyType(aliases),
         nonmembers=MappingProxyType(_address_map(spec.nonmembers)),
