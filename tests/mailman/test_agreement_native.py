@@ -16,6 +16,7 @@ from pathlib import Path
 
 import pytest
 
+from tests.reporting import report
 from policyd.verdict import Action, Verdict
 from tests.mailman.cases import intended_differences, scenario
 from tests.mailman.harness import (
@@ -83,7 +84,7 @@ def test_oracle_decided_every_case(agreement, capsys):
 def test_native_engine_agrees_with_mailman(agreement, capsys):
     """Every case that is not an intended difference gets Mailman's verdict."""
     with capsys.disabled():
-        print(agreement.summary("SQLite"))
+        report(agreement.summary("SQLite"))
     assert len(agreement.compared) >= 300
     assert not agreement.disagreements, (
         f"{len(agreement.disagreements)} disagreements with Mailman:\n"
@@ -210,7 +211,7 @@ def test_native_engine_agrees_with_mailman_on_postgresql(mm_python, postgres_dat
     the random cases, every hand-written case)."""
     run = _run(mm_python, database_url=postgres_database, per_list=3, seed=7)
     with capsys.disabled():
-        print(run.summary("PostgreSQL"))
+        report(run.summary("PostgreSQL"))
     assert run.result.database["url"] == postgres_database
     assert not [row for row in run.rows if mailman_verdict(row.record) is None]
     assert not run.disagreements, table(run.disagreements)

@@ -14,6 +14,7 @@ import shutil
 
 import pytest
 
+from tests.reporting import report
 from policyd.store.mailman3 import Mailman3Backend
 from tests.mailman.cases import intended_differences, scenario
 from tests.mailman.harness import (
@@ -52,7 +53,7 @@ def _check(python, capsys, label, database_url=None, **scenario_args):
     intended = [row for row in rows if "difference" in row.case]
     disagreements = [row for row in compared if row.mailman != row.policyd]
     with capsys.disabled():
-        print(f"\n[mailman3 backend agreement, {label}] {len(snap.lists)} lists, "
+        report(f"\n[mailman3 backend agreement, {label}] {len(snap.lists)} lists, "
               f"{snap.membership_count} memberships read by {described}; "
               f"{len(rows)} cases: {len(compared)} compared, {len(disagreements)} "
               f"disagreements, {len(intended)} intended differences")

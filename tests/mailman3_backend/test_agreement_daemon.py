@@ -34,6 +34,7 @@ from pathlib import Path
 
 import pytest
 
+from tests.reporting import report
 from policyd import control_client
 from tests.mailman.cases import TARGETS, intended_differences, scenario
 from tests.mailman.harness import mailman_verdict, query as case_query, run_oracle
@@ -338,7 +339,7 @@ def test_daemon_agrees_with_mailman_over_the_control_socket(deployment, capsys):
     disagreements = [row for row in compared if mailman_verdict(row[1]) != row[2]]
     versions = {answer["snapshot"]["version"] for answer in deployment.answers.values()}
     with capsys.disabled():
-        print(f"\n[mailman3 daemon agreement, {deployment.label}, control socket] "
+        report(f"\n[mailman3 daemon agreement, {deployment.label}, control socket] "
               f"{len(result.lists)} lists, "
               f"{deployment.first_status['snapshot']['memberships']} memberships; "
               f"{len(compared) + len(intended)} cases: {len(compared)} compared, "
@@ -375,7 +376,7 @@ def test_daemon_agrees_with_mailman_over_the_exim_socket(deployment, capsys):
         if control["exim"] != line:
             mismatched.append((case["id"], line, control["exim"]))
     with capsys.disabled():
-        print(f"\n[mailman3 daemon agreement, {deployment.label}, Exim socket] "
+        report(f"\n[mailman3 daemon agreement, {deployment.label}, Exim socket] "
               f"{len(sample)} of {len(cases)} cases: {len(sample) - len(intended)} compared, "
               f"{len(disagreements)} disagreements, {len(intended)} intended differences")
     assert len(sample) - len(intended) >= 50
@@ -434,6 +435,6 @@ def test_changes_made_through_mailman_reach_the_daemon(deployment, capsys):
     status = daemon.status()
     assert status["store"]["healthy"] is True
     with capsys.disabled():
-        print(f"\n[mailman3 daemon, {deployment.label}] refresh_interval {REFRESH:g} s; "
+        report(f"\n[mailman3 daemon, {deployment.label}] refresh_interval {REFRESH:g} s; "
               "changes made through Mailman seen after "
               + ", ".join(f"{op} {seconds:.2f} s" for op, seconds in delays))
