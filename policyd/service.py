@@ -15,6 +15,7 @@ refresh, close the store).
 from __future__ import annotations
 
 import errno
+import gc
 import os
 import sys
 import signal
@@ -280,6 +281,16 @@ def parse_endpoint(reactor, key: str, description: str):
             "tcp:10040:interface=127.0.0.1, systemd:domain=UNIX:index=0") from None
 
 
+def settle_heap() -> None:
+    """Once, before the first MTA connection: collect, then move everything alive (the
+    imported modules of Twisted, SQLAlchemy and the rest, ~100,000 objects) out of the
+    garbage collector's sight.  Every full collection would otherwise scan them all, a
+    40 ms stall of the reactor a few times a minute under load.  Nothing transient is
+    alive at that moment, so nothing cyclic is kept from collection later."""
+    gc.collect()
+    gc.freeze()
+
+
 class PolicyService(Service):
     """The whole daemon as one Twisted service (what ``tap.makeService`` returns)."""
 
@@ -370,9 +381,15 @@ class PolicyService(Service):
         for port in held:
             port.stopReading()
 
+        resumed = []
+
         def resume(_=None):
             if timer.active():
                 timer.cancel()
+            if resumed:
+                return
+            resumed.append(True)
+            settle_heap()
             for port in held:
                 if port.connected:
                     port.startReading()
