@@ -56,12 +56,18 @@ def _exim_render(decision, reply) -> str:
 class Decider:
     """Decide one query on the current snapshot, count it and log it."""
 
+    MEMO_SIZE = 20000
+
     def __init__(self, snapshots, policy: ReplyPolicy, *, log_decisions: bool = True,
                  decide=chain_decide) -> None:
         self.snapshots = snapshots
         self.policy = policy
         self.log_decisions = log_decisions
         self._decide = decide
+        # The decision is a pure function of (snapshot, query), and the same people post
+        # to the same lists again and again: answers are remembered per snapshot.
+        self._memo: dict[Query, tuple[Decision, SmtpReply]] = {}
+        self._memo_snapshot = None
         # protocol -> verdict (or error, unavailable, malformed, other-state) -> count
         self.by_protocol: dict[str, Counter] = {}
         # protocol -> what was answered (ACCEPT, REJECT, ..., or Postfix's DUNNO, OK)
@@ -85,8 +91,20 @@ class Decider:
             label = "unavailable"
         else:
             try:
-                decision = self._decide(snapshot, query)
-                reply = self.policy.reply(decision)
+                if snapshot is not self._memo_snapshot:
+                    self._memo = {}
+                    self._memo_snapshot = snapshot
+                memo = self._memo.get(query)
+                if memo is None:
+                    decision = self._decide(snapshot, query)
+                    reply = self.policy.reply(decision)
+                    if len(self._memo) >= self.MEMO_SIZE:
+                        self._memo.clear()
+                    # Without the trace: the MTA path never shows it (``policyctl query``
+                    # decides afresh), and it is most of a decision's size.
+                    self._memo[query] = (decision._replace(trace=()), reply)
+                else:
+                    decision, reply = memo
                 label = decision.verdict.value
             except Exception:
                 decision_log.failure("the decision failed for {protocol} recipient={recipient!r}"
