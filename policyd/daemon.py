@@ -63,6 +63,7 @@ def main(argv=None, environ=None) -> int:
         return 1
     service = PolicyService(config, reactor, backend, install_signals=True,
                             on_sighup=logs.reopen)
+    service.decider.log_decision = logs.writer.decision
     try:
         service.startService()
     except (ListenError, OSError) as error:

@@ -96,6 +96,23 @@ class LineWriter:
         except Exception:
             pass
 
+    def decision(self, protocol, verdict, list_, sender, senders, decided_by, rule, reply,
+                 elapsed, request_id) -> None:
+        """The line per decision, written directly: exactly the line the event
+        (``service.log_decision_event``) would give, without building and publishing an
+        event, which cost most of the line's 10 µs per query."""
+        request = f" id={request_id}" if request_id else ""
+        text = (f"{protocol} {verdict} list={list_} sender=<{sender}> senders={senders} "
+                f"rule={rule} reply={reply!r} {elapsed:.3f}ms{request}")
+        try:
+            if self.journal:
+                self.stream.write(f"<6>[policyd.decision] {text}\n")
+            else:
+                self.stream.write(f"{self._time(time.time())} info [policyd.decision] "
+                                  f"{text}\n")
+        except Exception:
+            pass
+
 
 class LogSetup:
     """What ``setup`` started: ``flush()`` periodically, ``reopen()`` on SIGHUP."""

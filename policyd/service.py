@@ -53,6 +53,20 @@ def _exim_render(decision, reply) -> str:
     return exim_reply_line(reply)
 
 
+DECISION_FORMAT = ("{protocol} {verdict} list={list} sender=<{sender}> senders={senders} "
+                   "rule={rule} reply={reply!r} {elapsed:.3f}ms{request}")
+
+
+def log_decision_event(protocol, verdict, list_, sender, senders, decided_by, rule, reply,
+                       elapsed, request_id) -> None:
+    """The line per decision as a structured ``twisted.logger`` event."""
+    decision_log.info(DECISION_FORMAT, protocol=protocol, verdict=verdict, list=list_,
+                      sender=sender, senders=senders, decided_by=decided_by, rule=rule,
+                      reply=reply, elapsed=elapsed,
+                      request=f" id={request_id}" if request_id else "",
+                      request_id=request_id)
+
+
 class Decider:
     """Decide one query on the current snapshot, count it and log it."""
 
@@ -64,6 +78,9 @@ class Decider:
         self.policy = policy
         self.log_decisions = log_decisions
         self._decide = decide
+        # Where the line per decision goes: a twisted.logger event by default; the daemon
+        # hands in its log writer's direct path (the same line, a fraction of the cost).
+        self.log_decision: Callable[..., None] = log_decision_event
         # The decision is a pure function of (snapshot, query), and the same people post
         # to the same lists again and again: answers are remembered per snapshot.
         self._memo: dict[Query, tuple[Decision, SmtpReply]] = {}
@@ -132,15 +149,9 @@ class Decider:
         if self.log_decisions:
             elapsed = (time.perf_counter() - started) * 1000.0
             if decision is not None:
-                decision_log.info(
-                    "{protocol} {verdict} list={list} sender=<{sender}> senders={senders} "
-                    "rule={rule} reply={reply!r} {elapsed:.3f}ms{request}",
-                    protocol=protocol, verdict=label, list=decision.list or query.recipient,
-                    sender=query.envelope_sender, senders=",".join(decision.senders) or "-",
-                    decided_by=decision.sender, rule=decision.rule, reply=wire,
-                    elapsed=elapsed, request=f" id={request_id}" if request_id else "",
-                    request_id=request_id,
-                )
+                self.log_decision(protocol, label, decision.list or query.recipient,
+                                  query.envelope_sender, ",".join(decision.senders) or "-",
+                                  decision.sender, decision.rule, wire, elapsed, request_id)
             else:
                 (decision_log.warn if label == "error" else decision_log.info)(
                     "{protocol} {verdict} list={list} sender=<{sender}> reason={reason!r} "

@@ -64,3 +64,39 @@ def test_errors_are_not_remembered():
         decision, reply, _wire = decider.decide(Query(LIST, "a@example.net"), "exim")
         assert decision is None and reply.code == 451
     assert len(calls) == 2
+
+
+def test_direct_decision_line_equals_the_event_line():
+    """The daemon's direct path writes exactly the line the twisted.logger event gives,
+    in both output styles (timestamped and journald)."""
+    import io
+
+    from twisted.logger import LogLevel
+
+    from policyd.logging import LineWriter
+    from policyd.service import DECISION_FORMAT
+
+    args = ("exim", "reject", LIST, "x@example.net", "x@example.net", "x@example.net",
+            "nonmember-moderation", "REJECT 550 5.7.1 Members only", 0.0421, "1qX-0001")
+    for journal in (False, True):
+        direct, via_event = io.StringIO(), io.StringIO()
+        LineWriter(direct, journal=journal).decision(*args)
+        protocol, verdict, list_, sender, senders, decided_by, rule, reply, elapsed, rid = args
+        LineWriter(via_event, journal=journal)({
+            "log_format": DECISION_FORMAT, "log_level": LogLevel.info,
+            "log_namespace": "policyd.decision", "log_time": None, "protocol": protocol,
+            "verdict": verdict, "list": list_, "sender": sender, "senders": senders,
+            "decided_by": decided_by, "rule": rule, "reply": reply, "elapsed": elapsed,
+            "request": f" id={rid}", "request_id": rid})
+        strip = (lambda line: line.split(" ", 1)[1]) if not journal else (lambda line: line)
+        assert strip(direct.getvalue()) == strip(via_event.getvalue())
+        assert "rule=nonmember-moderation reply='REJECT 550 5.7.1 Members only' 0.042ms " \
+               "id=1qX-0001" in direct.getvalue()
+
+
+def test_decider_uses_the_configured_decision_log():
+    lines = []
+    decider = Decider(StaticSnapshots(sample_snapshot()), ReplyPolicy())
+    decider.log_decision = lambda *fields: lines.append(fields)
+    decider.decide(Query(LIST, "stranger@example.net"), "postfix", "Q1")
+    assert len(lines) == 1 and lines[0][0] == "postfix" and lines[0][-1] == "Q1"
