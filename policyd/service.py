@@ -70,7 +70,7 @@ def log_decision_event(protocol, verdict, list_, sender, senders, decided_by, ru
 class Decider:
     """Decide one query on the current snapshot, count it and log it."""
 
-    MEMO_SIZE = 20000
+    MEMO_SIZE = 4096
 
     def __init__(self, snapshots, policy: ReplyPolicy, *, log_decisions: bool = True,
                  decide=chain_decide) -> None:
