@@ -230,33 +230,34 @@ def _ban_list(entries: Iterable[str], problems: list[str], where: str) -> BanLis
     return BanList(frozenset(exact), tuple(patterns))
 
 
-def _address_map(specs) -> dict[str, Action | None]:
-    """Normalised address -> own action, from MemberSpecs or a dict (first one wins).
+def _normalised_pairs(specs):
+    """(normalised address, own action) from MemberSpecs or a dict, first one of each
+    address only.
 
     Loaders should hand over one string object per address however many lists it is on
     (the native and Mailman 3 loaders do): the snapshot keeps those objects."""
-    out: dict[str, Action | None] = {}
+    seen = set()
     pairs = specs.items() if isinstance(specs, Mapping) else \
         ((spec.address, spec.action) for spec in specs)
     for raw, action in pairs:
         address = canonical(raw)
-        if address is not None and address not in out:
-            out[address] = action
-    return out
+        if address is not None and address not in seen:
+            seen.add(address)
+            yield address, action
+
+
+def _address_map(specs) -> dict[str, Action | None]:
+    return dict(_normalised_pairs(specs))
 
 
 def _members(specs) -> tuple[dict[str, None], dict[str, Action]]:
     """The member dict (address -> None) and the own actions, in one pass."""
     members: dict[str, None] = {}
     actions: dict[str, Action] = {}
-    pairs = specs.items() if isinstance(specs, Mapping) else \
-        ((spec.address, spec.action) for spec in specs)
-    for raw, action in pairs:
-        address = canonical(raw)
-        if address is not None and address not in members:
-            members[address] = None
-            if action is not None:
-                actions[address] = action
+    for address, action in _normalised_pairs(specs):
+        members[address] = None
+        if action is not None:
+            actions[address] = action
     return members, actions
 
 
