@@ -12,7 +12,6 @@ Running it again changes nothing that exists: it is idempotent.
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 from pathlib import Path
 from typing import TextIO

@@ -643,7 +643,6 @@ class StoreContract:
             self, store, backend, two_lists):
         """Linking a new address to a subscribed user's account lets it post at once."""
         with store.write() as session:
-            mlist = q.find_list(session, LIST)
             q.set_list(session, LIST, default_nonmember_action=Action.REJECT)
         before = backend.load_snapshot()
         with store.write() as session:
