@@ -22,13 +22,18 @@ MIGRATIONS = Path(__file__).with_name("migrations")
 WRITE = {"policyd_write": True}
 
 
-def make_engine(url: str, *, create_dirs: bool = False) -> Engine:
-    """An engine for ``url``.  A malformed URL or a missing driver is ``BadInput``."""
+def parse_url(url: str, what: str = "store URL"):
+    """``url`` parsed, with an installed driver chosen; malformed is ``BadInput``."""
     try:
         parsed = make_url(url)
     except ArgumentError as error:
-        raise BadInput(f"bad store URL {url!r}: {error}") from None
-    parsed = with_installed_driver(parsed)
+        raise BadInput(f"bad {what} {url!r}: {error}") from None
+    return with_installed_driver(parsed)
+
+
+def make_engine(url: str, *, create_dirs: bool = False) -> Engine:
+    """An engine for ``url``.  A malformed URL or a missing driver is ``BadInput``."""
+    parsed = parse_url(url)
     backend = parsed.get_backend_name()
     kwargs: dict = {}
     if backend == "sqlite":

@@ -87,13 +87,13 @@ from sqlalchemy import (
     or_,
     select,
 )
-from sqlalchemy.engine import Connection, Engine, make_url
-from sqlalchemy.exc import ArgumentError, NoSuchModuleError, SQLAlchemyError
+from sqlalchemy.engine import Connection, Engine
+from sqlalchemy.exc import NoSuchModuleError, SQLAlchemyError
 
 from ..errors import BadInput, StoreUnavailable
 from ..snapshot import ListSpec, MemberSpec, Snapshot, build, replace_lists
 from ..verdict import Action, Mode
-from .engine import safe_url, with_installed_driver
+from .engine import parse_url, safe_url
 from .safe_pickle import UnsafePickleError, loads_mailman3_list
 
 __all__ = ["Mailman3Backend", "UnknownSchemaError", "open_backend", "KNOWN_REVISIONS",
@@ -200,11 +200,7 @@ class Mailman3DataError(StoreUnavailable):
 
 def read_only_engine(url: str) -> Engine:
     """An engine that cannot write to the Mailman database, whatever it is asked."""
-    try:
-        parsed = make_url(url)
-    except ArgumentError as error:
-        raise BadInput(f"bad Mailman 3 database URL {url!r}: {error}") from None
-    parsed = with_installed_driver(parsed)
+    parsed = parse_url(url, "Mailman 3 database URL")
     backend = parsed.get_backend_name()
     kwargs: dict = {}
     if backend == "sqlite":
