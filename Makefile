@@ -1,5 +1,7 @@
 # The README's two commands are `make run` and `make test`; `make bench` is separate.
-PY        ?= python3
+# Debian's own interpreter when there is one: what a Debian list server runs, and it ran
+# the same Twisted server 9-19% faster than the pyenv build first on PATH here.
+PY        ?= $(shell test -x /usr/bin/python3.11 && echo /usr/bin/python3.11 || echo python3)
 VENV      ?= .venv
 STATE     ?= $(CURDIR)/state
 BUILD     ?= $(CURDIR)/build

@@ -26,7 +26,7 @@ CATEGORIES = (
 
 
 def record(py_spy: str, pid: int, seconds: float, out: Path) -> None:
-    subprocess.run([py_spy, "record", "-p", str(pid), "-d", f"{seconds:g}", "-r", "250",
+    subprocess.run([py_spy, "record", "-p", str(pid), "-d", str(max(1, round(seconds))), "-r", "250",
                     "-f", "raw", "-o", str(out), "--nonblocking"],
                    stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, check=False)
 

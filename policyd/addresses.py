@@ -254,17 +254,29 @@ def parse_header_mailman3(value: str | None) -> tuple[str, ...]:
     return tuple(out)
 
 
-# "Display Name <addr>" or "<addr>" with nothing the tokenizer treats specially in the
-# name: the shape of nearly every From: header, split with one regex instead of the
-# character loop (tested to agree with it).
+# The shapes of nearly every From:, Reply-To: and Sender: header, each split with one
+# regex instead of the character loop below (each tested to agree with it):
+# "Display Name <addr>" or "<addr>", nothing the tokenizer treats specially in the name;
 _SIMPLE_MAILBOX = re.compile(r'[^"(),;:<>\\\r\n]*<([^"(),;:<>\\\s]*)>[ \t]*')
+# '"Name, Quoted" <addr>';
+_QUOTED_MAILBOX = re.compile(r'[ \t]*"[^"\\\r\n]*"[ \t]*<([^"(),;:<>\\\s]*)>[ \t]*')
+# a bare addr-spec, perhaps with a "(Comment Name)" after it;
+_BARE_SPEC = re.compile(r'[ \t]*([^"(),;:<>\\\s]+)[ \t]*(?:\([^()\\\r\n]*\)[ \t]*)?')
+# an encoded-word name folded away from its address ("=?utf-8?B?...?=\n <addr>"): the
+# newline separates headers here, so the name is a (later dropped) address of its own.
+_FOLDED_MAILBOX = re.compile(
+    r'[ \t]*([^"(),;:<>\\\s]+)[ \t]*\r?\n[ \t]+<([^"(),;:<>\\\s]*)>[ \t]*')
 
 
 def _addr_specs(value: str) -> list[str]:
     """Split a header value into raw addr-specs (tokenizer for RFC 5322 address-lists)."""
-    simple = _SIMPLE_MAILBOX.fullmatch(value)
-    if simple is not None:
-        return [simple.group(1)]
+    match = (_SIMPLE_MAILBOX.fullmatch(value) or _QUOTED_MAILBOX.fullmatch(value)
+             or _BARE_SPEC.fullmatch(value))
+    if match is not None:
+        return [match.group(1)]
+    match = _FOLDED_MAILBOX.fullmatch(value)
+    if match is not None:
+        return [match.group(1), match.group(2)]
     return _addr_specs_slowly(value)
 
 

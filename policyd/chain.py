@@ -23,6 +23,7 @@ from .rules import (
     NullSender,
     Rule,
     UnknownList,
+    first_member,
     mode_senders,
 )
 from .snapshot import Snapshot
@@ -54,48 +55,53 @@ _FULL_CHAINS = {mode: SMTP_CHAIN + chain for mode, chain in CHAINS.items()}
 ALL_RULES: tuple[Rule, ...] = SMTP_CHAIN + MAILMAN3_CHAIN + MAILMAN2_CHAIN
 
 
-def decide(snapshot: Snapshot, query: Query) -> Decision:
+def decide(snapshot: Snapshot, query: Query, *, explain: bool = True) -> Decision:
+    """Run the chain.  ``explain=False`` (the MTA path) leaves the trace empty: every rule
+    runs the same, only the steps are not recorded."""
     target = snapshot.resolve(query.recipient)
     if not target.managed_domain:
         return Decision(
             verdict=Verdict.ACCEPT,
             rule="not-managed",
             reason=f"{query.recipient!r} is not in a list domain: no opinion",
-            trace=(TraceStep("not-managed", True, "recipient domain is not managed"),),
+            trace=(TraceStep("not-managed", True, "recipient domain is not managed"),)
+            if explain else (),
         )
     policy = target.list
-    senders = mode_senders(policy.mode, query) if policy is not None else ()
-    ctx = Context(snapshot, query, target, senders)
-    trace: list[TraceStep] = []
+    if policy is not None:
+        senders = mode_senders(policy.mode, query)
+        ctx = Context(snapshot, query, target, senders, first_member(policy, senders))
+        chain = _FULL_CHAINS[policy.mode]
+    else:
+        ctx = Context(snapshot, query, target, ())
+        chain = SMTP_CHAIN
+    trace: list[TraceStep] | None = [] if explain else None
     note: Miss | None = None
-    for rule in _FULL_CHAINS[policy.mode] if policy is not None else SMTP_CHAIN:
+    for rule in chain:
         result = rule.check(ctx)
-        if isinstance(result, Hit):
-            trace.append(TraceStep(rule.name, True, result.reason))
+        if type(result) is Hit:
+            if trace is not None:
+                trace.append(TraceStep(rule.name, True, result.reason))
             return _decision(ctx, rule.name, result.verdict, result.reason, result.action,
                              result.sender, trace)
-        trace.append(TraceStep(rule.name, False, result.detail))
+        if trace is not None:
+            trace.append(TraceStep(rule.name, False, result.detail))
         if result.note is not None:
             note = result
     reason = "no rule held, rejected or discarded the post"
     if note is not None:
         reason = f"{note.note}; {reason}"
-    trace.append(TraceStep("accept", True, reason))
+    if trace is not None:
+        trace.append(TraceStep("accept", True, reason))
     return _decision(ctx, "accept", Verdict.ACCEPT, reason,
                      note.action if note else None, note.sender if note else None, trace)
 
 
 def _decision(ctx: Context, rule, verdict, reason, action, sender, trace) -> Decision:
     policy = ctx.target.list
-    return Decision(
-        verdict=verdict,
-        rule=rule,
-        reason=reason,
-        action=action,
-        sender=sender,
-        list=policy.posting_address if policy is not None else ctx.target.address,
-        role=ctx.target.role,
-        rejection_notice=policy.rejection_notice if policy is not None else None,
-        senders=ctx.senders,
-        trace=tuple(trace),
-    )
+    if policy is None:
+        return Decision(verdict, rule, reason, action, sender, ctx.target.address,
+                        ctx.target.role, None, ctx.senders, tuple(trace) if trace else ())
+    return Decision(verdict, rule, reason, action, sender, policy.posting_address,
+                    ctx.target.role, policy.rejection_notice, ctx.senders,
+                    tuple(trace) if trace else ())

@@ -11,9 +11,11 @@ Sources: mailman 3.3.10 ``rules/moderation.py``, ``rules/banned_address.py``,
 
 from __future__ import annotations
 
+from functools import lru_cache
 from typing import NamedTuple, Protocol
 
 from .addresses import (
+    CACHE_SIZE,
     envelope_mailman3,
     normalise,
     parse_header,
@@ -30,6 +32,9 @@ class Context(NamedTuple):
     query: Query
     target: Target
     senders: tuple[str, ...]
+    # The first sender that is a member: (sender, member address, member's own action),
+    # or None.  Both modes' member and nonmember rules ask it; it is looked up once.
+    member: tuple[str, str, Action | None] | None = None
 
     @property
     def policy(self) -> ListPolicy:
@@ -172,7 +177,8 @@ class Emergency:
         return Miss("emergency moderation is off")
 
 
-def _first_member(policy: ListPolicy, senders) -> tuple[str, str, Action | None] | None:
+def first_member(policy: ListPolicy, senders) -> tuple[str, str, Action | None] | None:
+    """The first sender that is a member of the list (itself or through its user)."""
     for sender in senders:
         found = policy.find_member(sender)
         if found is not None:
@@ -190,7 +196,7 @@ class MemberModeration:
                    "or else the list's default member action.")
 
     def check(self, ctx: Context) -> Hit | Miss:
-        found = _first_member(ctx.policy, ctx.senders)
+        found = ctx.member
         if found is None:
             return Miss("no sender is a member")
         sender, member, own = found
@@ -212,7 +218,7 @@ class NonmemberModeration:
 
     def check(self, ctx: Context) -> Hit | Miss:
         policy = ctx.policy
-        if _first_member(policy, ctx.senders) is not None:
+        if ctx.member is not None:
             return Miss("a sender is a member")
         for sender in ctx.senders:
             own = policy.nonmembers.get(sender)
@@ -264,7 +270,7 @@ class Mailman2MemberModeration:
                    "the Moderate bit gets member_moderation_action, any other is accepted.")
 
     def check(self, ctx: Context) -> Hit | Miss:
-        found = _first_member(ctx.policy, ctx.senders)
+        found = ctx.member
         if found is None:
             return Miss("no sender is a member")
         sender, member, action = found
@@ -283,7 +289,7 @@ class Mailman2NonmemberModeration:
 
     def check(self, ctx: Context) -> Hit | Miss:
         policy = ctx.policy
-        if _first_member(policy, ctx.senders) is not None:
+        if ctx.member is not None:
             return Miss("a sender is a member")
         sender = sender_mailman2(ctx.query) or ""
         for action, patterns in policy.nonmember_patterns:
@@ -303,4 +309,14 @@ class Mailman2NonmemberModeration:
 
 
 def mode_senders(mode: Mode, query: Query) -> tuple[str, ...]:
+    return _mode_senders(mode, query.from_header, query.envelope_sender,
+                         query.reply_to_header, query.sender_header)
+
+
+# One cache lookup per query instead of one per header: the recipient is not part of the
+# key, so a poster writing to several lists is parsed once.
+@lru_cache(maxsize=CACHE_SIZE)
+def _mode_senders(mode: Mode, from_header, envelope_sender, reply_to_header, sender_header
+                  ) -> tuple[str, ...]:
+    query = Query("", envelope_sender, from_header, reply_to_header, sender_header)
     return senders_mailman3(query) if mode is Mode.MAILMAN3 else senders_mailman2(query)

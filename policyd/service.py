@@ -21,8 +21,8 @@ import sys
 import signal
 import socket
 import stat
-import time
 from collections import Counter
+from time import perf_counter
 from typing import Callable
 
 from twisted.application.service import Service
@@ -70,8 +70,6 @@ def log_decision_event(protocol, verdict, list_, sender, senders, decided_by, ru
 class Decider:
     """Decide one query on the current snapshot, count it and log it."""
 
-    MEMO_SIZE = 4096
-
     def __init__(self, snapshots, policy: ReplyPolicy, *, log_decisions: bool = True,
                  decide=chain_decide) -> None:
         self.snapshots = snapshots
@@ -81,10 +79,6 @@ class Decider:
         # Where the line per decision goes: a twisted.logger event by default; the daemon
         # hands in its log writer's direct path (the same line, a fraction of the cost).
         self.log_decision: Callable[..., None] = log_decision_event
-        # The decision is a pure function of (snapshot, query), and the same people post
-        # to the same lists again and again: answers are remembered per snapshot.
-        self._memo: dict[Query, tuple[Decision, SmtpReply]] = {}
-        self._memo_snapshot = None
         # protocol -> verdict (or error, unavailable, malformed, other-state) -> count
         self.by_protocol: dict[str, Counter] = {}
         # protocol -> what was answered (ACCEPT, REJECT, ..., or Postfix's DUNNO, OK)
@@ -98,70 +92,75 @@ class Decider:
 
         ``count_answer=False`` when the caller sends something else (Exim's aggregate
         over several lists) and counts it with ``count_answer``."""
-        started = time.perf_counter()
+        started = perf_counter()
         snapshot = self.snapshots.current
-        reason = None
         if snapshot is None:
-            decision = None
-            reason = self.snapshots.unavailable_reason
-            reply = self.policy.error(reason)
-            label = "unavailable"
-        else:
-            try:
-                if snapshot is not self._memo_snapshot:
-                    self._memo = {}
-                    self._memo_snapshot = snapshot
-                memo = self._memo.get(query)
-                if memo is None:
-                    decision = self._decide(snapshot, query)
-                    reply = self.policy.reply(decision)
-                    if len(self._memo) >= self.MEMO_SIZE:
-                        self._memo.clear()
-                    # Without the trace: the MTA path never shows it (``policyctl query``
-                    # decides afresh), and it is most of a decision's size.
-                    self._memo[query] = (decision._replace(trace=()), reply)
-                else:
-                    decision, reply = memo
-                label = decision.verdict.value
-            except Exception:
-                decision_log.failure("the decision failed for {protocol} recipient={recipient!r}"
+            return self._trouble(query, protocol, request_id, render, count_answer, started,
+                                 "unavailable", self.snapshots.unavailable_reason)
+        try:
+            # Without the trace: the MTA path never shows it (``policyctl query`` decides
+            # afresh with it).
+            decision = self._decide(snapshot, query, explain=False)
+            reply = self.policy.reply(decision)
+        except Exception:
+            decision_log.failure("the decision failed for {protocol} recipient={recipient!r}"
                                  " sender={sender!r}", protocol=protocol,
                                  recipient=query.recipient, sender=query.envelope_sender)
-                decision = None
-                reason = "internal error in the decision (logged)"
-                reply = self.policy.error(reason)
-                label = "error"
+            return self._trouble(query, protocol, request_id, render, count_answer, started,
+                                 "error", "internal error in the decision (logged)")
         try:
             wire = render(decision, reply)
         except Exception:
             decision_log.failure("rendering the {protocol} answer failed", protocol=protocol)
-            decision, reason, label = None, "internal error rendering the answer", "error"
-            reply = self.policy.error(reason)
+            return self._trouble(query, protocol, request_id, render, count_answer, started,
+                                 "error", "internal error rendering the answer")
+        # ``_value_``: the member's plain attribute (``.value`` is a property, a Python
+        # call per access on 3.11).
+        label = decision.verdict._value_
+        counts = self.by_protocol.get(protocol)
+        if counts is None:
+            counts = self._counters(protocol)
+        counts[label] += 1
+        if count_answer:
+            self.answers[protocol][wire if wire in _WORDS else reply.outcome._value_] += 1
+        if self.log_decisions:
+            self.log_decision(protocol, label, decision.list or query.recipient,
+                              query.envelope_sender, ",".join(decision.senders) or "-",
+                              decision.sender, decision.rule, wire,
+                              (perf_counter() - started) * 1000.0, request_id)
+        return decision, reply, wire
+
+    def _trouble(self, query: Query, protocol: str, request_id, render: Render,
+                 count_answer: bool, started: float, label: str, reason: str):
+        """No snapshot, or an exception: the configured temporary failure."""
+        reply = self.policy.error(reason)
+        try:
+            wire = render(None, reply)
+        except Exception:
+            decision_log.failure("rendering the {protocol} answer failed", protocol=protocol)
             wire = exim_reply_line(reply) if render is _exim_render else \
                 f"{reply.code} {reply.status} {reply.text}"
         counts = self.by_protocol.get(protocol)
         if counts is None:
-            counts = self.by_protocol[protocol] = Counter()
-            self.answers[protocol] = Counter()
+            counts = self._counters(protocol)
         counts[label] += 1
         if count_answer:
             self.answers[protocol][wire if wire in _WORDS else reply.outcome.value] += 1
         if self.log_decisions:
-            elapsed = (time.perf_counter() - started) * 1000.0
-            if decision is not None:
-                self.log_decision(protocol, label, decision.list or query.recipient,
-                                  query.envelope_sender, ",".join(decision.senders) or "-",
-                                  decision.sender, decision.rule, wire, elapsed, request_id)
-            else:
-                (decision_log.warn if label == "error" else decision_log.info)(
-                    "{protocol} {verdict} list={list} sender=<{sender}> reason={reason!r} "
-                    "reply={reply!r} {elapsed:.3f}ms{request}",
-                    protocol=protocol, verdict=label, list=query.recipient,
-                    sender=query.envelope_sender, reason=reason, reply=wire,
-                    elapsed=elapsed, request=f" id={request_id}" if request_id else "",
-                    request_id=request_id,
-                )
-        return decision, reply, wire
+            (decision_log.warn if label == "error" else decision_log.info)(
+                "{protocol} {verdict} list={list} sender=<{sender}> reason={reason!r} "
+                "reply={reply!r} {elapsed:.3f}ms{request}",
+                protocol=protocol, verdict=label, list=query.recipient,
+                sender=query.envelope_sender, reason=reason, reply=wire,
+                elapsed=(perf_counter() - started) * 1000.0,
+                request=f" id={request_id}" if request_id else "", request_id=request_id,
+            )
+        return None, reply, wire
+
+    def _counters(self, protocol: str) -> Counter:
+        self.answers[protocol] = Counter()
+        counts = self.by_protocol[protocol] = Counter()
+        return counts
 
     def count(self, protocol: str, label: str, answer: str | None = None) -> None:
         """Count an answer that was not a decision (malformed request, other state)."""

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import enum
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from .verdict import Decision, Verdict
 
@@ -70,6 +70,9 @@ class ReplyPolicy:
     error_code: int = 451
     error_status: str = "4.3.0"
     error_text: str = "List policy service temporarily unavailable, please try again later"
+    # The replies that depend only on the verdict and the rule (accept, hold, discard:
+    # most answers), made once each: (verdict name, rule, managed) -> reply.
+    _fixed: dict = field(default_factory=dict, init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
         if self.hold not in HOLD_OUTCOMES:
@@ -84,6 +87,18 @@ class ReplyPolicy:
                 raise ValueError("defer and error must use a 4xx code and a 4.x.x status")
 
     def reply(self, decision: Decision) -> SmtpReply:
+        verdict = decision.verdict
+        if verdict is Verdict.ACCEPT or verdict is Verdict.HOLD or verdict is Verdict.DISCARD:
+            key = (verdict._name_, decision.rule, decision.list is not None)
+            reply = self._fixed.get(key)
+            if reply is None:
+                reply = self._reply(decision)
+                if reply.outcome is not Outcome.REJECT:  # a discard mapped to reject
+                    self._fixed[key] = reply
+            return reply
+        return self._reply(decision)
+
+    def _reply(self, decision: Decision) -> SmtpReply:
         fields = {"list": decision.list or "", "recipient": decision.list or "",
                   "sender": decision.sender or "", "rule": decision.rule}
         verdict = decision.verdict

@@ -12,7 +12,7 @@ import re
 import time
 from dataclasses import dataclass, field
 from types import MappingProxyType
-from typing import Iterable, Mapping, NamedTuple
+from typing import ClassVar, Iterable, Mapping, NamedTuple
 
 from .addresses import canonical, normalise, split_address
 from .verdict import Action, Mode, Role
@@ -144,6 +144,11 @@ class Snapshot:
     # Backend-private bookkeeping for incremental refreshes (per-list digests); the
     # decision never reads it.
     source_state: object = field(default=None, compare=False, repr=False)
+    # Recipient -> Target, filled as queries come: MTAs ask about the same few list
+    # addresses all day.  Bounded, since a recipient is whatever the client typed.
+    _targets: dict = field(default_factory=dict, init=False, compare=False, repr=False)
+
+    RESOLVED_MAX: ClassVar[int] = 16384
 
     @property
     def membership_count(self) -> int:
@@ -155,6 +160,14 @@ class Snapshot:
         Like Mailman 3's LMTP runner: lower-case, map an alias domain to the list's mail
         host, drop a ``+tag``, then try the exact list name before a ``-suffix``.
         """
+        target = self._targets.get(recipient)
+        if target is None:
+            if len(self._targets) >= self.RESOLVED_MAX:
+                self._targets.clear()
+            target = self._targets[recipient] = self._resolve(recipient)
+        return target
+
+    def _resolve(self, recipient: str) -> Target:
         address = normalise(recipient)
         if address is None:
             return Target(None, None, False, None)

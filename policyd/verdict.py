@@ -6,7 +6,6 @@ Nothing here knows about SMTP codes, wire formats, SQL or Twisted.
 from __future__ import annotations
 
 import enum
-from dataclasses import dataclass
 from typing import NamedTuple
 
 
@@ -74,14 +73,16 @@ class Role(enum.Enum):
     BOUNCES = "bounces"
 
 
-@dataclass(frozen=True, slots=True)
-class Query:
+class Query(NamedTuple):
     """One question: may this message go to this list address?
 
     ``envelope_sender`` is ``""`` for the null sender ``<>``.  The header values are raw
     (unfolded or not, possibly RFC 2047 encoded, possibly several addresses; several
     headers of one name joined by newlines).  ``None`` means the header is absent or, on
     the Postfix path, unknown.
+
+    A tuple, not a frozen dataclass: one is made per query, and the Decider's memo hashes
+    it; a tuple does both in C.
     """
 
     recipient: str

@@ -147,6 +147,45 @@ def test_fast_paths_agree_on_common_shapes(raw):
     assert a._normalise(raw) == a._normalise_slowly(raw)
 
 
+_spec_text = st.text(alphabet=st.sampled_from(list("abAB.@-_+=?!\"[]é") + ["\u212a"]),
+                     max_size=12)
+_free_text = st.text(alphabet=st.sampled_from(list("ab ,;:<>()@.=?\"\\\t\r\n")), max_size=10)
+_space = st.sampled_from(["", " ", "  ", "\t", " \t"])
+
+
+@settings(max_examples=2000, deadline=None)
+@given(st.one_of(
+    # '"Quoted, Name" <addr>' and near misses
+    st.tuples(_space, st.just('"'), _free_text, st.just('"'), _space, st.just("<"),
+              _spec_text, st.just(">"), _space),
+    # 'addr (Comment)' and near misses
+    st.tuples(_space, _spec_text, _space, st.just("("), _free_text, st.just(")"), _space),
+    # 'addr'
+    st.tuples(_space, _spec_text, _space),
+    # '=?utf-8?B?...?=\n <addr>' and near misses
+    st.tuples(_space, _spec_text, _space, st.sampled_from(["\n", "\r\n", "\n\n"]),
+              _space, st.just("<"), _spec_text, st.just(">"), _space),
+).map("".join))
+def test_fast_paths_agree_on_header_shapes(raw):
+    """Each header-shape fast path (quoted name, comment, bare address, folded
+    encoded-word name) splits exactly as the character loop does, near misses included."""
+    from policyd import addresses as a
+
+    assert a._addr_specs(raw) == a._addr_specs_slowly(raw)
+
+
+@pytest.mark.parametrize("raw", ['"Petrov, Ines" <ines.petrov97308@d1308.example.com>',
+                                 "maria.schmidt462452@d452.example.com",
+                                 "w.w@w.example (Walter White)",
+                                 "=?utf-8?B?RXZhIFRhbmFrYSDinIk=?=\n <eva@d1584.example.com>"])
+def test_common_header_shapes_take_a_fast_path(raw, monkeypatch):
+    from policyd import addresses as a
+
+    expected = a._addr_specs_slowly(raw)
+    monkeypatch.setattr(a, "_addr_specs_slowly", None)  # a slow call would fail here
+    assert a._addr_specs(raw) == expected
+
+
 @settings(max_examples=1000, deadline=None)
 @given(st.from_regex(r"[ A-Za-z=?\"]{0,6}<?[-A-Za-z0-9.+_'^|`~!\"]{0,6}@[-A-Za-z0-9.]{0,12}>?[ ]?",
                      fullmatch=True))

@@ -1,4 +1,4 @@
-"""The Decider's memo: answers remembered per snapshot, bounded, identical on the wire."""
+"""The Decider: the decision without its trace on the MTA path, the error policy, the line."""
 
 from __future__ import annotations
 
@@ -7,55 +7,47 @@ from policyd.service import Decider
 from policyd.smtp import ReplyPolicy
 from policyd.verdict import Query
 
-from .protocols.fakes import StaticSnapshots, sample_snapshot
+from .protocols.fakes import MEMBER, StaticSnapshots, sample_snapshot
 
 LIST = "test@lists.example.com"
 
 
-def counting_decide():
+def test_mta_path_decides_without_the_trace():
+    """The Decider asks for no trace (the MTAs never see it); the verdict, rule, reason
+    and reply are the ones the traced decision gives."""
     calls = []
 
-    def counted(snapshot, query):
-        calls.append(query)
-        return decide(snapshot, query)
-    return counted, calls
+    def recorded(snapshot, query, *, explain=True):
+        calls.append(explain)
+        return decide(snapshot, query, explain=explain)
+    snapshot = sample_snapshot()
+    decider = Decider(StaticSnapshots(snapshot), ReplyPolicy(), log_decisions=False,
+                      decide=recorded)
+    for sender in ("stranger@example.net", "", MEMBER):
+        query = Query(LIST, sender)
+        decision, reply, _wire = decider.decide(query, "exim")
+        traced = decide(snapshot, query)
+        assert decision.trace == () and traced.trace
+        assert decision._replace(trace=traced.trace) == traced
+        assert reply == ReplyPolicy().reply(traced)
+    assert calls == [False, False, False]
 
 
-def test_same_query_is_decided_once_per_snapshot():
-    """A repeated query is answered from the memo with the very same reply; a new
-    snapshot forgets everything."""
-    counted, calls = counting_decide()
+def test_every_query_reads_the_current_snapshot():
     snapshots = StaticSnapshots(sample_snapshot())
-    decider = Decider(snapshots, ReplyPolicy(), log_decisions=False, decide=counted)
+    decider = Decider(snapshots, ReplyPolicy(), log_decisions=False)
     query = Query(LIST, "stranger@example.net")
-    first = decider.decide(query, "exim")
-    second = decider.decide(Query(LIST, "stranger@example.net"), "exim")
-    assert len(calls) == 1
-    assert first[1:] == second[1:]
-    assert second[0].rule == first[0].rule and second[0].verdict is first[0].verdict
-    snapshots.current = sample_snapshot()
-    decider.decide(query, "exim")
-    assert len(calls) == 2
-    assert decider.counters()["total"] == 3
+    assert decider.decide(query, "exim")[0].verdict.value == "reject"
+    snapshots.current = sample_snapshot(extra_member="stranger@example.net")
+    assert decider.decide(query, "exim")[0].verdict.value == "accept"
+    assert decider.counters()["by_protocol"] == {"exim": {"reject": 1, "accept": 1}}
 
 
-def test_memo_is_bounded():
-    counted, calls = counting_decide()
-    decider = Decider(StaticSnapshots(sample_snapshot()), ReplyPolicy(), log_decisions=False,
-                      decide=counted)
-    decider.MEMO_SIZE = 3
-    for i in range(5):
-        decider.decide(Query(LIST, f"n{i}@example.net"), "postfix")
-    assert len(decider._memo) <= 3
-    decider.decide(Query(LIST, "n0@example.net"), "postfix")
-    assert len(calls) == 6
-
-
-def test_errors_are_not_remembered():
-    """A decision that failed is tried again next time (and answered with a 4xx)."""
+def test_errors_give_the_temporary_failure_every_time():
+    """A decision that fails is tried again next time (and answered with a 4xx)."""
     calls = []
 
-    def broken(snapshot, query):
+    def broken(snapshot, query, *, explain=True):
         calls.append(query)
         raise RuntimeError("bug")
     decider = Decider(StaticSnapshots(sample_snapshot()), ReplyPolicy(), log_decisions=False,
@@ -64,6 +56,8 @@ def test_errors_are_not_remembered():
         decision, reply, _wire = decider.decide(Query(LIST, "a@example.net"), "exim")
         assert decision is None and reply.code == 451
     assert len(calls) == 2
+    assert decider.counters()["by_protocol"] == {"exim": {"error": 2}}
+    assert decider.counters()["answers"] == {"exim": {"DEFER": 2}}
 
 
 def test_direct_decision_line_equals_the_event_line():

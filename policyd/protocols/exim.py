@@ -24,7 +24,8 @@ lists are decided one by one and the most severe outcome answers for all:
 DEFER > REJECT > DISCARD > HOLD > ACCEPT, ties to the first list in the request.
 
 A malformed request, an over-long one (``[exim] max_request`` bytes) or one that does not
-arrive within ``[exim] timeout`` seconds is answered ``DEFER 451 4.3.0 <reason>``.
+arrive within ``[exim] timeout`` seconds (checked every half second) is
+answered ``DEFER 451 4.3.0 <reason>``.
 """
 
 from __future__ import annotations
@@ -37,13 +38,12 @@ from dataclasses import dataclass
 from twisted.internet.interfaces import IHalfCloseableProtocol
 from twisted.internet.protocol import Protocol
 from twisted.logger import Logger
-from twisted.protocols.policies import TimeoutMixin
 from zope.interface import implementer
 
 from ..smtp import Outcome, SmtpReply, clean_text
 from ..verdict import Query
 from ..wire import aggregate, exim_reply_line
-from . import ProtocolError, TrackingFactory, peer_text
+from . import ProtocolError, TrackingFactory, peer_text, write_now
 
 log = Logger(namespace="policyd.exim")
 
@@ -134,9 +134,13 @@ def malformed_reply(reason: str) -> SmtpReply:
 
 
 @implementer(IHalfCloseableProtocol)
-class EximPolicyProtocol(Protocol, TimeoutMixin):
-    """Reads one line (newline or half-close), answers it, closes."""
+class EximPolicyProtocol(Protocol):
+    """Reads one line (newline or half-close), answers it, closes.
 
+    ``deadline`` (set by the factory): when an unanswered connection times out.
+    """
+
+    deadline = 0.0
 
     def __init__(self, factory: "EximFactory") -> None:
         self.factory = factory
@@ -145,7 +149,6 @@ class EximPolicyProtocol(Protocol, TimeoutMixin):
 
     def connectionMade(self) -> None:
         self.factory.track(self)
-        self.setTimeout(self.factory.config.timeout)
 
     def dataReceived(self, data: bytes) -> None:
         if self.answered:
@@ -180,22 +183,30 @@ class EximPolicyProtocol(Protocol, TimeoutMixin):
     def _answer(self, reply: bytes) -> None:
         self.answered = True
         self._buffer = b""
-        self.setTimeout(None)
-        self.transport.write(reply)
+        write_now(self.transport, reply)
         self.transport.loseConnection()
 
     def connectionLost(self, reason=None) -> None:
-        self.setTimeout(None)
         self.factory.untrack(self)
 
 
 class EximFactory(TrackingFactory):
     protocol = EximPolicyProtocol
+    sweep_interval = 0.5
 
     def __init__(self, decider, config, reactor) -> None:
         super().__init__(reactor)
         self.decider = decider
         self.config = config
+        self.sweep_interval = min(self.sweep_interval, config.timeout)
+
+    def track(self, protocol) -> None:
+        protocol.deadline = self.reactor.seconds() + self.config.timeout
+        super().track(protocol)
+
+    def sweep(self, now: float) -> None:
+        for protocol in [p for p in self.connections if not p.answered and p.deadline <= now]:
+            protocol.timeoutConnection()
 
     def buildProtocol(self, addr):
         return self.protocol(self)

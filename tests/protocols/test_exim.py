@@ -214,6 +214,31 @@ def test_timeout_answers_defer_and_closes():
     assert transport.disconnecting
 
 
+def test_each_connection_times_out_on_its_own_deadline_and_the_sweep_stops():
+    """One sweep for all connections: a late connection gets its full timeout, an
+    answered one is left alone, and the sweep stops with the last connection."""
+    first, first_transport, clock, factory = connect()
+    clock.advance(6)
+    second = factory.buildProtocol(None)
+    second_transport = StringTransport()
+    second.makeConnection(second_transport)
+    answered = factory.buildProtocol(None)
+    answered_transport = StringTransport()
+    answered.makeConnection(answered_transport)
+    answered.dataReceived(line() + b"\n")
+    clock.advance(4.5)
+    assert first_transport.value().startswith(b"DEFER 451 4.3.0")
+    assert second_transport.value() == b""
+    clock.advance(6)
+    assert second_transport.value().startswith(b"DEFER 451 4.3.0")
+    assert answered_transport.value() == REJECT
+    for proto in (first, second, answered):
+        proto.connectionLost(None)
+    assert not factory.connections
+    clock.advance(1)
+    assert clock.getDelayedCalls() == []
+
+
 def test_no_timeout_after_the_answer():
     proto, transport, clock, _ = connect()
     proto.dataReceived(line() + b"\n")
@@ -257,7 +282,7 @@ def test_several_lists_discard_beats_hold():
 
 
 def test_defer_beats_reject():
-    def decide(snapshot, query):
+    def decide(snapshot, query, *, explain=True):
         if query.recipient == OPEN:
             raise RuntimeError("boom")
         from policyd.chain import decide as real
@@ -268,7 +293,7 @@ def test_defer_beats_reject():
 
 def test_exception_in_decision_is_a_temporary_failure(events):
     """An error inside the decision: log.failure and DEFER 451 4.3.0, never 5xx."""
-    def broken(snapshot, query):
+    def broken(snapshot, query, *, explain=True):
         raise ZeroDivisionError()
     value, closed = ask(line() + b"\n", decide=broken)
     assert value == TEMPFAIL

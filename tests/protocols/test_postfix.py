@@ -281,18 +281,26 @@ def test_idle_timeout_closes_after_the_configured_time():
     """The idle timeout (longer than Postfix's 300 s max_idle) closes the connection;
     activity resets it."""
     proto, transport, clock, _ = connect()
-    clock.advance(599)
+    clock.pump([1] * 599)
     proto.dataReceived(request())
-    clock.advance(599)
+    clock.pump([1] * 599)
     assert not transport.disconnecting
-    clock.advance(2)
+    clock.pump([1] * 60)  # within two sweeps (30 s each) of the timeout
     assert transport.disconnecting
+
+
+def test_idle_sweep_stops_with_the_last_connection():
+    proto, transport, clock, factory = connect()
+    clock.pump([1] * 100)
+    proto.connectionLost(None)
+    clock.pump([1] * 100)
+    assert clock.getDelayedCalls() == []
 
 
 def test_exception_in_decision_is_a_temporary_failure(events):
     """An error inside the decision is logged (log.failure) and answered with the
     configured 4xx, never a 5xx, and the connection stays usable."""
-    def broken(snapshot, query):
+    def broken(snapshot, query, *, explain=True):
         raise RuntimeError("boom")
     proto, transport, _, factory = connect(decide=broken)
     proto.dataReceived(request() + request())
