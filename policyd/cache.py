@@ -244,7 +244,12 @@ class SnapshotService(Service):
                 gc.enable()
         if not isinstance(snapshot, Snapshot):
             raise TypeError(f"the store returned {type(snapshot).__name__}, not a Snapshot")
-        return_free_memory()
+        if current is None:
+            # With a snapshot in place, ``release`` frees it next and trims then, once
+            # for both: a trim walks the whole heap (2-4 ms for a 1M-membership one), and
+            # with both threads on one core the reactor thread waits for it even though
+            # the GIL is free meanwhile.
+            return_free_memory()
         return token, snapshot, self.backend.describe()
 
     def _done(self, result) -> bool:

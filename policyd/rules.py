@@ -11,11 +11,9 @@ Sources: mailman 3.3.10 ``rules/moderation.py``, ``rules/banned_address.py``,
 
 from __future__ import annotations
 
-from functools import lru_cache
 from typing import NamedTuple, Protocol
 
 from .addresses import (
-    CACHE_SIZE,
     envelope_mailman3,
     normalise,
     parse_header,
@@ -65,10 +63,15 @@ class Rule(Protocol):
 def senders_mailman3(query: Query) -> tuple[str, ...]:
     """Mailman 3's ``msg.senders``: From:, envelope, Reply-To:, Sender:, minus what its
     validator would drop (it sees the addresses as written, before normalisation)."""
-    return (parse_header_mailman3(query.from_header)
-            + envelope_mailman3(query.envelope_sender)
-            + parse_header_mailman3(query.reply_to_header)
-            + parse_header_mailman3(query.sender_header))
+    senders = envelope_mailman3(query.envelope_sender)
+    # An absent header (always, on the Postfix path) costs no call.
+    if query.from_header:
+        senders = parse_header_mailman3(query.from_header) + senders
+    if query.reply_to_header:
+        senders += parse_header_mailman3(query.reply_to_header)
+    if query.sender_header:
+        senders += parse_header_mailman3(query.sender_header)
+    return senders
 
 
 def senders_mailman2(query: Query) -> tuple[str, ...]:
@@ -309,14 +312,4 @@ class Mailman2NonmemberModeration:
 
 
 def mode_senders(mode: Mode, query: Query) -> tuple[str, ...]:
-    return _mode_senders(mode, query.from_header, query.envelope_sender,
-                         query.reply_to_header, query.sender_header)
-
-
-# One cache lookup per query instead of one per header: the recipient is not part of the
-# key, so a poster writing to several lists is parsed once.
-@lru_cache(maxsize=CACHE_SIZE)
-def _mode_senders(mode: Mode, from_header, envelope_sender, reply_to_header, sender_header
-                  ) -> tuple[str, ...]:
-    query = Query("", envelope_sender, from_header, reply_to_header, sender_header)
     return senders_mailman3(query) if mode is Mode.MAILMAN3 else senders_mailman2(query)

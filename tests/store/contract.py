@@ -418,6 +418,27 @@ class StoreContract:
         assert set(policy.members) == {"ed@a.example"}
         assert dict(policy.member_aliases) == {}
 
+    def test_sparse_address_ids_load_like_dense_ones(self, store, backend, mlist):
+        """Address ids far apart (most rows deleted) make the loader keep its id tables
+        as dicts instead of lists indexed by id: members, actions and aliases are the
+        same, in a full and in an incremental load."""
+        with store.write() as session:
+            q.add_user(session, "jo", q.entries_from(["jo@a.example", "jo@b.example"], None))
+        self.add(store, ["jo@b.example", "kim@example.com"], Action.HOLD)
+        with store.write() as session:
+            session.execute(insert(Address).values(
+                id=5_000_000, email="zed@example.com", original="zed@example.com",
+                user_id=q.find_user(session, "jo").id))
+        before = backend.load_snapshot()
+        self.add(store, ["zed@example.com"], Action.REJECT)
+        for snapshot in (backend.load_snapshot(), backend.load_changes(before)):
+            policy = snapshot.lists[LIST]
+            assert set(policy.members) == {"jo@b.example", "kim@example.com",
+                                           "zed@example.com"}
+            assert policy.find_member("zed@example.com") == ("zed@example.com",
+                                                             Action.REJECT)
+            assert dict(policy.member_aliases) == {"jo@a.example": "jo@b.example"}
+
     def test_user_without_preferred_address_cannot_subscribe(self, store, mlist):
         """subscribe_user needs a preferred address."""
         with pytest.raises(BadInput, match="preferred"):
