@@ -22,8 +22,10 @@ from functools import lru_cache
 __all__ = ["canonical", "envelope_mailman3", "normalise", "parse_header", "parse_header_mailman3", "mailman_valid",
            "mailman3_raw_valid", "split_address"]
 
-# Entries per parsing cache: senders repeat (the same people post again and again), but a
-# stream of one-off spam senders must not grow the caches without bound.
+# Entries per parsing cache.  Only the slow paths are cached (odd syntax, encoded
+# words, non-ASCII): the common shapes are parsed by one regex in less time than a
+# cache lookup plus its upkeep costs on a daemon that does a system call between any
+# two queries, and a stream of one-off senders would only churn a cache.
 CACHE_SIZE = 16384
 
 _CONTROL = re.compile(r"[\x00-\x1f\x7f]")
@@ -105,16 +107,26 @@ def canonical(address: str) -> str | None:
     return _normalise(address)
 
 
-def _normalise(address: str) -> str | None:
-    # Fast path, for the plain ASCII address nearly every query carries (tested to agree
-    # with the full path below).
+def _plain(address: str) -> str | None:
+    """The fast path, for the plain ASCII address nearly every query carries (tested to
+    agree with the full path): the address lower-cased, or ``None`` for anything else."""
     if _CANONICAL.fullmatch(address):
         return address
     if address.isascii():
         lowered = address.lower()
         if _CANONICAL.fullmatch(lowered):
             return lowered
-    return _normalise_slowly(address)
+    return None
+
+
+def _normalise(address: str) -> str | None:
+    return _plain(address) or _normalise_slowly(address)
+
+
+def normalise(address: str) -> str | None:
+    """The canonical form of one addr-spec (see ``_normalise_slowly``); what takes the
+    slow path is cached."""
+    return _plain(address) or _normalise_cached(address)
 
 
 def _normalise_slowly(address: str) -> str | None:
@@ -145,7 +157,7 @@ def _normalise_slowly(address: str) -> str | None:
     return f"{local.lower()}@{domain}"
 
 
-normalise = lru_cache(maxsize=CACHE_SIZE)(_normalise)
+_normalise_cached = lru_cache(maxsize=CACHE_SIZE)(_normalise_slowly)
 
 
 def _last_unquoted_at(address: str) -> int:
@@ -175,7 +187,6 @@ def mailman_valid(address: str) -> bool:
     return all(label and label[0] != "-" and not _MM_LABEL_BAD.search(label) for label in labels)
 
 
-@lru_cache(maxsize=CACHE_SIZE)
 def parse_header(value: str | None) -> tuple[str, ...]:
     """Return the normalised addresses of an address-list header value, in order.
 
@@ -213,7 +224,6 @@ def mailman3_raw_valid(spec: str) -> bool:
     return not spec.endswith(".")
 
 
-@lru_cache(maxsize=CACHE_SIZE)
 def envelope_mailman3(sender: str) -> tuple[str, ...]:
     """The envelope sender as Mailman 3's ``msg.senders`` has it: ``()`` when null or
     when its validator would drop it."""
@@ -240,7 +250,6 @@ def _mailman3_address(spec: str) -> str | None:
     return address
 
 
-@lru_cache(maxsize=CACHE_SIZE)
 def parse_header_mailman3(value: str | None) -> tuple[str, ...]:
     """``parse_header`` minus what Mailman 3's ``msg.senders`` drops: addresses invalid as
     written (``mailman3_raw_valid``) or once normalised (``mailman_valid``)."""
@@ -268,7 +277,7 @@ _FOLDED_MAILBOX = re.compile(
     r'[ \t]*([^"(),;:<>\\\s]+)[ \t]*\r?\n[ \t]+<([^"(),;:<>\\\s]*)>[ \t]*')
 
 
-def _addr_specs(value: str) -> list[str]:
+def _addr_specs(value: str) -> list[str] | tuple[str, ...]:
     """Split a header value into raw addr-specs (tokenizer for RFC 5322 address-lists)."""
     match = (_SIMPLE_MAILBOX.fullmatch(value) or _QUOTED_MAILBOX.fullmatch(value)
              or _BARE_SPEC.fullmatch(value))
@@ -277,7 +286,12 @@ def _addr_specs(value: str) -> list[str]:
     match = _FOLDED_MAILBOX.fullmatch(value)
     if match is not None:
         return [match.group(1), match.group(2)]
-    return _addr_specs_slowly(value)
+    return _addr_specs_cached(value)
+
+
+@lru_cache(maxsize=CACHE_SIZE)
+def _addr_specs_cached(value: str) -> tuple[str, ...]:
+    return tuple(_addr_specs_slowly(value))
 
 
 def _addr_specs_slowly(value: str) -> list[str]:

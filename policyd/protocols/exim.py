@@ -43,7 +43,7 @@ from zope.interface import implementer
 from ..smtp import Outcome, SmtpReply, clean_text
 from ..verdict import Query
 from ..wire import aggregate, exim_reply_line
-from . import ProtocolError, TrackingFactory, peer_text, write_now
+from . import ProtocolError, TrackingFactory, peer_text
 
 log = Logger(namespace="policyd.exim")
 
@@ -183,7 +183,7 @@ class EximPolicyProtocol(Protocol):
     def _answer(self, reply: bytes) -> None:
         self.answered = True
         self._buffer = b""
-        write_now(self.transport, reply)
+        self.transport.write(reply)
         self.transport.loseConnection()
 
     def connectionLost(self, reason=None) -> None:
