@@ -43,6 +43,10 @@ def main(argv=None, environ=None) -> int:
         print(f"policyd: {config.source}: configuration OK")
         return 0
 
+    if "twisted.internet.reactor" not in sys.modules:
+        from .reactor import install
+
+        install()
     from twisted.internet import reactor
     from twisted.internet.task import LoopingCall
     from twisted.logger import Logger

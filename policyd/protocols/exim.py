@@ -30,10 +30,9 @@ answered ``DEFER 451 4.3.0 <reason>``.
 
 from __future__ import annotations
 
-import base64
 import binascii
 import re
-from dataclasses import dataclass
+from typing import NamedTuple
 
 from twisted.internet.interfaces import IHalfCloseableProtocol
 from twisted.internet.protocol import Protocol
@@ -56,8 +55,7 @@ _HEADERS = (b"from", b"reply_to", b"sender_header")
 _SAFE_ID = re.compile(r"[^A-Za-z0-9._:@+/=-]")
 
 
-@dataclass(frozen=True, slots=True)
-class EximRequest:
+class EximRequest(NamedTuple):
     lists: tuple[str, ...]
     envelope_sender: str
     from_header: str | None = None
@@ -65,17 +63,17 @@ class EximRequest:
     sender_header: str | None = None
     id: str | None = None
 
-    def queries(self) -> tuple[Query, ...]:
-        return tuple(Query(address, self.envelope_sender, self.from_header,
-                           self.reply_to_header, self.sender_header)
-                     for address in self.lists)
+    def queries(self) -> list[Query]:
+        return [Query(address, self.envelope_sender, self.from_header,
+                      self.reply_to_header, self.sender_header)
+                for address in self.lists]
 
 
 def _b64(key: bytes, value: bytes) -> str:
     if not value:
         return ""
     try:
-        raw = base64.b64decode(value + b"=" * (-len(value) % 4), validate=True)
+        raw = binascii.a2b_base64(value + b"=" * (-len(value) % 4), strict_mode=True)
     except (binascii.Error, ValueError):
         raise ProtocolError(f"{key.decode()}= is not valid base64") from None
     return raw.decode("utf-8", "surrogateescape")
@@ -217,11 +215,16 @@ class EximFactory(TrackingFactory):
         except ProtocolError as error:
             return self.malformed(error, transport)
         decide = self.decider.decide
-        replies = [decide(query, "exim", request.id, count_answer=False)[1]
-                   for query in request.queries()]
-        reply = replies[0] if len(replies) == 1 else aggregate(replies)
-        self.decider.count_answer("exim", reply.outcome.value)
-        return format_reply(reply)
+        queries = request.queries()
+        if len(queries) == 1:
+            _, reply, wire = decide(queries[0], "exim", request.id, count_answer=False)
+            answer = wire.encode("utf-8", "replace")
+        else:
+            reply = aggregate([decide(query, "exim", request.id, count_answer=False)[1]
+                               for query in queries])
+            answer = format_reply(reply)
+        self.decider.count_answer("exim", reply.outcome._value_)
+        return answer
 
     def malformed(self, error: ProtocolError, transport) -> bytes:
         log.warn("malformed Exim policy request from {peer}: {reason}",
