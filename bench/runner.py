@@ -507,6 +507,8 @@ class Bench:
             last = int((1.0 + reload_s) / step) + 1
             window = result["timeline_max_ms"][first:last + 1]
             result["worst_during_rebuild_ms"] = max(window) if window else None
+            if window and os.environ.get("BENCH_SHOW_WINDOW"):
+                log("  timeline (max ms per 0.1 s): " + " ".join(f"{v:.0f}" for v in window))
             self.results["runs"].append(result)
             runs.append(result)
             daemon.truncate_log()

@@ -15,6 +15,7 @@ from types import MappingProxyType
 from typing import ClassVar, Iterable, Mapping, NamedTuple
 
 from .addresses import canonical, normalise, split_address
+from .pacing import pace
 from .verdict import Action, Mode, Role
 
 # Mailman 3 LMTP's suffixes (mailman/runners/lmtp.py SUBADDRESS_NAMES), plus "subscribe"
@@ -252,11 +253,13 @@ def _normalised_pairs(specs):
     seen = set()
     pairs = specs.items() if isinstance(specs, Mapping) else \
         ((spec.address, spec.action) for spec in specs)
-    for raw, action in pairs:
+    for count, (raw, action) in enumerate(pairs):
         address = canonical(raw)
         if address is not None and address not in seen:
             seen.add(address)
             yield address, action
+        if not count & 1023:  # a big list is many milliseconds of work
+            pace()
 
 
 def _address_map(specs) -> dict[str, Action | None]:
@@ -344,6 +347,7 @@ def build(
     problems: list[str] = []
     policies: dict[str, ListPolicy] = {}
     for spec in lists:
+        pace()
         policy = build_list(spec, problems)
         policies[policy.posting_address] = policy
     domain_map: dict[str, str] = {}

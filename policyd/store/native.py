@@ -31,6 +31,7 @@ from sqlalchemy.exc import SQLAlchemyError
 
 from .. import snapshot as snapshot_module
 from ..errors import StoreUnavailable
+from ..pacing import pace
 from ..snapshot import ListSpec, Snapshot
 from ..verdict import Action, Mode
 from . import engine as engine_module
@@ -127,11 +128,13 @@ def _id_table(connection: Connection, statement, count: int, max_id: int
             rows += len(batch)
             for id_, value in batch:
                 table[id_] = value
+            pace()
     else:
         table = _Sparse()
         for batch in _raw_rows(connection, statement):
             rows += len(batch)
             table.update(batch)
+            pace()
     return table, rows
 
 
@@ -222,6 +225,7 @@ def load_specs(connection: Connection, list_ids: Collection[int] | None = None
         null().label("user_id")).where(roles, m.c.address_id.is_not(None)))
     for rows in _raw_rows(connection, direct):
         add(rows, linked > 0)
+        pace()
     through_user = only(m.c.list_id, (
         select(m.c.list_id, _raw(m.c.role), _raw(m.c.moderation_action),
                u.c.preferred_address_id, u.c.id)
@@ -230,6 +234,7 @@ def load_specs(connection: Connection, list_ids: Collection[int] | None = None
     ))
     for rows in _raw_rows(connection, through_user):
         add(rows, True)
+        pace()
 
     # Addresses of the users behind members, in address order.  (A set grown list by
     # list, not one union of them all: one C call over every entry.)
@@ -237,9 +242,11 @@ def load_specs(connection: Connection, list_ids: Collection[int] | None = None
     for users in member_users.values():
         wanted.update(users)
     user_addresses: dict[int, list[str]] = defaultdict(list)
-    for address_id, user_id in _in_id_order(address_user):
+    for count, (address_id, user_id) in enumerate(_in_id_order(address_user)):
         if user_id in wanted:
             user_addresses[user_id].append(emails[address_id])
+        if not count % 4096:
+            pace()
     drain(emails, address_user, wanted)
 
     patterns: dict[int, dict[str, list[str]]] = defaultdict(lambda: defaultdict(list))
@@ -266,6 +273,7 @@ def load_specs(connection: Connection, list_ids: Collection[int] | None = None
 
     specs = []
     for id_, settings in lists.items():
+        pace()
         list_members = members.pop(id_, {})
         aliases: dict[str, str] = {}
         users = member_users.get(id_, ())
@@ -390,9 +398,13 @@ def drain(*containers: list | dict | set) -> None:
         if isinstance(items, dict):
             while items:
                 items.popitem()
+                if not len(items) % 16:
+                    pace()
         else:
             while items:
                 items.pop()
+                if not len(items) % 16:
+                    pace()
 
 
 class NativeBackend:
