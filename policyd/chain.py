@@ -56,8 +56,8 @@ ALL_RULES: tuple[Rule, ...] = SMTP_CHAIN + MAILMAN3_CHAIN + MAILMAN2_CHAIN
 
 
 def decide(snapshot: Snapshot, query: Query, *, explain: bool = True) -> Decision:
-    """Run the chain.  ``explain=False`` (the MTA path) leaves the trace empty: every rule
-    runs the same, only the steps are not recorded."""
+    """Run the chain.  ``explain=False`` (the MTA path) leaves the trace empty and the
+    reason blank: every rule runs the same, only nothing is written down."""
     target = snapshot.resolve(query.recipient)
     if not target.managed_domain:
         return Decision(
@@ -70,10 +70,11 @@ def decide(snapshot: Snapshot, query: Query, *, explain: bool = True) -> Decisio
     policy = target.list
     if policy is not None:
         senders = mode_senders(policy.mode, query)
-        ctx = Context(snapshot, query, target, senders, first_member(policy, senders))
+        ctx = Context(snapshot, query, target, senders, first_member(policy, senders),
+                      explain)
         chain = _FULL_CHAINS[policy.mode]
     else:
-        ctx = Context(snapshot, query, target, ())
+        ctx = Context(snapshot, query, target, (), None, explain)
         chain = SMTP_CHAIN
     trace: list[TraceStep] | None = [] if explain else None
     note: Miss | None = None
@@ -89,9 +90,9 @@ def decide(snapshot: Snapshot, query: Query, *, explain: bool = True) -> Decisio
         if result.note is not None:
             note = result
     reason = "no rule held, rejected or discarded the post"
-    if note is not None:
-        reason = f"{note.note}; {reason}"
     if trace is not None:
+        if note is not None:
+            reason = f"{note.note}; {reason}"
         trace.append(TraceStep("accept", True, reason))
     return _decision(ctx, "accept", Verdict.ACCEPT, reason,
                      note.action if note else None, note.sender if note else None, trace)

@@ -33,6 +33,9 @@ class Context(NamedTuple):
     # The first sender that is a member: (sender, member address, member's own action),
     # or None.  Both modes' member and nonmember rules ask it; it is looked up once.
     member: tuple[str, str, Action | None] | None = None
+    # False on the MTA path: the reasons and details are only read by ``policyctl
+    # query``, so the rules leave them empty (formatting them was a tenth of a decision).
+    explain: bool = True
 
     @property
     def policy(self) -> ListPolicy:
@@ -108,9 +111,10 @@ class UnknownList:
 
     def check(self, ctx: Context) -> Hit | Miss:
         if ctx.target.list is None:
-            return Hit(Verdict.REJECT, f"no list at {ctx.target.address}")
+            return Hit(Verdict.REJECT, f"no list at {ctx.target.address}" if ctx.explain
+                       else "")
         return Miss(f"{ctx.target.address} is the {ctx.target.role.value} address of "
-                    f"{ctx.policy.posting_address}")
+                    f"{ctx.policy.posting_address}" if ctx.explain else "")
 
 
 class NullSender:
@@ -122,8 +126,8 @@ class NullSender:
             return Miss("envelope sender is not null")
         if ctx.target.role is Role.BOUNCES:
             return Miss("null sender to the -bounces address is a bounce")
-        return Hit(Verdict.REJECT,
-                   f"the null sender may not write to {ctx.target.address}")
+        return Hit(Verdict.REJECT, f"the null sender may not write to {ctx.target.address}"
+                   if ctx.explain else "")
 
 
 class AdministrativeAddress:
@@ -135,7 +139,7 @@ class AdministrativeAddress:
             return Miss("posting address")
         return Hit(Verdict.ACCEPT,
                    f"{ctx.target.address} is the list's {ctx.target.role.value} address, "
-                   "not a post")
+                   "not a post" if ctx.explain else "")
 
 
 # --- Mailman 3 ---------------------------------------------------------------------------
@@ -147,7 +151,7 @@ class NoSenders:
 
     def check(self, ctx: Context) -> Hit | Miss:
         if ctx.senders:
-            return Miss("senders: " + ", ".join(ctx.senders))
+            return Miss("senders: " + ", ".join(ctx.senders) if ctx.explain else "")
         return Hit(Verdict.DISCARD, "no valid sender address in From:, envelope, "
                    "Reply-To: or Sender:", Action.DISCARD)
 
@@ -204,6 +208,10 @@ class MemberModeration:
             return Miss("no sender is a member")
         sender, member, own = found
         action = ctx.policy.default_member_action if own is None else own
+        if not ctx.explain:
+            if action is Action.DEFER:
+                return Miss("", note="", action=action, sender=sender)
+            return _action_hit(action, "", sender)
         source = "list default" if own is None else "member's own"
         who = _member_words(sender, member)
         if action is Action.DEFER:
@@ -226,7 +234,8 @@ class NonmemberModeration:
         for sender in ctx.senders:
             own = policy.nonmembers.get(sender)
             if own is not None:
-                reason = f"{sender} is a nonmember with its own action {own.label}"
+                reason = f"{sender} is a nonmember with its own action {own.label}" \
+                    if ctx.explain else ""
                 if own is Action.DEFER:
                     return Miss(reason + ": no opinion", note=reason, action=own,
                                 sender=sender)
@@ -235,14 +244,16 @@ class NonmemberModeration:
                 entry = _matching_entry(ctx.snapshot, policy, patterns, sender)
                 if entry is None:
                     continue
-                reason = f"{sender} matches {entry!r} in {action.label}_these_nonmembers"
+                reason = f"{sender} matches {entry!r} in {action.label}_these_nonmembers" \
+                    if ctx.explain else ""
                 if action is Action.ACCEPT:
                     # Mailman 3 turns accept_these_nonmembers into "defer".
                     return Miss(reason, note=reason, action=Action.DEFER, sender=sender)
                 return _action_hit(action, reason, sender)
         action = policy.default_nonmember_action
         sender = ctx.senders[-1] if ctx.senders else None
-        reason = f"no sender is a member; list default nonmember action {action.label}"
+        reason = f"no sender is a member; list default nonmember action {action.label}" \
+            if ctx.explain else ""
         if action is Action.DEFER:
             return Miss(reason, note=reason, action=action, sender=sender)
         return _action_hit(action, reason, sender)

@@ -29,6 +29,10 @@ def check(snapshot, query, verdict, rule, sender=None):
     if sender is not None:
         assert decision.sender == sender
     assert decision.trace[-1].hit and decision.trace[-1].rule == rule
+    # The MTA path decides the same without writing anything down.
+    quiet = decide(snapshot, query, explain=False)
+    assert quiet.trace == ()
+    assert quiet == decision._replace(reason=quiet.reason, trace=())
     return decision
 
 

@@ -13,8 +13,9 @@ LIST = "test@lists.example.com"
 
 
 def test_mta_path_decides_without_the_trace():
-    """The Decider asks for no trace (the MTAs never see it); the verdict, rule, reason
-    and reply are the ones the traced decision gives."""
+    """The Decider asks for no explanation (the MTAs never see it): no trace, no reason
+    text; the verdict, rule, action, sender and reply are the ones the explained decision
+    gives."""
     calls = []
 
     def recorded(snapshot, query, *, explain=True):
@@ -28,7 +29,7 @@ def test_mta_path_decides_without_the_trace():
         decision, reply, _wire = decider.decide(query, "exim")
         traced = decide(snapshot, query)
         assert decision.trace == () and traced.trace
-        assert decision._replace(trace=traced.trace) == traced
+        assert decision._replace(trace=traced.trace, reason=traced.reason) == traced
         assert reply == ReplyPolicy().reply(traced)
     assert calls == [False, False, False]
 
