@@ -44,7 +44,7 @@ SEVERITY = {
 
 def exim_reply_line(reply: SmtpReply) -> str:
     """``REJECT 550 5.7.1 text``: the whole Exim answer, no trailing newline."""
-    return f"{reply.outcome.value} {reply.code} {reply.status} {reply.text}"
+    return f"{reply.outcome._value_} {reply.code} {reply.status} {reply.text}"
 
 
 def aggregate(replies) -> SmtpReply:

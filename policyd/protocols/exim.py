@@ -50,9 +50,11 @@ __all__ = ["VERSION", "EximRequest", "parse_request", "format_reply", "malformed
            "EximPolicyProtocol", "EximFactory"]
 
 VERSION = b"POLICYD/1"
-_KEY = re.compile(rb"^[a-z_]+=")
+_KEY_NAME = re.compile(rb"[a-z_]+")
+_KNOWN_KEYS = frozenset({b"list", b"sender", b"from", b"reply_to", b"sender_header", b"id"})
 _HEADERS = (b"from", b"reply_to", b"sender_header")
 _SAFE_ID = re.compile(r"[^A-Za-z0-9._:@+/=-]")
+_SAFE_ID_BYTES = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789._:@+/=-"
 
 
 class EximRequest(NamedTuple):
@@ -96,8 +98,8 @@ def parse_request(line: bytes) -> EximRequest:
     for word in words[1:]:
         if not word:
             continue
-        if _KEY.match(word):
-            key, _, value = word.partition(b"=")
+        key, eq, value = word.partition(b"=")
+        if eq and (key in _KNOWN_KEYS or _KEY_NAME.fullmatch(key)):
             if key in fields:
                 raise ProtocolError(f"{key.decode()}= given twice")
             fields[key] = value
@@ -109,7 +111,7 @@ def parse_request(line: bytes) -> EximRequest:
     lists_raw = fields.get(b"list")
     if lists_raw is None:
         raise ProtocolError("list= is required")
-    lists = tuple(a for a in lists_raw.decode("utf-8", "surrogateescape").split(",") if a)
+    lists = tuple(filter(None, lists_raw.decode("utf-8", "surrogateescape").split(",")))
     if not lists:
         raise ProtocolError("list= names no address")
     if b"sender" not in fields:
@@ -118,7 +120,11 @@ def parse_request(line: bytes) -> EximRequest:
     headers = [(_b64(k, fields[k]) or None) if k in fields else None for k in _HEADERS]
     request_id = fields.get(b"id")
     if request_id is not None:
-        request_id = _SAFE_ID.sub("_", request_id[:64].decode("ascii", "replace")) or None
+        request_id = request_id[:64]
+        if request_id and not request_id.translate(None, _SAFE_ID_BYTES):
+            request_id = request_id.decode("ascii")  # already safe (Exim's ids are)
+        else:
+            request_id = _SAFE_ID.sub("_", request_id.decode("ascii", "replace")) or None
     return EximRequest(lists, sender, *headers, request_id)
 
 
