@@ -56,6 +56,17 @@ class Miss(NamedTuple):
     sender: str | None = None
 
 
+# The misses that say the same every time: made once (several per query otherwise).
+_NOT_NULL = Miss("envelope sender is not null")
+_BOUNCE = Miss("null sender to the -bounces address is a bounce")
+_POSTING = Miss("posting address")
+_NOT_BANNED = Miss("no sender is banned")
+_NO_EMERGENCY = Miss("emergency moderation is off")
+_NO_MEMBER = Miss("no sender is a member")
+_A_MEMBER = Miss("a sender is a member")
+_QUIET = Miss("")
+
+
 class Rule(Protocol):
     name: str
     description: str
@@ -113,8 +124,10 @@ class UnknownList:
         if ctx.target.list is None:
             return Hit(Verdict.REJECT, f"no list at {ctx.target.address}" if ctx.explain
                        else "")
+        if not ctx.explain:
+            return _QUIET
         return Miss(f"{ctx.target.address} is the {ctx.target.role.value} address of "
-                    f"{ctx.policy.posting_address}" if ctx.explain else "")
+                    f"{ctx.policy.posting_address}")
 
 
 class NullSender:
@@ -123,9 +136,9 @@ class NullSender:
 
     def check(self, ctx: Context) -> Hit | Miss:
         if ctx.query.envelope_sender.strip() not in ("", "<>"):
-            return Miss("envelope sender is not null")
+            return _NOT_NULL
         if ctx.target.role is Role.BOUNCES:
-            return Miss("null sender to the -bounces address is a bounce")
+            return _BOUNCE
         return Hit(Verdict.REJECT, f"the null sender may not write to {ctx.target.address}"
                    if ctx.explain else "")
 
@@ -136,7 +149,7 @@ class AdministrativeAddress:
 
     def check(self, ctx: Context) -> Hit | Miss:
         if ctx.target.role is Role.POST:
-            return Miss("posting address")
+            return _POSTING
         return Hit(Verdict.ACCEPT,
                    f"{ctx.target.address} is the list's {ctx.target.role.value} address, "
                    "not a post" if ctx.explain else "")
@@ -151,7 +164,7 @@ class NoSenders:
 
     def check(self, ctx: Context) -> Hit | Miss:
         if ctx.senders:
-            return Miss("senders: " + ", ".join(ctx.senders) if ctx.explain else "")
+            return Miss("senders: " + ", ".join(ctx.senders)) if ctx.explain else _QUIET
         return Hit(Verdict.DISCARD, "no valid sender address in From:, envelope, "
                    "Reply-To: or Sender:", Action.DISCARD)
 
@@ -170,7 +183,7 @@ class BannedAddress:
             if entry is not None:
                 return Hit(Verdict.DISCARD, f"{sender} is banned ({scope} ban {entry!r})",
                            Action.DISCARD, sender)
-        return Miss("no sender is banned")
+        return _NOT_BANNED
 
 
 class Emergency:
@@ -181,7 +194,7 @@ class Emergency:
         if ctx.policy.emergency:
             return Hit(Verdict.HOLD, "the list is in emergency moderation", Action.HOLD,
                        ctx.senders[0] if ctx.senders else None)
-        return Miss("emergency moderation is off")
+        return _NO_EMERGENCY
 
 
 def first_member(policy: ListPolicy, senders) -> tuple[str, str, Action | None] | None:
@@ -205,7 +218,7 @@ class MemberModeration:
     def check(self, ctx: Context) -> Hit | Miss:
         found = ctx.member
         if found is None:
-            return Miss("no sender is a member")
+            return _NO_MEMBER
         sender, member, own = found
         action = ctx.policy.default_member_action if own is None else own
         if not ctx.explain:
@@ -230,7 +243,7 @@ class NonmemberModeration:
     def check(self, ctx: Context) -> Hit | Miss:
         policy = ctx.policy
         if ctx.member is not None:
-            return Miss("a sender is a member")
+            return _A_MEMBER
         for sender in ctx.senders:
             own = policy.nonmembers.get(sender)
             if own is not None:
@@ -286,7 +299,7 @@ class Mailman2MemberModeration:
     def check(self, ctx: Context) -> Hit | Miss:
         found = ctx.member
         if found is None:
-            return Miss("no sender is a member")
+            return _NO_MEMBER
         sender, member, action = found
         if action in (Action.HOLD, Action.REJECT, Action.DISCARD):
             return _action_hit(action, f"{sender} is a moderated member; "
@@ -304,7 +317,7 @@ class Mailman2NonmemberModeration:
     def check(self, ctx: Context) -> Hit | Miss:
         policy = ctx.policy
         if ctx.member is not None:
-            return Miss("a sender is a member")
+            return _A_MEMBER
         sender = sender_mailman2(ctx.query) or ""
         for action, patterns in policy.nonmember_patterns:
             entry = _matching_entry(ctx.snapshot, policy, patterns, sender) if sender else None
