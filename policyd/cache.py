@@ -74,10 +74,13 @@ class StoreThread(Service):
         self._jobs.put((d, f, args, kwargs))
         return d
 
-    # The scheduler's niceness of this thread (Linux: per thread).  A rebuild is seconds
-    # of CPU; where it shares a core with the reactor thread (in C: SQL, row fetching),
-    # the reactor is served first instead of getting a fair half.
-    NICENESS = 10
+    # The scheduler's niceness of this thread (Linux: per thread), the lowest there is.
+    # A rebuild is seconds of CPU and the change check every refresh_interval a few
+    # milliseconds of SQL; where they share a core with the reactor thread, the reactor
+    # is served first instead of getting a fair half (measured: the periodic check was
+    # the 5-10 ms outliers of the latency at half load).  Under a load that keeps the
+    # reactor busy all the time, refreshes wait for it.
+    NICENESS = 19
 
     def _loop(self) -> None:
         try:
