@@ -7,14 +7,20 @@ thread-local stack so that a legacy ``log.msg`` inside the handler is tagged wit
 tag, yet it cost ~3 µs per event: a tenth of a Postfix request, and three events (accept,
 read, close) for every Exim connection.  ``_doReadOrWrite`` is unchanged: it still catches
 what a handler raises, logs it and drops that connection.
+
+It also tells a snapshot rebuild when it is back waiting for events (``pacing.turns``),
+so that the builder gives it the GIL until it has caught up.
 """
 
 from __future__ import annotations
 
 import errno
+from time import perf_counter
 
 from twisted.internet import epollreactor
 from twisted.logger import Logger
+
+from .pacing import turns
 
 log = Logger(namespace="policyd.reactor")
 
@@ -23,12 +29,17 @@ class EPollReactor(epollreactor.EPollReactor):
     def doPoll(self, timeout):
         if timeout is None:
             timeout = -1  # wait indefinitely
+        turns.active = True
+        turns.waited_at = perf_counter()
+        turns.waiting = True
         try:
             events = self._poller.poll(timeout, len(self._selectables))
         except OSError as err:
             if err.errno == errno.EINTR:
                 return
             raise
+        finally:
+            turns.waiting = False
         selectables = self._selectables
         dispatch = self._doReadOrWrite
         for fd, event in events:
