@@ -108,6 +108,7 @@ def main(argv=None) -> None:
                                          redirectStandardIO=False)
         quiet = Decider(holder, policy, log_decisions=False)
         loud = Decider(holder, policy, log_decisions=True)
+        loud.log_decision = writer.decision  # the daemon's direct line (policyd.daemon)
         # alternate and keep the best of three: the difference is small next to noise
         for label in ("decider_nolog_us", "decider_log_us"):
             out[label] = float("inf")
