@@ -117,12 +117,8 @@ class Decider:
         # ``_value_``: the member's plain attribute (``.value`` is a property, a Python
         # call per access on 3.11).
         label = decision.verdict._value_
-        counts = self.by_protocol.get(protocol)
-        if counts is None:
-            counts = self._counters(protocol)
-        counts[label] += 1
-        if count_answer:
-            self.answers[protocol][wire if wire in _WORDS else reply.outcome._value_] += 1
+        self.count(protocol, label, (wire if wire in _WORDS else reply.outcome._value_)
+                   if count_answer else None)
         if self.log_decisions:
             self.log_decision(protocol, label, decision.list or query.recipient,
                               query.envelope_sender, ",".join(decision.senders) or "-",
@@ -140,12 +136,8 @@ class Decider:
             decision_log.failure("rendering the {protocol} answer failed", protocol=protocol)
             wire = exim_reply_line(reply) if render is _exim_render else \
                 f"{reply.code} {reply.status} {reply.text}"
-        counts = self.by_protocol.get(protocol)
-        if counts is None:
-            counts = self._counters(protocol)
-        counts[label] += 1
-        if count_answer:
-            self.answers[protocol][wire if wire in _WORDS else reply.outcome.value] += 1
+        self.count(protocol, label, (wire if wire in _WORDS else reply.outcome._value_)
+                   if count_answer else None)
         if self.log_decisions:
             (decision_log.warn if label == "error" else decision_log.info)(
                 "{protocol} {verdict} list={list} sender=<{sender}> reason={reason!r} "
@@ -157,13 +149,9 @@ class Decider:
             )
         return None, reply, wire
 
-    def _counters(self, protocol: str) -> Counter:
-        self.answers[protocol] = Counter()
-        counts = self.by_protocol[protocol] = Counter()
-        return counts
-
     def count(self, protocol: str, label: str, answer: str | None = None) -> None:
-        """Count an answer that was not a decision (malformed request, other state)."""
+        """Count a verdict (or error, unavailable, malformed, other-state) and, unless
+        ``None``, what was answered."""
         counts = self.by_protocol.get(protocol)
         if counts is None:
             counts = self.by_protocol[protocol] = Counter()
