@@ -6,10 +6,11 @@ VENV      ?= .venv
 STATE     ?= $(CURDIR)/state
 BUILD     ?= $(CURDIR)/build
 MAILMAN_VENV ?= $(BUILD)/mailman-venv
-# The reference Mailman keeps the interpreter its agreement tests were written against:
-# Mailman parses headers with the stdlib's email.utils, whose behaviour on malformed
-# addresses changed with the CVE-2023-27043 fix that Debian's 3.11.2 carries.
-MAILMAN_PY ?= python3
+# The reference Mailman runs on an interpreter named here, never whichever python3 is first
+# on PATH: Debian's own /usr/bin/python3 (what Debian's Mailman packages use).  Mailman
+# reads senders with the stdlib's email.utils.getaddresses, which parses strictly on every
+# current Python (the CVE-2023-27043 fix: Debian 12's 3.11.2, 3.11.10+, 3.12.6+, 3.13).
+MAILMAN_PY ?= $(shell test -x /usr/bin/python3 && echo /usr/bin/python3 || echo python3)
 PIP        = $(VENV)/bin/python -m pip -q --disable-pip-version-check
 PYTEST_ARGS ?=
 
@@ -24,13 +25,21 @@ $(VENV)/.installed: setup.cfg pyproject.toml
 	$(PIP) install -e '.[test,postgresql,mysql]' --config-settings editable_mode=compat
 	touch $@
 
-# The real Mailman 3 core, the reference for its semantics, in a virtualenv of its own.
-mailman-venv: $(MAILMAN_VENV)/.installed
-
-$(MAILMAN_VENV)/.installed:
-	$(MAILMAN_PY) -m venv $(MAILMAN_VENV)
-	$(MAILMAN_VENV)/bin/python -m pip -q --disable-pip-version-check install 'mailman==3.3.10' psycopg2-binary
-	touch $@
+# The real Mailman 3 core, the reference for its semantics, in a virtualenv of its own,
+# rebuilt when MAILMAN_PY names another interpreter than the one it was made with.
+mailman-venv:
+	@want="$$(readlink -f "$$(command -v $(MAILMAN_PY))")"; \
+	if [ -z "$$want" ]; then echo "mailman-venv: MAILMAN_PY=$(MAILMAN_PY) not found" >&2; exit 1; fi; \
+	if [ ! -f $(MAILMAN_VENV)/.installed ] || [ "$$(cat $(MAILMAN_VENV)/.python 2>/dev/null)" != "$$want" ]; then \
+	  rm -rf $(MAILMAN_VENV) && \
+	  $(MAILMAN_PY) -m venv $(MAILMAN_VENV) && \
+	  $(MAILMAN_VENV)/bin/python -m pip -q --disable-pip-version-check install 'mailman==3.3.10' psycopg2-binary && \
+	  echo "$$want" > $(MAILMAN_VENV)/.python && touch $(MAILMAN_VENV)/.installed; \
+	fi
+	@$(MAILMAN_VENV)/bin/python -c 'import email.utils as u, sys; \
+	strict = u.getaddresses(["<a@example.com>garbage"]) == [("", "")]; \
+	print("reference Mailman: $(MAILMAN_PY) (Python %s); getaddresses parses %s" \
+	      % (sys.version.split()[0], "strictly" if strict else "leniently (no CVE-2023-27043 fix: the agreement suites expect a strict parser)"))'
 
 # Debian's Postfix and Exim for the real-MTA tests (needs root; the tests skip outside CI
 # and fail in CI when the MTAs are missing).

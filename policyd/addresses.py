@@ -19,6 +19,8 @@ from __future__ import annotations
 import re
 from functools import lru_cache
 
+from . import mailman_headers
+
 __all__ = ["canonical", "envelope_mailman3", "normalise", "parse_header", "parse_header_mailman3", "mailman_valid",
            "mailman3_raw_valid", "split_address"]
 
@@ -30,6 +32,7 @@ CACHE_SIZE = 16384
 
 _CONTROL = re.compile(r"[\x00-\x1f\x7f]")
 _WSP = " \t\r\n"
+_ANY_WSP = re.compile(r"\s")
 
 # Mailman 3's email/validate.py, applied to normalised addresses in Mailman 3 mode so that
 # a sender Mailman would drop from msg.senders is dropped here too.
@@ -210,10 +213,10 @@ def mailman3_raw_valid(spec: str) -> bool:
     Mailman validates the address it got from ``getaddresses`` (or the envelope sender),
     lower-cased but otherwise untouched: a non-ASCII address (a UTF-8 local part, an IDN
     domain in U-labels), a domain with a trailing dot, or a second ``@`` outside quotes
-    makes it invalid there, even where ``normalise`` would turn it into a valid address.
+    makes it invalid there, even where ``normalise`` would turn it into a valid address;
+    so does white space anywhere (``getaddresses`` can return ``" pat@example.com"``).
     """
-    spec = spec.strip()
-    if not spec.isascii():
+    if not spec.isascii() or _ANY_WSP.search(spec):
         return False
     if spec.startswith("@"):
         # A source route: Python's parser drops it, and so does normalise().
@@ -251,16 +254,51 @@ def _mailman3_address(spec: str) -> str | None:
 
 
 def parse_header_mailman3(value: str | None) -> tuple[str, ...]:
-    """``parse_header`` minus what Mailman 3's ``msg.senders`` drops: addresses invalid as
-    written (``mailman3_raw_valid``) or once normalised (``mailman_valid``)."""
+    """The addresses Mailman 3's ``msg.senders`` takes from one header (repeated headers
+    joined by newlines), normalised: each field decoded and split the way a current
+    Mailman does it (``mailman_headers``), minus what its validator drops (addresses
+    invalid as written, ``mailman3_raw_valid``, or once normalised, ``mailman_valid``)."""
     if not value:
         return ()
+    if "=?" not in value:
+        match = (_MM3_ANGLE.fullmatch(value) or _MM3_QUOTED.fullmatch(value)
+                 or _MM3_BARE.fullmatch(value))
+        if match is not None:
+            address = _mailman3_address(match.group(1))
+            return () if address is None else (address,)
+    return _parse_header_mailman3_cached(value)
+
+
+@lru_cache(maxsize=CACHE_SIZE)
+def _parse_header_mailman3_cached(value: str) -> tuple[str, ...]:
+    return tuple(parse_header_mailman3_slowly(value))
+
+
+def parse_header_mailman3_slowly(value: str) -> list[str]:
+    """``parse_header_mailman3`` without its fast paths (which are tested against it)."""
     out = []
-    for spec in _addr_specs(value):
-        address = _mailman3_address(spec)
-        if address is not None:
-            out.append(address)
-    return tuple(out)
+    for field in mailman_headers.fields(value):
+        decoded = mailman_headers.decode_like_mailman(field)
+        if decoded is None:
+            continue
+        for _, spec in mailman_headers.strict_getaddresses(decoded):
+            address = _mailman3_address(spec) if spec else None
+            if address is not None:
+                out.append(address)
+    return out
+
+
+# The shapes of nearly every header, where the strict parse is a formality: one mailbox,
+# no encoded word, no newline, nothing that counts as a second address.
+_MM3_ADDR = (r"([A-Za-z0-9!#$%&'*+/=?^_`{|}~-]+(?:\.[A-Za-z0-9!#$%&'*+/=?^_`{|}~-]+)*"
+             r"@[A-Za-z0-9-]+(?:\.[A-Za-z0-9-]+)*)")
+_MM3_WORD = r"[^\x00-\x20\x7f\"(),:;<>@\[\]\\]+"
+# "Display Name <addr>" or "<addr>";
+_MM3_ANGLE = re.compile(rf"[ \t]*(?:{_MM3_WORD}(?:[ \t]+{_MM3_WORD})*[ \t]*)?<{_MM3_ADDR}>[ \t]*")
+# '"Quoted, Name" <addr>';
+_MM3_QUOTED = re.compile(rf'[ \t]*"[^"\\\x00-\x1f\x7f]*"[ \t]*<{_MM3_ADDR}>[ \t]*')
+# a bare addr-spec, perhaps with a "(Comment Name)" after it (a comma in it would count).
+_MM3_BARE = re.compile(rf'[ \t]*{_MM3_ADDR}[ \t]*(?:\([^()\\,"\x00-\x1f\x7f]*\)[ \t]*)?')
 
 
 # The shapes of nearly every From:, Reply-To: and Sender: header, each split with one

@@ -366,6 +366,68 @@ def targeted_cases() -> list[dict]:
     case("dots-in-local", "p..at@example.com", envelope="nobody@nowhere.example")
     case("stray-after-angle", f"<{member}>garbage")
     case("unclosed-angle", f"<{member}")
+    # What a strict-parsing Python (the CVE-2023-27043 fix: Debian 12's 3.11.2, 3.11.10+,
+    # 3.12.6+, 3.13) makes of malformed and encoded headers: Mailman decodes encoded words
+    # first, then drops a field whose mailbox count does not match its commas.
+    stranger = "stranger@outside.example"
+    for who, address in (("member", member), ("stranger", stranger)):
+        other = stranger if who == "member" else member
+        case(f"strict-trailing-text-{who}", f"<{address}> trailing words",
+             envelope="nobody@nowhere.example")
+        case(f"strict-trailing-text-envelope-{who}", f"<{other}>garbage", envelope=address)
+        case(f"strict-two-angles-{who}-first", f"<{address}> <{other}>",
+             envelope="nobody@nowhere.example")
+        case(f"strict-unterminated-quote-{who}", f'"{address}',
+             envelope="nobody@nowhere.example")
+        case(f"strict-unterminated-quote-name-{who}", f'"Pat <{address}>',
+             envelope="nobody@nowhere.example")
+        case(f"strict-address-as-name-{who}", f"{address} <{other}>",
+             envelope="nobody@nowhere.example")
+        case(f"strict-quoted-address-as-name-{who}", f'"{address}" <{other}>',
+             envelope="nobody@nowhere.example")
+        case(f"strict-encoded-angle-{who}",
+             f"=?utf-8?q?=3C{address.replace('@', '=40')}=3E?= <{other}>",
+             envelope="nobody@nowhere.example")
+        case(f"strict-encoded-address-{who}",
+             "=?utf-8?q?" + address.replace("@", "=40").replace(".", "=2E") + "?=",
+             envelope="nobody@nowhere.example")
+        case(f"strict-encoded-comma-{who}",
+             f"=?utf-8?q?x=2C_{address.replace('@', '=40')}?= <{other}>",
+             envelope="nobody@nowhere.example")
+        case(f"strict-encoded-comma-name-{who}", f"=?utf-8?q?Doe=2C_Jo?= <{address}>",
+             envelope="nobody@nowhere.example")
+        case(f"strict-encoded-local-part-{who}",
+             f"<=?utf-8?q?{address.split('@')[0]}?=@{address.split('@')[1]}>",
+             envelope="nobody@nowhere.example")
+        case(f"strict-encoded-quote-{who}", f"=?utf-8?q?=22?={address}",
+             envelope="nobody@nowhere.example")
+        case(f"strict-comment-with-comma-{who}", f"{address} (Doe, Jo)",
+             envelope="nobody@nowhere.example")
+        case(f"strict-unbalanced-comment-{who}", f"{address} (Doe",
+             envelope="nobody@nowhere.example")
+        case(f"strict-folded-no-comma-{who}", f"{address}\n\t{other}",
+             envelope="nobody@nowhere.example")
+        case(f"strict-folded-name-{who}", f"=?utf-8?q?Jo_Doe?=\n <{address}>",
+             envelope="nobody@nowhere.example")
+        case(f"strict-empty-group-{who}", "undisclosed-recipients:;", envelope=address)
+        case(f"strict-group-{who}", f"team: {address};", envelope="nobody@nowhere.example")
+        case(f"strict-group-two-{who}", f"team: {address}, {other};",
+             envelope="nobody@nowhere.example")
+        case(f"strict-domain-literal-{who}", f"{address.split('@')[0]}@[192.0.2.1]",
+             envelope=address)
+        case(f"strict-bad-from-good-reply-to-{who}", f"<{other}>x", reply_to=address,
+             envelope="nobody@nowhere.example")
+        case(f"strict-two-from-one-bad-{who}", [f"<{other}>x", address],
+             envelope="nobody@nowhere.example")
+    # Headers glued from fragments at random (fixed seed): whatever a strict parser does
+    # with them, policyd must do the same.
+    rng = random.Random(27043)
+    fragments = [member, stranger, f"<{member}>", f"<{stranger}>", "Pat", '"', "'", ",",
+                 ";", ":", "(", ")", "<", ">", " ", "\t", "@", "[x]", "=?utf-8?q?=3C?=",
+                 "=?utf-8?q?pat=40example.com?=", "=?utf-8?b?IiI=?=", "\\", "\n\t", "."]
+    for n in range(40):
+        frm = "".join(rng.choice(fragments) for _ in range(rng.randint(2, 6)))
+        case(f"strict-fuzz-{n}", frm, envelope="nobody@nowhere.example")
     case("empty-quoted-name", f'"" <{member}>')
     for sender in ("friend@example.com", "ben@example.com", "ben.alt@example.com",
                    "acc-upper@outside.example", "ACC-X@outside.example",
@@ -418,35 +480,10 @@ def intended_differences() -> list[dict]:
                     "difference": difference, "expect_mailman": expect_mailman,
                     "expect_policyd": expect_policyd})
 
-    case("encoded-angle-spoof", "decode-after-split", "accept", "reject",
-         frm=f"=?utf-8?q?=3C{member.replace('@', '=40')}=3E?= <stranger@outside.example>",
-         why="an encoded <member> display name becomes a sender in Mailman")
-    case("encoded-address-spoof", "decode-after-split", "accept", "reject",
-         frm="=?utf-8?q?" + member.replace("@", "=40").replace(".", "=2E") + "?=",
-         why="a From: that is one encoded word decoding to a member's address")
-    case("encoded-comma-spoof", "decode-after-split", "accept", "reject",
-         frm=f"=?utf-8?q?x=2C_{member.replace('@', '=40')}?= <stranger@outside.example>",
-         why="an encoded comma splits one mailbox into two in Mailman")
-    case("encoded-local-part", "decode-after-split", "accept", "reject",
-         frm="<=?utf-8?q?pat?=@example.com>",
-         why="Mailman decodes an encoded word even inside the address")
     case("quoted-local-header", "quoted-local", "reject", "accept", frm='"pat"@example.com',
          why="Mailman keeps the quotes: \"pat\"@example.com is a nonmember there")
     case("quoted-local-envelope", "quoted-local", "reject", "accept", frm=None,
          envelope='"pat"@example.com')
-    case("address-as-display-name", "malformed-header", "accept", "reject",
-         frm=f"{member} <stranger@outside.example>",
-         why="an unquoted address-like display name: Python's non-strict parser returns "
-             "it as a mailbox too")
-    case("two-angle-addresses", "malformed-header", "accept", "reject",
-         frm=f"<stranger@outside.example> <{member}>",
-         why="two angle addresses without a comma: policyd takes the first only")
-    case("unbalanced-quote", "malformed-header", "accept", "reject", frm=f'"{member}',
-         why="an unterminated quoted string: policyd drops the mailbox")
-    case("folded-without-comma", "malformed-header", "reject", "accept",
-         frm=f"{member}\n\tstranger@outside.example",
-         why="a line break inside one header: Mailman unfolds and finds no mailbox, "
-             "policyd splits at newlines (several headers are joined by newlines)")
     case("null-sender-post", "null-sender", "accept", "reject", frm=member, envelope="",
          why="Mailman decides a bounce-less <> post from From:; policyd refuses <> at SMTP")
     case("null-sender-request", "null-sender", "not-a-post:request", "reject", frm=member,
