@@ -38,8 +38,8 @@ def main(argv=None) -> None:
 
     from twisted.logger import globalLogBeginner
 
-    from policyd import addresses
-    from policyd.chain import decide
+    from policyd.core import addresses
+    from policyd.core.chain import decide
     from policyd.config import StoreConfig, parse
     from policyd.logging import make_observer
     from policyd.protocols import exim, postfix
@@ -63,9 +63,9 @@ def main(argv=None) -> None:
 
     def clear_caches() -> None:
         """Empty every memo cache of the address and rule code (whatever their names)."""
-        import policyd.rules
+        import policyd.core.rules
 
-        for module in (addresses, policyd.rules):
+        for module in (addresses, policyd.core.rules):
             for value in vars(module).values():
                 if callable(getattr(value, "cache_clear", None)):
                     value.cache_clear()

@@ -33,8 +33,8 @@ from twisted.logger import Logger, LogLevel
 from twisted.python.failure import Failure
 
 from .errors import PolicydError
-from .pacing import pace, pacing
-from .snapshot import Snapshot
+from .runtime.pacing import pace, pacing
+from .core.snapshot import Snapshot
 
 log = Logger(namespace="policyd.store")
 

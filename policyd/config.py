@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Mapping
 
-from .smtp import DISCARD_OUTCOMES, HOLD_OUTCOMES, Outcome, ReplyPolicy
+from .core.replies import DISCARD_OUTCOMES, HOLD_OUTCOMES, Outcome, ReplyPolicy
 
 
 class ConfigError(Exception):

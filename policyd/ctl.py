@@ -22,7 +22,7 @@ from typing import Callable, Iterable, TextIO
 from . import __version__
 from . import config as config_module
 from .errors import BadInput, DaemonUnreachable, NotFound, PolicydError, StoreUnavailable
-from .verdict import Action, Mode
+from .core.verdict import Action, Mode
 
 EXIT_OK = 0
 EXIT_BAD_INPUT = BadInput.exit_code
@@ -718,9 +718,9 @@ def cmd_query(ctx: Context) -> int:
 def offline_query(ctx: Context, recipient: str, sender: str, from_header: str | None,
                   reply_to_header: str | None, sender_header: str | None) -> dict:
     """Decide from the store in this process: the same dict the daemon answers."""
-    from .chain import decide
+    from .core.chain import decide
     from .store import open_backend
-    from .verdict import Query
+    from .core.verdict import Query
 
     config = ctx.config()
     backend = open_backend(ctx.store_config())

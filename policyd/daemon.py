@@ -44,7 +44,7 @@ def main(argv=None, environ=None) -> int:
         return 0
 
     if "twisted.internet.reactor" not in sys.modules:
-        from .reactor import install
+        from .runtime.reactor import install
 
         install()
     from twisted.internet import reactor

@@ -24,7 +24,7 @@ from .errors import PolicydError
 from .store import Store
 from .store import queries as q
 from .store.models import MailingList, MemberRole
-from .verdict import Action
+from .core.verdict import Action
 
 DOMAIN = "lists.example.org"
 ANNOUNCE = f"announce@{DOMAIN}"

@@ -33,11 +33,11 @@ from twisted.python.failure import Failure
 
 from . import __version__
 from .cache import SnapshotService, StoreThread
-from .chain import decide as chain_decide
+from .core.chain import decide as chain_decide
 from .config import Config, ConfigError
 from .logging import FastLogger
-from .smtp import ReplyPolicy, SmtpReply
-from .verdict import Decision, Query
+from .core.replies import ReplyPolicy, SmtpReply
+from .core.verdict import Decision, Query
 from .wire import exim_reply_line, query_result
 
 log = Logger(namespace="policyd")

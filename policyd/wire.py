@@ -20,8 +20,8 @@ from __future__ import annotations
 
 import time
 
-from .smtp import Outcome, ReplyPolicy, SmtpReply
-from .verdict import Decision, Query
+from .core.replies import Outcome, ReplyPolicy, SmtpReply
+from .core.verdict import Decision, Query
 
 __all__ = [
     "SAFE_RULES", "exim_reply_line", "postfix_action", "postfix_query", "query_result",
@@ -100,7 +100,7 @@ def query_result(snapshot, query: Query, policy: ReplyPolicy, *, postfix_mode: s
                  loaded_at: float | None = None) -> dict:
     """The answer to ``policyctl query`` (live through the control socket, or offline).
 
-    ``decide`` is ``policyd.chain.decide`` (passed in so this module stays a leaf).  The
+    ``decide`` is ``policyd.core.chain.decide`` (passed in so this module stays a leaf).  The
     Exim line is for the query as given (headers included); the Postfix action is for
     what Postfix would send: the same recipient and envelope sender, no headers.
     """

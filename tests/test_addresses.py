@@ -3,7 +3,7 @@
 import pytest
 from hypothesis import given, settings, strategies as st
 
-from policyd.addresses import mailman_valid, normalise, parse_header
+from policyd.core.addresses import mailman_valid, normalise, parse_header
 
 
 @pytest.mark.parametrize("raw, expected", [
@@ -112,13 +112,13 @@ def test_display_name_never_changes_the_address(address, name):
 @given(st.text(alphabet="abcXY.@-+_\"é ", max_size=30))
 def test_canonical_agrees_with_normalise(raw):
     """The bulk-load fast path gives exactly what normalise gives."""
-    from policyd.addresses import canonical
+    from policyd.core.addresses import canonical
     assert canonical(raw) == normalise(raw)
 
 
 def _mailman3_address_slowly(spec):
     """What ``_mailman3_address`` must give, from the full parsers only."""
-    from policyd import addresses as a
+    from policyd.core import addresses as a
 
     if a.mailman3_raw_valid(spec):
         address = a._normalise_slowly(spec)
@@ -136,7 +136,7 @@ mailbox_text = st.text(alphabet=st.sampled_from(
 def test_fast_paths_agree_with_the_full_parsers(raw):
     """Each fast path (plain address, simple "Name <addr>" header, Mailman 3's plain
     sender) gives exactly what the full code gives."""
-    from policyd import addresses as a
+    from policyd.core import addresses as a
 
     assert list(a._addr_specs(raw)) == a._addr_specs_slowly(raw)
     assert a._normalise(raw) == a._normalise_slowly(raw)
@@ -147,7 +147,7 @@ def test_fast_paths_agree_with_the_full_parsers(raw):
                                  "=?utf-8?Q?Smith=2C_Al?= <al@x.example> ",
                                  "Bob.Smith+tag@Example.com", "K\u212aelvin@x.example"])
 def test_fast_paths_agree_on_common_shapes(raw):
-    from policyd import addresses as a
+    from policyd.core import addresses as a
 
     assert list(a._addr_specs(raw)) == a._addr_specs_slowly(raw)
     assert a._normalise(raw) == a._normalise_slowly(raw)
@@ -175,7 +175,7 @@ _space = st.sampled_from(["", " ", "  ", "\t", " \t"])
 def test_fast_paths_agree_on_header_shapes(raw):
     """Each header-shape fast path (quoted name, comment, bare address, folded
     encoded-word name) splits exactly as the character loop does, near misses included."""
-    from policyd import addresses as a
+    from policyd.core import addresses as a
 
     assert list(a._addr_specs(raw)) == a._addr_specs_slowly(raw)
 
@@ -185,7 +185,7 @@ def test_fast_paths_agree_on_header_shapes(raw):
                                  "w.w@w.example (Walter White)",
                                  "=?utf-8?B?RXZhIFRhbmFrYSDinIk=?=\n <eva@d1584.example.com>"])
 def test_common_header_shapes_take_a_fast_path(raw, monkeypatch):
-    from policyd import addresses as a
+    from policyd.core import addresses as a
 
     expected = a._addr_specs_slowly(raw)
     monkeypatch.setattr(a, "_addr_specs_slowly", None)  # a slow call would fail here
@@ -197,7 +197,7 @@ def test_common_header_shapes_take_a_fast_path(raw, monkeypatch):
                      fullmatch=True))
 def test_fast_paths_agree_on_address_like_text(raw):
     """The same agreement, on text shaped like addresses and "Name <addr>" headers."""
-    from policyd import addresses as a
+    from policyd.core import addresses as a
 
     assert list(a._addr_specs(raw)) == a._addr_specs_slowly(raw)
     for spec in a._addr_specs_slowly(raw) + [raw]:
@@ -231,7 +231,7 @@ def test_fast_paths_agree_on_address_like_text(raw):
 def test_parse_header_mailman3_reads_as_a_current_mailman(raw, expected):
     """Fields are RFC 2047-decoded before a strict parse that drops a field whose mailbox
     count does not match its commas, as ``msg.senders`` does on today's Pythons."""
-    from policyd.addresses import parse_header_mailman3
+    from policyd.core.addresses import parse_header_mailman3
 
     assert parse_header_mailman3(raw) == expected
 
@@ -254,7 +254,7 @@ _mm3_header = st.lists(st.sampled_from(
 ))
 def test_mailman3_fast_paths_agree_with_the_strict_parse(raw):
     """The one-mailbox fast paths give exactly what decoding and the strict parse give."""
-    from policyd import addresses as a
+    from policyd.core import addresses as a
 
     assert list(a.parse_header_mailman3(raw)) == a.parse_header_mailman3_slowly(raw)
 
@@ -266,7 +266,7 @@ def test_strict_getaddresses_is_the_standard_librarys(raw):
     agree on every (CR/LF-free) field, as Mailman hands them over."""
     import email.utils
 
-    from policyd.mailman_headers import strict_getaddresses
+    from policyd.core.mailman_headers import strict_getaddresses
 
     if not getattr(email.utils, "supports_strict_parsing", False):
         pytest.skip("this Python's email.utils has no strict parser to compare with")
@@ -281,7 +281,7 @@ def test_decoding_skips_only_fields_without_encoded_words(raw):
     nothing."""
     from email.header import decode_header, make_header
 
-    from policyd.mailman_headers import decode_like_mailman
+    from policyd.core.mailman_headers import decode_like_mailman
 
     if "=?" in raw:
         return

@@ -3,9 +3,9 @@ the SMTP-time rules."""
 
 import pytest
 
-from policyd.chain import ALL_RULES, MAILMAN2_CHAIN, MAILMAN3_CHAIN, decide
-from policyd.snapshot import ListSpec, MemberSpec, build
-from policyd.verdict import Action, Mode, Query, Role, Verdict
+from policyd.core.chain import ALL_RULES, MAILMAN2_CHAIN, MAILMAN3_CHAIN, decide
+from policyd.core.snapshot import ListSpec, MemberSpec, build
+from policyd.core.verdict import Action, Mode, Query, Role, Verdict
 
 A, H, R, D, DEF = Action.ACCEPT, Action.HOLD, Action.REJECT, Action.DISCARD, Action.DEFER
 LIST = "test@lists.example.com"

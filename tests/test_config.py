@@ -4,7 +4,7 @@ allowed."""
 import pytest
 
 from policyd.config import ConfigError, load, parse
-from policyd.smtp import Outcome
+from policyd.core.replies import Outcome
 
 
 def test_defaults(tmp_path):

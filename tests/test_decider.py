@@ -2,10 +2,10 @@
 
 from __future__ import annotations
 
-from policyd.chain import decide
+from policyd.core.chain import decide
 from policyd.service import Decider
-from policyd.smtp import ReplyPolicy
-from policyd.verdict import Query
+from policyd.core.replies import ReplyPolicy
+from policyd.core.verdict import Query
 
 from .protocols.fakes import MEMBER, StaticSnapshots, sample_snapshot
 

@@ -1,11 +1,11 @@
-"""The builder's rests (policyd.pacing): only inside a pacing() block, after `work`
+"""The builder's rests (policyd.runtime.pacing): only inside a pacing() block, after `work`
 seconds of building, for `rest` seconds."""
 
 from __future__ import annotations
 
 import pytest
 
-from policyd import pacing
+from policyd.runtime import pacing
 
 
 def test_pace_does_nothing_outside_a_pacing_block(monkeypatch):

@@ -9,7 +9,7 @@ import textwrap
 
 CHILD = textwrap.dedent('''
     import socket, sys, tempfile, os
-    from policyd.reactor import EPollReactor, install
+    from policyd.runtime.reactor import EPollReactor, install
     reactor = install()
     assert isinstance(reactor, EPollReactor)
     from twisted.internet.protocol import Factory, Protocol

@@ -4,11 +4,11 @@ Mailman's posting chain, with Mailman's answer."""
 
 import pytest
 
-from policyd.addresses import mailman3_raw_valid, parse_header_mailman3
-from policyd.chain import decide
-from policyd.rules import senders_mailman3
-from policyd.snapshot import ListSpec, MemberSpec, build
-from policyd.verdict import Action, Query, Verdict
+from policyd.core.addresses import mailman3_raw_valid, parse_header_mailman3
+from policyd.core.chain import decide
+from policyd.core.rules import senders_mailman3
+from policyd.core.snapshot import ListSpec, MemberSpec, build
+from policyd.core.verdict import Action, Query, Verdict
 
 LIST = "l@lists.example.com"
 FRIENDS = "friends@lists.example.com"

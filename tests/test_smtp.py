@@ -3,8 +3,8 @@ our own trouble."""
 
 import pytest
 
-from policyd.smtp import Outcome, ReplyPolicy, clean_text
-from policyd.verdict import Decision, Verdict
+from policyd.core.replies import Outcome, ReplyPolicy, clean_text
+from policyd.core.verdict import Decision, Verdict
 
 LIST = "test@lists.example.com"
 

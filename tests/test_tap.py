@@ -16,7 +16,7 @@ from twisted.python import usage
 
 from policyd import tap
 from policyd.service import ListenError, PolicyService, Unavailable, _safe_url
-from policyd.verdict import Query
+from policyd.core.verdict import Query
 
 from .protocols.fakes import LIST, MEMBER, NONMEMBER, FakeBackend, SyncStoreThread
 

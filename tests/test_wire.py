@@ -5,9 +5,9 @@ from __future__ import annotations
 
 import pytest
 
-from policyd.chain import decide
-from policyd.smtp import Outcome, ReplyPolicy, SmtpReply
-from policyd.verdict import Query
+from policyd.core.chain import decide
+from policyd.core.replies import Outcome, ReplyPolicy, SmtpReply
+from policyd.core.verdict import Query
 from policyd.wire import aggregate, exim_reply_line, postfix_action, query_result
 
 from .protocols.fakes import HOLDING, LIST, MEMBER, NONMEMBER, OPEN, sample_snapshot

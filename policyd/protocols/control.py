@@ -23,7 +23,7 @@ from twisted.logger import Logger
 from twisted.protocols.basic import LineOnlyReceiver
 
 from ..service import Unavailable
-from ..verdict import Query
+from ..core.verdict import Query
 from . import ProtocolError, TrackingFactory
 
 log = Logger(namespace="policyd.control")

@@ -39,8 +39,8 @@ from twisted.internet.protocol import Protocol
 from twisted.logger import Logger
 from zope.interface import implementer
 
-from ..smtp import Outcome, SmtpReply, clean_text
-from ..verdict import Query
+from ..core.replies import Outcome, SmtpReply, clean_text
+from ..core.verdict import Query
 from ..wire import aggregate, exim_reply_line
 from . import ProtocolError, TrackingFactory, peer_text
 

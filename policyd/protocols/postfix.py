@@ -29,8 +29,8 @@ from twisted.internet.interfaces import IHalfCloseableProtocol
 from twisted.internet.protocol import Protocol
 from twisted.logger import Logger
 
-from ..smtp import clean_text
-from ..verdict import Query
+from ..core.replies import clean_text
+from ..core.verdict import Query
 from ..wire import postfix_action
 from . import ProtocolError, TrackingFactory, peer_text, write_now
 

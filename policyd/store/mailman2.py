@@ -43,9 +43,9 @@ from typing import Callable, Iterable
 
 from sqlalchemy import delete, insert, select, update
 
-from ..addresses import normalise
+from ..core.addresses import normalise
 from ..errors import BadInput, PolicydError
-from ..verdict import Action, Mode
+from ..core.verdict import Action, Mode
 from .safe_pickle import UnsafePickleError, loads_mailman2
 
 __all__ = ["import_path", "find_lists", "read_list", "Mailman2List", "register",

@@ -91,8 +91,8 @@ from sqlalchemy.engine import Connection, Engine
 from sqlalchemy.exc import NoSuchModuleError, SQLAlchemyError
 
 from ..errors import BadInput, StoreUnavailable
-from ..snapshot import ListSpec, MemberSpec, Snapshot, build, replace_lists
-from ..verdict import Action, Mode
+from ..core.snapshot import ListSpec, MemberSpec, Snapshot, build, replace_lists
+from ..core.verdict import Action, Mode
 from .engine import parse_url, safe_url
 from .safe_pickle import UnsafePickleError, loads_mailman3_list
 

@@ -45,7 +45,7 @@ from sqlalchemy.dialects import mysql
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 from sqlalchemy.types import TypeDecorator
 
-from ..verdict import Action, Mode
+from ..core.verdict import Action, Mode
 
 ADDRESS_LENGTH = 255
 PATTERN_LENGTH = 255

@@ -29,11 +29,11 @@ from sqlalchemy import SmallInteger, func, null, or_, select, type_coerce
 from sqlalchemy.engine import Connection
 from sqlalchemy.exc import SQLAlchemyError
 
-from .. import snapshot as snapshot_module
+from ..core import snapshot as snapshot_module
 from ..errors import StoreUnavailable
-from ..pacing import pace
-from ..snapshot import ListSpec, Snapshot
-from ..verdict import Action, Mode
+from ..runtime.pacing import pace
+from ..core.snapshot import ListSpec, Snapshot
+from ..core.verdict import Action, Mode
 from . import engine as engine_module
 from .models import (
     TRACKED,

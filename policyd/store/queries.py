@@ -1,6 +1,6 @@
 """The native store's queries: plain functions over a ``Session``, used by ``policyctl``.
 
-Every function validates its input (addresses with ``policyd.addresses.normalise``,
+Every function validates its input (addresses with ``policyd.core.addresses.normalise``,
 patterns by compiling them) and raises ``BadInput`` or ``NotFound`` *before* it writes,
 and callers run a whole command in one transaction (``Store.write()``), so a failing
 command leaves nothing half-written.  Bulk paths use executemany with plain dicts and
@@ -16,9 +16,9 @@ from typing import Iterable, Iterator, Sequence
 from sqlalchemy import delete, func, insert, select, update
 from sqlalchemy.orm import Session
 
-from ..addresses import normalise, split_address
+from ..core.addresses import normalise, split_address
 from ..errors import BadInput, NotFound
-from ..verdict import Action, Mode
+from ..core.verdict import Action, Mode
 from .models import (
     ADDRESS_LENGTH,
     PATTERN_LENGTH,

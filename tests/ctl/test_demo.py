@@ -8,9 +8,9 @@ import pytest
 
 from policyd import config as config_module
 from policyd import demo
-from policyd.chain import decide
+from policyd.core.chain import decide
 from policyd.store import open_backend
-from policyd.verdict import Query, Verdict
+from policyd.core.verdict import Query, Verdict
 
 
 def test_demo_writes_config_and_store_once(tmp_path):

@@ -27,9 +27,9 @@ import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from policyd.chain import decide
-from policyd.snapshot import ListSpec, MemberSpec, Snapshot, build
-from policyd.verdict import Action, Decision, Query
+from policyd.core.chain import decide
+from policyd.core.snapshot import ListSpec, MemberSpec, Snapshot, build
+from policyd.core.verdict import Action, Decision, Query
 
 HERE = Path(__file__).resolve().parent
 ORACLE = HERE / "oracle.py"

@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 
 from tests.reporting import report
-from policyd.verdict import Action, Verdict
+from policyd.core.verdict import Action, Verdict
 from tests.mailman.cases import intended_differences, scenario
 from tests.mailman.harness import (
     REPO,

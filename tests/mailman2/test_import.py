@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from policyd.chain import decide
+from policyd.core.chain import decide
 from policyd.store import Store
 from policyd.store.mailman2 import (
     find_lists,
@@ -27,7 +27,7 @@ from policyd.store.safe_pickle import (
     load_mailman2_file,
     loads_mailman2,
 )
-from policyd.verdict import Action, Mode, Query, Verdict
+from policyd.core.verdict import Action, Mode, Query, Verdict
 
 FIXTURES = Path(__file__).resolve().parent / "fixtures"
 MAILMAN = FIXTURES / "mailman"

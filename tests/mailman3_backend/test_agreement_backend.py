@@ -4,7 +4,7 @@ The oracle (tests/mailman/oracle.py) builds the agreement scenario of tests/mail
 in a real Mailman database with ``--keep`` and runs Mailman's posting chain on every case.
 Here policyd does not get Mailman's exported view: ``Mailman3Backend`` reads that
 database itself (the offline path of ``policyctl query --offline`` with ``[store] backend
-= mailman3``), and ``policyd.chain.decide`` must give Mailman's verdict for every case
+= mailman3``), and ``policyd.core.chain.decide`` must give Mailman's verdict for every case
 except the documented intended differences, on SQLite and on PostgreSQL.
 """
 

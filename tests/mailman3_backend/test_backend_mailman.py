@@ -15,7 +15,7 @@ import pytest
 from sqlalchemy import text
 from sqlalchemy.exc import SQLAlchemyError
 
-from policyd.chain import decide
+from policyd.core.chain import decide
 from policyd.config import StoreConfig
 from policyd.errors import StoreUnavailable
 from policyd.store import open_backend
@@ -25,7 +25,7 @@ from policyd.store.mailman3 import (
     Mailman3DataError,
     UnknownSchemaError,
 )
-from policyd.verdict import Action, Query, Verdict
+from policyd.core.verdict import Action, Query, Verdict
 
 pytestmark = pytest.mark.mailman
 

@@ -12,10 +12,10 @@ from twisted.internet.defer import maybeDeferred
 from twisted.internet.task import Clock
 
 from policyd.cache import SnapshotService
-from policyd.chain import decide
+from policyd.core.chain import decide
 from policyd.store import mailman3
 from policyd.store.mailman3 import Mailman3Backend, SourceState
-from policyd.verdict import Action, Query, Verdict
+from policyd.core.verdict import Action, Query, Verdict
 
 pytestmark = pytest.mark.mailman
 

@@ -8,10 +8,10 @@ import pickle
 
 import pytest
 
-from policyd.snapshot import build
+from policyd.core.snapshot import build
 from policyd.store.mailman3 import Mailman3DataError, specs_from_rows
 from policyd.store.safe_pickle import UnsafePickleError, loads_mailman3_list
-from policyd.verdict import Action
+from policyd.core.verdict import Action
 
 # What Mailman 3.3.10 (SQLAlchemy 2, MutableList.as_mutable(PickleType)) wrote for
 # accept_these_nonmembers = ['^acc.*@x\\.org', 'ok@x.org'], copied from a database

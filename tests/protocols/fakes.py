@@ -9,8 +9,8 @@ from twisted.internet import defer
 from twisted.internet.testing import EventLoggingObserver
 from twisted.logger import globalLogPublisher
 
-from policyd.snapshot import ListSpec, MemberSpec, build
-from policyd.verdict import Action
+from policyd.core.snapshot import ListSpec, MemberSpec, build
+from policyd.core.verdict import Action
 
 LIST = "test@lists.example.com"
 OPEN = "open@lists.example.com"

@@ -11,7 +11,7 @@ from twisted.internet.testing import StringTransport
 
 from policyd.protocols import ProtocolError
 from policyd.protocols.control import ControlFactory, format_response, parse_request
-from policyd.verdict import Query
+from policyd.core.verdict import Query
 
 
 class FakeService:

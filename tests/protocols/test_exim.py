@@ -16,9 +16,9 @@ from policyd.config import EximConfig
 from policyd.protocols import ProtocolError
 from policyd.protocols.exim import EximFactory, parse_request
 from policyd.service import Decider
-from policyd.smtp import Outcome, ReplyPolicy
-from policyd.snapshot import ListSpec, build
-from policyd.verdict import Action
+from policyd.core.replies import Outcome, ReplyPolicy
+from policyd.core.snapshot import ListSpec, build
+from policyd.core.verdict import Action
 
 from .fakes import HOLDING, LIST, MEMBER, NONMEMBER, OPEN, StaticSnapshots, sample_snapshot
 
@@ -285,7 +285,7 @@ def test_defer_beats_reject():
     def decide(snapshot, query, *, explain=True):
         if query.recipient == OPEN:
             raise RuntimeError("boom")
-        from policyd.chain import decide as real
+        from policyd.core.chain import decide as real
         return real(snapshot, query)
     value, _ = ask(line(lists=f"{LIST},{OPEN}") + b"\n", decide=decide)
     assert value == TEMPFAIL

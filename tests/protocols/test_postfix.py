@@ -20,7 +20,7 @@ from policyd.protocols.postfix import (
     parse_request,
 )
 from policyd.service import Decider
-from policyd.smtp import Outcome, ReplyPolicy
+from policyd.core.replies import Outcome, ReplyPolicy
 
 from .fakes import HOLDING, LIST, MEMBER, NONMEMBER, StaticSnapshots, sample_snapshot
 

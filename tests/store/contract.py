@@ -13,14 +13,14 @@ from alembic.migration import MigrationContext
 from sqlalchemy import delete, insert, select, text
 
 from policyd import demo
-from policyd.chain import decide
+from policyd.core.chain import decide
 from policyd.errors import BadInput, NotFound, StoreUnavailable
 from policyd.store import NativeBackend, Store, open_backend
 from policyd.store import queries as q
 from policyd.store.engine import head_revision
 from policyd.store.models import Address, Base, MailingList, Membership, MemberRole, StoreState
 from policyd.config import StoreConfig
-from policyd.verdict import Action, Mode, Query, Verdict
+from policyd.core.verdict import Action, Mode, Query, Verdict
 
 LIST = "discuss@lists.example.org"
 

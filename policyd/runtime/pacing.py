@@ -7,7 +7,7 @@ calls per query that convoy throttles the reactor to a fraction of its speed for
 whole rebuild, and queries queue for tens of milliseconds.  So the builder rests: after
 ``work`` seconds of building it sleeps, in which the reactor runs with nobody to wait
 for.  With the daemon's own reactor, which reports its turns (``turns``, kept by
-``policyd.reactor``), the builder rests only while the reactor is busy, until it is back
+``policyd.runtime.reactor``), the builder rests only while the reactor is busy, until it is back
 waiting for events (at most ``longest`` seconds, so that a saturated daemon still gets
 its snapshot), and not at all while it is idle.  With another reactor it sleeps
 ``rest`` seconds each time.
@@ -30,7 +30,7 @@ LONGEST = 0.05
 
 
 class ReactorTurns:
-    """Where the reactor thread is: set by ``policyd.reactor`` around each wait for
+    """Where the reactor thread is: set by ``policyd.runtime.reactor`` around each wait for
     events (``active`` once it runs).  Plain attributes: one writer, read under the GIL."""
 
     active = False

@@ -15,7 +15,7 @@ from types import MappingProxyType
 from typing import ClassVar, Iterable, Mapping, NamedTuple
 
 from .addresses import canonical, normalise, split_address
-from .pacing import pace
+from ..runtime.pacing import pace
 from .verdict import Action, Mode, Role
 
 # Mailman 3 LMTP's suffixes (mailman/runners/lmtp.py SUBADDRESS_NAMES), plus "subscribe"

@@ -22,7 +22,7 @@ from twisted.logger import Logger
 
 from .pacing import turns
 
-log = Logger(namespace="policyd.reactor")
+log = Logger(namespace="policyd.runtime.reactor")
 
 
 class EPollReactor(epollreactor.EPollReactor):
