@@ -138,7 +138,7 @@ def main(argv=None) -> int:
 
     if args.cpu >= 0:
         os.sched_setaffinity(0, {args.cpu})
-    from policyd.cache import SnapshotService, StoreThread
+    from policyd.snapshot_service import SnapshotService, StoreThread
     from policyd.config import StoreConfig
     from policyd.service import PolicyService, settle_heap
     from policyd.store import open_backend

@@ -52,7 +52,8 @@ def main(argv=None, environ=None) -> int:
     from twisted.logger import Logger
 
     from .logging import setup
-    from .service import ListenError, PolicyService
+    from .errors import ListenError
+    from .service import PolicyService
 
     logs = setup(config.daemon, sys.stdout, environ)
     log = Logger(namespace="policyd")

@@ -3,6 +3,9 @@
 ``policyctl`` turns these (and nothing else) into a message on stderr and an exit code, in
 one place (``policyd.ctl.run``).  The daemon only ever sees ``StoreUnavailable`` (and
 unexpected exceptions) from a backend, and answers its configured error action.
+
+``Unavailable`` and ``ListenError`` are the daemon's own: no snapshot to decide a control
+query on, and a listener that cannot start.
 """
 
 from __future__ import annotations
@@ -36,3 +39,11 @@ class StoreUnavailable(PolicydError):
     """The store cannot be reached, is not initialised or has an outdated schema."""
 
     exit_code = 5
+
+
+class Unavailable(Exception):
+    """No snapshot yet: a control query cannot be decided (the MTAs get the 4xx)."""
+
+
+class ListenError(Exception):
+    """A listener could not start; the message names the configuration key."""

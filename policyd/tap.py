@@ -13,7 +13,8 @@ import os
 from twisted.python import usage
 
 from .config import Config, ConfigError, default_path, load
-from .service import PolicyService, parse_endpoint
+from .listeners import parse_endpoint
+from .service import PolicyService
 
 
 def listener_keys(config: Config):

@@ -15,7 +15,8 @@ from twisted.plugin import getPlugins
 from twisted.python import usage
 
 from policyd import tap
-from policyd.service import ListenError, PolicyService, Unavailable, _safe_url
+from policyd.errors import ListenError, Unavailable
+from policyd.service import PolicyService, _safe_url
 from policyd.core.verdict import Query
 
 from .protocols.fakes import LIST, MEMBER, NONMEMBER, FakeBackend, SyncStoreThread

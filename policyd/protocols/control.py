@@ -22,7 +22,7 @@ from twisted.internet import defer
 from twisted.logger import Logger
 from twisted.protocols.basic import LineOnlyReceiver
 
-from ..service import Unavailable
+from ..errors import Unavailable
 from ..core.verdict import Query
 from . import ProtocolError, TrackingFactory
 

@@ -11,7 +11,7 @@ import pytest
 from twisted.internet.defer import maybeDeferred
 from twisted.internet.task import Clock
 
-from policyd.cache import SnapshotService
+from policyd.snapshot_service import SnapshotService
 from policyd.core.chain import decide
 from policyd.store import mailman3
 from policyd.store.mailman3 import Mailman3Backend, SourceState

@@ -13,7 +13,7 @@ from twisted.internet import defer
 from twisted.internet.task import Clock
 from twisted.logger import LogLevel
 
-from policyd.cache import SnapshotService, StoreThread
+from policyd.snapshot_service import SnapshotService, StoreThread
 
 from .protocols.fakes import FakeBackend, ManualThread, captured_events, run_now, sample_lists
 
@@ -324,7 +324,7 @@ def test_old_snapshot_is_freed_through_the_store_thread():
     import gc as _gc
     import weakref
 
-    from policyd.cache import release
+    from policyd.snapshot_service import release
 
     jobs = []
 
