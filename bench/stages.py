@@ -43,9 +43,10 @@ def main(argv=None) -> None:
     from policyd.config import StoreConfig, parse
     from policyd.logging import make_observer
     from policyd.protocols import exim, postfix
-    from policyd.service import Decider
+    from policyd.decider import Decider
+    from policyd.logging import DecisionLog
     from policyd.store import open_backend
-    from policyd.wire import postfix_action
+    from policyd.protocols.postfix import postfix_action
 
     config = parse("")
     policy = config.smtp
@@ -106,18 +107,18 @@ def main(argv=None) -> None:
         writer, observer = make_observer("info", sink)
         globalLogBeginner.beginLoggingTo([observer], discardBuffer=True,
                                          redirectStandardIO=False)
-        quiet = Decider(holder, policy, log_decisions=False)
-        loud = Decider(holder, policy, log_decisions=True)
-        loud.log_decision = writer.decision  # the daemon's direct line (policyd.daemon)
+        decider = Decider(holder, policy)
+        # The Exim factory's whole path: decide, render, log (the daemon's direct line).
+        quiet = exim.EximFactory(decider, config.exim, None, DecisionLog(enabled=False))
+        loud = exim.EximFactory(decider, config.exim, None, DecisionLog(writer=writer))
         # alternate and keep the best of three: the difference is small next to noise
         for label in ("decider_nolog_us", "decider_log_us"):
             out[label] = float("inf")
         for _ in range(3):
-            for label, decider in (("decider_nolog_us", quiet), ("decider_log_us", loud)):
+            for label, factory in (("decider_nolog_us", quiet), ("decider_log_us", loud)):
                 t = time.thread_time()
-                for r in requests:
-                    for q in r.queries():
-                        decider.decide(q, "exim", r.id)
+                for line in exim_lines:
+                    factory.answer(line, None)
                 out[label] = min(out[label], _per(t, len(exim_lines)))
         writer.flush()
     out["log_line_us"] = round(out["decider_log_us"] - out["decider_nolog_us"], 2)

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import configparser
 import os
+import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Mapping
@@ -22,10 +23,31 @@ class ConfigError(Exception):
 
 
 @dataclass(frozen=True)
+class StoreTimeouts:
+    """How long one store access may wait, in seconds (``policyd.store.engine``).
+
+    ``connect``: to open a connection; ``statement``: for one statement (server-side:
+    PostgreSQL ``statement_timeout``, MariaDB ``max_statement_time``, plus a client-side
+    socket read timeout on MariaDB); ``lock``: for a lock (PostgreSQL ``lock_timeout``,
+    MariaDB ``innodb_lock_wait_timeout`` and ``lock_wait_timeout``, SQLite's busy
+    timeout)."""
+
+    connect: float = 10.0
+    statement: float = 60.0
+    lock: float = 10.0
+
+
+@dataclass(frozen=True)
 class StoreConfig:
     backend: str
     url: str
     refresh_interval: float
+    timeouts: StoreTimeouts = StoreTimeouts()
+    # A refresh still running after this many seconds makes ``status`` unhealthy.
+    refresh_timeout: float = 30.0
+    # Mailman 3 backend: a verification build (full, compared with the incremental
+    # result) every this many seconds; 0 disables it.
+    verify_interval: float = 600.0
 
 
 @dataclass(frozen=True)
@@ -36,6 +58,19 @@ class DaemonConfig:
     log_file: Path | None
     log_level: str
     shutdown_grace: float
+    fail_closed: bool = True
+
+
+@dataclass(frozen=True)
+class RuntimeConfig:
+    """``[runtime]``: the switches of ``policyd.runtime`` (each documented there)."""
+
+    reactor: bool = True
+    fast_write: bool = True
+    pacing: bool = True
+    heap: bool = True
+    store_niceness: int = 19
+    switch_interval: float = 0.0005
 
 
 @dataclass(frozen=True)
@@ -43,6 +78,9 @@ class EximConfig:
     listen: tuple[str, ...]
     timeout: float
     max_request: int
+    max_connections: int = 1000
+    # [daemon] max_buffered, for the limits all listeners share.
+    max_buffered: int = 32 << 20
 
 
 @dataclass(frozen=True)
@@ -54,6 +92,10 @@ class PostfixConfig:
     max_line: int
     max_attributes: int
     max_request: int
+    request_timeout: float = 10.0
+    max_connections: int = 1000
+    # [daemon] max_buffered, for the limits all listeners share.
+    max_buffered: int = 32 << 20
 
 
 @dataclass(frozen=True)
@@ -64,6 +106,7 @@ class Config:
     exim: EximConfig
     postfix: PostfixConfig
     smtp: ReplyPolicy
+    runtime: RuntimeConfig = RuntimeConfig()
 
 
 # --- value parsers: each raises ValueError with the "allowed" wording ------------------
@@ -88,6 +131,16 @@ def _positive_float(value: str) -> float:
     return number
 
 
+def _seconds_or_zero(value: str) -> float:
+    try:
+        number = float(value)
+    except ValueError:
+        raise ValueError("allowed: a number of seconds, 0 to disable") from None
+    if not number >= 0 or number == float("inf"):
+        raise ValueError("allowed: a number of seconds, 0 to disable")
+    return number
+
+
 def _positive_int(value: str) -> int:
     try:
         number = int(value)
@@ -108,6 +161,14 @@ def _mode(value: str) -> int:
     return mode
 
 
+def _private_mode(value: str) -> int:
+    mode = _mode(value)
+    if mode & 0o007:
+        raise ValueError("allowed: 0600 or 0660 (the control socket shows the counters and "
+                         "reloads the data: never for every local user)")
+    return mode
+
+
 def _listeners(value: str) -> tuple[str, ...]:
     # Whitespace-separated; Twisted endpoint strings never contain unescaped whitespace.
     items = tuple(value.split())
@@ -115,9 +176,28 @@ def _listeners(value: str) -> tuple[str, ...]:
         kind = item.split(":", 1)[0]
         if kind not in ("unix", "tcp", "tcp6", "systemd", "ssl"):
             raise ValueError("allowed: Twisted endpoint strings such as "
-                             "unix:/run/policyd/exim.sock:mode=666, "
+                             "unix:/run/policyd/exim.sock:mode=660, "
                              "tcp:10040:interface=127.0.0.1, systemd:domain=UNIX:index=0")
     return items
+
+
+def _switch(value: str) -> bool:
+    word = value.strip().lower()
+    if word in ("on", "yes", "true", "1"):
+        return True
+    if word in ("off", "no", "false", "0"):
+        return False
+    raise ValueError("allowed: on, off")
+
+
+def _niceness(value: str) -> int:
+    try:
+        nice = int(value)
+    except ValueError:
+        nice = -1
+    if not 0 <= nice <= 19:
+        raise ValueError("allowed: a niceness from 0 (the daemon's own) to 19 (the lowest)")
+    return nice
 
 
 def _text(value: str) -> str:
@@ -156,28 +236,46 @@ SCHEMA: Mapping[str, Mapping[str, tuple[Callable[[str], object], str]]] = {
         "backend": (_choice("native", "mailman3"), "native"),
         "url": (_text, ""),
         "refresh_interval": (_positive_float, "2"),
+        "connect_timeout": (_positive_float, "10"),
+        "statement_timeout": (_positive_float, "60"),
+        "lock_timeout": (_positive_float, "10"),
+        "refresh_timeout": (_positive_float, "30"),
+        "verify_interval": (_seconds_or_zero, "600"),
     },
     "daemon": {
         "state_dir": (_text, "/var/lib/policyd"),
         "control_socket": (_text, "/run/policyd/control.sock"),
-        "control_socket_mode": (_mode, "0660"),
+        "control_socket_mode": (_private_mode, "0660"),
+        "max_buffered": (_positive_int, str(32 << 20)),
         "log_file": (_text, ""),
         "log_level": (_choice("debug", "info", "warn", "error"), "info"),
         "shutdown_grace": (_positive_float, "10"),
+        "fail_closed": (_switch, "on"),
     },
     "exim": {
-        "listen": (_listeners, "unix:/run/policyd/exim.sock:mode=666"),
+        "listen": (_listeners, "unix:/run/policyd/exim.sock:mode=660"),
         "timeout": (_positive_float, "10"),
         "max_request": (_positive_int, "65536"),
+        "max_connections": (_positive_int, "1000"),
     },
     "postfix": {
-        "listen": (_listeners, "unix:/run/policyd/postfix.sock:mode=666"),
+        "listen": (_listeners, "unix:/run/policyd/postfix.sock:mode=660"),
         "mode": (_choice("safe", "envelope"), "safe"),
         "accept_action": (_choice("dunno", "ok"), "dunno"),
         "idle_timeout": (_positive_float, "600"),
         "max_line": (_positive_int, "4096"),
         "max_attributes": (_positive_int, "100"),
         "max_request": (_positive_int, "65536"),
+        "request_timeout": (_positive_float, "10"),
+        "max_connections": (_positive_int, "1000"),
+    },
+    "runtime": {
+        "reactor": (_switch, "on"),
+        "fast_write": (_switch, "on"),
+        "pacing": (_switch, "on"),
+        "heap": (_switch, "on"),
+        "store_niceness": (_niceness, "19"),
+        "switch_interval": (_positive_float, "0.0005"),
     },
     "smtp": {
         "hold": (_choice(*(o.value.lower() for o in HOLD_OUTCOMES)), "accept"),
@@ -256,7 +354,13 @@ def parse(text: str, source: str = "<config>", base: Path | None = None) -> Conf
     smtp = values["smtp"]
     return Config(
         source=source,
-        store=StoreConfig(s["backend"], url, s["refresh_interval"]),
+        store=StoreConfig(
+            s["backend"], url, s["refresh_interval"],
+            timeouts=StoreTimeouts(connect=s["connect_timeout"],
+                                   statement=s["statement_timeout"],
+                                   lock=s["lock_timeout"]),
+            refresh_timeout=s["refresh_timeout"],
+            verify_interval=s["verify_interval"]),
         daemon=DaemonConfig(
             state_dir=state_dir,
             control_socket=path_of(d["control_socket"]),
@@ -264,9 +368,11 @@ def parse(text: str, source: str = "<config>", base: Path | None = None) -> Conf
             log_file=path_of(d["log_file"]) if d["log_file"] else None,
             log_level=d["log_level"],
             shutdown_grace=d["shutdown_grace"],
+            fail_closed=d["fail_closed"],
         ),
-        exim=EximConfig(**values["exim"]),
-        postfix=PostfixConfig(**p),
+        runtime=RuntimeConfig(**values["runtime"]),
+        exim=EximConfig(**values["exim"], max_buffered=d["max_buffered"]),
+        postfix=PostfixConfig(**p, max_buffered=d["max_buffered"]),
         smtp=ReplyPolicy(
             hold=Outcome(smtp.pop("hold").upper()),
             discard=Outcome(smtp.pop("discard").upper()),
@@ -277,3 +383,59 @@ def parse(text: str, source: str = "<config>", base: Path | None = None) -> Conf
 
 def default_path(environ: Mapping[str, str]) -> str:
     return environ.get("POLICYD_CONFIG", "/etc/policyd/policyd.conf")
+
+
+def _unix_path(description: str) -> str | None:
+    """The socket path of a ``unix:`` endpoint string (``\\:`` escapes a colon)."""
+    if not description.startswith("unix:"):
+        return None
+    first = re.split(r"(?<!\\):", description[len("unix:"):], maxsplit=1)[0]
+    path = re.sub(r"\\(.)", r"\1", first)
+    if path.startswith("address="):
+        path = path[len("address="):]
+    return path or None
+
+
+def check_paths(config: Config) -> None:
+    """What ``--check-config`` and start-up check on the file system, each problem a
+    ``ConfigError`` naming the key: ``[daemon] log_file`` is a file policyd can write
+    (or create), and the directory of every Unix socket exists."""
+    source = config.source
+    log_file = config.daemon.log_file
+    if log_file is not None:
+        problem = _writable_file_problem(Path(log_file))
+        if problem:
+            raise ConfigError(f"{source}: [daemon] log_file = {log_file}: {problem} "
+                              "(allowed: a file policyd can create or append to)")
+    sockets = [("[daemon] control_socket", str(config.daemon.control_socket),
+                str(config.daemon.control_socket))]
+    sockets += [("[exim] listen", d, _unix_path(d)) for d in config.exim.listen]
+    sockets += [("[postfix] listen", d, _unix_path(d)) for d in config.postfix.listen]
+    for key, description, path in sockets:
+        if path is None:
+            continue
+        directory = os.path.dirname(os.path.abspath(path))
+        if not os.path.isdir(directory):
+            what = "is not a directory" if os.path.exists(directory) else "does not exist"
+            raise ConfigError(f"{source}: {key} = {description}: the socket's directory "
+                              f"{directory} {what} (create it, or under systemd let "
+                              "RuntimeDirectory= create it)")
+
+
+def _writable_file_problem(path: Path) -> str | None:
+    if path.exists() or path.is_symlink():
+        if path.is_dir():
+            return "is a directory"
+        if not path.is_file():
+            return "is not a regular file"
+        if not os.access(path, os.W_OK):
+            return "is not writable"
+        return None
+    parent = path.parent
+    while not parent.exists() and parent != parent.parent:
+        parent = parent.parent
+    if not parent.is_dir():
+        return f"{parent} is not a directory"
+    if not os.access(parent, os.W_OK | os.X_OK):
+        return f"cannot be created: {parent} is not writable"
+    return None

@@ -13,7 +13,7 @@ import os
 import sys
 
 from . import __version__
-from .config import ConfigError, default_path
+from .config import ConfigError, check_paths, default_path
 
 
 def _parser(environ) -> argparse.ArgumentParser:
@@ -36,6 +36,7 @@ def main(argv=None, environ=None) -> int:
 
     try:
         config = load_config(args.config)
+        check_paths(config)  # log_file writable, socket directories there (issue 13)
     except ConfigError as error:
         print(f"policyd: {error}", file=sys.stderr)
         return 2
@@ -43,32 +44,32 @@ def main(argv=None, environ=None) -> int:
         print(f"policyd: {config.source}: configuration OK")
         return 0
 
+    notes = []
     if "twisted.internet.reactor" not in sys.modules:
         from .runtime.reactor import install
 
-        install()
+        _, why = install(config.runtime.reactor)
+        if why is not None:
+            notes.append(f"reactor: Twisted's stock epoll reactor, because {why}")
     from twisted.internet import reactor
-    from twisted.internet.task import LoopingCall
     from twisted.logger import Logger
 
-    from .logging import setup
     from .errors import ListenError
-    from .service import PolicyService
+    from .tap import Options, makeService
 
-    logs = setup(config.daemon, sys.stdout, environ)
+    options = Options(environ)
+    options.loaded = config
+    options["config"] = args.config
+    options.launcher = "policyd"
+    options.runtime_notes = notes
     log = Logger(namespace="policyd")
     try:
-        from .store import open_backend
-
-        backend = open_backend(config.store)
+        service = makeService(options)
     except Exception as error:
         log.failure("cannot open the store {url}", url=config.store.url)
-        logs.flush()
         print(f"policyd: cannot open the store: {error}", file=sys.stderr)
         return 1
-    service = PolicyService(config, reactor, backend, install_signals=True,
-                            on_sighup=logs.reopen)
-    service.decider.log_decision = logs.writer.decision
+    logs = service.logs
     try:
         service.startService()
     except (ListenError, OSError) as error:
@@ -76,7 +77,7 @@ def main(argv=None, environ=None) -> int:
         logs.flush()
         print(f"policyd: start-up failed: {config.source}: {error}", file=sys.stderr)
         try:
-            backend.close()
+            service.backend.close()
         except Exception:
             pass
         cleanup = getattr(error, "cleanup", None)
@@ -84,9 +85,6 @@ def main(argv=None, environ=None) -> int:
             reactor.callWhenRunning(cleanup.addBoth, lambda _: reactor.stop())
             reactor.run(installSignalHandlers=False)
         return 1
-    flusher = LoopingCall(logs.flush)
-    flusher.clock = reactor
-    flusher.start(1.0, now=False)
     reactor.addSystemEventTrigger("before", "shutdown", service.stopService)
     reactor.run()
     logs.close()

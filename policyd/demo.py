@@ -43,11 +43,14 @@ control_socket = {state}/control.sock
 control_socket_mode = 0600
 
 [exim]
-listen = unix:{state_escaped}/exim.sock:mode=666 tcp:10041:interface=127.0.0.1
+listen = unix:{state_escaped}/exim.sock:mode=660{exim_tcp}
 
 [postfix]
-listen = unix:{state_escaped}/postfix.sock:mode=666 tcp:10040:interface=127.0.0.1
+listen = unix:{state_escaped}/postfix.sock:mode=660{postfix_tcp}
 """
+# Only with --tcp: any local user can connect to a TCP port.
+EXIM_TCP = " tcp:10041:interface=127.0.0.1"
+POSTFIX_TCP = " tcp:10040:interface=127.0.0.1"
 
 # (query recipient, envelope sender, From: header) -> what the demo data should decide;
 # printed as examples and checked by the tests.
@@ -126,26 +129,28 @@ def ensure_demo(store: Store) -> list[str] | None:
         return load_demo(session)
 
 
-def write_config(state: Path) -> Path:
+def write_config(state: Path, tcp: bool = False) -> Path:
+    """The demo configuration: Unix sockets (mode 0660) only, unless ``tcp``."""
     text_state = str(state)
     if any(ch.isspace() for ch in text_state):
         raise PolicydError(f"--state-dir {text_state!r}: whitespace in the path cannot be "
                            "written into listen endpoint strings; choose another directory")
     escaped = text_state.replace("\\", "\\\\").replace(":", "\\:")
     path = state / "policyd.conf"
-    path.write_text(CONFIG_TEMPLATE.format(state=text_state, state_escaped=escaped),
-                    encoding="utf-8")
+    path.write_text(CONFIG_TEMPLATE.format(
+        state=text_state, state_escaped=escaped, exim_tcp=EXIM_TCP if tcp else "",
+        postfix_tcp=POSTFIX_TCP if tcp else ""), encoding="utf-8")
     return path
 
 
-def run(state_dir: str, out: TextIO) -> int:
+def run(state_dir: str, out: TextIO, tcp: bool = False) -> int:
     state = Path(state_dir).resolve()
     state.mkdir(parents=True, exist_ok=True)
     conf = state / "policyd.conf"
     if conf.exists():
         print(f"configuration: {conf} (exists, kept)", file=out)
     else:
-        write_config(state)
+        write_config(state, tcp=tcp)
         print(f"configuration: {conf} (written)", file=out)
     cfg = config_module.load(conf)
     if cfg.store.backend != "native":
@@ -221,9 +226,12 @@ def main(argv: list[str] | None = None) -> int:
         description="Write a demo configuration and store under a state directory.")
     parser.add_argument("--state-dir", required=True,
                         help="directory for policyd.conf, the SQLite store and the sockets")
+    parser.add_argument("--tcp", action="store_true",
+                        help="also listen on 127.0.0.1 TCP ports 10041 (Exim) and 10040 "
+                             "(Postfix); by default only Unix sockets (mode 0660)")
     args = parser.parse_args(argv)
     try:
-        return run(args.state_dir, sys.stdout)
+        return run(args.state_dir, sys.stdout, tcp=args.tcp)
     except (PolicydError, config_module.ConfigError, OSError) as error:
         print(f"policyd.demo: error: {error}", file=sys.stderr)
         return getattr(error, "exit_code", 1)

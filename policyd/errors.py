@@ -23,6 +23,15 @@ class BadInput(PolicydError):
     exit_code = 2
 
 
+class AlreadyExists(BadInput):
+    """Adding what is there already (a domain, list, user, member, nonmember, pattern or
+    ban): exit 2 like any bad input, worded the same way for every kind of object."""
+
+    def __init__(self, what: str, *, plural: bool = False, detail: str = "") -> None:
+        super().__init__(f"{what} {'exist' if plural else 'exists'} already"
+                         + (f": {detail}" if detail else ""))
+
+
 class DaemonUnreachable(PolicydError):
     """The daemon's control socket cannot be reached or answered nonsense."""
 
@@ -41,8 +50,11 @@ class StoreUnavailable(PolicydError):
     exit_code = 5
 
 
-class Unavailable(Exception):
-    """No snapshot yet: a control query cannot be decided (the MTAs get the 4xx)."""
+class Unavailable(PolicydError):
+    """No snapshot to decide on (none yet, or an empty one): a query cannot be decided,
+    and the MTAs get the configured 4xx."""
+
+    exit_code = 5
 
 
 class ListenError(Exception):

@@ -1,14 +1,16 @@
 """One listener per configured endpoint string: bind, report, stop.
 
 A failed bind aborts start-up with an error that names the configuration key; a stale
-Unix socket left by a killed daemon is removed, while a live one (another daemon) is an
-error.
+Unix socket left by a killed daemon is removed, with its lock even when the lock's PID
+now belongs to another process, while a live one (another daemon) is an error.
+``raise_nofile_limit`` is for start-up: the soft descriptor limit up to the hard one.
 """
 
 from __future__ import annotations
 
 import errno
 import os
+import resource
 import socket
 import stat
 
@@ -23,7 +25,7 @@ from .errors import ListenError
 
 log = Logger(namespace="policyd")
 
-__all__ = ["Listener", "parse_endpoint"]
+__all__ = ["Listener", "parse_endpoint", "raise_nofile_limit"]
 
 
 class Listener(Service):
@@ -44,6 +46,8 @@ class Listener(Service):
         self.endpoint = endpoint if endpoint is not None else \
             parse_endpoint(reactor, key, description)
         self.port = None
+        if getattr(factory, "listener_name", False) is None:
+            factory.listener_name = f"{key} {description}"
 
     @property
     def address(self) -> str:
@@ -87,13 +91,33 @@ class Listener(Service):
                 "address": self.address, "connections": len(self.factory.connections)}
 
     def _clear_stale_socket(self) -> None:
+        """Before binding a Unix socket: its directory must exist; a socket somebody
+        serves (a connection is accepted) is another daemon's: an error, left alone.
+        Nobody serving it, the socket file and any ``<socket>.lock`` are stale, whatever
+        PID the lock names (PIDs are reused after a crash or a reboot): both are
+        removed, and a lock naming a live process is logged as taken over."""
         if not isinstance(self.endpoint, UNIXServerEndpoint):
             return
         path = self.endpoint._address
+        if isinstance(path, bytes):
+            path = os.fsdecode(path)
+        directory = os.path.dirname(os.path.abspath(path))
+        if not os.path.isdir(directory):
+            what = "is not a directory" if os.path.exists(directory) else "does not exist"
+            raise ListenError(f"{self.key} = {self.description}: the socket's directory "
+                              f"{directory} {what}")
+        exists = self._check_not_served(path)
+        self._take_stale_lock(path + ".lock", path)
+        if exists:
+            os.unlink(path)
+            log.info("removed the stale socket {path} left by an earlier run", path=path)
+
+    def _check_not_served(self, path: str) -> bool:
+        """Whether a socket file is there that nobody serves; an error if served."""
         try:
             st = os.stat(path)
         except OSError:
-            return
+            return False
         if not stat.S_ISSOCK(st.st_mode):
             raise ListenError(f"{self.key} = {self.description}: {path} exists and is not "
                               "a socket")
@@ -103,16 +127,81 @@ class Listener(Service):
             probe.connect(path)
         except OSError as error:
             if error.errno in (errno.ECONNREFUSED, errno.ENOENT):
-                os.unlink(path)
-                log.info("removed the stale socket {path} left by an earlier run",
-                              path=path)
-                return
+                return error.errno == errno.ECONNREFUSED
             raise ListenError(f"{self.key} = {self.description}: cannot check the "
                               f"existing socket {path}: {_error_text(error)}") from None
         finally:
             probe.close()
         raise ListenError(f"{self.key} = {self.description}: another process is already "
                           f"listening on {path}")
+
+    def _take_stale_lock(self, lock: str, path: str) -> None:
+        try:
+            target = os.readlink(lock)
+        except FileNotFoundError:
+            return
+        except OSError:  # not a symlink: Twisted's lock is one; leave it to Twisted
+            return
+        try:
+            pid = int(target)
+        except ValueError:
+            pid = None
+        alive = pid is not None and _pid_alive(pid)
+        try:
+            os.unlink(lock)
+        except FileNotFoundError:
+            return
+        except OSError as error:
+            raise ListenError(f"{self.key} = {self.description}: cannot remove the stale "
+                              f"lock {lock}: {_error_text(error)}") from None
+        if alive:
+            log.warn("took over the lock {lock}: its PID {pid} is alive but nobody serves "
+                     "{path} (a PID reused after a crash or reboot)",
+                     lock=lock, pid=pid, path=path)
+        else:
+            log.info("removed the stale lock {lock} of PID {pid}, no longer running",
+                     lock=lock, pid=target)
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except OSError:  # EPERM: alive, somebody else's
+        return True
+    return True
+
+
+def raise_nofile_limit() -> tuple[int, int]:
+    """Raise the soft ``RLIMIT_NOFILE`` to the hard limit (call once at start-up) and
+    log the figure and what the MTA listeners may hold of it.  Returns (before, after).
+    An unlimited hard limit is read as the kernel's ``fs.nr_open``."""
+    from .protocols import PROCESS_LIMITS, RESERVED_DESCRIPTORS
+
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    target = hard
+    if hard == resource.RLIM_INFINITY:
+        try:
+            with open("/proc/sys/fs/nr_open") as f:
+                target = int(f.read())
+        except (OSError, ValueError):
+            target = 1 << 20
+    after = soft
+    if soft != resource.RLIM_INFINITY and soft < target:
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (target, hard))
+            after = target
+        except (OSError, ValueError) as error:
+            log.warn("cannot raise the descriptor limit (RLIMIT_NOFILE) from {soft} to "
+                     "{target}: {error}", soft=soft, target=target, error=error)
+    PROCESS_LIMITS.refresh()
+    log.info("descriptor limit (RLIMIT_NOFILE) {before}{change}: the Exim and Postfix "
+             "listeners may hold {open} connections together, {reserve} are kept for the "
+             "control socket and the store", before=soft,
+             change=f" raised to {after}" if after != soft else " (the hard limit)",
+             open=PROCESS_LIMITS.max_open, reserve=RESERVED_DESCRIPTORS)
+    return soft, after
 
 
 def _error_text(error: BaseException) -> str:
@@ -132,7 +221,7 @@ def parse_endpoint(reactor, key: str, description: str):
     except Exception as error:  # the parsers raise ValueError, KeyError, IndexError...
         raise ConfigError(
             f"{key} = {description}: not a usable listener ({error}); allowed: Twisted "
-            "endpoint strings such as unix:/run/policyd/exim.sock:mode=666, "
+            "endpoint strings such as unix:/run/policyd/exim.sock:mode=660, "
             "tcp:10040:interface=127.0.0.1, systemd:domain=UNIX:index=0") from None
 
 

@@ -8,17 +8,27 @@ are formatted.
 
 Writes are buffered and flushed once a second and at once for warnings and errors, so a
 log line per decision stays cheap; ``reopen()`` (on SIGHUP) reopens the file after
-log rotation.
+log rotation.  A log file policyd creates is mode 0640.
+
+Every line is one line: control characters in any value (``\n``, ``\r``, NUL, ESC, the
+C1 controls, U+2028/2029) are written escaped (``\n``, ``\x00``), so a peer cannot
+forge a line or a terminal sequence (``escape_controls``).
+
+Events an outsider can trigger by the thousand (a malformed or over-long request,
+Twisted's accept errors at the descriptor limit, an event with ``rate_limit=<kind>``)
+pass ``RateLimit``: the first few per kind and interval are written, the rest counted
+and summed up in one line per interval.
 """
 
 from __future__ import annotations
 
 import os
+import re
 import sys
 import time
 from typing import IO, Mapping
 
-from twisted.logger import LogLevel, Logger, formatEvent, globalLogBeginner
+from twisted.logger import LogLevel, Logger, formatEvent, globalLogBeginner, globalLogPublisher
 
 _LEVELS = {"debug": LogLevel.debug, "info": LogLevel.info, "warn": LogLevel.warn,
            "error": LogLevel.error}
@@ -27,14 +37,24 @@ _PRIORITY = {LogLevel.debug: "<7>", LogLevel.info: "<6>", LogLevel.warn: "<4>",
 _URGENT = (LogLevel.warn, LogLevel.error, LogLevel.critical)
 
 
-class FastLogger(Logger):
-    """A ``Logger`` for the line-per-decision path: the same events, without
-    ``Logger.emit``'s per-call validation of the level (our levels are constants)."""
+_CONTROLS = re.compile("[\x00-\x1f\x7f-\x9f\u2028\u2029]")
+_NAMED = {"\n": "\\n", "\r": "\\r", "\t": "\\t"}
 
-    def emit(self, level: LogLevel, format: str | None = None, **kwargs: object) -> None:
-        kwargs.update(log_logger=self, log_level=level, log_namespace=self.namespace,
-                      log_source=self.source, log_format=format, log_time=time.time())
-        self.observer(kwargs)
+
+def _escape_one(match: re.Match) -> str:
+    char = match.group()
+    named = _NAMED.get(char)
+    if named is not None:
+        return named
+    code = ord(char)
+    return f"\\x{code:02x}" if code < 0x100 else f"\\u{code:04x}"
+
+
+def escape_controls(text: str) -> str:
+    """``text`` with every control character escaped: one line, no terminal sequence."""
+    if _CONTROLS.search(text) is None:
+        return text
+    return _CONTROLS.sub(_escape_one, text)
 
 
 def _format(event: dict) -> str:
@@ -67,7 +87,7 @@ class LineWriter:
 
     def format(self, event: dict) -> str:
         level = event.get("log_level", LogLevel.info)
-        text = _format(event)
+        text = escape_controls(_format(event))
         failure = event.get("log_failure")
         if failure is not None:
             try:
@@ -99,11 +119,13 @@ class LineWriter:
     def decision(self, protocol, verdict, list_, sender, senders, decided_by, rule, reply,
                  elapsed, request_id) -> None:
         """The line per decision, written directly: exactly the line the event
-        (``service.log_decision_event``) would give, without building and publishing an
+        (``DecisionLog`` without a writer) would give, without building and publishing an
         event, which cost most of the line's 10 µs per query."""
-        request = f" id={request_id}" if request_id else ""
-        text = (f"{protocol} {verdict} list={list_} sender=<{sender}> senders={senders} "
-                f"rule={rule} reply={reply!r} {elapsed:.3f}ms{request}")
+        text = DECISION_FORMAT.format(
+            protocol=protocol, verdict=verdict, list=list_, sender=sender, senders=senders,
+            rule=rule, reply=reply, elapsed=elapsed,
+            request=f" id={request_id}" if request_id else "")
+        text = escape_controls(text)
         try:
             if self.journal:
                 self.stream.write(f"<6>[policyd.decision] {text}\n")
@@ -114,14 +136,61 @@ class LineWriter:
             pass
 
 
+DECISION_FORMAT = ("{protocol} {verdict} list={list} sender=<{sender}> senders={senders} "
+                   "rule={rule} reply={reply!r} {elapsed:.3f}ms{request}")
+TROUBLE_FORMAT = ("{protocol} {verdict} list={list} sender=<{sender}> reason={reason!r} "
+                  "reply={reply!r} {elapsed:.3f}ms{request}")
+
+
+class DecisionLog:
+    """The one line per answer, for every protocol.
+
+    A ``twisted.logger`` event in namespace ``policyd.decision`` by default; the daemon
+    hands in its ``LineWriter`` (``writer``), which writes the same line directly.  A
+    trouble line (no decision: no snapshot, an error, an unmanaged domain) is always an
+    event, a warning for an error.
+    """
+
+    def __init__(self, enabled: bool = True, writer: "LineWriter | None" = None) -> None:
+        self.enabled = enabled
+        self.writer = writer
+        self.log = Logger(namespace="policyd.decision")
+
+    def decision(self, protocol, verdict, list_, sender, senders, decided_by, rule, reply,
+                 elapsed, request_id) -> None:
+        if not self.enabled:
+            return
+        if self.writer is not None:
+            self.writer.decision(protocol, verdict, list_, sender, senders, decided_by, rule,
+                                 reply, elapsed, request_id)
+            return
+        self.log.info(DECISION_FORMAT, protocol=protocol, verdict=verdict, list=list_,
+                      sender=sender, senders=senders, decided_by=decided_by, rule=rule,
+                      reply=reply, elapsed=elapsed,
+                      request=f" id={request_id}" if request_id else "",
+                      request_id=request_id)
+
+    def trouble(self, protocol, label, list_, sender, reason, reply, elapsed,
+                request_id) -> None:
+        if not self.enabled:
+            return
+        (self.log.warn if label == "error" else self.log.info)(
+            TROUBLE_FORMAT, protocol=protocol, verdict=label, list=list_, sender=sender,
+            reason=reason, reply=reply, elapsed=elapsed,
+            request=f" id={request_id}" if request_id else "", request_id=request_id)
+
+
 class LogSetup:
     """What ``setup`` started: ``flush()`` periodically, ``reopen()`` on SIGHUP."""
 
-    def __init__(self, writer: LineWriter, path: str | None) -> None:
+    def __init__(self, writer: LineWriter, path: str | None, limiter=None) -> None:
         self.writer = writer
         self.path = path
+        self.limiter = limiter
 
     def flush(self) -> None:
+        if self.limiter is not None:
+            self.limiter.tick()
         self.writer.flush()
 
     def reopen(self) -> None:
@@ -139,7 +208,9 @@ class LogSetup:
 
 
 def _open(path: str) -> IO[str]:
-    return open(path, "a", encoding="utf-8", errors="backslashreplace")
+    """Append to ``path``, creating it mode 0640 (whatever the umask adds)."""
+    fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC, 0o640)
+    return open(fd, "a", encoding="utf-8", errors="backslashreplace")
 
 
 _ORDER = (LogLevel.debug, LogLevel.info, LogLevel.warn, LogLevel.error, LogLevel.critical)
@@ -169,19 +240,104 @@ class LevelFilter:
         self.observer(event)
 
 
-def make_observer(level: str, stream: IO[str], *, journal: bool = False):
+_TWISTED_ACCEPT = ("EMFILE encountered", "EMFILE recovery", "Re-reserving EMFILE",
+                   "Could not accept new connection")
+
+
+def outsider_kind(event: dict) -> str | None:
+    """The kind of an event an outsider can trigger at will, else ``None``: an event's
+    own ``rate_limit`` field, a malformed request, Twisted's accept errors."""
+    kind = event.get("rate_limit")
+    if kind is not None:
+        return kind
+    fmt = event.get("log_format")
+    if not fmt:
+        return None
+    namespace = event.get("log_namespace") or ""
+    if namespace.startswith("twisted.internet") and fmt.startswith(_TWISTED_ACCEPT):
+        return "accept errors (descriptor limit)"
+    if namespace in ("policyd.exim", "policyd.postfix") and fmt.startswith("malformed"):
+        return f"malformed {namespace[8:].capitalize()} requests"
+    return None
+
+
+class RateLimit:
+    """Per kind of outsider-triggered event (``outsider_kind``): the first ``burst`` in
+    each ``interval`` seconds are written, the rest only counted; when the interval is
+    over (at the next event or ``tick()``, which ``LogSetup.flush`` calls every second)
+    one warning sums up what was left out, with the count per kind."""
+
+    def __init__(self, observer, *, interval: float = 60.0, burst: int = 5,
+                 clock=time.monotonic) -> None:
+        self.observer = observer
+        self.interval = interval
+        self.burst = burst
+        self.clock = clock
+        self.window_end: float | None = None
+        self.seen: dict[str, int] = {}
+
+    def __call__(self, event: dict) -> None:
+        kind = outsider_kind(event)
+        if self.window_end is not None and self.clock() >= self.window_end:
+            self.tick()
+        if kind is None:
+            self.observer(event)
+            return
+        if self.window_end is None:
+            self.window_end = self.clock() + self.interval
+        count = self.seen.get(kind, 0) + 1
+        self.seen[kind] = count
+        if count <= self.burst:
+            self.observer(event)
+
+    def tick(self) -> None:
+        """Close the interval if it is over: one summary line if anything was left out."""
+        if self.window_end is None or self.clock() < self.window_end:
+            return
+        left_out = {kind: count - self.burst for kind, count in self.seen.items()
+                    if count > self.burst}
+        self.window_end = None
+        self.seen = {}
+        if left_out:
+            self.observer({
+                "log_level": LogLevel.warn, "log_namespace": "policyd.log",
+                "log_time": time.time(), "log_format": "{summary}",
+                "summary": f"left out {sum(left_out.values())} similar lines in the last "
+                           f"{self.interval:g} s: " + ", ".join(
+                               f"{kind}: {count}" for kind, count in sorted(left_out.items())),
+            })
+
+
+def make_observer(level: str, stream: IO[str], *, journal: bool = False,
+                  rate_interval: float = 60.0):
+    """The writer, and the observer to publish to: level filter, then rate limit
+    (``observer.observer``, ticked by ``LogSetup.flush``)."""
     writer = LineWriter(stream, journal=journal)
-    return writer, LevelFilter(writer, level)
+    observer = LevelFilter(RateLimit(writer, interval=rate_interval), level)
+    return writer, observer
 
 
 def setup(daemon_config, stream: IO[str] | None = None,
-          environ: Mapping[str, str] | None = None) -> LogSetup:
-    """Start the global log for the daemon (call once, before the reactor runs)."""
+          environ: Mapping[str, str] | None = None, *, primary: bool = True
+          ) -> LogSetup | None:
+    """Start the global log for the daemon (call once, before the reactor runs).
+
+    ``primary=False`` under ``twist``, which starts the global log itself: then only a
+    configured ``log_file`` gets policyd's own writer (added beside twist's output), and
+    without one nothing is set up here (``None``)."""
     environ = os.environ if environ is None else environ
+    if not primary and daemon_config.log_file is None:
+        return None
     if daemon_config.log_file is not None:
         path = str(daemon_config.log_file)
-        os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
-        out = _open(path)
+        try:
+            os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+            out = _open(path)
+        except OSError as error:
+            from .config import ConfigError
+
+            raise ConfigError(f"[daemon] log_file = {path}: cannot open it for writing: "
+                              f"{error.strerror or error}") from None
         journal = False
     else:
         path = None
@@ -190,6 +346,9 @@ def setup(daemon_config, stream: IO[str] | None = None,
             out.reconfigure(errors="backslashreplace")
         journal = bool(environ.get("JOURNAL_STREAM"))
     writer, observer = make_observer(daemon_config.log_level, out, journal=journal)
-    globalLogBeginner.beginLoggingTo([observer], discardBuffer=True,
-                                     redirectStandardIO=False)
-    return LogSetup(writer, path)
+    if primary:
+        globalLogBeginner.beginLoggingTo([observer], discardBuffer=True,
+                                         redirectStandardIO=False)
+    else:
+        globalLogPublisher.addObserver(observer)
+    return LogSetup(writer, path, observer.observer)

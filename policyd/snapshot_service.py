@@ -13,13 +13,16 @@ Failure policy:
 * two refreshes never overlap: a tick that finds one running does nothing, a forced reload
   requested meanwhile runs right after it;
 * before the first snapshot ``current`` is ``None`` and ``unavailable_reason`` says why;
-  the decision service then answers every query with the configured temporary failure.
+  the decision service then answers every query with the configured temporary failure;
+* a refresh still running after ``refresh_timeout`` seconds (a stuck store: a lock, a
+  frozen server) is logged once, and ``status()`` says unhealthy with the reason until
+  it ends; the last good snapshot keeps serving.  A reactor timer watches it (not the
+  refresh timer: its ``LoopingCall`` does not tick again until the refresh it started
+  has finished).
 """
 
 from __future__ import annotations
 
-import gc
-import os
 
 import queue
 import threading
@@ -33,6 +36,7 @@ from twisted.logger import Logger, LogLevel
 from twisted.python.failure import Failure
 
 from .errors import PolicydError
+from .runtime import heap, threads
 from .runtime.pacing import pace, pacing
 from .core.snapshot import Snapshot
 
@@ -74,19 +78,12 @@ class StoreThread(Service):
         self._jobs.put((d, f, args, kwargs))
         return d
 
-    # The scheduler's niceness of this thread (Linux: per thread), the lowest there is.
-    # A rebuild is seconds of CPU and the change check every refresh_interval a few
-    # milliseconds of SQL; where they share a core with the reactor thread, the reactor
-    # is served first instead of getting a fair half (measured: the periodic check was
-    # the 5-10 ms outliers of the latency at half load).  Under a load that keeps the
-    # reactor busy all the time, refreshes wait for it.
-    NICENESS = 19
+    # How far below the reactor thread the store thread runs (``policyd.runtime.threads``;
+    # ``[runtime] store_niceness``).
+    niceness = 19
 
     def _loop(self) -> None:
-        try:
-            os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), self.NICENESS)
-        except (AttributeError, OSError):
-            pass  # not Linux, or not allowed: the store thread runs at the daemon's own
+        threads.lower_priority(self.niceness)
         call = self.reactor.callFromThread
         while True:
             job = self._jobs.get()
@@ -102,39 +99,10 @@ class StoreThread(Service):
 
 
 def release(box: list) -> None:
-    """Drop the snapshot in ``box`` (the only reference left) one list at a time.
-
-    Freeing an object graph happens inside a single reference-count drop, without a chance
-    for another thread to take the GIL; freeing the lists one by one from a Python loop
-    gives the reactor thread its turns in between.  Lists the new snapshot shares survive.
-    """
-    snapshot = box.pop()
-    policies = list(snapshot.lists.values())
-    del snapshot
+    """Drop the old snapshot in ``box`` piecewise, resting for the reactor in between
+    (``policyd.runtime.heap.release``)."""
     with pacing():
-        while policies:
-            policies.pop()
-            pace()
-    return_free_memory()
-
-
-def return_free_memory() -> None:
-    """Give the C heap's free memory back to the system after a build (glibc keeps what
-    a build's temporary tables used otherwise, and the daemon's RSS only grows)."""
-    if _malloc_trim is not None:
-        _malloc_trim(0)
-
-
-def _find_malloc_trim():
-    try:
-        import ctypes
-
-        return ctypes.CDLL("libc.so.6").malloc_trim
-    except (OSError, AttributeError):
-        return None
-
-
-_malloc_trim = _find_malloc_trim()
+        heap.release(box, pace)
 
 
 class SnapshotService(Service):
@@ -150,8 +118,11 @@ class SnapshotService(Service):
     CLOSE_TIMEOUT = 2.0
 
     def __init__(self, backend, *, interval: float, clock, run_in_thread: RunInThread,
-                 describe_store: str = "") -> None:
+                 describe_store: str = "", refresh_timeout: float | None = None) -> None:
         self.backend = backend
+        self.refresh_timeout = refresh_timeout
+        self.refresh_started: float | None = None
+        self._overdue_call = None
         self.interval = interval
         self.clock = clock
         self.run_in_thread = run_in_thread
@@ -166,6 +137,9 @@ class SnapshotService(Service):
         self.loads = 0
         self.checks = 0
         self._busy: Deferred | None = None
+        # What the last verification build found (set in the store thread, logged and
+        # cleared by ``_done``).
+        self._divergence: list[str] = []
         self._forced: list[Deferred] = []
         self._attempt_waiters: list[Deferred] | None = []
         self._timer = TimerService(interval, self.tick)
@@ -196,6 +170,7 @@ class SnapshotService(Service):
         super().stopService()
         # Do not wait for a refresh in progress: it may hang in a dead connection.
         self._timer.stopService()
+        self._end_watch()
         if self._busy is not None:
             return None
         d = self.run_in_thread(self.backend.close)
@@ -228,6 +203,7 @@ class SnapshotService(Service):
     def refresh(self, force: bool) -> Deferred:
         if self._busy is not None:
             return succeed(None)
+        self._start_watch()
         d = self.run_in_thread(self._work, force, self.current)
         self._busy = d
         d.addCallbacks(self._done, self._failed)
@@ -239,9 +215,16 @@ class SnapshotService(Service):
 
         A forced refresh (SIGHUP, ``reload``) is always a full build; a change seen by
         the token is an incremental one where the backend can do that safely
-        (``load_changes``)."""
+        (``load_changes``).  A backend whose change detection is inferred rather than
+        exact (Mailman 3) asks, through ``verification_due()``, for a periodic
+        verification build (``load_verified``): a full build compared with what the
+        incremental path serves; a divergence is logged (in ``_done``) and the full build
+        swapped in."""
         token = self.backend.change_token()
-        if not force and current is not None and token == current.version:
+        due = getattr(self.backend, "verification_due", None)
+        verifying = not force and current is not None and due is not None and due()
+        if (not force and current is not None and token == current.version
+                and not verifying):
             return token, None, None
         load_changes = getattr(self.backend, "load_changes", None)
         # No cyclic garbage collection while a snapshot is built: a build allocates
@@ -249,18 +232,18 @@ class SnapshotService(Service):
         # would trigger scans them all while holding the GIL, stalling the reactor for
         # hundreds of milliseconds.  They die by reference counting when the build returns;
         # what survives (the snapshot) holds few GC-tracked objects.
-        collecting = gc.isenabled()
-        gc.disable()
-        try:
+        # No cyclic collection during the build (``policyd.runtime.heap``).
+        with heap.no_collection():
             # Resting for the reactor thread once it serves queries (see ``pacing``).
             with pacing() if current is not None else nullcontext():
-                if not force and current is not None and load_changes is not None:
+                if verifying:
+                    snapshot, self._divergence = self.backend.load_verified(current)
+                    if not self._divergence and snapshot.version == current.version:
+                        return token, None, None  # verified: keep serving current
+                elif not force and current is not None and load_changes is not None:
                     snapshot = load_changes(current)
                 else:
                     snapshot = self.backend.load_snapshot()
-        finally:
-            if collecting:
-                gc.enable()
         if not isinstance(snapshot, Snapshot):
             raise TypeError(f"the store returned {type(snapshot).__name__}, not a Snapshot")
         if current is None:
@@ -268,12 +251,17 @@ class SnapshotService(Service):
             # for both: a trim walks the whole heap (2-4 ms for a 1M-membership one), and
             # with both threads on one core the reactor thread waits for it even though
             # the GIL is free meanwhile.
-            return_free_memory()
+            heap.return_free_memory()
         return token, snapshot, self.backend.describe()
 
     def _done(self, result) -> bool:
         token, snapshot, description = result
         now = self.clock.seconds()
+        divergence, self._divergence = self._divergence, []
+        if divergence:
+            log.warn("verification build: the incremental snapshot differed from the "
+                     "store in {differences}; serving the full build {version}",
+                     differences=", ".join(divergence), version=token)
         self.checks += 1
         self.checked_at = now
         if description is not None:
@@ -287,6 +275,7 @@ class SnapshotService(Service):
                 problems=(f"; {len(snapshot.problems)} problems: "
                           + "; ".join(snapshot.problems[:5])) if snapshot.problems else "",
             )
+            _report_broken(self.current, snapshot)
             previous, self.current = self.current, snapshot
             if previous is not None:
                 # Hand the old snapshot to the store thread to be freed there, piece by
@@ -340,6 +329,7 @@ class SnapshotService(Service):
 
     def _idle(self, result):
         self._busy = None
+        self._end_watch()
         waiters, self._attempt_waiters = self._attempt_waiters, None
         for waiter in waiters or ():
             waiter.callback(None)
@@ -358,6 +348,53 @@ class SnapshotService(Service):
                 waiter.callback(False)
         return result
 
+    # --- the refresh watchdog ---------------------------------------------------------
+
+    def _start_watch(self) -> None:
+        self.refresh_started = self.clock.seconds()
+        if self.refresh_timeout is not None:
+            self._overdue_call = self.clock.callLater(self.refresh_timeout, self._overdue)
+
+    def _end_watch(self) -> None:
+        call, self._overdue_call = self._overdue_call, None
+        if call is not None and call.active():
+            call.cancel()
+        elif call is not None and self.refresh_started is not None:
+            # It was reported overdue: say that it ended.
+            log.info("the overdue store refresh ended after {duration:.1f} s",
+                     duration=self.clock.seconds() - self.refresh_started)
+        self.refresh_started = None
+
+    def _overdue(self) -> None:
+        """Called once per refresh that outlives ``refresh_timeout``."""
+        running = self.clock.seconds() - (self.refresh_started or 0.0)
+        if self.current is not None:
+            serving = f"serving the last good snapshot {self.current.version}"
+        else:
+            serving = "no snapshot yet, every query gets a temporary failure"
+        log.error("store refresh still running after {duration:.1f} s (more than [store] "
+                  "refresh_timeout = {timeout:g} s): the store is stuck or very slow; "
+                  "{serving}", duration=running, timeout=self.refresh_timeout,
+                  serving=serving, store=self.store_description)
+
+    def refresh_running_for(self) -> float | None:
+        if self._busy is None or self.refresh_started is None:
+            return None
+        return max(0.0, self.clock.seconds() - self.refresh_started)
+
+    def unhealthy_reason(self) -> str | None:
+        """Why ``status()`` says the store is unhealthy, else ``None``."""
+        running = self.refresh_running_for()
+        if (running is not None and self.refresh_timeout is not None
+                and running >= self.refresh_timeout):
+            return (f"a store refresh has been running for {running:.1f} s (more than "
+                    f"[store] refresh_timeout = {self.refresh_timeout:g} s)")
+        if self.failing_since is not None:
+            return f"the store is failing: {self.last_error}"
+        if self.checked_at is None:
+            return "the store has not answered yet"
+        return None
+
     def _unexpected(self, failure: Failure) -> bool:
         log.failure("unexpected error in the snapshot refresh", failure)
         return False
@@ -365,6 +402,8 @@ class SnapshotService(Service):
     def status(self) -> dict:
         snap = self.current
         now = self.clock.seconds()
+        unhealthy = self.unhealthy_reason()
+        running = self.refresh_running_for()
         return {
             "snapshot": None if snap is None else {
                 "version": snap.version,
@@ -374,11 +413,15 @@ class SnapshotService(Service):
                 "memberships": snap.membership_count,
                 "domains": len(snap.domains),
                 "problems": list(snap.problems),
+                "broken_lists": dict(snap.broken),
             },
             "unavailable_reason": self.unavailable_reason or None,
             "store": {
                 "describe": self.store_description,
-                "healthy": self.failing_since is None and self.checked_at is not None,
+                "healthy": unhealthy is None,
+                "unhealthy_reason": unhealthy,
+                "refresh_running_for": (None if running is None else round(running, 3)),
+                "refresh_timeout": self.refresh_timeout,
                 "last_check_age": (None if self.checked_at is None
                                    else round(now - self.checked_at, 3)),
                 "last_error": self.last_error,
@@ -392,6 +435,19 @@ class SnapshotService(Service):
                 "loads": self.loads,
             },
         }
+
+
+def _report_broken(previous: Snapshot | None, snapshot: Snapshot) -> None:
+    """One log line per list that became unreadable (or changed its reason), and one
+    when it is readable again; nothing for a list that stays as it was."""
+    before = previous.broken if previous is not None else {}
+    for posting, reason in snapshot.broken.items():
+        if before.get(posting) != reason:
+            log.error("list {list} is answered with a temporary failure until its rows "
+                      "can be read: {reason}", list=posting, reason=reason)
+    for posting in before:
+        if posting not in snapshot.broken and posting in snapshot.lists:
+            log.info("list {list} is readable again", list=posting)
 
 
 def _describe_error(failure: Failure) -> str:

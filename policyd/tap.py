@@ -9,7 +9,9 @@ it, so tests can pass a ``MemoryReactor`` and a fake store backend.
 from __future__ import annotations
 
 import os
+import sys
 
+from twisted.application.internet import TimerService
 from twisted.python import usage
 
 from .config import Config, ConfigError, default_path, load
@@ -59,14 +61,50 @@ class Options(usage.Options):
 
 
 def makeService(options, reactor=None, backend=None) -> PolicyService:
-    """The daemon's service.  With ``reactor=None`` the global reactor is used and SIGHUP
-    is handled (reload the data); tests pass their own reactor and backend."""
+    """The daemon's service: the one construction path of ``policyd`` and ``twist
+    policyd``.
+
+    With ``reactor=None`` (both commands) the global reactor is used, SIGHUP is handled
+    (reload the data, reopen the log file), the log is set up (``policyd`` owns the
+    global log; under ``twist`` only a configured ``log_file`` gets policyd's writer) and
+    ``[runtime]`` tuning is applied.  Tests pass their own reactor and backend and get
+    none of that."""
     config = getattr(options, "loaded", None) or load_config(options["config"])
-    install_signals = reactor is None
+    managed = reactor is None
     if reactor is None:
         from twisted.internet import reactor
+    logs = None
+    tuning = None
+    if managed:
+        from .logging import setup
+        from .runtime.tuning import Tuning
+
+        launcher = getattr(options, "launcher", "twist")
+        logs = setup(config.daemon, sys.stdout, options.environ,
+                     primary=launcher == "policyd")
+        notes = list(getattr(options, "runtime_notes", ()))
+        if launcher != "policyd" and config.runtime.reactor and not _tuned_reactor(reactor):
+            notes.append("reactor: twist runs its own reactor here; "
+                         "`twist --reactor=policyd policyd` runs policyd's")
+        tuning = Tuning(config.runtime, notes)
     if backend is None:
         from .store import open_backend
 
         backend = open_backend(config.store)
-    return PolicyService(config, reactor, backend, install_signals=install_signals)
+    service = PolicyService(config, reactor, backend, install_signals=managed,
+                            on_sighup=logs.reopen if logs is not None else None,
+                            tuning=tuning)
+    if logs is not None:
+        service.logs = logs
+        # The decision lines go straight to policyd's writer (the same line as the event).
+        service.decision_log.writer = logs.writer
+        flusher = TimerService(1.0, logs.flush)
+        flusher.clock = reactor
+        flusher.setServiceParent(service)
+    return service
+
+
+def _tuned_reactor(reactor) -> bool:
+    from .runtime.reactor import EPollReactor
+
+    return isinstance(reactor, EPollReactor)

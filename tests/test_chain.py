@@ -99,6 +99,56 @@ def test_list_named_like_a_suffix():
     assert d.role is Role.POST
 
 
+# --- a list whose rows could not be read --------------------------------------------------
+
+@pytest.mark.parametrize("mode", [Mode.MAILMAN3, Mode.MAILMAN2])
+def test_broken_list_defers_its_posts_alone(mode):
+    """A list a loader marked broken answers every post with DEFER (broken-list, the
+    reason in the trace), whatever the sender; the other lists decide as usual."""
+    s = snap(mode, members=(MemberSpec("m@x.example", A),), default_nonmember_action=A,
+             broken="mailinglist.accept_these_nonmembers holds a pickle policyd will not "
+                    "load: not a readable pickle")
+    assert dict(s.broken) == {LIST: s.lists[LIST].broken}
+    for sender in ("m@x.example", "n@y.example"):
+        d = check(s, q(sender), Verdict.DEFER, "broken-list")
+        assert "not a readable pickle" in d.trace[-1].detail and d.list == LIST
+    check(s, q("friend@x.example", to="other@lists.example.com"), Verdict.ACCEPT, "accept")
+    check(s, q("n@y.example", to="other@lists.example.com"), Verdict.HOLD,
+          "nonmember-moderation")
+    # What does not read the list's rows still answers: the null sender, the -owner.
+    check(s, q(""), Verdict.REJECT, "null-sender")
+    check(s, q(to="test-owner@lists.example.com"), Verdict.ACCEPT, "administrative-address")
+
+
+def test_a_list_that_cannot_be_built_is_broken_not_the_snapshot():
+    """An exception while building one list (here: members that are not addresses or
+    specs) marks that list broken instead of failing the whole build."""
+    bad = ListSpec("bad@lists.example.com", members=(object(),))
+    s = snap(others=(bad,))
+    assert list(s.broken) == ["bad@lists.example.com"]
+    assert "cannot build the list" in s.broken["bad@lists.example.com"]
+    check(s, q(to="bad@lists.example.com"), Verdict.DEFER, "broken-list")
+    check(s, q("friend@x.example", to="other@lists.example.com"), Verdict.ACCEPT, "accept")
+
+
+def test_replace_lists_tracks_broken_lists():
+    """An incremental rebuild marks a list broken, and clears the mark once it is read
+    again, exactly as a full build would."""
+    from policyd.core.snapshot import replace_lists
+
+    s = snap()
+    broke = replace_lists(s, [ListSpec(LIST, broken="unknown Mailman action 9")],
+                          version="2")
+    assert dict(broke.broken) == {LIST: "unknown Mailman action 9"}
+    assert broke.lists["other@lists.example.com"] is s.lists["other@lists.example.com"]
+    check(broke, q(), Verdict.DEFER, "broken-list")
+    fixed = replace_lists(broke, [ListSpec(LIST)], version="3")
+    assert dict(fixed.broken) == {}
+    check(fixed, q(), Verdict.HOLD, "nonmember-moderation")
+    gone = replace_lists(broke, [], [LIST], version="4")
+    assert dict(gone.broken) == {}
+
+
 # --- Mailman 3 mode ----------------------------------------------------------------------
 
 def test_no_senders_discarded():
@@ -345,7 +395,7 @@ def test_trace_records_hits_and_misses_in_chain_order():
     d = decide(s, q("n@y.example"))
     names = [step.rule for step in d.trace]
     assert names == ["unknown-list", "null-sender", "administrative-address",
-                     *[r.name for r in MAILMAN3_CHAIN]]
+                     "broken-list", *[r.name for r in MAILMAN3_CHAIN]]
     assert [step.hit for step in d.trace] == [False] * (len(names) - 1) + [True]
     assert d.to_dict()["trace"][-1]["rule"] == "nonmember-moderation"
 

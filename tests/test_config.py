@@ -14,6 +14,8 @@ def test_defaults(tmp_path):
     assert c.store.backend == "native"
     assert c.store.url == f"sqlite:///{tmp_path / 'state' / 'policyd.sqlite'}"
     assert c.store.refresh_interval == 2.0
+    assert (c.store.timeouts.connect, c.store.timeouts.statement, c.store.timeouts.lock,
+            c.store.refresh_timeout) == (10.0, 60.0, 10.0, 30.0)
     assert c.postfix.mode == "safe" and c.postfix.idle_timeout > 300
     assert c.smtp.hold is Outcome.ACCEPT and c.smtp.discard is Outcome.DISCARD
 
@@ -24,6 +26,10 @@ def test_every_key_set(tmp_path):
 backend = mailman3
 url = postgresql://mailman@db/mailman
 refresh_interval = 0.5
+connect_timeout = 3
+statement_timeout = 20
+lock_timeout = 1.5
+refresh_timeout = 45
 [daemon]
 state_dir = /var/lib/policyd
 control_socket = /run/policyd/control.sock
@@ -60,6 +66,8 @@ error_status = 4.3.5
     assert c.daemon.control_socket_mode == 0o600
     assert c.smtp.hold is Outcome.HOLD and c.smtp.reject_code == 554
     assert c.postfix.accept_action == "ok"
+    assert (c.store.timeouts.connect, c.store.timeouts.statement, c.store.timeouts.lock,
+            c.store.refresh_timeout) == (3.0, 20.0, 1.5, 45.0)
 
 
 @pytest.mark.parametrize("text, words", [
@@ -72,6 +80,10 @@ error_status = 4.3.5
     ("[smtp]\nhold = reject\n", ["[smtp] hold", "accept, hold"]),
     ("[daemon]\ncontrol_socket_mode = rw\n", ["control_socket_mode", "octal"]),
     ("[store]\nbackend = mailman3\n", ["[store] url", "mailman3"]),
+    ("[store]\nlock_timeout = 0\n", ["x.conf", "[store] lock_timeout", "greater than 0"]),
+    ("[store]\nstatement_timeout = soon\n", ["[store] statement_timeout", "seconds"]),
+    ("[store]\nconnect_timeout = -1\n", ["[store] connect_timeout", "greater than 0"]),
+    ("[store]\nrefresh_timeout = 0\n", ["[store] refresh_timeout", "greater than 0"]),
     ("not ini", ["x.conf"]),
 ])
 def test_errors_name_file_key_and_allowed(text, words):

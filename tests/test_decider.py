@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from policyd.core.chain import decide
-from policyd.service import Decider
+from policyd.decider import Decider
 from policyd.core.replies import ReplyPolicy
 from policyd.core.verdict import Query
 
@@ -22,11 +22,10 @@ def test_mta_path_decides_without_the_trace():
         calls.append(explain)
         return decide(snapshot, query, explain=explain)
     snapshot = sample_snapshot()
-    decider = Decider(StaticSnapshots(snapshot), ReplyPolicy(), log_decisions=False,
-                      decide=recorded)
+    decider = Decider(StaticSnapshots(snapshot), ReplyPolicy(), decide=recorded)
     for sender in ("stranger@example.net", "", MEMBER):
         query = Query(LIST, sender)
-        decision, reply, _wire = decider.decide(query, "exim")
+        decision, reply = decider.decide(query, "exim")[:2]
         traced = decide(snapshot, query)
         assert decision.trace == () and traced.trace
         assert decision._replace(trace=traced.trace, reason=traced.reason) == traced
@@ -36,7 +35,7 @@ def test_mta_path_decides_without_the_trace():
 
 def test_every_query_reads_the_current_snapshot():
     snapshots = StaticSnapshots(sample_snapshot())
-    decider = Decider(snapshots, ReplyPolicy(), log_decisions=False)
+    decider = Decider(snapshots, ReplyPolicy())
     query = Query(LIST, "stranger@example.net")
     assert decider.decide(query, "exim")[0].verdict.value == "reject"
     snapshots.current = sample_snapshot(extra_member="stranger@example.net")
@@ -51,10 +50,10 @@ def test_errors_give_the_temporary_failure_every_time():
     def broken(snapshot, query, *, explain=True):
         calls.append(query)
         raise RuntimeError("bug")
-    decider = Decider(StaticSnapshots(sample_snapshot()), ReplyPolicy(), log_decisions=False,
-                      decide=broken)
+    decider = Decider(StaticSnapshots(sample_snapshot()), ReplyPolicy(), decide=broken)
     for _ in range(2):
-        decision, reply, _wire = decider.decide(Query(LIST, "a@example.net"), "exim")
+        decision, reply = decider.decide(Query(LIST, "a@example.net"), "exim")[:2]
+        decider.count_answer("exim", reply.outcome.value)
         assert decision is None and reply.code == 451
     assert len(calls) == 2
     assert decider.counters()["by_protocol"] == {"exim": {"error": 2}}
@@ -69,7 +68,7 @@ def test_direct_decision_line_equals_the_event_line():
     from twisted.logger import LogLevel
 
     from policyd.logging import LineWriter
-    from policyd.service import DECISION_FORMAT
+    from policyd.logging import DECISION_FORMAT
 
     args = ("exim", "reject", LIST, "x@example.net", "x@example.net", "x@example.net",
             "nonmember-moderation", "REJECT 550 5.7.1 Members only", 0.0421, "1qX-0001")
@@ -89,9 +88,20 @@ def test_direct_decision_line_equals_the_event_line():
                "id=1qX-0001" in direct.getvalue()
 
 
-def test_decider_uses_the_configured_decision_log():
+def test_protocols_use_the_configured_decision_log():
+    from twisted.internet.task import Clock
+
+    from policyd.config import parse
+    from policyd.logging import DecisionLog
+    from policyd.protocols.postfix import PostfixFactory, PostfixRequest
+
     lines = []
+
+    class Recorded(DecisionLog):
+        def decision(self, *fields):
+            lines.append(fields)
     decider = Decider(StaticSnapshots(sample_snapshot()), ReplyPolicy())
-    decider.log_decision = lambda *fields: lines.append(fields)
-    decider.decide(Query(LIST, "stranger@example.net"), "postfix", "Q1")
+    factory = PostfixFactory(decider, parse("").postfix, Clock(), Recorded())
+    factory.answer(PostfixRequest({b"protocol_state": b"RCPT", b"recipient": LIST.encode(),
+                                   b"sender": b"stranger@example.net", b"queue_id": b"Q1"}))
     assert len(lines) == 1 and lines[0][0] == "postfix" and lines[0][-1] == "Q1"

@@ -341,3 +341,48 @@ def test_old_snapshot_is_freed_through_the_store_thread():
     _gc.collect()
     assert first() is None
     assert service.current.version == "2"
+
+
+def test_a_refresh_past_refresh_timeout_is_logged_once_and_makes_status_unhealthy():
+    """A refresh still running after ``refresh_timeout`` (a stuck store) is logged once;
+    ``status`` says unhealthy with the reason while the last good snapshot keeps
+    serving; when the refresh ends, status is healthy again and the end is logged."""
+    thread = ManualThread()
+    clock = Clock()
+    backend = FakeBackend()
+    service = SnapshotService(backend, interval=2.0, clock=clock, run_in_thread=thread.run,
+                              refresh_timeout=30.0)
+    service.startService()
+    thread.step()
+    first = service.current
+    assert service.status()["store"]["healthy"] is True
+    with captured_events() as events:
+        clock.advance(2)  # this refresh hangs in the store
+        assert len(thread.jobs) == 1
+        clock.advance(28)
+        assert service.status()["store"]["healthy"] is True
+        assert service.status()["store"]["refresh_running_for"] == 28.0
+        for _ in range(20):
+            clock.advance(2)
+    overdue = [e for e in events if "refresh_timeout" in e["log_format"]]
+    assert len(overdue) == 1 and overdue[0]["log_level"] is LogLevel.error
+    assert overdue[0]["duration"] == 30.0 and "last good snapshot 1" in overdue[0]["serving"]
+    status = service.status()["store"]
+    assert status["healthy"] is False
+    assert "running for 68.0 s" in status["unhealthy_reason"]
+    assert "[store] refresh_timeout = 30 s" in status["unhealthy_reason"]
+    assert service.current is first
+    with captured_events() as events:
+        thread.step()
+    assert service.status()["store"]["healthy"] is True
+    assert service.status()["store"]["unhealthy_reason"] is None
+    assert any("overdue store refresh ended" in e["log_format"] for e in events)
+
+
+def test_a_failing_store_is_unhealthy_with_the_error_as_reason():
+    service, backend, clock = make()
+    service.startService()
+    backend.fail = RuntimeError("connection refused")
+    clock.advance(2)
+    status = service.status()["store"]
+    assert status["healthy"] is False and "the store is failing" in status["unhealthy_reason"]

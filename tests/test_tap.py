@@ -16,7 +16,8 @@ from twisted.python import usage
 
 from policyd import tap
 from policyd.errors import ListenError, Unavailable
-from policyd.service import PolicyService, _safe_url
+from policyd.service import PolicyService
+from policyd.store.engine import safe_url as _safe_url
 from policyd.core.verdict import Query
 
 from .protocols.fakes import LIST, MEMBER, NONMEMBER, FakeBackend, SyncStoreThread
@@ -345,16 +346,21 @@ def test_log_journal_mode_prefixes_priority_and_failure_traceback():
     assert any("ZeroDivisionError" in line for line in lines)
 
 
-def test_fast_logger_emits_standard_events():
-    from twisted.logger import LogLevel
+def test_decision_events_are_standard_events():
+    """Without a direct writer, a decision line is a plain ``twisted.logger`` event."""
+    from twisted.logger import LogLevel, globalLogPublisher
 
-    from policyd.logging import FastLogger
+    from policyd.logging import DecisionLog
 
     seen = []
-    FastLogger(namespace="policyd.decision", observer=seen.append).info("x {a}", a=1)
-    event = seen[0]
-    assert event["log_level"] is LogLevel.info and event["log_format"] == "x {a}"
-    assert event["log_namespace"] == "policyd.decision" and event["a"] == 1
+    globalLogPublisher.addObserver(seen.append)
+    try:
+        DecisionLog().decision("exim", "accept", "l@x", "a@x", "a@x", "a@x", "r", "ACCEPT",
+                               0.5, "id1")
+    finally:
+        globalLogPublisher.removeObserver(seen.append)
+    event = next(e for e in seen if e.get("log_namespace") == "policyd.decision")
+    assert event["log_level"] is LogLevel.info and event["request_id"] == "id1"
     assert event["log_time"] > 0
 
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 from .rules import (
     AdministrativeAddress,
     BannedAddress,
+    BrokenList,
     Context,
     Emergency,
     Hit,
@@ -29,7 +30,11 @@ from .rules import (
 from .snapshot import Snapshot
 from .verdict import Decision, Mode, Query, TraceStep, Verdict
 
-SMTP_CHAIN: tuple[Rule, ...] = (UnknownList(), NullSender(), AdministrativeAddress())
+# broken-list comes after the rules that read only the recipient (the null sender and
+# the administrative addresses do not depend on the list's rows) and before every rule
+# that reads them.
+SMTP_CHAIN: tuple[Rule, ...] = (UnknownList(), NullSender(), AdministrativeAddress(),
+                                BrokenList())
 
 MAILMAN3_CHAIN: tuple[Rule, ...] = (
     NoSenders(),

@@ -155,6 +155,23 @@ class AdministrativeAddress:
                    "not a post" if ctx.explain else "")
 
 
+class BrokenList:
+    name = "broken-list"
+    description = ("A post to a list whose rows could not be read (an unloadable pickle, "
+                   "an unknown action) gets a temporary failure; every other list is "
+                   "decided as usual.")
+
+    def check(self, ctx: Context) -> Hit | Miss:
+        reason = ctx.policy.broken
+        if reason is None:
+            return _READABLE
+        return Hit(Verdict.DEFER, f"the rows of {ctx.policy.posting_address} could not be "
+                   f"read: {reason}" if ctx.explain else "")
+
+
+_READABLE = Miss("the list's rows were read")
+
+
 # --- Mailman 3 ---------------------------------------------------------------------------
 
 

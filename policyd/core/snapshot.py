@@ -4,6 +4,15 @@ A loader (native store, Mailman 3 database) builds plain ``ListSpec`` values; ``
 turns them into a ``Snapshot``: dicts keyed by normalised address, regular expressions
 compiled once, ``@list`` references resolved to the other list's member set.  Nothing here
 does I/O; the reactor only ever holds a reference to a finished ``Snapshot``.
+
+One list whose rows cannot be read does not fail the build.  A loader marks it with
+``ListSpec.broken`` (the reason: an unloadable pickle, an unknown action value), and a
+list that ``build_list`` cannot build is marked the same way; its ``ListPolicy`` keeps only
+its addresses and ``broken``, the ``broken-list`` rule answers its posts with a temporary
+failure, and ``Snapshot.broken`` lists them (posting address -> reason) for the log and
+``status`` (not ``problems``: the service logs a broken list once, when it breaks).  A
+bad regular expression is not that: Mailman skips it and so do we (it is reported in
+``problems``).
 """
 
 from __future__ import annotations
@@ -64,6 +73,9 @@ class ListSpec:
     reject_these_nonmembers: tuple[str, ...] = ()
     discard_these_nonmembers: tuple[str, ...] = ()
     bans: tuple[str, ...] = ()
+    # Why this list's rows could not be read (then only its addresses are meaningful):
+    # the list is answered with a temporary failure, every other list as usual.
+    broken: str | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -114,6 +126,8 @@ class ListPolicy:
     nonmembers: Mapping[str, Action | None]
     nonmember_patterns: tuple[tuple[Action, tuple[Pattern, ...]], ...]
     bans: BanList
+    # Set when the list's rows could not be read: the reason (see the module docstring).
+    broken: str | None = None
 
     def find_member(self, address: str) -> tuple[str, Action | None] | None:
         """The member ``address`` posts as (itself, or another address of its user)."""
@@ -145,6 +159,8 @@ class Snapshot:
     # Backend-private bookkeeping for incremental refreshes (per-list digests); the
     # decision never reads it.
     source_state: object = field(default=None, compare=False, repr=False)
+    # The lists served as a temporary failure: posting address -> why (``ListSpec.broken``).
+    broken: Mapping[str, str] = field(default_factory=lambda: MappingProxyType({}))
     # Recipient -> Target, filled as queries come: MTAs ask about the same few list
     # addresses all day.  Bounded, since a recipient is whatever the client typed.
     _targets: dict = field(default_factory=dict, init=False, compare=False, repr=False)
@@ -277,6 +293,57 @@ def _members(specs) -> tuple[dict[str, None], dict[str, Action]]:
     return members, actions
 
 
+def broken_list(spec: ListSpec, reason: str, problems: list[str]) -> ListPolicy | None:
+    """The stand-in for a list whose rows could not be read: its addresses and
+    ``broken``, nothing a decision could wrongly act on.  ``None`` (and a problem) when
+    not even its posting address is usable."""
+    posting = normalise(spec.posting_address)
+    if posting is None:
+        problems.append(f"list {spec.posting_address!r} is left out: bad posting address; "
+                        f"{reason}")
+        return None
+    # Not in ``problems``: ``Snapshot.broken`` carries it (the service logs it once).
+    local, _ = split_address(posting)
+    return ListPolicy(
+        posting_address=posting,
+        list_id=spec.list_id or posting.replace("@", "."),
+        display_name=spec.display_name or local,
+        mode=spec.mode,
+        emergency=False,
+        default_member_action=Action.HOLD,
+        default_nonmember_action=Action.HOLD,
+        rejection_notice=None,
+        members={},
+        member_actions=MappingProxyType({}),
+        member_aliases=MappingProxyType({}),
+        nonmembers=MappingProxyType({}),
+        nonmember_patterns=(),
+        bans=BanList(),
+        broken=reason,
+    )
+
+
+def build_isolated(spec: ListSpec, problems: list[str]) -> ListPolicy | None:
+    """``build_list``, except that a list that is broken or cannot be built becomes a
+    ``broken_list`` instead of failing every other list with it."""
+    if spec.broken is not None:
+        return broken_list(spec, spec.broken, problems)
+    mark = len(problems)
+    try:
+        return build_list(spec, problems)
+    except Exception as error:  # noqa: BLE001 - any failure is this list's alone
+        del problems[mark:]
+        return broken_list(spec, f"cannot build the list: {type(error).__name__}: "
+                                 f"{error}", problems)
+
+
+def _broken_map(policies: Mapping[str, ListPolicy],
+                candidates: Iterable[str] | None = None) -> Mapping[str, str]:
+    names = policies if candidates is None else candidates
+    return MappingProxyType({posting: policies[posting].broken for posting in names
+                             if posting in policies and policies[posting].broken})
+
+
 def build_list(spec: ListSpec, problems: list[str]) -> ListPolicy:
     posting = normalise(spec.posting_address)
     if posting is None:
@@ -348,8 +415,9 @@ def build(
     policies: dict[str, ListPolicy] = {}
     for spec in lists:
         pace()
-        policy = build_list(spec, problems)
-        policies[policy.posting_address] = policy
+        policy = build_isolated(spec, problems)
+        if policy is not None:
+            policies[policy.posting_address] = policy
     domain_map: dict[str, str] = {}
     if isinstance(domains, Mapping):
         for alias, host in domains.items():
@@ -368,6 +436,7 @@ def build(
         built_at=time.time() if built_at is None else built_at,
         problems=tuple(problems),
         source_state=source_state,
+        broken=_broken_map(policies),
     )
 
 
@@ -396,10 +465,15 @@ def replace_lists(
         policies.pop(normalise(posting) or posting, None)
     rebuilt = set()
     for spec in specs:
-        policy = build_list(spec, problems)
+        policy = build_isolated(spec, problems)
+        if policy is None:
+            continue
         policies[policy.posting_address] = policy
         rebuilt.add(policy.posting_address)
     gone = rebuilt.union(normalise(p) or p for p in removed)
+    broken = {posting: reason for posting, reason in previous.broken.items()
+              if posting not in gone}
+    broken.update(_broken_map(policies, rebuilt))
     kept = [p for p in previous.problems if p.split(":", 1)[0] not in gone]
     domains = dict(previous.domains)
     for posting in rebuilt:
@@ -413,4 +487,5 @@ def replace_lists(
         built_at=time.time() if built_at is None else built_at,
         problems=tuple(kept + problems),
         source_state=source_state,
+        broken=MappingProxyType(broken),
     )

@@ -22,38 +22,16 @@ class ProtocolError(Exception):
         self.fatal = fatal
 
 
+import heapq  # noqa: E402
+import resource  # noqa: E402
+import weakref  # noqa: E402
+
 from twisted.internet import defer  # noqa: E402
 from twisted.internet.protocol import Factory  # noqa: E402
 from twisted.internet.task import LoopingCall  # noqa: E402
-from twisted.internet.tcp import Connection as _SocketConnection  # noqa: E402
+from twisted.logger import Logger  # noqa: E402
 
-
-def write_now(transport, data: bytes) -> None:
-    """``transport.write(data)``, sent at once when nothing is queued before it.
-
-    Twisted queues every write for the next turn of the reactor: one more trip through
-    it and two ``epoll_ctl`` calls per answer, a third of what a whole request costs the
-    bare server.  An answer is a few dozen bytes for a socket with nothing queued, which
-    the kernel takes at once.  What it does not take, and any error, go the usual way
-    (``transport.write`` queues the rest; its next write then meets the error itself).
-    Unix and TCP sockets only (both are ``tcp.Connection``); anything else, such as a
-    test's ``StringTransport``, gets a plain ``write``.
-
-    Not for an answer followed by a close (Exim's): there Twisted's own turn sends and
-    closes back to back and the client wakes once; sent early, the client wakes for the
-    answer and again for the close, which cost more than the turn saves (measured).
-    """
-    if (isinstance(transport, _SocketConnection) and transport.connected
-            and not transport.disconnecting and not transport._tempDataLen
-            and not transport.dataBuffer):
-        try:
-            sent = transport.socket.send(data)
-        except OSError:
-            sent = 0
-        if sent == len(data):
-            return
-        data = data[sent:]
-    transport.write(data)
+_limits_log = Logger(namespace="policyd.limits")
 
 
 def peer_text(transport) -> str:
@@ -70,6 +48,88 @@ def peer_text(transport) -> str:
     return "unix"
 
 
+#: Descriptors the MTA listeners leave free, whatever they hold: the control socket, the
+#: store's connections, the log file, Twisted's own EMFILE reserve.
+RESERVED_DESCRIPTORS = 64
+#: At a limit only connections without a read for this long are closed: never one whose
+#: request is arriving.  A connection with no request begun is not "arriving": Exim and
+#: Postfix write their request as soon as they connect, so one silent for
+#: ``SILENT_GRACE`` seconds after connecting, or one between two Postfix requests, can
+#: be closed at once (``idle_for`` then adds ``EVICT_MIN_IDLE`` to its age).
+EVICT_MIN_IDLE = 1.0
+SILENT_GRACE = 0.1
+#: A limit incident ends after this many seconds without a new event; its summary line
+#: is logged then.
+INCIDENT_QUIET = 10.0
+#: Connections being closed still hold descriptors until the reactor's next turn: at
+#: most this many more than ``max_open`` are open at once (taken from the reserve).
+CLOSING_SLACK = 16
+
+
+def soft_nofile() -> int:
+    """The soft ``RLIMIT_NOFILE`` (1024 when it cannot be read or is unlimited)."""
+    try:
+        soft, _ = resource.getrlimit(resource.RLIMIT_NOFILE)
+    except (OSError, ValueError):
+        return 1024
+    return 1 << 20 if soft == resource.RLIM_INFINITY else soft
+
+
+class ProcessLimits:
+    """What the MTA listeners of one process share.
+
+    ``max_open``: the connections they may hold together, the soft ``RLIMIT_NOFILE`` less
+    ``RESERVED_DESCRIPTORS`` (so the control socket and the store stay usable whatever
+    a local client holds).  ``max_buffered``: the bytes of incomplete requests they may
+    buffer together (``[daemon] max_buffered``).
+    """
+
+    def __init__(self, max_buffered: int = 32 << 20, descriptors: int | None = None) -> None:
+        self.max_buffered = max_buffered
+        self.buffered = 0
+        self._descriptors = descriptors
+        self.factories: weakref.WeakSet = weakref.WeakSet()
+
+    @property
+    def max_open(self) -> int:
+        if self._descriptors is None:
+            self._descriptors = soft_nofile()
+        return max(1, self._descriptors - RESERVED_DESCRIPTORS)
+
+    def refresh(self) -> None:
+        """Read ``RLIMIT_NOFILE`` again (after ``listeners.raise_nofile_limit``)."""
+        self._descriptors = None
+
+    def register(self, factory) -> None:
+        self.factories.add(factory)
+
+    def counts(self) -> tuple[int, int]:
+        """(connections open, of which being closed): a connection being closed holds
+        its descriptor until the reactor's next turn."""
+        held = closing = 0
+        for factory in self.factories:
+            held += len(factory.connections)
+            closing += len(factory.evicting)
+        return held, closing
+
+    def connections(self):
+        for factory in self.factories:
+            yield from factory.connections
+
+
+#: The process's limits; a factory built without ``limits=`` uses these.
+PROCESS_LIMITS = ProcessLimits()
+
+
+class _Incident:
+    __slots__ = ("what", "started", "last", "closed", "refused")
+
+    def __init__(self, what: str, now: float) -> None:
+        self.what = what
+        self.started = self.last = now
+        self.closed = self.refused = 0
+
+
 class TrackingFactory(Factory):
     """A factory that knows its open connections, so shutdown can let them finish.
 
@@ -79,17 +139,49 @@ class TrackingFactory(Factory):
     Timeouts are one sweep over the open connections every ``sweep_interval`` seconds
     while there are any (``sweep(now)``), not a timer per connection: setting, resetting
     and cancelling a timer cost more than the rest of a short connection's bookkeeping.
+
+    Limits (MTA listeners: ``max_connections`` set; the control socket has none):
+    at ``max_connections`` of this listener, or at ``ProcessLimits.max_open`` for all of
+    them, or over ``max_buffered`` bytes of incomplete requests, the connections idle
+    longest are closed (``protocol.evict()``: a 4xx for a request begun, else a plain
+    close, which Postfix's client shrugs off by reconnecting); with none idle for
+    ``EVICT_MIN_IDLE`` seconds, a new connection is refused (closed at once, nothing
+    read) and a request that would overflow the buffers is answered 4xx.  A protocol
+    under limits has ``buffered`` (bytes held), ``idle_for(now)`` (negative: never to
+    be closed) and ``evict()``.  Each incident logs one line when it starts and one
+    summary when it has been quiet for ``INCIDENT_QUIET`` seconds; ``refused`` and
+    ``evicted`` count them for status.
     """
 
     noisy = False
     sweep_interval: float | None = None
+    max_connections: int | None = None
+    kind = "control"
+    #: what the incident lines call this listener (``Listener`` sets its address).
+    listener_name: str | None = None
 
-    def __init__(self, reactor) -> None:
+    @staticmethod
+    def write(transport, data: bytes) -> None:
+        """How an answer is written; the daemon may set a faster way
+        (``policyd.runtime.fastio``)."""
+        transport.write(data)
+
+    def __init__(self, reactor, limits: ProcessLimits | None = None) -> None:
         self.reactor = reactor
         self.connections: set = set()
         self.closing = False
         self._drained: list[defer.Deferred] = []
         self._sweeping: LoopingCall | None = None
+        self.limits = PROCESS_LIMITS if limits is None else limits
+        self.evicting: set = set()
+        self.incidents: dict[str, _Incident] = {}
+        self.refused = 0
+        self.evicted = 0
+
+    def buildProtocol(self, addr):
+        if self.max_connections is not None and not self.admit():
+            return None
+        return self.protocol(self)
 
     def track(self, protocol) -> None:
         self.connections.add(protocol)
@@ -99,15 +191,147 @@ class TrackingFactory(Factory):
             self._sweeping.start(self.sweep_interval, now=False)
 
     def _sweep(self) -> None:
-        self.sweep(self.reactor.seconds())
+        now = self.reactor.seconds()
+        self.sweep(now)
+        if self.incidents:
+            self.end_incidents(now)
         if not self.connections and self._sweeping is not None:
             self._sweeping.stop()
             self._sweeping = None
+            self.end_incidents(now, force=True)
 
     def sweep(self, now: float) -> None:
         """Time out what has to be (subclasses)."""
 
+    # --- limits --------------------------------------------------------------------------
+
+    def use_limits(self, config) -> None:
+        """Apply a protocol section's limits: ``max_connections`` for this listener and
+        ``max_buffered`` (from ``[daemon]``) for all of them."""
+        self.max_connections = getattr(config, "max_connections", 1000)
+        self.limits.max_buffered = getattr(config, "max_buffered", self.limits.max_buffered)
+        self.limits.register(self)
+
+    @property
+    def name(self) -> str:
+        return self.listener_name or self.kind
+
+    def admit(self) -> bool:
+        """Room for one more connection?  At a limit, close the connections idle longest
+        and admit; with none to close, refuse."""
+        limits = self.limits
+        mine = len(self.connections) - len(self.evicting)
+        held, closing = limits.counts()
+        max_open = limits.max_open
+        if mine < self.max_connections and held - closing < max_open:
+            return held < max_open + CLOSING_SLACK or self._refuse_for_now(max_open)
+        now = self.reactor.seconds()
+        if mine >= self.max_connections:
+            closed = self._evict(self.connections, now, max(1, self.max_connections // 20))
+            what = f"max_connections = {self.max_connections}"
+        else:
+            closed = self._evict(limits.connections(), now,
+                                 min(CLOSING_SLACK, max(1, max_open // 20)))
+            what = self._descriptor_limit(max_open)
+        admit = bool(closed) and held < max_open + CLOSING_SLACK
+        self.incident("connections", now, what, closed=closed, refused=0 if admit else 1)
+        return admit
+
+    def _descriptor_limit(self, max_open: int) -> str:
+        return (f"{max_open} connections for all listeners (RLIMIT_NOFILE less "
+                f"{RESERVED_DESCRIPTORS} kept for the control socket and the store)")
+
+    def _refuse_for_now(self, max_open: int) -> bool:
+        """Room, but the descriptors of the connections being closed are not free yet."""
+        self.incident("connections", self.reactor.seconds(),
+                      self._descriptor_limit(max_open), refused=1)
+        return False
+
+    def buffer_changed(self, protocol, size: int) -> bool:
+        """``protocol`` now buffers ``size`` bytes of an incomplete request.  False when
+        that puts all listeners over ``max_buffered`` even after closing the connections
+        idle longest: the protocol then answers 4xx and closes (``evict()``)."""
+        limits = self.limits
+        limits.buffered += size - protocol.buffered
+        protocol.buffered = size
+        if limits.buffered <= limits.max_buffered:
+            return True
+        now = self.reactor.seconds()
+        closed = 0
+        for victim in self._idlest((p for p in limits.connections()
+                                    if p.buffered and p is not protocol), now):
+            victim.factory._close(victim)
+            closed += 1
+            if limits.buffered <= limits.max_buffered:
+                break
+        fits = limits.buffered <= limits.max_buffered
+        self.incident("buffered", now, f"max_buffered = {limits.max_buffered} bytes of "
+                      "incomplete requests for all listeners", closed=closed,
+                      refused=0 if fits else 1)
+        return fits
+
+    @staticmethod
+    def _idlest(protocols, now: float, count: int | None = None) -> list:
+        """The protocols idle at least ``EVICT_MIN_IDLE`` s, idle longest first."""
+        candidates = []
+        for p in protocols:
+            if p.factory.evicting and p in p.factory.evicting:
+                continue
+            idle = p.idle_for(now)
+            if idle >= EVICT_MIN_IDLE:
+                candidates.append((idle, id(p), p))
+        if count is None:
+            candidates.sort(reverse=True)
+            return [p for _, _, p in candidates]
+        return [p for _, _, p in heapq.nlargest(count, candidates)]
+
+    def _evict(self, protocols, now: float, count: int) -> int:
+        victims = self._idlest(protocols, now, count)
+        for victim in victims:
+            victim.factory._close(victim)
+        return len(victims)
+
+    def _close(self, protocol) -> None:
+        """Close one connection for a limit (it stays counted until it is gone)."""
+        self.evicting.add(protocol)
+        self.evicted += 1
+        self.limits.buffered -= protocol.buffered
+        protocol.buffered = 0
+        protocol.evict()
+
+    def incident(self, key: str, now: float, what: str, *, closed: int = 0,
+                 refused: int = 0, doing: str | None = None) -> None:
+        """Count one limit event; the first of an incident logs a line."""
+        self.refused += refused
+        incident = self.incidents.get(key)
+        if incident is None:
+            incident = self.incidents[key] = _Incident(what, now)
+            _limits_log.warn(
+                "{listener}: at {limit}: {doing} (one summary follows when it is over)",
+                listener=self.name, limit=what, incident=key,
+                doing=doing or "closing the connections idle longest and refusing what "
+                "does not fit")
+        incident.last = now
+        incident.closed += closed
+        incident.refused += refused
+
+    def end_incidents(self, now: float, force: bool = False) -> None:
+        for key, incident in list(self.incidents.items()):
+            if force or now - incident.last >= INCIDENT_QUIET:
+                del self.incidents[key]
+                _limits_log.warn(
+                    "{listener}: {limit}: over after {duration:.0f} s; {closed} connections "
+                    "closed, {refused} refused",
+                    listener=self.name, limit=incident.what,
+                    duration=incident.last - incident.started, closed=incident.closed,
+                    refused=incident.refused, incident=key)
+
     def untrack(self, protocol) -> None:
+        if protocol in self.connections and self.max_connections is not None:
+            if protocol.buffered:
+                self.limits.buffered -= protocol.buffered
+                protocol.buffered = 0
+            self.evicting.discard(protocol)
         self.connections.discard(protocol)
         if not self.connections and self._drained:
             waiters, self._drained = self._drained, []

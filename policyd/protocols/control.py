@@ -9,27 +9,31 @@ order.  Requests::
     {"op": "reload"}
 
 Answers: ``{"ok": true, "result": {...}}`` or ``{"ok": false, "error": "..."}``.  The
-``query`` result is ``policyd.wire.query_result``'s dict: the decision with its trace, the
-SMTP reply, the exact Exim line and Postfix action, and the snapshot version and age.
+``query`` result is ``query_result``'s dict: the decision with its trace, the SMTP reply,
+the exact Exim line and Postfix action, and the snapshot version and age.
 """
 
 from __future__ import annotations
 
 import json
+import time
 from dataclasses import dataclass
 
 from twisted.internet import defer
 from twisted.logger import Logger
 from twisted.protocols.basic import LineOnlyReceiver
 
-from ..errors import Unavailable
+from ..core.replies import SmtpReply
 from ..core.verdict import Query
+from ..errors import Unavailable
 from . import ProtocolError, TrackingFactory
+from .exim import reply_line
+from .postfix import postfix_action, postfix_query
 
 log = Logger(namespace="policyd.control")
 
-__all__ = ["OPS", "ControlRequest", "parse_request", "format_response", "ControlProtocol",
-           "ControlFactory"]
+__all__ = ["OPS", "ControlRequest", "parse_request", "format_response", "query_result",
+           "reply_dict", "ControlProtocol", "ControlFactory"]
 
 OPS = ("query", "status", "reload")
 MAX_LINE = 1 << 20
@@ -75,6 +79,38 @@ def format_response(result=None, error: str | None = None) -> bytes:
     else:
         body = {"ok": True, "result": result}
     return json.dumps(body, sort_keys=True, default=str).encode("utf-8") + b"\n"
+
+
+def query_result(decider, query: Query, *, postfix_mode: str, accept_action: str,
+                 now: float | None = None, loaded_at: float | None = None) -> dict:
+    """The answer to ``policyctl query`` (live through the control socket, or offline
+    through a ``Decider`` over a ``FixedSnapshot``): the explained decision, and what each
+    MTA gets for it, byte for byte: the Exim line for the query as given (headers
+    included), the Postfix action for what Postfix would send (the envelope only).
+
+    Raises ``Unavailable`` when there is no decision (no snapshot, an empty one)."""
+    answer = decider.decide(query, "control", explain=True)
+    if answer.decision is None:
+        raise Unavailable(f"{answer.reason}; the MTAs get {reply_line(answer.reply)!r}")
+    decision, reply = answer.decision, answer.reply
+    exim = decider.decide(query, "control", names_a_list=True, counted=False)
+    pf_query = postfix_query(query)
+    pf = decider.decide(pf_query, "control", counted=False)
+    snapshot = decider.snapshots.current
+    now = time.time() if now is None else now
+    loaded = snapshot.built_at if loaded_at is None else loaded_at
+    return {
+        "decision": decision.to_dict(),
+        "reply": reply_dict(reply),
+        "exim": reply_line(exim.reply),
+        "postfix": postfix_action(pf.decision, pf.reply, postfix_mode, accept_action),
+        "snapshot": {"version": snapshot.version, "age": round(max(0.0, now - loaded), 3)},
+    }
+
+
+def reply_dict(reply: SmtpReply) -> dict:
+    return {"outcome": reply.outcome.value, "code": reply.code, "status": reply.status,
+            "text": reply.text}
 
 
 class ControlProtocol(LineOnlyReceiver):

@@ -25,13 +25,17 @@ DEFER > REJECT > DISCARD > HOLD > ACCEPT, ties to the first list in the request.
 
 A malformed request, an over-long one (``[exim] max_request`` bytes) or one that does not
 arrive within ``[exim] timeout`` seconds (checked every half second) is
-answered ``DEFER 451 4.3.0 <reason>``.
+answered ``DEFER 451 4.3.0 <reason>``.  Malformed includes any control character (NUL,
+tab, ESC...) in the line and any ``list=`` entry that is not one address (a stray word
+after it, an empty local part): such a request is never decided, so it never gets the
+``ACCEPT`` of a list that is not managed.  Parsing is linear in the line's length.
 """
 
 from __future__ import annotations
 
 import binascii
 import re
+from time import perf_counter
 from typing import NamedTuple
 
 from twisted.internet.interfaces import IHalfCloseableProtocol
@@ -41,13 +45,13 @@ from zope.interface import implementer
 
 from ..core.replies import Outcome, SmtpReply, clean_text
 from ..core.verdict import Query
-from ..wire import aggregate, exim_reply_line
-from . import ProtocolError, TrackingFactory, peer_text
+from ..logging import DecisionLog
+from . import EVICT_MIN_IDLE, SILENT_GRACE, ProtocolError, TrackingFactory, peer_text
 
 log = Logger(namespace="policyd.exim")
 
-__all__ = ["VERSION", "EximRequest", "parse_request", "format_reply", "malformed_reply",
-           "EximPolicyProtocol", "EximFactory"]
+__all__ = ["VERSION", "EximRequest", "parse_request", "reply_line", "aggregate",
+           "format_reply", "malformed_reply", "busy_reply", "EximPolicyProtocol", "EximFactory"]
 
 VERSION = b"POLICYD/1"
 _KEY_NAME = re.compile(rb"[a-z_]+")
@@ -55,6 +59,13 @@ _KNOWN_KEYS = frozenset({b"list", b"sender", b"from", b"reply_to", b"sender_head
 _HEADERS = (b"from", b"reply_to", b"sender_header")
 _SAFE_ID = re.compile(r"[^A-Za-z0-9._:@+/=-]")
 _SAFE_ID_BYTES = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789._:@+/=-"
+_CONTROL = re.compile(rb"[\x00-\x1f\x7f]")
+# One list address: a dot-atom-ish or quoted local part (the quoted one may hold spaces:
+# the only reason a value continues over words), "@", a domain.  Exim's ACL refuses local
+# parts with white space, comma, quote or backslash before it asks.
+_LIST_ADDRESS = re.compile(rb'(?:"[^"\\]+"|[^\s"\\,@]+)@[^\s"\\,@]+')
+#: More lists than this in one request is malformed: Exim's ACLs ask about one.
+MAX_LISTS = 100
 
 
 class EximRequest(NamedTuple):
@@ -81,39 +92,54 @@ def _b64(key: bytes, value: bytes) -> str:
     return raw.decode("utf-8", "surrogateescape")
 
 
-def parse_request(line: bytes) -> EximRequest:
-    """Parse one request line (without its newline; a trailing ``\\r`` is dropped)."""
+def parse_request(line: bytes, *, max_lists: int = MAX_LISTS) -> EximRequest:
+    """Parse one request line (without its newline; a trailing ``\\r`` is dropped).
+
+    Raises ``ProtocolError`` for anything malformed; linear in ``len(line)``."""
     if line.endswith(b"\r"):
         line = line[:-1]
-    words = line.split(b" ")
     if not line.strip():
         raise ProtocolError("empty request")
+    control = _CONTROL.search(line)
+    if control is not None:
+        raise ProtocolError(f"control character 0x{control.group()[0]:02x} in the request")
+    words = line.split(b" ")
     if words[0] != VERSION and (not words[0] or b"=" in words[0]):
         raise ProtocolError("the request must start with the version word POLICYD/1")
     if words[0] != VERSION:
         raise ProtocolError(f"unsupported version {words[0][:20].decode('ascii', 'replace')!r}"
                             " (this daemon speaks POLICYD/1)")
-    fields: dict[bytes, bytes] = {}
+    # Each value as its words, joined once at the end: appending to a bytes value per
+    # word would copy it again each time (quadratic in the line's length).
+    parts: dict[bytes, list[bytes]] = {}
     last = None
     for word in words[1:]:
         if not word:
             continue
         key, eq, value = word.partition(b"=")
         if eq and (key in _KNOWN_KEYS or _KEY_NAME.fullmatch(key)):
-            if key in fields:
+            if key in parts:
                 raise ProtocolError(f"{key.decode()}= given twice")
-            fields[key] = value
-            last = key
+            parts[key] = [value]
+            last = parts[key]
         elif last is not None:
-            fields[last] += b" " + word
+            last.append(word)
         else:
             raise ProtocolError(f"expected key=value, got {word[:40]!r}")
+    fields = {key: value[0] if len(value) == 1 else b" ".join(value)
+              for key, value in parts.items()}
     lists_raw = fields.get(b"list")
     if lists_raw is None:
         raise ProtocolError("list= is required")
-    lists = tuple(filter(None, lists_raw.decode("utf-8", "surrogateescape").split(",")))
-    if not lists:
+    entries = [entry for entry in lists_raw.split(b",") if entry]
+    if not entries:
         raise ProtocolError("list= names no address")
+    if len(entries) > max_lists:
+        raise ProtocolError(f"list= names more than {max_lists} addresses")
+    for entry in entries:
+        if _LIST_ADDRESS.fullmatch(entry) is None:
+            raise ProtocolError(f"list= entry {entry[:60]!r} is not one address")
+    lists = tuple(entry.decode("utf-8", "surrogateescape") for entry in entries)
     if b"sender" not in fields:
         raise ProtocolError("sender= is required (empty for the null sender)")
     sender = _b64(b"sender", fields[b"sender"])
@@ -128,13 +154,45 @@ def parse_request(line: bytes) -> EximRequest:
     return EximRequest(lists, sender, *headers, request_id)
 
 
+def reply_line(reply: SmtpReply) -> str:
+    """``REJECT 550 5.7.1 text``: the whole Exim answer, no trailing newline."""
+    return f"{reply.outcome._value_} {reply.code} {reply.status} {reply.text}"
+
+
+# Several lists in one request: the most severe outcome wins, ties go to the first list.
+SEVERITY = {
+    Outcome.ACCEPT: 0,
+    Outcome.HOLD: 1,
+    Outcome.DISCARD: 2,
+    Outcome.REJECT: 3,
+    Outcome.DEFER: 4,
+}
+
+
+def aggregate(replies) -> SmtpReply:
+    """The one Exim answer for several lists: most severe outcome, first list on ties."""
+    best = None
+    for reply in replies:
+        if best is None or SEVERITY[reply.outcome] > SEVERITY[best.outcome]:
+            best = reply
+    if best is None:
+        raise ValueError("no reply to aggregate")
+    return best
+
+
 def format_reply(reply: SmtpReply) -> bytes:
     """The reply bytes: one line, no newline."""
-    return exim_reply_line(reply).encode("utf-8", "replace")
+    return reply_line(reply).encode("utf-8", "replace")
 
 
 def malformed_reply(reason: str) -> SmtpReply:
     return SmtpReply(Outcome.DEFER, 451, "4.3.0", clean_text("Malformed policy request: " + reason))
+
+
+def busy_reply() -> SmtpReply:
+    """The answer to a connection closed at a limit (``TrackingFactory``)."""
+    return SmtpReply(Outcome.DEFER, 451, "4.3.2",
+                     "Policy service busy, please try again later")
 
 
 @implementer(IHalfCloseableProtocol)
@@ -142,13 +200,18 @@ class EximPolicyProtocol(Protocol):
     """Reads one line (newline or half-close), answers it, closes.
 
     ``deadline`` (set by the factory): when an unanswered connection times out.
+    ``buffered``: the bytes of the incomplete line held (the factory's limits).
+    A line arriving in pieces is gathered in a ``bytearray`` and only the new piece is
+    searched for the newline: linear in the line's length however it is split.
     """
 
     deadline = 0.0
+    started = 0.0
+    buffered = 0
 
     def __init__(self, factory: "EximFactory") -> None:
         self.factory = factory
-        self._buffer = b""
+        self._buffer = bytearray()
         self.answered = False
 
     def connectionMade(self) -> None:
@@ -157,20 +220,40 @@ class EximPolicyProtocol(Protocol):
     def dataReceived(self, data: bytes) -> None:
         if self.answered:
             return
-        buffer = self._buffer + data if self._buffer else data
-        nl = buffer.find(b"\n")
+        held = len(self._buffer)
+        nl = data.find(b"\n")
         limit = self.factory.config.max_request
-        if nl >= 0 and nl <= limit:
-            self._answer(self.factory.answer(buffer[:nl], self.transport))
-        elif nl > limit or len(buffer) > limit:
+        if held + (nl if nl >= 0 else len(data)) > limit:
             self._answer(self.factory.malformed(
                 ProtocolError(f"request longer than {limit} bytes"), self.transport))
+        elif nl >= 0:
+            line = bytes(self._buffer) + data[:nl] if held else data[:nl]
+            self._answer(self.factory.answer(line, self.transport))
         else:
-            self._buffer = buffer
+            self._buffer += data
+            if not self.factory.buffer_changed(self, len(self._buffer)):
+                self.factory._close(self)
 
     def readConnectionLost(self) -> None:
         if not self.answered:
-            self._answer(self.factory.answer(self._buffer, self.transport))
+            self._answer(self.factory.answer(bytes(self._buffer), self.transport))
+
+    def idle_for(self, now: float) -> float:
+        """Seconds counted against this connection at a limit (``TrackingFactory``):
+        never closed once answered; silent after ``SILENT_GRACE``: at once; half a
+        line: after ``EVICT_MIN_IDLE``."""
+        if self.answered:
+            return -1.0
+        age = now - self.started
+        if not self._buffer and age >= SILENT_GRACE:
+            return age + EVICT_MIN_IDLE
+        return age
+
+    def evict(self) -> None:
+        """Closed for a limit: ``DEFER`` (counted, not logged: the incident is)."""
+        if not self.answered:
+            self.factory.decider.count("exim", "busy", "DEFER")
+            self._answer(format_reply(busy_reply()))
 
     def writeConnectionLost(self) -> None:
         pass
@@ -186,7 +269,9 @@ class EximPolicyProtocol(Protocol):
 
     def _answer(self, reply: bytes) -> None:
         self.answered = True
-        self._buffer = b""
+        if self._buffer:
+            self._buffer = bytearray()
+            self.factory.buffer_changed(self, 0)
         self.transport.write(reply)
         self.transport.loseConnection()
 
@@ -198,39 +283,59 @@ class EximFactory(TrackingFactory):
     protocol = EximPolicyProtocol
     sweep_interval = 0.5
 
-    def __init__(self, decider, config, reactor) -> None:
+    def __init__(self, decider, config, reactor, decision_log: DecisionLog | None = None
+                 ) -> None:
         super().__init__(reactor)
         self.decider = decider
         self.config = config
+        self.decision_log = decision_log if decision_log is not None else DecisionLog()
         self.sweep_interval = min(self.sweep_interval, config.timeout)
+        self.use_limits(config)
 
     def track(self, protocol) -> None:
-        protocol.deadline = self.reactor.seconds() + self.config.timeout
+        protocol.started = now = self.reactor.seconds()
+        protocol.deadline = now + self.config.timeout
         super().track(protocol)
 
     def sweep(self, now: float) -> None:
         for protocol in [p for p in self.connections if not p.answered and p.deadline <= now]:
             protocol.timeoutConnection()
 
-    def buildProtocol(self, addr):
-        return self.protocol(self)
-
     def answer(self, line: bytes, transport) -> bytes:
+        """Parse, decide each list, log each decision, answer the most severe reply."""
         try:
             request = parse_request(line)
         except ProtocolError as error:
             return self.malformed(error, transport)
         decide = self.decider.decide
         queries = request.queries()
-        if len(queries) == 1:
-            _, reply, wire = decide(queries[0], "exim", request.id, count_answer=False)
-            answer = wire.encode("utf-8", "replace")
+        replies = []
+        for query in queries:
+            answer = decide(query, "exim", names_a_list=True)
+            line_text = reply_line(answer.reply)
+            self._log(query, answer, line_text, request.id)
+            replies.append((answer.reply, line_text))
+        if len(replies) == 1:
+            reply, line_text = replies[0]
         else:
-            reply = aggregate([decide(query, "exim", request.id, count_answer=False)[1]
-                               for query in queries])
-            answer = format_reply(reply)
+            reply = aggregate(r for r, _ in replies)
+            line_text = reply_line(reply)
         self.decider.count_answer("exim", reply.outcome._value_)
-        return answer
+        return line_text.encode("utf-8", "replace")
+
+    def _log(self, query: Query, answer, line_text: str, request_id) -> None:
+        """The decision line for one list: the one place the Exim path writes it."""
+        decision = answer.decision
+        elapsed = (perf_counter() - answer.started) * 1000.0
+        if decision is None:
+            self.decision_log.trouble("exim", answer.trouble, query.recipient,
+                                      query.envelope_sender, answer.reason, line_text,
+                                      elapsed, request_id)
+        else:
+            self.decision_log.decision(
+                "exim", decision.verdict._value_, decision.list or query.recipient,
+                query.envelope_sender, ",".join(decision.senders) or "-", decision.sender,
+                decision.rule, line_text, elapsed, request_id)
 
     def malformed(self, error: ProtocolError, transport) -> bytes:
         log.warn("malformed Exim policy request from {peer}: {reason}",

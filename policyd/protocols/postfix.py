@@ -8,7 +8,7 @@ absent one.
 
 Only ``protocol_state=RCPT`` is decided (one recipient per request: Postfix sends one
 request per RCPT); every other state answers ``DUNNO``.  What the answer is for a decision
-(``[postfix] mode`` and ``accept_action``) lives in ``policyd.wire.postfix_action``.
+(``[postfix] mode`` and ``accept_action``) is ``postfix_action`` below.
 
 Bad input is answered, never a silent hang-up (Postfix would wait out its 100 s timeout):
 ``action=451 4.3.0 Malformed policy request: <reason>``.  A request Postfix cannot have
@@ -21,6 +21,7 @@ way as soon as it is seen, then the connection is closed: its framing cannot be 
 from __future__ import annotations
 
 from itertools import repeat
+from time import perf_counter
 from typing import Mapping, NamedTuple
 
 from zope.interface import implementer
@@ -29,15 +30,16 @@ from twisted.internet.interfaces import IHalfCloseableProtocol
 from twisted.internet.protocol import Protocol
 from twisted.logger import Logger
 
-from ..core.replies import clean_text
-from ..core.verdict import Query
-from ..wire import postfix_action
-from . import ProtocolError, TrackingFactory, peer_text, write_now
+from ..core.replies import Outcome, SmtpReply, clean_text
+from ..core.verdict import Decision, Query
+from ..logging import DecisionLog
+from . import EVICT_MIN_IDLE, SILENT_GRACE, ProtocolError, TrackingFactory, peer_text
 
 log = Logger(namespace="policyd.postfix")
 
 __all__ = ["PostfixRequest", "RequestReader", "parse_request", "format_response",
-           "malformed_action", "PostfixPolicyProtocol", "PostfixFactory"]
+           "malformed_action", "postfix_action", "postfix_query", "SAFE_RULES",
+           "PostfixPolicyProtocol", "PostfixFactory"]
 
 _UTF8 = "utf-8"
 _ESC = "surrogateescape"
@@ -79,15 +81,17 @@ class PostfixRequest(NamedTuple):
         return Query(recipient.decode(_UTF8, _ESC), sender.decode(_UTF8, _ESC))
 
 
-def _overflow(data: bytes, start: int, max_line: int, max_request: int) -> str | None:
-    """The first limit a streaming reader would cross in ``data`` (one request's lines),
-    checking lines from offset ``start`` (earlier lines are known to be short)."""
-    size_at = max_request + 1 if len(data) > max_request else None
+def _overflow(data: bytes, start: int, max_line: int, max_request: int,
+              stop: int | None = None) -> str | None:
+    """The first limit a streaming reader would cross in ``data[:stop]`` (one request's
+    lines), checking lines from offset ``start`` (earlier lines are known to be short)."""
+    length = len(data) if stop is None else stop
+    size_at = max_request + 1 if length > max_request else None
     line_at = None
     pos = start
     while True:
-        nl = data.find(b"\n", pos)
-        end = len(data) if nl < 0 else nl
+        nl = data.find(b"\n", pos, length)
+        end = length if nl < 0 else nl
         if end - pos > max_line:
             line_at = pos + max_line + 1
             break
@@ -145,7 +149,11 @@ class RequestReader:
     """Sans-IO framing: feed bytes, get requests (or ``ProtocolError``) in order.
 
     Stray empty lines between requests are skipped.  The size limits are enforced on the
-    incomplete request too, so memory stays bounded whatever the peer sends.
+    incomplete request too, so memory stays bounded whatever the peer sends.  CRLF line
+    ends are read as LF (Postfix never sends them; a hand-written client or a proxy
+    may): a request ended by ``\r\n\r\n`` is answered at once, not at the idle timeout.
+    An incomplete request is kept in a ``bytearray`` and only the new bytes are searched:
+    linear in the input however it is split.
     """
 
     def __init__(self, *, max_line: int = 4096, max_attributes: int = 100,
@@ -153,7 +161,7 @@ class RequestReader:
         self.max_line = max_line
         self.max_attributes = max_attributes
         self.max_request = max_request
-        self._buffer = b""
+        self._buffer = bytearray()
         self._checked = 0  # lines of the buffered partial request before this are short
         self.broken = False
 
@@ -162,10 +170,27 @@ class RequestReader:
         """A request has started but is not complete."""
         return bool(self._buffer)
 
+    @property
+    def buffered(self) -> int:
+        return len(self._buffer)
+
     def feed(self, data: bytes) -> list:
         if self.broken:
             return []
-        buffer = self._buffer + data if self._buffer else data
+        held = self._buffer
+        if held:
+            if b"\r" in data or held[-1] == 13:
+                if held[-1] == 13 and data[:1] == b"\n":
+                    del held[-1]  # a CRLF split between two reads
+                data = data.replace(b"\r\n", b"\n")
+            search = max(len(held) - 1, 0)  # what is held has no b"\n\n"
+            held += data
+            buffer = held
+        else:
+            if b"\r" in data:
+                data = data.replace(b"\r\n", b"\n")
+            search = 0
+            buffer = data
         out: list = []
         start = 0
         size = len(buffer)
@@ -173,38 +198,97 @@ class RequestReader:
         while True:
             while start < size and buffer[start] == 10:  # b"\n": stray empty line
                 start += 1
-            end = buffer.find(b"\n\n", start)
+            end = buffer.find(b"\n\n", max(start, search))
             if end < 0:
                 break
+            block = buffer[start:end]
             try:
-                out.append(parse_request(buffer[start:end], max_line=limits[0],
-                                         max_attributes=limits[1], max_request=limits[2]))
+                out.append(parse_request(block if type(block) is bytes else bytes(block),
+                                         max_line=limits[0], max_attributes=limits[1],
+                                         max_request=limits[2]))
             except ProtocolError as error:
                 out.append(error)
                 if error.fatal:
                     self._fail()
                     return out
             start = end + 2
-        rest = buffer[start:] if start else buffer
-        if rest:
-            checked = self._checked if start == 0 else 0
-            body = rest[:-1] if rest[-1] == 10 else rest
-            if len(body) > self.max_line or len(body) > self.max_request:
-                reason = _overflow(body, checked, self.max_line, self.max_request)
-                if reason is not None:
-                    out.append(ProtocolError(reason, fatal=True))
-                    self._fail()
-                    return out
-            self._checked = rest.rfind(b"\n") + 1
-        else:
+        if start >= size:
+            self._buffer = bytearray()
             self._checked = 0
+            return out
+        if buffer is held:
+            if start:
+                del held[:start]
+                self._checked = 0
+            rest = held
+        else:
+            rest = bytearray(buffer[start:] if start else buffer)
+            self._checked = 0
+        body = len(rest) - 1 if rest[-1] == 10 else len(rest)
+        if body > self.max_line or body > self.max_request:
+            reason = _overflow(rest, self._checked, self.max_line, self.max_request, body)
+            if reason is not None:
+                out.append(ProtocolError(reason, fatal=True))
+                self._fail()
+                return out
+        self._checked = rest.rfind(b"\n") + 1
         self._buffer = rest
         return out
 
     def _fail(self) -> None:
         self.broken = True
-        self._buffer = b""
+        self._buffer = bytearray()
         self._checked = 0
+
+    def discard(self) -> None:
+        """Forget the incomplete request (answered or closed by the protocol)."""
+        self._fail()
+
+
+# The rules whose answer needs no header: the only ones that act in ``safe`` mode.
+SAFE_RULES = frozenset({"unknown-list", "null-sender"})
+
+
+def postfix_action(decision: Decision | None, reply: SmtpReply, mode: str,
+                   accept_action: str) -> str:
+    """The value of ``action=`` for one RCPT decision.
+
+    * not a list domain -> ``DUNNO``;
+    * ``[postfix] mode = safe`` (default): only the envelope-only SMTP-time rules act
+      (``unknown-list``, ``null-sender``); everything else, the administrative addresses
+      included, is ``DUNNO``, because Mailman decides from From: first;
+    * ``[postfix] mode = envelope``: the full decision on the envelope sender alone;
+    * an accepted post -> ``DUNNO`` (or ``OK`` with ``accept_action = ok``); HOLD ->
+      ``HOLD <text>``; DISCARD -> ``DISCARD <text>``; REJECT and DEFER ->
+      ``<code> <x.y.z> <text>``.
+
+    ``decision`` is ``None`` when there is no decision (no snapshot yet, an error inside
+    the decision, a malformed request): ``reply`` is then sent as it is (a 4xx).
+    """
+    if decision is None:
+        return reply.line()
+    if not decision.managed:
+        return "DUNNO"
+    if mode == "safe" and decision.rule not in SAFE_RULES:
+        return "DUNNO"
+    outcome = reply.outcome
+    if outcome is Outcome.ACCEPT:
+        if mode == "safe" or decision.rule == "administrative-address":
+            return "DUNNO"
+        return "OK" if accept_action == "ok" else "DUNNO"
+    if outcome is Outcome.HOLD:
+        return f"HOLD {reply.text}"
+    if outcome is Outcome.DISCARD:
+        return f"DISCARD {reply.text}"
+    return reply.line()
+
+
+def postfix_query(query: Query) -> Query:
+    """What Postfix can ask about ``query``: the envelope only, never a header."""
+    if (query.from_header is None and query.reply_to_header is None
+            and query.sender_header is None):
+        return query
+    return Query(query.recipient, query.envelope_sender)
 
 
 def format_response(action: str) -> bytes:
@@ -217,6 +301,8 @@ def malformed_action(reason: str) -> str:
 
 
 DUNNO = b"action=DUNNO\n\n"
+#: The answer to a request begun on a connection closed at a limit.
+BUSY_ACTION = "451 4.3.2 Policy service busy, please try again later"
 
 
 @implementer(IHalfCloseableProtocol)
@@ -227,12 +313,16 @@ class PostfixPolicyProtocol(Protocol):
     then shuts down its write side (``printf ... | socat``) must still get every answer,
     which a plain connectionLost would drop with the unsent write buffer.
 
-    ``reads`` counts the reads, for the factory's idle sweep (``idle_since``).
+    ``reads`` counts the reads, for the factory's idle sweep (``idle_since``);
+    ``buffered`` the bytes of the incomplete request held (the factory's limits).
+    An incomplete request at the peer's half-close is answered 4xx (and logged) before
+    the connection closes.
     """
 
     reads = 0
     reads_seen = 0
     idle_since = 0.0
+    buffered = 0
 
     def __init__(self, factory: "PostfixFactory") -> None:
         self.factory = factory
@@ -247,25 +337,55 @@ class PostfixPolicyProtocol(Protocol):
 
     def dataReceived(self, data: bytes) -> None:
         self.reads += 1
-        items = self.reader.feed(data)
-        if not items:
-            return
-        answer = self.factory.answer
-        out = []
-        for item in items:
-            if isinstance(item, PostfixRequest):
-                out.append(answer(item, self.transport))
-            else:
-                out.append(self.factory.malformed(item, self.transport))
-        write_now(self.transport, out[0] if len(out) == 1 else b"".join(out))
-        if self.reader.broken or (self._close_when_idle and not self.reader.pending):
-            self.transport.loseConnection()
+        reader = self.reader
+        items = reader.feed(data)
+        if items:
+            answer = self.factory.answer
+            out = []
+            for item in items:
+                if isinstance(item, PostfixRequest):
+                    out.append(answer(item, self.transport))
+                else:
+                    out.append(self.factory.malformed(item, self.transport))
+            self.factory.write(self.transport, out[0] if len(out) == 1 else b"".join(out))
+            if reader.broken or (self._close_when_idle and not reader.pending):
+                self.transport.loseConnection()
+        if (reader._buffer or self.buffered) and not self.factory.buffer_changed(
+                self, len(reader._buffer)):
+            self.factory._close(self)
 
     def timeoutConnection(self) -> None:
-        log.info("closing an idle Postfix connection after {timeout:g} s{partial}",
-                      timeout=self.factory.config.idle_timeout,
-                      partial=" (an incomplete request was pending)"
-                      if self.reader.pending else "")
+        """Idle longer than ``idle_timeout`` between requests (the sweep logs a count)."""
+        self.transport.loseConnection()
+
+    def stalled(self) -> None:
+        """No complete request within ``request_timeout``: 4xx for a request begun,
+        then close (the sweep counts it; the incident is logged once)."""
+        if self.reader.pending:
+            self.reader.discard()
+            self.factory.decider.count("postfix", "malformed", "DEFER")
+            self.transport.write(format_response(malformed_action(
+                f"no complete request within {self.factory.config.request_timeout:g} s")))
+        self.transport.loseConnection()
+
+    def idle_for(self, now: float) -> float:
+        """Seconds counted against this connection at a limit (``TrackingFactory``):
+        half a request: seconds without a read (as of the last sweep, 0 if read since);
+        between requests, or silent ``SILENT_GRACE`` after connecting: closable at once."""
+        idle = now - self.idle_since
+        if self.reader.pending:
+            return 0.0 if self.reads != self.reads_seen else idle
+        if self.reads or idle >= SILENT_GRACE:
+            return idle + EVICT_MIN_IDLE
+        return idle
+
+    def evict(self) -> None:
+        """Closed for a limit: 4xx for a request begun, else a plain close (Postfix
+        reconnects for its next request)."""
+        if self.reader.pending:
+            self.reader.discard()
+            self.factory.decider.count("postfix", "busy", "DEFER")
+            self.transport.write(format_response(BUSY_ACTION))
         self.transport.loseConnection()
 
     def shutdown(self) -> None:
@@ -276,45 +396,83 @@ class PostfixPolicyProtocol(Protocol):
             self.transport.loseConnection()
 
     def readConnectionLost(self) -> None:
+        """The peer sent all it will: answer an incomplete request 4xx, then close."""
+        if self.reader.pending:
+            self.reader.discard()
+            if self.buffered:
+                self.factory.buffer_changed(self, 0)
+            self.transport.write(self.factory.malformed(
+                ProtocolError("incomplete request at the end of the input", fatal=True),
+                self.transport))
         self.transport.loseConnection()
 
     def writeConnectionLost(self) -> None:
         self.transport.loseConnection()
 
     def connectionLost(self, reason=None) -> None:
+        if self.reader.pending:
+            # Reset or closed by the peer mid-request: nothing can be answered.
+            log.info("Postfix policy connection from {peer} lost with an incomplete "
+                     "request ({size} bytes)", peer=peer_text(self.transport),
+                     size=self.reader.buffered, rate_limit="incomplete")
+            self.reader.discard()
         self.factory.untrack(self)
 
 
 class PostfixFactory(TrackingFactory):
     protocol = PostfixPolicyProtocol
+    # The connection stays open after an answer (what ``policyd.runtime.fastio`` is for).
+    answers_stay_open = True
 
-    def __init__(self, decider, config, reactor) -> None:
+    def __init__(self, decider, config, reactor, decision_log: DecisionLog | None = None
+                 ) -> None:
         super().__init__(reactor)
         self.decider = decider
         self.config = config
-        mode, accept = config.mode, config.accept_action
-        self._render = lambda decision, reply: postfix_action(decision, reply, mode, accept)
+        self.decision_log = decision_log if decision_log is not None else DecisionLog()
         # Never early (a connection is idle from the sweep that saw its last read), at
-        # most two sweeps late: 10 minutes by default, give or take 30 s.
-        self.sweep_interval = min(30.0, config.idle_timeout / 4)
+        # most two sweeps late: 10 minutes by default, give or take 30 s; an incomplete
+        # request (request_timeout, 10 s by default) give or take 2.5 s.
+        self.request_timeout = getattr(config, "request_timeout", 10.0)
+        self.sweep_interval = min(30.0, config.idle_timeout / 4, self.request_timeout / 4)
+        self.use_limits(config)
 
     def track(self, protocol) -> None:
         protocol.idle_since = self.reactor.seconds()
         super().track(protocol)
 
     def sweep(self, now: float) -> None:
+        """Close what idled out: ``request_timeout`` for a connection holding an
+        incomplete request or none yet, ``idle_timeout`` between requests.  One line
+        per sweep that closed any, never one per connection."""
         timeout = self.config.idle_timeout
+        request_timeout = self.request_timeout
+        idle = stalled = 0
         for protocol in list(self.connections):
             if protocol.reads != protocol.reads_seen:
                 protocol.reads_seen = protocol.reads
                 protocol.idle_since = now
+            elif protocol in self.evicting:
+                continue
+            elif ((protocol.reads == 0 or protocol.reader.pending)
+                  and now - protocol.idle_since >= request_timeout):
+                self.evicting.add(protocol)
+                protocol.stalled()
+                stalled += 1
             elif now - protocol.idle_since >= timeout:
+                self.evicting.add(protocol)
                 protocol.timeoutConnection()
-
-    def buildProtocol(self, addr):
-        return self.protocol(self)
+                idle += 1
+        if idle:
+            log.info("closed {count} Postfix connections idle for {timeout:g} s",
+                     count=idle, timeout=timeout)
+        if stalled:
+            self.incident("request_timeout", now, f"request_timeout = {request_timeout:g} s "
+                          "(connections holding an incomplete request, or none)",
+                          closed=stalled, doing="closing them")
 
     def answer(self, request: PostfixRequest, transport=None) -> bytes:
+        """Decide a RCPT request, log it, answer its ``action=``."""
         try:
             query = request.query()
         except ProtocolError as error:
@@ -322,8 +480,23 @@ class PostfixFactory(TrackingFactory):
         if query is None:
             self.decider.count("postfix", "other-state", "DUNNO")
             return DUNNO
-        _, _, action = self.decider.decide(query, "postfix", request.request_id,
-                                           self._render)
+        answer = self.decider.decide(query, "postfix")
+        decision = answer.decision
+        config = self.config
+        action = postfix_action(decision, answer.reply, config.mode, config.accept_action)
+        self.decider.count_answer(
+            "postfix", action if action == "DUNNO" or action == "OK"
+            else answer.reply.outcome._value_)
+        elapsed = (perf_counter() - answer.started) * 1000.0
+        if decision is None:
+            self.decision_log.trouble("postfix", answer.trouble, query.recipient,
+                                      query.envelope_sender, answer.reason, action, elapsed,
+                                      request.request_id)
+        else:
+            self.decision_log.decision(
+                "postfix", decision.verdict._value_, decision.list or query.recipient,
+                query.envelope_sender, ",".join(decision.senders) or "-", decision.sender,
+                decision.rule, action, elapsed, request.request_id)
         return format_response(action)
 
     def malformed(self, error: ProtocolError, transport) -> bytes:

@@ -70,6 +70,9 @@ class _Pacer:
 
 _pacer: _Pacer | None = None
 
+# The ``[runtime] pacing`` switch: off, ``pacing()`` blocks do nothing.
+enabled = True
+
 
 def pace() -> None:
     """A point where the builder may rest (cheap when no ``pacing()`` is active)."""
@@ -83,6 +86,9 @@ def pacing(work: float = WORK, rest: float = REST, longest: float = LONGEST
     """Rest in ``pace()`` calls made (from any thread) while the block runs.  One build
     runs at a time (the store thread), so one module-wide pacer is enough."""
     global _pacer
+    if not enabled:
+        yield None
+        return
     previous, _pacer = _pacer, _Pacer(work, rest, longest)
     try:
         yield _pacer

@@ -55,10 +55,47 @@ class EPollReactor(epollreactor.EPollReactor):
     doIteration = doPoll
 
 
-def install() -> EPollReactor:
-    """Install it as the global reactor (before anything imports ``reactor``)."""
+# What the upstream ``doPoll`` this class replaces must do, line by line (comments and
+# white space aside): poll ``_poller`` for at most ``len(_selectables)`` events, retry on
+# EINTR, and hand each ready selectable to ``_doReadOrWrite``.
+_UPSTREAM_LINES = (
+    "l = self._poller.poll(timeout, len(self._selectables))",
+    "if err.errno == errno.EINTR:",
+    "_drdw = self._doReadOrWrite",
+    "selectable = self._selectables[fd]",
+    "log.callWithLogger(selectable, _drdw, selectable, fd, event)",
+)
+
+
+def check(upstream=epollreactor.EPollReactor) -> str | None:
+    """``None`` when the running Twisted's epoll reactor is the one this replacement was
+    written against, else why not."""
+    import inspect
+
+    try:
+        source = inspect.getsource(upstream.doPoll)
+    except (OSError, TypeError) as error:
+        return f"cannot read Twisted's EPollReactor.doPoll ({error})"
+    lines = {line.split("#", 1)[0].strip() for line in source.splitlines()}
+    missing = [line for line in _UPSTREAM_LINES if line not in lines]
+    if missing:
+        return f"Twisted's EPollReactor.doPoll changed (no longer: {missing[0]!r})"
+    for name in ("_doReadOrWrite",):
+        if not callable(getattr(upstream, name, None)):
+            return f"Twisted's EPollReactor has no {name}"
+    return None
+
+
+def install(enabled: bool = True) -> tuple[object, str | None]:
+    """Install the global reactor (before anything imports ``reactor``): this one when
+    ``enabled`` and ``check()`` passes, else Twisted's stock epoll reactor.  Returns the
+    reactor and, when the stock one was taken although this one was asked for, why."""
     from twisted.internet.main import installReactor
 
-    reactor = EPollReactor()
+    why = check() if enabled else None
+    if enabled and why is None:
+        reactor = EPollReactor()
+    else:
+        reactor = epollreactor.EPollReactor()
     installReactor(reactor)
-    return reactor
+    return reactor, why

@@ -29,7 +29,7 @@ def open_backend(store_config: StoreConfig):
     """The backend named by ``[store] backend`` (``native``; ``mailman3`` once its module
     exists)."""
     if store_config.backend == "native":
-        return NativeBackend(store_config.url)
+        return NativeBackend(store_config.url, store_config.timeouts)
     try:
         module = importlib.import_module(f"{__name__}.{store_config.backend}")
     except ModuleNotFoundError:
@@ -41,10 +41,17 @@ def open_backend(store_config: StoreConfig):
 class Store:
     """The native store for writers: schema management and transactions."""
 
-    def __init__(self, url: str) -> None:
+    def __init__(self, url: str, timeouts=None) -> None:
+        """``timeouts``: a ``config.StoreTimeouts`` (``[store] *_timeout``), else the
+        defaults: a write or read against a locked or stuck store fails with
+        ``StoreUnavailable`` (exit 5) instead of waiting for ever."""
         self.url = url
-        self.engine = engine_module.make_engine(url)
+        self.engine = engine_module.make_engine(url, timeouts=timeouts)
         self._writer = self.engine.execution_options(**engine_module.WRITE)
+
+    @classmethod
+    def from_config(cls, store_config: StoreConfig) -> "Store":
+        return cls(store_config.url, store_config.timeouts)
 
     def describe(self) -> str:
         return engine_module.safe_url(self.url)

@@ -5,10 +5,29 @@ pysqlite driver would otherwise not ``BEGIN`` before a ``SELECT``, so a snapshot
 from several queries could mix two states of the store), foreign keys, and a busy
 timeout.  Write transactions on SQLite start with ``BEGIN IMMEDIATE`` so that two
 concurrent writers queue on the lock instead of failing when one upgrades its read lock.
+
+Bounded waits: every engine, the native store's (daemon and ``policyctl``) and the
+Mailman 3 reader's, gets its connect, statement and lock timeouts here
+(``connect_args_for`` and ``install_timeouts``, from ``[store] connect_timeout``,
+``statement_timeout``, ``lock_timeout``):
+
+* PostgreSQL: libpq ``connect_timeout``; ``statement_timeout`` and ``lock_timeout`` as
+  ``options=-c ...`` (options the URL names itself come after ours, so they win); TCP
+  keepalives so that a vanished server is noticed.
+* MariaDB/MySQL: ``connect_timeout``; ``max_statement_time`` (MySQL:
+  ``max_execution_time``), ``innodb_lock_wait_timeout`` and ``lock_wait_timeout`` set on
+  each new session; and the driver's client-side ``read_timeout``/``write_timeout``
+  (statement timeout plus connect timeout), which also ends a wait on a frozen server.
+* SQLite: the busy timeout (``timeout``) is the lock timeout; statements on a local file
+  do not wait for anything else.
+
+A timeout is an ``SQLAlchemyError`` like any other store error, which every caller turns
+into ``StoreUnavailable`` (``policyctl`` exit 5); ``first_line`` names the key to tune.
 """
 
 from __future__ import annotations
 
+import math
 from functools import lru_cache
 from pathlib import Path
 
@@ -16,6 +35,7 @@ from sqlalchemy import create_engine, event, inspect, text
 from sqlalchemy.engine import Connection, Engine, make_url
 from sqlalchemy.exc import ArgumentError, NoSuchModuleError, SQLAlchemyError
 
+from ..config import StoreTimeouts
 from ..errors import BadInput, StoreUnavailable
 
 MIGRATIONS = Path(__file__).with_name("migrations")
@@ -31,8 +51,14 @@ def parse_url(url: str, what: str = "store URL"):
     return with_installed_driver(parsed)
 
 
-def make_engine(url: str, *, create_dirs: bool = False) -> Engine:
-    """An engine for ``url``.  A malformed URL or a missing driver is ``BadInput``."""
+DEFAULT_TIMEOUTS = StoreTimeouts()
+
+
+def make_engine(url: str, *, create_dirs: bool = False,
+                timeouts: StoreTimeouts | None = None) -> Engine:
+    """An engine for ``url``, with ``timeouts`` (``[store] *_timeout``, else the
+    defaults).  A malformed URL or a missing driver is ``BadInput``."""
+    timeouts = timeouts or DEFAULT_TIMEOUTS
     parsed = parse_url(url)
     backend = parsed.get_backend_name()
     kwargs: dict = {}
@@ -42,7 +68,6 @@ def make_engine(url: str, *, create_dirs: bool = False) -> Engine:
             path = Path(database)
             if create_dirs:
                 path.parent.mkdir(parents=True, exist_ok=True)
-        kwargs["connect_args"] = {"timeout": 30}
     elif backend in ("mysql", "mariadb"):
         if "charset" not in parsed.query:
             parsed = parsed.update_query_dict({"charset": "utf8mb4"})
@@ -50,13 +75,77 @@ def make_engine(url: str, *, create_dirs: bool = False) -> Engine:
         kwargs["pool_pre_ping"] = True
     else:
         kwargs["pool_pre_ping"] = True
+    kwargs["connect_args"] = connect_args_for(parsed, timeouts)
     try:
         engine = create_engine(parsed, **kwargs)
     except (NoSuchModuleError, ImportError) as error:
         raise BadInput(f"store URL {safe_url(url)}: no driver for it ({error})") from None
     if backend == "sqlite":
         _sqlite_hooks(engine)
+    install_timeouts(engine, timeouts)
     return engine
+
+
+def _whole_seconds(seconds: float) -> int:
+    return max(1, math.ceil(seconds))
+
+
+def connect_args_for(parsed, timeouts: StoreTimeouts, *, pg_options: str = "") -> dict:
+    """The DBAPI ``connect()`` arguments that bound every wait on ``parsed`` (a URL with
+    its driver chosen).  ``pg_options`` are more ``-c name=value`` settings for
+    PostgreSQL.  What the URL's query string sets itself is left to it."""
+    backend = parsed.get_backend_name()
+    query = parsed.query
+    args: dict = {}
+    if backend == "sqlite":
+        args["timeout"] = timeouts.lock
+    elif backend == "postgresql":
+        # libpq: whole seconds, and it treats 1 as 2.
+        args["connect_timeout"] = max(2, math.ceil(timeouts.connect))
+        options = (f"-c statement_timeout={math.ceil(timeouts.statement * 1000)} "
+                   f"-c lock_timeout={math.ceil(timeouts.lock * 1000)}")
+        if pg_options:
+            options = f"{pg_options} {options}"
+        own = query.get("options")
+        if own:
+            options = f"{options} {own if isinstance(own, str) else ' '.join(own)}"
+        args["options"] = options
+        args.update(keepalives=1, keepalives_idle=30, keepalives_interval=10,
+                    keepalives_count=3)
+    elif backend in ("mysql", "mariadb"):
+        args["connect_timeout"] = _whole_seconds(timeouts.connect)
+        # Client side: a server that stopped answering (frozen, or gone without a RST)
+        # fails the read instead of blocking forever; later than the server's own
+        # max_statement_time, which gives the clearer error.
+        args["read_timeout"] = args["write_timeout"] = _whole_seconds(
+            timeouts.statement + timeouts.connect)
+    # The URL's own options are merged above (connect_args would replace them).
+    return {key: value for key, value in args.items()
+            if key == "options" or key not in query}
+
+
+def install_timeouts(engine: Engine, timeouts: StoreTimeouts) -> None:
+    """Session settings a DBAPI argument cannot carry (MariaDB/MySQL), on every new
+    connection of ``engine``."""
+    if engine.dialect.name not in ("mysql", "mariadb"):
+        return
+    lock = _whole_seconds(timeouts.lock)
+
+    @event.listens_for(engine, "connect")
+    def _timeouts(dbapi_connection, record):
+        cursor = dbapi_connection.cursor()
+        try:
+            cursor.execute("SELECT VERSION()")
+            version = str(cursor.fetchone()[0])
+            if "mariadb" in version.lower():
+                cursor.execute(f"SET SESSION max_statement_time = {timeouts.statement:.3f}")
+            else:  # MySQL: milliseconds, SELECTs only
+                cursor.execute("SET SESSION max_execution_time = "
+                               f"{math.ceil(timeouts.statement * 1000)}")
+            cursor.execute(f"SET SESSION innodb_lock_wait_timeout = {lock}, "
+                           f"lock_wait_timeout = {lock}")
+        finally:
+            cursor.close()
 
 
 _DRIVERS = {"postgresql": ("psycopg2", "psycopg"), "mysql": ("pymysql", "mysqldb"),
@@ -185,6 +274,26 @@ def ping(connection: Connection) -> None:
     connection.execute(text("SELECT 1"))
 
 
+# Words of the drivers' timeout errors -> the configuration key that bounds that wait.
+_TIMEOUT_WORDS = (
+    ("lock timeout", "lock_timeout"),                          # PostgreSQL
+    ("statement timeout", "statement_timeout"),                # PostgreSQL
+    ("lock wait timeout exceeded", "lock_timeout"),            # MariaDB 1205
+    ("max_statement_time exceeded", "statement_timeout"),      # MariaDB 1969
+    ("maximum statement execution time", "statement_timeout"),  # MySQL 3024
+    ("database is locked", "lock_timeout"),                    # SQLite busy timeout
+    ("timeout expired", "connect_timeout"),                    # libpq connect
+    ("timed out", "connect_timeout or statement_timeout"),     # socket timeouts
+)
+
+
 def first_line(error: Exception) -> str:
+    """The first line of a driver's error, and, for a timeout, which ``[store]`` key
+    bounded the wait."""
     message = str(getattr(error, "orig", None) or error)
-    return message.strip().splitlines()[0] if message.strip() else type(error).__name__
+    line = message.strip().splitlines()[0] if message.strip() else type(error).__name__
+    lowered = line.lower()
+    for words, key in _TIMEOUT_WORDS:
+        if words in lowered:
+            return f"{line} (the store did not answer within [store] {key})"
+    return line

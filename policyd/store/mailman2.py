@@ -48,8 +48,8 @@ from ..errors import BadInput, PolicydError
 from ..core.verdict import Action, Mode
 from .safe_pickle import UnsafePickleError, loads_mailman2
 
-__all__ = ["import_path", "find_lists", "read_list", "Mailman2List", "register",
-           "cmd_import_mailman2", "watch"]
+__all__ = ["import_path", "find_lists", "read_list", "Mailman2List", "ImportFailed",
+           "watch"]
 
 MODERATE = 128  # Mailman/Defaults.py: Moderate = 128
 MEMBER_ACTIONS = {0: Action.HOLD, 1: Action.REJECT, 2: Action.DISCARD}
@@ -447,67 +447,3 @@ def watch(store, path: Path, interval: float, report: Callable[[ImportResult], N
             seen = fingerprint
         if rounds is None or count < rounds:
             sleep(interval)
-
-
-# --- policyctl -------------------------------------------------------------------------------
-
-CRON_LINE = ("*/5 * * * *  list  policyctl import-mailman2 /var/lib/mailman "
-             ">/dev/null")
-
-
-def register(commands) -> None:
-    """Add ``import-mailman2`` to policyctl's subcommands."""
-    p = commands.add_parser(
-        "import-mailman2",
-        help="import or update Mailman 2.1 lists (lists/NAME/config.pck) into the store",
-        description="Import or update Mailman 2.1 lists into the native store, in Mailman "
-                    "2 mode.  PATH is Mailman 2's prefix (e.g. /var/lib/mailman), its "
-                    "lists directory, or one list's directory.  Run it again (or use "
-                    "--watch, or cron: " + CRON_LINE + ") to keep the store current.")
-    p.add_argument("path", metavar="PATH")
-    p.add_argument("--watch", type=_seconds, metavar="SECONDS",
-                   help="keep running: re-import whenever a config.pck changes, polling "
-                        "every SECONDS")
-    p.add_argument("--quiet", action="store_true", help="print only changes and problems")
-    p.set_defaults(handler=cmd_import_mailman2)
-
-
-def _seconds(text: str) -> float:
-    import argparse
-
-    try:
-        value = float(text)
-    except ValueError:
-        value = 0
-    if not value > 0:
-        raise argparse.ArgumentTypeError("a number of seconds greater than 0")
-    return value
-
-
-def cmd_import_mailman2(ctx) -> int:
-    store = ctx.store()
-    store.require_schema()
-    failures_seen: list[str] = []
-
-    def show(result: ImportResult) -> None:
-        for report in result.reports:
-            for warning in report.warnings:
-                ctx.warn(warning)
-            if not (ctx.args.quiet and report.unchanged):
-                ctx.print(report.line())
-        for failure in result.failures:
-            ctx.warn(f"not imported: {failure}")
-        failures_seen[:] = result.failures
-
-    if ctx.args.watch:
-        try:
-            watch(store, Path(ctx.args.path), ctx.args.watch, show)
-        except KeyboardInterrupt:
-            return 0
-        return 0
-    show(import_path(store, Path(ctx.args.path)))
-    if failures_seen:
-        raise ImportFailed(f"{len(failures_seen)} list(s) not imported (see the warnings "
-                           "above); the others were")
-    return 0
-

@@ -28,6 +28,11 @@ in rules/moderation.py, model/roster.py and model/bans.py):
   them, the first one that is a member wins; a direct member address is never an alias).
 * ``ban``: ``list_id`` NULL is site-wide.
 
+A list whose rows policyd will not interpret (a pickle ``safe_pickle`` refuses, an unknown
+action value in the list's or a member's row) does not fail the build: it becomes a
+``ListSpec`` with ``broken`` set, answered with a temporary failure (``broken-list``) while
+every other list is built, and the daemon logs it once.
+
 The rejection notice: Mailman 3 has no per-list SMTP rejection text.  Its reject chain
 bounces the message with the ``list:user:notice:rejected`` template (a URI in the
 ``template`` table, resolved by Mailman's template loader, with ``$reasons`` filled in per
@@ -36,24 +41,34 @@ text is the ``nonmember_rejection_notice`` column: imported from Mailman 2.1 by
 ``mailman import21`` and empty for lists created in Mailman 3 (their style sets ``''``).
 policyd uses it when it is not empty, else its own ``[smtp] reject_text``.
 
-Incremental refresh (``load_changes``, the native store's design): a full build of a
-large site takes seconds, and most changes made through Mailman touch one list.  Each
-snapshot carries a ``SourceState``: per list (``mailinglist.id``) a digest of its
-``mailinglist`` row (the decision columns, the four pickles as raw bytes), aggregates of
-its ``member`` rows (grouped by ``member.list_id``, the list-id string: count, id sum,
-id-weighted sums of moderation action, role, address and user) and its list bans; and a
-shared digest of the domains (alias domains included), the site bans, and the
-``address``/``user`` rows that existed at that build (ids up to its maxima: every address
-counted and, where ids can be reused, its email hashed; links to existing users; users'
-preferred addresses).  When the token moves, only the lists whose digest changed are read
-again (their members, the addresses and users behind those members, their bans) and
-swapped into the previous snapshot (``snapshot.replace_lists``); the lists' ``@list``
-references resolve through the snapshot at decision time, so unchanged lists stay valid.
-Anything else is a full build: the shared digest changed, a new address was linked to an
-existing user (its other addresses post as it on every list the user is on), no digest
-explains the token change, or more than ``MAX_INCREMENTAL_LISTS`` lists changed.  An
-existing address linked to a new user (Mailman's subscription workflow makes a user for
-an address that had none) rebuilds the lists that address is a member of.
+Incremental refresh (``load_changes``, ``policyd.store.refresh``, the algorithm the
+native store uses too): a full build of a large site takes seconds, and most changes
+made through Mailman touch one list.  Mailman's database is read-only to policyd (no
+triggers, no revision to read), so what changed is inferred from digests that do not
+cancel: every digest of the big tables (``member``, ``address``, ``user``) is a count and
+the sum, modulo 2**61, of a well-mixed hash of each row's relevant columns (``_hash_sum``:
+PostgreSQL ``hashtextextended``, MariaDB ``md5``, SQLite a Python aggregate), so two
+correlated edits (one member's action up, another's down) cannot cancel as they could in
+a weighted sum.  Each snapshot carries a ``SourceState``: per list (``mailinglist.id``)
+its ``mailinglist`` row (the decision columns, the four pickles as raw bytes), the hash
+digest of its ``member`` rows (grouped by ``member.list_id``, the list-id string) and its
+list bans; and a shared digest of the domains (alias domains included), the site bans,
+and the ``address``/``user`` rows that existed at that build (ids up to its maxima: each
+address's email and its link to an existing user; users' preferred addresses).  When the
+token moves, only the lists whose digest changed are read again (their members, the
+addresses and users behind those members, their bans) and swapped into the previous
+snapshot.  Anything else is a full build: the shared digest changed, a new address was
+linked to an existing user (its other addresses post as it on every list the user is
+on), no digest explains the token change, or more than
+``refresh.MAX_INCREMENTAL_LISTS`` lists changed.  An existing address linked to a new
+user (Mailman's subscription workflow makes a user for an address that had none)
+rebuilds the lists that address is a member of.
+
+Hashes make a missed change improbable, not impossible; so every ``verify_interval``
+seconds (``[store] verify_interval``, default 600, 0 disables) the snapshot service asks
+for a verification build (``load_verified``): a full build compared with what the
+incremental path serves for the same state; a divergence is logged and the full build
+swapped in.
 """
 
 from __future__ import annotations
@@ -62,14 +77,12 @@ import hashlib
 import sys
 import threading
 import time
-import zlib
 from collections import defaultdict
-from dataclasses import dataclass, replace
-from typing import Callable, Iterable, Mapping
+from dataclasses import replace
+from typing import Callable, Iterable
 from urllib.parse import quote
 
 from sqlalchemy import (
-    BigInteger,
     Boolean,
     Column,
     Integer,
@@ -82,22 +95,31 @@ from sqlalchemy import (
     create_engine,
     event,
     func,
-    literal,
     literal_column,
     or_,
     select,
 )
+from sqlalchemy.dialects import mysql as mysql_types
 from sqlalchemy.engine import Connection, Engine
 from sqlalchemy.exc import NoSuchModuleError, SQLAlchemyError
 
 from ..errors import BadInput, StoreUnavailable
-from ..core.snapshot import ListSpec, MemberSpec, Snapshot, build, replace_lists
+from ..core.snapshot import ListSpec, MemberSpec, Snapshot, build
 from ..core.verdict import Action, Mode
-from .engine import parse_url, safe_url
+from .engine import (
+    DEFAULT_TIMEOUTS,
+    connect_args_for,
+    first_line,
+    install_timeouts,
+    parse_url,
+    safe_url,
+)
+from . import refresh
+from .refresh import SourceState
 from .safe_pickle import UnsafePickleError, loads_mailman3_list
 
 __all__ = ["Mailman3Backend", "UnknownSchemaError", "open_backend", "KNOWN_REVISIONS",
-           "SourceState", "read_state", "MAX_INCREMENTAL_LISTS"]
+           "SourceState", "read_state"]
 
 # Alembic revisions of Mailman 3.3.x (mailman/database/alembic/versions in 3.3.10, newest
 # last).  The first is dated 2019-07-17, the newest one older than the 3.3.0 release
@@ -198,8 +220,10 @@ class Mailman3DataError(StoreUnavailable):
 # --- engine ------------------------------------------------------------------------------
 
 
-def read_only_engine(url: str) -> Engine:
-    """An engine that cannot write to the Mailman database, whatever it is asked."""
+def read_only_engine(url: str, timeouts=None) -> Engine:
+    """An engine that cannot write to the Mailman database, whatever it is asked, and
+    whose waits are bounded by ``timeouts`` (``engine.connect_args_for``)."""
+    timeouts = timeouts or DEFAULT_TIMEOUTS
     parsed = parse_url(url, "Mailman 3 database URL")
     backend = parsed.get_backend_name()
     kwargs: dict = {}
@@ -212,18 +236,17 @@ def read_only_engine(url: str) -> Engine:
         query = dict(parsed.query)
         query.update({"mode": "ro", "uri": "true"})
         parsed = parsed.set(database=database, query=query)
-        kwargs["connect_args"] = {"timeout": 10}
+        kwargs["connect_args"] = connect_args_for(parsed, timeouts)
     elif backend == "postgresql":
-        kwargs["connect_args"] = {
-            "options": "-c default_transaction_read_only=on -c lock_timeout=5000 "
-                       "-c statement_timeout=120000",
-            "application_name": "policyd",
-        }
+        kwargs["connect_args"] = connect_args_for(
+            parsed, timeouts, pg_options="-c default_transaction_read_only=on")
+        kwargs["connect_args"].setdefault("application_name", "policyd")
         kwargs["isolation_level"] = "REPEATABLE READ"
         kwargs["pool_pre_ping"] = True
     elif backend in ("mysql", "mariadb"):
         if "charset" not in parsed.query:
             parsed = parsed.update_query_dict({"charset": "utf8mb4"})
+        kwargs["connect_args"] = connect_args_for(parsed, timeouts)
         kwargs["isolation_level"] = "REPEATABLE READ"
         kwargs["pool_pre_ping"] = True
         kwargs["pool_recycle"] = 3600
@@ -236,13 +259,26 @@ def read_only_engine(url: str) -> Engine:
         raise BadInput(f"Mailman 3 database URL {safe_url(url)}: no driver for it "
                        f"({error})") from None
     _install_hooks(engine, backend)
+    install_timeouts(engine, timeouts)
     return engine
 
 
-def _crc32(value) -> int:
-    if value is None:
-        return 0
-    return zlib.crc32(str(value).encode("utf-8", "surrogatepass"))
+HASH_MODULUS = 2 ** 61
+
+
+class _HashSum:
+    """SQLite aggregate ``policyd_hash_sum(column, ...)``: the sum modulo 2**61 of a
+    well-mixed hash of each row's values (CPython's tuple hash: xxHash-style mixing; the
+    strings' hashes are salted per process, which is all a daemon-local digest needs)."""
+
+    def __init__(self) -> None:
+        self.total = 0
+
+    def step(self, *values) -> None:
+        self.total += hash(values)
+
+    def finalize(self) -> int:
+        return self.total % HASH_MODULUS
 
 
 def _install_hooks(engine: Engine, backend: str) -> None:
@@ -252,24 +288,31 @@ def _install_hooks(engine: Engine, backend: str) -> None:
         if backend == "sqlite":
             # Belt and braces: the URI already says mode=ro.
             cursor.execute("PRAGMA query_only = ON")
-            dbapi_connection.create_function("policyd_crc32", 1, _crc32, deterministic=True)
+            dbapi_connection.create_aggregate("policyd_hash_sum", -1, _HashSum)
         elif backend in ("mysql", "mariadb"):
             cursor.execute("SET SESSION TRANSACTION READ ONLY")
         cursor.close()
 
 
-def _string_hash(dialect: str, column):
-    """A cheap hash of a string column in SQL, or ``None`` where ids are never reused.
-
-    Only SQLite (``INTEGER PRIMARY KEY`` without AUTOINCREMENT hands the id of a deleted
-    last row to the next insert) and MySQL/MariaDB (older servers recompute
-    AUTO_INCREMENT from MAX(id) at restart) can give a new row an old id; PostgreSQL's
-    sequences never do, so there the id sums alone notice every insert."""
-    if dialect in ("mysql", "mariadb"):
-        return func.crc32(column) % 65521
+def _hash_sum(dialect: str, *columns):
+    """An aggregate: the sum over the rows of a well-mixed hash of ``columns`` (every
+    column of a row that matters), reduced modulo 2**61 by ``_digest``.  A change to any
+    row changes the sum except with probability about 2**-60, whatever other rows change
+    with it; a linear sum of the values (``sum(id * action)``) lets correlated edits
+    cancel."""
     if dialect == "sqlite":
-        return func.policyd_crc32(column) % 65521
-    return None
+        return func.coalesce(func.policyd_hash_sum(*columns), 0)
+    if dialect == "postgresql":
+        text = func.concat_ws("|", *(func.coalesce(cast(c, Unicode), "~") for c in columns))
+        return func.coalesce(func.sum(func.hashtextextended(text, 0)), 0)
+    text = func.concat_ws("|", *(func.coalesce(c, "~") for c in columns))
+    return func.coalesce(func.sum(cast(func.conv(func.substr(func.md5(text), 1, 15), 16, 10),
+                                       mysql_types.BIGINT(unsigned=True))), 0)
+
+
+def _digest(row) -> tuple:
+    """A row of counts and ``_hash_sum``s as plain ints (sums modulo 2**61)."""
+    return tuple(0 if v is None else int(v) % HASH_MODULUS for v in row)
 
 
 # --- the backend ---------------------------------------------------------------------------
@@ -280,13 +323,17 @@ class Mailman3Backend:
 
     kind = "mailman3"
 
-    def __init__(self, url: str, *, known_revisions: Iterable[str] | None = None) -> None:
+    def __init__(self, url: str, *, known_revisions: Iterable[str] | None = None,
+                 timeouts=None, verify_interval: float = 600.0) -> None:
         self.url = url
-        self.engine = read_only_engine(url)
+        self.engine = read_only_engine(url, timeouts)
         self.known_revisions = frozenset(
             KNOWN_REVISIONS if known_revisions is None else known_revisions)
         self._revision: str | None = None
         self._token_sql = self._token_statements()
+        # The periodic verification build (``verification_due``, ``load_verified``).
+        self.verify_interval = verify_interval
+        self._last_full = time.monotonic()
         # SQLite only: PRAGMA data_version on one long-lived connection changes whenever
         # another connection (Mailman) commits; while it stays the same, the last token
         # still holds and the aggregates need not be recomputed.
@@ -296,7 +343,8 @@ class Mailman3Backend:
 
     @classmethod
     def from_config(cls, store_config) -> "Mailman3Backend":
-        return cls(store_config.url)
+        return cls(store_config.url, timeouts=store_config.timeouts,
+                   verify_interval=getattr(store_config, "verify_interval", 600.0))
 
     # -- Backend interface ----------------------------------------------------------------
 
@@ -363,13 +411,29 @@ class Mailman3Backend:
 
     def load_changes(self, previous: Snapshot) -> Snapshot:
         """The snapshot after a change: ``previous`` with only the changed lists rebuilt
-        when that is provably enough (see "Incremental refresh" in the module docstring),
-        else a full build.  Read as consistently as ``load_snapshot``."""
-        prior = previous.source_state
-        if not isinstance(prior, SourceState) or prior.origin != self.url:
+        when that is provably enough (``refresh.load_changes``; see "Incremental refresh"
+        in the module docstring), else a full build.  Read as consistently as
+        ``load_snapshot``."""
+        prior = refresh.prior_state(previous, self.url)
+        if prior is None:
             return self.load_snapshot()
-        return self._consistent_read(
-            lambda connection, token: self._changes(connection, token, previous, prior))
+        return self._consistent_read(lambda connection, token: self._reading(
+            lambda: refresh.load_changes(previous, prior, self._source(connection, token),
+                                         version=token)))
+
+    def verification_due(self) -> bool:
+        """Whether the next refresh should be a verification build (``load_verified``):
+        ``verify_interval`` seconds after the last full build."""
+        return (self.verify_interval > 0
+                and time.monotonic() - self._last_full >= self.verify_interval)
+
+    def load_verified(self, previous: Snapshot) -> tuple[Snapshot, list[str]]:
+        """A full build, and how what the incremental path serves for the same state
+        differs from it (``refresh.verify``); empty when they decide alike."""
+        prior = refresh.prior_state(previous, self.url)
+        return self._consistent_read(lambda connection, token: self._reading(
+            lambda: refresh.verify(previous, prior, self._source(connection, token),
+                                   version=token)))
 
     # -- internals --------------------------------------------------------------------------
 
@@ -440,49 +504,23 @@ class Mailman3Backend:
         ones (``domain``, ``mailinglist``'s decision columns with the raw pickles, ``ban``
         and ``alembic_version``) are read whole and hashed: a few hundred kilobytes for a
         thousand lists.  The big ones (``member``, ``address``, ``user``) are summarised
-        by one aggregate each over the columns that matter: row count, highest id, and
-        position-weighted sums of the foreign keys, role and moderation action, plus a
-        hash of the strings (``list_id``, ``email``) so that SQLite reusing the id of a
-        deleted last row for a new row with other values still changes the sum.
-        Subscribe and unsubscribe change counts and sums, a moderation change changes the
-        weighted action sum, a user linking an address or changing its preferred
-        address changes the ``address``/``user`` sums, a new list or a settings change
-        changes the ``mailinglist`` digest.  Each aggregate is one sequential scan of one
+        by one aggregate each: row count, highest id, and the sum of a well-mixed hash
+        of every column that matters of each row (``_hash_sum``), which no combination
+        of edits cancels (a reused id with other values changes it too).  Each aggregate is one sequential scan of one
         table with no sort: tens of milliseconds for 200,000 memberships.
         """
-        def weight(column):
-            # BIGINT: PostgreSQL's int4 arithmetic would overflow on the products.
-            return cast(column, BigInteger) % 65521 + 1
-
-        member_hash = _string_hash(self.engine.dialect.name, member_t.c.list_id)
-        address_hash = _string_hash(self.engine.dialect.name, address_t.c.email)
+        dialect = self.engine.dialect.name
+        m, a, u = member_t, address_t, user_t
         member = select(
-            func.count(),
-            func.coalesce(func.max(member_t.c.id), 0),
-            func.coalesce(func.sum(member_t.c.id), 0),
-            func.coalesce(func.sum(
-                (func.coalesce(member_t.c.moderation_action, 7) + 1) * weight(member_t.c.id)
-                + func.coalesce(member_t.c.role, 0) * 8 * weight(member_t.c.id)), 0),
-            func.coalesce(func.sum(
-                func.coalesce(member_t.c.address_id, 0) * 3
-                + func.coalesce(member_t.c.user_id, 0) * 5), 0),
-            func.coalesce(func.sum(member_hash * weight(member_t.c.id)), 0)
-            if member_hash is not None else literal(0),
-        )
+            func.count(), func.coalesce(func.max(m.c.id), 0),
+            _hash_sum(dialect, m.c.id, m.c.role, m.c.moderation_action, m.c.address_id,
+                      m.c.user_id, m.c.list_id))
         address = select(
-            func.count(),
-            func.coalesce(func.max(address_t.c.id), 0),
-            func.coalesce(func.sum(func.coalesce(address_t.c.user_id, 0)
-                                   * weight(address_t.c.id)), 0),
-            func.coalesce(func.sum(address_hash * weight(address_t.c.id)), 0)
-            if address_hash is not None else literal(0),
-        )
+            func.count(), func.coalesce(func.max(a.c.id), 0),
+            _hash_sum(dialect, a.c.id, a.c.user_id, a.c.email))
         user = select(
-            func.count(),
-            func.coalesce(func.max(user_t.c.id), 0),
-            func.coalesce(func.sum(func.coalesce(user_t.c._preferred_address_id, 0)
-                                   * weight(user_t.c.id)), 0),
-        )
+            func.count(), func.coalesce(func.max(u.c.id), 0),
+            _hash_sum(dialect, u.c.id, u.c._preferred_address_id))
         lists = select(mailinglist_t.c.id, *(mailinglist_t.c[n] for n in _LIST_SETTINGS)
                        ).order_by(mailinglist_t.c.id)
         domains = select(domain_t).order_by(domain_t.c.id)
@@ -495,8 +533,7 @@ class Mailman3Backend:
         try:
             member, address, user, lists, domains, bans = self._token_sql
             for statement in (member, address, user):
-                digest.update(repr(tuple(int(v) for v in
-                                         connection.execute(statement).one())).encode())
+                digest.update(repr(_digest(connection.execute(statement).one())).encode())
             for statement in (lists, domains, bans):
                 for row in connection.execute(statement):
                     digest.update(repr(tuple(bytes(v) if isinstance(v, memoryview) else v
@@ -507,61 +544,50 @@ class Mailman3Backend:
                                    f"{safe_url(self.url)}: {_first_line(error)}") from None
         return "mm3-" + digest.hexdigest()[:24]
 
-    def _build(self, connection: Connection, token: str) -> Snapshot:
-        started = time.time()
+    def _source(self, connection: Connection, token: str) -> "_Source":
+        return _Source(self, connection, token, time.time())
+
+    def _reading(self, work: Callable[[], object]):
         try:
-            state, _, _ = read_state(connection, self.engine.dialect.name, origin=self.url)
-            rows = _read_rows(connection)
+            return work()
         except SQLAlchemyError as error:
             raise StoreUnavailable(f"cannot read the Mailman 3 database "
                                    f"{safe_url(self.url)}: {_first_line(error)}") from None
-        specs, domains, site_bans, problems = specs_from_rows(*rows)
-        snapshot = build(specs, domains=domains, site_bans=site_bans, version=token,
-                         built_at=started, source_state=state)
+
+    def _build(self, connection: Connection, token: str) -> Snapshot:
+        source = self._source(connection, token)
+        return self._reading(lambda: source.full(read_state(
+            connection, source.dialect, origin=self.url)[0]))
+
+
+class _Source:
+    """``refresh.Source`` over one consistent read of a Mailman 3 database."""
+
+    def __init__(self, backend: Mailman3Backend, connection: Connection, token: str,
+                 started: float) -> None:
+        self.backend = backend
+        self.connection = connection
+        self.dialect = backend.engine.dialect.name
+        self.token = token
+        self.started = started
+
+    def read_state(self, prior: SourceState):
+        return read_state(self.connection, self.dialect, prior, origin=self.backend.url)
+
+    def full(self, state: SourceState) -> Snapshot:
+        specs, domains, site_bans, problems = specs_from_rows(*_read_rows(self.connection))
+        snapshot = build(specs, domains=domains, site_bans=site_bans, version=self.token,
+                         built_at=self.started, source_state=state)
         if problems:
             snapshot = replace(snapshot, problems=tuple(problems) + snapshot.problems)
+        self.backend._last_full = time.monotonic()
         return snapshot
 
-    def _changes(self, connection: Connection, token: str, previous: Snapshot,
-                 prior: "SourceState") -> Snapshot:
-        started = time.time()
-        try:
-            state, shared_same, relinked = read_state(
-                connection, self.engine.dialect.name, prior, origin=self.url)
-            changed = {id_ for id_, entry in state.lists.items()
-                       if prior.lists.get(id_) != entry}
-            changed.update(id_ for id_ in relinked if id_ in state.lists)
-            removed = [posting for id_, (posting, _, _) in prior.lists.items()
-                       if state.lists.get(id_, ("",))[0] != posting]
-            if (not shared_same or not (changed or removed)
-                    or len(changed) > MAX_INCREMENTAL_LISTS):
-                rows = _read_rows(connection)
-                partial = False
-            else:
-                rows = _read_list_rows(connection, self.engine.dialect.name,
-                                       sorted(changed),
-                                       sorted({state.lists[i][1] for i in changed}))
-                partial = True
-        except SQLAlchemyError as error:
-            raise StoreUnavailable(f"cannot read the Mailman 3 database "
-                                   f"{safe_url(self.url)}: {_first_line(error)}") from None
-        specs, domains, site_bans, problems = specs_from_rows(*rows)
-        if not partial:
-            snapshot = build(specs, domains=domains, site_bans=site_bans, version=token,
-                             built_at=started, source_state=state)
-            if problems:
-                snapshot = replace(snapshot, problems=tuple(problems) + snapshot.problems)
-            return snapshot
-        snapshot = replace_lists(previous, specs, removed, version=token, built_at=started,
-                                 source_state=state)
-        # replace_lists drops the rebuilt lists' own problems ("<posting>: ..."); the
-        # ones specs_from_rows reports are "list <posting>: ...".
-        gone = {f"list {posting}" for posting in removed}
-        gone.update(f"list {state.lists[i][0]}" for i in changed)
-        kept = tuple(p for p in snapshot.problems if p.split(":", 1)[0] not in gone)
-        if problems or len(kept) != len(snapshot.problems):
-            snapshot = replace(snapshot, problems=tuple(problems) + kept)
-        return snapshot
+    def lists(self, state: SourceState, changed):
+        rows = _read_list_rows(self.connection, self.dialect, list(changed),
+                               sorted({state.lists[i][1][0] for i in changed}))
+        specs, _, _, problems = specs_from_rows(*rows)
+        return specs, problems
 
 
 def _read_rows(connection: Connection):
@@ -588,39 +614,17 @@ def _read_rows(connection: Connection):
 
 # --- incremental refresh -------------------------------------------------------------------
 
-MAX_INCREMENTAL_LISTS = 64
-
-
-@dataclass(frozen=True)
-class SourceState:
-    """What a snapshot was built from, in digests (``Snapshot.source_state``)."""
-
-    origin: str  # the database URL: a state is only compared with one of the same database
-    dialect: str
-    lists: Mapping[int, tuple[str, str, tuple]]  # mailinglist.id -> (posting, list-id, digest)
-    shared: tuple
-    max_address_id: int
-    max_user_id: int
-
-
 def _plain(row) -> tuple:
     return tuple(bytes(v) if isinstance(v, memoryview) else v for v in row)
 
 
-def _ints(row) -> tuple:
-    return tuple(0 if v is None else int(v) for v in row)
-
-
-def _big(column):
-    # BIGINT: PostgreSQL's int4 arithmetic would overflow on the products.
-    return cast(column, BigInteger)
-
-
 def read_state(connection: Connection, dialect: str, previous: SourceState | None = None,
                *, origin: str = "") -> tuple[SourceState, bool, frozenset[int]]:
-    """The current ``SourceState``; whether what lists share is unchanged since
-    ``previous`` (always False without one); and the lists (``mailinglist.id``) whose
-    members' addresses were linked to a user created since ``previous``."""
+    """The current ``SourceState`` (lists: ``mailinglist.id`` -> (posting address,
+    (list-id, digest)); bounds: the highest address and user ids); whether what lists
+    share is unchanged since ``previous`` (always False without one); and the lists
+    (``mailinglist.id``) whose members' addresses were linked to a user created since
+    ``previous``."""
     ml, m, a, u = mailinglist_t, member_t, address_t, user_t
     settings = [_plain(row) for row in connection.execute(
         select(ml.c.id, *(ml.c[n] for n in _LIST_SETTINGS)))]
@@ -631,13 +635,10 @@ def read_state(connection: Connection, dialect: str, previous: SourceState | Non
         key = key.op("||")(literal_column("''"))
     # Every role: an owner change is a (cheap) rebuild of its list, not an unexplained
     # change of the token.
-    members = {row[0]: _ints(row[1:]) for row in connection.execute(select(
-        key, func.count(), func.sum(m.c.id),
-        func.sum(_big(m.c.id) * (func.coalesce(m.c.moderation_action, 7) + 1)),
-        func.sum(_big(m.c.id) * func.coalesce(m.c.role, 0)),
-        func.sum(func.coalesce(m.c.address_id, 0)), func.sum(func.coalesce(m.c.user_id, 0)),
-        func.sum(_big(m.c.id) * func.coalesce(m.c.address_id, 0)),
-        func.sum(_big(m.c.id) * func.coalesce(m.c.user_id, 0)),
+    members = {row[0]: _digest(row[1:]) for row in connection.execute(select(
+        key, func.count(),
+        _hash_sum(dialect, m.c.id, m.c.role, m.c.moderation_action, m.c.address_id,
+                  m.c.user_id),
     ).group_by(key))}
     list_bans: dict[str, list] = defaultdict(list)
     site_bans = []
@@ -647,61 +648,54 @@ def read_state(connection: Connection, dialect: str, previous: SourceState | Non
             site_bans.append(tuple(row))
         else:
             list_bans[row[2]].append(tuple(row[:2]))
-    lists = {row[0]: (f"{row[1]}@{row[2]}", row[3],
-                      (row, members.get(row[3]), tuple(list_bans.get(row[3], ()))))
+    lists = {row[0]: (f"{row[1]}@{row[2]}",
+                      (row[3], (row, members.get(row[3]), tuple(list_bans.get(row[3], ())))))
              for row in settings}
     domains = tuple(tuple(row) for row in connection.execute(
         select(domain_t.c.id, domain_t.c.mail_host, domain_t.c.alias_domain)
         .order_by(domain_t.c.id)))
-    max_address, max_user = _ints(connection.execute(select(
+    max_address, max_user = _digest(connection.execute(select(
         select(func.max(a.c.id)).scalar_subquery(),
         select(func.max(u.c.id)).scalar_subquery())).one())
-    email_hash = _string_hash(dialect, a.c.email)
 
     def shared_digest(address_bound: int, user_bound: int) -> tuple:
         # Only the address and user rows that existed at the previous build (ids up to
         # its maxima): a new address or user only matters to the lists it is subscribed
-        # to, whose member digests show it.  The address digest counts every old row (a
-        # deleted address changes it), hashes the emails where ids can be reused, and
-        # covers the links to old users; a link to a user created since is handled
-        # per list (``relinked`` below).
-        to_old_user = a.c.user_id <= user_bound
-        addresses = _ints(connection.execute(select(
-            func.count(),
-            func.sum(case((to_old_user, 1), else_=0)),
-            func.sum(case((to_old_user, _big(a.c.id) * a.c.user_id), else_=0)),
-            func.sum(email_hash * (_big(a.c.id) % 65521 + 1))
-            if email_hash is not None else literal(0),
+        # to, whose member digests show it.  The address digest covers every old row (a
+        # deleted address changes it), its email and its link to an old user; a link to
+        # a user created since is handled per list (``relinked`` below).
+        old_user = case((a.c.user_id <= user_bound, a.c.user_id), else_=-1)
+        addresses = _digest(connection.execute(select(
+            func.count(), _hash_sum(dialect, a.c.id, old_user, a.c.email),
         ).where(a.c.id <= address_bound)).one())
-        users = _ints(connection.execute(select(
-            func.count(),
-            func.sum(_big(u.c.id) * (func.coalesce(u.c._preferred_address_id, 0) + 1)),
+        users = _digest(connection.execute(select(
+            func.count(), _hash_sum(dialect, u.c.id, u.c._preferred_address_id),
         ).where(u.c.id <= user_bound)).one())
         return domains, tuple(site_bans), addresses, users
 
-    state = SourceState(origin, dialect, lists, shared_digest(max_address, max_user),
-                        max_address, max_user)
+    state = SourceState(origin, lists, shared_digest(max_address, max_user),
+                        (max_address, max_user))
     if previous is None:
         return state, False, frozenset()
-    if (previous.max_address_id, previous.max_user_id) == (max_address, max_user):
+    old_address, old_user = previous.bounds
+    if (old_address, old_user) == (max_address, max_user):
         same = state.shared == previous.shared
     else:
-        same = shared_digest(previous.max_address_id, previous.max_user_id) == previous.shared
+        same = shared_digest(old_address, old_user) == previous.shared
     if not same:
         return state, False, frozenset()
     # A new address linked to an existing user makes that user's other addresses post as
     # it on every list the user is on: a full build.
     if connection.execute(select(func.count()).where(
-            a.c.id > previous.max_address_id, a.c.user_id <= previous.max_user_id)).scalar():
+            a.c.id > old_address, a.c.user_id <= old_user)).scalar():
         return state, False, frozenset()
     # An existing address linked to a new user (Mailman's subscription workflow makes a
     # user for an address that had none): the user's other addresses now post as it on
     # the lists it is a member of, which are rebuilt with the changed ones.
-    relinked_ids = select(a.c.id).where(a.c.id <= previous.max_address_id,
-                                        a.c.user_id > previous.max_user_id)
+    relinked_ids = select(a.c.id).where(a.c.id <= old_address, a.c.user_id > old_user)
     relinked_list_ids = set(connection.execute(
         select(m.c.list_id).where(m.c.address_id.in_(relinked_ids)).distinct()).scalars())
-    relinked = frozenset(id_ for id_, (_, list_id, _) in lists.items()
+    relinked = frozenset(id_ for id_, (_, (list_id, _)) in lists.items()
                          if list_id in relinked_list_ids)
     return state, True, relinked
 
@@ -763,7 +757,12 @@ def _action(value, where: str) -> Action | None:
 
 def specs_from_rows(domains, lists, addresses, users, members, bans):
     """Turn Mailman's rows into ``ListSpec``s with Mailman's semantics (pure; see the
-    module docstring).  Returns (specs, domain map, site bans, problems)."""
+    module docstring).  Returns (specs, domain map, site bans, problems).
+
+    A list whose rows policyd cannot interpret safely (a pickle it will not load, an
+    unknown action value in the list or one of its member rows) comes back as a
+    ``ListSpec`` with ``broken`` set to the reason: that list is answered with a
+    temporary failure, every other list is built as usual."""
     intern = sys.intern
     problems: list[str] = []
 
@@ -788,12 +787,17 @@ def specs_from_rows(domains, lists, addresses, users, members, bans):
 
     # list_id -> role -> (direct {address_id: action}, through-user {address_id: action})
     rosters: dict[str, dict[int, tuple[dict, dict]]] = {}
+    unreadable: dict[str, str] = {}  # list-id -> why one of its member rows is unreadable
     for list_id, role, action_value, address_id, user_id in members:
         if role not in (MEMBER_ROLE, NONMEMBER_ROLE):
             continue  # owners and moderators are not members for posting (roster.py)
         roster = rosters.setdefault(list_id, {MEMBER_ROLE: ({}, {}),
                                               NONMEMBER_ROLE: ({}, {})})
-        action = _action(action_value, f"member of {list_id}")
+        try:
+            action = _action(action_value, "member.moderation_action")
+        except Mailman3DataError as error:
+            unreadable.setdefault(list_id, f"a member row: {error}")
+            continue
         direct, through_user = roster[role]
         if address_id is not None:
             direct.setdefault(address_id, action)
@@ -813,14 +817,24 @@ def specs_from_rows(domains, lists, addresses, users, members, bans):
          emergency, *pickles, notice) = row
         posting = f"{list_name}@{mail_host}"
         where = f"list {posting}"
+        broken = unreadable.get(list_id)
         nonmember_lists = []
         for column, data in zip(_NONMEMBER_COLUMNS, pickles):
             try:
                 nonmember_lists.append(tuple(loads_mailman3_list(data)))
             except UnsafePickleError as error:
-                raise Mailman3DataError(
-                    f"{where}: mailinglist.{column} holds a pickle policyd will not "
-                    f"load: {error}") from None
+                broken = broken or (f"mailinglist.{column} holds a pickle policyd will "
+                                    f"not load: {error}")
+        try:
+            default_member = _action(member_default, "default_member_action")
+            default_nonmember = _action(nonmember_default, "default_nonmember_action")
+        except Mailman3DataError as error:
+            broken = broken or str(error)
+        if broken is not None:
+            specs.append(ListSpec(posting_address=posting, mode=Mode.MAILMAN3,
+                                  list_id=list_id, display_name=display_name or list_name,
+                                  broken=broken))
+            continue
         roster = rosters.get(list_id, {MEMBER_ROLE: ({}, {}), NONMEMBER_ROLE: ({}, {})})
         member_ids = _merge(*roster[MEMBER_ROLE])
         nonmember_ids = _merge(*roster[NONMEMBER_ROLE])
@@ -833,8 +847,6 @@ def specs_from_rows(domains, lists, addresses, users, members, bans):
             for other in user_addresses:
                 if other not in member_ids:
                     aliases[email_of[other]] = email_of[target]
-        default_member = _action(member_default, where)
-        default_nonmember = _action(nonmember_default, where)
         if default_nonmember is None:
             problems.append(f"{where}: default_nonmember_action is NULL (Mailman would "
                             "fail on a nonmember post); holding")
@@ -877,5 +889,4 @@ def open_backend(store_config) -> Mailman3Backend:
 
 
 def _first_line(error: Exception) -> str:
-    message = str(getattr(error, "orig", None) or error)
-    return message.strip().splitlines()[0] if message.strip() else type(error).__name__
+    return first_line(error)  # names the [store] key for a timeout

@@ -253,5 +253,19 @@ class Ban(Base):
     pattern: Mapped[str] = mapped_column(text_column(PATTERN_LENGTH), nullable=False)
 
 
+class ListRevision(Base):
+    """A list's revision, bumped by database triggers (migration 0002) on every change to
+    a row its policy is built from; ``list_id`` 0 (``SHARED_REVISION``) counts changes to
+    what every list shares (domains, site bans).  No foreign key: a row outlives its list,
+    so a reused list id continues its counter, and a trigger never fails a writer."""
+
+    __tablename__ = "list_revisions"
+
+    list_id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=False)
+    revision: Mapped[int] = mapped_column(BigInteger, nullable=False)
+
+
+SHARED_REVISION = 0
+
 # The tables the change token watches, in a fixed order.
 TRACKED = (Domain, MailingList, User, Address, Membership, NonmemberPattern, Ban)

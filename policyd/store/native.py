@@ -22,8 +22,7 @@ import hashlib
 import time
 from collections import defaultdict
 from contextlib import contextmanager
-from dataclasses import dataclass
-from typing import Collection, Iterator, Mapping
+from typing import Collection, Iterator
 
 from sqlalchemy import SmallInteger, func, null, or_, select, type_coerce
 from sqlalchemy.engine import Connection
@@ -35,11 +34,14 @@ from ..runtime.pacing import pace
 from ..core.snapshot import ListSpec, Snapshot
 from ..core.verdict import Action, Mode
 from . import engine as engine_module
+from . import refresh
 from .models import (
+    SHARED_REVISION,
     TRACKED,
     Address,
     Ban,
     Domain,
+    ListRevision,
     MailingList,
     Membership,
     MemberRole,
@@ -47,6 +49,7 @@ from .models import (
     StoreState,
     User,
 )
+from .refresh import SourceState
 
 _ACTIONS = {int(a): a for a in Action}
 _KIND_FIELD = {
@@ -65,9 +68,13 @@ def _raw(column):
 
 
 def token_query():
-    """One statement: the generation, the schema revision, and count + max(id) of every
-    tracked table (the fallback for writers that forget to bump the generation)."""
-    columns = [select(StoreState.generation).where(StoreState.id == 1).scalar_subquery()]
+    """One statement: the generation, the count and sum of the list revisions (bumped by
+    triggers on every change, whoever writes), and count + max(id) of every tracked table
+    (what a write that fires no trigger, a TRUNCATE, still changes)."""
+    r = ListRevision.__table__
+    columns = [select(StoreState.generation).where(StoreState.id == 1).scalar_subquery(),
+               select(func.count()).select_from(r).scalar_subquery(),
+               select(func.coalesce(func.sum(r.c.revision), 0)).scalar_subquery()]
     for model in TRACKED:
         table = model.__table__
         columns.append(select(func.count()).select_from(table).scalar_subquery())
@@ -75,10 +82,12 @@ def token_query():
     return select(*columns)
 
 
-def read_token(connection: Connection) -> str:
+def read_token(connection: Connection, identity: str = "") -> str:
+    """The change token; ``identity``: the SQLite file's, so a replaced file changes it."""
     row = tuple(connection.execute(token_query()).one())
     generation = row[0] if row[0] is not None else 0
-    digest = hashlib.sha1(repr(row[1:]).encode()).hexdigest()[:12]
+    digest = hashlib.sha1(repr((identity,) + tuple(
+        int(v) if v is not None else None for v in row[1:])).encode()).hexdigest()[:12]
     return f"{generation}.{digest}"
 
 
@@ -305,86 +314,50 @@ def load_specs(connection: Connection, list_ids: Collection[int] | None = None
 
 # --- incremental refresh -------------------------------------------------------------------
 #
-# A full build of a large store takes seconds; most changes touch one list.  Each snapshot
-# carries a ``SourceState``: a digest per list (its settings row and aggregates of its
-# memberships, patterns and bans, one GROUP BY per table) and a digest of what several
-# lists share (domains, site bans, and how the *existing* addresses and users are linked).
-# When the change token moves, the lists whose digest changed are reloaded and swapped in;
-# anything else (shared data changed, or a change no digest explains) is a full build.
-
-MAX_INCREMENTAL_LISTS = 64
+# Exact: database triggers (migration 0002) bump a list's row in ``list_revisions`` on
+# every change to a row its policy is built from, and row 0 on a change to what every list
+# shares (domains, site bans).  A snapshot's ``SourceState`` holds, per list, its posting
+# address and revision, and the shared revision; ``refresh.load_changes`` rebuilds the
+# lists whose revision moved.
 
 
-@dataclass(frozen=True)
-class SourceState:
-    lists: Mapping[int, tuple[str, tuple]]  # list row id -> (posting address, digest)
-    shared: tuple
-    max_address_id: int
-    max_user_id: int
+def read_state(connection: Connection, origin: str = "") -> SourceState:
+    """The current ``SourceState``: every list's (posting address, revision) and the
+    shared revision."""
+    lt, r = MailingList.__table__, ListRevision.__table__
+    lists = {id_: (posting, revision or 0) for id_, posting, revision in connection.execute(
+        select(lt.c.id, lt.c.posting_address, r.c.revision)
+        .select_from(lt.outerjoin(r, r.c.list_id == lt.c.id)))}
+    shared = connection.execute(
+        select(r.c.revision).where(r.c.list_id == SHARED_REVISION)).scalar()
+    return SourceState(origin, lists, shared or 0)
 
 
-def _per_list(connection: Connection, statement) -> dict[int, tuple]:
-    return {row[0]: tuple(row[1:]) for row in connection.execute(statement)}
+class _NativeSource:
+    """``refresh.Source`` over one consistent read of the native store."""
 
+    def __init__(self, connection: Connection, origin: str, version: str,
+                 started: float) -> None:
+        self.connection = connection
+        self.origin = origin
+        self.version = version
+        self.started = started
 
-def read_state(connection: Connection, previous: SourceState | None = None
-               ) -> tuple[SourceState, bool]:
-    """The current ``SourceState``, and whether what lists share is unchanged since
-    ``previous`` (always False without one)."""
-    lt, m, p, b = (MailingList.__table__, Membership.__table__, NonmemberPattern.__table__,
-                   Ban.__table__)
-    a, u, d = Address.__table__, User.__table__, Domain.__table__
-    settings = {row[0]: tuple(row[1:]) for row in connection.execute(select(
-        lt.c.id, lt.c.posting_address, lt.c.list_id, lt.c.display_name, lt.c.mode,
-        lt.c.emergency, _raw(lt.c.default_member_action),
-        _raw(lt.c.default_nonmember_action), lt.c.rejection_notice))}
-    action = func.coalesce(_raw(m.c.moderation_action), 7) + 1
-    members = _per_list(connection, select(
-        m.c.list_id, func.count(), func.sum(m.c.id), func.sum(m.c.id * action),
-        func.sum(m.c.id * _raw(m.c.role)), func.sum(func.coalesce(m.c.address_id, 0)),
-        func.sum(func.coalesce(m.c.user_id, 0))).group_by(m.c.list_id))
-    patterns = _per_list(connection, select(
-        p.c.list_id, func.count(), func.sum(p.c.id * (p.c.position + 1)),
-        func.sum(p.c.id * _raw(p.c.kind)), func.sum(func.length(p.c.pattern)))
-        .group_by(p.c.list_id))
-    bans = _per_list(connection, select(
-        b.c.list_id, func.count(), func.sum(b.c.id), func.sum(func.length(b.c.pattern)))
-        .where(b.c.list_id.is_not(None)).group_by(b.c.list_id))
-    lists = {id_: (row[0], (row, members.get(id_), patterns.get(id_), bans.get(id_)))
-             for id_, row in settings.items()}
-    max_address, max_user = connection.execute(select(
-        select(func.max(a.c.id)).scalar_subquery(),
-        select(func.max(u.c.id)).scalar_subquery())).one()
-    max_address, max_user = max_address or 0, max_user or 0
+    def read_state(self, prior: SourceState):
+        state = read_state(self.connection, self.origin)
+        return state, state.shared == prior.shared, ()
 
-    def shared_digest(address_bound: int, user_bound: int) -> tuple:
-        return (
-            tuple(connection.execute(select(d.c.id, d.c.name, d.c.alias_of_id)
-                                     .order_by(d.c.id))),
-            tuple(connection.execute(select(b.c.id, b.c.pattern)
-                                     .where(b.c.list_id.is_(None)).order_by(b.c.id))),
-            # Only addresses and users that existed at the previous build: a new address
-            # or user only matters to the lists it is subscribed to, whose digests show it.
-            tuple(connection.execute(select(
-                func.count(), func.sum(a.c.id * a.c.user_id))
-                .where(a.c.user_id.is_not(None), a.c.id <= address_bound)).one()),
-            tuple(connection.execute(select(
-                func.count(), func.sum(u.c.id * (func.coalesce(u.c.preferred_address_id, 0)
-                                                  + 1)))
-                .where(u.c.id <= user_bound)).one()),
-        )
+    def full(self, state: SourceState) -> Snapshot:
+        specs, domain_map, site_bans = load_specs(self.connection)
+        snapshot = snapshot_module.build(specs, domains=domain_map, site_bans=site_bans,
+                                         version=self.version, built_at=self.started,
+                                         source_state=state)
+        drain(specs)
+        return snapshot
 
-    state = SourceState(lists, shared_digest(max_address, max_user), max_address, max_user)
-    if previous is None:
-        return state, False
-    same = shared_digest(previous.max_address_id, previous.max_user_id) == previous.shared
-    if same:
-        # A new address linked to an existing user makes that user's other addresses
-        # post as it on every list the user is on.
-        linked = connection.execute(select(func.count()).where(
-            a.c.id > previous.max_address_id, a.c.user_id <= previous.max_user_id)).scalar()
-        same = not linked
-    return state, same
+    def lists(self, state: SourceState, changed):
+        specs, _, _ = load_specs(self.connection, changed)
+        return specs, ()
 
 
 def drain(*containers: list | dict | set) -> None:
@@ -412,15 +385,43 @@ class NativeBackend:
 
     name = "native"
 
-    def __init__(self, url: str) -> None:
+    def __init__(self, url: str, timeouts=None) -> None:
         self.url = url
-        self.engine = engine_module.make_engine(url)
+        # ``timeouts``: a config.StoreTimeouts, else engine.DEFAULT_TIMEOUTS.
+        self.engine = engine_module.make_engine(url, timeouts=timeouts)
         self._path = engine_module.sqlite_path(self.engine)
+        # SQLite: the (device, inode) of the file the engine's connections have open.
+        self._identity = ""
+
+    def _origin(self) -> str:
+        """The store a ``SourceState`` comes from: the URL, and for SQLite the file."""
+        return f"{self.url}#{self._identity}" if self._identity else self.url
+
+    def _check_file(self) -> None:
+        """SQLite: notice a store file that was replaced (``mv new.sqlite store.sqlite``),
+        recreated (``rm`` + ``policyctl init``) or removed since the engine opened it.
+        The open connections still read the old file: close them, so the next read opens
+        the file now at the path; the new identity is part of the change token and of the
+        origin, so the next refresh is a full build."""
+        try:
+            stat = self._path.stat()
+        except FileNotFoundError:
+            if self._identity:
+                self.engine.dispose()
+                self._identity = ""
+            raise StoreUnavailable(f"no store at {self._path}; run `policyctl init`") from None
+        except OSError as error:
+            raise StoreUnavailable(f"store {self._path}: {error}") from None
+        identity = f"{stat.st_dev}:{stat.st_ino}"
+        if identity != self._identity:
+            if self._identity:
+                self.engine.dispose()
+            self._identity = identity
 
     @contextmanager
     def _connection(self, *, consistent: bool = False) -> Iterator[Connection]:
-        if self._path is not None and not self._path.exists():
-            raise StoreUnavailable(f"no store at {self._path}; run `policyctl init`")
+        if self._path is not None:
+            self._check_file()
         try:
             with self.engine.connect() as connection:
                 if consistent and self.engine.dialect.name != "sqlite":
@@ -433,45 +434,28 @@ class NativeBackend:
 
     def change_token(self) -> str:
         with self._connection() as connection:
-            return read_token(connection)
+            return read_token(connection, self._identity)
 
     def load_snapshot(self) -> Snapshot:
         started = time.time()
         with self._connection(consistent=True) as connection:
-            version = read_token(connection)
-            state, _ = read_state(connection)
-            specs, domain_map, site_bans = load_specs(connection)
-        snapshot = snapshot_module.build(specs, domains=domain_map, site_bans=site_bans,
-                                         version=version, built_at=started,
-                                         source_state=state)
-        drain(specs)
-        return snapshot
+            version = read_token(connection, self._identity)
+            source = _NativeSource(connection, self._origin(), version, started)
+            return source.full(read_state(connection, source.origin))
 
     def load_changes(self, previous: Snapshot) -> Snapshot:
-        """The snapshot after a change: ``previous`` with only the changed lists rebuilt
-        when that is provably enough, else a full build."""
-        prior = previous.source_state
-        if not isinstance(prior, SourceState):
-            return self.load_snapshot()
+        """The snapshot after a change: ``previous`` with only the lists whose revision
+        moved rebuilt (``refresh.load_changes``), else a full build."""
         started = time.time()
         with self._connection(consistent=True) as connection:
-            version = read_token(connection)
-            state, shared_same = read_state(connection, prior)
-            changed = [id_ for id_, entry in state.lists.items()
-                       if prior.lists.get(id_) != entry]
-            removed = [posting for id_, (posting, _) in prior.lists.items()
-                       if state.lists.get(id_, ("",))[0] != posting]
-            if (not shared_same or not (changed or removed)
-                    or len(changed) > MAX_INCREMENTAL_LISTS):
-                specs, domain_map, site_bans = load_specs(connection)
-                snapshot = snapshot_module.build(
-                    specs, domains=domain_map, site_bans=site_bans, version=version,
-                    built_at=started, source_state=state)
-                drain(specs)
-                return snapshot
-            specs, _, _ = load_specs(connection, changed)
-        return snapshot_module.replace_lists(previous, specs, removed, version=version,
-                                             built_at=started, source_state=state)
+            # After the connection: it notices a replaced SQLite file (a new origin).
+            prior = refresh.prior_state(previous, self._origin())
+            version = read_token(connection, self._identity)
+            source = _NativeSource(connection, self._origin(), version, started)
+            if prior is None:
+                return source.full(read_state(connection, source.origin))
+            return refresh.load_changes(previous, prior, source, version=version,
+                                        started=started)
 
     def check(self) -> None:
         with self._connection() as connection:

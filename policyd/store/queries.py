@@ -16,8 +16,9 @@ from typing import Iterable, Iterator, Sequence
 from sqlalchemy import delete, func, insert, select, update
 from sqlalchemy.orm import Session
 
+from ..core import validate
 from ..core.addresses import normalise, split_address
-from ..errors import BadInput, NotFound
+from ..errors import AlreadyExists, BadInput, NotFound
 from ..core.verdict import Action, Mode
 from .models import (
     ADDRESS_LENGTH,
@@ -68,14 +69,17 @@ class Entry:
     action: Action | None = None
 
 
-def parse_address(text: str) -> tuple[str, str]:
-    """(normalised, as typed) or ``BadInput``."""
+def parse_address(text: str, *, strict: bool = True) -> tuple[str, str]:
+    """(normalised, as typed) or ``BadInput``.  Strict (what is stored) also refuses what
+    no sender can ever be (``policyd.core.validate``); lookups pass ``strict=False`` so
+    that such an address stored before can still be removed."""
     original = text.strip()
     if original.startswith("<") and original.endswith(">"):
         original = original[1:-1].strip()
     email = normalise(original)
-    if email is None:
-        raise BadInput(f"malformed address {text!r}")
+    reason = validate.problem(original) if strict else None
+    if email is None or reason is not None:
+        raise BadInput(f"malformed address {text!r}" + (f": {reason}" if reason else ""))
     if len(email) > ADDRESS_LENGTH or len(original) > ADDRESS_LENGTH:
         raise BadInput(f"address {text!r} is longer than {ADDRESS_LENGTH} characters")
     return email, original
@@ -99,7 +103,7 @@ def parse_domain(name: str) -> str:
 
 
 def parse_entries(lines: Iterable[str], default_action: Action | None,
-                  source: str = "input") -> list[Entry]:
+                  source: str = "input", *, strict: bool = True) -> list[Entry]:
     """Bulk input: one address per line, optionally followed by an action; blank lines
     and lines starting with ``#`` are skipped.  All errors are collected and reported together."""
     entries: list[Entry] = []
@@ -122,7 +126,7 @@ def parse_entries(lines: Iterable[str], default_action: Action | None,
                                   f"{', '.join(a.label for a in Action)})")
                     continue
         try:
-            email, original = parse_address(address)
+            email, original = parse_address(address, strict=strict)
         except BadInput as error:
             errors.append(f"{source} line {number}: {error}")
             continue
@@ -134,10 +138,11 @@ def parse_entries(lines: Iterable[str], default_action: Action | None,
     return entries
 
 
-def entries_from(addresses: Iterable[str], action: Action | None) -> list[Entry]:
+def entries_from(addresses: Iterable[str], action: Action | None, *,
+                 strict: bool = True) -> list[Entry]:
     out = []
     for text in addresses:
-        email, original = parse_address(text)
+        email, original = parse_address(text, strict=strict)
         out.append(Entry(email, original, action))
     return out
 
@@ -177,7 +182,7 @@ def find_domain(session: Session, name: str) -> Domain:
 def add_domain(session: Session, name: str, alias_of: str | None = None) -> Domain:
     domain = parse_domain(name)
     if session.scalar(select(Domain.id).where(Domain.name == domain)) is not None:
-        raise BadInput(f"domain {domain} exists already")
+        raise AlreadyExists(f"domain {domain}")
     host_id = None
     if alias_of is not None:
         host = find_domain(session, alias_of)
@@ -257,7 +262,7 @@ def add_list(session: Session, address: str, *, display_name: str | None = None,
                        " no '+')")
     existing = session.scalar(select(MailingList.id).where(MailingList.posting_address == posting))
     if existing is not None:
-        raise BadInput(f"list {posting} exists already")
+        raise AlreadyExists(f"list {posting}")
     list_id = (list_id or f"{name}.{host}").strip().lower()
     if not list_id or "@" in list_id or len(list_id) > ADDRESS_LENGTH:
         raise BadInput(f"bad list-id {list_id!r}")
@@ -404,7 +409,7 @@ def add_user(session: Session, name: str, entries: Sequence[Entry],
              display_name: str | None = None) -> User:
     name = _user_name(name)
     if session.scalar(select(User.id).where(User.name == name)) is not None:
-        raise BadInput(f"user {name} exists already")
+        raise AlreadyExists(f"user {name}")
     user = User(name=name, display_name=(display_name or "").strip() or None)
     session.add(user)
     session.flush()
@@ -663,8 +668,8 @@ def add_pattern(session: Session, mlist: MailingList, kind: Action, text: str,
     where = (NonmemberPattern.list_id == mlist.id, NonmemberPattern.kind == kind)
     if session.scalar(select(NonmemberPattern.id).where(
             *where, NonmemberPattern.pattern == text)) is not None:
-        raise BadInput(f"{text!r} is already in {kind.label}_these_nonmembers of "
-                       f"{mlist.posting_address}")
+        raise AlreadyExists(f"entry {text!r} in {kind.label}_these_nonmembers of "
+                            f"{mlist.posting_address}")
     rows = session.execute(select(NonmemberPattern.id).where(*where)
                            .order_by(NonmemberPattern.position, NonmemberPattern.id)).all()
     count = len(rows)
@@ -719,7 +724,7 @@ def add_ban(session: Session, mlist: MailingList | None, text: str) -> str:
     text = check_pattern(text, ban=True)
     if session.scalar(select(Ban.id).where(_ban_where(mlist), Ban.pattern == text)) is not None:
         where = "site-wide" if mlist is None else f"on {mlist.posting_address}"
-        raise BadInput(f"{text!r} is banned {where} already")
+        raise AlreadyExists(f"ban {text!r} {where}")
     session.execute(insert(Ban).values(list_id=mlist.id if mlist else None, pattern=text))
     return text
 

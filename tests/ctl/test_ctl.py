@@ -207,7 +207,8 @@ def test_member_add_set_remove(initialised):
                                        "b@example.com")
     run.ok("member", "add", LIST, "mod@example.com", "--action", "hold")
     run.ok("member", "add", LIST, "boss@example.com", "--role", "owner")
-    assert "already 1 member" in run.ok("member", "add", LIST, "a@example.com")
+    assert "already 1 member" in run.ok("member", "add", LIST, "a@example.com",
+                                        "--ignore-existing")
     members = run.members()
     assert [(m["address"], m["original"], m["action"]) for m in members] == [
         ("a@example.com", "A@Example.com", "list default"),
@@ -261,7 +262,8 @@ def test_bulk_add_from_a_file(initialised, tmp_path):
     members = run.members()
     assert len(members) == 5000
     assert sum(m["action"] == "hold" for m in members) == 5
-    assert "already 5000 members" in run.ok("member", "add", LIST, "--file", str(path))
+    assert "already 5000 members" in run.ok("member", "add", LIST, "--file", str(path),
+                                            "--ignore-existing")
     assert "removed 5000 members" in run.ok("member", "remove", LIST, "--file", str(path))
 
 

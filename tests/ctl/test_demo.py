@@ -28,10 +28,9 @@ def test_demo_writes_config_and_store_once(tmp_path):
     assert config.daemon.state_dir == state
     assert config.daemon.control_socket == state / "control.sock"
     assert config.daemon.control_socket_mode == 0o600
-    assert config.exim.listen == (f"unix:{state}/exim.sock:mode=666",
-                                  "tcp:10041:interface=127.0.0.1")
-    assert config.postfix.listen == (f"unix:{state}/postfix.sock:mode=666",
-                                     "tcp:10040:interface=127.0.0.1")
+    # Issue 13: Unix sockets only, mode 0660, unless --tcp.
+    assert config.exim.listen == (f"unix:{state}/exim.sock:mode=660",)
+    assert config.postfix.listen == (f"unix:{state}/postfix.sock:mode=660",)
     conf_text = (state / "policyd.conf").read_text()
     backend = open_backend(config.store)
     try:
@@ -94,3 +93,14 @@ def test_demo_data_has_what_make_run_promises(demo_snapshot):
     assert discuss.bans.match("troll@example.net")
     assert lists[demo.ANNOUNCE].rejection_notice
     assert demo_snapshot.domains["lists.example.net"] == "lists.example.org"
+
+
+def test_demo_listens_on_tcp_only_when_asked(tmp_path):
+    """``--tcp`` adds the loopback TCP listeners (issue 13: not by default)."""
+    state = tmp_path / "state"
+    assert demo.run(str(state), io.StringIO(), tcp=True) == 0
+    config = config_module.load(state / "policyd.conf")
+    assert config.exim.listen == (f"unix:{state}/exim.sock:mode=660",
+                                  "tcp:10041:interface=127.0.0.1")
+    assert config.postfix.listen == (f"unix:{state}/postfix.sock:mode=660",
+                                     "tcp:10040:interface=127.0.0.1")

@@ -22,7 +22,6 @@ from policyd.store import open_backend
 from policyd.store.mailman3 import (
     KNOWN_REVISIONS,
     Mailman3Backend,
-    Mailman3DataError,
     UnknownSchemaError,
 )
 from policyd.core.verdict import Action, Query, Verdict
@@ -301,21 +300,88 @@ class _Eval:
 
 @pytest.mark.parametrize("payload", [_Boom, _Eval])
 def test_malicious_pickle_in_mailman_column(sqlite_copy, tmp_path, payload):
-    """A pickle in mailinglist.hold_these_nonmembers that would run code is refused with an
-    error naming the list and the column; the code does not run."""
+    """A pickle in mailinglist.hold_these_nonmembers that would run code is refused: that
+    list alone is marked broken with a reason naming the column; the code does not run."""
     marker = tmp_path / "pwned"
     evil = pickle.dumps(payload(marker), protocol=5)
     with sqlite3.connect(sqlite_copy) as connection:
         connection.execute("UPDATE mailinglist SET hold_these_nonmembers = ? "
                            "WHERE list_name = 'friends'", (evil,))
     backend = Mailman3Backend(f"sqlite:///{sqlite_copy}")
-    with pytest.raises(Mailman3DataError) as caught:
-        backend.load_snapshot()
-    message = str(caught.value)
-    assert "friends@example.com" in message and "hold_these_nonmembers" in message
-    assert "refusing to load global" in message
+    snapshot = backend.load_snapshot()
+    assert list(snapshot.broken) == ["friends@example.com"]
+    message = snapshot.broken["friends@example.com"]
+    assert "hold_these_nonmembers" in message and "refusing to load global" in message
     assert not marker.exists()
     backend.close()
+
+
+def test_one_unreadable_list_is_deferred_alone(sqlite_copy):
+    """Garbage in one list's pickled column: that list's posts get DEFER (broken-list,
+    with the reason in the trace), every other list decides as before, the daemon's
+    snapshot service logs one line naming the list and the reason and says so in status;
+    once the column is repaired the list decides normally again."""
+    from twisted.internet.defer import maybeDeferred
+    from twisted.internet.task import Clock
+    from twisted.logger import LogLevel
+
+    from policyd.snapshot_service import SnapshotService
+    from tests.protocols.fakes import captured_events
+
+    url = f"sqlite:///{sqlite_copy}"
+    healthy = Mailman3Backend(url)
+    before = healthy.load_snapshot()
+    healthy.close()
+    with sqlite3.connect(sqlite_copy) as connection:
+        original = connection.execute(
+            "SELECT accept_these_nonmembers FROM mailinglist WHERE list_name = 'test'"
+        ).fetchone()[0]
+        connection.execute("UPDATE mailinglist SET accept_these_nonmembers = ? "
+                           "WHERE list_name = 'test'", (b"\x80\x05garbage, not a pickle",))
+    backend = Mailman3Backend(url)
+    clock = Clock()
+    service = SnapshotService(backend, interval=2.0, clock=clock,
+                              run_in_thread=lambda f, *a, **k: maybeDeferred(f, *a, **k))
+    with captured_events() as events:
+        service.startService()
+        clock.advance(2.0)  # an unchanged refresh does not log it again
+    try:
+        snapshot = service.current
+        assert snapshot is not None and set(snapshot.lists) == set(before.lists)
+        decision = decide(snapshot, Query("test@example.com", "bob@example.org"))
+        assert (decision.verdict, decision.rule) == (Verdict.DEFER, "broken-list")
+        assert "accept_these_nonmembers" in decision.trace[-1].detail
+        assert "not a readable pickle" in decision.trace[-1].detail
+        # Every other list decides exactly as from the intact database.
+        for recipient, sender in [("friends@example.com", "f1@x.org"),
+                                  ("friends@example.com", "stranger@x.org"),
+                                  ("em@other.org", "anne.work@example.org"),
+                                  ("em@other.org", "stranger@x.org"),
+                                  ("nolist@example.com", "a@x.org")]:
+            query = Query(recipient, sender)
+            assert decide(snapshot, query).verdict is decide(before, query).verdict
+        # The list's administrative addresses and the null sender are unaffected.
+        assert verdict(snapshot, "test-owner@example.com", "x@y.org") is Verdict.ACCEPT
+        assert verdict(snapshot, "test@example.com", "") is Verdict.REJECT
+        named = [e for e in events if "test@example.com" in str(e.get("list"))]
+        assert len(named) == 1 and named[0]["log_level"] is LogLevel.error
+        assert "not a readable pickle" in named[0]["reason"]
+        status = service.status()
+        assert list(status["snapshot"]["broken_lists"]) == ["test@example.com"]
+        assert status["store"]["healthy"] is True  # the store itself answers
+
+        with sqlite3.connect(sqlite_copy) as connection:
+            connection.execute("UPDATE mailinglist SET accept_these_nonmembers = ? "
+                               "WHERE list_name = 'test'", (original,))
+        with captured_events() as events:
+            clock.advance(2.0)
+        assert verdict(service.current, "test@example.com", "bob@example.org") \
+            is verdict(before, "test@example.com", "bob@example.org")
+        assert dict(service.current.broken) == {}
+        assert any(e.get("list") == "test@example.com" and "readable again"
+                   in e["log_format"] for e in events)
+    finally:
+        service.stopService()
 
 
 def test_known_revisions_match_installed_mailman(mailman_python):

@@ -13,7 +13,7 @@ from twisted.internet.task import Clock
 
 from policyd.snapshot_service import SnapshotService
 from policyd.core.chain import decide
-from policyd.store import mailman3
+from policyd.store import mailman3, refresh
 from policyd.store.mailman3 import Mailman3Backend, SourceState
 from policyd.core.verdict import Action, Query, Verdict
 
@@ -235,12 +235,12 @@ def test_a_change_no_digest_explains_is_a_full_build(built):
 def test_too_many_changed_lists_is_a_full_build(built, monkeypatch):
     """More than MAX_INCREMENTAL_LISTS changed lists: a full build."""
     builder, backend = built
-    monkeypatch.setattr(mailman3, "MAX_INCREMENTAL_LISTS", 1)
+    monkeypatch.setattr(refresh, "MAX_INCREMENTAL_LISTS", 1)
     before, after = changes(builder, backend,
                             {"op": "subscribe", "list": FRIENDS, "email": "n1@x.org"},
                             {"op": "subscribe", "list": THIRD, "email": "n2@x.org"})
     assert all(after.lists[p] is not before.lists[p] for p in before.lists)
-    monkeypatch.setattr(mailman3, "MAX_INCREMENTAL_LISTS", 2)
+    monkeypatch.setattr(refresh, "MAX_INCREMENTAL_LISTS", 2)
     builder.apply({"op": "subscribe", "list": FRIENDS, "email": "n3@x.org"},
                   {"op": "subscribe", "list": THIRD, "email": "n4@x.org"})
     again = backend.load_changes(after)

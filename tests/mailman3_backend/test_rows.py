@@ -9,7 +9,7 @@ import pickle
 import pytest
 
 from policyd.core.snapshot import build
-from policyd.store.mailman3 import Mailman3DataError, specs_from_rows
+from policyd.store.mailman3 import specs_from_rows
 from policyd.store.safe_pickle import UnsafePickleError, loads_mailman3_list
 from policyd.core.verdict import Action
 
@@ -127,9 +127,40 @@ def test_list_settings_domains_and_bans():
     assert len(problems) == 1 and "b@example.com" in problems[0]
 
 
-def test_unknown_action_and_unsafe_pickle_are_errors():
-    with pytest.raises(Mailman3DataError, match="unknown Mailman action 9"):
-        specs(addresses=[(1, "a@x", None)], members=[("test.example.com", 1, 9, 1, None)])
-    bad = LIST[:7] + (pickle.dumps(Evil()),) + LIST[8:]
-    with pytest.raises(Mailman3DataError, match="accept_these_nonmembers"):
-        specs(lists=[bad])
+OTHER = ("other", "example.com", "other.example.com", "Other", 4, 1, False,
+         None, None, None, None, "")
+
+
+@pytest.mark.parametrize("lists, members, words", [
+    # An unknown action in one member row of the list.
+    ([LIST, OTHER], [("test.example.com", 1, 9, 1, None)],
+     "a member row: member.moderation_action: unknown Mailman action 9"),
+    # A pickle that would run code, and one that is not a pickle at all.
+    ([LIST[:7] + (pickle.dumps(Evil()),) + LIST[8:], OTHER], [],
+     "mailinglist.accept_these_nonmembers holds a pickle policyd will not load: "
+     "refusing to load global posix.system"),
+    ([LIST[:9] + (b"\x80\x05garbage",) + LIST[10:], OTHER], [],
+     "mailinglist.reject_these_nonmembers holds a pickle policyd will not load: "
+     "not a readable pickle"),
+    # An unknown default action in the list's own row.
+    ([LIST[:4] + (17,) + LIST[5:], OTHER], [],
+     "default_member_action: unknown Mailman action 17"),
+])
+def test_an_unreadable_list_is_broken_alone(lists, members, words):
+    """A list whose rows cannot be interpreted comes back marked ``broken`` with the
+    reason, and nothing else of it; the other lists are read as usual."""
+    members = members + [("other.example.com", 1, None, 1, None)]
+    (bad, other), _, _, problems = specs(lists=lists, addresses=[(1, "a@x", None)],
+                                         members=members)
+    assert bad.posting_address == "test@example.com" and bad.list_id == "test.example.com"
+    assert words in bad.broken
+    assert (bad.members, bad.accept_these_nonmembers, bad.bans) == ((), (), ())
+    assert other.broken is None
+    assert other.default_nonmember_action is Action.REJECT
+    assert [m.address for m in other.members] == ["a@x"]
+    assert problems == []
+    snapshot = build([bad, other])
+    assert dict(snapshot.broken) == {"test@example.com": bad.broken}
+    assert snapshot.lists["test@example.com"].broken == bad.broken
+    assert snapshot.lists["other@example.com"].broken is None
+    assert not os.path.exists("/tmp/policyd-should-not-exist")

@@ -19,7 +19,7 @@ from policyd.protocols.postfix import (
     format_response,
     parse_request,
 )
-from policyd.service import Decider
+from policyd.decider import Decider
 from policyd.core.replies import Outcome, ReplyPolicy
 
 from .fakes import HOLDING, LIST, MEMBER, NONMEMBER, StaticSnapshots, sample_snapshot
@@ -281,11 +281,12 @@ def test_idle_timeout_closes_after_the_configured_time():
     """The idle timeout (longer than Postfix's 300 s max_idle) closes the connection;
     activity resets it."""
     proto, transport, clock, _ = connect()
+    proto.dataReceived(request())
     clock.pump([1] * 599)
     proto.dataReceived(request())
     clock.pump([1] * 599)
     assert not transport.disconnecting
-    clock.pump([1] * 60)  # within two sweeps (30 s each) of the timeout
+    clock.pump([1] * 10)  # within two sweeps (2.5 s each) of the timeout
     assert transport.disconnecting
 
 

@@ -10,7 +10,7 @@ from __future__ import annotations
 import pytest
 from alembic.autogenerate import compare_metadata
 from alembic.migration import MigrationContext
-from sqlalchemy import delete, insert, select, text
+from sqlalchemy import delete, insert, select, text, update
 
 from policyd import demo
 from policyd.core.chain import decide
@@ -18,7 +18,16 @@ from policyd.errors import BadInput, NotFound, StoreUnavailable
 from policyd.store import NativeBackend, Store, open_backend
 from policyd.store import queries as q
 from policyd.store.engine import head_revision
-from policyd.store.models import Address, Base, MailingList, Membership, MemberRole, StoreState
+from policyd.store.models import (
+    Address,
+    Base,
+    ListRevision,
+    MailingList,
+    Membership,
+    MemberRole,
+    StoreState,
+    User,
+)
 from policyd.config import StoreConfig
 from policyd.core.verdict import Action, Mode, Query, Verdict
 
@@ -603,12 +612,14 @@ class StoreContract:
 
     @pytest.mark.parametrize("change", [
         "member add", "member action", "member remove", "pattern", "list ban", "setting",
-        "subscribe new user",
+        "subscribe new user", "link address",
     ])
     def test_incremental_refresh_rebuilds_only_the_changed_list(self, store, backend,
                                                                 two_lists, change):
         """A change to one list swaps in a new policy for that list only; the others are
-        the very same objects; the result equals a full build."""
+        the very same objects; the result equals a full build.  Linking a new address to
+        a member's user rebuilds exactly the lists that user is on (the list revisions say
+        which)."""
         def write(session):
             mlist = q.find_list(session, LIST)
             if change == "member add":
@@ -623,6 +634,9 @@ class StoreContract:
                 q.add_ban(session, mlist, "troll@example.net")
             elif change == "setting":
                 q.set_list(session, LIST, emergency=True)
+            elif change == "link address":
+                q.link_addresses(session, q.find_user(session, "pat"),
+                                 q.entries_from(["u3@example.com"], None))
             else:
                 user = q.get_or_create_user(session, "newcomer")[0]
                 q.add_members(session, mlist, q.entries_from(["n1@example.com"], None),
@@ -631,10 +645,9 @@ class StoreContract:
         assert after.lists[LIST] is not before.lists[LIST]
         assert after.lists[self.OTHER] is before.lists[self.OTHER]
 
-    @pytest.mark.parametrize("change", ["domain", "site ban", "link address", "no visible"])
+    @pytest.mark.parametrize("change", ["domain", "site ban", "no visible"])
     def test_shared_changes_rebuild_everything(self, store, backend, two_lists, change):
-        """Domains, site bans, a new address of an existing user, and a change no digest
-        explains are full builds (every policy new), equal to a fresh full build, even
+        """Domains, site bans, and a change no list revision explains are full builds (every policy new), equal to a fresh full build, even
         when a list changed in the same transaction."""
         def write(session):
             if change != "no visible":
@@ -644,9 +657,6 @@ class StoreContract:
                 q.add_domain(session, "lists.example.net", alias_of="lists.example.org")
             elif change == "site ban":
                 q.add_ban(session, None, "^.*@spam\\.example$")
-            elif change == "link address":
-                q.link_addresses(session, q.find_user(session, "pat"),
-                                 q.entries_from(["u3@example.com"], None))
             # "no visible": the write transaction only bumps the generation.
         before, after = self._changes(store, backend, write)
         assert all(after.lists[p] is not before.lists[p] for p in before.lists)
@@ -672,3 +682,93 @@ class StoreContract:
         after = backend.load_changes(before)
         decision = decide(after, Query(LIST, "pat@home.example"))
         assert decision.verdict is Verdict.ACCEPT
+
+    # --- exact change detection (list revisions kept by triggers) -------------------------
+
+    def test_correlated_changes_in_one_window_are_not_missed(self, store, backend, mlist):
+        """Issue 12's reproduction: members id 1 (default action) and id 2 (hold); in one
+        refresh window id 1 becomes reject, id 2 accept, and another list gets a member.
+        A weighted sum of ids and actions cancels exactly there; the list revisions do
+        not, so the incremental refresh rebuilds both lists and decides like a full
+        build."""
+        with store.write() as session:
+            q.add_list(session, self.OTHER)
+        self.add(store, ["one@example.com"])
+        self.add(store, ["two@example.com"], Action.HOLD)
+        with store.engine.connect() as connection:
+            ids = dict(connection.execute(
+                select(Address.email, Membership.id)
+                .join(Address, Address.id == Membership.address_id)).all())
+        assert ids == {"one@example.com": 1, "two@example.com": 2}
+        before = backend.load_snapshot()
+        with store.write() as session:
+            q.set_members(session, q.find_list(session, LIST),
+                          q.entries_from(["one@example.com"], Action.REJECT))
+        with store.write() as session:
+            q.set_members(session, q.find_list(session, LIST),
+                          q.entries_from(["two@example.com"], Action.ACCEPT))
+        self.add(store, ["three@example.com"], target=self.OTHER)
+        token = backend.change_token()
+        assert token != before.version
+        after = backend.load_changes(before)
+        assert decide(after, Query(LIST, "one@example.com")).verdict is Verdict.REJECT
+        assert decide(after, Query(LIST, "two@example.com")).verdict is Verdict.ACCEPT
+        assert self.content(after) == self.content(backend.load_snapshot())
+        assert after.lists[LIST] is not before.lists[LIST]
+
+    @pytest.mark.parametrize("change", ["update", "insert", "delete address",
+                                        "delete user", "unlink"])
+    def test_raw_sql_writers_bump_the_revision(self, store, backend, two_lists, change):
+        """A writer that goes around policyctl (an admin's SQL, no generation bump) still
+        moves the change token and the revision of exactly the lists it touched, through
+        the triggers; deletes that cascade (MariaDB fires no trigger for the cascaded
+        rows) are caught on the parent row."""
+        m, a, u = Membership.__table__, Address.__table__, User.__table__
+        before = backend.load_snapshot()
+        with store.engine.begin() as connection:
+            address_id = connection.execute(
+                select(a.c.id).where(a.c.email == "a@example.com")).scalar_one()
+            if change == "update":
+                connection.execute(update(m).where(m.c.address_id == address_id)
+                                   .values(moderation_action=int(Action.DISCARD)))
+            elif change == "insert":
+                list_id = connection.execute(select(MailingList.__table__.c.id).where(
+                    MailingList.__table__.c.posting_address == LIST)).scalar_one()
+                new = connection.execute(insert(a).values(
+                    email="raw@example.com", original="raw@example.com")).inserted_primary_key[0]
+                connection.execute(insert(m).values(list_id=list_id, address_id=new,
+                                                    role=int(MemberRole.MEMBER)))
+            elif change == "delete address":
+                connection.execute(delete(a).where(a.c.id == address_id))
+            elif change == "delete user":
+                connection.execute(update(a).where(a.c.user_id.is_not(None))
+                                   .values(user_id=None))
+                connection.execute(delete(u))
+            else:
+                connection.execute(update(a).where(a.c.email == "u2@example.com")
+                                   .values(user_id=None))
+        assert backend.change_token() != before.version
+        after = backend.load_changes(before)
+        assert self.content(after) == self.content(backend.load_snapshot())
+        assert after.lists[LIST] is not before.lists[LIST]
+        assert after.lists[self.OTHER] is before.lists[self.OTHER]
+
+    def test_migrating_again_keeps_one_set_of_triggers(self, store, backend, mlist):
+        """Re-running the trigger migration's statements (what an upgrade does) leaves
+        exactly one trigger per table and event: a change bumps a revision by one."""
+        import importlib
+
+        migration = importlib.import_module(
+            "policyd.store.migrations.versions.0002_list_revisions")
+        r = ListRevision.__table__
+        with store.engine.begin() as connection:
+            for statement in migration.statements(connection.dialect.name):
+                connection.exec_driver_sql(statement)
+        with store.engine.connect() as connection:
+            list_id = connection.execute(select(MailingList.__table__.c.id)).scalar_one()
+            revision = connection.execute(
+                select(r.c.revision).where(r.c.list_id == list_id)).scalar_one()
+        self.add(store, ["x@example.com"])
+        with store.engine.connect() as connection:
+            assert connection.execute(
+                select(r.c.revision).where(r.c.list_id == list_id)).scalar_one() == revision + 1

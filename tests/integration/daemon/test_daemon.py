@@ -128,10 +128,17 @@ def test_policyctl_changes_are_seen_within_the_refresh_interval(run, daemons):
     wait_until(lambda: exim_ask(run.exim_socket, exim_line(LIST, MEMBER))
                .startswith(b"ACCEPT 250 2.6.0"), REFRESH * 20 + 5,
                "emergency moderation to hold posts")
+    other = LIST.replace("test@", "other@")
+    run.policyctl("list", "add", other)
     run.policyctl("list", "remove", LIST)
     wait_until(lambda: exim_ask(run.exim_socket, exim_line(LIST, MEMBER)) ==
                b"REJECT 550 5.1.1 No such list: test@lists.example.com",
                REFRESH * 20 + 5, "the removed list to be unknown")
+    # The last list gone: a store without lists is trouble, not permission (fail closed).
+    run.policyctl("list", "remove", other)
+    wait_until(lambda: exim_ask(run.exim_socket, exim_line(LIST, MEMBER))
+               .startswith(b"DEFER 451 4.3.0"),
+               REFRESH * 20 + 5, "an empty store to answer the temporary failure")
     assert daemon.proc.pid == pid and daemon.proc.poll() is None
 
 
@@ -220,7 +227,7 @@ def test_sigterm_closes_listeners_and_lets_requests_in_flight_finish(run, daemon
     busy.shutdown(socket.SHUT_WR)
     assert busy.recv(1000) == REJECT
     busy.close()
-    assert daemon.proc.wait(10) == 0
+    assert daemon.wait_exit(10) == 0
     text = daemon.text()
     assert "policyd stopped" in text
     assert not run.control.exists() and not run.postfix_socket.exists()
@@ -278,6 +285,7 @@ def test_twist_plugin(run, daemons):
     daemon.wait_ready()
     assert exim_ask(run.exim_socket, exim_line(LIST, NONMEMBER)) == REJECT
     # twist re-raises the signal it stopped on, so the status is "killed by SIGTERM"
-    assert daemon.terminate() == -signal.SIGTERM
+    daemon.proc.send_signal(signal.SIGTERM)
+    assert daemon.proc.wait(20) == -signal.SIGTERM
     assert "policyd stopped" in daemon.text()
     assert not run.exim_socket.exists()

@@ -1,4 +1,5 @@
-"""policyd.wire: the exact Exim line and Postfix action for a decision."""
+"""What goes on the wire for one decision: the exact Exim line, the Postfix action, and
+``policyctl query``'s result that shows both."""
 
 from __future__ import annotations
 
@@ -8,9 +9,12 @@ import pytest
 from policyd.core.chain import decide
 from policyd.core.replies import Outcome, ReplyPolicy, SmtpReply
 from policyd.core.verdict import Query
-from policyd.wire import aggregate, exim_reply_line, postfix_action, query_result
+from policyd.decider import Decider, FixedSnapshot
+from policyd.protocols.control import query_result as _query_result
+from policyd.protocols.exim import aggregate, reply_line as exim_reply_line
+from policyd.protocols.postfix import postfix_action
 
-from .protocols.fakes import HOLDING, LIST, MEMBER, NONMEMBER, OPEN, sample_snapshot
+from .fakes import HOLDING, LIST, MEMBER, NONMEMBER, OPEN, sample_snapshot
 
 SNAP = sample_snapshot()
 POLICY = ReplyPolicy()
@@ -22,6 +26,13 @@ NOT_MEMBERS = ("Posting to test@lists.example.com is restricted to its members; 
 def answer(recipient, sender, mode, accept="dunno", policy=POLICY):
     decision = decide(SNAP, Query(recipient, sender))
     return postfix_action(decision, policy.reply(decision), mode, accept)
+
+
+def query_result(snapshot, query, policy, *, postfix_mode, accept_action, decide,
+                 now=None, loaded_at=None):
+    return _query_result(Decider(FixedSnapshot(snapshot), policy, decide=decide), query,
+                         postfix_mode=postfix_mode, accept_action=accept_action, now=now,
+                         loaded_at=loaded_at)
 
 
 def test_exim_reply_line_has_no_newline():

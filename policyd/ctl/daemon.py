@@ -1,0 +1,230 @@
+"""``policyctl query``, ``status`` and ``reload``: what the running daemon says, through
+its control socket (``policyd.control_client``), or with ``--offline`` what the store
+says in this process.
+
+For people, times are ISO 8601 in local time with the UTC offset and durations are in
+human units (``3 min 12 s``); ``--json`` prints the daemon's numbers as they are (epoch
+seconds, seconds).
+"""
+
+from __future__ import annotations
+
+from datetime import datetime, timezone
+from pathlib import Path
+
+from .. import control_client
+from ..errors import DaemonUnreachable, StoreUnavailable, Unavailable
+from .arguments import command, json_flag, timeout_flag
+from .output import EXIT_OK, Context, print_mapping
+
+
+def register(commands) -> None:
+    p = command(commands, "query", cmd_query,
+                "what would policyd answer for a post from SENDER to LIST?")
+    p.add_argument("list", metavar="LIST", help="the recipient address as the MTA sees it")
+    p.add_argument("sender_address", metavar="SENDER",
+                   help="envelope sender ('' or '<>' for the null sender)")
+    p.add_argument("--from", dest="from_header", metavar="HDR", help="raw From: header value")
+    p.add_argument("--reply-to", dest="reply_to_header", metavar="HDR",
+                   help="raw Reply-To: header value")
+    p.add_argument("--sender", dest="sender_header", metavar="HDR",
+                   help="raw Sender: header value")
+    p.add_argument("--explain", action="store_true", help="print the rule trace")
+    p.add_argument("--offline", action="store_true",
+                   help="decide from the store in this process, without the daemon")
+    timeout_flag(p)
+    json_flag(p)
+
+    p = command(commands, "status", cmd_status, "the daemon's status (--offline: the store's)")
+    p.add_argument("--offline", action="store_true", help="the store alone, without the daemon")
+    timeout_flag(p)
+    json_flag(p)
+    p = command(commands, "reload", cmd_reload, "make the daemon reload its snapshot now")
+    timeout_flag(p)
+    json_flag(p)
+
+
+def _control_socket(ctx: Context) -> Path:
+    return ctx.config().daemon.control_socket
+
+
+# --- query ---------------------------------------------------------------------------------
+
+
+def cmd_query(ctx: Context) -> int:
+    args = ctx.args
+    sender = "" if args.sender_address.strip() in ("", "<>") else args.sender_address
+    if args.offline:
+        result = offline_query(ctx, args.list, sender, args.from_header, args.reply_to_header,
+                               args.sender_header)
+    else:
+        try:
+            result = control_client.query(_control_socket(ctx), args.list, sender,
+                                          args.from_header, args.reply_to_header,
+                                          args.sender_header, timeout=args.timeout)
+        except control_client.ControlError as error:
+            raise DaemonUnreachable(f"{error} (use --offline to decide from the store "
+                                    "without the daemon)") from None
+    if args.json:
+        ctx.json(result)
+    else:
+        print_result(ctx, result, explain=args.explain)
+    return EXIT_OK
+
+
+def offline_query(ctx: Context, recipient: str, sender: str, from_header: str | None,
+                  reply_to_header: str | None, sender_header: str | None) -> dict:
+    """Decide from the store in this process: the same dict the daemon answers."""
+    from ..core.chain import decide
+    from ..core.verdict import Query
+    from ..decider import Decider, FixedSnapshot
+    from ..protocols.control import query_result
+    from ..store import open_backend
+
+    config = ctx.config()
+    backend = open_backend(ctx.store_config())
+    try:
+        backend.check()
+        snapshot = backend.load_snapshot()
+    finally:
+        backend.close()
+    query = Query(recipient, sender, from_header, reply_to_header, sender_header)
+    decider = Decider(FixedSnapshot(snapshot), config.smtp, decide=decide,
+                      fail_closed=config.daemon.fail_closed)
+    try:
+        return query_result(decider, query, postfix_mode=config.postfix.mode,
+                            accept_action=config.postfix.accept_action)
+    except Unavailable as error:
+        # The daemon would answer the MTAs its temporary failure (an empty store).
+        raise StoreUnavailable(str(error)) from None
+
+
+def print_result(ctx: Context, result: dict, *, explain: bool = False) -> None:
+    decision = result["decision"]
+    reply = result["reply"]
+    rows = [
+        ("verdict", decision["verdict"]),
+        ("reply", f"{reply['code']} {reply['status']} {reply['text']}  "
+                  f"(MTA outcome {reply['outcome']})"),
+        ("rule", decision["rule"]),
+        ("reason", decision["reason"]),
+        ("sender", decision.get("sender") or "-"),
+    ]
+    if decision.get("action"):
+        rows.append(("action", decision["action"]))
+    if "exim" in result:
+        rows.append(("exim", result["exim"]))
+    if "postfix" in result:
+        rows.append(("postfix", f"action={result['postfix']}"))
+    snapshot = result.get("snapshot") or {}
+    if snapshot:
+        rows.append(("snapshot", f"version {snapshot.get('version')}, "
+                                 f"age {duration(float(snapshot.get('age') or 0))}"))
+    for label, value in rows:
+        ctx.print(f"{label + ':':<10}{value}")
+    if explain:
+        ctx.print("senders:  " + (", ".join(decision.get("senders") or ()) or "-"))
+        ctx.print("trace:")
+        for step in decision.get("trace", ()):
+            mark = "HIT " if step["hit"] else "miss"
+            ctx.print(f"  {mark}  {step['rule']:<22} {step['detail']}")
+
+
+# --- status and reload ---------------------------------------------------------------------
+
+
+def cmd_status(ctx: Context) -> int:
+    if ctx.args.offline:
+        return _store_status(ctx)
+    try:
+        result = control_client.status(_control_socket(ctx), timeout=ctx.args.timeout)
+    except control_client.ControlError as error:
+        raise DaemonUnreachable(f"{error} (use `policyctl status --offline` for the store "
+                                "alone)") from None
+    if ctx.args.json:
+        ctx.json(result)
+    else:
+        print_mapping(ctx, for_people(result))
+    return EXIT_OK
+
+
+def _store_status(ctx: Context) -> int:
+    from ..store import open_backend
+
+    store_config = ctx.store_config()
+    backend = open_backend(store_config)
+    try:
+        backend.check()
+        info = {"store": backend.describe(), "change_token": backend.change_token()}
+    finally:
+        backend.close()
+    if store_config.backend == "native":
+        from ..store import queries as q
+
+        with ctx.store().read() as session:
+            info.update(q.totals(session))
+    if ctx.args.json:
+        ctx.json(info)
+    else:
+        print_mapping(ctx, for_people(info))
+    return EXIT_OK
+
+
+def cmd_reload(ctx: Context) -> int:
+    try:
+        result = control_client.reload(_control_socket(ctx), timeout=ctx.args.timeout)
+    except control_client.ControlError as error:
+        raise DaemonUnreachable(str(error)) from None
+    if ctx.args.json:
+        ctx.json(result)
+    else:
+        print_mapping(ctx, for_people(result) if result is not None else "reloaded")
+    return EXIT_OK
+
+
+# --- times for people ----------------------------------------------------------------------
+
+# Keys whose numbers are durations in seconds: these names, and these suffixes.
+_DURATIONS = frozenset({"age", "uptime", "duration"})
+_DURATION_SUFFIXES = ("_age", "_for", "_interval", "_timeout", "_duration", "_seconds")
+
+
+def for_people(value, key: str | None = None):
+    """The daemon's answer with epoch times (keys ``*_at``) as ISO 8601 and durations
+    (``age``, ``uptime``, ``*_age``, ``failing_for``, ``refresh_interval``, ...) in human
+    units; everything else as it is."""
+    if isinstance(value, dict):
+        return {k: for_people(v, k) for k, v in value.items()}
+    if isinstance(value, list):
+        return [for_people(item) for item in value]
+    if key is None or isinstance(value, bool) or not isinstance(value, (int, float)):
+        return value
+    if key.endswith("_at"):
+        return iso_time(value)
+    if key in _DURATIONS or key.endswith(_DURATION_SUFFIXES):
+        return duration(value)
+    return value
+
+
+def iso_time(epoch: float) -> str:
+    """``2026-11-24T10:12:56+01:00``: local time, to the second, with its UTC offset."""
+    return datetime.fromtimestamp(epoch, timezone.utc).astimezone().isoformat(
+        timespec="seconds")
+
+
+def duration(seconds: float) -> str:
+    """``0.4 s``, ``12 s``, ``3 min 12 s``, ``2 h 5 min``, ``3 d 4 h``."""
+    seconds = max(0.0, float(seconds))
+    if round(seconds, 1) < 10:
+        return f"{seconds:.1f} s"
+    whole = round(seconds)
+    days, rest = divmod(whole, 86400)
+    hours, rest = divmod(rest, 3600)
+    minutes, secs = divmod(rest, 60)
+    if days:
+        return f"{days} d {hours} h"
+    if hours:
+        return f"{hours} h {minutes} min"
+    if minutes:
+        return f"{minutes} min {secs} s"
+    return f"{secs} s"

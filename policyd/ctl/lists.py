@@ -1,0 +1,241 @@
+"""``policyctl domain ...`` and ``policyctl list ...``: mail hosts, alias domains, and the
+lists with their settings."""
+
+from __future__ import annotations
+
+import argparse
+
+from ..core.verdict import Mode
+from ..errors import AlreadyExists, BadInput
+from .arguments import (
+    ACTION_NAMES,
+    KIND_NAMES,
+    action,
+    command,
+    group,
+    ignore_existing_flag,
+    json_flag,
+    on_off,
+)
+from .output import EXIT_OK, Context, show_value
+
+
+def register(commands) -> None:
+    sub = group(commands, "domain", "mail hosts and alias domains")
+    p = command(sub, "add", cmd_domain_add, "add a mail host, or an alias domain")
+    p.add_argument("name")
+    p.add_argument("--alias-of", metavar="HOST",
+                   help="make NAME an alias domain of the mail host HOST")
+    ignore_existing_flag(p, "a domain")
+    p = command(sub, "remove", cmd_domain_remove, "remove a domain (and its alias domains)")
+    p.add_argument("name")
+    p = command(sub, "list", cmd_domain_list, "list domains", aliases=["ls"])
+    json_flag(p)
+
+    sub = group(commands, "list", "mailing lists and their settings")
+    p = command(sub, "add", cmd_list_add, "create a list (and its domain if new)")
+    p.add_argument("list", metavar="ADDRESS", help="posting address, e.g. discuss@lists.example.org")
+    p.add_argument("--list-id", metavar="ID", help="default: name.mail.host")
+    _list_settings(p, True)
+    ignore_existing_flag(p, "a list")
+    p = command(sub, "set", cmd_list_set, "change a list's settings")
+    p.add_argument("list", metavar="LIST")
+    _list_settings(p, False)
+    p = command(sub, "show", cmd_list_show, "show a list's settings, patterns and bans")
+    p.add_argument("list", metavar="LIST")
+    json_flag(p)
+    p = command(sub, "remove", cmd_list_remove,
+                "remove a list with its memberships, patterns and bans")
+    p.add_argument("list", metavar="LIST")
+    p = command(sub, "ls", cmd_list_ls, "list the lists", aliases=["list"])
+    json_flag(p)
+
+
+def _list_settings(p, creating: bool) -> None:
+    p.add_argument("--display-name", metavar="TEXT")
+    p.add_argument("--mode", choices=[m.value for m in Mode],
+                   help="whose moderation semantics (default mailman3)" if creating
+                   else "whose moderation semantics")
+    p.add_argument("--emergency", type=on_off, metavar="on|off")
+    p.add_argument("--default-member-action", type=action, metavar="ACTION",
+                   help=f"{'|'.join(ACTION_NAMES)}" + (" (default defer)" if creating else ""))
+    p.add_argument("--default-nonmember-action", type=action, metavar="ACTION",
+                   help=f"{'|'.join(ACTION_NAMES)}" + (" (default hold)" if creating else ""))
+    p.add_argument("--rejection-notice", metavar="TEXT",
+                   help="the SMTP text of a rejection ('' clears it)")
+
+
+# --- domains -------------------------------------------------------------------------------
+
+
+def cmd_domain_add(ctx: Context) -> int:
+    from ..store import queries as q
+
+    try:
+        with ctx.store().write() as session:
+            domain = q.add_domain(session, ctx.args.name, ctx.args.alias_of)
+            name = domain.name
+    except AlreadyExists as error:
+        return ctx.left_as_it_is(error)
+    suffix = f" (alias of {q.parse_domain(ctx.args.alias_of)})" if ctx.args.alias_of else ""
+    ctx.print(f"added domain {name}{suffix}")
+    return EXIT_OK
+
+
+def cmd_domain_remove(ctx: Context) -> int:
+    from ..store import queries as q
+
+    with ctx.store().write() as session:
+        aliases = q.remove_domain(session, ctx.args.name)
+    ctx.print(f"removed domain {q.parse_domain(ctx.args.name)}"
+              + (f" and its alias domains {', '.join(aliases)}" if aliases else ""))
+    return EXIT_OK
+
+
+def cmd_domain_list(ctx: Context) -> int:
+    from ..store import queries as q
+
+    with ctx.store().read() as session:
+        rows = q.domains(session)
+    if ctx.args.json:
+        ctx.json([{"domain": name, "alias_of": alias} for name, alias in rows])
+        return EXIT_OK
+    for name, alias in rows:
+        ctx.print(f"{name} (alias of {alias})" if alias else name)
+    return EXIT_OK
+
+
+# --- lists ---------------------------------------------------------------------------------
+
+
+def _settings(args: argparse.Namespace) -> dict:
+    changes = {}
+    for key in ("display_name", "mode", "emergency", "default_member_action",
+                "default_nonmember_action", "rejection_notice"):
+        value = getattr(args, key, None)
+        if value is not None:
+            changes[key] = Mode(value) if key == "mode" else value
+    return changes
+
+
+def cmd_list_add(ctx: Context) -> int:
+    from ..store import queries as q
+
+    settings = _settings(ctx.args)
+    try:
+        with ctx.store().write() as session:
+            row, created = q.add_list(session, ctx.args.list, list_id=ctx.args.list_id,
+                                      **settings)
+            info = _list_info(session, row)
+    except AlreadyExists as error:
+        return ctx.left_as_it_is(error)
+    if created:
+        ctx.print(f"added domain {info['address'].split('@', 1)[1]}")
+    ctx.print(f"added list {info['address']}")
+    _print_list(ctx, info)
+    return EXIT_OK
+
+
+def cmd_list_set(ctx: Context) -> int:
+    from ..store import queries as q
+
+    changes = _settings(ctx.args)
+    if not changes:
+        raise BadInput("nothing to change: give one or more of --display-name, --mode, "
+                       "--emergency, --default-member-action, --default-nonmember-action, "
+                       "--rejection-notice")
+    with ctx.store().write() as session:
+        row = q.set_list(session, ctx.args.list, **changes)
+        info = _list_info(session, row)
+    ctx.print(f"changed {info['address']}: " + ", ".join(
+        f"{key.replace('_', ' ')} = {show_value(info[key])}" for key in changes))
+    return EXIT_OK
+
+
+def cmd_list_show(ctx: Context) -> int:
+    from ..store import queries as q
+
+    with ctx.store().read() as session:
+        info = _list_info(session, q.find_list(session, ctx.args.list), details=True)
+    if ctx.args.json:
+        ctx.json(info)
+    else:
+        ctx.print(info["address"])
+        _print_list(ctx, info)
+    return EXIT_OK
+
+
+def cmd_list_remove(ctx: Context) -> int:
+    from ..store import queries as q
+
+    with ctx.store().write() as session:
+        row = q.find_list(session, ctx.args.list)
+        counts = q.list_counts(session, row)
+        q.remove_list(session, ctx.args.list)
+        address = row.posting_address
+    ctx.print(f"removed list {address} ({counts['member']} members, "
+              f"{counts['nonmember']} nonmembers, {counts['patterns']} patterns, "
+              f"{counts['bans']} bans)")
+    return EXIT_OK
+
+
+def cmd_list_ls(ctx: Context) -> int:
+    from ..store import queries as q
+
+    with ctx.store().read() as session:
+        infos = [_list_info(session, row) for row in q.all_lists(session)]
+    if ctx.args.json:
+        ctx.json(infos)
+        return EXIT_OK
+    for info in infos:
+        flags = " EMERGENCY" if info["emergency"] else ""
+        ctx.print(f"{info['address']}  {info['mode']}  members {info['counts']['member']}  "
+                  f"member {info['default_member_action']}  "
+                  f"nonmember {info['default_nonmember_action']}{flags}")
+    return EXIT_OK
+
+
+def _list_info(session, row, details: bool = False) -> dict:
+    from ..store import queries as q
+
+    info = {
+        "address": row.posting_address,
+        "list_id": row.list_id,
+        "display_name": row.display_name,
+        "mode": row.mode.value,
+        "emergency": row.emergency,
+        "default_member_action": row.default_member_action.label,
+        "default_nonmember_action": row.default_nonmember_action.label,
+        "rejection_notice": row.rejection_notice,
+        "counts": q.list_counts(session, row),
+    }
+    if details:
+        groups: dict[str, list[str]] = {f"{k}_these_nonmembers": [] for k in KIND_NAMES}
+        for kind, _, text in q.patterns(session, row):
+            groups[f"{kind.label}_these_nonmembers"].append(text)
+        info.update(groups)
+        info["bans"] = q.bans(session, row)
+    return info
+
+
+def _print_list(ctx: Context, info: dict) -> None:
+    rows = [
+        ("list-id", info["list_id"]),
+        ("display name", info["display_name"]),
+        ("mode", info["mode"]),
+        ("emergency", show_value(info["emergency"])),
+        ("default member action", info["default_member_action"]),
+        ("default nonmember action", info["default_nonmember_action"]),
+        ("rejection notice", show_value(info["rejection_notice"])),
+    ]
+    counts = info["counts"]
+    rows.append(("subscribers", f"{counts['member']} members, {counts['nonmember']} "
+                 f"nonmembers, {counts['owner']} owners, {counts['moderator']} moderators"))
+    for kind in KIND_NAMES:
+        key = f"{kind}_these_nonmembers"
+        if info.get(key):
+            rows.append((key, "  ".join(info[key])))
+    if info.get("bans"):
+        rows.append(("bans", "  ".join(info["bans"])))
+    for label, value in rows:
+        ctx.print(f"  {label + ':':<26}{value}")

@@ -1,0 +1,167 @@
+"""The Decider: one query on the live snapshot, answered as an ``Answer``.
+
+What every protocol calls: the current snapshot + ``chain.decide`` + the configured
+``ReplyPolicy``, with the error policy (no snapshot yet, an empty snapshot, or any
+exception inside the decision give the configured 4xx, never a 5xx) and the verdict
+counters ``policyctl status`` and the metrics show.  It renders nothing and logs only its
+own trouble: each protocol turns the ``Answer`` into its wire text and writes its
+decision line.
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from time import perf_counter
+from typing import NamedTuple
+
+from twisted.logger import Logger
+
+from .core.chain import decide as chain_decide
+from .core.replies import ReplyPolicy, SmtpReply
+from .core.verdict import Decision, Query
+
+__all__ = ["Answer", "Decider", "FixedSnapshot"]
+
+log = Logger(namespace="policyd.decision")
+
+
+class Answer(NamedTuple):
+    """The decision (``None`` on trouble), the SMTP reply, and on trouble its label
+    (``unavailable`` or ``error``) and reason.  ``started`` is when deciding began
+    (``perf_counter``), for the decision line's elapsed time."""
+
+    decision: Decision | None
+    reply: SmtpReply
+    trouble: str | None = None
+    reason: str | None = None
+    started: float = 0.0
+
+
+class Decider:
+    """Decide one query on the current snapshot and count it."""
+
+    def __init__(self, snapshots, policy: ReplyPolicy, *, decide=chain_decide,
+                 fail_closed: bool = True) -> None:
+        self.snapshots = snapshots
+        self.policy = policy
+        self._decide = decide
+        # An empty snapshot (no list at all) is a store in trouble, not a site without
+        # lists: answered like no snapshot (4xx) instead of "not a list domain".
+        self.fail_closed = fail_closed
+        # protocol -> verdict (or error, unavailable, malformed, other-state) -> count
+        self.by_protocol: dict[str, Counter] = {}
+        # protocol -> what was answered (ACCEPT, REJECT, ..., or Postfix's DUNNO, OK)
+        self.answers: dict[str, Counter] = {}
+        self._warned: set = set()
+        self._warned_version = None
+
+    def decide(self, query: Query, protocol: str, *, explain: bool = False,
+               names_a_list: bool = False, counted: bool = True) -> Answer:
+        """Never raises for the query's sake.  ``explain`` adds the rule trace and the
+        reasons (``policyctl query``); the MTA path goes without them.
+
+        ``names_a_list``: the query comes from a configuration that only ever asks about
+        list addresses (Exim's DATA ACL), so a domain the snapshot does not manage means
+        the snapshot is wrong, not that the mail is none of policyd's business: with
+        ``fail_closed`` that is a 4xx too.  ``counted=False``: a second look at the same
+        query (``policyctl query`` shows each MTA's view), not counted again."""
+        if not counted:
+            protocol = None
+        started = perf_counter()
+        snapshot = self.snapshots.current
+        if snapshot is None:
+            return self.trouble(protocol, "unavailable", self.snapshots.unavailable_reason,
+                                started)
+        if self.fail_closed and not snapshot.lists and (
+                names_a_list or not snapshot.domains
+                or snapshot.resolve(query.recipient).managed_domain):
+            self._warn_once(snapshot, "empty", "", "the snapshot (version {version}) has no "
+                            "lists: list queries get the temporary failure until it has some")
+            return self.trouble(protocol, "unavailable",
+                                "the store has no lists (empty or replaced store?)", started)
+        try:
+            decision = self._decide(snapshot, query, explain=explain)
+            reply = self.policy.reply(decision)
+        except Exception:
+            log.failure("the decision failed for {protocol} recipient={recipient!r}"
+                        " sender={sender!r}", protocol=protocol,
+                        recipient=query.recipient, sender=query.envelope_sender)
+            return self.trouble(protocol, "error", "internal error in the decision (logged)",
+                                started)
+        if names_a_list and self.fail_closed and not decision.managed:
+            domain = query.recipient.rpartition("@")[2].lower()
+            self._warn_once(snapshot, "domain", domain, "{protocol} asked about {domain}, "
+                            "which is not a list domain in snapshot {version}: answering the "
+                            "temporary failure (check the MTA's list domains and the store)",
+                            protocol=protocol)
+            return self.trouble(protocol, "not-managed",
+                                f"{domain or '(no domain)'} is not a list domain here",
+                                started)
+        # ``_value_``: the member's plain attribute (``.value`` is a property, a Python
+        # call per access on 3.11).
+        if protocol is not None:
+            self.count(protocol, decision.verdict._value_)
+        return Answer(decision, reply, None, None, started)
+
+    # At most this many (kind, key) warnings are remembered per snapshot version: the
+    # domains come from the MTA's requests, and a flood of them must not grow memory.
+    MAX_WARNINGS = 1000
+
+    def _warn_once(self, snapshot, kind: str, key: str, text: str, **fields) -> None:
+        """Log ``text`` once per (kind, key) and snapshot version: once per incident."""
+        version = snapshot.version
+        if self._warned_version != version:
+            self._warned_version = version
+            self._warned = set()
+        if (kind, key) in self._warned or len(self._warned) >= self.MAX_WARNINGS:
+            return
+        self._warned.add((kind, key))
+        log.warn(text, version=version, domain=key, **fields)
+
+    def trouble(self, protocol: str | None, label: str, reason: str,
+                started: float | None = None) -> Answer:
+        """The configured temporary failure, counted under ``label``."""
+        if protocol is not None:
+            self.count(protocol, label)
+        return Answer(None, self.policy.error(reason), label, reason,
+                      perf_counter() if started is None else started)
+
+    def count(self, protocol: str, label: str, answer: str | None = None) -> None:
+        """Count a verdict (or error, unavailable, malformed, other-state) and, unless
+        ``None``, what was answered."""
+        counts = self.by_protocol.get(protocol)
+        if counts is None:
+            counts = self.by_protocol[protocol] = Counter()
+            self.answers[protocol] = Counter()
+        counts[label] += 1
+        if answer is not None:
+            self.answers[protocol][answer] += 1
+
+    def count_answer(self, protocol: str, answer: str) -> None:
+        answers = self.answers.get(protocol)
+        if answers is None:
+            answers = self.answers[protocol] = Counter()
+            self.by_protocol[protocol] = Counter()
+        answers[answer] += 1
+
+    def counters(self) -> dict:
+        verdicts: Counter = Counter()
+        for counts in self.by_protocol.values():
+            verdicts.update(counts)
+        return {
+            "total": sum(verdicts.values()),
+            "by_verdict": dict(verdicts),
+            "by_protocol": {name: dict(counts) for name, counts in self.by_protocol.items()},
+            "answers": {name: dict(counts) for name, counts in self.answers.items()},
+        }
+
+
+class FixedSnapshot:
+    """A snapshot source that never changes (``policyctl query --offline``, tests)."""
+
+    unavailable_reason = "no snapshot"
+
+    def __init__(self, snapshot, loaded_at: float | None = None) -> None:
+        self.current = snapshot
+        self.loaded_at = loaded_at if loaded_at is not None else getattr(
+            snapshot, "built_at", None)

@@ -1,0 +1,81 @@
+"""The interpreter's heap around snapshot builds: the cyclic collector and the C heap.
+
+* ``settle()``: once, before the first MTA connection: collect, then move everything
+  alive (the imported modules of Twisted, SQLAlchemy and the rest, about 100,000 objects)
+  out of the collector's sight (``gc.freeze``).  Every full collection would otherwise
+  scan them all, a stall of the reactor a few times a minute under load.  Nothing
+  transient is alive at that moment, so nothing cyclic is kept from collection later.
+* ``no_collection()``: no cyclic collection while a snapshot is built.  A build
+  allocates millions of short-lived objects (rows, specs), and every full collection it
+  would trigger scans them all while holding the GIL.  They die by reference counting
+  when the build returns; what survives (the snapshot) holds few GC-tracked objects.
+  The switch is process-wide: the reactor thread makes no cycles worth collecting meanwhile.
+* ``release(box)``: drop an old snapshot one list at a time, so that freeing it gives the
+  reactor thread its turns in between instead of one long reference-count drop.
+* ``return_free_memory()``: give the C heap's free memory back to the system after a
+  build (glibc keeps what a build's temporary tables used, and the RSS only grows).
+
+``enabled`` is the ``[runtime] heap`` switch; off, each of these does only what
+correctness needs (``release`` still drops the snapshot).
+"""
+
+from __future__ import annotations
+
+import gc
+from contextlib import contextmanager
+from typing import Callable, Iterator
+
+__all__ = ["enabled", "settle", "no_collection", "release", "return_free_memory"]
+
+enabled = True
+
+
+def settle() -> None:
+    if enabled:
+        gc.collect()
+        gc.freeze()
+
+
+@contextmanager
+def no_collection() -> Iterator[None]:
+    if not enabled:
+        yield
+        return
+    collecting = gc.isenabled()
+    gc.disable()
+    try:
+        yield
+    finally:
+        if collecting:
+            gc.enable()
+
+
+def release(box: list, pause: Callable[[], None] = lambda: None) -> None:
+    """Drop the snapshot in ``box`` (the only reference left) list by list, calling
+    ``pause`` in between; lists the new snapshot shares survive."""
+    snapshot = box.pop()
+    policies = list(snapshot.lists.values())
+    del snapshot
+    if enabled:
+        while policies:
+            policies.pop()
+            pause()
+    del policies
+    return_free_memory()
+
+
+def return_free_memory() -> None:
+    if enabled and _malloc_trim is not None:
+        _malloc_trim(0)
+
+
+def _find_malloc_trim():
+    try:
+        import ctypes
+
+        return ctypes.CDLL("libc.so.6").malloc_trim
+    except (OSError, AttributeError):
+        return None
+
+
+_malloc_trim = _find_malloc_trim()

@@ -1,0 +1,68 @@
+"""The daemon's runtime tuning, switched on in one place (``[runtime]`` in the config).
+
+Each part lives in its own module and says there why it exists:
+
+=================  =========================================================  ============
+part               what                                                       switch
+=================  =========================================================  ============
+``reactor``        epoll reactor without the legacy log context per event,    ``reactor``
+                   reporting its turns to ``pacing`` (``policyd`` command;
+                   ``twist --reactor=policyd``)
+``fastio``         a Postfix answer sent at once, not on the next turn        ``fast_write``
+``pacing``         the snapshot builder rests while the reactor is busy       ``pacing``
+``heap``           no cyclic GC during builds, ``gc.freeze`` after the first  ``heap``
+                   load, old snapshots freed piecewise, ``malloc_trim``
+``threads``        the store thread's niceness, the switch interval           ``store_niceness``,
+                                                                              ``switch_interval``
+=================  =========================================================  ============
+
+A part that depends on private code of Twisted checks at start-up that the code is the
+one it was written against; if not, it steps aside and ``notes`` say why (logged).
+"""
+
+from __future__ import annotations
+
+from contextlib import ExitStack
+
+from twisted.logger import Logger
+
+from . import fastio, heap, pacing, threads
+
+__all__ = ["Tuning"]
+
+log = Logger(namespace="policyd.runtime")
+
+
+class Tuning:
+    """What ``[runtime]`` switches on for one daemon (``policyd.tap.makeService``)."""
+
+    def __init__(self, config, notes: list[str] | None = None) -> None:
+        self.config = config
+        self.notes = list(notes or ())
+        self.fast_write = None
+        if config.fast_write:
+            why = fastio.available()
+            if why is None:
+                self.fast_write = fastio.write_now
+            else:
+                self.notes.append(f"fast_write off: {why}")
+        self._stack = ExitStack()
+
+    def apply_to_factory(self, factory) -> None:
+        """Answers of this listener go out through ``fastio`` where it is on (Postfix;
+        Exim's answer is followed by a close and goes the usual way)."""
+        if self.fast_write is not None and getattr(factory, "answers_stay_open", False):
+            factory.write = self.fast_write
+
+    def daemon_starting(self) -> None:
+        pacing.enabled = self.config.pacing
+        heap.enabled = self.config.heap
+        self._stack.enter_context(threads.switch_interval(self.config.switch_interval))
+        for note in self.notes:
+            log.warn("runtime tuning: {note}", note=note)
+
+    def first_load_done(self) -> None:
+        heap.settle()
+
+    def daemon_stopped(self) -> None:
+        self._stack.close()

@@ -1,0 +1,160 @@
+"""Per-list revisions kept by database triggers: exact change detection.
+
+Every change to a row a list's policy is built from bumps that list's row in
+``list_revisions`` (``list_id`` = ``lists.id``); a change to what every list shares
+(domains, site bans) bumps row 0.  Triggers, not application code, so that any writer
+(policyctl, an admin's SQL, a sync job) is seen, on SQLite, PostgreSQL and MariaDB alike.
+
+Which lists a row affects:
+
+* ``lists``, ``memberships``, ``nonmember_patterns``, list ``bans``: their list (old and
+  new on an update);
+* ``domains`` and site bans (``bans.list_id`` NULL): row 0;
+* ``addresses``: the lists the address is a member of, the lists its user (old and new)
+  is a member of through any address or as a user (a user's other addresses post as its
+  member address), the lists of the users whose preferred address it is;
+* ``users``: the lists the user is a member of (as a user, or through its addresses).
+
+Deletes of ``lists``, ``addresses`` and ``users`` are caught *before* the row goes, while
+the rows that reference it still exist: MariaDB does not fire triggers for the rows a
+foreign key cascade deletes or nulls.  ``list_revisions`` has no foreign key and a row is
+never deleted (a reused list id continues its counter), so a trigger only ever upserts
+into a table nothing else constrains: it cannot make a writer fail.
+
+Creating the triggers is idempotent (dropped if they exist, then created): running this
+migration's ``upgrade`` again, or ``policyctl migrate`` on a store whose triggers were
+dropped by hand, recreates them.
+
+Revision ID: 0002
+Revises: 0001
+Create Date: 2025-06-01
+
+"""
+from typing import Sequence, Union
+
+import sqlalchemy as sa
+from alembic import op
+
+revision: str = "0002"
+down_revision: Union[str, Sequence[str], None] = "0001"
+branch_labels: Union[str, Sequence[str], None] = None
+depends_on: Union[str, Sequence[str], None] = None
+
+SHARED = 0
+
+
+def _user_lists(user: str) -> list[str]:
+    return [f"SELECT list_id AS x FROM memberships WHERE user_id = {user}",
+            "SELECT mu.list_id AS x FROM memberships mu JOIN addresses au "
+            f"ON au.id = mu.address_id WHERE au.user_id = {user}"]
+
+
+def _address_lists(address: str) -> list[str]:
+    return [f"SELECT list_id AS x FROM memberships WHERE address_id = {address}"]
+
+
+def _preferred_lists(address: str) -> list[str]:
+    return ["SELECT mp.list_id AS x FROM memberships mp JOIN users up ON up.id = mp.user_id "
+            f"WHERE up.preferred_address_id = {address}"]
+
+
+def _own(row: str, column: str = "list_id") -> list[str]:
+    return [f"SELECT {row}.{column} AS x"]
+
+
+# (table, timing, event) -> the SELECTs of the list ids to bump (NEW/OLD as in SQL).
+TRIGGERS: dict[tuple[str, str, str], list[str]] = {
+    ("domains", "AFTER", "INSERT"): [f"SELECT {SHARED} AS x"],
+    ("domains", "AFTER", "UPDATE"): [f"SELECT {SHARED} AS x"],
+    ("domains", "AFTER", "DELETE"): [f"SELECT {SHARED} AS x"],
+    ("lists", "AFTER", "INSERT"): _own("NEW", "id"),
+    ("lists", "AFTER", "UPDATE"): _own("OLD", "id") + _own("NEW", "id"),
+    ("lists", "BEFORE", "DELETE"): _own("OLD", "id"),
+    ("memberships", "AFTER", "INSERT"): _own("NEW"),
+    ("memberships", "AFTER", "UPDATE"): _own("OLD") + _own("NEW"),
+    ("memberships", "AFTER", "DELETE"): _own("OLD"),
+    ("nonmember_patterns", "AFTER", "INSERT"): _own("NEW"),
+    ("nonmember_patterns", "AFTER", "UPDATE"): _own("OLD") + _own("NEW"),
+    ("nonmember_patterns", "AFTER", "DELETE"): _own("OLD"),
+    ("bans", "AFTER", "INSERT"): [f"SELECT COALESCE(NEW.list_id, {SHARED}) AS x"],
+    ("bans", "AFTER", "UPDATE"): [f"SELECT COALESCE(OLD.list_id, {SHARED}) AS x",
+                                  f"SELECT COALESCE(NEW.list_id, {SHARED}) AS x"],
+    ("bans", "AFTER", "DELETE"): [f"SELECT COALESCE(OLD.list_id, {SHARED}) AS x"],
+    ("addresses", "AFTER", "INSERT"): _user_lists("NEW.user_id"),
+    ("addresses", "AFTER", "UPDATE"): (
+        _address_lists("NEW.id") + _address_lists("OLD.id") + _user_lists("OLD.user_id")
+        + _user_lists("NEW.user_id") + _preferred_lists("NEW.id")
+        + _preferred_lists("OLD.id")),
+    ("addresses", "BEFORE", "DELETE"): (
+        _address_lists("OLD.id") + _user_lists("OLD.user_id") + _preferred_lists("OLD.id")),
+    ("users", "AFTER", "UPDATE"): _user_lists("OLD.id") + _user_lists("NEW.id"),
+    ("users", "BEFORE", "DELETE"): _user_lists("OLD.id"),
+}
+
+
+def trigger_name(table: str, timing: str, event: str) -> str:
+    return f"policyd_rev_{table}_{timing[0].lower()}{event[0].lower()}"
+
+
+def _upsert(dialect: str, selects: list[str]) -> str:
+    ids = " UNION ".join(selects)
+    head = ("INSERT INTO list_revisions (list_id, revision) "
+            f"SELECT DISTINCT x, 1 FROM ({ids}) AS changed WHERE x IS NOT NULL")
+    if dialect in ("mysql", "mariadb"):
+        return head + " ON DUPLICATE KEY UPDATE revision = revision + 1"
+    return head + " ON CONFLICT (list_id) DO UPDATE SET revision = list_revisions.revision + 1"
+
+
+def statements(dialect: str) -> list[str]:
+    """The SQL that (re)creates every trigger, idempotently."""
+    out = []
+    for (table, timing, event), selects in TRIGGERS.items():
+        name = trigger_name(table, timing, event)
+        body = _upsert(dialect, selects)
+        if dialect == "postgresql":
+            # A BEFORE trigger's function must return the row, or the delete is skipped.
+            result = "OLD" if timing == "BEFORE" else "NULL"
+            out.append(f"CREATE OR REPLACE FUNCTION {name}() RETURNS trigger "
+                       f"LANGUAGE plpgsql AS $$ BEGIN {body}; RETURN {result}; END $$")
+            out.append(f"DROP TRIGGER IF EXISTS {name} ON {table}")
+            out.append(f"CREATE TRIGGER {name} {timing} {event} ON {table} "
+                       f"FOR EACH ROW EXECUTE FUNCTION {name}()")
+        elif dialect in ("mysql", "mariadb"):
+            out.append(f"DROP TRIGGER IF EXISTS {name}")
+            out.append(f"CREATE TRIGGER {name} {timing} {event} ON {table} "
+                       f"FOR EACH ROW {body}")
+        else:
+            out.append(f"DROP TRIGGER IF EXISTS {name}")
+            out.append(f"CREATE TRIGGER {name} {timing} {event} ON {table} "
+                       f"FOR EACH ROW BEGIN {body}; END")
+    return out
+
+
+def drop_statements(dialect: str) -> list[str]:
+    out = []
+    for table, timing, event in TRIGGERS:
+        name = trigger_name(table, timing, event)
+        if dialect == "postgresql":
+            out.append(f"DROP TRIGGER IF EXISTS {name} ON {table}")
+            out.append(f"DROP FUNCTION IF EXISTS {name}()")
+        else:
+            out.append(f"DROP TRIGGER IF EXISTS {name}")
+    return out
+
+
+def upgrade() -> None:
+    bind = op.get_bind()
+    if not sa.inspect(bind).has_table("list_revisions"):
+        op.create_table(
+            "list_revisions",
+            sa.Column("list_id", sa.Integer, primary_key=True, autoincrement=False),
+            sa.Column("revision", sa.BigInteger, nullable=False),
+        )
+    for statement in statements(bind.dialect.name):
+        op.execute(statement)
+
+
+def downgrade() -> None:
+    for statement in drop_statements(op.get_bind().dialect.name):
+        op.execute(statement)
+    op.drop_table("list_revisions")

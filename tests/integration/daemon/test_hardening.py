@@ -1,0 +1,186 @@
+"""Issue 13 with a real daemon and real Unix sockets: a local client holding connections
+beyond the limits does not shut the MTAs out nor flood the log; stale locks; start-up
+checks.
+
+The denial-of-service test prints its own report (success rate, p50/p99 of the normal
+client's requests); it asserts correct answers, never timings.
+"""
+
+from __future__ import annotations
+
+import os
+import shlex
+import socket
+import threading
+import time
+
+import pytest
+
+from .conftest import BIN, LIST, MEMBER, NONMEMBER, PostfixClient, exim_ask, exim_line, \
+    wait_until
+
+pytestmark = pytest.mark.integration
+
+NOFILE = 256  # the daemon's descriptor limit in the test: the cap is 256 - 64 = 192
+
+
+class Holder:
+    """A local client that holds as many connections as it can (far beyond the cap),
+    reopening every one the daemon closes, until stopped."""
+
+    def __init__(self, path, count: int) -> None:
+        self.path = str(path)
+        self.count = count
+        self.socks: list[socket.socket] = []
+        self.stop = threading.Event()
+        self.opened = 0
+        self.thread = threading.Thread(target=self._run, daemon=True)
+
+    def _open(self) -> None:
+        s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        s.setblocking(False)
+        try:
+            s.connect(self.path)
+        except OSError:
+            s.close()
+            return
+        self.socks.append(s)
+        self.opened += 1
+
+    def _run(self) -> None:
+        while not self.stop.is_set():
+            alive = []
+            for s in self.socks:
+                try:
+                    if s.recv(1, socket.MSG_PEEK) == b"":
+                        s.close()
+                        continue
+                except BlockingIOError:
+                    pass
+                except OSError:
+                    s.close()
+                    continue
+                alive.append(s)
+            self.socks = alive
+            while len(self.socks) < self.count and not self.stop.is_set():
+                self._open()
+            self.stop.wait(0.5)
+        for s in self.socks:
+            s.close()
+
+    def __enter__(self):
+        self.thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.stop.set()
+        self.thread.join(10)
+
+
+def limited(run) -> list[str]:
+    return ["sh", "-c", f"ulimit -n {NOFILE} && exec {shlex.quote(str(BIN / 'policyd'))} "
+            f"--config {shlex.quote(str(run.config))}"]
+
+
+def test_connections_held_beyond_the_cap_do_not_shut_out_the_mtas(run, daemons):
+    """A local client holding 400 connections to each MTA socket of a daemon with 256
+    descriptors: Exim and Postfix requests still get the right answer, the control
+    socket answers, and the log has a few incident lines, no EMFILE flood."""
+    run.write_config(exim_listen=f"unix:{run.exim_socket}:mode=660",
+                     postfix_listen=f"unix:{run.postfix_socket}:mode=660", log_file=True)
+    run.fill()
+    daemon = daemons(run, command=limited(run))
+    daemon.wait_ready()
+    reject = exim_ask(run.exim_socket, exim_line(LIST, NONMEMBER) + b"\n")
+    assert reject.startswith(b"REJECT 550")
+    latencies: list[float] = []
+    failures: list[str] = []
+    with Holder(run.postfix_socket, 400) as postfix_holder, \
+            Holder(run.exim_socket, 400) as exim_holder:
+        wait_until(lambda: postfix_holder.opened + exim_holder.opened >= 400, 20,
+                   "the holder's connections")
+        time.sleep(1.5)  # the held connections are now older than the eviction minimum
+        deadline = time.monotonic() + 8
+        i = 0
+        while time.monotonic() < deadline and i < 600:
+            i += 1
+            started = time.perf_counter()
+            try:
+                if i % 2:
+                    sender, expected = (MEMBER, b"ACCEPT") if i % 4 == 1 else \
+                        (NONMEMBER, b"REJECT 550")
+                    answer = exim_ask(run.exim_socket, exim_line(LIST, sender) + b"\n",
+                                      timeout=5)
+                else:
+                    client = PostfixClient(run.postfix_socket, timeout=5)
+                    try:
+                        answer = client.ask(LIST, "")  # the null sender: refused
+                    finally:
+                        client.close()
+                    expected = b"action=5"
+                ok = answer.startswith(expected)
+            except OSError as error:
+                ok, answer = False, repr(error).encode()
+            latencies.append((time.perf_counter() - started) * 1000)
+            if not ok:
+                failures.append(answer.decode(errors="replace")[:80])
+        status = daemon.status()
+        held = len(postfix_holder.socks) + len(exim_holder.socks)
+    latencies.sort()
+    total = len(latencies)
+    rate = (total - len(failures)) / total
+    p50 = latencies[total // 2]
+    p99 = latencies[min(total - 1, int(total * 0.99))]
+    print(f"\nDoS report: {total} normal requests while a local client held {held} "
+          f"connections (daemon RLIMIT_NOFILE {NOFILE}): success {rate:.2%}, "
+          f"p50 {p50:.1f} ms, p99 {p99:.1f} ms; failures: {failures[:5]}")
+    assert status["snapshot"]
+    assert rate >= 0.99, failures[:10]
+    text = daemon.text()
+    assert "EMFILE" not in text
+    limit_lines = [line for line in text.splitlines() if "[policyd.limits]" in line]
+    assert 1 <= len(limit_lines) <= 8, limit_lines
+    assert daemon.terminate() == 0
+
+
+def test_stale_lock_with_a_live_pid_is_taken_over(run, daemons):
+    """A ``<socket>.lock`` naming a live, unrelated PID with no socket behind it (a PID
+    reused after a crash) does not block start-up: taken over and logged."""
+    run.write_config(exim_listen=f"unix:{run.exim_socket}:mode=660",
+                     postfix_listen=f"unix:{run.postfix_socket}:mode=660")
+    run.fill()
+    for path in (run.exim_socket, run.postfix_socket):
+        os.symlink(str(os.getpid()), f"{path}.lock")  # this test process: alive
+    daemon = daemons(run)
+    daemon.wait_ready()
+    assert exim_ask(run.exim_socket, exim_line(LIST, MEMBER) + b"\n").startswith(b"ACCEPT")
+    assert "took over the lock" in daemon.text()
+    assert daemon.terminate() == 0
+
+
+def test_a_socket_a_live_daemon_serves_is_never_removed(run, daemons):
+    run.write_config(exim_listen=f"unix:{run.exim_socket}:mode=660",
+                     postfix_listen=f"unix:{run.postfix_socket}:mode=660")
+    run.fill()
+    first = daemons(run)
+    first.wait_ready()
+    (run.path / "second").mkdir()
+    second_control = run.path / "second" / "control.sock"
+    text = run.config.read_text().replace(f"control_socket = {run.control}",
+                                          f"control_socket = {second_control}")
+    second_config = run.path / "second" / "policyd.conf"
+    second_config.write_text(text)
+    second = daemons(run, command=[str(BIN / "policyd"), "--config", str(second_config)])
+    assert second.proc.wait(30) == 1
+    assert "another process is already listening" in second.text()
+    assert exim_ask(run.exim_socket, exim_line(LIST, MEMBER) + b"\n").startswith(b"ACCEPT")
+    assert first.terminate() == 0
+
+
+def test_missing_socket_directory_is_a_clear_error(run, daemons):
+    run.write_config(exim_listen=f"unix:{run.path}/nodir/exim.sock:mode=660",
+                     postfix_listen=f"unix:{run.postfix_socket}:mode=660")
+    daemon = daemons(run)
+    assert daemon.proc.wait(30) == 2
+    text = daemon.text()
+    assert "[exim] listen" in text and "does not exist" in text and "lock" not in text
