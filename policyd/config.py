@@ -15,7 +15,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Mapping
 
-from .core.replies import DISCARD_OUTCOMES, HOLD_OUTCOMES, Outcome, ReplyPolicy
+from .core.replies import (DISCARD_OUTCOMES, HOLD_OUTCOMES, PERMANENT_CODES, TEMPORARY_CODES,
+                           Outcome, ReplyPolicy)
 
 
 class ConfigError(Exception):
@@ -280,16 +281,16 @@ SCHEMA: Mapping[str, Mapping[str, tuple[Callable[[str], object], str]]] = {
     "smtp": {
         "hold": (_choice(*(o.value.lower() for o in HOLD_OUTCOMES)), "accept"),
         "discard": (_choice(*(o.value.lower() for o in DISCARD_OUTCOMES)), "discard"),
-        "reject_code": (_code(500, 559), str(_D.reject_code)),
+        "reject_code": (_code(*PERMANENT_CODES), str(_D.reject_code)),
         "reject_status": (_status("5"), _D.reject_status),
         "reject_text": (_text, _D.reject_text),
         "unknown_list_text": (_text, _D.unknown_list_text),
         "null_sender_text": (_text, _D.null_sender_text),
         "discard_reject_text": (_text, _D.discard_reject_text),
-        "defer_code": (_code(400, 459), str(_D.defer_code)),
+        "defer_code": (_code(*TEMPORARY_CODES), str(_D.defer_code)),
         "defer_status": (_status("4"), _D.defer_status),
         "defer_text": (_text, _D.defer_text),
-        "error_code": (_code(400, 459), str(_D.error_code)),
+        "error_code": (_code(*TEMPORARY_CODES), str(_D.error_code)),
         "error_status": (_status("4"), _D.error_status),
         "error_text": (_text, _D.error_text),
     },

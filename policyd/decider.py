@@ -10,7 +10,9 @@ decision line.
 
 from __future__ import annotations
 
+from bisect import bisect_left
 from collections import Counter
+from functools import partial
 from time import perf_counter
 from typing import NamedTuple
 
@@ -20,7 +22,7 @@ from .core.chain import decide as chain_decide
 from .core.replies import ReplyPolicy, SmtpReply
 from .core.verdict import Decision, Query
 
-__all__ = ["Answer", "Decider", "FixedSnapshot"]
+__all__ = ["Answer", "Decider", "FixedSnapshot", "LatencyHistogram"]
 
 log = Logger(namespace="policyd.decision")
 
@@ -41,10 +43,26 @@ class Decider:
     """Decide one query on the current snapshot and count it."""
 
     def __init__(self, snapshots, policy: ReplyPolicy, *, decide=chain_decide,
-                 fail_closed: bool = True) -> None:
+                 fail_closed: bool = True, null_sender: str = "reject",
+                 per_list: bool = False, latency: bool = False) -> None:
         self.snapshots = snapshots
         self.policy = policy
-        self._decide = decide
+        # ``[rules] null_sender``: the chain takes it as an argument (it is pure); only a
+        # non-default value is passed, so a ``decide`` without the argument still works.
+        self._decide = decide if null_sender == "reject" else \
+            partial(decide, null_sender=null_sender)
+        # (protocol, verdict, rule) -> count: every decision, for the metrics.
+        self.by_rule: Counter = Counter()
+        # ``[metrics] per_list``: (protocol, list, verdict) -> count, for the lists of the
+        # snapshot only (a recipient is whatever the client typed: never a label).
+        self.per_list = per_list
+        self.by_list: Counter = Counter()
+        # protocol -> ``LatencyHistogram``, filled by the protocols (``[metrics] listen``
+        # set); empty otherwise, and then the protocols observe nothing.
+        self.latency: dict[str, LatencyHistogram] = {}
+        if latency:
+            for name in ("exim", "postfix"):
+                self.latency[name] = LatencyHistogram()
         # An empty snapshot (no list at all) is a store in trouble, not a site without
         # lists: answered like no snapshot (4xx) instead of "not a list domain".
         self.fail_closed = fail_closed
@@ -100,7 +118,11 @@ class Decider:
         # ``_value_``: the member's plain attribute (``.value`` is a property, a Python
         # call per access on 3.11).
         if protocol is not None:
-            self.count(protocol, decision.verdict._value_)
+            verdict = decision.verdict._value_
+            self.count(protocol, verdict)
+            self.by_rule[protocol, verdict, decision.rule] += 1
+            if self.per_list and decision.list in snapshot.lists:
+                self.by_list[protocol, decision.list, verdict] += 1
         return Answer(decision, reply, None, None, started)
 
     # At most this many (kind, key) warnings are remembered per snapshot version: the
@@ -123,7 +145,7 @@ class Decider:
         """The configured temporary failure, counted under ``label``."""
         if protocol is not None:
             self.count(protocol, label)
-        return Answer(None, self.policy.error(reason), label, reason,
+        return Answer(None, self.policy.error(), label, reason,
                       perf_counter() if started is None else started)
 
     def count(self, protocol: str, label: str, answer: str | None = None) -> None:
@@ -154,6 +176,37 @@ class Decider:
             "by_protocol": {name: dict(counts) for name, counts in self.by_protocol.items()},
             "answers": {name: dict(counts) for name, counts in self.answers.items()},
         }
+
+
+class LatencyHistogram:
+    """Decision latency of one protocol as plain numbers, read at scrape time by
+    ``policyd.metrics``: ``observe(started)`` is one ``perf_counter()``, one ``bisect``
+    and two additions on the reactor thread (no lock: only the reactor writes or reads).
+
+    ``counts[i]`` counts the observations in ``(BOUNDS[i-1], BOUNDS[i]]``, the last one
+    those above the largest bound (Prometheus's ``+Inf``)."""
+
+    BOUNDS = (0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1,
+              0.25, 1.0)
+    __slots__ = ("counts", "sum")
+
+    def __init__(self) -> None:
+        self.counts = [0] * (len(self.BOUNDS) + 1)
+        self.sum = 0.0
+
+    def observe(self, started: float) -> None:
+        """One answer, begun at ``started`` (``perf_counter``), sent now."""
+        seconds = perf_counter() - started
+        self.counts[bisect_left(self.BOUNDS, seconds)] += 1
+        self.sum += seconds
+
+    def buckets(self) -> list[tuple[str, int]]:
+        """Cumulative ``(le, count)`` pairs, ``+Inf`` last."""
+        out, total = [], 0
+        for bound, count in zip(self.BOUNDS + (float("inf"),), self.counts):
+            total += count
+            out.append(("+Inf" if bound == float("inf") else repr(bound), total))
+        return out
 
 
 class FixedSnapshot:

@@ -25,7 +25,7 @@ from .errors import ListenError
 
 log = Logger(namespace="policyd")
 
-__all__ = ["Listener", "parse_endpoint", "raise_nofile_limit"]
+__all__ = ["Listener", "parse_endpoint", "raise_nofile_limit", "unix_path"]
 
 
 class Listener(Service):
@@ -37,7 +37,7 @@ class Listener(Service):
     """
 
     def __init__(self, reactor, kind: str, key: str, description: str, factory,
-                 endpoint=None) -> None:
+                 endpoint=None, path: str | None = None) -> None:
         self.reactor = reactor
         self.kind = kind
         self.key = key
@@ -45,6 +45,10 @@ class Listener(Service):
         self.factory = factory
         self.endpoint = endpoint if endpoint is not None else \
             parse_endpoint(reactor, key, description)
+        # The Unix socket's path (``None`` for TCP and systemd-passed sockets): given with
+        # an explicit endpoint, else read from the description, not from the endpoint's
+        # private attributes.
+        self.path = path if endpoint is not None else unix_path(description)
         self.port = None
         if getattr(factory, "listener_name", False) is None:
             factory.listener_name = f"{key} {description}"
@@ -96,11 +100,9 @@ class Listener(Service):
         Nobody serving it, the socket file and any ``<socket>.lock`` are stale, whatever
         PID the lock names (PIDs are reused after a crash or a reboot): both are
         removed, and a lock naming a live process is logged as taken over."""
-        if not isinstance(self.endpoint, UNIXServerEndpoint):
+        path = self.path
+        if path is None:
             return
-        path = self.endpoint._address
-        if isinstance(path, bytes):
-            path = os.fsdecode(path)
         directory = os.path.dirname(os.path.abspath(path))
         if not os.path.isdir(directory):
             what = "is not a directory" if os.path.exists(directory) else "does not exist"
@@ -211,11 +213,38 @@ def _error_text(error: BaseException) -> str:
     return str(error) or type(error).__name__
 
 
+def unix_path(description: str) -> str | None:
+    """The socket path of a ``unix:`` endpoint string (``unix:PATH[:k=v...]`` or
+    ``unix:address=PATH``; ``\\:`` escapes a colon, as in Twisted's grammar), else
+    ``None``."""
+    if not description.startswith("unix:"):
+        return None
+    parts, current, escaped = [], [], False
+    for ch in description[len("unix:"):]:
+        if escaped:
+            current.append(ch)
+            escaped = False
+        elif ch == "\\":
+            escaped = True
+        elif ch == ":":
+            parts.append("".join(current))
+            current = []
+        else:
+            current.append(ch)
+    parts.append("".join(current))
+    for part in parts:
+        key, eq, value = part.partition("=")
+        if eq and key == "address":
+            return value or None
+    positional = [part for part in parts if "=" not in part]
+    return positional[0] if positional and positional[0] else None
+
+
 def parse_endpoint(reactor, key: str, description: str):
     """``serverFromString`` with a ``ConfigError`` that names the key."""
     try:
         endpoint = serverFromString(reactor, description)
-        if isinstance(endpoint, UNIXServerEndpoint) and not endpoint._address:
+        if isinstance(endpoint, UNIXServerEndpoint) and not unix_path(description):
             raise ValueError("no socket path")
         return endpoint
     except Exception as error:  # the parsers raise ValueError, KeyError, IndexError...

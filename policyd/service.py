@@ -153,7 +153,8 @@ class PolicyService(MultiService):
         listeners.append(Listener(
             reactor, "control", "[daemon] control_socket", control, self.control_factory,
             endpoint=UNIXServerEndpoint(reactor, control,
-                                        mode=config.daemon.control_socket_mode)))
+                                        mode=config.daemon.control_socket_mode),
+            path=control))
         if tuning is not None:
             for listener in listeners:
                 tuning.apply_to_factory(listener.factory)

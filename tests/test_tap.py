@@ -471,3 +471,24 @@ def test_mta_listeners_resume_after_the_first_load_wait(tmp_path):
         assert all(port.reading for port in mta)
     finally:
         service.stopService()
+
+
+@pytest.mark.parametrize("description", [
+    "unix:/run/policyd/exim.sock:mode=660", "unix:address=/tmp/a.sock:lockfile=1",
+    "unix:/tmp/with\\:colon.sock", "unix:relative.sock:backlog=5"])
+def test_unix_path_reads_the_socket_path_as_twisted_does(description):
+    """The listener finds a Unix socket's path from the endpoint string itself (no
+    private attribute of the endpoint); it agrees with Twisted's own parser."""
+    from twisted.internet.endpoints import serverFromString
+
+    from policyd.listeners import unix_path
+
+    endpoint = serverFromString(MemoryReactorClock(), description)
+    assert unix_path(description) == endpoint._address
+
+
+def test_unix_path_of_other_endpoints_is_none():
+    from policyd.listeners import unix_path
+
+    assert unix_path("tcp:10040:interface=127.0.0.1") is None
+    assert unix_path("systemd:domain=UNIX:index=0") is None

@@ -22,7 +22,8 @@ from .requirements import require
     ("a b@example.com", "white space in the local part"),
     ("a;b@example.com", "';' is not allowed in the local part"),
     ("a(b)@example.com", "'(' is not allowed in the local part"),
-    ("j\u00f6rg@example.com", "non-ASCII character '\u00f6' in the local part"),
+    ("j\u00f6 rg@example.com", "white space in the local part"),
+    ("a\u3000b@example.com", "white space in the local part"),
     ("bob@localhost", "domain 'localhost' is not fully qualified"),
     ("bob@[192.0.2.1]", "an address literal, not a domain name"),
     ("bob@-x.example", "domain label '-x' starts with '-'"),
@@ -40,7 +41,7 @@ def test_problem_says_why(text, reason):
 @pytest.mark.parametrize("text", [
     "bob@example.com", "Bob@Example.COM", "<bob@example.com>", "bob@example.com.",
     '"bob"@example.com', "o'brien+tag@example.com", "-x@1.example",
-    "u@b\u00fccher.example", "a{b}~c@sub.example.org",
+    "u@b\u00fccher.example", "a{b}~c@sub.example.org", "J\u00f6rg@B\u00fccher.example",
 ])
 def test_what_mailman_takes_has_no_problem(text):
     assert problem(text) is None
@@ -59,9 +60,10 @@ def test_what_is_stored_is_a_sender_mailman_keeps(text):
     if problem(text) is not None:
         return
     stored = normalise(text)
-    assert stored is not None and normalise(stored) == stored
+    assert stored is not None and normalise(stored) == stored  # Mailman 2 mode's reading
     assert problem(stored) is None
-    assert envelope_mailman3(stored) == (stored,)
+    if split_address(stored)[0].isascii():
+        assert envelope_mailman3(stored) == (stored,)
 
 
 _MAILMAN_CHECK = """
@@ -74,8 +76,11 @@ print(json.dumps([validator.is_valid(a) for a in json.load(sys.stdin)]))
 
 def test_agrees_with_mailmans_own_validator():
     """Mailman 3.3's Validator, run in Mailman's virtualenv on the normalised addresses,
-    accepts exactly what ``problem`` accepts; the one difference is a local part with an
-    ``@``, which Mailman lets through and policyd refuses (no sender can match it)."""
+    accepts exactly what ``problem`` accepts, with two differences: a local part with an
+    ``@``, which Mailman lets through and policyd refuses (no sender can match it), and
+    non-ASCII letters in a local part, which policyd takes (SMTPUTF8 senders of Mailman 2
+    mode lists) and Mailman does not: there the rest of the address must satisfy
+    Mailman."""
     from tests.mailman.harness import mailman_python
 
     python = mailman_python()
@@ -85,7 +90,7 @@ def test_agrees_with_mailmans_own_validator():
     def part(alphabet: str, size: int) -> str:
         return "".join(rng.choice(alphabet) for _ in range(rng.randrange(size)))
 
-    local = "abcXY09.-_+'!#$%&*/=?^`{|}~" + "@; ,()<>[]\\\"\u00fc"
+    local = "abcXY09.-_+'!#$%&*/=?^`{|}~" + "@; ,()<>[]\\\"\u00fc\u00a0"
     label = "abcxyz019-" + "_ \u00fc"
     samples = []
     for _ in range(4000):
@@ -97,9 +102,17 @@ def test_agrees_with_mailmans_own_validator():
         samples.append(f"{name}@{'.'.join(labels)}")
     texts = [t for t in samples if normalise(t) is not None] + [
         "x@y@z.example", "a b@example.com", "a;b@example.com", "bad@@line",
-        "bob@example.com", "u@b\u00fccher.example", "bob@localhost", "bob@[192.0.2.1]"]
+        "bob@example.com", "u@b\u00fccher.example", "bob@localhost", "bob@[192.0.2.1]",
+        "j\u00f6rg@example.com", "j\u00f6 rg@example.com", "j\u00f6;rg@example.com"]
     addresses = [normalise(t) for t in texts]
-    done = subprocess.run([str(python), "-c", _MAILMAN_CHECK], input=json.dumps(addresses),
+    # What Mailman says about the rest of an address with non-ASCII letters in its local
+    # part: those letters as "a".
+    ascii_forms = []
+    for address in addresses:
+        local, domain = split_address(address)
+        local = "".join("a" if not ch.isascii() and not ch.isspace() else ch for ch in local)
+        ascii_forms.append(f"{local}@{domain}")
+    done = subprocess.run([str(python), "-c", _MAILMAN_CHECK], input=json.dumps(ascii_forms),
                           capture_output=True, text=True, timeout=120, check=True)
     mailman = json.loads(done.stdout)
     assert 500 < sum(mailman) < len(mailman) - 500  # both kinds well represented

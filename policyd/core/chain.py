@@ -57,12 +57,27 @@ CHAINS = {Mode.MAILMAN3: MAILMAN3_CHAIN, Mode.MAILMAN2: MAILMAN2_CHAIN}
 # What decide() runs: the SMTP-time rules, then the list's Mailman chain.
 _FULL_CHAINS = {mode: SMTP_CHAIN + chain for mode, chain in CHAINS.items()}
 
+# ``[rules] null_sender = mailman``: the same chains without ``null-sender``, so a null
+# sender's post goes through the list's Mailman chain as Mailman would take it.
+NULL_SENDER_MODES = ("reject", "mailman")
+_SMTP_CHAIN_MAILMAN = tuple(rule for rule in SMTP_CHAIN if rule.name != "null-sender")
+_CHAINS_BY_NULL_SENDER = {
+    "reject": (SMTP_CHAIN, _FULL_CHAINS),
+    "mailman": (_SMTP_CHAIN_MAILMAN,
+                {mode: _SMTP_CHAIN_MAILMAN + chain for mode, chain in CHAINS.items()}),
+}
+
 ALL_RULES: tuple[Rule, ...] = SMTP_CHAIN + MAILMAN3_CHAIN + MAILMAN2_CHAIN
 
 
-def decide(snapshot: Snapshot, query: Query, *, explain: bool = True) -> Decision:
+def decide(snapshot: Snapshot, query: Query, *, explain: bool = True,
+           null_sender: str = "reject") -> Decision:
     """Run the chain.  ``explain=False`` (the MTA path) leaves the trace empty and the
-    reason blank: every rule runs the same, only nothing is written down."""
+    reason blank: every rule runs the same, only nothing is written down.
+
+    ``null_sender`` (``[rules] null_sender``): ``reject`` runs the ``null-sender`` rule
+    (the null sender may only write to a list's -bounces address); ``mailman`` leaves it
+    out, so such a post is decided by the list's chain as Mailman would decide it."""
     target = snapshot.resolve(query.recipient)
     if not target.managed_domain:
         return Decision(
@@ -77,10 +92,12 @@ def decide(snapshot: Snapshot, query: Query, *, explain: bool = True) -> Decisio
         senders = mode_senders(policy.mode, query)
         ctx = Context(snapshot, query, target, senders, first_member(policy, senders),
                       explain)
-        chain = _FULL_CHAINS[policy.mode]
+        chain = (_FULL_CHAINS if null_sender == "reject"
+                 else _CHAINS_BY_NULL_SENDER[null_sender][1])[policy.mode]
     else:
         ctx = Context(snapshot, query, target, (), None, explain)
-        chain = SMTP_CHAIN
+        chain = SMTP_CHAIN if null_sender == "reject" else \
+            _CHAINS_BY_NULL_SENDER[null_sender][0]
     trace: list[TraceStep] | None = [] if explain else None
     note: Miss | None = None
     for rule in chain:

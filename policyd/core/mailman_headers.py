@@ -23,15 +23,28 @@ from email.header import decode_header, make_header
 
 __all__ = ["decode_like_mailman", "fields", "strict_getaddresses"]
 
-# A newline that starts a header of its own (the request joins repeated headers with
-# newlines); a newline followed by white space folds one header.
+# A newline that starts a header of its own (repeated headers are joined with newlines);
+# a newline followed by white space folds one header.
 _FIELD_BREAK = re.compile(r"\r?\n(?![ \t])")
 _CRLF = re.compile(r"[\r\n]")
 
 
 def fields(value: str) -> list[str]:
-    """The header fields joined in ``value``, in order, empty ones dropped."""
-    return [field for field in _FIELD_BREAK.split(value) if field.strip()]
+    """The header fields joined in ``value``, in order, empty ones dropped.
+
+    Exim's ``$bh_from:`` joins repeated address headers with ``,\n`` (and strips each
+    one's leading white space): the comma before a field break is the joiner's."""
+    parts = _FIELD_BREAK.split(value)
+    last = len(parts) - 1
+    out = []
+    for index, field in enumerate(parts):
+        if index < last:
+            trimmed = field.rstrip(" \t")
+            if trimmed.endswith(","):
+                field = trimmed[:-1]
+        if field.strip():
+            out.append(field)
+    return out
 
 
 def decode_like_mailman(field: str) -> str | None:

@@ -48,6 +48,10 @@ def clean_text(text: str) -> str:
     return text or "-"
 
 
+# The SMTP codes each kind of reply may use (checked here and by the configuration).
+PERMANENT_CODES = (500, 559)
+TEMPORARY_CODES = (400, 459)
+
 HOLD_OUTCOMES = (Outcome.ACCEPT, Outcome.HOLD)
 DISCARD_OUTCOMES = (Outcome.DISCARD, Outcome.REJECT)
 
@@ -79,11 +83,13 @@ class ReplyPolicy:
             raise ValueError("hold must map to accept or hold")
         if self.discard not in DISCARD_OUTCOMES:
             raise ValueError("discard must map to discard or reject")
-        if not (500 <= self.reject_code <= 559) or not self.reject_status.startswith("5."):
+        low, high = PERMANENT_CODES
+        if not (low <= self.reject_code <= high) or not self.reject_status.startswith("5."):
             raise ValueError("reject must use a 5xx code and a 5.x.x status")
         for code, status in ((self.defer_code, self.defer_status),
                              (self.error_code, self.error_status)):
-            if not (400 <= code <= 459) or not status.startswith("4."):
+            if not (TEMPORARY_CODES[0] <= code <= TEMPORARY_CODES[1]) \
+                    or not status.startswith("4."):
                 raise ValueError("defer and error must use a 4xx code and a 4.x.x status")
 
     def reply(self, decision: Decision) -> SmtpReply:
@@ -128,10 +134,9 @@ class ReplyPolicy:
         return SmtpReply(Outcome.REJECT, self.reject_code, self.reject_status,
                          clean_text(text))
 
-    def error(self, reason: str | None = None) -> SmtpReply:
-        """The reply for internal trouble: always temporary."""
+    def error(self) -> SmtpReply:
+        """The reply for internal trouble: always temporary, and the same whatever the
+        trouble was (the reason goes to the log, never to the SMTP client)."""
         return SmtpReply(Outcome.DEFER, self.error_code, self.error_status,
                          clean_text(self.error_text))
 
-
-DEFAULT_POLICY = ReplyPolicy()

@@ -440,8 +440,6 @@ def build(
     )
 
 
-EMPTY = build(())
-
 
 def replace_lists(
     previous: Snapshot,

@@ -9,7 +9,8 @@ are only normalised, so that such an address stored earlier can still be removed
 
 from __future__ import annotations
 
-from ..core.verdict import Action
+from ..core.validate import non_ascii_local
+from ..core.verdict import Action, Mode
 from ..errors import AlreadyExists, BadInput
 from .arguments import (
     ACTION_NAMES,
@@ -142,7 +143,7 @@ def cmd_member_add(ctx: Context) -> int:
             subscribed = q.subscribe_user(session, mlist, user, role, ctx.args.action)
             preferred = q.user_info(session, user)["preferred_address"]
             added, existing = ([preferred], []) if subscribed else ([], [preferred])
-        address = mlist.posting_address
+        address, mode = mlist.posting_address, mlist.mode
         if existing and not ctx.args.ignore_existing:
             # Raised inside the transaction: nothing of this command is written.
             raise _exist_already(role, address, existing)
@@ -158,6 +159,10 @@ def cmd_member_add(ctx: Context) -> int:
     if existing:
         ctx.print(f"{address}: already {plural(len(existing), role.label)}, left unchanged: "
                   f"{summary(existing)}")
+    unseen = [e.email for e in entries if non_ascii_local(e.email)]
+    if unseen and mode is Mode.MAILMAN3:
+        ctx.warn(f"Mailman 3 keeps no sender whose local part is not ASCII; on the mailman3 "
+                 f"list {address} these never match: {summary(unseen)}")
     return EXIT_OK
 
 

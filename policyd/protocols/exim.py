@@ -12,7 +12,7 @@ Request, terminated by ``\\n`` or by the client's half-close (Exim's default
 * ``sender`` (required): base64 of the envelope sender (``$sender_address``); empty is
   the null sender ``<>``;
 * ``from``, ``reply_to``, ``sender_header``: base64 of the raw header values
-  (``${base64:$rh_from:}``); empty or absent means the header is absent;
+  (``${base64:$bh_from:}``); empty or absent means the header is absent;
 * ``id``: an opaque token for log correlation (``$message_exim_id``).
 
 Base64 is the standard alphabet, padding optional.  A word that is not ``key=`` continues
@@ -35,7 +35,6 @@ from __future__ import annotations
 
 import binascii
 import re
-from time import perf_counter
 from typing import NamedTuple
 
 from twisted.internet.interfaces import IHalfCloseableProtocol
@@ -313,7 +312,7 @@ class EximFactory(TrackingFactory):
         for query in queries:
             answer = decide(query, "exim", names_a_list=True)
             line_text = reply_line(answer.reply)
-            self._log(query, answer, line_text, request.id)
+            self.decision_log.answered("exim", query, answer, line_text, request.id)
             replies.append((answer.reply, line_text))
         if len(replies) == 1:
             reply, line_text = replies[0]
@@ -322,20 +321,6 @@ class EximFactory(TrackingFactory):
             line_text = reply_line(reply)
         self.decider.count_answer("exim", reply.outcome._value_)
         return line_text.encode("utf-8", "replace")
-
-    def _log(self, query: Query, answer, line_text: str, request_id) -> None:
-        """The decision line for one list: the one place the Exim path writes it."""
-        decision = answer.decision
-        elapsed = (perf_counter() - answer.started) * 1000.0
-        if decision is None:
-            self.decision_log.trouble("exim", answer.trouble, query.recipient,
-                                      query.envelope_sender, answer.reason, line_text,
-                                      elapsed, request_id)
-        else:
-            self.decision_log.decision(
-                "exim", decision.verdict._value_, decision.list or query.recipient,
-                query.envelope_sender, ",".join(decision.senders) or "-", decision.sender,
-                decision.rule, line_text, elapsed, request_id)
 
     def malformed(self, error: ProtocolError, transport) -> bytes:
         log.warn("malformed Exim policy request from {peer}: {reason}",

@@ -21,7 +21,6 @@ way as soon as it is seen, then the connection is closed: its framing cannot be 
 from __future__ import annotations
 
 from itertools import repeat
-from time import perf_counter
 from typing import Mapping, NamedTuple
 
 from zope.interface import implementer
@@ -487,16 +486,7 @@ class PostfixFactory(TrackingFactory):
         self.decider.count_answer(
             "postfix", action if action == "DUNNO" or action == "OK"
             else answer.reply.outcome._value_)
-        elapsed = (perf_counter() - answer.started) * 1000.0
-        if decision is None:
-            self.decision_log.trouble("postfix", answer.trouble, query.recipient,
-                                      query.envelope_sender, answer.reason, action, elapsed,
-                                      request.request_id)
-        else:
-            self.decision_log.decision(
-                "postfix", decision.verdict._value_, decision.list or query.recipient,
-                query.envelope_sender, ",".join(decision.senders) or "-", decision.sender,
-                decision.rule, action, elapsed, request.request_id)
+        self.decision_log.answered("postfix", query, answer, action, request.request_id)
         return format_response(action)
 
     def malformed(self, error: ProtocolError, transport) -> bytes:

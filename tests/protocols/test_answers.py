@@ -78,7 +78,7 @@ def test_postfix_hold_and_discard_words():
 
 
 def test_postfix_action_without_decision_sends_the_reply_code():
-    reply = POLICY.error("x")
+    reply = POLICY.error()
     assert postfix_action(None, reply, "safe", "dunno") == \
         "451 4.3.0 List policy service temporarily unavailable, please try again later"
 

@@ -4,9 +4,14 @@ real ``policyd`` process, a real Exim daemon and a private Postfix instance.
 Needs root (Exim's ``-C`` with a trusted configuration, Postfix's ``postfix start``).  As
 root the session runs ``install-mtas.sh`` (quick when everything is installed); otherwise,
 or when the install fails, ``tests.requirements.require`` skips outside CI and fails in CI.
-Everything lives in one run directory under /tmp (mode 0755: Exim's Debian-exim user and
-Postfix's chrooted smtpd must reach the sockets and maildirs); set POLICYD_KEEP_MTA_RUN=1
-to keep it for a post-mortem.
+
+Exim's and Postfix's processes run as Debian-exim and postfix, which may not enter the
+checkout (a 0700 home, ``mktemp -d``).  So everything they open lives in one run folder,
+mode 0755, under /tmp or /var/tmp (``harness.make_run_folder``; POLICYD_MTA_RUN_PARENT
+chooses another parent): the Exim configuration (listed in Exim's trusted configurations
+for the session), a copy of contrib/exim/ it includes, a copy of the Exim binary (its
+``exim_path``), spools, queues, maildirs and policyd's sockets.  Set POLICYD_KEEP_MTA_RUN=1
+to keep the folder for a post-mortem.
 """
 
 from __future__ import annotations
@@ -17,7 +22,6 @@ import shutil
 import signal
 import subprocess
 import sys
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -30,15 +34,18 @@ from .harness import (
     HERE,
     LIST_DOMAIN,
     REPO,
+    RUN_PARENTS,
     Message,
     Result,
     free_port,
+    make_run_folder,
     parse_bh,
     pid_alive,
     port_open,
     render,
     smtp_send,
     stop_process,
+    trust_exim_config,
     wait_until,
 )
 
@@ -70,8 +77,7 @@ def command_line(name: str) -> list[str]:
 
 @dataclass(frozen=True)
 class Mtas:
-    exim_bin: Path
-    exim_conf: Path        # the path install-mtas.sh registered as a trusted configuration
+    exim_bin: Path         # as install-mtas.sh unpacked it, under the checkout's build folder
     postfix: str
 
 
@@ -88,7 +94,7 @@ def mtas() -> Mtas:
     postfix = shutil.which("postfix") or "/usr/sbin/postfix"
     require(exim_bin.exists() and Path(postfix).exists(),
             f"Exim ({exim_bin}) or Postfix ({postfix}) is missing after install-mtas.sh")
-    return Mtas(exim_bin, MTA_DIR / "exim-test.conf", postfix)
+    return Mtas(exim_bin, postfix)
 
 
 # --- the run directory and policyd ----------------------------------------------------------
@@ -101,19 +107,42 @@ class Layout:
     postfix_dir: Path
     postfix_socket: Path   # inside the Postfix queue directory (smtpd is chrooted there)
     policyd_dir: Path
+    contrib: Path          # a copy of contrib/exim/: Exim opens .include files as Debian-exim
+    exim_bin: Path         # a copy of mtas.exim_bin: Exim re-executes it as Debian-exim
+    exim_conf: Path        # listed in Exim's trusted configurations for the session
+
+
+def run_parents() -> tuple[str, ...]:
+    chosen = os.environ.get("POLICYD_MTA_RUN_PARENT")
+    return (chosen,) if chosen else RUN_PARENTS
 
 
 @pytest.fixture(scope="session")
 def layout(mtas) -> Layout:
-    run = Path(tempfile.mkdtemp(prefix="policyd-mta-", dir="/tmp"))
-    run.chmod(0o755)
-    postfix_dir = run / "postfix"
-    (postfix_dir / "spool" / "policyd").mkdir(parents=True)
-    (run / "policyd").mkdir()
-    yield Layout(run, run / "exim.sock", postfix_dir,
-                 postfix_dir / "spool" / "policyd" / "postfix.sock", run / "policyd")
-    if not os.environ.get("POLICYD_KEEP_MTA_RUN"):
-        shutil.rmtree(run, ignore_errors=True)
+    run = make_run_folder(run_parents())
+    try:
+        postfix_dir = run / "postfix"
+        (postfix_dir / "spool" / "policyd").mkdir(parents=True)
+        (run / "policyd").mkdir()
+        contrib = run / "contrib"
+        shutil.copytree(CONTRIB / "exim", contrib / "exim")
+        exim_bin = run / "exim-bin" / "exim4"
+        exim_bin.parent.mkdir()
+        shutil.copyfile(mtas.exim_bin, exim_bin)
+        os.chown(exim_bin, 0, 0)
+        exim_bin.chmod(0o4755)     # setuid root, as Debian installs it
+        (run / "exim").mkdir()
+        exim_conf = run / "exim" / "exim.conf"
+        trust_exim_config(exim_conf)
+        try:
+            yield Layout(run, run / "exim.sock", postfix_dir,
+                         postfix_dir / "spool" / "policyd" / "postfix.sock", run / "policyd",
+                         contrib, exim_bin, exim_conf)
+        finally:
+            trust_exim_config(exim_conf, trusted=False)
+    finally:
+        if not os.environ.get("POLICYD_KEEP_MTA_RUN"):
+            shutil.rmtree(run, ignore_errors=True)
 
 
 def policyctl(config: Path, *args: str, input: str | None = None) -> str:
@@ -232,8 +261,8 @@ class Exim:
     """contrib/exim/ included unchanged into a site configuration (exim.conf.in)."""
 
     def __init__(self, mtas: Mtas, layout: Layout) -> None:
-        self.bin = mtas.exim_bin
-        self.conf = mtas.exim_conf
+        self.bin = layout.exim_bin
+        self.conf = layout.exim_conf
         self.run = layout.run / "exim"
         self.maildir = self.run / "mail"
         self.port = 0
@@ -243,7 +272,8 @@ class Exim:
             (self.run / sub).mkdir(parents=True, exist_ok=True)
             os.chown(self.run / sub, exim_user.pw_uid, exim_user.pw_gid)
         text = render(HERE / "exim.conf.in", {
-            "RUN": str(self.run), "EXIM_BIN": str(self.bin), "CONTRIB": str(CONTRIB / "exim"),
+            "RUN": str(self.run), "EXIM_BIN": str(self.bin),
+            "CONTRIB": str(layout.contrib / "exim"),
             "SOCKET": str(layout.exim_socket), "TIMEOUT": EXIM_TIMEOUT,
         })
         tmp = self.conf.with_suffix(".tmp")
@@ -265,8 +295,9 @@ class Exim:
             [str(self.bin), "-C", str(self.conf), *(f"-D{d}" for d in defines),
              "-bh", "127.0.0.1"],
             input=session.encode(), capture_output=True, timeout=60)
-        return parse_bh(done.stdout.decode(errors="replace"), message), \
-            done.stderr.decode(errors="replace")
+        stderr = done.stderr.decode(errors="replace")
+        return parse_bh(done.stdout.decode(errors="replace"), message, stderr,
+                        done.returncode), stderr
 
     def start(self) -> None:
         self.port = free_port()

@@ -7,12 +7,17 @@ helpers return what the MTA said and the tests decide.
 
 from __future__ import annotations
 
+import fcntl
+import grp
 import os
+import pwd
 import re
 import signal
 import smtplib
 import socket
+import stat
 import subprocess
+import tempfile
 import threading
 import time
 from dataclasses import dataclass, field
@@ -24,6 +29,12 @@ HERE = Path(__file__).resolve().parent
 
 LIST_DOMAIN = "lists.test.example"
 USER_DOMAIN = "users.test.example"
+
+# The users Exim's and Postfix's own processes run as: they open the configurations, the
+# files those include, the spools and the policy sockets, never the checkout.
+MTA_USERS = ("Debian-exim", "postfix")
+# Where a run folder may go, in this order (POLICYD_MTA_RUN_PARENT comes first when set).
+RUN_PARENTS = ("/tmp", "/var/tmp")
 
 
 # --- small utilities ---------------------------------------------------------------------
@@ -91,6 +102,92 @@ def render(template: Path, values: dict[str, str]) -> str:
     if left:
         raise ValueError(f"{template}: placeholders left: {left}")
     return text
+
+
+# --- the run folder: what Exim and Postfix must reach ----------------------------------------
+
+
+def blocking_folder(path: Path, user: str) -> Path | None:
+    """The first folder on the way to ``path`` (``/`` first, ``path`` itself last) that
+    ``user`` may not enter by its mode bits, or None when all of them let it through."""
+    account = pwd.getpwnam(user)
+    if account.pw_uid == 0:
+        return None
+    groups = {account.pw_gid} | {g.gr_gid for g in grp.getgrall() if user in g.gr_mem}
+    path = Path(os.path.abspath(path))
+    for folder in [*reversed(path.parents), path]:
+        info = folder.stat()
+        if info.st_uid == account.pw_uid:
+            bit = stat.S_IXUSR
+        elif info.st_gid in groups:
+            bit = stat.S_IXGRP
+        else:
+            bit = stat.S_IXOTH
+        if not info.st_mode & bit:
+            return folder
+    return None
+
+
+def make_run_folder(parents=RUN_PARENTS, users=MTA_USERS, prefix="policyd-mta-") -> Path:
+    """A new folder (mode 0755) for one session's configurations, sockets, spools and
+    queues, under the first of ``parents`` that every one of ``users`` can enter and whose
+    file system honours the setuid bit (the run's copy of Exim needs it).
+
+    The checkout may live where those users cannot go (a 0700 home, ``mktemp -d``), so
+    nothing they open may stay under it.  When no parent fits, the error names each
+    folder and the user it shuts out."""
+    refused = []
+    for parent in parents:
+        parent = Path(parent).resolve()
+        if not parent.is_dir():
+            refused.append(f"{parent} is not a folder")
+            continue
+        if os.statvfs(parent).f_flag & os.ST_NOSUID:
+            refused.append(f"{parent} is mounted nosuid (the run's Exim binary is setuid root)")
+            continue
+        blocked = [(user, folder) for user in users
+                   if (folder := blocking_folder(parent, user)) is not None]
+        if blocked:
+            refused.extend(f"user {user} cannot enter {folder} (on the way to {parent})"
+                           for user, folder in blocked)
+            continue
+        run = Path(tempfile.mkdtemp(prefix=prefix, dir=parent))
+        run.chmod(0o755)
+        return run
+    raise RuntimeError(
+        "no folder for the real-MTA tests' run files that Exim and Postfix can reach: "
+        + "; ".join(refused)
+        + ". Set POLICYD_MTA_RUN_PARENT to a folder that "
+        + " and ".join(users) + " can enter.")
+
+
+# Debian's Exim has TRUSTED_CONFIG_LIST=/etc/exim4/trusted_configs compiled in: an Exim
+# started with -C on a configuration listed there keeps its privileges for delivery.
+TRUSTED_CONFIGS = Path("/etc/exim4/trusted_configs")
+
+
+def trust_exim_config(conf: Path, trusted: bool = True,
+                      listing: Path = TRUSTED_CONFIGS) -> None:
+    """List ``conf`` in Exim's trusted configurations (or take it out again).
+
+    Concurrent sessions edit the list under a lock on its folder and replace it whole
+    (Exim never reads half a file); entries of earlier runs whose run folder is gone are
+    dropped on the way."""
+    folder = os.open(listing.parent, os.O_RDONLY)
+    try:
+        fcntl.flock(folder, fcntl.LOCK_EX)
+        lines = listing.read_text(encoding="utf-8").splitlines() if listing.exists() else []
+        kept = [line for line in lines
+                if line != str(conf)
+                and not ("/policyd-mta-" in line and not Path(line).parent.exists())]
+        if trusted:
+            kept.append(str(conf))
+        tmp = listing.with_name(listing.name + f".{os.getpid()}.tmp")
+        tmp.write_text("".join(f"{line}\n" for line in kept), encoding="utf-8")
+        tmp.chmod(0o644)           # Exim ignores a list that others may write
+        os.replace(tmp, listing)
+    finally:
+        os.close(folder)
 
 
 # --- messages and SMTP sessions -----------------------------------------------------------
@@ -166,8 +263,18 @@ def smtp_send(port: int, message: Message, timeout: float = 60.0) -> Result:
 _REPLY = re.compile(r"^(\d{3})([ -])(.*?)\r?$")
 
 
-def parse_bh(stdout: str, message: Message) -> Result:
-    """Split the output of ``exim -bh`` into the replies to MAIL, each RCPT and DATA."""
+class EximOutputError(AssertionError):
+    """Exim's output has not got the replies a session needs: it failed before or during
+    the session (a configuration it could not read, a crash).  The message carries what
+    Exim printed and its exit status."""
+
+
+def parse_bh(stdout: str, message: Message, stderr: str = "",
+             status: int | None = None) -> Result:
+    """Split the output of ``exim -bh`` into the replies to MAIL, each RCPT and DATA.
+
+    Raises ``EximOutputError`` with Exim's own output (``stdout``, the end of ``stderr``)
+    and exit ``status`` when that output has not got those replies."""
     replies = []
     text: list[str] = []
     for line in stdout.splitlines():
@@ -181,12 +288,29 @@ def parse_bh(stdout: str, message: Message) -> Result:
             replies.append((int(match.group(1)), _one_line("\n".join(text))))
             text = []
     # 220 banner, EHLO, MAIL, RCPT..., then 354 + DATA reply or a 503 (no valid RCPT).
-    replies = replies[2:]
-    mail = replies[0]
-    rcpts = replies[1:1 + len(message.recipients)]
-    rest = replies[1 + len(message.recipients):]
-    data = rest[1] if rest and rest[0][0] == 354 else None
-    return Result(mail, rcpts, data)
+    wanted = 3 + len(message.recipients)
+    problem = None
+    if len(replies) < wanted or replies[0][0] != 220:
+        problem = (f"expected the banner (220) and replies to EHLO, MAIL and "
+                   f"{len(message.recipients)} RCPT, found {len(replies)} replies")
+    else:
+        mail = replies[2]
+        rcpts = replies[3:wanted]
+        rest = replies[wanted:]
+        if rest and rest[0][0] == 354:
+            if len(rest) < 2:
+                problem = "found 354 after DATA but no reply to the message"
+            else:
+                return Result(mail, rcpts, rest[1])
+        elif any(code // 100 == 2 for code, _ in rcpts) and not rest:
+            problem = "a recipient was accepted but DATA got no reply"
+        else:
+            return Result(mail, rcpts, None)
+    raise EximOutputError(
+        f"cannot read the SMTP replies in the output of exim -bh: {problem}.\n"
+        f"exit status: {status}\n"
+        f"--- stdout ---\n{stdout.rstrip()}\n"
+        f"--- stderr (last 4000 characters) ---\n{stderr[-4000:].rstrip()}")
 
 
 # --- maildirs -----------------------------------------------------------------------------

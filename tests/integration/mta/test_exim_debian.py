@@ -22,7 +22,7 @@ import subprocess
 import pytest
 
 from .conftest import ANNOUNCE, MEMBER, MTA_DIR, NONMEMBER, NOTICE, OTHER
-from .harness import CONTRIB, LIST_DOMAIN, Message, parse_bh
+from .harness import LIST_DOMAIN, Message, parse_bh
 
 pytestmark = [pytest.mark.integration, pytest.mark.mta]
 
@@ -64,8 +64,9 @@ lists_for_the_test:
 
 
 def _localmacros(layout, spool) -> str:
+    # The run folder's copy of contrib/exim/: Exim opens included files as Debian-exim.
     return LOCALMACROS.format(socket=layout.exim_socket, domain=LIST_DOMAIN,
-                              contrib=CONTRIB / "exim", spool=spool)
+                              contrib=layout.contrib / "exim", spool=spool)
 
 
 @pytest.fixture(scope="module", params=["split", "monolithic"])
@@ -89,14 +90,14 @@ def debian_conf(request, mtas, layout, policyd):
         # conf.d/main/05_policyd (update-exim4.conf skips file names with a dot).
         (confdir / "conf.d" / "main" / "000_localmacros").write_text(
             localmacros, encoding="utf-8")
-        shutil.copy(CONTRIB / "exim" / "policyd-main.conf",
+        shutil.copy(layout.contrib / "exim" / "policyd-main.conf",
                     confdir / "conf.d" / "main" / "05_policyd")
         (confdir / "conf.d" / "router" / "450_lists_for_the_test").write_text(
             ROUTER, encoding="utf-8")
     else:
         # The README: exim4.conf.localmacros holds the macros and an .include of
         # policyd-main.conf; the router goes into exim4.conf.template.
-        localmacros += f".include {CONTRIB / 'exim' / 'policyd-main.conf'}\n"
+        localmacros += f".include {layout.contrib / 'exim' / 'policyd-main.conf'}\n"
         (confdir / "exim4.conf.localmacros").write_text(localmacros, encoding="utf-8")
         template = confdir / "exim4.conf.template"
         text = template.read_text(encoding="utf-8")
@@ -114,7 +115,7 @@ def debian_conf(request, mtas, layout, policyd):
         output.write_text(localmacros + output.read_text(encoding="utf-8"), encoding="utf-8")
     output.chmod(0o644)
     os.chown(output, 0, 0)
-    return mtas.exim_bin, output
+    return layout.exim_bin, output
 
 
 def bh(debian_conf, message: Message):
@@ -124,7 +125,8 @@ def bh(debian_conf, message: Message):
     session += "DATA\r\n" + message.data() + "\r\n.\r\nQUIT\r\n"
     done = subprocess.run([str(exim_bin), "-C", str(conf), "-bh", "192.0.2.10"],
                           input=session.encode(), capture_output=True, timeout=60)
-    return parse_bh(done.stdout.decode(errors="replace"), message)
+    return parse_bh(done.stdout.decode(errors="replace"), message,
+                    done.stderr.decode(errors="replace"), done.returncode)
 
 
 def test_member_accepted(debian_conf):

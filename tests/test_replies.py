@@ -60,7 +60,7 @@ def test_unsafe_mappings_refused(kwargs):
 
 
 def test_error_is_temporary():
-    reply = ReplyPolicy().error("store down")
+    reply = ReplyPolicy().error()
     assert reply.outcome is Outcome.DEFER and 400 <= reply.code < 500
     assert reply.status.startswith("4.")
 
