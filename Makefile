@@ -14,7 +14,7 @@ MAILMAN_PY ?= $(shell test -x /usr/bin/python3 && echo /usr/bin/python3 || echo 
 PIP        = $(VENV)/bin/python -m pip -q --disable-pip-version-check
 PYTEST_ARGS ?=
 
-.PHONY: run test bench venv mailman-venv mta-deps test-deps clean
+.PHONY: run test bench venv mailman-venv mta-deps packaging-deps test-deps deb sdist clean
 
 venv: $(VENV)/.installed
 
@@ -47,7 +47,17 @@ mta-deps:
 	@if [ "$$(id -u)" = 0 ]; then bash tests/integration/mta/install-mtas.sh "$(BUILD)/mta"; \
 	else echo "mta-deps: not root, not installing Exim and Postfix (their tests will skip outside CI)"; fi
 
-test-deps: venv mailman-venv mta-deps
+# What the package test (tests/packaging/) needs on this machine: debootstrap for the
+# Debian 13 chroots (the package is built and installed inside them, with trixie's
+# debhelper, dh-python, pybuild-plugin-pyproject and lintian), man for `man -l`.
+packaging-deps:
+	@if [ "$$(id -u)" = 0 ]; then \
+	  need=""; for p in debootstrap man-db groff-base; do \
+	    dpkg-query -W -f='$${Status}' $$p 2>/dev/null | grep -q 'ok installed' || need="$$need $$p"; done; \
+	  if [ -n "$$need" ]; then apt-get -q update && DEBIAN_FRONTEND=noninteractive apt-get -q -y install $$need; fi; \
+	else echo "packaging-deps: not root, not installing debootstrap (the package test will skip outside CI)"; fi
+
+test-deps: venv mailman-venv mta-deps packaging-deps
 
 test: test-deps
 	POLICYD_MAILMAN_PYTHON=$(MAILMAN_VENV)/bin/python POLICYD_MTA_DIR=$(BUILD)/mta \
@@ -66,6 +76,21 @@ bench: venv mailman-venv
 	POLICYD_MAILMAN_PYTHON=$(MAILMAN_VENV)/bin/python \
 	  $(VENV)/bin/python -m bench.mailman3 --work-dir $(BUILD)/bench; mailman3=$$?; \
 	test $$native = 0 && test $$mailman3 -le 1
+
+# The source distribution (what `make deb` builds from: it must hold everything).
+sdist: venv
+	rm -rf $(BUILD)/sdist
+	$(VENV)/bin/python -c 'import sys; from setuptools import build_meta as b; \
+	  print(sys.argv[1] + "/" + b.build_sdist(sys.argv[1]))' $(BUILD)/sdist
+
+# The Debian 13 (trixie) package, built from the sdist in a trixie chroot cached under
+# $(BUILD)/trixie (needs root and debootstrap; Debian's registry only); lintian's report
+# is $(BUILD)/deb/lintian.txt.
+DEB_WORK ?= $(BUILD)/trixie
+DEB_OUT  ?= $(BUILD)/deb
+deb: sdist packaging-deps
+	bash tests/packaging/trixie.sh deb $(DEB_WORK) $$(ls $(BUILD)/sdist/policyd-*.tar.gz) $(DEB_OUT)
+	@cat $(DEB_OUT)/lintian.txt
 
 clean:
 	rm -rf $(VENV) $(BUILD) $(STATE) *.egg-info .pytest_cache .hypothesis

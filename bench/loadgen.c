@@ -11,7 +11,14 @@
  *
  * One thread, epoll, C concurrent slots.  Closed loop by default; --rate R issues requests
  * on a fixed schedule and measures latency from the scheduled start (so a stalled server
- * is charged for the queue it causes).  Requests come from a file and are used round-robin
+ * is charged for the queue it causes).  --poisson makes the schedule open-loop Poisson
+ * arrivals (exponential gaps of mean 1/R, seeded by --seed: the same schedule for every
+ * server).  With --rate the measured requests are those *scheduled* inside the window,
+ * each waited for until it completes (or --timeout): a server that stalls at the end of
+ * the window cannot drop its slowest requests from the figures.  A request due while all
+ * C slots are busy waits for one, and that wait counts (no coordinated omission); the
+ * output's "late_starts" counts them and "max_start_lag_ms" says how late the worst one
+ * started.  Requests come from a file and are used round-robin
  * (exim/exec: one per line; postfix: blocks ended by an empty line), from --start on, so
  * that consecutive runs can walk through the file instead of replaying its beginning.
  *
@@ -71,6 +78,10 @@ static long next_req, start_req;
 static char **exec_argv;
 static int exec_argc;
 static double timeline_step = 0.0;
+static int poisson = 0;
+static unsigned long long rng_state = 88172645463325252ULL;
+static long late_starts;
+static double max_start_lag;
 
 static double *lat;
 static size_t nlat, caplat;
@@ -260,6 +271,19 @@ static void begin_write(slot_t *s) {
 
 static double t_measure0, t_measure1;
 
+/* xorshift64*: a reproducible schedule, independent of libc's generators. */
+static double uniform01(void) {
+    rng_state ^= rng_state >> 12;
+    rng_state ^= rng_state << 25;
+    rng_state ^= rng_state >> 27;
+    return ((rng_state * 2685821657736338717ULL) >> 11) * (1.0 / 9007199254740992.0);
+}
+
+static double next_gap(double interval) {
+    if (!poisson) return interval;
+    return -log(1.0 - uniform01()) * interval;
+}
+
 static void start_request(slot_t *s, double start) {
     s->req = pick_request();
     s->start = start;
@@ -302,7 +326,8 @@ static void complete(slot_t *s, double t) {
         if (!first_error[0])
             snprintf(first_error, sizeof first_error, "bad reply: %.*s", (int)(n > 100 ? 100 : n), b);
     }
-    if (t >= t_measure0 && t <= t_measure1) {
+    double at = rate > 0 ? s->start : t;  /* open loop: by scheduled time */
+    if (at >= t_measure0 && at <= t_measure1) {
         if (ok) record((t - s->start) * 1e3, t, t_measure0);
         else errors++;
     }
@@ -445,7 +470,7 @@ static void usage(void) {
     fprintf(stderr,
             "usage: loadgen --mode exim|postfix|exec --requests FILE [--target unix:PATH|tcp:HOST:PORT]\n"
             "       [--concurrency C] [--duration S] [--warmup S] [--count N] [--rate R]\n"
-            "       [--timeout S] [--timeline STEP] [--start INDEX]\n"
+            "       [--timeout S] [--timeline STEP] [--start INDEX] [--poisson 0|1] [--seed N]\n"
             "       [-- COMMAND ARGS... (exec mode)]\n");
     exit(2);
 }
@@ -474,6 +499,8 @@ int main(int argc, char **argv) {
         else if (strcmp(a, "--timeout") == 0) timeout_s = atof(v);
         else if (strcmp(a, "--timeline") == 0) timeline_step = atof(v);
         else if (strcmp(a, "--start") == 0) start_req = atol(v);
+        else if (strcmp(a, "--poisson") == 0) poisson = atoi(v);
+        else if (strcmp(a, "--seed") == 0) rng_state = strtoull(v, NULL, 10) * 2654435761ULL + 1;
         else usage();
         i++;
     }
@@ -516,7 +543,9 @@ int main(int argc, char **argv) {
         for (;;) {
             double t = now();
             if (stop_flag && t < t_measure1) t_measure1 = t > t_measure0 ? t : t_measure0;
-            int stopping = t > t_measure1 || (max_count && (long)nlat >= max_count);
+            /* open loop: issue everything scheduled inside the window, then drain */
+            int stopping = (rate > 0 ? next_due > t_measure1 : t > t_measure1)
+                           || (max_count && (long)nlat >= max_count);
             int busy = 0;
             double wake = t + 0.05;
             for (int i = 0; i < concurrency; i++) {
@@ -528,7 +557,13 @@ int main(int argc, char **argv) {
                 }
                 if (s->state == S_IDLE && !stopping) {
                     if (rate > 0) {
-                        if (t >= next_due) { start_request(s, next_due); next_due += interval; }
+                        if (t >= next_due) {
+                            double lag = t - next_due;
+                            if (lag > 0.0005) late_starts++;
+                            if (lag > max_start_lag) max_start_lag = lag;
+                            start_request(s, next_due);
+                            next_due += next_gap(interval);
+                        }
                         else if (next_due < wake) wake = next_due;
                     } else {
                         start_request(s, t);
@@ -544,6 +579,7 @@ int main(int argc, char **argv) {
             }
             if (stopping && !busy) break;
             if (stopping && t > t_measure1 + timeout_s) break;
+            if (stop_flag && t > t_measure1 + 0.2) break;
             /* Sleep until the next due time with nanosecond precision: spinning here
              * (epoll_wait with a 0 ms timeout) would burn the client CPU, and on a
              * virtual machine that can slow the server's CPU too. */
@@ -569,11 +605,13 @@ int main(int argc, char **argv) {
     printf("{\"mode\": \"%s\", \"target\": \"%s\", \"concurrency\": %d, \"rate\": %.1f, "
            "\"duration\": %.3f, \"count\": %zu, \"errors\": %ld, \"bad_replies\": %ld, "
            "\"timeouts\": %ld, \"connect_retries\": %ld, \"issued\": %ld, \"requests_in_file\": %d, "
+           "\"poisson\": %d, \"late_starts\": %ld, \"max_start_lag_ms\": %.3f, "
            "\"qps\": %.1f, \"mean_ms\": %.4f, "
            "\"p50_ms\": %.4f, \"p99_ms\": %.4f, \"p999_ms\": %.4f, \"max_ms\": %.4f, ",
            mode == M_EXIM ? "exim" : mode == M_POSTFIX ? "postfix" : "exec",
            target ? target : exec_argv[0], concurrency, rate, measured, nlat, errors,
            bad_replies, timeouts, connect_retries, next_req - start_req, nreqs,
+           poisson, late_starts, max_start_lag * 1e3,
            measured > 0 ? nlat / measured : 0,
            nlat ? sum / nlat : 0, pct(0.5), pct(0.99), pct(0.999), nlat ? lat[nlat - 1] : 0);
     printf("\"first_error\": \"");

@@ -102,7 +102,8 @@ class Daemon:
     """One policyd process pinned to the server CPU."""
 
     def __init__(self, python: Path, workdir: Path, sockdir: Path, name: str, store_url: str,
-                 *, tcp_port: int | None = None, refresh: float = 2.0) -> None:
+                 *, tcp_port: int | None = None, refresh: float = 2.0,
+                 postfix_mode: str = "envelope", metrics: str = "", extra: str = "") -> None:
         self.name = name
         self.workdir = workdir
         self.exim = sockdir / f"{name}-exim.sock"
@@ -123,7 +124,8 @@ class Daemon:
             f"control_socket = {self.control}\ncontrol_socket_mode = 0600\n"
             f"log_file = {self.log_file}\n\n"
             f"[exim]\nlisten = unix:{self.exim}:mode=666\n\n"
-            f"[postfix]\nlisten = {postfix_listen}\n")
+            f"[postfix]\nlisten = {postfix_listen}\nmode = {postfix_mode}\n"
+            + (f"\n[metrics]\nlisten = {metrics}\n" if metrics else "") + extra)
         policyd = python.parent / "policyd"
         self.started = time.monotonic()
         self.proc = subprocess.Popen(

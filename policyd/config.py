@@ -100,6 +100,23 @@ class PostfixConfig:
 
 
 @dataclass(frozen=True)
+class MetricsConfig:
+    """``[metrics]``: the Prometheus endpoint (``policyd.metrics``), off when ``listen``
+    is empty; ``per_list`` adds answers per list (one series per list and verdict)."""
+
+    listen: str = ""
+    per_list: bool = False
+
+
+@dataclass(frozen=True)
+class RulesConfig:
+    """``[rules]``: ``null_sender = reject`` (the ``null-sender`` rule: <> may only write
+    to -bounces) or ``mailman`` (no such rule: the list's chain decides, as Mailman)."""
+
+    null_sender: str = "reject"
+
+
+@dataclass(frozen=True)
 class Config:
     source: str
     store: StoreConfig
@@ -108,6 +125,8 @@ class Config:
     postfix: PostfixConfig
     smtp: ReplyPolicy
     runtime: RuntimeConfig = RuntimeConfig()
+    metrics: MetricsConfig = MetricsConfig()
+    rules: RulesConfig = RulesConfig()
 
 
 # --- value parsers: each raises ValueError with the "allowed" wording ------------------
@@ -180,6 +199,18 @@ def _listeners(value: str) -> tuple[str, ...]:
                              "unix:/run/policyd/exim.sock:mode=660, "
                              "tcp:10040:interface=127.0.0.1, systemd:domain=UNIX:index=0")
     return items
+
+
+def _metrics_listen(value: str) -> str:
+    """One endpoint string, or empty (no metrics endpoint)."""
+    value = value.strip()
+    if not value:
+        return ""
+    if len(value.split()) != 1 or value.split(":", 1)[0] not in ("tcp", "tcp6", "unix",
+                                                                  "systemd"):
+        raise ValueError("allowed: empty (off), or one Twisted endpoint string such as "
+                         "tcp:9163:interface=127.0.0.1")
+    return value
 
 
 def _switch(value: str) -> bool:
@@ -269,6 +300,13 @@ SCHEMA: Mapping[str, Mapping[str, tuple[Callable[[str], object], str]]] = {
         "max_request": (_positive_int, "65536"),
         "request_timeout": (_positive_float, "10"),
         "max_connections": (_positive_int, "1000"),
+    },
+    "metrics": {
+        "listen": (_metrics_listen, ""),
+        "per_list": (_switch, "off"),
+    },
+    "rules": {
+        "null_sender": (_choice("reject", "mailman"), "reject"),
     },
     "runtime": {
         "reactor": (_switch, "on"),
@@ -372,6 +410,8 @@ def parse(text: str, source: str = "<config>", base: Path | None = None) -> Conf
             fail_closed=d["fail_closed"],
         ),
         runtime=RuntimeConfig(**values["runtime"]),
+        metrics=MetricsConfig(**values["metrics"]),
+        rules=RulesConfig(**values["rules"]),
         exim=EximConfig(**values["exim"], max_buffered=d["max_buffered"]),
         postfix=PostfixConfig(**p, max_buffered=d["max_buffered"]),
         smtp=ReplyPolicy(

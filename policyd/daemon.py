@@ -32,6 +32,12 @@ def _parser(environ) -> argparse.ArgumentParser:
 def main(argv=None, environ=None) -> int:
     environ = os.environ if environ is None else environ
     args = _parser(environ).parse_args(argv)
+    if args.check_config:
+        # Every check start-up and the first answers would hit (``policyd.check``), the
+        # path checks of ``config.check_paths`` included; ``systemd:`` listeners noted.
+        from .check import check_config
+
+        return check_config(args.config, sys.stdout, sys.stderr)
     from .tap import load_config
 
     try:

@@ -47,13 +47,15 @@ class ListenerGroup(MultiService):
     """
 
     def __init__(self, reactor, listeners, *, grace: float, ready, first_load_wait: float,
-                 on_ready=None) -> None:
+                 on_ready=None, on_serving=None) -> None:
         super().__init__()
         self.reactor = reactor
         self.grace = grace
         self.ready = ready
         self.first_load_wait = first_load_wait
         self.on_ready = on_ready
+        # Called once the MTA listeners accept (systemd's READY=1).
+        self.on_serving = on_serving
         for listener in listeners:
             listener.setServiceParent(self)
 
@@ -71,7 +73,8 @@ class ListenerGroup(MultiService):
         self._hold_mta_listeners()
 
     def _hold_mta_listeners(self) -> None:
-        held = [l.port for l in self if l.kind != "control" and hasattr(l.port, "stopReading")]
+        held = [l.port for l in self if l.kind not in ("control", "metrics")
+                and hasattr(l.port, "stopReading")]
         for port in held:
             port.stopReading()
         resumed = []
@@ -87,6 +90,11 @@ class ListenerGroup(MultiService):
             for port in held:
                 if port.connected:
                     port.startReading()
+            if self.on_serving is not None:
+                try:
+                    self.on_serving()
+                except Exception:
+                    log.failure("the start-up notification failed")
 
         timer = self.reactor.callLater(self.first_load_wait, resume)
         self.ready().addCallback(resume)
@@ -117,7 +125,7 @@ class PolicyService(MultiService):
 
     def __init__(self, config: Config, reactor, backend, *, store_thread=None,
                  install_signals: bool = False, on_sighup: Callable[[], None] | None = None,
-                 tuning=None) -> None:
+                 tuning=None, environ=None) -> None:
         super().__init__()
         self.config = config
         self.reactor = reactor
@@ -134,7 +142,16 @@ class PolicyService(MultiService):
             run_in_thread=self.store_thread.run,
             refresh_timeout=config.store.refresh_timeout)
         self.decider = Decider(self.snapshots, config.smtp,
-                               fail_closed=config.daemon.fail_closed)
+                               fail_closed=config.daemon.fail_closed,
+                               null_sender=config.rules.null_sender,
+                               per_list=config.metrics.per_list,
+                               latency=bool(config.metrics.listen))
+        # systemd notifications (``$NOTIFY_SOCKET``): only with the environment passed
+        # in (the daemon's own, from ``tap.makeService``); a no-op without the variable.
+        from .systemd import SystemdNotifier
+
+        self.notifier = SystemdNotifier(reactor, environ or {}, self.notify_status)
+        self._rate_mark: tuple[float, int] | None = None
         self.decision_log = DecisionLog(
             enabled=config.daemon.log_level in ("debug", "info"))
         self.started_at: float | None = None
@@ -158,11 +175,17 @@ class PolicyService(MultiService):
         if tuning is not None:
             for listener in listeners:
                 tuning.apply_to_factory(listener.factory)
+        if config.metrics.listen:
+            from .metrics import metrics_site
+
+            listeners.append(Listener(reactor, "metrics", "[metrics] listen",
+                                      config.metrics.listen, metrics_site(self)))
         self.listener_group = ListenerGroup(
             reactor, listeners, grace=config.daemon.shutdown_grace,
             ready=self.snapshots.first_attempt,
             first_load_wait=self.FIRST_LOAD_WAIT,
-            on_ready=tuning.first_load_done if tuning is not None else None)
+            on_ready=tuning.first_load_done if tuning is not None else None,
+            on_serving=self.notifier.ready)
         self.listener_group.setServiceParent(self)
         self._previous_sighup = None
 
@@ -182,6 +205,7 @@ class PolicyService(MultiService):
         # start: started from here, not as children, so the swapped ones are the ones run.
         self.store_thread.startService()
         self.snapshots.startService()
+        self.notifier.startService()
         for child in self:
             if child is not self.listener_group:
                 child.startService()
@@ -205,6 +229,7 @@ class PolicyService(MultiService):
         if self._previous_sighup is not None:
             signal.signal(signal.SIGHUP, self._previous_sighup)
             self._previous_sighup = None
+        self.notifier.stopService()
         yield self.listener_group.stopService()
         yield defer.DeferredList([defer.maybeDeferred(child.stopService) for child in self
                                   if child is not self.listener_group and child.running])
@@ -215,6 +240,25 @@ class PolicyService(MultiService):
         log.info("policyd stopped after {uptime:.1f} s; {total} answers",
                  uptime=self.reactor.seconds() - (self.started_at or 0),
                  total=self.decider.counters()["total"])
+
+    def notify_status(self) -> str:
+        """systemd's ``STATUS=``: the snapshot served, the store's health, the answers
+        per second since the last status."""
+        now = self.reactor.seconds()
+        total = sum(sum(c.values()) for c in self.decider.by_protocol.values())
+        previous, self._rate_mark = self._rate_mark, (now, total)
+        if previous is None or now <= previous[0]:
+            rate = ""
+        else:
+            rate = f"; {(total - previous[1]) / (now - previous[0]):.1f} answers/s"
+        snapshot = self.snapshots.current
+        if snapshot is None:
+            serving = "no snapshot yet (answering 4xx)"
+        else:
+            serving = (f"serving snapshot {snapshot.version} ({len(snapshot.lists)} lists)")
+        unhealthy = self.snapshots.unhealthy_reason()
+        store = "" if unhealthy is None or snapshot is None else f"; store: {unhealthy}"
+        return f"{serving}{store}{rate}; {total} answers"
 
     def factory(self, kind: str):
         """The factory of the first listener of ``kind`` (for tests)."""
@@ -227,7 +271,13 @@ class PolicyService(MultiService):
                 self.on_sighup()
             except Exception:
                 log.failure("SIGHUP hook failed")
-        return self.snapshots.reload()
+        d = self.snapshots.reload()
+
+        def tell_systemd(result):
+            if self.notifier.is_ready:
+                self.notifier.update_status()
+            return result
+        return d.addBoth(tell_systemd)
 
     # --- what the control socket asks ---------------------------------------------------
 

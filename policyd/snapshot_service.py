@@ -135,6 +135,10 @@ class SnapshotService(Service):
         self.failing_since: float | None = None
         self.failures = 0
         self.loads = 0
+        # For the metrics: failed refreshes since start (``failures`` counts the current
+        # incident only) and how long the last refresh that loaded a snapshot took.
+        self.failures_total = 0
+        self.last_load_seconds: float | None = None
         self.checks = 0
         self._busy: Deferred | None = None
         # What the last verification build found (set in the store thread, logged and
@@ -286,6 +290,8 @@ class SnapshotService(Service):
                 del previous
             self.loaded_at = now
             self.loads += 1
+            if self.refresh_started is not None:
+                self.last_load_seconds = now - self.refresh_started
             log.info("snapshot {version} loaded: {lists} lists, {memberships} memberships"
                      "{problems}", **fields)
         if self.failing_since is not None:
@@ -302,6 +308,7 @@ class SnapshotService(Service):
         self.last_error = _describe_error(failure)
         self.last_error_at = now
         self.failures += 1
+        self.failures_total += 1
         if self.failing_since is None:
             self.failing_since = now
             if self.current is not None:

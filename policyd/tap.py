@@ -14,8 +14,8 @@ import sys
 from twisted.application.internet import TimerService
 from twisted.python import usage
 
-from .config import Config, ConfigError, default_path, load
-from .listeners import parse_endpoint
+from .config import Config, ConfigError, check_paths, default_path, load
+from .listeners import parse_endpoint, raise_nofile_limit
 from .service import PolicyService
 
 
@@ -24,16 +24,21 @@ def listener_keys(config: Config):
         yield "[exim] listen", description
     for description in config.postfix.listen:
         yield "[postfix] listen", description
+    if config.metrics.listen:
+        yield "[metrics] listen", config.metrics.listen
 
 
 def load_config(path) -> Config:
-    """Load the file and check that every listener is a usable endpoint string."""
+    """Load the file and check that every listener is a usable endpoint string (TCP
+    ports in range, ``systemd:`` ones among the descriptors passed) and that every
+    ``[smtp]`` reply template renders (``policyd.check``)."""
+    from .check import endpoint_problems, template_problems
+
     config = load(path)
-    for key, description in listener_keys(config):
-        try:
-            parse_endpoint(None, key, description)
-        except ConfigError as error:
-            raise ConfigError(f"{config.source}: {error}") from None
+    problems, _ = endpoint_problems(config)
+    problems += template_problems(config)
+    if problems:
+        raise ConfigError(f"{config.source}: " + f"; {config.source}: ".join(problems))
     return config
 
 
@@ -56,6 +61,7 @@ class Options(usage.Options):
             self["config"] = default_path(self.environ)
         try:
             self.loaded = load_config(self["config"])
+            check_paths(self.loaded)
         except ConfigError as error:
             raise usage.UsageError(str(error)) from None
 
@@ -80,8 +86,11 @@ def makeService(options, reactor=None, backend=None) -> PolicyService:
         from .runtime.tuning import Tuning
 
         launcher = getattr(options, "launcher", "twist")
+        # Files the daemon creates (its log, SQLite's journal) are not for other users.
+        os.umask(0o027)
         logs = setup(config.daemon, sys.stdout, options.environ,
                      primary=launcher == "policyd")
+        raise_nofile_limit()
         notes = list(getattr(options, "runtime_notes", ()))
         if launcher != "policyd" and config.runtime.reactor and not _tuned_reactor(reactor):
             notes.append("reactor: twist runs its own reactor here; "
@@ -93,7 +102,8 @@ def makeService(options, reactor=None, backend=None) -> PolicyService:
         backend = open_backend(config.store)
     service = PolicyService(config, reactor, backend, install_signals=managed,
                             on_sighup=logs.reopen if logs is not None else None,
-                            tuning=tuning)
+                            tuning=tuning,
+                            environ=getattr(options, "environ", None) if managed else None)
     if logs is not None:
         service.logs = logs
         # The decision lines go straight to policyd's writer (the same line as the event).

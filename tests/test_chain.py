@@ -394,8 +394,9 @@ def test_trace_records_hits_and_misses_in_chain_order():
     s = snap(default_nonmember_action=R)
     d = decide(s, q("n@y.example"))
     names = [step.rule for step in d.trace]
+    chain = [r.name for r in MAILMAN3_CHAIN]
     assert names == ["unknown-list", "null-sender", "administrative-address",
-                     "broken-list", *[r.name for r in MAILMAN3_CHAIN]]
+                     "broken-list", *chain[:chain.index("nonmember-moderation") + 1]]
     assert [step.hit for step in d.trace] == [False] * (len(names) - 1) + [True]
     assert d.to_dict()["trace"][-1]["rule"] == "nonmember-moderation"
 

@@ -84,6 +84,7 @@ error_status = 4.3.5
     ("[store]\nstatement_timeout = soon\n", ["[store] statement_timeout", "seconds"]),
     ("[store]\nconnect_timeout = -1\n", ["[store] connect_timeout", "greater than 0"]),
     ("[store]\nrefresh_timeout = 0\n", ["[store] refresh_timeout", "greater than 0"]),
+    ("[store]\nverify_interval = -1\n", ["[store] verify_interval", "0 to disable"]),
     ("not ini", ["x.conf"]),
 ])
 def test_errors_name_file_key_and_allowed(text, words):
@@ -96,3 +97,9 @@ def test_errors_name_file_key_and_allowed(text, words):
 def test_missing_file(tmp_path):
     with pytest.raises(ConfigError, match="cannot read"):
         load(tmp_path / "nope.conf")
+
+
+def test_verify_interval_defaults_to_ten_minutes_and_zero_disables():
+    """``[store] verify_interval``: the Mailman 3 backend's verification build period."""
+    assert parse("", "x.conf").store.verify_interval == 600.0
+    assert parse("[store]\nverify_interval = 0\n", "x.conf").store.verify_interval == 0.0

@@ -104,4 +104,5 @@ def test_protocols_use_the_configured_decision_log():
     factory = PostfixFactory(decider, parse("").postfix, Clock(), Recorded())
     factory.answer(PostfixRequest({b"protocol_state": b"RCPT", b"recipient": LIST.encode(),
                                    b"sender": b"stranger@example.net", b"queue_id": b"Q1"}))
-    assert len(lines) == 1 and lines[0][0] == "postfix" and lines[0][-1] == "Q1"
+    assert len(lines) == 1 and lines[0][0] == "postfix" and lines[0][9] == "Q1"
+    assert lines[0][10] == " queue_id=Q1"  # the client and queue fields at the end

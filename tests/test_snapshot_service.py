@@ -386,3 +386,48 @@ def test_a_failing_store_is_unhealthy_with_the_error_as_reason():
     clock.advance(2)
     status = service.status()["store"]
     assert status["healthy"] is False and "the store is failing" in status["unhealthy_reason"]
+
+
+class VerifyingBackend(FakeBackend):
+    """A backend with inferred change detection: asks for verification builds."""
+
+    def __init__(self):
+        super().__init__()
+        self.due = False
+        self.divergence: list[str] = []
+
+    def verification_due(self) -> bool:
+        return self.due
+
+    def load_verified(self, previous):
+        self.calls.append("load_verified")
+        self.due = False
+        return self.load_snapshot(), list(self.divergence)
+
+
+def test_verification_build_swaps_in_the_full_result_and_logs_a_divergence():
+    """When the backend says a verification is due, the tick runs ``load_verified`` even
+    with an unchanged token; with no divergence the current snapshot stays; with one, a
+    warning names what differed and the full build is served."""
+    service, backend, clock = make(VerifyingBackend())
+    service.startService()
+    first = service.current
+    backend.calls.clear()
+    backend.due = True
+    with captured_events() as events:
+        clock.advance(2)
+    assert backend.calls == ["change_token", "load_verified", "load_snapshot"]
+    assert service.current is first
+    assert not [e for e in events if e["log_level"] is LogLevel.warn]
+    # The store changed behind the token's back: the verification build catches it.
+    backend.lists = sample_lists(extra_member="bob@example.com")
+    backend.divergence = ["test@lists.example.com"]
+    backend.due = True
+    with captured_events() as events:
+        clock.advance(2)
+    assert service.current is not first
+    assert "bob@example.com" in service.current.lists["test@lists.example.com"].members
+    warnings = [e for e in events if e["log_level"] is LogLevel.warn]
+    assert len(warnings) == 1 and warnings[0]["differences"] == "test@lists.example.com"
+    clock.advance(2)  # logged once: not due again, nothing new
+    assert service.current.version == "1"

@@ -1,9 +1,9 @@
 """The chains as declarative tables, and ``decide()``: one query in, one traced decision out.
 
 Pure: no Twisted, no SQLAlchemy, no clock.  The order of ``MAILMAN3_CHAIN`` is Mailman
-3.3.10's built-in chain reduced to the rules that can be decided from the envelope and the
-originator headers (dmarc, approved, loop, header-match and the content checks need the
-message body or site configuration policyd does not have; see README "Differences").
+3.3.10's built-in chain; the rules that read the message (approved, loop, header-match,
+the content holds) need Exim's ``headers=``/``body=``/``size=`` and miss without them
+(see ``message_rules`` and docs/mailman-differences.md).
 """
 
 from __future__ import annotations
@@ -27,6 +27,13 @@ from .rules import (
     first_member,
     mode_senders,
 )
+from .message_rules import (
+    CONTENT_HOLDS,
+    Approved,
+    DmarcMitigation,
+    HeaderMatchRule,
+    Loop,
+)
 from .snapshot import Snapshot
 from .verdict import Decision, Mode, Query, TraceStep, Verdict
 
@@ -36,13 +43,20 @@ from .verdict import Decision, Mode, Query, TraceStep, Verdict
 SMTP_CHAIN: tuple[Rule, ...] = (UnknownList(), NullSender(), AdministrativeAddress(),
                                 BrokenList())
 
+# mailman/chains/builtin.py, in its order.  The rules that read the message miss on the
+# Postfix path (no headers) and say so in the trace; the holds after the moderation rules
+# are Mailman's "defer" links followed by "any -> hold": the first that hits holds.
 MAILMAN3_CHAIN: tuple[Rule, ...] = (
+    DmarcMitigation(),
     NoSenders(),
+    Approved(),
+    Loop(),
     BannedAddress(),
+    HeaderMatchRule(),
     Emergency(),
     MemberModeration(),
     NonmemberModeration(),
-)
+) + CONTENT_HOLDS
 
 # Mailman 2.1's pipeline runs Moderate before Emergency, so an emergency list still
 # rejects or discards what moderation rejects or discards.

@@ -114,3 +114,17 @@ def strict_getaddresses(field: str) -> list[tuple[str, str]]:
     if len(parsed) != 1 + _strip_quoted_realnames(field).count(","):
         return [("", "")]
     return parsed
+
+
+def strict_getaddresses_list(values) -> list[tuple[str, str]]:
+    """``email.utils.getaddresses(values)`` (strict) over several header fields at once,
+    as Mailman's implicit-dest and max-recipients rules call it: each field validated, all
+    joined with ``", "``, the mailbox count checked against the commas of every field."""
+    fields = [str(v) for v in values]
+    fields = [v if _balanced_parentheses(v) else "('', '')" for v in fields]
+    parsed = [("", "") if "[" in address else (name, address)
+              for name, address in AddressList(", ".join(fields)).addresslist]
+    expected = sum(1 + _strip_quoted_realnames(v).count(",") for v in fields)
+    if len(parsed) != expected:
+        return [("", "")]
+    return parsed

@@ -74,10 +74,24 @@ class Rule(Protocol):
     def check(self, ctx: Context) -> Hit | Miss: ...
 
 
+def _each_field(message, name: str, parse) -> tuple[str, ...]:
+    """The addresses of every ``name`` field of the message, each field parsed on its own
+    (as Mailman does: ``get_all`` and one parse per field)."""
+    out: tuple[str, ...] = ()
+    for value in message.get_all(name):
+        out += parse(value)
+    return out
+
+
 def senders_mailman3(query: Query) -> tuple[str, ...]:
     """Mailman 3's ``msg.senders``: From:, envelope, Reply-To:, Sender:, minus what its
     validator would drop (it sees the addresses as written, before normalisation)."""
     senders = envelope_mailman3(query.envelope_sender)
+    message = query.message
+    if message is not None:
+        return (_each_field(message, "from", parse_header_mailman3) + senders
+                + _each_field(message, "reply-to", parse_header_mailman3)
+                + _each_field(message, "sender", parse_header_mailman3))
     # An absent header (always, on the Postfix path) costs no call.
     if query.from_header:
         senders = parse_header_mailman3(query.from_header) + senders
@@ -90,6 +104,13 @@ def senders_mailman3(query: Query) -> tuple[str, ...]:
 
 def senders_mailman2(query: Query) -> tuple[str, ...]:
     """Mailman 2.1's ``msg.get_senders()`` order: From:, envelope, Reply-To:, Sender:."""
+    message = query.message
+    if message is not None:
+        envelope = normalise(query.envelope_sender)
+        return (_each_field(message, "from", parse_header)
+                + ((envelope,) if envelope is not None else ())
+                + _each_field(message, "reply-to", parse_header)
+                + _each_field(message, "sender", parse_header))
     out = list(parse_header(query.from_header))
     envelope = normalise(query.envelope_sender)
     if envelope is not None:
@@ -102,6 +123,14 @@ def senders_mailman2(query: Query) -> tuple[str, ...]:
 def sender_mailman2(query: Query) -> str | None:
     """Mailman 2.1's ``msg.get_sender()``: the first From: address, else Sender:, else the
     envelope sender.  The nonmember lists are checked against this one address."""
+    message = query.message
+    if message is not None:
+        for name in ("from", "sender"):
+            values = message.get_all(name)  # Mailman 2 reads the first field only
+            addresses = parse_header(values[0]) if values else ()
+            if addresses:
+                return addresses[0]
+        return normalise(query.envelope_sender)
     for header in (query.from_header, query.sender_header):
         addresses = parse_header(header)
         if addresses:

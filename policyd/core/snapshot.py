@@ -21,10 +21,9 @@ import re
 import time
 from dataclasses import dataclass, field
 from types import MappingProxyType
-from typing import ClassVar, Iterable, Mapping, NamedTuple
+from typing import Callable, ClassVar, Iterable, Mapping, NamedTuple
 
 from .addresses import canonical, normalise, split_address
-from ..runtime.pacing import pace
 from .verdict import Action, Mode, Role
 
 # Mailman 3 LMTP's suffixes (mailman/runners/lmtp.py SUBADDRESS_NAMES), plus "subscribe"
@@ -76,6 +75,19 @@ class ListSpec:
     # Why this list's rows could not be read (then only its addresses are meaningful):
     # the list is answered with a temporary failure, every other list as usual.
     broken: str | None = None
+    # What the rules that read the message need (Mailman 3's columns of the same names;
+    # the defaults are "off", not Mailman's defaults for a new list: a loader says what
+    # the list has).  ``moderator_password`` is the passlib hash, never the password.
+    moderator_password: str | None = field(default=None, repr=False)
+    # (header, pattern, action): ``None`` is Mailman's ``[antispam] jump_chain`` (hold).
+    header_matches: tuple[tuple[str, str, Action | None], ...] = ()
+    max_message_size: int = 0
+    max_num_recipients: int = 0
+    require_explicit_destination: bool = False
+    acceptable_aliases: tuple[str, ...] = ()
+    administrivia: bool = False
+    bounce_matching_headers: str = ""
+    newsgroup_moderated: bool = False
 
 
 @dataclass(frozen=True, slots=True)
@@ -105,6 +117,41 @@ class BanList:
 
 
 @dataclass(frozen=True, slots=True)
+class HeaderMatch:
+    """One of a list's ``header_matches``: a compiled pattern and the action it jumps to
+    (``regex`` is ``None`` for a pattern that does not compile: Mailman's rule then
+    misses)."""
+
+    header: str
+    pattern: str
+    regex: re.Pattern | None
+    action: Action
+
+
+@dataclass(frozen=True, slots=True)
+class ContentPolicy:
+    """The settings of the rules that read the message (see ``ListSpec``)."""
+
+    moderator_password: str | None = field(default=None, repr=False)
+    header_matches: tuple[HeaderMatch, ...] = ()
+    max_message_size: int = 0
+    max_num_recipients: int = 0
+    require_explicit_destination: bool = False
+    acceptable_aliases: tuple[str, ...] = ()
+    administrivia: bool = False
+    # (header name, compiled regex) from ``bounce_matching_headers``, as Mailman parses it.
+    bounce_matching_headers: tuple[tuple[str, re.Pattern], ...] = ()
+    newsgroup_moderated: bool = False
+
+
+NO_CONTENT = ContentPolicy()
+
+# Mailman's ``[antispam] jump_chain`` default: where a header_matches entry without its
+# own action goes.
+JUMP_CHAIN = Action.HOLD
+
+
+@dataclass(frozen=True, slots=True)
 class ListPolicy:
     posting_address: str
     list_id: str
@@ -128,6 +175,7 @@ class ListPolicy:
     bans: BanList
     # Set when the list's rows could not be read: the reason (see the module docstring).
     broken: str | None = None
+    content: ContentPolicy = NO_CONTENT
 
     def find_member(self, address: str) -> tuple[str, Action | None] | None:
         """The member ``address`` posts as (itself, or another address of its user)."""
@@ -260,7 +308,11 @@ def _ban_list(entries: Iterable[str], problems: list[str], where: str) -> BanLis
     return BanList(frozenset(exact), tuple(patterns))
 
 
-def _normalised_pairs(specs):
+def _no_pause() -> None:
+    pass
+
+
+def _normalised_pairs(specs, pause: Callable[[], None] = _no_pause):
     """(normalised address, own action) from MemberSpecs or a dict, first one of each
     address only.
 
@@ -275,18 +327,19 @@ def _normalised_pairs(specs):
             seen.add(address)
             yield address, action
         if not count & 1023:  # a big list is many milliseconds of work
-            pace()
+            pause()
 
 
-def _address_map(specs) -> dict[str, Action | None]:
-    return dict(_normalised_pairs(specs))
+def _address_map(specs, pause: Callable[[], None] = _no_pause) -> dict[str, Action | None]:
+    return dict(_normalised_pairs(specs, pause))
 
 
-def _members(specs) -> tuple[dict[str, None], dict[str, Action]]:
+def _members(specs, pause: Callable[[], None] = _no_pause
+             ) -> tuple[dict[str, None], dict[str, Action]]:
     """The member dict (address -> None) and the own actions, in one pass."""
     members: dict[str, None] = {}
     actions: dict[str, Action] = {}
-    for address, action in _normalised_pairs(specs):
+    for address, action in _normalised_pairs(specs, pause):
         members[address] = None
         if action is not None:
             actions[address] = action
@@ -323,14 +376,15 @@ def broken_list(spec: ListSpec, reason: str, problems: list[str]) -> ListPolicy 
     )
 
 
-def build_isolated(spec: ListSpec, problems: list[str]) -> ListPolicy | None:
+def build_isolated(spec: ListSpec, problems: list[str],
+                   pause: Callable[[], None] = _no_pause) -> ListPolicy | None:
     """``build_list``, except that a list that is broken or cannot be built becomes a
     ``broken_list`` instead of failing every other list with it."""
     if spec.broken is not None:
         return broken_list(spec, spec.broken, problems)
     mark = len(problems)
     try:
-        return build_list(spec, problems)
+        return build_list(spec, problems, pause)
     except Exception as error:  # noqa: BLE001 - any failure is this list's alone
         del problems[mark:]
         return broken_list(spec, f"cannot build the list: {type(error).__name__}: "
@@ -344,11 +398,15 @@ def _broken_map(policies: Mapping[str, ListPolicy],
                              if posting in policies and policies[posting].broken})
 
 
-def build_list(spec: ListSpec, problems: list[str]) -> ListPolicy:
+def build_list(spec: ListSpec, problems: list[str],
+               pause: Callable[[], None] = _no_pause) -> ListPolicy:
+    """One list's policy.  ``pause`` is called every thousand addresses or so: a point
+    where a builder running beside a busy reactor may rest (``policyd.runtime.pacing``);
+    the core itself never waits."""
     posting = normalise(spec.posting_address)
     if posting is None:
         raise ValueError(f"bad posting address {spec.posting_address!r}")
-    members, actions = _members(spec.members)
+    members, actions = _members(spec.members, pause)
     aliases = {}
     for other, member in spec.user_aliases.items():
         other_n, member_n = normalise(other), normalise(member)
@@ -394,10 +452,52 @@ def build_list(spec: ListSpec, problems: list[str]) -> ListPolicy:
         members=members,
         member_actions=MappingProxyType(actions),
         member_aliases=MappingProxyType(aliases),
-        nonmembers=MappingProxyType(_address_map(spec.nonmembers)),
+        nonmembers=MappingProxyType(_address_map(spec.nonmembers, pause)),
         nonmember_patterns=tuple(groups),
         bans=_ban_list(spec.bans, problems, posting),
+        content=_content(spec, posting, problems),
     )
+
+
+def _content(spec: ListSpec, posting: str, problems: list[str]) -> ContentPolicy:
+    """The message rules' settings, patterns compiled as Mailman compiles them."""
+    matches = []
+    for header, pattern, action in spec.header_matches:
+        try:
+            regex = re.compile(pattern, re.IGNORECASE)
+        except re.error:
+            regex = None
+            problems.append(f"{posting}: header_matches pattern {pattern!r} is not a valid "
+                            "regular expression (Mailman skips it)")
+        matches.append(HeaderMatch(header, pattern, regex,
+                                   JUMP_CHAIN if action is None else action))
+    bounce = []
+    # mailman/rules/suspicious.py _parse_matching_header_opt.
+    for line in (spec.bounce_matching_headers or "").splitlines():
+        line = line.strip()
+        if not line or line.startswith("#"):
+            continue
+        i = line.find(":")
+        if i < 0:
+            problems.append(f"{posting}: bounce_matching_headers line {line!r} has no colon")
+            continue
+        try:
+            bounce.append((line[:i], re.compile(line[i + 1:].lstrip(), re.IGNORECASE)))
+        except re.error:
+            problems.append(f"{posting}: bounce_matching_headers line {line!r} is not a "
+                            "valid regular expression")
+    content = ContentPolicy(
+        moderator_password=spec.moderator_password or None,
+        header_matches=tuple(matches),
+        max_message_size=spec.max_message_size or 0,
+        max_num_recipients=spec.max_num_recipients or 0,
+        require_explicit_destination=bool(spec.require_explicit_destination),
+        acceptable_aliases=tuple(spec.acceptable_aliases),
+        administrivia=bool(spec.administrivia),
+        bounce_matching_headers=tuple(bounce),
+        newsgroup_moderated=bool(spec.newsgroup_moderated),
+    )
+    return NO_CONTENT if content == NO_CONTENT else content
 
 
 def build(
@@ -408,14 +508,15 @@ def build(
     version: str = "",
     built_at: float | None = None,
     source_state: object = None,
+    pause: Callable[[], None] = _no_pause,
 ) -> Snapshot:
-    """Build a snapshot.  ``domains`` maps each managed domain (alias domains included) to
+    """Build a snapshot (``pause``: see ``build_list``).  ``domains`` maps each managed domain (alias domains included) to
     its mail host; the domains of the lists' posting addresses are always managed."""
     problems: list[str] = []
     policies: dict[str, ListPolicy] = {}
     for spec in lists:
-        pace()
-        policy = build_isolated(spec, problems)
+        pause()
+        policy = build_isolated(spec, problems, pause)
         if policy is not None:
             policies[policy.posting_address] = policy
     domain_map: dict[str, str] = {}
@@ -449,6 +550,7 @@ def replace_lists(
     version: str,
     built_at: float | None = None,
     source_state: object = None,
+    pause: Callable[[], None] = _no_pause,
 ) -> Snapshot:
     """A new snapshot sharing every ``ListPolicy`` of ``previous`` except the lists in
     ``specs`` (added or changed) and ``removed`` (posting addresses).
@@ -463,7 +565,7 @@ def replace_lists(
         policies.pop(normalise(posting) or posting, None)
     rebuilt = set()
     for spec in specs:
-        policy = build_isolated(spec, problems)
+        policy = build_isolated(spec, problems, pause)
         if policy is None:
             continue
         policies[policy.posting_address] = policy

@@ -6,7 +6,10 @@ Nothing here knows about SMTP codes, wire formats, SQL or Twisted.
 from __future__ import annotations
 
 import enum
-from typing import NamedTuple
+from typing import TYPE_CHECKING, NamedTuple
+
+if TYPE_CHECKING:
+    from .message import Message
 
 
 class Verdict(enum.Enum):
@@ -81,6 +84,12 @@ class Query(NamedTuple):
     headers of one name joined by newlines).  ``None`` means the header is absent or, on
     the Postfix path, unknown.
 
+    ``message`` is the message itself when the MTA sent it (Exim's ``headers=``, ``body=``,
+    ``size=``): its header fields one by one, the visible start of the body and the size
+    (``core.message.Message``).  With it, the senders come from its From:, Reply-To: and
+    Sender: fields, each field on its own, and the content rules run; without it (Postfix,
+    an older Exim ACL) those rules say in the trace that they could not be evaluated.
+
     A tuple, not a frozen dataclass: one is made per query, and the Decider's memo hashes
     it; a tuple does both in C.
     """
@@ -90,6 +99,7 @@ class Query(NamedTuple):
     from_header: str | None = None
     reply_to_header: str | None = None
     sender_header: str | None = None
+    message: "Message | None" = None
 
 
 class TraceStep(NamedTuple):

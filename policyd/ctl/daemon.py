@@ -90,7 +90,8 @@ def offline_query(ctx: Context, recipient: str, sender: str, from_header: str | 
         backend.close()
     query = Query(recipient, sender, from_header, reply_to_header, sender_header)
     decider = Decider(FixedSnapshot(snapshot), config.smtp, decide=decide,
-                      fail_closed=config.daemon.fail_closed)
+                      fail_closed=config.daemon.fail_closed,
+                      null_sender=config.rules.null_sender)
     try:
         return query_result(decider, query, postfix_mode=config.postfix.mode,
                             accept_action=config.postfix.accept_action)

@@ -70,7 +70,7 @@ class Context:
                     f"{self.config().source}: [store] backend = {store_config.backend}; "
                     "policyctl writes only the native store (use Mailman's own tools for a "
                     "Mailman database, or --store URL for a native store)")
-            self._store = Store(store_config.url)
+            self._store = Store.from_config(store_config)
         return self._store
 
     @contextmanager

@@ -96,7 +96,7 @@ def cmd_pattern_list(ctx: Context) -> int:
 # --- bans ----------------------------------------------------------------------------------
 
 
-def _ban_scope(ctx: Context, *, patterns_required: bool = True):
+def _ban_scope(ctx: Context):
     """(list reference or None for --site, patterns) from ``[LIST] PATTERN...``."""
     items = list(ctx.args.items)
     if ctx.args.site:
@@ -105,7 +105,7 @@ def _ban_scope(ctx: Context, *, patterns_required: bool = True):
         if not items:
             raise BadInput("give a LIST, or --site for site-wide bans")
         target = items.pop(0)
-    if patterns_required and not items:
+    if not items:
         raise BadInput("give one or more addresses or ^regex patterns")
     return target, items
 

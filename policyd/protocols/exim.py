@@ -14,6 +14,13 @@ Request, terminated by ``\\n`` or by the client's half-close (Exim's default
 * ``from``, ``reply_to``, ``sender_header``: base64 of the raw header values
   (``${base64:$bh_from:}``); empty or absent means the header is absent;
 * ``id``: an opaque token for log correlation (``$message_exim_id``).
+* ``headers`` (optional): base64 of the whole header block (``$message_headers_raw``);
+  when present, From:, Reply-To: and Sender: are read from it, each field on its own
+  (``from=`` and the like are then ignored), and the rules that read the message run;
+* ``body`` (optional): base64 of the visible start of the body (``$message_body``, its
+  length set by Exim's ``message_body_visible``, newlines kept by
+  ``message_body_newlines``);
+* ``size`` (optional): ``$message_size``, decimal.
 
 Base64 is the standard alphabet, padding optional.  A word that is not ``key=`` continues
 the previous value after a space (a quoted list local part with a space in it).
@@ -42,6 +49,7 @@ from twisted.internet.protocol import Protocol
 from twisted.logger import Logger
 from zope.interface import implementer
 
+from ..core.message import Message, parse_message
 from ..core.replies import Outcome, SmtpReply, clean_text
 from ..core.verdict import Query
 from ..logging import DecisionLog
@@ -54,7 +62,9 @@ __all__ = ["VERSION", "EximRequest", "parse_request", "reply_line", "aggregate",
 
 VERSION = b"POLICYD/1"
 _KEY_NAME = re.compile(rb"[a-z_]+")
-_KNOWN_KEYS = frozenset({b"list", b"sender", b"from", b"reply_to", b"sender_header", b"id"})
+_KNOWN_KEYS = frozenset({b"list", b"sender", b"from", b"reply_to", b"sender_header", b"id",
+                         b"headers", b"body", b"size"})
+_SIZE = re.compile(rb"[0-9]{1,15}")
 _HEADERS = (b"from", b"reply_to", b"sender_header")
 _SAFE_ID = re.compile(r"[^A-Za-z0-9._:@+/=-]")
 _SAFE_ID_BYTES = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789._:@+/=-"
@@ -74,11 +84,43 @@ class EximRequest(NamedTuple):
     reply_to_header: str | None = None
     sender_header: str | None = None
     id: str | None = None
+    message: Message | None = None
 
     def queries(self) -> list[Query]:
         return [Query(address, self.envelope_sender, self.from_header,
-                      self.reply_to_header, self.sender_header)
+                      self.reply_to_header, self.sender_header, self.message)
                 for address in self.lists]
+
+
+def _b64_bytes(key: bytes, value: bytes) -> bytes:
+    try:
+        return binascii.a2b_base64(value + b"=" * (-len(value) % 4), strict_mode=True)
+    except (binascii.Error, ValueError):
+        raise ProtocolError(f"{key.decode()}= is not valid base64") from None
+
+
+def _message(fields: dict) -> Message | None:
+    """``headers=``/``body=``/``size=``: the message, or ``None`` when ``headers=`` is
+    absent (an older ACL).  From:, Reply-To: and Sender: then come from the header
+    block, each field on its own (``from=`` and the like are ignored)."""
+    size_raw = fields.get(b"size")
+    size = None
+    if size_raw:
+        if _SIZE.fullmatch(size_raw) is None:
+            raise ProtocolError("size= is not a number of bytes")
+        size = int(size_raw)
+    if b"headers" not in fields:
+        return None
+    headers = _b64_bytes(b"headers", fields[b"headers"])
+    body = _b64_bytes(b"body", fields[b"body"]) if b"body" in fields else None
+    return parse_message(headers, body, size)
+
+
+def _joined(message: Message, name: str) -> str | None:
+    """The fields of one header joined by newlines, for the log (the rules read the
+    fields one by one from the message)."""
+    values = message.get_all(name)
+    return "\n".join(values) if values else None
 
 
 def _b64(key: bytes, value: bytes) -> str:
@@ -143,6 +185,9 @@ def parse_request(line: bytes, *, max_lists: int = MAX_LISTS) -> EximRequest:
         raise ProtocolError("sender= is required (empty for the null sender)")
     sender = _b64(b"sender", fields[b"sender"])
     headers = [(_b64(k, fields[k]) or None) if k in fields else None for k in _HEADERS]
+    message = _message(fields)
+    if message is not None:
+        headers = [_joined(message, name) for name in ("from", "reply-to", "sender")]
     request_id = fields.get(b"id")
     if request_id is not None:
         request_id = request_id[:64]
@@ -150,7 +195,7 @@ def parse_request(line: bytes, *, max_lists: int = MAX_LISTS) -> EximRequest:
             request_id = request_id.decode("ascii")  # already safe (Exim's ids are)
         else:
             request_id = _SAFE_ID.sub("_", request_id.decode("ascii", "replace")) or None
-    return EximRequest(lists, sender, *headers, request_id)
+    return EximRequest(lists, sender, *headers, request_id, message)
 
 
 def reply_line(reply: SmtpReply) -> str:
@@ -290,6 +335,8 @@ class EximFactory(TrackingFactory):
         self.decision_log = decision_log if decision_log is not None else DecisionLog()
         self.sweep_interval = min(self.sweep_interval, config.timeout)
         self.use_limits(config)
+        # The decision latency histogram when metrics are on, else None (nothing to do).
+        self.latency = getattr(decider, "latency", {}).get("exim")
 
     def track(self, protocol) -> None:
         protocol.started = now = self.reactor.seconds()
@@ -309,8 +356,11 @@ class EximFactory(TrackingFactory):
         decide = self.decider.decide
         queries = request.queries()
         replies = []
+        started = 0.0
         for query in queries:
             answer = decide(query, "exim", names_a_list=True)
+            if not replies:
+                started = answer.started
             line_text = reply_line(answer.reply)
             self.decision_log.answered("exim", query, answer, line_text, request.id)
             replies.append((answer.reply, line_text))
@@ -320,6 +370,8 @@ class EximFactory(TrackingFactory):
             reply = aggregate(r for r, _ in replies)
             line_text = reply_line(reply)
         self.decider.count_answer("exim", reply.outcome._value_)
+        if self.latency is not None:  # from the first decision to the answer
+            self.latency.observe(started)
         return line_text.encode("utf-8", "replace")
 
     def malformed(self, error: ProtocolError, transport) -> bytes:

@@ -31,7 +31,7 @@ from twisted.logger import Logger
 
 from ..core.replies import Outcome, SmtpReply, clean_text
 from ..core.verdict import Decision, Query
-from ..logging import DecisionLog
+from ..logging import DecisionLog, log_fields
 from . import EVICT_MIN_IDLE, SILENT_GRACE, ProtocolError, TrackingFactory, peer_text
 
 log = Logger(namespace="policyd.postfix")
@@ -42,6 +42,10 @@ __all__ = ["PostfixRequest", "RequestReader", "parse_request", "format_response"
 
 _UTF8 = "utf-8"
 _ESC = "surrogateescape"
+
+
+#: The attributes a decision line carries, to find the message in the mail log.
+_LOGGED_ATTRIBUTES = (b"client_address", b"client_name", b"queue_id", b"sasl_username")
 
 
 class PostfixRequest(NamedTuple):
@@ -56,6 +60,15 @@ class PostfixRequest(NamedTuple):
     @property
     def protocol_state(self) -> str:
         return self.attributes.get(b"protocol_state", b"").decode("ascii", "replace")
+
+    def client_fields(self) -> str:
+        """The client and queue attributes Postfix sent (``client_address``,
+        ``client_name``, ``queue_id``, ``sasl_username``), absent or empty ones left out,
+        as `` name=value`` text for the end of the decision line (``log_fields``)."""
+        attrs = self.attributes
+        return log_fields((name.decode("ascii"),
+                           attrs.get(name, b"").decode(_UTF8, "backslashreplace"))
+                          for name in _LOGGED_ATTRIBUTES)
 
     @property
     def request_id(self) -> str | None:
@@ -435,6 +448,8 @@ class PostfixFactory(TrackingFactory):
         self.request_timeout = getattr(config, "request_timeout", 10.0)
         self.sweep_interval = min(30.0, config.idle_timeout / 4, self.request_timeout / 4)
         self.use_limits(config)
+        # The decision latency histogram when metrics are on, else None (nothing to do).
+        self.latency = getattr(decider, "latency", {}).get("postfix")
 
     def track(self, protocol) -> None:
         protocol.idle_since = self.reactor.seconds()
@@ -486,7 +501,12 @@ class PostfixFactory(TrackingFactory):
         self.decider.count_answer(
             "postfix", action if action == "DUNNO" or action == "OK"
             else answer.reply.outcome._value_)
-        self.decision_log.answered("postfix", query, answer, action, request.request_id)
+        decision_log = self.decision_log
+        if decision_log.enabled:
+            decision_log.answered("postfix", query, answer, action, request.request_id,
+                                  request.client_fields())
+        if self.latency is not None:
+            self.latency.observe(answer.started)
         return format_response(action)
 
     def malformed(self, error: ProtocolError, transport) -> bytes:

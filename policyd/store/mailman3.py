@@ -104,6 +104,7 @@ from sqlalchemy.engine import Connection, Engine
 from sqlalchemy.exc import NoSuchModuleError, SQLAlchemyError
 
 from ..errors import BadInput, StoreUnavailable
+from ..runtime.pacing import pace
 from ..core.snapshot import ListSpec, MemberSpec, Snapshot, build
 from ..core.verdict import Action, Mode
 from .engine import (
@@ -170,6 +171,29 @@ mailinglist_t = Table(
     Column("reject_these_nonmembers", LargeBinary),
     Column("discard_these_nonmembers", LargeBinary),
     Column("nonmember_rejection_notice", Unicode),
+    # The rules that read the message (rules/approved.py, implicit_dest.py, ...).
+    Column("moderator_password", LargeBinary),
+    Column("max_message_size", Integer),
+    Column("max_num_recipients", Integer),
+    Column("require_explicit_destination", Boolean),
+    Column("administrivia", Boolean),
+    Column("bounce_matching_headers", Unicode),
+    Column("newsgroup_moderation", Integer),
+)
+headermatch_t = Table(
+    "headermatch", _metadata,
+    Column("id", Integer, primary_key=True),
+    Column("mailing_list_id", Integer),
+    Column("position", Integer),
+    Column("header", Unicode),
+    Column("pattern", Unicode),
+    Column("chain", Unicode),
+)
+acceptablealias_t = Table(
+    "acceptablealias", _metadata,
+    Column("id", Integer, primary_key=True),
+    Column("mailing_list_id", Integer),
+    Column("alias", Unicode),
 )
 member_t = Table(
     "member", _metadata,
@@ -204,7 +228,17 @@ _LIST_SETTINGS = (
     "default_nonmember_action", "emergency", "accept_these_nonmembers",
     "hold_these_nonmembers", "reject_these_nonmembers", "discard_these_nonmembers",
     "nonmember_rejection_notice",
+    # Appended: the rows' leading positions are read by index elsewhere.
+    "moderator_password", "max_message_size", "max_num_recipients",
+    "require_explicit_destination", "administrivia", "bounce_matching_headers",
+    "newsgroup_moderation", "id",
 )
+# The content settings' place in a list row: after the twelve moderation columns.
+_CONTENT_AT = 12
+# Mailman's NewsgroupModeration.moderated.
+_NEWS_MODERATED = 2
+_HEADER_CHAINS = {"accept": Action.ACCEPT, "hold": Action.HOLD, "reject": Action.REJECT,
+                  "discard": Action.DISCARD}
 _NONMEMBER_COLUMNS = ("accept_these_nonmembers", "hold_these_nonmembers",
                       "reject_these_nonmembers", "discard_these_nonmembers")
 
@@ -577,7 +611,7 @@ class _Source:
     def full(self, state: SourceState) -> Snapshot:
         specs, domains, site_bans, problems = specs_from_rows(*_read_rows(self.connection))
         snapshot = build(specs, domains=domains, site_bans=site_bans, version=self.token,
-                         built_at=self.started, source_state=state)
+                         built_at=self.started, source_state=state, pause=pace)
         if problems:
             snapshot = replace(snapshot, problems=tuple(problems) + snapshot.problems)
         self.backend._last_full = time.monotonic()
@@ -592,9 +626,9 @@ class _Source:
 
 def _read_rows(connection: Connection):
     domains = connection.execute(select(domain_t.c.mail_host, domain_t.c.alias_domain)).all()
-    lists = connection.execute(
+    lists = _with_content(connection, connection.execute(
         select(*(mailinglist_t.c[n] for n in _LIST_SETTINGS)).order_by(mailinglist_t.c.id)
-    ).all()
+    ).all())
     # No ORDER BY: Mailman walks a user's addresses in the order the database returns
     # them (an unordered relationship); a plain scan returns them in that same order.
     addresses = connection.execute(
@@ -610,6 +644,30 @@ def _read_rows(connection: Connection):
     bans = connection.execute(select(ban_t.c.email, ban_t.c.list_id).order_by(ban_t.c.id)
                               ).all()
     return domains, lists, addresses, users, members, bans
+
+
+def _content_tables(connection: Connection, ids=None) -> dict[int, tuple]:
+    """``mailinglist.id`` -> (header matches in Mailman's order as (header, pattern,
+    chain), acceptable aliases): the two tables of a list's message-rule settings."""
+    hm, aa = headermatch_t, acceptablealias_t
+    matches = select(hm.c.mailing_list_id, hm.c.header, hm.c.pattern, hm.c.chain)
+    aliases = select(aa.c.mailing_list_id, aa.c.alias)
+    if ids is not None:
+        matches = matches.where(hm.c.mailing_list_id.in_(ids))
+        aliases = aliases.where(aa.c.mailing_list_id.in_(ids))
+    out: dict[int, tuple[list, list]] = defaultdict(lambda: ([], []))
+    for list_pk, header, pattern, chain in connection.execute(
+            matches.order_by(hm.c.mailing_list_id, hm.c.position, hm.c.id)):
+        out[list_pk][0].append((header, pattern, chain))
+    for list_pk, alias in connection.execute(aliases.order_by(aa.c.id)):
+        out[list_pk][1].append(alias)
+    return {key: (tuple(m), tuple(sorted(a))) for key, (m, a) in out.items()}
+
+
+def _with_content(connection: Connection, rows, ids=None) -> list[tuple]:
+    """The list rows, each with its ``_content_tables`` entry appended."""
+    tables = _content_tables(connection, ids)
+    return [tuple(row) + (tables.get(row[-1], ((), ())),) for row in rows]
 
 
 # --- incremental refresh -------------------------------------------------------------------
@@ -648,8 +706,10 @@ def read_state(connection: Connection, dialect: str, previous: SourceState | Non
             site_bans.append(tuple(row))
         else:
             list_bans[row[2]].append(tuple(row[:2]))
+    content = _content_tables(connection)
     lists = {row[0]: (f"{row[1]}@{row[2]}",
-                      (row[3], (row, members.get(row[3]), tuple(list_bans.get(row[3], ())))))
+                      (row[3], (row, members.get(row[3]), tuple(list_bans.get(row[3], ())),
+                                content.get(row[0]))))
              for row in settings}
     domains = tuple(tuple(row) for row in connection.execute(
         select(domain_t.c.id, domain_t.c.mail_host, domain_t.c.alias_domain)
@@ -707,9 +767,9 @@ def _read_list_rows(connection: Connection, dialect: str, ids: list[int],
     compute their members and user aliases exactly as a full read would."""
     ml, a, u, b = mailinglist_t, address_t, user_t, ban_t
     roles = (MEMBER_ROLE, NONMEMBER_ROLE)
-    lists = connection.execute(
+    lists = _with_content(connection, connection.execute(
         select(*(ml.c[n] for n in _LIST_SETTINGS)).where(ml.c.id.in_(ids))
-        .order_by(ml.c.id)).all()
+        .order_by(ml.c.id)).all(), ids)
 
     def member_column(name: str):
         mm = member_t.alias("mm_" + name)
@@ -814,7 +874,7 @@ def specs_from_rows(domains, lists, addresses, users, members, bans):
     specs = []
     for row in lists:
         (list_name, mail_host, list_id, display_name, member_default, nonmember_default,
-         emergency, *pickles, notice) = row
+         emergency, *pickles, notice) = row[:_CONTENT_AT]
         posting = f"{list_name}@{mail_host}"
         where = f"list {posting}"
         broken = unreadable.get(list_id)
@@ -871,8 +931,41 @@ def specs_from_rows(domains, lists, addresses, users, members, bans):
             reject_these_nonmembers=nonmember_lists[2],
             discard_these_nonmembers=nonmember_lists[3],
             bans=tuple(bans_of.get(list_id, ())),
+            **_content_spec(row[_CONTENT_AT:], where, problems),
         ))
     return specs, domain_map, tuple(bans_of.get(None, ())), problems
+
+
+def _content_spec(values, where: str, problems: list[str]) -> dict:
+    """The ``ListSpec`` keywords of the message rules from a list row's content columns
+    and its ``_content_tables`` entry (absent in rows made by hand: all off)."""
+    if len(values) < 9:
+        return {}
+    (password, max_size, max_recipients, explicit, administrivia, bounce, news, _pk,
+     (matches, aliases)) = values
+    if isinstance(password, memoryview):
+        password = bytes(password)
+    if isinstance(password, bytes):
+        password = password.decode("utf-8", "replace")
+    header_matches = []
+    for header, pattern, chain in matches:
+        if chain is not None and chain not in _HEADER_CHAINS:
+            problems.append(f"{where}: header_matches {header}: {pattern} jumps to chain "
+                            f"{chain!r}, which policyd does not mirror; skipped")
+            continue
+        header_matches.append((header or "", pattern or "",
+                               None if chain is None else _HEADER_CHAINS[chain]))
+    return {
+        "moderator_password": password or None,
+        "header_matches": tuple(header_matches),
+        "max_message_size": max_size or 0,
+        "max_num_recipients": max_recipients or 0,
+        "require_explicit_destination": bool(explicit),
+        "acceptable_aliases": aliases,
+        "administrivia": bool(administrivia),
+        "bounce_matching_headers": bounce or "",
+        "newsgroup_moderated": news == _NEWS_MODERATED,
+    }
 
 
 def _merge(direct: dict, through_user: dict) -> dict:

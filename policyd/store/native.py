@@ -200,9 +200,13 @@ def load_specs(connection: Connection, list_ids: Collection[int] | None = None
         select(func.count(), func.coalesce(func.max(a.c.id), 0))).one()
     email_query = select(a.c.id, a.c.email)
     if wanted_lists is not None:
+        # The preferred addresses of member users too: one need not belong to its user
+        # (nothing in the schema says so), and a full build reads it all the same.
         email_query = email_query.where(or_(
             a.c.user_id.is_not(None),
-            a.c.id.in_(select(m.c.address_id).where(m.c.list_id.in_(wanted_lists)))))
+            a.c.id.in_(select(m.c.address_id).where(m.c.list_id.in_(wanted_lists))),
+            a.c.id.in_(select(u.c.preferred_address_id).where(u.c.id.in_(
+                select(m.c.user_id).where(m.c.list_id.in_(wanted_lists)))))))
     emails, _ = _id_table(connection, email_query, address_count, max_address_id)
     address_user, linked = _id_table(
         connection, select(a.c.id, a.c.user_id).where(a.c.user_id.is_not(None)),
@@ -351,7 +355,7 @@ class _NativeSource:
         specs, domain_map, site_bans = load_specs(self.connection)
         snapshot = snapshot_module.build(specs, domains=domain_map, site_bans=site_bans,
                                          version=self.version, built_at=self.started,
-                                         source_state=state)
+                                         source_state=state, pause=pace)
         drain(specs)
         return snapshot
 

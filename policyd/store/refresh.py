@@ -28,6 +28,7 @@ import time
 from dataclasses import dataclass, replace
 from typing import Hashable, Iterable, Mapping, Protocol, Sequence
 
+from ..runtime.pacing import pace
 from ..core.snapshot import ListSpec, Snapshot, replace_lists
 
 __all__ = ["MAX_INCREMENTAL_LISTS", "SourceState", "Source", "Plan", "plan", "prior_state",
@@ -114,7 +115,7 @@ def load_changes(previous: Snapshot, prior: SourceState, source: Source, *, vers
         return source.full(state)
     specs, problems = source.lists(state, steps.changed)
     snapshot = replace_lists(previous, specs, steps.removed, version=version,
-                             built_at=started, source_state=state)
+                             built_at=started, source_state=state, pause=pace)
     # replace_lists drops the rebuilt lists' own problems ("<posting>: ..."); the ones a
     # source reports while reading rows are "list <posting>: ...".
     gone = {f"list {posting}" for posting in steps.removed}

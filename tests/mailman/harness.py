@@ -20,6 +20,7 @@ Mailman's semantics that ``list_specs`` encodes (mailman 3.3.10 ``model/roster.p
 
 from __future__ import annotations
 
+import base64
 import json
 import os
 import subprocess
@@ -30,6 +31,7 @@ from pathlib import Path
 from policyd.core.chain import decide
 from policyd.core.snapshot import ListSpec, MemberSpec, Snapshot, build
 from policyd.core.verdict import Action, Decision, Query
+from policyd.protocols.exim import parse_request
 
 HERE = Path(__file__).resolve().parent
 ORACLE = HERE / "oracle.py"
@@ -135,8 +137,28 @@ def list_specs(result: OracleResult) -> list[ListSpec]:
             reject_these_nonmembers=tuple(lst["reject_these_nonmembers"]),
             discard_these_nonmembers=tuple(lst["discard_these_nonmembers"]),
             bans=tuple(lst["bans"]),
+            **content_settings(lst.get("content")),
         ))
     return specs
+
+
+def content_settings(content: dict | None) -> dict:
+    """The ``ListSpec`` keywords of the message rules' settings Mailman exported."""
+    if not content:
+        return {}
+    return {
+        "moderator_password": content["moderator_password"],
+        "header_matches": tuple(
+            (header, pattern, None if chain is None else Action.from_name(chain))
+            for header, pattern, chain in content["header_matches"]),
+        "max_message_size": content["max_message_size"] or 0,
+        "max_num_recipients": content["max_num_recipients"] or 0,
+        "require_explicit_destination": content["require_explicit_destination"],
+        "acceptable_aliases": tuple(content["acceptable_aliases"]),
+        "administrivia": content["administrivia"],
+        "bounce_matching_headers": content["bounce_matching_headers"],
+        "newsgroup_moderated": content["newsgroup_moderation"] == "moderated",
+    }
 
 
 def domain_map(result: OracleResult) -> dict[str, str]:
@@ -159,8 +181,24 @@ def _header(value) -> str | None:
     return value if isinstance(value, str) else "\n".join(value)
 
 
+def exim_line(case: dict) -> bytes:
+    """The POLICYD/1 request the documented Exim DATA ACL sends for a case with a whole
+    message (``raw``): envelope sender, header block, body and size, all base64."""
+    raw = case["raw"].encode("utf-8", "surrogateescape")
+    head, _, body = raw.partition(b"\n\n")
+    b64 = lambda data: base64.b64encode(data).decode("ascii")  # noqa: E731
+    sender = b64(case.get("envelope_sender", "").encode("utf-8", "surrogateescape"))
+    headers = b64(head + b"\n")
+    return (f"POLICYD/1 list={case['recipient']} sender={sender} headers={headers} "
+            f"body={b64(body)} size={len(raw)} id=agreement").encode("ascii")
+
+
 def query(case: dict) -> Query:
-    """The query an MTA would send for the case's message (raw header values)."""
+    """The query an MTA would send for the case's message: through the Exim codec for a
+    case with a whole message, else the raw header values."""
+    if "raw" in case:
+        (only,) = parse_request(exim_line(case)).queries()
+        return only
     return Query(case["recipient"], case.get("envelope_sender", ""),
                  _header(case.get("from")), _header(case.get("reply_to")),
                  _header(case.get("sender")))

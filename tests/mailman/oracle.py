@@ -226,10 +226,54 @@ class Oracle:
             bans = self.IBanManager(mlist)
             for entry in spec.get("bans", ()):
                 bans.ban(entry)
+            self._content_settings(mlist, spec.get("content") or {})
         site_bans = self.IBanManager(None)
         for entry in scenario.get("site_bans", ()):
             site_bans.ban(entry)
         self.config.db.commit()
+
+    def _content_settings(self, mlist, content):
+        """The settings of the rules that read the message, set as Mailman's REST API
+        sets them (the moderator password hashed with Mailman's password context)."""
+        from mailman.interfaces.mailinglist import IAcceptableAliasSet, IHeaderMatchList
+        from mailman.interfaces.nntp import NewsgroupModeration
+
+        if "moderator_password" in content:
+            mlist.moderator_password = self.config.password_context.encrypt(
+                content["moderator_password"]).encode("utf-8")
+        for setting in ("max_message_size", "max_num_recipients",
+                        "require_explicit_destination", "administrivia",
+                        "bounce_matching_headers"):
+            if setting in content:
+                setattr(mlist, setting, content[setting])
+        if "newsgroup_moderation" in content:
+            mlist.newsgroup_moderation = NewsgroupModeration[content["newsgroup_moderation"]]
+        aliases = IAcceptableAliasSet(mlist)
+        for alias in content.get("acceptable_aliases", ()):
+            aliases.add(alias)
+        matches = IHeaderMatchList(mlist)
+        for header, pattern, chain in content.get("header_matches", ()):
+            matches.append(header, pattern, chain)
+
+    @staticmethod
+    def _content_export(mlist):
+        from mailman.interfaces.mailinglist import IAcceptableAliasSet
+
+        password = mlist.moderator_password
+        if isinstance(password, bytes):
+            password = password.decode("utf-8")
+        return {
+            "moderator_password": password,
+            "max_message_size": mlist.max_message_size,
+            "max_num_recipients": mlist.max_num_recipients,
+            "require_explicit_destination": bool(mlist.require_explicit_destination),
+            "acceptable_aliases": sorted(IAcceptableAliasSet(mlist).aliases),
+            "administrivia": bool(mlist.administrivia),
+            "bounce_matching_headers": mlist.bounce_matching_headers or "",
+            "newsgroup_moderation": mlist.newsgroup_moderation.name,
+            "header_matches": [[entry.header, entry.pattern, entry.chain]
+                               for entry in mlist.header_matches],
+        }
 
     # -- exporting Mailman's view ---------------------------------------------------
 
@@ -285,6 +329,7 @@ class Oracle:
                 "moderators": [row["email"] for row in rows(MemberRole.moderator)],
                 "owners": [row["email"] for row in rows(MemberRole.owner)],
                 "bans": [ban.email for ban in self.IBanManager(mlist)],
+                "content": self._content_export(mlist),
             })
         self.emit({"kind": "site", "site_bans": [ban.email for ban in self.IBanManager(None)]})
         self.config.db.abort()
@@ -329,7 +374,8 @@ class Oracle:
                 record["outcome"] = "lmtp-550"
                 return record
             record["list"] = mlist.fqdn_listname
-            raw = build_message(case, mlist.posting_address)
+            raw = (case["raw"].encode("utf-8", "surrogateescape") if "raw" in case
+                   else build_message(case, mlist.posting_address))
             msg = email.message_from_bytes(raw, Message)
             msg.set_unixfrom(case.get("envelope_sender", ""))
             if msg.defects:

@@ -234,3 +234,80 @@ def test_export_round_trips_through_list_specs(agreement):
             order = sorted if key == "bans" else list
             assert order(getattr(spec, key)) == order(lst.get(key, ())), (lst["fqdn"], key)
     json.dumps(agreement.data)  # the scenario is plain JSON
+
+
+# --- whole messages: the rules that read the message (tests/mailman/message_cases.py) ---
+
+MESSAGE_RULES = ("approved", "loop", "header-match", "administrivia", "implicit-dest",
+                 "max-recipients", "max-size", "news-moderation", "no-subject",
+                 "suspicious-header")
+
+
+def _mailman_rule(record) -> str:
+    """The rule that decided in Mailman: its last rule hit (header-match-<list>-<n>
+    counts as header-match), or ``accept`` when none hit."""
+    hits = record["rule_hits"]
+    if not hits:
+        return "accept"
+    return "header-match" if hits[-1].startswith("header-match") else hits[-1]
+
+
+def test_message_rules_agree_rule_for_rule(agreement, capsys):
+    """Every whole-message case (sent to policyd as the Exim ACL sends it: headers=,
+    body=, size=) gets Mailman's verdict from the same rule Mailman's chain hit; the
+    size per rule is printed and every rule of Mailman's chain that reads the message is
+    covered with hits and misses."""
+    rows = [row for row in agreement.compared if row.case["id"].startswith("msg-")]
+    per_rule: dict[str, list[int]] = {}
+    wrong = []
+    for row in rows:
+        counts = per_rule.setdefault(row.case["rule"], [0, 0])
+        counts[0] += 1
+        counts[1] += row.mailman != row.policyd
+        if row.mailman != row.policyd or _mailman_rule(row.record) != row.decision.rule:
+            wrong.append(row)
+    with capsys.disabled():
+        report("[mailman agreement, whole messages] " + ", ".join(
+            f"{rule} {n} ({bad} disagreements)"
+            for rule, (n, bad) in sorted(per_rule.items())))
+    assert not wrong, table(wrong)
+    decided = {row.decision.rule for row in rows}
+    assert set(MESSAGE_RULES) <= decided, set(MESSAGE_RULES) - decided
+    for rule in MESSAGE_RULES:
+        assert per_rule.get(rule, [0])[0] >= 1, rule
+    assert len(rows) >= 60
+
+
+def test_moderator_announcement_through_the_exim_protocol(agreement):
+    """Issue 16's case through the Exim protocol (the request the documented ACL sends,
+    answered by EximFactory): a nonmember's announcement with the right Approved:
+    password to a reject-nonmembers list is accepted, with a wrong one rejected, as
+    Mailman decided them."""
+    from twisted.internet.task import Clock
+    from twisted.internet.testing import StringTransport
+
+    from policyd.core.replies import ReplyPolicy
+    from policyd.decider import Decider, FixedSnapshot
+    from policyd.protocols.exim import EximFactory
+    from tests.mailman.harness import exim_line
+    from tests.mailman.message_cases import moderator_announcement_cases
+
+    class Config:
+        timeout = 30.0
+        max_request = 65536
+        max_connections = 100
+        max_buffered = 1 << 20
+
+    decider = Decider(FixedSnapshot(snapshot(agreement.result)), ReplyPolicy())
+    factory = EximFactory(decider, Config(), Clock())
+    answers = {}
+    for case in moderator_announcement_cases():
+        transport = StringTransport()
+        protocol = factory.buildProtocol(None)
+        protocol.makeConnection(transport)
+        protocol.dataReceived(exim_line(case) + b"\n")
+        answers[case["id"]] = transport.value().decode()
+        assert agreement.result.cases[case["id"]]["outcome"] == (
+            "accept" if case["id"] == "msg-appr-header" else "reject")
+    assert answers["msg-appr-header"].startswith("ACCEPT "), answers
+    assert answers["msg-appr-wrong"].startswith("REJECT 550"), answers

@@ -291,3 +291,42 @@ def test_incremental_equals_full_on_sqlite(sqlite_template, tmp_path):
     Machine.make_url = staticmethod(make_url)
     Machine.TestCase.settings = machine_settings()
     Machine.TestCase().runTest()
+
+
+def reseed(url: str) -> str:
+    """Empty the store's rows (the schema and its triggers stay) and seed it again: a
+    fresh example on a server database without recreating it each time."""
+    store = Store(url)
+    try:
+        store.upgrade()
+        with store.engine.begin() as connection:
+            connection.execute(update(u).values(preferred_address_id=None))
+            for table in (m, p, b, lt, a, u):
+                connection.execute(delete(table))
+            connection.execute(delete(d).where(d.c.alias_of_id.is_not(None)))
+            connection.execute(delete(d))
+    finally:
+        store.close()
+    store = Store(url)
+    try:
+        with store.write() as session:
+            q.add_domain(session, DOMAIN)
+            for posting in LISTS:
+                q.add_list(session, posting)
+            q.ensure_addresses(session, q.entries_from(ADDRESSES, None))
+            for index, name in enumerate(USERS):
+                q.link_addresses(session, q.get_or_create_user(session, name)[0],
+                                 q.entries_from([ADDRESSES[index]], None))
+    finally:
+        store.close()
+    return url
+
+
+def run_on_server(url: str, examples: int) -> None:
+    """The state machine on one server database, reseeded for every example."""
+    class Machine(RefreshMachine):
+        pass
+
+    Machine.make_url = staticmethod(lambda: reseed(url))
+    Machine.TestCase.settings = machine_settings(examples)
+    Machine.TestCase().runTest()

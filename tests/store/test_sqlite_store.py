@@ -50,3 +50,62 @@ def test_upgrade_creates_the_directory_and_uses_wal(tmp_path):
     finally:
         store.close()
     assert path.exists()
+
+
+def _store_with(path, posting):
+    store = Store(f"sqlite:///{path}")
+    store.upgrade()
+    with store.write() as session:
+        from policyd.store import queries as q
+
+        q.add_list(session, posting)
+    store.close()
+
+
+@pytest.mark.parametrize("how", ["mv over", "rm and init"])
+def test_a_replaced_store_file_is_noticed_and_reloaded(tmp_path, how):
+    """Issue 12 part 3: after ``mv new.sqlite store.sqlite``, or ``rm`` + ``policyctl
+    init``, the backend's open connections still read the deleted file; the next change
+    check sees the new (device, inode), closes them, and the token moves, so the refresh
+    is a full build of the new file (a list only in it is served; ``load_changes`` from
+    the old snapshot is a full build too, as its state names the old file)."""
+    path = tmp_path / "store.sqlite"
+    _store_with(path, "old@lists.example.org")
+    backend = NativeBackend(f"sqlite:///{path}")
+    try:
+        before = backend.load_snapshot()
+        assert before.version == backend.change_token()
+        if how == "mv over":
+            _store_with(tmp_path / "new.sqlite", "new@lists.example.org")
+            (tmp_path / "new.sqlite").replace(path)
+        else:
+            path.unlink()
+            for suffix in ("-wal", "-shm"):
+                (tmp_path / f"store.sqlite{suffix}").unlink(missing_ok=True)
+            _store_with(path, "new@lists.example.org")
+        token = backend.change_token()
+        assert token != before.version
+        for after in (backend.load_changes(before), backend.load_snapshot()):
+            assert set(after.lists) == {"new@lists.example.org"}
+            assert after.version == token
+    finally:
+        backend.close()
+
+
+def test_a_removed_store_file_fails_and_a_new_one_is_read(tmp_path):
+    """A store file removed under the daemon is a store failure (the last good snapshot
+    keeps serving), not a snapshot of the deleted file; once ``policyctl init`` makes a
+    new one, it is read."""
+    path = tmp_path / "store.sqlite"
+    _store_with(path, "old@lists.example.org")
+    backend = NativeBackend(f"sqlite:///{path}")
+    try:
+        backend.load_snapshot()
+        for name in ("store.sqlite", "store.sqlite-wal", "store.sqlite-shm"):
+            (tmp_path / name).unlink(missing_ok=True)
+        with pytest.raises(StoreUnavailable, match="policyctl init"):
+            backend.change_token()
+        _store_with(path, "new@lists.example.org")
+        assert set(backend.load_snapshot().lists) == {"new@lists.example.org"}
+    finally:
+        backend.close()

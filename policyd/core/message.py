@@ -1,0 +1,91 @@
+"""The message itself, as far as the MTA showed it: its header block, the visible start of
+its body and its size (pure).
+
+Exim's DATA ACL can send ``$message_headers_raw``, the first ``message_body_visible``
+bytes of ``$message_body`` and ``$message_size``; Postfix sends no header ever.  A
+``Message`` keeps what the standard library's ``email`` parser (policy ``compat32``, the
+one Mailman 3's ``Message`` uses) made of the header block, as ``(name, value)`` pairs in
+order, so that each header field is seen on its own and exactly as Mailman sees it
+(leading white space stripped, folding and trailing white space kept, bytes that are not
+UTF-8 kept as surrogate escapes).
+
+The content rules need Mailman's view of the whole message (``get_all``, ``walk``, the
+first ``text/plain`` part): ``email_message`` rebuilds it from the pairs and the body, once
+per message (several lists of one request share it).
+
+Nothing here knows Twisted, SQL or a wire format.
+"""
+
+from __future__ import annotations
+
+import email
+import email.message
+from email.policy import compat32
+from functools import lru_cache
+from typing import NamedTuple
+
+__all__ = ["Message", "parse_message", "email_message", "header_fields"]
+
+
+class Message(NamedTuple):
+    """The parsed message: hashable and immutable, so it can ride in a ``Query``.
+
+    ``body`` is the visible start of the body (``None``: not sent); ``body_complete``
+    says whether it is the whole body (known only when ``size`` is).  ``size`` is the
+    message's size in bytes as the MTA counted it (``None``: not sent)."""
+
+    headers: tuple[tuple[str, str], ...]
+    body: str | None = None
+    size: int | None = None
+    body_complete: bool = False
+
+    def get_all(self, name: str) -> list[str]:
+        """The raw values of every field ``name`` (any case), in order."""
+        wanted = name.lower()
+        return [value for key, value in self.headers if key.lower() == wanted]
+
+    def has(self, name: str) -> bool:
+        wanted = name.lower()
+        return any(key.lower() == wanted for key, _ in self.headers)
+
+
+def _text(raw: bytes) -> str:
+    return raw.decode("utf-8", "surrogateescape")
+
+
+def parse_message(headers: bytes, body: bytes | None = None,
+                  size: int | None = None) -> Message:
+    """Parse a raw header block (and optionally the body's visible start).
+
+    The header block is parsed the way Mailman parses a message
+    (``email.message_from_bytes`` with ``compat32``); what follows a line that is no
+    header (Exim never sends one) is not kept."""
+    block = headers.replace(b"\r\n", b"\n")
+    if block and not block.endswith(b"\n"):
+        block += b"\n"
+    parsed = email.message_from_bytes(block + b"\n", policy=compat32)
+    pairs = tuple((str(name), str(value)) for name, value in parsed._headers)
+    text = None if body is None else _text(body.replace(b"\r\n", b"\n"))
+    complete = False
+    if size is not None and body is not None:
+        # Exim's $message_size counts the header block, the empty line and the body
+        # with one byte per newline; the body is whole when nothing is missing.
+        complete = len(block) + 1 + len(body.replace(b"\r\n", b"\n")) >= size
+    return Message(pairs, text, size, complete)
+
+
+def header_fields(message: Message | None, name: str) -> tuple[str, ...] | None:
+    """The values of header ``name`` (``None``: no message to look at)."""
+    if message is None:
+        return None
+    return tuple(message.get_all(name))
+
+
+@lru_cache(maxsize=64)
+def email_message(message: Message) -> email.message.Message:
+    """Mailman's view of the message (``compat32``), built from the header pairs and the
+    visible body: what its content rules read.  Cached per message (read-only use)."""
+    lines = [f"{name}: {value}\n" for name, value in message.headers]
+    raw = "".join(lines) + "\n" + (message.body or "")
+    return email.message_from_bytes(raw.encode("utf-8", "surrogateescape"),
+                                    policy=compat32)

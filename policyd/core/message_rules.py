@@ -1,0 +1,414 @@
+"""The rules of Mailman 3's built-in chain that read the message itself (pure).
+
+Each mirrors one rule of mailman 3.3.10 (``rules/approved.py``, ``rules/loop.py``,
+``chains/headers.py``, ``rules/administrivia.py``, ``rules/implicit_dest.py``,
+``rules/max_recipients.py``, ``rules/max_size.py``, ``rules/news_moderation.py``,
+``rules/no_subject.py``, ``rules/digests.py``, ``rules/suspicious.py``) on the message the
+MTA sent (``Query.message``, see ``core.message``).  Without a message (Postfix; an Exim
+ACL that sends no ``headers=``) each misses and says so in the trace: it could not be
+evaluated.  Where only the visible start of the body was sent and the answer depends on
+what follows, the rule misses and says that too (see docs/mailman-differences.md).
+
+Mailman's ``approved`` deletes the Approved: header or line, and its holds record
+reasons: side effects policyd has no use for.  The moderator password hash is only ever
+handed to ``passwords.verify_password``; no trace or reason contains it or the candidate.
+"""
+
+from __future__ import annotations
+
+import re
+from contextlib import suppress
+from email.errors import HeaderParseError
+from email.header import Header, decode_header, make_header
+from email.iterators import typed_subpart_iterator
+
+from .mailman_headers import strict_getaddresses_list
+from .message import Message, email_message
+from .passwords import verify_password
+from .rules import Context, Hit, Miss
+from .verdict import ACTION_VERDICT, Action, Verdict
+
+__all__ = ["Approved", "Loop", "HeaderMatchRule", "Administrivia", "ImplicitDestination",
+           "MaximumRecipients", "MaximumSize", "NewsModeration", "NoSubject", "Digests",
+           "SuspiciousHeader", "DmarcMitigation", "CONTENT_HOLDS"]
+
+_NO_MESSAGE = Miss("not evaluated: the MTA sent no message headers (Postfix, or an Exim "
+                   "ACL without headers=)")
+_NO_BODY = Miss("not evaluated: the MTA sent no body (an Exim ACL without body=)")
+
+# mailman/rules/approved.py HEADERS, in the order Mailman tries them.
+APPROVED_HEADERS = ("approve", "approved", "x-approve", "x-approved")
+# mailman/rules/administrivia.py EMAIL_COMMANDS.
+EMAIL_COMMANDS = {
+    "confirm": (1, 1), "help": (0, 0), "info": (0, 0), "lists": (0, 0),
+    "options": (0, 0), "password": (2, 2), "remove": (0, 0), "set": (3, 3),
+    "subscribe": (0, 3), "unsubscribe": (0, 1), "who": (0, 2),
+}
+# Mailman's [mailman] email_commands_max_lines default.
+EMAIL_COMMANDS_MAX_LINES = 10
+
+
+def _first_plain(msg):
+    """The first text/plain part (``typed_subpart_iterator``), or ``None``."""
+    for part in typed_subpart_iterator(msg, "text", "plain"):
+        return part
+    return None
+
+
+def _decoded(part, default_charset: str) -> str | None:
+    payload = part.get_payload(decode=True)
+    if payload is None:
+        return None
+    try:
+        return payload.decode(part.get_content_charset(default_charset), "replace")
+    except LookupError:
+        return payload.decode("us-ascii", "replace")
+
+
+def _hold(reason: str, ctx: Context) -> Hit:
+    return Hit(Verdict.HOLD, reason, Action.HOLD, ctx.senders[0] if ctx.senders else None)
+
+
+class DmarcMitigation:
+    name = "dmarc-mitigation"
+    description = ("Mailman's DMARC mitigation (reject or discard a post whose From: "
+                   "domain publishes p=reject/quarantine): not evaluated by policyd yet.")
+
+    def check(self, ctx: Context) -> Hit | Miss:
+        return _NO_DMARC
+
+
+_NO_DMARC = Miss("not evaluated: policyd does not look up DMARC policies")
+
+
+class Approved:
+    name = "approved"
+    description = ("An Approved:/Approve: header (or such a first line of the first "
+                   "text/plain part) with the list's moderator password accepts the post.")
+
+    def check(self, ctx: Context) -> Hit | Miss:
+        hashed = ctx.policy.content.moderator_password
+        if hashed is None:
+            return _NO_PASSWORD
+        message: Message | None = ctx.query.message
+        if message is None:
+            return _NO_MESSAGE
+        password = None
+        for header in APPROVED_HEADERS:
+            values = message.get_all(header)
+            if values:
+                password = values[0]
+                break
+        if password is None:
+            if message.body is None:
+                return _NO_BODY
+            found = self._from_body(message)
+            if isinstance(found, Miss):
+                return found
+            password = found
+        if verify_password(password, hashed):
+            return Hit(Verdict.ACCEPT, "approved with the list's moderator password",
+                       Action.ACCEPT, ctx.senders[0] if ctx.senders else None)
+        return _WRONG_PASSWORD
+
+    @staticmethod
+    def _from_body(message: Message):
+        """The password of an ``Approved:`` first non-blank line of the first text/plain
+        part, or a ``Miss``."""
+        part = _first_plain(email_message(message))
+        if part is None:
+            return _NO_APPROVAL
+        payload = _decoded(part, "us-ascii")
+        if payload is None:
+            return _NO_APPROVAL
+        line = ""
+        lines = payload.splitlines(True)
+        for line in lines:
+            if line.strip() != "":
+                break
+        else:
+            if not message.body_complete:
+                return _TRUNCATED_APPROVAL
+        if ":" in line:
+            header, value = line.split(":", 1)
+            if header.lower() in APPROVED_HEADERS:
+                if not line.endswith(("\n", "\r")) and not message.body_complete:
+                    return _TRUNCATED_APPROVAL
+                return value.strip()
+        return _NO_APPROVAL
+
+
+_NO_PASSWORD = Miss("the list has no moderator password")
+_NO_APPROVAL = Miss("no Approved: header or first line")
+_WRONG_PASSWORD = Miss("an Approved: password that is not the list's moderator password")
+_TRUNCATED_APPROVAL = Miss("not evaluated: the body's first line is not within its "
+                           "visible start (message_body_visible)")
+
+
+class Loop:
+    name = "loop"
+    description = "A List-Post: header equal to the list's posting address: discarded."
+
+    def check(self, ctx: Context) -> Hit | Miss:
+        message = ctx.query.message
+        if message is None:
+            return _NO_MESSAGE
+        posts = {value.strip().lower() for value in message.get_all("list-post")}
+        if ctx.policy.posting_address in posts:
+            return Hit(Verdict.DISCARD, "the message has already been posted to this list",
+                       Action.DISCARD, ctx.senders[0] if ctx.senders else None)
+        return _NO_LOOP
+
+
+_NO_LOOP = Miss("no List-Post: header names this list")
+
+
+def _header_values(msg, header: str) -> list[str]:
+    """Every value of ``header`` in every part, RFC 2047-decoded as Mailman's
+    ``HeaderMatchRule`` decodes it (a value it could not decode is skipped: Mailman
+    would fail on it)."""
+    out = []
+    for part in msg.walk():
+        for value in part.get_all(header, []):
+            if isinstance(value, Header):
+                value = value.encode()
+            try:
+                out.append(str(make_header(decode_header(value))))
+            except (HeaderParseError, LookupError, UnicodeError, ValueError):
+                continue
+    return out
+
+
+class HeaderMatchRule:
+    name = "header-match"
+    description = ("The list's header_matches, in order: the first pattern that finds "
+                   "its header's value takes its action (none: hold).")
+
+    def check(self, ctx: Context) -> Hit | Miss:
+        matches = ctx.policy.content.header_matches
+        if not matches:
+            return _NO_HEADER_MATCHES
+        message = ctx.query.message
+        if message is None:
+            return _NO_MESSAGE
+        msg = email_message(message)
+        for index, entry in enumerate(matches):
+            if entry.regex is None:
+                continue
+            for value in _header_values(msg, entry.header):
+                if entry.regex.search(value):
+                    action = entry.action
+                    return Hit(ACTION_VERDICT[action],
+                               f"header_matches #{index} ({entry.header}: {entry.pattern}) "
+                               f"matched: {action.label}", action,
+                               ctx.senders[0] if ctx.senders else None)
+        if message.body is not None and not message.body_complete:
+            return _HEADER_MATCH_PARTIAL
+        return _NO_HEADER_MATCH
+
+
+_NO_HEADER_MATCHES = Miss("the list has no header_matches")
+_NO_HEADER_MATCH = Miss("no header_matches pattern matched")
+_HEADER_MATCH_PARTIAL = Miss("no header_matches pattern matched the headers seen (the "
+                             "headers of MIME parts past the body's visible start were "
+                             "not seen)")
+
+
+class Administrivia:
+    name = "administrivia"
+    description = "A Subject: or early body line that looks like an email command: held."
+
+    def check(self, ctx: Context) -> Hit | Miss:
+        if not ctx.policy.content.administrivia:
+            return _OFF
+        message = ctx.query.message
+        if message is None:
+            return _NO_MESSAGE
+        msg = email_message(message)
+        lines_to_check = []
+        subject = str(msg.get("subject", ""))
+        if subject != "":
+            lines_to_check.append(subject)
+        complete = True
+        if message.body is None:
+            complete = False
+        else:
+            part = _first_plain(msg)
+            if part is not None:
+                payload = _decoded(part, "utf-8") or ""
+                lineno = 0
+                for line in payload.splitlines():
+                    line = line.strip()
+                    if len(line) == 0:
+                        continue
+                    lineno += 1
+                    if lineno > EMAIL_COMMANDS_MAX_LINES:
+                        break
+                    lines_to_check.append(line)
+                else:
+                    complete = message.body_complete
+        for line in lines_to_check:
+            words = [word.lower() for word in line.split()]
+            if not words or words[0] not in EMAIL_COMMANDS:
+                continue
+            minargs, maxargs = EMAIL_COMMANDS[words[0]]
+            if minargs <= len(words) - 1 <= maxargs:
+                return _hold("the message contains administrivia", ctx)
+        if not complete:
+            return _ADMINISTRIVIA_PARTIAL
+        return _NO_ADMINISTRIVIA
+
+
+_OFF = Miss("off for this list")
+_NO_ADMINISTRIVIA = Miss("no email command in the Subject: or the first lines")
+_ADMINISTRIVIA_PARTIAL = Miss("no email command in the Subject: or the visible lines "
+                              "(the rest of the body was not seen)")
+
+
+class ImplicitDestination:
+    name = "implicit-dest"
+    description = ("With require_explicit_destination, a post whose To:/Cc:/Resent-To:/"
+                   "Resent-Cc: names neither the list nor an acceptable alias: held.")
+
+    def check(self, ctx: Context) -> Hit | Miss:
+        content = ctx.policy.content
+        if not content.require_explicit_destination:
+            return _OFF
+        message = ctx.query.message
+        if message is None:
+            return _NO_MESSAGE
+        aliases = set()
+        patterns = set()
+        for alias in content.acceptable_aliases:
+            (patterns if alias.startswith("^") else aliases).add(alias)
+        aliases.add(ctx.policy.posting_address)
+        recipients = set()
+        for header in ("to", "cc", "resent-to", "resent-cc"):
+            for _, address in strict_getaddresses_list(message.get_all(header)):
+                address = address.lower()
+                if address in aliases:
+                    return _EXPLICIT
+                recipients.add(address)
+        for pattern in patterns:
+            for recipient in recipients:
+                try:
+                    if re.match(pattern, recipient, re.IGNORECASE):
+                        return _EXPLICIT
+                except re.error:
+                    with suppress(re.error):
+                        if re.match(re.escape(pattern), recipient, re.IGNORECASE):
+                            return _EXPLICIT
+        return _hold("the message has an implicit destination", ctx)
+
+
+_EXPLICIT = Miss("the list or an acceptable alias is an explicit recipient")
+
+
+class MaximumRecipients:
+    name = "max-recipients"
+    description = "At least max_num_recipients addresses in To: and Cc:: held."
+
+    def check(self, ctx: Context) -> Hit | Miss:
+        limit = ctx.policy.content.max_num_recipients
+        if limit == 0:
+            return _OFF
+        message = ctx.query.message
+        if message is None:
+            return _NO_MESSAGE
+        count = len(strict_getaddresses_list(message.get_all("to") + message.get_all("cc")))
+        if count >= limit:
+            return _hold(f"{count} recipients in To: and Cc: (max_num_recipients {limit})",
+                         ctx)
+        return Miss(f"{count} recipients in To: and Cc:" if ctx.explain else "")
+
+
+class MaximumSize:
+    name = "max-size"
+    description = "A message larger than max_message_size KB: held."
+
+    def check(self, ctx: Context) -> Hit | Miss:
+        limit = ctx.policy.content.max_message_size
+        if limit == 0:
+            return _OFF
+        message = ctx.query.message
+        size = message.size if message is not None else None
+        if size is None:
+            return _NO_SIZE
+        if size / 1024.0 <= limit:
+            return Miss(f"{size} bytes" if ctx.explain else "")
+        return _hold(f"the message ({size} bytes) is larger than {limit} KB", ctx)
+
+
+_NO_SIZE = Miss("not evaluated: the MTA sent no message size")
+
+
+class NewsModeration:
+    name = "news-moderation"
+    description = "A list gatewayed to a moderated newsgroup holds every post."
+
+    def check(self, ctx: Context) -> Hit | Miss:
+        if not ctx.policy.content.newsgroup_moderated:
+            return _NOT_MODERATED_NEWS
+        return _hold("post to a moderated newsgroup gateway", ctx)
+
+
+_NOT_MODERATED_NEWS = Miss("not a moderated newsgroup gateway")
+
+
+class NoSubject:
+    name = "no-subject"
+    description = "A message without a Subject: or with an empty one: held."
+
+    def check(self, ctx: Context) -> Hit | Miss:
+        message = ctx.query.message
+        if message is None:
+            return _NO_MESSAGE
+        if str(email_message(message).get("subject", "")).strip() == "":
+            return _hold("the message has no subject", ctx)
+        return _HAS_SUBJECT
+
+
+_HAS_SUBJECT = Miss("the message has a subject")
+
+
+class Digests:
+    name = "digests"
+    description = ("Mailman's [mailman] hold_digest (off by default): a digest Subject: "
+                   "or quoted digest boilerplate.")
+
+    def check(self, ctx: Context) -> Hit | Miss:
+        return _HOLD_DIGEST_OFF
+
+
+_HOLD_DIGEST_OFF = Miss("Mailman's hold_digest is off (its default; policyd does not "
+                        "read a site that turns it on)")
+
+
+class SuspiciousHeader:
+    name = "suspicious-header"
+    description = "A header matching a line of bounce_matching_headers: held."
+
+    def check(self, ctx: Context) -> Hit | Miss:
+        rules = ctx.policy.content.bounce_matching_headers
+        if not rules:
+            return _NO_BOUNCE_MATCHING
+        message = ctx.query.message
+        if message is None:
+            return _NO_MESSAGE
+        msg = email_message(message)
+        for header, regex in rules:
+            for value in msg.get_all(header, []):
+                if regex.search(str(value)):
+                    return _hold(f"header {header} matched a bounce_matching_headers line",
+                                 ctx)
+        return _NO_SUSPICIOUS
+
+
+_NO_BOUNCE_MATCHING = Miss("the list has no bounce_matching_headers")
+_NO_SUSPICIOUS = Miss("no header matched bounce_matching_headers")
+
+# Where they go in MAILMAN3_CHAIN (chains/builtin.py): approved and loop after
+# no-senders, the header-match detour after banned-address, the holds after moderation.
+CONTENT_HOLDS = (Administrivia(), ImplicitDestination(), MaximumRecipients(),
+                 MaximumSize(), NewsModeration(), NoSubject(), Digests(),
+                 SuspiciousHeader())

@@ -1,0 +1,212 @@
+"""The Prometheus endpoint (``[metrics] listen``, off by default): what it shows and how.
+
+Everything is read at scrape time from what the daemon keeps anyway: the ``Decider``'s
+counters (by protocol, verdict and rule; per list only with ``[metrics] per_list = on``),
+the latency histograms the protocols fill (plain ints, ``decider.LatencyHistogram``), the
+``SnapshotService``'s state and each listener's connections.  The hot path calls nothing
+of ``prometheus_client``: its ``Counter.inc()`` takes a lock per call, and a decision costs
+a few tens of microseconds.
+
+The page is rendered on the reactor thread by ``MetricsResource`` below, not by
+``prometheus_client.twisted.MetricsResource``: that one runs its WSGI app in the reactor's
+thread pool, where the collector would read counters the reactor is changing (a ``dict``
+changing size during iteration), and it uses the global reactor.  A scrape of a few
+hundred series takes well under a millisecond.
+
+Names follow Prometheus's conventions: ``policyd_`` prefix, ``_total`` for counters,
+``_seconds`` for durations, labels for the dimensions.
+"""
+
+from __future__ import annotations
+
+from prometheus_client import CollectorRegistry
+from prometheus_client.core import (
+    CounterMetricFamily,
+    GaugeMetricFamily,
+    HistogramMetricFamily,
+    InfoMetricFamily,
+)
+from prometheus_client.exposition import CONTENT_TYPE_LATEST, generate_latest
+from twisted.internet import defer
+from twisted.web.resource import Resource
+from twisted.web.server import Site
+
+from . import __version__
+
+__all__ = ["PolicydCollector", "MetricsResource", "MetricsSite", "metrics_site"]
+
+
+class PolicydCollector:
+    """A ``prometheus_client`` collector over a running ``PolicyService``."""
+
+    def __init__(self, service) -> None:
+        self.service = service
+
+    def describe(self):
+        # Registering must not call ``collect`` (it reads live state): nothing described.
+        return []
+
+    def collect(self):
+        service = self.service
+        decider = service.decider
+        snapshots = service.snapshots
+
+        info = InfoMetricFamily("policyd_build", "policyd's version.")
+        info.add_metric([], {"version": __version__})
+        yield info
+
+        # --- answers ---------------------------------------------------------------------
+        decisions = CounterMetricFamily(
+            "policyd_decisions", "Decisions by protocol, verdict and the rule that decided.",
+            labels=["protocol", "verdict", "rule"])
+        for (protocol, verdict, rule), count in list(decider.by_rule.items()):
+            decisions.add_metric([protocol, verdict, rule], count)
+        yield decisions
+
+        requests = CounterMetricFamily(
+            "policyd_requests",
+            "Requests by protocol and result: a verdict, or error, unavailable, "
+            "not-managed, malformed, busy, other-state.",
+            labels=["protocol", "result"])
+        for protocol, counts in list(decider.by_protocol.items()):
+            for result, count in list(counts.items()):
+                requests.add_metric([protocol, result], count)
+        yield requests
+
+        answers = CounterMetricFamily(
+            "policyd_answers",
+            "What was answered, by protocol: ACCEPT, HOLD, DISCARD, REJECT, DEFER (every "
+            "temporary failure), or Postfix's DUNNO and OK.",
+            labels=["protocol", "answer"])
+        for protocol, counts in list(decider.answers.items()):
+            for answer, count in list(counts.items()):
+                answers.add_metric([protocol, answer], count)
+        yield answers
+
+        if decider.per_list:
+            per_list = CounterMetricFamily(
+                "policyd_list_decisions", "Decisions by protocol, list and verdict "
+                "([metrics] per_list = on).", labels=["protocol", "list", "verdict"])
+            for (protocol, name, verdict), count in list(decider.by_list.items()):
+                per_list.add_metric([protocol, name, verdict], count)
+            yield per_list
+
+        latency = HistogramMetricFamily(
+            "policyd_decision_duration_seconds",
+            "From the start of the decision to the answer written, by protocol.",
+            labels=["protocol"])
+        for protocol, histogram in decider.latency.items():
+            latency.add_metric([protocol], histogram.buckets(), histogram.sum)
+        yield latency
+
+        # --- snapshot and store ------------------------------------------------------------
+        snapshot = snapshots.current
+        if snapshot is not None:
+            version = InfoMetricFamily("policyd_snapshot", "The snapshot being served.")
+            version.add_metric([], {"version": str(snapshot.version)})
+            yield version
+        yield _gauge("policyd_snapshot_loaded", "1 when a snapshot is served, else 0.",
+                     1 if snapshot is not None else 0)
+        age = snapshots.age()
+        if age is not None:
+            yield _gauge("policyd_snapshot_age_seconds",
+                         "Seconds since the snapshot being served was loaded.", age)
+        if snapshots.last_load_seconds is not None:
+            yield _gauge("policyd_snapshot_build_duration_seconds",
+                         "How long the last refresh that loaded a snapshot took.",
+                         snapshots.last_load_seconds)
+        if snapshot is not None:
+            yield _gauge("policyd_snapshot_lists", "Lists in the snapshot.",
+                         len(snapshot.lists))
+            yield _gauge("policyd_snapshot_memberships", "Memberships in the snapshot.",
+                         snapshot.membership_count)
+            yield _gauge("policyd_snapshot_broken_lists",
+                         "Lists answered with a temporary failure (unreadable rows).",
+                         len(snapshot.broken))
+        yield _counter("policyd_snapshot_loads", "Refreshes that loaded a new snapshot.",
+                       snapshots.loads)
+        yield _counter("policyd_store_checks", "Refreshes that reached the store.",
+                       snapshots.checks)
+        yield _counter("policyd_store_refresh_failures", "Refreshes that failed.",
+                       snapshots.failures_total)
+        yield _gauge("policyd_store_healthy",
+                     "1 when the store answers its refreshes in time, else 0.",
+                     1 if snapshots.unhealthy_reason() is None else 0)
+        failing_since = snapshots.failing_since
+        yield _gauge("policyd_store_failing_seconds",
+                     "Seconds since the current store failure began (0 when healthy).",
+                     0.0 if failing_since is None
+                     else max(0.0, snapshots.clock.seconds() - failing_since))
+
+        # --- listeners -------------------------------------------------------------------
+        labels = ["kind", "endpoint"]
+        open_ = GaugeMetricFamily("policyd_listener_connections",
+                                  "Open connections per listener.", labels=labels)
+        refused = CounterMetricFamily("policyd_listener_refused_connections",
+                                      "Connections refused at a limit, per listener.",
+                                      labels=labels)
+        evicted = CounterMetricFamily("policyd_listener_evicted_connections",
+                                      "Idle connections closed to make room at a limit.",
+                                      labels=labels)
+        for listener in service.listeners:
+            factory = listener.factory
+            if not hasattr(factory, "refused"):  # the metrics listener itself
+                continue
+            key = [listener.kind, listener.description]
+            open_.add_metric(key, len(factory.connections))
+            refused.add_metric(key, factory.refused)
+            evicted.add_metric(key, factory.evicted)
+        yield open_
+        yield refused
+        yield evicted
+        if service.started_at is not None:
+            yield _gauge("policyd_uptime_seconds", "Seconds since policyd started.",
+                         service.reactor.seconds() - service.started_at)
+
+
+def _gauge(name: str, documentation: str, value: float) -> GaugeMetricFamily:
+    return GaugeMetricFamily(name, documentation, value=value)
+
+
+def _counter(name: str, documentation: str, value: float) -> CounterMetricFamily:
+    return CounterMetricFamily(name, documentation, value=value)
+
+
+class MetricsResource(Resource):
+    """``GET`` any path: the registry in Prometheus's text format, made on the reactor
+    thread."""
+
+    isLeaf = True
+
+    def __init__(self, registry: CollectorRegistry) -> None:
+        super().__init__()
+        self.registry = registry
+
+    def render_GET(self, request) -> bytes:
+        request.setHeader(b"Content-Type", CONTENT_TYPE_LATEST.encode("ascii"))
+        return generate_latest(self.registry)
+
+
+class MetricsSite(Site):
+    """The web site, shaped as a listener's factory (``service.ListenerGroup``): no
+    connections to count or drain, no access log (a scrape every 15 s is not news)."""
+
+    connections: frozenset = frozenset()
+    noisy = False
+
+    def drain(self, grace: float) -> defer.Deferred:
+        return defer.succeed(0)
+
+    def log(self, request) -> None:
+        pass
+
+
+def metrics_site(service) -> MetricsSite:
+    """The site for ``[metrics] listen``: policyd's collector and the process's (CPU,
+    memory, descriptors: ``process_*``), in a registry of its own."""
+    from prometheus_client import ProcessCollector
+
+    registry = CollectorRegistry(auto_describe=False)
+    registry.register(PolicydCollector(service))
+    ProcessCollector(registry=registry)
+    return MetricsSite(MetricsResource(registry))

@@ -1,0 +1,238 @@
+"""Agreement cases with whole messages (headers and body): the rules of Mailman's chain
+that read the message (approved, loop, header-match, the content holds).
+
+Plain JSON-able data, stdlib only (the oracle reads it inside Mailman's virtualenv).  A
+list's ``content`` holds the settings of those rules (set through Mailman's API by the
+oracle); a case's ``raw`` is the whole message Mailman parses, and the harness sends
+policyd the same message as the Exim DATA ACL does (``headers=``, ``body=``, ``size=``).
+Each case names in ``rule`` the rule it exercises (for the per-rule counts).
+"""
+
+from __future__ import annotations
+
+import base64
+
+HOST = "lists.example.com"
+PASSWORD = "s3cret-Pw"
+STRANGER = "boss@outside.example"
+MEMBER = "pat@example.com"
+
+ANNOUNCE = f"announce@{HOST}"
+LOOPY = f"loopy@{HOST}"
+HM = f"hm@{HOST}"
+HOLDS = f"holds@{HOST}"
+NEWS = f"news@{HOST}"
+RELAXED = f"relaxed@{HOST}"
+
+# Mailman's defaults for a new list, stated, so both sides see the same thing.
+_OFF = {"max_num_recipients": 0, "max_message_size": 0,
+        "require_explicit_destination": False, "administrivia": False}
+
+
+def content_lists() -> list[dict]:
+    return [
+        {"fqdn": ANNOUNCE, "default_member_action": "defer",
+         "default_nonmember_action": "reject", "members": [{"address": MEMBER}],
+         "content": {"moderator_password": PASSWORD}},
+        {"fqdn": LOOPY, "default_member_action": "defer",
+         "default_nonmember_action": "accept", "members": [{"address": MEMBER}]},
+        {"fqdn": HM, "default_member_action": "defer",
+         "default_nonmember_action": "reject", "members": [{"address": MEMBER}],
+         "content": {"header_matches": [
+             ["X-Spam", "yes", "discard"],
+             ["X-Spam", "maybe", None],
+             ["Subject", "buy now", "reject"],
+             ["X-Whitelist", "^ok$", "accept"],
+             ["X-Bad", "[unclosed", "reject"],
+             ["Content-Type", "application/x-evil", "hold"],
+         ]}},
+        {"fqdn": HOLDS, "default_member_action": "defer",
+         "default_nonmember_action": "defer",
+         "members": [{"address": MEMBER, "action": "accept"}],
+         "content": {"max_num_recipients": 3, "max_message_size": 1,
+                     "require_explicit_destination": True, "administrivia": True,
+                     "acceptable_aliases": [f"alias@{HOST}", r"^.*@aliases\.example$"],
+                     "bounce_matching_headers": "# a comment\nX-Bounce-Me: ^yes\n"
+                                                "bad line without colon\n"}},
+        {"fqdn": NEWS, "default_member_action": "defer",
+         "default_nonmember_action": "defer",
+         "content": {"newsgroup_moderation": "moderated"}},
+        {"fqdn": RELAXED, "default_member_action": "defer",
+         "default_nonmember_action": "defer", "content": dict(_OFF)},
+    ]
+
+
+def message(headers, body="Hello from the agreement suite.\n") -> str:
+    return "".join(f"{name}: {value}\n" for name, value in headers) + "\n" + body
+
+
+def _std(listaddr, sender=STRANGER, subject="A post", to=None, extra=()):
+    headers = [("From", sender), ("To", to or listaddr), ("Subject", subject),
+               ("Message-ID", "<x@agreement.invalid>"),
+               ("Date", "Mon, 01 Jan 2024 00:00:00 +0000")]
+    return [h for h in headers if h[1] is not None] + list(extra)
+
+
+def _case(cid, rule, listaddr, raw, sender=STRANGER, why=""):
+    return {"id": f"msg-{cid}", "rule": rule, "recipient": listaddr,
+            "envelope_sender": sender, "raw": raw, "why": why}
+
+
+def _multipart(first_text, subtype="alternative", first_cte=None, part_headers=()):
+    extra = ""
+    body_text = first_text
+    if first_cte == "base64":
+        extra = "Content-Transfer-Encoding: base64\n"
+        body_text = base64.encodebytes(first_text.encode()).decode()
+    parts = "".join(f"{name}: {value}\n" for name, value in part_headers)
+    return ("--BOUNDARY\nContent-Type: text/plain; charset=us-ascii\n" + extra + "\n"
+            + body_text + "\n--BOUNDARY\n" + (parts or "Content-Type: text/html\n")
+            + "\n<p>html</p>\n--BOUNDARY--\n")
+
+
+def content_cases() -> list[dict]:
+    cases = []
+    add = cases.append
+    mp = [("MIME-Version", "1.0"),
+          ("Content-Type", 'multipart/alternative; boundary="BOUNDARY"')]
+    # approved
+    for cid, extra, body, why in [
+        ("appr-header", [("Approved", PASSWORD)], None, "right password in Approved:"),
+        ("appr-approve", [("Approve", PASSWORD)], None, "Approve: spelling"),
+        ("appr-x", [("X-Approved", PASSWORD)], None, "X-Approved:"),
+        ("appr-wrong", [("Approved", "wrong")], None, "wrong password: nonmember reject"),
+        ("appr-trailing", [("Approved", PASSWORD + " ")], None,
+         "Mailman keeps the trailing space: a mismatch"),
+        ("appr-empty", [("Approved", "")], None, "empty Approved:"),
+        ("appr-first-wins", [("Approve", "wrong"), ("Approved", PASSWORD)], None,
+         "Approve: is looked at before Approved:"),
+        ("appr-body", [], f"Approved: {PASSWORD}\nThe announcement.\n", "first body line"),
+        ("appr-body-blank", [], f"\n  \nApproved: {PASSWORD}\nThe announcement.\n",
+         "blank lines before it"),
+        ("appr-body-second", [], f"Hello\nApproved: {PASSWORD}\n", "not the first line"),
+        ("appr-body-indent", [], f"  Approved: {PASSWORD}\n", "indented header name"),
+        ("appr-body-wrong", [], "approve: nope\nx\n", "wrong password in the body"),
+    ]:
+        add(_case(cid, "approved", ANNOUNCE,
+                  message(_std(ANNOUNCE, extra=extra),
+                          body if body is not None else "The announcement.\n"), why=why))
+    add(_case("appr-mime", "approved", ANNOUNCE,
+              message(_std(ANNOUNCE, extra=mp), _multipart(f"Approved: {PASSWORD}\nhi")),
+              why="first text/plain part of multipart/alternative"))
+    add(_case("appr-mime-b64", "approved", ANNOUNCE,
+              message(_std(ANNOUNCE, extra=mp),
+                      _multipart(f"Approved: {PASSWORD}\nhi", first_cte="base64")),
+              why="base64 text/plain"))
+    add(_case("appr-member-wrong", "approved", ANNOUNCE,
+              message(_std(ANNOUNCE, sender=MEMBER, extra=[("Approved", "x")])),
+              sender=MEMBER, why="member with a wrong password: member defer"))
+    add(_case("appr-no-password", "approved", HM,
+              message(_std(HM, extra=[("Approved", PASSWORD)])),
+              why="a list without a moderator password ignores Approved:"))
+    add(_case("appr-beats-loop", "approved", ANNOUNCE,
+              message(_std(ANNOUNCE, extra=[("Approved", PASSWORD), ("List-Post", ANNOUNCE)])),
+              why="approved comes before loop"))
+    # loop
+    for cid, value, why in [
+        ("loop-plain", LOOPY, "List-Post: the posting address"),
+        ("loop-case", f"  LOOPY@Lists.Example.COM  ", "stripped and lower-cased"),
+        ("loop-mailto", f"<mailto:{LOOPY}>", "Mailman compares the raw value: no loop"),
+        ("loop-other", f"other@{HOST}", "another list"),
+    ]:
+        add(_case(cid, "loop", LOOPY,
+                  message(_std(LOOPY, extra=[("List-Post", value)])), why=why))
+    add(_case("loop-second", "loop", LOOPY,
+              message(_std(LOOPY, extra=[("List-Post", "<mailto:x@y>"), ("List-Post", LOOPY)])),
+              why="any List-Post: field"))
+    # header-match
+    for cid, extra, subject, why in [
+        ("hm-discard", [("X-Spam", "yes")], "A post", "discard"),
+        ("hm-case", [("X-Spam", "YES sir")], "A post", "case-insensitive search"),
+        ("hm-jump", [("X-Spam", "maybe")], "A post", "no action: jump_chain hold"),
+        ("hm-subject", [], "Buy Now cheap", "reject"),
+        ("hm-encoded", [], "=?utf-8?q?Buy_now_please?=", "RFC 2047-decoded first"),
+        ("hm-accept", [("X-Whitelist", "ok")], "A post", "accept a nonmember"),
+        ("hm-accept-anchor", [("X-Whitelist", "ok!")], "A post", "anchored: no match"),
+        ("hm-order", [("X-Whitelist", "ok"), ("X-Spam", "yes")], "A post",
+         "the first entry that matches wins"),
+        ("hm-badregex", [("X-Bad", "[unclosed")], "A post", "a bad pattern is skipped"),
+        ("hm-none", [("X-Other", "yes")], "A post", "no match: nonmember reject"),
+        ("hm-second-field", [("X-Spam", "no"), ("X-Spam", "yes")], "A post",
+         "every field of the header"),
+    ]:
+        add(_case(cid, "header-match", HM,
+                  message(_std(HM, subject=subject, extra=extra)), why=why))
+    add(_case("hm-part-header", "header-match", HM,
+              message(_std(HM, extra=[("MIME-Version", "1.0"),
+                                      ("Content-Type", 'multipart/mixed; boundary="BOUNDARY"')]),
+                      _multipart("hi", part_headers=[("Content-Type",
+                                                      "application/x-evil")])),
+              why="a MIME part's header counts"))
+    add(_case("hm-member", "header-match", HM,
+              message(_std(HM, sender=MEMBER, extra=[("X-Spam", "maybe")])), sender=MEMBER,
+              why="header-match comes before member moderation"))
+    # the holds (nonmember defer on HOLDS, so they are reached)
+    big = "x" * 70 + "\n"
+    for cid, rule, headers, body, why in [
+        ("hold-baseline", "accept", _std(HOLDS), None, "nothing to hold"),
+        ("hold-nosubject", "no-subject", _std(HOLDS, subject=None), None, "no Subject:"),
+        ("hold-blanksubject", "no-subject", _std(HOLDS, subject="   "), None, "blank"),
+        ("hold-implicit", "implicit-dest", _std(HOLDS, to="someone@else.example"), None,
+         "the list is not a recipient"),
+        ("hold-alias", "implicit-dest", _std(HOLDS, to=f"Alias <ALIAS@{HOST}>"), None,
+         "an acceptable alias"),
+        ("hold-alias-rx", "implicit-dest", _std(HOLDS, to="x@aliases.example"), None,
+         "an acceptable alias pattern"),
+        ("hold-cc", "implicit-dest", _std(HOLDS, to="a@b.example",
+                                          extra=[("Cc", HOLDS)]), None, "in Cc:"),
+        ("hold-resent", "implicit-dest", _std(HOLDS, to="a@b.example",
+                                              extra=[("Resent-To", HOLDS)]), None,
+         "in Resent-To:"),
+        ("hold-bad-to", "implicit-dest", _std(HOLDS, to=f"{HOLDS} <x@y.example>"), None,
+         "a To: the strict parser refuses"),
+        ("hold-recips", "max-recipients", _std(HOLDS, to=f"{HOLDS}, a@b.example",
+                                               extra=[("Cc", "c@d.example")]), None,
+         "three recipients: at the limit"),
+        ("hold-recips-ok", "max-recipients", _std(HOLDS, to=f"{HOLDS}, a@b.example"), None,
+         "two recipients"),
+        ("hold-size", "max-size", _std(HOLDS), big * 20, "over 1 KB"),
+        ("hold-size-ok", "max-size", _std(HOLDS), big * 5, "under 1 KB"),
+        ("hold-adm-subject", "administrivia", _std(HOLDS, subject="unsubscribe"), None,
+         "a command as Subject:"),
+        ("hold-adm-args", "administrivia", _std(HOLDS, subject="help me please"), None,
+         "help takes no argument"),
+        ("hold-adm-body", "administrivia", _std(HOLDS), "\nsubscribe\n", "body line"),
+        ("hold-adm-late", "administrivia", _std(HOLDS),
+         "".join(f"line {n}\n" for n in range(10)) + "subscribe\n", "past 10 lines"),
+        ("hold-suspicious", "suspicious-header", _std(HOLDS, extra=[("X-Bounce-Me", "Yes")]),
+         None, "bounce_matching_headers"),
+        ("hold-suspicious-no", "suspicious-header",
+         _std(HOLDS, extra=[("X-Bounce-Me", "no yes")]), None, "anchored"),
+    ]:
+        add(_case(cid, rule, HOLDS, message(headers, body if body is not None
+                                            else "Hello from the agreement suite.\n"),
+                  why=why))
+    add(_case("hold-member-accept", "member-moderation", HOLDS,
+              message(_std(HOLDS, sender=MEMBER, subject=None, to="x@y.example")),
+              sender=MEMBER, why="a member accepted by moderation skips the holds"))
+    add(_case("news-any", "news-moderation", NEWS, message(_std(NEWS)),
+              why="a moderated newsgroup gateway"))
+    add(_case("relaxed-all", "accept", RELAXED,
+              message(_std(RELAXED, subject="subscribe", to="a@b.example, c@d.example, "
+                           "e@f.example, g@h.example"), big * 100),
+              why="every hold off but no-subject"))
+    add(_case("relaxed-nosubject", "no-subject", RELAXED,
+              message(_std(RELAXED, subject=None)), why="no-subject cannot be turned off"))
+    # senders read field by field from the header block
+    add(_case("senders-repeated", "member-moderation", ANNOUNCE,
+              message([("From", STRANGER), ("From", MEMBER), ("To", ANNOUNCE),
+                       ("Subject", "x")]), why="two From: fields, the second a member"))
+    add(_case("senders-comma", "nonmember-moderation", ANNOUNCE,
+              message([("From", f"{STRANGER},"), ("To", ANNOUNCE), ("Subject", "x")]),
+              why="a trailing comma in one field: the strict parser finds nothing"))
+    return cases
+
+
+def moderator_announcement_cases() -> list[dict]:
+    """The announcement case of issue 16 (used through the protocol too)."""
+    return [c for c in content_cases() if c["id"] in ("msg-appr-header", "msg-appr-wrong")]
