@@ -176,3 +176,25 @@ def test_metrics_listener_is_not_held_until_the_first_load(tmp_path):
         thread.release()
     finally:
         service.stopService()
+
+
+def test_alert_rules_use_only_metrics_the_endpoint_has(tmp_path):
+    """contrib/prometheus/policyd-alerts.yml: every policyd_* name it uses is served
+    (the store failing, so every family, the failure ones included, is there)."""
+    import re
+    from pathlib import Path
+
+    rules = (Path(__file__).resolve().parents[1] / "contrib" / "prometheus"
+             / "policyd-alerts.yml").read_text()
+    used = set(re.findall(r"\bpolicyd_[a-z_]+", rules))
+    assert {"policyd_store_healthy", "policyd_snapshot_age_seconds",
+            "policyd_answers_total"} <= used
+    service, reactor, backend = build(tmp_path, text=METRICS)
+    service.startService()
+    try:
+        service.factory("exim").answer(b"POLICYD/1 list=" + LIST.encode() + b" sender=",
+                                       StringTransport())
+        samples = scrape(service)
+    finally:
+        service.stopService()
+    assert used <= set(samples), used - set(samples)

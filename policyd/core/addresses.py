@@ -9,7 +9,8 @@ they are never decoded.  Every address that comes out is normalised the same way
 * a quoted local part is unquoted (Postfix hands policyd ``quoted part@x`` for
   ``"quoted part"@x``, so both spellings must meet);
 * the local part is lower-cased (Mailman lower-cases everything and compares that);
-* the domain is lower-cased and converted to IDNA A-labels (``xn--...``);
+* the domain is lower-cased and converted to IDNA 2008 A-labels (``xn--...``, UTS 46
+  mapping, non-transitional);
 * anything without a local part or a domain, or with control characters, is dropped: an
   empty or unparseable address never reaches a membership lookup.
 """
@@ -78,12 +79,8 @@ def _ascii_domain(domain: str) -> str | None:
     if domain.isascii():
         labels = domain.split(".")
     else:
-        try:
-            labels = [
-                label if label.isascii() else "xn--" + label.encode("punycode").decode("ascii")
-                for label in _nameprep_labels(domain)
-            ]
-        except (UnicodeError, ValueError):
+        labels = _idna_labels(domain)
+        if labels is None:
             return None
     if any(not label for label in labels):
         return None
@@ -92,13 +89,22 @@ def _ascii_domain(domain: str) -> str | None:
     return ".".join(labels)
 
 
-def _nameprep_labels(domain: str) -> list[str]:
-    # The stdlib idna codec applies IDNA 2003 nameprep (lower-casing, NFKC) per label;
-    # use it label by label so one odd label does not hide which one failed.
-    import encodings.idna
+def _idna_labels(domain: str) -> list[str] | None:
+    """A-labels per IDNA 2008 with UTS 46 mapping, non-transitional (``faß.de`` is
+    ``xn--fa-hia.de``, as browsers and registries have it, not IDNA 2003's ``fass.de``),
+    label by label so one odd label does not hide which one failed."""
+    import idna
 
-    labels = re.split("[.\u3002\uff0e\uff61]", domain)
-    return [encodings.idna.nameprep(label) if not label.isascii() else label for label in labels]
+    out = []
+    for label in re.split("[.\u3002\uff0e\uff61]", domain):
+        if label.isascii():
+            out.append(label)
+            continue
+        try:
+            out.append(idna.encode(label, uts46=True, transitional=False).decode("ascii"))
+        except (idna.IDNAError, UnicodeError, ValueError):
+            return None
+    return out
 
 
 _CANONICAL = re.compile(r"[a-z0-9!#$%&'*+/=?^_`{|}~-][a-z0-9!#$%&'*+/=?^_`{|}~.-]*"

@@ -170,6 +170,21 @@ class MailingList(Base):
         ActionType, nullable=False, default=Action.HOLD
     )
     rejection_notice: Mapped[str | None] = mapped_column(Text, nullable=True)
+    # The rules that read the message (Mailman 3's columns of the same names; migration
+    # 0003).  Off by default.  ``moderator_password`` is a passlib hash (Mailman's
+    # scheme), never the password; ``header_matches`` is JSON
+    # ``[[header, pattern, action or null], ...]``; ``acceptable_aliases`` one per line.
+    moderator_password: Mapped[str | None] = mapped_column(String(255), nullable=True)
+    header_matches: Mapped[str | None] = mapped_column(Text, nullable=True)
+    max_message_size: Mapped[int] = mapped_column(Integer, nullable=False, default=0)
+    max_num_recipients: Mapped[int] = mapped_column(Integer, nullable=False, default=0)
+    require_explicit_destination: Mapped[bool] = mapped_column(
+        Boolean, nullable=False, default=False)
+    acceptable_aliases: Mapped[str | None] = mapped_column(Text, nullable=True)
+    administrivia: Mapped[bool] = mapped_column(Boolean, nullable=False, default=False)
+    bounce_matching_headers: Mapped[str | None] = mapped_column(Text, nullable=True)
+    newsgroup_moderated: Mapped[bool] = mapped_column(Boolean, nullable=False,
+                                                      default=False)
 
 
 class User(Base):

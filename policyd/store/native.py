@@ -34,7 +34,7 @@ from ..runtime.pacing import pace
 from ..core.snapshot import ListSpec, Snapshot
 from ..core.verdict import Action, Mode
 from . import engine as engine_module
-from . import refresh
+from . import queries, refresh
 from .models import (
     SHARED_REVISION,
     TRACKED,
@@ -182,15 +182,17 @@ def load_specs(connection: Connection, list_ids: Collection[int] | None = None
         lists_table.c.display_name, lists_table.c.mode, lists_table.c.emergency,
         _raw(lists_table.c.default_member_action), _raw(lists_table.c.default_nonmember_action),
         lists_table.c.rejection_notice,
+        *(lists_table.c[name] for name in queries.CONTENT_SETTINGS),
     ))):
         (id_, posting, list_id, display_name, mode, emergency, member_action,
-         nonmember_action, notice) = row
+         nonmember_action, notice) = row[:9]
         lists[id_] = {
             "posting_address": posting, "list_id": list_id, "display_name": display_name,
             "mode": Mode(mode), "emergency": bool(emergency),
             "default_member_action": _ACTIONS[member_action],
             "default_nonmember_action": _ACTIONS[nonmember_action],
             "rejection_notice": notice,
+            **queries.content_spec(dict(zip(queries.CONTENT_SETTINGS, row[9:]))),
         }
 
     # One string per address, shared by every list it is on (no join: the membership

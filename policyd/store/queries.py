@@ -9,6 +9,7 @@ look rows up in chunks, never one object per address.
 
 from __future__ import annotations
 
+import json
 import re
 from dataclasses import dataclass
 from typing import Iterable, Iterator, Sequence
@@ -229,8 +230,66 @@ def domains(session: Session) -> list[tuple[str, str | None]]:
 # --- lists -------------------------------------------------------------------------------
 
 
+# The settings of the rules that read the message (columns of ``lists``, migration 0003).
+CONTENT_SETTINGS = ("moderator_password", "header_matches", "max_message_size",
+                    "max_num_recipients", "require_explicit_destination",
+                    "acceptable_aliases", "administrivia", "bounce_matching_headers",
+                    "newsgroup_moderated")
 LIST_SETTINGS = ("display_name", "mode", "emergency", "default_member_action",
-                 "default_nonmember_action", "rejection_notice")
+                 "default_nonmember_action", "rejection_notice") + CONTENT_SETTINGS
+
+
+def content_spec(values: dict) -> dict:
+    """``ListSpec`` keywords from the content columns of one ``lists`` row."""
+    matches = []
+    for entry in json.loads(values.get("header_matches") or "[]"):
+        header, pattern, action = entry
+        matches.append((header, pattern, None if action is None else Action.from_name(action)))
+    return {
+        "moderator_password": values.get("moderator_password") or None,
+        "header_matches": tuple(matches),
+        "max_message_size": values.get("max_message_size") or 0,
+        "max_num_recipients": values.get("max_num_recipients") or 0,
+        "require_explicit_destination": bool(values.get("require_explicit_destination")),
+        "acceptable_aliases": tuple(line for line in (values.get("acceptable_aliases")
+                                                      or "").splitlines() if line),
+        "administrivia": bool(values.get("administrivia")),
+        "bounce_matching_headers": values.get("bounce_matching_headers") or "",
+        "newsgroup_moderated": bool(values.get("newsgroup_moderated")),
+    }
+
+
+def _content_value(key: str, value):
+    """Validate one content setting for storage (``set_list``)."""
+    if key in ("require_explicit_destination", "administrivia", "newsgroup_moderated"):
+        return bool(value)
+    if key in ("max_message_size", "max_num_recipients"):
+        number = int(value)
+        if number < 0:
+            raise BadInput(f"{key.replace('_', ' ')}: 0 (off) or a positive number")
+        return number
+    if key == "moderator_password":
+        # Only ever a hash: policyctl hashes what it reads from the prompt or stdin.
+        if value and not str(value).startswith("$"):
+            raise BadInput("moderator password: store a passlib hash, not the password")
+        return value or None
+    if key == "header_matches":
+        entries = value if isinstance(value, (list, tuple)) else json.loads(value or "[]")
+        out = []
+        for header, pattern, action in entries:
+            try:
+                re.compile(pattern)
+            except re.error as error:
+                raise BadInput(f"header match pattern {pattern!r}: {error}") from None
+            if action is not None and Action.from_name(action) is Action.DEFER:
+                raise BadInput("a header match action is accept, hold, reject or discard")
+            out.append([header, pattern, None if action is None
+                        else Action.from_name(action).label])
+        return json.dumps(out) if out else None
+    if key == "acceptable_aliases":
+        items = value if isinstance(value, (list, tuple)) else (value or "").splitlines()
+        return "\n".join(item.strip() for item in items if item.strip()) or None
+    return value or None
 
 
 def find_list(session: Session, ref: str) -> MailingList:
@@ -326,6 +385,8 @@ def set_list(session: Session, ref: str, **changes) -> MailingList:
             value = Mode(value)
         elif key == "emergency":
             value = bool(value)
+        elif key in CONTENT_SETTINGS:
+            value = _content_value(key, value)
         else:
             value = Action(value)
         setattr(row, key, value)

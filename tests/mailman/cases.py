@@ -269,6 +269,7 @@ def fixed_lists() -> list[dict]:
         "discard_these_nonmembers": [r"^disc.*"],
     }
     targets["members"].append({"address": "idn@xn--bcher-kva.example"})
+    targets["members"].append({"address": "n@xn--fa-hia.example"})
     atlist = {
         "fqdn": ATLIST,
         "default_member_action": "accept",
@@ -362,6 +363,9 @@ def targeted_cases() -> list[dict]:
     case("idn-u-label-member", "idn@bücher.example",
          why="Mailman's validator drops a U-label domain; the A-label member is not found")
     case("idn-a-label-member", "idn@xn--bcher-kva.example")
+    case("idn-sharp-s-u-label", "n@faß.example", envelope="nobody@nowhere.example",
+         why="IDNA 2008 gives xn--fa-hia, IDNA 2003 fass; Mailman drops U-labels anyway")
+    case("idn-sharp-s-a-label", "n@xn--fa-hia.example", envelope="nobody@nowhere.example")
     case("idn-u-label-envelope", None, envelope="idn@bücher.example")
     case("trailing-dot-member", "pat@example.com.", why="Mailman drops a trailing-dot domain")
     case("trailing-dot-envelope", None, envelope="pat@example.com.")

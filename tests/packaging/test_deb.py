@@ -206,7 +206,7 @@ def test_install_run_purge(deb, chroot):
     report("packaging: trixie versions: " + ", ".join(versions.split("\n")).strip(", "))
 
     facts = chroot.sh(
-        "command -v policyd policyctl; getent passwd policyd; "
+        "command -v policyd; command -v policyctl; getent passwd policyd; "
         "stat -c '%n %U:%G %a' /etc/policyd/policyd.conf /var/lib/policyd /run/policyd; "
         "policyctl --version").stdout
     assert "/usr/bin/policyd\n/usr/bin/policyctl\n" in facts
