@@ -49,6 +49,9 @@ class StoreConfig:
     # Mailman 3 backend: a verification build (full, compared with the incremental
     # result) every this many seconds; 0 disables it.
     verify_interval: float = 600.0
+    # Native store on PostgreSQL: LISTEN for the triggers' NOTIFY and refresh at once
+    # (``policyd.change_listener``); ignored by a store that cannot notify.
+    listen_notify: bool = True
 
 
 @dataclass(frozen=True)
@@ -273,6 +276,7 @@ SCHEMA: Mapping[str, Mapping[str, tuple[Callable[[str], object], str]]] = {
         "lock_timeout": (_positive_float, "10"),
         "refresh_timeout": (_positive_float, "30"),
         "verify_interval": (_seconds_or_zero, "600"),
+        "listen_notify": (_switch, "on"),
     },
     "daemon": {
         "state_dir": (_text, "/var/lib/policyd"),
@@ -399,7 +403,8 @@ def parse(text: str, source: str = "<config>", base: Path | None = None) -> Conf
                                    statement=s["statement_timeout"],
                                    lock=s["lock_timeout"]),
             refresh_timeout=s["refresh_timeout"],
-            verify_interval=s["verify_interval"]),
+            verify_interval=s["verify_interval"],
+            listen_notify=s["listen_notify"]),
         daemon=DaemonConfig(
             state_dir=state_dir,
             control_socket=path_of(d["control_socket"]),

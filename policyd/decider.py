@@ -14,11 +14,13 @@ from bisect import bisect_left
 from collections import Counter
 from functools import partial
 from time import perf_counter
-from typing import NamedTuple
+from typing import Callable, NamedTuple
 
+from twisted.internet.defer import Deferred, DeferredList, DeferredSemaphore
 from twisted.logger import Logger
 
 from .core.chain import decide as chain_decide
+from .core.passwords import VerificationNeeded, verify_and_remember, verify_elsewhere
 from .core.replies import ReplyPolicy, SmtpReply
 from .core.verdict import Decision, Query
 
@@ -37,6 +39,9 @@ class Answer(NamedTuple):
     trouble: str | None = None
     reason: str | None = None
     started: float = 0.0
+    # A moderator password that must be verified (off the reactor: ``Decider.verify``)
+    # before this query can be decided; the reply meanwhile is the temporary failure.
+    pending: VerificationNeeded | None = None
 
 
 class Decider:
@@ -44,9 +49,15 @@ class Decider:
 
     def __init__(self, snapshots, policy: ReplyPolicy, *, decide=chain_decide,
                  fail_closed: bool = True, null_sender: str = "reject",
-                 per_list: bool = False, latency: bool = False) -> None:
+                 per_list: bool = False, latency: bool = False,
+                 run_in_thread: Callable[..., Deferred] | None = None) -> None:
         self.snapshots = snapshots
         self.policy = policy
+        # Where a moderator password is verified (a fifth of a second of CPU): with
+        # ``run_in_thread`` (the daemon), never in ``decide``; without (policyctl), inline.
+        self.run_in_thread = run_in_thread
+        self._verifying = DeferredSemaphore(self.VERIFY_THREADS)
+        self._waiting = 0
         # ``[rules] null_sender``: the chain takes it as an argument (it is pure); only a
         # non-default value is passed, so a ``decide`` without the argument still works.
         self._decide = decide if null_sender == "reject" else \
@@ -98,8 +109,15 @@ class Decider:
             return self.trouble(protocol, "unavailable",
                                 "the store has no lists (empty or replaced store?)", started)
         try:
-            decision = self._decide(snapshot, query, explain=explain)
+            if self.run_in_thread is None:
+                decision = self._decide(snapshot, query, explain=explain)
+            else:
+                with verify_elsewhere():
+                    decision = self._decide(snapshot, query, explain=explain)
             reply = self.policy.reply(decision)
+        except VerificationNeeded as pending:
+            return Answer(None, self.policy.error(), "verifying",
+                          "a moderator password is being verified", started, pending)
         except Exception:
             log.failure("the decision failed for {protocol} recipient={recipient!r}"
                         " sender={sender!r}", protocol=protocol,
@@ -124,6 +142,29 @@ class Decider:
             if self.per_list and decision.list in snapshot.lists:
                 self.by_list[protocol, decision.list, verdict] += 1
         return Answer(decision, reply, None, None, started)
+
+    # Verifications at once, and waiting at most: beyond that a query with a password
+    # to verify gets the temporary failure at once (a flood of made-up ``Approved:``
+    # headers costs CPU in threads, never the reactor, and never grows a queue).
+    VERIFY_THREADS = 2
+    MAX_WAITING = 64
+
+    def verify(self, pending: list[VerificationNeeded]) -> Deferred | None:
+        """Verify the passwords in threads; fires when all are known (decide again then).
+        ``None`` when too many are waiting already."""
+        if self.run_in_thread is None or self._waiting + len(pending) > self.MAX_WAITING:
+            return None
+        self._waiting += len(pending)
+
+        def one(item):
+            d = self._verifying.run(self.run_in_thread, verify_and_remember,
+                                    item.password, item.hashed)
+
+            def done(result):
+                self._waiting -= 1
+                return result
+            return d.addBoth(done)
+        return DeferredList([one(item) for item in pending], consumeErrors=True)
 
     # At most this many (kind, key) warnings are remembered per snapshot version: the
     # domains come from the MTA's requests, and a flood of them must not grow memory.

@@ -55,6 +55,11 @@ KEY_HELP: dict[str, dict[str, str]] = {
         "verify_interval": "mailman3 backend: every this many seconds a full build is "
                            "compared with the incrementally maintained snapshot; 0 disables "
                            "the check.",
+        "listen_notify": "on: with the native store on PostgreSQL, the daemon LISTENs on a "
+                         "connection of its own for the NOTIFY its triggers send on every "
+                         "change and refreshes at once (polling every refresh_interval "
+                         "stays the fallback; status shows store listen). Other stores "
+                         "are polled whatever this says. off: poll only.",
     },
     "daemon": {
         "state_dir": "Directory of the default SQLite store.",

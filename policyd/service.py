@@ -141,11 +141,24 @@ class PolicyService(MultiService):
             backend, interval=config.store.refresh_interval, clock=reactor,
             run_in_thread=self.store_thread.run,
             refresh_timeout=config.store.refresh_timeout)
+        # Instant propagation where the store notifies (PostgreSQL): a thread LISTENs and
+        # wakes the snapshot service (``policyd.change_listener``).
+        self.change_listener = None
+        notify_channel = getattr(backend, "notify_channel", None)
+        channel = notify_channel() if notify_channel and config.store.listen_notify else None
+        if channel:
+            from .change_listener import ChangeListener
+
+            self.change_listener = ChangeListener(
+                reactor, backend.listen, lambda: self.snapshots.changed(), channel=channel,
+                store=safe_url(config.store.url))
+            self.snapshots.change_listener = self.change_listener
         self.decider = Decider(self.snapshots, config.smtp,
                                fail_closed=config.daemon.fail_closed,
                                null_sender=config.rules.null_sender,
                                per_list=config.metrics.per_list,
-                               latency=bool(config.metrics.listen))
+                               latency=bool(config.metrics.listen),
+                               run_in_thread=self._password_thread(reactor))
         # systemd notifications (``$NOTIFY_SOCKET``): only with the environment passed
         # in (the daemon's own, from ``tap.makeService``); a no-op without the variable.
         from .systemd import SystemdNotifier
@@ -189,6 +202,21 @@ class PolicyService(MultiService):
         self.listener_group.setServiceParent(self)
         self._previous_sighup = None
 
+    _passwords_pool = None
+
+    def _password_thread(self, reactor):
+        """Where moderator passwords are verified: a small thread pool of the daemon's
+        own (started and stopped with it), never the reactor thread.  ``None`` for a
+        reactor without threads (tests): then they are verified inline."""
+        if not hasattr(reactor, "callFromThread") or not hasattr(reactor, "callWhenRunning"):
+            return None
+        from twisted.internet.threads import deferToThreadPool
+        from twisted.python.threadpool import ThreadPool
+
+        self._passwords_pool = pool = ThreadPool(minthreads=0, maxthreads=2,
+                                                 name="policyd-passwords")
+        return lambda f, *args: deferToThreadPool(reactor, pool, f, *args)
+
     @property
     def listeners(self) -> list[Listener]:
         return list(self.listener_group)
@@ -204,7 +232,11 @@ class PolicyService(MultiService):
         # The store thread and the snapshot service are attributes a test may swap before
         # start: started from here, not as children, so the swapped ones are the ones run.
         self.store_thread.startService()
+        if self._passwords_pool is not None:
+            self._passwords_pool.start()
         self.snapshots.startService()
+        if self.change_listener is not None:
+            self.change_listener.startService()
         self.notifier.startService()
         for child in self:
             if child is not self.listener_group:
@@ -233,8 +265,12 @@ class PolicyService(MultiService):
         yield self.listener_group.stopService()
         yield defer.DeferredList([defer.maybeDeferred(child.stopService) for child in self
                                   if child is not self.listener_group and child.running])
+        if self.change_listener is not None and self.change_listener.running:
+            self.change_listener.stopService()
         yield defer.maybeDeferred(self.snapshots.stopService)
         self.store_thread.stopService()
+        if self._passwords_pool is not None:
+            self._passwords_pool.stop()
         if self.tuning is not None:
             self.tuning.daemon_stopped()
         log.info("policyd stopped after {uptime:.1f} s; {total} answers",
@@ -281,7 +317,17 @@ class PolicyService(MultiService):
 
     # --- what the control socket asks ---------------------------------------------------
 
-    def control_query(self, query: Query) -> dict:
+    def control_query(self, query: Query) -> dict | defer.Deferred:
+        """``policyctl query``'s result; a ``Deferred`` when a moderator password must be
+        verified first (in a thread, never on the reactor)."""
+        pending = self.decider.decide(query, "control", counted=False).pending
+        if pending is not None:
+            waiting = self.decider.verify([pending])
+            if waiting is not None:
+                return waiting.addCallback(lambda _: self._control_query(query))
+        return self._control_query(query)
+
+    def _control_query(self, query: Query) -> dict:
         p = self.config.postfix
         result = query_result(self.decider, query, postfix_mode=p.mode,
                               accept_action=p.accept_action, now=self.reactor.seconds(),

@@ -7,7 +7,7 @@ from __future__ import annotations
 import base64
 
 from prometheus_client.parser import text_string_to_metric_families
-from twisted.internet.testing import MemoryReactorClock, StringTransport
+from twisted.internet.testing import StringTransport
 
 from policyd.core.replies import ReplyPolicy
 from policyd.core.verdict import Query

@@ -90,9 +90,7 @@ def test_ready_once_the_mta_listeners_accept(tmp_path, systemd_socket, fail):
     the status names the version; failed: it says so), not at start."""
     path, receiver = systemd_socket
     service, reactor, backend = build(tmp_path, reactor=_PortReactor())
-    from policyd.systemd import SystemdNotifier as Notifier
-
-    service.notifier = Notifier(reactor, {"NOTIFY_SOCKET": path}, service.notify_status)
+    service.notifier = SystemdNotifier(reactor, {"NOTIFY_SOCKET": path}, service.notify_status)
     service.listener_group.on_serving = service.notifier.ready
     thread = _ManualThread()
     service.store_thread = thread

@@ -102,12 +102,10 @@ def test_log_fields_quoting():
 
 
 def test_trouble_lines_carry_the_fields_too():
-    from policyd.decider import FixedSnapshot as Fixed
-
     events = []
     log = DecisionLog()
     log.log.info = lambda fmt, **fields: events.append(fields)  # noqa: E731
-    decider = Decider(Fixed(None), ReplyPolicy())
+    decider = Decider(FixedSnapshot(None), ReplyPolicy())
     decider.snapshots.unavailable_reason = "no snapshot"
     factory = PostfixFactory(decider, parse("").postfix, Clock(), log)
     factory.answer(PostfixRequest({b"protocol_state": b"RCPT", b"recipient": LIST.encode(),

@@ -431,3 +431,76 @@ def test_verification_build_swaps_in_the_full_result_and_logs_a_divergence():
     assert len(warnings) == 1 and warnings[0]["differences"] == "test@lists.example.com"
     clock.advance(2)  # logged once: not due again, nothing new
     assert service.current.version == "1"
+
+
+# --- notifications (``changed``) ------------------------------------------------------------
+
+
+def test_a_notification_refreshes_at_once():
+    """``changed()`` (a store NOTIFY) refreshes without waiting for the timer."""
+    service, backend, clock = make(interval=30.0)
+    service.startService()
+    backend.lists = sample_lists(extra_member="bob@example.com")
+    backend.token = "2"
+    clock.advance(service.NOTIFY_GAP)
+    service.changed()
+    assert service.current.version == "2"
+    assert service.status()["store"]["listen"] == {
+        "enabled": False, "notifications": 1, "notified_refreshes": 1}
+
+
+def test_a_notification_storm_is_coalesced():
+    """10,000 notifications in one second, refreshes taking 10 ms each: while a refresh
+    runs, any number of notifications make one more after it, and refreshes they start
+    are NOTIFY_GAP apart: about 1 / NOTIFY_GAP refreshes, not 10,000; the last change is
+    loaded."""
+    thread = ManualThread()
+    service, backend, clock = make(run=thread.run, interval=30.0)
+    service.startService()
+    thread.step()
+    backend.calls.clear()
+    for i in range(10_000):
+        backend.token = str(i + 2)
+        service.changed()
+        clock.advance(0.0001)
+        if i % 100 == 99 and thread.jobs:  # a refresh ends every 10 ms
+            thread.step()
+    clock.advance(1.0)
+    while thread.jobs:
+        thread.step()
+        clock.advance(1.0)
+    refreshes = backend.calls.count("change_token")
+    assert service.notifications == 10_000
+    assert refreshes <= 1.0 / service.NOTIFY_GAP + 2, refreshes
+    assert service.current.version == "10001"
+
+
+def test_a_notification_during_a_refresh_makes_exactly_one_more():
+    thread = ManualThread()
+    service, backend, clock = make(run=thread.run, interval=30.0)
+    service.startService()
+    assert len(thread.jobs) == 1
+    for _ in range(50):
+        service.changed()
+    assert len(thread.jobs) == 1
+    thread.step()
+    clock.advance(service.NOTIFY_GAP)
+    assert len(thread.jobs) == 1
+    thread.step()
+    clock.advance(1)
+    assert thread.jobs == []
+
+
+def test_no_refresh_from_notifications_after_stop():
+    thread = ManualThread()
+    service, backend, clock = make(run=thread.run, interval=30.0)
+    service.startService()
+    thread.step()
+    clock.advance(service.NOTIFY_GAP)
+    service.changed()
+    thread.step()
+    service.changed()  # scheduled after the gap
+    assert thread.jobs == []
+    service.stopService()
+    clock.advance(1)
+    assert [job[1].__name__ for job in thread.jobs] == ["close"]

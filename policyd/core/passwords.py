@@ -15,9 +15,14 @@ password itself is never kept, logged or put in a trace.
 from __future__ import annotations
 
 import hashlib
+import threading
 from collections import OrderedDict
+from contextlib import contextmanager
+from contextvars import ContextVar
+from typing import Iterator
 
-__all__ = ["MAILMAN_PASSLIB", "hash_password", "verify_password"]
+__all__ = ["MAILMAN_PASSLIB", "VerificationNeeded", "hash_password", "verify_and_remember",
+           "verify_elsewhere", "verify_password"]
 
 # mailman/config/passlib.cfg of 3.3.10.
 MAILMAN_PASSLIB = """\
@@ -43,9 +48,50 @@ def _crypt_context():
     return _context
 
 
+# policyctl's hashes use the fewest rounds Mailman's configuration accepts
+# (``sha512_crypt__min_rounds``): they verify in Mailman exactly the same, and each
+# verification costs a tenth of passlib's default 656,000 rounds on the reactor.
+POLICYCTL_ROUNDS = 60000
+
+
 def hash_password(password: str) -> str:
-    """The hash Mailman's ``config.password_context.encrypt`` would store."""
-    return _crypt_context().hash(password)
+    """A hash in Mailman's scheme (sha512_crypt) that Mailman's context verifies."""
+    return _crypt_context().handler().using(rounds=POLICYCTL_ROUNDS).hash(password)
+
+
+class VerificationNeeded(Exception):
+    """Raised by ``verify_password`` inside ``verify_elsewhere()`` when the result is not
+    known yet: the caller verifies in a thread (``verify_and_remember``) and decides
+    again.  A verification is a fifth of a second of CPU: never on the reactor."""
+
+    def __init__(self, password: str, hashed: str) -> None:
+        super().__init__("a moderator password is being verified")
+        self.password = password
+        self.hashed = hashed
+
+
+_elsewhere: ContextVar[bool] = ContextVar("policyd_verify_elsewhere", default=False)
+_lock = threading.Lock()
+
+
+@contextmanager
+def verify_elsewhere() -> Iterator[None]:
+    """Within the block, an unknown result raises ``VerificationNeeded`` instead of
+    being computed here."""
+    token = _elsewhere.set(True)
+    try:
+        yield
+    finally:
+        _elsewhere.reset(token)
+
+
+def _key(password, hashed):
+    if isinstance(hashed, bytes):
+        hashed = hashed.decode("utf-8", "replace")
+    if not isinstance(password, str):
+        password = str(password)
+    return password, hashed, (hashed, hashlib.sha256(
+        password.encode("utf-8", "surrogatepass")).digest())
 
 
 def verify_password(password, hashed: str | bytes) -> bool:
@@ -53,15 +99,20 @@ def verify_password(password, hashed: str | bytes) -> bool:
 
     Where Mailman would raise (a candidate passlib refuses, e.g. with a NUL or longer
     than 4096 bytes; a malformed hash) and so shunt the message, this is a mismatch."""
-    if isinstance(hashed, bytes):
-        hashed = hashed.decode("utf-8", "replace")
-    if not isinstance(password, str):
-        password = str(password)
-    key = (hashed, hashlib.sha256(password.encode("utf-8", "surrogatepass")).digest())
-    known = _RESULTS.get(key)
-    if known is not None:
-        _RESULTS.move_to_end(key)
-        return known
+    password, hashed, key = _key(password, hashed)
+    with _lock:
+        known = _RESULTS.get(key)
+        if known is not None:
+            _RESULTS.move_to_end(key)
+            return known
+    if _elsewhere.get():
+        raise VerificationNeeded(password, hashed)
+    return verify_and_remember(password, hashed)
+
+
+def verify_and_remember(password, hashed: str | bytes) -> bool:
+    """Verify (the costly part; thread-safe) and remember the result."""
+    password, hashed, key = _key(password, hashed)
     from passlib.exc import UnknownHashError
     try:
         valid, _ = _crypt_context().verify_and_update(password, hashed)
@@ -69,7 +120,9 @@ def verify_password(password, hashed: str | bytes) -> bool:
         valid = False
     except (ValueError, TypeError):
         valid = False
-    _RESULTS[key] = valid = bool(valid)
-    if len(_RESULTS) > _RESULTS_MAX:
-        _RESULTS.popitem(last=False)
+    valid = bool(valid)
+    with _lock:
+        _RESULTS[key] = valid
+        if len(_RESULTS) > _RESULTS_MAX:
+            _RESULTS.popitem(last=False)
     return valid

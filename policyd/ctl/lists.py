@@ -63,6 +63,28 @@ def _list_settings(p, creating: bool) -> None:
                    help=f"{'|'.join(ACTION_NAMES)}" + (" (default hold)" if creating else ""))
     p.add_argument("--rejection-notice", metavar="TEXT",
                    help="the SMTP text of a rejection ('' clears it)")
+    if creating:
+        return
+    # The settings of the rules that read the message (Exim's headers=/body=/size=).
+    p.add_argument("--moderator-password", action="store_true",
+                   help="set the moderator password (Approved: header), read from a "
+                        "prompt or the first line of standard input, never the command "
+                        "line; stored hashed as Mailman hashes it; empty clears it")
+    p.add_argument("--max-message-size", type=int, metavar="KB", help="0: off")
+    p.add_argument("--max-num-recipients", type=int, metavar="N", help="0: off")
+    p.add_argument("--require-explicit-destination", type=on_off, metavar="on|off")
+    p.add_argument("--acceptable-alias", action="append", metavar="ADDRESS|^REGEX",
+                   dest="acceptable_aliases",
+                   help="repeat for several; replaces the list's aliases ('' clears)")
+    p.add_argument("--administrivia", type=on_off, metavar="on|off")
+    p.add_argument("--newsgroup-moderated", type=on_off, metavar="on|off")
+    p.add_argument("--bounce-matching-headers", metavar="TEXT",
+                   help="Mailman 2.1's 'Header: regex' lines ('' clears)")
+    p.add_argument("--header-match", nargs=3, action="append", dest="header_matches",
+                   metavar=("HEADER", "PATTERN", "ACTION"),
+                   help="repeat for several, in order; replaces the list's header "
+                        "matches; ACTION accept|hold|reject|discard|default (Mailman's "
+                        "jump_chain, hold); --header-match '' '' '' clears")
 
 
 # --- domains -------------------------------------------------------------------------------
@@ -111,11 +133,37 @@ def cmd_domain_list(ctx: Context) -> int:
 def _settings(args: argparse.Namespace) -> dict:
     changes = {}
     for key in ("display_name", "mode", "emergency", "default_member_action",
-                "default_nonmember_action", "rejection_notice"):
+                "default_nonmember_action", "rejection_notice", "max_message_size",
+                "max_num_recipients", "require_explicit_destination", "administrivia",
+                "newsgroup_moderated", "bounce_matching_headers", "acceptable_aliases"):
         value = getattr(args, key, None)
         if value is not None:
             changes[key] = Mode(value) if key == "mode" else value
+    matches = getattr(args, "header_matches", None)
+    if matches is not None:
+        changes["header_matches"] = [
+            (header, pattern, None if act.strip().lower() == "default" else act)
+            for header, pattern, act in matches if header or pattern]
+    if getattr(args, "moderator_password", False):
+        changes["moderator_password"] = _read_password()
     return changes
+
+
+def _read_password() -> str | None:
+    """The moderator password from a prompt (a terminal) or the first line of standard
+    input, hashed at once (Mailman's passlib scheme); ``None`` for an empty one."""
+    import getpass
+    import sys
+
+    from ..core.passwords import hash_password
+
+    if sys.stdin.isatty():
+        password = getpass.getpass("moderator password: ")
+        if password and getpass.getpass("again: ") != password:
+            raise BadInput("the two passwords differ")
+    else:
+        password = sys.stdin.readline().rstrip("\r\n")
+    return hash_password(password) if password else None
 
 
 def cmd_list_add(ctx: Context) -> int:
@@ -143,7 +191,10 @@ def cmd_list_set(ctx: Context) -> int:
     if not changes:
         raise BadInput("nothing to change: give one or more of --display-name, --mode, "
                        "--emergency, --default-member-action, --default-nonmember-action, "
-                       "--rejection-notice")
+                       "--rejection-notice, --moderator-password, --max-message-size, "
+                       "--max-num-recipients, --require-explicit-destination, "
+                       "--acceptable-alias, --administrivia, --newsgroup-moderated, "
+                       "--bounce-matching-headers, --header-match")
     with ctx.store().write() as session:
         row = q.set_list(session, ctx.args.list, **changes)
         info = _list_info(session, row)
@@ -208,6 +259,16 @@ def _list_info(session, row, details: bool = False) -> dict:
         "default_nonmember_action": row.default_nonmember_action.label,
         "rejection_notice": row.rejection_notice,
         "counts": q.list_counts(session, row),
+        # The hash is never shown: only whether there is one.
+        "moderator_password": "set" if row.moderator_password else None,
+        "header_matches": row.header_matches,
+        "max_message_size": row.max_message_size,
+        "max_num_recipients": row.max_num_recipients,
+        "require_explicit_destination": row.require_explicit_destination,
+        "acceptable_aliases": row.acceptable_aliases,
+        "administrivia": row.administrivia,
+        "bounce_matching_headers": row.bounce_matching_headers,
+        "newsgroup_moderated": row.newsgroup_moderated,
     }
     if details:
         groups: dict[str, list[str]] = {f"{k}_these_nonmembers": [] for k in KIND_NAMES}

@@ -8,8 +8,10 @@ from pathlib import Path
 from .arguments import command, seconds
 from .output import EXIT_OK, Context
 
-CRON_LINE = ("*/5 * * * *  list  policyctl import-mailman2 --quiet /var/lib/mailman "
-             ">/dev/null")
+# /etc/cron.d syntax.  The user policyd (in group list) reads Mailman 2's config.pck files
+# and writes the store; --quiet prints only news, which cron mails (docs/mailman2.md).
+CRON_LINE = ("*/5 * * * *  policyd  policyctl --config /etc/policyd/policyd.conf "
+             "import-mailman2 --quiet /var/lib/mailman")
 
 
 def register(commands) -> None:

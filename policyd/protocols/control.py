@@ -174,7 +174,13 @@ class ControlFactory(TrackingFactory):
                 result = self.service.control_query(request.query)
             except Unavailable as error:
                 return format_response(error=str(error))
-            return format_response(result)
+            if not isinstance(result, defer.Deferred):
+                return format_response(result)
+            # A moderator password verified in a thread first.
+            result.addCallback(format_response)
+            result.addErrback(lambda failure: format_response(
+                error=str(failure.trap(Unavailable) and failure.value)))
+            return result
         if request.op == "status":
             return format_response(self.service.status())
         d = defer.maybeDeferred(self.service.reload)

@@ -44,6 +44,7 @@ import binascii
 import re
 from typing import NamedTuple
 
+from twisted.internet.defer import Deferred
 from twisted.internet.interfaces import IHalfCloseableProtocol
 from twisted.internet.protocol import Protocol
 from twisted.logger import Logger
@@ -257,12 +258,14 @@ class EximPolicyProtocol(Protocol):
         self.factory = factory
         self._buffer = bytearray()
         self.answered = False
+        # The request is complete and being decided (a password check in a thread).
+        self.waiting = False
 
     def connectionMade(self) -> None:
         self.factory.track(self)
 
     def dataReceived(self, data: bytes) -> None:
-        if self.answered:
+        if self.answered or self.waiting:
             return
         held = len(self._buffer)
         nl = data.find(b"\n")
@@ -279,14 +282,14 @@ class EximPolicyProtocol(Protocol):
                 self.factory._close(self)
 
     def readConnectionLost(self) -> None:
-        if not self.answered:
+        if not self.answered and not self.waiting:
             self._answer(self.factory.answer(bytes(self._buffer), self.transport))
 
     def idle_for(self, now: float) -> float:
         """Seconds counted against this connection at a limit (``TrackingFactory``):
         never closed once answered; silent after ``SILENT_GRACE``: at once; half a
-        line: after ``EVICT_MIN_IDLE``."""
-        if self.answered:
+        line: after ``EVICT_MIN_IDLE``.  A request being decided is never closed."""
+        if self.answered or self.waiting:
             return -1.0
         age = now - self.started
         if not self._buffer and age >= SILENT_GRACE:
@@ -311,13 +314,26 @@ class EximPolicyProtocol(Protocol):
     def shutdown(self) -> None:
         """Daemon stopping: nothing to do, the connection closes after its answer."""
 
-    def _answer(self, reply: bytes) -> None:
+    def _answer(self, reply) -> None:
+        if isinstance(reply, Deferred):
+            # Waiting for a password check in a thread: the connection stays open (and
+            # its deadline still answers it if the check takes too long).
+            self.waiting = True
+            reply.addErrback(self._failed)
+            reply.addCallback(self._answer)
+            return
+        if self.answered:
+            return
         self.answered = True
         if self._buffer:
             self._buffer = bytearray()
             self.factory.buffer_changed(self, 0)
         self.transport.write(reply)
         self.transport.loseConnection()
+
+    def _failed(self, failure) -> bytes:
+        log.failure("answering an Exim request failed", failure)
+        return format_reply(self.factory.decider.policy.error())
 
     def connectionLost(self, reason=None) -> None:
         self.factory.untrack(self)
@@ -347,18 +363,31 @@ class EximFactory(TrackingFactory):
         for protocol in [p for p in self.connections if not p.answered and p.deadline <= now]:
             protocol.timeoutConnection()
 
-    def answer(self, line: bytes, transport) -> bytes:
-        """Parse, decide each list, log each decision, answer the most severe reply."""
+    # Times a request may wait for moderator passwords to be verified before it is
+    # answered with what is known (several lists may each need one).
+    VERIFY_ROUNDS = 3
+
+    def answer(self, line: bytes, transport, _round: int = 0) -> bytes | Deferred:
+        """Parse, decide each list, log each decision, answer the most severe reply.
+
+        A moderator password to verify (an ``Approved:`` header) makes the answer a
+        ``Deferred``: verified in a thread, then decided again."""
         try:
             request = parse_request(line)
         except ProtocolError as error:
             return self.malformed(error, transport)
         decide = self.decider.decide
         queries = request.queries()
+        answers = [decide(query, "exim", names_a_list=True) for query in queries]
+        pending = [answer.pending for answer in answers if answer.pending is not None]
+        if pending and _round < self.VERIFY_ROUNDS:
+            waiting = self.decider.verify(pending)
+            if waiting is not None:
+                return waiting.addCallback(
+                    lambda _: self.answer(line, transport, _round + 1))
         replies = []
         started = 0.0
-        for query in queries:
-            answer = decide(query, "exim", names_a_list=True)
+        for query, answer in zip(queries, answers):
             if not replies:
                 started = answer.started
             line_text = reply_line(answer.reply)

@@ -46,7 +46,8 @@ class Store:
         defaults: a write or read against a locked or stuck store fails with
         ``StoreUnavailable`` (exit 5) instead of waiting for ever."""
         self.url = url
-        self.engine = engine_module.make_engine(url, timeouts=timeouts)
+        self.engine = engine_module.make_engine(url, timeouts=timeouts,
+                                                application_name="policyctl")
         self._writer = self.engine.execution_options(**engine_module.WRITE)
 
     @classmethod

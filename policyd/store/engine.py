@@ -34,6 +34,7 @@ from pathlib import Path
 from sqlalchemy import create_engine, event, inspect, text
 from sqlalchemy.engine import Connection, Engine, make_url
 from sqlalchemy.exc import ArgumentError, NoSuchModuleError, SQLAlchemyError
+from sqlalchemy.pool import NullPool
 
 from ..config import StoreTimeouts
 from ..errors import BadInput, StoreUnavailable
@@ -55,9 +56,13 @@ DEFAULT_TIMEOUTS = StoreTimeouts()
 
 
 def make_engine(url: str, *, create_dirs: bool = False,
-                timeouts: StoreTimeouts | None = None) -> Engine:
+                timeouts: StoreTimeouts | None = None, application_name: str = "policyd",
+                pooled: bool = True) -> Engine:
     """An engine for ``url``, with ``timeouts`` (``[store] *_timeout``, else the
-    defaults).  A malformed URL or a missing driver is ``BadInput``."""
+    defaults).  A malformed URL or a missing driver is ``BadInput``.
+    ``application_name``: what PostgreSQL's ``pg_stat_activity`` shows for its
+    connections (unless the URL names one).  ``pooled=False``: every connection is
+    opened for its use and closed after it (the LISTEN connection)."""
     timeouts = timeouts or DEFAULT_TIMEOUTS
     parsed = parse_url(url)
     backend = parsed.get_backend_name()
@@ -68,6 +73,12 @@ def make_engine(url: str, *, create_dirs: bool = False,
             path = Path(database)
             if create_dirs:
                 path.parent.mkdir(parents=True, exist_ok=True)
+            # No pool: a connection kept open across reads keeps its page cache and the
+            # WAL index of the file it opened, so it would never see another store copied
+            # over the file (``cp``: same inode).  Opening a file is ~0.1 ms, and the
+            # last connection to close checkpoints and removes the WAL, so a file that
+            # is replaced between two reads has no stale WAL beside it.
+            kwargs["poolclass"] = NullPool
     elif backend in ("mysql", "mariadb"):
         if "charset" not in parsed.query:
             parsed = parsed.update_query_dict({"charset": "utf8mb4"})
@@ -75,7 +86,11 @@ def make_engine(url: str, *, create_dirs: bool = False,
         kwargs["pool_pre_ping"] = True
     else:
         kwargs["pool_pre_ping"] = True
-    kwargs["connect_args"] = connect_args_for(parsed, timeouts)
+    if not pooled:
+        kwargs["poolclass"] = NullPool
+        kwargs.pop("pool_recycle", None)
+    kwargs["connect_args"] = connect_args_for(parsed, timeouts,
+                                              application_name=application_name)
     try:
         engine = create_engine(parsed, **kwargs)
     except (NoSuchModuleError, ImportError) as error:
@@ -90,10 +105,12 @@ def _whole_seconds(seconds: float) -> int:
     return max(1, math.ceil(seconds))
 
 
-def connect_args_for(parsed, timeouts: StoreTimeouts, *, pg_options: str = "") -> dict:
+def connect_args_for(parsed, timeouts: StoreTimeouts, *, pg_options: str = "",
+                     application_name: str = "") -> dict:
     """The DBAPI ``connect()`` arguments that bound every wait on ``parsed`` (a URL with
     its driver chosen).  ``pg_options`` are more ``-c name=value`` settings for
-    PostgreSQL.  What the URL's query string sets itself is left to it."""
+    PostgreSQL; ``application_name`` names its connections.  What the URL's query string
+    sets itself is left to it."""
     backend = parsed.get_backend_name()
     query = parsed.query
     args: dict = {}
@@ -112,6 +129,8 @@ def connect_args_for(parsed, timeouts: StoreTimeouts, *, pg_options: str = "") -
         args["options"] = options
         args.update(keepalives=1, keepalives_idle=30, keepalives_interval=10,
                     keepalives_count=3)
+        if application_name:
+            args["application_name"] = application_name
     elif backend in ("mysql", "mariadb"):
         args["connect_timeout"] = _whole_seconds(timeouts.connect)
         # Client side: a server that stopped answering (frozen, or gone without a RST)

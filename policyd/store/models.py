@@ -11,7 +11,11 @@ Tables (every change goes through an Alembic migration in ``migrations/versions`
                        a user membership posts through the user's preferred address
 ``nonmember_patterns`` the four ``*_these_nonmembers`` lists (``kind`` is the Action)
 ``bans``               list bans, and site-wide bans (``list_id`` NULL)
-``store_state``        one row; ``generation`` is bumped by every write (see below)
+``store_state``        one row; ``generation`` is bumped by every write (see below);
+                       ``store_id``, random, set when the store is created (migration
+                       0002): a different store (a copied-over SQLite file, a recreated
+                       database) has another one, which the daemon's change token and
+                       snapshot origin carry, so it makes a full build
 
 Actions are stored as Mailman 3's integers (hold 0, reject 1, discard 2, accept 3,
 defer 4) and roles as Mailman 3's (member 1, owner 2, moderator 3, nonmember 4).
@@ -136,6 +140,15 @@ class StoreState(Base):
 
     id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=False)
     generation: Mapped[int] = mapped_column(BigInteger, nullable=False, default=0)
+    # Random, one per store (``new_store_id``); NULL only in a row an old writer made.
+    store_id: Mapped[str | None] = mapped_column(String(32), nullable=True)
+
+
+def new_store_id() -> str:
+    """A fresh random store id (``StoreState.store_id``)."""
+    import uuid
+
+    return uuid.uuid4().hex
 
 
 class Domain(Base):
@@ -281,6 +294,10 @@ class ListRevision(Base):
 
 
 SHARED_REVISION = 0
+
+# PostgreSQL: the channel the triggers of migration 0002 NOTIFY (spelled there too, as a
+# migration must not import the application).
+NOTIFY_CHANNEL = "policyd_changes"
 
 # The tables the change token watches, in a fixed order.
 TRACKED = (Domain, MailingList, User, Address, Membership, NonmemberPattern, Ban)

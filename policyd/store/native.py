@@ -41,6 +41,7 @@ from .models import (
     Address,
     Ban,
     Domain,
+    NOTIFY_CHANNEL,
     ListRevision,
     MailingList,
     Membership,
@@ -68,11 +69,13 @@ def _raw(column):
 
 
 def token_query():
-    """One statement: the generation, the count and sum of the list revisions (bumped by
-    triggers on every change, whoever writes), and count + max(id) of every tracked table
-    (what a write that fires no trigger, a TRUNCATE, still changes)."""
+    """One statement: the generation, the store's id, the count and sum of the list
+    revisions (bumped by triggers on every change, whoever writes), and count + max(id)
+    of every tracked table (what a write that fires no trigger, a TRUNCATE, still
+    changes)."""
     r = ListRevision.__table__
     columns = [select(StoreState.generation).where(StoreState.id == 1).scalar_subquery(),
+               select(StoreState.store_id).where(StoreState.id == 1).scalar_subquery(),
                select(func.count()).select_from(r).scalar_subquery(),
                select(func.coalesce(func.sum(r.c.revision), 0)).scalar_subquery()]
     for model in TRACKED:
@@ -84,11 +87,19 @@ def token_query():
 
 def read_token(connection: Connection, identity: str = "") -> str:
     """The change token; ``identity``: the SQLite file's, so a replaced file changes it."""
+    return read_token_and_id(connection, identity)[0]
+
+
+def read_token_and_id(connection: Connection, identity: str = "") -> tuple[str, str]:
+    """(the change token, the store's id): the id (``store_state.store_id``) is part of
+    the token, so a different store under the same URL (a copied-over SQLite file, a
+    recreated database) changes it even at the same generation and row counts."""
     row = tuple(connection.execute(token_query()).one())
     generation = row[0] if row[0] is not None else 0
-    digest = hashlib.sha1(repr((identity,) + tuple(
-        int(v) if v is not None else None for v in row[1:])).encode()).hexdigest()[:12]
-    return f"{generation}.{digest}"
+    store_id = row[1] or ""
+    digest = hashlib.sha1(repr((identity, store_id) + tuple(
+        int(v) if v is not None else None for v in row[2:])).encode()).hexdigest()[:12]
+    return f"{generation}.{digest}", store_id
 
 
 def _raw_rows(connection: Connection, statement, size: int = 1000):
@@ -393,15 +404,19 @@ class NativeBackend:
 
     def __init__(self, url: str, timeouts=None) -> None:
         self.url = url
+        self.timeouts = timeouts
         # ``timeouts``: a config.StoreTimeouts, else engine.DEFAULT_TIMEOUTS.
         self.engine = engine_module.make_engine(url, timeouts=timeouts)
+        # PostgreSQL: the engine of the LISTEN connection (``listen``), made on first use.
+        self._listen_engine = None
         self._path = engine_module.sqlite_path(self.engine)
         # SQLite: the (device, inode) of the file the engine's connections have open.
         self._identity = ""
 
-    def _origin(self) -> str:
-        """The store a ``SourceState`` comes from: the URL, and for SQLite the file."""
-        return f"{self.url}#{self._identity}" if self._identity else self.url
+    def _origin(self, store_id: str) -> str:
+        """The store a ``SourceState`` comes from: the URL, the store's id, and for SQLite
+        the file."""
+        return f"{self.url}#{store_id}#{self._identity}"
 
     def _check_file(self) -> None:
         """SQLite: notice a store file that was replaced (``mv new.sqlite store.sqlite``),
@@ -445,8 +460,8 @@ class NativeBackend:
     def load_snapshot(self) -> Snapshot:
         started = time.time()
         with self._connection(consistent=True) as connection:
-            version = read_token(connection, self._identity)
-            source = _NativeSource(connection, self._origin(), version, started)
+            version, store_id = read_token_and_id(connection, self._identity)
+            source = _NativeSource(connection, self._origin(store_id), version, started)
             return source.full(read_state(connection, source.origin))
 
     def load_changes(self, previous: Snapshot) -> Snapshot:
@@ -454,10 +469,12 @@ class NativeBackend:
         moved rebuilt (``refresh.load_changes``), else a full build."""
         started = time.time()
         with self._connection(consistent=True) as connection:
-            # After the connection: it notices a replaced SQLite file (a new origin).
-            prior = refresh.prior_state(previous, self._origin())
-            version = read_token(connection, self._identity)
-            source = _NativeSource(connection, self._origin(), version, started)
+            # After the connection: it notices a replaced SQLite file, and the store id
+            # another store copied over it or a recreated database (a new origin).
+            version, store_id = read_token_and_id(connection, self._identity)
+            origin = self._origin(store_id)
+            prior = refresh.prior_state(previous, origin)
+            source = _NativeSource(connection, origin, version, started)
             if prior is None:
                 return source.full(read_state(connection, source.origin))
             return refresh.load_changes(previous, prior, source, version=version,
@@ -481,5 +498,37 @@ class NativeBackend:
             revision = "unknown"
         return f"native {engine_module.safe_url(self.url)} (schema rev {revision})"
 
+    # --- notifications (PostgreSQL) -----------------------------------------------------
+
+    def notify_channel(self) -> str | None:
+        """The channel the store's triggers NOTIFY on a change (PostgreSQL), else None:
+        this store can only be polled."""
+        return NOTIFY_CHANNEL if self.engine.dialect.name == "postgresql" else None
+
+    def listen(self):
+        """A new connection of its own (not pooled: ``application_name`` policyd-listen),
+        in autocommit, LISTENing on ``notify_channel()``: (the DBAPI connection, a callable
+        that closes it).  Blocking: for ``policyd.change_listener``'s thread only."""
+        if self._listen_engine is None:
+            self._listen_engine = engine_module.make_engine(
+                self.url, timeouts=self.timeouts, application_name="policyd-listen",
+                pooled=False)
+        try:
+            raw = self._listen_engine.raw_connection()
+        except SQLAlchemyError as error:
+            raise StoreUnavailable(f"store {engine_module.safe_url(self.url)}: "
+                                   f"{engine_module.first_line(error)}") from None
+        try:
+            connection = raw.dbapi_connection
+            connection.autocommit = True
+            with connection.cursor() as cursor:
+                cursor.execute(f"LISTEN {NOTIFY_CHANNEL}")
+        except BaseException:
+            raw.invalidate()
+            raise
+        return connection, raw.invalidate
+
     def close(self) -> None:
         self.engine.dispose()
+        if self._listen_engine is not None:
+            self._listen_engine.dispose()

@@ -33,6 +33,7 @@ from .models import (
     NonmemberPattern,
     StoreState,
     User,
+    new_store_id,
 )
 
 CHUNK = 500
@@ -51,7 +52,10 @@ def bump(session: Session) -> None:
         .values(generation=StoreState.generation + 1)
     )
     if result.rowcount == 0:
-        session.execute(insert(StoreState).values(id=1, generation=1))
+        # The row is gone (deleted by hand): whatever it said, this is a store the
+        # daemon must rebuild from in full, so it gets a new id.
+        session.execute(insert(StoreState).values(id=1, generation=1,
+                                                  store_id=new_store_id()))
 
 
 def generation(session: Session) -> int:

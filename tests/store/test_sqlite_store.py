@@ -3,6 +3,7 @@ must not be created by a reader."""
 
 from __future__ import annotations
 
+import shutil
 import uuid
 
 import pytest
@@ -90,6 +91,60 @@ def test_a_replaced_store_file_is_noticed_and_reloaded(tmp_path, how):
             assert after.version == token
     finally:
         backend.close()
+
+
+def test_another_store_copied_over_the_file_is_noticed(tmp_path):
+    """Issue 12: ``cp other.sqlite store.sqlite`` keeps the file's (device, inode), and the
+    copy may even have the same generation and row counts; its store id differs, so the
+    change token moves and the refresh is a full build of the copied store (no
+    incremental step from the old store's revisions)."""
+    path = tmp_path / "store.sqlite"
+    _store_with(path, "old@lists.example.org")
+    _store_with(tmp_path / "other.sqlite", "new@lists.example.org")
+    backend = NativeBackend(f"sqlite:///{path}")
+    try:
+        before = backend.load_snapshot()
+        inode = path.stat().st_ino
+        shutil.copyfile(tmp_path / "other.sqlite", path)
+        assert path.stat().st_ino == inode
+        token = backend.change_token()
+        assert token != before.version
+        # Same shape, other store: only the store id tells them apart.
+        assert token.split(".")[0] == before.version.split(".")[0]
+        after = backend.load_changes(before)
+        assert set(after.lists) == {"new@lists.example.org"}
+        assert after.version == token
+        assert after.source_state.origin != before.source_state.origin
+    finally:
+        backend.close()
+
+
+def test_a_store_state_row_recreated_by_hand_gets_a_new_store_id(tmp_path):
+    """A writer that re-creates a deleted ``store_state`` row gives it a fresh id (the
+    daemon then rebuilds in full), and every store gets its own id at creation."""
+    from sqlalchemy import delete, select
+
+    from policyd.store.models import StoreState
+
+    ids = []
+    for name in ("a.sqlite", "b.sqlite"):
+        _store_with(tmp_path / name, "x@lists.example.org")
+        store = Store(f"sqlite:///{tmp_path / name}")
+        with store.read() as session:
+            ids.append(session.execute(select(StoreState.store_id)).scalar_one())
+        store.close()
+    assert all(len(i) == 32 for i in ids) and ids[0] != ids[1]
+    store = Store(f"sqlite:///{tmp_path / 'a.sqlite'}")
+    try:
+        with store.engine.begin() as connection:
+            connection.execute(delete(StoreState.__table__))
+        with store.write():
+            pass
+        with store.read() as session:
+            again = session.execute(select(StoreState.store_id)).scalar_one()
+        assert again and again != ids[0]
+    finally:
+        store.close()
 
 
 def test_a_removed_store_file_fails_and_a_new_one_is_read(tmp_path):

@@ -21,6 +21,19 @@ foreign key cascade deletes or nulls.  ``list_revisions`` has no foreign key and
 never deleted (a reused list id continues its counter), so a trigger only ever upserts
 into a table nothing else constrains: it cannot make a writer fail.
 
+On PostgreSQL, statement-level triggers also ``NOTIFY policyd_changes`` (``CHANNEL``) on
+every change of ``list_revisions`` or ``store_state`` (which every tracked change
+writes) and every ``TRUNCATE`` of a tracked table.  The payload is constant, and
+PostgreSQL delivers identical notifications of one transaction once: a transaction of
+10,000 rows wakes a listening daemon once.  The function notifies only while the
+server's notification queue is less than half full, so that a listener that stopped
+reading can never make a writer fail at commit ("too many notifications").
+
+``store_state.store_id``: a random id of this store, set here (and by ``queries.bump``
+when it re-creates a missing row).  A different store copied over an SQLite file, or a
+database dropped and recreated under the same URL, has another id; the daemon's change
+token and snapshot origin carry it, so it rebuilds in full.
+
 Creating the triggers is idempotent (dropped if they exist, then created): running this
 migration's ``upgrade`` again, or ``policyctl migrate`` on a store whose triggers were
 dropped by hand, recreates them.
@@ -30,6 +43,7 @@ Revises: 0001
 Create Date: 2025-06-01
 
 """
+import uuid
 from typing import Sequence, Union
 
 import sqlalchemy as sa
@@ -41,6 +55,14 @@ branch_labels: Union[str, Sequence[str], None] = None
 depends_on: Union[str, Sequence[str], None] = None
 
 SHARED = 0
+CHANNEL = "policyd_changes"
+NOTIFY_FUNCTION = "policyd_notify_changes"
+# PostgreSQL: the tables whose statements notify (``list_revisions`` and ``store_state``
+# take every tracked change; TRUNCATE fires no row trigger, so each tracked table's
+# TRUNCATE notifies itself).
+NOTIFY_TABLES = ("list_revisions", "store_state")
+TRUNCATE_TABLES = ("domains", "lists", "users", "addresses", "memberships",
+                   "nonmember_patterns", "bans", "list_revisions", "store_state")
 
 
 def _user_lists(user: str) -> list[str]:
@@ -105,9 +127,28 @@ def _upsert(dialect: str, selects: list[str]) -> str:
     return head + " ON CONFLICT (list_id) DO UPDATE SET revision = list_revisions.revision + 1"
 
 
+def _notify_statements() -> list[str]:
+    """PostgreSQL: the notifying function and its statement-level triggers."""
+    out = [f"CREATE OR REPLACE FUNCTION {NOTIFY_FUNCTION}() RETURNS trigger "
+           "LANGUAGE plpgsql AS $$ BEGIN "
+           f"IF pg_notification_queue_usage() < 0.5 THEN PERFORM pg_notify('{CHANNEL}', ''); "
+           "END IF; RETURN NULL; END $$"]
+    for table in NOTIFY_TABLES:
+        name = f"policyd_notify_{table}"
+        out.append(f"DROP TRIGGER IF EXISTS {name} ON {table}")
+        out.append(f"CREATE TRIGGER {name} AFTER INSERT OR UPDATE OR DELETE ON {table} "
+                   f"FOR EACH STATEMENT EXECUTE FUNCTION {NOTIFY_FUNCTION}()")
+    for table in TRUNCATE_TABLES:
+        name = f"policyd_notify_{table}_truncate"
+        out.append(f"DROP TRIGGER IF EXISTS {name} ON {table}")
+        out.append(f"CREATE TRIGGER {name} AFTER TRUNCATE ON {table} "
+                   f"FOR EACH STATEMENT EXECUTE FUNCTION {NOTIFY_FUNCTION}()")
+    return out
+
+
 def statements(dialect: str) -> list[str]:
     """The SQL that (re)creates every trigger, idempotently."""
-    out = []
+    out = _notify_statements() if dialect == "postgresql" else []
     for (table, timing, event), selects in TRIGGERS.items():
         name = trigger_name(table, timing, event)
         body = _upsert(dialect, selects)
@@ -132,6 +173,12 @@ def statements(dialect: str) -> list[str]:
 
 def drop_statements(dialect: str) -> list[str]:
     out = []
+    if dialect == "postgresql":
+        for table in NOTIFY_TABLES:
+            out.append(f"DROP TRIGGER IF EXISTS policyd_notify_{table} ON {table}")
+        for table in TRUNCATE_TABLES:
+            out.append(f"DROP TRIGGER IF EXISTS policyd_notify_{table}_truncate ON {table}")
+        out.append(f"DROP FUNCTION IF EXISTS {NOTIFY_FUNCTION}()")
     for table, timing, event in TRIGGERS:
         name = trigger_name(table, timing, event)
         if dialect == "postgresql":
@@ -150,6 +197,12 @@ def upgrade() -> None:
             sa.Column("list_id", sa.Integer, primary_key=True, autoincrement=False),
             sa.Column("revision", sa.BigInteger, nullable=False),
         )
+    columns = {c["name"] for c in sa.inspect(bind).get_columns("store_state")}
+    if "store_id" not in columns:
+        op.add_column("store_state", sa.Column("store_id", sa.String(32), nullable=True))
+    store_state = sa.table("store_state", sa.column("store_id"))
+    op.execute(store_state.update().where(store_state.c.store_id.is_(None))
+               .values(store_id=uuid.uuid4().hex))
     for statement in statements(bind.dialect.name):
         op.execute(statement)
 
@@ -158,3 +211,5 @@ def downgrade() -> None:
     for statement in drop_statements(op.get_bind().dialect.name):
         op.execute(statement)
     op.drop_table("list_revisions")
+    with op.batch_alter_table("store_state") as batch:
+        batch.drop_column("store_id")

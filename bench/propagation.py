@@ -1,0 +1,316 @@
+"""Propagation to many daemons on one PostgreSQL (issue 12): commit-to-answer times and
+the polling load of idle daemons.
+
+    python -m bench.propagation [--daemons 3] [--changes 20] [--mode both]
+        [--interval 2] [--idle 12] [--pg-host 127.0.0.1] [--pg-port 5432]
+        [--pg-user postgres] [--json]
+
+Creates a scratch database (dropped at the end), fills it with one list and one
+member, starts ``--daemons`` real ``policyd`` processes on it, each with its own run
+directory and sockets, then per mode:
+
+* ``notify``: ``[store] listen_notify = on``, ``refresh_interval = 30``: only NOTIFY can
+  propagate a change in time;
+* ``poll``: ``listen_notify = off``, ``refresh_interval = --interval``.
+
+``--changes`` times, it commits a change (a nonmember added, then removed again) in this
+process and notes when the commit returned; a thread per daemon asks that daemon's Exim
+socket every millisecond until the answer reflects the change.  It prints, per daemon,
+the median (and worst) commit-to-answer time.  Then, the daemons idle for ``--idle``
+seconds and it prints the database's load per idle daemon: statements/s from
+``pg_stat_statements`` when that extension is loaded and installed in the scratch
+database, else transactions/s from ``pg_stat_database`` (``xact_commit`` +
+``xact_rollback``; every token check is one transaction).
+
+Needs the policyd package importable and its ``policyd`` console script beside the Python
+running this (a virtualenv's ``bin``).  Exits 1 if a change was not answered by every
+daemon within 30 s.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+import uuid
+from pathlib import Path
+
+if __package__ in (None, ""):  # run as a file: python bench/propagation.py
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import base64  # noqa: E402
+
+LIST = "bench@lists.example.com"
+MEMBER = "alice@example.com"
+NONMEMBER = "bob@example.net"
+BIN = Path(sys.executable).parent
+
+
+def _exim_line(sender: str) -> bytes:
+    return f"POLICYD/1 list={LIST} sender={base64.b64encode(sender.encode()).decode()}".encode()
+
+
+def _ask(path: Path, sender: str) -> bytes:
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
+        s.settimeout(5)
+        s.connect(str(path))
+        s.sendall(_exim_line(sender))
+        s.shutdown(socket.SHUT_WR)
+        chunks = []
+        while chunk := s.recv(4096):
+            chunks.append(chunk)
+    return b"".join(chunks)
+
+
+class Daemon:
+    def __init__(self, base: Path, index: int, url: str, interval: float,
+                 listen: bool) -> None:
+        self.path = base / f"d{index}"
+        self.path.mkdir()
+        self.exim = self.path / "exim.sock"
+        self.control = self.path / "control.sock"
+        self.config = self.path / "policyd.conf"
+        self.config.write_text(
+            "[store]\n"
+            f"url = {url}\n"
+            f"refresh_interval = {interval:g}\n"
+            f"listen_notify = {'on' if listen else 'off'}\n"
+            "[daemon]\n"
+            f"state_dir = {self.path}\n"
+            f"control_socket = {self.control}\n"
+            "control_socket_mode = 0600\n"
+            "log_level = warn\n"
+            "[exim]\n"
+            f"listen = unix:{self.exim}:mode=600\n"
+            "[postfix]\n"
+            f"listen = unix:{self.path / 'postfix.sock'}:mode=600\n")
+        self.output = open(self.path / "policyd.out", "wb")
+        self.proc = subprocess.Popen([str(BIN / "policyd"), "--config", str(self.config)],
+                                     stdout=self.output, stderr=subprocess.STDOUT,
+                                     cwd=self.path)
+
+    def status(self) -> dict:
+        from policyd import control_client
+
+        return control_client.status(self.control, timeout=2.0)
+
+    def wait_ready(self, listen: bool, timeout: float = 30.0) -> None:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise SystemExit(f"policyd exited: {(self.path / 'policyd.out').read_text()}")
+            try:
+                status = self.status()
+                if status.get("snapshot") and (
+                        not listen or status["store"]["listen"].get("listening")):
+                    return
+            except Exception:
+                pass
+            time.sleep(0.05)
+        raise SystemExit(f"policyd not ready: {(self.path / 'policyd.out').read_text()}")
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(15)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait(5)
+        self.output.close()
+
+
+def _change(store, add: bool) -> float:
+    """Commit one change; the time the commit returned."""
+    from policyd.store import queries as q
+    from policyd.store.models import MemberRole
+
+    with store.write() as session:
+        mlist = q.find_list(session, LIST)
+        if add:
+            q.add_members(session, mlist, q.entries_from([NONMEMBER], None),
+                          MemberRole.MEMBER, None)
+        else:
+            q.remove_members(session, mlist, q.entries_from([NONMEMBER], None))
+    return time.monotonic()
+
+
+def _propagation(store, daemons: list[Daemon], changes: int) -> list[list[float]]:
+    """Per daemon, the seconds from each commit to its first answer reflecting it."""
+    times: list[list[float]] = [[] for _ in daemons]
+    for n in range(changes):
+        add = n % 2 == 0
+        want = b"ACCEPT" if add else b"REJECT"
+        seen: list[float | None] = [None] * len(daemons)
+        go = threading.Event()
+
+        def watch(i: int, daemon: Daemon) -> None:
+            go.wait()
+            deadline = time.monotonic() + 30
+            while time.monotonic() < deadline:
+                if _ask(daemon.exim, NONMEMBER).startswith(want):
+                    seen[i] = time.monotonic()
+                    return
+                time.sleep(0.001)
+
+        threads = [threading.Thread(target=watch, args=(i, d)) for i, d in enumerate(daemons)]
+        for thread in threads:
+            thread.start()
+        go.set()
+        committed = _change(store, add)
+        for thread in threads:
+            thread.join()
+        if any(s is None for s in seen):
+            raise SystemExit(f"change {n} not answered by every daemon within 30 s")
+        for i, s in enumerate(seen):
+            times[i].append(max(0.0, s - committed))
+        time.sleep(0.2)
+    return times
+
+
+def _idle_load(admin, database: str, daemons: int, seconds: float) -> dict:
+    """Queries (or transactions) per second per idle daemon over ``seconds``."""
+    import psycopg2
+
+    statements = None
+    try:
+        probe = psycopg2.connect(dbname=database, **admin)
+        probe.autocommit = True
+        with probe.cursor() as cursor:
+            cursor.execute("CREATE EXTENSION IF NOT EXISTS pg_stat_statements")
+            cursor.execute("SELECT sum(calls) FROM pg_stat_statements s JOIN pg_database d "
+                           "ON d.oid = s.dbid WHERE d.datname = %s", (database,))
+            statements = probe
+    except psycopg2.Error:
+        statements = None
+
+    def sample() -> float:
+        if statements is not None:
+            with statements.cursor() as cursor:
+                cursor.execute("SELECT coalesce(sum(calls), 0) FROM pg_stat_statements s "
+                               "JOIN pg_database d ON d.oid = s.dbid WHERE d.datname = %s "
+                               "AND s.query NOT ILIKE '%%pg_stat_statements%%'", (database,))
+                return float(cursor.fetchone()[0])
+        connection = psycopg2.connect(dbname="postgres", **admin)
+        connection.autocommit = True
+        try:
+            with connection.cursor() as cursor:
+                cursor.execute("SELECT pg_stat_clear_snapshot()")
+                cursor.execute("SELECT xact_commit + xact_rollback FROM pg_stat_database "
+                               "WHERE datname = %s", (database,))
+                return float(cursor.fetchone()[0])
+        finally:
+            connection.close()
+
+    # Backends flush their statistics about once a second: let the last changes land.
+    time.sleep(2.0)
+    before, started = sample(), time.monotonic()
+    time.sleep(seconds)
+    after, elapsed = sample(), time.monotonic() - started
+    if statements is not None:
+        statements.close()
+    rate = (after - before) / elapsed / daemons
+    return {"per_daemon_per_s": round(rate, 3),
+            "source": "pg_stat_statements calls" if statements is not None
+            else "pg_stat_database xact_commit+xact_rollback"}
+
+
+def run_mode(mode: str, args, url: str, admin: dict, database: str, base: Path) -> dict:
+    from policyd.store import Store
+
+    listen = mode == "notify"
+    interval = 30.0 if listen else args.interval
+    daemons = []
+    store = Store(url)
+    try:
+        for i in range(args.daemons):
+            daemons.append(Daemon(base / mode, i, url, interval, listen))
+        for daemon in daemons:
+            daemon.wait_ready(listen)
+        times = _propagation(store, daemons, args.changes)
+        load = _idle_load(admin, database, len(daemons), args.idle)
+    finally:
+        store.close()
+        for daemon in daemons:
+            daemon.stop()
+    return {
+        "mode": mode, "refresh_interval": interval, "daemons": len(daemons),
+        "changes": args.changes,
+        "median_ms": [round(statistics.median(t) * 1000, 1) for t in times],
+        "max_ms": [round(max(t) * 1000, 1) for t in times],
+        "idle_load": load,
+    }
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--daemons", type=int, default=3)
+    parser.add_argument("--changes", type=int, default=20)
+    parser.add_argument("--mode", choices=("notify", "poll", "both"), default="both")
+    parser.add_argument("--interval", type=float, default=2.0,
+                        help="refresh_interval of the poll mode (seconds)")
+    parser.add_argument("--idle", type=float, default=12.0,
+                        help="seconds the idle load is measured over")
+    parser.add_argument("--pg-host", default="127.0.0.1")
+    parser.add_argument("--pg-port", type=int, default=5432)
+    parser.add_argument("--pg-user", default="postgres")
+    parser.add_argument("--json", action="store_true")
+    args = parser.parse_args(argv)
+
+    import psycopg2
+
+    from policyd.core.verdict import Action
+    from policyd.store import Store
+    from policyd.store import queries as q
+    from policyd.store.models import MemberRole
+
+    admin = {"host": args.pg_host, "port": args.pg_port, "user": args.pg_user}
+    database = f"policyd_bench_{uuid.uuid4().hex[:10]}"
+    connection = psycopg2.connect(dbname="postgres", **admin)
+    connection.autocommit = True
+    with connection.cursor() as cursor:
+        cursor.execute(f'CREATE DATABASE "{database}"')
+    url = (f"postgresql+psycopg2://{args.pg_user}@{args.pg_host}:{args.pg_port}/"
+           f"{database}")
+    base = Path(tempfile.mkdtemp(prefix="pdb-", dir="/tmp"))
+    results = []
+    try:
+        store = Store(url)
+        store.upgrade()
+        with store.write() as session:
+            mlist, _ = q.add_list(session, LIST, default_nonmember_action=Action.REJECT)
+            q.add_members(session, mlist, q.entries_from([MEMBER], None),
+                          MemberRole.MEMBER, None)
+        store.close()
+        modes = ("notify", "poll") if args.mode == "both" else (args.mode,)
+        for mode in modes:
+            (base / mode).mkdir()
+            results.append(run_mode(mode, args, url, admin, database, base))
+    finally:
+        shutil.rmtree(base, ignore_errors=True)
+        with connection.cursor() as cursor:
+            cursor.execute(f'DROP DATABASE IF EXISTS "{database}" WITH (FORCE)')
+        connection.close()
+    if args.json:
+        print(json.dumps(results, indent=2))
+        return 0
+    for r in results:
+        print(f"{r['mode']}: {r['daemons']} daemons, refresh_interval {r['refresh_interval']:g} s,"
+              f" {r['changes']} changes")
+        for i, (median, worst) in enumerate(zip(r["median_ms"], r["max_ms"])):
+            print(f"  daemon {i}: commit to first answer median {median:.1f} ms, "
+                  f"max {worst:.1f} ms")
+        load = r["idle_load"]
+        print(f"  idle load: {load['per_daemon_per_s']:.2f}/s per daemon ({load['source']})")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
