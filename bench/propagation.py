@@ -2,7 +2,7 @@
 the polling load of idle daemons.
 
     python -m bench.propagation [--daemons 3] [--changes 20] [--mode both]
-        [--interval 2] [--idle 12] [--pg-host 127.0.0.1] [--pg-port 5432]
+        [--interval 2] [--idle 20] [--pg-host 127.0.0.1] [--pg-port 5432]
         [--pg-user postgres] [--json]
 
 Creates a scratch database (dropped at the end), fills it with one list and one
@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import random
 import shutil
 import socket
 import statistics
@@ -142,7 +143,8 @@ def _change(store, add: bool) -> float:
     return time.monotonic()
 
 
-def _propagation(store, daemons: list[Daemon], changes: int) -> list[list[float]]:
+def _propagation(store, daemons: list[Daemon], changes: int, spread: float
+                 ) -> list[list[float]]:
     """Per daemon, the seconds from each commit to its first answer reflecting it."""
     times: list[list[float]] = [[] for _ in daemons]
     for n in range(changes):
@@ -171,7 +173,9 @@ def _propagation(store, daemons: list[Daemon], changes: int) -> list[list[float]
             raise SystemExit(f"change {n} not answered by every daemon within 30 s")
         for i, s in enumerate(seen):
             times[i].append(max(0.0, s - committed))
-        time.sleep(0.2)
+        # A random pause: a change committed right after the answers (right after a
+        # polling tick) would always wait almost a whole interval.
+        time.sleep(random.uniform(0.1, spread))
     return times
 
 
@@ -179,7 +183,7 @@ def _idle_load(admin, database: str, daemons: int, seconds: float) -> dict:
     """Queries (or transactions) per second per idle daemon over ``seconds``."""
     import psycopg2
 
-    statements = None
+    statements = probe = None
     try:
         probe = psycopg2.connect(dbname=database, **admin)
         probe.autocommit = True
@@ -189,6 +193,8 @@ def _idle_load(admin, database: str, daemons: int, seconds: float) -> dict:
                            "ON d.oid = s.dbid WHERE d.datname = %s", (database,))
             statements = probe
     except psycopg2.Error:
+        if probe is not None:
+            probe.close()
         statements = None
 
     def sample() -> float:
@@ -209,8 +215,9 @@ def _idle_load(admin, database: str, daemons: int, seconds: float) -> dict:
         finally:
             connection.close()
 
-    # Backends flush their statistics about once a second: let the last changes land.
-    time.sleep(2.0)
+    # An idle backend flushes its statistics up to 10 s late (PostgreSQL 15's
+    # PGSTAT_IDLE_INTERVAL): let those of the changes above land first.
+    time.sleep(11.0)
     before, started = sample(), time.monotonic()
     time.sleep(seconds)
     after, elapsed = sample(), time.monotonic() - started
@@ -234,7 +241,7 @@ def run_mode(mode: str, args, url: str, admin: dict, database: str, base: Path) 
             daemons.append(Daemon(base / mode, i, url, interval, listen))
         for daemon in daemons:
             daemon.wait_ready(listen)
-        times = _propagation(store, daemons, args.changes)
+        times = _propagation(store, daemons, args.changes, max(0.2, args.interval))
         load = _idle_load(admin, database, len(daemons), args.idle)
     finally:
         store.close()
@@ -256,7 +263,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--mode", choices=("notify", "poll", "both"), default="both")
     parser.add_argument("--interval", type=float, default=2.0,
                         help="refresh_interval of the poll mode (seconds)")
-    parser.add_argument("--idle", type=float, default=12.0,
+    parser.add_argument("--idle", type=float, default=20.0,
                         help="seconds the idle load is measured over")
     parser.add_argument("--pg-host", default="127.0.0.1")
     parser.add_argument("--pg-port", type=int, default=5432)

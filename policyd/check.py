@@ -22,8 +22,8 @@ from __future__ import annotations
 import dataclasses
 from typing import IO
 
-from .config import Config, ConfigError, check_paths, load
-from .core.replies import Outcome, ReplyPolicy
+from .config import Config, ConfigError, check_paths, listener_keys, load
+from .core.replies import Outcome
 from .core.verdict import Decision, Role, Verdict
 
 __all__ = ["PLACEHOLDERS", "template_problems", "endpoint_problems", "store_problems",
@@ -69,15 +69,6 @@ def template_problems(config: Config) -> list[str]:
     return problems
 
 
-def _listeners(config: Config):
-    for description in config.exim.listen:
-        yield "[exim] listen", description
-    for description in config.postfix.listen:
-        yield "[postfix] listen", description
-    if config.metrics.listen:
-        yield "[metrics] listen", config.metrics.listen
-
-
 def endpoint_problems(config: Config, *, systemd_now: bool = True
                       ) -> tuple[list[str], list[str]]:
     """(problems, notes) for the listener endpoints.  ``systemd_now``: resolve
@@ -88,7 +79,7 @@ def endpoint_problems(config: Config, *, systemd_now: bool = True
     from .listeners import parse_endpoint
 
     problems, notes = [], []
-    for key, description in _listeners(config):
+    for key, description in listener_keys(config):
         try:
             args, kwargs = _parse(description)
         except Exception as error:

@@ -427,6 +427,16 @@ def parse(text: str, source: str = "<config>", base: Path | None = None) -> Conf
     )
 
 
+def listener_keys(config: Config):
+    """(configuration key, endpoint string) of every listener a start-up would bind."""
+    for description in config.exim.listen:
+        yield "[exim] listen", description
+    for description in config.postfix.listen:
+        yield "[postfix] listen", description
+    if config.metrics.listen:
+        yield "[metrics] listen", config.metrics.listen
+
+
 def default_path(environ: Mapping[str, str]) -> str:
     return environ.get("POLICYD_CONFIG", "/etc/policyd/policyd.conf")
 

@@ -15,17 +15,8 @@ from twisted.application.internet import TimerService
 from twisted.python import usage
 
 from .config import Config, ConfigError, check_paths, default_path, load
-from .listeners import parse_endpoint, raise_nofile_limit
+from .listeners import raise_nofile_limit
 from .service import PolicyService
-
-
-def listener_keys(config: Config):
-    for description in config.exim.listen:
-        yield "[exim] listen", description
-    for description in config.postfix.listen:
-        yield "[postfix] listen", description
-    if config.metrics.listen:
-        yield "[metrics] listen", config.metrics.listen
 
 
 def load_config(path) -> Config:

@@ -364,3 +364,16 @@ class TrackingFactory(Factory):
         if d in self._drained:
             self._drained.remove(d)
             d.callback(len(remaining))
+
+
+class DecidingFactory(TrackingFactory):
+    """The factory of an MTA listener: answers from the ``Decider`` and writes one
+    decision line per answer through ``decision_log``."""
+
+    def __init__(self, decider, config, reactor, decision_log=None) -> None:
+        from ..logging import DecisionLog
+
+        super().__init__(reactor)
+        self.decider = decider
+        self.config = config
+        self.decision_log = decision_log if decision_log is not None else DecisionLog()

@@ -54,7 +54,7 @@ from ..core.message import Message, parse_message
 from ..core.replies import Outcome, SmtpReply, clean_text
 from ..core.verdict import Query
 from ..logging import DecisionLog
-from . import EVICT_MIN_IDLE, SILENT_GRACE, ProtocolError, TrackingFactory, peer_text
+from . import EVICT_MIN_IDLE, SILENT_GRACE, DecidingFactory, ProtocolError, peer_text
 
 log = Logger(namespace="policyd.exim")
 
@@ -339,16 +339,13 @@ class EximPolicyProtocol(Protocol):
         self.factory.untrack(self)
 
 
-class EximFactory(TrackingFactory):
+class EximFactory(DecidingFactory):
     protocol = EximPolicyProtocol
     sweep_interval = 0.5
 
     def __init__(self, decider, config, reactor, decision_log: DecisionLog | None = None
                  ) -> None:
-        super().__init__(reactor)
-        self.decider = decider
-        self.config = config
-        self.decision_log = decision_log if decision_log is not None else DecisionLog()
+        super().__init__(decider, config, reactor, decision_log)
         self.sweep_interval = min(self.sweep_interval, config.timeout)
         self.use_limits(config)
         # The decision latency histogram when metrics are on, else None (nothing to do).

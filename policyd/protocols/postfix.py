@@ -32,7 +32,7 @@ from twisted.logger import Logger
 from ..core.replies import Outcome, SmtpReply, clean_text
 from ..core.verdict import Decision, Query
 from ..logging import DecisionLog, log_fields
-from . import EVICT_MIN_IDLE, SILENT_GRACE, ProtocolError, TrackingFactory, peer_text
+from . import EVICT_MIN_IDLE, SILENT_GRACE, DecidingFactory, ProtocolError, peer_text
 
 log = Logger(namespace="policyd.postfix")
 
@@ -431,17 +431,14 @@ class PostfixPolicyProtocol(Protocol):
         self.factory.untrack(self)
 
 
-class PostfixFactory(TrackingFactory):
+class PostfixFactory(DecidingFactory):
     protocol = PostfixPolicyProtocol
     # The connection stays open after an answer (what ``policyd.runtime.fastio`` is for).
     answers_stay_open = True
 
     def __init__(self, decider, config, reactor, decision_log: DecisionLog | None = None
                  ) -> None:
-        super().__init__(reactor)
-        self.decider = decider
-        self.config = config
-        self.decision_log = decision_log if decision_log is not None else DecisionLog()
+        super().__init__(decider, config, reactor, decision_log)
         # Never early (a connection is idle from the sweep that saw its last read), at
         # most two sweeps late: 10 minutes by default, give or take 30 s; an incomplete
         # request (request_timeout, 10 s by default) give or take 2.5 s.

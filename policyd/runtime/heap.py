@@ -12,6 +12,8 @@
   The switch is process-wide: the reactor thread makes no cycles worth collecting meanwhile.
 * ``release(box)``: drop an old snapshot one list at a time, so that freeing it gives the
   reactor thread its turns in between instead of one long reference-count drop.
+* ``free_piecewise(*containers, pause)``: empty a loader's big temporary lists, dicts
+  and sets item by item before they are dropped, for the same reason as ``release``.
 * ``return_free_memory()``: give the C heap's free memory back to the system after a
   build (glibc keeps what a build's temporary tables used, and the RSS only grows).
 
@@ -25,7 +27,8 @@ import gc
 from contextlib import contextmanager
 from typing import Callable, Iterator
 
-__all__ = ["enabled", "settle", "no_collection", "release", "return_free_memory"]
+__all__ = ["enabled", "settle", "no_collection", "release", "free_piecewise",
+           "return_free_memory"]
 
 enabled = True
 
@@ -62,6 +65,20 @@ def release(box: list, pause: Callable[[], None] = lambda: None) -> None:
             pause()
     del policies
     return_free_memory()
+
+
+def free_piecewise(*containers, pause: Callable[[], None] = lambda: None) -> None:
+    """Empty each list, dict or set one item at a time (an item can be big itself: a
+    ``ListSpec`` holds a list's member dict), calling ``pause`` every few items."""
+    for items in containers:
+        if not enabled:
+            items.clear()
+            continue
+        take = items.popitem if isinstance(items, dict) else items.pop
+        while items:
+            take()
+            if not len(items) % 16:
+                pause()
 
 
 def return_free_memory() -> None:

@@ -246,12 +246,6 @@ def _one_line(text: str | None) -> str:
                             ).split())
 
 
-def _chunks(items, size: int = 500):
-    items = list(items)
-    for start in range(0, len(items), size):
-        yield items[start:start + size]
-
-
 def _patterns_for(mm2: Mailman2List, at_lists: dict[str, str], report: ListReport,
                   check_pattern) -> list[tuple[Action, int, str]]:
     rows = []
@@ -327,7 +321,7 @@ def _sync_list(session, mm2: Mailman2List, at_lists: dict[str, str]) -> ListRepo
         Membership.user_id.is_not(None))).all()
     gone = [id_ for email, (id_, _) in current.items() if email not in wanted]
     gone += list(user_memberships)
-    for chunk in _chunks(gone):
+    for chunk in q.chunks(list(gone), 500):
         session.execute(delete(Membership).where(Membership.id.in_(chunk)))
     report.removed = len(gone)
     new = [q.Entry(email, typed, action) for email, (typed, action) in wanted.items()
@@ -340,7 +334,7 @@ def _sync_list(session, mm2: Mailman2List, at_lists: dict[str, str]) -> ListRepo
         if email in current and current[email][1] != action:
             by_action.setdefault(action, []).append(current[email][0])
     for action, ids in by_action.items():
-        for chunk in _chunks(ids):
+        for chunk in q.chunks(list(ids), 500):
             session.execute(update(Membership).where(Membership.id.in_(chunk))
                             .values(moderation_action=action))
         report.changed += len(ids)

@@ -509,7 +509,7 @@ class Mailman3Backend:
             return self.engine.connect()
         except SQLAlchemyError as error:
             raise StoreUnavailable(f"cannot open the Mailman 3 database "
-                                   f"{safe_url(self.url)}: {_first_line(error)}") from None
+                                   f"{safe_url(self.url)}: {first_line(error)}") from None
 
     def _check_schema(self, connection: Connection) -> str:
         try:
@@ -517,7 +517,7 @@ class Mailman3Backend:
         except SQLAlchemyError as error:
             raise UnknownSchemaError(
                 f"{safe_url(self.url)} is not a Mailman 3 core database (no readable "
-                f"alembic_version table: {_first_line(error)})") from None
+                f"alembic_version table: {first_line(error)})") from None
         if len(rows) != 1:
             raise UnknownSchemaError(
                 f"{safe_url(self.url)}: expected one Alembic revision, found {rows!r}")
@@ -575,7 +575,7 @@ class Mailman3Backend:
                 digest.update(b"|")
         except SQLAlchemyError as error:
             raise StoreUnavailable(f"cannot read the Mailman 3 database "
-                                   f"{safe_url(self.url)}: {_first_line(error)}") from None
+                                   f"{safe_url(self.url)}: {first_line(error)}") from None
         return "mm3-" + digest.hexdigest()[:24]
 
     def _source(self, connection: Connection, token: str) -> "_Source":
@@ -586,7 +586,7 @@ class Mailman3Backend:
             return work()
         except SQLAlchemyError as error:
             raise StoreUnavailable(f"cannot read the Mailman 3 database "
-                                   f"{safe_url(self.url)}: {_first_line(error)}") from None
+                                   f"{safe_url(self.url)}: {first_line(error)}") from None
 
     def _build(self, connection: Connection, token: str) -> Snapshot:
         source = self._source(connection, token)
@@ -980,6 +980,3 @@ def _merge(direct: dict, through_user: dict) -> dict:
 def open_backend(store_config) -> Mailman3Backend:
     return Mailman3Backend.from_config(store_config)
 
-
-def _first_line(error: Exception) -> str:
-    return first_line(error)  # names the [store] key for a timeout

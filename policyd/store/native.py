@@ -30,6 +30,7 @@ from sqlalchemy.exc import SQLAlchemyError
 
 from ..core import snapshot as snapshot_module
 from ..errors import StoreUnavailable
+from ..runtime import heap
 from ..runtime.pacing import pace
 from ..core.snapshot import ListSpec, Snapshot
 from ..core.verdict import Action, Mode
@@ -273,7 +274,7 @@ def load_specs(connection: Connection, list_ids: Collection[int] | None = None
             user_addresses[user_id].append(emails[address_id])
         if not count % 4096:
             pace()
-    drain(emails, address_user, wanted)
+    heap.free_piecewise(emails, address_user, wanted, pause=pace)
 
     patterns: dict[int, dict[str, list[str]]] = defaultdict(lambda: defaultdict(list))
     p = NonmemberPattern.__table__
@@ -325,7 +326,7 @@ def load_specs(connection: Connection, list_ids: Collection[int] | None = None
             discard_these_nonmembers=tuple(list_patterns.get("discard_these_nonmembers", ())),
             bans=tuple(list_bans.get(id_, ())),
         ))
-    drain(member_users, user_addresses)
+    heap.free_piecewise(member_users, user_addresses, pause=pace)
     return specs, domain_map, site_bans
 
 
@@ -369,32 +370,12 @@ class _NativeSource:
         snapshot = snapshot_module.build(specs, domains=domain_map, site_bans=site_bans,
                                          version=self.version, built_at=self.started,
                                          source_state=state, pause=pace)
-        drain(specs)
+        heap.free_piecewise(specs, pause=pace)
         return snapshot
 
     def lists(self, state: SourceState, changed):
         specs, _, _ = load_specs(self.connection, changed)
         return specs, ()
-
-
-def drain(*containers: list | dict | set) -> None:
-    """Empty a loader's intermediate lists, dicts and sets a little at a time before they
-    are dropped: freeing a big container's items happens inside one reference-count drop,
-    one long pause under the GIL for the reactor thread (see ``cache.release``), where a
-    Python loop gives it its turns."""
-    for items in containers:
-        # One item per iteration: an item can be big itself (a ``ListSpec`` holds a
-        # list's member dict).
-        if isinstance(items, dict):
-            while items:
-                items.popitem()
-                if not len(items) % 16:
-                    pace()
-        else:
-            while items:
-                items.pop()
-                if not len(items) % 16:
-                    pace()
 
 
 class NativeBackend:

@@ -169,7 +169,8 @@ def action_label(action: Action | None) -> str:
     return "list default" if action is None else action.label
 
 
-def _chunks(items: Sequence, size: int = CHUNK) -> Iterator[Sequence]:
+def chunks(items: Sequence, size: int = CHUNK) -> Iterator[Sequence]:
+    """``items`` in slices of ``size`` (an IN list per statement stays bounded)."""
     for start in range(0, len(items), size):
         yield items[start:start + size]
 
@@ -432,14 +433,14 @@ def ensure_addresses(session: Session, entries: Sequence[Entry]) -> dict[str, in
     """Address ids for every entry, creating the missing addresses (executemany)."""
     ids: dict[str, int] = {}
     emails = [entry.email for entry in entries]
-    for chunk in _chunks(emails):
+    for chunk in chunks(emails):
         ids.update(session.execute(
             select(Address.email, Address.id).where(Address.email.in_(chunk))).all())
     missing = [{"email": e.email, "original": e.original}
                for e in entries if e.email not in ids]
     if missing:
         session.execute(insert(Address), missing)
-        for chunk in _chunks([row["email"] for row in missing]):
+        for chunk in chunks([row["email"] for row in missing]):
             ids.update(session.execute(
                 select(Address.email, Address.id).where(Address.email.in_(chunk))).all())
     return ids
@@ -490,7 +491,7 @@ def link_addresses(session: Session, user: User, entries: Sequence[Entry]) -> li
         return []
     ids = ensure_addresses(session, entries)
     owners = {}
-    for chunk in _chunks(list(ids.values())):
+    for chunk in chunks(list(ids.values())):
         owners.update(session.execute(
             select(Address.id, Address.user_id).where(Address.id.in_(chunk))).all())
     taken = sorted(email for email, id_ in ids.items()
@@ -498,7 +499,7 @@ def link_addresses(session: Session, user: User, entries: Sequence[Entry]) -> li
     if taken:
         raise BadInput(f"already linked to another user: {', '.join(taken)}")
     new = [ids[e.email] for e in entries if owners.get(ids[e.email]) is None]
-    for chunk in _chunks(new):
+    for chunk in chunks(new):
         session.execute(update(Address).where(Address.id.in_(chunk)).values(user_id=user.id))
     if user.preferred_address_id is None:
         user.preferred_address_id = ids[entries[0].email]
@@ -579,7 +580,7 @@ def add_members(session: Session, mlist: MailingList, entries: Sequence[Entry],
         link_addresses(session, user, entries)
     ids = ensure_addresses(session, entries)
     present: set[int] = set()
-    for chunk in _chunks(list(ids.values())):
+    for chunk in chunks(list(ids.values())):
         present.update(session.scalars(
             select(Membership.address_id).where(
                 Membership.list_id == mlist.id, Membership.role == role,
@@ -616,7 +617,7 @@ def _membership_ids(session: Session, mlist: MailingList, emails: Sequence[str],
     """Membership ids per email: the direct membership, else a user membership whose
     preferred address it is."""
     found: dict[str, list[int]] = {}
-    for chunk in _chunks(list(emails)):
+    for chunk in chunks(list(emails)):
         for email, id_ in session.execute(
             select(Address.email, Membership.id)
             .join(Membership, Membership.address_id == Address.id)
@@ -624,7 +625,7 @@ def _membership_ids(session: Session, mlist: MailingList, emails: Sequence[str],
                    Address.email.in_(chunk))):
             found.setdefault(email, []).append(id_)
     rest = [e for e in emails if e not in found]
-    for chunk in _chunks(rest):
+    for chunk in chunks(rest):
         for email, id_ in session.execute(
             select(Address.email, Membership.id)
             .join(User, User.preferred_address_id == Address.id)
@@ -653,7 +654,7 @@ def _article(role: MemberRole) -> str:
 def remove_members(session: Session, mlist: MailingList, entries: Sequence[Entry],
                    role: MemberRole = MemberRole.MEMBER) -> int:
     ids = _require_memberships(session, mlist, entries, role)
-    for chunk in _chunks(ids):
+    for chunk in chunks(ids):
         session.execute(delete(Membership).where(Membership.id.in_(chunk)))
     return len(ids)
 
@@ -668,7 +669,7 @@ def set_members(session: Session, mlist: MailingList, entries: Sequence[Entry],
         by_action.setdefault(entry.action, []).append(entry.email)
     for action, emails in by_action.items():
         found = _membership_ids(session, mlist, emails, role)
-        for chunk in _chunks([id_ for ids_ in found.values() for id_ in ids_]):
+        for chunk in chunks([id_ for ids_ in found.values() for id_ in ids_]):
             session.execute(update(Membership).where(Membership.id.in_(chunk))
                             .values(moderation_action=action))
     return len(ids)
