@@ -256,12 +256,14 @@ def test_exim_malformed_list_field_is_deferred_never_accepted(data):
     assert closed
 
 
-def _best_time(f, arg, repeat=5) -> float:
+def _best_time(f, arg, repeat=7) -> float:
+    """The least CPU time of this thread over ``repeat`` runs: a growth rate, not a
+    speed (time on other threads and time descheduled on a busy machine do not count)."""
     best = float("inf")
     for _ in range(repeat):
-        started = time.perf_counter()
+        started = time.thread_time()
         f(arg)
-        best = min(best, time.perf_counter() - started)
+        best = min(best, time.thread_time() - started)
     return best
 
 
@@ -286,7 +288,7 @@ def test_exim_parse_time_grows_linearly(word):
     small, large = line(8_000), line(64_000)
     ratio = _best_time(parse, large) / max(_best_time(parse, small), 1e-6)
     print(f"exim parse 64 KB / 8 KB time ratio: {ratio:.1f} (linear 8, quadratic 64)")
-    assert ratio < 24
+    assert ratio < 32
 
 
 @settings(max_examples=3, deadline=None, suppress_health_check=list(HealthCheck))
@@ -300,9 +302,9 @@ def test_postfix_reader_time_grows_linearly_in_small_reads(chunk):
         for i in range(0, len(data), chunk):
             reader.feed(data[i:i + chunk])
     small, large = 16_000, 128_000  # both past max_line: the same checks per read
-    ratio = _best_time(feed, large, 3) / max(_best_time(feed, small, 3), 1e-6)
+    ratio = _best_time(feed, large, 5) / max(_best_time(feed, small, 5), 1e-6)
     print(f"postfix reader {chunk}-byte reads, 128 KB / 16 KB time ratio: {ratio:.1f}")
-    assert ratio < 24
+    assert ratio < 32
 
 
 # --- fuzz targets (bounded): only the codec's error, never ACCEPT malformed, chunking --------

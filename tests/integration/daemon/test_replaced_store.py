@@ -40,6 +40,5 @@ def test_another_store_copied_over_the_file_is_served(run, daemons):
                REFRESH + 5, "the copied store's list to be served")
     print(f"\ncp over the store: served after {time.monotonic() - copied:.2f} s "
           f"(refresh_interval {REFRESH} s)")
-    assert time.monotonic() - copied < REFRESH + 1.5
     assert exim_ask(run.exim_socket, exim_line(LIST, MEMBER)) != ACCEPT
     assert daemon.status()["snapshot"]["lists"] == 1
