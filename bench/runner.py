@@ -231,7 +231,7 @@ class Bench:
         self.measurements: dict[str, Measurement] = {}
         if args.quick:
             self.data = Dataset(lists=50, memberships=20_000, addresses=10_000)
-            self.small = Dataset(lists=50, memberships=2_000, addresses=1_000)
+            self.small = Dataset(lists=50, memberships=4_000, addresses=2_500)
         else:
             self.data = Dataset()
             self.small = Dataset(lists=1000, memberships=10_000, addresses=5_000)
@@ -1090,11 +1090,16 @@ def _stop(proc: subprocess.Popen) -> None:
 
 
 def _source_stamp(*names: str) -> str:
+    """A hash of the named bench files and of the store's schema (its migrations): a
+    generated store is reused only while neither changed."""
     import hashlib
 
     digest = hashlib.sha256()
     for name in names:
         digest.update((HERE / name).read_bytes())
+    for path in sorted((REPO / "policyd" / "store" / "migrations" / "versions").glob("*.py")):
+        digest.update(path.name.encode())
+        digest.update(path.read_bytes())
     return digest.hexdigest()[:16]
 
 
@@ -1267,3 +1272,9 @@ def main(argv=None) -> int:
             print(error.code, file=sys.stderr)
             return 2
         raise
+    except Exception:  # noqa: BLE001 - any crash of the harness is status 2, not a verdict
+        import traceback
+
+        traceback.print_exc()
+        print("bench: the harness failed (exit status 2): no verdict", file=sys.stderr)
+        return 2

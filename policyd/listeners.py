@@ -16,15 +16,13 @@ import stat
 
 from twisted.application.service import Service
 from twisted.internet import defer
-from twisted.internet import fdesc, tcp, unix
-from twisted.internet.endpoints import (AdoptedStreamServerEndpoint, UNIXServerEndpoint,
-                                        serverFromString)
-from twisted.internet.error import AlreadyListened
+from twisted.internet.endpoints import UNIXServerEndpoint, serverFromString
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
 from .config import ConfigError
 from .errors import ListenError
+from .runtime.adopted import listen as _listen
 
 log = Logger(namespace="policyd")
 
@@ -245,64 +243,6 @@ def unix_path(description: str) -> str | None:
             return value or None
     positional = [part for part in parts if "=" not in part]
     return positional[0] if positional and positional[0] else None
-
-
-def _listen(reactor, endpoint, factory) -> defer.Deferred:
-    """``endpoint.listen(factory)``, except for a Unix socket passed by systemd
-    (``systemd:domain=UNIX``): adopted as a ``_SystemdUNIXPort``, which leaves its path
-    and mode alone, as Twisted's ``AdoptedStreamServerEndpoint.listen`` does otherwise
-    (same steps: non-blocking, adopt a duplicate, close the original descriptor)."""
-    if not (isinstance(endpoint, AdoptedStreamServerEndpoint)
-            and endpoint.addressFamily == socket.AF_UNIX):
-        return endpoint.listen(factory)
-    if not hasattr(unix.Port, "_fromListeningDescriptor"):
-        log.warn("this Twisted's Unix port has no _fromListeningDescriptor: the systemd "
-                 "socket is adopted the stock way, and Twisted removes its path on stop")
-        return endpoint.listen(factory)
-    if endpoint._used:
-        return defer.fail(AlreadyListened())
-    endpoint._used = True
-    try:
-        fdesc.setNonBlocking(endpoint.fileno)
-        port = _SystemdUNIXPort._fromListeningDescriptor(reactor, endpoint.fileno, factory)
-        port.startListening()
-        os.close(endpoint.fileno)
-    except BaseException:
-        return defer.fail()
-    return defer.succeed(port)
-
-
-class _SystemdUNIXPort(unix.Port):
-    """A listening Unix socket that systemd passed (``LISTEN_FDS``): the socket unit
-    owns its path, its owner and its mode.
-
-    Twisted's ``unix.Port`` treats every Unix port as its own, an adopted one included:
-    ``startListening`` chmods the path to the port's mode (0666 for an adopted port:
-    the unit's ``SocketMode=0660`` lost); on stop, ``_closeSocket`` calls ``shutdown()``
-    on the listening socket, which is systemd's too (after it the socket refuses every
-    connection, for the next policyd as well: the TCP port skips it for an adopted
-    socket, the Unix port does not), and ``connectionLost`` unlinks the path, so after
-    ``systemctl restart policyd`` the socket unit listens on a socket nobody can reach.
-    Here the mode is kept, the socket only closed (systemd keeps its descriptor) and
-    the path never removed."""
-
-    # Only close our descriptor on stop: no shutdown() of the socket systemd holds.
-    _shouldShutdown = False
-
-    def startListening(self) -> None:
-        path = self._bindPath
-        if unix._inFilesystemNamespace(path):
-            try:
-                self.mode = stat.S_IMODE(os.stat(path).st_mode)  # the chmod changes nothing
-            except OSError:
-                pass
-        super().startListening()
-
-    def connectionLost(self, reason) -> None:
-        # unix.Port.connectionLost less its os.unlink(self._bindPath).
-        if self.lockFile is not None:
-            self.lockFile.unlock()
-        tcp.Port.connectionLost(self, reason)
 
 
 def parse_endpoint(reactor, key: str, description: str):

@@ -178,6 +178,18 @@ class PolicyService(MultiService):
             listeners.append(Listener(
                 reactor, "postfix", "[postfix] listen", description,
                 PostfixFactory(self.decider, config.postfix, reactor, self.decision_log)))
+        # SMTP-time moderation (issue 17): its state lives in the native store's
+        # database; a list uses it only with ``smtp_moderation`` set.
+        self.moderation = None
+        engine = getattr(backend, "moderation_engine", None)
+        if engine is not None:
+            from .moderation_service import ModerationService
+
+            self.moderation = ModerationService(
+                self.snapshots, engine, run_in_thread=self.store_thread.run, clock=reactor)
+            self.moderation.setServiceParent(self)
+            for listener in listeners:
+                listener.factory.moderation = self.moderation
         self.control_factory = ControlFactory(self, reactor)
         control = str(config.daemon.control_socket)
         listeners.append(Listener(

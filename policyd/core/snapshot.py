@@ -25,6 +25,7 @@ from typing import Callable, ClassVar, Iterable, Mapping, NamedTuple
 
 from .addresses import canonical, normalise, split_address
 from .verdict import Action, Mode, Role
+from .moderation import SmtpModeration
 
 # Mailman 3 LMTP's suffixes (mailman/runners/lmtp.py SUBADDRESS_NAMES), plus "subscribe"
 # and "unsubscribe" that Mailman 2's aliases had.
@@ -88,6 +89,9 @@ class ListSpec:
     administrivia: bool = False
     bounce_matching_headers: str = ""
     newsgroup_moderated: bool = False
+    # SMTP-time moderation of nonmember posts (``core.moderation``): off, greylist or
+    # moderate, as text or ``SmtpModeration``.
+    smtp_moderation: str = "off"
 
 
 @dataclass(frozen=True, slots=True)
@@ -176,6 +180,7 @@ class ListPolicy:
     # Set when the list's rows could not be read: the reason (see the module docstring).
     broken: str | None = None
     content: ContentPolicy = NO_CONTENT
+    smtp_moderation: SmtpModeration = SmtpModeration.OFF
 
     def find_member(self, address: str) -> tuple[str, Action | None] | None:
         """The member ``address`` posts as (itself, or another address of its user)."""
@@ -456,7 +461,20 @@ def build_list(spec: ListSpec, problems: list[str],
         nonmember_patterns=tuple(groups),
         bans=_ban_list(spec.bans, problems, posting),
         content=_content(spec, posting, problems),
+        smtp_moderation=_smtp_moderation(spec, posting, problems),
     )
+
+
+def _smtp_moderation(spec: ListSpec, posting: str, problems: list[str]) -> SmtpModeration:
+    """The list's ``smtp_moderation``; an unknown value is off (and a problem)."""
+    value = spec.smtp_moderation
+    if isinstance(value, SmtpModeration):
+        return value
+    try:
+        return SmtpModeration.from_name(value or "off")
+    except ValueError as error:
+        problems.append(f"{posting}: {error}; SMTP-time moderation is off")
+        return SmtpModeration.OFF
 
 
 def _content(spec: ListSpec, posting: str, problems: list[str]) -> ContentPolicy:

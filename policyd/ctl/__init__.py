@@ -20,6 +20,7 @@ subcommands and the handlers they run:
 ``members``    ``member``, ``nonmember``, ``user``
 ``patterns``   ``pattern``, ``ban``
 ``daemon``     ``query``, ``status``, ``reload``
+``moderation`` ``pending``, ``approve``, ``reject``, ``discard`` (SMTP-time moderation)
 =============  ==================================================================
 
 Exit codes: 0 ok, 2 bad input (a duplicate too), 3 daemon unreachable, 4 not found,

@@ -7,12 +7,12 @@ import sys
 from typing import TextIO
 
 from .. import __version__
-from . import daemon, lists, members, patterns, store
+from . import daemon, lists, members, moderation, patterns, store
 from .output import EXIT_BAD_INPUT, EXIT_OK, run
 
 # In the order ``policyctl --help`` lists them.
 GROUPS = (store.register, lists.register, members.register, patterns.register,
-          daemon.register, store.register_import)
+          daemon.register, store.register_import, moderation.register)
 
 
 def build_parser() -> argparse.ArgumentParser:

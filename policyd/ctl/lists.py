@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import argparse
 
+from ..core.moderation import SmtpModeration
 from ..core.verdict import Mode
 from ..errors import AlreadyExists, BadInput
 from .arguments import (
@@ -80,6 +81,11 @@ def _list_settings(p, creating: bool) -> None:
     p.add_argument("--newsgroup-moderated", type=on_off, metavar="on|off")
     p.add_argument("--bounce-matching-headers", metavar="TEXT",
                    help="Mailman 2.1's 'Header: regex' lines ('' clears)")
+    p.add_argument("--smtp-moderation", choices=[m.value for m in SmtpModeration],
+                   help="SMTP-time moderation of the posts held as from a nonmember: "
+                        "defer first attempts (greylist) or hold them with a ticket for "
+                        "policyctl approve|reject|discard (moderate); see "
+                        "docs/moderation.md")
     p.add_argument("--header-match", nargs=3, action="append", dest="header_matches",
                    metavar=("HEADER", "PATTERN", "ACTION"),
                    help="repeat for several, in order; replaces the list's header "
@@ -135,7 +141,8 @@ def _settings(args: argparse.Namespace) -> dict:
     for key in ("display_name", "mode", "emergency", "default_member_action",
                 "default_nonmember_action", "rejection_notice", "max_message_size",
                 "max_num_recipients", "require_explicit_destination", "administrivia",
-                "newsgroup_moderated", "bounce_matching_headers", "acceptable_aliases"):
+                "newsgroup_moderated", "bounce_matching_headers", "acceptable_aliases",
+                "smtp_moderation"):
         value = getattr(args, key, None)
         if value is not None:
             changes[key] = Mode(value) if key == "mode" else value
@@ -194,7 +201,7 @@ def cmd_list_set(ctx: Context) -> int:
                        "--rejection-notice, --moderator-password, --max-message-size, "
                        "--max-num-recipients, --require-explicit-destination, "
                        "--acceptable-alias, --administrivia, --newsgroup-moderated, "
-                       "--bounce-matching-headers, --header-match")
+                       "--bounce-matching-headers, --header-match, --smtp-moderation")
     with ctx.store().write() as session:
         row = q.set_list(session, ctx.args.list, **changes)
         info = _list_info(session, row)
@@ -269,6 +276,7 @@ def _list_info(session, row, details: bool = False) -> dict:
         "administrivia": row.administrivia,
         "bounce_matching_headers": row.bounce_matching_headers,
         "newsgroup_moderated": row.newsgroup_moderated,
+        "smtp_moderation": row.smtp_moderation,
     }
     if details:
         groups: dict[str, list[str]] = {f"{k}_these_nonmembers": [] for k in KIND_NAMES}
@@ -289,6 +297,8 @@ def _print_list(ctx: Context, info: dict) -> None:
         ("default nonmember action", info["default_nonmember_action"]),
         ("rejection notice", show_value(info["rejection_notice"])),
     ]
+    if info.get("smtp_moderation", "off") != "off":
+        rows.append(("smtp moderation", info["smtp_moderation"]))
     counts = info["counts"]
     rows.append(("subscribers", f"{counts['member']} members, {counts['nonmember']} "
                  f"nonmembers, {counts['owner']} owners, {counts['moderator']} moderators"))

@@ -368,7 +368,12 @@ class TrackingFactory(Factory):
 
 class DecidingFactory(TrackingFactory):
     """The factory of an MTA listener: answers from the ``Decider`` and writes one
-    decision line per answer through ``decision_log``."""
+    decision line per answer through ``decision_log``.
+
+    ``moderation``: the daemon's ``ModerationService`` (SMTP-time moderation), set by the
+    service; ``None`` (tests, policyctl) leaves every answer as the Decider gave it."""
+
+    moderation = None
 
     def __init__(self, decider, config, reactor, decision_log=None) -> None:
         from ..logging import DecisionLog

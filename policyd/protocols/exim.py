@@ -21,6 +21,9 @@ Request, terminated by ``\\n`` or by the client's half-close (Exim's default
   length set by Exim's ``message_body_visible``, newlines kept by
   ``message_body_newlines``);
 * ``size`` (optional): ``$message_size``, decimal.
+* ``client`` (optional): the SMTP client's IP address (``$sender_host_address``), for
+  SMTP-time moderation's originating network; empty or absent means unknown (local
+  submission, an older ACL).
 
 Base64 is the standard alphabet, padding optional.  A word that is not ``key=`` continues
 the previous value after a space (a quoted list local part with a space in it).
@@ -54,6 +57,7 @@ from ..core.message import Message, parse_message
 from ..core.replies import Outcome, SmtpReply, clean_text
 from ..core.verdict import Query
 from ..logging import DecisionLog
+from ..moderation_service import moderation_fields
 from . import EVICT_MIN_IDLE, SILENT_GRACE, DecidingFactory, ProtocolError, peer_text
 
 log = Logger(namespace="policyd.exim")
@@ -64,7 +68,8 @@ __all__ = ["VERSION", "EximRequest", "parse_request", "reply_line", "aggregate",
 VERSION = b"POLICYD/1"
 _KEY_NAME = re.compile(rb"[a-z_]+")
 _KNOWN_KEYS = frozenset({b"list", b"sender", b"from", b"reply_to", b"sender_header", b"id",
-                         b"headers", b"body", b"size"})
+                         b"headers", b"body", b"size", b"client"})
+_CLIENT = re.compile(rb"[0-9A-Fa-f:.]{2,45}")
 _SIZE = re.compile(rb"[0-9]{1,15}")
 _HEADERS = (b"from", b"reply_to", b"sender_header")
 _SAFE_ID = re.compile(r"[^A-Za-z0-9._:@+/=-]")
@@ -86,6 +91,14 @@ class EximRequest(NamedTuple):
     sender_header: str | None = None
     id: str | None = None
     message: Message | None = None
+    client: str | None = None
+
+    def message_field(self, name: str) -> str:
+        """The first ``name`` header of the message, stripped ("" when absent)."""
+        if self.message is None:
+            return ""
+        values = self.message.get_all(name)
+        return values[0].strip() if values else ""
 
     def queries(self) -> list[Query]:
         return [Query(address, self.envelope_sender, self.from_header,
@@ -196,7 +209,12 @@ def parse_request(line: bytes, *, max_lists: int = MAX_LISTS) -> EximRequest:
             request_id = request_id.decode("ascii")  # already safe (Exim's ids are)
         else:
             request_id = _SAFE_ID.sub("_", request_id.decode("ascii", "replace")) or None
-    return EximRequest(lists, sender, *headers, request_id, message)
+    client = fields.get(b"client") or None
+    if client is not None:
+        if _CLIENT.fullmatch(client) is None:
+            raise ProtocolError("client= is not an IP address")
+        client = client.decode("ascii")
+    return EximRequest(lists, sender, *headers, request_id, message, client)
 
 
 def reply_line(reply: SmtpReply) -> str:
@@ -384,11 +402,19 @@ class EximFactory(DecidingFactory):
                     lambda _: self.answer(line, transport, _round + 1))
         replies = []
         started = 0.0
+        moderation = self.moderation
         for query, answer in zip(queries, answers):
             if not replies:
                 started = answer.started
+            step = None
+            if moderation is not None:
+                answer, step = moderation.apply(
+                    answer, query, client=request.client,
+                    message_id=request.message_field("message-id")[:255],
+                    subject=request.message_field("subject"))
             line_text = reply_line(answer.reply)
-            self.decision_log.answered("exim", query, answer, line_text, request.id)
+            self.decision_log.answered("exim", query, answer, line_text, request.id,
+                                       moderation_fields(step))
             replies.append((answer.reply, line_text))
         if len(replies) == 1:
             reply, line_text = replies[0]

@@ -31,7 +31,9 @@ from twisted.logger import Logger
 
 from ..core.replies import Outcome, SmtpReply, clean_text
 from ..core.verdict import Decision, Query
+from ..core.moderation import SmtpModeration
 from ..logging import DecisionLog, log_fields
+from ..moderation_service import moderation_fields
 from . import EVICT_MIN_IDLE, SILENT_GRACE, DecidingFactory, ProtocolError, peer_text
 
 log = Logger(namespace="policyd.postfix")
@@ -492,16 +494,25 @@ class PostfixFactory(DecidingFactory):
             self.decider.count("postfix", "other-state", "DUNNO")
             return DUNNO
         answer = self.decider.decide(query, "postfix")
+        step = None
+        if self.moderation is not None:
+            answer, step = self.moderation.apply(
+                answer, query, client=request.get("client_address"),
+                modes=(SmtpModeration.GREYLIST,))
         decision = answer.decision
         config = self.config
-        action = postfix_action(decision, answer.reply, config.mode, config.accept_action)
+        if step is not None and answer.reply.outcome is Outcome.DEFER:
+            action = answer.reply.line()  # greylisted, whatever [postfix] mode says
+        else:
+            action = postfix_action(decision, answer.reply, config.mode,
+                                    config.accept_action)
         self.decider.count_answer(
             "postfix", action if action == "DUNNO" or action == "OK"
             else answer.reply.outcome._value_)
         decision_log = self.decision_log
         if decision_log.enabled:
             decision_log.answered("postfix", query, answer, action, request.request_id,
-                                  request.client_fields())
+                                  request.client_fields() + moderation_fields(step))
         if self.latency is not None:
             self.latency.observe(answer.started)
         return format_response(action)

@@ -198,6 +198,9 @@ class MailingList(Base):
     bounce_matching_headers: Mapped[str | None] = mapped_column(Text, nullable=True)
     newsgroup_moderated: Mapped[bool] = mapped_column(Boolean, nullable=False,
                                                       default=False)
+    # SMTP-time moderation of nonmember posts (migration 0004, ``core.moderation``):
+    # off, greylist or moderate.
+    smtp_moderation: Mapped[str] = mapped_column(String(16), nullable=False, default="off")
 
 
 class User(Base):
@@ -279,6 +282,58 @@ class Ban(Base):
         ForeignKey("lists.id", ondelete="CASCADE"), nullable=True
     )
     pattern: Mapped[str] = mapped_column(text_column(PATTERN_LENGTH), nullable=False)
+
+
+class ModerationEntry(Base):
+    """A greylist entry of SMTP-time moderation (migration 0004): the first attempt of one
+    (list, sender, network, Message-ID).  ``key_hash`` is the SHA-256 of the key (one
+    short unique column whatever the database's index limits).  Times are Unix seconds.
+    Not tracked for change detection: writing one never rebuilds the snapshot."""
+
+    __tablename__ = "moderation_greylist"
+
+    key_hash: Mapped[str] = mapped_column(String(64), primary_key=True)
+    list: Mapped[str] = mapped_column(text_column(ADDRESS_LENGTH), nullable=False)
+    sender: Mapped[str] = mapped_column(text_column(ADDRESS_LENGTH), nullable=False)
+    network: Mapped[str] = mapped_column(String(64), nullable=False)
+    message_id: Mapped[str] = mapped_column(text_column(ADDRESS_LENGTH), nullable=False)
+    first_seen: Mapped[int] = mapped_column(BigInteger, nullable=False, index=True)
+    last_seen: Mapped[int] = mapped_column(BigInteger, nullable=False)
+    attempts: Mapped[int] = mapped_column(Integer, nullable=False)
+
+
+class ModerationSender(Base):
+    """A sender that passed the greylist of a list, remembered ``until`` (Unix seconds)."""
+
+    __tablename__ = "moderation_remembered"
+
+    key_hash: Mapped[str] = mapped_column(String(64), primary_key=True)
+    list: Mapped[str] = mapped_column(text_column(ADDRESS_LENGTH), nullable=False)
+    sender: Mapped[str] = mapped_column(text_column(ADDRESS_LENGTH), nullable=False)
+    until: Mapped[int] = mapped_column(BigInteger, nullable=False, index=True)
+
+
+class ModerationTicket(Base):
+    """A post held for a moderator (``moderate``): ``decision`` is NULL until
+    ``policyctl approve|reject|discard`` sets it (approve, reject, discard)."""
+
+    __tablename__ = "moderation_tickets"
+
+    id: Mapped[str] = mapped_column(String(8), primary_key=True)
+    key_hash: Mapped[str] = mapped_column(String(64), nullable=False, index=True)
+    list: Mapped[str] = mapped_column(text_column(ADDRESS_LENGTH), nullable=False,
+                                      index=True)
+    sender: Mapped[str] = mapped_column(text_column(ADDRESS_LENGTH), nullable=False)
+    network: Mapped[str] = mapped_column(String(64), nullable=False)
+    message_id: Mapped[str] = mapped_column(text_column(ADDRESS_LENGTH), nullable=False)
+    subject: Mapped[str] = mapped_column(String(255), nullable=False)
+    client: Mapped[str] = mapped_column(String(64), nullable=False)
+    first_seen: Mapped[int] = mapped_column(BigInteger, nullable=False)
+    last_seen: Mapped[int] = mapped_column(BigInteger, nullable=False)
+    attempts: Mapped[int] = mapped_column(Integer, nullable=False)
+    decision: Mapped[str | None] = mapped_column(String(16), nullable=True)
+    reason: Mapped[str] = mapped_column(String(300), nullable=False)
+    decided_at: Mapped[int | None] = mapped_column(BigInteger, nullable=True)
 
 
 class ListRevision(Base):

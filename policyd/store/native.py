@@ -195,6 +195,7 @@ def load_specs(connection: Connection, list_ids: Collection[int] | None = None
         _raw(lists_table.c.default_member_action), _raw(lists_table.c.default_nonmember_action),
         lists_table.c.rejection_notice,
         *(lists_table.c[name] for name in queries.CONTENT_SETTINGS),
+        lists_table.c.smtp_moderation,
     ))):
         (id_, posting, list_id, display_name, mode, emergency, member_action,
          nonmember_action, notice) = row[:9]
@@ -204,7 +205,8 @@ def load_specs(connection: Connection, list_ids: Collection[int] | None = None
             "default_member_action": _ACTIONS[member_action],
             "default_nonmember_action": _ACTIONS[nonmember_action],
             "rejection_notice": notice,
-            **queries.content_spec(dict(zip(queries.CONTENT_SETTINGS, row[9:]))),
+            **queries.content_spec(dict(zip(queries.CONTENT_SETTINGS, row[9:-1]))),
+            "smtp_moderation": row[-1] or "off",
         }
 
     # One string per address, shared by every list it is on (no join: the membership
@@ -480,6 +482,12 @@ class NativeBackend:
         return f"native {engine_module.safe_url(self.url)} (schema rev {revision})"
 
     # --- notifications (PostgreSQL) -----------------------------------------------------
+
+    @property
+    def moderation_engine(self):
+        """Where SMTP-time moderation keeps its state (``policyd.store.moderation``):
+        this store's database."""
+        return self.engine
 
     def notify_channel(self) -> str | None:
         """The channel the store's triggers NOTIFY on a change (PostgreSQL), else None:

@@ -21,6 +21,7 @@ from ..core import validate
 from ..core.addresses import normalise, split_address
 from ..errors import AlreadyExists, BadInput, NotFound
 from ..core.verdict import Action, Mode
+from ..core.moderation import SmtpModeration
 from .models import (
     ADDRESS_LENGTH,
     PATTERN_LENGTH,
@@ -241,7 +242,8 @@ CONTENT_SETTINGS = ("moderator_password", "header_matches", "max_message_size",
                     "acceptable_aliases", "administrivia", "bounce_matching_headers",
                     "newsgroup_moderated")
 LIST_SETTINGS = ("display_name", "mode", "emergency", "default_member_action",
-                 "default_nonmember_action", "rejection_notice") + CONTENT_SETTINGS
+                 "default_nonmember_action", "rejection_notice") + CONTENT_SETTINGS \
+    + ("smtp_moderation",)
 
 
 def content_spec(values: dict) -> dict:
@@ -392,6 +394,11 @@ def set_list(session: Session, ref: str, **changes) -> MailingList:
             value = bool(value)
         elif key in CONTENT_SETTINGS:
             value = _content_value(key, value)
+        elif key == "smtp_moderation":
+            try:
+                value = SmtpModeration.from_name(str(value)).value
+            except ValueError as error:
+                raise BadInput(str(error)) from None
         else:
             value = Action(value)
         setattr(row, key, value)

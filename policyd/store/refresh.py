@@ -154,7 +154,8 @@ def _policy_content(policy) -> tuple:
             [(a, [p.text for p in ps]) for a, ps in policy.nonmember_patterns],
             policy.bans.exact, [p.text for p in policy.bans.patterns], policy.emergency,
             policy.default_member_action, policy.default_nonmember_action,
-            policy.rejection_notice, policy.mode, policy.display_name, policy.list_id)
+            policy.rejection_notice, policy.mode, policy.display_name, policy.list_id,
+            policy.smtp_moderation)
 
 
 def content(snapshot: Snapshot) -> dict:

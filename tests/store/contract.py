@@ -91,6 +91,38 @@ class StoreContract:
             context = MigrationContext.configure(connection, opts={"compare_type": True})
             assert compare_metadata(context, Base.metadata) == []
 
+    def test_moderation_state_round_trip(self, store, backend, mlist):
+        """SMTP-time moderation's rows (migration 0004): a batch written, read back by
+        another daemon, a moderator's decision never overwritten by a daemon's update,
+        expired rows pruned, and ``smtp_moderation`` in the snapshot."""
+        from policyd.core.moderation import (Decision, Key, ModerationState, Settings,
+                                             SmtpModeration)
+        from policyd.store import moderation as sm
+
+        now = [1_800_000_000.0]
+        state = ModerationState(clock=lambda: now[0])
+        key = Key(LIST, "nobody@x.example", "2001:db8::/64", "<m@x>")
+        state.check(SmtpModeration.GREYLIST, key)
+        held = state.check(SmtpModeration.MODERATE, key, subject="Hi", client="2001:db8::1")
+        engine = backend.moderation_engine
+        sm.write_changes(engine, state.drain())
+        entries, remembered, tickets = sm.load_state(engine, Settings(), now[0])
+        assert [e.key for e in entries] == [key] and [t.id for t in tickets] == [held.ticket]
+        with store.write() as session:
+            sm.decide_ticket(session, held.ticket, Decision.REJECT, now[0], "No")
+        now[0] += 600
+        state.check(SmtpModeration.MODERATE, key)  # attempts + 1, decision unknown here
+        state.check(SmtpModeration.GREYLIST, key)  # passes: entry gone, sender remembered
+        sm.write_changes(engine, state.drain())
+        entries, remembered, tickets = sm.read_since(engine, now[0] - 60, Settings().remember)
+        assert entries == [] and [(r[0], r[1]) for r in remembered] == [(LIST, key.sender)]
+        [ticket] = tickets
+        assert (ticket.decision, ticket.reason, ticket.attempts) == (Decision.REJECT, "No", 2)
+        assert sm.prune_rows(engine, Settings(), now[0] + 40 * 86400) == 2
+        with store.write() as session:
+            q.set_list(session, LIST, smtp_moderation="greylist")
+        assert self.policy(backend).smtp_moderation is SmtpModeration.GREYLIST
+
     def test_backend_check_fails_on_a_store_without_schema(self, url):
         """check() raises StoreUnavailable naming `policyctl init` for an empty database."""
         backend = NativeBackend(url)

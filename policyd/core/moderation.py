@@ -1,0 +1,461 @@
+"""SMTP-time moderation of nonmember posts: the greylist and ticket state machine (pure).
+
+Owns the transitions of issue 17, nothing else: no SQL, no Twisted, no wire text beyond
+the reply texts.  The clock and the ticket generator are injected, so every transition is
+a table-driven test.  The daemon keeps one ``ModerationState`` as its in-memory index,
+asks ``check`` on the reactor, and hands ``drain()`` (the rows that changed) to the store
+thread, which writes them in batches.
+
+A post is keyed by ``Key``: the list, the sender, the originating network (``network_of``:
+/24 for IPv4, /64 for IPv6, ``""`` when the client is unknown) and, on the Exim path, the
+Message-ID (``""`` on Postfix, which asks at RCPT).
+
+``greylist``::
+
+    no entry, or entry older than max_age  -> DEFER  (first attempt; entry created)
+    retry before min_delay                 -> DEFER  (early retry; attempts counted)
+    retry within [min_delay, max_age]      -> PASS   (sender remembered for ``remember``)
+    sender remembered on this list         -> PASS
+
+``moderate``::
+
+    no ticket, or ticket expired           -> HELD   (a new ticket, in the 4xx text)
+    undecided, younger than decide_within  -> HELD   (same ticket; attempts counted)
+    undecided, older than decide_within    -> PASS   (the fallback: the list's normal
+                                                      outcome, i.e. Mailman's hold queue)
+    approved                               -> ACCEPT
+    rejected                               -> REJECT (550 5.7.1 with the reason)
+    discarded                              -> DISCARD
+
+A decided ticket answers every retry the same way for ``max_age`` after the decision,
+then it is pruned.  ``PASS`` means "no opinion from moderation": the caller answers the
+list's normal outcome.
+
+Bounded: at most ``max_entries`` greylist entries, ``max_entries`` remembered senders and
+``max_tickets`` tickets; beyond a cap the oldest go first and ``Step.evicted`` says how
+many, for the caller to log.
+"""
+
+from __future__ import annotations
+
+import enum
+import ipaddress
+import secrets
+from dataclasses import dataclass, field, replace
+from typing import Callable, Iterable, NamedTuple
+
+__all__ = ["SmtpModeration", "Settings", "Key", "Entry", "Ticket", "Decision",
+           "Outcome", "Step", "Changes", "ModerationState", "network_of", "new_ticket_id",
+           "TICKET_ALPHABET"]
+
+
+class SmtpModeration(enum.Enum):
+    """A list's ``smtp_moderation`` setting."""
+
+    OFF = "off"
+    GREYLIST = "greylist"
+    MODERATE = "moderate"
+
+    @classmethod
+    def from_name(cls, name: str) -> "SmtpModeration":
+        try:
+            return cls(name.strip().lower())
+        except ValueError:
+            allowed = ", ".join(m.value for m in cls)
+            raise ValueError(f"unknown smtp_moderation {name!r} (allowed: {allowed})") \
+                from None
+
+
+class Decision(enum.Enum):
+    """A moderator's decision on a ticket."""
+
+    APPROVE = "approve"
+    REJECT = "reject"
+    DISCARD = "discard"
+
+
+class Outcome(enum.Enum):
+    """What moderation says about one attempt."""
+
+    DEFER = "defer"        # greylisted: a temporary deferral
+    HELD = "held"          # deferred with a ticket, waiting for a moderator
+    PASS = "pass"          # no opinion: the list's normal outcome
+    ACCEPT = "accept"      # approved by a moderator
+    REJECT = "reject"      # rejected by a moderator: 550 with the reason
+    DISCARD = "discard"    # discarded by a moderator: accepted and dropped
+
+
+@dataclass(frozen=True, slots=True)
+class Settings:
+    min_delay: float = 300.0
+    max_age: float = 86400.0
+    remember: float = 30 * 86400.0
+    decide_within: float = 3 * 86400.0
+    max_entries: int = 100_000
+    max_tickets: int = 10_000
+
+    def __post_init__(self) -> None:
+        if not 0 <= self.min_delay < self.max_age:
+            raise ValueError("min_delay must be at least 0 and below max_age")
+        if self.remember < 0 or self.decide_within <= 0:
+            raise ValueError("remember must be at least 0 and decide_within above 0")
+        if self.max_entries < 1 or self.max_tickets < 1:
+            raise ValueError("max_entries and max_tickets must be at least 1")
+
+
+class Key(NamedTuple):
+    list: str
+    sender: str
+    network: str = ""
+    message_id: str = ""
+
+
+@dataclass(frozen=True, slots=True)
+class Entry:
+    """A greylist entry: the first attempt of one key and how often it came back."""
+
+    key: Key
+    first_seen: float
+    last_seen: float
+    attempts: int = 1
+
+
+@dataclass(frozen=True, slots=True)
+class Ticket:
+    """A post held for a moderator.  ``subject`` and ``client`` are for ``policyctl
+    pending``; ``decision`` is ``None`` until a moderator decides."""
+
+    id: str
+    key: Key
+    first_seen: float
+    last_seen: float
+    attempts: int = 1
+    subject: str = ""
+    client: str = ""
+    decision: Decision | None = None
+    reason: str = ""
+    decided_at: float | None = None
+
+
+class Step(NamedTuple):
+    """The outcome of one attempt, its reply text (for DEFER, HELD and REJECT), the
+    ticket if any, what the transition was (for logs and tests), and how many entries a
+    cap pushed out."""
+
+    outcome: Outcome
+    transition: str
+    text: str = ""
+    ticket: str | None = None
+    evicted: int = 0
+
+
+@dataclass
+class Changes:
+    """What changed since the last ``drain``: the rows the store thread writes."""
+
+    entries: dict[Key, Entry | None] = field(default_factory=dict)        # None: delete
+    remembered: dict[tuple[str, str], float | None] = field(default_factory=dict)
+    tickets: dict[str, Ticket | None] = field(default_factory=dict)
+
+    def __bool__(self) -> bool:
+        return bool(self.entries or self.remembered or self.tickets)
+
+
+TICKET_ALPHABET = "ABCDEFGHJKLMNPQRSTUVWXYZ23456789"  # no I, O, 0, 1: read aloud safely
+TICKET_LENGTH = 6
+
+
+def new_ticket_id() -> str:
+    """Six characters of a base32 alphabet without look-alikes (30 bits)."""
+    return "".join(secrets.choice(TICKET_ALPHABET) for _ in range(TICKET_LENGTH))
+
+
+def network_of(address: str | None) -> str:
+    """The originating network: ``192.0.2.0/24``, ``2001:db8:1:2::/64``; ``""`` for an
+    unknown or unreadable client (the key then has no network)."""
+    if not address:
+        return ""
+    text = address.strip()
+    if text.lower().startswith("ipv6:"):
+        text = text[5:]
+    text = text.strip("[]")
+    try:
+        ip = ipaddress.ip_address(text)
+    except ValueError:
+        return ""
+    if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
+        ip = ip.ipv4_mapped
+    prefix = 24 if ip.version == 4 else 64
+    return str(ipaddress.ip_network(f"{ip}/{prefix}", strict=False))
+
+
+GREYLIST_TEXT = "Greylisted: temporary deferral of a first post to {list}, please retry later"
+HELD_TEXT = "Held for moderator approval, ticket {ticket}"
+REJECT_TEXT = "Your post to {list} was rejected by its moderator"
+
+
+class ModerationState:
+    """The in-memory index of greylist entries, remembered senders and tickets.
+
+    ``check`` is the only transition driven by the MTA; ``decide`` is a moderator's;
+    ``prune`` drops what expired.  Every change is recorded for ``drain``."""
+
+    def __init__(self, settings: Settings = Settings(), *,
+                 clock: Callable[[], float], ticket_id: Callable[[], str] = new_ticket_id
+                 ) -> None:
+        self.settings = settings
+        self.clock = clock
+        self.ticket_id = ticket_id
+        # Insertion-ordered: the first item is the oldest (a refreshed item is moved to
+        # the end), so a cap drops the oldest first.
+        self.entries: dict[Key, Entry] = {}
+        self.remembered: dict[tuple[str, str], float] = {}
+        self.tickets: dict[str, Ticket] = {}
+        self.ticket_by_key: dict[Key, str] = {}
+        self.changes = Changes()
+
+    # --- loading and draining ------------------------------------------------------------
+
+    def load(self, entries: Iterable[Entry] = (), remembered: Iterable[tuple[str, str, float]]
+             = (), tickets: Iterable[Ticket] = ()) -> None:
+        """Merge rows read from the store (oldest first), without recording changes."""
+        for entry in entries:
+            self.entries.pop(entry.key, None)
+            self.entries[entry.key] = entry
+        for list_, sender, until in remembered:
+            self.remembered.pop((list_, sender), None)
+            self.remembered[list_, sender] = until
+        for ticket in tickets:
+            self._put_ticket(ticket, record=False)
+
+    def merge(self, entries: Iterable[Entry] = (), remembered: Iterable[tuple[str, str, float]]
+              = (), tickets: Iterable[Ticket] = ()) -> int:
+        """Merge what other daemons and moderators wrote (``store.moderation.read_since``),
+        without recording changes: the newer entry, the later ``until``, a ticket's
+        decision from the store.  The number of tickets whose decision arrived."""
+        for entry in entries:
+            mine = self.entries.get(entry.key)
+            if mine is None or entry.last_seen > mine.last_seen:
+                self.entries.pop(entry.key, None)
+                self.entries[entry.key] = entry
+        for list_, sender, until in remembered:
+            if until > self.remembered.get((list_, sender), 0.0):
+                self.remembered.pop((list_, sender), None)
+                self.remembered[list_, sender] = until
+        decided = 0
+        for ticket in tickets:
+            mine = self.tickets.get(ticket.id)
+            if mine is None:
+                self._put_ticket(ticket, record=False)
+                decided += ticket.decision is not None
+                continue
+            if ticket.decision is not None and ticket.decision is not mine.decision:
+                decided += 1
+                mine = replace(mine, decision=ticket.decision, reason=ticket.reason,
+                               decided_at=ticket.decided_at)
+            mine = replace(mine, last_seen=max(mine.last_seen, ticket.last_seen),
+                           attempts=max(mine.attempts, ticket.attempts))
+            self.tickets[mine.id] = mine
+        self._trim()
+        return decided
+
+    def _trim(self) -> int:
+        """Enforce the caps after a merge (the oldest go, recorded: the store shrinks too)."""
+        evicted = 0
+        cap = self.settings.max_entries
+        while len(self.entries) > cap:
+            oldest = next(iter(self.entries))
+            del self.entries[oldest]
+            self.changes.entries[oldest] = None
+            evicted += 1
+        while len(self.remembered) > cap:
+            self._forget(*next(iter(self.remembered)))
+            evicted += 1
+        while len(self.tickets) > self.settings.max_tickets:
+            self._drop_ticket(next(iter(self.tickets.values())))
+            evicted += 1
+        return evicted
+
+    def drain(self) -> Changes:
+        """The changes since the last drain (the store thread writes them)."""
+        changes, self.changes = self.changes, Changes()
+        return changes
+
+    def restore(self, changes: Changes) -> None:
+        """Put back changes that could not be written, under newer ones."""
+        for name in ("entries", "remembered", "tickets"):
+            mine = getattr(self.changes, name)
+            merged = dict(getattr(changes, name))
+            merged.update(mine)
+            setattr(self.changes, name, merged)
+
+    # --- the MTA's attempts --------------------------------------------------------------
+
+    def check(self, mode: SmtpModeration, key: Key, *, subject: str = "",
+              client: str = "") -> Step:
+        """One attempt of ``key`` on a list whose ``smtp_moderation`` is ``mode``."""
+        if mode is SmtpModeration.GREYLIST:
+            return self._greylist(key)
+        if mode is SmtpModeration.MODERATE:
+            return self._moderate(key, subject, client)
+        return Step(Outcome.PASS, "off")
+
+    def _greylist(self, key: Key) -> Step:
+        now = self.clock()
+        s = self.settings
+        until = self.remembered.get((key.list, key.sender))
+        if until is not None:
+            if until > now:
+                return Step(Outcome.PASS, "remembered")
+            self._forget(key.list, key.sender)
+        entry = self.entries.get(key)
+        text = GREYLIST_TEXT.format(list=key.list)
+        if entry is None or now - entry.first_seen > s.max_age:
+            transition = "first-attempt" if entry is None else "expired"
+            evicted = self._put_entry(Entry(key, now, now, 1))
+            return Step(Outcome.DEFER, transition, text, evicted=evicted)
+        if now - entry.first_seen < s.min_delay:
+            self._put_entry(replace(entry, last_seen=now, attempts=entry.attempts + 1))
+            return Step(Outcome.DEFER, "early-retry", text)
+        del self.entries[key]
+        self.changes.entries[key] = None
+        evicted = self._remember(key.list, key.sender, now + s.remember) \
+            if s.remember > 0 else 0
+        return Step(Outcome.PASS, "retry-in-window", evicted=evicted)
+
+    def _moderate(self, key: Key, subject: str, client: str) -> Step:
+        now = self.clock()
+        s = self.settings
+        ticket_id = self.ticket_by_key.get(key)
+        ticket = self.tickets.get(ticket_id) if ticket_id is not None else None
+        if ticket is not None and self._expired(ticket, now):
+            self._drop_ticket(ticket)
+            ticket = None
+            transition = "expired"
+        else:
+            transition = "first-attempt"
+        if ticket is None:
+            ticket = Ticket(self._fresh_id(), key, now, now, 1, subject[:200], client[:64])
+            evicted = self._put_ticket(ticket)
+            return Step(Outcome.HELD, transition, HELD_TEXT.format(ticket=ticket.id),
+                        ticket.id, evicted)
+        ticket = replace(ticket, last_seen=now, attempts=ticket.attempts + 1)
+        self._put_ticket(ticket)
+        if ticket.decision is Decision.APPROVE:
+            return Step(Outcome.ACCEPT, "approved", ticket=ticket.id)
+        if ticket.decision is Decision.REJECT:
+            text = ticket.reason or REJECT_TEXT.format(list=key.list)
+            return Step(Outcome.REJECT, "rejected", text, ticket.id)
+        if ticket.decision is Decision.DISCARD:
+            return Step(Outcome.DISCARD, "discarded", ticket=ticket.id)
+        if now - ticket.first_seen >= s.decide_within:
+            return Step(Outcome.PASS, "undecided-fallback", ticket=ticket.id)
+        return Step(Outcome.HELD, "waiting", HELD_TEXT.format(ticket=ticket.id), ticket.id)
+
+    def _expired(self, ticket: Ticket, now: float) -> bool:
+        """A decided ticket lives ``max_age`` after its decision; an undecided one
+        ``decide_within`` + ``max_age`` after it was first seen (the fallback answers
+        retries meanwhile)."""
+        s = self.settings
+        if ticket.decided_at is not None:
+            return now - ticket.decided_at > s.max_age
+        return now - ticket.first_seen > s.decide_within + s.max_age
+
+    # --- moderators ----------------------------------------------------------------------
+
+    def decide(self, ticket_id: str, decision: Decision, reason: str = "") -> Ticket | None:
+        """A moderator's decision; ``None`` for an unknown ticket.  The next retry of the
+        post gets it."""
+        ticket = self.tickets.get(ticket_id.strip().upper())
+        if ticket is None:
+            return None
+        ticket = replace(ticket, decision=decision, reason=reason[:300],
+                         decided_at=self.clock())
+        self._put_ticket(ticket)
+        return ticket
+
+    def pending(self, list_: str | None = None) -> list[Ticket]:
+        """Undecided tickets, oldest first (of one list with ``list_``)."""
+        return [t for t in self.tickets.values() if t.decision is None
+                and (list_ is None or t.key.list == list_)]
+
+    # --- housekeeping --------------------------------------------------------------------
+
+    def prune(self) -> int:
+        """Drop what expired; the number of rows dropped."""
+        now = self.clock()
+        s = self.settings
+        dropped = 0
+        for key in [k for k, e in self.entries.items() if now - e.first_seen > s.max_age]:
+            del self.entries[key]
+            self.changes.entries[key] = None
+            dropped += 1
+        for who in [w for w, until in self.remembered.items() if until <= now]:
+            self._forget(*who)
+            dropped += 1
+        for ticket in [t for t in self.tickets.values() if self._expired(t, now)]:
+            self._drop_ticket(ticket)
+            dropped += 1
+        return dropped
+
+    # --- the dicts and their caps --------------------------------------------------------
+
+    def _put_entry(self, entry: Entry) -> int:
+        self.entries.pop(entry.key, None)
+        self.entries[entry.key] = entry
+        self.changes.entries[entry.key] = entry
+        evicted = 0
+        while len(self.entries) > self.settings.max_entries:
+            oldest = next(iter(self.entries))
+            del self.entries[oldest]
+            self.changes.entries[oldest] = None
+            evicted += 1
+        return evicted
+
+    def _remember(self, list_: str, sender: str, until: float) -> int:
+        self.remembered.pop((list_, sender), None)
+        self.remembered[list_, sender] = until
+        self.changes.remembered[list_, sender] = until
+        evicted = 0
+        while len(self.remembered) > self.settings.max_entries:
+            self._forget(*next(iter(self.remembered)))
+            evicted += 1
+        return evicted
+
+    def _forget(self, list_: str, sender: str) -> None:
+        self.remembered.pop((list_, sender), None)
+        self.changes.remembered[list_, sender] = None
+
+    def _put_ticket(self, ticket: Ticket, record: bool = True) -> int:
+        old = self.tickets.pop(ticket.id, None)
+        if old is not None and old.key != ticket.key:
+            self.ticket_by_key.pop(old.key, None)
+        other = self.ticket_by_key.get(ticket.key)
+        if other is not None and other != ticket.id:
+            # Two tickets for one key (two daemons saw the first attempt): keep the newer.
+            stale = self.tickets.pop(other, None)
+            if stale is not None and record:
+                self.changes.tickets[other] = None
+        self.tickets[ticket.id] = ticket
+        self.ticket_by_key[ticket.key] = ticket.id
+        if record:
+            self.changes.tickets[ticket.id] = ticket
+        evicted = 0
+        while len(self.tickets) > self.settings.max_tickets:
+            self._drop_ticket(next(iter(self.tickets.values())), record)
+            evicted += 1
+        return evicted
+
+    def _drop_ticket(self, ticket: Ticket, record: bool = True) -> None:
+        self.tickets.pop(ticket.id, None)
+        if self.ticket_by_key.get(ticket.key) == ticket.id:
+            del self.ticket_by_key[ticket.key]
+        if record:
+            self.changes.tickets[ticket.id] = None
+
+    def _fresh_id(self) -> str:
+        for _ in range(100):
+            candidate = self.ticket_id()
+            if candidate not in self.tickets:
+                return candidate
+        raise RuntimeError("no free ticket id after 100 tries")

@@ -1,0 +1,177 @@
+"""SMTP-time moderation in the daemon: the in-memory index on the reactor, its state in
+the store's database through the store thread.
+
+``ModerationService.apply`` is what the MTA factories call after the ``Decider``: only a
+``hold`` by ``nonmember-moderation`` on a list whose ``smtp_moderation`` is not ``off``
+is looked at, through the pure ``core.moderation.ModerationState``; the answer is
+replaced by the deferral, the ticket, or the moderator's decision.  Every other answer
+passes untouched, and so does everything while the state is unusable (not loaded yet,
+or its last write failed): the list's normal outcome, never a 5xx and never a deferral
+that could not be remembered.  Each such incident is logged once, with its end.
+
+``sync`` (a ``TimerService`` every ``interval`` seconds, only while some list has
+``smtp_moderation`` set) writes the changed rows in one batch, reads what other daemons
+and moderators wrote since the last sync, and now and then prunes the expired rows.  The
+reactor never touches SQL.
+"""
+
+from __future__ import annotations
+
+from typing import Callable
+
+from twisted.application.internet import TimerService
+from twisted.internet.defer import Deferred, inlineCallbacks
+from twisted.logger import Logger
+
+from .core.moderation import Key, ModerationState, Outcome, Settings, SmtpModeration, \
+    network_of
+from .core.replies import Outcome as Reply, SmtpReply, clean_text
+from .core.verdict import Verdict
+
+__all__ = ["ModerationService", "moderation_fields"]
+
+log = Logger(namespace="policyd.moderation")
+
+_RULE = "nonmember-moderation"
+# Seconds of slack when reading back what changed (clocks of several hosts, rounding).
+SLACK = 120.0
+# Prune the store's expired rows every this many syncs.
+PRUNE_EVERY = 60
+
+
+def moderation_fields(step) -> str:
+    """`` moderation=held ticket=K7Q2M9`` for the end of the decision line."""
+    if step is None:
+        return ""
+    text = f" moderation={step.transition}"
+    return text + (f" ticket={step.ticket}" if step.ticket else "")
+
+
+class ModerationService(TimerService):
+    """The moderation index of one daemon and its sync with the store."""
+
+    def __init__(self, snapshots, engine, *, run_in_thread: Callable[..., Deferred],
+                 clock, settings: Settings = Settings(), interval: float = 5.0,
+                 store=None) -> None:
+        super().__init__(interval, self.sync)
+        self.clock = clock
+        self.snapshots = snapshots
+        self.engine = engine
+        self.run_in_thread = run_in_thread
+        self.state = ModerationState(settings, clock=clock.seconds)
+        # ``None``: not loaded yet; False: the last load or write failed (an incident).
+        self.usable: bool | None = None
+        self._since = 0.0
+        self._syncs = 0
+        self._busy = False
+        self._store = store if store is not None else _default_store()
+        self.evicted = 0
+
+    # --- on the reactor ----------------------------------------------------------------
+
+    def apply(self, answer, query, *, client: str | None = None, message_id: str = "",
+              subject: str = "", modes=(SmtpModeration.GREYLIST, SmtpModeration.MODERATE)):
+        """(answer, step): the answer, changed if moderation has something to say, and
+        the moderation step (``None`` when it did not apply).  ``modes``: the settings
+        this protocol applies (Postfix, at RCPT without the message: greylist only)."""
+        decision = answer.decision
+        if (decision is None or decision.verdict is not Verdict.HOLD
+                or decision.rule != _RULE):
+            return answer, None
+        snapshot = self.snapshots.current
+        policy = snapshot.lists.get(decision.list) if snapshot is not None else None
+        if policy is None or policy.smtp_moderation not in modes:
+            return answer, None
+        if not self.usable:
+            return answer, None  # the list's normal outcome (the incident is logged)
+        key = Key(decision.list, decision.sender or query.envelope_sender,
+                  network_of(client), message_id or "")
+        step = self.state.check(policy.smtp_moderation, key, subject=subject,
+                                client=client or "")
+        if step.evicted:
+            self.evicted += step.evicted
+            log.warn("moderation state at its cap: {count} oldest entries dropped",
+                     count=step.evicted)
+        reply = _reply(step)
+        if reply is None:
+            return answer, step
+        return answer._replace(reply=reply), step
+
+    # --- the sync, in the store thread -------------------------------------------------
+
+    def _enabled(self) -> bool:
+        snapshot = self.snapshots.current
+        if snapshot is None:
+            return False
+        return any(p.smtp_moderation is not SmtpModeration.OFF
+                   for p in snapshot.lists.values())
+
+    @inlineCallbacks
+    def sync(self):
+        """Load (first), write the changes, read back, prune now and then.  Catches and
+        logs everything: an uncaught error would stop the ``TimerService``."""
+        if self._busy or not self._enabled():
+            return
+        self._busy = True
+        store = self._store
+        settings = self.state.settings
+        try:
+            now = self.clock.seconds()
+            if self.usable is None or (self.usable is False and self._since == 0.0):
+                rows = yield self.run_in_thread(store.load_state, self.engine, settings, now)
+                self.state.load(*rows)
+                self._since = now
+                self._recovered()
+                return
+            changes = self.state.drain()
+            if changes:
+                try:
+                    yield self.run_in_thread(store.write_changes, self.engine, changes)
+                except Exception:
+                    self.state.restore(changes)
+                    raise
+            rows = yield self.run_in_thread(store.read_since, self.engine,
+                                            self._since - SLACK, settings.remember)
+            decided = self.state.merge(*rows)
+            if decided:
+                log.info("{count} moderator decisions arrived", count=decided)
+            self._since = now
+            self._syncs += 1
+            if self._syncs % PRUNE_EVERY == 0:
+                self.state.prune()
+                yield self.run_in_thread(store.prune_rows, self.engine, settings, now)
+            self._recovered()
+        except Exception as error:
+            if self.usable is not False:
+                self.usable = False
+                log.failure("the moderation state cannot be read or written: lists with "
+                            "smtp_moderation get their normal outcome until it can "
+                            "({error})", error=error)
+        finally:
+            self._busy = False
+
+    def _recovered(self) -> None:
+        if self.usable is False:
+            log.info("the moderation state is usable again")
+        self.usable = True
+
+
+def _reply(step) -> SmtpReply | None:
+    outcome = step.outcome
+    if outcome is Outcome.PASS:
+        return None
+    if outcome is Outcome.DEFER or outcome is Outcome.HELD:
+        return SmtpReply(Reply.DEFER, 451, "4.7.1", clean_text(step.text))
+    if outcome is Outcome.ACCEPT:
+        return SmtpReply(Reply.ACCEPT, 250, "2.1.5",
+                         f"approved by a moderator, ticket {step.ticket}")
+    if outcome is Outcome.REJECT:
+        return SmtpReply(Reply.REJECT, 550, "5.7.1", clean_text(step.text))
+    return SmtpReply(Reply.DISCARD, 250, "2.7.0",
+                     f"discarded by a moderator, ticket {step.ticket}")
+
+
+def _default_store():
+    from .store import moderation
+
+    return moderation

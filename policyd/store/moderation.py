@@ -1,0 +1,179 @@
+"""SMTP-time moderation state in the native store's database (migration 0004).
+
+Plain functions on an ``Engine`` (the daemon's store thread) or a ``Session``
+(``policyctl``): load the in-memory index, write a batch of ``core.moderation.Changes``,
+read what other daemons and moderators changed, prune expired rows, list and decide
+tickets.  Nothing here runs on the reactor.  These tables are not tracked for change
+detection: writing them never bumps ``store_state.generation`` (so never through
+``Store.write()``, which does).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import math
+
+from sqlalchemy import delete, insert, or_, select, update
+from sqlalchemy.engine import Engine
+from sqlalchemy.orm import Session
+
+from ..core.moderation import Changes, Decision, Entry, Key, Settings, Ticket
+from ..errors import BadInput, NotFound
+from .models import ModerationEntry, ModerationSender, ModerationTicket
+
+__all__ = ["key_hash", "sender_hash", "load_state", "write_changes", "read_since",
+           "prune_rows", "pending_tickets", "decide_ticket"]
+
+G = ModerationEntry.__table__
+R = ModerationSender.__table__
+T = ModerationTicket.__table__
+# Rows per statement in a batch (SQLite's bound-parameter limit is the tightest).
+CHUNK = 200
+
+
+def key_hash(key: Key) -> str:
+    return hashlib.sha256("\0".join(key).encode("utf-8", "surrogateescape")).hexdigest()
+
+
+def sender_hash(list_: str, sender: str) -> str:
+    return hashlib.sha256(f"{list_}\0{sender}".encode("utf-8", "surrogateescape")).hexdigest()
+
+
+def _seconds(value: float | None) -> int | None:
+    return None if value is None else int(math.floor(value))
+
+
+def _entry(row) -> Entry:
+    return Entry(Key(row.list, row.sender, row.network, row.message_id),
+                 float(row.first_seen), float(row.last_seen), row.attempts)
+
+
+def _ticket(row) -> Ticket:
+    return Ticket(row.id, Key(row.list, row.sender, row.network, row.message_id),
+                  float(row.first_seen), float(row.last_seen), row.attempts, row.subject,
+                  row.client, Decision(row.decision) if row.decision else None,
+                  row.reason, None if row.decided_at is None else float(row.decided_at))
+
+
+def _chunks(items: list, size: int = CHUNK):
+    for start in range(0, len(items), size):
+        yield items[start:start + size]
+
+
+def load_state(engine: Engine, settings: Settings, now: float):
+    """(entries, remembered, tickets) not expired, oldest first, at most the caps."""
+    with engine.connect() as connection:
+        entries = [_entry(row) for row in connection.execute(
+            select(G).where(G.c.first_seen >= now - settings.max_age)
+            .order_by(G.c.last_seen.desc()).limit(settings.max_entries))]
+        remembered = [(row.list, row.sender, float(row.until)) for row in connection.execute(
+            select(R).where(R.c.until > now).order_by(R.c.until.desc())
+            .limit(settings.max_entries))]
+        tickets = [_ticket(row) for row in connection.execute(
+            select(T).order_by(T.c.last_seen.desc()).limit(settings.max_tickets))]
+    entries.reverse()
+    remembered.reverse()
+    tickets.reverse()
+    return entries, remembered, tickets
+
+
+def write_changes(engine: Engine, changes: Changes) -> None:
+    """One transaction: the entries and remembered senders replaced or deleted; new
+    tickets inserted, known ones updated (``last_seen``, ``attempts`` only: a moderator's
+    decision written meanwhile is never overwritten), dropped ones deleted."""
+    with engine.begin() as connection:
+        hashes = {key_hash(key): (key, entry) for key, entry in changes.entries.items()}
+        for chunk in _chunks(list(hashes)):
+            connection.execute(delete(G).where(G.c.key_hash.in_(chunk)))
+        rows = [{"key_hash": h, "list": key.list, "sender": key.sender,
+                 "network": key.network, "message_id": key.message_id,
+                 "first_seen": _seconds(entry.first_seen),
+                 "last_seen": _seconds(entry.last_seen), "attempts": entry.attempts}
+                for h, (key, entry) in hashes.items() if entry is not None]
+        if rows:
+            connection.execute(insert(G), rows)
+        senders = {sender_hash(l, s): (l, s, until)
+                   for (l, s), until in changes.remembered.items()}
+        for chunk in _chunks(list(senders)):
+            connection.execute(delete(R).where(R.c.key_hash.in_(chunk)))
+        rows = [{"key_hash": h, "list": l, "sender": s, "until": _seconds(until)}
+                for h, (l, s, until) in senders.items() if until is not None]
+        if rows:
+            connection.execute(insert(R), rows)
+        dropped = [tid for tid, ticket in changes.tickets.items() if ticket is None]
+        for chunk in _chunks(dropped):
+            connection.execute(delete(T).where(T.c.id.in_(chunk)))
+        kept = {tid: ticket for tid, ticket in changes.tickets.items() if ticket is not None}
+        known: set[str] = set()
+        for chunk in _chunks(list(kept)):
+            known.update(connection.scalars(select(T.c.id).where(T.c.id.in_(chunk))))
+        for tid in known:
+            ticket = kept[tid]
+            connection.execute(update(T).where(T.c.id == tid).values(
+                last_seen=_seconds(ticket.last_seen), attempts=ticket.attempts))
+        rows = [{"id": t.id, "key_hash": key_hash(t.key), "list": t.key.list,
+                 "sender": t.key.sender, "network": t.key.network,
+                 "message_id": t.key.message_id, "subject": t.subject[:255],
+                 "client": t.client[:64], "first_seen": _seconds(t.first_seen),
+                 "last_seen": _seconds(t.last_seen), "attempts": t.attempts,
+                 "decision": t.decision.value if t.decision else None,
+                 "reason": t.reason[:300], "decided_at": _seconds(t.decided_at)}
+                for tid, t in kept.items() if tid not in known]
+        if rows:
+            connection.execute(insert(T), rows)
+
+
+def read_since(engine: Engine, since: float, remember: float):
+    """What changed from ``since`` on (give a little slack): greylist entries seen,
+    senders remembered (their ``until`` is the pass time plus ``remember``), tickets seen
+    or decided.  For ``ModerationState.merge``."""
+    mark = int(since)
+    with engine.connect() as connection:
+        entries = [_entry(row) for row in connection.execute(
+            select(G).where(G.c.last_seen >= mark).order_by(G.c.last_seen))]
+        remembered = [(row.list, row.sender, float(row.until)) for row in connection.execute(
+            select(R).where(R.c.until >= mark + int(remember)).order_by(R.c.until))]
+        tickets = [_ticket(row) for row in connection.execute(
+            select(T).where(or_(T.c.last_seen >= mark, T.c.decided_at >= mark))
+            .order_by(T.c.last_seen))]
+    return entries, remembered, tickets
+
+
+def prune_rows(engine: Engine, settings: Settings, now: float) -> int:
+    """Delete the expired rows (every daemon may; it is idempotent)."""
+    with engine.begin() as connection:
+        count = connection.execute(
+            delete(G).where(G.c.first_seen < now - settings.max_age)).rowcount or 0
+        count += connection.execute(delete(R).where(R.c.until <= now)).rowcount or 0
+        count += connection.execute(delete(T).where(or_(
+            T.c.decided_at < now - settings.max_age,
+            (T.c.decided_at.is_(None)) & (T.c.first_seen < now - settings.decide_within
+                                          - settings.max_age)))).rowcount or 0
+    return count
+
+
+# --- policyctl -----------------------------------------------------------------------------
+
+
+def pending_tickets(session: Session, list_: str | None = None) -> list[Ticket]:
+    """Undecided tickets, oldest first (of one list with ``list_``)."""
+    statement = select(T).where(T.c.decision.is_(None)).order_by(T.c.first_seen, T.c.id)
+    if list_ is not None:
+        statement = statement.where(T.c.list == list_)
+    return [_ticket(row) for row in session.execute(statement)]
+
+
+def decide_ticket(session: Session, ticket_id: str, decision: Decision, now: float,
+                  reason: str = "") -> Ticket:
+    """Record a moderator's decision; the daemons apply it at the sender's next retry."""
+    tid = ticket_id.strip().upper()
+    if any(ch in reason for ch in "\r\n\x00"):
+        raise BadInput("reason: one line of text (it becomes the SMTP reply)")
+    if len(reason) > 300:
+        raise BadInput("reason: at most 300 characters")
+    row = session.execute(select(T).where(T.c.id == tid)).first()
+    if row is None:
+        raise NotFound(f"no ticket {tid}")
+    session.execute(update(T).where(T.c.id == tid).values(
+        decision=decision.value, reason=reason.strip(), decided_at=_seconds(now)))
+    return _ticket(session.execute(select(T).where(T.c.id == tid)).one())

@@ -1,0 +1,73 @@
+"""``policyctl list set --smtp-moderation``, ``pending``, ``approve``, ``reject``,
+``discard`` against a temporary SQLite store."""
+
+from __future__ import annotations
+
+import json
+
+from policyd.core.moderation import Key, ModerationState, SmtpModeration
+from policyd.store import NativeBackend, Store
+from policyd.store import moderation as store_moderation
+
+from .test_ctl import LIST, initialised, run  # noqa: F401 (fixtures)
+
+
+def hold_posts(url: str, *senders: str) -> list[str]:
+    """Tickets for posts of ``senders`` to LIST, written as the daemon writes them."""
+    times = iter(range(1_800_000_000, 1_800_001_000, 10))
+    state = ModerationState(clock=lambda: float(next(times)))
+    ids = [state.check(SmtpModeration.MODERATE, Key(LIST, sender, "192.0.2.0/24",
+                                                    f"<{n}@x>"), subject=f"post {n}",
+                       client="192.0.2.7").ticket
+           for n, sender in enumerate(senders)]
+    backend = NativeBackend(url)
+    try:
+        store_moderation.write_changes(backend.moderation_engine, state.drain())
+    finally:
+        backend.close()
+    return ids
+
+
+def test_list_set_smtp_moderation_reaches_the_snapshot(initialised):
+    """The setting is stored, shown, validated, and in the list's snapshot policy."""
+    run = initialised
+    assert "smtp moderation = moderate" in run.ok("list", "set", LIST,
+                                                  "--smtp-moderation", "moderate")
+    assert "smtp moderation:" in run.ok("list", "show", LIST)
+    assert json.loads(run.ok("list", "show", LIST, "--json"))["smtp_moderation"] == \
+        "moderate"
+    code, _, err = run("list", "set", LIST, "--smtp-moderation", "sometimes")
+    assert code == 2
+    backend = NativeBackend(run.url)
+    try:
+        snapshot = backend.load_snapshot()
+    finally:
+        backend.close()
+    assert snapshot.lists[LIST].smtp_moderation is SmtpModeration.MODERATE
+
+
+def test_pending_and_decisions(initialised):
+    """pending lists the undecided posts; approve, reject --reason and discard record
+    the decision (the daemon applies it at the retry); an unknown ticket exits 4."""
+    run = initialised
+    assert run.ok("pending") == "no posts pending\n"
+    first, second, third = hold_posts(run.url, "a@x.example", "b@x.example", "c@x.example")
+    rows = json.loads(run.ok("pending", LIST, "--json"))
+    assert [r["ticket"] for r in rows] == [first, second, third]
+    assert rows[0]["subject"] == "post 0" and rows[0]["client"] == "192.0.2.7"
+    assert first in run.ok("pending")
+    assert f"approved ticket {first}" in run.ok("approve", first.lower())
+    assert f"rejected ticket {second}" in run.ok("reject", second, "--reason", "Off topic")
+    assert f"discarded ticket {third}" in run.ok("discard", third)
+    assert json.loads(run.ok("pending", "--json")) == []
+    store = Store(run.url)
+    try:
+        with store.read() as session:
+            decided = {row.id: (row.decision, row.reason) for row in session.execute(
+                store_moderation.T.select())}
+    finally:
+        store.close()
+    assert decided == {first: ("approve", ""), second: ("reject", "Off topic"),
+                       third: ("discard", "")}
+    assert run("approve", "NOSUCH")[0] == 4
+    assert run("reject", first, "--reason", "two\nlines")[0] == 2

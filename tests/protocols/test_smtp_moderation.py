@@ -1,0 +1,211 @@
+"""SMTP-time moderation through the Exim and Postfix factories, with its state in a real
+SQLite store (the store thread replaced by a synchronous call) and a ``Clock``."""
+
+from __future__ import annotations
+
+import base64
+
+import pytest
+from twisted.internet import defer
+from twisted.internet.task import Clock
+from twisted.internet.testing import StringTransport
+
+from policyd.config import EximConfig, PostfixConfig
+from policyd.core.moderation import Decision
+from policyd.core.replies import ReplyPolicy
+from policyd.core.snapshot import ListSpec, MemberSpec, build
+from policyd.core.verdict import Action
+from policyd.decider import Decider
+from policyd.moderation_service import ModerationService
+from policyd.protocols.exim import EximFactory, parse_request
+from policyd.protocols.postfix import PostfixFactory
+from policyd.store import NativeBackend, Store
+from policyd.store import moderation as store_moderation
+
+from .fakes import MEMBER, NONMEMBER, StaticSnapshots, captured_events
+
+MODERATED = "moderated@lists.example.com"
+GREY = "grey@lists.example.com"
+PLAIN = "plain@lists.example.com"
+EXIM = EximConfig(listen=(), timeout=10.0, max_request=65536)
+POSTFIX = PostfixConfig(listen=(), mode="safe", accept_action="dunno", idle_timeout=600.0,
+                        max_line=4096, max_attributes=100, max_request=65536)
+
+
+def snapshot():
+    def spec(address, mode):
+        return ListSpec(address, members=(MemberSpec(MEMBER),),
+                        default_nonmember_action=Action.HOLD, smtp_moderation=mode)
+    return build([spec(MODERATED, "moderate"), spec(GREY, "greylist"), spec(PLAIN, "off")],
+                 version="v1", built_at=0.0)
+
+
+class Harness:
+    def __init__(self, tmp_path) -> None:
+        self.url = url = f"sqlite:///{tmp_path / 'store.sqlite'}"
+        self.stores: list[Store] = []
+        self.store().upgrade()
+        self.backend = NativeBackend(url)
+        self.clock = Clock()
+        self.clock.advance(1_000_000)
+        self.snapshots = StaticSnapshots(snapshot())
+        self.decider = Decider(self.snapshots, ReplyPolicy())
+        self.moderation = ModerationService(
+            self.snapshots, self.backend.moderation_engine, clock=self.clock,
+            run_in_thread=lambda f, *a, **k: defer.maybeDeferred(f, *a, **k))
+        self.moderation.sync()  # the first load
+
+    def exim(self, to, sender=NONMEMBER, message_id="<p1@example.net>",
+             client="192.0.2.7") -> bytes:
+        headers = (f"From: {sender}\nSubject: Hello list\nMessage-ID: {message_id}\n"
+                   ).encode()
+        line = (f"POLICYD/1 list={to} sender={base64.b64encode(sender.encode()).decode()} "
+                f"headers={base64.b64encode(headers).decode()} client={client} id=1")
+        factory = EximFactory(self.decider, EXIM, self.clock)
+        factory.moderation = self.moderation
+        return factory.answer(line.encode(), None)
+
+    def postfix(self, to, sender=NONMEMBER, client="192.0.2.7") -> bytes:
+        factory = PostfixFactory(self.decider, POSTFIX, self.clock)
+        factory.moderation = self.moderation
+        proto = factory.buildProtocol(None)
+        transport = StringTransport()
+        proto.makeConnection(transport)
+        proto.dataReceived(
+            f"request=smtpd_access_policy\nprotocol_state=RCPT\nclient_address={client}\n"
+            f"sender={sender}\nrecipient={to}\n\n".encode())
+        return transport.value()
+
+    def store(self) -> Store:
+        """``policyctl``'s view of the same store."""
+        store = Store(self.url)
+        self.stores.append(store)
+        return store
+
+    def decide(self, ticket: str, decision: Decision, reason: str = "") -> None:
+        with self.store().write() as session:
+            store_moderation.decide_ticket(session, ticket, decision,
+                                           self.clock.seconds(), reason)
+
+
+@pytest.fixture
+def h(tmp_path):
+    harness = Harness(tmp_path)
+    yield harness
+    harness.backend.close()
+    for store in harness.stores:
+        store.close()
+
+
+def ticket_of(answer: bytes) -> str:
+    assert answer.startswith(b"DEFER 451 4.7.1 Held for moderator approval, ticket ")
+    return answer.rsplit(b" ", 1)[1].decode()
+
+
+@pytest.mark.parametrize("decision, reason, expected", [
+    (Decision.APPROVE, "", b"ACCEPT 250 2.1.5 approved by a moderator, ticket "),
+    (Decision.REJECT, "Off topic here", b"REJECT 550 5.7.1 Off topic here"),
+    (Decision.DISCARD, "", b"DISCARD 250 2.7.0 discarded by a moderator, ticket "),
+])
+def test_exim_moderate_ticket_then_decision_on_retry(h, decision, reason, expected):
+    """A nonmember's post to a ``moderate`` list is deferred with a ticket (written to the
+    store at the next sync); a moderator's decision in the store reaches the daemon at
+    the following sync and answers the sender's retry."""
+    answer = h.exim(MODERATED)
+    ticket = ticket_of(answer)
+    h.clock.advance(5)
+    h.moderation.sync()
+    assert h.exim(MODERATED) == answer  # still waiting: the same ticket
+    h.decide(ticket, decision, reason)
+    h.clock.advance(5)
+    h.moderation.sync()
+    assert h.exim(MODERATED).startswith(expected)
+
+
+def test_exim_pending_rows_carry_subject_message_id_and_client(h):
+    """What ``policyctl pending`` shows comes from the request."""
+    ticket = ticket_of(h.exim(MODERATED))
+    h.moderation.sync()
+    with h.store().read() as session:
+        [row] = store_moderation.pending_tickets(session, MODERATED)
+    assert (row.id, row.subject, row.key.message_id, row.client, row.key.network) == (
+        ticket, "Hello list", "<p1@example.net>", "192.0.2.7", "192.0.2.0/24")
+
+
+def test_exim_greylist_defers_then_passes_after_min_delay(h):
+    """Greylist: the first attempt is deferred, a retry after min_delay gets the list's
+    normal outcome (held for Mailman)."""
+    assert h.exim(GREY).startswith(b"DEFER 451 4.7.1 Greylisted: temporary deferral")
+    h.clock.advance(60)
+    assert h.exim(GREY).startswith(b"DEFER 451 4.7.1")
+    h.clock.advance(300)
+    assert h.exim(GREY).startswith(b"ACCEPT 250 2.6.0")
+
+
+def test_members_and_lists_without_moderation_are_untouched(h):
+    """A member's post, and any post to a list with smtp_moderation off, is answered as
+    without moderation."""
+    assert h.exim(MODERATED, sender=MEMBER).startswith(b"ACCEPT 250 2.1.5")
+    assert h.exim(PLAIN).startswith(b"ACCEPT 250 2.6.0")
+    assert not h.moderation.state.tickets and not h.moderation.state.entries
+
+
+def test_postfix_greylist_at_rcpt(h):
+    """Postfix greylists at RCPT with client_address; a ``moderate`` list is left to the
+    DATA-time Exim path (Postfix's normal answer)."""
+    assert h.postfix(GREY) == (b"action=451 4.7.1 Greylisted: temporary deferral of a "
+                               b"first post to grey@lists.example.com, please retry "
+                               b"later\n\n")
+    assert h.postfix(MODERATED) == b"action=DUNNO\n\n"
+    h.clock.advance(301)
+    assert h.postfix(GREY) == b"action=DUNNO\n\n"
+
+
+def test_another_daemon_sees_the_first_attempt(h, tmp_path):
+    """The first attempt at one daemon, the retry at another on the same store passes."""
+    h.exim(GREY)
+    h.moderation.sync()
+    other = ModerationService(h.snapshots, h.backend.moderation_engine, clock=h.clock,
+                              run_in_thread=lambda f, *a: defer.maybeDeferred(f, *a))
+    h.clock.advance(400)
+    other.sync()  # its first load
+    h.moderation = other
+    assert h.exim(GREY).startswith(b"ACCEPT 250 2.6.0")
+
+
+def test_state_unavailable_gives_the_normal_outcome_logged_once(h):
+    """When the state cannot be written: the list's normal outcome (never a 5xx, never
+    a deferral loop), one log line for the incident and one when it is over."""
+    h.exim(GREY)
+
+    def failing(f, *a):
+        if f is store_moderation.write_changes:
+            return defer.fail(RuntimeError("database is gone"))
+        return defer.maybeDeferred(f, *a)
+    h.moderation.run_in_thread = failing
+    with captured_events() as events:
+        h.moderation.sync()
+        h.moderation.sync()
+        for attempt in range(3):
+            assert h.exim(GREY, message_id=f"<other{attempt}@x>").startswith(
+                b"ACCEPT 250 2.6.0")
+        h.moderation.run_in_thread = lambda f, *a: defer.maybeDeferred(f, *a)
+        h.moderation.sync()
+    texts = [e.get("log_format", "") for e in events
+             if e.get("log_namespace") == "policyd.moderation"]
+    assert sum("cannot be read or written" in t for t in texts) == 1
+    assert sum("usable again" in t for t in texts) == 1
+    # The change held back during the incident was written afterwards.
+    with h.store().read() as session:
+        assert session.execute(store_moderation.G.select()).first() is not None
+
+
+def test_exim_client_key_is_optional_and_checked():
+    """``client=`` is optional; empty is unknown; anything but an IP address is
+    malformed."""
+    base = b"POLICYD/1 list=a@b.example sender="
+    assert parse_request(base).client is None
+    assert parse_request(base + b" client=").client is None
+    assert parse_request(base + b" client=2001:db8::1").client == "2001:db8::1"
+    with pytest.raises(Exception, match="client= is not an IP address"):
+        parse_request(base + b" client=evil;rm")

@@ -1,0 +1,249 @@
+"""Table-driven tests of every transition of SMTP-time moderation (``core.moderation``),
+with an injected clock and injected ticket ids."""
+
+import itertools
+from dataclasses import replace
+
+import pytest
+
+from policyd.core.moderation import (
+    Decision, Key, ModerationState, Outcome, Settings, SmtpModeration, network_of,
+    new_ticket_id, TICKET_ALPHABET)
+
+GREY, MOD = SmtpModeration.GREYLIST, SmtpModeration.MODERATE
+KEY = Key("test@lists.example.com", "nobody@x.example", "192.0.2.0/24", "<m1@x.example>")
+SETTINGS = Settings(min_delay=300, max_age=86400, remember=30 * 86400,
+                    decide_within=3 * 86400)
+
+
+class Clock:
+    def __init__(self) -> None:
+        self.now = 1_000_000.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def state(settings=SETTINGS):
+    clock = Clock()
+    ids = (f"T{n:05d}" for n in itertools.count())
+    return ModerationState(settings, clock=clock, ticket_id=lambda: next(ids)), clock
+
+
+def run(st, clock, mode, steps):
+    """``steps``: (seconds after the first attempt, action); action is ``None`` for an
+    attempt of KEY, or a ``Decision`` applied to the first ticket.  The outcomes and
+    transitions of the attempts."""
+    start = clock.now
+    seen = []
+    for offset, action in steps:
+        clock.now = start + offset
+        if action is None:
+            step = st.check(mode, KEY)
+            seen.append((step.outcome, step.transition))
+        else:
+            assert st.decide("T00000", action, "off topic") is not None
+    return seen
+
+
+D, H, P = Outcome.DEFER, Outcome.HELD, Outcome.PASS
+GREYLIST_CASES = [
+    ("first attempt is deferred", [(0, None)], [(D, "first-attempt")]),
+    ("retry before min_delay is deferred again", [(0, None), (60, None)],
+     [(D, "first-attempt"), (D, "early-retry")]),
+    ("retry at min_delay passes", [(0, None), (300, None)],
+     [(D, "first-attempt"), (P, "retry-in-window")]),
+    ("retry at max_age passes", [(0, None), (86400, None)],
+     [(D, "first-attempt"), (P, "retry-in-window")]),
+    ("retry after max_age is a first attempt again", [(0, None), (86401, None)],
+     [(D, "first-attempt"), (D, "expired")]),
+    ("a sender that passed is remembered", [(0, None), (400, None), (500, None)],
+     [(D, "first-attempt"), (P, "retry-in-window"), (P, "remembered")]),
+    ("remembering ends after remember", [(0, None), (400, None), (400 + 30 * 86400, None)],
+     [(D, "first-attempt"), (P, "retry-in-window"), (D, "first-attempt")]),
+]
+
+
+@pytest.mark.parametrize("name, steps, expected", GREYLIST_CASES,
+                         ids=[c[0] for c in GREYLIST_CASES])
+def test_greylist_transitions(name, steps, expected):
+    """Greylist: first attempt, early retry, retry in window, expiry, remembered sender."""
+    st, clock = state()
+    assert run(st, clock, GREY, steps) == expected
+
+
+A, R, X = Decision.APPROVE, Decision.REJECT, Decision.DISCARD
+MODERATE_CASES = [
+    ("first attempt gets a ticket", [(0, None)], [(H, "first-attempt")]),
+    ("undecided retry is held again", [(0, None), (600, None)],
+     [(H, "first-attempt"), (H, "waiting")]),
+    ("approved: the next retry is accepted", [(0, None), (10, A), (600, None)],
+     [(H, "first-attempt"), (Outcome.ACCEPT, "approved")]),
+    ("rejected: the next retry is rejected", [(0, None), (10, R), (600, None)],
+     [(H, "first-attempt"), (Outcome.REJECT, "rejected")]),
+    ("discarded: the next retry is discarded", [(0, None), (10, X), (600, None)],
+     [(H, "first-attempt"), (Outcome.DISCARD, "discarded")]),
+    ("a decision answers every retry", [(0, None), (10, R), (600, None), (900, None)],
+     [(H, "first-attempt"), (Outcome.REJECT, "rejected"), (Outcome.REJECT, "rejected")]),
+    ("undecided within decide_within: fallback to the normal outcome",
+     [(0, None), (3 * 86400, None)], [(H, "first-attempt"), (P, "undecided-fallback")]),
+    ("undecided ticket expires after decide_within + max_age",
+     [(0, None), (4 * 86400 + 1, None)], [(H, "first-attempt"), (H, "expired")]),
+    ("decided ticket expires max_age after the decision",
+     [(0, None), (10, A), (86411, None)], [(H, "first-attempt"), (H, "expired")]),
+]
+
+
+@pytest.mark.parametrize("name, steps, expected", MODERATE_CASES,
+                         ids=[c[0] for c in MODERATE_CASES])
+def test_moderate_transitions(name, steps, expected):
+    """Moderate: ticket, waiting, approve, reject, discard, fallback, expiry."""
+    st, clock = state()
+    assert run(st, clock, MOD, steps) == expected
+
+
+def test_off_passes_without_state():
+    """``off`` has no opinion and records nothing."""
+    st, _ = state()
+    assert st.check(SmtpModeration.OFF, KEY).outcome is Outcome.PASS
+    assert not st.drain() and not st.entries and not st.tickets
+
+
+def test_texts_and_ticket():
+    """The greylist text says it is temporary; the held text carries the ticket; a
+    rejection carries the moderator's reason."""
+    st, clock = state()
+    step = st.check(GREY, KEY)
+    assert "temporary deferral" in step.text
+    held = st.check(MOD, KEY._replace(message_id="<m2@x>"))
+    assert held.text == "Held for moderator approval, ticket T00000"
+    assert held.ticket == "T00000"
+    st.decide("t00000", R, "Off topic, please write to the owner")
+    rejected = st.check(MOD, KEY._replace(message_id="<m2@x>"))
+    assert rejected.text == "Off topic, please write to the owner"
+
+
+def test_keys_are_distinct():
+    """Another network, Message-ID, sender or list is another first attempt."""
+    st, clock = state()
+    st.check(GREY, KEY)
+    clock.now += 400
+    for other in (KEY._replace(network="198.51.100.0/24"), KEY._replace(message_id="<x>"),
+                  KEY._replace(sender="b@x.example"), KEY._replace(list="o@l.example")):
+        assert st.check(GREY, other).transition == "first-attempt"
+    assert st.check(GREY, KEY).outcome is Outcome.PASS
+
+
+def test_caps_drop_the_oldest():
+    """Beyond max_entries / max_tickets the oldest go first, and the step says so."""
+    st, clock = state(Settings(max_entries=3, max_tickets=2))
+    evicted = [st.check(GREY, KEY._replace(sender=f"s{n}@x")).evicted for n in range(5)]
+    assert evicted == [0, 0, 0, 1, 1]
+    assert [k.sender for k in st.entries] == ["s2@x", "s3@x", "s4@x"]
+    evicted = [st.check(MOD, KEY._replace(sender=f"s{n}@x")).evicted for n in range(3)]
+    assert evicted == [0, 0, 1] and list(st.tickets) == ["T00001", "T00002"]
+    assert KEY._replace(sender="s0@x") not in st.ticket_by_key
+
+
+def test_changes_are_drained_and_restored():
+    """Every change is recorded for the store thread; a failed write is put back under
+    newer changes."""
+    st, clock = state()
+    st.check(GREY, KEY)
+    st.check(MOD, KEY)
+    changes = st.drain()
+    assert set(changes.entries) == {KEY} and set(changes.tickets) == {"T00000"}
+    assert not st.drain()
+    clock.now += 400
+    st.check(GREY, KEY)  # passes: the entry is deleted, the sender remembered
+    st.restore(changes)
+    merged = st.drain()
+    assert merged.entries[KEY] is None
+    assert merged.remembered[KEY.list, KEY.sender] == clock.now + SETTINGS.remember
+    assert merged.tickets["T00000"].decision is None
+
+
+def test_prune_and_load():
+    """``prune`` drops expired rows; ``load`` restores rows without recording them."""
+    st, clock = state()
+    st.check(GREY, KEY)
+    st.check(MOD, KEY)
+    st.drain()
+    other, _ = state()
+    other.load(st.entries.values(), [], st.tickets.values())
+    assert not other.drain() and other.ticket_by_key[KEY] == "T00000"
+    clock.now += 5 * 86400
+    assert st.prune() == 2
+    assert not st.entries and not st.tickets
+    assert st.drain().tickets == {"T00000": None}
+
+
+def test_pending_lists_undecided():
+    """``pending`` shows undecided tickets only; deciding an unknown ticket is None."""
+    st, _ = state()
+    st.check(MOD, KEY)
+    st.check(MOD, KEY._replace(list="o@l.example"))
+    st.decide("T00001", X)
+    assert [t.id for t in st.pending()] == ["T00000"]
+    assert st.pending("o@l.example") == []
+    assert st.decide("NOSUCH", A) is None
+
+
+@pytest.mark.parametrize("address, network", [
+    ("192.0.2.77", "192.0.2.0/24"),
+    ("2001:db8:1:2:3:4:5:6", "2001:db8:1:2::/64"),
+    ("IPv6:2001:db8::1", "2001:db8::/64"),
+    ("::ffff:192.0.2.9", "192.0.2.0/24"),
+    ("[192.0.2.1]", "192.0.2.0/24"),
+    ("", ""), (None, ""), ("unknown", ""),
+])
+def test_network_of(address, network):
+    """/24 for IPv4 (mapped ones too), /64 for IPv6, empty when unknown."""
+    assert network_of(address) == network
+
+
+def test_ticket_ids():
+    """Six characters of the look-alike-free base32 alphabet."""
+    ticket = new_ticket_id()
+    assert len(ticket) == 6 and set(ticket) <= set(TICKET_ALPHABET)
+
+
+def test_settings_and_modes_validate():
+    """Impossible timings and unknown modes are refused, naming what is allowed."""
+    with pytest.raises(ValueError):
+        Settings(min_delay=10, max_age=5)
+    with pytest.raises(ValueError, match="allowed: off, greylist, moderate"):
+        SmtpModeration.from_name("sometimes")
+    assert SmtpModeration.from_name(" Greylist ") is GREY
+
+
+def test_merge_takes_remote_decisions_and_newer_rows():
+    """What other daemons and moderators wrote: a decision arrives (counted), a newer
+    entry replaces an older one, an older one does not, a later ``until`` wins; nothing
+    merged is recorded as a change of this daemon."""
+    st, clock = state()
+    st.check(MOD, KEY)
+    st.check(GREY, KEY)
+    st.drain()
+    ticket = st.tickets["T00000"]
+    entry = st.entries[KEY]
+    remote = [replace(ticket, decision=R, reason="no", decided_at=clock.now)]
+    older = replace(entry, first_seen=entry.first_seen - 10,
+                    last_seen=entry.last_seen - 10, attempts=9)
+    assert st.merge([older], [(KEY.list, "x@y", clock.now + 5)], remote) == 1
+    assert st.entries[KEY] == entry
+    assert st.remembered[KEY.list, "x@y"] == clock.now + 5
+    assert not st.drain()
+    clock.now += 60
+    step = st.check(MOD, KEY)
+    assert (step.outcome, step.text) == (Outcome.REJECT, "no")
+
+
+def test_merge_keeps_the_caps():
+    """Rows merged from the store cannot push the index over its caps."""
+    st, clock = state(Settings(max_entries=2, max_tickets=2))
+    other, _ = state()
+    for n in range(4):
+        other.check(GREY, KEY._replace(sender=f"s{n}@x"))
+    st.merge(other.entries.values())
+    assert [k.sender for k in st.entries] == ["s2@x", "s3@x"]
