@@ -120,6 +120,21 @@ class RulesConfig:
 
 
 @dataclass(frozen=True)
+class ModerationConfig:
+    """``[moderation]``: the timings and caps of SMTP-time moderation (lists with
+    ``smtp_moderation`` set; ``core.moderation.Settings``) and how often each daemon
+    syncs its state with the store."""
+
+    min_delay: float = 300.0
+    max_age: float = 86400.0
+    remember: float = 30 * 86400.0
+    decide_within: float = 3 * 86400.0
+    max_entries: int = 100_000
+    max_tickets: int = 10_000
+    sync_interval: float = 5.0
+
+
+@dataclass(frozen=True)
 class Config:
     source: str
     store: StoreConfig
@@ -130,6 +145,7 @@ class Config:
     runtime: RuntimeConfig = RuntimeConfig()
     metrics: MetricsConfig = MetricsConfig()
     rules: RulesConfig = RulesConfig()
+    moderation: ModerationConfig = ModerationConfig()
 
 
 # --- value parsers: each raises ValueError with the "allowed" wording ------------------
@@ -312,6 +328,15 @@ SCHEMA: Mapping[str, Mapping[str, tuple[Callable[[str], object], str]]] = {
     "rules": {
         "null_sender": (_choice("reject", "mailman"), "reject"),
     },
+    "moderation": {
+        "min_delay": (_seconds_or_zero, "300"),
+        "max_age": (_positive_float, "86400"),
+        "remember": (_seconds_or_zero, "2592000"),
+        "decide_within": (_positive_float, "259200"),
+        "max_entries": (_positive_int, "100000"),
+        "max_tickets": (_positive_int, "10000"),
+        "sync_interval": (_positive_float, "5"),
+    },
     "runtime": {
         "reactor": (_switch, "on"),
         "fast_write": (_switch, "on"),
@@ -394,6 +419,10 @@ def parse(text: str, source: str = "<config>", base: Path | None = None) -> Conf
     if p["idle_timeout"] <= 300:
         raise ConfigError(f"{source}: [postfix] idle_timeout = {p['idle_timeout']:g} is not "
                           "valid (allowed: more than Postfix's 300 s max_idle)")
+    m = values["moderation"]
+    if m["min_delay"] >= m["max_age"]:
+        raise ConfigError(f"{source}: [moderation] min_delay = {m['min_delay']:g} is not "
+                          f"valid (allowed: less than max_age = {m['max_age']:g})")
     smtp = values["smtp"]
     return Config(
         source=source,
@@ -417,6 +446,7 @@ def parse(text: str, source: str = "<config>", base: Path | None = None) -> Conf
         runtime=RuntimeConfig(**values["runtime"]),
         metrics=MetricsConfig(**values["metrics"]),
         rules=RulesConfig(**values["rules"]),
+        moderation=ModerationConfig(**m),
         exim=EximConfig(**values["exim"], max_buffered=d["max_buffered"]),
         postfix=PostfixConfig(**p, max_buffered=d["max_buffered"]),
         smtp=ReplyPolicy(

@@ -113,6 +113,23 @@ KEY_HELP: dict[str, dict[str, str]] = {
                        "address (rejected at SMTP time elsewhere). mailman: no such rule, "
                        "the list's chain decides as Mailman does.",
     },
+    "moderation": {
+        "min_delay": "greylist: a retry sooner than this many seconds after the first "
+                     "attempt is deferred again.",
+        "max_age": "greylist: a retry later than this many seconds after the first attempt "
+                   "counts as a first attempt again; moderate: how long a decided ticket "
+                   "answers retries.",
+        "remember": "greylist: seconds a sender that passed is not deferred again on that "
+                    "list; 0: never remembered.",
+        "decide_within": "moderate: a post no moderator decided on within this many "
+                         "seconds gets the list's normal outcome (Mailman's hold queue).",
+        "max_entries": "At most this many greylist entries, and as many remembered "
+                       "senders; beyond it the oldest go first (logged).",
+        "max_tickets": "At most this many moderation tickets; beyond it the oldest go "
+                       "first (logged).",
+        "sync_interval": "Seconds between two syncs of a daemon's moderation state with "
+                         "the store (its writes, other daemons' and moderators' changes).",
+    },
     "runtime": {
         "reactor": "The epoll reactor without Twisted's per-event legacy log context "
                    "(policyd command; twist --reactor=policyd).",
@@ -155,6 +172,8 @@ SECTION_HELP = {
                "(check_policy_service).",
     "metrics": "The Prometheus endpoint (off by default).",
     "rules": "Rules policyd adds to Mailman's.",
+    "moderation": "SMTP-time moderation of nonmember posts, for the lists whose "
+                  "smtp_moderation is greylist or moderate (policyctl list set).",
     "runtime": "Tuning that reaches into the interpreter or Twisted internals; each part "
                "checks that the code it depends on is the one it was written for, else "
                "steps aside and logs why.",

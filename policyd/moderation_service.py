@@ -17,6 +17,7 @@ reactor never touches SQL.
 
 from __future__ import annotations
 
+import re
 from typing import Callable
 
 from twisted.application.internet import TimerService
@@ -33,8 +34,9 @@ __all__ = ["ModerationService", "moderation_fields"]
 log = Logger(namespace="policyd.moderation")
 
 _RULE = "nonmember-moderation"
-# Seconds of slack when reading back what changed (clocks of several hosts, rounding).
-SLACK = 120.0
+# Seconds of slack when reading back what changed (clocks of several hosts, rounding):
+# hosts sharing a store must keep their clocks closer than this (NTP).
+SLACK = 30.0
 # Prune the store's expired rows every this many syncs.
 PRUNE_EVERY = 60
 
@@ -65,7 +67,16 @@ class ModerationService(TimerService):
         self._syncs = 0
         self._busy = False
         self._store = store if store is not None else _default_store()
+        # Entries dropped at a cap: in all, and since the incident's first line.
         self.evicted = 0
+        self._evicting = 0
+
+    def stopService(self):
+        """Stop syncing without waiting for a sync in progress: one stuck in a dead
+        database connection must not hold up shutdown (the store thread is a daemon
+        thread).  Changes not written yet are lost; the senders simply retry."""
+        super().stopService()
+        return None
 
     # --- on the reactor ----------------------------------------------------------------
 
@@ -84,18 +95,40 @@ class ModerationService(TimerService):
             return answer, None
         if not self.usable:
             return answer, None  # the list's normal outcome (the incident is logged)
-        key = Key(decision.list, decision.sender or query.envelope_sender,
-                  network_of(client), message_id or "")
-        step = self.state.check(policy.smtp_moderation, key, subject=subject,
-                                client=client or "")
+        key = Key(decision.list, _field(decision.sender or query.envelope_sender),
+                  network_of(client), _field(message_id))
+        step = self.state.check(policy.smtp_moderation, key, subject=_field(subject),
+                                client=_field(client or "", 64))
         if step.evicted:
+            if not self._evicting:
+                log.warn("moderation state at its cap (max_entries {entries}, max_tickets "
+                         "{tickets}): dropping the oldest entries; a summary follows",
+                         entries=self.state.settings.max_entries,
+                         tickets=self.state.settings.max_tickets)
+            self._evicting += step.evicted
             self.evicted += step.evicted
-            log.warn("moderation state at its cap: {count} oldest entries dropped",
-                     count=step.evicted)
         reply = _reply(step)
         if reply is None:
             return answer, step
         return answer._replace(reply=reply), step
+
+    def describe(self, decision) -> dict | None:
+        """``policyctl query``: the list's ``smtp_moderation`` and, when it is on, what
+        the daemon's index holds for the decision's sender; ``None`` for no list."""
+        snapshot = self.snapshots.current
+        if decision is None or snapshot is None:
+            return None
+        policy = snapshot.lists.get(decision.list) if decision.list else None
+        if policy is None:
+            return None
+        mode = policy.smtp_moderation
+        out = {"mode": mode.value,
+               "applies": (mode is not SmtpModeration.OFF
+                           and decision.verdict is Verdict.HOLD and decision.rule == _RULE),
+               "usable": bool(self.usable)}
+        if mode is not SmtpModeration.OFF and decision.sender:
+            out.update(self.state.describe(decision.list, decision.sender))
+        return out
 
     # --- the sync, in the store thread -------------------------------------------------
 
@@ -110,6 +143,10 @@ class ModerationService(TimerService):
     def sync(self):
         """Load (first), write the changes, read back, prune now and then.  Catches and
         logs everything: an uncaught error would stop the ``TimerService``."""
+        if self._evicting:
+            log.warn("moderation state at its cap: {count} oldest entries dropped since "
+                     "the last sync", count=self._evicting)
+            self._evicting = 0
         if self._busy or not self._enabled():
             return
         self._busy = True
@@ -154,6 +191,19 @@ class ModerationService(TimerService):
         if self.usable is False:
             log.info("the moderation state is usable again")
         self.usable = True
+
+
+_CONTROL = re.compile(r"[\x00-\x1f\x7f]+")
+
+
+def _field(text: str, limit: int = 255) -> str:
+    """A value the peer chose, made storable in any database: undecodable bytes and
+    control characters replaced, at most ``limit`` characters (a row that cannot be
+    written would stop the whole batch)."""
+    if not text:
+        return ""
+    text = text.encode("utf-8", "surrogateescape").decode("utf-8", "replace")
+    return _CONTROL.sub(" ", text).strip()[:limit]
 
 
 def _reply(step) -> SmtpReply | None:

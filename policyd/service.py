@@ -183,10 +183,15 @@ class PolicyService(MultiService):
         self.moderation = None
         engine = getattr(backend, "moderation_engine", None)
         if engine is not None:
+            from .core.moderation import Settings
             from .moderation_service import ModerationService
 
+            m = config.moderation
             self.moderation = ModerationService(
-                self.snapshots, engine, run_in_thread=self.store_thread.run, clock=reactor)
+                self.snapshots, engine, run_in_thread=self.store_thread.run, clock=reactor,
+                interval=m.sync_interval,
+                settings=Settings(m.min_delay, m.max_age, m.remember, m.decide_within,
+                                  m.max_entries, m.max_tickets))
             self.moderation.setServiceParent(self)
             for listener in listeners:
                 listener.factory.moderation = self.moderation
@@ -344,6 +349,11 @@ class PolicyService(MultiService):
         result = query_result(self.decider, query, postfix_mode=p.mode,
                               accept_action=p.accept_action, now=self.reactor.seconds(),
                               loaded_at=self.snapshots.loaded_at)
+        if self.moderation is not None:
+            decision = self.decider.decide(query, "control", counted=False).decision
+            moderation = self.moderation.describe(decision)
+            if moderation is not None:
+                result["moderation"] = moderation
         self.decider.count_answer("control", result["reply"]["outcome"])
         log.info("control query {recipient} sender=<{sender}>: {exim!r}",
                  recipient=query.recipient, sender=query.envelope_sender,

@@ -103,3 +103,16 @@ def test_verify_interval_defaults_to_ten_minutes_and_zero_disables():
     """``[store] verify_interval``: the Mailman 3 backend's verification build period."""
     assert parse("", "x.conf").store.verify_interval == 600.0
     assert parse("[store]\nverify_interval = 0\n", "x.conf").store.verify_interval == 0.0
+
+
+def test_moderation_section_defaults_and_checks():
+    """``[moderation]``: the defaults of issue 17 (5 min, 24 h, 30 days, 3 days), values
+    read, and a min_delay not below max_age refused naming both."""
+    d = parse("").moderation
+    assert (d.min_delay, d.max_age, d.remember, d.decide_within, d.max_entries,
+            d.max_tickets, d.sync_interval) == (300, 86400, 2592000, 259200, 100000,
+                                                10000, 5)
+    m = parse("[moderation]\nmin_delay = 1\nmax_tickets = 5\n").moderation
+    assert (m.min_delay, m.max_tickets) == (1, 5)
+    with pytest.raises(ConfigError, match=r"\[moderation\] min_delay = 90000 .*max_age"):
+        parse("[moderation]\nmin_delay = 90000\n")

@@ -30,21 +30,8 @@ _CRLF = re.compile(r"[\r\n]")
 
 
 def fields(value: str) -> list[str]:
-    """The header fields joined in ``value``, in order, empty ones dropped.
-
-    Exim's ``$bh_from:`` joins repeated address headers with ``,\n`` (and strips each
-    one's leading white space): the comma before a field break is the joiner's."""
-    parts = _FIELD_BREAK.split(value)
-    last = len(parts) - 1
-    out = []
-    for index, field in enumerate(parts):
-        if index < last:
-            trimmed = field.rstrip(" \t")
-            if trimmed.endswith(","):
-                field = trimmed[:-1]
-        if field.strip():
-            out.append(field)
-    return out
+    """The header fields joined in ``value``, in order, empty ones dropped."""
+    return [field for field in _FIELD_BREAK.split(value) if field.strip()]
 
 
 def decode_like_mailman(field: str) -> str | None:

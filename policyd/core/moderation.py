@@ -379,6 +379,37 @@ class ModerationState:
         return [t for t in self.tickets.values() if t.decision is None
                 and (list_ is None or t.key.list == list_)]
 
+    def describe(self, list_: str, sender: str) -> dict:
+        """What applies to ``sender`` on ``list_`` (``policyctl query``): remembered
+        until when, the greylist entries (first attempt, waiting, passed soon) and the
+        tickets with their decisions.  A scan: for the admin, never per MTA query."""
+        now = self.clock()
+        s = self.settings
+
+        def entry_state(entry: Entry) -> str:
+            age = now - entry.first_seen
+            if age > s.max_age:
+                return "expired"
+            return "waiting" if age < s.min_delay else "passes at the next retry"
+
+        until = self.remembered.get((list_, sender))
+        return {
+            "remembered_until": until if until is not None and until > now else None,
+            "greylist": [{"network": e.key.network, "message_id": e.key.message_id,
+                          "first_seen": e.first_seen, "attempts": e.attempts,
+                          "state": entry_state(e)}
+                         for e in self.entries.values()
+                         if e.key.list == list_ and e.key.sender == sender],
+            "tickets": [{"ticket": t.id, "network": t.key.network,
+                         "message_id": t.key.message_id, "first_seen": t.first_seen,
+                         "attempts": t.attempts,
+                         "decision": t.decision.value if t.decision else
+                         ("fallback" if now - t.first_seen >= s.decide_within
+                          else "pending")}
+                        for t in self.tickets.values()
+                        if t.key.list == list_ and t.key.sender == sender],
+        }
+
     # --- housekeeping --------------------------------------------------------------------
 
     def prune(self) -> int:

@@ -100,6 +100,24 @@ def offline_query(ctx: Context, recipient: str, sender: str, from_header: str | 
         raise StoreUnavailable(str(error)) from None
 
 
+def _moderation_text(moderation: dict) -> str:
+    """``greylist (applies): remembered; 1 entry waiting; ticket K7Q2M9 pending``."""
+    parts = []
+    if moderation.get("remembered_until"):
+        parts.append("sender remembered")
+    for entry in moderation.get("greylist", ()):
+        parts.append(f"greylist entry {entry['network'] or '-'} {entry['state']} "
+                     f"({entry['attempts']} attempts)")
+    for ticket in moderation.get("tickets", ()):
+        parts.append(f"ticket {ticket['ticket']} {ticket['decision']} "
+                     f"({ticket['attempts']} attempts)")
+    if not moderation.get("usable", True):
+        parts.append("state unavailable: normal outcome")
+    head = moderation["mode"] + (" (applies)" if moderation.get("applies") else
+                                 " (does not apply to this decision)")
+    return head + (": " + "; ".join(parts) if parts else "")
+
+
 def print_result(ctx: Context, result: dict, *, explain: bool = False) -> None:
     decision = result["decision"]
     reply = result["reply"]
@@ -117,6 +135,9 @@ def print_result(ctx: Context, result: dict, *, explain: bool = False) -> None:
         rows.append(("exim", result["exim"]))
     if "postfix" in result:
         rows.append(("postfix", f"action={result['postfix']}"))
+    moderation = result.get("moderation")
+    if moderation and moderation.get("mode", "off") != "off":
+        rows.append(("smtp mod", _moderation_text(moderation)))
     snapshot = result.get("snapshot") or {}
     if snapshot:
         rows.append(("snapshot", f"version {snapshot.get('version')}, "

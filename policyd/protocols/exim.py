@@ -12,7 +12,7 @@ Request, terminated by ``\\n`` or by the client's half-close (Exim's default
 * ``sender`` (required): base64 of the envelope sender (``$sender_address``); empty is
   the null sender ``<>``;
 * ``from``, ``reply_to``, ``sender_header``: base64 of the raw header values
-  (``${base64:$bh_from:}``); empty or absent means the header is absent;
+  (``${base64:$rh_from:}``); empty or absent means the header is absent;
 * ``id``: an opaque token for log correlation (``$message_exim_id``).
 * ``headers`` (optional): base64 of the whole header block (``$message_headers_raw``);
   when present, From:, Reply-To: and Sender: are read from it, each field on its own
@@ -402,7 +402,9 @@ class EximFactory(DecidingFactory):
                     lambda _: self.answer(line, transport, _round + 1))
         replies = []
         started = 0.0
-        moderation = self.moderation
+        # SMTP-time moderation at DATA only (the request with the header block): the
+        # RCPT-time question (envelope only) is never deferred by it.
+        moderation = self.moderation if request.message is not None else None
         for query, answer in zip(queries, answers):
             if not replies:
                 started = answer.started

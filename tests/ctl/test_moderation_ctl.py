@@ -30,15 +30,15 @@ def hold_posts(url: str, *senders: str) -> list[str]:
 
 def test_list_set_smtp_moderation_reaches_the_snapshot(initialised):
     """The setting is stored, shown, validated, and in the list's snapshot policy."""
-    run = initialised
-    assert "smtp moderation = moderate" in run.ok("list", "set", LIST,
+    ctl = initialised
+    assert "smtp moderation = moderate" in ctl.ok("list", "set", LIST,
                                                   "--smtp-moderation", "moderate")
-    assert "smtp moderation:" in run.ok("list", "show", LIST)
-    assert json.loads(run.ok("list", "show", LIST, "--json"))["smtp_moderation"] == \
+    assert "smtp moderation:" in ctl.ok("list", "show", LIST)
+    assert json.loads(ctl.ok("list", "show", LIST, "--json"))["smtp_moderation"] == \
         "moderate"
-    code, _, err = run("list", "set", LIST, "--smtp-moderation", "sometimes")
+    code, _, err = ctl("list", "set", LIST, "--smtp-moderation", "sometimes")
     assert code == 2
-    backend = NativeBackend(run.url)
+    backend = NativeBackend(ctl.url)
     try:
         snapshot = backend.load_snapshot()
     finally:
@@ -49,18 +49,18 @@ def test_list_set_smtp_moderation_reaches_the_snapshot(initialised):
 def test_pending_and_decisions(initialised):
     """pending lists the undecided posts; approve, reject --reason and discard record
     the decision (the daemon applies it at the retry); an unknown ticket exits 4."""
-    run = initialised
-    assert run.ok("pending") == "no posts pending\n"
-    first, second, third = hold_posts(run.url, "a@x.example", "b@x.example", "c@x.example")
-    rows = json.loads(run.ok("pending", LIST, "--json"))
+    ctl = initialised
+    assert ctl.ok("pending") == "no posts pending\n"
+    first, second, third = hold_posts(ctl.url, "a@x.example", "b@x.example", "c@x.example")
+    rows = json.loads(ctl.ok("pending", LIST, "--json"))
     assert [r["ticket"] for r in rows] == [first, second, third]
     assert rows[0]["subject"] == "post 0" and rows[0]["client"] == "192.0.2.7"
-    assert first in run.ok("pending")
-    assert f"approved ticket {first}" in run.ok("approve", first.lower())
-    assert f"rejected ticket {second}" in run.ok("reject", second, "--reason", "Off topic")
-    assert f"discarded ticket {third}" in run.ok("discard", third)
-    assert json.loads(run.ok("pending", "--json")) == []
-    store = Store(run.url)
+    assert first in ctl.ok("pending")
+    assert f"approved ticket {first}" in ctl.ok("approve", first.lower())
+    assert f"rejected ticket {second}" in ctl.ok("reject", second, "--reason", "Off topic")
+    assert f"discarded ticket {third}" in ctl.ok("discard", third)
+    assert json.loads(ctl.ok("pending", "--json")) == []
+    store = Store(ctl.url)
     try:
         with store.read() as session:
             decided = {row.id: (row.decision, row.reason) for row in session.execute(
@@ -69,5 +69,5 @@ def test_pending_and_decisions(initialised):
         store.close()
     assert decided == {first: ("approve", ""), second: ("reject", "Off topic"),
                        third: ("discard", "")}
-    assert run("approve", "NOSUCH")[0] == 4
-    assert run("reject", first, "--reason", "two\nlines")[0] == 2
+    assert ctl("approve", "NOSUCH")[0] == 4
+    assert ctl("reject", first, "--reason", "two\nlines")[0] == 2

@@ -16,7 +16,7 @@ from policyd.core.replies import ReplyPolicy
 from policyd.core.snapshot import ListSpec, MemberSpec, build
 from policyd.core.verdict import Action
 from policyd.decider import Decider
-from policyd.moderation_service import ModerationService
+from policyd.moderation_service import ModerationService, _field
 from policyd.protocols.exim import EximFactory, parse_request
 from policyd.protocols.postfix import PostfixFactory
 from policyd.store import NativeBackend, Store
@@ -150,6 +150,18 @@ def test_members_and_lists_without_moderation_are_untouched(h):
     assert not h.moderation.state.tickets and not h.moderation.state.entries
 
 
+def test_exim_rcpt_question_is_never_moderated(h):
+    """Exim's RCPT-time question (envelope only, no headers=) gets its normal answer and
+    leaves no state: moderation acts at DATA, where the member test reads From:."""
+    sender = base64.b64encode(NONMEMBER.encode()).decode()
+    factory = EximFactory(h.decider, EXIM, h.clock)
+    factory.moderation = h.moderation
+    for to in (MODERATED, GREY):
+        answer = factory.answer(f"POLICYD/1 list={to} sender={sender}".encode(), None)
+        assert answer.startswith(b"ACCEPT 250 2.6.0")
+    assert not h.moderation.state.tickets and not h.moderation.state.entries
+
+
 def test_postfix_greylist_at_rcpt(h):
     """Postfix greylists at RCPT with client_address; a ``moderate`` list is left to the
     DATA-time Exim path (Postfix's normal answer)."""
@@ -209,3 +221,57 @@ def test_exim_client_key_is_optional_and_checked():
     assert parse_request(base + b" client=2001:db8::1").client == "2001:db8::1"
     with pytest.raises(Exception, match="client= is not an IP address"):
         parse_request(base + b" client=evil;rm")
+
+
+def test_hostile_values_are_stored_without_breaking_the_batch(h):
+    """Control characters and undecodable bytes in the Subject, an over-long
+    Message-ID: the row is still written (a failed batch would turn moderation off for
+    every list)."""
+    factory = EximFactory(h.decider, EXIM, h.clock)
+    factory.moderation = h.moderation
+    headers = (b"From: " + NONMEMBER.encode() + b"\nSubject: a\x01b\xff\n"
+               b"Message-ID: <" + b"z" * 400 + b">\n")
+    line = (b"POLICYD/1 list=" + MODERATED.encode() + b" sender="
+            + base64.b64encode(NONMEMBER.encode()) + b" headers=" + base64.b64encode(headers))
+    assert factory.answer(line, None).startswith(b"DEFER 451 4.7.1 Held")
+    h.moderation.sync()
+    assert h.moderation.usable
+    with h.store().read() as session:
+        [row] = store_moderation.pending_tickets(session)
+    assert row.subject == "a b\ufffd" and len(row.key.message_id) == 255
+    assert _field("\udcff\x00x") == "\ufffd x"
+
+
+def test_caps_are_logged_once_per_sync_not_per_query(h):
+    """A flood of senders past the cap: one line when it starts, one summary at the
+    sync, not one per query."""
+    h.moderation.state.settings = type(h.moderation.state.settings)(max_entries=2)
+    with captured_events() as events:
+        for n in range(6):
+            h.exim(GREY, sender=f"s{n}@elsewhere.example")
+        h.moderation.sync()
+    lines = [e for e in events if "at its cap" in e.get("log_format", "")]
+    assert len(lines) == 2 and lines[1]["count"] == 4
+    assert len(h.moderation.state.entries) == 2
+
+
+def test_describe_for_policyctl_query(h):
+    """``policyctl query`` sees the list's mode, whether it applies, and the sender's
+    entries and tickets; ``print`` turns it into one line."""
+    from policyd.core.verdict import Query
+    from policyd.ctl.daemon import _moderation_text
+
+    ticket = ticket_of(h.exim(MODERATED))
+    h.exim(GREY)
+    decision = h.decider.decide(Query(MODERATED, NONMEMBER, NONMEMBER), "t").decision
+    described = h.moderation.describe(decision)
+    assert (described["mode"], described["applies"]) == ("moderate", True)
+    assert [t["ticket"] for t in described["tickets"]] == [ticket]
+    assert _moderation_text(described) == \
+        f"moderate (applies): ticket {ticket} pending (1 attempts)"
+    grey = h.moderation.describe(
+        h.decider.decide(Query(GREY, NONMEMBER, NONMEMBER), "t").decision)
+    assert grey["greylist"][0]["state"] == "waiting"
+    member = h.moderation.describe(
+        h.decider.decide(Query(GREY, MEMBER, MEMBER), "t").decision)
+    assert member["applies"] is False

@@ -166,8 +166,9 @@ def b64(text: str) -> str:
 
 
 def test_requests_follow_the_wire_format(exim, standin):
-    """RCPT: ``POLICYD/1 list=<rcpt> sender=<b64>``; DATA: list, sender and the raw From:,
-    Reply-To:, Sender: headers (all From: headers, undecoded) in base64, and the id."""
+    """RCPT: ``POLICYD/1 list=<rcpt> sender=<b64>``; DATA: list, sender, the raw From:,
+    Reply-To:, Sender: headers (all From: headers, undecoded), the whole header block,
+    the visible start of the body and the size, in base64, the client and the id."""
     standin.answer = lambda line: b"ACCEPT 250 2.1.5 ok"
     froms = [f"From: Eve <{NONMEMBER}>", f"From: =?utf-8?Q?Member=2C_Carol?= <{MEMBER}>"]
     message = Message(NONMEMBER, [ANNOUNCE],
@@ -179,13 +180,17 @@ def test_requests_follow_the_wire_format(exim, standin):
     words = data_line.decode().split(" ")
     assert words[0] == "POLICYD/1"
     fields = dict(word.split("=", 1) for word in words[1:])
-    assert set(fields) == {"list", "sender", "from", "reply_to", "sender_header", "id"}
+    assert set(fields) == {"list", "sender", "from", "reply_to", "sender_header", "id",
+                           "headers", "body", "size", "client"}
     decode = lambda key: base64.b64decode(fields[key]).decode()  # noqa: E731
     assert fields["list"] == ANNOUNCE
     assert decode("sender") == NONMEMBER
     assert decode("from") == "".join(" " + h.split(": ", 1)[1] + "\n" for h in froms)
     assert decode("reply_to") == " <reply@x.example>\n"
     assert decode("sender_header") == " <sender@x.example>\n"
+    block = decode("headers")
+    assert all(h in block for h in froms) and "Reply-To: <reply@x.example>" in block
+    assert int(fields["size"]) > 0
     assert fields["id"]
 
 
