@@ -123,11 +123,12 @@ class LineWriter:
         (``DecisionLog`` without a writer) would give, without building and publishing an
         event, which cost most of the line's 10 µs per query.  ``extra``: ``log_fields``
         text appended at the end (the Postfix client and queue id)."""
-        text = DECISION_FORMAT.format(
-            protocol=protocol, verdict=verdict, list=list_, sender=sender, senders=senders,
-            rule=rule, reply=reply, elapsed=elapsed,
-            request=(f" id={request_id}" if request_id else "") + extra)
-        text = escape_controls(text)
+        # DECISION_FORMAT, spelled as an f-string: a third of the cost of str.format.
+        text = (f"{protocol} {verdict} list={list_} sender=<{sender}> senders={senders} "
+                f"rule={rule} reply={reply!r} {elapsed:.3f}ms"
+                f"{f' id={request_id}' if request_id else ''}{extra}")
+        if not (text.isascii() and text.isprintable()):  # C-level checks: nearly always
+            text = escape_controls(text)
         try:
             if self.journal:
                 self.stream.write(f"<6>[policyd.decision] {text}\n")

@@ -20,6 +20,7 @@ way as soon as it is seen, then the connection is closed: its framing cannot be 
 
 from __future__ import annotations
 
+import re
 from itertools import repeat
 from typing import Mapping, NamedTuple
 
@@ -48,6 +49,9 @@ _ESC = "surrogateescape"
 
 #: The attributes a decision line carries, to find the message in the mail log.
 _LOGGED_ATTRIBUTES = (b"client_address", b"client_name", b"queue_id", b"sasl_username")
+_LOGGED_NAMES = tuple((name, f" {name.decode('ascii')}=") for name in _LOGGED_ATTRIBUTES)
+# A value ``log_fields`` would write as it is (its _PLAIN_VALUE, in bytes).
+_PLAIN_BYTES = re.compile(rb"[A-Za-z0-9._:@+/\[\]-]+")
 
 
 class PostfixRequest(NamedTuple):
@@ -68,9 +72,17 @@ class PostfixRequest(NamedTuple):
         ``client_name``, ``queue_id``, ``sasl_username``), absent or empty ones left out,
         as `` name=value`` text for the end of the decision line (``log_fields``)."""
         attrs = self.attributes
-        return log_fields((name.decode("ascii"),
-                           attrs.get(name, b"").decode(_UTF8, "backslashreplace"))
-                          for name in _LOGGED_ATTRIBUTES)
+        out = []
+        for name, label in _LOGGED_NAMES:
+            value = attrs.get(name)
+            if not value:
+                continue
+            if _PLAIN_BYTES.fullmatch(value) is not None:  # the usual: no quoting needed
+                out.append(label + value.decode("ascii"))
+            else:
+                out.append(log_fields(((name.decode("ascii"),
+                                        value.decode(_UTF8, "backslashreplace")),)))
+        return "".join(out)
 
     @property
     def request_id(self) -> str | None:

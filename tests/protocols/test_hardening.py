@@ -492,3 +492,19 @@ def test_check_config_refuses_a_directory_as_log_file(tmp_path, capsys):
                     f"[postfix]\nlisten = unix:{tmp_path}/p.sock\n")
     assert daemon.main(["--config", str(conf), "--check-config"], environ={}) == 2
     assert "[daemon] log_file" in capsys.readouterr().err
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.dictionaries(st.sampled_from([b"client_address", b"client_name", b"queue_id",
+                                        b"sasl_username", b"other"]),
+                       st.binary(max_size=12), max_size=5))
+def test_postfix_client_fields_fast_path_is_log_fields(attributes):
+    """The decision line's client fields, built on the fast path, are exactly what
+    ``log_fields`` writes for the same attributes (quoting and escaping included)."""
+    from policyd.logging import log_fields
+    from policyd.protocols.postfix import _LOGGED_ATTRIBUTES, PostfixRequest
+
+    expected = log_fields((name.decode("ascii"),
+                           attributes.get(name, b"").decode("utf-8", "backslashreplace"))
+                          for name in _LOGGED_ATTRIBUTES)
+    assert PostfixRequest(attributes).client_fields() == expected
