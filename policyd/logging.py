@@ -8,7 +8,7 @@ are formatted.
 
 Writes are buffered and flushed once a second and at once for warnings and errors, so a
 log line per decision stays cheap; ``reopen()`` (on SIGHUP) reopens the file after
-log rotation.  A log file policyd creates is mode 0640.
+log rotation.  A log file policyd creates is mode 0640 whatever the umask.
 
 Every line is one line: control characters in any value (``\n``, ``\r``, NUL, ESC, the
 C1 controls, U+2028/2029) are written escaped (``\n``, ``\x00``), so a peer cannot
@@ -245,9 +245,20 @@ class LogSetup:
         self.writer.flush()
 
 
+LOG_FILE_MODE = 0o640
+
+
 def _open(path: str) -> IO[str]:
-    """Append to ``path``, creating it mode 0640 (whatever the umask adds)."""
-    fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC, 0o640)
+    """Append to ``path``; a file it creates is mode 0640 whatever the umask (a stricter
+    umask would otherwise lock out the group the logs are read by); an existing file's
+    mode is left as it is."""
+    flags = os.O_WRONLY | os.O_APPEND | os.O_CLOEXEC
+    try:
+        fd = os.open(path, flags | os.O_CREAT | os.O_EXCL, LOG_FILE_MODE)
+    except FileExistsError:
+        fd = os.open(path, flags | os.O_CREAT, LOG_FILE_MODE)
+    else:
+        os.fchmod(fd, LOG_FILE_MODE)
     return open(fd, "a", encoding="utf-8", errors="backslashreplace")
 
 

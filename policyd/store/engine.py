@@ -23,11 +23,20 @@ Mailman 3 reader's, gets its connect, statement and lock timeouts here
 
 A timeout is an ``SQLAlchemyError`` like any other store error, which every caller turns
 into ``StoreUnavailable`` (``policyctl`` exit 5); ``first_line`` names the key to tune.
+
+A SQLite store file policyd creates (``policyctl init``, the demo, the daemon) is mode
+0640 whatever the umask (``create_store_file``, just before SQLite's first connection
+would create it), and when root creates it, it belongs to the owner and group of its
+directory (``/var/lib/policyd`` is ``policyd:policyd``), so the daemon can use a store an
+administrator made with ``sudo policyctl init``.  SQLite gives its ``-wal``, ``-shm`` and
+``-journal`` files the database file's mode (and, as root, its owner).  An existing file
+is never changed.
 """
 
 from __future__ import annotations
 
 import math
+import os
 from functools import lru_cache
 from pathlib import Path
 
@@ -41,6 +50,7 @@ from ..errors import BadInput, StoreUnavailable
 
 MIGRATIONS = Path(__file__).with_name("migrations")
 WRITE = {"policyd_write": True}
+STORE_FILE_MODE = 0o640
 
 
 def parse_url(url: str, what: str = "store URL"):
@@ -190,7 +200,34 @@ def with_installed_driver(parsed):
     return parsed.set(drivername=name)
 
 
+def create_store_file(path: Path) -> bool:
+    """Create the SQLite database ``path`` (empty: SQLite writes the header) mode 0640
+    whatever the umask; run as root, give it the owner and group of its directory.
+    Returns whether it created the file: an existing one is left exactly as it is, and
+    one that cannot be created (no directory, no permission) is left to SQLite's own
+    error."""
+    try:
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC,
+                     STORE_FILE_MODE)
+    except OSError:
+        return False
+    try:
+        os.fchmod(fd, STORE_FILE_MODE)  # the umask may have taken bits away
+        if os.geteuid() == 0:
+            directory = os.stat(path.parent)
+            os.fchown(fd, directory.st_uid, directory.st_gid)
+    finally:
+        os.close(fd)
+    return True
+
+
 def _sqlite_hooks(engine: Engine) -> None:
+    path = sqlite_path(engine)
+    if path is not None:
+        @event.listens_for(engine, "do_connect")
+        def _create(dialect, record, cargs, cparams):
+            create_store_file(path)  # then SQLite opens it; None: connect as usual
+
     @event.listens_for(engine, "connect")
     def _connect(dbapi_connection, record):
         dbapi_connection.isolation_level = None  # we issue BEGIN ourselves
