@@ -3,7 +3,8 @@
 Everything is read at scrape time from what the daemon keeps anyway: the ``Decider``'s
 counters (by protocol, verdict and rule; per list only with ``[metrics] per_list = on``),
 the latency histograms the protocols fill (plain ints, ``decider.LatencyHistogram``), the
-``SnapshotService``'s state and each listener's connections.  The hot path calls nothing
+``SnapshotService``'s state, each listener's connections and, with the native store, the
+``ModerationService``'s counters and index (SMTP-time moderation).  The hot path calls nothing
 of ``prometheus_client``: its ``Counter.inc()`` takes a lock per call, and a decision costs
 a few tens of microseconds.
 
@@ -32,6 +33,7 @@ from twisted.web.resource import Resource
 from twisted.web.server import Site
 
 from . import __version__
+from .core.moderation import Outcome
 
 __all__ = ["PolicydCollector", "MetricsResource", "MetricsSite", "metrics_site"]
 
@@ -138,6 +140,10 @@ class PolicydCollector:
                      0.0 if failing_since is None
                      else max(0.0, snapshots.clock.seconds() - failing_since))
 
+        moderation = getattr(service, "moderation", None)
+        if moderation is not None:
+            yield from _moderation(moderation)
+
         # --- listeners -------------------------------------------------------------------
         labels = ["kind", "endpoint"]
         open_ = GaugeMetricFamily("policyd_listener_connections",
@@ -162,6 +168,60 @@ class PolicydCollector:
         if service.started_at is not None:
             yield _gauge("policyd_uptime_seconds", "Seconds since policyd started.",
                          service.reactor.seconds() - service.started_at)
+
+
+# The outcome label of an attempt, by what moderation said (``core.moderation.Outcome``).
+MODERATION_OUTCOMES = {
+    Outcome.DEFER: "deferred",      # greylisted
+    Outcome.HELD: "held",           # deferred with a ticket
+    Outcome.PASS: "passed",         # the list's normal outcome
+    Outcome.ACCEPT: "approved",
+    Outcome.REJECT: "rejected",
+    Outcome.DISCARD: "discarded",
+}
+
+
+def _moderation(moderation):
+    """SMTP-time moderation (docs/moderation.md): what it did, and its index."""
+    attempts = CounterMetricFamily(
+        "policyd_moderation_attempts",
+        "Attempts SMTP-time moderation looked at, by the list's mode, the outcome "
+        "(deferred, held, passed, approved, rejected, discarded) and the transition "
+        "(first-attempt, early-retry, retry-in-window, remembered, expired, waiting, "
+        "approved, rejected, discarded, undecided-fallback, state-unusable).",
+        labels=["mode", "outcome", "transition"])
+    for mode, outcomes in moderation.counts.items():
+        for outcome, transitions in outcomes.items():
+            for transition, count in list(transitions.items()):
+                attempts.add_metric([mode.value, MODERATION_OUTCOMES[outcome], transition],
+                                    count)
+    yield attempts
+    yield _counter("policyd_moderation_decisions_read",
+                   "Moderators' decisions (policyctl approve, reject, discard) this daemon "
+                   "read from the store.", moderation.decisions_read)
+    yield _counter("policyd_moderation_expired",
+                   "Greylist entries, remembered senders and tickets dropped from the "
+                   "index because they expired.", moderation.expired)
+    yield _counter("policyd_moderation_evicted",
+                   "Entries dropped from the index at a cap (max_entries, max_tickets).",
+                   moderation.evicted)
+    yield _counter("policyd_moderation_sync_failures",
+                   "Syncs with the store that failed (the state is unusable until one "
+                   "succeeds).", moderation.sync_failures)
+    yield _gauge("policyd_moderation_state_usable",
+                 "1 when the moderation state is loaded and its last sync worked, else 0 "
+                 "(lists then get their normal outcome).", 1 if moderation.usable else 0)
+    state = moderation.state
+    entries = GaugeMetricFamily("policyd_moderation_entries",
+                                "The moderation index: greylist entries, remembered "
+                                "senders, tickets, and undecided tickets among them.",
+                                labels=["kind"])
+    entries.add_metric(["greylist"], len(state.entries))
+    entries.add_metric(["remembered"], len(state.remembered))
+    entries.add_metric(["tickets"], len(state.tickets))
+    entries.add_metric(["pending"], sum(1 for ticket in list(state.tickets.values())
+                                        if ticket.decision is None))
+    yield entries
 
 
 def _gauge(name: str, documentation: str, value: float) -> GaugeMetricFamily:

@@ -13,11 +13,19 @@ that could not be remembered.  Each such incident is logged once, with its end.
 ``smtp_moderation`` set) writes the changed rows in one batch, reads what other daemons
 and moderators wrote since the last sync, and now and then prunes the expired rows.  The
 reactor never touches SQL.
+
+For the metrics (``metrics.PolicydCollector`` reads them at scrape time) the service
+counts every attempt it looked at in ``counts[mode][outcome][transition]`` (three dict
+look-ups and an increment; nothing for the answers it does not look at), with the
+transition ``state-unusable`` for the normal outcome given while the state is unusable;
+and, per sync, the moderator decisions that arrived, the rows that expired, the entries
+dropped at a cap and the failed syncs.
 """
 
 from __future__ import annotations
 
 import re
+from collections import Counter
 from typing import Callable
 
 from twisted.application.internet import TimerService
@@ -34,6 +42,8 @@ __all__ = ["ModerationService", "moderation_fields"]
 log = Logger(namespace="policyd.moderation")
 
 _RULE = "nonmember-moderation"
+# The transition counted for the normal outcome given while the state is unusable.
+UNUSABLE = "state-unusable"
 # Seconds of slack when reading back what changed (clocks of several hosts, rounding):
 # hosts sharing a store must keep their clocks closer than this (NTP).
 SLACK = 30.0
@@ -70,6 +80,14 @@ class ModerationService(TimerService):
         # Entries dropped at a cap: in all, and since the incident's first line.
         self.evicted = 0
         self._evicting = 0
+        # The metrics: mode -> outcome -> transition -> attempts (every mode and outcome
+        # there from the start); moderator decisions read from the store; rows expired
+        # (pruned from the index); syncs that failed.
+        self.counts: dict[SmtpModeration, dict[Outcome, Counter]] = {
+            mode: {outcome: Counter() for outcome in Outcome} for mode in SmtpModeration}
+        self.decisions_read = 0
+        self.expired = 0
+        self.sync_failures = 0
 
     def stopService(self):
         """Stop syncing without waiting for a sync in progress: one stuck in a dead
@@ -93,12 +111,16 @@ class ModerationService(TimerService):
         policy = snapshot.lists.get(decision.list) if snapshot is not None else None
         if policy is None or policy.smtp_moderation not in modes:
             return answer, None
+        mode = policy.smtp_moderation
         if not self.usable:
-            return answer, None  # the list's normal outcome (the incident is logged)
+            # The list's normal outcome (the incident is logged).
+            self.counts[mode][Outcome.PASS][UNUSABLE] += 1
+            return answer, None
         key = Key(decision.list, _field(decision.sender or query.envelope_sender),
                   network_of(client), _field(message_id))
-        step = self.state.check(policy.smtp_moderation, key, subject=_field(subject),
+        step = self.state.check(mode, key, subject=_field(subject),
                                 client=_field(client or "", 64))
+        self.counts[mode][step.outcome][step.transition] += 1
         if step.evicted:
             if not self._evicting:
                 log.warn("moderation state at its cap (max_entries {entries}, max_tickets "
@@ -171,14 +193,16 @@ class ModerationService(TimerService):
                                             self._since - SLACK, settings.remember)
             decided = self.state.merge(*rows)
             if decided:
+                self.decisions_read += decided
                 log.info("{count} moderator decisions arrived", count=decided)
             self._since = now
             self._syncs += 1
             if self._syncs % PRUNE_EVERY == 0:
-                self.state.prune()
+                self.expired += self.state.prune()
                 yield self.run_in_thread(store.prune_rows, self.engine, settings, now)
             self._recovered()
         except Exception as error:
+            self.sync_failures += 1
             if self.usable is not False:
                 self.usable = False
                 log.failure("the moderation state cannot be read or written: lists with "

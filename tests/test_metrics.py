@@ -198,3 +198,164 @@ def test_alert_rules_use_only_metrics_the_endpoint_has(tmp_path):
     finally:
         service.stopService()
     assert used <= set(samples), used - set(samples)
+
+
+# --- SMTP-time moderation (issue 17) ------------------------------------------------------
+
+
+class FakeModerationStore:
+    """``store.moderation`` over Python values: what a sync reads, or an error."""
+
+    def __init__(self) -> None:
+        self.remote: tuple = ([], [], [])  # what the next read_since returns, once
+        self.fail: Exception | None = None
+
+    def _check(self) -> None:
+        if self.fail is not None:
+            raise self.fail
+
+    def load_state(self, engine, settings, now):
+        self._check()
+        return [], [], []
+
+    def write_changes(self, engine, changes) -> None:
+        self._check()
+
+    def read_since(self, engine, since, remember):
+        self._check()
+        rows, self.remote = self.remote, ([], [], [])
+        return rows
+
+    def prune_rows(self, engine, settings, now) -> int:
+        self._check()
+        return 0
+
+
+GREY = "grey@lists.example.com"
+MODERATED = "moderated@lists.example.com"
+PLAIN = "plain@lists.example.com"
+
+
+class Moderated:
+    """A ``ModerationService`` over a fake store, a ``Clock`` and a synchronous thread,
+    after the ``Decider`` as the MTA factories use them."""
+
+    def __init__(self) -> None:
+        from twisted.internet import defer
+        from twisted.internet.task import Clock
+
+        from policyd.core.snapshot import ListSpec, MemberSpec, build as build_snapshot
+        from policyd.core.verdict import Action
+        from policyd.moderation_service import ModerationService
+
+        from .protocols.fakes import StaticSnapshots
+
+        specs = [ListSpec(address, members=(MemberSpec(MEMBER),),
+                          default_nonmember_action=Action.HOLD, smtp_moderation=mode)
+                 for address, mode in ((GREY, "greylist"), (MODERATED, "moderate"),
+                                       (PLAIN, "off"))]
+        snapshots = StaticSnapshots(build_snapshot(specs, version="v1", built_at=0.0))
+        self.clock = Clock()
+        self.clock.advance(1_000_000)
+        self.store = FakeModerationStore()
+        self.decider = Decider(snapshots, ReplyPolicy())
+        self.service = ModerationService(
+            snapshots, engine=None, clock=self.clock, store=self.store,
+            run_in_thread=lambda f, *a: defer.maybeDeferred(f, *a))
+
+    def ask(self, to: str, sender: str = NONMEMBER):
+        query = Query(to, sender, f"<{sender}>")
+        answer = self.decider.decide(query, "exim")
+        return self.service.apply(answer, query, client="192.0.2.7",
+                                  message_id="<1@example.net>")
+
+    def counts(self) -> dict:
+        """(mode, outcome, transition) -> count, leaving out the zeros."""
+        return {(mode.value, outcome.value, transition): count
+                for mode, outcomes in self.service.counts.items()
+                for outcome, transitions in outcomes.items()
+                for transition, count in transitions.items() if count}
+
+
+def test_moderation_counts_every_attempt_by_mode_outcome_and_transition():
+    """Deferrals, passes, tickets, an approval, the normal outcome while the state is
+    unusable and the failed sync are counted; posts moderation does not look at (a
+    member, a list with ``off``) are not."""
+    from dataclasses import replace
+
+    from policyd.core.moderation import Decision
+
+    m = Moderated()
+    m.ask(GREY)                               # before the first load: the normal outcome
+    m.service.sync()
+    m.ask(GREY)                               # first attempt: deferred
+    m.clock.advance(301)
+    m.ask(GREY)                               # after min_delay: passes
+    m.ask(GREY)                               # remembered
+    m.ask(PLAIN)
+    m.ask(GREY, MEMBER)
+    _, step = m.ask(MODERATED)                # a ticket
+    ticket = m.service.state.tickets[step.ticket]
+    m.store.remote = ([], [], [replace(ticket, decision=Decision.APPROVE,
+                                       decided_at=m.clock.seconds())])
+    m.service.sync()
+    answer, _ = m.ask(MODERATED)              # approved
+    assert answer.reply.code == 250
+    m.store.fail = ConnectionError("the database is down")
+    m.service.sync()
+    m.ask(MODERATED)                          # unusable: the normal outcome
+    assert m.counts() == {
+        ("greylist", "pass", "state-unusable"): 1,
+        ("greylist", "defer", "first-attempt"): 1,
+        ("greylist", "pass", "retry-in-window"): 1,
+        ("greylist", "pass", "remembered"): 1,
+        ("moderate", "held", "first-attempt"): 1,
+        ("moderate", "accept", "approved"): 1,
+        ("moderate", "pass", "state-unusable"): 1,
+    }
+    assert (m.service.decisions_read, m.service.sync_failures) == (1, 1)
+
+
+def test_moderation_counts_expired_rows_when_pruned():
+    """Rows that expired are counted when a sync prunes them."""
+    from policyd.moderation_service import PRUNE_EVERY
+
+    m = Moderated()
+    m.service.sync()
+    m.ask(GREY)
+    m.ask(MODERATED)
+    m.clock.advance(5 * 86400)  # beyond max_age and decide_within + max_age
+    for _ in range(PRUNE_EVERY):
+        m.service.sync()
+    assert m.service.expired == 2
+    assert not m.service.state.entries and not m.service.state.tickets
+
+
+def test_scrape_shows_moderation(tmp_path):
+    """The endpoint shows the attempts with readable outcomes, the decisions read, the
+    expired and evicted rows, the failed syncs, whether the state is usable and the size
+    of the index (pending: undecided tickets)."""
+    m = Moderated()
+    m.service.sync()
+    m.ask(GREY)
+    m.ask(MODERATED)
+    service, reactor, _ = build(tmp_path, text=METRICS)
+    service.moderation = m.service
+    samples = scrape(service)
+    assert value(samples, "policyd_moderation_attempts_total", mode="greylist",
+                 outcome="deferred", transition="first-attempt") == 1
+    assert value(samples, "policyd_moderation_attempts_total", mode="moderate",
+                 outcome="held", transition="first-attempt") == 1
+    for name in ("decisions_read", "expired", "evicted", "sync_failures"):
+        assert value(samples, f"policyd_moderation_{name}_total") == 0
+    assert value(samples, "policyd_moderation_state_usable") == 1
+    for kind, count in (("greylist", 1), ("remembered", 0), ("tickets", 1),
+                        ("pending", 1)):
+        assert value(samples, "policyd_moderation_entries", kind=kind) == count
+
+
+def test_no_moderation_metrics_without_moderation(tmp_path):
+    """A store without a place for the state (the Mailman 3 backend): no family."""
+    service, reactor, _ = build(tmp_path, text=METRICS)
+    assert service.moderation is None
+    assert not [name for name in scrape(service) if name.startswith("policyd_moderation")]
