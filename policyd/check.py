@@ -10,7 +10,10 @@
   accepted with a note, since its descriptors exist only when systemd starts policyd;
 * the store URL parsed and its driver imported (``store.engine.make_engine``, as at
   start-up; nothing is connected to);
-* ``config.check_paths``: the log file writable, the socket directories there.
+* ``config.check_paths``: the log file writable, the socket directories there;
+* ``[mailman] config_file``: ``config.load`` has read Mailman's ``[antispam]`` from it (a
+  file Mailman could not use is an error there); the lines Mailman skips, and policyd
+  with it, are printed as notes.
 
 ``template_problems`` and ``endpoint_problems`` also run at every start-up
 (``tap.load_config``), so a daemon never starts with what the check refuses.  Exit
@@ -159,6 +162,12 @@ def check_config(path, out: IO[str], err: IO[str]) -> int:
         text = str(error)
         prefix = f"{config.source}: "
         problems.append(text[len(prefix):] if text.startswith(prefix) else text)
+    site = config.store.site_header_checks
+    if site.source:
+        notes.append(f"[mailman] config_file: {len(site.checks)} site header_checks "
+                     f"line{'' if len(site.checks) == 1 else 's'} from {site.source}, "
+                     f"jump_chain {site.jump_chain.label}")
+    notes += [f"[mailman] config_file: {note}" for note in config.store.site_notes]
     for note in notes:
         print(f"policyd: note: {note}", file=out)
     for problem in problems:

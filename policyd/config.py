@@ -17,6 +17,7 @@ from typing import Callable, Mapping
 
 from .core.replies import (DISCARD_OUTCOMES, HOLD_OUTCOMES, PERMANENT_CODES, TEMPORARY_CODES,
                            Outcome, ReplyPolicy)
+from .core.snapshot import NO_SITE_CHECKS, SiteHeaderChecks
 
 
 class ConfigError(Exception):
@@ -52,6 +53,11 @@ class StoreConfig:
     # Native store on PostgreSQL: LISTEN for the triggers' NOTIFY and refresh at once
     # (``policyd.change_listener``); ignored by a store that cannot notify.
     listen_notify: bool = True
+    # ``[mailman] config_file``: Mailman's site ``[antispam] header_checks`` and
+    # ``jump_chain`` (``policyd.mailman_site``), carried into every snapshot the store
+    # builds; ``site_notes``: the lines Mailman and policyd skip.
+    site_header_checks: SiteHeaderChecks = NO_SITE_CHECKS
+    site_notes: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -328,6 +334,9 @@ SCHEMA: Mapping[str, Mapping[str, tuple[Callable[[str], object], str]]] = {
     "rules": {
         "null_sender": (_choice("reject", "mailman"), "reject"),
     },
+    "mailman": {
+        "config_file": (_text, ""),
+    },
     "moderation": {
         "min_delay": (_seconds_or_zero, "300"),
         "max_age": (_positive_float, "86400"),
@@ -423,6 +432,7 @@ def parse(text: str, source: str = "<config>", base: Path | None = None) -> Conf
     if m["min_delay"] >= m["max_age"]:
         raise ConfigError(f"{source}: [moderation] min_delay = {m['min_delay']:g} is not "
                           f"valid (allowed: less than max_age = {m['max_age']:g})")
+    site, site_notes = _mailman_site(source, values["mailman"]["config_file"], path_of)
     smtp = values["smtp"]
     return Config(
         source=source,
@@ -433,7 +443,8 @@ def parse(text: str, source: str = "<config>", base: Path | None = None) -> Conf
                                    lock=s["lock_timeout"]),
             refresh_timeout=s["refresh_timeout"],
             verify_interval=s["verify_interval"],
-            listen_notify=s["listen_notify"]),
+            listen_notify=s["listen_notify"],
+            site_header_checks=site, site_notes=site_notes),
         daemon=DaemonConfig(
             state_dir=state_dir,
             control_socket=path_of(d["control_socket"]),
@@ -455,6 +466,22 @@ def parse(text: str, source: str = "<config>", base: Path | None = None) -> Conf
             **smtp,
         ),
     )
+
+
+def _mailman_site(source: str, config_file: str, path_of
+                  ) -> tuple[SiteHeaderChecks, tuple[str, ...]]:
+    """``[mailman] config_file``: Mailman's site header checks, read now (start-up and
+    ``--check-config`` refuse a file Mailman could not use either)."""
+    if not config_file:
+        return NO_SITE_CHECKS, ()
+    from . import mailman_site
+
+    try:
+        site, notes = mailman_site.load(path_of(config_file))
+    except mailman_site.SiteConfigError as error:
+        raise ConfigError(f"{source}: [mailman] config_file = {config_file}: {error} "
+                          "(allowed: Mailman 3's mailman.cfg, readable by policyd)") from None
+    return site, tuple(notes)
 
 
 def listener_keys(config: Config):

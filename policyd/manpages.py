@@ -113,6 +113,13 @@ KEY_HELP: dict[str, dict[str, str]] = {
                        "address (rejected at SMTP time elsewhere). mailman: no such rule, "
                        "the list's chain decides as Mailman does.",
     },
+    "mailman": {
+        "config_file": "Mailman 3's site configuration file (mailman.cfg; relative to "
+                       "this file's directory). policyd reads its [antispam] header_checks "
+                       "and jump_chain at start-up, as Mailman does, and applies them "
+                       "before each list's header_matches. Empty: no site header checks, "
+                       "jump_chain hold (Mailman's defaults).",
+    },
     "moderation": {
         "min_delay": "greylist: a retry sooner than this many seconds after the first "
                      "attempt is deferred again.",
@@ -172,6 +179,7 @@ SECTION_HELP = {
                "(check_policy_service).",
     "metrics": "The Prometheus endpoint (off by default).",
     "rules": "Rules policyd adds to Mailman's.",
+    "mailman": "Mailman's own site settings that its posting chain reads.",
     "moderation": "SMTP-time moderation of nonmember posts, for the lists whose "
                   "smtp_moderation is greylist or moderate (policyctl list set).",
     "runtime": "Tuning that reaches into the interpreter or Twisted internals; each part "

@@ -181,37 +181,55 @@ def _header_values(msg, header: str) -> list[str]:
 
 class HeaderMatchRule:
     name = "header-match"
-    description = ("The list's header_matches, in order: the first pattern that finds "
-                   "its header's value takes its action (none: hold).")
+    description = ("Mailman's site [antispam] header_checks, then the list's "
+                   "header_matches, in order: a site line that finds its header's value "
+                   "takes jump_chain; else the first list pattern that does takes its "
+                   "action (none: jump_chain).")
 
     def check(self, ctx: Context) -> Hit | Miss:
+        site = ctx.snapshot.site_header_checks
         matches = ctx.policy.content.header_matches
-        if not matches:
+        if not matches and not site.checks:
             return _NO_HEADER_MATCHES
         message = ctx.query.message
         if message is None:
             return _NO_MESSAGE
         msg = email_message(message)
+        # chains/headers.py: every site line is a rule of its own whose hit defers; then
+        # "any" jumps to jump_chain before a list entry is looked at.
+        for line, entry in site.checks:
+            if _matches(msg, entry):
+                action = site.jump_chain
+                return Hit(ACTION_VERDICT[action],
+                           f"site header_checks line {line} ({entry.header}: "
+                           f"{entry.pattern}) of {site.source or 'the Mailman configuration'}"
+                           f" matched: jump_chain {action.label}", action,
+                           ctx.senders[0] if ctx.senders else None)
         for index, entry in enumerate(matches):
-            if entry.regex is None:
-                continue
-            for value in _header_values(msg, entry.header):
-                if entry.regex.search(value):
-                    action = entry.action
-                    return Hit(ACTION_VERDICT[action],
-                               f"header_matches #{index} ({entry.header}: {entry.pattern}) "
-                               f"matched: {action.label}", action,
-                               ctx.senders[0] if ctx.senders else None)
+            if _matches(msg, entry):
+                action = site.jump_chain if entry.action is None else entry.action
+                return Hit(ACTION_VERDICT[action],
+                           f"header_matches #{index} ({entry.header}: {entry.pattern}) "
+                           f"matched: {action.label}", action,
+                           ctx.senders[0] if ctx.senders else None)
         if message.body is not None and not message.body_complete:
             return _HEADER_MATCH_PARTIAL
         return _NO_HEADER_MATCH
 
 
-_NO_HEADER_MATCHES = Miss("the list has no header_matches")
-_NO_HEADER_MATCH = Miss("no header_matches pattern matched")
-_HEADER_MATCH_PARTIAL = Miss("no header_matches pattern matched the headers seen (the "
-                             "headers of MIME parts past the body's visible start were "
-                             "not seen)")
+def _matches(msg, entry) -> bool:
+    """Mailman's ``HeaderMatchRule.check``: ``re.search`` (case ignored) in the decoded
+    values of the header in every MIME part; a pattern that does not compile misses."""
+    if entry.regex is None:
+        return False
+    return any(entry.regex.search(value) for value in _header_values(msg, entry.header))
+
+
+_NO_HEADER_MATCHES = Miss("no site header_checks and the list has no header_matches")
+_NO_HEADER_MATCH = Miss("no site header_checks line or header_matches pattern matched")
+_HEADER_MATCH_PARTIAL = Miss("no site header_checks line or header_matches pattern "
+                             "matched the headers seen (the headers of MIME parts past the "
+                             "body's visible start were not seen)")
 
 
 class Administrivia:

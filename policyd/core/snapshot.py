@@ -92,6 +92,11 @@ class ListSpec:
     # SMTP-time moderation of nonmember posts (``core.moderation``): off, greylist or
     # moderate, as text or ``SmtpModeration``.
     smtp_moderation: str = "off"
+    # DMARC mitigation (``core.dmarc``): Mailman's DMARCMitigateAction value (0 no
+    # mitigation .. 4 discard), its unconditionally flag, and its dmarc_addresses.
+    dmarc_mitigate_action: int = 0
+    dmarc_mitigate_unconditionally: bool = False
+    dmarc_addresses: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True, slots=True)
@@ -122,14 +127,30 @@ class BanList:
 
 @dataclass(frozen=True, slots=True)
 class HeaderMatch:
-    """One of a list's ``header_matches``: a compiled pattern and the action it jumps to
+    """One of a list's ``header_matches`` (or a site ``header_checks`` line): a compiled
+    pattern and the action it jumps to, ``None`` for Mailman's ``[antispam] jump_chain``
     (``regex`` is ``None`` for a pattern that does not compile: Mailman's rule then
     misses)."""
 
     header: str
     pattern: str
     regex: re.Pattern | None
-    action: Action
+    action: Action | None
+
+
+@dataclass(frozen=True, slots=True)
+class SiteHeaderChecks:
+    """Mailman's ``[antispam]`` section (``policyd.mailman_site`` reads it): the
+    ``header_checks`` lines, in order (``line``: their index in the value, as Mailman
+    names its rules ``header-match-config-<line>``), and ``jump_chain``, the action of a
+    site match and of every list ``header_matches`` entry without its own."""
+
+    checks: tuple[tuple[int, HeaderMatch], ...] = ()
+    jump_chain: Action = Action.HOLD
+    source: str = ""
+
+
+NO_SITE_CHECKS = SiteHeaderChecks()
 
 
 @dataclass(frozen=True, slots=True)
@@ -146,13 +167,13 @@ class ContentPolicy:
     # (header name, compiled regex) from ``bounce_matching_headers``, as Mailman parses it.
     bounce_matching_headers: tuple[tuple[str, re.Pattern], ...] = ()
     newsgroup_moderated: bool = False
+    # ``core.dmarc``: a ``DmarcAction`` value, Mailman's flag, and dmarc_addresses.
+    dmarc_mitigate_action: int = 0
+    dmarc_mitigate_unconditionally: bool = False
+    dmarc_addresses: tuple[str, ...] = ()
 
 
 NO_CONTENT = ContentPolicy()
-
-# Mailman's ``[antispam] jump_chain`` default: where a header_matches entry without its
-# own action goes.
-JUMP_CHAIN = Action.HOLD
 
 
 @dataclass(frozen=True, slots=True)
@@ -214,6 +235,9 @@ class Snapshot:
     source_state: object = field(default=None, compare=False, repr=False)
     # The lists served as a temporary failure: posting address -> why (``ListSpec.broken``).
     broken: Mapping[str, str] = field(default_factory=lambda: MappingProxyType({}))
+    # Mailman's site ``[antispam] header_checks`` and ``jump_chain`` (configuration, not
+    # store data: ``[mailman] config_file``).
+    site_header_checks: SiteHeaderChecks = NO_SITE_CHECKS
     # Recipient -> Target, filled as queries come: MTAs ask about the same few list
     # addresses all day.  Bounded, since a recipient is whatever the client typed.
     _targets: dict = field(default_factory=dict, init=False, compare=False, repr=False)
@@ -487,8 +511,7 @@ def _content(spec: ListSpec, posting: str, problems: list[str]) -> ContentPolicy
             regex = None
             problems.append(f"{posting}: header_matches pattern {pattern!r} is not a valid "
                             "regular expression (Mailman skips it)")
-        matches.append(HeaderMatch(header, pattern, regex,
-                                   JUMP_CHAIN if action is None else action))
+        matches.append(HeaderMatch(header, pattern, regex, action))
     bounce = []
     # mailman/rules/suspicious.py _parse_matching_header_opt.
     for line in (spec.bounce_matching_headers or "").splitlines():
@@ -514,6 +537,9 @@ def _content(spec: ListSpec, posting: str, problems: list[str]) -> ContentPolicy
         administrivia=bool(spec.administrivia),
         bounce_matching_headers=tuple(bounce),
         newsgroup_moderated=bool(spec.newsgroup_moderated),
+        dmarc_mitigate_action=int(spec.dmarc_mitigate_action or 0),
+        dmarc_mitigate_unconditionally=bool(spec.dmarc_mitigate_unconditionally),
+        dmarc_addresses=tuple(spec.dmarc_addresses or ()),
     )
     return NO_CONTENT if content == NO_CONTENT else content
 
@@ -527,6 +553,7 @@ def build(
     built_at: float | None = None,
     source_state: object = None,
     pause: Callable[[], None] = _no_pause,
+    site_header_checks: SiteHeaderChecks = NO_SITE_CHECKS,
 ) -> Snapshot:
     """Build a snapshot (``pause``: see ``build_list``).  ``domains`` maps each managed domain (alias domains included) to
     its mail host; the domains of the lists' posting addresses are always managed."""
@@ -556,6 +583,7 @@ def build(
         problems=tuple(problems),
         source_state=source_state,
         broken=_broken_map(policies),
+        site_header_checks=site_header_checks,
     )
 
 
@@ -606,4 +634,5 @@ def replace_lists(
         problems=tuple(kept + problems),
         source_state=source_state,
         broken=MappingProxyType(broken),
+        site_header_checks=previous.site_header_checks,
     )

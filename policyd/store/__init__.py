@@ -29,7 +29,8 @@ def open_backend(store_config: StoreConfig):
     """The backend named by ``[store] backend`` (``native``; ``mailman3`` once its module
     exists)."""
     if store_config.backend == "native":
-        return NativeBackend(store_config.url, store_config.timeouts)
+        return NativeBackend(store_config.url, store_config.timeouts,
+                             store_config.site_header_checks)
     try:
         module = importlib.import_module(f"{__name__}.{store_config.backend}")
     except ModuleNotFoundError:

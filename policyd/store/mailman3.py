@@ -358,8 +358,11 @@ class Mailman3Backend:
     kind = "mailman3"
 
     def __init__(self, url: str, *, known_revisions: Iterable[str] | None = None,
-                 timeouts=None, verify_interval: float = 600.0) -> None:
+                 timeouts=None, verify_interval: float = 600.0,
+                 site_header_checks=None) -> None:
         self.url = url
+        # ``[mailman] config_file``'s site header checks, put in every full build.
+        self.site_header_checks = site_header_checks
         self.engine = read_only_engine(url, timeouts)
         self.known_revisions = frozenset(
             KNOWN_REVISIONS if known_revisions is None else known_revisions)
@@ -378,7 +381,8 @@ class Mailman3Backend:
     @classmethod
     def from_config(cls, store_config) -> "Mailman3Backend":
         return cls(store_config.url, timeouts=store_config.timeouts,
-                   verify_interval=getattr(store_config, "verify_interval", 600.0))
+                   verify_interval=getattr(store_config, "verify_interval", 600.0),
+                   site_header_checks=getattr(store_config, "site_header_checks", None))
 
     # -- Backend interface ----------------------------------------------------------------
 
@@ -610,8 +614,10 @@ class _Source:
 
     def full(self, state: SourceState) -> Snapshot:
         specs, domains, site_bans, problems = specs_from_rows(*_read_rows(self.connection))
+        site = self.backend.site_header_checks
         snapshot = build(specs, domains=domains, site_bans=site_bans, version=self.token,
-                         built_at=self.started, source_state=state, pause=pace)
+                         built_at=self.started, source_state=state, pause=pace,
+                         **({} if site is None else {"site_header_checks": site}))
         if problems:
             snapshot = replace(snapshot, problems=tuple(problems) + snapshot.problems)
         self.backend._last_full = time.monotonic()

@@ -357,8 +357,10 @@ class _NativeSource:
     """``refresh.Source`` over one consistent read of the native store."""
 
     def __init__(self, connection: Connection, origin: str, version: str,
-                 started: float) -> None:
+                 started: float,
+                 site_header_checks=snapshot_module.NO_SITE_CHECKS) -> None:
         self.connection = connection
+        self.site_header_checks = site_header_checks
         self.origin = origin
         self.version = version
         self.started = started
@@ -371,7 +373,8 @@ class _NativeSource:
         specs, domain_map, site_bans = load_specs(self.connection)
         snapshot = snapshot_module.build(specs, domains=domain_map, site_bans=site_bans,
                                          version=self.version, built_at=self.started,
-                                         source_state=state, pause=pace)
+                                         source_state=state, pause=pace,
+                                         site_header_checks=self.site_header_checks)
         heap.free_piecewise(specs, pause=pace)
         return snapshot
 
@@ -385,8 +388,11 @@ class NativeBackend:
 
     name = "native"
 
-    def __init__(self, url: str, timeouts=None) -> None:
+    def __init__(self, url: str, timeouts=None,
+                 site_header_checks=snapshot_module.NO_SITE_CHECKS) -> None:
         self.url = url
+        # ``[mailman] config_file``'s site header checks, put in every full build.
+        self.site_header_checks = site_header_checks
         self.timeouts = timeouts
         # ``timeouts``: a config.StoreTimeouts, else engine.DEFAULT_TIMEOUTS.
         self.engine = engine_module.make_engine(url, timeouts=timeouts)
@@ -444,7 +450,8 @@ class NativeBackend:
         started = time.time()
         with self._connection(consistent=True) as connection:
             version, store_id = read_token_and_id(connection, self._identity)
-            source = _NativeSource(connection, self._origin(store_id), version, started)
+            source = _NativeSource(connection, self._origin(store_id), version, started,
+                                   self.site_header_checks)
             return source.full(read_state(connection, source.origin))
 
     def load_changes(self, previous: Snapshot) -> Snapshot:
@@ -457,7 +464,8 @@ class NativeBackend:
             version, store_id = read_token_and_id(connection, self._identity)
             origin = self._origin(store_id)
             prior = refresh.prior_state(previous, origin)
-            source = _NativeSource(connection, origin, version, started)
+            source = _NativeSource(connection, origin, version, started,
+                                   self.site_header_checks)
             if prior is None:
                 return source.full(read_state(connection, source.origin))
             return refresh.load_changes(previous, prior, source, version=version,
