@@ -30,10 +30,10 @@ from .rules import (
 from .message_rules import (
     CONTENT_HOLDS,
     Approved,
-    DmarcMitigation,
     HeaderMatchRule,
     Loop,
 )
+from .dmarc import DECIDING, DmarcMitigation
 from .snapshot import Snapshot
 from .verdict import Decision, Mode, Query, TraceStep, Verdict
 
@@ -84,14 +84,35 @@ _CHAINS_BY_NULL_SENDER = {
 ALL_RULES: tuple[Rule, ...] = SMTP_CHAIN + MAILMAN3_CHAIN + MAILMAN2_CHAIN
 
 
+def _with_dmarc(chain: tuple[Rule, ...], answers) -> tuple[Rule, ...]:
+    """``chain`` with its ``dmarc-mitigation`` reading ``answers`` (made once per chain
+    and lookup: the daemon has one lookup)."""
+    key = (id(chain), id(answers))
+    found = _DMARC_CHAINS.get(key)
+    if found is None:
+        found = tuple(DmarcMitigation(answers) if isinstance(rule, DmarcMitigation)
+                      else rule for rule in chain)
+        _DMARC_CHAINS[key] = found
+        _DMARC_KEEP.append((chain, answers))
+    return found
+
+
+_DMARC_CHAINS: dict = {}
+_DMARC_KEEP: list = []   # keeps the keys' objects alive (ids are not reused)
+
+
 def decide(snapshot: Snapshot, query: Query, *, explain: bool = True,
-           null_sender: str = "reject") -> Decision:
+           null_sender: str = "reject", dmarc=None) -> Decision:
     """Run the chain.  ``explain=False`` (the MTA path) leaves the trace empty and the
     reason blank: every rule runs the same, only nothing is written down.
 
     ``null_sender`` (``[rules] null_sender``): ``reject`` runs the ``null-sender`` rule
     (the null sender may only write to a list's -bounces address); ``mailman`` leaves it
-    out, so such a post is decided by the list's chain as Mailman would decide it."""
+    out, so such a post is decided by the list's chain as Mailman would decide it.
+
+    ``dmarc``: the DNS answers ``dmarc-mitigation`` reads (``policyd.dmarc_lookup``); it
+    may raise ``core.dmarc.LookupNeeded``.  ``None``: that rule misses for the lists that
+    reject or discard (not evaluated)."""
     target = snapshot.resolve(query.recipient)
     if not target.managed_domain:
         return Decision(
@@ -108,6 +129,8 @@ def decide(snapshot: Snapshot, query: Query, *, explain: bool = True,
                       explain)
         chain = (_FULL_CHAINS if null_sender == "reject"
                  else _CHAINS_BY_NULL_SENDER[null_sender][1])[policy.mode]
+        if dmarc is not None and policy.content.dmarc_mitigate_action in DECIDING:
+            chain = _with_dmarc(chain, dmarc)
     else:
         ctx = Context(snapshot, query, target, (), None, explain)
         chain = SMTP_CHAIN if null_sender == "reject" else \

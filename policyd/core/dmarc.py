@@ -1,0 +1,323 @@
+"""Mailman 3.3.10's ``dmarc-mitigation`` rule, on DNS answers already fetched (pure).
+
+Mailman (``mailman/rules/dmarc.py``) takes the first address of the first From: header
+(``parseaddr``), lower-cases it, and mitigates when it matches the list's
+``dmarc_addresses`` or when the DMARC record of its domain says ``p=reject`` or
+``p=quarantine`` (Mailman 3 has no separate quarantine handling: both count).  When
+``_dmarc.<domain>`` has no DMARC record (NXDOMAIN, no TXT answer, or a first TXT record
+that is not ``v=DMARC1;``), the organizational domain's record is read, its ``sp=`` first.
+A DNS error other than NXDOMAIN (a timeout, SERVFAIL, REFUSED) counts as "mitigate".  Of
+each TXT RRset only the first record is read, as Mailman does.
+
+The rule jumps to the ``dmarc`` chain (reject or discard) only when the list's
+``dmarc_mitigate_action`` is ``reject`` or ``discard``; ``munge_from`` and
+``wrap_message`` miss (Mailman changes the message later, the post is accepted), and so
+does ``dmarc_mitigate_unconditionally``, which only Mailman's handler reads.  So a DNS
+answer is needed only for a list that rejects or discards, and a message with a From:
+domain: ``DmarcMitigation.check`` asks ``Context.dmarc`` (a ``known(name)`` function over
+the daemon's cache, ``policyd.dmarc_lookup``) and raises ``LookupNeeded`` for the names it
+does not know yet; the decider looks them up asynchronously and decides again.  Without a
+lookup (``policyctl query --offline``) the rule misses and says it was not evaluated.
+
+The organizational domain comes from the public suffix list (``PublicSuffixList``),
+read from a file (``[dmarc] public_suffix_list``), with Mailman's matching algorithm.
+"""
+
+from __future__ import annotations
+
+import enum
+import re
+from email.utils import parseaddr
+from typing import Callable, Iterable, NamedTuple, Protocol
+
+from .rules import Hit, Miss
+from .verdict import Action, Verdict
+
+__all__ = ["DmarcAction", "DnsAnswer", "PublicSuffixList", "LookupNeeded",
+           "DmarcMitigation", "dmarc_names", "maybe_mitigate", "policy_of"]
+
+
+class DmarcAction(enum.IntEnum):
+    """``mailman.interfaces.mailinglist.DMARCMitigateAction``, same values."""
+
+    NO_MITIGATION = 0
+    MUNGE_FROM = 1
+    WRAP_MESSAGE = 2
+    REJECT = 3
+    DISCARD = 4
+
+    @classmethod
+    def from_name(cls, name: str) -> "DmarcAction":
+        try:
+            return cls[str(name).strip().upper().replace("-", "_")]
+        except KeyError:
+            allowed = ", ".join(a.label for a in cls)
+            raise ValueError(f"unknown DMARC mitigation {name!r} (allowed: {allowed})") \
+                from None
+
+    @property
+    def label(self) -> str:
+        return self.name.lower()
+
+
+# Whether the rule can change the outcome at SMTP time.
+DECIDING = frozenset({DmarcAction.REJECT, DmarcAction.DISCARD})
+verdict_action = {Verdict.REJECT: Action.REJECT, Verdict.DISCARD: Action.DISCARD}
+
+_MISS_OFF = Miss("dmarc_mitigate_action is no_mitigation")
+_MISS_LATER = Miss("dmarc_mitigate_action munges or wraps: Mailman changes the message "
+                   "later and accepts it (no lookup)")
+_MISS_NO_MESSAGE = Miss("not evaluated: the MTA sent no message headers (Postfix, or an "
+                        "Exim ACL without headers=)")
+_MISS_NO_LOOKUP = Miss("not evaluated: no DNS lookup in this process (policyctl --offline)")
+
+
+class DnsAnswer(NamedTuple):
+    """The answer to one TXT query, as far as Mailman's rule reads it.
+
+    ``status``: ``ok`` (an answer), ``nxdomain``, ``noanswer`` (no TXT at the end of the
+    CNAME chain) or ``error`` (timeout, SERVFAIL, REFUSED, ...: Mailman mitigates).
+    ``rrsets``: the answer section grouped as dnspython groups it, in order:
+    ``(owner name lower-cased with the final dot, "TXT" or "CNAME", value)``; a TXT value
+    is the first record's strings joined (bytes), a CNAME value the target with the dot."""
+
+    status: str
+    rrsets: tuple[tuple[str, str, object], ...] = ()
+    detail: str = ""
+
+
+NXDOMAIN = DnsAnswer("nxdomain")
+NOANSWER = DnsAnswer("noanswer")
+
+_KEEP_LOOKING = object()
+
+
+def policy_of(answer: DnsAnswer, name: str, org: bool = False):
+    """``is_reject_or_quarantine`` on an answer: ``(True|False, detail)`` or
+    ``(_KEEP_LOOKING, detail)``."""
+    if answer.status in ("nxdomain", "noanswer"):
+        return _KEEP_LOOKING, f"{name}: {answer.status}"
+    if answer.status != "ok":
+        return True, f"{name}: DNS lookup failed ({answer.detail or answer.status}): " \
+                     "mitigated as Mailman does"
+    results: dict[str, list[str]] = {}
+    cnames: dict[str, str] = {}
+    want = name + "."
+    for owner, kind, value in answer.rrsets:
+        if kind == "CNAME":
+            cnames[owner] = value
+        elif kind == "TXT":
+            text = value.decode("utf-8", "surrogateescape") \
+                if isinstance(value, bytes) else str(value)
+            results.setdefault(owner, []).append(text)
+    # Mailman's CNAME walk from the queried name (a loop stops it).
+    seen = {want}
+    while want in cnames and cnames[want] not in seen:
+        want = cnames[want]
+        seen.add(want)
+    if want not in results:
+        return False, f"{name}: no TXT record in the answer"
+    dmarcs = [record for record in results[want] if record.startswith("v=DMARC1;")]
+    if not dmarcs:
+        return _KEEP_LOOKING, f"{name}: no v=DMARC1 record"
+    if len(dmarcs) > 1:
+        return False, f"{name}: {len(dmarcs)} v=DMARC1 records (ignored, RFC 7489)"
+    for entry in dmarcs:
+        mo = re.search(r"\bsp=(\w*)\b", entry, re.IGNORECASE)
+        if org and mo:
+            policy = mo.group(1).lower()
+        else:
+            mo = re.search(r"\bp=(\w*)\b", entry, re.IGNORECASE)
+            if not mo:
+                continue
+            policy = mo.group(1).lower()
+        if policy in ("reject", "quarantine"):
+            return True, f"{name}: {'sp' if org and 'sp=' in entry.lower() else 'p'}" \
+                         f"={policy}"
+        return False, f"{name}: p={policy}"
+    return False, f"{name}: no policy"
+
+
+class PublicSuffixList:
+    """The public suffix list as Mailman's ``parse_suffix_list`` reads it, and its
+    ``get_organizational_domain``, with a trie instead of a scan of every rule."""
+
+    def __init__(self, lines: Iterable[str] = ()) -> None:
+        # label -> (children, order, exception) with order the rule's first position.
+        self._root: dict = {}
+        self._order = 0
+        self.rules = 0
+        for line in lines:
+            if not line.strip() or line.startswith("//"):
+                continue
+            line = re.sub(r"\s.*", "", line)
+            if not line:
+                continue
+            parts = line.lower().split(".")
+            exception = parts[0].startswith("!")
+            if exception:
+                parts[0] = parts[0][1:]
+            parts.reverse()
+            node = self._root
+            entry = None
+            for label in parts:
+                entry = node.get(label)
+                if entry is None:
+                    entry = node[label] = [{}, None, False]
+                node = entry[0]
+            if entry[1] is None:
+                entry[1] = self._order
+                self._order += 1
+                self.rules += 1
+            entry[2] = exception
+
+    @classmethod
+    def from_file(cls, path) -> "PublicSuffixList":
+        with open(path, encoding="utf-8") as fp:
+            return cls(fp)
+
+    def organizational_domain(self, domain: str) -> str:
+        parts = domain.lower().split(".")
+        parts.reverse()
+        hits: list[tuple[int, int, bool]] = []   # (order, length, exception)
+        stack = [(self._root, 0)]
+        while stack:
+            node, depth = stack.pop()
+            if depth >= len(parts):
+                continue
+            for label in {parts[depth], "*"}:
+                entry = node.get(label)
+                if entry is None:
+                    continue
+                if entry[1] is not None:
+                    hits.append((entry[1], depth + 1, entry[2]))
+                stack.append((entry[0], depth + 1))
+        if not hits:
+            return _domain(parts, 1)
+        hits.sort()
+        label = 0
+        for _, length, exception in hits:
+            if exception:
+                return _domain(parts, length - 1)
+            label = max(label, length)
+        return _domain(parts, label)
+
+
+def _domain(parts: list[str], label: int) -> str:
+    return ".".join(reversed(parts[:min(label + 1, len(parts))]))
+
+
+class LookupNeeded(Exception):
+    """Raised by the rule for DMARC names not in the cache yet: the decider looks them
+    up (``policyd.dmarc_lookup``, never blocking the reactor) and decides again."""
+
+    def __init__(self, names: tuple[str, ...]) -> None:
+        super().__init__("a DMARC policy is being looked up")
+        self.names = names
+
+
+def from_address(message) -> str:
+    """Mailman's ``parseaddr(str(msg.get('from', '')))``, lower-cased."""
+    values = message.get_all("from")
+    _, address = parseaddr(str(values[0]) if values else "")
+    return address.lower()
+
+
+def dmarc_names(address: str, suffixes: PublicSuffixList) -> tuple[str, str | None]:
+    """``_dmarc.<domain>`` and, when it differs, ``_dmarc.<organizational domain>``."""
+    domain = address.rpartition("@")[2]
+    org = suffixes.organizational_domain(domain)
+    return f"_dmarc.{domain}", (f"_dmarc.{org}" if org != domain else None)
+
+
+def _address_listed(address: str, listed: tuple[str, ...]) -> str | None:
+    for entry in listed:
+        if entry.startswith("^"):
+            try:
+                if re.search(entry, address, re.I):
+                    return entry
+            except re.error:
+                continue
+        elif entry.lower() == address:
+            return entry
+    return None
+
+
+def maybe_mitigate(address: str, listed: tuple[str, ...], suffixes: PublicSuffixList,
+                   known: Callable[[str], DnsAnswer | None]) -> tuple[bool, str]:
+    """Mailman's ``maybe_mitigate``: ``(mitigate, why)``; raises ``LookupNeeded`` with the
+    names whose answers ``known`` does not have."""
+    entry = _address_listed(address, listed)
+    if entry is not None:
+        return True, f"{address} matches dmarc_addresses entry {entry!r}"
+    if "@" not in address:
+        return False, "the From: address has no domain"
+    first, org = dmarc_names(address, suffixes)
+    answer = known(first)
+    if answer is None:
+        missing = tuple(name for name in (first, org)
+                        if name is not None and known(name) is None)
+        raise LookupNeeded(missing)
+    result, why = policy_of(answer, first)
+    if result is not _KEEP_LOOKING:
+        return result, why
+    if org is None:
+        return False, why
+    answer = known(org)
+    if answer is None:
+        raise LookupNeeded((org,))
+    result, why_org = policy_of(answer, org, org=True)
+    if result is not _KEEP_LOOKING:
+        return result, f"{why}; {why_org}"
+    return False, f"{why}; {why_org}"
+
+
+class Answers(Protocol):
+    """What the rule reads DNS answers from: ``policyd.dmarc_lookup.DmarcLookup``."""
+
+    suffixes: PublicSuffixList
+
+    def known(self, name: str) -> DnsAnswer | None: ...
+
+
+class DmarcMitigation:
+    """The rule; ``answers`` is the daemon's DNS cache (``None``: no lookup here, the
+    rule misses for lists that reject or discard, unless ``dmarc_addresses`` match)."""
+
+    name = "dmarc-mitigation"
+    description = ("Mailman's DMARC mitigation: a list whose dmarc_mitigate_action is "
+                   "reject or discard rejects or discards a post From: a domain that "
+                   "publishes p=reject or p=quarantine (or a dmarc_addresses match).")
+
+    def __init__(self, answers: Answers | None = None) -> None:
+        self.answers = answers
+
+    def check(self, ctx):
+        content = ctx.policy.content
+        action = content.dmarc_mitigate_action
+        if action not in DECIDING:
+            return _MISS_OFF if action == DmarcAction.NO_MITIGATION else _MISS_LATER
+        message = ctx.query.message
+        if message is None:
+            return _MISS_NO_MESSAGE
+        address = from_address(message)
+        answers = self.answers
+        if answers is None:
+            if _address_listed(address, content.dmarc_addresses) is None:
+                return _MISS_NO_LOOKUP
+            suffixes, known = _EMPTY_SUFFIXES, _never_known
+        else:
+            suffixes, known = answers.suffixes, answers.known
+        mitigate, why = maybe_mitigate(address, content.dmarc_addresses, suffixes, known)
+        if not mitigate:
+            return Miss(f"no mitigation: {why}" if ctx.explain else "")
+        verdict = Verdict.REJECT if action == DmarcAction.REJECT else Verdict.DISCARD
+        return Hit(verdict, f"DMARC mitigation {DmarcAction(action).label}: {why}" if ctx.explain
+                   else "", verdict_action[verdict], address or None)
+
+
+def _never_known(name: str):
+    return None
+
+
+_EMPTY_SUFFIXES = PublicSuffixList()

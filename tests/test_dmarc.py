@@ -1,0 +1,194 @@
+"""The ``dmarc-mitigation`` rule (``policyd.core.dmarc``) on DNS answers given as data:
+Mailman 3.3.10's ``rules/dmarc.py`` outcome for each policy, fallback and action."""
+
+import pytest
+
+from policyd.core.chain import decide
+from policyd.core.dmarc import (DmarcAction, DnsAnswer, LookupNeeded, PublicSuffixList,
+                                NXDOMAIN, NOANSWER)
+from policyd.core.message import parse_message
+from policyd.core.snapshot import ListSpec, build
+from policyd.core.verdict import Action, Mode, Query, Verdict
+
+LIST = "test@lists.example.com"
+PSL = PublicSuffixList([
+    "// comment", "", "com", "uk", "co.uk", "*.ck", "!www.ck", "jp", "*.kawasaki.jp",
+    "!city.kawasaki.jp", "example  // trailing words ignored",
+])
+
+
+def txt(name, *records, cnames=()):
+    """An ``ok`` answer: ``cnames`` first, then one TXT RRset per record at ``name``
+    (a second record at the same name is not read: only the first of an RRset is)."""
+    rrsets = tuple((owner + ".", "CNAME", target + ".") for owner, target in cnames)
+    if records:
+        rrsets += ((name + ".", "TXT", records[0].encode()),)
+    return DnsAnswer("ok", rrsets)
+
+
+class Answers:
+    """A fake lookup: known answers by name, and the names asked for."""
+
+    suffixes = PSL
+
+    def __init__(self, **by_name):
+        self.by_name = {name.replace("__", ".").replace("_dmarc.", "_dmarc."): answer
+                        for name, answer in by_name.items()}
+        self.asked = []
+
+    def known(self, name):
+        self.asked.append(name)
+        return self.by_name.get(name)
+
+
+def answers(mapping):
+    a = Answers()
+    a.by_name = dict(mapping)
+    return a
+
+
+def snap(action=DmarcAction.REJECT, addresses=(), unconditionally=False):
+    spec = ListSpec(LIST, mode=Mode.MAILMAN3, default_nonmember_action=Action.ACCEPT,
+                    dmarc_mitigate_action=action, dmarc_addresses=addresses,
+                    dmarc_mitigate_unconditionally=unconditionally)
+    return build([spec], domains={"lists.example.com": "lists.example.com"})
+
+
+def query(frm="Someone <someone@sub.example.com>"):
+    headers = f"From: {frm}\nSubject: hi\n".encode()
+    return Query(LIST, "bounce@elsewhere.example", message=parse_message(headers))
+
+
+@pytest.mark.parametrize("domain, org", [
+    ("example.com", "example.com"),
+    ("a.b.example.com", "example.com"),
+    ("example.co.uk", "example.co.uk"),
+    ("mail.example.co.uk", "example.co.uk"),
+    ("foo.bar.ck", "foo.bar.ck"),          # *.ck: bar.ck is a suffix
+    ("a.www.ck", "www.ck"),                # !www.ck: an exception
+    ("x.city.kawasaki.jp", "city.kawasaki.jp"),
+    ("x.y.kawasaki.jp", "x.y.kawasaki.jp"),
+    ("host.unknowntld", "host.unknowntld"),
+    ("a.b.unknowntld", "b.unknowntld"),   # no rule: the last two labels
+    ("COM", "com"),
+])
+def test_organizational_domain(domain, org):
+    """Mailman's get_organizational_domain: longest rule wins, an exception drops a
+    label, no rule at all means the last two labels."""
+    assert PSL.organizational_domain(domain) == org
+
+
+def test_the_psl_file_is_read_like_mailman(tmp_path):
+    """Comment lines skipped, a rule ends at white space, lower-cased."""
+    path = tmp_path / "psl.dat"
+    path.write_text("// x\nCOM\n\n  \n*.Ck   extra\n")
+    psl = PublicSuffixList.from_file(path)
+    assert psl.rules == 2
+    assert psl.organizational_domain("a.b.c.ck") == "b.c.ck"
+
+
+REJECT = "v=DMARC1; p=reject; rua=mailto:d@example.com"
+
+
+@pytest.mark.parametrize("records, outcome", [
+    ({"_dmarc.sub.example.com": txt("_dmarc.sub.example.com", REJECT)}, True),
+    ({"_dmarc.sub.example.com": txt("_dmarc.sub.example.com", "v=DMARC1; p=quarantine")},
+     True),
+    ({"_dmarc.sub.example.com": txt("_dmarc.sub.example.com", "v=DMARC1; p=none")}, False),
+    ({"_dmarc.sub.example.com": txt("_dmarc.sub.example.com", "v=DMARC1; P=Reject")}, True),
+    # not "v=DMARC1;" exactly: no record here, the organizational domain's is read
+    ({"_dmarc.sub.example.com": txt("_dmarc.sub.example.com", "v=DMARC1 p=reject"),
+      "_dmarc.example.com": NXDOMAIN}, False),
+    ({"_dmarc.sub.example.com": NXDOMAIN,
+      "_dmarc.example.com": txt("_dmarc.example.com", REJECT)}, True),
+    ({"_dmarc.sub.example.com": NOANSWER,
+      "_dmarc.example.com": txt("_dmarc.example.com", "v=DMARC1; p=reject; sp=none")},
+     False),
+    ({"_dmarc.sub.example.com": NXDOMAIN,
+      "_dmarc.example.com": txt("_dmarc.example.com", "v=DMARC1; p=none; sp=quarantine")},
+     True),
+    ({"_dmarc.sub.example.com": NXDOMAIN, "_dmarc.example.com": NXDOMAIN}, False),
+    # A DNS failure mitigates, as Mailman's rule does (DNSException -> True).
+    ({"_dmarc.sub.example.com": DnsAnswer("error", detail="timeout")}, True),
+    ({"_dmarc.sub.example.com": NXDOMAIN,
+      "_dmarc.example.com": DnsAnswer("error", detail="SERVFAIL")}, True),
+    # Through a CNAME.
+    ({"_dmarc.sub.example.com": txt("policy.example.net", REJECT,
+                                    cnames=[("_dmarc.sub.example.com",
+                                             "policy.example.net")])}, True),
+])
+@pytest.mark.parametrize("action", [DmarcAction.REJECT, DmarcAction.DISCARD])
+def test_outcomes(records, outcome, action):
+    """reject/discard lists: the policy (or a failure) decides, as in Mailman."""
+    d = decide(snap(action), query(), dmarc=answers(records))
+    if outcome:
+        verdict = Verdict.REJECT if action == DmarcAction.REJECT else Verdict.DISCARD
+        assert (d.verdict, d.rule) == (verdict, "dmarc-mitigation"), d.trace
+        assert d.sender == "someone@sub.example.com"
+    else:
+        assert d.rule != "dmarc-mitigation"
+        assert any(step.rule == "dmarc-mitigation" and not step.hit for step in d.trace)
+
+
+@pytest.mark.parametrize("action", [DmarcAction.NO_MITIGATION, DmarcAction.MUNGE_FROM,
+                                    DmarcAction.WRAP_MESSAGE])
+@pytest.mark.parametrize("unconditionally", [False, True])
+def test_other_actions_never_look_up(action, unconditionally):
+    """no_mitigation, munge_from, wrap_message: accepted at SMTP time, no DNS."""
+    a = answers({})
+    d = decide(snap(action, unconditionally=unconditionally), query(), dmarc=a)
+    assert d.verdict == Verdict.ACCEPT and a.asked == []
+
+
+def test_unknown_names_raise_both_at_once():
+    """The first lookup asks for the domain and its organizational domain together."""
+    with pytest.raises(LookupNeeded) as raised:
+        decide(snap(), query(), dmarc=answers({}))
+    assert raised.value.names == ("_dmarc.sub.example.com", "_dmarc.example.com")
+    with pytest.raises(LookupNeeded) as raised:
+        decide(snap(), query("a@example.com"), dmarc=answers({}))
+    assert raised.value.names == ("_dmarc.example.com",)
+
+
+def test_dmarc_addresses_need_no_lookup():
+    """A dmarc_addresses entry (exact, any case, or ^regex) mitigates without DNS, also
+    without a lookup at all (policyctl --offline)."""
+    for entry in ("Someone@Sub.Example.com", "^some.*@sub\\."):
+        d = decide(snap(addresses=(entry,)), query(), dmarc=answers({}))
+        assert (d.verdict, d.rule) == (Verdict.REJECT, "dmarc-mitigation")
+        d = decide(snap(addresses=(entry,)), query())
+        assert (d.verdict, d.rule) == (Verdict.REJECT, "dmarc-mitigation")
+
+
+def test_without_lookup_or_message_the_rule_misses():
+    """No DNS here, or no headers (Postfix): not evaluated, says the trace."""
+    d = decide(snap(), query())
+    assert d.trace[4].rule == "dmarc-mitigation"   # first of the list's chain
+    step = next(s for s in d.trace if s.rule == "dmarc-mitigation")
+    assert not step.hit and "not evaluated" in step.detail
+    d = decide(snap(), Query(LIST, "x@example.com", "x@example.com"), dmarc=answers({}))
+    step = next(s for s in d.trace if s.rule == "dmarc-mitigation")
+    assert "not evaluated" in step.detail
+
+
+@pytest.mark.parametrize("frm", ["", "undisclosed-recipients:;", "no-domain"])
+def test_no_from_domain_misses(frm):
+    """Mailman's rpartition('@'): no domain, no mitigation, no lookup."""
+    a = answers({})
+    d = decide(snap(), query(frm), dmarc=a)
+    assert d.rule != "dmarc-mitigation" and a.asked == []
+
+
+def test_first_from_header_only():
+    """Mailman reads msg.get('from'): the first From: header."""
+    headers = b"From: a@example.com\nFrom: b@other.com\n"
+    q = Query(LIST, "x@y.example", message=parse_message(headers))
+    a = answers({"_dmarc.example.com": txt("_dmarc.example.com", REJECT)})
+    assert decide(snap(), q, dmarc=a).rule == "dmarc-mitigation"
+    assert "_dmarc.other.com" not in a.asked
+
+
+def test_action_names():
+    assert DmarcAction.from_name("munge-from") is DmarcAction.MUNGE_FROM
+    with pytest.raises(ValueError, match="allowed: no_mitigation"):
+        DmarcAction.from_name("bounce")
