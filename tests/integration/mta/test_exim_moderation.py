@@ -1,19 +1,25 @@
-"""SMTP-time moderation (``smtp_moderation = moderate``) through the real Exim daemon,
-contrib/exim/ unchanged, the real policyd and ``policyctl``.
+"""SMTP-time moderation (``smtp_moderation = moderate`` and ``greylist``) through the
+real Exim daemon, contrib/exim/ unchanged, the real policyd and ``policyctl``.
 
 The sending MTA is the test's SMTP client: a retry is the same message (same
 Message-ID, same client network) sent again, as a sending MTA's queue run would.
+
+``quick_greylist`` (also used by test_postfix_greylist.py) restarts policyd for one
+module with ``[moderation] min_delay = 1`` and a metrics endpoint, and restores the
+session's configuration afterwards.
 """
 
 from __future__ import annotations
 
 import json
 import re
+import urllib.request
 
 import pytest
+from prometheus_client.parser import text_string_to_metric_families
 
-from .conftest import NONMEMBER, policyctl
-from .harness import LIST_DOMAIN, Message, wait_delivered, wait_until
+from .conftest import NONMEMBER, policyctl, write_policyd_config
+from .harness import LIST_DOMAIN, Message, free_port, wait_delivered, wait_until
 
 pytestmark = [pytest.mark.integration, pytest.mark.mta]
 
@@ -85,3 +91,105 @@ def test_rejected_retry_gets_550_with_the_reason(exim, policyd, moderated_list):
     decided(policyd, ticket, "reject")
     result = exim.send(message)
     assert result.data == (550, "5.7.1 Off topic for this list"), result
+
+
+# --- greylist -----------------------------------------------------------------------------
+
+GREYLIST = f"greytest@{LIST_DOMAIN}"
+
+
+def greylisted_text(address: str) -> str:
+    return (f"Greylisted: temporary deferral of a first post to {address}, "
+            "please retry later")
+
+
+class QuickGreylist:
+    """The session's policyd, restarted with ``min_delay = 1`` and a metrics endpoint."""
+
+    def __init__(self, policyd, metrics_port: int) -> None:
+        self.policyd = policyd
+        self.config = policyd.config
+        self.metrics_port = metrics_port
+
+    def add_list(self, address: str) -> str:
+        """A list that holds nonmembers, with ``smtp_moderation = greylist``, once the
+        daemon has it and its moderation state is loaded."""
+        policyctl(self.config, "list", "add", address, "--default-nonmember-action", "hold")
+        policyctl(self.config, "list", "set", address, "--smtp-moderation", "greylist")
+        wait_until(lambda: (self.moderation(address).get("mode") == "greylist"
+                            and self.moderation(address).get("usable")), 30,
+                   f"the daemon to load {address} with greylist and its state",
+                   interval=0.2)
+        return address
+
+    def moderation(self, address: str) -> dict:
+        """What ``policyctl query`` says the daemon holds for NONMEMBER on ``address``."""
+        answer = json.loads(policyctl(self.config, "query", "--json", address, NONMEMBER))
+        return answer.get("moderation") or {}
+
+    def wait_retry_passes(self, address: str) -> None:
+        """Until min_delay has passed by the daemon's clock: the daemon says the entry
+        of the first attempt passes at the next retry (no timing asserted)."""
+        wait_until(lambda: any(e["state"] == "passes at the next retry"
+                               for e in self.moderation(address).get("greylist", ())),
+                   30, "min_delay to pass for the greylist entry", interval=0.2)
+
+    def metrics(self) -> dict:
+        """(name, labels as sorted tuples) -> value, from the daemon's endpoint."""
+        url = f"http://127.0.0.1:{self.metrics_port}/metrics"
+        with urllib.request.urlopen(url, timeout=10) as response:
+            text = response.read().decode()
+        return {(sample.name, tuple(sorted(sample.labels.items()))): sample.value
+                for family in text_string_to_metric_families(text)
+                for sample in family.samples}
+
+
+@pytest.fixture(scope="module")
+def quick_greylist(policyd, layout):
+    normal = policyd.config
+    port = free_port()
+    config = write_policyd_config(layout, "policyd-greylist.conf", "safe")
+    with open(config, "a", encoding="utf-8") as out:
+        out.write(f"\n[moderation]\nmin_delay = 1\nsync_interval = 0.5\n"
+                  f"\n[metrics]\nlisten = tcp:{port}:interface=127.0.0.1\n")
+    policyd.stop()
+    policyd.start(config)
+    try:
+        yield QuickGreylist(policyd, port)
+    finally:
+        policyd.stop()
+        policyd.start(normal)
+
+
+def attempts(metrics: dict, mode: str, outcome: str, transition: str) -> float:
+    key = ("policyd_moderation_attempts_total",
+           tuple(sorted({"mode": mode, "outcome": outcome, "transition": transition}.items())))
+    return metrics.get(key, 0.0)
+
+
+def test_greylisted_at_data_then_the_retry_after_min_delay_is_accepted(exim, quick_greylist):
+    """A nonmember's post to a ``greylist`` list is deferred 451 4.7.1 at DATA; once
+    min_delay has passed the retry gets the list's normal outcome (hold: accepted, for
+    Mailman to hold) and is delivered; the sender is then remembered, so its next post
+    is accepted at once.  The metrics count the deferral and the passes."""
+    address = quick_greylist.add_list(GREYLIST)
+    message = Message(NONMEMBER, [address], [f"From: Eve <{NONMEMBER}>"])
+    result = exim.send(message)
+    assert result.rcpt == [(250, "Accepted")], result  # never deferred at RCPT
+    assert result.data == (451, f"4.7.1 {greylisted_text(address)}"), result
+    [entry] = quick_greylist.moderation(address)["greylist"]
+    assert (entry["network"], entry["message_id"]) == ("127.0.0.0/24",
+                                                       f"<{message.tag}@test>")
+    quick_greylist.wait_retry_passes(address)
+    result = exim.send(message)
+    assert result.accepted, result
+    wait_delivered(exim.maildir / "lists", message.tag)
+    second = Message(NONMEMBER, [address], [f"From: Eve <{NONMEMBER}>"])
+    assert exim.send(second).accepted  # remembered: no deferral for a new post
+    wait_delivered(exim.maildir / "lists", second.tag)
+    metrics = quick_greylist.metrics()
+    assert attempts(metrics, "greylist", "deferred", "first-attempt") == 1
+    assert attempts(metrics, "greylist", "passed", "retry-in-window") == 1
+    assert attempts(metrics, "greylist", "passed", "remembered") == 1
+    wait_until(lambda: f"policyd: DEFER 451 4.7.1 {greylisted_text(address)}"
+               in exim.mainlog(), 10, "Exim to log the deferral")
