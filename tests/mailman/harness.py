@@ -170,9 +170,12 @@ def domain_map(result: OracleResult) -> dict[str, str]:
     return out
 
 
-def snapshot(result: OracleResult) -> Snapshot:
+def snapshot(result: OracleResult, site_header_checks=None) -> Snapshot:
+    """``site_header_checks``: what policyd read from the ``mailman_cfg`` the oracle's
+    Mailman was given (``policyd.mailman_site``)."""
+    extra = {} if site_header_checks is None else {"site_header_checks": site_header_checks}
     return build(list_specs(result), domains=domain_map(result), site_bans=result.site_bans,
-                 version="mailman-oracle")
+                 version="mailman-oracle", **extra)
 
 
 def _header(value) -> str | None:

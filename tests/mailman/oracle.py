@@ -94,7 +94,9 @@ def parse_args(argv):
     return parser.parse_args(argv)
 
 
-def write_config(var_dir, database_url):
+def write_config(var_dir, database_url, extra=""):
+    """Mailman's configuration file; ``extra`` (the scenario's ``mailman_cfg``) is
+    appended as written, e.g. an ``[antispam]`` section."""
     if database_url is None:
         database_url = "sqlite:///{}".format(os.path.join(var_dir, "data", "mailman.db"))
     if database_url.startswith(("postgresql://", "postgres://")):
@@ -114,6 +116,8 @@ def write_config(var_dir, database_url):
     with open(path, "w", encoding="utf-8") as fp:
         fp.write(CONFIG_TEMPLATE.format(var_dir=var_dir, database_class=database_class,
                                         database_url=database_url))
+        if extra:
+            fp.write("\n" + extra)
     return path, database_url
 
 
@@ -456,7 +460,8 @@ def main(argv=None):
     os.makedirs(var_dir, exist_ok=True)
     started = time.monotonic()
     try:
-        config_path, database_url = write_config(var_dir, args.database_url)
+        config_path, database_url = write_config(var_dir, args.database_url,
+                                                 scenario.get("mailman_cfg", ""))
         from mailman.core.initialize import initialize
         initialize(config_path, propagate_logs=False)
         from mailman.config import config
