@@ -141,6 +141,19 @@ class ModerationConfig:
 
 
 @dataclass(frozen=True)
+class DmarcConfig:
+    """``[dmarc]``: the DNS lookups of ``dmarc-mitigation`` (``policyd.dmarc_lookup``).
+    ``nameservers`` empty: those of /etc/resolv.conf, read at start-up."""
+
+    nameservers: tuple[tuple[str, int], ...] = ()
+    timeout: float = 2.0
+    cache_ttl: float = 3600.0
+    failure_ttl: float = 60.0
+    cache_size: int = 10000
+    public_suffix_list: Path = Path("/usr/share/publicsuffix/public_suffix_list.dat")
+
+
+@dataclass(frozen=True)
 class Config:
     source: str
     store: StoreConfig
@@ -152,6 +165,7 @@ class Config:
     metrics: MetricsConfig = MetricsConfig()
     rules: RulesConfig = RulesConfig()
     moderation: ModerationConfig = ModerationConfig()
+    dmarc: DmarcConfig = DmarcConfig()
 
 
 # --- value parsers: each raises ValueError with the "allowed" wording ------------------
@@ -164,6 +178,23 @@ def _choice(*allowed: str) -> Callable[[str], str]:
             raise ValueError("allowed: " + ", ".join(allowed))
         return value
     return parse
+
+
+def _nameservers(value: str) -> tuple[tuple[str, int], ...]:
+    """``host``, ``host:port`` or ``[v6]:port``, separated by spaces or commas."""
+    out = []
+    for word in value.replace(",", " ").split():
+        host, port = word, "53"
+        if word.startswith("["):
+            host, _, rest = word[1:].partition("]")
+            port = rest[1:] if rest.startswith(":") else "53"
+        elif word.count(":") == 1:
+            host, port = word.split(":")
+        if not host or not port.isdigit() or not 0 < int(port) < 65536:
+            raise ValueError("allowed: name server addresses, each host, host:port or "
+                             "[IPv6]:port, separated by spaces")
+        out.append((host, int(port)))
+    return tuple(out)
 
 
 def _positive_float(value: str) -> float:
@@ -346,6 +377,14 @@ SCHEMA: Mapping[str, Mapping[str, tuple[Callable[[str], object], str]]] = {
         "max_tickets": (_positive_int, "10000"),
         "sync_interval": (_positive_float, "5"),
     },
+    "dmarc": {
+        "nameservers": (_nameservers, ""),
+        "timeout": (_positive_float, "2"),
+        "cache_ttl": (_positive_float, "3600"),
+        "failure_ttl": (_seconds_or_zero, "60"),
+        "cache_size": (_positive_int, "10000"),
+        "public_suffix_list": (_text, "/usr/share/publicsuffix/public_suffix_list.dat"),
+    },
     "runtime": {
         "reactor": (_switch, "on"),
         "fast_write": (_switch, "on"),
@@ -458,6 +497,8 @@ def parse(text: str, source: str = "<config>", base: Path | None = None) -> Conf
         metrics=MetricsConfig(**values["metrics"]),
         rules=RulesConfig(**values["rules"]),
         moderation=ModerationConfig(**m),
+        dmarc=DmarcConfig(**{**values["dmarc"], "public_suffix_list": path_of(
+            values["dmarc"]["public_suffix_list"])}),
         exim=EximConfig(**values["exim"], max_buffered=d["max_buffered"]),
         postfix=PostfixConfig(**p, max_buffered=d["max_buffered"]),
         smtp=ReplyPolicy(

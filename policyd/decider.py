@@ -20,6 +20,7 @@ from twisted.internet.defer import Deferred, DeferredList, DeferredSemaphore
 from twisted.logger import Logger
 
 from .core.chain import decide as chain_decide
+from .core.dmarc import LookupNeeded
 from .core.passwords import VerificationNeeded, verify_and_remember, verify_elsewhere
 from .core.replies import ReplyPolicy, SmtpReply
 from .core.verdict import Decision, Query
@@ -115,9 +116,9 @@ class Decider:
                 with verify_elsewhere():
                     decision = self._decide(snapshot, query, explain=explain)
             reply = self.policy.reply(decision)
-        except VerificationNeeded as pending:
-            return Answer(None, self.policy.error(), "verifying",
-                          "a moderator password is being verified", started, pending)
+        except (VerificationNeeded, LookupNeeded) as pending:
+            return Answer(None, self.policy.error(), "verifying", str(pending), started,
+                          pending)
         except Exception:
             log.failure("the decision failed for {protocol} recipient={recipient!r}"
                         " sender={sender!r}", protocol=protocol,
@@ -157,14 +158,22 @@ class Decider:
         self._waiting += len(pending)
 
         def one(item):
-            d = self._verifying.run(self.run_in_thread, verify_and_remember,
-                                    item.password, item.hashed)
+            if isinstance(item, LookupNeeded):  # DNS, on the reactor (policyd.dmarc_lookup)
+                d = self.dmarc.lookup(item.names)
+            else:
+                d = self._verifying.run(self.run_in_thread, verify_and_remember,
+                                        item.password, item.hashed)
 
             def done(result):
                 self._waiting -= 1
                 return result
             return d.addBoth(done)
         return DeferredList([one(item) for item in pending], consumeErrors=True)
+
+    def use_dmarc(self, lookup) -> None:
+        """Decide with ``lookup``'s DMARC answers (``policyd.dmarc_lookup``)."""
+        self.dmarc = lookup
+        self._decide = partial(self._decide, dmarc=lookup)
 
     # At most this many (kind, key) warnings are remembered per snapshot version: the
     # domains come from the MTA's requests, and a flood of them must not grow memory.

@@ -137,6 +137,19 @@ KEY_HELP: dict[str, dict[str, str]] = {
         "sync_interval": "Seconds between two syncs of a daemon's moderation state with "
                          "the store (its writes, other daemons' and moderators' changes).",
     },
+    "dmarc": {
+        "nameservers": "DNS servers for the DMARC lookups (host, host:port or "
+                       "[IPv6]:port). Empty: those of /etc/resolv.conf at start-up.",
+        "timeout": "Seconds one DMARC lookup may take (two tries); a timeout counts as "
+                   "a DNS failure, which mitigates as in Mailman.",
+        "cache_ttl": "Seconds an answer (a record, NXDOMAIN, no record) is cached.",
+        "failure_ttl": "Seconds a failed lookup is cached; 0: not cached.",
+        "cache_size": "At most this many names cached (least recently stored out first).",
+        "public_suffix_list": "The public suffix list file for organizational domains "
+                              "(Mailman downloads org_domain_data_url; policyd reads "
+                              "Debian's publicsuffix package). Missing: the last two "
+                              "labels (warned).",
+    },
     "runtime": {
         "reactor": "The epoll reactor without Twisted's per-event legacy log context "
                    "(policyd command; twist --reactor=policyd).",
@@ -182,6 +195,8 @@ SECTION_HELP = {
     "mailman": "Mailman's own site settings that its posting chain reads.",
     "moderation": "SMTP-time moderation of nonmember posts, for the lists whose "
                   "smtp_moderation is greylist or moderate (policyctl list set).",
+    "dmarc": "DNS lookups of the dmarc-mitigation rule, for the lists whose "
+             "dmarc_mitigate_action is reject or discard (policyctl list set).",
     "runtime": "Tuning that reaches into the interpreter or Twisted internals; each part "
                "checks that the code it depends on is the one it was written for, else "
                "steps aside and logs why.",
@@ -193,7 +208,7 @@ TYPE_NAMES = {
     "_choice": "one of", "_positive_float": "seconds", "_seconds_or_zero": "seconds",
     "_positive_int": "integer", "_mode": "octal mode", "_private_mode": "octal mode",
     "_listeners": "endpoint list", "_switch": "boolean", "_niceness": "integer",
-    "_text": "text", "_metrics_listen": "endpoint", "_code": "SMTP code", "_status": "enhanced status code",
+    "_text": "text", "_metrics_listen": "endpoint", "_nameservers": "address list", "_code": "SMTP code", "_status": "enhanced status code",
 }
 
 

@@ -95,6 +95,9 @@ def makeService(options, reactor=None, backend=None) -> PolicyService:
                             on_sighup=logs.reopen if logs is not None else None,
                             tuning=tuning,
                             environ=getattr(options, "environ", None) if managed else None)
+    # dmarc-mitigation's DNS lookups (asked only for lists that reject or discard).
+    from .dmarc_lookup import from_config
+    service.decider.use_dmarc(from_config(config.dmarc, reactor))
     if logs is not None:
         service.logs = logs
         # The decision lines go straight to policyd's writer (the same line as the event).

@@ -192,3 +192,178 @@ def test_action_names():
     assert DmarcAction.from_name("munge-from") is DmarcAction.MUNGE_FROM
     with pytest.raises(ValueError, match="allowed: no_mitigation"):
         DmarcAction.from_name("bounce")
+
+
+# --- the lookup (policyd.dmarc_lookup): a fake resolver, a Clock, no socket ----------
+
+from twisted.internet.defer import Deferred, fail, succeed  # noqa: E402
+from twisted.internet.task import Clock  # noqa: E402
+from twisted.logger import LogLevel, globalLogPublisher  # noqa: E402
+from twisted.names import dns  # noqa: E402
+from twisted.names.error import DNSNameError, DNSServerError  # noqa: E402
+
+from policyd.dmarc_lookup import (DmarcLookup, from_config,  # noqa: E402
+                                  nameservers_from_resolv_conf, to_answer)
+
+
+def rr_txt(name, *strings):
+    return dns.RRHeader(name, dns.TXT, payload=dns.Record_TXT(*strings))
+
+
+def rr_cname(name, target):
+    return dns.RRHeader(name, dns.CNAME, payload=dns.Record_CNAME(target))
+
+
+class FakeResolver:
+    """``lookupText`` answers from a dict: a list of RRs, an exception, or ``None``
+    (a Deferred the test fires)."""
+
+    def __init__(self, answers):
+        self.answers = answers
+        self.asked = []
+        self.waiting = {}
+
+    def lookupText(self, name, timeout=None):
+        self.asked.append((name, timeout))
+        found = self.answers.get(name)
+        if isinstance(found, Exception):
+            return fail(found)
+        if found is None:
+            d = self.waiting[name] = Deferred()
+            return d
+        return succeed((found, [], []))
+
+
+def test_to_answer_groups_like_dnspython():
+    """First record of each (owner, type), CNAME chain followed, names lower-cased;
+    no TXT at the end of the chain is 'noanswer'."""
+    answer = to_answer("_dmarc.a.com", [
+        rr_cname("_DMARC.A.com", "t.b.com"),
+        rr_txt("t.b.com", b"v=DMARC1; ", b"p=reject"),
+        rr_txt("t.b.com", b"v=DMARC1; p=none"),
+    ])
+    assert answer.status == "ok"
+    assert answer.rrsets == (("_dmarc.a.com.", "CNAME", "t.b.com."),
+                             ("t.b.com.", "TXT", b"v=DMARC1; p=reject"))
+    assert to_answer("_dmarc.a.com", []).status == "noanswer"
+    assert to_answer("_dmarc.a.com", [rr_cname("_dmarc.a.com", "x.com")]).status == \
+        "noanswer"
+
+
+def test_lookup_caches_and_expires():
+    """Answers are cached ttl seconds (failures failure_ttl), a name in flight is asked
+    once, and lookup() fires only when every name is known."""
+    clock = Clock()
+    resolver = FakeResolver({
+        "_dmarc.a.com": [rr_txt("_dmarc.a.com", b"v=DMARC1; p=reject")],
+        "_dmarc.gone.com": DNSNameError("nx"),
+        "_dmarc.bad.com": DNSServerError("servfail"),
+    })
+    lookup = DmarcLookup(clock, PSL, resolver=resolver, ttl=100, failure_ttl=10,
+                         timeout=2)
+    fired = []
+    lookup.lookup(["_dmarc.a.com", "_dmarc.gone.com", "_dmarc.bad.com"]).addCallback(
+        fired.append)
+    assert fired == [None]
+    assert lookup.known("_dmarc.a.com").status == "ok"
+    assert lookup.known("_dmarc.gone.com").status == "nxdomain"
+    assert lookup.known("_dmarc.bad.com").status == "error"
+    assert resolver.asked[0] == ("_dmarc.a.com", (1.0, 1.0))
+    clock.advance(11)
+    assert lookup.known("_dmarc.bad.com") is None
+    assert lookup.known("_dmarc.a.com") is not None
+    clock.advance(90)
+    assert lookup.known("_dmarc.a.com") is None
+    # In flight: two waiters, one query.
+    first, second = [], []
+    lookup.lookup(["_dmarc.slow.com"]).addCallback(first.append)
+    lookup.lookup(["_dmarc.slow.com"]).addCallback(second.append)
+    assert [n for n, _ in resolver.asked].count("_dmarc.slow.com") == 1
+    assert first == second == []
+    resolver.waiting["_dmarc.slow.com"].callback(([], [], []))
+    assert first == second == [None]
+    assert lookup.known("_dmarc.slow.com").status == "noanswer"
+
+
+def test_cache_is_bounded():
+    """At most max_entries names, the least recently stored out first."""
+    resolver = FakeResolver({f"_dmarc.{i}.com": [] for i in range(5)})
+    lookup = DmarcLookup(Clock(), PSL, resolver=resolver, max_entries=3)
+    lookup.lookup([f"_dmarc.{i}.com" for i in range(5)])
+    assert [lookup.known(f"_dmarc.{i}.com") is None for i in range(5)] == \
+        [True, True, False, False, False]
+
+
+def test_failures_logged_once_per_incident():
+    """The first failure warns; later ones are counted until a lookup succeeds, which
+    says so once."""
+    events = []
+    globalLogPublisher.addObserver(events.append)
+    try:
+        resolver = FakeResolver({f"_dmarc.{i}.com": TimeoutError() for i in range(3)})
+        resolver.answers["_dmarc.ok.com"] = []
+        lookup = DmarcLookup(Clock(), PSL, resolver=resolver)
+        lookup.lookup([f"_dmarc.{i}.com" for i in range(3)])
+        lookup.lookup(["_dmarc.ok.com"])
+    finally:
+        globalLogPublisher.removeObserver(events.append)
+    mine = [e for e in events if e.get("log_namespace") == "policyd.dmarc"]
+    assert [e["log_level"] for e in mine] == [LogLevel.warn, LogLevel.info]
+    assert mine[1]["count"] == 3
+
+
+def test_resolv_conf_and_config(tmp_path):
+    """Name servers from [dmarc] nameservers, else resolv.conf, else 127.0.0.1."""
+    from policyd.config import parse
+
+    conf = tmp_path / "resolv.conf"
+    conf.write_text("search x.example\nnameserver 192.0.2.1\nnameserver fe80::1%eth0\n")
+    assert nameservers_from_resolv_conf(conf) == [("192.0.2.1", 53), ("fe80::1", 53)]
+    config = parse("[dmarc]\nnameservers = 127.0.0.1:5300, [::1]:53\ntimeout = 1\n")
+    assert config.dmarc.nameservers == (("127.0.0.1", 5300), ("::1", 53))
+    lookup = from_config(config.dmarc, Clock(), resolv_conf=conf)
+    assert lookup.resolver.servers == [("127.0.0.1", 5300), ("::1", 53)]
+    assert lookup.timeout == (0.5, 0.5)
+    lookup = from_config(parse("").dmarc, Clock(), resolv_conf=tmp_path / "none")
+    assert lookup.resolver.servers == [("127.0.0.1", 53)]
+    with pytest.raises(Exception, match="nameservers"):
+        parse("[dmarc]\nnameservers = host:99999\n")
+
+
+def test_public_suffix_list_read_at_first_use(tmp_path):
+    """The file is read when the rule first needs it; a missing one is empty (warned)."""
+    path = tmp_path / "psl.dat"
+    path.write_text("uk\nco.uk\n")
+    lookup = DmarcLookup(Clock(), path, resolver=FakeResolver({}))
+    assert lookup._suffixes == path
+    assert lookup.suffixes.organizational_domain("a.b.co.uk") == "b.co.uk"
+    missing = DmarcLookup(Clock(), tmp_path / "nope", resolver=FakeResolver({}))
+    assert missing.suffixes.rules == 0
+
+
+# --- the decider: a pending lookup, then the decision ----------------------------------
+
+def test_decider_waits_for_the_lookup():
+    """A list that rejects: the first decision is pending (the temporary failure) with
+    the names to look up; after Decider.verify the same query is rejected."""
+    from policyd.core.replies import ReplyPolicy
+    from policyd.decider import Decider, FixedSnapshot
+
+    resolver = FakeResolver({"_dmarc.sub.example.com": DNSNameError("nx"),
+                             "_dmarc.example.com": [rr_txt("_dmarc.example.com",
+                                                           b"v=DMARC1; p=quarantine")]})
+    decider = Decider(FixedSnapshot(snap()), ReplyPolicy(), run_in_thread=lambda *a: None)
+    decider.use_dmarc(DmarcLookup(Clock(), PSL, resolver=resolver))
+    answer = decider.decide(query(), "exim")
+    assert answer.decision is None and isinstance(answer.pending, LookupNeeded)
+    done = []
+    decider.verify([answer.pending]).addCallback(done.append)
+    assert done
+    answer = decider.decide(query(), "exim")
+    assert (answer.decision.verdict, answer.decision.rule) == (Verdict.REJECT,
+                                                               "dmarc-mitigation")
+    # A list without mitigation never waits.
+    plain = Decider(FixedSnapshot(snap(DmarcAction.MUNGE_FROM)), ReplyPolicy(),
+                    run_in_thread=lambda *a: None)
+    plain.use_dmarc(DmarcLookup(Clock(), PSL, resolver=FakeResolver({})))
+    assert plain.decide(query(), "exim").decision.verdict == Verdict.ACCEPT
