@@ -17,6 +17,7 @@ they are never decoded.  Every address that comes out is normalised the same way
 
 from __future__ import annotations
 
+import binascii
 import re
 from functools import lru_cache
 
@@ -272,6 +273,11 @@ def parse_header_mailman3(value: str | None) -> tuple[str, ...]:
         if match is not None:
             address = _mailman3_address(match.group(1))
             return () if address is None else (address,)
+    else:
+        spec = _encoded_name_angle(value)
+        if spec is not None:
+            address = _mailman3_address(spec)
+            return () if address is None else (address,)
     return _parse_header_mailman3_cached(value)
 
 
@@ -305,6 +311,54 @@ _MM3_ANGLE = re.compile(rf"[ \t]*(?:{_MM3_WORD}(?:[ \t]+{_MM3_WORD})*[ \t]*)?<{_
 _MM3_QUOTED = re.compile(rf'[ \t]*"[^"\\\x00-\x1f\x7f]*"[ \t]*<{_MM3_ADDR}>[ \t]*')
 # a bare addr-spec, perhaps with a "(Comment Name)" after it (a comma in it would count).
 _MM3_BARE = re.compile(rf'[ \t]*{_MM3_ADDR}[ \t]*(?:\([^()\\,"\x00-\x1f\x7f]*\)[ \t]*)?')
+
+# "=?utf-8?Q?Name?= <addr>", perhaps folded before the address: the display name made of
+# encoded words and plain words.  Mailman decodes the whole field before it parses it,
+# and that decoding is the expensive part; the address itself is never encoded, so the
+# name only matters if it decodes to something the parser treats specially.
+_MM3_ENCODED_ANGLE = re.compile(
+    rf"[ \t]*(?P<name>{_MM3_WORD}(?:(?:[ \t]|\r?\n[ \t])+{_MM3_WORD})*)"
+    rf"(?:[ \t]|\r?\n[ \t])*<{_MM3_ADDR}>[ \t]*")
+_ENCODED_WORD = re.compile(
+    r"=\?([A-Za-z0-9-]+)\?(?:[qQ]\?((?:[A-Za-z0-9!*+/_.-]|=[0-9A-Fa-f]{2})*)"
+    r"|[bB]\?((?:[A-Za-z0-9+/]{4})*(?:[A-Za-z0-9+/]{2}==|[A-Za-z0-9+/]{3}=)?))\?=")
+_Q_HEX = re.compile(r"=([0-9A-Fa-f]{2})")
+# Charsets whose decoding ``email.header.make_header`` does as a plain strict decode.
+_PLAIN_CHARSETS = frozenset({"utf-8", "us-ascii", "iso-8859-1", "iso-8859-15"})
+# What makes a decoded name more than a name to the parser (or to the strict check).
+_NAME_SPECIALS = re.compile(r'["(),:;<>@\[\]\\\x00-\x1f\x7f]')
+
+
+def _encoded_name_angle(value: str) -> str | None:
+    """The addr-spec of an ASCII ``encoded name <addr>`` whose name decodes to plain
+    words, else ``None`` (the full decode-then-parse decides)."""
+    if not value.isascii():
+        return None
+    match = _MM3_ENCODED_ANGLE.fullmatch(value)
+    if match is None:
+        return None
+    for word in match.group("name").split():
+        if "=?" not in word:
+            continue
+        encoded = _ENCODED_WORD.fullmatch(word)
+        if encoded is None:
+            return None
+        charset, quoted, b64 = encoded.groups()
+        charset = charset.lower()
+        if charset not in _PLAIN_CHARSETS:
+            return None
+        if quoted is not None:
+            raw = _Q_HEX.sub(lambda m: chr(int(m.group(1), 16)),
+                             quoted.replace("_", " ")).encode("latin-1")
+        else:
+            raw = binascii.a2b_base64(b64)
+        try:
+            text = raw.decode(charset)
+        except UnicodeDecodeError:
+            return None
+        if _NAME_SPECIALS.search(text):
+            return None
+    return match.group(2)
 
 
 # The shapes of nearly every From:, Reply-To: and Sender: header, each split with one
