@@ -367,3 +367,41 @@ def test_decider_waits_for_the_lookup():
                     run_in_thread=lambda *a: None)
     plain.use_dmarc(DmarcLookup(Clock(), PSL, resolver=FakeResolver({})))
     assert plain.decide(query(), "exim").decision.verdict == Verdict.ACCEPT
+
+
+# --- settings: the native store and policyctl ------------------------------------------
+
+def test_policyctl_sets_the_dmarc_settings(tmp_path, capsys):
+    """policyctl list set --dmarc-mitigate-action/--dmarc-mitigate-unconditionally/
+    --dmarc-address reach the native store's snapshot; bad values are refused."""
+    import io
+
+    from policyd import ctl
+    from policyd.store import NativeBackend
+
+    url = f"sqlite:///{tmp_path / 'policyd.sqlite'}"
+    env = {"POLICYD_CONFIG": str(tmp_path / "none.conf")}
+
+    def run(*argv):
+        code = ctl.main(["--store", url, *argv], environ=env, stdin=io.StringIO(""))
+        return code, capsys.readouterr()
+
+    assert run("init")[0] == 0
+    assert run("list", "add", LIST)[0] == 0
+    code, out = run("list", "set", LIST, "--dmarc-mitigate-action", "discard",
+                    "--dmarc-mitigate-unconditionally", "on",
+                    "--dmarc-address", "a@b.example", "--dmarc-address", "^x.*@y\\.example")
+    assert code == 0, out
+    backend = NativeBackend(url)
+    try:
+        content = backend.load_snapshot().lists[LIST].content
+    finally:
+        backend.close()
+    assert content.dmarc_mitigate_action == DmarcAction.DISCARD
+    assert content.dmarc_mitigate_unconditionally is True
+    assert content.dmarc_addresses == ("a@b.example", "^x.*@y\\.example")
+    code, out = run("list", "show", LIST)
+    assert "dmarc mitigate action:" in out.out and "discard (unconditionally)" in out.out
+    assert run("list", "set", LIST, "--dmarc-address", "^(")[0] != 0
+    assert run("list", "set", LIST, "--dmarc-mitigate-action", "bounce")[0] != 0
+    assert run("list", "set", LIST, "--dmarc-address", "")[0] == 0

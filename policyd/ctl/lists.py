@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import argparse
 
+from ..core.dmarc import DmarcAction
 from ..core.moderation import SmtpModeration
 from ..core.verdict import Mode
 from ..errors import AlreadyExists, BadInput
@@ -86,6 +87,17 @@ def _list_settings(p, creating: bool) -> None:
                         "defer first attempts (greylist) or hold them with a ticket for "
                         "policyctl approve|reject|discard (moderate); see "
                         "docs/moderation.md")
+    p.add_argument("--dmarc-mitigate-action", choices=[a.label for a in DmarcAction],
+                   help="Mailman's DMARC mitigation; at SMTP time reject and discard "
+                        "refuse or drop a post From: a domain whose DMARC policy is "
+                        "reject or quarantine (a DNS lookup, [dmarc]); munge_from and "
+                        "wrap_message are Mailman's later (accepted here)")
+    p.add_argument("--dmarc-mitigate-unconditionally", type=on_off, metavar="on|off",
+                   help="Mailman munges or wraps every post (no SMTP-time effect)")
+    p.add_argument("--dmarc-address", action="append", metavar="ADDRESS|^REGEX",
+                   dest="dmarc_addresses",
+                   help="From: addresses always mitigated; repeat for several; replaces "
+                        "the list's ('' clears)")
     p.add_argument("--header-match", nargs=3, action="append", dest="header_matches",
                    metavar=("HEADER", "PATTERN", "ACTION"),
                    help="repeat for several, in order; replaces the list's header "
@@ -142,7 +154,8 @@ def _settings(args: argparse.Namespace) -> dict:
                 "default_nonmember_action", "rejection_notice", "max_message_size",
                 "max_num_recipients", "require_explicit_destination", "administrivia",
                 "newsgroup_moderated", "bounce_matching_headers", "acceptable_aliases",
-                "smtp_moderation"):
+                "smtp_moderation", "dmarc_mitigate_action",
+                "dmarc_mitigate_unconditionally", "dmarc_addresses"):
         value = getattr(args, key, None)
         if value is not None:
             changes[key] = Mode(value) if key == "mode" else value
@@ -201,7 +214,9 @@ def cmd_list_set(ctx: Context) -> int:
                        "--rejection-notice, --moderator-password, --max-message-size, "
                        "--max-num-recipients, --require-explicit-destination, "
                        "--acceptable-alias, --administrivia, --newsgroup-moderated, "
-                       "--bounce-matching-headers, --header-match, --smtp-moderation")
+                       "--bounce-matching-headers, --header-match, --smtp-moderation, "
+                       "--dmarc-mitigate-action, --dmarc-mitigate-unconditionally, "
+                       "--dmarc-address")
     with ctx.store().write() as session:
         row = q.set_list(session, ctx.args.list, **changes)
         info = _list_info(session, row)
@@ -277,6 +292,9 @@ def _list_info(session, row, details: bool = False) -> dict:
         "bounce_matching_headers": row.bounce_matching_headers,
         "newsgroup_moderated": row.newsgroup_moderated,
         "smtp_moderation": row.smtp_moderation,
+        "dmarc_mitigate_action": DmarcAction(row.dmarc_mitigate_action).label,
+        "dmarc_mitigate_unconditionally": row.dmarc_mitigate_unconditionally,
+        "dmarc_addresses": row.dmarc_addresses,
     }
     if details:
         groups: dict[str, list[str]] = {f"{k}_these_nonmembers": [] for k in KIND_NAMES}
@@ -299,6 +317,9 @@ def _print_list(ctx: Context, info: dict) -> None:
     ]
     if info.get("smtp_moderation", "off") != "off":
         rows.append(("smtp moderation", info["smtp_moderation"]))
+    if info.get("dmarc_mitigate_action", "no_mitigation") != "no_mitigation":
+        rows.append(("dmarc mitigate action", info["dmarc_mitigate_action"] + (
+            " (unconditionally)" if info["dmarc_mitigate_unconditionally"] else "")))
     counts = info["counts"]
     rows.append(("subscribers", f"{counts['member']} members, {counts['nonmember']} "
                  f"nonmembers, {counts['owner']} owners, {counts['moderator']} moderators"))

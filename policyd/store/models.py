@@ -201,6 +201,12 @@ class MailingList(Base):
     # SMTP-time moderation of nonmember posts (migration 0004, ``core.moderation``):
     # off, greylist or moderate.
     smtp_moderation: Mapped[str] = mapped_column(String(16), nullable=False, default="off")
+    # DMARC mitigation (migration 0005, ``core.dmarc``): Mailman's DMARCMitigateAction
+    # value (0 no_mitigation .. 4 discard), its flag, dmarc_addresses one per line.
+    dmarc_mitigate_action: Mapped[int] = mapped_column(Integer, nullable=False, default=0)
+    dmarc_mitigate_unconditionally: Mapped[bool] = mapped_column(Boolean, nullable=False,
+                                                                 default=False)
+    dmarc_addresses: Mapped[str | None] = mapped_column(Text, nullable=True)
 
 
 class User(Base):

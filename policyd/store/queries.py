@@ -22,6 +22,7 @@ from ..core.addresses import normalise, split_address
 from ..errors import AlreadyExists, BadInput, NotFound
 from ..core.verdict import Action, Mode
 from ..core.moderation import SmtpModeration
+from ..core.dmarc import DmarcAction
 from .models import (
     ADDRESS_LENGTH,
     PATTERN_LENGTH,
@@ -240,7 +241,8 @@ def domains(session: Session) -> list[tuple[str, str | None]]:
 CONTENT_SETTINGS = ("moderator_password", "header_matches", "max_message_size",
                     "max_num_recipients", "require_explicit_destination",
                     "acceptable_aliases", "administrivia", "bounce_matching_headers",
-                    "newsgroup_moderated")
+                    "newsgroup_moderated", "dmarc_mitigate_action",
+                    "dmarc_mitigate_unconditionally", "dmarc_addresses")
 LIST_SETTINGS = ("display_name", "mode", "emergency", "default_member_action",
                  "default_nonmember_action", "rejection_notice") + CONTENT_SETTINGS \
     + ("smtp_moderation",)
@@ -263,13 +265,34 @@ def content_spec(values: dict) -> dict:
         "administrivia": bool(values.get("administrivia")),
         "bounce_matching_headers": values.get("bounce_matching_headers") or "",
         "newsgroup_moderated": bool(values.get("newsgroup_moderated")),
+        "dmarc_mitigate_action": values.get("dmarc_mitigate_action") or 0,
+        "dmarc_mitigate_unconditionally": bool(values.get("dmarc_mitigate_unconditionally")),
+        "dmarc_addresses": tuple(line for line in (values.get("dmarc_addresses")
+                                                   or "").splitlines() if line),
     }
 
 
 def _content_value(key: str, value):
     """Validate one content setting for storage (``set_list``)."""
-    if key in ("require_explicit_destination", "administrivia", "newsgroup_moderated"):
+    if key in ("require_explicit_destination", "administrivia", "newsgroup_moderated",
+               "dmarc_mitigate_unconditionally"):
         return bool(value)
+    if key == "dmarc_mitigate_action":
+        try:
+            return int(DmarcAction(value) if isinstance(value, int)
+                       else DmarcAction.from_name(value))
+        except ValueError as error:
+            raise BadInput(str(error)) from None
+    if key == "dmarc_addresses":
+        items = value if isinstance(value, (list, tuple)) else (value or "").splitlines()
+        for item in items:
+            if item.strip().startswith("^"):
+                try:
+                    re.compile(item.strip())
+                except re.error as error:
+                    raise BadInput(f"dmarc address pattern {item.strip()!r}: {error}") \
+                        from None
+        return "\n".join(item.strip() for item in items if item.strip()) or None
     if key in ("max_message_size", "max_num_recipients"):
         number = int(value)
         if number < 0:
