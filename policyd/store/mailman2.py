@@ -23,6 +23,20 @@ Moderate bit (128) of ``user_options``  the member's action = ``member_moderatio
                                        that list, plain addresses lower-cased
 ``emergency``                          emergency
 ``nonmember_rejection_notice``         rejection notice (one line: the SMTP reply)
+``max_message_size``,                  the same columns, as Mailman 3's own importer
+``max_num_recipients``,                (``mailman import21``, ``utilities/importer.py``)
+``require_explicit_destination``,      copies them (sizes are KB in both; Mailman 2.1
+``administrivia``,                     counts the body only, Mailman 3 the whole message)
+``bounce_matching_headers``
+``acceptable_aliases``                 one entry per non-blank line, ``^`` put in front
+                                       (every Mailman 2.1 alias is a regular
+                                       expression), plus ``^NAME@`` (2.1 takes the list
+                                       name at any domain): as Mailman 3's importer
+``header_filter_rules``                ``header_matches``, converted as Mailman 3's
+                                       importer converts them (one entry per line of a
+                                       rule; action defer -> none (jump_chain), reject,
+                                       discard, accept, hold; approve, subscribe and
+                                       unsubscribe rules are skipped with a warning)
 =====================================  ==============================================
 
 Running it again updates: members that left are removed, changed actions and settings
@@ -30,12 +44,15 @@ are updated, the pattern lists are replaced when they differ.  A list whose Mail
 data did not change is not written at all (no change-generation bump, so the daemon does
 not rebuild for nothing).  Not imported, because Mailman 2 does not use them for posting
 decisions or policyd has no equivalent: ``ban_list`` (subscription bans only),
-``member_moderation_notice``, ``equivalent_domains`` (reported when set), passwords,
-digests, bounce data.
+``member_moderation_notice``, ``equivalent_domains`` (reported when set), passwords
+(``mod_password`` is a SHA-1 hex digest no passlib context of Mailman 3 or policyd
+verifies), digests, bounce data.  A setting missing from an old ``config.pck`` is left as
+the store has it (with a warning).
 """
 
 from __future__ import annotations
 
+import re
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -54,6 +71,15 @@ __all__ = ["import_path", "find_lists", "read_list", "Mailman2List", "ImportFail
 MODERATE = 128  # Mailman/Defaults.py: Moderate = 128
 MEMBER_ACTIONS = {0: Action.HOLD, 1: Action.REJECT, 2: Action.DISCARD}
 NONMEMBER_ACTIONS = {0: Action.ACCEPT, 1: Action.HOLD, 2: Action.REJECT, 3: Action.DISCARD}
+# mailman/utilities/importer.py action_to_chain: Mailman 2.1's header_filter_rules
+# actions (mm_cfg DEFER .. HOLD) as header_matches actions; defer is "no action"
+# (jump_chain), approve/subscribe/unsubscribe have no equivalent.
+FILTER_ACTIONS = {0: None, 2: Action.REJECT, 3: Action.DISCARD, 6: Action.ACCEPT,
+                  7: Action.HOLD}
+FILTER_ACTION_NAMES = {1: "approve", 4: "subscribe", 5: "unsubscribe"}
+# The settings of Mailman 2.1's Hold handler that have native columns (the same names).
+CONTENT_KEYS = ("max_message_size", "max_num_recipients", "require_explicit_destination",
+                "administrivia", "bounce_matching_headers", "acceptable_aliases")
 KINDS = (("accept_these_nonmembers", Action.ACCEPT), ("hold_these_nonmembers", Action.HOLD),
          ("reject_these_nonmembers", Action.REJECT),
          ("discard_these_nonmembers", Action.DISCARD))
@@ -110,6 +136,8 @@ class Mailman2List:
     patterns: dict[Action, list[str]]
     rejection_notice: str | None
     warnings: list[str] = field(default_factory=list)
+    # Native content settings (``queries.CONTENT_SETTINGS`` keys) taken from config.pck.
+    content: dict = field(default_factory=dict)
 
     @property
     def posting_address(self) -> str:
@@ -199,7 +227,97 @@ def read_list(directory: Path) -> Mailman2List:
         display_name=_text(config.get("real_name")).strip() or name,
         members=members, emergency=bool(_int(config.get("emergency"), 0)),
         default_nonmember_action=NONMEMBER_ACTIONS[nonmember_code], patterns=patterns,
-        rejection_notice=notice, warnings=warnings)
+        rejection_notice=notice, warnings=warnings,
+        content=_content(config, name, warnings))
+
+
+def _content(config: dict, name: str, warnings: list[str]) -> dict:
+    """The Hold handler's settings and ``header_filter_rules``, as Mailman 3's importer
+    (``import_config_pck``) converts them."""
+    content: dict = {}
+    for key in ("max_message_size", "max_num_recipients"):
+        if key in config:
+            number = _int(config[key], -1)
+            if number < 0:
+                warnings.append(f"{name}: {key} {config[key]!r} is not a size; not "
+                                "imported")
+                continue
+            content[key] = number
+    for key in ("require_explicit_destination", "administrivia"):
+        if key in config:
+            content[key] = bool(_int(config[key], 0))
+    if "bounce_matching_headers" in config:
+        content["bounce_matching_headers"] = _text(config["bounce_matching_headers"])
+    if "acceptable_aliases" in config:
+        aliases = config["acceptable_aliases"]
+        lines = (_text(aliases).splitlines() if isinstance(aliases, (bytes, str))
+                 else [_text(alias) for alias in aliases or ()])
+        out = []
+        for alias in lines:
+            alias = alias.strip()
+            if alias:
+                out.append(alias if alias.startswith("^") else "^" + alias)
+        # Mailman 2.1 takes the list's name as a local part at any domain.
+        out.append(f"^{name}@")
+        content["acceptable_aliases"] = list(dict.fromkeys(out))
+    missing = [key for key in CONTENT_KEYS if key not in config]
+    if missing:
+        warnings.append(f"{name}: config.pck has no {', '.join(missing)} (an old "
+                        "Mailman 2 list?); left as the store has it")
+    if "header_filter_rules" in config:
+        content["header_matches"] = _header_matches(config["header_filter_rules"] or (),
+                                                    name, warnings)
+    return content
+
+
+def _header_matches(rules, name: str, warnings: list[str]) -> list:
+    """``header_filter_rules`` -> ``header_matches`` entries ``[header, pattern, action
+    label or None]`` (``mailman/utilities/importer.py``, line for line)."""
+    entries: list = []
+    seen = set()
+    for rule in rules:
+        try:
+            line_patterns, code = _text(rule[0]), _int(rule[1], -1)
+        except (IndexError, TypeError):
+            warnings.append(f"{name}: header_filter_rules entry {rule!r} is malformed; "
+                            "skipped")
+            continue
+        if code not in FILTER_ACTIONS:
+            what = FILTER_ACTION_NAMES.get(code, repr(code))
+            warnings.append(f"{name}: header_filter_rules rule {line_patterns!r} with the "
+                            f"{what} action has no header_matches equivalent; skipped "
+                            "(as Mailman 3's importer skips it)")
+            continue
+        action = FILTER_ACTIONS[code]
+        for line in line_patterns.splitlines():
+            if len(line.strip()) == 0:
+                continue
+            for sep in (": ", ":.*", ":.", ":"):
+                header, sep, pattern = line.partition(sep)
+                if sep:
+                    break
+            else:
+                warnings.append(f"{name}: header_filter_rules line {line!r} names no "
+                                "header; skipped (Mailman 3 cannot match any header)")
+                continue
+            header = header.strip().lstrip("^").lower().replace("\\", "")
+            if not header:
+                warnings.append(f"{name}: header_filter_rules line {line!r}: cannot "
+                                "parse the header; skipped")
+                continue
+            if len(pattern) == 0:
+                pattern = ".*"
+            try:
+                re.compile(pattern)
+            except re.error:
+                warnings.append(f"{name}: header_filter_rules line {line!r}: not a valid "
+                                "regular expression; skipped")
+                continue
+            if (header, pattern) in seen:
+                continue
+            seen.add((header, pattern))
+            entries.append([header, pattern, None if action is None else action.label])
+    return entries
 
 
 # --- writing the native store -------------------------------------------------------------
@@ -294,12 +412,18 @@ def _sync_list(session, mm2: Mailman2List, at_lists: dict[str, str]) -> ListRepo
     if row is None:
         row, _ = q.add_list(session, mm2.posting_address, **settings)
         report.created = True
+        if mm2.content:
+            q.set_list(session, mm2.posting_address, **mm2.content)
     else:
         report.settings = [key for key in settings if getattr(row, key) != settings[key]]
-        if report.settings:
+        changed = [key for key, value in mm2.content.items()
+                   if getattr(row, key) != q._content_value(key, value)]
+        if report.settings or changed:
             q.set_list(session, mm2.posting_address,
                        **{key: settings[key] if key != "rejection_notice"
-                          else (settings[key] or "") for key in report.settings})
+                          else (settings[key] or "") for key in report.settings},
+                       **{key: mm2.content[key] for key in changed})
+        report.settings += changed
 
     # Members: Mailman 2 has only direct memberships.
     wanted: dict[str, tuple[str, Action | None]] = {}

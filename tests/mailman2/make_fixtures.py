@@ -102,6 +102,17 @@ def base(name, host, real_name):
         "last_post_time": 1714521600.5,
         "post_id": 1205,
         "private_roster": 1,
+        # The Hold handler's settings, at Mailman 2.1's Defaults.py values.
+        "max_message_size": 40,
+        "max_num_recipients": 10,
+        "require_explicit_destination": 1,
+        "acceptable_aliases": "\n",
+        "administrivia": 1,
+        "bounce_matching_headers": "\n# Lines that *start* with a '#' are comments.\n"
+                                   "to: friend@public.com\n"
+                                   "message-id: relay.comanche.denmark.eu\n"
+                                   "from: list@listme.com\nfrom: .*@uplinkpro.com\n",
+        "header_filter_rules": [],
     }
 
 
@@ -127,6 +138,25 @@ def announce():
     d["info"] = u"Caf\xe9 announcements \u2013 read only"
     d["passwords"] = {"alice@example.org": "secret"}
     d["topics"] = [("News", "^news", "news items", False)]
+    # The Hold handler and SpamDetect settings (Mailman 3's importer converts them).
+    d["max_message_size"] = 0                  # off
+    d["max_num_recipients"] = 5
+    d["require_explicit_destination"] = 1
+    d["administrivia"] = 0
+    d["acceptable_aliases"] = ("announce-alias@lists.example.org\n"
+                               "  ^.*@announce\\.example\\.org$  \n\nnews\n")
+    d["bounce_matching_headers"] = "X-Bounce: ^yes\n"
+    d["header_filter_rules"] = [
+        ("X-Spam-Flag: YES", 3, False),                       # discard
+        ("^subject:.*viagra\n^x-mailer: evil", 2, False),      # reject, two lines
+        ("from: .*@spam\\.example", 0, False),                # defer: jump_chain
+        ("Subject:.*buy now", 7, False),                      # hold
+        ("x-list-ok:", 6, False),                             # accept, any value
+        ("x-approve-me: yes", 1, False),                      # approve: skipped
+        ("no colon here", 2, False),                          # no header: skipped
+        ("x-bad: [unclosed", 3, False),                       # bad regex: skipped
+        ("X-Spam-Flag: YES", 2, False),                       # duplicate: skipped
+    ]
     return d
 
 
@@ -160,6 +190,11 @@ def discuss(version=1):
 
 def legacy():
     d = base("legacy", "old.example.net", "Legacy")
+    # A list saved before these settings existed (data_version < 6x).
+    for key in ("max_message_size", "max_num_recipients", "require_explicit_destination",
+                "acceptable_aliases", "administrivia", "bounce_matching_headers",
+                "header_filter_rules"):
+        del d[key]
     d["members"] = {"ivan@example.net": 0}
     d["generic_nonmember_action"] = 3          # discard
     return d

@@ -285,3 +285,82 @@ def test_policyctl_import_mailman2(store):
     assert not PWNED.exists()
     code, out, err = _policyctl(["import-mailman2", "/nonexistent/mailman"], store.url)
     assert code == 2 and "not a directory" in err
+
+
+# --- the Hold handler's settings and header_filter_rules (issue 16) ----------------------
+
+
+def test_hold_settings_are_read_as_mailman3s_importer_reads_them():
+    """max_message_size (KB in both), max_num_recipients, require_explicit_destination,
+    administrivia and bounce_matching_headers are copied; every acceptable alias becomes a
+    ``^`` regex and ``^NAME@`` is added; header_filter_rules become header_matches one
+    per line (defer -> jump_chain, approve and unparseable lines skipped, duplicates
+    once), as ``mailman import21`` does."""
+    mm2 = read_list(MAILMAN / "lists" / "announce")
+    assert mm2.content == {
+        "max_message_size": 0, "max_num_recipients": 5,
+        "require_explicit_destination": True, "administrivia": False,
+        "bounce_matching_headers": "X-Bounce: ^yes\n",
+        "acceptable_aliases": ["^announce-alias@lists.example.org",
+                               "^.*@announce\\.example\\.org$", "^news", "^announce@"],
+        "header_matches": [
+            ["x-spam-flag", "YES", "discard"],
+            ["subject", "viagra", "reject"],
+            ["x-mailer", "evil", "reject"],
+            ["from", ".*@spam\\.example", None],
+            ["subject", "buy now", "hold"],
+            ["x-list-ok", ".*", "accept"],
+        ]}
+    warnings = " ".join(mm2.warnings)
+    assert "'x-approve-me: yes' with the approve action" in warnings
+    assert "'no colon here' names no header" in warnings
+    assert "'x-bad: [unclosed': not a valid regular expression" in warnings
+    defaults = read_list(MAILMAN / "lists" / "discuss").content
+    assert (defaults["max_message_size"], defaults["max_num_recipients"]) == (40, 10)
+    assert defaults["require_explicit_destination"] and defaults["administrivia"]
+    assert defaults["acceptable_aliases"] == ["^discuss@"]
+    assert defaults["header_matches"] == []
+    assert "to: friend@public.com" in defaults["bounce_matching_headers"]
+
+
+def test_an_old_list_without_the_settings_keeps_the_stores(store):
+    legacy = read_list(MAILMAN / "lists" / "legacy")
+    assert legacy.content == {}
+    assert any("has no max_message_size, max_num_recipients" in w for w in legacy.warnings)
+
+
+def test_hold_settings_reach_the_snapshot(store):
+    """Imported into the native columns and built into the list's content policy."""
+    import_path(store, MAILMAN)
+    snap, _ = snapshot_of(store)
+    content = snap.lists["announce@lists.example.org"].content
+    assert (content.max_message_size, content.max_num_recipients) == (0, 5)
+    assert content.require_explicit_destination and not content.administrivia
+    assert content.acceptable_aliases == (
+        "^announce-alias@lists.example.org", "^.*@announce\\.example\\.org$", "^news",
+        "^announce@")
+    assert [(m.header, m.pattern, m.action) for m in content.header_matches] == [
+        ("x-spam-flag", "YES", Action.DISCARD), ("subject", "viagra", Action.REJECT),
+        ("x-mailer", "evil", Action.REJECT), ("from", ".*@spam\\.example", None),
+        ("subject", "buy now", Action.HOLD), ("x-list-ok", ".*", Action.ACCEPT)]
+    assert [h for h, _ in content.bounce_matching_headers] == ["X-Bounce"]
+    discuss = snap.lists["discuss@lists.example.org"].content
+    assert (discuss.max_message_size, discuss.max_num_recipients) == (40, 10)
+    assert [h for h, _ in discuss.bounce_matching_headers] == [
+        "to", "message-id", "from", "from"]
+
+
+def test_a_changed_hold_setting_is_updated_and_reported(store, mailman_copy):
+    """Re-importing after Mailman 2 changed max_num_recipients updates the column and
+    names the setting; nothing else is rewritten."""
+    import_path(store, mailman_copy)
+    path = mailman_copy / "lists" / "discuss" / "config.pck"
+    data = loads_mailman2(path.read_bytes(), encoding="bytes")
+    data[b"max_num_recipients"] = 7
+    path.write_bytes(pickle.dumps(data, protocol=3))  # bytes as BINBYTES
+    result = import_path(store, mailman_copy)
+    reports = {r.address: r for r in result.reports}
+    assert reports["discuss@lists.example.org"].settings == ["max_num_recipients"]
+    assert all(r.unchanged for a, r in reports.items() if a != "discuss@lists.example.org")
+    snap, _ = snapshot_of(store)
+    assert snap.lists["discuss@lists.example.org"].content.max_num_recipients == 7
