@@ -141,6 +141,9 @@ KNOWN_REVISIONS: dict[str, str] = {
     "8cc1f79f4459": "add _member_id index on member (Mailman 3.3.10 head)",
 }
 
+# The revisions whose mailinglist has dmarc_addresses (2156fc3f6f7d and after).
+_DMARC_ADDRESSES = frozenset({"2156fc3f6f7d", "729a8f2045da", "8cc1f79f4459"})
+
 GATE_MAX_AGE = 60.0
 MEMBER_ROLE = 1
 NONMEMBER_ROLE = 4
@@ -179,6 +182,11 @@ mailinglist_t = Table(
     Column("administrivia", Boolean),
     Column("bounce_matching_headers", Unicode),
     Column("newsgroup_moderation", Integer),
+    # rules/dmarc.py (DMARCMitigateAction values; dmarc_addresses a pickled list, only
+    # from revision 2156fc3f6f7d on: read by ``_content_tables``).
+    Column("dmarc_mitigate_action", Integer),
+    Column("dmarc_mitigate_unconditionally", Boolean),
+    Column("dmarc_addresses", LargeBinary),
 )
 headermatch_t = Table(
     "headermatch", _metadata,
@@ -231,7 +239,8 @@ _LIST_SETTINGS = (
     # Appended: the rows' leading positions are read by index elsewhere.
     "moderator_password", "max_message_size", "max_num_recipients",
     "require_explicit_destination", "administrivia", "bounce_matching_headers",
-    "newsgroup_moderation", "id",
+    "newsgroup_moderation", "dmarc_mitigate_action", "dmarc_mitigate_unconditionally",
+    "id",
 )
 # The content settings' place in a list row: after the twelve moderation columns.
 _CONTENT_AT = 12
@@ -577,6 +586,11 @@ class Mailman3Backend:
                     digest.update(repr(tuple(bytes(v) if isinstance(v, memoryview) else v
                                              for v in row)).encode())
                 digest.update(b"|")
+            if revision in _DMARC_ADDRESSES:  # dmarc_addresses, where the schema has it
+                ml = mailinglist_t
+                for row in connection.execute(select(ml.c.id, ml.c.dmarc_addresses)
+                                              .order_by(ml.c.id)):
+                    digest.update(repr(_plain(row)).encode())
         except SQLAlchemyError as error:
             raise StoreUnavailable(f"cannot read the Mailman 3 database "
                                    f"{safe_url(self.url)}: {first_line(error)}") from None
@@ -667,7 +681,18 @@ def _content_tables(connection: Connection, ids=None) -> dict[int, tuple]:
         out[list_pk][0].append((header, pattern, chain))
     for list_pk, alias in connection.execute(aliases.order_by(aa.c.id)):
         out[list_pk][1].append(alias)
-    return {key: (tuple(m), tuple(sorted(a))) for key, (m, a) in out.items()}
+    # dmarc_addresses (a column of mailinglist, absent before revision 2156fc3f6f7d).
+    dmarc = {}
+    if connection.execute(select(alembic_t.c.version_num)).scalar() in _DMARC_ADDRESSES:
+        ml = mailinglist_t
+        rows = select(ml.c.id, ml.c.dmarc_addresses).where(ml.c.dmarc_addresses.is_not(None))
+        if ids is not None:
+            rows = rows.where(ml.c.id.in_(ids))
+        for list_pk, data in connection.execute(rows):
+            dmarc[list_pk] = bytes(data) if isinstance(data, memoryview) else data
+    return {key: (tuple(m), tuple(sorted(a)), dmarc.get(key))
+            for key, (m, a) in out.items()} | {
+        key: ((), (), data) for key, data in dmarc.items() if key not in out}
 
 
 def _with_content(connection: Connection, rows, ids=None) -> list[tuple]:
@@ -945,10 +970,10 @@ def specs_from_rows(domains, lists, addresses, users, members, bans):
 def _content_spec(values, where: str, problems: list[str]) -> dict:
     """The ``ListSpec`` keywords of the message rules from a list row's content columns
     and its ``_content_tables`` entry (absent in rows made by hand: all off)."""
-    if len(values) < 9:
+    if len(values) < 11:
         return {}
-    (password, max_size, max_recipients, explicit, administrivia, bounce, news, _pk,
-     (matches, aliases)) = values
+    (password, max_size, max_recipients, explicit, administrivia, bounce, news,
+     dmarc_action, dmarc_unconditionally, _pk, (matches, aliases, *dmarc)) = values
     if isinstance(password, memoryview):
         password = bytes(password)
     if isinstance(password, bytes):
@@ -971,7 +996,28 @@ def _content_spec(values, where: str, problems: list[str]) -> dict:
         "administrivia": bool(administrivia),
         "bounce_matching_headers": bounce or "",
         "newsgroup_moderated": news == _NEWS_MODERATED,
+        **_dmarc_spec(dmarc_action, dmarc_unconditionally, dmarc[0] if dmarc else None,
+                      where, problems),
     }
+
+
+def _dmarc_spec(action, unconditionally, addresses, where: str, problems: list[str]
+                ) -> dict:
+    """rules/dmarc.py's settings; an unknown action or an unloadable dmarc_addresses
+    pickle is reported and read as off/empty."""
+    if action not in (None, 0, 1, 2, 3, 4):
+        problems.append(f"{where}: dmarc_mitigate_action {action!r} is no "
+                        "DMARCMitigateAction; read as no_mitigation")
+        action = 0
+    try:
+        listed = tuple(loads_mailman3_list(addresses))
+    except UnsafePickleError as error:
+        problems.append(f"{where}: mailinglist.dmarc_addresses holds a pickle policyd "
+                        f"will not load ({error}); read as empty")
+        listed = ()
+    return {"dmarc_mitigate_action": action or 0,
+            "dmarc_mitigate_unconditionally": bool(unconditionally),
+            "dmarc_addresses": listed}
 
 
 def _merge(direct: dict, through_user: dict) -> dict:

@@ -113,8 +113,11 @@ def main() -> int:
         for key, value in settings.items():
             if key in ("default_member_action", "default_nonmember_action"):
                 value = action(value)
-            elif key.endswith("_these_nonmembers"):
+            elif key.endswith("_these_nonmembers") or key == "dmarc_addresses":
                 value = list(value)
+            elif key == "dmarc_mitigate_action":
+                from mailman.interfaces.mailinglist import DMARCMitigateAction
+                value = DMARCMitigateAction[value]
             setattr(mlist, key, value)
 
     def address_of(email):
