@@ -6,6 +6,9 @@ The list rejects nonmembers and has a moderator password.  A nonmember's post wi
 ``Approved: <the password>`` (a header, or the first line of the body) is accepted at DATA
 and delivered to the list's transport; with a wrong password it is refused with 550 at
 DATA, as any nonmember's post to that list; without any it is refused the same way.
+
+The site's ``[antispam] header_checks`` (``[mailman] config_file``) are checked the same
+way, with policyd restarted on a configuration that names a Mailman configuration file.
 """
 
 from __future__ import annotations
@@ -14,7 +17,7 @@ import json
 
 import pytest
 
-from .conftest import NONMEMBER, policyctl
+from .conftest import MEMBER, NONMEMBER, OTHER, policyctl, write_policyd_config
 from .harness import LIST_DOMAIN, Message, find_in_maildir, wait_delivered, wait_until
 
 pytestmark = [pytest.mark.integration, pytest.mark.mta]
@@ -118,3 +121,58 @@ def test_a_password_on_the_second_body_line_does_not_count(exim, announce_list):
                           ["Hello all,", f"Approved: {PASSWORD}"])
     result = exim.send(message)
     assert result.data is not None and result.data[0] == 550, result
+
+
+# --- the site's [antispam] header_checks, read from [mailman] config_file ----------------
+
+SITE_CFG = """\
+[mailman]
+site_owner: postmaster@lists.test.example
+
+[antispam]
+header_checks:
+  X-Spam-Flag: ^yes
+jump_chain: reject
+"""
+
+
+@pytest.fixture(scope="module")
+def site_checks(policyd, layout, announce_list):
+    """The session's policyd restarted with ``[mailman] config_file`` naming a Mailman
+    configuration with one header check and ``jump_chain: reject``; restored after."""
+    normal = policyd.config
+    (layout.policyd_dir / "mailman.cfg").write_text(SITE_CFG, encoding="utf-8")
+    config = write_policyd_config(layout, "policyd-site.conf", "safe")
+    with open(config, "a", encoding="utf-8") as out:
+        out.write("\n[mailman]\nconfig_file = mailman.cfg\n")
+    policyd.stop()
+    policyd.start(config)
+    try:
+        yield policyd
+    finally:
+        policyd.stop()
+        policyd.start(normal)
+
+
+def test_a_site_header_check_rejects_a_members_post(exim, site_checks):
+    """A member's post that matches the site's header check gets jump_chain (reject):
+    550 at DATA; the same post without the header is accepted and delivered."""
+    flagged = Message(MEMBER, [OTHER], [f"From: <{MEMBER}>", f"To: {OTHER}",
+                                        "X-Spam-Flag: YES, score 9"])
+    result = exim.send(flagged)
+    assert result.data is not None and result.data[0] == 550, result
+    clean = Message(MEMBER, [OTHER], [f"From: <{MEMBER}>", f"To: {OTHER}",
+                                      "X-Spam-Flag: no"])
+    result = exim.send(clean)
+    assert result.data is not None and result.data[0] == 250, result
+    wait_delivered(exim.maildir / "lists", clean.tag)
+
+
+def test_the_right_password_comes_before_the_site_checks(exim, site_checks):
+    """Mailman's chain runs approved before header-match: the announcement with the
+    right password is accepted even with the flagged header."""
+    message = Message(NONMEMBER, [NEWS], headers(f"Approved: {PASSWORD}",
+                                                 "X-Spam-Flag: yes"))
+    result = exim.send(message)
+    assert result.data is not None and result.data[0] == 250, result
+    wait_delivered(exim.maildir / "lists", message.tag)
