@@ -167,7 +167,7 @@ def check_config(path, out: IO[str], err: IO[str]) -> int:
         notes.append(f"[mailman] config_file: {len(site.checks)} site header_checks "
                      f"line{'' if len(site.checks) == 1 else 's'} from {site.source}, "
                      f"jump_chain {site.jump_chain.label}")
-    notes += [f"[mailman] config_file: {note}" for note in config.store.site_notes]
+    notes += [f"[mailman] config_file: {note}" for note in site.notes]
     for note in notes:
         print(f"policyd: note: {note}", file=out)
     for problem in problems:

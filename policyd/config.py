@@ -55,9 +55,8 @@ class StoreConfig:
     listen_notify: bool = True
     # ``[mailman] config_file``: Mailman's site ``[antispam] header_checks`` and
     # ``jump_chain`` (``policyd.mailman_site``), carried into every snapshot the store
-    # builds; ``site_notes``: the lines Mailman and policyd skip.
+    # builds (the lines Mailman and policyd skip: ``site_header_checks.notes``).
     site_header_checks: SiteHeaderChecks = NO_SITE_CHECKS
-    site_notes: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -471,7 +470,7 @@ def parse(text: str, source: str = "<config>", base: Path | None = None) -> Conf
     if m["min_delay"] >= m["max_age"]:
         raise ConfigError(f"{source}: [moderation] min_delay = {m['min_delay']:g} is not "
                           f"valid (allowed: less than max_age = {m['max_age']:g})")
-    site, site_notes = _mailman_site(source, values["mailman"]["config_file"], path_of)
+    site = _mailman_site(source, values["mailman"]["config_file"], path_of)
     smtp = values["smtp"]
     return Config(
         source=source,
@@ -483,7 +482,7 @@ def parse(text: str, source: str = "<config>", base: Path | None = None) -> Conf
             refresh_timeout=s["refresh_timeout"],
             verify_interval=s["verify_interval"],
             listen_notify=s["listen_notify"],
-            site_header_checks=site, site_notes=site_notes),
+            site_header_checks=site),
         daemon=DaemonConfig(
             state_dir=state_dir,
             control_socket=path_of(d["control_socket"]),
@@ -509,20 +508,19 @@ def parse(text: str, source: str = "<config>", base: Path | None = None) -> Conf
     )
 
 
-def _mailman_site(source: str, config_file: str, path_of
-                  ) -> tuple[SiteHeaderChecks, tuple[str, ...]]:
+def _mailman_site(source: str, config_file: str, path_of) -> SiteHeaderChecks:
     """``[mailman] config_file``: Mailman's site header checks, read now (start-up and
     ``--check-config`` refuse a file Mailman could not use either)."""
     if not config_file:
-        return NO_SITE_CHECKS, ()
+        return NO_SITE_CHECKS
     from . import mailman_site
 
     try:
-        site, notes = mailman_site.load(path_of(config_file))
+        site, _ = mailman_site.load(path_of(config_file))
     except mailman_site.SiteConfigError as error:
         raise ConfigError(f"{source}: [mailman] config_file = {config_file}: {error} "
                           "(allowed: Mailman 3's mailman.cfg, readable by policyd)") from None
-    return site, tuple(notes)
+    return site
 
 
 def listener_keys(config: Config):

@@ -106,7 +106,7 @@ def parse_antispam(header_checks: str, jump_chain: str,
                          f"the pattern does not compile ({error}): Mailman's rule never "
                          "matches, nor does policyd's")
         checks.append((index, HeaderMatch(header, pattern, regex, None)))
-    return SiteHeaderChecks(tuple(checks), JUMP_CHAINS[chain], source), notes
+    return SiteHeaderChecks(tuple(checks), JUMP_CHAINS[chain], source, tuple(notes)), notes
 
 
 def load(path: str | Path) -> tuple[SiteHeaderChecks, list[str]]:

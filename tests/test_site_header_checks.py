@@ -224,3 +224,27 @@ def _write_conf(tmp_path):
     path.write_text(f"[store]\nurl = sqlite:///{tmp_path}/policyd.sqlite\n"
                     "[mailman]\nconfig_file = mailman.cfg\n")
     return path
+
+
+def test_skipped_lines_are_snapshot_problems_and_stay_after_a_refresh(tmp_path):
+    """What Mailman skips is reported where a list's skipped pattern is: in the
+    snapshot's problems (logged at each load), kept by an incremental refresh."""
+    site, notes = mailman_site.load(cfg(tmp_path, "[antispam]\nheader_checks: bogus\n"))
+    snapshot = snap(site)
+    assert list(snapshot.problems) == notes and "no colon" in notes[0]
+    again = replace_lists(snapshot, [ListSpec(LIST)], version="2")
+    assert list(again.problems) == notes
+
+
+def test_the_mailman3_backend_is_given_them_too(tmp_path):
+    from policyd.store.mailman3 import Mailman3Backend
+
+    cfg(tmp_path, SITE)
+    config = parse("[store]\nbackend = mailman3\nurl = sqlite:///mailman.db\n"
+                   "[mailman]\nconfig_file = mailman.cfg\n", base=tmp_path)
+    backend = open_backend(config.store)
+    try:
+        assert isinstance(backend, Mailman3Backend)
+        assert backend.site_header_checks == config.store.site_header_checks
+    finally:
+        backend.close()

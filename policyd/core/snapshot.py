@@ -143,11 +143,13 @@ class SiteHeaderChecks:
     """Mailman's ``[antispam]`` section (``policyd.mailman_site`` reads it): the
     ``header_checks`` lines, in order (``line``: their index in the value, as Mailman
     names its rules ``header-match-config-<line>``), and ``jump_chain``, the action of a
-    site match and of every list ``header_matches`` entry without its own."""
+    site match and of every list ``header_matches`` entry without its own.  ``notes``:
+    the lines Mailman skips (and policyd with it), reported in ``Snapshot.problems``."""
 
     checks: tuple[tuple[int, HeaderMatch], ...] = ()
     jump_chain: Action = Action.HOLD
     source: str = ""
+    notes: tuple[str, ...] = ()
 
 
 NO_SITE_CHECKS = SiteHeaderChecks()
@@ -574,6 +576,7 @@ def build(
     for posting in policies:
         host = split_address(posting)[1]
         domain_map.setdefault(host, host)
+    problems.extend(site_header_checks.notes)
     return Snapshot(
         lists=MappingProxyType(policies),
         domains=MappingProxyType(domain_map),
