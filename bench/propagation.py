@@ -22,6 +22,9 @@ seconds and it prints the database's load per idle daemon: statements/s from
 database, else transactions/s from ``pg_stat_database`` (``xact_commit`` +
 ``xact_rollback``; every token check is one transaction).
 
+``python -m bench`` (``make bench``) calls ``bench_figures``: NOTIFY propagation to 3
+daemons, then the idle load of 3 polling ones.
+
 Needs the policyd package importable and its ``policyd`` console script beside the Python
 running this (a virtualenv's ``bin``).  Exits 1 if a change was not answered by every
 daemon within 30 s.
@@ -41,6 +44,7 @@ import tempfile
 import threading
 import time
 import uuid
+from contextlib import contextmanager
 from pathlib import Path
 
 if __package__ in (None, ""):  # run as a file: python bench/propagation.py
@@ -179,8 +183,10 @@ def _propagation(store, daemons: list[Daemon], changes: int, spread: float
     return times
 
 
-def _idle_load(admin, database: str, daemons: int, seconds: float) -> dict:
-    """Queries (or transactions) per second per idle daemon over ``seconds``."""
+def _idle_load(admin, database: str, daemons: int, seconds: float,
+               settle: float = 11.0) -> dict:
+    """Queries (or transactions) per second per idle daemon over ``seconds``, after
+    ``settle`` seconds for the statistics of earlier work to land."""
     import psycopg2
 
     statements = probe = None
@@ -216,20 +222,24 @@ def _idle_load(admin, database: str, daemons: int, seconds: float) -> dict:
             connection.close()
 
     # An idle backend flushes its statistics up to 10 s late (PostgreSQL 15's
-    # PGSTAT_IDLE_INTERVAL): let those of the changes above land first.
-    time.sleep(11.0)
+    # PGSTAT_IDLE_INTERVAL): let those of the changes above land first.  (A polling
+    # daemon's backend flushes at its next transaction, a closed one at once.)
+    time.sleep(settle)
     before, started = sample(), time.monotonic()
     time.sleep(seconds)
     after, elapsed = sample(), time.monotonic() - started
     if statements is not None:
         statements.close()
     rate = (after - before) / elapsed / daemons
-    return {"per_daemon_per_s": round(rate, 3),
+    return {"per_daemon_per_s": round(rate, 3), "seconds": round(elapsed, 1),
             "source": "pg_stat_statements calls" if statements is not None
             else "pg_stat_database xact_commit+xact_rollback"}
 
 
-def run_mode(mode: str, args, url: str, admin: dict, database: str, base: Path) -> dict:
+def run_mode(mode: str, args, url: str, admin: dict, database: str, base: Path, *,
+             settle: float = 11.0, spread: float | None = None) -> dict:
+    """``args.daemons`` daemons in ``mode``; ``args.changes`` changes propagated (none:
+    no propagation figure), then ``args.idle`` seconds of idle load (0: none)."""
     from policyd.store import Store
 
     listen = mode == "notify"
@@ -241,8 +251,11 @@ def run_mode(mode: str, args, url: str, admin: dict, database: str, base: Path) 
             daemons.append(Daemon(base / mode, i, url, interval, listen))
         for daemon in daemons:
             daemon.wait_ready(listen)
-        times = _propagation(store, daemons, args.changes, max(0.2, args.interval))
-        load = _idle_load(admin, database, len(daemons), args.idle)
+        times = _propagation(store, daemons, args.changes,
+                             spread if spread is not None else max(0.2, args.interval))
+        store.close()  # its backend's statistics land now, not in the idle window
+        load = _idle_load(admin, database, len(daemons), args.idle, settle) \
+            if args.idle > 0 else None
     finally:
         store.close()
         for daemon in daemons:
@@ -250,10 +263,71 @@ def run_mode(mode: str, args, url: str, admin: dict, database: str, base: Path) 
     return {
         "mode": mode, "refresh_interval": interval, "daemons": len(daemons),
         "changes": args.changes,
-        "median_ms": [round(statistics.median(t) * 1000, 1) for t in times],
-        "max_ms": [round(max(t) * 1000, 1) for t in times],
+        "median_ms": [round(statistics.median(t) * 1000, 1) for t in times if t],
+        "max_ms": [round(max(t) * 1000, 1) for t in times if t],
+        "all_ms": [[round(x * 1000, 1) for x in t] for t in times],
         "idle_load": load,
     }
+
+
+@contextmanager
+def scratch_database(admin: dict):
+    """A new PostgreSQL database with the store's schema and one list (``LIST``, rejects
+    nonmembers; ``MEMBER`` its member), dropped (forcibly) at the end: (url, name)."""
+    import psycopg2
+
+    from policyd.core.verdict import Action
+    from policyd.store import Store
+    from policyd.store import queries as q
+    from policyd.store.models import MemberRole
+
+    database = f"policyd_bench_{uuid.uuid4().hex[:10]}"
+    connection = psycopg2.connect(dbname="postgres", **admin)
+    connection.autocommit = True
+    try:
+        with connection.cursor() as cursor:
+            cursor.execute(f'CREATE DATABASE "{database}"')
+        url = (f"postgresql+psycopg2://{admin['user']}@{admin['host']}:{admin['port']}/"
+               f"{database}")
+        try:
+            store = Store(url)
+            store.upgrade()
+            with store.write() as session:
+                mlist, _ = q.add_list(session, LIST, default_nonmember_action=Action.REJECT)
+                q.add_members(session, mlist, q.entries_from([MEMBER], None),
+                              MemberRole.MEMBER, None)
+            store.close()
+            yield url, database
+        finally:
+            with connection.cursor() as cursor:
+                cursor.execute(f'DROP DATABASE IF EXISTS "{database}" WITH (FORCE)')
+    finally:
+        connection.close()
+
+
+def bench_figures(*, daemons: int = 3, changes: int = 10, idle: float = 20.0,
+                  interval: float = 2.0, settle: float = 4.0, pg_host: str = "127.0.0.1",
+                  pg_port: int = 5432, pg_user: str = "postgres") -> dict:
+    """What ``python -m bench`` reports (issue 12): ``changes`` changes propagated by
+    NOTIFY to ``daemons`` daemons (``refresh_interval`` 30 s: only NOTIFY is in time;
+    random pauses of 0.1-0.5 s between changes), then as many daemons polling
+    (``listen_notify = off``, ``refresh_interval`` ``interval``) idle for ``idle``
+    seconds: the database's load per daemon.  Raises on a PostgreSQL that cannot be
+    reached (psycopg2.OperationalError) and on a change not answered in 30 s."""
+    admin = {"host": pg_host, "port": pg_port, "user": pg_user}
+    notify = argparse.Namespace(daemons=daemons, changes=changes, interval=interval, idle=0)
+    poll = argparse.Namespace(daemons=daemons, changes=0, interval=interval, idle=idle)
+    base = Path(tempfile.mkdtemp(prefix="pdb-", dir="/tmp"))
+    try:
+        with scratch_database(admin) as (url, database):
+            out = {}
+            for mode, args in (("notify", notify), ("poll", poll)):
+                (base / mode).mkdir()
+                out[mode] = run_mode(mode, args, url, admin, database, base, settle=settle,
+                                     spread=0.5)
+            return out
+    finally:
+        shutil.rmtree(base, ignore_errors=True)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -271,40 +345,17 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--json", action="store_true")
     args = parser.parse_args(argv)
 
-    import psycopg2
-
-    from policyd.core.verdict import Action
-    from policyd.store import Store
-    from policyd.store import queries as q
-    from policyd.store.models import MemberRole
-
     admin = {"host": args.pg_host, "port": args.pg_port, "user": args.pg_user}
-    database = f"policyd_bench_{uuid.uuid4().hex[:10]}"
-    connection = psycopg2.connect(dbname="postgres", **admin)
-    connection.autocommit = True
-    with connection.cursor() as cursor:
-        cursor.execute(f'CREATE DATABASE "{database}"')
-    url = (f"postgresql+psycopg2://{args.pg_user}@{args.pg_host}:{args.pg_port}/"
-           f"{database}")
     base = Path(tempfile.mkdtemp(prefix="pdb-", dir="/tmp"))
     results = []
     try:
-        store = Store(url)
-        store.upgrade()
-        with store.write() as session:
-            mlist, _ = q.add_list(session, LIST, default_nonmember_action=Action.REJECT)
-            q.add_members(session, mlist, q.entries_from([MEMBER], None),
-                          MemberRole.MEMBER, None)
-        store.close()
-        modes = ("notify", "poll") if args.mode == "both" else (args.mode,)
-        for mode in modes:
-            (base / mode).mkdir()
-            results.append(run_mode(mode, args, url, admin, database, base))
+        with scratch_database(admin) as (url, database):
+            modes = ("notify", "poll") if args.mode == "both" else (args.mode,)
+            for mode in modes:
+                (base / mode).mkdir()
+                results.append(run_mode(mode, args, url, admin, database, base))
     finally:
         shutil.rmtree(base, ignore_errors=True)
-        with connection.cursor() as cursor:
-            cursor.execute(f'DROP DATABASE IF EXISTS "{database}" WITH (FORCE)')
-        connection.close()
     if args.json:
         print(json.dumps(results, indent=2))
         return 0
@@ -315,7 +366,9 @@ def main(argv: list[str] | None = None) -> int:
             print(f"  daemon {i}: commit to first answer median {median:.1f} ms, "
                   f"max {worst:.1f} ms")
         load = r["idle_load"]
-        print(f"  idle load: {load['per_daemon_per_s']:.2f}/s per daemon ({load['source']})")
+        if load is not None:
+            print(f"  idle load: {load['per_daemon_per_s']:.2f}/s per daemon "
+                  f"({load['source']})")
     return 0
 
 

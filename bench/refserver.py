@@ -17,7 +17,11 @@ answering a constant: the members of every list are read from the store once (a 
 posting address -> frozenset of addresses, address strings shared between lists), and
 each request is answered by one set probe: Exim decodes ``list=`` (the first list) and
 the base64 ``sender=``, Postfix takes ``recipient=`` and ``sender=`` from the block; a
-member is accepted (``ACCEPT`` / ``action=DUNNO``), anybody else rejected.  No rules,
+member is accepted (``ACCEPT`` / ``action=DUNNO``), anybody else rejected.  A DATA-ACL
+line with the message (``headers=``, ``body=``, ``size=``, ``client=``; several KB) is
+read whole and split into its words like any other, and answered by the same lookup:
+the message is not decoded (``bench.headermix`` lines get the answers of their
+``exim.txt`` twins).  No rules,
 headers, moderation, logging or counters: the floor a Twisted server doing this job stands
 on, which the open-loop tail targets compare policyd with.
 """

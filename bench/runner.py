@@ -335,6 +335,22 @@ class Bench:
             marker.write_text(stamp)
         return pristine, mixes
 
+    def _header_mix(self, data: Dataset, mixes: Path, count: int) -> Path:
+        """The Exim requests with the message (``bench.headermix``) beside ``mixes``'
+        exim.txt: generated unless up to date."""
+        from .headermix import write_header_mix
+
+        path = mixes / "exim-headers.txt"
+        marker = mixes / "exim-headers.stamp"
+        stamp = _source_stamp("dataset.py", "mix.py", "headermix.py") + f"-{count}"
+        if not (path.exists() and marker.exists() and marker.read_text() == stamp):
+            log(f"generating {count:,} Exim requests with a header block ({data.lists} "
+                "lists)")
+            figures = write_header_mix(path, data, count)
+            path.with_suffix(".json").write_text(json.dumps(figures))
+            marker.write_text(stamp)
+        return path
+
     def _job(self) -> None:
         """postfwd's membership job: store and requests (``bench.peer``)."""
         from . import peer
@@ -362,6 +378,11 @@ class Bench:
         self.small_pristine, self.small_mixes = self._dataset(self.small, min(count, 60_000))
         self._job()
         self.results["mix_kinds"] = json.loads((self.mixes / "kinds.json").read_text())
+        header_count = 2000 if self.args.quick else 20_000
+        self.header_mix = self._header_mix(self.data, self.mixes, header_count)
+        self.small_header_mix = self._header_mix(self.small, self.small_mixes, header_count)
+        self.results["header_mix"] = json.loads(
+            self.header_mix.with_suffix(".json").read_text())
         self.work = self.state / "work"
         shutil.rmtree(self.work, ignore_errors=True)
         self.work.mkdir()
@@ -702,6 +723,225 @@ class Bench:
                      out["exim"]["errors"] + out["postfix"]["errors"]
                      + (0 if out["scrape_ok"] else 1))
         self.servers.pop("policyd-10k-metrics")["daemon"].stop()
+
+    # --- issue 16: the Exim request with the message ----------------------------------------
+
+    def exim_headers(self) -> None:
+        """Exim closed loop c=8 with the DATA ACL's whole request (``headers=`` of 2-4 KB,
+        ``body=``, ``size=``, ``client=``; ``bench.headermix``): policyd on the 1M store
+        and the same-lookup refserver, interleaved run by run.  Without headers: the
+        closed loop's figures of the same servers."""
+        self.suite("Exim with the message (2-4 KB header block; closed loop c=8)")
+        runs: dict = {"policyd": [], "lookup": []}
+        for run in range(self.args.runs):
+            for server in ("policyd", "lookup"):
+                result = self.run_load(f"{server} exim-headers-unix-c8", "exim",
+                                       self.servers[server]["exim"], 8,
+                                       server_pid=self.servers[server]["pid"],
+                                       requests=self.header_mix)
+                self.truncate_logs()
+                runs[server].append(result)
+                log(f"  {server:8} exim with headers c=8 {result['qps']:>9,.0f} q/s  p99 "
+                    f"{result['p99_ms']:7.2f} ms  CPU "
+                    f"{_fmt(result.get('server_cpu_us_per_req'), '.0f')} µs/req  replies "
+                    f"{result['replies']}  errors {result['errors'] + result['bad_replies']}")
+        closed = self.results["figures"]["closed"]
+        figure: dict = {"mix": self.results.get("header_mix")}
+        for server, rs in runs.items():
+            plain = closed[f"{server} exim-unix-c8"]
+            # policyd never defers these (no moderation, no store trouble): a DEFER is a
+            # request it could not read
+            deferred = sum(r["replies"].get("DEFER", 0) for r in rs) \
+                if server == "policyd" else 0
+            figure[server] = {
+                "qps": median(r["qps"] for r in rs),
+                "cpu_us_per_req": median(r.get("server_cpu_us_per_req") for r in rs),
+                "p99_ms": median(r["p99_ms"] for r in rs),
+                "errors": sum(r["errors"] + r["bad_replies"] for r in rs) + deferred,
+                "deferred": deferred, "replies": rs[-1]["replies"],
+                "plain_qps": plain["qps"], "plain_cpu_us_per_req": plain["cpu_us_per_req"]}
+        figure["ratio"] = median(m["qps"] / r["qps"] for m, r in zip(runs["policyd"],
+                                                                   runs["lookup"]) if r["qps"])
+        self.results["figures"]["exim_headers"] = figure
+        mine, ref, mix = figure["policyd"], figure["lookup"], figure["mix"] or {}
+        self.measure("exim_headers_c8_vs_lookup", figure["ratio"],
+                     f"policyd {mine['qps']:,.0f} q/s, "
+                     f"{_fmt(mine['cpu_us_per_req'], '.0f')} µs CPU/req (without headers "
+                     f"{mine['plain_qps']:,.0f} q/s, {_fmt(mine['plain_cpu_us_per_req'], '.0f')}"
+                     f" µs); same-lookup {ref['qps']:,.0f} q/s, "
+                     f"{_fmt(ref['cpu_us_per_req'], '.0f')} µs (without "
+                     f"{_fmt(ref['plain_cpu_us_per_req'], '.0f')} µs); header blocks "
+                     f"{mix.get('header_bytes_min', 0):,}-{mix.get('header_bytes_max', 0):,} B"
+                     + (f"; {mine['deferred']} DEFER answers" if mine["deferred"] else ""),
+                     mine["errors"] + ref["errors"])
+
+    # --- issue 17: SMTP-time moderation on / off ----------------------------------------------
+
+    def moderation_cost(self) -> None:
+        """CPU per request at the same fixed rate on the 10k store, every list's
+        ``smtp_moderation = greylist`` against the running 10k daemon (off).  Lookups
+        only: ``bench.modprime`` remembers, before the daemon starts, every (list, sender)
+        of the mixes that moderation looks at, so each such request is one index lookup
+        (``remembered``) and no state row is written per request.  Exim: the requests
+        with the message (moderation runs at DATA only); Postfix: the usual mix."""
+        from policyd import control_client
+
+        self.suite("SMTP-time moderation on / off (greylist on every list, lookups only; "
+                   "CPU per request at a fixed rate)")
+        store = self.work / "moderation.sqlite"
+        shutil.copyfile(self.small_pristine, store)
+        postfix_requests = self.small_mixes / "postfix.txt"
+        primed = subprocess.run(
+            [str(self.python), "-m", "bench.modprime", str(store), "greylist",
+             str(self.small_header_mix), str(postfix_requests)],
+            capture_output=True, text=True, cwd=REPO, timeout=600)
+        if primed.returncode != 0:
+            raise RuntimeError(f"bench.modprime failed: {primed.stderr.strip()[-500:]}")
+        info = json.loads(primed.stdout)
+        log(f"  primed: {info['remembered']:,} remembered senders; lookups in the mixes: "
+            f"exim {info['exim_lookups']:,} of {info['exim_requests']:,}, postfix "
+            f"{info['postfix_lookups']:,} of {info['postfix_requests']:,}")
+        daemon = self.start_daemon("policyd-10k-moderation", store)
+        try:
+            sample = info["sample"]
+            deadline = time.monotonic() + 30
+            state = {}
+            while time.monotonic() < deadline:  # the first sync loads the state
+                answer = control_client.query(daemon.control, sample["recipient"],
+                                              sample["sender"], timeout=10)
+                state = answer.get("moderation") or {}
+                if state.get("usable") and state.get("remembered_until"):
+                    break
+                time.sleep(0.25)
+            else:
+                raise RuntimeError(f"the moderation state was not loaded in 30 s: {state}")
+            closed = self.results["figures"]["closed"]
+            headers = self.results["figures"].get("exim_headers", {}).get("policyd", {})
+            rates = {"exim": 0.5 * headers["qps"] if headers.get("qps")
+                     else 0.25 * closed["policyd-10k exim-unix-c8"]["qps"],
+                     "postfix": 0.5 * closed["policyd-10k postfix-unix-c8"]["qps"]}
+            out: dict = {"primed": info}
+            for shape, requests in (("exim", self.small_header_mix),
+                                    ("postfix", postfix_requests)):
+                rate = rates[shape]
+                pairs = []
+                transitions: dict = {}
+                for run in range(self.args.runs):
+                    on = self.run_load(f"moderation on {shape}", shape,
+                                       self.servers["policyd-10k-moderation"][shape], 8,
+                                       server_pid=daemon.pid, rate=rate, requests=requests)
+                    off = self.run_load(f"moderation off {shape}", shape,
+                                        self.servers["policyd-10k"][shape], 8,
+                                        server_pid=self.servers["policyd-10k"]["pid"],
+                                        rate=rate, requests=requests)
+                    # the on run's decision lines, flushed by now
+                    for name, count in _moderation_transitions(daemon.log_file).items():
+                        transitions[name] = transitions.get(name, 0) + count
+                    self.truncate_logs()
+                    pairs.append((on, off))
+                    log(f"  {shape:7} {rate:,.0f}/s  moderation on "
+                        f"{on['server_cpu_us_per_req']} µs/req, off "
+                        f"{off['server_cpu_us_per_req']} µs/req; lookups so far "
+                        f"{transitions}")
+                out[shape] = {
+                    "rate": rate,
+                    "on_us": median(p[0]["server_cpu_us_per_req"] for p in pairs),
+                    "off_us": median(p[1]["server_cpu_us_per_req"] for p in pairs),
+                    "ratio": median(p[0]["server_cpu_us_per_req"]
+                                    / p[1]["server_cpu_us_per_req"]
+                                    for p in pairs if p[1]["server_cpu_us_per_req"]),
+                    "errors": sum(p[0]["errors"] + p[0]["bad_replies"] + p[1]["errors"]
+                                  + p[1]["bad_replies"] for p in pairs),
+                    "replies_on": pairs[-1][0]["replies"],
+                    "replies_off": pairs[-1][1]["replies"],
+                    # what moderation did with the requests it looked at (decision log)
+                    "transitions": transitions,
+                }
+        finally:
+            self.servers.pop("policyd-10k-moderation")["daemon"].stop()
+        self.results["figures"]["moderation"] = out
+        worse = max(("exim", "postfix"), key=lambda s: out[s]["ratio"] or 0)
+        other = "exim" if worse == "postfix" else "postfix"
+
+        def looked(shape):
+            t = out[shape]["transitions"]
+            return (f"{shape} {sum(t.values()):,} lookups"
+                    + (f" ({', '.join(f'{k} {v:,}' for k, v in sorted(t.items()))})"
+                       if t else ""))
+
+        # A lookup that was not "remembered" wrote a state row: not "lookups only".
+        stateful = sum(v for shape in ("exim", "postfix")
+                       for k, v in out[shape]["transitions"].items() if k != "remembered")
+        self.measure("moderation_cpu_ratio", out[worse]["ratio"],
+                     f"{worse} {out[worse]['on_us']:.0f} vs {out[worse]['off_us']:.0f} µs/req;"
+                     f" {other} {_fmt(out[other]['ratio'], '.3f')} x; {looked('exim')}, "
+                     f"{looked('postfix')}"
+                     + (f"; {stateful} requests created moderation state" if stateful else ""),
+                     out["exim"]["errors"] + out["postfix"]["errors"])
+
+    # --- issue 13: codec time against the request's size ------------------------------------
+
+    def codecs(self) -> None:
+        """In-process parse time of an Exim line and a Postfix request of 1, 8, 64 KB
+        (``bench.codectime``)."""
+        self.suite("codecs (in-process parse time against the request size)")
+        done = subprocess.run(["taskset", "-c", SERVER_CPU, str(self.python), "-m",
+                               "bench.codectime"], capture_output=True, text=True, cwd=REPO,
+                              timeout=300)
+        if done.returncode != 0:
+            raise RuntimeError(f"bench.codectime failed: {done.stderr.strip()[-500:]}")
+        figure = json.loads(done.stdout)
+        self.results["figures"]["codecs"] = figure
+        names = ("exim", "postfix", "postfix_chunked")
+        for name in names:
+            log(f"  {name:15} " + ", ".join(
+                f"{int(size) // 1024} KB {figure[name][str(size)]['us']:g} µs "
+                f"({figure[name][str(size)]['ns_per_byte']:g} ns/B)"
+                for size in figure["sizes"]) + f"; 64 KB / 8 KB {figure[name]['ratio']:g}")
+        worst = max(names, key=lambda n: figure[n]["ratio"])
+        self.measure("codec_64k_vs_8k", figure[worst]["ratio"], "; ".join(
+            f"{name.replace('_', ' ')} " + " / ".join(
+                f"{figure[name][str(size)]['us']:.3g}" for size in figure["sizes"])
+            + f" µs = {figure[name][str(figure['sizes'][-1])]['ns_per_byte']:.3g} ns/B at "
+            "64 KB" for name in names) + " (1 / 8 / 64 KB)")
+
+    # --- issue 12: NOTIFY propagation and the polling load on PostgreSQL ---------------------
+
+    def pg_propagation(self) -> None:
+        """``bench.propagation.bench_figures``: 3 daemons on one PostgreSQL database with
+        NOTIFY (commit to the first reflecting answer in each), then 3 idle polling
+        daemons (the database's transactions per second per daemon)."""
+        self.suite("propagation on PostgreSQL (NOTIFY, 3 daemons) and the polling load")
+        if self.args.skip_postgresql:
+            self.measure("notify_propagation_ms", skip="--skip-postgresql")
+            return
+        from . import propagation
+
+        try:
+            import psycopg2
+
+            psycopg2.connect(dbname="postgres", host="127.0.0.1", port=5432,
+                             user="postgres", connect_timeout=5).close()
+        except Exception as error:  # noqa: BLE001 - no PostgreSQL here: a SKIP, said why
+            self.measure("notify_propagation_ms",
+                         skip=f"PostgreSQL unavailable: {str(error).strip()[:120]}")
+            return
+        quick = self.args.quick
+        figure = propagation.bench_figures(daemons=3, changes=4 if quick else 10,
+                                           idle=6.0 if quick else 20.0)
+        self.results["figures"]["pg_propagation"] = figure
+        notify, poll = figure["notify"], figure["poll"]
+        load = poll["idle_load"]
+        log(f"  NOTIFY: commit to first answer, median per daemon {notify['median_ms']} ms, "
+            f"worst {notify['max_ms']} ms ({notify['changes']} changes)")
+        log(f"  polling (refresh_interval {poll['refresh_interval']:g} s): "
+            f"{load['per_daemon_per_s']:.2f}/s per idle daemon ({load['source']}, "
+            f"{load['seconds']:g} s)")
+        everything = [x for times in notify["all_ms"] for x in times]
+        self.measure("notify_propagation_ms", max(notify["median_ms"]),
+                     f"medians per daemon {', '.join(f'{m:.0f}' for m in notify['median_ms'])}"
+                     f" ms, worst {max(everything):.0f} ms; {notify['changes']} changes, 3 "
+                     f"daemons, refresh_interval {notify['refresh_interval']:g} s")
 
     # --- the peer ----------------------------------------------------------------------------
 
@@ -1054,6 +1294,7 @@ class Bench:
 
             self.closed_loop()
             self.open_loop()
+            self.guarded(("exim_headers_c8_vs_lookup",), self.exim_headers)
             self.servers.pop("policyd-safe")["daemon"].stop()
             for name in ("constant", "lookup"):
                 _stop(self.servers.pop(name)["proc"])
@@ -1077,6 +1318,7 @@ class Bench:
                          f"{memberships:,} memberships")
 
             self.guarded(("metrics_cpu_ratio",), self.metrics_cost)
+            self.guarded(("moderation_cpu_ratio",), self.moderation_cost)
             self.servers.pop("policyd-10k")["daemon"].stop()
 
             self.suite("rebuild under load")
@@ -1109,8 +1351,10 @@ class Bench:
             self.measure("build_sqlite_s", sb["sqlite_s"],
                          f"{self.data.memberships:,} memberships; PostgreSQL "
                          f"{_fmt(sb['postgresql_s'], '.2f', ' s')}")
+            self.guarded(("notify_propagation_ms",), self.pg_propagation)
             self.suite("stages (in-process CPU per request)")
             self.stages()
+            self.guarded(("codec_64k_vs_8k",), self.codecs)
             if not self.args.skip_mailman3:
                 self.guarded(("mailman3_build_s", "mailman3_notice_s"), self.mailman3)
             else:
@@ -1193,6 +1437,22 @@ def _exim_ask(path: Path, line: bytes) -> str:
     return b"".join(chunks).decode()
 
 
+def _moderation_transitions(log_file: Path) -> dict:
+    """What SMTP-time moderation did per request, from a daemon's decision lines (their
+    `` moderation=<transition>`` field): transition -> count."""
+    import re
+
+    counts: dict = {}
+    try:
+        text = log_file.read_bytes()
+    except OSError:
+        return counts
+    for match in re.finditer(rb" moderation=([a-z-]+)", text):
+        name = match.group(1).decode()
+        counts[name] = counts.get(name, 0) + 1
+    return counts
+
+
 def _fmt(value, spec=",.0f", suffix="") -> str:
     return "n/a" if value is None else f"{value:{spec}}{suffix}"
 
@@ -1253,6 +1513,48 @@ def render_details(results: dict) -> str:
         out += ["", "Metrics on / off, CPU per request at a fixed rate: " + "; ".join(
             f"{shape} {metrics[shape]['on_us']:.0f} / {metrics[shape]['off_us']:.0f} µs "
             f"at {metrics[shape]['rate']:,.0f}/s" for shape in ("exim", "postfix")) + "."]
+    eh = f.get("exim_headers")
+    if eh:
+        mix = eh.get("mix") or {}
+        out += ["", "Exim with the message (issue 16; closed loop c=8; headers= of "
+                f"{mix.get('header_bytes_min', 0):,}-{mix.get('header_bytes_max', 0):,} B, "
+                f"median {mix.get('header_bytes_median', 0):,} B; lines of median "
+                f"{mix.get('line_bytes_median', 0):,} B): " + "; ".join(
+                    f"{name} {eh[name]['qps']:,.0f} q/s, "
+                    f"{_fmt(eh[name]['cpu_us_per_req'], '.0f')} µs CPU/req (today's request "
+                    f"without headers: {eh[name]['plain_qps']:,.0f} q/s, "
+                    f"{_fmt(eh[name]['plain_cpu_us_per_req'], '.0f')} µs)"
+                    for name in ("policyd", "lookup")) + "."]
+    moderation = f.get("moderation")
+    if moderation and "exim" in moderation and "postfix" in moderation:
+        out += ["", "SMTP-time moderation (issue 17), greylist on every list, lookups only, "
+                "CPU per request at a fixed rate, on / off: " + "; ".join(
+                    f"{shape} {moderation[shape]['on_us']:.0f} / "
+                    f"{moderation[shape]['off_us']:.0f} µs at {moderation[shape]['rate']:,.0f}/s "
+                    f"(moderation looked at {sum(moderation[shape]['transitions'].values()):,} "
+                    "requests)" for shape in ("exim", "postfix")) + "."]
+    codecs = f.get("codecs")
+    if codecs:
+        out += ["", "Codecs (issue 13), in-process parse time per request (µs, and ns per "
+                "byte) at " + ", ".join(f"{int(n) // 1024} KB" for n in codecs["sizes"])
+                + ": " + "; ".join(
+                    f"{name.replace('_', ' ')} " + ", ".join(
+                        f"{codecs[name][str(n)]['us']:g} ({codecs[name][str(n)]['ns_per_byte']:g})"
+                        for n in codecs["sizes"]) + f", 64 KB / 8 KB {codecs[name]['ratio']:g}"
+                    for name in ("exim", "postfix", "postfix_chunked")) + "."]
+    pg = f.get("pg_propagation")
+    if pg:
+        notify, poll = pg["notify"], pg["poll"]
+        load = poll["idle_load"]
+        out += ["", f"PostgreSQL (issue 12): NOTIFY, {notify['daemons']} daemons, "
+                f"{notify['changes']} changes: commit to first reflecting answer, median per "
+                f"daemon {', '.join(f'{m:g}' for m in notify['median_ms'])} ms, worst "
+                f"{', '.join(f'{m:g}' for m in notify['max_ms'])} ms. Polling load: "
+                f"{poll['daemons']} idle daemons (listen_notify off, refresh_interval "
+                f"{poll['refresh_interval']:g} s) cost the database "
+                f"{load['per_daemon_per_s']:.2f} "
+                + ("statements" if "statements" in load["source"] else "transactions")
+                + f"/s each ({load['source']}, over {load['seconds']:g} s)."]
     fe = f.get("forkexec")
     if fe:
         out += ["", f"Fork-exec baseline ({fe['interpreter']} bench/oldcheck.py per query): "

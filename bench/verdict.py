@@ -94,14 +94,26 @@ TARGETS: tuple[Target, ...] = (
     Target("postfix_scale_1m_vs_10k",
            "Postfix c=8 throughput (envelope): 1M memberships / 10k memberships",
            ">=", 0.9, "x"),
+    Target("exim_headers_c8_vs_lookup",
+           "Exim closed loop c=8 with a 2-4 KB header block (headers=, body=): policyd / "
+           "same-lookup refserver", ">=", 0.45, "x"),
     Target("metrics_cpu_ratio",
            "CPU per request at a fixed rate: [metrics] listen on / off", "<=", 1.05, "x",
            skippable=True),
+    Target("moderation_cpu_ratio",
+           "CPU per request at a fixed rate: smtp_moderation = greylist on every list "
+           "(lookups only) / off", "<=", 1.05, "x"),
+    Target("codec_64k_vs_8k",
+           "Codec parse time, 64 KB / 8 KB request (worst of Exim, Postfix; linear = 8)",
+           "<=", 10.0, "x"),
     Target("build_sqlite_s", "Snapshot build from SQLite, 1M memberships", "<=", 8.0, "s"),
     Target("rebuild_worst_ms", "Worst query while the daemon rebuilds under load",
            "<=", 20.0, "ms"),
     Target("propagation_s", "Change propagation after policyctl (refresh_interval + 0.5 s)",
            "<=", 2.5, "s"),
+    Target("notify_propagation_ms",
+           "Change propagation with NOTIFY, 3 daemons on one PostgreSQL: commit -> first "
+           "answer (median, worst daemon)", "<=", 100.0, "ms", skippable=True),
     Target("mailman3_build_s", "Mailman 3 database, 200k memberships: snapshot build "
            "(worse of SQLite, PostgreSQL)", "<", 15.0, "s", skippable=True),
     Target("mailman3_notice_s", "Mailman 3 subscription -> daemon answers (worse database)",

@@ -114,3 +114,29 @@ def test_table_lists_every_target_and_the_count():
         assert target.label in text
     assert "7.50 ms (p99 3.1 ms)" in text
     assert text.splitlines()[-1].startswith(f"{len(TARGETS) - 1} PASS, 1 FAIL, 0 SKIP")
+
+
+@pytest.mark.parametrize("key, limit, met, missed", [
+    ("exim_headers_c8_vs_lookup", 0.45, 0.45, 0.449),   # issue 16: >= 0.45 x with headers
+    ("moderation_cpu_ratio", 1.05, 1.05, 1.051),         # issue 17 (issue 14's 5 %)
+    ("codec_64k_vs_8k", 10.0, 10.0, 10.01),              # issue 13: linear with margin
+    ("notify_propagation_ms", 100.0, 100.0, 100.1),      # issue 12: median <= 100 ms
+])
+def test_the_issue_targets_at_their_limits(key, limit, met, missed):
+    """The rows of issues 12, 13, 16 and 17 carry the limits the issues give, inclusive:
+    exactly at the limit passes, just past it fails."""
+    target = next(t for t in TARGETS if t.key == key)
+    assert target.limit == limit
+    assert judge(target, Measurement(met)).result == PASS
+    assert judge(target, Measurement(missed)).result == FAIL
+
+
+def test_only_the_postgresql_row_of_the_new_ones_may_skip():
+    """NOTIFY propagation needs PostgreSQL (``--skip-postgresql``, none reachable): SKIP
+    with the reason; the header, moderation and codec rows need nothing missing, so a
+    skip of one of them is a FAIL."""
+    rows = {t.key: t for t in TARGETS}
+    notify = judge(rows["notify_propagation_ms"], Measurement(skip="--skip-postgresql"))
+    assert notify.result == SKIP and "--skip-postgresql" in notify.measured
+    for key in ("exim_headers_c8_vs_lookup", "moderation_cpu_ratio", "codec_64k_vs_8k"):
+        assert judge(rows[key], Measurement(skip="not run")).result == FAIL
