@@ -203,7 +203,8 @@ class HeaderMatchRule:
                 return Hit(ACTION_VERDICT[action],
                            f"site header_checks line {line} ({entry.header}: "
                            f"{entry.pattern}) of {site.source or 'the Mailman configuration'}"
-                           f" matched: jump_chain {action.label}", action,
+                           f" matched: jump_chain {action.label} (Mailman's rule "
+                           f"header-match-config-{line})", action,
                            ctx.senders[0] if ctx.senders else None)
         for index, entry in enumerate(matches):
             if _matches(msg, entry):

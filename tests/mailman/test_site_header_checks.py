@@ -147,3 +147,4 @@ def test_site_header_checks_agree_with_mailman(mm_python, tmp_path, capsys, site
         row = next(r for r in rows if r.case["id"] == "msg-site-trusted")
         assert "header-match-config-7" in row.record["rule_hits"]
         assert "site header_checks line 7 (X-Trusted: ^trusted$)" in row.decision.reason
+        assert row.decision.reason.endswith("(Mailman's rule header-match-config-7)")
