@@ -203,21 +203,23 @@ def _idle_load(admin, database: str, daemons: int, seconds: float,
             probe.close()
         statements = None
 
-    def sample() -> float:
+    def sample() -> tuple[float, float]:
+        """(the count, the rollbacks among the transactions: 0 for statements)"""
         if statements is not None:
             with statements.cursor() as cursor:
                 cursor.execute("SELECT coalesce(sum(calls), 0) FROM pg_stat_statements s "
                                "JOIN pg_database d ON d.oid = s.dbid WHERE d.datname = %s "
                                "AND s.query NOT ILIKE '%%pg_stat_statements%%'", (database,))
-                return float(cursor.fetchone()[0])
+                return float(cursor.fetchone()[0]), 0.0
         connection = psycopg2.connect(dbname="postgres", **admin)
         connection.autocommit = True
         try:
             with connection.cursor() as cursor:
                 cursor.execute("SELECT pg_stat_clear_snapshot()")
-                cursor.execute("SELECT xact_commit + xact_rollback FROM pg_stat_database "
-                               "WHERE datname = %s", (database,))
-                return float(cursor.fetchone()[0])
+                cursor.execute("SELECT xact_commit + xact_rollback, xact_rollback "
+                               "FROM pg_stat_database WHERE datname = %s", (database,))
+                total, rollbacks = cursor.fetchone()
+                return float(total), float(rollbacks)
         finally:
             connection.close()
 
@@ -230,8 +232,10 @@ def _idle_load(admin, database: str, daemons: int, seconds: float,
     after, elapsed = sample(), time.monotonic() - started
     if statements is not None:
         statements.close()
-    rate = (after - before) / elapsed / daemons
+    rate = (after[0] - before[0]) / elapsed / daemons
+    rollbacks = (after[1] - before[1]) / elapsed / daemons
     return {"per_daemon_per_s": round(rate, 3), "seconds": round(elapsed, 1),
+            "rollbacks_per_daemon_per_s": round(rollbacks, 3),
             "source": "pg_stat_statements calls" if statements is not None
             else "pg_stat_database xact_commit+xact_rollback"}
 

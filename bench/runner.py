@@ -31,9 +31,17 @@ harness in a few minutes on small stores, its figures mean nothing):
      (when policyd's config has the key);
    * the peer: postfwd on the membership job (``bench.peer``; installed with apt-get when
      root and missing, else SKIP with the reason) against policyd on the same job;
+   * Exim with the message (issue 16): closed loop c=8 on the DATA ACL's whole request
+     (``bench.headermix``: a 2-4 KB header block, a short body, size and client), policyd
+     against the same-lookup refserver, beside the closed loop's figures without it;
+   * moderation (issue 17): CPU per request at a fixed rate with ``smtp_moderation =
+     greylist`` on every list of a copy of the 10k store, against the 10k daemon; lookups
+     only (``bench.modprime`` remembers, beforehand, every sender moderation looks at);
    * memory, rebuild under load, change propagation, the fork-exec baseline, snapshot
-     builds, per-stage CPU (in-process), and the Mailman 3 database suite
-     (``bench.mailman3``, with ``--mailman-python``);
+     builds, propagation on PostgreSQL (issue 12, ``bench.propagation``: NOTIFY to 3
+     daemons, then the database load of 3 idle polling ones), per-stage CPU
+     (in-process), codec parse time at 1, 8 and 64 KB (issue 13, ``bench.codectime``),
+     and the Mailman 3 database suite (``bench.mailman3``, with ``--mailman-python``);
 
 4. prints one PASS/FAIL table of every target (``bench.verdict``), then the detail
    tables, and exits 0 only when every target is met: 1 when one is missed, 2 when the
@@ -1553,7 +1561,9 @@ def render_details(results: dict) -> str:
                 f"{poll['daemons']} idle daemons (listen_notify off, refresh_interval "
                 f"{poll['refresh_interval']:g} s) cost the database "
                 f"{load['per_daemon_per_s']:.2f} "
-                + ("statements" if "statements" in load["source"] else "transactions")
+                + ("statements" if "statements" in load["source"] else
+                   f"transactions ({load.get('rollbacks_per_daemon_per_s', 0):.2f} of them "
+                   "rollbacks)")
                 + f"/s each ({load['source']}, over {load['seconds']:g} s)."]
     fe = f.get("forkexec")
     if fe:
