@@ -812,6 +812,9 @@ class Bench:
         daemon = self.start_daemon("policyd-10k-moderation", store)
         try:
             sample = info["sample"]
+            if sample is None:
+                raise RuntimeError("no Postfix request of the mix reaches moderation: "
+                                   "nothing to measure")
             deadline = time.monotonic() + 30
             state = {}
             while time.monotonic() < deadline:  # the first sync loads the state
@@ -1561,10 +1564,10 @@ def render_details(results: dict) -> str:
                 f"{poll['daemons']} idle daemons (listen_notify off, refresh_interval "
                 f"{poll['refresh_interval']:g} s) cost the database "
                 f"{load['per_daemon_per_s']:.2f} "
-                + ("statements" if "statements" in load["source"] else
-                   f"transactions ({load.get('rollbacks_per_daemon_per_s', 0):.2f} of them "
-                   "rollbacks)")
-                + f"/s each ({load['source']}, over {load['seconds']:g} s)."]
+                + ("statements/s each (" if "statements" in load["source"] else
+                   f"transactions/s each ({load.get('rollbacks_per_daemon_per_s', 0):.2f}/s "
+                   "of them rollbacks; ")
+                + f"{load['source']}, over {load['seconds']:g} s)."]
     fe = f.get("forkexec")
     if fe:
         out += ["", f"Fork-exec baseline ({fe['interpreter']} bench/oldcheck.py per query): "
