@@ -29,6 +29,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from policyd.core.chain import decide
+from policyd.core.dmarc import DmarcAction
 from policyd.core.snapshot import ListSpec, MemberSpec, Snapshot, build
 from policyd.core.verdict import Action, Decision, Query
 from policyd.protocols.exim import parse_request
@@ -158,6 +159,11 @@ def content_settings(content: dict | None) -> dict:
         "administrivia": content["administrivia"],
         "bounce_matching_headers": content["bounce_matching_headers"],
         "newsgroup_moderated": content["newsgroup_moderation"] == "moderated",
+        "dmarc_mitigate_action": DmarcAction.from_name(
+            content.get("dmarc_mitigate_action", "no_mitigation")),
+        "dmarc_mitigate_unconditionally": content.get("dmarc_mitigate_unconditionally",
+                                                      False),
+        "dmarc_addresses": tuple(content.get("dmarc_addresses", ())),
     }
 
 

@@ -252,6 +252,15 @@ class Oracle:
                 setattr(mlist, setting, content[setting])
         if "newsgroup_moderation" in content:
             mlist.newsgroup_moderation = NewsgroupModeration[content["newsgroup_moderation"]]
+        if "dmarc_mitigate_action" in content:
+            from mailman.interfaces.mailinglist import DMARCMitigateAction
+            mlist.dmarc_mitigate_action = DMARCMitigateAction[
+                content["dmarc_mitigate_action"]]
+        if "dmarc_mitigate_unconditionally" in content:
+            mlist.dmarc_mitigate_unconditionally = bool(
+                content["dmarc_mitigate_unconditionally"])
+        if "dmarc_addresses" in content:
+            mlist.dmarc_addresses = list(content["dmarc_addresses"])
         aliases = IAcceptableAliasSet(mlist)
         for alias in content.get("acceptable_aliases", ()):
             aliases.add(alias)
@@ -277,6 +286,9 @@ class Oracle:
             "newsgroup_moderation": mlist.newsgroup_moderation.name,
             "header_matches": [[entry.header, entry.pattern, entry.chain]
                                for entry in mlist.header_matches],
+            "dmarc_mitigate_action": mlist.dmarc_mitigate_action.name,
+            "dmarc_mitigate_unconditionally": bool(mlist.dmarc_mitigate_unconditionally),
+            "dmarc_addresses": list(mlist.dmarc_addresses or ()),
         }
 
     # -- exporting Mailman's view ---------------------------------------------------
@@ -440,6 +452,29 @@ def build_message(case, posting_address):
     return text.encode("utf-8", "surrogateescape")
 
 
+def use_test_dns(scenario):
+    """DMARC cases: rules/dmarc.py asks the test's DNS server (``scenario["dns"]``:
+    dnspython's ``Resolver`` pointed at it, no resolv.conf, no search domains) and reads
+    the test's public suffix list (no download)."""
+    server = scenario.get("dns")
+    if server:
+        import dns.resolver
+
+        class TestResolver(dns.resolver.Resolver):
+            def __init__(self, *args, **kwargs):
+                super().__init__(configure=False)
+                self.nameservers = [server["host"]]
+                self.port = server["port"]
+
+        dns.resolver.Resolver = TestResolver
+    suffixes = scenario.get("public_suffix_list")
+    if suffixes:
+        from mailman.rules import dmarc
+
+        dmarc.suffix_cache.clear()
+        dmarc.parse_suffix_list(suffixes)
+
+
 def main(argv=None):
     args = parse_args(sys.argv[1:] if argv is None else argv)
     if args.scenario == "-":
@@ -464,6 +499,7 @@ def main(argv=None):
                                                  scenario.get("mailman_cfg", ""))
         from mailman.core.initialize import initialize
         initialize(config_path, propagate_logs=False)
+        use_test_dns(scenario)
         from mailman.config import config
         revision = config.db.store.execute(
             __import__("sqlalchemy").text("SELECT version_num FROM alembic_version")

@@ -1,0 +1,115 @@
+"""``dmarc-mitigation`` against the real Mailman 3.3.10, with real DNS on 127.0.0.1.
+
+A small authoritative server (tests/mailman/dns_server.py, twisted.names) serves the DMARC
+records of tests/mailman/dmarc_cases.py on a free port.  The oracle's Mailman asks it
+through dnspython (its ``Resolver`` pointed there) and runs its own chain; policyd asks it
+through ``policyd.dmarc_lookup`` (Twisted's DNS client) and decides through the
+``Decider``, waiting for the lookup as the daemon does.  Both read the same public suffix
+list.  Every case must agree.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+import pytest_twisted
+
+from policyd.core.replies import ReplyPolicy
+from policyd.decider import Decider, FixedSnapshot
+from policyd.dmarc_lookup import DmarcLookup
+from tests.mailman import dmarc_cases
+from tests.mailman.harness import HERE, mailman_verdict, query, run_oracle, snapshot, table
+from tests.reporting import report
+
+pytestmark = [pytest.mark.mailman, pytest.mark.integration]
+
+
+@pytest.fixture(scope="module")
+def dns_port():
+    """The test's DNS server, stopped when its standard input closes."""
+    proc = subprocess.Popen([sys.executable, str(HERE / "dns_server.py")],
+                            stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    try:
+        proc.stdin.write(json.dumps(dmarc_cases.ZONE) + "\n")
+        proc.stdin.flush()
+        line = proc.stdout.readline()
+        assert line.startswith("PORT "), line
+        yield int(line.split()[1])
+    finally:
+        proc.stdin.close()
+        try:
+            proc.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+
+
+@pytest.fixture(scope="module")
+def suffixes(tmp_path_factory):
+    path = tmp_path_factory.mktemp("psl") / "public_suffix_list.dat"
+    path.write_text(dmarc_cases.PUBLIC_SUFFIXES, encoding="utf-8")
+    return path
+
+
+@pytest.fixture(scope="module")
+def oracle(mm_python, dns_port, suffixes):
+    data = dmarc_cases.scenario(dns_port, str(suffixes))
+    return data, run_oracle(mm_python, data)
+
+
+async def _decide_all(data, result, dns_port, suffixes):
+    from twisted.internet import reactor
+
+    lookup = DmarcLookup(reactor, suffixes, servers=[("127.0.0.1", dns_port)], timeout=2)
+    decider = Decider(FixedSnapshot(snapshot(result)), ReplyPolicy(),
+                      run_in_thread=lambda *args: None)
+    decider.use_dmarc(lookup)
+    rows, waited = [], 0
+    for case in data["cases"]:
+        q = query(case)
+        answer = decider.decide(q, "exim", names_a_list=True)
+        for _ in range(3):
+            if answer.pending is None:
+                break
+            waited += 1
+            await decider.verify([answer.pending])
+            answer = decider.decide(q, "exim", names_a_list=True)
+        rows.append((case, result.cases[case["id"]], answer))
+    return rows, waited, lookup
+
+
+@pytest_twisted.ensureDeferred
+async def test_dmarc_agreement(oracle, dns_port, suffixes, capsys):
+    """Each DMARC case: Mailman's outcome (also checked against the expected outcome)
+    equals policyd's verdict, decided after the asynchronous lookup."""
+    data, result = oracle
+    rows, waited, lookup = await _decide_all(data, result, dns_port, suffixes)
+    problems = [(case["id"], record["outcome"], (record.get("error") or "")[-300:])
+                for case, record, _ in rows if mailman_verdict(record) is None]
+    assert not problems, problems
+    wrong_oracle = [(case["id"], record["outcome"], dmarc_cases.expected(case["id"]))
+                    for case, record, _ in rows
+                    if mailman_verdict(record) != dmarc_cases.expected(case["id"])]
+    assert not wrong_oracle, wrong_oracle
+    disagreements = [(case, record, answer) for case, record, answer in rows
+                     if answer.decision is None
+                     or answer.decision.verdict.value != mailman_verdict(record)]
+    with capsys.disabled():
+        report(f"\n[mailman agreement, dmarc] {len(rows)} cases, "
+               f"{len(disagreements)} disagreements, {waited} decisions waited for DNS "
+               f"({lookup.counts['lookups']} lookups, {lookup.counts['failures']} "
+               f"failures)")
+    if disagreements:
+        from tests.mailman.harness import Row
+        shown = [Row(case, record, answer.decision) for case, record, answer in
+                 disagreements if answer.decision is not None]
+        pytest.fail(f"{len(disagreements)} disagreements:\n" + table(shown) + "\n" +
+                    repr([(c["id"], a.trouble, a.reason) for c, _, a in disagreements
+                          if a.decision is None]))
+    # Mitigated by reject/discard lists only; every kind of answer was seen.
+    hits = {answer.decision.rule for _, _, answer in rows}
+    assert "dmarc-mitigation" in hits
+    assert lookup.counts["failures"] >= 3
