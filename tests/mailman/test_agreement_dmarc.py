@@ -60,11 +60,11 @@ def oracle(mm_python, dns_port, suffixes):
     return data, run_oracle(mm_python, data)
 
 
-async def _decide_all(data, result, dns_port, suffixes):
+async def _decide_all(data, result, dns_port, suffixes, snap=None):
     from twisted.internet import reactor
 
     lookup = DmarcLookup(reactor, suffixes, servers=[("127.0.0.1", dns_port)], timeout=2)
-    decider = Decider(FixedSnapshot(snapshot(result)), ReplyPolicy(),
+    decider = Decider(FixedSnapshot(snap or snapshot(result)), ReplyPolicy(),
                       run_in_thread=lambda *args: None)
     decider.use_dmarc(lookup)
     rows, waited = [], 0
@@ -86,7 +86,35 @@ async def test_dmarc_agreement(oracle, dns_port, suffixes, capsys):
     """Each DMARC case: Mailman's outcome (also checked against the expected outcome)
     equals policyd's verdict, decided after the asynchronous lookup."""
     data, result = oracle
-    rows, waited, lookup = await _decide_all(data, result, dns_port, suffixes)
+    await _compare(data, result, dns_port, suffixes, capsys, "dmarc")
+
+
+@pytest_twisted.ensureDeferred
+async def test_dmarc_agreement_through_the_backend(mm_python, dns_port, suffixes, capsys):
+    """The same cases with the lists read by ``Mailman3Backend`` from the database the
+    oracle's Mailman wrote (SQLite): its DMARC settings equal what Mailman's API
+    exported, and every case agrees."""
+    import shutil
+
+    from policyd.store.mailman3 import Mailman3Backend
+
+    data = dmarc_cases.scenario(dns_port, str(suffixes))
+    result = run_oracle(mm_python, data, keep=True)
+    backend = Mailman3Backend(result.database["url"])
+    try:
+        snap = backend.load_snapshot()
+    finally:
+        backend.close()
+        shutil.rmtree(result.database["var_dir"], ignore_errors=True)
+    exported = snapshot(result)
+    for address, policy in snap.lists.items():
+        assert policy.content == exported.lists[address].content, address
+    await _compare(data, result, dns_port, suffixes, capsys, "dmarc, mailman3 backend",
+                   snap)
+
+
+async def _compare(data, result, dns_port, suffixes, capsys, label, snap=None):
+    rows, waited, lookup = await _decide_all(data, result, dns_port, suffixes, snap)
     problems = [(case["id"], record["outcome"], (record.get("error") or "")[-300:])
                 for case, record, _ in rows if mailman_verdict(record) is None]
     assert not problems, problems
@@ -98,7 +126,7 @@ async def test_dmarc_agreement(oracle, dns_port, suffixes, capsys):
                      if answer.decision is None
                      or answer.decision.verdict.value != mailman_verdict(record)]
     with capsys.disabled():
-        report(f"\n[mailman agreement, dmarc] {len(rows)} cases, "
+        report(f"\n[mailman agreement, {label}] {len(rows)} cases, "
                f"{len(disagreements)} disagreements, {waited} decisions waited for DNS "
                f"({lookup.counts['lookups']} lookups, {lookup.counts['failures']} "
                f"failures)")
