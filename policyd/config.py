@@ -380,7 +380,7 @@ SCHEMA: Mapping[str, Mapping[str, tuple[Callable[[str], object], str]]] = {
         "nameservers": (_nameservers, ""),
         "timeout": (_positive_float, "2"),
         "cache_ttl": (_positive_float, "3600"),
-        "failure_ttl": (_seconds_or_zero, "60"),
+        "failure_ttl": (_positive_float, "60"),
         "cache_size": (_positive_int, "10000"),
         "public_suffix_list": (_text, "/usr/share/publicsuffix/public_suffix_list.dat"),
     },
