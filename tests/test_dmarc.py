@@ -405,3 +405,43 @@ def test_policyctl_sets_the_dmarc_settings(tmp_path, capsys):
     assert run("list", "set", LIST, "--dmarc-address", "^(")[0] != 0
     assert run("list", "set", LIST, "--dmarc-mitigate-action", "bounce")[0] != 0
     assert run("list", "set", LIST, "--dmarc-address", "")[0] == 0
+
+
+# --- the Exim protocol: the request waits for the lookup, never the reactor ------------
+
+def test_exim_request_waits_for_the_lookup_then_rejects():
+    """Exim's DATA request for a list that rejects: the answer is a Deferred while the
+    names are looked up (nothing blocks), then REJECT; a second post From: the same
+    domain is answered at once from the cache."""
+    import base64
+
+    from policyd.config import EximConfig
+    from policyd.core.replies import ReplyPolicy
+    from policyd.decider import Decider, FixedSnapshot
+    from policyd.protocols.exim import EximFactory
+
+    def b64(data):
+        return base64.b64encode(data).decode()
+
+    def request(frm):
+        headers = f"From: {frm}\nTo: {LIST}\nSubject: hi\n".encode()
+        return (f"POLICYD/1 list={LIST} sender={b64(b'bounce@x.example')} "
+                f"headers={b64(headers)} body={b64(b'hello')} size=100").encode()
+
+    resolver = FakeResolver({"_dmarc.example.com": None})
+    decider = Decider(FixedSnapshot(snap()), ReplyPolicy(), run_in_thread=lambda *a: None)
+    decider.use_dmarc(DmarcLookup(Clock(), PSL, resolver=resolver))
+    factory = EximFactory(decider, EximConfig(listen=(), timeout=10.0, max_request=65536),
+                          Clock())
+    answer = factory.answer(request("a@example.com"), None)
+    assert isinstance(answer, Deferred)
+    results = []
+    answer.addCallback(results.append)
+    assert results == [] and [n for n, _ in resolver.asked] == ["_dmarc.example.com"]
+    resolver.waiting["_dmarc.example.com"].callback(
+        ([rr_txt("_dmarc.example.com", b"v=DMARC1; p=reject")], [], []))
+    assert results[0].startswith(b"REJECT")
+    assert factory.answer(request("b@example.com"), None).startswith(b"REJECT")
+    # No From: domain: no lookup, the list's chain goes on (nonmembers accepted).
+    assert factory.answer(request("undisclosed-recipients:;"), None).startswith(b"ACCEPT")
+    assert len(resolver.asked) == 1
