@@ -92,8 +92,8 @@ class DmarcLookup:
                  servers=(), timeout: float = 2.0, ttl: float = 3600.0,
                  failure_ttl: float = 60.0, max_entries: int = 10000) -> None:
         self.reactor = reactor
-        # A ``PublicSuffixList`` or the path of its file, read at the first use (not at
-        # start-up: a site without DMARC mitigation never reads it).
+        # A ``PublicSuffixList`` (the daemon's, read at start-up by ``from_config``) or the
+        # path of its file, read at the first use.
         self._suffixes = suffixes
         if resolver is None:
             from twisted.names.client import Resolver
@@ -185,9 +185,11 @@ class DmarcLookup:
 
 def from_config(config, reactor, resolv_conf="/etc/resolv.conf") -> DmarcLookup:
     """The daemon's lookup from ``[dmarc]`` (``config.DmarcConfig``): its name servers,
-    else those of ``resolv_conf``, else 127.0.0.1 (as the C library does)."""
+    else those of ``resolv_conf``, else 127.0.0.1 (as the C library does), and the public
+    suffix list, read here."""
     servers = list(config.nameservers) or nameservers_from_resolv_conf(resolv_conf) \
         or [("127.0.0.1", 53)]
-    return DmarcLookup(reactor, config.public_suffix_list, servers=servers,
+    # Read now, at start-up (about 0.1 s for the whole list): never on the reactor.
+    return DmarcLookup(reactor, public_suffixes(config.public_suffix_list), servers=servers,
                        timeout=config.timeout, ttl=config.cache_ttl,
                        failure_ttl=config.failure_ttl, max_entries=config.cache_size)

@@ -141,3 +141,37 @@ async def _compare(data, result, dns_port, suffixes, capsys, label, snap=None):
     hits = {answer.decision.rule for _, _, answer in rows}
     assert "dmarc-mitigation" in hits
     assert lookup.counts["failures"] >= 3
+
+
+def test_organizational_domains_agree_with_mailman(mm_python, tmp_path):
+    """policyd's PublicSuffixList (a trie) gives the organizational domain Mailman's
+    get_organizational_domain gives, on the public suffix list Mailman ships: every rule
+    (wildcards, exceptions, IDN) with one to three labels in front."""
+    from policyd.core.dmarc import PublicSuffixList
+
+    path = subprocess.run(
+        [str(mm_python), "-c", "import mailman.rules.data, os; print(os.path.join("
+         "os.path.dirname(mailman.rules.data.__file__), 'public_suffix_list.dat'))"],
+        capture_output=True, text=True, check=True).stdout.strip()
+    rules = []
+    with open(path, encoding="utf-8") as fp:
+        for line in fp:
+            line = line.strip()
+            if line and not line.startswith("//"):
+                rules.append(line.split()[0].lstrip("!").replace("*", "wild"))
+    domains = ["example.com", "a.b.c.example.com", "unknown", "a.b.unknown"]
+    for rule in rules[::4]:
+        domains += [rule, "a." + rule, "b.a." + rule, "c.b.a." + rule]
+    (tmp_path / "domains.json").write_text(json.dumps(domains), encoding="utf-8")
+    script = ("import json, sys; from mailman.rules import dmarc; "
+              "dmarc.parse_suffix_list(sys.argv[1]); "
+              "print(json.dumps([dmarc.get_organizational_domain(d) for d in "
+              "json.load(open(sys.argv[2], encoding='utf-8'))]))")
+    theirs = json.loads(subprocess.run(
+        [str(mm_python), "-c", script, path, str(tmp_path / "domains.json")],
+        capture_output=True, text=True, check=True, timeout=600).stdout)
+    mine = PublicSuffixList.from_file(path)
+    differ = [(d, t, mine.organizational_domain(d)) for d, t in zip(domains, theirs)
+              if mine.organizational_domain(d) != t]
+    assert not differ, differ[:20]
+    assert len(domains) > 2000
