@@ -78,8 +78,9 @@ class Decider:
         # An empty snapshot (no list at all) is a store in trouble, not a site without
         # lists: answered like no snapshot (4xx) instead of "not a list domain".
         self.fail_closed = fail_closed
-        # protocol -> verdict (or error, unavailable, malformed, other-state) -> count
-        self.by_protocol: dict[str, Counter] = {}
+        # protocol -> error, unavailable, malformed, other-state... -> count: what is not
+        # a decision (decisions are counted once, in ``by_rule``; ``by_protocol`` sums).
+        self._labels: dict[str, Counter] = {}
         # protocol -> what was answered (ACCEPT, REJECT, ..., or Postfix's DUNNO, OK)
         self.answers: dict[str, Counter] = {}
         self._warned: set = set()
@@ -110,7 +111,8 @@ class Decider:
             return self.trouble(protocol, "unavailable",
                                 "the store has no lists (empty or replaced store?)", started)
         try:
-            if self.run_in_thread is None:
+            # Only a message can carry a password to verify (an ``Approved:`` header).
+            if self.run_in_thread is None or query.message is None:
                 decision = self._decide(snapshot, query, explain=explain)
             else:
                 with verify_elsewhere():
@@ -138,7 +140,6 @@ class Decider:
         # call per access on 3.11).
         if protocol is not None:
             verdict = decision.verdict._value_
-            self.count(protocol, verdict)
             self.by_rule[protocol, verdict, decision.rule] += 1
             if self.per_list and decision.list in snapshot.lists:
                 self.by_list[protocol, decision.list, verdict] += 1
@@ -199,31 +200,43 @@ class Decider:
                       perf_counter() if started is None else started)
 
     def count(self, protocol: str, label: str, answer: str | None = None) -> None:
-        """Count a verdict (or error, unavailable, malformed, other-state) and, unless
-        ``None``, what was answered."""
-        counts = self.by_protocol.get(protocol)
+        """Count what is not a decision (error, unavailable, malformed, other-state...)
+        and, unless ``None``, what was answered."""
+        counts = self._labels.get(protocol)
         if counts is None:
-            counts = self.by_protocol[protocol] = Counter()
-            self.answers[protocol] = Counter()
+            counts = self._labels[protocol] = Counter()
         counts[label] += 1
         if answer is not None:
-            self.answers[protocol][answer] += 1
+            self.count_answer(protocol, answer)
 
     def count_answer(self, protocol: str, answer: str) -> None:
         answers = self.answers.get(protocol)
         if answers is None:
             answers = self.answers[protocol] = Counter()
-            self.by_protocol[protocol] = Counter()
         answers[answer] += 1
+
+    @property
+    def by_protocol(self) -> dict[str, Counter]:
+        """protocol -> verdict (or error, unavailable, malformed, other-state) -> count,
+        summed at reading time (status, metrics): the request path counts a decision
+        once, by rule."""
+        out = {protocol: Counter(counts) for protocol, counts in list(self._labels.items())}
+        for (protocol, verdict, _), count in list(self.by_rule.items()):
+            counts = out.get(protocol)
+            if counts is None:
+                counts = out[protocol] = Counter()
+            counts[verdict] += count
+        return out
 
     def counters(self) -> dict:
         verdicts: Counter = Counter()
-        for counts in self.by_protocol.values():
+        by_protocol = self.by_protocol
+        for counts in by_protocol.values():
             verdicts.update(counts)
         return {
             "total": sum(verdicts.values()),
             "by_verdict": dict(verdicts),
-            "by_protocol": {name: dict(counts) for name, counts in self.by_protocol.items()},
+            "by_protocol": {name: dict(counts) for name, counts in by_protocol.items()},
             "answers": {name: dict(counts) for name, counts in self.answers.items()},
         }
 

@@ -203,9 +203,10 @@ class DecisionLog:
             self.trouble(protocol, answer.trouble, query.recipient, query.envelope_sender,
                          answer.reason, wire, elapsed, request_id, extra)
         else:
-            self.decision(protocol, decision.verdict._value_, decision.list or query.recipient,
-                          query.envelope_sender, ",".join(decision.senders) or "-",
-                          decision.sender, decision.rule, wire, elapsed, request_id, extra)
+            (self.decision if self.writer is None else self.writer.decision)(
+                protocol, decision.verdict._value_, decision.list or query.recipient,
+                query.envelope_sender, ",".join(decision.senders) or "-",
+                decision.sender, decision.rule, wire, elapsed, request_id, extra)
 
     def trouble(self, protocol, label, list_, sender, reason, reply, elapsed,
                 request_id, extra: str = "") -> None:

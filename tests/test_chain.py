@@ -404,3 +404,68 @@ def test_trace_records_hits_and_misses_in_chain_order():
 def test_every_rule_is_named_and_described():
     for rule in ALL_RULES + MAILMAN2_CHAIN:
         assert rule.name and rule.description
+
+
+# --- the MTA path's chain for a query without a message -------------------------------
+
+from hypothesis import given, settings, strategies as st  # noqa: E402
+
+from policyd.core.chain import MISS_WITHOUT_MESSAGE  # noqa: E402
+from policyd.core.rules import Context, Miss  # noqa: E402
+
+_list_settings = st.fixed_dictionaries({
+    "mode": st.sampled_from(list(Mode)),
+    "emergency": st.booleans(),
+    "default_member_action": st.sampled_from(list(Action)),
+    "default_nonmember_action": st.sampled_from(list(Action)),
+    "moderator_password": st.sampled_from([None, "{plaintext}secret"]),
+    "header_matches": st.sampled_from([(), (("x-spam", "yes", Action.DISCARD),),
+                                       (("subject", ".", None),)]),
+    "max_message_size": st.sampled_from([0, 1, 40]),
+    "max_num_recipients": st.sampled_from([0, 1, 10]),
+    "require_explicit_destination": st.booleans(),
+    "administrivia": st.booleans(),
+    "bounce_matching_headers": st.sampled_from(["", "X-Bad: yes"]),
+    "newsgroup_moderated": st.booleans(),
+    "dmarc_mitigate_action": st.sampled_from([0, 1, 2, 3, 4]),
+    "dmarc_mitigate_unconditionally": st.booleans(),
+    "nonmembers": st.sampled_from([(), (MemberSpec("carol@example.org", Action.ACCEPT),)]),
+    "bans": st.sampled_from([(), ("^.*@spam\\.example$",)]),
+})
+_senders = st.sampled_from(["alice@example.com", "carol@example.org", "eve@spam.example",
+                            "", "nobody@elsewhere.example"])
+
+
+def _content_list(settings_: dict):
+    known = {f for f in ListSpec.__dataclass_fields__}
+    spec = {k: v for k, v in settings_.items() if k in known}
+    return ListSpec(LIST, members=(MemberSpec("alice@example.com"),), **spec)
+
+
+@settings(max_examples=400, deadline=None)
+@given(_list_settings, _senders, _senders, st.sampled_from(
+    [LIST, "test-owner@lists.example.com", "test-bounces@lists.example.com"]))
+def test_envelope_only_chain_decides_like_the_full_chain(settings_, envelope, header, to):
+    """A query without a message: the MTA path's shorter chain gives exactly the decision
+    the full chain (``policyctl query``'s) gives, less the trace."""
+    snapshot = build([_content_list(settings_)], version="v", built_at=0.0)
+    query = Query(to, envelope, f"<{header}>" if header else None)
+    for null_sender in ("reject", "mailman"):
+        fast = decide(snapshot, query, explain=False, null_sender=null_sender)
+        full = decide(snapshot, query, explain=True, null_sender=null_sender)
+        assert fast._replace(reason="", trace=()) == full._replace(reason="", trace=())
+
+
+@settings(max_examples=300, deadline=None)
+@given(_list_settings, _senders)
+def test_rules_left_out_without_a_message_only_miss_without_a_note(settings_, sender):
+    snapshot = build([_content_list(settings_)], version="v", built_at=0.0)
+    query = Query(LIST, sender, f"<{sender}>" if sender else None)
+    target = snapshot.resolve(LIST)
+    rules = [rule for rule in ALL_RULES if rule.name in MISS_WITHOUT_MESSAGE]
+    assert {rule.name for rule in rules} == MISS_WITHOUT_MESSAGE
+    for explain in (True, False):
+        ctx = Context(snapshot, query, target, (sender,) if sender else (), None, explain)
+        for rule in rules:
+            result = rule.check(ctx)
+            assert type(result) is Miss and result.note is None, rule.name

@@ -83,6 +83,25 @@ _CHAINS_BY_NULL_SENDER = {
 
 ALL_RULES: tuple[Rule, ...] = SMTP_CHAIN + MAILMAN3_CHAIN + MAILMAN2_CHAIN
 
+# The rules that read the message and, for a query without one (Postfix; an Exim ACL
+# without headers=), can only miss, and without a note: the MTA path leaves them out of
+# such a query's chain instead of paying a dozen "not evaluated" misses per query.
+# ``policyctl query`` (explain) runs them all and shows each miss.
+# (tests/test_chain.py checks that each of them misses so for every list it is given.)
+MISS_WITHOUT_MESSAGE = frozenset({
+    "dmarc-mitigation", "approved", "loop", "header-match", "administrivia",
+    "implicit-dest", "max-recipients", "max-size", "no-subject", "digests",
+    "suspicious-header"})
+
+
+def _envelope_only(chain: tuple[Rule, ...]) -> tuple[Rule, ...]:
+    return tuple(rule for rule in chain if rule.name not in MISS_WITHOUT_MESSAGE)
+
+
+_ENVELOPE_CHAINS = {
+    null_sender: {mode: _envelope_only(chain) for mode, chain in chains[1].items()}
+    for null_sender, chains in _CHAINS_BY_NULL_SENDER.items()}
+
 
 def _with_dmarc(chain: tuple[Rule, ...], answers) -> tuple[Rule, ...]:
     """``chain`` with its ``dmarc-mitigation`` reading ``answers`` (made once per chain
@@ -127,10 +146,13 @@ def decide(snapshot: Snapshot, query: Query, *, explain: bool = True,
         senders = mode_senders(policy.mode, query)
         ctx = Context(snapshot, query, target, senders, first_member(policy, senders),
                       explain)
-        chain = (_FULL_CHAINS if null_sender == "reject"
-                 else _CHAINS_BY_NULL_SENDER[null_sender][1])[policy.mode]
-        if dmarc is not None and policy.content.dmarc_mitigate_action in DECIDING:
-            chain = _with_dmarc(chain, dmarc)
+        if query.message is None and not explain:
+            chain = _ENVELOPE_CHAINS[null_sender][policy.mode]
+        else:
+            chain = (_FULL_CHAINS if null_sender == "reject"
+                     else _CHAINS_BY_NULL_SENDER[null_sender][1])[policy.mode]
+            if dmarc is not None and policy.content.dmarc_mitigate_action in DECIDING:
+                chain = _with_dmarc(chain, dmarc)
     else:
         ctx = Context(snapshot, query, target, (), None, explain)
         chain = SMTP_CHAIN if null_sender == "reject" else \

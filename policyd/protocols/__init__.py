@@ -88,7 +88,9 @@ class ProcessLimits:
         self.max_buffered = max_buffered
         self.buffered = 0
         self._descriptors = descriptors
-        self.factories: weakref.WeakSet = weakref.WeakSet()
+        # Weak references in a plain list: ``counts`` walks them for every connection
+        # accepted, and a ``WeakSet``'s iterator costs several times more.
+        self._refs: list[weakref.ref] = []
 
     @property
     def max_open(self) -> int:
@@ -101,15 +103,24 @@ class ProcessLimits:
         self._descriptors = None
 
     def register(self, factory) -> None:
-        self.factories.add(factory)
+        if factory not in self.factories:
+            self._refs = [ref for ref in self._refs if ref() is not None]
+            self._refs.append(weakref.ref(factory))
+
+    @property
+    def factories(self) -> list:
+        """The registered factories still alive."""
+        return [factory for factory in (ref() for ref in self._refs) if factory is not None]
 
     def counts(self) -> tuple[int, int]:
         """(connections open, of which being closed): a connection being closed holds
         its descriptor until the reactor's next turn."""
         held = closing = 0
-        for factory in self.factories:
-            held += len(factory.connections)
-            closing += len(factory.evicting)
+        for ref in self._refs:
+            factory = ref()
+            if factory is not None:
+                held += len(factory.connections)
+                closing += len(factory.evicting)
         return held, closing
 
     def connections(self):

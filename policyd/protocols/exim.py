@@ -159,57 +159,76 @@ def parse_request(line: bytes, *, max_lists: int = MAX_LISTS) -> EximRequest:
     if control is not None:
         raise ProtocolError(f"control character 0x{control.group()[0]:02x} in the request")
     words = line.split(b" ")
-    if words[0] != VERSION and (not words[0] or b"=" in words[0]):
-        raise ProtocolError("the request must start with the version word POLICYD/1")
     if words[0] != VERSION:
+        if not words[0] or b"=" in words[0]:
+            raise ProtocolError("the request must start with the version word POLICYD/1")
         raise ProtocolError(f"unsupported version {words[0][:20].decode('ascii', 'replace')!r}"
                             " (this daemon speaks POLICYD/1)")
-    # Each value as its words, joined once at the end: appending to a bytes value per
-    # word would copy it again each time (quadratic in the line's length).
-    parts: dict[bytes, list[bytes]] = {}
+    # A value that continues over several words is gathered as a list of its words and
+    # joined once at the end: appending to a bytes value per word would copy it again
+    # each time (quadratic in the line's length).
+    fields: dict[bytes, bytes] = {}
+    continued: dict[bytes, list[bytes]] | None = None
     last = None
-    for word in words[1:]:
+    rest = iter(words)
+    next(rest)  # the version word
+    for word in rest:
         if not word:
             continue
         key, eq, value = word.partition(b"=")
         if eq and (key in _KNOWN_KEYS or _KEY_NAME.fullmatch(key)):
-            if key in parts:
+            if key in fields:
                 raise ProtocolError(f"{key.decode()}= given twice")
-            parts[key] = [value]
-            last = parts[key]
+            fields[key] = value
+            last = key
         elif last is not None:
-            last.append(word)
+            if continued is None:
+                continued = {}
+            if last in continued:
+                continued[last].append(word)
+            else:
+                continued[last] = [fields[last], word]
         else:
             raise ProtocolError(f"expected key=value, got {word[:40]!r}")
-    fields = {key: value[0] if len(value) == 1 else b" ".join(value)
-              for key, value in parts.items()}
-    lists_raw = fields.get(b"list")
+    if continued:
+        for key, values in continued.items():
+            fields[key] = b" ".join(values)
+    get = fields.get
+    lists_raw = get(b"list")
     if lists_raw is None:
         raise ProtocolError("list= is required")
-    entries = [entry for entry in lists_raw.split(b",") if entry]
-    if not entries:
+    if b"," in lists_raw:
+        entries = [entry for entry in lists_raw.split(b",") if entry]
+        if not entries:
+            raise ProtocolError("list= names no address")
+        if len(entries) > max_lists:
+            raise ProtocolError(f"list= names more than {max_lists} addresses")
+    elif lists_raw:
+        entries = [lists_raw]
+    else:
         raise ProtocolError("list= names no address")
-    if len(entries) > max_lists:
-        raise ProtocolError(f"list= names more than {max_lists} addresses")
     for entry in entries:
         if _LIST_ADDRESS.fullmatch(entry) is None:
             raise ProtocolError(f"list= entry {entry[:60]!r} is not one address")
-    lists = tuple(entry.decode("utf-8", "surrogateescape") for entry in entries)
-    if b"sender" not in fields:
+    lists = tuple([entry.decode("utf-8", "surrogateescape") for entry in entries])
+    sender = get(b"sender")
+    if sender is None:
         raise ProtocolError("sender= is required (empty for the null sender)")
-    sender = _b64(b"sender", fields[b"sender"])
-    headers = [(_b64(k, fields[k]) or None) if k in fields else None for k in _HEADERS]
-    message = _message(fields)
+    sender = _b64(b"sender", sender)
+    message = _message(fields) if b"headers" in fields or b"size" in fields else None
     if message is not None:
         headers = [_joined(message, name) for name in ("from", "reply-to", "sender")]
-    request_id = fields.get(b"id")
+    else:
+        headers = [(_b64(key, raw) or None) if (raw := get(key)) is not None else None
+                   for key in _HEADERS]
+    request_id = get(b"id")
     if request_id is not None:
         request_id = request_id[:64]
         if request_id and not request_id.translate(None, _SAFE_ID_BYTES):
             request_id = request_id.decode("ascii")  # already safe (Exim's ids are)
         else:
             request_id = _SAFE_ID.sub("_", request_id.decode("ascii", "replace")) or None
-    client = fields.get(b"client") or None
+    client = get(b"client") or None
     if client is not None:
         if _CLIENT.fullmatch(client) is None:
             raise ProtocolError("client= is not an IP address")
@@ -271,13 +290,15 @@ class EximPolicyProtocol(Protocol):
     deadline = 0.0
     started = 0.0
     buffered = 0
+    # A line arriving in pieces is gathered in a ``bytearray`` (made only then: nearly
+    # every request arrives in one read).
+    _buffer: bytes | bytearray = b""
+    answered = False
+    # The request is complete and being decided (a password check in a thread).
+    waiting = False
 
     def __init__(self, factory: "EximFactory") -> None:
         self.factory = factory
-        self._buffer = bytearray()
-        self.answered = False
-        # The request is complete and being decided (a password check in a thread).
-        self.waiting = False
 
     def connectionMade(self) -> None:
         self.factory.track(self)
@@ -295,7 +316,10 @@ class EximPolicyProtocol(Protocol):
             line = bytes(self._buffer) + data[:nl] if held else data[:nl]
             self._answer(self.factory.answer(line, self.transport))
         else:
-            self._buffer += data
+            if held:
+                self._buffer += data
+            else:
+                self._buffer = bytearray(data)
             if not self.factory.buffer_changed(self, len(self._buffer)):
                 self.factory._close(self)
 
@@ -344,7 +368,7 @@ class EximPolicyProtocol(Protocol):
             return
         self.answered = True
         if self._buffer:
-            self._buffer = bytearray()
+            self._buffer = b""
             self.factory.buffer_changed(self, 0)
         self.transport.write(reply)
         self.transport.loseConnection()
