@@ -75,11 +75,12 @@ def to_answer(name: str, answers) -> DnsAnswer:
         if kind == "TXT":
             rrsets.append((owner, kind, b"".join(rr.payload.data)))
         else:
-            rrsets.append((owner, kind, str(rr.payload.name).lower() + "."))
+            # The target as sent: Mailman compares it with the lower-cased owners.
+            rrsets.append((owner, kind, str(rr.payload.name) + "."))
     owners = {(owner, kind): value for owner, kind, value in rrsets}
     want, hops = name.lower() + ".", 0
     while (want, "TXT") not in owners and (want, "CNAME") in owners and hops < 16:
-        want, hops = owners[want, "CNAME"], hops + 1
+        want, hops = owners[want, "CNAME"].lower(), hops + 1
     if (want, "TXT") not in owners:
         return NOANSWER
     return DnsAnswer("ok", tuple(rrsets))

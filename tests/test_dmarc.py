@@ -238,13 +238,16 @@ def test_to_answer_groups_like_dnspython():
     """First record of each (owner, type), CNAME chain followed, names lower-cased;
     no TXT at the end of the chain is 'noanswer'."""
     answer = to_answer("_dmarc.a.com", [
-        rr_cname("_DMARC.A.com", "t.b.com"),
+        rr_cname("_DMARC.A.com", "T.b.com"),
         rr_txt("t.b.com", b"v=DMARC1; ", b"p=reject"),
         rr_txt("t.b.com", b"v=DMARC1; p=none"),
     ])
     assert answer.status == "ok"
-    assert answer.rrsets == (("_dmarc.a.com.", "CNAME", "t.b.com."),
+    assert answer.rrsets == (("_dmarc.a.com.", "CNAME", "T.b.com."),
                              ("t.b.com.", "TXT", b"v=DMARC1; p=reject"))
+    # Mailman's own walk compares the target as sent: no match, no mitigation.
+    from policyd.core.dmarc import policy_of
+    assert policy_of(answer, "_dmarc.a.com")[0] is False
     assert to_answer("_dmarc.a.com", []).status == "noanswer"
     assert to_answer("_dmarc.a.com", [rr_cname("_dmarc.a.com", "x.com")]).status == \
         "noanswer"

@@ -50,6 +50,8 @@ ZONE = {
         "_dmarc.cname.test": [["CNAME", "policy.reject.test"]],
         "policy.reject.test": [["TXT", REJECT]],
         "_dmarc.cnamenone.test": [["CNAME", "policy.none.test"]],
+        # Mailman compares the CNAME target as sent with lower-cased owner names
+        "_dmarc.cnameupper.test": [["CNAME", "Policy.Reject.test"]],
         "policy.none.test": [["TXT", "v=DMARC1; p=none"]],
         # a name with no TXT (NOERROR, no answer): keep looking
         "_dmarc.empty.test": [["CNAME", "nowhere.test"]],
@@ -82,6 +84,7 @@ FROMS = [
     ("alice@word.test", False),
     ("alice@cname.test", True),
     ("alice@cnamenone.test", False),
+    ("alice@cnameupper.test", False),
     ("alice@empty.test", False),
     ("alice@servfail.test", True),
     ("alice@sub.servfailorg.test", True),
