@@ -146,9 +146,13 @@ class DmarcLookup:
         self.counts["lookups"] += 1
         try:
             d = self.resolver.lookupText(name, timeout=self.timeout)
-        except Exception as error:  # a resolver that refuses at once: a failure too
-            from twisted.internet.defer import fail
-            d = fail(error)
+        except Exception as error:
+            # No DNS name at all (bytes that are not ASCII in the From: domain): what
+            # dnspython's IDNAException is to Mailman, an error (mitigate), not an
+            # incident of the resolver.
+            self._store(name, DnsAnswer("error", detail=f"not a DNS name "
+                                        f"({type(error).__name__})"), self.failure_ttl)
+            return done
         d.addCallbacks(lambda result: self._answered(name, to_answer(name, result[0])),
                        lambda failure: self._failed(name, failure))
         d.addErrback(lambda failure: log.failure("DMARC lookup of {name} went wrong",

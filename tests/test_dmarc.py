@@ -448,3 +448,23 @@ def test_exim_request_waits_for_the_lookup_then_rejects():
     # No From: domain: no lookup, the list's chain goes on (nonmembers accepted).
     assert factory.answer(request("undisclosed-recipients:;"), None).startswith(b"ACCEPT")
     assert len(resolver.asked) == 1
+
+
+def test_a_name_that_is_no_dns_name_is_an_error_not_an_incident():
+    """lookupText refusing the name at once (not ASCII): an error answer (Mailman's
+    IDNAException mitigates), no warning about the resolver."""
+    class Refusing(FakeResolver):
+        def lookupText(self, name, timeout=None):
+            raise UnicodeError("label")
+
+    events = []
+    globalLogPublisher.addObserver(events.append)
+    try:
+        lookup = DmarcLookup(Clock(), PSL, resolver=Refusing({}))
+        fired = []
+        lookup.lookup(["_dmarc.r\ufffdject.test"]).addCallback(fired.append)
+    finally:
+        globalLogPublisher.removeObserver(events.append)
+    assert fired == [None]
+    assert lookup.known("_dmarc.r\ufffdject.test").status == "error"
+    assert not [e for e in events if e.get("log_namespace") == "policyd.dmarc"]

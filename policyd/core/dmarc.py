@@ -216,10 +216,18 @@ class LookupNeeded(Exception):
         self.names = names
 
 
+_UNDECODABLE = re.compile("[\udc80-\udcff]")
+
+
 def from_address(message) -> str:
-    """Mailman's ``parseaddr(str(msg.get('from', '')))``, lower-cased."""
+    """Mailman's ``parseaddr(str(msg.get('from', '')))``, lower-cased.  A header with
+    bytes that are not ASCII is a ``Header`` in ``compat32`` whose ``str()`` has U+FFFD
+    for each such byte (kept here as surrogate escapes)."""
     values = message.get_all("from")
-    _, address = parseaddr(str(values[0]) if values else "")
+    value = values[0] if values else ""
+    if _UNDECODABLE.search(value):
+        value = _UNDECODABLE.sub("\ufffd", value)
+    _, address = parseaddr(value)
     return address.lower()
 
 

@@ -97,6 +97,11 @@ FROMS = [
     ("boss@norecord.test", False),
     ("undisclosed-recipients:;", False),
     ("no-at-sign", False),
+    # Bytes that are not ASCII: Mailman's str(Header) has U+FFFD for each; a domain
+    # with them is no DNS name (dnspython's IDNAException is a DNSException: mitigate).
+    ("\u00c5lice <alice@reject.test>", True),
+    ("\u00c5lice <alice@none.test>", False),
+    ("alice@r\u00e9ject.test", True),
 ]
 
 LISTS = [
