@@ -75,6 +75,7 @@ _HEADERS = (b"from", b"reply_to", b"sender_header")
 _SAFE_ID = re.compile(r"[^A-Za-z0-9._:@+/=-]")
 _SAFE_ID_BYTES = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789._:@+/=-"
 _CONTROL = re.compile(rb"[\x00-\x1f\x7f]")
+_CONTROL_BYTES = bytes(range(0x20)) + b"\x7f"
 # One list address: a dot-atom-ish or quoted local part (the quoted one may hold spaces:
 # the only reason a value continues over words), "@", a domain.  Exim's ACL refuses local
 # parts with white space, comma, quote or backslash before it asks.
@@ -155,8 +156,10 @@ def parse_request(line: bytes, *, max_lists: int = MAX_LISTS) -> EximRequest:
         line = line[:-1]
     if not line.strip():
         raise ProtocolError("empty request")
-    control = _CONTROL.search(line)
-    if control is not None:
+    # ``translate`` deleting the control bytes is a C loop several times faster than a
+    # regex search over a line with a few KB of base64 headers; the search only names one.
+    if len(line.translate(None, _CONTROL_BYTES)) != len(line):
+        control = _CONTROL.search(line)
         raise ProtocolError(f"control character 0x{control.group()[0]:02x} in the request")
     words = line.split(b" ")
     if words[0] != VERSION:
