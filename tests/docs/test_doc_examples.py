@@ -18,10 +18,17 @@ What differs from run to run is normalised on both sides: the temporary director
 snapshot versions and ages, times, process ids, the policyd version and the store's
 schema revision (the newest migration).
 
-An example that cannot run offline (a running daemon, an MTA, ``curl`` of the metrics
-endpoint) is marked in the page with an HTML comment on the line before its fence::
+An example that asks the daemon ``make run`` starts is marked on the line before its
+fence with ``<!-- example: the demo daemon (make run) -->``: it runs in a directory where
+``python -m policyd.demo --state-dir state`` wrote ``state/`` and ``policyd --config
+state/policyd.conf`` runs (started once for the module, stopped after it; ``socat``
+must be installed for the Exim and Postfix socket examples, else they fail in CI and
+skip elsewhere).
 
-    <!-- example: not run offline (needs the running daemon of make run) -->
+An example that cannot run offline (an MTA, ``curl`` of the metrics endpoint of a daemon
+that has answered given queries) is marked in the page the same way::
+
+    <!-- example: not run offline (needs a running daemon with its metrics endpoint) -->
 
 The test lists those (``-rs`` shows them) and checks the rest; it fails if fewer than
 ``MIN_COMMANDS`` commands ran, so it cannot pass by finding nothing.
@@ -32,18 +39,24 @@ from __future__ import annotations
 import os
 import re
 import shlex
+import shutil
+import signal
 import subprocess
 import sys
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import pytest
 
+from tests.requirements import require
+
 ROOT = Path(__file__).resolve().parents[2]
 PAGES = sorted([ROOT / "README.md", *ROOT.glob("docs/*.md")])
 BIN = Path(sys.executable).parent
-MIN_COMMANDS = 15
+MIN_COMMANDS = 18
 SKIP = re.compile(r"<!--\s*example:\s*not run offline\s*\((?P<why>[^)]*)\)\s*-->")
+DEMO = re.compile(r"<!--\s*example:\s*the demo daemon \(make run\)\s*-->")
 FENCE = re.compile(r"^(?P<fence>```|~~~)[^\n]*\n(?P<body>.*?)^(?P=fence)[ \t]*$", re.S | re.M)
 EXIT = re.compile(r"\s+\(exit status (?P<code>\d+)\)$")
 
@@ -74,6 +87,7 @@ class Example:
     line: int
     commands: list[Command]
     skip: str | None = None
+    demo: bool = False
 
 
 def examples(page: Path) -> list[Example]:
@@ -103,7 +117,8 @@ def examples(page: Path) -> list[Example]:
                     line = line[:status.start()]
                 commands[-1].expected.append(line)
         found.append(Example(str(page.relative_to(ROOT)), start, commands,
-                             skip.group("why") if skip else None))
+                             skip.group("why") if skip else None,
+                             DEMO.search(before) is not None))
     return found
 
 
@@ -153,16 +168,57 @@ def sessions(tmp_path_factory):
     return session
 
 
+def environment(workdir: Path) -> dict:
+    return {"PATH": f"{BIN}{os.pathsep}{os.environ.get('PATH', '/usr/bin:/bin')}",
+            "HOME": str(workdir), "LANG": "C.UTF-8", "POLICYD_CONFIG": "/nonexistent",
+            "TZ": "UTC"}
+
+
+@pytest.fixture(scope="module")
+def demo_daemon(tmp_path_factory):
+    """A directory with ``state/`` as ``make run`` makes it and its daemon running."""
+    workdir = tmp_path_factory.mktemp("demo")
+    env = environment(workdir)
+    subprocess.run([sys.executable, "-m", "policyd.demo", "--state-dir", "state"],
+                   cwd=workdir, env=env, check=True, capture_output=True, timeout=120)
+    log = (workdir / "daemon.log").open("wb")
+    daemon = subprocess.Popen([str(BIN / "policyd"), "--config", "state/policyd.conf"],
+                              cwd=workdir, env=env, stdout=log, stderr=subprocess.STDOUT)
+    try:
+        deadline = time.monotonic() + 120  # against hanging only
+        while time.monotonic() < deadline:
+            probe = subprocess.run([str(BIN / "policyctl"), "--config", "state/policyd.conf",
+                                    "status"], cwd=workdir, env=env, capture_output=True)
+            if probe.returncode == 0:
+                break
+            assert daemon.poll() is None, (workdir / "daemon.log").read_text()
+            time.sleep(0.2)
+        else:
+            pytest.fail("the demo daemon did not answer policyctl status")
+        yield workdir
+    finally:
+        daemon.send_signal(signal.SIGTERM)
+        try:
+            daemon.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            daemon.kill()
+            daemon.wait()
+        log.close()
+
+
 @pytest.mark.parametrize("example", ALL, ids=[f"{e.page}:{e.line}" for e in ALL])
-def test_example_output(example, sessions):
-    """The example's commands, run in the page's session, print what the page shows
-    (normalised) and exit with the status it shows."""
+def test_example_output(example, sessions, request):
+    """The example's commands, run in the page's session (or beside the demo daemon),
+    print what the page shows (normalised) and exit with the status it shows."""
     if example.skip is not None:
         pytest.skip(f"{example.page}:{example.line} not run offline: {example.skip}")
-    workdir = sessions(example.page)
-    env = {"PATH": f"{BIN}{os.pathsep}{os.environ.get('PATH', '/usr/bin:/bin')}",
-           "HOME": str(workdir), "LANG": "C.UTF-8", "POLICYD_CONFIG": "/nonexistent",
-           "TZ": "UTC"}
+    if example.demo:
+        if any("socat" in command.text for command in example.commands):
+            require(shutil.which("socat") is not None, "socat")
+        workdir = request.getfixturevalue("demo_daemon")
+    else:
+        workdir = sessions(example.page)
+    env = environment(workdir)
     previous = 0
     for command in example.commands:
         script = prepare(command.text, workdir)
