@@ -50,15 +50,20 @@ class Message(NamedTuple):
     def get_all(self, name: str) -> list[str]:
         """The raw values of every field ``name`` (any case), in order."""
         wanted = name.lower()
-        return [pair[1] for key, pair in zip(self._names(), self.headers) if key == wanted]
+        names = self._names()
+        # count() and index() search in C: most names asked for occur once or never.
+        found = names.count(wanted)
+        if found == 0:
+            return []
+        if found == 1:
+            return [self.headers[names.index(wanted)][1]]
+        return [pair[1] for key, pair in zip(names, self.headers) if key == wanted]
 
     def first(self, name: str) -> str | None:
         """The raw value of the first field ``name`` (any case), ``None`` without one."""
+        names = self._names()
         wanted = name.lower()
-        for key, pair in zip(self._names(), self.headers):
-            if key == wanted:
-                return pair[1]
-        return None
+        return self.headers[names.index(wanted)][1] if wanted in names else None
 
     def has(self, name: str) -> bool:
         return name.lower() in self._names()

@@ -427,29 +427,28 @@ class EximFactory(DecidingFactory):
             if waiting is not None:
                 return waiting.addCallback(
                     lambda _: self.answer(line, transport, _round + 1))
-        replies = []
-        started = 0.0
         # SMTP-time moderation at DATA only (the request with the header block): the
         # RCPT-time question (envelope only) is never deferred by it.
         moderation = self.moderation if request.message is not None else None
+        decision_log = self.decision_log
+        reply = None
+        started = 0.0
         for query, answer in zip(queries, answers):
-            if not replies:
-                started = answer.started
             step = None
             if moderation is not None:
                 answer, step = moderation.apply(
                     answer, query, client=request.client,
                     message_id=request.message_field("message-id")[:255],
                     subject=request.message_field("subject"))
-            line_text = reply_line(answer.reply)
-            self.decision_log.answered("exim", query, answer, line_text, request.id,
-                                       moderation_fields(step))
-            replies.append((answer.reply, line_text))
-        if len(replies) == 1:
-            reply, line_text = replies[0]
-        else:
-            reply = aggregate(r for r, _ in replies)
-            line_text = reply_line(reply)
+            text = reply_line(answer.reply)
+            if decision_log.enabled:
+                decision_log.answered("exim", query, answer, text, request.id,
+                                      moderation_fields(step) if step is not None else "")
+            # Several lists: the most severe reply answers for all (``aggregate``).
+            if reply is None:
+                reply, line_text, started = answer.reply, text, answer.started
+            elif SEVERITY[answer.reply.outcome] > SEVERITY[reply.outcome]:
+                reply, line_text = answer.reply, text
         self.decider.count_answer("exim", reply.outcome._value_)
         if self.latency is not None:  # from the first decision to the answer
             self.latency.observe(started)

@@ -122,6 +122,21 @@ def test_exim_moderate_ticket_then_decision_on_retry(h, decision, reason, expect
     assert h.exim(MODERATED).startswith(expected)
 
 
+def test_exim_moderate_ticket_follows_the_post_to_another_network(h):
+    """A moderated post is keyed by its Message-ID: the sender's retry from another
+    outbound network finds the same ticket and its decision; another post (another
+    Message-ID) gets a ticket of its own."""
+    ticket = ticket_of(h.exim(MODERATED, client="192.0.2.7"))
+    assert ticket_of(h.exim(MODERATED, client="198.51.100.9")) == ticket
+    h.clock.advance(5)
+    h.moderation.sync()
+    h.decide(ticket, Decision.APPROVE)
+    h.clock.advance(5)
+    h.moderation.sync()
+    assert h.exim(MODERATED, client="2001:db8::1").startswith(b"ACCEPT 250 2.1.5 approved")
+    assert ticket_of(h.exim(MODERATED, message_id="<p2@example.net>")) != ticket
+
+
 def test_exim_pending_rows_carry_subject_message_id_and_client(h):
     """What ``policyctl pending`` shows comes from the request."""
     ticket = ticket_of(h.exim(MODERATED))
@@ -129,7 +144,7 @@ def test_exim_pending_rows_carry_subject_message_id_and_client(h):
     with h.store().read() as session:
         [row] = store_moderation.pending_tickets(session, MODERATED)
     assert (row.id, row.subject, row.key.message_id, row.client, row.key.network) == (
-        ticket, "Hello list", "<p1@example.net>", "192.0.2.7", "192.0.2.0/24")
+        ticket, "Hello list", "<p1@example.net>", "192.0.2.7", "")  # keyed by Message-ID
 
 
 def test_exim_greylist_defers_then_passes_after_min_delay(h):
