@@ -27,9 +27,10 @@ from __future__ import annotations
 
 import enum
 import re
-from email.utils import parseaddr
+from email._parseaddr import AddressList
 from typing import Callable, Iterable, NamedTuple, Protocol
 
+from .mailman_headers import _balanced_parentheses
 from .rules import Hit, Miss
 from .verdict import Action, Verdict
 
@@ -227,8 +228,18 @@ def from_address(message) -> str:
     value = values[0] if values else ""
     if _UNDECODABLE.search(value):
         value = _UNDECODABLE.sub("\ufffd", value)
-    _, address = parseaddr(value)
+    _, address = _parseaddr(value)
     return address.lower()
+
+
+def _parseaddr(value: str) -> tuple[str, str]:
+    """``email.utils.parseaddr(value)`` as a current Python has it (strict, the
+    CVE-2023-27043 fix), whatever Python runs policyd (see ``mailman_headers``)."""
+    if not _balanced_parentheses(value):
+        value = "('', '')"
+    found = [("", "") if "[" in address else (name, address)
+             for name, address in AddressList(value).addresslist]
+    return found[0] if len(found) == 1 else ("", "")
 
 
 def dmarc_names(address: str, suffixes: PublicSuffixList) -> tuple[str, str | None]:

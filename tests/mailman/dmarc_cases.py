@@ -97,6 +97,12 @@ FROMS = [
     ("boss@norecord.test", False),
     ("undisclosed-recipients:;", False),
     ("no-at-sign", False),
+    # parseaddr (strict): one address or none
+    ("<alice@reject.test> garbage", False),
+    ("alice@reject.test, bob@none.test", False),
+    ("Alice (the boss) <alice@reject.test>", True),
+    ('"bob@none.test" <alice@reject.test>', True),
+    ("(unbalanced alice@reject.test", False),
     # Bytes that are not ASCII: Mailman's str(Header) has U+FFFD for each; a domain
     # with them is no DNS name (dnspython's IDNAException is a DNSException: mitigate).
     ("\u00c5lice <alice@reject.test>", True),
