@@ -189,6 +189,8 @@ def test_first_from_header_only():
 
 
 def test_action_names():
+    """policyctl's names are Mailman's enum names (a dash allowed); others are refused
+    with what is allowed."""
     assert DmarcAction.from_name("munge-from") is DmarcAction.MUNGE_FROM
     with pytest.raises(ValueError, match="allowed: no_mitigation"):
         DmarcAction.from_name("bounce")
