@@ -54,7 +54,10 @@ its ``mailinglist`` row (the decision columns, the four pickles as raw bytes), t
 digest of its ``member`` rows (grouped by ``member.list_id``, the list-id string) and its
 list bans; and a shared digest of the domains (alias domains included), the site bans,
 and the ``address``/``user`` rows that existed at that build (ids up to its maxima: each
-address's email and its link to an existing user; users' preferred addresses).  When the
+address's email and its link to an existing user, on PostgreSQL also where the row of a
+linked address lies, since a user's addresses are walked in physical order; users'
+preferred addresses).  The list rows include the list's header matches and acceptable
+aliases, which the change token covers too.  When the
 token moves, only the lists whose digest changed are read again (their members, the
 addresses and users behind those members, their bans) and swapped into the previous
 snapshot.  Anything else is a full build: the shared digest changed, a new address was
