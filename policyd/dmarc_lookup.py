@@ -173,11 +173,11 @@ class DmarcLookup:
         self.counts["failures"] += 1
         detail = failure.type.__name__
         if not self._failures:
-            log.warn("DMARC lookup of {name} failed ({error}): mitigated as Mailman does "
-                     "(a list that rejects or discards does so); further failures are "
-                     "counted until a lookup succeeds", name=name, error=detail)
+            log.warn("DMARC lookup of {name} failed ({error}): posts From: such a domain "
+                     "to lists that reject or discard get the temporary failure; further "
+                     "failures are counted until a lookup succeeds", name=name, error=detail)
         self._failures += 1
-        self._store(name, DnsAnswer("error", detail=detail), self.failure_ttl)
+        self._store(name, DnsAnswer("failed", detail=detail), self.failure_ttl)
 
     def _store(self, name: str, answer: DnsAnswer, ttl: float) -> None:
         self._cache[name] = (answer, self.reactor.seconds() + ttl)

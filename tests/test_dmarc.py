@@ -108,10 +108,12 @@ REJECT = "v=DMARC1; p=reject; rua=mailto:d@example.com"
       "_dmarc.example.com": txt("_dmarc.example.com", "v=DMARC1; p=none; sp=quarantine")},
      True),
     ({"_dmarc.sub.example.com": NXDOMAIN, "_dmarc.example.com": NXDOMAIN}, False),
-    # A DNS failure mitigates, as Mailman's rule does (DNSException -> True).
-    ({"_dmarc.sub.example.com": DnsAnswer("error", detail="timeout")}, True),
+    # A domain that is no DNS name mitigates, as Mailman's rule does (DNSException).
+    ({"_dmarc.sub.example.com": DnsAnswer("error", detail="not a DNS name")}, True),
+    # A failed lookup (timeout, SERVFAIL): the temporary failure, not Mailman's mitigation.
+    ({"_dmarc.sub.example.com": DnsAnswer("failed", detail="timeout")}, "defer"),
     ({"_dmarc.sub.example.com": NXDOMAIN,
-      "_dmarc.example.com": DnsAnswer("error", detail="SERVFAIL")}, True),
+      "_dmarc.example.com": DnsAnswer("failed", detail="SERVFAIL")}, "defer"),
     # Through a CNAME.
     ({"_dmarc.sub.example.com": txt("policy.example.net", REJECT,
                                     cnames=[("_dmarc.sub.example.com",
@@ -121,7 +123,9 @@ REJECT = "v=DMARC1; p=reject; rua=mailto:d@example.com"
 def test_outcomes(records, outcome, action):
     """reject/discard lists: the policy (or a failure) decides, as in Mailman."""
     d = decide(snap(action), query(), dmarc=answers(records))
-    if outcome:
+    if outcome == "defer":
+        assert (d.verdict, d.rule) == (Verdict.DEFER, "dmarc-mitigation"), d.trace
+    elif outcome:
         verdict = Verdict.REJECT if action == DmarcAction.REJECT else Verdict.DISCARD
         assert (d.verdict, d.rule) == (verdict, "dmarc-mitigation"), d.trace
         assert d.sender == "someone@sub.example.com"
@@ -272,7 +276,7 @@ def test_lookup_caches_and_expires():
     assert fired == [None]
     assert lookup.known("_dmarc.a.com").status == "ok"
     assert lookup.known("_dmarc.gone.com").status == "nxdomain"
-    assert lookup.known("_dmarc.bad.com").status == "error"
+    assert lookup.known("_dmarc.bad.com").status == "failed"
     assert resolver.asked[0] == ("_dmarc.a.com", (1.0, 1.0))
     clock.advance(11)
     assert lookup.known("_dmarc.bad.com") is None

@@ -6,8 +6,13 @@ Mailman (``mailman/rules/dmarc.py``) takes the first address of the first From: 
 ``p=quarantine`` (Mailman 3 has no separate quarantine handling: both count).  When
 ``_dmarc.<domain>`` has no DMARC record (NXDOMAIN, no TXT answer, or a first TXT record
 that is not ``v=DMARC1;``), the organizational domain's record is read, its ``sp=`` first.
-A DNS error other than NXDOMAIN (a timeout, SERVFAIL, REFUSED) counts as "mitigate".  Of
-each TXT RRset only the first record is read, as Mailman does.
+A DNS error other than NXDOMAIN (a timeout, SERVFAIL, REFUSED) counts as "mitigate" for
+Mailman; at SMTP time it is doubt, and policyd's rule for doubt wins: the post gets the
+temporary failure (``DNS_FAILED``: the sender retries, and the retry is decided on an
+answer), never a 5xx caused by a resolver in trouble (docs/mailman-differences.md).  A
+From: domain that is no DNS name at all (bytes that are not ASCII) is mitigated as Mailman
+does: no retry would change it.  Of each TXT RRset only the first record is read, as
+Mailman does.
 
 The rule jumps to the ``dmarc`` chain (reject or discard) only when the list's
 ``dmarc_mitigate_action`` is ``reject`` or ``discard``; ``munge_from`` and
@@ -35,7 +40,7 @@ from .rules import Hit, Miss
 from .verdict import Action, Verdict
 
 __all__ = ["DmarcAction", "DnsAnswer", "PublicSuffixList", "LookupNeeded",
-           "DmarcMitigation", "dmarc_names", "maybe_mitigate", "policy_of"]
+           "DNS_FAILED", "DmarcMitigation", "dmarc_names", "maybe_mitigate", "policy_of"]
 
 
 class DmarcAction(enum.IntEnum):
@@ -77,7 +82,8 @@ class DnsAnswer(NamedTuple):
     """The answer to one TXT query, as far as Mailman's rule reads it.
 
     ``status``: ``ok`` (an answer), ``nxdomain``, ``noanswer`` (no TXT at the end of the
-    CNAME chain) or ``error`` (timeout, SERVFAIL, REFUSED, ...: Mailman mitigates).
+    CNAME chain), ``failed`` (timeout, SERVFAIL, REFUSED, ...: Mailman mitigates, policyd
+    answers the temporary failure) or ``error`` (no DNS name: mitigated).
     ``rrsets``: the answer section grouped as dnspython groups it, in order:
     ``(owner name lower-cased with the final dot, "TXT" or "CNAME", value)``; a TXT value
     is the first record's strings joined (bytes), a CNAME value the target with the dot."""
@@ -91,6 +97,8 @@ NXDOMAIN = DnsAnswer("nxdomain")
 NOANSWER = DnsAnswer("noanswer")
 
 _KEEP_LOOKING = object()
+#: ``maybe_mitigate``'s answer when a lookup failed: the temporary failure at SMTP time.
+DNS_FAILED = "dns-failed"
 
 
 def policy_of(answer: DnsAnswer, name: str, org: bool = False):
@@ -98,6 +106,8 @@ def policy_of(answer: DnsAnswer, name: str, org: bool = False):
     ``(_KEEP_LOOKING, detail)``."""
     if answer.status in ("nxdomain", "noanswer"):
         return _KEEP_LOOKING, f"{name}: {answer.status}"
+    if answer.status == "failed":
+        return DNS_FAILED, f"{name}: DNS lookup failed ({answer.detail or 'no answer'})"
     if answer.status != "ok":
         return True, f"{name}: DNS lookup failed ({answer.detail or answer.status}): " \
                      "mitigated as Mailman does"
@@ -263,9 +273,10 @@ def _address_listed(address: str, listed: tuple[str, ...]) -> str | None:
 
 
 def maybe_mitigate(address: str, listed: tuple[str, ...], suffixes: PublicSuffixList,
-                   known: Callable[[str], DnsAnswer | None]) -> tuple[bool, str]:
-    """Mailman's ``maybe_mitigate``: ``(mitigate, why)``; raises ``LookupNeeded`` with the
-    names whose answers ``known`` does not have."""
+                   known: Callable[[str], DnsAnswer | None]) -> tuple[bool | str, str]:
+    """Mailman's ``maybe_mitigate``: ``(mitigate, why)``, ``mitigate`` being
+    ``DNS_FAILED`` where a lookup failed; raises ``LookupNeeded`` with the names whose
+    answers ``known`` does not have."""
     entry = _address_listed(address, listed)
     if entry is not None:
         return True, f"{address} matches dmarc_addresses entry {entry!r}"
@@ -328,6 +339,10 @@ class DmarcMitigation:
         else:
             suffixes, known = answers.suffixes, answers.known
         mitigate, why = maybe_mitigate(address, content.dmarc_addresses, suffixes, known)
+        if mitigate is DNS_FAILED:
+            return Hit(Verdict.DEFER, f"the DMARC policy of the From: domain is unknown "
+                       f"({why}): temporary failure (Mailman would mitigate)"
+                       if ctx.explain else "", None, address or None)
         if not mitigate:
             return Miss(f"no mitigation: {why}" if ctx.explain else "")
         verdict = Verdict.REJECT if action == DmarcAction.REJECT else Verdict.DISCARD

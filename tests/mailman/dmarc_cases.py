@@ -152,6 +152,20 @@ def dmarc_cases() -> list[dict]:
     return cases
 
 
+# The From: domains whose lookups fail (SERVFAIL, REFUSED): Mailman mitigates, policyd
+# answers the temporary failure (an intended difference, docs/mailman-differences.md).
+FAILING_DOMAINS = ("servfail.test", "sub.servfailorg.test", "refused.test")
+
+
+def dns_failure(case_id: str) -> bool:
+    """The case's From: domain is one whose DMARC lookup fails."""
+    if case_id.endswith("-two-from"):
+        return False
+    _, _, index = case_id[len("dmarc-"):].rpartition("-")
+    frm = FROMS[int(index)][0]
+    return frm.rpartition("@")[2].lower() in FAILING_DOMAINS
+
+
 def expected(case_id: str) -> str:
     """What Mailman's chain is expected to decide (a check on the oracle itself)."""
     if case_id.endswith("-two-from"):
