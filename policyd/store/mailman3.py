@@ -574,8 +574,9 @@ class Mailman3Backend:
         thousand lists.  The big ones (``member``, ``address``, ``user``) are summarised
         by one aggregate each: row count, highest id, and the sum of a well-mixed hash
         of every column that matters of each row (``_hash_sum``), which no combination
-        of edits cancels (a reused id with other values changes it too).  Each aggregate is one sequential scan of one
-        table with no sort: tens of milliseconds for 200,000 memberships.
+        of edits cancels (a reused id with other values changes it too).  Each aggregate
+        is one sequential scan of one table with no sort: tens of milliseconds for
+        200,000 memberships.
         """
         dialect = self.engine.dialect.name
         m, a, u = member_t, address_t, user_t
