@@ -49,10 +49,11 @@ mta-deps:
 
 # What the package test (tests/packaging/) needs on this machine: debootstrap for the
 # Debian 13 chroots (the package is built and installed inside them, with trixie's
-# debhelper, dh-python, pybuild-plugin-pyproject and lintian), man for `man -l`.
+# debhelper, dh-python, pybuild-plugin-pyproject and lintian), man for `man -l`, and
+# publicsuffix (what `policyd --check-config` and dmarc-mitigation read by default).
 packaging-deps:
 	@if [ "$$(id -u)" = 0 ]; then \
-	  need=""; for p in debootstrap man-db groff-base; do \
+	  need=""; for p in debootstrap man-db groff-base publicsuffix; do \
 	    dpkg-query -W -f='$${Status}' $$p 2>/dev/null | grep -q 'ok installed' || need="$$need $$p"; done; \
 	  if [ -n "$$need" ]; then apt-get -q update && DEBIAN_FRONTEND=noninteractive apt-get -q -y install $$need; fi; \
 	else echo "packaging-deps: not root, not installing debootstrap (the package test will skip outside CI)"; fi

@@ -23,6 +23,7 @@ status of ``check_config``: 0 when start-up would succeed, 2 otherwise.
 from __future__ import annotations
 
 import dataclasses
+import os
 from typing import IO
 
 from .config import Config, ConfigError, check_paths, listener_keys, load
@@ -168,6 +169,11 @@ def check_config(path, out: IO[str], err: IO[str]) -> int:
                      f"line{'' if len(site.checks) == 1 else 's'} from {site.source}, "
                      f"jump_chain {site.jump_chain.label}")
     notes += [f"[mailman] config_file: {note}" for note in site.notes]
+    psl = config.dmarc.public_suffix_list
+    if not os.access(psl, os.R_OK):
+        notes.append(f"[dmarc] public_suffix_list = {psl}: not readable; dmarc-mitigation "
+                     "takes the last two labels as the organizational domain (install "
+                     "Debian's publicsuffix, or name the file)")
     for note in notes:
         print(f"policyd: note: {note}", file=out)
     for problem in problems:

@@ -117,3 +117,16 @@ def test_policyd_check_config_exit_status(tmp_path, capsys):
     bad = write(tmp_path, "[smtp]\nreject_text = {lst}\n")
     assert daemon.main(["--check-config", "--config", bad], environ={}) == 2
     assert "unknown placeholder {lst}" in capsys.readouterr().err
+
+
+def test_an_unreadable_public_suffix_list_is_a_note(tmp_path):
+    """dmarc-mitigation still works without the file (two labels), so a note, not an error."""
+    path = write(tmp_path, f"[dmarc]\npublic_suffix_list = {tmp_path / 'missing.dat'}\n")
+    out, err = io.StringIO(), io.StringIO()
+    assert check_config(path, out, err) == 0
+    assert "[dmarc] public_suffix_list" in out.getvalue() and "not readable" in out.getvalue()
+    (tmp_path / "psl.dat").write_text("com\n")
+    path = write(tmp_path, f"[dmarc]\npublic_suffix_list = {tmp_path / 'psl.dat'}\n")
+    out = io.StringIO()
+    assert check_config(path, out, io.StringIO()) == 0
+    assert "public_suffix_list" not in out.getvalue()
