@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import re
 from collections import Counter
+from functools import lru_cache
 from typing import Callable
 
 from twisted.application.internet import TimerService
@@ -225,6 +226,7 @@ class ModerationService(TimerService):
 _CONTROL = re.compile(r"[\x00-\x1f\x7f]+")
 
 
+@lru_cache(maxsize=8192)
 def _field(text: str, limit: int = 255) -> str:
     """A value the peer chose, made storable in any database: undecodable bytes and
     control characters replaced, at most ``limit`` characters (a row that cannot be

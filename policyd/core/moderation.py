@@ -42,6 +42,7 @@ import enum
 import ipaddress
 import secrets
 from dataclasses import dataclass, field, replace
+from functools import lru_cache
 from typing import Callable, Iterable, NamedTuple
 
 __all__ = ["SmtpModeration", "Settings", "Key", "Entry", "Ticket", "Decision",
@@ -170,6 +171,9 @@ def new_ticket_id() -> str:
     return "".join(secrets.choice(TICKET_ALPHABET) for _ in range(TICKET_LENGTH))
 
 
+# An MTA's peers are few: the same client addresses come back (``ipaddress`` parsing is
+# several microseconds a request otherwise).
+@lru_cache(maxsize=4096)
 def network_of(address: str | None) -> str:
     """The originating network: ``192.0.2.0/24``, ``2001:db8:1:2::/64``; ``""`` for an
     unknown or unreadable client (the key then has no network)."""
