@@ -200,6 +200,34 @@ def test_alert_rules_use_only_metrics_the_endpoint_has(tmp_path):
     assert used <= set(samples), used - set(samples)
 
 
+def test_documented_scrape_excerpts_name_only_served_samples(tmp_path):
+    """The scrape excerpts in docs/configuration.md and docs/monitoring.md: every sample
+    name they show is served, after the same kind of answers (one Exim, two Postfix)."""
+    import re
+    from pathlib import Path
+
+    docs = Path(__file__).resolve().parents[1] / "docs"
+    shown = set()
+    for page in ("configuration.md", "monitoring.md"):
+        text = (docs / page).read_text()
+        start = text.index("An excerpt of `curl -s http://127.0.0.1:9163/metrics`")
+        block = text[text.index("```", start) + 3:]
+        block = block[:block.index("```")]
+        shown |= set(re.findall(r"^(policyd_[a-z_]+)[{ ]", block, re.M))
+    assert {"policyd_decisions_total", "policyd_answers_total"} <= shown
+    service, reactor, backend = build(tmp_path, text=METRICS)
+    service.startService()
+    try:
+        service.factory("exim").answer(b"POLICYD/1 list=" + LIST.encode() + b" sender=",
+                                       StringTransport())
+        samples = scrape(service)
+    finally:
+        service.stopService()
+    served = set(samples) | {name + suffix for name in samples
+                             for suffix in ("_bucket", "_count", "_sum")}
+    assert shown <= served, shown - served
+
+
 # --- SMTP-time moderation (issue 17) ------------------------------------------------------
 
 

@@ -67,12 +67,30 @@ def exim_line(lists: str, sender: str, from_header: str | None = None) -> bytes:
     return " ".join(words).encode()
 
 
+def connect_like_an_mta(s: socket.socket, address, timeout: float) -> None:
+    """Connect as Exim's ``${readsocket}`` does, with a blocking connect under a timeout.
+
+    Python's socket with a timeout is non-blocking inside, and a Unix socket's connect
+    then fails at once with EAGAIN while the listen queue is full; a blocking connect
+    (Exim's) waits for room instead.  So this one waits too, until ``timeout``."""
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            s.connect(address)
+            return
+        except BlockingIOError:
+            if time.monotonic() >= deadline:
+                raise
+            time.sleep(0.002)
+
+
 def exim_ask(address, data: bytes, *, half_close: bool = True, timeout: float = 5.0) -> bytes:
     """One Exim-style ${readsocket}: connect, write, half-close, read to EOF."""
     family = socket.AF_UNIX if isinstance(address, (str, Path)) else socket.AF_INET
     with socket.socket(family, socket.SOCK_STREAM) as s:
         s.settimeout(timeout)
-        s.connect(str(address) if family == socket.AF_UNIX else address)
+        connect_like_an_mta(s, str(address) if family == socket.AF_UNIX else address,
+                            timeout)
         s.sendall(data)
         if half_close:
             s.shutdown(socket.SHUT_WR)
