@@ -86,7 +86,7 @@ def makeService(options, reactor=None, backend=None) -> PolicyService:
         if launcher != "policyd" and config.runtime.reactor and not _tuned_reactor(reactor):
             notes.append("reactor: twist runs its own reactor here; "
                          "`twist --reactor=policyd policyd` runs policyd's")
-        tuning = Tuning(config.runtime, notes)
+        tuning = Tuning(config.runtime, notes, clock=reactor)
     if backend is None:
         from .store import open_backend
 

@@ -118,3 +118,35 @@ def test_runtime_section_parses_and_refuses_bad_values():
     assert config.reactor is False and config.store_niceness == 5
     with pytest.raises(ConfigError, match="store_niceness"):
         parse("[runtime]\nstore_niceness = 42\n")
+
+
+def test_reactor_collector_runs_the_collector_on_the_reactor(monkeypatch):
+    """After the first load the collector runs at fixed times from the reactor (young,
+    middle, all), never at an allocation threshold in another thread; stop() gives it
+    back."""
+    import gc
+
+    from twisted.internet.task import Clock
+
+    from policyd.runtime import heap
+
+    clock = Clock()
+    collected: list[int] = []
+    monkeypatch.setattr(gc, "collect", lambda generation=2: collected.append(generation))
+    was = gc.isenabled()
+    gc.enable()
+    collector = heap.ReactorCollector(clock)
+    try:
+        collector.start()
+        assert not gc.isenabled()
+        clock.pump([heap.ReactorCollector.YOUNG] * int(heap.ReactorCollector.FULL /
+                                                       heap.ReactorCollector.YOUNG + 1))
+        assert collected.count(2) == 1
+        assert collected.count(1) == int(heap.ReactorCollector.FULL /
+                                         heap.ReactorCollector.MIDDLE)
+        assert collected.count(0) >= 290
+    finally:
+        collector.stop()
+        assert gc.isenabled()
+        if not was:
+            gc.disable()

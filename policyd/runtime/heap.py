@@ -10,6 +10,16 @@
   would trigger scans them all while holding the GIL.  They die by reference counting
   when the build returns; what survives (the snapshot) holds few GC-tracked objects.
   The switch is process-wide: the reactor thread makes no cycles worth collecting meanwhile.
+* ``ReactorCollector``: after ``settle()``, the cyclic collector no longer runs on its
+  own: the reactor runs it at fixed times between turns (the young generations every
+  ``YOUNG`` seconds, the middle one every ``MIDDLE``, all of it every ``FULL``).  Left
+  to itself, it runs in whichever thread allocates when a threshold is crossed, and the
+  store thread's periodic check crossed one: a collection there held the GIL for tens
+  of milliseconds while the store thread (niced) and the reactor thread passed the GIL
+  back and forth, long enough to queue many requests behind it (``bench --timeline``
+  showed such a collection right after a store check, and the open-loop p99 with it).
+  From the reactor, each collection is a short pause that
+  ``gc.freeze`` keeps short (only what was made since the first load is scanned).
 * ``release(box)``: drop an old snapshot one list at a time, so that freeing it gives the
   reactor thread its turns in between instead of one long reference-count drop.
 * ``free_piecewise(*containers, pause)``: empty a loader's big temporary lists, dicts
@@ -28,7 +38,7 @@ from contextlib import contextmanager
 from typing import Callable, Iterator
 
 __all__ = ["enabled", "settle", "no_collection", "release", "free_piecewise",
-           "return_free_memory"]
+           "return_free_memory", "ReactorCollector"]
 
 enabled = True
 
@@ -37,6 +47,42 @@ def settle() -> None:
     if enabled:
         gc.collect()
         gc.freeze()
+
+
+class ReactorCollector:
+    """Cyclic collection at fixed times on the reactor instead of at allocation
+    thresholds in any thread (see the module's docstring).  ``start()`` after
+    ``settle()``; ``stop()`` gives collection back to the interpreter."""
+
+    YOUNG = 0.1
+    MIDDLE = 1.0
+    FULL = 30.0
+
+    def __init__(self, clock) -> None:
+        self.clock = clock
+        self._calls: list = []
+        self._was_enabled = False
+
+    def start(self) -> None:
+        from twisted.internet.task import LoopingCall
+
+        if self._calls or not enabled:
+            return
+        self._was_enabled = gc.isenabled()
+        gc.disable()
+        for interval, generation in ((self.YOUNG, 0), (self.MIDDLE, 1), (self.FULL, 2)):
+            call = LoopingCall(gc.collect, generation)
+            call.clock = self.clock
+            call.start(interval, now=False)
+            self._calls.append(call)
+
+    def stop(self) -> None:
+        for call in self._calls:
+            if call.running:
+                call.stop()
+        if self._calls and self._was_enabled:
+            gc.enable()
+        self._calls = []
 
 
 @contextmanager

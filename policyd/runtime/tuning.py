@@ -11,7 +11,8 @@ part               what                                                       sw
 ``fastio``         a Postfix answer sent at once, not on the next turn        ``fast_write``
 ``pacing``         the snapshot builder rests while the reactor is busy       ``pacing``
 ``heap``           no cyclic GC during builds, ``gc.freeze`` after the first  ``heap``
-                   load, old snapshots freed piecewise, ``malloc_trim``
+                   load, then collections from the reactor at fixed times,
+                   old snapshots freed piecewise, ``malloc_trim``
 ``threads``        the store thread's niceness, the switch interval           ``store_niceness``,
                                                                               ``switch_interval``
 =================  =========================================================  ============
@@ -36,8 +37,9 @@ log = Logger(namespace="policyd.runtime")
 class Tuning:
     """What ``[runtime]`` switches on for one daemon (``policyd.tap.makeService``)."""
 
-    def __init__(self, config, notes: list[str] | None = None) -> None:
+    def __init__(self, config, notes: list[str] | None = None, clock=None) -> None:
         self.config = config
+        self.collector = heap.ReactorCollector(clock) if clock is not None else None
         self.notes = list(notes or ())
         self.fast_write = None
         if config.fast_write:
@@ -63,6 +65,10 @@ class Tuning:
 
     def first_load_done(self) -> None:
         heap.settle()
+        if self.collector is not None:
+            self.collector.start()
 
     def daemon_stopped(self) -> None:
+        if self.collector is not None:
+            self.collector.stop()
         self._stack.close()
