@@ -78,5 +78,19 @@ bench: venv mailman-venv
 	$(VENV)/bin/python -m bench --state-dir $(BUILD)/bench \
 	  --mailman-python $(MAILMAN_VENV)/bin/python $(BENCH_ARGS)
 
+# The sdist (build/sdist), and the Debian 13 (trixie) package built from it in a trixie
+# chroot with Debian's own Python packages, lintian included (build/deb; needs root and
+# debootstrap: make packaging-deps).  The chroots are cached in POLICYD_TRIXIE_CACHE or
+# build/trixie; tests/packaging/ builds the package the same way and installs it.
+TRIXIE_CACHE ?= $(or $(POLICYD_TRIXIE_CACHE),$(BUILD)/trixie)
+sdist: venv
+	rm -rf $(BUILD)/sdist
+	$(VENV)/bin/python -c 'import sys; from setuptools import build_meta as b; \
+	  print(b.build_sdist(sys.argv[1]))' $(BUILD)/sdist
+
+deb: sdist packaging-deps
+	bash tests/packaging/trixie.sh deb $(TRIXIE_CACHE) "$$(ls $(BUILD)/sdist/policyd-*.tar.gz)" $(BUILD)/deb
+	@ls $(BUILD)/deb/policyd_*_all.deb
+
 clean:
 	rm -rf $(VENV) $(BUILD) $(STATE) *.egg-info .pytest_cache .hypothesis
