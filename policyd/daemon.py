@@ -90,6 +90,7 @@ def main(argv=None, environ=None) -> int:
         if cleanup is not None:  # let the listeners that did bind close their sockets
             reactor.callWhenRunning(cleanup.addBoth, lambda _: reactor.stop())
             reactor.run(installSignalHandlers=False)
+        logs.close()
         return 1
     reactor.addSystemEventTrigger("before", "shutdown", service.stopService)
     reactor.run()

@@ -7,8 +7,10 @@ reads as the message level.  Events below ``[daemon] log_level`` are dropped bef
 are formatted.
 
 Writes are buffered and flushed once a second and at once for warnings and errors, so a
-log line per decision stays cheap; ``reopen()`` (on SIGHUP) reopens the file after
-log rotation.  A log file policyd creates is mode 0640 whatever the umask.
+log line per decision stays cheap, and a thread of their own writes them to a file or to
+standard output (``policyd.logfile``: the reactor never waits for a disk, and a backlog
+is bounded); ``reopen()`` (on SIGHUP) reopens the file after log rotation.  A log file
+policyd creates is mode 0640 whatever the umask.
 
 Every line is one line: control characters in any value (``\n``, ``\r``, NUL, ESC, the
 C1 controls, U+2028/2029) are written escaped (``\n``, ``\x00``), so a peer cannot
@@ -30,6 +32,8 @@ from time import perf_counter
 from typing import IO, Mapping
 
 from twisted.logger import LogLevel, Logger, formatEvent, globalLogBeginner, globalLogPublisher
+
+from .logfile import LogStream
 
 _LEVELS = {"debug": LogLevel.debug, "info": LogLevel.info, "warn": LogLevel.warn,
            "error": LogLevel.error}
@@ -226,30 +230,44 @@ class LogSetup:
         self.writer = writer
         self.path = path
         self.limiter = limiter
+        self.log = Logger(namespace="policyd.log")
 
     def flush(self) -> None:
         if self.limiter is not None:
             self.limiter.tick()
         self.writer.flush()
+        take = getattr(self.writer.stream, "take_left_out", None)
+        left_out = take() if take is not None else None
+        if left_out is not None:
+            count, error = left_out
+            self.log.warn("left out {count} log lines: the log took them slower than they "
+                          "came{error}", count=count,
+                          error=f" ({error})" if error else " (a slow or busy disk?)")
 
     def reopen(self) -> None:
         if self.path is None:
             return
-        old = self.writer.stream
+        stream = self.writer.stream
+        if isinstance(stream, LogStream):
+            stream.reopen()  # in order with the lines before it, on the writer thread
+            return
         self.writer.stream = _open(self.path)
         try:
-            old.close()
+            stream.close()
         except Exception:
             pass
 
     def close(self) -> None:
         self.writer.flush()
+        stream = self.writer.stream
+        if isinstance(stream, LogStream):
+            stream.close()
 
 
 LOG_FILE_MODE = 0o640
 
 
-def _open(path: str) -> IO[str]:
+def _open_fd(path: str) -> int:
     """Append to ``path``; a file it creates is mode 0640 whatever the umask (a stricter
     umask would otherwise lock out the group the logs are read by); an existing file's
     mode is left as it is."""
@@ -260,7 +278,25 @@ def _open(path: str) -> IO[str]:
         fd = os.open(path, flags | os.O_CREAT, LOG_FILE_MODE)
     else:
         os.fchmod(fd, LOG_FILE_MODE)
-    return open(fd, "a", encoding="utf-8", errors="backslashreplace")
+    return fd
+
+
+def _open(path: str) -> LogStream:
+    """The log file at ``path`` (``_open_fd``), written by its own thread (``LogStream``)."""
+    return LogStream(_open_fd(path), opener=lambda: _open_fd(path))
+
+
+def _stdout_stream(out):
+    """Standard output written by a thread of its own (``LogStream``) when it is a real
+    descriptor; anything else (a test's ``StringIO``) as it is."""
+    try:
+        fd = out.fileno()
+    except (AttributeError, OSError, ValueError):
+        if hasattr(out, "reconfigure"):
+            out.reconfigure(errors="backslashreplace")
+        return out
+    out.flush()  # what was printed before goes first
+    return LogStream(fd)
 
 
 _ORDER = (LogLevel.debug, LogLevel.info, LogLevel.warn, LogLevel.error, LogLevel.critical)
@@ -392,7 +428,9 @@ def setup(daemon_config, stream: IO[str] | None = None,
     else:
         path = None
         out = stream if stream is not None else sys.stdout
-        if hasattr(out, "reconfigure"):
+        if out is sys.stdout or out is sys.__stdout__:
+            out = _stdout_stream(out)
+        elif hasattr(out, "reconfigure"):
             out.reconfigure(errors="backslashreplace")
         journal = bool(environ.get("JOURNAL_STREAM"))
     writer, observer = make_observer(daemon_config.log_level, out, journal=journal)
