@@ -210,10 +210,15 @@ class Decider:
             self.count_answer(protocol, answer)
 
     def count_answer(self, protocol: str, answer: str) -> None:
+        self.answer_counter(protocol)[answer] += 1
+
+    def answer_counter(self, protocol: str) -> Counter:
+        """The counter of what ``protocol`` answered (for a protocol that counts on its
+        request path without a method call)."""
         answers = self.answers.get(protocol)
         if answers is None:
             answers = self.answers[protocol] = Counter()
-        answers[answer] += 1
+        return answers
 
     @property
     def by_protocol(self) -> dict[str, Counter]:

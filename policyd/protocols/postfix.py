@@ -31,7 +31,7 @@ from twisted.internet.protocol import Protocol
 from twisted.logger import Logger
 
 from ..core.replies import Outcome, SmtpReply, clean_text
-from ..core.verdict import Decision, Query
+from ..core.verdict import Decision, Query, Verdict
 from ..core.moderation import SmtpModeration
 from ..logging import DecisionLog, log_fields
 from ..moderation_service import moderation_fields
@@ -327,6 +327,7 @@ def malformed_action(reason: str) -> str:
 
 
 DUNNO = b"action=DUNNO\n\n"
+_GREYLIST = (SmtpModeration.GREYLIST,)  # what Postfix, at RCPT without the message, applies
 #: The answer to a request begun on a connection closed at a limit.
 BUSY_ACTION = "451 4.3.2 Policy service busy, please try again later"
 
@@ -461,6 +462,8 @@ class PostfixFactory(DecidingFactory):
         self.use_limits(config)
         # The decision latency histogram when metrics are on, else None (nothing to do).
         self.latency = getattr(decider, "latency", {}).get("postfix")
+        # What was answered, counted where ``Decider.count_answer`` counts it.
+        self._answers = decider.answer_counter("postfix")
 
     def track(self, protocol) -> None:
         protocol.idle_since = self.reactor.seconds()
@@ -506,24 +509,26 @@ class PostfixFactory(DecidingFactory):
             self.decider.count("postfix", "other-state", "DUNNO")
             return DUNNO
         answer = self.decider.decide(query, "postfix")
-        step = None
-        if self.moderation is not None:
-            answer, step = self.moderation.apply(
-                answer, query, client=request.get("client_address"),
-                modes=(SmtpModeration.GREYLIST,))
         decision = answer.decision
+        step = None
+        # Moderation only ever changes a hold (``ModerationService.apply``): asked then.
+        if (self.moderation is not None and decision is not None
+                and decision.verdict is Verdict.HOLD):
+            answer, step = self.moderation.apply(
+                answer, query, client=request.get("client_address"), modes=_GREYLIST)
+            decision = answer.decision
         config = self.config
         if step is not None and answer.reply.outcome is Outcome.DEFER:
             action = answer.reply.line()  # greylisted, whatever [postfix] mode says
         else:
             action = postfix_action(decision, answer.reply, config.mode,
                                     config.accept_action)
-        self.decider.count_answer(
-            "postfix", action if action == "DUNNO" or action == "OK"
-            else answer.reply.outcome._value_)
+        self._answers[action if action == "DUNNO" or action == "OK"
+                      else answer.reply.outcome._value_] += 1
         decision_log = self.decision_log
         if decision_log.enabled:
             decision_log.answered("postfix", query, answer, action, request.request_id,
+                                  request.client_fields() if step is None else
                                   request.client_fields() + moderation_fields(step))
         if self.latency is not None:
             self.latency.observe(answer.started)
