@@ -150,3 +150,34 @@ def test_reactor_collector_runs_the_collector_on_the_reactor(monkeypatch):
         assert gc.isenabled()
         if not was:
             gc.disable()
+
+
+def test_reactor_collector_waits_while_a_snapshot_is_built(monkeypatch):
+    """No collection from the reactor during a build: the young generation then holds
+    the builder's rows, and scanning them would stop the reactor; after it, they run
+    again."""
+    import gc
+
+    from twisted.internet.task import Clock
+
+    from policyd.runtime import heap
+
+    clock = Clock()
+    collected: list[int] = []
+    monkeypatch.setattr(gc, "collect", lambda generation=2: collected.append(generation))
+    was = gc.isenabled()
+    collector = heap.ReactorCollector(clock)
+    try:
+        collector.start()
+        with heap.no_collection():
+            clock.pump([heap.ReactorCollector.YOUNG] * 20)
+            assert collected == []
+            assert not gc.isenabled()
+        clock.pump([heap.ReactorCollector.YOUNG] * 20)
+        assert collected.count(0) >= 19 and collected.count(1) >= 1
+    finally:
+        collector.stop()
+        if was:
+            gc.enable()
+        else:
+            gc.disable()

@@ -19,7 +19,10 @@
   back and forth, long enough to queue many requests behind it (``bench --timeline``
   showed such a collection right after a store check, and the open-loop p99 with it).
   From the reactor, each collection is a short pause that
-  ``gc.freeze`` keeps short (only what was made since the first load is scanned).
+  ``gc.freeze`` keeps short (only what was made since the first load is scanned), and
+  none runs while a snapshot is built (``no_collection``): the young generation then
+  holds the builder's rows by the hundred thousand, and scanning them would stop the
+  reactor for milliseconds (``make bench``'s worst query during a rebuild).
 * ``release(box)``: drop an old snapshot one list at a time, so that freeing it gives the
   reactor thread its turns in between instead of one long reference-count drop.
 * ``free_piecewise(*containers, pause)``: empty a loader's big temporary lists, dicts
@@ -71,10 +74,16 @@ class ReactorCollector:
         self._was_enabled = gc.isenabled()
         gc.disable()
         for interval, generation in ((self.YOUNG, 0), (self.MIDDLE, 1), (self.FULL, 2)):
-            call = LoopingCall(gc.collect, generation)
+            call = LoopingCall(self.collect, generation)
             call.clock = self.clock
             call.start(interval, now=False)
             self._calls.append(call)
+
+    @staticmethod
+    def collect(generation: int) -> None:
+        """``gc.collect(generation)``, unless a snapshot is being built."""
+        if not _building:
+            gc.collect(generation)
 
     def stop(self) -> None:
         for call in self._calls:
@@ -85,16 +94,23 @@ class ReactorCollector:
         self._calls = []
 
 
+# Builds running (``no_collection`` blocks): the ``ReactorCollector`` waits for none.
+_building = 0
+
+
 @contextmanager
 def no_collection() -> Iterator[None]:
+    global _building
     if not enabled:
         yield
         return
     collecting = gc.isenabled()
     gc.disable()
+    _building += 1
     try:
         yield
     finally:
+        _building -= 1
         if collecting:
             gc.enable()
 
