@@ -360,7 +360,9 @@ class EximPolicyProtocol(Protocol):
         """Daemon stopping: nothing to do, the connection closes after its answer."""
 
     def _answer(self, reply) -> None:
-        if isinstance(reply, Deferred):
+        # ``type`` first: ``Deferred`` is generic, and isinstance() against it goes
+        # through the ABC machinery on every answer.
+        if type(reply) is not bytes and isinstance(reply, Deferred):
             # Waiting for a password check in a thread: the connection stays open (and
             # its deadline still answers it if the check takes too long).
             self.waiting = True
