@@ -23,6 +23,7 @@ class ProtocolError(Exception):
 
 
 import heapq  # noqa: E402
+import itertools  # noqa: E402
 import resource  # noqa: E402
 import weakref  # noqa: E402
 
@@ -64,6 +65,21 @@ INCIDENT_QUIET = 10.0
 #: Connections being closed still hold descriptors until the reactor's next turn: at
 #: most this many more than ``max_open`` are open at once (taken from the reserve).
 CLOSING_SLACK = 16
+
+#: The order connections were accepted in, for all listeners (``TrackingFactory``
+#: stamps it as ``protocol.accepted``): at a limit with nothing idle, the oldest
+#: connection that has read nothing is closed.  A counter, not a time: one accept
+#: burst is one instant (and one ``Clock`` time in the tests).
+_accepted = itertools.count(1)
+
+
+def never_read(protocol) -> bool:
+    """Nothing received on this connection yet: no request begun, none answered nor
+    being decided.  Each protocol says it its own way: Postfix counts ``reads``; an Exim
+    connection that read anything holds part of its line (``buffered``), is being
+    decided (``waiting``) or was answered (``answered``)."""
+    return not (getattr(protocol, "reads", 0) or protocol.buffered
+                or getattr(protocol, "answered", False) or getattr(protocol, "waiting", False))
 
 
 def soft_nofile() -> int:
@@ -156,12 +172,13 @@ class TrackingFactory(Factory):
     them, or over ``max_buffered`` bytes of incomplete requests, the connections idle
     longest are closed (``protocol.evict()``: a 4xx for a request begun, else a plain
     close, which Postfix's client shrugs off by reconnecting); with none idle for
-    ``EVICT_MIN_IDLE`` seconds, a new connection is refused (closed at once, nothing
-    read) and a request that would overflow the buffers is answered 4xx.  A protocol
-    under limits has ``buffered`` (bytes held), ``idle_for(now)`` (negative: never to
-    be closed) and ``evict()``.  Each incident logs one line when it starts and one
-    summary when it has been quiet for ``INCIDENT_QUIET`` seconds; ``refused`` and
-    ``evicted`` count them for status.
+    ``EVICT_MIN_IDLE`` seconds, the oldest connection that has read nothing yet makes
+    room for a new one (``admit``), else the new connection is refused (closed at once,
+    nothing read), and a request that would overflow the buffers is answered 4xx.  A
+    protocol under limits has ``buffered`` (bytes held), ``idle_for(now)`` (negative:
+    never to be closed) and ``evict()``.  Each incident logs one line when it starts
+    and one summary when it has been quiet for ``INCIDENT_QUIET`` seconds; ``refused``
+    and ``evicted`` count them for status.
     """
 
     noisy = False
@@ -190,9 +207,13 @@ class TrackingFactory(Factory):
         self.evicted = 0
 
     def buildProtocol(self, addr):
-        if self.max_connections is not None and not self.admit():
+        if self.max_connections is None:
+            return self.protocol(self)
+        if not self.admit():
             return None
-        return self.protocol(self)
+        protocol = self.protocol(self)
+        protocol.accepted = next(_accepted)
+        return protocol
 
     def track(self, protocol) -> None:
         self.connections.add(protocol)
@@ -229,7 +250,8 @@ class TrackingFactory(Factory):
 
     def admit(self) -> bool:
         """Room for one more connection?  At a limit, close the connections idle longest
-        and admit; with none to close, refuse."""
+        and admit; with none, close the oldest connection that has read nothing and
+        admit; with none of those either, refuse."""
         limits = self.limits
         mine = len(self.connections) - len(self.evicting)
         held, closing = limits.counts()
@@ -238,15 +260,51 @@ class TrackingFactory(Factory):
             return held < max_open + CLOSING_SLACK or self._refuse_for_now(max_open)
         now = self.reactor.seconds()
         if mine >= self.max_connections:
-            closed = self._evict(self.connections, now, max(1, self.max_connections // 20))
+            pool = self.connections
+            closed = self._evict(pool, now, max(1, self.max_connections // 20))
             what = f"max_connections = {self.max_connections}"
         else:
+            pool = None
             closed = self._evict(limits.connections(), now,
                                  min(CLOSING_SLACK, max(1, max_open // 20)))
             what = self._descriptor_limit(max_open)
-        admit = bool(closed) and held < max_open + CLOSING_SLACK
+        room = held < max_open + CLOSING_SLACK
+        if not closed and room:
+            # Nothing idle: every connection is a request arriving or being decided, or
+            # was accepted less than SILENT_GRACE ago without a byte read yet.  Refusing
+            # here would let a local client lock the MTAs out: connections that piled
+            # up in the listen backlog are accepted in one burst, all of them silent
+            # (their bytes are read on the reactor's next turn), so the MTA's among them
+            # would be refused.  Instead the *oldest* connection that has read nothing
+            # is closed: a request begun, complete or being decided is never closed
+            # this way.  Oldest, not newest: an MTA writes as soon as it connects, so
+            # the longer a connection has been silent the less likely it is one, and
+            # within a burst the newest (perhaps the MTA's, its bytes not read yet)
+            # outlives the rest of the burst as long as the burst is smaller than the
+            # limit; refusing the newcomer is closing the newest.  One only, and only
+            # when the newcomer is then admitted (``room``): closing without admitting
+            # would free no descriptor before the next turn.
+            closed = self._evict_silent(limits.connections() if pool is None else pool)
+        admit = bool(closed) and room
         self.incident("connections", now, what, closed=closed, refused=0 if admit else 1)
         return admit
+
+    @staticmethod
+    def _evict_silent(protocols) -> int:
+        """Close the connection accepted first of those that have read nothing (and
+        are not being closed already): 1 if there was one, else 0."""
+        oldest = None
+        first = 0
+        for p in protocols:
+            if (p.factory.evicting and p in p.factory.evicting) or not never_read(p):
+                continue
+            accepted = getattr(p, "accepted", 0)
+            if oldest is None or accepted < first:
+                oldest, first = p, accepted
+        if oldest is None:
+            return 0
+        oldest.factory._close(oldest)
+        return 1
 
     def _descriptor_limit(self, max_open: int) -> str:
         return (f"{max_open} connections for all listeners (RLIMIT_NOFILE less "
@@ -320,8 +378,8 @@ class TrackingFactory(Factory):
             _limits_log.warn(
                 "{listener}: at {limit}: {doing} (one summary follows when it is over)",
                 listener=self.name, limit=what, incident=key,
-                doing=doing or "closing the connections idle longest and refusing what "
-                "does not fit")
+                doing=doing or "closing the connections idle longest (else the oldest "
+                "that sent nothing) and refusing what does not fit")
         incident.last = now
         incident.closed += closed
         incident.refused += refused

@@ -21,12 +21,13 @@ from twisted.logger import LogLevel
 
 from policyd import config as config_module
 from policyd.logging import LineWriter, RateLimit, _open, escape_controls, make_observer
-from policyd.protocols import ProcessLimits, ProtocolError
+from policyd.protocols import CLOSING_SLACK, ProcessLimits, ProtocolError
 from policyd.protocols import exim as exim_codec
 from policyd.protocols.postfix import RequestReader
 from policyd.protocols.postfix import parse_request as postfix_parse
 
 from . import test_exim, test_postfix
+from . import test_password_off_reactor as passwords
 from .fakes import LIST, MEMBER, NONMEMBER
 
 EXIM = dataclasses.replace(test_exim.CONFIG, max_connections=3)
@@ -115,15 +116,118 @@ def test_exim_at_max_connections_defers_the_oldest_waiting():
     assert silent is not None
 
 
-def test_a_silent_connection_is_closable_at_once_a_new_one_is_not():
+def test_a_silent_connection_is_closable_at_once():
     """Exim writes its line as soon as it connects: a connection silent for
-    ``SILENT_GRACE`` is not a request in flight; one just accepted is."""
-    _, first_t, clock, factory = test_exim.connect(config=EXIM)
-    transports = [first_t] + [more(factory)[1] for _ in range(2)]
-    assert more(factory)[0] is None
+    ``SILENT_GRACE`` is not a request in flight and is closed first at a limit; one
+    holding half a line it read just now is not closed."""
+    first, first_t, clock, factory = test_exim.connect(config=EXIM)
+    first.dataReceived(b"POLICYD/1 ")
+    _, silent_t = more(factory)
     clock.advance(0.2)
+    _, young_t = more(factory)
     assert more(factory)[0] is not None
-    assert [t.disconnecting for t in transports].count(True) == 1
+    assert silent_t.disconnecting and silent_t.value().startswith(b"DEFER 451 4.3.2")
+    assert not young_t.disconnecting and not first_t.disconnecting
+
+
+# --- 1b. a burst of silent connections: the oldest silent one makes room --------------------
+#
+# Connections that piled up in the listen backlog are accepted in one burst, all younger
+# than SILENT_GRACE, none read yet (reads happen on the next reactor turn): the MTA's
+# connection among them must be admitted, and must not be closed by the next connection
+# of the same burst.
+
+
+def test_a_burst_of_silent_connections_admits_the_newcomer_closing_the_oldest_silent(events):
+    first, first_t, clock, factory = test_exim.connect(config=EXIM)
+    held = [(first, first_t)] + [more(factory) for _ in range(2)]  # the cap, all silent
+    mta, mta_t = more(factory)  # the same instant: nothing idle, nothing silent long
+    assert mta is not None
+    assert [t.disconnecting for _, t in held] == [True, False, False]
+    assert held[0][1].value().startswith(b"DEFER 451 4.3.2")
+    assert more(factory)[0] is not None  # the next of the burst closes the next oldest ...
+    assert [t.disconnecting for _, t in held] == [True, True, False]
+    assert not mta_t.disconnecting  # ... never the MTA's, younger
+    mta.dataReceived(exim_request(LIST, NONMEMBER) + b"\n")  # its request, read next turn
+    assert mta_t.value().startswith(b"REJECT 550") and mta_t.disconnecting
+    assert factory.evicted == 2 and factory.refused == 0
+    lines = limit_lines(events)
+    assert len(lines) == 1 and "max_connections = 3" in lines[0]["limit"]
+    clock.pump([1] * 15)
+    lines = limit_lines(events)
+    assert len(lines) == 2 and lines[1]["closed"] == 2 and lines[1]["refused"] == 0
+
+
+def test_a_request_begun_is_never_closed_for_a_silent_newcomer():
+    """Half a Postfix request read just now (not idle a second): the oldest connection,
+    yet the oldest *silent* one is closed; with every connection holding a request
+    begun, the newcomer is refused and nothing is closed."""
+    begun, begun_t, clock, factory = test_postfix.connect(config=POSTFIX)
+    begun.dataReceived(b"request=smtpd_access_policy\n")
+    silent = [more(factory) for _ in range(2)]
+    newcomer, newcomer_t = more(factory)
+    assert newcomer is not None
+    assert not begun_t.disconnecting
+    assert [t.disconnecting for _, t in silent] == [True, False]
+    assert silent[0][1].value() == b""  # nothing begun: a plain close
+    newcomer.dataReceived(b"request=")
+    silent[1][0].dataReceived(b"request=")
+    assert [more(factory)[0] for _ in range(5)] == [None] * 5
+    assert not begun_t.disconnecting and not newcomer_t.disconnecting
+    assert not silent[1][1].disconnecting
+    assert factory.evicted == 1 and factory.refused == 5
+    begun.dataReceived(test_postfix.request()[len(b"request=smtpd_access_policy\n"):])
+    assert begun_t.value() == b"action=DUNNO\n\n"
+
+
+def test_a_request_waiting_for_its_answer_is_never_closed_for_a_silent_newcomer():
+    """An Exim request being decided (a moderator password checked in a thread) is the
+    oldest connection: the oldest silent one is closed instead, and the waiting one
+    gets its answer."""
+    threads = passwords.Threads()
+    factory = passwords.factory(threads)
+    factory.max_connections = 3
+    waiting, waiting_t = more(factory)
+    waiting.dataReceived(passwords.request("right horse") + b"\n")
+    assert waiting.waiting and waiting_t.value() == b""
+    silent = [more(factory) for _ in range(2)]
+    assert more(factory)[0] is not None
+    assert not waiting_t.disconnecting
+    assert [t.disconnecting for _, t in silent] == [True, False]
+    assert more(factory)[0] is not None
+    assert not waiting_t.disconnecting and silent[1][1].disconnecting
+    threads.run_all()
+    assert waiting_t.value().startswith(b"ACCEPT 250") and waiting_t.disconnecting
+
+
+def test_at_the_descriptor_cap_a_burst_is_admitted_within_the_closing_slack():
+    """For all listeners: each newcomer of a burst closes the oldest silent connection,
+    whichever listener holds it, while the descriptors being closed fit in
+    ``CLOSING_SLACK``; past it the newcomers are refused and nothing more is closed
+    (that would free nothing this turn).  Once the closed ones are gone, the burst's
+    youngest connections are still open."""
+    limits = ProcessLimits(descriptors=64 + 4)
+    _, _, clock, exim = test_exim.connect(config=dataclasses.replace(EXIM, max_connections=100))
+    _, _, _, postfix = test_postfix.connect(config=dataclasses.replace(
+        POSTFIX, max_connections=100))
+    postfix.reactor = clock
+    for factory in (exim, postfix):
+        factory.connections.clear()
+        factory.limits = limits
+        limits.register(factory)
+    held = [more(exim), more(exim), more(postfix), more(postfix)]
+    burst = [more(postfix if i % 2 else exim) for i in range(CLOSING_SLACK + 10)]
+    admitted = [pair for pair in burst if pair[0] is not None]
+    assert len(admitted) == CLOSING_SLACK
+    assert all(t.disconnecting for _, t in held)
+    assert [t.disconnecting for _, t in admitted] == [True] * (CLOSING_SLACK - 4) + [False] * 4
+    assert exim.evicted + postfix.evicted == CLOSING_SLACK
+    assert exim.refused + postfix.refused == 10
+    for proto, t in held + admitted:  # the reactor's next turn: their descriptors are free
+        if t.disconnecting:
+            proto.connectionLost(None)
+    assert limits.counts() == (4, 0)
+    assert more(exim)[0] is not None
 
 
 def test_descriptor_cap_for_all_listeners_keeps_a_reserve():
@@ -138,11 +242,13 @@ def test_descriptor_cap_for_all_listeners_keeps_a_reserve():
         factory.connections.clear()
         factory.limits = limits
         limits.register(factory)
-    assert all(more(exim)[0] is not None for _ in range(2))
-    assert all(more(postfix)[0] is not None for _ in range(2))
+    for proto, _ in [more(exim), more(exim)]:
+        proto.dataReceived(b"POLICYD/1 ")
+    for proto, _ in [more(postfix), more(postfix)]:
+        proto.dataReceived(b"request=")
     assert more(postfix)[0] is None and more(exim)[0] is None  # none idle a second yet
     clock.advance(2)
-    assert more(postfix)[0] is not None  # the Exim connection waiting longest made room
+    assert more(postfix)[0] is not None  # the Exim line stalled longest made room
 
 
 # --- 8. buffered bytes: a global cap -----------------------------------------------------------
