@@ -76,6 +76,7 @@ class RuntimeConfig:
 
     reactor: bool = True
     fast_write: bool = True
+    fast_read: bool = True
     pacing: bool = True
     heap: bool = True
     store_niceness: int = 19
@@ -387,6 +388,7 @@ SCHEMA: Mapping[str, Mapping[str, tuple[Callable[[str], object], str]]] = {
     "runtime": {
         "reactor": (_switch, "on"),
         "fast_write": (_switch, "on"),
+        "fast_read": (_switch, "on"),
         "pacing": (_switch, "on"),
         "heap": (_switch, "on"),
         "store_niceness": (_niceness, "19"),

@@ -82,6 +82,9 @@ class Listener(Service):
             raise ListenError(f"{self.key} = {self.description}: cannot listen: "
                               f"{_error_text(error)}")
         self.port = result
+        tune = getattr(self.factory, "tune_port", None)
+        if tune is not None:  # ``policyd.runtime.tuning``: before the first accept
+            tune(result)
         super().startService()
 
     def stopService(self):

@@ -154,6 +154,8 @@ KEY_HELP: dict[str, dict[str, str]] = {
         "reactor": "The epoll reactor without Twisted's per-event legacy log context "
                    "(policyd command; twist --reactor=policyd).",
         "fast_write": "Send a Postfix answer at once instead of on the next reactor turn.",
+        "fast_read": "Read the Unix sockets with recv, not recvmsg (policyd never takes "
+                     "file descriptors from a peer; the kernel drops any sent).",
         "pacing": "The snapshot builder rests while the reactor has events to handle.",
         "heap": "No cyclic garbage collection during builds, gc.freeze after the first "
                 "load, old snapshots freed piece by piece, malloc_trim afterwards.",

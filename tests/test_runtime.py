@@ -6,6 +6,7 @@ from __future__ import annotations
 import gc
 import sys
 
+import pytest_twisted
 from twisted.internet.task import Clock
 
 from policyd.config import RuntimeConfig, parse
@@ -70,6 +71,93 @@ def test_fast_write_sends_at_once_on_a_real_socket():
     finally:
         a.close()
         b.close()
+
+
+def test_fast_read_checks_the_running_twisted():
+    assert fastio.reads_available() is None
+
+
+class _Gather:
+    def __init__(self) -> None:
+        self.data = b""
+
+    def dataReceived(self, data: bytes) -> None:
+        self.data += data
+
+
+def test_plain_reads_take_bytes_and_leave_a_passed_descriptor_to_the_kernel():
+    """A peer that passes a descriptor with its bytes: the bytes arrive, the descriptor is
+    never received (no ancillary data asked for), so nothing is logged and nothing is
+    left open in the daemon."""
+    import os
+    import socket
+
+    from twisted.internet import reactor
+    from twisted.logger import globalLogPublisher
+
+    a, b = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+    events: list = []
+    globalLogPublisher.addObserver(events.append)
+    r, w = os.pipe()
+    try:
+        a.setblocking(False)
+        protocol = _Gather()
+        conn = fastio.PlainReadServer(a, protocol, "peer", None, 1, reactor)
+        conn.stopReading()  # driven by hand here, never by the reactor
+        assert type(conn).doRead is not fastio.unix.Server.doRead
+        before = len(os.listdir("/proc/self/fd"))
+        b.sendmsg([b"request=smtpd_access_policy\n"],
+                  [(socket.SOL_SOCKET, socket.SCM_RIGHTS, r.to_bytes(4, sys.byteorder))])
+        assert conn.doRead() is None
+        assert protocol.data == b"request=smtpd_access_policy\n"
+        assert len(os.listdir("/proc/self/fd")) == before  # no descriptor came in
+        assert conn.doRead() is None  # nothing more to read: EAGAIN, not a lost connection
+        b.close()
+        assert conn.doRead() is not None  # the peer is gone: connection done
+        assert not events
+    finally:
+        globalLogPublisher.removeObserver(events.append)
+        a.close()
+        b.close()
+        os.close(r)
+        os.close(w)
+
+
+def test_read_plainly_changes_unix_ports_only():
+    from twisted.internet import reactor, tcp, unix
+
+    port = unix.Port("/nonexistent/policyd-test.sock", None, reactor=reactor)
+    assert fastio.read_plainly(port) is True
+    assert port.transport is fastio.PlainReadServer
+    assert unix.Port.transport is unix.Server  # the class itself is left alone
+    assert fastio.read_plainly(tcp.Port(0, None, reactor=reactor)) is False
+
+
+def test_tuning_gives_listeners_plain_reads_unless_switched_off():
+    factory, off = type("F", (), {})(), type("F", (), {})()
+    Tuning(RuntimeConfig()).apply_to_factory(factory)
+    assert factory.tune_port is fastio.read_plainly
+    Tuning(RuntimeConfig(fast_read=False)).apply_to_factory(off)
+    assert not hasattr(off, "tune_port")
+
+
+@pytest_twisted.inlineCallbacks
+def test_listener_tunes_its_port_before_it_accepts(tmp_path):
+    from twisted.internet import reactor
+    from twisted.internet.protocol import Factory, Protocol
+
+    from policyd.listeners import Listener
+
+    factory = Factory.forProtocol(Protocol)
+    tuned = []
+    factory.tune_port = tuned.append
+    listener = Listener(reactor, "exim", "[exim] listen", f"unix:{tmp_path / 's.sock'}",
+                        factory)
+    listener.startService()
+    try:
+        assert tuned == [listener.port]
+    finally:
+        yield listener.stopService()
 
 
 def test_tuning_applies_fast_write_where_answers_stay_open():

@@ -8,7 +8,8 @@ part               what                                                       sw
 ``reactor``        epoll reactor without the legacy log context per event,    ``reactor``
                    reporting its turns to ``pacing`` (``policyd`` command;
                    ``twist --reactor=policyd``)
-``fastio``         a Postfix answer sent at once, not on the next turn        ``fast_write``
+``fastio``         a Postfix answer sent at once, not on the next turn;       ``fast_write``,
+                   Unix sockets read with ``recv``, not ``recvmsg``           ``fast_read``
 ``pacing``         the snapshot builder rests while the reactor is busy       ``pacing``
 ``heap``           no cyclic GC during builds, ``gc.freeze`` after the first  ``heap``
                    load, then collections from the reactor at fixed times,
@@ -48,13 +49,23 @@ class Tuning:
                 self.fast_write = fastio.write_now
             else:
                 self.notes.append(f"fast_write off: {why}")
+        self.read_plainly = None
+        if config.fast_read:
+            why = fastio.reads_available()
+            if why is None:
+                self.read_plainly = fastio.read_plainly
+            else:
+                self.notes.append(f"fast_read off: {why}")
         self._stack = ExitStack()
 
     def apply_to_factory(self, factory) -> None:
         """Answers of this listener go out through ``fastio`` where it is on (Postfix;
-        Exim's answer is followed by a close and goes the usual way)."""
+        Exim's answer is followed by a close and goes the usual way); its Unix sockets
+        read with ``recv`` where ``fast_read`` is on (``Listener`` calls ``tune_port``)."""
         if self.fast_write is not None and getattr(factory, "answers_stay_open", False):
             factory.write = self.fast_write
+        if self.read_plainly is not None:
+            factory.tune_port = self.read_plainly
 
     def daemon_starting(self) -> None:
         pacing.enabled = self.config.pacing
