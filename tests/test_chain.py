@@ -388,6 +388,37 @@ def test_mm2_member_case_insensitive_and_reply_to():
     check(s, q("n@y.example", reply_to="m@x.EXAMPLE"), Verdict.HOLD, "member-moderation")
 
 
+@pytest.mark.parametrize("field", ["envelope", "frm", "reply_to", "sender"])
+def test_mm2_trailing_dot_domain_is_not_the_member(field):
+    """Mailman 2.1 looks a sender up lower-cased and otherwise as written
+    (``OldStyleMemberships.__get_cp_member``), so ``m@x.example.`` is a nonmember where
+    ``m@x.example`` is subscribed; Mailman 3 drops such an address (its validator)."""
+    s = snap(MM2, members=(MemberSpec("m@x.example"),), default_nonmember_action=R)
+    fields = {"envelope": "n@y.example", field: "M@X.example."}
+    check(s, q(**fields), Verdict.REJECT, "nonmember-moderation")
+    fields[field] = "M@X.example"
+    check(s, q(**fields), Verdict.ACCEPT, "accept")
+
+
+def test_mm2_trailing_dot_sender_meets_the_nonmember_entries_as_written():
+    """Mailman 2.1 compares the nonmember entries with the address as written: an
+    entry without the dot does not match, one with it does, and a ``$``-anchored
+    regex for the dotless domain does not."""
+    s = snap(MM2, default_nonmember_action=H, reject_these_nonmembers=("n@y.example",),
+             discard_these_nonmembers=("n@y.example.",))
+    check(s, q("n@y.example."), Verdict.DISCARD, "nonmember-moderation")
+    s = snap(MM2, default_nonmember_action=H, reject_these_nonmembers=("^n@y\\.example$",))
+    check(s, q("N@Y.example."), Verdict.HOLD, "nonmember-moderation")
+    check(s, q("N@Y.example"), Verdict.REJECT, "nonmember-moderation")
+
+
+def test_mm3_trailing_dot_domain_is_dropped_not_kept():
+    """Mailman 3's validator drops the address: with no other sender that is no-senders
+    (not a nonmember spelled with a dot)."""
+    s = snap(members=(MemberSpec("m@x.example"),), default_nonmember_action=R)
+    check(s, q("m@x.example."), Verdict.DISCARD, "no-senders")
+
+
 # --- the trace ---------------------------------------------------------------------------
 
 def test_trace_records_hits_and_misses_in_chain_order():

@@ -23,7 +23,7 @@ from functools import lru_cache
 
 from . import mailman_headers
 
-__all__ = ["canonical", "envelope_mailman3", "normalise", "parse_header", "parse_header_mailman3", "mailman_valid",
+__all__ = ["canonical", "envelope_mailman3", "normalise", "normalise_mailman2", "parse_header", "parse_header_mailman3", "mailman_valid",
            "mailman3_raw_valid", "split_address"]
 
 # Entries per parsing cache.  Only the slow paths are cached (odd syntax, encoded
@@ -197,8 +197,22 @@ def mailman_valid(address: str) -> bool:
     return all(label and label[0] != "-" and not _MM_LABEL_BAD.search(label) for label in labels)
 
 
+def normalise_mailman2(address: str) -> str | None:
+    """``normalise`` as Mailman 2.1 compares: a domain written with a trailing dot keeps
+    it.  Mailman 2.1 looks a sender up lower-cased and otherwise as written
+    (``OldStyleMemberships.__get_cp_member``: ``members.get(member.lower())``), and its
+    nonmember entries are compared with it the same way, so ``pat@example.com.`` is not
+    the member ``pat@example.com`` (nor can a member be subscribed with the dot:
+    ``Utils.ValidateEmail`` refuses an empty domain label)."""
+    out = normalise(address)
+    if out is not None and out[-1] != "." and address.rstrip(_WSP + ">").endswith("."):
+        return out + "."
+    return out
+
+
 def parse_header(value: str | None) -> tuple[str, ...]:
-    """Return the normalised addresses of an address-list header value, in order.
+    """Return the addresses of an address-list header value, in order, as Mailman 2.1
+    reads them (``normalise_mailman2``: the Mailman 2 rules are its only reader).
 
     Handles folding, comments, quoted strings, angle addresses, group syntax
     (``team: a@x, b@y;``), several mailboxes and several headers joined by newlines.
@@ -208,7 +222,7 @@ def parse_header(value: str | None) -> tuple[str, ...]:
         return ()
     out = []
     for spec in _addr_specs(value):
-        address = normalise(spec)
+        address = normalise_mailman2(spec)
         if address is not None:
             out.append(address)
     return tuple(out)

@@ -15,7 +15,7 @@ from typing import NamedTuple, Protocol
 
 from .addresses import (
     envelope_mailman3,
-    normalise,
+    normalise_mailman2,
     parse_header,
     parse_header_mailman3,
 )
@@ -106,13 +106,13 @@ def senders_mailman2(query: Query) -> tuple[str, ...]:
     """Mailman 2.1's ``msg.get_senders()`` order: From:, envelope, Reply-To:, Sender:."""
     message = query.message
     if message is not None:
-        envelope = normalise(query.envelope_sender)
+        envelope = normalise_mailman2(query.envelope_sender)
         return (_each_field(message, "from", parse_header)
                 + ((envelope,) if envelope is not None else ())
                 + _each_field(message, "reply-to", parse_header)
                 + _each_field(message, "sender", parse_header))
     out = list(parse_header(query.from_header))
-    envelope = normalise(query.envelope_sender)
+    envelope = normalise_mailman2(query.envelope_sender)
     if envelope is not None:
         out.append(envelope)
     out.extend(parse_header(query.reply_to_header))
@@ -130,12 +130,12 @@ def sender_mailman2(query: Query) -> str | None:
             addresses = parse_header(values[0]) if values else ()
             if addresses:
                 return addresses[0]
-        return normalise(query.envelope_sender)
+        return normalise_mailman2(query.envelope_sender)
     for header in (query.from_header, query.sender_header):
         addresses = parse_header(header)
         if addresses:
             return addresses[0]
-    return normalise(query.envelope_sender)
+    return normalise_mailman2(query.envelope_sender)
 
 
 def _action_hit(action: Action, reason: str, sender: str | None) -> Hit:
