@@ -14,7 +14,7 @@ MAILMAN_PY ?= $(shell test -x /usr/bin/python3 && echo /usr/bin/python3 || echo 
 PIP        = $(VENV)/bin/python -m pip -q --disable-pip-version-check
 PYTEST_ARGS ?=
 
-.PHONY: run test bench venv mailman-venv mta-deps packaging-deps test-deps deb sdist clean
+.PHONY: run test bench bench-ab venv mailman-venv mta-deps packaging-deps test-deps deb sdist clean
 
 venv: $(VENV)/.installed
 
@@ -77,6 +77,13 @@ BENCH_ARGS ?=
 bench: venv mailman-venv
 	$(VENV)/bin/python -m bench --state-dir $(BUILD)/bench \
 	  --mailman-python $(MAILMAN_VENV)/bin/python $(BENCH_ARGS)
+
+# This tree against an earlier revision, in one harness and alternating (bench/ab.py):
+# closed-loop q/s and CPU per request, Postfix and Exim; 1 when this tree takes more than
+# 5 % more CPU per request.  make bench-ab BEFORE=8cd0501
+BEFORE ?= HEAD
+bench-ab: venv
+	$(VENV)/bin/python -m bench.ab --state-dir $(BUILD)/bench --before $(BEFORE)
 
 # The sdist (build/sdist), and the Debian 13 (trixie) package built from it in a trixie
 # chroot with Debian's own Python packages, lintian included (build/deb; needs root and
