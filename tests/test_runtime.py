@@ -141,6 +141,19 @@ def test_tuning_gives_listeners_plain_reads_unless_switched_off():
     assert not hasattr(off, "tune_port")
 
 
+def test_a_part_whose_twisted_changed_steps_aside_with_a_note(monkeypatch):
+    monkeypatch.setattr(fastio, "reads_available", lambda: "no unix.Server here")
+    monkeypatch.setattr(fastio, "available", lambda: "no dataBuffer here")
+    tuning = Tuning(RuntimeConfig())
+    assert tuning.read_plainly is None and tuning.fast_write is None
+    assert tuning.notes == ["fast_write off: no dataBuffer here",
+                            "fast_read off: no unix.Server here"]
+    factory = type("F", (), {})()
+    tuning.apply_to_factory(factory)
+    assert not hasattr(factory, "tune_port") and not hasattr(factory, "write")
+    assert Tuning(RuntimeConfig(fast_read=False, fast_write=False)).notes == []
+
+
 @pytest_twisted.inlineCallbacks
 def test_listener_tunes_its_port_before_it_accepts(tmp_path):
     from twisted.internet import reactor

@@ -42,21 +42,22 @@ class Tuning:
         self.config = config
         self.collector = heap.ReactorCollector(clock) if clock is not None else None
         self.notes = list(notes or ())
-        self.fast_write = None
-        if config.fast_write:
-            why = fastio.available()
-            if why is None:
-                self.fast_write = fastio.write_now
-            else:
-                self.notes.append(f"fast_write off: {why}")
-        self.read_plainly = None
-        if config.fast_read:
-            why = fastio.reads_available()
-            if why is None:
-                self.read_plainly = fastio.read_plainly
-            else:
-                self.notes.append(f"fast_read off: {why}")
+        self.fast_write = self._checked("fast_write", config.fast_write, fastio.available,
+                                        fastio.write_now)
+        self.read_plainly = self._checked("fast_read", config.fast_read,
+                                          fastio.reads_available, fastio.read_plainly)
         self._stack = ExitStack()
+
+    def _checked(self, switch: str, on: bool, check, part):
+        """``part`` when ``switch`` is on and ``check()`` finds the running Twisted as the
+        part was written for; else ``None``, and a note why when it was on."""
+        if not on:
+            return None
+        why = check()
+        if why is not None:
+            self.notes.append(f"{switch} off: {why}")
+            return None
+        return part
 
     def apply_to_factory(self, factory) -> None:
         """Answers of this listener go out through ``fastio`` where it is on (Postfix;
