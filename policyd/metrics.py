@@ -28,7 +28,11 @@ from prometheus_client.core import (
     InfoMetricFamily,
 )
 from prometheus_client.exposition import CONTENT_TYPE_LATEST, generate_latest
+import time
+
 from twisted.internet import defer
+from twisted.logger import Logger
+from twisted.protocols.policies import ProtocolWrapper
 from twisted.web.resource import Resource
 from twisted.web.server import Site
 
@@ -36,6 +40,8 @@ from . import __version__
 from .core.moderation import Outcome
 
 __all__ = ["PolicydCollector", "MetricsResource", "MetricsSite", "metrics_site"]
+
+_log = Logger(namespace="policyd.metrics")
 
 
 class PolicydCollector:
@@ -248,13 +254,55 @@ class MetricsResource(Resource):
 
 
 class MetricsSite(Site):
-    """The web site, shaped as a listener's factory (``service.ListenerGroup``): no
-    connections to count or drain, no access log (a scrape every 15 s is not news)."""
+    """The web site, shaped as a listener's factory (``service.ListenerGroup``): closed
+    at shutdown without waiting, no access log (a scrape every 15 s is not news).
 
-    connections: frozenset = frozenset()
+    Bounded like the control socket: at most ``MAX_CONNECTIONS`` open (a scraper keeps
+    one or two), each closed after ``IDLE_TIMEOUT`` seconds without a request (Twisted's
+    default is 12 hours).  They live in the descriptors the MTA listeners leave free, so
+    whoever can reach the endpoint cannot take the MTAs' descriptors by holding
+    connections; beyond the limit a new connection is refused, with one warning per
+    incident."""
+
     noisy = False
+    evicted = 0  # none: a scrape in progress is never cut short for a newcomer
+    MAX_CONNECTIONS = 8
+    IDLE_TIMEOUT = 30.0
+
+    def __init__(self, resource, *args, **kwargs) -> None:
+        kwargs.setdefault("timeout", self.IDLE_TIMEOUT)
+        super().__init__(resource, *args, **kwargs)
+        self.open: set = set()
+        self.refused = 0
+        self._warned_at: float | None = None
+
+    def buildProtocol(self, addr):
+        if len(self.open) >= self.MAX_CONNECTIONS:
+            self.refused += 1
+            now = time.monotonic()
+            if self._warned_at is None or now - self._warned_at >= 60:
+                _log.warn("metrics endpoint: {limit} connections open, refusing new ones "
+                          "({refused} refused so far; next warning in a minute at the "
+                          "earliest)", limit=self.MAX_CONNECTIONS, refused=self.refused)
+            self._warned_at = now
+            return None
+        # ``ProtocolWrapper`` tells us when the connection is gone (``unregisterProtocol``).
+        return ProtocolWrapper(self, super().buildProtocol(addr))
+
+    @property
+    def connections(self) -> set:
+        return self.open
+
+    def registerProtocol(self, protocol) -> None:
+        self.open.add(protocol)
+
+    def unregisterProtocol(self, protocol) -> None:
+        self.open.discard(protocol)
 
     def drain(self, grace: float) -> defer.Deferred:
+        """Stopping: a scraper reconnects; nothing here is worth waiting for."""
+        for protocol in list(self.open):
+            protocol.loseConnection()
         return defer.succeed(0)
 
     def log(self, request) -> None:

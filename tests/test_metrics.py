@@ -387,3 +387,28 @@ def test_no_moderation_metrics_without_moderation(tmp_path):
     service, reactor, _ = build(tmp_path, text=METRICS)
     assert service.moderation is None
     assert not [name for name in scrape(service) if name.startswith("policyd_moderation")]
+
+
+def test_the_endpoint_holds_few_connections_and_none_idle_for_long():
+    """Whoever reaches the endpoint cannot take the MTAs' descriptors: a few connections
+    at most, a newcomer beyond them refused, an idle one closed after IDLE_TIMEOUT."""
+    from twisted.internet.address import IPv4Address
+    from twisted.internet.task import Clock
+    from twisted.internet.testing import StringTransport
+
+    clock = Clock()
+    site = MetricsSite(MetricsResource(None), reactor=clock)
+    addr = IPv4Address("TCP", "127.0.0.1", 40000)
+    held = []
+    for _ in range(MetricsSite.MAX_CONNECTIONS):
+        protocol = site.buildProtocol(addr)
+        assert protocol is not None
+        transport = StringTransport()
+        protocol.makeConnection(transport)
+        held.append((protocol, transport))
+    assert len(site.connections) == MetricsSite.MAX_CONNECTIONS
+    assert site.buildProtocol(addr) is None and site.refused == 1
+    held[0][0].connectionLost(None)  # one goes away: room again
+    assert site.buildProtocol(addr) is not None
+    clock.advance(MetricsSite.IDLE_TIMEOUT + 1)
+    assert all(t.disconnecting for _, t in held[1:])

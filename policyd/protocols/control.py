@@ -26,7 +26,7 @@ from twisted.protocols.basic import LineOnlyReceiver
 from ..core.replies import SmtpReply
 from ..core.verdict import Query
 from ..errors import Unavailable
-from . import ProtocolError, TrackingFactory
+from . import EVICT_MIN_IDLE, SILENT_GRACE, ProcessLimits, ProtocolError, TrackingFactory
 from .exim import reply_line
 from .postfix import postfix_action, postfix_query
 
@@ -37,6 +37,14 @@ __all__ = ["OPS", "ControlRequest", "parse_request", "format_response", "query_r
 
 OPS = ("query", "status", "reload")
 MAX_LINE = 1 << 20
+#: The control socket's connections, and how long one may sit without a request.  They
+#: live in the descriptors the MTA listeners leave free (``RESERVED_DESCRIPTORS``), so a
+#: client of the socket (its group, with ``control_socket_mode = 0660``) holding
+#: connections can never take the MTAs' descriptors; at the limit the connection idle
+#: longest is closed for the newcomer, never one whose request is being answered.
+#: ``policyctl`` opens one connection per command and closes it.
+MAX_CONNECTIONS = 16
+IDLE_TIMEOUT = 60.0
 _HEADER_KEYS = ("from_header", "reply_to_header", "sender_header")
 
 
@@ -116,18 +124,47 @@ def reply_dict(reply: SmtpReply) -> dict:
 class ControlProtocol(LineOnlyReceiver):
     delimiter = b"\n"
     MAX_LENGTH = MAX_LINE
+    # For the factory's limits (``TrackingFactory``): reads so far, when the last one
+    # came, requests received and not answered yet; nothing counts as ``buffered`` (the
+    # line buffer is bounded by ``MAX_LINE`` and the connections by ``MAX_CONNECTIONS``).
+    reads = 0
+    last_read = 0.0
+    pending = 0
+    buffered = 0
 
     def __init__(self, factory: "ControlFactory") -> None:
         self.factory = factory
         self._queue: defer.Deferred = defer.succeed(None)
 
     def connectionMade(self) -> None:
+        self.last_read = self.factory.reactor.seconds()
         self.factory.track(self)
+
+    def dataReceived(self, data: bytes) -> None:
+        self.reads += 1
+        self.last_read = self.factory.reactor.seconds()
+        super().dataReceived(data)
 
     def lineReceived(self, line: bytes) -> None:
         if not line.strip():
             return
+        self.pending += 1
         self._queue.addCallback(lambda _: self._handle(line))
+
+    def idle_for(self, now: float) -> float:
+        """Seconds counted against this connection at the limit: never while a request
+        is being answered; silent after ``SILENT_GRACE`` or done with its requests:
+        closable at once."""
+        if self.pending:
+            return -1.0
+        idle = now - self.last_read
+        if self.reads or idle >= SILENT_GRACE:
+            return idle + EVICT_MIN_IDLE
+        return idle
+
+    def evict(self) -> None:
+        """Closed for the limit or idle past ``IDLE_TIMEOUT``: nothing is in progress."""
+        self.transport.loseConnection()
 
     def _handle(self, line: bytes) -> defer.Deferred:
         d = defer.maybeDeferred(self.factory.handle, line)
@@ -140,6 +177,8 @@ class ControlProtocol(LineOnlyReceiver):
         return d
 
     def _write(self, data: bytes) -> None:
+        self.pending -= 1
+        self.last_read = self.factory.reactor.seconds()
         if self.transport is not None and self.connected:
             self.transport.write(data)
 
@@ -155,14 +194,26 @@ class ControlProtocol(LineOnlyReceiver):
 
 
 class ControlFactory(TrackingFactory):
+    """The control socket's connections: at most ``MAX_CONNECTIONS`` (the idle longest
+    closed for a newcomer, else the newcomer refused, one log line per incident), none
+    idle past ``IDLE_TIMEOUT``.  Counted apart from the MTA listeners (a ``ProcessLimits``
+    of its own): they take from the reserve, never from the MTAs' share."""
+
     protocol = ControlProtocol
+    max_connections = MAX_CONNECTIONS
+    sweep_interval = 10.0
 
     def __init__(self, service, reactor) -> None:
-        super().__init__(reactor)
+        super().__init__(reactor, limits=ProcessLimits(descriptors=1 << 30))
+        self.limits.register(self)
         self.service = service
 
-    def buildProtocol(self, addr):
-        return self.protocol(self)
+    def sweep(self, now: float) -> None:
+        for protocol in list(self.connections):
+            if (not protocol.pending and protocol not in self.evicting
+                    and now - protocol.last_read >= IDLE_TIMEOUT):
+                self.evicting.add(protocol)
+                protocol.evict()
 
     def handle(self, line: bytes):
         try:

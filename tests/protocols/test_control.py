@@ -114,3 +114,65 @@ def test_blank_lines_ignored():
 def test_format_response_is_one_line():
     data = format_response({"text": "a\nb"})
     assert data.endswith(b"\n") and data.count(b"\n") == 1
+
+
+# --- limits: the control socket cannot take the MTAs' descriptors ----------------------
+
+from policyd.protocols import control  # noqa: E402
+
+
+def _open(factory, transports):
+    proto = factory.buildProtocol(None)
+    if proto is None:
+        return None
+    transport = StringTransport()
+    proto.makeConnection(transport)
+    transports.append(transport)
+    return proto
+
+
+def test_at_the_limit_the_idle_longest_makes_room_never_a_request_in_progress():
+    clock = Clock()
+    service = FakeService()
+    factory = ControlFactory(service, clock)
+    factory.listener_name = "[daemon] control_socket /run/policyd/control.sock"
+    transports: list = []
+    busy = _open(factory, transports)
+    busy.dataReceived(b'{"op": "reload"}\n')  # answered when the reload is done
+    done = _open(factory, transports)
+    done.dataReceived(b'{"op": "status"}\n')  # answered, connection kept open
+    clock.advance(5)
+    rest = [_open(factory, transports) for _ in range(control.MAX_CONNECTIONS - 2)]
+    assert all(p is not None for p in rest)
+    assert len(factory.connections) == control.MAX_CONNECTIONS
+    clock.advance(1)
+    newcomer = _open(factory, transports)
+    assert newcomer is not None
+    assert transports[1].disconnecting  # the answered one, idle longest
+    assert not transports[0].disconnecting  # its reload is still in progress
+    done.connectionLost(None)
+    # Every other one is busy now: the next newcomer is refused.
+    for proto in [*rest, newcomer]:
+        proto.dataReceived(b'{"op": "reload"}\n')
+    assert _open(factory, transports) is None
+    assert factory.refused == 1
+    service.reloads[0].callback({"reloaded": True})
+    assert lines(transports[0]) == [{"ok": True, "result": {"reloaded": True}}]
+
+
+def test_a_connection_idle_past_the_timeout_is_closed_one_in_progress_is_not():
+    clock = Clock()
+    service = FakeService()
+    factory = ControlFactory(service, clock)
+    transports: list = []
+    idle = _open(factory, transports)
+    idle.dataReceived(b'{"op": "status"}\n')
+    busy = _open(factory, transports)
+    busy.dataReceived(b'{"op": "reload"}\n')
+    silent = _open(factory, transports)
+    clock.advance(control.IDLE_TIMEOUT - 5)
+    assert not any(t.disconnecting for t in transports)
+    clock.advance(10)
+    assert transports[0].disconnecting and transports[2].disconnecting
+    assert not transports[1].disconnecting
+    assert silent is not None

@@ -17,7 +17,7 @@ import time
 import pytest
 
 from .conftest import BIN, LIST, MEMBER, NONMEMBER, PostfixClient, exim_ask, exim_line, \
-    wait_until
+    free_port, wait_until
 
 pytestmark = pytest.mark.integration
 
@@ -148,6 +148,69 @@ def test_connections_held_beyond_the_cap_do_not_shut_out_the_mtas(run, daemons):
     assert "EMFILE" not in text
     limit_lines = [line for line in text.splitlines() if "[policyd.limits]" in line]
     assert 1 <= len(limit_lines) <= 8, limit_lines
+    assert daemon.terminate() == 0
+
+
+class TcpHolder(Holder):
+    """``Holder`` on a TCP port of 127.0.0.1."""
+
+    def _open(self) -> None:
+        s = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        s.setblocking(False)
+        try:
+            s.connect_ex(("127.0.0.1", int(self.path)))
+        except OSError:
+            s.close()
+            return
+        self.socks.append(s)
+        self.opened += 1
+
+
+def test_connections_held_on_the_control_socket_and_metrics_leave_the_mtas_alone(
+        run, daemons):
+    """The control socket (its group may connect) and the metrics endpoint (whoever
+    reaches it) are bounded too: a local client holding 400 connections to each of a
+    daemon with 256 descriptors takes none of the MTAs' descriptors.  The MTAs' requests
+    are answered, ``policyctl status`` still answers, and no EMFILE is logged."""
+    port = free_port()
+    run.write_config(exim_listen=f"unix:{run.exim_socket}:mode=660",
+                     postfix_listen=f"unix:{run.postfix_socket}:mode=660", log_file=True,
+                     extra=f"[metrics]\nlisten = tcp:{port}:interface=127.0.0.1\n")
+    run.fill()
+    daemon = daemons(run, command=limited(run))
+    daemon.wait_ready()
+    failures: list[str] = []
+    total = 0
+    with Holder(run.control, 400) as control, TcpHolder(str(port), 400) as metrics:
+        wait_until(lambda: control.opened >= 16 and metrics.opened >= 8, 20,
+                   "the holder's connections")
+        time.sleep(1.5)
+        postfix = PostfixClient(run.postfix_socket, timeout=5)
+        try:
+            for i in range(200):
+                total += 1
+                try:
+                    if i % 2:
+                        answer = exim_ask(run.exim_socket, exim_line(LIST, NONMEMBER) + b"\n",
+                                          timeout=5)
+                        expected = b"REJECT 550"
+                    else:
+                        answer = postfix.ask(LIST, "")
+                        expected = b"action=5"
+                except OSError as error:
+                    answer, expected = repr(error).encode(), b"?"
+                if not answer.startswith(expected):
+                    failures.append(answer.decode(errors="replace")[:80])
+        finally:
+            postfix.close()
+        status = daemon.status()  # a newcomer on the control socket: room is made
+        held = len(control.socks) + len(metrics.socks)
+    print(f"\nheld {held} connections on the control socket and the metrics endpoint: "
+          f"{total - len(failures)} of {total} MTA requests answered; {failures[:3]}")
+    assert status["snapshot"]
+    assert not failures, failures[:10]
+    text = daemon.text()
+    assert "EMFILE" not in text and "Too many open files" not in text
     assert daemon.terminate() == 0
 
 
