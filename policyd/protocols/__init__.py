@@ -82,6 +82,34 @@ def never_read(protocol) -> bool:
                 or getattr(protocol, "answered", False) or getattr(protocol, "waiting", False))
 
 
+def hold_reads_while_answers_wait(transport) -> None:
+    """Stop reading from a peer while its answers wait to be sent: a client that sends
+    requests and never reads the answers would otherwise have them queued without end
+    (a request of 90 bytes gets an answer of about 70).  The transport is registered as
+    its own streaming producer, Twisted's back-pressure: past its ``bufferSize`` of
+    queued output it stops reading, and reads again once the output is gone; the peer's
+    further requests wait in the kernel's socket buffers.  A connection closed while
+    its output cannot leave is aborted by its factory's sweep (``ABORT_AFTER``)."""
+    register = getattr(transport, "registerProducer", None)
+    if register is not None and getattr(transport, "producer", None) is None:
+        register(transport, True)
+
+
+#: Seconds a connection being closed may wait for its peer to take the answers queued
+#: for it before it is aborted (its descriptor and buffers freed).
+ABORT_AFTER = 10.0
+
+
+def abort_stuck(protocol, now: float) -> None:
+    """For a sweep, on a connection being closed: abort it once it has waited
+    ``ABORT_AFTER`` seconds (the first call only notes the time)."""
+    since = getattr(protocol, "closing_since", None)
+    if since is None:
+        protocol.closing_since = now
+    elif now - since >= ABORT_AFTER and protocol.transport is not None:
+        protocol.transport.abortConnection()
+
+
 def soft_nofile() -> int:
     """The soft ``RLIMIT_NOFILE`` (1024 when it cannot be read or is unlimited)."""
     try:

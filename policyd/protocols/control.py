@@ -26,7 +26,8 @@ from twisted.protocols.basic import LineOnlyReceiver
 from ..core.replies import SmtpReply
 from ..core.verdict import Query
 from ..errors import Unavailable
-from . import EVICT_MIN_IDLE, SILENT_GRACE, ProcessLimits, ProtocolError, TrackingFactory
+from . import (EVICT_MIN_IDLE, SILENT_GRACE, ProcessLimits, ProtocolError, TrackingFactory,
+               abort_stuck, hold_reads_while_answers_wait)
 from .exim import reply_line
 from .postfix import postfix_action, postfix_query
 
@@ -138,6 +139,7 @@ class ControlProtocol(LineOnlyReceiver):
 
     def connectionMade(self) -> None:
         self.last_read = self.factory.reactor.seconds()
+        hold_reads_while_answers_wait(self.transport)
         self.factory.track(self)
 
     def dataReceived(self, data: bytes) -> None:
@@ -210,8 +212,9 @@ class ControlFactory(TrackingFactory):
 
     def sweep(self, now: float) -> None:
         for protocol in list(self.connections):
-            if (not protocol.pending and protocol not in self.evicting
-                    and now - protocol.last_read >= IDLE_TIMEOUT):
+            if protocol in self.evicting:
+                abort_stuck(protocol, now)  # its peer does not take its last answers
+            elif not protocol.pending and now - protocol.last_read >= IDLE_TIMEOUT:
                 self.evicting.add(protocol)
                 protocol.evict()
 

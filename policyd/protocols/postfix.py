@@ -35,7 +35,8 @@ from ..core.verdict import Decision, Query, Verdict
 from ..core.moderation import SmtpModeration
 from ..logging import DecisionLog, log_fields
 from ..moderation_service import moderation_fields
-from . import EVICT_MIN_IDLE, SILENT_GRACE, DecidingFactory, ProtocolError, peer_text
+from . import (EVICT_MIN_IDLE, SILENT_GRACE, DecidingFactory, ProtocolError, abort_stuck,
+               hold_reads_while_answers_wait, peer_text)
 
 log = Logger(namespace="policyd.postfix")
 
@@ -360,6 +361,7 @@ class PostfixPolicyProtocol(Protocol):
         self._close_when_idle = False
 
     def connectionMade(self) -> None:
+        hold_reads_while_answers_wait(self.transport)
         self.factory.track(self)
 
     def dataReceived(self, data: bytes) -> None:
@@ -477,11 +479,11 @@ class PostfixFactory(DecidingFactory):
         request_timeout = self.request_timeout
         idle = stalled = 0
         for protocol in list(self.connections):
-            if protocol.reads != protocol.reads_seen:
+            if protocol in self.evicting:
+                abort_stuck(protocol, now)  # its peer does not take its last answers
+            elif protocol.reads != protocol.reads_seen:
                 protocol.reads_seen = protocol.reads
                 protocol.idle_since = now
-            elif protocol in self.evicting:
-                continue
             elif ((protocol.reads == 0 or protocol.reader.pending)
                   and now - protocol.idle_since >= request_timeout):
                 self.evicting.add(protocol)

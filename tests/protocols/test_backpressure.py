@@ -1,0 +1,97 @@
+"""A peer that sends requests and never reads the answers: the daemon stops reading it
+instead of queueing answers without end, and a connection closed while its answers
+cannot leave is aborted.  Real Unix sockets and the real reactor (pytest-twisted)."""
+
+from __future__ import annotations
+
+import socket
+
+import pytest_twisted
+from twisted.internet import reactor
+from twisted.internet.task import Clock, deferLater
+
+from policyd.decider import Decider
+from policyd.core.replies import ReplyPolicy
+from policyd.protocols import ABORT_AFTER
+from policyd.protocols.postfix import PostfixFactory
+
+from .fakes import LIST, StaticSnapshots, sample_snapshot
+from .test_postfix import CONFIG, connect, request
+
+# The null sender to the list: refused, a long answer for a short request.
+REQUEST = request(sender="")
+SEND_AT_MOST = 32 << 20
+
+
+def _queued(transport) -> int:
+    return transport._tempDataLen + len(transport.dataBuffer) - transport.offset
+
+
+@pytest_twisted.inlineCallbacks
+def test_a_client_that_never_reads_its_answers_stops_being_read(tmp_path):
+    factory = PostfixFactory(Decider(StaticSnapshots(sample_snapshot()), ReplyPolicy()),
+                             CONFIG, reactor)
+    path = str(tmp_path / "postfix.sock")
+    port = reactor.listenUNIX(path, factory)
+    client = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        client.connect(path)
+        client.setblocking(False)
+        burst = REQUEST * 200
+        sent = stalled = 0
+        while sent < SEND_AT_MOST and stalled < 50:
+            try:
+                sent += client.send(burst)
+                stalled = 0
+            except BlockingIOError:
+                stalled += 1
+            yield deferLater(reactor, 0.001 if stalled else 0, lambda: None)
+        (protocol,) = factory.connections
+        transport = protocol.transport
+        queued = _queued(transport)
+        print(f"\nsent {sent:,} bytes of requests before the daemon stopped reading; "
+              f"{queued:,} bytes of answers queued; answers {protocol.reads} reads")
+        assert sent < SEND_AT_MOST  # the sender was made to wait
+        assert transport.producerPaused
+        assert queued < 4 * transport.bufferSize
+        # The client reads at last: the daemon reads again and answers every request.
+        answered = 0
+        tail = b""
+        wanted = sent // len(REQUEST)
+        for _ in range(5000):
+            try:
+                chunk = client.recv(1 << 20)
+            except BlockingIOError:
+                yield deferLater(reactor, 0.002, lambda: None)
+                continue
+            assert chunk
+            data = tail + chunk
+            answered += data.count(b"\n\n")
+            tail = data[data.rfind(b"\n\n") + 2:] if b"\n\n" in data else data
+            if answered >= wanted:
+                break
+        assert answered == wanted
+        assert not transport.producerPaused
+    finally:
+        client.close()
+        yield port.stopListening()
+        for protocol in list(factory.connections):
+            protocol.transport.abortConnection()
+        yield deferLater(reactor, 0.01, lambda: None)
+
+
+def test_a_connection_closed_with_answers_it_does_not_take_is_aborted():
+    proto, transport, clock, factory = connect()
+    proto.dataReceived(REQUEST)
+    factory.evicting.add(proto)
+    proto.transport.loseConnection()
+    transport.disconnecting = False  # as if the answer could not leave
+    aborted = []
+    transport.abortConnection = lambda: aborted.append(True)
+    factory.sweep(clock.seconds())  # notes when it began to close
+    clock.advance(ABORT_AFTER - 1)
+    factory.sweep(clock.seconds())
+    assert not aborted
+    clock.advance(1)
+    factory.sweep(clock.seconds())
+    assert aborted
