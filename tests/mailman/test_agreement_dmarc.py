@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import json
 import subprocess
-import sys
 
 import pytest
 import pytest_twisted
@@ -21,7 +20,8 @@ from policyd.core.replies import ReplyPolicy
 from policyd.decider import Decider, FixedSnapshot
 from policyd.dmarc_lookup import DmarcLookup
 from tests.mailman import dmarc_cases
-from tests.mailman.harness import HERE, mailman_verdict, query, run_oracle, snapshot, table
+from tests.mailman.dns_process import serving
+from tests.mailman.harness import mailman_verdict, query, run_oracle, snapshot, table
 from tests.reporting import report
 
 pytestmark = [pytest.mark.mailman, pytest.mark.integration]
@@ -29,22 +29,9 @@ pytestmark = [pytest.mark.mailman, pytest.mark.integration]
 
 @pytest.fixture(scope="module")
 def dns_port():
-    """The test's DNS server, stopped when its standard input closes."""
-    proc = subprocess.Popen([sys.executable, str(HERE / "dns_server.py")],
-                            stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
-    try:
-        proc.stdin.write(json.dumps(dmarc_cases.ZONE) + "\n")
-        proc.stdin.flush()
-        line = proc.stdout.readline()
-        assert line.startswith("PORT "), line
-        yield int(line.split()[1])
-    finally:
-        proc.stdin.close()
-        try:
-            proc.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
+    """The test's DNS server serving the DMARC cases' zone."""
+    with serving(dmarc_cases.ZONE) as port:
+        yield port
 
 
 @pytest.fixture(scope="module")

@@ -7,13 +7,12 @@ failure answered 4xx and logged once."""
 from __future__ import annotations
 
 import base64
-import json
-import subprocess
-import sys
 
 import pytest
 
-from .conftest import LIST, REPO, exim_ask, wait_until
+from tests.mailman.dns_process import serving
+
+from .conftest import LIST, exim_ask, wait_until
 
 pytestmark = pytest.mark.integration
 
@@ -24,21 +23,8 @@ ZONE = {"records": {"_dmarc.reject.test": [["TXT", "v=DMARC1; p=reject"]],
 
 @pytest.fixture
 def dns_port():
-    proc = subprocess.Popen([sys.executable, str(REPO / "tests" / "mailman" / "dns_server.py")],
-                            stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
-    try:
-        proc.stdin.write(json.dumps(ZONE) + "\n")
-        proc.stdin.flush()
-        line = proc.stdout.readline()
-        assert line.startswith("PORT "), line
-        yield int(line.split()[1])
-    finally:
-        proc.stdin.close()
-        try:
-            proc.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
+    with serving(ZONE) as port:
+        yield port
 
 
 def data_request(frm: str) -> bytes:
