@@ -34,10 +34,17 @@ from policyd.core.addresses import mailman_valid, normalise, parse_header
     ("user@", ()),
     ("@domain.example", ()),
     ("not an address at all", ()),
-    ("\"unterminated@x.example", ()),
+    # Mailman 2.1's Python reads an unterminated quote as the address.
+    ("\"unterminated@x.example", ("unterminated@x.example",)),
+    # ... an address as the display name, and one after the angle, as addresses too.
+    ("pat@example.com <stranger@outside.example>", ("pat@example.com",
+                                                    "stranger@outside.example")),
+    ("<stranger@outside.example>pat@example.com", ("stranger@outside.example",
+                                                   "pat@example.com")),
 ])
 def test_parse_header(raw, expected):
-    """Headers split before decoding; every address normalised; junk dropped."""
+    """Headers split before decoding, as Mailman 2.1's ``getaddresses`` splits them;
+    every address normalised; junk dropped."""
     assert parse_header(raw) == expected
 
 
@@ -127,6 +134,13 @@ def _mailman3_address_slowly(spec):
     return None
 
 
+def _read(specs) -> list[str]:
+    """What Mailman 2's reading keeps of raw addr-specs (``parse_header``'s last step)."""
+    from policyd.core.addresses import normalise_mailman2
+
+    return [a for a in map(normalise_mailman2, specs) if a is not None]
+
+
 mailbox_text = st.text(alphabet=st.sampled_from(
     list("abAB@.-_+=?!<>\"(),;: \t\r\n\\") + ["ü", "K", "\u212a"]), max_size=40)
 
@@ -138,7 +152,7 @@ def test_fast_paths_agree_with_the_full_parsers(raw):
     sender) gives exactly what the full code gives."""
     from policyd.core import addresses as a
 
-    assert list(a._addr_specs(raw)) == a._addr_specs_slowly(raw)
+    assert _read(a._addr_specs(raw)) == _read(a._addr_specs_slowly(raw))
     assert a._normalise(raw) == a._normalise_slowly(raw)
     assert a._mailman3_address(raw) == _mailman3_address_slowly(raw)
 
@@ -149,7 +163,7 @@ def test_fast_paths_agree_with_the_full_parsers(raw):
 def test_fast_paths_agree_on_common_shapes(raw):
     from policyd.core import addresses as a
 
-    assert list(a._addr_specs(raw)) == a._addr_specs_slowly(raw)
+    assert _read(a._addr_specs(raw)) == _read(a._addr_specs_slowly(raw))
     assert a._normalise(raw) == a._normalise_slowly(raw)
 
 
@@ -174,10 +188,10 @@ _space = st.sampled_from(["", " ", "  ", "\t", " \t"])
 ).map("".join))
 def test_fast_paths_agree_on_header_shapes(raw):
     """Each header-shape fast path (quoted name, comment, bare address, folded
-    encoded-word name) splits exactly as the character loop does, near misses included."""
+    encoded-word name) reads what the full tokenizer reads, near misses included."""
     from policyd.core import addresses as a
 
-    assert list(a._addr_specs(raw)) == a._addr_specs_slowly(raw)
+    assert _read(a._addr_specs(raw)) == _read(a._addr_specs_slowly(raw))
 
 
 @pytest.mark.parametrize("raw", ['"Petrov, Ines" <ines.petrov97308@d1308.example.com>',
@@ -187,9 +201,9 @@ def test_fast_paths_agree_on_header_shapes(raw):
 def test_common_header_shapes_take_a_fast_path(raw, monkeypatch):
     from policyd.core import addresses as a
 
-    expected = a._addr_specs_slowly(raw)
+    expected = _read(a._addr_specs_slowly(raw))
     monkeypatch.setattr(a, "_addr_specs_slowly", None)  # a slow call would fail here
-    assert list(a._addr_specs(raw)) == expected
+    assert _read(a._addr_specs(raw)) == expected
 
 
 @settings(max_examples=1000, deadline=None)
@@ -199,7 +213,7 @@ def test_fast_paths_agree_on_address_like_text(raw):
     """The same agreement, on text shaped like addresses and "Name <addr>" headers."""
     from policyd.core import addresses as a
 
-    assert list(a._addr_specs(raw)) == a._addr_specs_slowly(raw)
+    assert _read(a._addr_specs(raw)) == _read(a._addr_specs_slowly(raw))
     for spec in a._addr_specs_slowly(raw) + [raw]:
         assert a._normalise(spec) == a._normalise_slowly(spec)
         assert a._mailman3_address(spec) == _mailman3_address_slowly(spec)

@@ -19,11 +19,13 @@ from __future__ import annotations
 
 import binascii
 import re
+from email._parseaddr import AddressList, quote as _quote
 from functools import lru_cache
 
 from . import mailman_headers
 
-__all__ = ["canonical", "envelope_mailman3", "normalise", "normalise_mailman2", "parse_header", "parse_header_mailman3", "mailman_valid",
+__all__ = ["canonical", "envelope_mailman3", "first_address_mailman2", "normalise",
+           "normalise_mailman2", "parse_header", "parse_header_mailman3", "mailman_valid",
            "mailman3_raw_valid", "split_address"]
 
 # Entries per parsing cache.  Only the slow paths are cached (odd syntax, encoded
@@ -210,6 +212,19 @@ def normalise_mailman2(address: str) -> str | None:
     return out
 
 
+def first_address_mailman2(value: str | None) -> str | None:
+    """Mailman 2.1's ``msg.get_sender()`` on one header: the first address
+    ``getaddresses`` finds in it, ``None`` when that is empty (Mailman then reads the
+    next header); normalised where it is an address, else lower-cased as it is (no
+    member is named so, but a nonmember ``^regex`` entry still sees it)."""
+    if not value:
+        return None
+    specs = _addr_specs(value)
+    if not specs or not specs[0]:
+        return None
+    return normalise_mailman2(specs[0]) or specs[0].lower()
+
+
 def parse_header(value: str | None) -> tuple[str, ...]:
     """Return the addresses of an address-list header value, in order, as Mailman 2.1
     reads them (``normalise_mailman2``: the Mailman 2 rules are its only reader).
@@ -375,29 +390,32 @@ def _encoded_name_angle(value: str) -> str | None:
     return match.group(2)
 
 
-# The shapes of nearly every From:, Reply-To: and Sender: header, each split with one
-# regex instead of the character loop below (each tested to agree with it):
-# "Display Name <addr>" or "<addr>", nothing the tokenizer treats specially in the name;
-_SIMPLE_MAILBOX = re.compile(r'[^"(),;:<>\\\r\n]*<([^"(),;:<>\\\s]*)>[ \t]*')
+# The shapes of nearly every From:, Reply-To: and Sender: header, each read with one
+# regex instead of the full tokenizer below (each tested to read what it reads): the
+# address is plain (one "@", no quote, comment, domain literal or white space), and the
+# name holds nothing the tokenizer treats specially, no "@" either (a name that is an
+# address is an address of its own to it).
+_SPEC = r'([^"(),;:<>\[\]\\\s@]+@[^"(),;:<>\[\]\\\s@]+)'
+# "Display Name <addr>" or "<addr>";
+_SIMPLE_MAILBOX = re.compile(r'[^"(),;:<>\[\]\\\r\n@]*<' + _SPEC + r'>[ \t]*')
 # '"Name, Quoted" <addr>';
-_QUOTED_MAILBOX = re.compile(r'[ \t]*"[^"\\\r\n]*"[ \t]*<([^"(),;:<>\\\s]*)>[ \t]*')
+_QUOTED_MAILBOX = re.compile(r'[ \t]*"[^"\\\r\n]*"[ \t]*<' + _SPEC + r'>[ \t]*')
 # a bare addr-spec, perhaps with a "(Comment Name)" after it;
-_BARE_SPEC = re.compile(r'[ \t]*([^"(),;:<>\\\s]+)[ \t]*(?:\([^()\\\r\n]*\)[ \t]*)?')
+_BARE_SPEC = re.compile(r'[ \t]*' + _SPEC + r'[ \t]*(?:\([^()\\\r\n]*\)[ \t]*)?')
 # an encoded-word name folded away from its address ("=?utf-8?B?...?=\n <addr>"): the
-# newline separates headers here, so the name is a (later dropped) address of its own.
+# fold is white space to the tokenizer.
 _FOLDED_MAILBOX = re.compile(
-    r'[ \t]*([^"(),;:<>\\\s]+)[ \t]*\r?\n[ \t]+<([^"(),;:<>\\\s]*)>[ \t]*')
+    r'[ \t]*[^"(),;:<>\[\]\\\s@]+[ \t]*\r?\n[ \t]+<' + _SPEC + r'>[ \t]*')
 
 
 def _addr_specs(value: str) -> list[str] | tuple[str, ...]:
-    """Split a header value into raw addr-specs (tokenizer for RFC 5322 address-lists)."""
+    """The raw addresses of a header value as Mailman 2.1 reads them (``normalise``
+    then drops what is no address): a fast path for the common shapes, else the full
+    tokenizer (``_addr_specs_slowly``), cached."""
     match = (_SIMPLE_MAILBOX.fullmatch(value) or _QUOTED_MAILBOX.fullmatch(value)
-             or _BARE_SPEC.fullmatch(value))
+             or _BARE_SPEC.fullmatch(value) or _FOLDED_MAILBOX.fullmatch(value))
     if match is not None:
         return [match.group(1)]
-    match = _FOLDED_MAILBOX.fullmatch(value)
-    if match is not None:
-        return [match.group(1), match.group(2)]
     return _addr_specs_cached(value)
 
 
@@ -407,100 +425,42 @@ def _addr_specs_cached(value: str) -> tuple[str, ...]:
 
 
 def _addr_specs_slowly(value: str) -> list[str]:
-    specs: list[str] = []
-    bare: list[str] = []  # addr-spec characters seen outside angle brackets
-    angle: list[str] | None = None  # inside <...>
-    found_angle: str | None = None
-    i = 0
-    n = len(value)
+    """The addresses Mailman 2.1 takes from a header: ``email.Utils.getaddresses`` of
+    Python 2.7 (``_Python27AddressList``; tests/test_mailman2_senders.py holds this to
+    Python 2.7's own output).  Text after an address is another address
+    (``<a@x.example>b@y.example`` is both), a name that is an address counts
+    (``a@x.example <b@y.example>`` is both), and what is no address at all (``John``,
+    ``""``) is returned as it is: ``normalise`` drops it."""
+    return [address for _, address in _Python27AddressList(value).addresslist]
 
-    def flush() -> None:
-        nonlocal bare, found_angle
-        if found_angle is not None:
-            specs.append(found_angle)
-        else:
-            text = "".join(bare).strip()
-            if text:
-                specs.append(text)
-        bare = []
-        found_angle = None
 
-    while i < n:
-        ch = value[i]
-        if ch == '"':
-            # Quoted string: copied with its quotes, escapes kept for normalise().
-            j = i + 1
-            while j < n and value[j] != '"':
-                j += 2 if value[j] == "\\" else 1
-            token = value[i : j + 1]
-            if angle is not None:
-                angle.append(token)
+class _Python27AddressList(AddressList):
+    """``email._parseaddr.AddressList`` as CPython 2.7.18 has it, the tokenizer of
+    Mailman 2.1's ``getaddresses``.  Python 3 changed one thing in it: white space
+    between the words of a local part is kept (``Pat q@x.example``), where 2.7 drops it
+    (``Patq@x.example``).  ``getaddrspec`` below is 2.7's (``email/_parseaddr.py``,
+    PSF licence)."""
+
+    def getaddrspec(self):
+        aslist = []
+        self.gotonext()
+        while self.pos < len(self.field):
+            if self.field[self.pos] == ".":
+                aslist.append(".")
+                self.pos += 1
+            elif self.field[self.pos] == '"':
+                aslist.append('"%s"' % _quote(self.getquote()))
+            elif self.field[self.pos] in self.atomends:
+                break
             else:
-                bare.append(token)
-            i = j + 1
-            continue
-        if ch == "(" and angle is None:
-            depth = 0
-            while i < n:
-                c = value[i]
-                if c == "\\":
-                    i += 2
-                    continue
-                if c == "(":
-                    depth += 1
-                elif c == ")":
-                    depth -= 1
-                    if depth == 0:
-                        break
-                i += 1
-            i += 1
-            bare.append(" ")
-            continue
-        if angle is not None:
-            if ch == ">":
-                if found_angle is None:
-                    found_angle = "".join(angle).strip()
-                angle = None
-            elif ch not in "\r\n":
-                angle.append(ch)
-            i += 1
-            continue
-        if ch == "<":
-            angle = []
-            bare = []  # what came before was a display name
-        elif ch in ",;\n":
-            flush()
-        elif ch == ":":
-            # Group syntax: what came before was the group's name.
-            bare = []
-        elif ch in _WSP:
-            bare.append(" ")
-        else:
-            bare.append(ch)
-        i += 1
-    if angle is not None and found_angle is None:
-        found_angle = "".join(angle).strip()
-    flush()
-    # A bare mailbox with internal spaces is a display name without an address
-    # ("John Doe"); keep it only if it looks like an addr-spec once CFWS is removed.
-    result = []
-    for spec in specs:
-        if " " in spec and not spec.startswith('"'):
-            compact = _strip_unquoted_space(spec)
-            if "@" not in compact:
-                continue
-            spec = compact
-        result.append(spec)
-    return result
-
-
-def _strip_unquoted_space(spec: str) -> str:
-    out = []
-    in_quotes = False
-    for ch in spec:
-        if ch == '"':
-            in_quotes = not in_quotes
-        if ch == " " and not in_quotes:
-            continue
-        out.append(ch)
-    return "".join(out)
+                aslist.append(self.getatom())
+            self.gotonext()
+        if self.pos >= len(self.field) or self.field[self.pos] != "@":
+            return "".join(aslist)
+        aslist.append("@")
+        self.pos += 1
+        self.gotonext()
+        domain = self.getdomain()
+        if not domain:
+            return ""
+        return "".join(aslist) + domain

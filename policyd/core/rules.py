@@ -15,6 +15,7 @@ from typing import NamedTuple, Protocol
 
 from .addresses import (
     envelope_mailman3,
+    first_address_mailman2,
     normalise_mailman2,
     parse_header,
     parse_header_mailman3,
@@ -121,20 +122,21 @@ def senders_mailman2(query: Query) -> tuple[str, ...]:
 
 
 def sender_mailman2(query: Query) -> str | None:
-    """Mailman 2.1's ``msg.get_sender()``: the first From: address, else Sender:, else the
-    envelope sender.  The nonmember lists are checked against this one address."""
+    """Mailman 2.1's ``msg.get_sender()``: the first address of the first From: field,
+    unless it is empty, else of the first Sender: field, else the envelope sender.  The
+    nonmember lists are checked against this one address."""
     message = query.message
     if message is not None:
         for name in ("from", "sender"):
             values = message.get_all(name)  # Mailman 2 reads the first field only
-            addresses = parse_header(values[0]) if values else ()
-            if addresses:
-                return addresses[0]
+            sender = first_address_mailman2(values[0]) if values else None
+            if sender:
+                return sender
         return normalise_mailman2(query.envelope_sender)
     for header in (query.from_header, query.sender_header):
-        addresses = parse_header(header)
-        if addresses:
-            return addresses[0]
+        sender = first_address_mailman2(header)
+        if sender:
+            return sender
     return normalise_mailman2(query.envelope_sender)
 
 
