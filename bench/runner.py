@@ -440,6 +440,7 @@ class Bench:
             "python": sys.version.split()[0], "executable": sys.executable,
             "machine": platform.machine(), "cpus": os.cpu_count(),
             "kernel": platform.release(), "load_before": os.getloadavg(),
+            "source": _source_revision(),
             "daemon_logs": str(self.logdir),
             "dataset": asdict(self.data) | {"max_list": max(self.data.sizes),
                                             "min_list": min(self.data.sizes)},
@@ -1428,6 +1429,19 @@ def _stop(proc: subprocess.Popen) -> None:
             proc.wait()
 
 
+def _source_revision() -> str:
+    """The commit measured, ``+changes`` when the working tree differs from it."""
+    try:
+        head = subprocess.run(["git", "rev-parse", "--short=12", "HEAD"], cwd=REPO,
+                              capture_output=True, text=True, timeout=10).stdout.strip()
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"],
+                               cwd=REPO, capture_output=True, text=True,
+                               timeout=10).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        return "unknown (no git)"
+    return (head or "unknown") + (" +changes" if dirty else "")
+
+
 def _source_stamp(*names: str) -> str:
     """A hash of the named bench files and of the store's schema (its migrations): a
     generated store is reused only while neither changed."""
@@ -1620,7 +1634,8 @@ def render_details(results: dict) -> str:
     out += ["", "Load average (1, 5, 15 min) before each suite: " + "; ".join(
         f"{s['suite'].split(' (')[0]} {s['load_average'][0]:.2f} {s['load_average'][1]:.2f} "
         f"{s['load_average'][2]:.2f}" for s in results.get("suites", ())) + "."]
-    out += ["", f"Python {env.get('python')} ({env.get('executable')}), {env.get('cpus')} CPUs, "
+    out += ["", f"Source {env.get('source', 'unknown')}; "
+            f"Python {env.get('python')} ({env.get('executable')}), {env.get('cpus')} CPUs, "
             f"kernel {env.get('kernel')}; servers on CPU {SERVER_CPU}, load generator on CPU "
             f"{CLIENT_CPU}; {env.get('runs')} runs of {env.get('duration_s')} s per closed-loop "
             f"figure, {env.get('open_duration_s')} s per open-loop one"
