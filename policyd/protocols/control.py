@@ -26,8 +26,9 @@ from twisted.protocols.basic import LineOnlyReceiver
 from ..core.replies import SmtpReply
 from ..core.verdict import Query
 from ..errors import Unavailable
-from . import (EVICT_MIN_IDLE, SILENT_GRACE, ProcessLimits, ProtocolError, TrackingFactory,
-               abort_stuck, hold_reads_while_answers_wait)
+from . import (EVICT_MIN_IDLE, RESERVED_DESCRIPTORS, SILENT_GRACE,
+               ProcessLimits, ProtocolError, TrackingFactory, abort_stuck,
+               hold_reads_while_answers_wait)
 from .exim import reply_line
 from .postfix import postfix_action, postfix_query
 
@@ -198,15 +199,20 @@ class ControlProtocol(LineOnlyReceiver):
 class ControlFactory(TrackingFactory):
     """The control socket's connections: at most ``MAX_CONNECTIONS`` (the idle longest
     closed for a newcomer, else the newcomer refused, one log line per incident), none
-    idle past ``IDLE_TIMEOUT``.  Counted apart from the MTA listeners (a ``ProcessLimits``
-    of its own): they take from the reserve, never from the MTAs' share."""
+    idle past ``IDLE_TIMEOUT``, and at most ``CLOSING_SLACK`` more being closed.  Counted
+    apart from the MTA listeners (a ``ProcessLimits`` of its own): they take from the
+    reserve, never from the MTAs' share."""
 
     protocol = ControlProtocol
     max_connections = MAX_CONNECTIONS
     sweep_interval = 10.0
 
     def __init__(self, service, reactor) -> None:
-        super().__init__(reactor, limits=ProcessLimits(descriptors=1 << 30))
+        # Its own count (``max_open`` = ``MAX_CONNECTIONS``): at most ``CLOSING_SLACK``
+        # more are held while being closed (their descriptors are freed on the reactor's
+        # next turn), however many a burst brings in one turn.
+        super().__init__(reactor, limits=ProcessLimits(
+            descriptors=MAX_CONNECTIONS + RESERVED_DESCRIPTORS))
         self.limits.register(self)
         self.service = service
 

@@ -176,3 +176,21 @@ def test_a_connection_idle_past_the_timeout_is_closed_one_in_progress_is_not():
     assert transports[0].disconnecting and transports[2].disconnecting
     assert not transports[1].disconnecting
     assert silent is not None
+
+
+def test_a_burst_at_the_limit_holds_few_descriptors_while_they_are_closed():
+    """In one reactor turn the connections closed for newcomers still hold their
+    descriptors: a burst of 100 newcomers leaves at most MAX_CONNECTIONS open and
+    CLOSING_SLACK being closed, and refuses the rest."""
+    from policyd.protocols import CLOSING_SLACK
+
+    clock = Clock()
+    factory = ControlFactory(FakeService(), clock)
+    transports: list = []
+    for _ in range(control.MAX_CONNECTIONS):
+        _open(factory, transports)
+    clock.advance(1)
+    admitted = [p for p in (_open(factory, transports) for _ in range(100)) if p]
+    assert len(factory.connections) <= control.MAX_CONNECTIONS + CLOSING_SLACK
+    assert len(factory.connections) - len(factory.evicting) <= control.MAX_CONNECTIONS
+    assert len(admitted) == CLOSING_SLACK and factory.refused == 100 - CLOSING_SLACK
