@@ -73,15 +73,6 @@ CLOSING_SLACK = 16
 _accepted = itertools.count(1)
 
 
-def never_read(protocol) -> bool:
-    """Nothing received on this connection yet: no request begun, none answered nor
-    being decided.  Each protocol says it its own way: Postfix counts ``reads``; an Exim
-    connection that read anything holds part of its line (``buffered``), is being
-    decided (``waiting``) or was answered (``answered``)."""
-    return not (getattr(protocol, "reads", 0) or protocol.buffered
-                or getattr(protocol, "answered", False) or getattr(protocol, "waiting", False))
-
-
 def hold_reads_while_answers_wait(transport) -> None:
     """Stop reading from a peer while its answers wait to be sent: a client that sends
     requests and never reads the answers would otherwise have them queued without end
@@ -204,9 +195,9 @@ class TrackingFactory(Factory):
     room for a new one (``admit``), else the new connection is refused (closed at once,
     nothing read), and a request that would overflow the buffers is answered 4xx.  A
     protocol under limits has ``buffered`` (bytes held), ``idle_for(now)`` (negative:
-    never to be closed) and ``evict()``.  Each incident logs one line when it starts
-    and one summary when it has been quiet for ``INCIDENT_QUIET`` seconds; ``refused``
-    and ``evicted`` count them for status.
+    never to be closed), ``never_read()`` (no byte received yet) and ``evict()``.
+    Each incident logs one line when it starts and one summary when it has been quiet
+    for ``INCIDENT_QUIET`` seconds; ``refused`` and ``evicted`` count them for status.
     """
 
     noisy = False
@@ -324,7 +315,7 @@ class TrackingFactory(Factory):
         oldest = None
         first = 0
         for p in protocols:
-            if (p.factory.evicting and p in p.factory.evicting) or not never_read(p):
+            if (p.factory.evicting and p in p.factory.evicting) or not p.never_read():
                 continue
             accepted = getattr(p, "accepted", 0)
             if oldest is None or accepted < first:

@@ -165,6 +165,10 @@ class ControlProtocol(LineOnlyReceiver):
             return idle + EVICT_MIN_IDLE
         return idle
 
+    def never_read(self) -> bool:
+        """No byte received yet (``TrackingFactory.admit``)."""
+        return not self.reads
+
     def evict(self) -> None:
         """Closed for the limit or idle past ``IDLE_TIMEOUT``: nothing is in progress."""
         self.transport.loseConnection()

@@ -341,6 +341,11 @@ class EximPolicyProtocol(Protocol):
             return age + EVICT_MIN_IDLE
         return age
 
+    def never_read(self) -> bool:
+        """No byte received yet (``TrackingFactory.admit``): none of a line held, none
+        being decided or answered."""
+        return not (self.buffered or self.answered or self.waiting)
+
     def evict(self) -> None:
         """Closed for a limit: ``DEFER`` (counted, not logged: the incident is)."""
         if not self.answered:

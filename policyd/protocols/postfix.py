@@ -408,6 +408,10 @@ class PostfixPolicyProtocol(Protocol):
             return idle + EVICT_MIN_IDLE
         return idle
 
+    def never_read(self) -> bool:
+        """No byte received yet (``TrackingFactory.admit``)."""
+        return not self.reads
+
     def evict(self) -> None:
         """Closed for a limit: 4xx for a request begun, else a plain close (Postfix
         reconnects for its next request)."""
