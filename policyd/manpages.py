@@ -153,7 +153,8 @@ KEY_HELP: dict[str, dict[str, str]] = {
     "runtime": {
         "reactor": "The epoll reactor without Twisted's per-event legacy log context "
                    "(policyd command; twist --reactor=policyd).",
-        "fast_write": "Send a Postfix answer at once instead of on the next reactor turn.",
+        "fast_write": "Send a Postfix answer at once instead of on the next reactor turn; "
+                      "send an Exim answer and close its connection in the same turn.",
         "fast_read": "Read the Unix sockets with recv, not recvmsg (policyd never takes "
                      "file descriptors from a peer; the kernel drops any sent).",
         "pacing": "The snapshot builder rests while the reactor has events to handle.",

@@ -133,6 +133,107 @@ def test_read_plainly_changes_unix_ports_only():
     assert fastio.read_plainly(tcp.Port(0, None, reactor=reactor)) is False
 
 
+class _Answering:
+    """Answers the first bytes it reads with ``send_and_close`` (as the Exim protocol's
+    ``finish`` does)."""
+
+    def __init__(self, answer: bytes = b"ACCEPT 250 2.1.5 ok") -> None:
+        self.answer = answer
+        self.lost = []
+
+    def makeConnection(self, transport) -> None:
+        self.transport = transport
+
+    def dataReceived(self, data: bytes) -> None:
+        fastio.send_and_close(self.transport, self.answer)
+
+    def connectionLost(self, reason) -> None:
+        self.lost.append(reason)
+
+
+def _closing_pair(protocol):
+    import socket
+
+    from twisted.internet import reactor
+
+    a, b = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+    a.setblocking(False)
+    cls = fastio.closing_transport(fastio.PlainReadServer)
+    conn = cls(a, protocol, "peer", None, 1, reactor)
+    conn.stopReading()  # driven by hand here, never by the reactor
+    protocol.makeConnection(conn)
+    return conn, a, b
+
+
+def test_an_answer_sent_during_a_read_ends_the_connection_in_that_read():
+    """``send_and_close`` during ``doRead``: the answer is in the peer's socket at once
+    and ``doRead`` reports the connection finished, so Twisted closes it in the same
+    turn (no write registered, no later turn)."""
+    from twisted.internet import error
+
+    protocol = _Answering()
+    conn, a, b = _closing_pair(protocol)
+    try:
+        b.sendall(b"POLICYD/1 list=l@example.com sender=\n")
+        why = conn.doRead()
+        assert isinstance(why, error.ConnectionLost)  # closed both ways, not half-closed
+        assert not conn._tempDataLen and not conn.dataBuffer and not conn.disconnecting
+        assert b.recv(100) == b"ACCEPT 250 2.1.5 ok"
+    finally:
+        a.close()
+        b.close()
+
+
+def test_an_answer_outside_a_read_goes_the_usual_way():
+    """Written from anywhere else (a timeout, a password check's callback, the client's
+    half-close), the answer is queued and the connection closed by Twisted as usual."""
+    protocol = _Answering()
+    conn, a, b = _closing_pair(protocol)
+    try:
+        conn.startWriting = lambda: None  # the reactor is not running here
+        fastio.send_and_close(conn, b"DEFER 451 4.3.0 timeout")
+        assert conn._tempDataLen == len(b"DEFER 451 4.3.0 timeout")
+        assert conn.disconnecting and not conn._answered
+    finally:
+        a.close()
+        b.close()
+
+
+def test_a_read_without_an_answer_leaves_the_connection_open():
+    import socket
+
+    class Quiet(_Answering):
+        def dataReceived(self, data: bytes) -> None:
+            pass
+
+    conn, a, b = _closing_pair(Quiet())
+    try:
+        b.sendall(b"POLICYD/1 list=")
+        assert conn.doRead() is None
+        b.shutdown(socket.SHUT_WR)
+        assert conn.doRead() is not None  # the peer's half-close, reported as before
+    finally:
+        a.close()
+        b.close()
+
+
+def test_close_after_answer_wraps_the_class_the_port_creates():
+    from twisted.internet import reactor, tcp, unix
+
+    port = unix.Port("/nonexistent/policyd-test.sock", None, reactor=reactor)
+    fastio.read_plainly(port)
+    assert fastio.close_after_answer(port) is True
+    assert issubclass(port.transport, fastio.PlainReadServer)
+    assert issubclass(port.transport, fastio.Closing)
+    assert fastio.close_after_answer(port) is True  # once only
+    assert port.transport.__mro__.count(fastio.Closing) == 1
+    tcp_port = tcp.Port(0, None, reactor=reactor)
+    assert fastio.close_after_answer(tcp_port) is True
+    assert issubclass(tcp_port.transport, tcp.Server)
+    assert tcp.Port.transport is tcp.Server and unix.Port.transport is unix.Server
+    assert fastio.close_after_answer(object()) is False
+
+
 def test_tuning_gives_listeners_plain_reads_unless_switched_off():
     factory, off = type("F", (), {})(), type("F", (), {})()
     Tuning(RuntimeConfig()).apply_to_factory(factory)
@@ -187,11 +288,34 @@ def test_tuning_applies_fast_write_where_answers_stay_open():
     for factory in (postfix, exim):
         tuning.apply_to_factory(factory)
     assert postfix.write is fastio.write_now
-    assert exim.write is not fastio.write_now  # an answer followed by a close
+    assert exim.write is not fastio.write_now  # an answer followed by a close:
+    assert exim.finish is fastio.send_and_close  # sent and closed in one turn
+    assert postfix.finish is not fastio.send_and_close
     off = Tuning(RuntimeConfig(fast_write=False))
     fresh = PostfixFactory(decider, config.postfix, Clock())
+    fresh_exim = EximFactory(decider, config.exim, Clock())
     off.apply_to_factory(fresh)
+    off.apply_to_factory(fresh_exim)
     assert fresh.write is not fastio.write_now
+    assert fresh_exim.finish is not fastio.send_and_close
+    assert fresh_exim.tune_port is fastio.read_plainly
+
+
+def test_an_exim_port_reads_plainly_and_closes_after_its_answer():
+    from twisted.internet import reactor, unix
+
+    from policyd.decider import Decider, FixedSnapshot
+    from policyd.protocols.exim import EximFactory
+    from tests.protocols.fakes import sample_snapshot
+
+    config = parse("")
+    decider = Decider(FixedSnapshot(sample_snapshot()), config.smtp)
+    exim = EximFactory(decider, config.exim, Clock())
+    Tuning(RuntimeConfig()).apply_to_factory(exim)
+    port = unix.Port("/nonexistent/policyd-test.sock", None, reactor=reactor)
+    exim.tune_port(port)
+    assert issubclass(port.transport, fastio.PlainReadServer)
+    assert issubclass(port.transport, fastio.Closing)
 
 
 def test_tuning_switches_pacing_heap_and_restores_the_switch_interval(monkeypatch):

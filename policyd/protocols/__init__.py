@@ -213,6 +213,13 @@ class TrackingFactory(Factory):
         (``policyd.runtime.fastio``)."""
         transport.write(data)
 
+    @staticmethod
+    def finish(transport, data: bytes) -> None:
+        """How a connection's last answer is written before it closes; the daemon may set
+        a faster way (``policyd.runtime.fastio``)."""
+        transport.write(data)
+        transport.loseConnection()
+
     def __init__(self, reactor, limits: ProcessLimits | None = None) -> None:
         self.reactor = reactor
         self.connections: set = set()

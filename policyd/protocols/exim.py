@@ -380,8 +380,7 @@ class EximPolicyProtocol(Protocol):
         if self._buffer:
             self._buffer = b""
             self.factory.buffer_changed(self, 0)
-        self.transport.write(reply)
-        self.transport.loseConnection()
+        self.factory.finish(self.transport, reply)
 
     def _failed(self, failure) -> bytes:
         log.failure("answering an Exim request failed", failure)
@@ -394,6 +393,8 @@ class EximPolicyProtocol(Protocol):
 class EximFactory(DecidingFactory):
     protocol = EximPolicyProtocol
     sweep_interval = 0.5
+    # Each answer is the connection's last (``finish``; ``policyd.runtime.tuning``).
+    closes_after_answer = True
 
     def __init__(self, decider, config, reactor, decision_log: DecisionLog | None = None
                  ) -> None:

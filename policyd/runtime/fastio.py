@@ -9,8 +9,16 @@ go the usual way (``transport.write`` queues the rest; its next write then meets
 error itself).  Unix and TCP sockets only (both are ``tcp.Connection``); anything else,
 such as a test's ``StringTransport``, gets a plain ``write``.
 
-Not for an answer followed by a close (Exim's): there Twisted's own turn sends and closes
-back to back and the client wakes once; sent early, the client would wake twice.
+An answer followed by a close (Exim's) is sent and closed in the same turn instead
+(``send_and_close``): Twisted would register the socket for writing, stop reading it,
+come back on its next turn to send, and only then close, three ``epoll_ctl`` calls and a
+trip through the reactor per connection.  Sending early and closing later would make the
+client wake twice, so the two go together: the connection's ``doRead`` (``Closing``)
+reports the connection finished as soon as the protocol has sent its last answer during
+that read, and Twisted's own ``_doReadOrWrite`` closes it on the spot, as for any
+connection whose read ends it.  Only an answer written during a read of that connection
+is sent this way; any other (after a password check in a thread, at a timeout, at the
+client's half-close) goes the usual way.
 
 It reads ``tcp.Connection``'s private write buffer (``_tempDataLen``, ``dataBuffer``):
 ``available()`` checks that the running Twisted still has them.
@@ -27,10 +35,16 @@ running Twisted's Unix port and connection are the ones this was written against
 
 from __future__ import annotations
 
-from twisted.internet import tcp, unix
+from twisted.internet import error, tcp, unix
 from twisted.internet.tcp import Connection as _SocketConnection
 
-__all__ = ["available", "write_now", "reads_available", "read_plainly", "PlainReadServer"]
+__all__ = ["available", "write_now", "reads_available", "read_plainly", "PlainReadServer",
+           "send_and_close", "closing_transport", "close_after_answer"]
+
+# What ``Closing.doRead`` returns once the answer is out: the class Twisted's
+# ``_disconnectSelectable`` closes both ways (``ConnectionDone`` from a read would be
+# taken for the client's half-close and leave the socket open).
+_ANSWERED = error.ConnectionLost("answered")
 
 
 class PlainReadServer(unix.Server):
@@ -60,6 +74,67 @@ def read_plainly(port) -> bool:
         port.transport = PlainReadServer
         return True
     return False
+
+class Closing:
+    """Mixed into a connection class (``closing_transport``): ``doRead`` reports the
+    connection finished when ``send_and_close`` sent the protocol's last answer during
+    it.  ``_reading``: inside ``doRead``; ``_answered``: the answer is out."""
+
+    _reading = False
+    _answered = False
+
+    def doRead(self):
+        self._reading = True
+        try:
+            why = super().doRead()
+        finally:
+            self._reading = False
+        if why is None and self._answered:
+            return _ANSWERED
+        return why
+
+
+_closing_classes: dict[type, type] = {}
+
+
+def closing_transport(base: type) -> type:
+    """``base`` (a ``tcp.Connection`` class) with ``Closing`` mixed in, one class per base."""
+    cls = _closing_classes.get(base)
+    if cls is None:
+        cls = _closing_classes[base] = type(f"Closing{base.__name__}", (Closing, base), {})
+    return cls
+
+
+def close_after_answer(port) -> bool:
+    """Make the listening ``port`` create ``Closing`` connections (of the class it
+    creates now, so after ``read_plainly``): True for a Unix or TCP port."""
+    base = getattr(port, "transport", None)
+    if isinstance(port, (unix.Port, tcp.Port)) and isinstance(base, type) \
+            and issubclass(base, _SocketConnection):
+        if not issubclass(base, Closing):
+            port.transport = closing_transport(base)
+        return True
+    return False
+
+
+def send_and_close(transport, data: bytes) -> None:
+    """The last answer of a connection: sent and closed in this turn when it is written
+    during a read of a ``Closing`` connection with nothing queued and the kernel takes it
+    whole; else ``transport.write`` and ``loseConnection``, as Twisted does it."""
+    if (getattr(transport, "_reading", False) and transport.connected
+            and not transport.disconnecting and not transport._tempDataLen
+            and not transport.dataBuffer):
+        try:
+            sent = transport.socket.send(data)
+        except OSError:
+            sent = 0
+        if sent == len(data):
+            transport._answered = True
+            return
+        data = data[sent:]
+    transport.write(data)
+    transport.loseConnection()
+
 
 def available() -> str | None:
     """``None`` when ``write_now`` can be used, else why not: a file descriptor of the

@@ -8,8 +8,9 @@ part               what                                                       sw
 ``reactor``        epoll reactor without the legacy log context per event,    ``reactor``
                    reporting its turns to ``pacing`` (``policyd`` command;
                    ``twist --reactor=policyd``)
-``fastio``         a Postfix answer sent at once, not on the next turn;       ``fast_write``,
-                   Unix sockets read with ``recv``, not ``recvmsg``           ``fast_read``
+``fastio``         a Postfix answer sent at once, not on the next turn, an    ``fast_write``,
+                   Exim answer sent and its connection closed in the same
+                   turn; Unix sockets read with ``recv``, not ``recvmsg``     ``fast_read``
 ``pacing``         the snapshot builder rests while the reactor is busy       ``pacing``
 ``heap``           no cyclic GC during builds, ``gc.freeze`` after the first  ``heap``
                    load, then collections from the reactor at fixed times,
@@ -60,13 +61,24 @@ class Tuning:
         return part
 
     def apply_to_factory(self, factory) -> None:
-        """Answers of this listener go out through ``fastio`` where it is on (Postfix;
-        Exim's answer is followed by a close and goes the usual way); its Unix sockets
-        read with ``recv`` where ``fast_read`` is on (``Listener`` calls ``tune_port``)."""
-        if self.fast_write is not None and getattr(factory, "answers_stay_open", False):
-            factory.write = self.fast_write
+        """Answers of this listener go out through ``fastio`` where ``fast_write`` is on:
+        at once where connections stay open (Postfix), sent and closed in the same turn
+        where the answer ends the connection (Exim); its Unix sockets read with ``recv``
+        where ``fast_read`` is on.  ``Listener`` calls ``tune_port`` before the first
+        accept."""
+        tuners = []
         if self.read_plainly is not None:
-            factory.tune_port = self.read_plainly
+            tuners.append(self.read_plainly)
+        if self.fast_write is not None:
+            if getattr(factory, "answers_stay_open", False):
+                factory.write = self.fast_write
+            elif getattr(factory, "closes_after_answer", False):
+                factory.finish = fastio.send_and_close
+                tuners.append(fastio.close_after_answer)
+        if len(tuners) == 1:
+            factory.tune_port = tuners[0]
+        elif tuners:
+            factory.tune_port = _each(tuners)
 
     def daemon_starting(self) -> None:
         pacing.enabled = self.config.pacing
@@ -84,3 +96,11 @@ class Tuning:
         if self.collector is not None:
             self.collector.stop()
         self._stack.close()
+
+
+def _each(tuners):
+    """One ``tune_port`` that applies ``tuners`` in order."""
+    def tune_port(port) -> None:
+        for tune in tuners:
+            tune(port)
+    return tune_port
