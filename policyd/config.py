@@ -77,6 +77,7 @@ class RuntimeConfig:
     reactor: bool = True
     fast_write: bool = True
     fast_read: bool = True
+    fast_accept: bool = True
     pacing: bool = True
     heap: bool = True
     store_niceness: int = 19
@@ -389,6 +390,7 @@ SCHEMA: Mapping[str, Mapping[str, tuple[Callable[[str], object], str]]] = {
         "reactor": (_switch, "on"),
         "fast_write": (_switch, "on"),
         "fast_read": (_switch, "on"),
+        "fast_accept": (_switch, "on"),
         "pacing": (_switch, "on"),
         "heap": (_switch, "on"),
         "store_niceness": (_niceness, "19"),

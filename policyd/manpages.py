@@ -157,6 +157,8 @@ KEY_HELP: dict[str, dict[str, str]] = {
                       "send an Exim answer and close its connection in the same turn.",
         "fast_read": "Read the Unix sockets with recv, not recvmsg (policyd never takes "
                      "file descriptors from a peer; the kernel drops any sent).",
+        "fast_accept": "Answer an Exim request that has arrived whole by the time its "
+                       "connection is accepted right there, without a Twisted transport.",
         "pacing": "The snapshot builder rests while the reactor has events to handle.",
         "heap": "No cyclic garbage collection during builds, gc.freeze after the first "
                 "load, old snapshots freed piece by piece, malloc_trim afterwards.",

@@ -291,7 +291,7 @@ def test_tuning_applies_fast_write_where_answers_stay_open():
     assert exim.write is not fastio.write_now  # an answer followed by a close:
     assert exim.finish is fastio.send_and_close  # sent and closed in one turn
     assert postfix.finish is not fastio.send_and_close
-    off = Tuning(RuntimeConfig(fast_write=False))
+    off = Tuning(RuntimeConfig(fast_write=False, fast_accept=False))
     fresh = PostfixFactory(decider, config.postfix, Clock())
     fresh_exim = EximFactory(decider, config.exim, Clock())
     off.apply_to_factory(fresh)

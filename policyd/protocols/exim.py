@@ -326,6 +326,12 @@ class EximPolicyProtocol(Protocol):
             if not self.factory.buffer_changed(self, len(self._buffer)):
                 self.factory._close(self)
 
+    def take_answer(self, reply) -> None:
+        """The answer to the bytes read as the connection was accepted
+        (``EximFactory.answer_first``): what remains of it to send, or the ``Deferred``
+        of an answer that waits."""
+        self._answer(reply)
+
     def readConnectionLost(self) -> None:
         if not self.answered and not self.waiting:
             self._answer(self.factory.answer(bytes(self._buffer), self.transport))
@@ -403,6 +409,18 @@ class EximFactory(DecidingFactory):
         self.use_limits(config)
         # The decision latency histogram when metrics are on, else None (nothing to do).
         self.latency = getattr(decider, "latency", {}).get("exim")
+
+    def answer_first(self, data: bytes, peer) -> bytes | Deferred | None:
+        """The answer to what a connection sent before it was accepted
+        (``policyd.runtime.fastaccept``), read as ``dataReceived`` reads it: ``None``
+        while no whole line has arrived (the connection then goes the usual way)."""
+        nl = data.find(b"\n")
+        limit = self.config.max_request
+        if (nl if nl >= 0 else len(data)) > limit:
+            return self.malformed(ProtocolError(f"request longer than {limit} bytes"), peer)
+        if nl < 0:
+            return None
+        return self.answer(data[:nl], peer)
 
     def track(self, protocol) -> None:
         protocol.started = now = self.reactor.seconds()

@@ -11,6 +11,8 @@ part               what                                                       sw
 ``fastio``         a Postfix answer sent at once, not on the next turn, an    ``fast_write``,
                    Exim answer sent and its connection closed in the same
                    turn; Unix sockets read with ``recv``, not ``recvmsg``     ``fast_read``
+``fastaccept``     an Exim request that is whole when its connection is       ``fast_accept``
+                   accepted answered there, without a transport
 ``pacing``         the snapshot builder rests while the reactor is busy       ``pacing``
 ``heap``           no cyclic GC during builds, ``gc.freeze`` after the first  ``heap``
                    load, then collections from the reactor at fixed times,
@@ -29,7 +31,7 @@ from contextlib import ExitStack
 
 from twisted.logger import Logger
 
-from . import fastio, heap, pacing, threads
+from . import fastaccept, fastio, heap, pacing, threads
 
 __all__ = ["Tuning"]
 
@@ -47,6 +49,9 @@ class Tuning:
                                         fastio.write_now)
         self.read_plainly = self._checked("fast_read", config.fast_read,
                                           fastio.reads_available, fastio.read_plainly)
+        self.answer_on_accept = self._checked("fast_accept", config.fast_accept,
+                                              fastaccept.available,
+                                              fastaccept.answer_on_accept)
         self._stack = ExitStack()
 
     def _checked(self, switch: str, on: bool, check, part):
@@ -64,7 +69,8 @@ class Tuning:
         """Answers of this listener go out through ``fastio`` where ``fast_write`` is on:
         at once where connections stay open (Postfix), sent and closed in the same turn
         where the answer ends the connection (Exim); its Unix sockets read with ``recv``
-        where ``fast_read`` is on.  ``Listener`` calls ``tune_port`` before the first
+        where ``fast_read`` is on; a request whole at accept answered there where
+        ``fast_accept`` is on (Exim).  ``Listener`` calls ``tune_port`` before the first
         accept."""
         tuners = []
         if self.read_plainly is not None:
@@ -75,6 +81,9 @@ class Tuning:
             elif getattr(factory, "closes_after_answer", False):
                 factory.finish = fastio.send_and_close
                 tuners.append(fastio.close_after_answer)
+        if self.answer_on_accept is not None and callable(
+                getattr(factory, "answer_first", None)):
+            tuners.append(self.answer_on_accept)
         if len(tuners) == 1:
             factory.tune_port = tuners[0]
         elif tuners:
