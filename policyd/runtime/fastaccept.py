@@ -35,6 +35,7 @@ __all__ = ["available", "answer_on_accept", "first_bytes"]
 _UPSTREAM_LINES = (
     "numAccepts = self.numberAccepts",
     "with _BuffersLogs(",
+    "self._logger.namespace, self._logger.observer",
     "clients = _accept(",
     "bufferingLogger, range(numAccepts), self.socket, _reservedFD",
     "for accepted, (skt, addr) in enumerate(clients, 1):",
