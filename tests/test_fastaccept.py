@@ -7,6 +7,7 @@ from __future__ import annotations
 import base64
 import socket
 
+import pytest
 import pytest_twisted
 from twisted.internet import defer, reactor, tcp
 from twisted.internet.protocol import Factory
@@ -68,6 +69,20 @@ def listen(tmp_path, factory):
     return port
 
 
+@pytest.fixture
+def serve(tmp_path):
+    """Starts an ``EximFactory`` on a Unix port that answers at accept; stops it after."""
+    ports = []
+
+    def start(decider=None):
+        factory, lines = exim_factory(decider)
+        ports.append(listen(tmp_path, factory))
+        return factory, lines
+    yield start
+    for port in ports:
+        port.stopListening()
+
+
 def connect(tmp_path) -> socket.socket:
     s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     s.setblocking(False)
@@ -122,76 +137,61 @@ def test_only_ports_whose_factory_answers_first_are_changed(tmp_path):
 
 
 @pytest_twisted.inlineCallbacks
-def test_a_whole_request_is_answered_at_accept_without_a_protocol(tmp_path):
-    factory, lines = exim_factory()
-    port = listen(tmp_path, factory)
-    try:
-        member, stranger = connect(tmp_path), connect(tmp_path)
-        member.sendall(line(MEMBER) + b"\n")
-        member.shutdown(socket.SHUT_WR)
-        stranger.sendall(line(NONMEMBER) + b"\n")  # no half-close: answered all the same
-        answers = [(yield answer_of(member)), (yield answer_of(stranger))]
-        assert answers[0].startswith(b"ACCEPT 250") and not answers[0].endswith(b"\n")
-        assert answers[1].startswith(b"REJECT 550")
-        assert factory.built == [] and not factory.connections
-        assert len(lines.lines) == 2 and "accept" in lines.lines[0]  # logged as usual
-        assert factory.decider.answers["exim"] == {"ACCEPT": 1, "REJECT": 1}
-        member.close()
-        stranger.close()
-    finally:
-        yield port.stopListening()
+def test_a_whole_request_is_answered_at_accept_without_a_protocol(serve, tmp_path):
+    factory, lines = serve()
+    member, stranger = connect(tmp_path), connect(tmp_path)
+    member.sendall(line(MEMBER) + b"\n")
+    member.shutdown(socket.SHUT_WR)
+    stranger.sendall(line(NONMEMBER) + b"\n")  # no half-close: answered all the same
+    answers = [(yield answer_of(member)), (yield answer_of(stranger))]
+    assert answers[0].startswith(b"ACCEPT 250") and not answers[0].endswith(b"\n")
+    assert answers[1].startswith(b"REJECT 550")
+    assert factory.built == [] and not factory.connections
+    assert len(lines.lines) == 2 and "accept" in lines.lines[0]  # logged as usual
+    assert factory.decider.answers["exim"] == {"ACCEPT": 1, "REJECT": 1}
+    member.close()
+    stranger.close()
 
 
 @pytest_twisted.inlineCallbacks
-def test_half_a_line_at_accept_goes_the_usual_way_with_the_bytes_read(tmp_path):
-    factory, lines = exim_factory()
-    port = listen(tmp_path, factory)
-    try:
-        s = connect(tmp_path)
-        whole = line(MEMBER) + b"\n"
-        s.sendall(whole[:20])
-        yield deferLater(0.2)  # accepted with 20 bytes
-        assert len(factory.built) == 1 and factory.built[0]._buffer == whole[:20]
-        s.sendall(whole[20:])
-        assert (yield answer_of(s)).startswith(b"ACCEPT 250")
-        s.close()
-    finally:
-        yield port.stopListening()
+def test_half_a_line_at_accept_goes_the_usual_way_with_the_bytes_read(serve, tmp_path):
+    factory, lines = serve()
+    s = connect(tmp_path)
+    whole = line(MEMBER) + b"\n"
+    s.sendall(whole[:20])
+    yield deferLater(0.2)  # accepted with 20 bytes
+    assert len(factory.built) == 1 and factory.built[0]._buffer == whole[:20]
+    s.sendall(whole[20:])
+    assert (yield answer_of(s)).startswith(b"ACCEPT 250")
+    s.close()
 
 
 @pytest_twisted.inlineCallbacks
-def test_a_silent_connection_and_a_request_ended_by_half_close_go_the_usual_way(tmp_path):
-    factory, lines = exim_factory()
-    port = listen(tmp_path, factory)
-    try:
-        silent = connect(tmp_path)
-        yield deferLater(0.2)
-        assert len(factory.built) == 1 and len(factory.connections) == 1
-        silent.sendall(line(NONMEMBER))
-        silent.shutdown(socket.SHUT_WR)  # no newline: the half-close ends the line
-        assert (yield answer_of(silent)).startswith(b"REJECT 550")
-        silent.close()
-    finally:
-        yield port.stopListening()
+def test_a_silent_connection_and_a_line_ended_by_half_close_go_the_usual_way(serve,
+                                                                               tmp_path):
+    factory, lines = serve()
+    silent = connect(tmp_path)
+    yield deferLater(0.2)
+    assert len(factory.built) == 1 and len(factory.connections) == 1
+    silent.sendall(line(NONMEMBER))
+    silent.shutdown(socket.SHUT_WR)  # no newline: the half-close ends the line
+    assert (yield answer_of(silent)).startswith(b"REJECT 550")
+    silent.close()
 
 
 @pytest_twisted.inlineCallbacks
-def test_an_over_long_request_at_accept_is_refused_4xx(tmp_path):
-    factory, lines = exim_factory()
-    port = listen(tmp_path, factory)
-    try:
-        s = connect(tmp_path)
-        s.sendall(b"POLICYD/1 list=" + b"x" * 5000)
-        answer = yield answer_of(s)
-        assert answer.startswith(b"DEFER 451") and b"longer than 4096" in answer
-        assert factory.built == []
-        s.close()
-    finally:
-        yield port.stopListening()
+def test_an_over_long_request_at_accept_is_refused_4xx(serve, tmp_path):
+    factory, lines = serve()
+    s = connect(tmp_path)
+    s.sendall(b"POLICYD/1 list=" + b"x" * 5000)
+    answer = yield answer_of(s)
+    assert answer.startswith(b"DEFER 451") and b"longer than 4096" in answer
+    assert factory.built == []
+    s.close()
 
 
 @pytest_twisted.inlineCallbacks
-def test_an_answer_that_waits_is_handed_to_the_protocol(tmp_path):
+def test_an_answer_that_waits_is_handed_to_the_protocol(serve, tmp_path):
     """A moderator password to verify: the connection gets a protocol that waits for the
     check (in a thread), then answers."""
     threads = Threads()
@@ -199,19 +199,15 @@ def test_an_answer_that_waits_is_handed_to_the_protocol(tmp_path):
                                default_nonmember_action=Action.REJECT,
                                moderator_password=hash_password("right horse"))],
                      version="v1", built_at=0.0)
-    factory, lines = exim_factory(
-        Decider(FixedSnapshot(snapshot), ReplyPolicy(), run_in_thread=threads))
-    port = listen(tmp_path, factory)
-    try:
-        s = connect(tmp_path)
-        s.sendall(request("right horse") + b"\n")
-        yield deferLater(0.2)
-        assert len(factory.built) == 1 and factory.built[0].waiting
-        threads.run_all()
-        assert (yield answer_of(s)).startswith(b"ACCEPT 250")
-        s.close()
-    finally:
-        yield port.stopListening()
+    factory, lines = serve(Decider(FixedSnapshot(snapshot), ReplyPolicy(),
+                                   run_in_thread=threads))
+    s = connect(tmp_path)
+    s.sendall(request("right horse") + b"\n")
+    yield deferLater(0.2)
+    assert len(factory.built) == 1 and factory.built[0].waiting
+    threads.run_all()
+    assert (yield answer_of(s)).startswith(b"ACCEPT 250")
+    s.close()
 
 
 def test_tuning_answers_exim_at_accept_unless_switched_off(tmp_path):

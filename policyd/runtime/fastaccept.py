@@ -28,6 +28,8 @@ import types
 from twisted.internet import tcp
 from twisted.python import log as legacy_log
 
+from .upstream import changed
+
 __all__ = ["available", "answer_on_accept", "first_bytes"]
 
 # What the upstream ``Port.doRead`` this replaces must do, line by line (comments and white
@@ -53,20 +55,10 @@ READ_SIZE = 65536
 
 def available(upstream=tcp.Port) -> str | None:
     """``None`` when ``answer_on_accept`` can be used, else why not."""
-    import inspect
-
     for name in ("_accept", "_BuffersLogs", "_reservedFD"):
         if not hasattr(tcp, name):
             return f"twisted.internet.tcp has no {name}"
-    try:
-        source = inspect.getsource(upstream.doRead)
-    except (OSError, TypeError) as error:
-        return f"cannot read Twisted's tcp.Port.doRead ({error})"
-    lines = {line.split("#", 1)[0].strip() for line in source.splitlines()}
-    missing = [line for line in _UPSTREAM_LINES if line not in lines]
-    if missing:
-        return f"Twisted's tcp.Port.doRead changed (no longer: {missing[0]!r})"
-    return None
+    return changed(upstream.doRead, _UPSTREAM_LINES, "Twisted's tcp.Port.doRead")
 
 
 def answer_on_accept(port) -> bool:

@@ -27,9 +27,10 @@ Twisted reads every Unix socket connection with ``recvmsg`` and a 4 KB ancillary
 (``unix.Server`` can receive file descriptors), through two Python wrappers, where a TCP
 connection calls ``recv``.  Neither Exim nor Postfix nor ``policyctl`` passes descriptors,
 so ``read_plainly`` makes a listening Unix port create connections that read with
-``recv`` and write with ``send``: a Python call or two fewer per request, and a descriptor a local peer sends anyway is
-dropped by the kernel instead of being received, logged and closed by Twisted (a line per
-message, which such a peer could repeat at will).  ``reads_available()`` checks that the
+``recv`` and write with ``send``: a Python call or two fewer per request, and a
+descriptor a local peer sends anyway is dropped by the kernel instead of being received,
+logged and closed by Twisted (a line per message, which such a peer could repeat at
+will).  ``reads_available()`` checks that the
 running Twisted's Unix port and connection are the ones this was written against.
 """
 
@@ -121,19 +122,26 @@ def send_and_close(transport, data: bytes) -> None:
     """The last answer of a connection: sent and closed in this turn when it is written
     during a read of a ``Closing`` connection with nothing queued and the kernel takes it
     whole; else ``transport.write`` and ``loseConnection``, as Twisted does it."""
-    if (getattr(transport, "_reading", False) and transport.connected
-            and not transport.disconnecting and not transport._tempDataLen
-            and not transport.dataBuffer):
+    if getattr(transport, "_reading", False):
+        data = _send_now(transport, data)
+        if not data:
+            transport._answered = True
+            return
+    transport.write(data)
+    transport.loseConnection()
+
+
+def _send_now(transport, data: bytes) -> bytes:
+    """Send what the kernel takes of ``data`` now when nothing is queued before it on
+    ``transport`` (a connected socket connection); what is left to send."""
+    if (transport.connected and not transport.disconnecting
+            and not transport._tempDataLen and not transport.dataBuffer):
         try:
             sent = transport.socket.send(data)
         except OSError:
             sent = 0
-        if sent == len(data):
-            transport._answered = True
-            return
-        data = data[sent:]
-    transport.write(data)
-    transport.loseConnection()
+        return data[sent:] if sent else data
+    return data
 
 
 def available() -> str | None:
@@ -157,14 +165,8 @@ def available() -> str | None:
 
 def write_now(transport, data: bytes) -> None:
     """``transport.write(data)``, sent at once when nothing is queued before it."""
-    if (isinstance(transport, _SocketConnection) and transport.connected
-            and not transport.disconnecting and not transport._tempDataLen
-            and not transport.dataBuffer):
-        try:
-            sent = transport.socket.send(data)
-        except OSError:
-            sent = 0
-        if sent == len(data):
+    if isinstance(transport, _SocketConnection):
+        data = _send_now(transport, data)
+        if not data:
             return
-        data = data[sent:]
     transport.write(data)

@@ -21,6 +21,7 @@ from twisted.internet import epollreactor
 from twisted.logger import Logger
 
 from .pacing import turns
+from .upstream import changed
 
 log = Logger(namespace="policyd.runtime.reactor")
 
@@ -70,16 +71,9 @@ _UPSTREAM_LINES = (
 def check(upstream=epollreactor.EPollReactor) -> str | None:
     """``None`` when the running Twisted's epoll reactor is the one this replacement was
     written against, else why not."""
-    import inspect
-
-    try:
-        source = inspect.getsource(upstream.doPoll)
-    except (OSError, TypeError) as error:
-        return f"cannot read Twisted's EPollReactor.doPoll ({error})"
-    lines = {line.split("#", 1)[0].strip() for line in source.splitlines()}
-    missing = [line for line in _UPSTREAM_LINES if line not in lines]
-    if missing:
-        return f"Twisted's EPollReactor.doPoll changed (no longer: {missing[0]!r})"
+    why = changed(upstream.doPoll, _UPSTREAM_LINES, "Twisted's EPollReactor.doPoll")
+    if why is not None:
+        return why
     for name in ("_doReadOrWrite",):
         if not callable(getattr(upstream, name, None)):
             return f"Twisted's EPollReactor has no {name}"
