@@ -12,6 +12,9 @@ mixes, Postfix (``envelope`` mode) and Exim at concurrency 8, and alternates the
 within each round (the other daemons SIGSTOPped while one is measured).  It prints the
 median q/s and server CPU per request per tree, and the ratio to the first tree.
 
+``--shape exim-headers`` (repeatable with ``postfix`` and ``exim``) measures Exim's
+DATA-ACL request with a 2-4 KB header block (``bench.headermix``) instead.
+
 ``--before REV`` compares REV (checked out in ``STATE/ab/REV``, its virtualenv made there
 if missing) with this tree; ``--tree DIR`` (repeatable) names trees directly, the first
 being the reference.  Exit status 1 when a later tree is more than ``--limit`` (5 %)
@@ -31,6 +34,8 @@ from .build import loadgen
 from .runner import REPO, Bench, Daemon, log, median, ram_directory
 
 SHAPES = ("postfix", "exim")
+# ``exim-headers``: Exim's DATA-ACL request with a 2-4 KB header block (``bench.headermix``).
+ALL_SHAPES = SHAPES + ("exim-headers",)
 
 
 def worktree(state: Path, rev: str) -> Path:
@@ -57,9 +62,12 @@ def main(argv=None) -> int:
                         help="a source tree with its own .venv (repeatable; first = ref)")
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--duration", type=float, default=4.0)
+    parser.add_argument("--shape", action="append", choices=ALL_SHAPES, dest="shapes",
+                        help=f"what to measure (repeatable; default: {', '.join(SHAPES)})")
     parser.add_argument("--limit", type=float, default=0.05,
                         help="how much more CPU per request a later tree may take")
     args = parser.parse_args(argv)
+    shapes = tuple(args.shapes or SHAPES)
     state = Path(args.state_dir).resolve()
     trees = [Path(t).resolve() for t in args.tree]
     if args.before:
@@ -72,6 +80,9 @@ def main(argv=None) -> int:
     with bench.stack:
         bench.loadgen = loadgen(state)
         pristine, bench.mixes = bench._dataset(bench.small, 60_000)
+        requests = {shape: None for shape in shapes}
+        if "exim-headers" in shapes:
+            requests["exim-headers"] = bench._header_mix(bench.small, bench.mixes, 20_000)
         work = Path(tempfile.mkdtemp(prefix="policyd-ab-"))
         bench.stack.callback(shutil.rmtree, work, ignore_errors=True)
         # The logs on a RAM file system where there is one (as in ``make bench``).
@@ -95,20 +106,22 @@ def main(argv=None) -> int:
             log(f"round {round_ + 1} of {args.rounds}")
             for name in names:
                 server = bench.servers[name]
-                for shape in SHAPES:
-                    result = bench.run_load(f"{name} {shape}", shape, server[shape], 8,
-                                            server_pid=server["pid"])
+                for shape in shapes:
+                    protocol = shape.partition("-")[0]
+                    result = bench.run_load(f"{name} {shape}", protocol, server[protocol], 8,
+                                            server_pid=server["pid"],
+                                            requests=requests[shape])
                     bench.truncate_logs()
                     qps.setdefault((name, shape), []).append(result["qps"])
                     cpu.setdefault((name, shape), []).append(
                         result.get("server_cpu_us_per_req"))
-                    log(f"  {name} {shape:8} {result['qps']:>9,.0f} q/s  "
+                    log(f"  {name} {shape:12} {result['qps']:>9,.0f} q/s  "
                         f"{result.get('server_cpu_us_per_req')} µs/req")
     print("\n| tree | shape | q/s (median) | CPU µs/req (median) | CPU vs first |")
     print("|---|---|---|---|---|")
     worse = []
     first = next(iter(names))
-    for shape in SHAPES:
+    for shape in shapes:
         ref = median(cpu[first, shape])
         for name, tree in names.items():
             mine = median(cpu[name, shape])

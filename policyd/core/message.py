@@ -23,6 +23,7 @@ import email.message
 import re
 from email.policy import compat32
 from functools import lru_cache
+from operator import itemgetter
 from typing import NamedTuple
 
 __all__ = ["Message", "parse_message", "split_headers", "email_message", "header_fields"]
@@ -69,6 +70,9 @@ class Message(NamedTuple):
         return name.lower() in self._names()
 
 
+_NAME = itemgetter(0)
+
+
 def _text(raw: bytes) -> str:
     return raw.decode("utf-8", "surrogateescape")
 
@@ -87,18 +91,23 @@ def parse_message(headers: bytes, body: bytes | None = None,
     if pairs is None:
         parsed = email.message_from_bytes(block + b"\n", policy=compat32)
         pairs = tuple((str(name), str(value)) for name, value in parsed._headers)
-    text = None if body is None else _text(body.replace(b"\r\n", b"\n"))
+    text = None
     complete = False
-    if size is not None and body is not None:
-        # Exim's $message_size counts the header block, the empty line and the body
-        # with one byte per newline; the body is whole when nothing is missing.
-        complete = len(block) + 1 + len(body.replace(b"\r\n", b"\n")) >= size
-    return Message(pairs, text, size, complete, tuple([name.lower() for name, _ in pairs]))
+    if body is not None:
+        body = body.replace(b"\r\n", b"\n")
+        text = _text(body)
+        if size is not None:
+            # Exim's $message_size counts the header block, the empty line and the body
+            # with one byte per newline; the body is whole when nothing is missing.
+            complete = len(block) + 1 + len(body) >= size
+    return Message(pairs, text, size, complete, tuple(map(str.lower, map(_NAME, pairs))))
 
 
 # One field as the parser's ``headerRE`` and ``_parse_headers`` take it: a name of
-# printable ASCII but ":", the colon, the rest of the line, and its continuation lines.
-_FIELD = re.compile(r"([\x21-\x39\x3b-\x7e]+):([^\n]*\n(?:[ \t][^\n]*\n)*)")
+# printable ASCII but ":", the colon, the rest of the line and its continuation lines.
+# The value is what compat32's ``header_source_parse`` keeps of them: white space after the
+# colon dropped, the line ends inside kept, the last one dropped.
+_FIELD = re.compile(r"([\x21-\x39\x3b-\x7e]+):[ \t]*([^\n]*(?:\n[ \t][^\n]*)*)\n")
 
 
 def split_headers(text: str) -> tuple[tuple[str, str], ...] | None:
@@ -113,16 +122,14 @@ def split_headers(text: str) -> tuple[tuple[str, str], ...] | None:
     if "\r" in text or text.startswith("From "):
         return None
     pairs = []
-    match = _FIELD.match
-    pos, end = 0, len(text)
-    while pos < end and text[pos] != "\n":
-        field = match(text, pos)
-        if field is None:
-            return None
-        # compat32's header_source_parse: the value after the colon, white space before
-        # it dropped, the line ends inside kept, the last one dropped.
-        pairs.append((field[1], field[2].lstrip(" \t").rstrip("\r\n")))
+    pos = 0
+    for field in _FIELD.finditer(text):
+        if field.start() != pos:
+            break
+        pairs.append(field.groups())
         pos = field.end()
+    if pos != len(text) and text[pos] != "\n":
+        return None  # a line that is no field (or no continuation) before the end
     return tuple(pairs)
 
 

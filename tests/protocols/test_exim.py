@@ -121,6 +121,17 @@ def test_parse_id_is_sanitised():
     (b"POLICYD/1 list=a@x sender= from=abcde", "from= is not valid base64"),
     (b"POLICYD/1 list=a@x list=b@x sender=", "given twice"),
     (b"POLICYD/1 junk list=a@x sender=", "expected key=value"),
+    # control bytes anywhere: in a word, the version word, a list's quoted local part,
+    # a base64 block (refused by its decoding, named all the same), a body= nothing reads
+    (b"POLICYD/1 list=a@x sender=\x7f", "control character 0x7f"),
+    (b"POLICYD/1\x02 list=a@x sender=", "control character 0x02"),
+    (b'POLICYD/1 list="a\x01b"@x sender=', "control character 0x01"),
+    (b"POLICYD/1 list=a@x sender= id=a\tb", "control character 0x09"),
+    (b"POLICYD/1 list=a@x sender= headers=RnJv\x00bTog", "control character 0x00"),
+    (b"POLICYD/1 list=a@x sender= headers=RnJvbTog body=QU\x1bJD", "control character 0x1b"),
+    (b"POLICYD/1 list=a@x sender= body=QUJD\x01", "control character 0x01"),
+    (b"POLICYD/1 list=a@x sender= headers=RnJvbTog x\x05", "control character 0x05"),
+    (b"POLICYD/1 list=a@x sender= headers=Rn!vbTog", "headers= is not valid base64"),
 ])
 def test_parse_errors(data, reason):
     with pytest.raises(ProtocolError) as info:
