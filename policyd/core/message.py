@@ -106,8 +106,10 @@ def parse_message(headers: bytes, body: bytes | None = None,
 # One field as the parser's ``headerRE`` and ``_parse_headers`` take it: a name of
 # printable ASCII but ":", the colon, the rest of the line and its continuation lines.
 # The value is what compat32's ``header_source_parse`` keeps of them: white space after the
-# colon dropped, the line ends inside kept, the last one dropped.
-_FIELD = re.compile(r"([\x21-\x39\x3b-\x7e]+):[ \t]*([^\n]*(?:\n[ \t][^\n]*)*)\n")
+# colon dropped, the line ends inside kept, the last one dropped.  Possessive: nothing
+# is ever given back, so no backtracking state is kept; a block whose last line has no
+# newline then fails to match as a whole and goes to the parser, which is always right.
+_FIELD = re.compile(r"([\x21-\x39\x3b-\x7e]++):[ \t]*+([^\n]*+(?:\n[ \t][^\n]*+)*+)\n")
 
 
 def split_headers(text: str) -> tuple[tuple[str, str], ...] | None:

@@ -45,6 +45,7 @@ from __future__ import annotations
 
 import binascii
 import re
+from itertools import repeat
 from typing import NamedTuple
 
 from twisted.internet.defer import Deferred
@@ -151,8 +152,13 @@ def _message(fields: dict) -> Message | None:
 def _joined(message: Message, name: str) -> str | None:
     """The fields of one header joined by newlines, for the log (the rules read the
     fields one by one from the message)."""
-    values = message.get_all(name)
-    return "\n".join(values) if values else None
+    names = message.names  # filled by parse_message: lower-case, in order
+    found = names.count(name)
+    if found == 0:
+        return None
+    if found == 1:
+        return message.headers[names.index(name)][1]
+    return "\n".join(message.get_all(name))
 
 
 def _b64(key: bytes, value: bytes) -> str:
@@ -165,23 +171,26 @@ def _b64(key: bytes, value: bytes) -> str:
     return raw.decode("utf-8", "surrogateescape")
 
 
-def parse_request(line: bytes, *, max_lists: int = MAX_LISTS) -> EximRequest:
-    """Parse one request line (without its newline; a trailing ``\\r`` is dropped).
+def _plain_fields(words: list[bytes]) -> dict[bytes, bytes] | None:
+    """The fields of the usual request, found by C loops: every word after the version
+    one ``key=value`` of a known key, each key once, no control byte outside the base64
+    blocks.  ``None`` for anything else (a value continued over words, an empty word, an
+    unknown or repeated key, a control byte): ``_fields`` then reads it word by word and
+    says what is wrong."""
+    try:
+        fields = dict(map(bytes.split, words[1:], repeat(b"="), repeat(1)))
+    except ValueError:  # a word without "=" (or an empty one)
+        return None
+    if len(fields) != len(words) - 1 or not fields.keys() <= _KNOWN_KEYS:
+        return None
+    small = b"".join([value for key, value in fields.items() if key not in _BLOCKS])
+    if len(small.translate(None, _CONTROL_BYTES)) != len(small):
+        return None
+    return fields
 
-    Raises ``ProtocolError`` for anything malformed; linear in ``len(line)``."""
-    if line.endswith(b"\r"):
-        line = line[:-1]
-    if not line.strip():
-        raise ProtocolError("empty request")
-    # Control bytes are refused word by word: the base64 blocks (``_BLOCKS``), most of
-    # a DATA-ACL line, are checked by their strict decoding instead.
-    words = line.split(b" ")
-    if words[0] != VERSION:
-        _refuse_control(words[0])
-        if not words[0] or b"=" in words[0]:
-            raise ProtocolError("the request must start with the version word POLICYD/1")
-        raise ProtocolError(f"unsupported version {words[0][:20].decode('ascii', 'replace')!r}"
-                            " (this daemon speaks POLICYD/1)")
+
+def _fields(words: list[bytes]) -> dict[bytes, bytes]:
+    """The fields of any request, word by word (``_plain_fields`` first)."""
     # A value that continues over several words is gathered as a list of its words and
     # joined once at the end: appending to a bytes value per word would copy it again
     # each time (quadratic in the line's length).
@@ -214,6 +223,29 @@ def parse_request(line: bytes, *, max_lists: int = MAX_LISTS) -> EximRequest:
     if continued:
         for key, values in continued.items():
             fields[key] = b" ".join(values)
+    return fields
+
+
+def parse_request(line: bytes, *, max_lists: int = MAX_LISTS) -> EximRequest:
+    """Parse one request line (without its newline; a trailing ``\\r`` is dropped).
+
+    Raises ``ProtocolError`` for anything malformed; linear in ``len(line)``."""
+    if line.endswith(b"\r"):
+        line = line[:-1]
+    if not line.strip():
+        raise ProtocolError("empty request")
+    # Control bytes are refused word by word: the base64 blocks (``_BLOCKS``), most of
+    # a DATA-ACL line, are checked by their strict decoding instead.
+    words = line.split(b" ")
+    if words[0] != VERSION:
+        _refuse_control(words[0])
+        if not words[0] or b"=" in words[0]:
+            raise ProtocolError("the request must start with the version word POLICYD/1")
+        raise ProtocolError(f"unsupported version {words[0][:20].decode('ascii', 'replace')!r}"
+                            " (this daemon speaks POLICYD/1)")
+    fields = _plain_fields(words)
+    if fields is None:
+        fields = _fields(words)
     get = fields.get
     lists_raw = get(b"list")
     if lists_raw is None:
@@ -428,6 +460,7 @@ class EximFactory(DecidingFactory):
         self.use_limits(config)
         # The decision latency histogram when metrics are on, else None (nothing to do).
         self.latency = getattr(decider, "latency", {}).get("exim")
+        self._answers = decider.answer_counter("exim")
 
     def answer_first(self, data: bytes, peer) -> bytes | Deferred | None:
         """The answer to what a connection sent before it was accepted
@@ -494,7 +527,7 @@ class EximFactory(DecidingFactory):
                 reply, line_text, started = answer.reply, text, answer.started
             elif SEVERITY[answer.reply.outcome] > SEVERITY[reply.outcome]:
                 reply, line_text = answer.reply, text
-        self.decider.count_answer("exim", reply.outcome._value_)
+        self._answers[reply.outcome._value_] += 1
         if self.latency is not None:  # from the first decision to the answer
             self.latency.observe(started)
         return line_text.encode("utf-8", "replace")

@@ -139,6 +139,32 @@ def test_parse_errors(data, reason):
     assert reason in info.value.reason
 
 
+_word = st.one_of(
+    st.tuples(st.sampled_from(["list", "sender", "from", "id", "headers", "body", "size",
+                               "client", "x_new", "", "Bad"]),
+              st.sampled_from(["=", ""]),
+              st.text(st.sampled_from(list("aZ09+/=@.\"") + ["\x00", "\t", "\x7f", "é"]),
+                      max_size=6)).map("".join),
+    st.just(""))
+
+
+@settings(max_examples=2000, deadline=None)
+@given(st.lists(_word, max_size=8))
+def test_fast_fields_are_the_word_by_words_fields(words):
+    """``_plain_fields`` (C loops, the usual request) answers only where it reads what
+    ``_fields`` reads, and declines whatever ``_fields`` would refuse."""
+    from policyd.protocols.exim import _fields, _plain_fields
+
+    words = [b"POLICYD/1"] + [w.encode() for w in words]
+    fast = _plain_fields(words)
+    try:
+        slow = _fields(words)
+    except ProtocolError:
+        assert fast is None
+        return
+    assert fast is None or fast == slow
+
+
 # --- protocol --------------------------------------------------------------------------
 
 
