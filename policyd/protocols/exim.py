@@ -56,7 +56,7 @@ from zope.interface import implementer
 
 from ..core.message import Message, parse_message
 from ..core.replies import Outcome, SmtpReply, clean_text
-from ..core.verdict import Query
+from ..core.verdict import Query, Verdict
 from ..logging import DecisionLog
 from ..moderation_service import moderation_fields
 from . import EVICT_MIN_IDLE, SILENT_GRACE, DecidingFactory, ProtocolError, peer_text
@@ -513,7 +513,10 @@ class EximFactory(DecidingFactory):
         started = 0.0
         for query, answer in zip(queries, answers):
             step = None
-            if moderation is not None:
+            # Moderation only ever changes a hold (``ModerationService.apply``): asked
+            # then, and the Message-ID and Subject read only for it.
+            if (moderation is not None and answer.decision is not None
+                    and answer.decision.verdict is Verdict.HOLD):
                 answer, step = moderation.apply(
                     answer, query, client=request.client,
                     message_id=request.message_field("message-id")[:255],
