@@ -150,15 +150,10 @@ def _message(fields: dict) -> Message | None:
 
 
 def _joined(message: Message, name: str) -> str | None:
-    """The fields of one header joined by newlines, for the log (the rules read the
-    fields one by one from the message)."""
-    names = message.names  # filled by parse_message: lower-case, in order
-    found = names.count(name)
-    if found == 0:
-        return None
-    if found == 1:
-        return message.headers[names.index(name)][1]
-    return "\n".join(message.get_all(name))
+    """The fields of one header joined by newlines: the request's ``from_header`` and
+    the like (the rules read the fields one by one from the message)."""
+    values = message.get_all(name)
+    return "\n".join(values) if values else None
 
 
 def _b64(key: bytes, value: bytes) -> str:
