@@ -74,6 +74,10 @@ def _format(event: dict) -> str:
     return formatEvent(event)
 
 
+# ".000" to ".999": the milliseconds of a log line's time by index, not by formatting.
+_MILLIS = tuple(f".{ms:03d}" for ms in range(1000))
+
+
 class LineWriter:
     """A log observer that formats events as lines and writes them to a stream."""
 
@@ -88,7 +92,7 @@ class LineWriter:
         if second != self._second:
             self._second = second
             self._stamp = time.strftime("%Y-%m-%dT%H:%M:%S", time.localtime(second))
-        return f"{self._stamp}.{int((when - second) * 1000):03d}"
+        return self._stamp + _MILLIS[int((when - second) * 1000)]
 
     def format(self, event: dict) -> str:
         level = event.get("log_level", LogLevel.info)
@@ -137,8 +141,12 @@ class LineWriter:
             if self.journal:
                 self.stream.write(f"<6>[policyd.decision] {text}\n")
             else:
-                self.stream.write(f"{self._time(time.time())} info [policyd.decision] "
-                                  f"{text}\n")
+                when = time.time()
+                second = int(when)
+                if second != self._second:
+                    self._time(when)
+                self.stream.write(f"{self._stamp}{_MILLIS[int((when - second) * 1000)]} "
+                                  f"info [policyd.decision] {text}\n")
         except Exception:
             pass
 

@@ -1,6 +1,8 @@
 """Table-driven tests of every rule and every action value, in both Mailman modes, and of
 the SMTP-time rules."""
 
+import dataclasses
+
 import pytest
 
 from policyd.core.chain import ALL_RULES, MAILMAN2_CHAIN, MAILMAN3_CHAIN, decide
@@ -442,7 +444,7 @@ def test_every_rule_is_named_and_described():
 from hypothesis import given, settings, strategies as st  # noqa: E402
 
 from policyd.core.chain import MISS_WITHOUT_MESSAGE  # noqa: E402
-from policyd.core.rules import Context, Miss  # noqa: E402
+from policyd.core.rules import Context, Miss, first_member, mode_senders  # noqa: E402
 
 _list_settings = st.fixed_dictionaries({
     "mode": st.sampled_from(list(Mode)),
@@ -500,3 +502,66 @@ def test_rules_left_out_without_a_message_only_miss_without_a_note(settings_, se
         for rule in rules:
             result = rule.check(ctx)
             assert type(result) is Miss and result.note is None, rule.name
+
+
+# --- the rules a list's MTA-path chain leaves out (``quiet``) --------------------------
+
+_QUIET_RULES = [rule for rule in ALL_RULES if hasattr(rule, "quiet")]
+
+
+@settings(max_examples=300, deadline=None)
+@given(_list_settings, _senders, _senders, st.booleans(),
+       st.sampled_from([None, "an unreadable pickle"]))
+def test_a_quiet_rule_misses_without_a_note_whatever_the_query(settings_, envelope, header,
+                                                                site_ban, broken):
+    """``quiet(policy, snapshot)`` promises a miss without a note for every query to that
+    list, with or without a message: the MTA path may leave the rule out."""
+    from policyd.core.message import parse_message
+
+    spec = _content_list(settings_)
+    if broken:
+        spec = dataclasses.replace(spec, broken=broken)
+    snapshot = build([spec], version="v", built_at=0.0,
+                     site_bans=("eve@spam.example",) if site_ban else ())
+    target = snapshot.resolve(LIST)
+    policy = target.list
+    message = parse_message(f"From: <{header or 'x@y.example'}>\r\nSubject: hi\r\n"
+                            .encode(), b"body\r\n", 100)
+    queries = [Query(LIST, envelope, f"<{header}>" if header else None),
+               Query(LIST, envelope, message=message)]
+    assert {rule.name for rule in _QUIET_RULES} >= {"broken-list", "banned-address",
+                                                    "emergency", "news-moderation"}
+    for rule in _QUIET_RULES:
+        if not rule.quiet(policy, snapshot):
+            continue
+        for query in queries:
+            senders = mode_senders(policy.mode, query)
+            for explain in (True, False):
+                ctx = Context(snapshot, query, target, senders,
+                              first_member(policy, senders), explain)
+                result = rule.check(ctx)
+                assert type(result) is Miss and result.note is None, (rule.name, result)
+
+
+def test_a_lists_mta_chain_follows_the_site_bans_of_the_snapshot():
+    """A list carried over into a snapshot with other site bans (an incremental refresh
+    keeps unchanged lists) is decided with those bans, not with the chain made before."""
+    clean = snap()
+    query = q(envelope="eve@spam.example")
+    assert decide(clean, query, explain=False).rule == "nonmember-moderation"
+    policy = clean.lists[LIST]
+    banned = dataclasses.replace(
+        clean, site_bans=snap(site_bans=("eve@spam.example",)).site_bans)
+    assert banned.lists[LIST] is policy  # the same list, with what it derived
+    assert decide(banned, query, explain=False).rule == "banned-address"
+    assert decide(clean, query, explain=False).rule == "nonmember-moderation"
+
+
+def test_replacing_a_list_does_not_carry_what_it_derived():
+    snapshot = snap()
+    decide(snapshot, q(), explain=False)
+    policy = snapshot.lists[LIST]
+    assert policy.derived
+    emergency = dataclasses.replace(policy, emergency=True)
+    assert emergency.derived == {} and emergency == dataclasses.replace(
+        policy, emergency=True)

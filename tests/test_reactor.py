@@ -90,3 +90,68 @@ def test_a_failed_check_installs_twisteds_stock_reactor():
                          timeout=60)
     assert out.returncode == 0, out.stderr
     assert "FELL BACK" in out.stdout
+
+
+def test_the_start_up_check_refuses_a_changed_read_dispatch():
+    """``doPoll`` handles a read event as ``_doReadOrWrite`` does: a Twisted whose
+    ``_doReadOrWrite`` no longer reads so is refused (the stock reactor runs then)."""
+    from twisted.internet import epollreactor
+
+    from policyd.runtime.reactor import check
+
+    class Changed(epollreactor.EPollReactor):
+        def _doReadOrWrite(self, selectable, fd, event):
+            why = selectable.doRead() if event & self._POLL_IN else selectable.doWrite()
+            if why:
+                self._disconnectSelectable(selectable, why, True)
+
+    why = check(Changed)
+    assert why is not None and "_doReadOrWrite changed" in why
+
+
+READ_EVENTS = textwrap.dedent('''
+    import socket
+    from policyd.runtime.reactor import install
+    reactor, why = install()
+    assert why is None
+    from twisted.internet import error
+    from twisted.internet.abstract import FileDescriptor
+
+    class Reader(FileDescriptor):
+        """A selectable whose doRead says what the test asks, once."""
+        def __init__(self, sock, answer):
+            super().__init__(reactor)
+            self.sock, self.answer, self.lost = sock, answer, []
+        def fileno(self):
+            return self.sock.fileno()
+        def doRead(self):
+            self.sock.recv(10)
+            if isinstance(self.answer, BaseException):
+                raise self.answer
+            return self.answer
+        def connectionLost(self, reason):
+            self.lost.append(reason.type.__name__)
+            super().connectionLost(reason)
+
+    readers = []
+    for answer in (None, error.ConnectionDone(), RuntimeError("reader bug")):
+        a, b = socket.socketpair()
+        reader = Reader(a, answer)
+        reader.startReading()
+        b.send(b"x")
+        readers.append((reader, b))
+    def report():
+        print("LOST", [list(reader.lost) for reader, _ in readers])
+        reactor.stop()
+    reactor.callLater(0.2, report)
+    reactor.run()
+''')
+
+
+def test_a_read_event_is_handled_as_twisted_handles_it():
+    """Nothing returned: the connection stays; a reason: it is dropped with that reason;
+    an exception: logged, and the connection dropped with it."""
+    out = subprocess.run([sys.executable, "-c", READ_EVENTS], capture_output=True,
+                         text=True, timeout=60)
+    assert out.returncode == 0, out.stderr
+    assert "LOST [[], ['ConnectionDone'], ['RuntimeError']]" in out.stdout, out.stdout

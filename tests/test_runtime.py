@@ -77,6 +77,19 @@ def test_fast_read_checks_the_running_twisted():
     assert fastio.reads_available() is None
 
 
+def test_fast_read_refuses_a_changed_upstream_read(monkeypatch):
+    """``PlainReadServer.doRead`` copies Twisted's: a Twisted that reads otherwise is
+    refused (the daemon then keeps Twisted's own Unix connections)."""
+    from twisted.internet import tcp
+
+    def doRead(self):
+        return self._dataReceived(self.socket.recv(65536))
+
+    monkeypatch.setattr(tcp.Connection, "doRead", doRead)
+    why = fastio.reads_available()
+    assert why is not None and "tcp.Connection.doRead changed" in why
+
+
 class _Gather:
     def __init__(self) -> None:
         self.data = b""

@@ -103,6 +103,23 @@ _ENVELOPE_CHAINS = {
     for null_sender, chains in _CHAINS_BY_NULL_SENDER.items()}
 
 
+def _mta_chain(snapshot: Snapshot, policy, null_sender: str) -> tuple[Rule, ...]:
+    """The list's chain for a query without a message on the MTA path: its envelope chain
+    without the rules that are ``quiet`` for it (they would miss, and say nothing), made
+    once per list and site ban list.  ``policyctl query`` (explain) runs every rule."""
+    site_bans = snapshot.site_bans
+    derived = policy.derived
+    key = ("mta-chain", null_sender, id(site_bans))
+    found = derived.get(key)
+    if found is None or found[0] is not site_bans:
+        if len(derived) >= 8:  # a list kept across many site ban changes
+            derived.clear()
+        found = derived[key] = (site_bans, tuple(
+            rule for rule in _ENVELOPE_CHAINS[null_sender][policy.mode]
+            if not (hasattr(rule, "quiet") and rule.quiet(policy, snapshot))))
+    return found[1]
+
+
 def _with_dmarc(chain: tuple[Rule, ...], answers) -> tuple[Rule, ...]:
     """``chain`` with its ``dmarc-mitigation`` reading ``answers`` (made once per chain
     and lookup: the daemon has one lookup)."""
@@ -147,7 +164,7 @@ def decide(snapshot: Snapshot, query: Query, *, explain: bool = True,
         ctx = Context(snapshot, query, target, senders, first_member(policy, senders),
                       explain)
         if query.message is None and not explain:
-            chain = _ENVELOPE_CHAINS[null_sender][policy.mode]
+            chain = _mta_chain(snapshot, policy, null_sender)
         else:
             chain = (_FULL_CHAINS if null_sender == "reject"
                      else _CHAINS_BY_NULL_SENDER[null_sender][1])[policy.mode]

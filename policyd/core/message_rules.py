@@ -365,6 +365,10 @@ class NewsModeration:
     name = "news-moderation"
     description = "A list gatewayed to a moderated newsgroup holds every post."
 
+    @staticmethod
+    def quiet(policy, snapshot) -> bool:
+        return not policy.content.newsgroup_moderated
+
     def check(self, ctx: Context) -> Hit | Miss:
         if not ctx.policy.content.newsgroup_moderated:
             return _NOT_MODERATED_NEWS

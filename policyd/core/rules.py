@@ -20,7 +20,7 @@ from .addresses import (
     parse_header,
     parse_header_mailman3,
 )
-from .snapshot import ListPolicy, Pattern, Snapshot, Target
+from .snapshot import BanList, ListPolicy, Pattern, Snapshot, Target
 from .verdict import ACTION_VERDICT, Action, Mode, Query, Role, Verdict
 
 
@@ -73,6 +73,14 @@ class Rule(Protocol):
     description: str
 
     def check(self, ctx: Context) -> Hit | Miss: ...
+
+    # Optional: ``quiet(policy, snapshot)`` is True when the rule misses, with no note,
+    # for every query to that list (whatever its sender or message): the MTA path then
+    # leaves it out of the list's chain (``core.chain``).
+
+
+def _no_bans(bans: BanList) -> bool:
+    return not bans.exact and not bans.patterns
 
 
 def _each_field(message, name: str, parse) -> tuple[str, ...]:
@@ -192,6 +200,10 @@ class BrokenList:
                    "an unknown action) gets a temporary failure; every other list is "
                    "decided as usual.")
 
+    @staticmethod
+    def quiet(policy: ListPolicy, snapshot: Snapshot) -> bool:
+        return policy.broken is None
+
     def check(self, ctx: Context) -> Hit | Miss:
         reason = ctx.policy.broken
         if reason is None:
@@ -221,6 +233,10 @@ class BannedAddress:
     name = "banned-address"
     description = "A banned sender (list or site-wide, exact or ^regex) is discarded."
 
+    @staticmethod
+    def quiet(policy: ListPolicy, snapshot: Snapshot) -> bool:
+        return _no_bans(policy.bans) and _no_bans(snapshot.site_bans)
+
     def check(self, ctx: Context) -> Hit | Miss:
         for sender in ctx.senders:
             entry = ctx.policy.bans.match(sender)
@@ -237,6 +253,10 @@ class BannedAddress:
 class Emergency:
     name = "emergency"
     description = "A list in emergency moderation holds every post."
+
+    @staticmethod
+    def quiet(policy: ListPolicy, snapshot: Snapshot) -> bool:
+        return not policy.emergency
 
     def check(self, ctx: Context) -> Hit | Miss:
         if ctx.policy.emergency:

@@ -204,6 +204,10 @@ class ListPolicy:
     broken: str | None = None
     content: ContentPolicy = NO_CONTENT
     smtp_moderation: SmtpModeration = SmtpModeration.OFF
+    # What other modules derive from this list once and reuse for every query to it
+    # (``core.chain``: the list's chain on the MTA path).  Not part of the list's value:
+    # never compared, never copied by ``dataclasses.replace``.
+    derived: dict = field(default_factory=dict, init=False, compare=False, repr=False)
 
     def find_member(self, address: str) -> tuple[str, Action | None] | None:
         """The member ``address`` posts as (itself, or another address of its user)."""

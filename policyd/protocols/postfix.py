@@ -205,6 +205,18 @@ class RequestReader:
         if self.broken:
             return []
         held = self._buffer
+        if not held and data[-2:] == b"\n\n" and data[:1] != b"\n" and b"\r" not in data:
+            # The usual read: exactly one whole request (Postfix waits for each answer).
+            end = data.find(b"\n\n")
+            if end == len(data) - 2:
+                try:
+                    return [parse_request(data[:end], max_line=self.max_line,
+                                          max_attributes=self.max_attributes,
+                                          max_request=self.max_request)]
+                except ProtocolError as error:
+                    if error.fatal:
+                        self._fail()
+                    return [error]
         if held:
             if b"\r" in data or held[-1] == 13:
                 if held[-1] == 13 and data[:1] == b"\n":

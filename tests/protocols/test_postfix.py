@@ -403,6 +403,25 @@ def test_limits_are_split_independent(stream, cuts):
     assert feed_all(split(stream, cuts), OVERSIZE) == feed_all([stream], OVERSIZE)
 
 
+# Whole requests one per read (the reader's fast path when the read is exactly one
+# request) and the same bytes one at a time (its general path), malformed ones included.
+_ONE_PER_READ = [
+    request(), request(sender=""), request(protocol_state="MAIL"), b"bad\n\n",
+    b"\n" + request(), request().replace(b"\n", b"\r\n"), request()[:-1] + b"\r\n\r\n",
+    request(a="1") + b"a=2\n\n", b"=x\n\n", b"a=\x00\n\n", request(sender="x\ry"),
+    request(a="y" * 60), b"x=1\n" * 30 + b"\n", request() + request(),
+]
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.lists(st.sampled_from(_ONE_PER_READ), min_size=1, max_size=8),
+       st.sampled_from([CONFIG, OVERSIZE]))
+def test_a_read_of_one_whole_request_is_answered_as_any_split_of_it(reads, config):
+    whole = feed_all(reads, config)
+    stream = b"".join(reads)
+    assert feed_all([stream[i:i + 1] for i in range(len(stream))], config) == whole
+
+
 def test_reader_memory_is_bounded():
     """Endless bytes without a newline are refused once they exceed the limit."""
     reader = RequestReader(max_line=100, max_attributes=10, max_request=1000)
