@@ -8,7 +8,7 @@ times that long to catch up: ``make bench``'s open-loop tail (bench/README.md, i
 
 ``LogStream`` is what ``policyd.logging.LineWriter`` writes to, for a log file and for
 standard output (a pipe to journald can be slow too): ``write()`` appends the text to a
-list; ``flush()`` (every second, and at once for a warning or an error) and every
+``deque``; ``flush()`` (every second, and at once for a warning or an error) and every
 ``CHUNK`` characters hand what is pending to the writer thread, which encodes and writes
 it in order.  ``reopen()`` (SIGHUP, after rotation) is queued in the same order, so each
 line lands in the file it was written for.
@@ -37,6 +37,13 @@ class LogStream:
 
     ``opener``: returns a new descriptor for ``reopen()`` (a file); ``None`` for a
     descriptor this stream does not own (standard output), which ``close()`` leaves open.
+
+    The thread that made the stream (the reactor's, in the daemon) writes without taking
+    a lock: it appends to a ``deque`` (one atomic operation) and counts what it wrote in
+    counters only it changes: a lock taken per line cost a Postfix request a few per cent
+    of its CPU in the daemon (bench/README.md).  Any other thread takes the lock; every
+    thread's lines and markers (a reopen, a sync) go into the same ``deque``, in the order
+    they were written.
     """
 
     CHUNK = 64 * 1024
@@ -46,12 +53,18 @@ class LogStream:
     def __init__(self, fd: int, opener: Callable[[], int] | None = None) -> None:
         self.fd = fd
         self.opener = opener
+        self._owner = threading.get_ident()
         self._lock = threading.Lock()
         self._wake = threading.Condition(self._lock)
-        self._pending: list[str] = []
-        self._pending_size = 0
-        self._queue: deque = deque()  # (texts, size), _REOPEN, or a threading.Event
-        self._queued_size = 0
+        self._items: deque = deque()  # lines (str), _REOPEN, or a threading.Event
+        # Characters written by the owner (only it changes these two), by any other
+        # thread (with the lock), and written out (only the writer thread changes it).
+        self._owned = 0
+        self._signalled = 0
+        self._others = 0
+        self._others_signalled = 0
+        self._out = 0
+        self._wanted = False  # with the lock: the writer thread has items to take
         self._left_out = 0
         self._lost = 0
         self._error: str | None = None
@@ -65,21 +78,33 @@ class LogStream:
 
     # --- any thread (the reactor's, mostly) ------------------------------------------------
 
+    def _backlog(self) -> int:
+        return self._owned + self._others - self._out
+
     def write(self, text: str) -> int:
-        with self._lock:
-            size = len(text)
-            if self._closed or self._pending_size + self._queued_size + size > self.MAX_PENDING:
+        size = len(text)
+        if self._closed or self._backlog() + size > self.MAX_PENDING:
+            with self._lock:
                 self._left_out += 1
-                return 0
-            self._pending.append(text)
-            self._pending_size += size
-            if self._pending_size >= self.CHUNK:
+            return 0
+        if threading.get_ident() == self._owner:
+            self._items.append(text)
+            self._owned += size
+            if self._owned - self._signalled >= self.CHUNK:
+                self._signalled = self._owned
                 self._hand_over()
+            return size
+        with self._lock:
+            self._items.append(text)
+            self._others += size
+            if self._others - self._others_signalled >= self.CHUNK:
+                self._others_signalled = self._others
+                self._wanted = True
+                self._wake.notify()
         return size
 
     def flush(self) -> None:
-        with self._lock:
-            self._hand_over()
+        self._hand_over()
 
     def reopen(self) -> None:
         """Write what came before to the current file, then write to a new one (the
@@ -88,8 +113,8 @@ class LogStream:
         if self.opener is None:
             return
         with self._lock:
-            self._hand_over()
-            self._queue.append(_REOPEN)
+            self._items.append(_REOPEN)
+            self._wanted = True
             self._wake.notify()
 
     def sync(self, timeout: float = CLOSE_WAIT) -> bool:
@@ -98,8 +123,8 @@ class LogStream:
         with self._lock:
             if self._closed:
                 return True
-            self._hand_over()
-            self._queue.append(done)
+            self._items.append(done)
+            self._wanted = True
             self._wake.notify()
         return done.wait(timeout)
 
@@ -109,8 +134,8 @@ class LogStream:
         with self._lock:
             if self._closed:
                 return
-            self._hand_over()
             self._closed = True
+            self._wanted = True
             self._wake.notify()
         atexit.unregister(self.close)
         self._thread.join(self.CLOSE_WAIT)
@@ -129,7 +154,8 @@ class LogStream:
         backlog is below half its limit; else ``None`` (nothing to say yet)."""
         with self._lock:
             count = self._left_out + self._lost
-            if (not count and self._error is None) or self._pending_size + self._queued_size > self.MAX_PENDING // 2:
+            if (not count and self._error is None) or \
+                    self._backlog() > self.MAX_PENDING // 2:
                 return None
             error, self._error = self._error, None
             self._left_out = self._lost = 0
@@ -138,34 +164,48 @@ class LogStream:
     def fileno(self) -> int:
         return self.fd
 
-    def _hand_over(self) -> None:  # with the lock held
-        if self._pending:
-            self._queue.append((self._pending, self._pending_size))
-            self._queued_size += self._pending_size
-            self._pending = []
-            self._pending_size = 0
+    def _hand_over(self) -> None:
+        """Wake the writer thread: what is in the deque now is to be written."""
+        with self._lock:
+            self._wanted = True
             self._wake.notify()
 
     # --- the writer thread -----------------------------------------------------------------
 
     def _run(self) -> None:
+        items = self._items
         while True:
             with self._lock:
-                while not self._queue and not self._closed:
+                while not self._wanted:
                     self._wake.wait()
-                if not self._queue:
+                self._wanted = False
+                closing = self._closed
+            # What was handed over: everything in the deque now (more may come meanwhile;
+            # it waits for the next hand-over, as it would in a list).
+            texts: list[str] = []
+            for _ in range(len(items)):
+                item = items.popleft()
+                if type(item) is str:
+                    texts.append(item)
+                    continue
+                self._write_texts(texts)
+                texts = []
+                if item is _REOPEN:
+                    self._reopen_now()
+                else:
+                    item.set()
+            self._write_texts(texts)
+            if closing:
+                if not items:
                     return  # closed, and everything written
-                item = self._queue.popleft()
-            if item is _REOPEN:
-                self._reopen_now()
-            elif isinstance(item, threading.Event):
-                item.set()
-            else:
-                texts, size = item
-                self._write_all("".join(texts).encode("utf-8", "backslashreplace"),
-                                len(texts))
                 with self._lock:
-                    self._queued_size -= size
+                    self._wanted = True
+
+    def _write_texts(self, texts: list[str]) -> None:
+        if texts:
+            text = "".join(texts)
+            self._write_all(text.encode("utf-8", "backslashreplace"), len(texts))
+            self._out += len(text)
 
     def _write_all(self, data: bytes, lines: int) -> None:
         view = memoryview(data)

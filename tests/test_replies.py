@@ -69,3 +69,45 @@ def test_clean_text_one_short_line():
     assert clean_text("a\r\nb\x00c") == "a b c"
     assert len(clean_text("x" * 5000)) <= 400
     assert clean_text("") == "-"
+
+
+# --- replies made once: what each depends on is part of its key ------------------------
+
+def _fresh(policy: ReplyPolicy, decision: Decision):
+    """The reply a policy that never answered before gives."""
+    import dataclasses
+
+    return dataclasses.replace(policy).reply(decision)
+
+
+@pytest.mark.parametrize("policy", [
+    ReplyPolicy(),
+    ReplyPolicy(reject_text="{sender} may not post to {list}",
+                defer_text="Later, {sender.upper}", discard=Outcome.REJECT),
+    ReplyPolicy(discard_reject_text="Not from {sender!r}", discard=Outcome.REJECT),
+    ReplyPolicy(null_sender_text="{rule}: <{sender}> to {recipient}"),
+])
+def test_a_remembered_reply_is_the_one_made_afresh(policy):
+    """Whatever order the decisions come in, each gets the reply a fresh policy makes
+    for it: the list, its notice and (where a text names it) the sender are part of
+    what is remembered."""
+    decisions = [
+        Decision(verdict, rule, "r", sender=sender, list=lst, rejection_notice=notice)
+        for verdict in (Verdict.REJECT, Verdict.DEFER, Verdict.DISCARD, Verdict.HOLD)
+        for rule in ("nonmember-moderation", "unknown-list", "null-sender")
+        for sender in ("a@x.example", "b@y.example", None)
+        for lst in (LIST, "other@lists.example.com", None)
+        for notice in (None, "Members only")
+    ]
+    for decision in decisions + decisions[::-1]:
+        assert policy.reply(decision) == _fresh(policy, decision), decision
+
+
+def test_remembered_replies_are_bounded(monkeypatch):
+    monkeypatch.setattr(ReplyPolicy, "BY_LIST_MAX", 50)
+    policy = ReplyPolicy()
+    for i in range(500):
+        reply = policy.reply(Decision(Verdict.REJECT, "nonmember-moderation", "r",
+                                      list=f"list{i}@lists.example.com"))
+        assert f"list{i}@" in reply.text
+    assert len(policy._by_list) <= 50

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import enum
 import re
+import string
 from dataclasses import dataclass, field
 
 from .verdict import Decision, Verdict
@@ -56,6 +57,20 @@ HOLD_OUTCOMES = (Outcome.ACCEPT, Outcome.HOLD)
 DISCARD_OUTCOMES = (Outcome.DISCARD, Outcome.REJECT)
 
 
+def _field_names(*texts: str) -> set[str]:
+    """The names ``str.format`` reads in ``texts`` (``{sender.x}`` is ``sender``);
+    ``{"sender"}`` for a text it cannot read (assume the worst)."""
+    names = set()
+    for text in texts:
+        try:
+            for _, name, _, _ in string.Formatter().parse(text):
+                if name is not None:
+                    names.add(re.split(r"[.\[]", name, maxsplit=1)[0])
+        except ValueError:
+            names.add("sender")
+    return names
+
+
 @dataclass(frozen=True)
 class ReplyPolicy:
     """The verdict-to-SMTP mapping, one per daemon (``[smtp]`` in the configuration)."""
@@ -77,8 +92,18 @@ class ReplyPolicy:
     # The replies that depend only on the verdict and the rule (accept, hold, discard:
     # most answers), made once each: (verdict name, rule, managed) -> reply.
     _fixed: dict = field(default_factory=dict, init=False, repr=False, compare=False)
+    # The others (reject, defer) name the list, and the sender where a text asks for it:
+    # made once per (verdict, rule, list, the list's notice, sender or None), at most
+    # BY_LIST_MAX of them (then forgotten all at once).
+    _by_list: dict = field(default_factory=dict, init=False, repr=False, compare=False)
+    _texts_name_the_sender: bool = field(default=True, init=False, repr=False,
+                                         compare=False)
+    BY_LIST_MAX = 4096
 
     def __post_init__(self) -> None:
+        object.__setattr__(self, "_texts_name_the_sender", "sender" in _field_names(
+            self.reject_text, self.unknown_list_text, self.null_sender_text,
+            self.discard_reject_text, self.defer_text))
         if self.hold not in HOLD_OUTCOMES:
             raise ValueError("hold must map to accept or hold")
         if self.discard not in DISCARD_OUTCOMES:
@@ -94,15 +119,22 @@ class ReplyPolicy:
 
     def reply(self, decision: Decision) -> SmtpReply:
         verdict = decision.verdict
-        if verdict is Verdict.ACCEPT or verdict is Verdict.HOLD or verdict is Verdict.DISCARD:
+        if verdict is Verdict.ACCEPT or verdict is Verdict.HOLD or (
+                verdict is Verdict.DISCARD and self.discard is Outcome.DISCARD):
             key = (verdict._name_, decision.rule, decision.list is not None)
             reply = self._fixed.get(key)
             if reply is None:
-                reply = self._reply(decision)
-                if reply.outcome is not Outcome.REJECT:  # a discard mapped to reject
-                    self._fixed[key] = reply
+                reply = self._fixed[key] = self._reply(decision)
             return reply
-        return self._reply(decision)
+        key = (verdict._name_, decision.rule, decision.list, decision.rejection_notice,
+               decision.sender if self._texts_name_the_sender else None)
+        reply = self._by_list.get(key)
+        if reply is None:
+            if len(self._by_list) >= self.BY_LIST_MAX:
+                self._by_list.clear()
+            reply = self._by_list[key] = self._reply(decision)
+        return reply
+
 
     def _reply(self, decision: Decision) -> SmtpReply:
         fields = {"list": decision.list or "", "recipient": decision.list or "",
