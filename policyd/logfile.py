@@ -79,11 +79,13 @@ class LogStream:
     # --- any thread (the reactor's, mostly) ------------------------------------------------
 
     def _backlog(self) -> int:
+        """Characters written and not yet written out (``write`` spells it out)."""
         return self._owned + self._others - self._out
 
     def write(self, text: str) -> int:
         size = len(text)
-        if self._closed or self._backlog() + size > self.MAX_PENDING:
+        if self._closed or \
+                self._owned + self._others - self._out + size > self.MAX_PENDING:
             with self._lock:
                 self._left_out += 1
             return 0

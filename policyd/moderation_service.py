@@ -99,6 +99,16 @@ class ModerationService(TimerService):
 
     # --- on the reactor ----------------------------------------------------------------
 
+    def asks_about(self, decision) -> bool:
+        """Whether ``apply`` may change ``decision``: a nonmember's hold on a list with
+        SMTP-time moderation.  Cheap, so that a protocol reads the request's fields for
+        ``apply`` (the client, the Message-ID, the Subject) only then."""
+        if decision is None or decision.verdict is not Verdict.HOLD or decision.rule != _RULE:
+            return False
+        snapshot = self.snapshots.current
+        policy = snapshot.lists.get(decision.list) if snapshot is not None else None
+        return policy is not None and policy.smtp_moderation is not SmtpModeration.OFF
+
     def apply(self, answer, query, *, client: str | None = None, message_id: str = "",
               subject: str = "", modes=(SmtpModeration.GREYLIST, SmtpModeration.MODERATE)):
         """(answer, step): the answer, changed if moderation has something to say, and

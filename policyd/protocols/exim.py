@@ -56,7 +56,7 @@ from zope.interface import implementer
 
 from ..core.message import Message, parse_message
 from ..core.replies import Outcome, SmtpReply, clean_text
-from ..core.verdict import Query, Verdict
+from ..core.verdict import Query
 from ..logging import DecisionLog
 from ..moderation_service import moderation_fields
 from . import EVICT_MIN_IDLE, SILENT_GRACE, DecidingFactory, ProtocolError, peer_text
@@ -510,8 +510,7 @@ class EximFactory(DecidingFactory):
             step = None
             # Moderation only ever changes a hold (``ModerationService.apply``): asked
             # then, and the Message-ID and Subject read only for it.
-            if (moderation is not None and answer.decision is not None
-                    and answer.decision.verdict is Verdict.HOLD):
+            if moderation is not None and moderation.asks_about(answer.decision):
                 answer, step = moderation.apply(
                     answer, query, client=request.client,
                     message_id=request.message_field("message-id")[:255],

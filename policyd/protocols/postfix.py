@@ -31,7 +31,7 @@ from twisted.internet.protocol import Protocol
 from twisted.logger import Logger
 
 from ..core.replies import Outcome, SmtpReply, clean_text
-from ..core.verdict import Decision, Query, Verdict
+from ..core.verdict import Decision, Query
 from ..core.moderation import SmtpModeration
 from ..logging import DecisionLog, log_fields
 from ..moderation_service import moderation_fields
@@ -482,6 +482,7 @@ class PostfixFactory(DecidingFactory):
         self.latency = getattr(decider, "latency", {}).get("postfix")
         # What was answered, counted where ``Decider.count_answer`` counts it.
         self._answers = decider.answer_counter("postfix")
+        self._client_fields: dict = {}
 
     def track(self, protocol) -> None:
         protocol.idle_since = self.reactor.seconds()
@@ -530,8 +531,7 @@ class PostfixFactory(DecidingFactory):
         decision = answer.decision
         step = None
         # Moderation only ever changes a hold (``ModerationService.apply``): asked then.
-        if (self.moderation is not None and decision is not None
-                and decision.verdict is Verdict.HOLD):
+        if self.moderation is not None and self.moderation.asks_about(decision):
             answer, step = self.moderation.apply(
                 answer, query, client=request.get("client_address"), modes=_GREYLIST)
             decision = answer.decision
@@ -545,12 +545,30 @@ class PostfixFactory(DecidingFactory):
                       else answer.reply.outcome._value_] += 1
         decision_log = self.decision_log
         if decision_log.enabled:
+            fields = self.client_fields(request)
             decision_log.answered("postfix", query, answer, action, request.request_id,
-                                  request.client_fields() if step is None else
-                                  request.client_fields() + moderation_fields(step))
+                                  fields if step is None else
+                                  fields + moderation_fields(step))
         if self.latency is not None:
             self.latency.observe(answer.started)
         return format_response(action)
+
+    # How many clients' decision-line fields are remembered (then all forgotten at once).
+    CLIENTS_REMEMBERED = 1024
+
+    def client_fields(self, request: PostfixRequest) -> str:
+        """``request.client_fields()``, remembered per client: a list server hears from
+        the same few mail servers again and again, and the fields cost more to make than
+        to look up."""
+        get = request.attributes.get
+        key = (get(b"client_address"), get(b"client_name"), get(b"queue_id"),
+               get(b"sasl_username"))
+        fields = self._client_fields.get(key)
+        if fields is None:
+            if len(self._client_fields) >= self.CLIENTS_REMEMBERED:
+                self._client_fields.clear()
+            fields = self._client_fields[key] = request.client_fields()
+        return fields
 
     def malformed(self, error: ProtocolError, transport) -> bytes:
         peer = peer_text(transport)

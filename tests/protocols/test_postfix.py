@@ -444,3 +444,16 @@ def test_half_close_after_requests_still_answers():
     protocol.readConnectionLost()
     assert len(answers(transport.value())) == 2
     assert transport.disconnecting
+
+
+def test_client_fields_are_remembered_per_client_and_bounded(monkeypatch):
+    """The decision line's client fields come from a bounded memo, the same as made."""
+    _, _, _, factory = connect()
+    monkeypatch.setattr(factory, "CLIENTS_REMEMBERED", 3)
+    requests = [parse_request(request(client_address=f"192.0.2.{i % 5}",
+                                      client_name=name, sasl_username=user)[:-2])
+                for i in range(20) for name in ("mx.example", 'a "b"')
+                for user in ("", "u\\1")]
+    for item in requests + requests[::-1]:
+        assert factory.client_fields(item) == item.client_fields()
+        assert len(factory._client_fields) <= 3
