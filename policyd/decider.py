@@ -45,6 +45,10 @@ class Answer(NamedTuple):
     pending: VerificationNeeded | None = None
 
 
+# An Answer with every field given, built in C (``tuple.__new__``): one per decision.
+_new_answer = partial(tuple.__new__, Answer)
+
+
 class Decider:
     """Decide one query on the current snapshot and count it."""
 
@@ -143,7 +147,7 @@ class Decider:
             self.by_rule[protocol, verdict, decision.rule] += 1
             if self.per_list and decision.list in snapshot.lists:
                 self.by_list[protocol, decision.list, verdict] += 1
-        return Answer(decision, reply, None, None, started)
+        return _new_answer((decision, reply, None, None, started, None))
 
     # Verifications at once, and waiting at most: beyond that a query with a password
     # to verify gets the temporary failure at once (a flood of made-up ``Approved:``
