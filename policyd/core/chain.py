@@ -108,15 +108,14 @@ _ENVELOPE_CHAINS = {
 def _mta_chain(snapshot: Snapshot, policy, null_sender: str) -> tuple[Rule, ...]:
     """The list's chain for a query without a message on the MTA path: its envelope chain
     without the rules that are ``quiet`` for it (they would miss, and say nothing), made
-    once per list and site ban list.  ``policyctl query`` (explain) runs every rule."""
+    once per list, and again when the site bans change (a list an incremental refresh
+    carries into the next snapshot keeps what it derived).  ``policyctl query`` (explain)
+    runs every rule."""
     site_bans = snapshot.site_bans
-    derived = policy.derived
-    key = ("mta-chain", null_sender, id(site_bans))
-    found = derived.get(key)
+    key = ("mta-chain", null_sender)
+    found = policy.derived.get(key)
     if found is None or found[0] is not site_bans:
-        if len(derived) >= 8:  # a list kept across many site ban changes
-            derived.clear()
-        found = derived[key] = (site_bans, tuple(
+        found = policy.derived[key] = (site_bans, tuple(
             rule for rule in _ENVELOPE_CHAINS[null_sender][policy.mode]
             if not (hasattr(rule, "quiet") and rule.quiet(policy, snapshot))))
     return found[1]

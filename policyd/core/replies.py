@@ -135,7 +135,6 @@ class ReplyPolicy:
             reply = self._by_list[key] = self._reply(decision)
         return reply
 
-
     def _reply(self, decision: Decision) -> SmtpReply:
         fields = {"list": decision.list or "", "recipient": decision.list or "",
                   "sender": decision.sender or "", "rule": decision.rule}
