@@ -700,7 +700,10 @@ class Bench:
                     f"{summary['turn_ms']['max']} ms, long turns {summary['long_turn_count']}, "
                     f"late waits {summary['late_waits']}, reactor busy "
                     f"{summary['busy_share']:.0%}, off-CPU "
-                    f"{_fmt(summary['reactor_thread_runnable_not_running_s'], '.3f')} s")
+                    f"{_fmt(summary['reactor_thread_runnable_not_running_s'], '.3f')} s, "
+                    "µs per event by events per turn " + ", ".join(
+                        f"{k}: {v['us_per_event']}" for k, v in
+                        summary["us_per_event_by_events_per_turn"].items()))
 
     # --- metrics on / off --------------------------------------------------------------------
 
