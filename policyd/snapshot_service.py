@@ -275,11 +275,12 @@ class SnapshotService(Service):
         verification build (``load_verified``): a full build compared with what the
         incremental path serves; a divergence is logged (in ``_done``) and the full build
         swapped in."""
-        token = self.backend.change_token()
+        full = force or current is None
+        # A full build reads the token inside its own consistent read: none asked first.
+        token = None if full else self.backend.change_token()
         due = getattr(self.backend, "verification_due", None)
-        verifying = not force and current is not None and due is not None and due()
-        if (not force and current is not None and token == current.version
-                and not verifying):
+        verifying = not full and due is not None and due()
+        if not full and token == current.version and not verifying:
             return token, None, None
         load_changes = getattr(self.backend, "load_changes", None)
         # No cyclic garbage collection while a snapshot is built: a build allocates
@@ -295,7 +296,7 @@ class SnapshotService(Service):
                     snapshot, self._divergence = self.backend.load_verified(current)
                     if not self._divergence and snapshot.version == current.version:
                         return token, None, None  # verified: keep serving current
-                elif not force and current is not None and load_changes is not None:
+                elif not full and load_changes is not None:
                     snapshot = load_changes(current)
                 else:
                     snapshot = self.backend.load_snapshot()
@@ -307,7 +308,8 @@ class SnapshotService(Service):
             # with both threads on one core the reactor thread waits for it even though
             # the GIL is free meanwhile.
             heap.return_free_memory()
-        return token, snapshot, self.backend.describe()
+        return (snapshot.version if token is None else token), snapshot, \
+            self.backend.describe()
 
     def _done(self, result) -> bool:
         token, snapshot, description = result

@@ -47,7 +47,8 @@ made through Mailman touch one list.  Mailman's database is read-only to policyd
 triggers, no revision to read), so what changed is inferred from digests that do not
 cancel: every digest of the big tables (``member``, ``address``, ``user``) is a count and
 the sum, modulo 2**61, of a well-mixed hash of each row's relevant columns (``_hash_sum``:
-PostgreSQL ``hashtextextended``, MariaDB ``md5``, SQLite a Python aggregate), so two
+PostgreSQL's seeded hashes chained column by column, MariaDB ``md5``, SQLite a Python
+aggregate), so two
 correlated edits (one member's action up, another's down) cannot cancel as they could in
 a weighted sum.  Each snapshot carries a ``SourceState``: per list (``mailinglist.id``)
 its ``mailinglist`` row (the decision columns, the four pickles as raw bytes), the hash
@@ -86,6 +87,7 @@ from typing import Callable, Iterable
 from urllib.parse import quote
 
 from sqlalchemy import (
+    BigInteger,
     Boolean,
     Column,
     Integer,
@@ -98,10 +100,12 @@ from sqlalchemy import (
     create_engine,
     event,
     func,
+    literal,
     literal_column,
     or_,
     select,
 )
+from sqlalchemy.types import UserDefinedType
 from sqlalchemy.dialects import mysql as mysql_types
 from sqlalchemy.engine import Connection, Engine
 from sqlalchemy.exc import NoSuchModuleError, SQLAlchemyError
@@ -349,14 +353,51 @@ def _hash_sum(dialect: str, *columns):
     if dialect == "sqlite":
         return func.coalesce(func.policyd_hash_sum(*columns), 0)
     if dialect == "postgresql":
-        text = func.concat_ws("|", *(func.coalesce(cast(c, Unicode), "~") for c in columns))
-        return func.coalesce(func.sum(func.hashtextextended(text, 0)), 0)
+        return func.coalesce(func.sum(_pg_row_hash(columns)), 0)
     text = func.concat_ws("|", *(func.coalesce(c, "~") for c in columns))
     return func.coalesce(func.sum(cast(func.conv(func.substr(func.md5(text), 1, 15), 16, 10),
                                        mysql_types.BIGINT(unsigned=True))), 0)
 
 
-def _address_order(dialect: str, user_bound: int | None = None) -> tuple:
+def _pg_row_hash(columns):
+    """A row's columns hashed on PostgreSQL (11 and later) without making text of the
+    integers: each column's hash seeded with the hash of the columns before it
+    (``hashint8extended``, ``hashtextextended``), so the order counts.  A NULL hashes as
+    the type's zero value under a seed with its low bit flipped, a different hash from
+    the zero value itself.  No text is made of the integers, which made hashing
+    ``concat_ws`` of the values cast to text the costlier part of the change token
+    (bench/README.md, "Against 8cd0501")."""
+    seed = literal(0, BigInteger)
+    for column in columns:
+        if isinstance(column.type, _Tid):
+            hashed, zero = func.hashtidextended, literal_column("'(0,0)'::tid", _Tid)
+        elif isinstance(column.type, Unicode):
+            hashed, zero = func.hashtextextended, ""
+        else:
+            hashed, zero = func.hashint8extended, 0
+        null = cast(cast(column.is_(None), Integer), BigInteger)
+        seed = hashed(func.coalesce(column, zero), seed.op("#")(null), type_=BigInteger)
+    return seed
+
+
+class _Tid(UserDefinedType):
+    """PostgreSQL's ``tid`` (a row's ``ctid``), hashed by ``hashtidextended``."""
+
+    cache_ok = True
+
+    def get_col_spec(self, **kw) -> str:
+        return "tid"
+
+
+def _hashes_tid(connection: Connection) -> bool:
+    """Whether the server hashes a ``tid`` itself (PostgreSQL 14 and later); older ones
+    hash its text."""
+    version = connection.dialect.server_version_info
+    return connection.dialect.name == "postgresql" and version is not None and version >= (14,)
+
+
+def _address_order(dialect: str, user_bound: int | None = None, *,
+                   tid: bool = False) -> tuple:
     """What else an address digest covers: on PostgreSQL the place (``ctid``) of each
     address linked to a user (to one that existed at the previous build, with
     ``user_bound``).  A user's addresses are walked in physical order (``_read_rows``),
@@ -365,12 +406,15 @@ def _address_order(dialect: str, user_bound: int | None = None) -> tuple:
     a user's other addresses post as can change with no value policyd hashes changing
     (found by tests/mailman3_backend/test_refresh_property_mm3.py).  An address with no
     user, or linked to a new user (``relinked`` in ``read_state``), moves nothing that a
-    rebuild of its lists does not read again.  SQLite and InnoDB keep rows in id order."""
+    rebuild of its lists does not read again.  SQLite and InnoDB keep rows in id order.
+    ``tid``: the ``ctid`` hashed as it is (``_hashes_tid``), not as text."""
     if dialect != "postgresql":
         return ()
     a = address_t
     linked = a.c.user_id.is_not(None) if user_bound is None else a.c.user_id <= user_bound
-    return (case((linked, cast(literal_column("address.ctid"), Unicode)), else_=None),)
+    place = literal_column("address.ctid", _Tid) if tid else cast(
+        literal_column("address.ctid"), Unicode)
+    return (case((linked, place), else_=None),)
 
 
 def _digest(row) -> tuple:
@@ -396,7 +440,8 @@ class Mailman3Backend:
         self.known_revisions = frozenset(
             KNOWN_REVISIONS if known_revisions is None else known_revisions)
         self._revision: str | None = None
-        self._token_sql = self._token_statements()
+        # Made on the first token, when the server's version is known (``_hashes_tid``).
+        self._token_sql = None
         # The periodic verification build (``verification_due``, ``load_verified``).
         self.verify_interval = verify_interval
         self._last_full = time.monotonic()
@@ -564,7 +609,7 @@ class Mailman3Backend:
         self._revision = revision
         return revision
 
-    def _token_statements(self):
+    def _token_statements(self, tid: bool):
         """The change-detection queries.
 
         Why these are enough: every input of a decision lives in eight tables.  The small
@@ -586,7 +631,8 @@ class Mailman3Backend:
                       m.c.user_id, m.c.list_id))
         address = select(
             func.count(), func.coalesce(func.max(a.c.id), 0),
-            _hash_sum(dialect, a.c.id, a.c.user_id, a.c.email, *_address_order(dialect)))
+            _hash_sum(dialect, a.c.id, a.c.user_id, a.c.email,
+                      *_address_order(dialect, tid=tid)))
         user = select(
             func.count(), func.coalesce(func.max(u.c.id), 0),
             _hash_sum(dialect, u.c.id, u.c._preferred_address_id))
@@ -605,6 +651,8 @@ class Mailman3Backend:
         revision = self._check_schema(connection)
         digest = hashlib.sha256(revision.encode())
         try:
+            if self._token_sql is None:
+                self._token_sql = self._token_statements(_hashes_tid(connection))
             member, address, user, *tables = self._token_sql
             for statement in (member, address, user):
                 digest.update(repr(_digest(connection.execute(statement).one())).encode())
@@ -790,7 +838,8 @@ def read_state(connection: Connection, dialect: str, previous: SourceState | Non
         old_user = case((a.c.user_id <= user_bound, a.c.user_id), else_=-1)
         addresses = _digest(connection.execute(select(
             func.count(), _hash_sum(dialect, a.c.id, old_user, a.c.email,
-                                    *_address_order(dialect, user_bound)),
+                                    *_address_order(dialect, user_bound,
+                                                    tid=_hashes_tid(connection))),
         ).where(a.c.id <= address_bound)).one())
         users = _digest(connection.execute(select(
             func.count(), _hash_sum(dialect, u.c.id, u.c._preferred_address_id),

@@ -595,20 +595,27 @@ def test_incremental_equals_full_on_postgresql(pg_database, mailman_python, tmp_
 
 @pytest.mark.integration
 @pytest.mark.postgres
+@pytest.mark.parametrize("tid_hash", [True, False], ids=["hashtid", "tid-as-text"])
 def test_an_address_that_moves_is_a_change_on_postgresql(pg_database, mailman_python,
-                                                          tmp_path):
+                                                          tmp_path, tid_hash, monkeypatch):
     """Regression (found while writing the machine above): a user with two member
     addresses (hold, reject) and a third that posts as the first of them in physical
     order.  Mailman verifying the first (an UPDATE of ``verified_on``, a column policyd
     does not read) moves its row to the end on PostgreSQL, so the third now posts as the
-    second.  The change token must move and the refresh agree with a full build."""
+    second.  The change token must move and the refresh agree with a full build.  Both
+    ways of hashing the row's place: ``hashtidextended`` (PostgreSQL 14 and later) and
+    its text (older servers)."""
     from sqlalchemy import text
+
+    if not tid_hash:
+        monkeypatch.setattr(mailman3, "_hashes_tid", lambda connection: False)
 
     build_base(mailman_python, pg_database, tmp_path / "var")
     engine = create_engine(pg_database)
     backend = Mailman3Backend(pg_database)
     try:
         with engine.begin() as connection:
+            assert mailman3._hashes_tid(connection) is tid_hash
             connection.execute(text(
                 "INSERT INTO member (_member_id, list_id, role, moderation_action, "
                 "address_id) SELECT gen_random_uuid(), 'l0.example.com', 1, 1, id "
@@ -675,4 +682,44 @@ def test_incremental_equals_full_on_mariadb(mariadb_database, mailman_python, tm
     finally:
         with engine.begin() as connection:
             connection.execute(text(f"DROP DATABASE IF EXISTS `{copy}`"))
+        engine.dispose()
+
+
+@pytest.mark.integration
+@pytest.mark.postgres
+def test_the_postgresql_row_hash_tells_null_zero_and_order_apart(pg_database):
+    """``_pg_row_hash`` on a real server: a NULL is not the type's zero value, the
+    columns' order counts, and a row's place (``ctid``) hashes the same as a tid and
+    differs between places.  A linear or order-blind hash would let one edit undo
+    another in the digests."""
+    from sqlalchemy import Integer, Unicode, literal, literal_column
+
+    def row_hash(connection, *values):
+        columns = []
+        for value, kind in values:
+            if kind == "tid":
+                text = "NULL" if value is None else f"'{value}'"
+                columns.append(literal_column(f"{text}::tid", mailman3._Tid))
+            else:
+                columns.append(literal(value, Integer if kind == "int" else Unicode))
+        return connection.execute(select(mailman3._pg_row_hash(columns))).scalar()
+
+    engine = create_engine(pg_database)
+    try:
+        with engine.connect() as connection:
+            rows = [
+                ((1, "int"), (None, "int")), ((1, "int"), (0, "int")),
+                ((None, "int"), (1, "int")), ((0, "int"), (1, "int")),
+                ((1, "int"), ("", "text")), ((1, "int"), (None, "text")),
+                ((1, "int"), ("1", "text")), (("1", "text"), (1, "int")),
+                ((1, "int"), ("(0,1)", "tid")), ((1, "int"), ("(0,2)", "tid")),
+                ((1, "int"), ("(1,1)", "tid")), ((1, "int"), ("(0,0)", "tid")),
+                ((1, "int"), (None, "tid")),
+            ]
+            hashes = [row_hash(connection, *row) for row in rows]
+            assert None not in hashes
+            assert len(set(hashes)) == len(rows), list(zip(rows, hashes))
+            assert row_hash(connection, (7, "int"), ("a@x.org", "text")) == row_hash(
+                connection, (7, "int"), ("a@x.org", "text"))
+    finally:
         engine.dispose()
