@@ -1361,9 +1361,11 @@ class Bench:
             bpm = figures["memory"]["bytes_per_membership"]
             log(f"memory: {rss_after / 2**20:.0f} MiB after the load runs, {bpm:.0f} B per "
                 "membership")
+            at_start = figures["memory"]["bytes_per_membership_at_start"]
             self.measure("bytes_per_membership", bpm,
                          f"RSS {rss_after / 1e6:.0f} MB loaded, {rss_empty / 1e6:.0f} MB empty, "
-                         f"{memberships:,} memberships")
+                         f"{memberships:,} memberships; {at_start:.1f} B at start, before "
+                         "the load runs")
 
             self.guarded(("metrics_cpu_ratio",), self.metrics_cost)
             self.guarded(("moderation_cpu_ratio",), self.moderation_cost)
