@@ -308,8 +308,9 @@ class SnapshotService(Service):
             # with both threads on one core the reactor thread waits for it even though
             # the GIL is free meanwhile.
             heap.return_free_memory()
-        return (snapshot.version if token is None else token), snapshot, \
-            self.backend.describe()
+        if token is None:
+            token = snapshot.version
+        return token, snapshot, self.backend.describe()
 
     def _done(self, result) -> bool:
         token, snapshot, description = result

@@ -105,10 +105,10 @@ from sqlalchemy import (
     or_,
     select,
 )
-from sqlalchemy.types import UserDefinedType
 from sqlalchemy.dialects import mysql as mysql_types
 from sqlalchemy.engine import Connection, Engine
 from sqlalchemy.exc import NoSuchModuleError, SQLAlchemyError
+from sqlalchemy.types import UserDefinedType
 
 from ..errors import BadInput, StoreUnavailable
 from ..runtime.pacing import pace
@@ -360,13 +360,13 @@ def _hash_sum(dialect: str, *columns):
 
 
 def _pg_row_hash(columns):
-    """A row's columns hashed on PostgreSQL (11 and later) without making text of the
-    integers: each column's hash seeded with the hash of the columns before it
-    (``hashint8extended``, ``hashtextextended``), so the order counts.  A NULL hashes as
-    the type's zero value under a seed with its low bit flipped, a different hash from
-    the zero value itself.  No text is made of the integers, which made hashing
-    ``concat_ws`` of the values cast to text the costlier part of the change token
-    (bench/README.md, "Against 8cd0501")."""
+    """A row's columns hashed on PostgreSQL (11 and later; a ``_Tid`` column 14 and
+    later): each column's hash (``hashint8extended``, ``hashtextextended``,
+    ``hashtidextended``) seeded with the hash of the columns before it, so the order
+    counts.  A NULL hashes as the type's zero value under a seed with its low bit
+    flipped, a different hash from the zero value itself.  No text is made of the
+    integers: casting every value to text for one ``concat_ws`` was most of the change
+    token's cost (bench/README.md, "Against 8cd0501")."""
     seed = literal(0, BigInteger)
     for column in columns:
         if isinstance(column.type, _Tid):
