@@ -78,6 +78,7 @@ class RuntimeConfig:
     fast_write: bool = True
     fast_read: bool = True
     fast_accept: bool = True
+    turn_writes: bool = True
     pacing: bool = True
     heap: bool = True
     store_niceness: int = 19
@@ -391,6 +392,7 @@ SCHEMA: Mapping[str, Mapping[str, tuple[Callable[[str], object], str]]] = {
         "fast_write": (_switch, "on"),
         "fast_read": (_switch, "on"),
         "fast_accept": (_switch, "on"),
+        "turn_writes": (_switch, "on"),
         "pacing": (_switch, "on"),
         "heap": (_switch, "on"),
         "store_niceness": (_niceness, "19"),

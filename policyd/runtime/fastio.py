@@ -32,6 +32,18 @@ descriptor a local peer sends anyway is dropped by the kernel instead of being r
 logged and closed by Twisted (a line per message, which such a peer could repeat at
 will).  ``reads_available()`` checks that the
 running Twisted's Unix port and connection are the ones this was written against.
+
+With the daemon's reactor, the Postfix answers written while it handles one turn's events
+are held and sent together at the end of the turn (``turn``, at most ``TurnWrites.LIMIT``
+held at a time), as Redis sends its replies before it waits for events again.  A send to a
+peer asleep in ``epoll_wait`` wakes it, a cross-CPU interrupt on another core; sent one
+by one, a client with many connections (a proxy, a load generator) wakes for each answer
+and sleeps again between them, and each wake-up is paid in the daemon's send.  Sent
+together, it wakes once per turn, and an SMTP process on the daemon's own CPU is woken
+after the daemon's turn instead of preempting it.  An answer waits at most for the rest of
+its turn's events.  The connection class (``TurnWriting``, ``hold_for_turn`` on the
+port) sends a held answer before anything else is written to it or it is closed, so the
+order of a connection's output never changes.
 """
 
 from __future__ import annotations
@@ -43,7 +55,8 @@ from twisted.internet.tcp import Connection as _SocketConnection
 from .upstream import changed
 
 __all__ = ["available", "write_now", "reads_available", "read_plainly", "PlainReadServer",
-           "send_and_close", "closing_transport", "close_after_answer"]
+           "send_and_close", "closing_transport", "close_after_answer", "turn",
+           "TurnWrites", "TurnWriting", "hold_for_turn"]
 
 # What ``Closing.doRead`` returns once the answer is out: the class Twisted's
 # ``_disconnectSelectable`` closes both ways (``ConnectionDone`` from a read would be
@@ -196,9 +209,95 @@ def available() -> str | None:
 
 
 def write_now(transport, data: bytes) -> None:
-    """``transport.write(data)``, sent at once when nothing is queued before it."""
+    """``transport.write(data)``, sent at once when nothing is queued before it, or at
+    the end of the reactor's turn when one is open and the connection is ``TurnWriting``."""
     if isinstance(transport, _SocketConnection):
+        if turn.open and isinstance(transport, TurnWriting):
+            turn.hold(transport, data)
+            return
         data = _send_now(transport, data)
         if not data:
             return
     transport.write(data)
+
+
+class TurnWrites:
+    """The answers held in the reactor's current turn (module-wide ``turn``).
+
+    ``open``: set by the daemon's reactor while it handles a turn's events (never by
+    another reactor, so with one nothing is held).  Single-threaded: the reactor's."""
+
+    #: Held answers sent at once when this many wait, so that none waits for the rest
+    #: of a very long turn.
+    LIMIT = 16
+
+    def __init__(self) -> None:
+        self.open = False
+        self.held: list = []
+
+    def hold(self, transport: "TurnWriting", data: bytes) -> None:
+        if transport._held is None:
+            transport._held = data
+            self.held.append(transport)
+            if len(self.held) >= self.LIMIT:
+                self.send()
+        else:  # a second answer in the same turn goes after the first
+            transport._held += data
+
+    def send(self) -> None:
+        """Send every answer held (the end of the turn)."""
+        held, self.held = self.held, []
+        for transport in held:
+            if transport._held is not None:
+                transport.send_held()
+
+
+turn = TurnWrites()
+
+
+class TurnWriting:
+    """Mixed into a connection class (``hold_for_turn``): ``_held`` is the answer held
+    for the end of the turn, sent before anything else the connection writes or before
+    it closes."""
+
+    _held = None
+
+    def send_held(self) -> None:
+        data, self._held = self._held, None
+        data = _send_now(self, data)
+        if data:
+            super().write(data)
+
+    def write(self, data) -> None:
+        if self._held is not None:
+            self.send_held()
+        super().write(data)
+
+    def writeSequence(self, iovec) -> None:
+        if self._held is not None:
+            self.send_held()
+        super().writeSequence(iovec)
+
+    def loseConnection(self, *args, **kwargs) -> None:
+        if self._held is not None:
+            self.send_held()
+        super().loseConnection(*args, **kwargs)
+
+
+_turn_classes: dict[type, type] = {}
+
+
+def hold_for_turn(port) -> bool:
+    """Make the listening ``port`` create ``TurnWriting`` connections (of the class it
+    creates now, so after ``read_plainly``): True for a Unix or TCP port."""
+    base = getattr(port, "transport", None)
+    if isinstance(port, (unix.Port, tcp.Port)) and isinstance(base, type) \
+            and issubclass(base, _SocketConnection):
+        if not issubclass(base, TurnWriting):
+            cls = _turn_classes.get(base)
+            if cls is None:
+                cls = _turn_classes[base] = type(f"TurnWriting{base.__name__}",
+                                                 (TurnWriting, base), {})
+            port.transport = cls
+        return True
+    return False

@@ -10,7 +10,9 @@ part               what                                                       sw
                    ``twist --reactor=policyd``)
 ``fastio``         a Postfix answer sent at once, not on the next turn, an    ``fast_write``,
                    Exim answer sent and its connection closed in the same
-                   turn; Unix sockets read with ``recv``, not ``recvmsg``     ``fast_read``
+                   turn; Unix sockets read with ``recv``, not ``recvmsg``;    ``fast_read``,
+                   the Postfix answers of one turn sent together at its end   ``turn_writes``
+                   (with the daemon's reactor and ``fast_write``)
 ``fastaccept``     an Exim request that is whole when its connection is       ``fast_accept``
                    accepted answered there, without a transport
 ``pacing``         the snapshot builder rests while the reactor is busy       ``pacing``
@@ -52,6 +54,13 @@ class Tuning:
         self.answer_on_accept = self._checked("fast_accept", config.fast_accept,
                                               fastaccept.available,
                                               fastaccept.answer_on_accept)
+        # Only the daemon's reactor opens a turn (``runtime.reactor``); with another one
+        # (``twist`` without ``--reactor=policyd``, whose note says so) nothing is held.
+        self.turn_writes = (getattr(config, "turn_writes", False)
+                            and self.fast_write is not None
+                            and hasattr(clock, "turn_writes"))
+        if self.turn_writes:
+            clock.turn_writes = True
         self._stack = ExitStack()
 
     def _checked(self, switch: str, on: bool, check, part):
@@ -67,7 +76,8 @@ class Tuning:
 
     def apply_to_factory(self, factory) -> None:
         """Answers of this listener go out through ``fastio`` where ``fast_write`` is on:
-        at once where connections stay open (Postfix), sent and closed in the same turn
+        at once where connections stay open (Postfix; at the end of the reactor's turn
+        where ``turn_writes`` is on too), sent and closed in the same turn
         where the answer ends the connection (Exim); its Unix sockets read with ``recv``
         where ``fast_read`` is on; a request whole at accept answered there where
         ``fast_accept`` is on (Exim).  ``Listener`` calls ``tune_port`` before the first
@@ -78,6 +88,8 @@ class Tuning:
         if self.fast_write is not None:
             if getattr(factory, "answers_stay_open", False):
                 factory.write = self.fast_write
+                if self.turn_writes:
+                    tuners.append(fastio.hold_for_turn)
             elif getattr(factory, "closes_after_answer", False):
                 factory.finish = fastio.send_and_close
                 tuners.append(fastio.close_after_answer)
