@@ -14,7 +14,7 @@ MAILMAN_PY ?= $(shell test -x /usr/bin/python3 && echo /usr/bin/python3 || echo 
 PIP        = $(VENV)/bin/python -m pip -q --disable-pip-version-check
 PYTEST_ARGS ?=
 
-.PHONY: run test bench bench-ab venv mailman-venv mta-deps packaging-deps test-deps deb sdist clean
+.PHONY: run test bench bench-ab bench-readme venv mailman-venv mta-deps packaging-deps test-deps deb sdist clean
 
 venv: $(VENV)/.installed
 
@@ -84,6 +84,11 @@ bench: venv mailman-venv
 BEFORE ?= HEAD
 bench-ab: venv
 	$(VENV)/bin/python -m bench.ab --state-dir $(BUILD)/bench --before $(BEFORE)
+
+# The docs' bench results rewritten from runs' results.json (bench/readme.py).
+RUNS ?=
+bench-readme: venv
+	$(VENV)/bin/python -m bench.readme $(RUNS)
 
 # The sdist (build/sdist), and the Debian 13 (trixie) package built from it in a trixie
 # chroot with Debian's own Python packages, lintian included (build/deb; needs root and

@@ -159,9 +159,10 @@ KEY_HELP: dict[str, dict[str, str]] = {
                      "file descriptors from a peer; the kernel drops any sent).",
         "fast_accept": "Answer an Exim request that has arrived whole by the time its "
                        "connection is accepted right there, without a Twisted transport.",
-        "turn_writes": "Send the Postfix answers of one reactor turn together at its end "
-                       "(at most 16 held), so that a client with many connections wakes "
-                       "once per turn (needs reactor and fast_write).",
+        "turn_writes": "Send the Postfix answers, and the Exim answers made at accept, "
+                       "of one reactor turn together at its end (at most 16 held), so "
+                       "that a client with many connections wakes once per turn (needs "
+                       "reactor and fast_write).",
         "pacing": "The snapshot builder rests while the reactor has events to handle.",
         "heap": "No cyclic garbage collection during builds, gc.freeze after the first "
                 "load, old snapshots freed piece by piece, malloc_trim afterwards.",

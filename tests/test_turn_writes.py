@@ -202,3 +202,107 @@ def test_tuning_holds_postfix_answers_only_with_the_daemons_reactor():
             if hasattr(clock, "_poller"):
                 clock._poller.close()
     assert parse("[runtime]\nturn_writes = off\n").runtime.turn_writes is False
+
+
+class _FirstAnswer:
+    """A factory whose ``answer_first`` answers each accepted connection at once and
+    notes whether the connections answered before it in the same turn had their
+    answers yet; ``buildProtocol`` for the usual way."""
+
+    def __init__(self, clients: list) -> None:
+        self.clients = clients
+        self.seen: list = []
+        self.built: list = []
+
+    def answer_first(self, data: bytes, peer) -> bytes:
+        self.seen.append(all(_nothing_yet(client) for client in self.clients))
+        return b"ACCEPT " + data.strip()
+
+    def buildProtocol(self, addr):
+        protocol = _Taking()
+        self.built.append(protocol)
+        return protocol
+
+    def doStart(self) -> None:
+        pass
+
+    def doStop(self) -> None:
+        pass
+
+
+class _Taking:
+    def __init__(self) -> None:
+        self.taken: list = []
+
+    def makeConnection(self, transport) -> None:
+        self.transport = transport
+
+    def take_answer(self, answer) -> None:
+        self.taken.append(answer)
+
+    def connectionLost(self, reason) -> None:
+        pass
+
+
+def test_answers_made_at_accept_are_sent_and_closed_at_the_turns_end(turn_reactor,
+                                                                     tmp_path):
+    """Exim's requests answered as their connections are accepted (``fastaccept``):
+    each answer waits for the end of the turn, then goes with its close."""
+    from twisted.internet import unix
+
+    from policyd.runtime import fastaccept
+
+    reactor, _ = turn_reactor
+    clients: list = []
+    factory = _FirstAnswer(clients)
+    path = str(tmp_path / "exim.sock")
+    port = unix.Port(path, factory, reactor=reactor)
+    port.startListening()
+    try:
+        assert fastaccept.answer_on_accept(port) is True
+        for number in range(3):
+            client = socket.socket(socket.AF_UNIX)
+            client.settimeout(5)
+            client.connect(path)
+            client.sendall(b"POLICYD/1 n=%d\n" % number)
+            client.shutdown(socket.SHUT_WR)
+            clients.append(client)
+        reactor.doPoll(1)
+        assert factory.seen == [True, True, True]
+        assert [client.recv(100) for client in clients] == \
+            [b"ACCEPT POLICYD/1 n=0", b"ACCEPT POLICYD/1 n=1", b"ACCEPT POLICYD/1 n=2"]
+        assert [client.recv(100) for client in clients] == [b"", b"", b""]  # closed
+        assert factory.built == [] and fastio.turn.accepted == []
+    finally:
+        port.connectionLost(None)
+        for client in clients:
+            client.close()
+
+
+def test_an_accepted_answer_the_kernel_does_not_take_goes_the_usual_way(turn_reactor,
+                                                                        tmp_path):
+    """What a held answer's send leaves over is handed to a protocol on a transport, as
+    when it is sent at accept (``adopt``)."""
+    from twisted.internet import unix
+
+    reactor, _ = turn_reactor
+
+    class Partial(socket.socket):
+        def send(self, data, *flags):
+            return super().send(data[:3])
+
+    factory = _FirstAnswer([])
+    port = unix.Port(str(tmp_path / "exim.sock"), factory, reactor=reactor)
+    a, b = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+    skt = Partial(socket.AF_UNIX, socket.SOCK_STREAM, fileno=a.detach())
+    skt.setblocking(False)
+    try:
+        fastio.turn.hold_accepted(port, skt, "", b"ACCEPT 250 ok")
+        assert _nothing_yet(b)
+        fastio.turn.send()
+        assert b.recv(100) == b"ACC"
+        assert len(factory.built) == 1 and factory.built[0].taken == [b"EPT 250 ok"]
+        assert factory.built[0].transport.socket is skt
+    finally:
+        skt.close()
+        b.close()

@@ -10,7 +10,9 @@ port read what has arrived as it accepts a connection and hand it to the factory
 there, with no transport, protocol or epoll registration; anything else (no bytes yet,
 half a line, an answer that waits for a password check or a DNS lookup, an answer the
 kernel does not take whole) goes the usual way, with the bytes already read handed to the
-protocol as if Twisted had read them.  The factory decides, counts and logs exactly as
+protocol as if Twisted had read them.  With the daemon's reactor (``[runtime]
+turn_writes``) the answers made at accept are sent, and their sockets closed, at the end of
+the reactor's turn (``fastio.turn``, which says why), the Postfix answers likewise.  The factory decides, counts and logs exactly as
 for any connection; limits are untouched, since such a connection holds no descriptor
 once the call returns.
 
@@ -28,9 +30,12 @@ import types
 from twisted.internet import tcp
 from twisted.python import log as legacy_log
 
+from twisted.internet.defer import Deferred
+
+from .fastio import turn
 from .upstream import changed
 
-__all__ = ["available", "answer_on_accept", "first_bytes"]
+__all__ = ["available", "answer_on_accept", "first_bytes", "send_and_close", "adopt"]
 
 # What the upstream ``Port.doRead`` this replaces must do, line by line (comments and white
 # space aside).
@@ -94,6 +99,38 @@ class _Peer:
         return self._port._buildAddr(self._addr)
 
 
+def send_and_close(skt: socket.socket, answer: bytes) -> bytes:
+    """Send a connection's answer and close it: ``b""`` when done, else what the kernel
+    did not take (the socket is then left open for ``adopt``)."""
+    try:
+        sent = skt.send(answer)
+    except OSError:
+        sent = len(answer)  # the peer is gone: nobody to answer
+    if sent == len(answer):
+        skt.close()
+        return b""
+    return answer[sent:]
+
+
+def adopt(port, skt: socket.socket, addr, answer: bytes | Deferred | None,
+          data: bytes) -> None:
+    """The usual way for an accepted connection (as Twisted's accept loop makes it): a
+    transport and a protocol, handed the ``answer`` (what remains to send, or the
+    ``Deferred`` of one that waits) or else the ``data`` read so far."""
+    protocol = port.factory.buildProtocol(port._buildAddr(addr))
+    if protocol is None:
+        skt.close()
+        return
+    s = port.sessionno
+    port.sessionno = s + 1
+    transport = port.transport(skt, protocol, addr, port, s, port.reactor)
+    protocol.makeConnection(transport)
+    if answer is not None:
+        protocol.take_answer(answer)
+    elif data:
+        protocol.dataReceived(data)
+
+
 def _accept_and_answer(self) -> None:
     """``tcp.Port.doRead`` with ``answer_first`` between accept and the transport."""
     try:
@@ -120,26 +157,13 @@ def _accept_and_answer(self) -> None:
                         skt.close()
                         continue
                 if type(result) is bytes:
-                    try:
-                        sent = skt.send(result)
-                    except OSError:
-                        sent = len(result)  # the peer is gone: nobody to answer
-                    if sent == len(result):
-                        skt.close()
+                    if turn.open:  # sent and closed at the end of the turn
+                        turn.hold_accepted(self, skt, addr, result)
                         continue
-                    result = result[sent:]
-                protocol = self.factory.buildProtocol(self._buildAddr(addr))
-                if protocol is None:
-                    skt.close()
-                    continue
-                s = self.sessionno
-                self.sessionno = s + 1
-                transport = self.transport(skt, protocol, addr, self, s, self.reactor)
-                protocol.makeConnection(transport)
-                if result is not None:
-                    protocol.take_answer(result)
-                elif data:
-                    protocol.dataReceived(data)
+                    result = send_and_close(skt, result)
+                    if not result:
+                        continue
+                adopt(self, skt, addr, result, data)
         if accepted == self.numberAccepts:
             self.numberAccepts += 20
         else:

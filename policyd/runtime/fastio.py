@@ -35,7 +35,9 @@ running Twisted's Unix port and connection are the ones this was written against
 
 With the daemon's reactor, the Postfix answers written while it handles one turn's events
 are held and sent together at the end of the turn (``turn``, at most ``TurnWrites.LIMIT``
-held at a time), as Redis sends its replies before it waits for events again.  A send to a
+held at a time), as Redis sends its replies before it waits for events again; so are the
+Exim answers made as their connections are accepted (``fastaccept``), each socket closed
+after its answer.  A send to a
 peer asleep in ``epoll_wait`` wakes it, a cross-CPU interrupt on another core; sent one
 by one, a client with many connections (a proxy, a load generator) wakes for each answer
 and sleeps again between them, and each wake-up is paid in the daemon's send.  Sent
@@ -234,6 +236,14 @@ class TurnWrites:
     def __init__(self) -> None:
         self.open = False
         self.held: list = []
+        self.accepted: list = []  # (port, socket, address, answer): made at accept
+
+    def hold_accepted(self, port, skt, addr, answer: bytes) -> None:
+        """An answer made as its connection was accepted (``fastaccept``), its socket
+        to be closed after it, with no transport: sent at the end of the turn."""
+        self.accepted.append((port, skt, addr, answer))
+        if len(self.accepted) >= self.LIMIT:
+            self.send()
 
     def hold(self, transport: "TurnWriting", data: bytes) -> None:
         if transport._held is None:
@@ -246,6 +256,14 @@ class TurnWrites:
 
     def send(self) -> None:
         """Send every answer held (the end of the turn)."""
+        if self.accepted:
+            from .fastaccept import adopt, send_and_close
+
+            accepted, self.accepted = self.accepted, []
+            for port, skt, addr, answer in accepted:
+                rest = send_and_close(skt, answer)
+                if rest:  # the kernel did not take it whole: the usual way
+                    adopt(port, skt, addr, rest, b"")
         held, self.held = self.held, []
         for transport in held:
             if transport._held is not None:

@@ -59,7 +59,7 @@ class EPollReactor(epollreactor.EPollReactor):
             self._dispatch(events, selectables, dispatch, readable)
         finally:
             held.open = False
-            if held.held:
+            if held.held or held.accepted:
                 try:
                     held.send()
                 except Exception:

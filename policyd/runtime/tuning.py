@@ -11,8 +11,9 @@ part               what                                                       sw
 ``fastio``         a Postfix answer sent at once, not on the next turn, an    ``fast_write``,
                    Exim answer sent and its connection closed in the same
                    turn; Unix sockets read with ``recv``, not ``recvmsg``;    ``fast_read``,
-                   the Postfix answers of one turn sent together at its end   ``turn_writes``
-                   (with the daemon's reactor and ``fast_write``)
+                   the Postfix answers (and Exim's made at accept) of one     ``turn_writes``
+                   turn sent together at its end (with the daemon's reactor
+                   and ``fast_write``)
 ``fastaccept``     an Exim request that is whole when its connection is       ``fast_accept``
                    accepted answered there, without a transport
 ``pacing``         the snapshot builder rests while the reactor is busy       ``pacing``
