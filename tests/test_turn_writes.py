@@ -306,3 +306,48 @@ def test_an_accepted_answer_the_kernel_does_not_take_goes_the_usual_way(turn_rea
     finally:
         skt.close()
         b.close()
+
+
+def test_a_failure_with_one_held_answer_keeps_no_other_back(turn_reactor, tmp_path):
+    """One accepted connection whose answer cannot be handed on (its protocol cannot be
+    built) is logged and closed; the other connections of the turn still get theirs."""
+    from twisted.internet import unix
+    from twisted.logger import globalLogPublisher
+
+    reactor, connect = turn_reactor
+
+    class Partial(socket.socket):
+        def send(self, data, *flags):
+            return super().send(data[:3])
+
+    class Broken(_FirstAnswer):
+        def buildProtocol(self, addr):
+            raise RuntimeError("no protocol (test)")
+
+    port = unix.Port(str(tmp_path / "exim.sock"), Broken([]), reactor=reactor)
+    a, b = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+    skt = Partial(socket.AF_UNIX, socket.SOCK_STREAM, fileno=a.detach())
+    skt.setblocking(False)
+    c, d = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+    c.setblocking(False)
+    d.settimeout(5)
+    conn, peer = connect(_Echo([], []))
+    events: list = []
+    globalLogPublisher.addObserver(events.append)
+    try:
+        fastio.turn.open = True
+        fastio.turn.hold_accepted(port, skt, "", b"ACCEPT 250 ok")
+        fastio.turn.hold_accepted(port, c, "", b"DEFER 451 later")
+        fastio.write_now(conn, b"action=DUNNO\n\n")
+        fastio.turn.open = False
+        fastio.turn.send()
+        assert b.recv(100) == b"ACC" and b.recv(100) == b""  # logged, then closed
+        assert d.recv(100) == b"DEFER 451 later" and d.recv(100) == b""
+        assert peer.recv(100) == b"action=DUNNO\n\n"
+        assert any("no protocol (test)" in str(e.get("log_failure", "")) for e in events)
+    finally:
+        globalLogPublisher.removeObserver(events.append)
+        skt.close()
+        b.close()
+        c.close()
+        d.close()

@@ -10,11 +10,11 @@ port read what has arrived as it accepts a connection and hand it to the factory
 there, with no transport, protocol or epoll registration; anything else (no bytes yet,
 half a line, an answer that waits for a password check or a DNS lookup, an answer the
 kernel does not take whole) goes the usual way, with the bytes already read handed to the
-protocol as if Twisted had read them.  With the daemon's reactor (``[runtime]
-turn_writes``) the answers made at accept are sent, and their sockets closed, at the end of
-the reactor's turn (``fastio.turn``, which says why), the Postfix answers likewise.  The factory decides, counts and logs exactly as
+protocol as if Twisted had read them.  The factory decides, counts and logs exactly as
 for any connection; limits are untouched, since such a connection holds no descriptor
-once the call returns.
+once the call returns.  With the daemon's reactor (``[runtime] turn_writes``) the answers
+made at accept are sent, and their sockets closed, at the end of the reactor's turn
+(``fastio.turn``, which says why), as the Postfix answers are.
 
 The accept loop is Twisted's own ``Port.doRead`` (``twisted.internet.tcp``) with that one
 step added, so it uses what that loop uses (``_accept``, ``_BuffersLogs``,
@@ -28,9 +28,8 @@ import socket
 import types
 
 from twisted.internet import tcp
-from twisted.python import log as legacy_log
-
 from twisted.internet.defer import Deferred
+from twisted.python import log as legacy_log
 
 from .fastio import turn
 from .upstream import changed

@@ -37,15 +37,14 @@ With the daemon's reactor, the Postfix answers written while it handles one turn
 are held and sent together at the end of the turn (``turn``, at most ``TurnWrites.LIMIT``
 held at a time), as Redis sends its replies before it waits for events again; so are the
 Exim answers made as their connections are accepted (``fastaccept``), each socket closed
-after its answer.  A send to a
-peer asleep in ``epoll_wait`` wakes it, a cross-CPU interrupt on another core; sent one
-by one, a client with many connections (a proxy, a load generator) wakes for each answer
-and sleeps again between them, and each wake-up is paid in the daemon's send.  Sent
-together, it wakes once per turn, and an SMTP process on the daemon's own CPU is woken
-after the daemon's turn instead of preempting it.  An answer waits at most for the rest of
-its turn's events.  The connection class (``TurnWriting``, ``hold_for_turn`` on the
-port) sends a held answer before anything else is written to it or it is closed, so the
-order of a connection's output never changes.
+after its answer.  A send to a peer asleep in ``epoll_wait`` wakes it, a cross-CPU
+interrupt on another core; sent one by one, a client with many connections (a proxy, a
+load generator) wakes for each answer and sleeps again between them, and each wake-up is
+paid in the daemon's send.  Sent together, it wakes once per turn, and an SMTP process on
+the daemon's own CPU is woken after the daemon's turn instead of preempting it.  An
+answer waits at most for the rest of its turn's events.  The connection class
+(``TurnWriting``, ``hold_for_turn`` on the port) sends a held answer before anything else
+is written to it or it is closed, so the order of a connection's output never changes.
 """
 
 from __future__ import annotations
@@ -53,12 +52,15 @@ from __future__ import annotations
 from twisted.internet import error, main, tcp, unix
 from twisted.internet.tcp import EWOULDBLOCK
 from twisted.internet.tcp import Connection as _SocketConnection
+from twisted.logger import Logger
 
 from .upstream import changed
 
 __all__ = ["available", "write_now", "reads_available", "read_plainly", "PlainReadServer",
            "send_and_close", "closing_transport", "close_after_answer", "turn",
            "TurnWrites", "TurnWriting", "hold_for_turn"]
+
+log = Logger(namespace="policyd.runtime.fastio")
 
 # What ``Closing.doRead`` returns once the answer is out: the class Twisted's
 # ``_disconnectSelectable`` closes both ways (``ConnectionDone`` from a read would be
@@ -255,19 +257,29 @@ class TurnWrites:
             transport._held += data
 
     def send(self) -> None:
-        """Send every answer held (the end of the turn)."""
+        """Send every answer held (the end of the turn).  A failure with one connection
+        (logged) never keeps the others' answers back."""
         if self.accepted:
             from .fastaccept import adopt, send_and_close
 
             accepted, self.accepted = self.accepted, []
             for port, skt, addr, answer in accepted:
-                rest = send_and_close(skt, answer)
-                if rest:  # the kernel did not take it whole: the usual way
-                    adopt(port, skt, addr, rest, b"")
+                try:
+                    rest = send_and_close(skt, answer)
+                    if rest:  # the kernel did not take it whole: the usual way
+                        adopt(port, skt, addr, rest, b"")
+                except Exception:
+                    log.failure("unexpected error answering a connection accepted "
+                                "in this turn")
+                    skt.close()
         held, self.held = self.held, []
         for transport in held:
             if transport._held is not None:
-                transport.send_held()
+                try:
+                    transport.send_held()
+                except Exception:
+                    log.failure("unexpected error sending an answer held for the turn")
+                    transport.abortConnection()
 
 
 turn = TurnWrites()
