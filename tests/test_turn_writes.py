@@ -50,8 +50,7 @@ def turn_reactor():
         a.setblocking(False)
         b.settimeout(5)  # a test that fails never hangs
         pairs.append((a, b))
-        cls = fastio._turn_classes.get(fastio.PlainReadServer) or \
-            _port_class(fastio.PlainReadServer)
+        cls = _port_class(fastio.PlainReadServer)
         conn = cls(a, protocol, "peer", None, len(pairs), reactor)
         protocol.makeConnection(conn)
         return conn, b

@@ -144,27 +144,38 @@ class Closing:
         return why
 
 
-_closing_classes: dict[type, type] = {}
+_mixed_classes: dict[tuple[type, type], type] = {}
+
+
+def _mixed(mixin: type, base: type) -> type:
+    """``base`` (a ``tcp.Connection`` class) with ``mixin`` mixed in, one class per pair."""
+    cls = _mixed_classes.get((mixin, base))
+    if cls is None:
+        cls = _mixed_classes[mixin, base] = type(f"{mixin.__name__}{base.__name__}",
+                                                 (mixin, base), {})
+    return cls
 
 
 def closing_transport(base: type) -> type:
     """``base`` (a ``tcp.Connection`` class) with ``Closing`` mixed in, one class per base."""
-    cls = _closing_classes.get(base)
-    if cls is None:
-        cls = _closing_classes[base] = type(f"Closing{base.__name__}", (Closing, base), {})
-    return cls
+    return _mixed(Closing, base)
 
 
-def close_after_answer(port) -> bool:
-    """Make the listening ``port`` create ``Closing`` connections (of the class it
-    creates now, so after ``read_plainly``): True for a Unix or TCP port."""
+def _mix_into_port(port, mixin: type) -> bool:
+    """Make the listening ``port`` create connections of the class it creates now (so
+    after ``read_plainly``) with ``mixin`` mixed in: True for a Unix or TCP port."""
     base = getattr(port, "transport", None)
     if isinstance(port, (unix.Port, tcp.Port)) and isinstance(base, type) \
             and issubclass(base, _SocketConnection):
-        if not issubclass(base, Closing):
-            port.transport = closing_transport(base)
+        if not issubclass(base, mixin):
+            port.transport = _mixed(mixin, base)
         return True
     return False
+
+
+def close_after_answer(port) -> bool:
+    """Make the listening ``port`` create ``Closing`` connections (``_mix_into_port``)."""
+    return _mix_into_port(port, Closing)
 
 
 def send_and_close(transport, data: bytes) -> None:
@@ -314,20 +325,7 @@ class TurnWriting:
         super().loseConnection(*args, **kwargs)
 
 
-_turn_classes: dict[type, type] = {}
-
-
 def hold_for_turn(port) -> bool:
-    """Make the listening ``port`` create ``TurnWriting`` connections (of the class it
-    creates now, so after ``read_plainly``): True for a Unix or TCP port."""
-    base = getattr(port, "transport", None)
-    if isinstance(port, (unix.Port, tcp.Port)) and isinstance(base, type) \
-            and issubclass(base, _SocketConnection):
-        if not issubclass(base, TurnWriting):
-            cls = _turn_classes.get(base)
-            if cls is None:
-                cls = _turn_classes[base] = type(f"TurnWriting{base.__name__}",
-                                                 (TurnWriting, base), {})
-            port.transport = cls
-        return True
-    return False
+    """Make the listening ``port`` create ``TurnWriting`` connections
+    (``_mix_into_port``)."""
+    return _mix_into_port(port, TurnWriting)
