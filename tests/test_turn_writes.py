@@ -284,6 +284,8 @@ def test_an_accepted_answer_the_kernel_does_not_take_goes_the_usual_way(turn_rea
     when it is sent at accept (``adopt``)."""
     from twisted.internet import unix
 
+    from policyd.runtime import fastaccept
+
     reactor, _ = turn_reactor
 
     class Partial(socket.socket):
@@ -296,7 +298,7 @@ def test_an_accepted_answer_the_kernel_does_not_take_goes_the_usual_way(turn_rea
     skt = Partial(socket.AF_UNIX, socket.SOCK_STREAM, fileno=a.detach())
     skt.setblocking(False)
     try:
-        fastio.turn.hold_accepted(port, skt, "", b"ACCEPT 250 ok")
+        fastio.turn.hold_accepted(fastaccept.finish, port, skt, "", b"ACCEPT 250 ok")
         assert _nothing_yet(b)
         fastio.turn.send()
         assert b.recv(100) == b"ACC"
@@ -312,6 +314,8 @@ def test_a_failure_with_one_held_answer_keeps_no_other_back(turn_reactor, tmp_pa
     built) is logged and closed; the other connections of the turn still get theirs."""
     from twisted.internet import unix
     from twisted.logger import globalLogPublisher
+
+    from policyd.runtime import fastaccept
 
     reactor, connect = turn_reactor
 
@@ -335,8 +339,8 @@ def test_a_failure_with_one_held_answer_keeps_no_other_back(turn_reactor, tmp_pa
     globalLogPublisher.addObserver(events.append)
     try:
         fastio.turn.open = True
-        fastio.turn.hold_accepted(port, skt, "", b"ACCEPT 250 ok")
-        fastio.turn.hold_accepted(port, c, "", b"DEFER 451 later")
+        fastio.turn.hold_accepted(fastaccept.finish, port, skt, "", b"ACCEPT 250 ok")
+        fastio.turn.hold_accepted(fastaccept.finish, port, c, "", b"DEFER 451 later")
         fastio.write_now(conn, b"action=DUNNO\n\n")
         fastio.turn.open = False
         fastio.turn.send()

@@ -34,7 +34,7 @@ from twisted.python import log as legacy_log
 from .fastio import turn
 from .upstream import changed
 
-__all__ = ["available", "answer_on_accept", "first_bytes", "send_and_close", "adopt"]
+__all__ = ["available", "answer_on_accept", "first_bytes", "finish", "adopt"]
 
 # What the upstream ``Port.doRead`` this replaces must do, line by line (comments and white
 # space aside).
@@ -98,17 +98,17 @@ class _Peer:
         return self._port._buildAddr(self._addr)
 
 
-def send_and_close(skt: socket.socket, answer: bytes) -> bytes:
-    """Send a connection's answer and close it: ``b""`` when done, else what the kernel
-    did not take (the socket is then left open for ``adopt``)."""
+def finish(port, skt: socket.socket, addr, answer: bytes) -> None:
+    """Send an accepted connection its whole answer and close it; what the kernel does
+    not take goes the usual way (``adopt``)."""
     try:
         sent = skt.send(answer)
     except OSError:
         sent = len(answer)  # the peer is gone: nobody to answer
     if sent == len(answer):
         skt.close()
-        return b""
-    return answer[sent:]
+    else:
+        adopt(port, skt, addr, answer[sent:], b"")
 
 
 def adopt(port, skt: socket.socket, addr, answer: bytes | Deferred | None,
@@ -157,11 +157,10 @@ def _accept_and_answer(self) -> None:
                         continue
                 if type(result) is bytes:
                     if turn.open:  # sent and closed at the end of the turn
-                        turn.hold_accepted(self, skt, addr, result)
-                        continue
-                    result = send_and_close(skt, result)
-                    if not result:
-                        continue
+                        turn.hold_accepted(finish, self, skt, addr, result)
+                    else:
+                        finish(self, skt, addr, result)
+                    continue
                 adopt(self, skt, addr, result, data)
         if accepted == self.numberAccepts:
             self.numberAccepts += 20

@@ -249,12 +249,14 @@ class TurnWrites:
     def __init__(self) -> None:
         self.open = False
         self.held: list = []
-        self.accepted: list = []  # (port, socket, address, answer): made at accept
+        # (finish, port, socket, address, answer): made at accept
+        self.accepted: list = []
 
-    def hold_accepted(self, port, skt, addr, answer: bytes) -> None:
-        """An answer made as its connection was accepted (``fastaccept``), its socket
-        to be closed after it, with no transport: sent at the end of the turn."""
-        self.accepted.append((port, skt, addr, answer))
+    def hold_accepted(self, finish, port, skt, addr, answer: bytes) -> None:
+        """An answer made as its connection was accepted (``fastaccept``), with no
+        transport: ``finish(port, skt, addr, answer)`` sends it and closes the socket at
+        the end of the turn."""
+        self.accepted.append((finish, port, skt, addr, answer))
         if len(self.accepted) >= self.LIMIT:
             self.send()
 
@@ -271,14 +273,10 @@ class TurnWrites:
         """Send every answer held (the end of the turn).  A failure with one connection
         (logged) never keeps the others' answers back."""
         if self.accepted:
-            from .fastaccept import adopt, send_and_close
-
             accepted, self.accepted = self.accepted, []
-            for port, skt, addr, answer in accepted:
+            for finish, port, skt, addr, answer in accepted:
                 try:
-                    rest = send_and_close(skt, answer)
-                    if rest:  # the kernel did not take it whole: the usual way
-                        adopt(port, skt, addr, rest, b"")
+                    finish(port, skt, addr, answer)
                 except Exception:
                     log.failure("unexpected error answering a connection accepted "
                                 "in this turn")
