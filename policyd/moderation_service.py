@@ -127,13 +127,19 @@ class ModerationService(TimerService):
             # The list's normal outcome (the incident is logged).
             self.counts[mode][Outcome.PASS][UNUSABLE] += 1
             return answer, None
+        sender = _field(decision.sender or query.envelope_sender)
+        if mode is SmtpModeration.GREYLIST:
+            # A remembered sender passes from any network: no key to make.
+            step = self.state.remembered_step(decision.list, sender)
+            if step is not None:
+                self.counts[mode][Outcome.PASS]["remembered"] += 1
+                return answer, step
         # A ticket is the post's: with a Message-ID, a retry from another network of the
         # sender (a provider's other outbound hosts) finds it.  Greylisting keys the
         # network, as greylisting does.
         message_id = _field(message_id)
         network = "" if mode is SmtpModeration.MODERATE and message_id else network_of(client)
-        key = Key(decision.list, _field(decision.sender or query.envelope_sender),
-                  network, message_id)
+        key = Key(decision.list, sender, network, message_id)
         step = self.state.check(mode, key, subject=_field(subject),
                                 client=_field(client or "", 64))
         self.counts[mode][step.outcome][step.transition] += 1

@@ -102,6 +102,22 @@ def test_moderate_transitions(name, steps, expected):
     assert run(st, clock, MOD, steps) == expected
 
 
+def test_remembered_step_answers_as_check_does():
+    """``remembered_step`` answers what ``check`` answers for a remembered sender, from
+    the list and the sender alone, and ``None`` for one not (or no longer) remembered,
+    whose attempt ``check`` then decides."""
+    st, clock = state()
+    assert st.remembered_step(KEY.list, KEY.sender) is None
+    run(st, clock, GREY, [(0, None), (400, None)])  # deferred, then passes: remembered
+    other_network = KEY._replace(network="198.51.100.0/24", message_id="")
+    assert st.remembered_step(KEY.list, KEY.sender) == st.check(GREY, other_network)
+    assert st.remembered_step(KEY.list, KEY.sender).transition == "remembered"
+    assert st.remembered_step("other@lists.example.com", KEY.sender) is None
+    clock.now += SETTINGS.remember
+    assert st.remembered_step(KEY.list, KEY.sender) is None
+    assert st.check(GREY, KEY).transition == "first-attempt"
+
+
 def test_off_passes_without_state():
     """``off`` has no opinion and records nothing."""
     st, _ = state()

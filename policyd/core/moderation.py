@@ -150,6 +150,10 @@ class Step(NamedTuple):
     evicted: int = 0
 
 
+#: A sender remembered on the list: the usual step on a greylisted list (one object).
+REMEMBERED = Step(Outcome.PASS, "remembered")
+
+
 @dataclass
 class Changes:
     """What changed since the last ``drain``: the rows the store thread writes."""
@@ -304,13 +308,22 @@ class ModerationState:
             return self._moderate(key, subject, client)
         return Step(Outcome.PASS, "off")
 
+    def remembered_step(self, list_: str, sender: str) -> Step | None:
+        """The greylist's step for ``sender`` remembered on ``list_`` (PASS), else
+        ``None``: the first thing ``check`` asks on a greylisted list, and all it needs
+        is the list and the sender, not the rest of the key (the client's network)."""
+        until = self.remembered.get((list_, sender))
+        if until is not None and until > self.clock():
+            return REMEMBERED
+        return None
+
     def _greylist(self, key: Key) -> Step:
         now = self.clock()
         s = self.settings
         until = self.remembered.get((key.list, key.sender))
         if until is not None:
             if until > now:
-                return Step(Outcome.PASS, "remembered")
+                return REMEMBERED
             self._forget(key.list, key.sender)
         entry = self.entries.get(key)
         text = GREYLIST_TEXT.format(list=key.list)

@@ -188,6 +188,25 @@ def test_postfix_greylist_at_rcpt(h):
     assert h.postfix(GREY) == b"action=DUNNO\n\n"
 
 
+def test_a_remembered_sender_passes_from_any_network_and_is_counted(h):
+    """Once a greylisted sender has passed, its next posts pass at once from any client
+    (remembered per list and sender, not per network) and are counted as remembered; a
+    client without an address changes nothing.  The remembering ends with ``remember``:
+    then the sender is greylisted again."""
+    grey = lambda **kw: h.postfix(GREY, **kw)  # noqa: E731
+    assert grey(client="192.0.2.7").startswith(b"action=451 4.7.1 Greylisted")
+    h.clock.advance(301)
+    assert grey(client="192.0.2.7") == b"action=DUNNO\n\n"  # retry in the window
+    for client in ("198.51.100.9", "2001:db8::1", ""):
+        assert grey(client=client) == b"action=DUNNO\n\n"
+    counts = h.moderation.counts
+    from policyd.core.moderation import Outcome, SmtpModeration
+    assert counts[SmtpModeration.GREYLIST][Outcome.PASS]["remembered"] == 3
+    assert h.exim(GREY, client="203.0.113.5").startswith(b"ACCEPT 250 2.6.0")
+    h.clock.advance(h.moderation.state.settings.remember)
+    assert grey(client="198.51.100.9").startswith(b"action=451 4.7.1 Greylisted")
+
+
 def test_another_daemon_sees_the_first_attempt(h, tmp_path):
     """The first attempt at one daemon, the retry at another on the same store passes."""
     h.exim(GREY)
