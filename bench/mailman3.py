@@ -613,9 +613,12 @@ def _notice(python: Path, url: str, var_dir: Path, daemon: Daemon, n: int):
     if seen_at is None:
         return None, {"sender": sender, "seen": False}
     decision = ask()
+    # How the daemon made the snapshot that answered (an incremental refresh, or a full
+    # build and why): what the figure's size comes from.
+    load = control_client.status(daemon.control)["store"].get("last_load")
     return max(0.0, seen_at - committed_at), {
         "sender": sender, "seen": True, "rule": decision["rule"],
-        "verdict": decision["verdict"]}
+        "verdict": decision["verdict"], "load": load}
 
 
 # --- PostgreSQL --------------------------------------------------------------------------------
@@ -665,7 +668,8 @@ def one_database(label: str, url: str, python: Path, work: Path, n_lists: int,
     log(f"  {label}: in-process build {out['in_process']['build_s']} s")
     out["daemon"] = daemon_figures(python, url, work, runs)
     log(f"  {label}: daemon first snapshot {out['daemon']['first_snapshot_s']} s, "
-        f"reload {out['daemon']['reload_s']} s, notice {out['daemon']['notice_s']} s")
+        f"reload {out['daemon']['reload_s']} s, notice {out['daemon']['notice_s']} s "
+        f"({'; '.join(str(d.get('load')) for d in out['daemon']['notices'])})")
     build = max(filter(None, (out["in_process"]["build_median_s"],
                               out["daemon"]["reload_median_s"])), default=None)
     notice = out["daemon"]["notice_median_s"]

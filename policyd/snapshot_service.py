@@ -157,6 +157,8 @@ class SnapshotService(Service):
         # incident only) and how long the last refresh that loaded a snapshot took.
         self.failures_total = 0
         self.last_load_seconds: float | None = None
+        # How the last snapshot loaded was made (``Snapshot.built_how``, "full build...").
+        self.last_load_how = ""
         self.checks = 0
         self._busy: Deferred | None = None
         # What the last verification build found (set in the store thread, logged and
@@ -281,7 +283,7 @@ class SnapshotService(Service):
         due = getattr(self.backend, "verification_due", None)
         verifying = not full and due is not None and due()
         if not full and token == current.version and not verifying:
-            return token, None, None
+            return token, None, None, ""
         load_changes = getattr(self.backend, "load_changes", None)
         # No cyclic garbage collection while a snapshot is built: a build allocates
         # millions of short-lived objects (rows, specs), and every full collection it
@@ -295,11 +297,15 @@ class SnapshotService(Service):
                 if verifying:
                     snapshot, self._divergence = self.backend.load_verified(current)
                     if not self._divergence and snapshot.version == current.version:
-                        return token, None, None  # verified: keep serving current
+                        return token, None, None, ""  # verified: keep serving current
+                    how = "verification build"
                 elif not full and load_changes is not None:
                     snapshot = load_changes(current)
+                    how = getattr(snapshot, "built_how", "") or "full build"
                 else:
                     snapshot = self.backend.load_snapshot()
+                    how = ("full build: first load" if current is None else
+                           "full build: reload asked" if force else "full build")
         if not isinstance(snapshot, Snapshot):
             raise TypeError(f"the store returned {type(snapshot).__name__}, not a Snapshot")
         if current is None:
@@ -310,10 +316,10 @@ class SnapshotService(Service):
             heap.return_free_memory()
         if token is None:
             token = snapshot.version
-        return token, snapshot, self.backend.describe()
+        return token, snapshot, self.backend.describe(), how
 
     def _done(self, result) -> bool:
-        token, snapshot, description = result
+        token, snapshot, description, how = result
         now = self.clock.seconds()
         divergence, self._divergence = self._divergence, []
         if divergence:
@@ -344,10 +350,13 @@ class SnapshotService(Service):
                 del previous
             self.loaded_at = now
             self.loads += 1
+            self.last_load_how = how
+            took = ""
             if self.refresh_started is not None:
                 self.last_load_seconds = now - self.refresh_started
-            log.info("snapshot {version} loaded: {lists} lists, {memberships} memberships"
-                     "{problems}", **fields)
+                took = f", {self.last_load_seconds:.2f} s"
+            log.info("snapshot {version} loaded ({how}{took}): {lists} lists, "
+                     "{memberships} memberships{problems}", how=how, took=took, **fields)
         if self.failing_since is not None:
             log.info("store recovered after {duration:.1f} s and {failures} failed "
                      "refreshes; serving snapshot {version}",
@@ -498,6 +507,9 @@ class SnapshotService(Service):
                 "refresh_interval": self.interval,
                 "checks": self.checks,
                 "loads": self.loads,
+                "last_load": self.last_load_how or None,
+                "last_load_seconds": (None if self.last_load_seconds is None
+                                      else round(self.last_load_seconds, 3)),
                 "listen": self._listen_status(),
             },
         }

@@ -318,6 +318,38 @@ def test_changed_token_uses_the_incremental_load_when_the_backend_has_one():
     assert backend.calls == ["load_snapshot"]  # a full build: no token asked first
 
 
+class ExplainingBackend(FakeBackend):
+    """``load_changes`` says how it went, as ``refresh.load_changes`` does."""
+
+    def load_changes(self, previous):
+        self.calls.append("load_changes")
+        return dataclasses.replace(self.load_snapshot(),
+                                   built_how="incremental: 1 list read again")
+
+
+def test_the_load_line_and_status_say_how_each_snapshot_was_made():
+    """Each load's line and ``status()`` say how the snapshot was made and how long it
+    took: the first load and a reload are full builds, a change the token shows is what
+    the backend's ``load_changes`` reports (an incremental refresh here)."""
+    from twisted.logger import formatEvent
+
+    service, backend, clock = make(ExplainingBackend())
+    with captured_events() as events:
+        service.startService()
+        backend.token = "2"
+        clock.advance(2)
+        service.reload()
+    loaded = [formatEvent(e) for e in events if "loaded" in e.get("log_format", "")]
+    assert len(loaded) == 3
+    assert loaded[0].startswith("snapshot 1 loaded (full build: first load, ")
+    assert loaded[1].startswith("snapshot 2 loaded (incremental: 1 list read again, ")
+    assert loaded[2].startswith("snapshot 2 loaded (full build: reload asked, ")
+    assert all(line.endswith(" 0.00 s): 3 lists, 3 memberships") for line in loaded), loaded
+    store = service.status()["store"]
+    assert store["last_load"] == "full build: reload asked"
+    assert store["last_load_seconds"] == 0.0  # the Clock did not move during the build
+
+
 def test_old_snapshot_is_freed_through_the_store_thread():
     """After a swap the previous snapshot is handed to the store thread and freed there;
     nothing else keeps it alive."""

@@ -244,6 +244,9 @@ class Snapshot:
     # Mailman's site ``[antispam] header_checks`` and ``jump_chain`` (configuration, not
     # store data: ``[mailman] config_file``).
     site_header_checks: SiteHeaderChecks = NO_SITE_CHECKS
+    # How the refresh that made it went ("incremental: 1 list read again", "full build:
+    # shared data changed"), for the log line and the status; empty for a plain build.
+    built_how: str = field(default="", compare=False)
     # Recipient -> Target, filled as queries come: MTAs ask about the same few list
     # addresses all day.  Bounded, since a recipient is whatever the client typed.
     _targets: dict = field(default_factory=dict, init=False, compare=False, repr=False)

@@ -112,10 +112,11 @@ def load_changes(previous: Snapshot, prior: SourceState, source: Source, *, vers
     state, shared_same, also = source.read_state(prior)
     steps = plan(prior, state, shared_same, also)
     if steps.full:
-        return source.full(state)
+        return replace(source.full(state), built_how=f"full build: {steps.reason}")
     specs, problems = source.lists(state, steps.changed)
     snapshot = replace_lists(previous, specs, steps.removed, version=version,
                              built_at=started, source_state=state, pause=pace)
+    snapshot = replace(snapshot, built_how=_incremental_how(steps))
     # replace_lists drops the rebuilt lists' own problems ("<posting>: ..."); the ones a
     # source reports while reading rows are "list <posting>: ...".
     gone = {f"list {posting}" for posting in steps.removed}
@@ -124,6 +125,17 @@ def load_changes(previous: Snapshot, prior: SourceState, source: Source, *, vers
     if problems or len(kept) != len(snapshot.problems):
         snapshot = replace(snapshot, problems=tuple(problems) + kept)
     return snapshot
+
+
+def _incremental_how(steps: Plan) -> str:
+    def lists(n: int) -> str:
+        return f"{n} list{'' if n == 1 else 's'}"
+    parts = []
+    if steps.changed:
+        parts.append(f"{lists(len(steps.changed))} read again")
+    if steps.removed:
+        parts.append(f"{lists(len(steps.removed))} removed")
+    return "incremental: " + ", ".join(parts)
 
 
 def verify(previous: Snapshot, prior: SourceState | None, source: Source, *, version: str,

@@ -676,6 +676,7 @@ class StoreContract:
         before, after = self._changes(store, backend, write)
         assert after.lists[LIST] is not before.lists[LIST]
         assert after.lists[self.OTHER] is before.lists[self.OTHER]
+        assert after.built_how == "incremental: 1 list read again"
 
     @pytest.mark.parametrize("change", ["domain", "site ban", "no visible"])
     def test_shared_changes_rebuild_everything(self, store, backend, two_lists, change):
@@ -692,6 +693,9 @@ class StoreContract:
             # "no visible": the write transaction only bumps the generation.
         before, after = self._changes(store, backend, write)
         assert all(after.lists[p] is not before.lists[p] for p in before.lists)
+        assert after.built_how == ("full build: no list explains the change"
+                                   if change == "no visible" else
+                                   "full build: shared data changed")
 
     def test_incremental_refresh_of_added_and_removed_lists(self, store, backend, two_lists):
         """A new list appears and a removed one disappears without a full build."""
@@ -701,6 +705,7 @@ class StoreContract:
         before, after = self._changes(store, backend, write)
         assert self.OTHER not in after.lists and "third@lists.example.org" in after.lists
         assert after.lists[LIST] is before.lists[LIST]
+        assert after.built_how == "incremental: 1 list read again, 1 list removed"
 
     def test_linked_address_of_a_member_posts_after_an_incremental_refresh(
             self, store, backend, two_lists):
