@@ -615,10 +615,17 @@ def _notice(python: Path, url: str, var_dir: Path, daemon: Daemon, n: int):
     decision = ask()
     # How the daemon made the snapshot that answered (an incremental refresh, or a full
     # build and why): what the figure's size comes from.
-    load = control_client.status(daemon.control)["store"].get("last_load")
+    store = control_client.status(daemon.control)["store"]
     return max(0.0, seen_at - committed_at), {
         "sender": sender, "seen": True, "rule": decision["rule"],
-        "verdict": decision["verdict"], "load": load}
+        "verdict": decision["verdict"], "load": store.get("last_load"),
+        "load_s": store.get("last_load_seconds")}
+
+
+def _load_text(detail: dict) -> str:
+    """How the snapshot that answered a notice was made, and the refresh's own time."""
+    seconds = detail.get("load_s")
+    return f"{detail.get('load')}" + ("" if seconds is None else f" in {seconds:g} s")
 
 
 # --- PostgreSQL --------------------------------------------------------------------------------
@@ -669,7 +676,7 @@ def one_database(label: str, url: str, python: Path, work: Path, n_lists: int,
     out["daemon"] = daemon_figures(python, url, work, runs)
     log(f"  {label}: daemon first snapshot {out['daemon']['first_snapshot_s']} s, "
         f"reload {out['daemon']['reload_s']} s, notice {out['daemon']['notice_s']} s "
-        f"({'; '.join(str(d.get('load')) for d in out['daemon']['notices'])})")
+        f"({'; '.join(_load_text(d) for d in out['daemon']['notices'])})")
     build = max(filter(None, (out["in_process"]["build_median_s"],
                               out["daemon"]["reload_median_s"])), default=None)
     notice = out["daemon"]["notice_median_s"]
