@@ -35,20 +35,15 @@ from twisted.logger import Logger
 log = Logger(namespace="policyd.store")
 
 
-class ChangeListener(Service):
-    """``connect()`` (blocking, called in the thread) returns ``(connection, close)``:
-    a psycopg2 connection in autocommit mode that is already LISTENing, and a callable
-    that closes it.  ``on_change()`` is called on the reactor."""
+class StoreWatch(Service):
+    """What a thread that wakes the snapshot service on a change keeps (``ChangeListener``
+    here, ``policyd.sqlite_watch.SqliteWatcher``): its state for ``status()`` (``policyctl
+    status``: ``store.listen``), its incidents, and the way to the reactor.  ``on_change()``
+    is called on the reactor."""
 
-    # Seconds before each reconnection attempt of an incident (the last one repeats).
-    RETRY = (0.5, 1.0, 2.0, 5.0, 10.0)
-    # Seconds a select() waits at most (then it polls the connection anyway).
-    WAIT = 30.0
-
-    def __init__(self, reactor, connect: Callable[[], tuple], on_change: Callable[[], None],
-                 *, channel: str, store: str = "", name: str = "policyd-listen") -> None:
+    def __init__(self, reactor, on_change: Callable[[], None], *, channel: str,
+                 store: str, name: str) -> None:
         self.reactor = reactor
-        self.connect = connect
         self.on_change = on_change
         self.channel = channel
         self.store = store
@@ -60,6 +55,52 @@ class ChangeListener(Service):
         self.received = 0
         self.incidents = 0
         self._stop: threading.Event | None = None
+
+    def status(self) -> dict:
+        now = time.time()
+        return {
+            "channel": self.channel,
+            "listening": self.listening,
+            "listening_for": (None if self.listening_since is None
+                              else round(now - self.listening_since, 3)),
+            "lost_for": None if self.lost_since is None else round(now - self.lost_since, 3),
+            "last_error": self.last_error,
+            "received": self.received,
+            "incidents": self.incidents,
+        }
+
+    def _call(self, f, *args, **kwargs) -> None:
+        self.reactor.callFromThread(f, *args, **kwargs)
+
+    def _incident(self, error: Exception) -> bool:
+        """Note ``error`` (no longer listening): True for the first of an incident, the
+        one to log."""
+        self.listening = False
+        self.listening_since = None
+        lines = str(error).strip().splitlines()
+        name = type(error).__name__
+        self.last_error = f"{name}: {lines[0]}" if lines else name
+        if self.lost_since is not None:
+            return False
+        self.lost_since = time.time()
+        self.incidents += 1
+        return True
+
+
+class ChangeListener(StoreWatch):
+    """``connect()`` (blocking, called in the thread) returns ``(connection, close)``:
+    a psycopg2 connection in autocommit mode that is already LISTENing, and a callable
+    that closes it.  ``on_change()`` is called on the reactor."""
+
+    # Seconds before each reconnection attempt of an incident (the last one repeats).
+    RETRY = (0.5, 1.0, 2.0, 5.0, 10.0)
+    # Seconds a select() waits at most (then it polls the connection anyway).
+    WAIT = 30.0
+
+    def __init__(self, reactor, connect: Callable[[], tuple], on_change: Callable[[], None],
+                 *, channel: str, store: str = "", name: str = "policyd-listen") -> None:
+        super().__init__(reactor, on_change, channel=channel, store=store, name=name)
+        self.connect = connect
         self._wake_w: int | None = None
 
     # --- service -----------------------------------------------------------------------
@@ -85,23 +126,7 @@ class ChangeListener(Service):
         # Not joined: a connect stuck on a dead network must not delay shutdown (the
         # thread is a daemon thread and ends at its next wake-up).
 
-    def status(self) -> dict:
-        now = time.time()
-        return {
-            "channel": self.channel,
-            "listening": self.listening,
-            "listening_for": (None if self.listening_since is None
-                              else round(now - self.listening_since, 3)),
-            "lost_for": None if self.lost_since is None else round(now - self.lost_since, 3),
-            "last_error": self.last_error,
-            "received": self.received,
-            "incidents": self.incidents,
-        }
-
     # --- the thread ----------------------------------------------------------------------
-
-    def _call(self, f, *args, **kwargs) -> None:
-        self.reactor.callFromThread(f, *args, **kwargs)
 
     def _loop(self, stop: threading.Event, wake_r: int, wake_w: int) -> None:
         attempt = 0
@@ -151,14 +176,8 @@ class ChangeListener(Service):
         self._call(self.on_change)
 
     def _lost(self, error: Exception, what: str) -> None:
-        self.listening = False
-        lines = str(error).strip().splitlines()
-        name = type(error).__name__
-        self.last_error = f"{name}: {lines[0]}" if lines else name
-        if self.lost_since is not None:
+        if not self._incident(error):
             return  # once per incident
-        self.lost_since = time.time()
-        self.incidents += 1
         self._call(log.warn, "store notifications: the daemon {what} on {channel}: "
                    "{error}; polling the store meanwhile, reconnecting",
                    what=what, channel=self.channel, error=self.last_error, store=self.store)

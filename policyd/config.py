@@ -53,6 +53,9 @@ class StoreConfig:
     # Native store on PostgreSQL: LISTEN for the triggers' NOTIFY and refresh at once
     # (``policyd.change_listener``); ignored by a store that cannot notify.
     listen_notify: bool = True
+    # Native store on SQLite: seconds between reads of the file's commit counter
+    # (``policyd.sqlite_watch``); 0: poll every ``refresh_interval`` only.
+    watch_interval: float = 0.25
     # ``[mailman] config_file``: Mailman's site ``[antispam] header_checks`` and
     # ``jump_chain`` (``policyd.mailman_site``), carried into every snapshot the store
     # builds (the lines Mailman and policyd skip: ``site_header_checks.notes``).
@@ -332,6 +335,7 @@ SCHEMA: Mapping[str, Mapping[str, tuple[Callable[[str], object], str]]] = {
         "refresh_timeout": (_positive_float, "30"),
         "verify_interval": (_seconds_or_zero, "600"),
         "listen_notify": (_switch, "on"),
+        "watch_interval": (_seconds_or_zero, "0.25"),
     },
     "daemon": {
         "state_dir": (_text, "/var/lib/policyd"),
@@ -488,6 +492,7 @@ def parse(text: str, source: str = "<config>", base: Path | None = None) -> Conf
             refresh_timeout=s["refresh_timeout"],
             verify_interval=s["verify_interval"],
             listen_notify=s["listen_notify"],
+            watch_interval=s["watch_interval"],
             site_header_checks=site),
         daemon=DaemonConfig(
             state_dir=state_dir,

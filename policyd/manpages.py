@@ -60,6 +60,12 @@ KEY_HELP: dict[str, dict[str, str]] = {
                          "change and refreshes at once (polling every refresh_interval "
                          "stays the fallback; status shows store listen). Other stores "
                          "are polled whatever this says. off: poll only.",
+        "watch_interval": "Native store on SQLite: every this many seconds a thread of "
+                          "the daemon reads the file's commit counter (PRAGMA "
+                          "data_version, no table read) and, when another process "
+                          "committed, checks the change token at once, so a change is "
+                          "answered within about this time plus its refresh. 0: poll "
+                          "every refresh_interval only. Other stores ignore it.",
     },
     "daemon": {
         "state_dir": "Directory of the default SQLite store.",

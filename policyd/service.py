@@ -153,6 +153,17 @@ class PolicyService(MultiService):
                 reactor, backend.listen, lambda: self.snapshots.changed(), channel=channel,
                 store=safe_url(config.store.url))
             self.snapshots.change_listener = self.change_listener
+        elif config.store.watch_interval > 0 and getattr(backend, "watch_path", None):
+            # SQLite cannot notify; a thread watches its commit counter instead
+            # (``policyd.sqlite_watch``).
+            path = backend.watch_path()
+            if path is not None:
+                from .sqlite_watch import SqliteWatcher
+
+                self.change_listener = SqliteWatcher(
+                    reactor, path, lambda: self.snapshots.changed(),
+                    interval=config.store.watch_interval, store=safe_url(config.store.url))
+                self.snapshots.change_listener = self.change_listener
         self.decider = Decider(self.snapshots, config.smtp,
                                fail_closed=config.daemon.fail_closed,
                                null_sender=config.rules.null_sender,

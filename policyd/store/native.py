@@ -502,6 +502,11 @@ class NativeBackend:
         this store can only be polled."""
         return NOTIFY_CHANNEL if self.engine.dialect.name == "postgresql" else None
 
+    def watch_path(self) -> str | None:
+        """The database file a ``policyd.sqlite_watch.SqliteWatcher`` can watch (an
+        SQLite store in a file), else None."""
+        return None if self._path is None else str(self._path)
+
     def listen(self):
         """A new connection of its own (not pooled: ``application_name`` policyd-listen),
         in autocommit, LISTENing on ``notify_channel()``: (the DBAPI connection, a callable
