@@ -323,6 +323,10 @@ def _status(first: str) -> Callable[[str], str]:
 
 _D = ReplyPolicy()
 
+# The shortest ``[store] watch_interval``: a thread reading SQLite's commit counter more
+# often would only spend the CPU (and the GIL) for nothing a mail server could notice.
+MIN_WATCH_INTERVAL = 0.05
+
 # section -> key -> (parser, default as text)
 SCHEMA: Mapping[str, Mapping[str, tuple[Callable[[str], object], str]]] = {
     "store": {
@@ -476,6 +480,10 @@ def parse(text: str, source: str = "<config>", base: Path | None = None) -> Conf
     if p["idle_timeout"] <= 300:
         raise ConfigError(f"{source}: [postfix] idle_timeout = {p['idle_timeout']:g} is not "
                           "valid (allowed: more than Postfix's 300 s max_idle)")
+    if 0 < s["watch_interval"] < MIN_WATCH_INTERVAL:
+        raise ConfigError(f"{source}: [store] watch_interval = {s['watch_interval']:g} is "
+                          f"not valid (allowed: 0 to disable, or at least "
+                          f"{MIN_WATCH_INTERVAL:g} s)")
     m = values["moderation"]
     if m["min_delay"] >= m["max_age"]:
         raise ConfigError(f"{source}: [moderation] min_delay = {m['min_delay']:g} is not "

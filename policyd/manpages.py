@@ -64,7 +64,8 @@ KEY_HELP: dict[str, dict[str, str]] = {
                           "the daemon reads the file's commit counter (PRAGMA "
                           "data_version, no table read) and, when another process "
                           "committed, checks the change token at once, so a change is "
-                          "answered within about this time plus its refresh. 0: poll "
+                          "answered within about this time plus its refresh (at least "
+                          "0.05). 0: poll "
                           "every refresh_interval only. Other stores ignore it.",
     },
     "daemon": {

@@ -116,3 +116,14 @@ def test_moderation_section_defaults_and_checks():
     assert (m.min_delay, m.max_tickets) == (1, 5)
     with pytest.raises(ConfigError, match=r"\[moderation\] min_delay = 90000 .*max_age"):
         parse("[moderation]\nmin_delay = 90000\n")
+
+
+def test_store_watch_interval_defaults_zero_and_a_floor():
+    """``[store] watch_interval``: 0.25 s by default, 0 turns the SQLite watch off, and a
+    value below the floor (a thread spinning on the file) is refused naming the key."""
+    assert parse("").store.watch_interval == 0.25
+    assert parse("[store]\nwatch_interval = 0\n").store.watch_interval == 0
+    assert parse("[store]\nwatch_interval = 1.5\n").store.watch_interval == 1.5
+    for bad in ("0.001", "-1", "soon"):
+        with pytest.raises(ConfigError, match=r"\[store\] watch_interval"):
+            parse(f"[store]\nwatch_interval = {bad}\n")
