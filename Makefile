@@ -14,7 +14,7 @@ MAILMAN_PY ?= $(shell test -x /usr/bin/python3 && echo /usr/bin/python3 || echo 
 PIP        = $(VENV)/bin/python -m pip -q --disable-pip-version-check
 PYTEST_ARGS ?=
 
-.PHONY: run test bench bench-ab bench-readme venv mailman-venv mta-deps packaging-deps test-deps deb sdist clean
+.PHONY: run test bench bench-ab bench-floor bench-readme venv mailman-venv mta-deps packaging-deps test-deps deb sdist clean
 
 venv: $(VENV)/.installed
 
@@ -84,6 +84,11 @@ bench: venv mailman-venv
 BEFORE ?= HEAD
 bench-ab: venv
 	$(VENV)/bin/python -m bench.ab --state-dir $(BUILD)/bench --before $(BEFORE)
+
+# Where a Postfix request's CPU goes (bench/floor.py): policyd with parts of its request
+# path cut away (no decision line, parse only, I/O only) beside the bare Twisted servers.
+bench-floor: venv
+	$(VENV)/bin/python -m bench.floor --state-dir $(BUILD)/bench
 
 # The docs' bench results rewritten from runs' results.json (bench/readme.py).
 RUNS ?=

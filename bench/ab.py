@@ -30,7 +30,6 @@ import sys
 import tempfile
 from pathlib import Path
 
-from .build import loadgen
 from .runner import REPO, Bench, Daemon, log, median, ram_directory
 
 SHAPES = ("postfix", "exim")
@@ -74,12 +73,9 @@ def main(argv=None) -> int:
         trees = [worktree(state, args.before), REPO]
     if len(trees) < 2:
         parser.error("give --before REV or at least two --tree")
-    bench = Bench(argparse.Namespace(state_dir=str(state), quick=False, runs=args.rounds,
-                                     duration=args.duration, open_duration=5.0,
-                                     no_pause=False))
+    bench = Bench.alternating(state, args.rounds, args.duration)
     with bench.stack:
-        bench.loadgen = loadgen(state)
-        pristine, bench.mixes = bench._dataset(bench.small, 60_000)
+        pristine = bench.small_workload()
         requests = {shape: None for shape in shapes}
         if "exim-headers" in shapes:
             requests["exim-headers"] = bench._header_mix(bench.small, bench.mixes, 20_000)

@@ -171,7 +171,7 @@ class Daemon:
                  *, tcp_port: int | None = None, refresh: float = 2.0,
                  postfix_mode: str = "envelope", metrics: str = "", extra: str = "",
                  daemon_extra: str = "", timeline: Path | None = None,
-                 log_dir: Path | None = None) -> None:
+                 log_dir: Path | None = None, command: list[str] | None = None) -> None:
         self.name = name
         self.workdir = workdir
         self.exim = sockdir / f"{name}-exim.sock"
@@ -198,8 +198,10 @@ class Daemon:
         self.timeline = timeline
         # ``timeline``: the daemon runs under ``bench.timeline`` (probes around its reactor
         # turns, GC and timed calls; recorded between SIGUSR1 and SIGUSR2, into that file)
-        command = ([str(python), "-m", "bench.timeline", str(timeline), "--"] if timeline
-                   else [str(python.parent / "policyd")])
+        # ``command``: what runs instead of ``policyd`` (``bench.floor``'s variants).
+        if command is None:
+            command = ([str(python), "-m", "bench.timeline", str(timeline), "--"] if timeline
+                       else [str(python.parent / "policyd")])
         self.started = time.monotonic()
         self.proc = subprocess.Popen(
             ["taskset", "-c", SERVER_CPU, *command, "--config", str(self.config)],
@@ -336,6 +338,20 @@ class Bench:
         self.cursor[key] = self.cursor.get(key, 0) + result.get("issued", 0)
 
     # --- setup -----------------------------------------------------------------------------
+
+    @classmethod
+    def alternating(cls, state: Path, rounds: int, duration: float) -> "Bench":
+        """A harness for the tools that alternate servers on the 10k store in rounds
+        (``bench.ab``, ``bench.floor``); ``small_workload()`` then makes what they load."""
+        return cls(argparse.Namespace(state_dir=str(state), quick=False, runs=rounds,
+                                      duration=duration, open_duration=5.0, no_pause=False))
+
+    def small_workload(self) -> Path:
+        """The load generator and the 10k store's request mixes (made once, then reused);
+        the path of the pristine 10k store."""
+        self.loadgen = build.loadgen(self.state)
+        pristine, self.mixes = self._dataset(self.small, 60_000)
+        return pristine
 
     def _dataset(self, data: Dataset, count: int) -> tuple[Path, Path]:
         """(pristine store, mix directory) for ``data``, generated unless up to date."""
@@ -1634,7 +1650,10 @@ def render_details(results: dict) -> str:
                 f"{st['exim_reply_us'] + st['exim_render_us']:.2f}, log line "
                 f"{st['log_line_us']:g}; Postfix parse {st['postfix_parse_us']:g}, decide "
                 f"{st['postfix_decide_warm_us']:g}, reply+render "
-                f"{st['postfix_reply_render_us']:g}."]
+                f"{st['postfix_reply_render_us']:g}"
+                + (f", the whole request from a read {st['postfix_request_log_us']:g} "
+                   f"({st['postfix_request_nolog_us']:g} without its line)"
+                   if "postfix_request_log_us" in st else "") + "."]
     prof = f.get("profile")
     if prof:
         for shape, p in prof.items():

@@ -3,9 +3,12 @@
     python -m bench.stages STORE_URL EXIM_REQUESTS POSTFIX_REQUESTS [COUNT]
 
 Loads the snapshot as the daemon does, then runs the daemon's own functions over the
-request mixes, one stage at a time: parse, decide (header caches cold, then warm),
-reply mapping, wire rendering, and the whole ``Decider.decide`` with and without its
-per-decision log line (logged through the daemon's own observer into /dev/null).
+request mixes, one stage at a time: parse, decide (header caches cold, then warm; the
+MTA path, without the trace, as the daemon decides), reply mapping, wire rendering, the
+whole Exim factory path (``Decider.decide``, the reply, the line) with and without its
+per-decision log line (logged through the daemon's own observer into /dev/null), and
+the whole Postfix request as the daemon's protocol takes it from a read (framing,
+parse, decision, answer) with and without its line.
 Prints JSON, microseconds of CPU per request (thread CPU time, so that other processes
 on a shared machine inflate the figures less than wall-clock time would).  The socket and reactor cost is what the
 end-to-end figures add on top (compare with the bare Twisted server).
@@ -86,8 +89,10 @@ def main(argv=None) -> None:
     # --- Exim ---------------------------------------------------------------------------
     out["exim_parse_us"], requests = best(exim.parse_request, exim_lines)
     queries = [q for r in requests for q in r.queries()]
-    out["exim_decide_cold_us"], _ = best(lambda q: decide(snapshot, q), queries, cold=True)
-    out["exim_decide_warm_us"], decisions = best(lambda q: decide(snapshot, q), queries)
+    out["exim_decide_cold_us"], _ = best(lambda q: decide(snapshot, q, explain=False),
+                                         queries, cold=True)
+    out["exim_decide_warm_us"], decisions = best(lambda q: decide(snapshot, q, explain=False),
+                                                 queries)
     out["exim_reply_us"], replies = best(policy.reply, decisions)
     out["exim_render_us"], _ = best(exim.format_reply, replies)
 
@@ -95,8 +100,10 @@ def main(argv=None) -> None:
     reader = postfix.RequestReader()
     out["postfix_parse_us"], parsed = best(lambda block: reader.feed(block)[0], blocks)
     pqueries = [p.query() for p in parsed]
-    out["postfix_decide_cold_us"], _ = best(lambda q: decide(snapshot, q), pqueries, cold=True)
-    out["postfix_decide_warm_us"], pdecisions = best(lambda q: decide(snapshot, q), pqueries)
+    out["postfix_decide_cold_us"], _ = best(lambda q: decide(snapshot, q, explain=False),
+                                            pqueries, cold=True)
+    out["postfix_decide_warm_us"], pdecisions = best(
+        lambda q: decide(snapshot, q, explain=False), pqueries)
     out["postfix_reply_render_us"], _ = best(
         lambda d: postfix.format_response(postfix_action(d, policy.reply(d), "safe", "dunno")),
         pdecisions)
@@ -120,6 +127,24 @@ def main(argv=None) -> None:
                 for line in exim_lines:
                     factory.answer(line, None)
                 out[label] = min(out[label], _per(t, len(exim_lines)))
+        # The Postfix protocol's whole path from a read (the daemon's mode: envelope),
+        # answers dropped where the daemon would send them.
+        envelope = parse("[postfix]\nmode = envelope\n").postfix
+        for label in ("postfix_request_nolog_us", "postfix_request_log_us"):
+            out[label] = float("inf")
+        for _ in range(3):
+            for label, enabled in (("postfix_request_nolog_us", False),
+                                   ("postfix_request_log_us", True)):
+                factory = postfix.PostfixFactory(
+                    decider, envelope, None,
+                    DecisionLog(enabled=False) if not enabled else DecisionLog(writer=writer))
+                factory.write = lambda transport, data: None
+                protocol = postfix.PostfixPolicyProtocol(factory)
+                protocol.transport = None
+                t = time.thread_time()
+                for block in blocks:
+                    protocol.dataReceived(block)
+                out[label] = min(out[label], _per(t, len(blocks)))
         writer.flush()
     out["log_line_us"] = round(out["decider_log_us"] - out["decider_nolog_us"], 2)
     print(json.dumps(out))
