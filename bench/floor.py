@@ -29,7 +29,6 @@ method in the daemon's process (``--variant``, below); nothing of this is in the
 from __future__ import annotations
 
 import argparse
-import os
 import shutil
 import sys
 import tempfile
@@ -65,13 +64,6 @@ def run_variant(variant: str, argv: list[str]) -> int:
     return main(argv)
 
 
-def user_system(pid: int) -> tuple[float, float]:
-    with open(f"/proc/{pid}/stat") as stat:
-        fields = stat.read().rsplit(")", 1)[1].split()
-    tick = os.sysconf("SC_CLK_TCK")
-    return int(fields[11]) / tick, int(fields[12]) / tick
-
-
 def main(argv=None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     if argv[:1] == ["--variant"]:
@@ -83,7 +75,7 @@ def main(argv=None) -> int:
     parser.add_argument("--duration", type=float, default=3.0)
     args = parser.parse_args(argv)
 
-    from .runner import Bench, Daemon, log, median, ram_directory
+    from .runner import Bench, Daemon, cpu_times, log, median, ram_directory
 
     state = Path(args.state_dir).resolve()
     bench = Bench.alternating(state, args.rounds, args.duration)
@@ -115,10 +107,10 @@ def main(argv=None) -> int:
             log(f"round {round_ + 1} of {args.rounds}")
             for name in VARIANTS + REFERENCES:
                 pid = bench.servers[name]["pid"]
-                before = user_system(pid)
+                before = cpu_times(pid)
                 result = bench.run_load(name, "postfix", bench.servers[name]["postfix"], 8,
                                         server_pid=pid)
-                after = user_system(pid)
+                after = cpu_times(pid)
                 bench.truncate_logs()
                 # ``make bench``'s CPU per request, split as the process's times were.
                 total = result.get("server_cpu_us_per_req") or float("nan")
