@@ -529,8 +529,9 @@ def test_a_quiet_rule_misses_without_a_note_whatever_the_query(settings_, envelo
                             .encode(), b"body\r\n", 100)
     queries = [Query(LIST, envelope, f"<{header}>" if header else None),
                Query(LIST, envelope, message=message)]
-    assert {rule.name for rule in _QUIET_RULES} >= {"broken-list", "banned-address",
-                                                    "emergency", "news-moderation"}
+    assert {rule.name for rule in _QUIET_RULES} >= {"unknown-list", "broken-list",
+                                                    "banned-address", "emergency",
+                                                    "news-moderation"}
     for rule in _QUIET_RULES:
         if not rule.quiet(policy, snapshot):
             continue

@@ -159,6 +159,10 @@ class UnknownList:
     name = "unknown-list"
     description = "A recipient in a list domain that is no list (5.1.1 at RCPT)."
 
+    @staticmethod
+    def quiet(policy: ListPolicy, snapshot: Snapshot) -> bool:
+        return True  # asked only about a list: a recipient that resolved to one
+
     def check(self, ctx: Context) -> Hit | Miss:
         if ctx.target.list is None:
             return Hit(Verdict.REJECT, f"no list at {ctx.target.address}" if ctx.explain
