@@ -53,7 +53,7 @@ class StoreConfig:
     # Native store on PostgreSQL: LISTEN for the triggers' NOTIFY and refresh at once
     # (``policyd.change_listener``); ignored by a store that cannot notify.
     listen_notify: bool = True
-    # Native store on SQLite: seconds between reads of the file's commit counter
+    # Native store on SQLite: seconds between looks at the database's files
     # (``policyd.sqlite_watch``); 0: poll every ``refresh_interval`` only.
     watch_interval: float = 0.25
     # ``[mailman] config_file``: Mailman's site ``[antispam] header_checks`` and
@@ -323,7 +323,7 @@ def _status(first: str) -> Callable[[str], str]:
 
 _D = ReplyPolicy()
 
-# The shortest ``[store] watch_interval``: a thread reading SQLite's commit counter more
+# The shortest ``[store] watch_interval``: a thread looking at SQLite's files more
 # often would only spend the CPU (and the GIL) for nothing a mail server could notice.
 MIN_WATCH_INTERVAL = 0.05
 

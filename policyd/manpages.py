@@ -61,9 +61,9 @@ KEY_HELP: dict[str, dict[str, str]] = {
                          "stays the fallback; status shows store listen). Other stores "
                          "are polled whatever this says. off: poll only.",
         "watch_interval": "Native store on SQLite: every this many seconds a thread of "
-                          "the daemon reads the file's commit counter (PRAGMA "
-                          "data_version, no table read) and, when another process "
-                          "committed, checks the change token at once, so a change is "
+                          "the daemon looks at the database file and its -wal (stat; "
+                          "it opens neither) and, when a commit or a replaced file "
+                          "changed them, checks the change token at once, so a change is "
                           "answered within about this time plus its refresh (at least "
                           "0.05). 0: poll "
                           "every refresh_interval only. Other stores ignore it.",

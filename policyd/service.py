@@ -154,7 +154,7 @@ class PolicyService(MultiService):
                 store=safe_url(config.store.url))
             self.snapshots.change_listener = self.change_listener
         elif config.store.watch_interval > 0 and getattr(backend, "watch_path", None):
-            # SQLite cannot notify; a thread watches its commit counter instead
+            # SQLite cannot notify; a thread watches its files instead
             # (``policyd.sqlite_watch``).
             path = backend.watch_path()
             if path is not None:

@@ -1,36 +1,44 @@
-"""Quick propagation on SQLite: a thread that watches the database's commit counter.
+"""Quick propagation on SQLite: a thread that watches the database's files change.
 
-SQLite cannot notify.  What it tells cheaply is whether another connection committed:
-``PRAGMA data_version`` read again on the same connection changes after every commit made
-by any other connection (https://sqlite.org/pragma.html#pragma_data_version), and reading
-it touches no table.  ``SqliteWatcher`` reads it every ``interval`` seconds (``[store]
-watch_interval``) in a small daemon thread of its own (on a connection of its own), and when it moved asks the reactor,
-once, to call ``on_change`` (``SnapshotService.changed``: a change-token check, and a
-refresh if the token moved; several in a row are coalesced there).  So a change made with
-``policyctl`` is answered within about ``interval`` plus its refresh instead of
-``refresh_interval``.  The daemon's own writes (SMTP-time moderation state) move the
-counter too and cost one change-token check each, which on the native store reads one row.
+SQLite cannot notify.  What it shows cheaply is that its files changed: a commit appends
+to the ``-wal`` file in WAL mode (the native store's mode) or rewrites pages of the
+database file otherwise, and a checkpoint writes the database file.  ``SqliteWatcher``
+``stat``s the database file and its ``-wal`` every ``interval`` seconds (``[store]
+watch_interval``) in a small daemon thread of its own, and when their identity, size or
+modification time moved asks the reactor, once, to call ``on_change``
+(``SnapshotService.changed``: a change-token check, and a refresh if the token moved;
+several in a row are coalesced there).  So a change made with ``policyctl`` is answered
+within about ``interval`` plus its refresh instead of ``refresh_interval``.  The daemon's
+own writes (SMTP-time moderation state) and the checkpoint after a commit cost one
+change-token check each, which on the native store reads one row.
+
+The watcher holds no SQLite connection and never opens the file.  A connection held open
+keeps the database's ``-wal`` and ``-shm`` files beside its name: a store moved over that
+name (a restore) would then be opened by the next connection with the old file's WAL,
+whose pages SQLite would write into the restored file, and the daemon would serve, and
+the file would then hold, the old store.  (The store itself closes each connection after
+a read, so the last one to close checkpoints and removes the WAL: ``store.engine``.)  Nor
+does it ``open()`` the file with the operating system: closing any descriptor of a file
+drops every POSIX lock the process holds on it, SQLite's included.
 
 The native store only: a Mailman 3 database is written by Mailman's runners all day
 (pending requests, workflows, bounce events), and each of those writes would cost a
 change-token computation over Mailman's tables, a fraction of a second on a large site;
 it keeps its polling every ``refresh_interval``.
 
-A database file replaced under its name (a restore, a copy) is noticed by its inode: the
-watcher opens the new file and calls ``on_change``.  A file it cannot open or read is
-logged once per incident and retried every ``RETRY`` seconds; the snapshot service's
-timer keeps polling meanwhile and always.  Like ``policyd.change_listener``, every log
-event and every call of ``on_change`` goes through ``callFromThread``.
+A database file replaced under its name is a change like any other (its inode moved).  A
+file that is not there is logged once per incident and looked for every ``RETRY``
+seconds; the snapshot service's timer keeps polling meanwhile and always, and says what
+it cannot read.  Like ``policyd.change_listener``, every log event and every call of
+``on_change`` goes through ``callFromThread``.
 """
 
 from __future__ import annotations
 
 import os
-import sqlite3
 import threading
 import time
 from typing import Callable
-from urllib.parse import quote
 
 from twisted.logger import Logger
 
@@ -45,12 +53,10 @@ class SqliteWatcher(StoreWatch):
 
     # Seconds between attempts to open or read a file that failed.
     RETRY = 1.0
-    # SQLite's busy timeout for the watcher's own reads (it never waits on the reactor).
-    BUSY_TIMEOUT = 1.0
 
     def __init__(self, reactor, path: str, on_change: Callable[[], None], *,
                  interval: float, store: str = "", name: str = "policyd-watch") -> None:
-        super().__init__(reactor, on_change, channel=f"sqlite data_version every "
+        super().__init__(reactor, on_change, channel=f"sqlite file changes every "
                          f"{interval:g} s", store=store, name=name)
         self.path = path
         self.interval = interval
@@ -74,51 +80,40 @@ class SqliteWatcher(StoreWatch):
 
     # --- the thread ----------------------------------------------------------------------
 
-    def _open(self) -> tuple[sqlite3.Connection, int]:
-        """A connection to the file and the file's inode (the inode first: a file
-        replaced in between is seen at the next read).  Read-write (never creating the
-        file, and nothing is written through it): a read-only connection cannot open a
-        database in WAL mode whose shared-memory file is not there yet, as after a
-        restore, until another connection made it."""
-        inode = os.stat(self.path).st_ino
-        connection = sqlite3.connect(f"file:{quote(self.path)}?mode=rw", uri=True,
-                                     timeout=self.BUSY_TIMEOUT, check_same_thread=False,
-                                     isolation_level=None)
-        return connection, inode
+    def _state(self) -> tuple:
+        """What a commit, a checkpoint or a replaced file changes: the database file's
+        identity, size and modification time, and the ``-wal``'s size and modification
+        time while it holds frames (an empty one comes and goes with each reader's
+        connection: it is not a change).  ``OSError`` when the file is not there."""
+        db = os.stat(self.path)
+        try:
+            wal = os.stat(self.path + "-wal")
+        except FileNotFoundError:
+            wal_state = None
+        else:
+            wal_state = (wal.st_ino, wal.st_size, wal.st_mtime_ns) if wal.st_size else None
+        return db.st_dev, db.st_ino, db.st_size, db.st_mtime_ns, wal_state
 
     def _loop(self, stop: threading.Event) -> None:
-        connection: sqlite3.Connection | None = None
-        inode = version = None
+        state = None
         try:
             while not stop.is_set():
                 try:
-                    if connection is None:
-                        connection, inode = self._open()
-                        version = _data_version(connection)
-                        self._watching()
-                    elif os.stat(self.path).st_ino != inode:
-                        connection.close()
-                        connection = None
-                        self._call(self.on_change)  # a new file: look at it now
-                        continue
-                    else:
-                        now = _data_version(connection)
-                        if now != version:
-                            version = now
-                            self.received += 1
-                            self._call(self.on_change)
-                except (sqlite3.Error, OSError) as error:
-                    if connection is not None:
-                        connection.close()
-                        connection = None
+                    now = self._state()
+                except OSError as error:
+                    state = None
                     self._lost(error)
                     stop.wait(self.RETRY)
                     continue
+                if state is None:
+                    self._watching()
+                elif now != state:
+                    self.received += 1
+                    self._call(self.on_change)
+                state = now
                 stop.wait(self.interval)
         finally:
             self.listening = False
-            if connection is not None:
-                connection.close()
 
     def _watching(self) -> None:
         self.listening = True
@@ -138,7 +133,3 @@ class SqliteWatcher(StoreWatch):
         self._call(log.warn, "store watch: cannot read {path}: {error}; polling the store "
                    "every refresh_interval meanwhile, retrying", path=self.path,
                    error=self.last_error, store=self.store)
-
-
-def _data_version(connection: sqlite3.Connection) -> int:
-    return int(connection.execute("PRAGMA data_version").fetchone()[0])

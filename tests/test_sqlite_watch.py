@@ -86,19 +86,70 @@ def watched(tmp_path, request):
     w.watcher.stopService()
 
 
-def test_a_commit_by_another_connection_is_reported_once(watched):
-    """Nothing is reported while nobody writes; each commit elsewhere is reported, once,
-    in rollback-journal and WAL mode alike."""
+def test_a_commit_by_another_connection_is_reported(watched):
+    """Nothing is reported while nobody writes; each commit elsewhere is reported, in
+    rollback-journal and WAL mode alike: once, or twice when the watcher looked between
+    the commit and the checkpoint its writer's closing connection made."""
     watched.settle()
     assert watched.on_change_calls() == 0
     watched.write(1)
-    assert watched.wait_for(lambda: watched.on_change_calls() == 1)
+    assert watched.wait_for(lambda: watched.on_change_calls() >= 1)
     watched.settle()
-    assert watched.on_change_calls() == 1
+    first = watched.on_change_calls()
+    assert first in (1, 2)
+    watched.settle()
+    assert watched.on_change_calls() == first
     watched.write(2)
-    assert watched.wait_for(lambda: watched.on_change_calls() == 2)
-    assert watched.watcher.status()["received"] == 2
+    assert watched.wait_for(lambda: watched.on_change_calls() > first)
+    watched.settle()
+    assert watched.on_change_calls() - first in (1, 2)
+    assert watched.watcher.status()["received"] == watched.on_change_calls()
     assert watched.watcher.status()["listening"] is True
+
+
+def test_a_reader_opening_and_closing_the_store_is_not_a_change(watched):
+    """The snapshot service's reads (a connection opened, read, closed; in WAL mode that
+    makes and removes an empty ``-wal``) are not reported: a change-token check must not
+    cause the next one."""
+    for _ in range(20):
+        db = sqlite3.connect(watched.path)
+        db.execute("SELECT count(*) FROM t").fetchone()
+        time.sleep(INTERVAL / 2)
+        db.close()
+    watched.settle()
+    assert watched.on_change_calls() == 0
+
+
+def test_a_store_moved_over_the_watched_one_keeps_its_own_contents(watched, tmp_path):
+    """A restore while the daemon runs: the file moved over the store's name is read as it
+    is, and stays as it is.  (A watcher holding a connection kept the old file's ``-wal``
+    beside the name with frames a writer could not checkpoint; the next connection took
+    that WAL for the restored file's and wrote the old pages into it.)"""
+    watched.write(1)
+    watched.write(2)
+    other = tmp_path / "restored.sqlite"
+    restored = sqlite3.connect(other)
+    with restored:
+        restored.execute("PRAGMA journal_mode = wal")
+        restored.execute("CREATE TABLE t (v INTEGER)")
+        restored.execute("CREATE TABLE restored (marker TEXT)")
+        restored.execute("INSERT INTO t VALUES (42)")
+        restored.execute("INSERT INTO restored VALUES ('yes')")
+    restored.close()
+    os.replace(other, watched.path)
+    assert watched.wait_for(lambda: watched.on_change_calls() >= 1)
+    db = sqlite3.connect(watched.path)
+    try:
+        assert db.execute("SELECT v FROM t").fetchall() == [(42,)]
+        assert db.execute("SELECT marker FROM restored").fetchall() == [("yes",)]
+    finally:
+        db.close()
+    watched.settle()
+    db = sqlite3.connect(f"file:{watched.path}?mode=ro", uri=True)
+    try:
+        assert db.execute("SELECT v FROM t").fetchall() == [(42,)]
+    finally:
+        db.close()
 
 
 def test_a_file_replaced_under_its_name_is_reported_and_watched(watched, tmp_path):
@@ -107,12 +158,12 @@ def test_a_file_replaced_under_its_name_is_reported_and_watched(watched, tmp_pat
     other = tmp_path / "restored.sqlite"
     watched.write(5, path=other)
     os.replace(other, watched.path)
-    assert watched.wait_for(lambda: watched.on_change_calls() == 1)
+    assert watched.wait_for(lambda: watched.on_change_calls() >= 1)
     assert watched.wait_for(lambda: watched.watcher.listening)
     watched.settle()
     before = watched.on_change_calls()
     watched.write(6)
-    assert watched.wait_for(lambda: watched.on_change_calls() == before + 1)
+    assert watched.wait_for(lambda: watched.on_change_calls() > before)
 
 
 def test_an_unreadable_file_is_logged_once_then_found_again(tmp_path):
@@ -128,7 +179,7 @@ def test_an_unreadable_file_is_logged_once_then_found_again(tmp_path):
         status = w.watcher.status()
         assert status["listening"] is False and "later.sqlite" in status["last_error"]
         w.write(1)
-        assert w.wait_for(lambda: w.on_change_calls() == 1)
+        assert w.wait_for(lambda: w.on_change_calls() >= 1)
         assert len(w.log_calls("again after")) == 1
         assert w.watcher.status()["listening"] is True
         assert w.watcher.status()["last_error"] is None
@@ -177,6 +228,6 @@ def test_the_daemon_watches_a_native_sqlite_store_unless_told_not_to(tmp_path):
                 assert watcher.path == str(tmp_path / "store.sqlite")
                 listen = service.snapshots.status()["store"]["listen"]
                 assert listen["enabled"] is True
-                assert listen["channel"] == f"sqlite data_version every {expected:g} s"
+                assert listen["channel"] == f"sqlite file changes every {expected:g} s"
         finally:
             backend.close()
