@@ -243,7 +243,11 @@ class TrackingFactory(Factory):
 
     def track(self, protocol) -> None:
         self.connections.add(protocol)
-        if self._sweeping is None and self.sweep_interval:
+        if self._sweeping is None:
+            self._start_sweeping()
+
+    def _start_sweeping(self) -> None:
+        if self.sweep_interval:
             self._sweeping = LoopingCall(self._sweep)
             self._sweeping.clock = self.reactor
             self._sweeping.start(self.sweep_interval, now=False)
@@ -253,10 +257,12 @@ class TrackingFactory(Factory):
         self.sweep(now)
         if self.incidents:
             self.end_incidents(now)
-        if not self.connections and self._sweeping is not None:
+        # The sweeps go on while an incident is open, though every connection is gone:
+        # a flood of short connections (Exim's) empties the listener between its bursts,
+        # and is still one incident until it has been quiet for INCIDENT_QUIET.
+        if not self.connections and not self.incidents and self._sweeping is not None:
             self._sweeping.stop()
             self._sweeping = None
-            self.end_incidents(now, force=True)
 
     def sweep(self, now: float) -> None:
         """Time out what has to be (subclasses)."""
@@ -401,6 +407,8 @@ class TrackingFactory(Factory):
         incident = self.incidents.get(key)
         if incident is None:
             incident = self.incidents[key] = _Incident(what, now)
+            if self._sweeping is None:
+                self._start_sweeping()  # its summary comes from a sweep
             _limits_log.warn(
                 "{listener}: at {limit}: {doing} (one summary follows when it is over)",
                 listener=self.name, limit=what, incident=key,

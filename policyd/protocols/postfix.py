@@ -363,6 +363,9 @@ class PostfixPolicyProtocol(Protocol):
     reads_seen = 0
     idle_since = 0.0
     buffered = 0
+    # When the incomplete request held began (``reactor.seconds()``): what
+    # ``request_timeout`` and the limits count, however often its bytes trickle in.
+    pending_since = 0.0
 
     def __init__(self, factory: "PostfixFactory") -> None:
         self.factory = factory
@@ -391,9 +394,13 @@ class PostfixPolicyProtocol(Protocol):
             self.factory.write(self.transport, out[0] if len(out) == 1 else b"".join(out))
             if reader.broken or (self._close_when_idle and not reader.pending):
                 self.transport.loseConnection()
-        if (reader._buffer or self.buffered) and not self.factory.buffer_changed(
-                self, len(reader._buffer)):
-            self.factory._close(self)
+        if reader._buffer or self.buffered:
+            # Off the usual path (Postfix writes each request whole): a request left
+            # incomplete, begun by this read when it completed others or none was held.
+            if reader._buffer and (items or not self.buffered):
+                self.pending_since = self.factory.reactor.seconds()
+            if not self.factory.buffer_changed(self, len(reader._buffer)):
+                self.factory._close(self)
 
     def timeoutConnection(self) -> None:
         """Idle longer than ``idle_timeout`` between requests (the sweep logs a count)."""
@@ -411,11 +418,13 @@ class PostfixPolicyProtocol(Protocol):
 
     def idle_for(self, now: float) -> float:
         """Seconds counted against this connection at a limit (``TrackingFactory``):
-        half a request: seconds without a read (as of the last sweep, 0 if read since);
+        half a request: seconds since it began, however often bytes of it came since
+        (Postfix writes a request whole: one begun ``EVICT_MIN_IDLE`` ago is no MTA's
+        request arriving, but a client trickling bytes to hold the connection);
         between requests, or silent ``SILENT_GRACE`` after connecting: closable at once."""
-        idle = now - self.idle_since
         if self.reader.pending:
-            return 0.0 if self.reads != self.reads_seen else idle
+            return now - self.pending_since
+        idle = now - self.idle_since
         if self.reads or idle >= SILENT_GRACE:
             return idle + EVICT_MIN_IDLE
         return idle
@@ -498,14 +507,17 @@ class PostfixFactory(DecidingFactory):
         for protocol in list(self.connections):
             if protocol in self.evicting:
                 abort_stuck(protocol, now)  # its peer does not take its last answers
-            elif protocol.reads != protocol.reads_seen:
-                protocol.reads_seen = protocol.reads
-                protocol.idle_since = now
-            elif ((protocol.reads == 0 or protocol.reader.pending)
-                  and now - protocol.idle_since >= request_timeout):
+            elif ((protocol.reader.pending
+                   and now - protocol.pending_since >= request_timeout)
+                  or (protocol.reads == 0 and now - protocol.idle_since >= request_timeout)):
+                # An incomplete request counts from its first byte: one byte now and
+                # then must not hold a connection (and its buffer) for ever.
                 self.evicting.add(protocol)
                 protocol.stalled()
                 stalled += 1
+            elif protocol.reads != protocol.reads_seen:
+                protocol.reads_seen = protocol.reads
+                protocol.idle_since = now
             elif now - protocol.idle_since >= timeout:
                 self.evicting.add(protocol)
                 protocol.timeoutConnection()

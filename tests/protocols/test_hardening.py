@@ -82,6 +82,30 @@ def test_postfix_at_max_connections_closes_the_idlest_then_refuses(events):
     assert len(lines) == 2 and lines[1]["refused"] == 50 and lines[1]["closed"] == 1
 
 
+def test_bursts_that_empty_the_listener_in_between_are_one_incident(events):
+    """Ten bursts a second apart, each past ``max_connections`` with silent Exim
+    connections that then go away (the listener is empty between bursts): one warning
+    when it starts and one summary once it has been quiet, with every burst counted."""
+    first, first_t, clock, factory = test_exim.connect(config=EXIM)
+    first.connectionLost(None)
+    for _ in range(10):
+        burst = [more(factory)[0] for _ in range(6)]
+        for proto in burst:
+            if proto is not None:
+                proto.connectionLost(None)
+        assert not factory.connections
+        clock.advance(1)
+    assert len(limit_lines(events)) == 1
+    clock.pump([1] * 15)
+    lines = limit_lines(events)
+    assert len(lines) == 2
+    assert lines[1]["closed"] + lines[1]["refused"] >= 10 * 3
+    assert lines[1]["duration"] >= 8
+    clock.pump([1] * 30)
+    assert len(limit_lines(events)) == 2
+    assert not clock.getDelayedCalls()  # the sweeps stop once it is over
+
+
 def test_postfix_incomplete_request_evicted_gets_a_4xx():
     """A connection closed at the limit while holding an incomplete request gets
     ``451 4.3.2``; a request in flight (read within the last second) is never closed."""
@@ -301,6 +325,71 @@ def test_postfix_silent_or_incomplete_connection_closed_after_request_timeout(ev
                              b"within 10 s\n\n"
     assert not idle_t.disconnecting
     assert len(limit_lines(events)) == 1
+
+
+def test_postfix_request_trickled_byte_by_byte_times_out_from_its_first_byte(events):
+    """A slowloris: half a request, then one byte every half second.  ``request_timeout``
+    counts from the request's first byte, not from its last read: the connection gets
+    the 4xx and is closed at about the same time as a silent half request, however
+    often bytes trickle in; a request completed meanwhile on another connection, and the
+    connection's own next request, are unaffected."""
+    slow, slow_t, clock, factory = test_postfix.connect()
+    slow.dataReceived(b"request=smtpd_access_policy\nsender=")
+    for _ in range(30):  # 15 s of one byte per 0.5 s
+        if slow_t.disconnecting:
+            break
+        slow.dataReceived(b"x")
+        clock.advance(0.5)
+    assert slow_t.disconnecting
+    assert slow_t.value() == b"action=451 4.3.0 Malformed policy request: no complete " \
+                             b"request within 10 s\n\n"
+    assert clock.seconds() <= 10 + factory.sweep_interval + 0.5
+    # A connection that completes its requests, one byte at a time each but each within
+    # a second, is never closed however long it lives.
+    steady, steady_t = more(factory)
+    whole = test_postfix.request()
+    for _ in range(6):
+        for byte in range(len(whole)):
+            steady.dataReceived(whole[byte:byte + 1])
+        clock.advance(3)
+    assert not steady_t.disconnecting
+    assert steady_t.value().count(b"\n\n") == 6
+
+
+def test_postfix_trickling_requests_cannot_hold_every_connection(events):
+    """At ``max_connections`` with every connection trickling bytes of a request begun
+    more than a second ago, a newcomer (an MTA) is admitted: the connection whose request
+    began first is closed with the 4xx, as a stalled one.  A request begun within the
+    last second is still never closed."""
+    first, first_t, clock, factory = test_postfix.connect(config=POSTFIX)
+    others = [(first, first_t)] + [more(factory) for _ in range(2)]
+    for proto, _ in others:
+        proto.dataReceived(b"request=smtpd_access_policy\n")
+        clock.advance(0.1)
+    for _ in range(6):  # 3 s of a byte per connection every half second
+        for proto, _ in others:
+            proto.dataReceived(b"x")
+        clock.advance(0.5)
+    mta, mta_t = more(factory)
+    assert mta is not None
+    assert first_t.disconnecting
+    assert first_t.value() == b"action=451 4.3.2 Policy service busy, please try again later\n\n"
+    mta.dataReceived(test_postfix.request())
+    assert mta_t.value().startswith(b"action=")
+    # One closed for one newcomer: the other tricklers wait for their own timeout.
+    assert factory.evicted == 1
+    assert not others[1][1].disconnecting and not others[2][1].disconnecting
+    # A request begun less than a second ago is never closed for a newcomer: with the
+    # tricklers gone, the limit is full of requests arriving now, and a newcomer is
+    # refused rather than one of them closed.
+    for proto, transport in others[1:] + [(mta, mta_t)]:
+        proto.connectionLost(None)
+    arriving = [more(factory) for _ in range(3)]
+    for proto, _ in arriving:
+        proto.dataReceived(b"request=smtpd_access_policy\n")
+    clock.advance(0.5)
+    assert more(factory)[0] is None
+    assert not any(t.disconnecting for _, t in arriving)
 
 
 def test_postfix_crlf_request_is_answered_at_once():
