@@ -18,6 +18,14 @@ class ControlError(Exception):
     """The daemon is not running, is unreachable, or answered with an error."""
 
 
+class DaemonError(ControlError):
+    """The daemon answered, with an error (no snapshot to decide on, a failed reload)."""
+
+
+class AnswerTimeout(ControlError):
+    """The daemon took the request and did not answer in time."""
+
+
 def request(socket_path, message: dict, timeout: float = 5.0) -> dict:
     """Send one request and return its ``result``; raise ``ControlError`` otherwise."""
     path = os.fspath(socket_path)
@@ -51,7 +59,8 @@ def request(socket_path, message: dict, timeout: float = 5.0) -> dict:
                 if chunk.endswith(b"\n") or b"\n" in chunk:
                     break
         except socket.timeout:
-            raise ControlError(f"policyd did not answer within {timeout:g} s on {path}") from None
+            raise AnswerTimeout(f"policyd did not answer within {timeout:g} s on {path}") \
+                from None
         except OSError as error:
             raise ControlError(f"talking to policyd on {path} failed: "
                                f"{error.strerror or error}") from None
@@ -68,7 +77,7 @@ def request(socket_path, message: dict, timeout: float = 5.0) -> dict:
     if not isinstance(answer, dict) or "ok" not in answer:
         raise ControlError(f"policyd sent an unexpected answer on {path}")
     if not answer["ok"]:
-        raise ControlError(f"policyd: {answer.get('error')}")
+        raise DaemonError(f"policyd: {answer.get('error')}")
     return answer.get("result")
 
 

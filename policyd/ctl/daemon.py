@@ -62,6 +62,12 @@ def cmd_query(ctx: Context) -> int:
             result = control_client.query(_control_socket(ctx), args.list, sender,
                                           args.from_header, args.reply_to_header,
                                           args.sender_header, timeout=args.timeout)
+        except control_client.DaemonError as error:
+            # The daemon is there and cannot decide (no snapshot, an empty store): what
+            # the MTAs get meanwhile is the temporary failure.
+            raise Unavailable(f"{error} (the MTAs get the temporary failure meanwhile; "
+                              "--offline decides from the store without the "
+                              "daemon)") from None
         except control_client.ControlError as error:
             raise DaemonUnreachable(f"{error} (use --offline to decide from the store "
                                     "without the daemon)") from None
@@ -193,14 +199,24 @@ def _store_status(ctx: Context) -> int:
 
 
 def cmd_reload(ctx: Context) -> int:
+    """Exit 0 once the daemon loaded the store as it is now; 5 when it could not (it
+    says why, and keeps serving its last snapshot) or is still at it after the timeout
+    (a stuck store: ``status`` shows it)."""
     try:
         result = control_client.reload(_control_socket(ctx), timeout=ctx.args.timeout)
+    except control_client.AnswerTimeout as error:
+        raise StoreUnavailable(f"{error}: the reload is still running (a stuck store? "
+                               "`policyctl status` shows the store's health)") from None
+    except control_client.DaemonError as error:
+        raise StoreUnavailable(str(error)) from None
     except control_client.ControlError as error:
         raise DaemonUnreachable(str(error)) from None
     if ctx.args.json:
         ctx.json(result)
     else:
         print_mapping(ctx, for_people(result) if result is not None else "reloaded")
+    if isinstance(result, dict) and result.get("reloaded") is False:
+        return StoreUnavailable.exit_code
     return EXIT_OK
 
 

@@ -82,6 +82,41 @@ def test_reload_prints_the_snapshot_like_status(daemon):
     assert re.search(r"built_at: " + ISO.pattern, out) and "age: 3 min 12 s" in out
 
 
+def test_reload_that_failed_exits_5_and_says_why(daemon, monkeypatch):
+    """The daemon could not load the store: it says why (and keeps serving its last
+    snapshot); policyctl prints that and exits 5 (store unavailable), never 0."""
+    monkeypatch.setattr(control_client, "reload", lambda path, timeout=5.0: {
+        "reloaded": False, "snapshot": STATUS["snapshot"],
+        "error": "StoreUnavailable: no store at /x.sqlite"})
+    code, out, err = daemon("reload", store=False)
+    assert code == 5
+    assert "reloaded: off" in out and "no store at /x.sqlite" in out
+
+
+def test_reload_still_running_after_the_timeout_exits_5(daemon, monkeypatch):
+    """A reload stuck on a frozen store: the daemon took the request and did not answer
+    in time.  Not "daemon unreachable" (3): exit 5, pointing at the store's health."""
+    def stuck(path, timeout=5.0):
+        raise control_client.AnswerTimeout(f"policyd did not answer within {timeout:g} s")
+    monkeypatch.setattr(control_client, "reload", stuck)
+    code, out, err = daemon("reload", store=False)
+    assert code == 5
+    assert "still running" in err and "policyctl status" in err
+
+
+def test_query_the_daemon_cannot_decide_exits_5(daemon, monkeypatch):
+    """No snapshot yet (the store failed at start-up): the daemon answers with the
+    reason; policyctl exits 5 (store unavailable), not 3 (unreachable)."""
+    def no_snapshot(*args, **kwargs):
+        raise control_client.DaemonError("policyd: no snapshot loaded yet: the store "
+                                         "failed: no store at /x.sqlite")
+    monkeypatch.setattr(control_client, "query", no_snapshot)
+    code, out, err = daemon("query", "discuss@lists.example.org", "a@example.com",
+                            store=False)
+    assert code == 5
+    assert "no snapshot loaded yet" in err and "temporary failure" in err
+
+
 @pytest.mark.parametrize("seconds, text", [
     (0, "0.0 s"), (0.04, "0.0 s"), (9.94, "9.9 s"), (9.96, "10 s"), (59.4, "59 s"),
     (59.6, "1 min 0 s"), (3599, "59 min 59 s"), (3600, "1 h 0 min"),
