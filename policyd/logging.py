@@ -12,6 +12,11 @@ standard output (``policyd.logfile``: the reactor never waits for a disk, and a 
 is bounded); ``reopen()`` (on SIGHUP) reopens the file after log rotation.  A log file
 policyd creates is mode 0640 whatever the umask.
 
+A failure's traceback is bounded (``bounded_traceback``): a frame repeated in a row is
+written three times and then counted, as Python's own tracebacks do, and beyond
+``MAX_FRAMES`` frames only the outermost and innermost are written, so one failure (a
+recursion a thousand frames deep) never writes thousands of lines.
+
 Every line is one line: control characters in any value (``\n``, ``\r``, NUL, ESC, the
 C1 controls, U+2028/2029) are written escaped (``\n``, ``\x00``), so a peer cannot
 forge a line or a terminal sequence (``escape_controls``).
@@ -24,6 +29,7 @@ and summed up in one line per interval.
 
 from __future__ import annotations
 
+import linecache
 import os
 import re
 import sys
@@ -32,6 +38,7 @@ from time import perf_counter
 from typing import IO, Mapping
 
 from twisted.logger import LogLevel, Logger, formatEvent, globalLogBeginner, globalLogPublisher
+from twisted.python.reflect import qual, safe_str
 
 from .logfile import LogStream
 
@@ -74,6 +81,52 @@ def _format(event: dict) -> str:
     return formatEvent(event)
 
 
+# A traceback shows at most this many frames: the outermost ``_HEAD`` and the innermost
+# rest (where it was raised); its exception text at most ``_MAX_MESSAGE`` characters.
+MAX_FRAMES = 30
+_HEAD = 8
+_REPEATS = 3  # a frame repeated in a row: written this many times, then counted
+_MAX_MESSAGE = 2000
+
+
+def bounded_traceback(failure) -> str:
+    """``failure``'s traceback as Twisted writes it (``Failure.getTraceback``), bounded:
+    a frame repeated in a row is written ``_REPEATS`` times and then counted
+    (``[Previous line repeated N more times]``, as Python's own tracebacks say), at most
+    ``MAX_FRAMES`` frames are written (the first ``_HEAD`` and the last ones, with a line
+    saying how many were left out), and the exception's text is cut at ``_MAX_MESSAGE``
+    characters with its control characters escaped."""
+    entries: list[str] = []
+    last, repeated = None, 0
+    for frame in failure.frames:
+        name, filename, lineno = frame[0], frame[1], frame[2]
+        if (name, filename, lineno) == last:
+            repeated += 1
+            if repeated >= _REPEATS:
+                continue
+        else:
+            if repeated >= _REPEATS:
+                entries.append(f"  [Previous line repeated {repeated - _REPEATS + 1} more "
+                               f"times]")
+            last, repeated = (name, filename, lineno), 0
+        code = linecache.getline(filename, lineno).strip()
+        entries.append(f'  File "{filename}", line {lineno}, in {name}'
+                       + (f"\n    {code}" if code else ""))
+    if repeated >= _REPEATS:
+        entries.append(f"  [Previous line repeated {repeated - _REPEATS + 1} more times]")
+    if len(entries) > MAX_FRAMES:
+        tail = MAX_FRAMES - _HEAD
+        entries = entries[:_HEAD] + [
+            f"  [{len(entries) - MAX_FRAMES} more frames left out]"] + entries[-tail:]
+    message = safe_str(failure.value)
+    if len(message) > _MAX_MESSAGE:
+        message = message[:_MAX_MESSAGE] + f"... ({len(message) - _MAX_MESSAGE} more characters)"
+    head = "Traceback (most recent call last):" if entries else \
+        "Traceback (failure with no frames):"
+    return "\n".join([head, *entries,
+                      f"{qual(failure.type)}: {escape_controls(message)}"])
+
+
 # ".000" to ".999": the milliseconds of a log line's time by index, not by formatting.
 _MILLIS = tuple(f".{ms:03d}" for ms in range(1000))
 
@@ -100,7 +153,7 @@ class LineWriter:
         failure = event.get("log_failure")
         if failure is not None:
             try:
-                text = f"{text}\n{failure.getTraceback().rstrip()}"
+                text = f"{text}\n{bounded_traceback(failure)}"
             except Exception:
                 text = f"{text}\n(traceback unavailable)"
         namespace = event.get("log_namespace", "-")

@@ -638,6 +638,50 @@ def test_outsider_warnings_are_rate_limited_with_a_summary():
 # --- 9. safe defaults, 10. start-up checks ------------------------------------------------------
 
 
+def test_a_traceback_in_the_log_is_bounded_and_escaped():
+    """A failure deep in a recursion wrote one line per frame (2,000 for a From: that
+    made the stdlib's address parser recurse): identical frames in a row are counted as
+    Python's own tracebacks do, other long stacks cut to ``MAX_FRAMES`` frames, and the
+    exception's text is escaped (a peer's newline cannot forge a line) and cut."""
+    from twisted.python.failure import Failure
+
+    from policyd.logging import MAX_FRAMES
+
+    def same(n):
+        if n:
+            return same(n - 1)
+        raise ValueError("forged\n2026-01-01 info [policyd.decision] " + "x" * 10_000)
+
+    def ping(n):
+        return pong(n - 1) if n else 1 / 0
+
+    def pong(n):
+        return ping(n)
+
+    out = io.StringIO()
+    writer = LineWriter(out)
+    written = {}
+    for deep, kind in ((same, "ValueError"), (ping, "ZeroDivisionError")):
+        try:
+            deep(300)
+        except Exception:
+            failure = Failure()
+        failure.cleanFailure()  # as a Deferred's errback leaves it: frames only
+        out.seek(0)
+        out.truncate()
+        writer({"log_level": LogLevel.critical, "log_namespace": "t", "log_time": 0.0,
+                "log_format": "it broke", "log_failure": failure})
+        lines = out.getvalue().splitlines()
+        assert len(lines) <= 2 * MAX_FRAMES + 4, len(lines)
+        assert lines[1] == "Traceback (most recent call last):"
+        assert lines[-1].startswith(f"builtins.{kind}: ")
+        assert len(lines[-1]) < 2100
+        assert all(not line.startswith("2026-01-01") for line in lines)
+        written[kind] = lines
+    assert any("[Previous line repeated 29" in line for line in written["ValueError"])
+    assert any("more frames left out]" in line for line in written["ZeroDivisionError"])
+
+
 def test_safe_defaults():
     config = config_module.parse("")
     assert config.exim.listen == ("unix:/run/policyd/exim.sock:mode=660",)
