@@ -6,14 +6,22 @@ exception inside the decision give the configured 4xx, never a 5xx) and the verd
 counters ``policyctl status`` and the metrics show.  It renders nothing and logs only its
 own trouble: each protocol turns the ``Answer`` into its wire text and writes its
 decision line.
+
+Its trouble is logged once per incident, never once per request (``Incidents``): an
+exception in the decision (any sender can cause one: a ``From:`` nested too deep for the
+standard library's address parser) with its traceback once per kind, an Exim question
+about a domain that is not a list domain naming the first few domains; the rest are
+counted and summed up in one line a minute.
 """
 
 from __future__ import annotations
 
+import email
 from bisect import bisect_left
 from collections import Counter
 from functools import partial
-from time import perf_counter
+from os.path import basename, dirname
+from time import monotonic, perf_counter
 from typing import Callable, NamedTuple
 
 from twisted.internet.defer import Deferred, DeferredList, DeferredSemaphore
@@ -25,7 +33,7 @@ from .core.passwords import VerificationNeeded, verify_and_remember, verify_else
 from .core.replies import ReplyPolicy, SmtpReply
 from .core.verdict import Decision, Query
 
-__all__ = ["Answer", "Decider", "FixedSnapshot", "LatencyHistogram"]
+__all__ = ["Answer", "Decider", "FixedSnapshot", "Incidents", "LatencyHistogram"]
 
 log = Logger(namespace="policyd.decision")
 
@@ -55,7 +63,8 @@ class Decider:
     def __init__(self, snapshots, policy: ReplyPolicy, *, decide=chain_decide,
                  fail_closed: bool = True, null_sender: str = "reject",
                  per_list: bool = False, latency: bool = False,
-                 run_in_thread: Callable[..., Deferred] | None = None) -> None:
+                 run_in_thread: Callable[..., Deferred] | None = None,
+                 clock=None) -> None:
         self.snapshots = snapshots
         self.policy = policy
         # Where a moderator password is verified (a fifth of a second of CPU): with
@@ -87,8 +96,12 @@ class Decider:
         self._labels: dict[str, Counter] = {}
         # protocol -> what was answered (ACCEPT, REJECT, ..., or Postfix's DUNNO, OK)
         self.answers: dict[str, Counter] = {}
-        self._warned: set = set()
         self._warned_version = None
+        # Trouble an outsider can repeat at will, logged once per incident (``Incidents``,
+        # on ``clock``: the reactor in the daemon, which also closes each interval; without
+        # one, the monotonic clock and an interval closes at the next such event).
+        self.failures = Incidents(self._failures_left_out, clock=clock)
+        self.unmanaged = Incidents(self._domains_left_out, clock=clock)
 
     def decide(self, query: Query, protocol: str, *, explain: bool = False,
                names_a_list: bool = False, counted: bool = True) -> Answer:
@@ -110,8 +123,8 @@ class Decider:
         if self.fail_closed and not snapshot.lists and (
                 names_a_list or not snapshot.domains
                 or snapshot.resolve(query.recipient).managed_domain):
-            self._warn_once(snapshot, "empty", "", "the snapshot (version {version}) has no "
-                            "lists: list queries get the temporary failure until it has some")
+            self._warn_once(snapshot, "the snapshot (version {version}) has no lists: list "
+                            "queries get the temporary failure until it has some")
             return self.trouble(protocol, "unavailable",
                                 "the store has no lists (empty or replaced store?)", started)
         try:
@@ -125,18 +138,34 @@ class Decider:
         except (VerificationNeeded, LookupNeeded) as pending:
             return Answer(None, self.policy.error(), "verifying", str(pending), started,
                           pending)
-        except Exception:
-            log.failure("the decision failed for {protocol} recipient={recipient!r}"
-                        " sender={sender!r}", protocol=protocol,
-                        recipient=query.recipient, sender=query.envelope_sender)
-            return self.trouble(protocol, "error", "internal error in the decision (logged)",
-                                started)
+        except Exception as error:
+            # Any sender controls what reaches the decision (a From: that makes the
+            # stdlib's address parser recurse too deep): the traceback is logged once per
+            # incident (exception type and where it was raised), the rest counted.
+            where, in_email = _raised_at(error)
+            if not self.failures.first(where):
+                pass
+            elif in_email and isinstance(error, RecursionError):
+                # Not a bug of policyd's: a header nested too deep for the standard
+                # library's parser (``a:a:a:...``), which any sender can send.
+                log.warn("the decision failed for {protocol} recipient={recipient!r} "
+                         "sender={sender!r}: a header too deeply nested for Python's email "
+                         "parser ({where}): answering the temporary failure (further ones "
+                         "are counted, not logged)", protocol=protocol, where=where,
+                         recipient=query.recipient, sender=query.envelope_sender)
+            else:
+                log.failure("the decision failed for {protocol} recipient={recipient!r}"
+                            " sender={sender!r} ({where}; further failures like it are "
+                            "counted, not logged)", protocol=protocol, where=where,
+                            recipient=query.recipient, sender=query.envelope_sender)
+            return self.trouble(protocol, "error", f"error in the decision: {where}", started)
         if names_a_list and self.fail_closed and not decision.managed:
             domain = query.recipient.rpartition("@")[2].lower()
-            self._warn_once(snapshot, "domain", domain, "{protocol} asked about {domain}, "
-                            "which is not a list domain in snapshot {version}: answering the "
-                            "temporary failure (check the MTA's list domains and the store)",
-                            protocol=protocol)
+            if self.unmanaged.first(domain):
+                log.warn("{protocol} asked about {domain}, which is not a list domain in "
+                         "snapshot {version}: answering the temporary failure (check the "
+                         "MTA's list domains and the store)", protocol=protocol,
+                         domain=domain, version=snapshot.version)
             return self.trouble(protocol, "not-managed",
                                 f"{domain or '(no domain)'} is not a list domain here",
                                 started)
@@ -180,20 +209,36 @@ class Decider:
         self.dmarc = lookup
         self._decide = partial(self._decide, dmarc=lookup)
 
-    # At most this many (kind, key) warnings are remembered per snapshot version: the
-    # domains come from the MTA's requests, and a flood of them must not grow memory.
-    MAX_WARNINGS = 1000
-
-    def _warn_once(self, snapshot, kind: str, key: str, text: str, **fields) -> None:
-        """Log ``text`` once per (kind, key) and snapshot version: once per incident."""
+    def _warn_once(self, snapshot, text: str, **fields) -> None:
+        """Log ``text`` once per snapshot version (an empty store: one line per store
+        change at most, which no outsider causes)."""
         version = snapshot.version
-        if self._warned_version != version:
-            self._warned_version = version
-            self._warned = set()
-        if (kind, key) in self._warned or len(self._warned) >= self.MAX_WARNINGS:
+        if self._warned_version == version:
             return
-        self._warned.add((kind, key))
-        log.warn(text, version=version, domain=key, **fields)
+        self._warned_version = version
+        log.warn(text, version=version, **fields)
+
+    @staticmethod
+    def _failures_left_out(left_out: Counter, new: int, others: int, more: bool,
+                           interval: float) -> None:
+        if not left_out:
+            return
+        log.error("the decision failed {count} more times in the last {interval:g} s, not "
+                  "logged one by one ({kinds}): each answered the temporary failure and "
+                  "counted as error", count=sum(left_out.values()),
+                  interval=interval, kinds=", ".join(
+                      f"{where}: {count}" for where, count in left_out.most_common(10))
+                  + (", ..." if len(left_out) > 10 else ""))
+
+    @staticmethod
+    def _domains_left_out(left_out: Counter, new: int, others: int, more: bool,
+                          interval: float) -> None:
+        if not others:  # only queries about domains named already: nothing new
+            return
+        log.warn("{count} more queries about {domains} other non-list domains in the last "
+                 "{interval:g} s, not named one by one: each answered the temporary failure "
+                 "and counted as not-managed", count=new,
+                 domains=f"{others}{'+' if more else ''}", interval=interval)
 
     def trouble(self, protocol: str | None, label: str, reason: str,
                 started: float | None = None) -> Answer:
@@ -248,6 +293,115 @@ class Decider:
             "by_protocol": {name: dict(counts) for name, counts in by_protocol.items()},
             "answers": {name: dict(counts) for name, counts in self.answers.items()},
         }
+
+
+_EMAIL_PACKAGE = dirname(email.__file__)
+
+
+def _raised_at(error: BaseException) -> tuple[str, bool]:
+    """``RecursionError at _parseaddr.py:487``: the exception's type and the innermost
+    frame of its traceback, what tells one failure from another; and whether that frame
+    is in the standard library's ``email`` package."""
+    tb = error.__traceback__
+    while tb is not None and tb.tb_next is not None:
+        tb = tb.tb_next
+    name = type(error).__name__
+    if tb is None:
+        return name, False
+    filename = tb.tb_frame.f_code.co_filename
+    return (f"{name} at {basename(filename)}:{tb.tb_lineno}",
+            dirname(filename) == _EMAIL_PACKAGE)
+
+
+class Incidents:
+    """Once per incident, and bounded under a flood of distinct keys.
+
+    ``first(key)`` says whether to log this occurrence: the first ``burst`` distinct keys
+    of an interval are logged (a key logged before is not logged again until it has been
+    quiet, unseen, for ``quiet`` seconds); every other occurrence is only counted.  When an
+    interval that counted something is over, ``summary(left_out, new, others, more,
+    interval)`` is called once: ``left_out`` counts what was not logged by key (bounded:
+    at most ``max_keys`` keys, the rest under ``"..."``); ``new`` of those occurrences were
+    of ``others`` keys not logged before (``more``: at least that many keys).  Memory
+    stays within ``max_keys`` keys however many distinct ones come.
+    """
+
+    def __init__(self, summary, *, burst: int = 5, interval: float = 60.0,
+                 quiet: float = 600.0, max_keys: int = 1000, clock=None) -> None:
+        self.summary = summary
+        self.burst = burst
+        self.interval = interval
+        self.quiet = quiet
+        self.max_keys = max_keys
+        self.clock = clock
+        self._now = clock.seconds if clock is not None else monotonic
+        self.logged: dict = {}  # key -> last seen, least recently seen first
+        self.window_end: float | None = None
+        self._call = None
+        self._reset()
+        self.total_left_out = 0
+
+    def _reset(self) -> None:
+        self.named = 0
+        self.left_out: Counter = Counter()
+        self.others: set = set()
+        self.new = 0
+        self.more = False
+
+    def first(self, key) -> bool:
+        now = self._now()
+        if self.window_end is not None and now >= self.window_end:
+            self.close()
+        if self.window_end is None:
+            self.window_end = now + self.interval
+            if self.clock is not None:
+                self._call = self.clock.callLater(self.interval, self.close)
+        logged = self.logged
+        seen = logged.pop(key, None)
+        if seen is not None and now - seen < self.quiet:
+            logged[key] = now  # the same incident: still going on
+        elif self.named < self.burst:
+            self.named += 1
+            logged[key] = now
+            if len(logged) > self.max_keys:
+                del logged[next(iter(logged))]
+            return True
+        else:
+            self.new += 1
+            if len(self.others) < self.max_keys:
+                self.others.add(key)
+            else:
+                self.more = True
+        self.total_left_out += 1
+        left_out = self.left_out
+        if key in left_out or len(left_out) < self.max_keys:
+            left_out[key] += 1
+        else:
+            left_out["..."] += 1
+        return False
+
+    def close(self) -> None:
+        """End the interval (if it is over): one summary of what was left out."""
+        if self.window_end is None or self._now() < self.window_end:
+            return
+        call, self._call = self._call, None
+        if call is not None and call.active():
+            call.cancel()
+        self.window_end = None
+        # forget what has been quiet long enough (least recently seen first)
+        logged, cutoff = self.logged, self._now() - self.quiet
+        while logged:
+            key = next(iter(logged))
+            if logged[key] >= cutoff:
+                break
+            del logged[key]
+        left_out, new, others, more = self.left_out, self.new, len(self.others), self.more
+        self._reset()
+        if left_out:
+            try:
+                self.summary(left_out, new, others, more, self.interval)
+            except Exception:
+                log.failure("summing up what was left out of the log failed")
 
 
 class LatencyHistogram:

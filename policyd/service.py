@@ -169,7 +169,8 @@ class PolicyService(MultiService):
                                null_sender=config.rules.null_sender,
                                per_list=config.metrics.per_list,
                                latency=bool(config.metrics.listen),
-                               run_in_thread=self._password_thread(reactor))
+                               run_in_thread=self._password_thread(reactor),
+                               clock=reactor)
         # systemd notifications (``$NOTIFY_SOCKET``): only with the environment passed
         # in (the daemon's own, from ``tap.makeService``); a no-op without the variable.
         from .systemd import SystemdNotifier

@@ -106,3 +106,116 @@ def test_protocols_use_the_configured_decision_log():
                                    b"sender": b"stranger@example.net", b"queue_id": b"Q1"}))
     assert len(lines) == 1 and lines[0][0] == "postfix" and lines[0][9] == "Q1"
     assert lines[0][10] == " queue_id=Q1"  # the client and queue fields at the end
+
+
+# --- trouble is logged once per incident, never once per request (D3) ------------------
+
+import base64  # noqa: E402
+import io  # noqa: E402
+from contextlib import contextmanager  # noqa: E402
+
+from twisted.internet.task import Clock  # noqa: E402
+from twisted.logger import globalLogPublisher  # noqa: E402
+
+from policyd.logging import make_observer  # noqa: E402
+
+
+@contextmanager
+def log_lines():
+    """The lines the daemon's own writer (level filter, rate limit, line writer) writes
+    for what is logged inside the block: a list, filled when the block ends."""
+    out = io.StringIO()
+    _, observer = make_observer("debug", out)
+    globalLogPublisher.addObserver(observer)
+    lines: list[str] = []
+    try:
+        yield lines
+    finally:
+        globalLogPublisher.removeObserver(observer)
+        lines.extend(out.getvalue().splitlines())
+
+
+def test_a_flood_of_decision_errors_logs_one_traceback_and_a_summary_per_interval():
+    """Before: every failed decision wrote a critical line and its traceback."""
+    def broken(snapshot, query, *, explain=True):
+        raise RuntimeError("bug")
+    clock = Clock()
+    decider = Decider(StaticSnapshots(sample_snapshot()), ReplyPolicy(), decide=broken,
+                      clock=clock)
+    with log_lines() as lines:
+        for _ in range(600):  # five requests a second for two minutes
+            assert decider.decide(Query(LIST, "a@example.net"), "exim").reply.code == 451
+            clock.advance(0.2)
+        clock.advance(60)
+    assert sum("Traceback (most recent call last)" in line for line in lines) == 1
+    assert sum("the decision failed for exim" in line for line in lines) == 1
+    summaries = [line for line in lines if "the decision failed" in line and "more times"
+                 in line]
+    assert 1 <= len(summaries) <= 3
+    assert all("RuntimeError at test_decider.py:" in line for line in summaries)
+    assert sum(int(line.split("failed ")[1].split(" ")[0]) for line in summaries) == 599
+    assert len(lines) < 40, lines
+    assert decider.counters()["by_protocol"] == {"exim": {"error": 600}}
+    assert decider.failures.total_left_out == 599
+    # quiet for ten minutes: the next one is a new incident, logged with its traceback
+    clock.advance(600)
+    with log_lines() as lines:
+        decider.decide(Query(LIST, "a@example.net"), "exim")
+    assert sum("Traceback (most recent call last)" in line for line in lines) == 1
+
+
+def test_a_from_header_that_recurses_too_deep_is_a_4xx_and_a_bounded_log():
+    """A From: of repeated group syntax makes the stdlib's address parser raise
+    RecursionError: before, each such request wrote a critical line and about 2,000
+    lines of traceback (20 requests, 39,552 lines).  Now a warning once per incident
+    names the parser (no traceback: no bug of policyd's) and the rest are summed up."""
+    from policyd.config import EximConfig
+    from policyd.protocols.exim import EximFactory
+
+    clock = Clock()
+    decider = Decider(StaticSnapshots(sample_snapshot()), ReplyPolicy(), clock=clock)
+    factory = EximFactory(decider, EximConfig(listen=(), timeout=10.0, max_request=65536),
+                          clock)
+    hostile = base64.b64encode(("a:" * 1100).encode()).decode()
+    requests = [f"POLICYD/1 list={LIST} sender= from={hostile}",
+                f"POLICYD/1 list={LIST} sender= reply_to={hostile}",
+                "POLICYD/1 list={} sender= headers={}".format(LIST, base64.b64encode(
+                    ("From: " + "a:" * 1100 + "\n").encode()).decode())]
+    with log_lines() as lines:
+        for _ in range(10):
+            for request in requests:
+                assert factory.answer(request.encode(), None).startswith(b"DEFER 451 4.3.0")
+        clock.advance(61)
+    trouble = [line for line in lines if " exim error list=" not in line]
+    # not policyd's bug: a warning naming the parser, no traceback
+    assert not any("Traceback" in line for line in trouble)
+    named = [line for line in trouble if "too deeply nested for Python's email parser "
+             "(RecursionError at _parseaddr.py:" in line]
+    assert 1 <= len(named) <= 5 and all(" warn " in line for line in named)
+    summaries = [line for line in trouble if "more times" in line]
+    assert len(summaries) == 1 and "RecursionError at _parseaddr.py:" in summaries[0]
+    assert len(trouble) == len(named) + 1, trouble
+    assert decider.counters()["by_protocol"]["exim"]["error"] == 30
+
+
+def test_incidents_keep_memory_bounded_under_a_flood_of_distinct_keys():
+    from policyd.decider import Incidents
+
+    summaries = []
+    clock = Clock()
+    incidents = Incidents(lambda *args: summaries.append(args), burst=3, interval=60,
+                          quiet=600, max_keys=10, clock=clock)
+    logged = [key for key in range(10_000) if incidents.first(key)]
+    assert logged == [0, 1, 2]
+    assert len(incidents.others) <= 10 and len(incidents.left_out) <= 11
+    clock.advance(60)
+    (left_out, new, others, more, interval), = summaries
+    assert (sum(left_out.values()), new, others, more) == (9997, 9997, 10, True)
+    assert len(incidents.logged) <= 10
+    # a key logged before stays quiet while it keeps coming, and is logged again once
+    # it has been quiet for ``quiet`` seconds
+    assert not incidents.first(0)
+    clock.advance(599)
+    assert not incidents.first(0)
+    clock.advance(600)
+    assert incidents.first(0)

@@ -2,7 +2,8 @@
 store's real state is never permission.
 
 * an Exim request names a list explicitly, so a domain the snapshot does not manage is a
-  configuration or data error: 4xx, logged once per domain and snapshot;
+  configuration or data error: 4xx, logged once per incident (the first few domains
+  named, the rest counted), not again for a new snapshot;
 * a snapshot with no lists at all answers 4xx for list queries on both protocols;
 * ``[daemon] fail_closed = off`` keeps the old answers.
 """
@@ -48,7 +49,7 @@ def test_exim_request_for_an_unmanaged_domain_is_deferred():
     assert answer.startswith(b"DEFER 451 4.3.0"), answer
 
 
-def test_exim_unmanaged_domain_is_logged_once_per_domain_and_snapshot():
+def test_exim_unmanaged_domain_is_logged_once_per_domain_not_per_snapshot():
     events = []
     globalLogPublisher.addObserver(events.append)
     try:
@@ -57,18 +58,56 @@ def test_exim_unmanaged_domain_is_logged_once_per_domain_and_snapshot():
         globalLogPublisher.removeObserver(events.append)
 
 
+def _warned(events):
+    return [e for e in events if "not a list domain" in (e.get("log_format") or "")]
+
+
 def _log_once(events):
-    decider = Decider(FixedSnapshot(sample_snapshot()), ReplyPolicy())
-    factory = EximFactory(decider, EXIM, Clock())
+    clock = Clock()
+    decider = Decider(FixedSnapshot(sample_snapshot()), ReplyPolicy(), clock=clock)
+    factory = EximFactory(decider, EXIM, clock)
     for domain in ("a.example", "a.example", "b.example", "a.example"):
         factory.answer(f"POLICYD/1 list=l@{domain} sender=".encode(), None)
-    warned = [e for e in events if "not a list domain" in (e.get("log_format") or "")]
-    assert [e["domain"] for e in warned] == ["a.example", "b.example"]
+    assert [e["domain"] for e in _warned(events)] == ["a.example", "b.example"]
+    # a store change is not a new incident (before: every domain was named again)
     decider.snapshots.current = sample_snapshot(version="v2")
+    clock.advance(300)
     factory.answer(b"POLICYD/1 list=l@a.example sender=", None)
-    warned = [e for e in events if "not a list domain" in (e.get("log_format") or "")]
-    assert len(warned) == 3  # a new snapshot is a new incident
-    assert decider.counters()["by_protocol"]["exim"]["not-managed"] == 5
+    assert len(_warned(events)) == 2
+    # ten quiet minutes are: the domain is named again
+    clock.advance(600)
+    factory.answer(b"POLICYD/1 list=l@a.example sender=", None)
+    assert [e["domain"] for e in _warned(events)] == ["a.example", "b.example", "a.example"]
+    assert decider.counters()["by_protocol"]["exim"]["not-managed"] == 6
+
+
+def test_a_flood_of_unmanaged_domains_writes_a_bounded_number_of_lines():
+    """Before: 1,000 warnings (one per domain) per snapshot version, and 1,000 more after
+    every store change."""
+    clock = Clock()
+    decider = Decider(FixedSnapshot(sample_snapshot()), ReplyPolicy(), clock=clock)
+    factory = EximFactory(decider, EXIM, clock)
+    events = []
+    globalLogPublisher.addObserver(events.append)
+    try:
+        for version in ("v1", "v2", "v3"):
+            decider.snapshots.current = sample_snapshot(version=version)
+            for n in range(1200):
+                answer = factory.answer(f"POLICYD/1 list=l@d{n}.{version}.example "
+                                        f"sender=".encode(), None)
+                assert answer.startswith(b"DEFER 451 4.3.0"), answer
+                clock.advance(0.05)  # 3,600 requests in three minutes
+        clock.advance(60)
+    finally:
+        globalLogPublisher.removeObserver(events.append)
+    warned = _warned(events)
+    assert warned[0]["domain"] == "d0.v1.example"  # the first is named at once
+    assert len(warned) <= 5 * 4  # five per minute
+    summaries = [e for e in events if "other non-list domains" in (e.get("log_format") or "")]
+    assert 3 <= len(summaries) <= 4
+    assert sum(e["count"] for e in summaries) == 3600 - len(warned)
+    assert decider.counters()["by_protocol"]["exim"]["not-managed"] == 3600
+    assert len(decider.unmanaged.logged) <= 20 and not decider.unmanaged.others
 
 
 def test_postfix_outside_the_list_domains_is_still_none_of_our_business():
