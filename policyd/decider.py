@@ -143,9 +143,8 @@ class Decider:
             # stdlib's address parser recurse too deep): the traceback is logged once per
             # incident (exception type and where it was raised), the rest counted.
             where, in_email = _raised_at(error)
-            if not self.failures.first(where):
-                pass
-            elif in_email and isinstance(error, RecursionError):
+            logged = self.failures.first(where)
+            if logged and in_email and isinstance(error, RecursionError):
                 # Not a bug of policyd's: a header nested too deep for the standard
                 # library's parser (``a:a:a:...``), which any sender can send.
                 log.warn("the decision failed for {protocol} recipient={recipient!r} "
@@ -153,7 +152,7 @@ class Decider:
                          "parser ({where}): answering the temporary failure (further ones "
                          "are counted, not logged)", protocol=protocol, where=where,
                          recipient=query.recipient, sender=query.envelope_sender)
-            else:
+            elif logged:
                 log.failure("the decision failed for {protocol} recipient={recipient!r}"
                             " sender={sender!r} ({where}; further failures like it are "
                             "counted, not logged)", protocol=protocol, where=where,
