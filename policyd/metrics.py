@@ -140,9 +140,10 @@ class PolicydCollector:
         yield _gauge("policyd_store_healthy",
                      "1 when the store answers its refreshes in time, else 0.",
                      1 if snapshots.unhealthy_reason() is None else 0)
-        failing_since = snapshots.failing_since
+        failing_since = snapshots.trouble_since()
         yield _gauge("policyd_store_failing_seconds",
-                     "Seconds since the current store failure began (0 when healthy).",
+                     "Seconds since the current store failure began (a failed refresh, or "
+                     "one running past refresh_timeout; 0 when healthy).",
                      0.0 if failing_since is None
                      else max(0.0, snapshots.clock.seconds() - failing_since))
 

@@ -456,6 +456,18 @@ class SnapshotService(Service):
             return None
         return max(0.0, self.clock.seconds() - self.refresh_started)
 
+    def trouble_since(self) -> float | None:
+        """When the store's current trouble began (``clock`` time): its first failed
+        refresh, or the start of a refresh running past ``refresh_timeout`` (a frozen
+        store fails nothing, it just never answers); ``None`` while healthy."""
+        since = self.failing_since
+        running = self.refresh_running_for()
+        if (running is not None and self.refresh_timeout is not None
+                and running >= self.refresh_timeout and self.refresh_started is not None):
+            since = self.refresh_started if since is None else min(since,
+                                                                   self.refresh_started)
+        return since
+
     def unhealthy_reason(self) -> str | None:
         """Why ``status()`` says the store is unhealthy, else ``None``."""
         running = self.refresh_running_for()
@@ -478,6 +490,7 @@ class SnapshotService(Service):
         now = self.clock.seconds()
         unhealthy = self.unhealthy_reason()
         running = self.refresh_running_for()
+        trouble_since = self.trouble_since()
         return {
             "snapshot": None if snap is None else {
                 "version": snap.version,
@@ -501,8 +514,8 @@ class SnapshotService(Service):
                 "last_error": self.last_error,
                 "last_error_age": (None if self.last_error_at is None
                                    else round(now - self.last_error_at, 3)),
-                "failing_for": (None if self.failing_since is None
-                                else round(now - self.failing_since, 3)),
+                "failing_for": (None if trouble_since is None
+                                else round(now - trouble_since, 3)),
                 "failed_refreshes": self.failures,
                 "refresh_interval": self.interval,
                 "checks": self.checks,

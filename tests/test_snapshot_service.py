@@ -403,11 +403,16 @@ def test_a_refresh_past_refresh_timeout_is_logged_once_and_makes_status_unhealth
     assert status["healthy"] is False
     assert "running for 68.0 s" in status["unhealthy_reason"]
     assert "[store] refresh_timeout = 30 s" in status["unhealthy_reason"]
+    # A frozen store fails no refresh, yet it has been in trouble since the refresh that
+    # hangs began: what status and the metrics' failing_seconds say (alerts read it).
+    assert status["failing_for"] == 68.0 and service.trouble_since() == 2.0
+    assert status["failed_refreshes"] == 0
     assert service.current is first
     with captured_events() as events:
         thread.step()
     assert service.status()["store"]["healthy"] is True
     assert service.status()["store"]["unhealthy_reason"] is None
+    assert service.status()["store"]["failing_for"] is None
     assert any("overdue store refresh ended" in e["log_format"] for e in events)
 
 
