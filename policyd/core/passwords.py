@@ -10,11 +10,34 @@ A sha512_crypt verification costs a noticeable fraction of a second (passlib's d
 rounds): results are remembered per (hash, digest of the candidate), bounded, so the same
 approved announcement to several lists, or resent, is verified once.  The candidate
 password itself is never kept, logged or put in a trace.
+
+Verifications run in threads (``Decider.verify``), and they must really leave the
+reactor thread free.  passlib's sha512_crypt/sha256_crypt use their ``os_crypt`` backend:
+``passlib.utils.safe_crypt`` calls the stdlib ``crypt.crypt`` (kept by passlib as the
+module global ``passlib.utils._crypt``), and CPython's ``_crypt`` module holds the GIL
+for the whole ``crypt_r`` call, so a thread verifying a made-up ``Approved:`` password
+stalled every other request for tens to hundreds of milliseconds.  ``_crypt_context()``
+therefore installs, once, ``_crypt_without_gil`` as ``passlib.utils._crypt``: the same
+libcrypt (libxcrypt's ``crypt_rn``; ``crypt_r`` with a zeroed buffer where ``crypt_rn``
+is absent) called through ``ctypes``, which releases the GIL during the foreign call.  It
+takes and returns what ``crypt.crypt`` does (same library, same bytes in and out), so no
+verification result changes; it is installed only after it gave ``crypt.crypt``'s answer
+for a known setting.  Where ctypes cannot load libcrypt, passlib keeps calling
+``crypt.crypt`` (correct, but holding the GIL).
+
+Limits: Python 3.13 has no ``crypt`` module; there passlib's ``safe_crypt`` is a stub,
+its sha2_crypt handlers use the pure-Python ``builtin`` backend (several times slower,
+and Python code, which yields the GIL only at each switch interval, 5 ms), and passlib
+offers no clean hook to put the ctypes path underneath (it would mean replacing
+``safe_crypt`` in two modules and resetting the backend choice): policyd runs on 3.11.
+Likewise a candidate libcrypt refuses (512 bytes or more) is computed by passlib's
+``builtin`` backend on any Python, as in Mailman.
 """
 
 from __future__ import annotations
 
 import hashlib
+import os
 import threading
 from collections import OrderedDict
 from contextvars import ContextVar
@@ -42,13 +65,99 @@ def _crypt_context():
     global _context
     if _context is None:
         from passlib.context import CryptContext
+        _install_crypt_without_gil()
         _context = CryptContext.from_string(MAILMAN_PASSLIB)
     return _context
 
 
+# sizeof(struct crypt_data): 32768 in libxcrypt (crypt.h), 131232 in glibc's former
+# libcrypt on x86_64; crypt_rn refuses (ERANGE) a smaller buffer, crypt_r trusts it.
+_CRYPT_RN_DATA_SIZE = 32768
+_CRYPT_R_DATA_SIZE = 262144
+_stock_crypt = None  # what passlib called before (``crypt.crypt``), for the tests
+
+
+def _load_crypt_without_gil():
+    """``crypt(word, salt)`` on libcrypt through ctypes, or None if it cannot be loaded."""
+    import ctypes
+    import ctypes.util
+    lib = None
+    for name in ("libcrypt.so.1", None):  # the soname _crypt links (Debian), else search
+        name = name or ctypes.util.find_library("crypt")
+        if name:
+            try:
+                lib = ctypes.CDLL(name, use_errno=True)  # CDLL (not PyDLL): GIL released
+                break
+            except OSError:
+                continue
+    if lib is None:
+        return None
+    rn = getattr(lib, "crypt_rn", None)
+    if rn is not None:
+        rn.argtypes = (ctypes.c_char_p, ctypes.c_char_p, ctypes.c_void_p, ctypes.c_int)
+        rn.restype = ctypes.c_char_p
+        size = _CRYPT_RN_DATA_SIZE
+
+        def call(word, salt, data):
+            result = rn(word, salt, data, size)
+            # crypt_rn returns NULL where crypt_r (CPython's) returns the invalid hash it
+            # wrote to data.output, which begins with "*" (crypt(3)): return that string.
+            if result is None and data.value[:1] == b"*":
+                return data.value
+            return result
+    else:
+        r = getattr(lib, "crypt_r", None)
+        if r is None:
+            return None
+        r.argtypes = (ctypes.c_char_p, ctypes.c_char_p, ctypes.c_void_p)
+        r.restype = ctypes.c_char_p
+        size = _CRYPT_R_DATA_SIZE
+
+        def call(word, salt, data):
+            return r(word, salt, data)
+
+    def crypt_without_gil(word, salt):
+        # As CPython's _crypt.crypt(word, salt): both str, encoded to UTF-8 (strict), no
+        # NUL; the result decoded from UTF-8; NULL is an OSError from errno.
+        if not isinstance(word, str) or not isinstance(salt, str):
+            raise TypeError("crypt() arguments must be str")
+        word, salt = word.encode("utf-8"), salt.encode("utf-8")
+        if b"\0" in word or b"\0" in salt:
+            raise ValueError("embedded null character")
+        result = call(word, salt, ctypes.create_string_buffer(size))  # zeroed
+        if result is None:
+            errno = ctypes.get_errno()
+            raise OSError(errno, os.strerror(errno))
+        return result.decode("utf-8")
+    return crypt_without_gil
+
+
+def _install_crypt_without_gil() -> None:
+    """Make passlib's ``safe_crypt`` call libcrypt without the GIL (module docstring).
+    Once; only over the stock ``crypt.crypt`` and only if both agree on a known setting."""
+    global _crypt_without_gil, _stock_crypt
+    import passlib.utils
+    stock = getattr(passlib.utils, "_crypt", None)
+    if (stock is None or _stock_crypt is not None
+            or getattr(stock, "__module__", None) != "crypt"):
+        return  # no crypt module (3.13), done already, or replaced by someone else
+    try:
+        mine = _load_crypt_without_gil()
+        check = ("policyd", "$6$rounds=1000$policydcheck$")
+        if mine is None or mine(*check) != stock(*check):
+            return  # keep the stock crypt.crypt (with the GIL)
+    except (OSError, ValueError, TypeError, AttributeError):
+        return
+    _stock_crypt, _crypt_without_gil = stock, mine
+    passlib.utils._crypt = mine
+
+
+_crypt_without_gil = None
+
+
 # policyctl's hashes use the fewest rounds Mailman's configuration accepts
 # (``sha512_crypt__min_rounds``): they verify in Mailman exactly the same, and each
-# verification costs a tenth of passlib's default 656,000 rounds on the reactor.
+# verification costs a tenth of passlib's default 656,000 rounds.
 POLICYCTL_ROUNDS = 60000
 
 
