@@ -27,7 +27,7 @@ for a known setting.  Where ctypes cannot load libcrypt, passlib keeps calling
 
 Limits: Python 3.13 has no ``crypt`` module; there passlib's ``safe_crypt`` is a stub,
 its sha2_crypt handlers use the pure-Python ``builtin`` backend (several times slower,
-and Python code, which yields the GIL only at each switch interval, 5 ms), and passlib
+and Python code, which yields the GIL only at each switch interval), and passlib
 offers no clean hook to put the ctypes path underneath (it would mean replacing
 ``safe_crypt`` in two modules and resetting the backend choice): policyd runs on 3.11.
 Likewise a candidate libcrypt refuses (512 bytes or more) is computed by passlib's
