@@ -207,7 +207,7 @@ def _positive_float(value: str) -> float:
         number = float(value)
     except ValueError:
         raise ValueError("allowed: a number of seconds greater than 0") from None
-    if not number > 0:
+    if not 0 < number < float("inf"):
         raise ValueError("allowed: a number of seconds greater than 0")
     return number
 
@@ -432,6 +432,11 @@ def load(path: str | os.PathLike) -> Config:
     except OSError as error:
         raise ConfigError(f"{path}: cannot read the configuration file: "
                           f"{error.strerror}") from None
+    except UnicodeDecodeError as error:
+        line = path.read_bytes()[:error.start].count(b"\n") + 1
+        raise ConfigError(f"{path}: line {line}: not UTF-8 (byte "
+                          f"{error.object[error.start]:#04x}); the configuration is read "
+                          "as UTF-8") from None
     return parse(text, source=str(path), base=path.resolve().parent)
 
 
@@ -582,15 +587,27 @@ def check_paths(config: Config) -> None:
                 str(config.daemon.control_socket))]
     sockets += [("[exim] listen", d, _unix_path(d)) for d in config.exim.listen]
     sockets += [("[postfix] listen", d, _unix_path(d)) for d in config.postfix.listen]
+    if config.metrics.listen:
+        sockets.append(("[metrics] listen", config.metrics.listen,
+                        _unix_path(config.metrics.listen)))
     for key, description, path in sockets:
         if path is None:
             continue
+        if len(os.fsencode(path)) > MAX_SOCKET_PATH:
+            raise ConfigError(f"{source}: {key} = {description}: the socket's path is "
+                              f"{len(os.fsencode(path))} bytes, longer than the "
+                              f"{MAX_SOCKET_PATH} a Unix socket's address holds (use a "
+                              "shorter directory)")
         directory = os.path.dirname(os.path.abspath(path))
         if not os.path.isdir(directory):
             what = "is not a directory" if os.path.exists(directory) else "does not exist"
             raise ConfigError(f"{source}: {key} = {description}: the socket's directory "
                               f"{directory} {what} (create it, or under systemd let "
                               "RuntimeDirectory= create it)")
+
+
+# sun_path is 108 bytes on Linux, the last one the terminating NUL.
+MAX_SOCKET_PATH = 107
 
 
 def _writable_file_problem(path: Path) -> str | None:
@@ -609,4 +626,18 @@ def _writable_file_problem(path: Path) -> str | None:
         return f"{parent} is not a directory"
     if not os.access(parent, os.W_OK | os.X_OK):
         return f"cannot be created: {parent} is not writable"
+    if parent == path.parent:
+        # Try it (root passes every access() check, and /proc or a read-only mount
+        # still refuses): created, then removed, so a check leaves nothing behind.
+        try:
+            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o640)
+        except FileExistsError:
+            return None
+        except OSError as error:
+            return f"cannot be created: {error.strerror or error}"
+        os.close(fd)
+        try:
+            os.unlink(path)
+        except OSError:
+            pass
     return None

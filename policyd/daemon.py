@@ -71,6 +71,9 @@ def main(argv=None, environ=None) -> int:
     log = Logger(namespace="policyd")
     try:
         service = makeService(options)
+    except ConfigError as error:  # found while setting up (the log file, say)
+        print(f"policyd: {error}", file=sys.stderr)
+        return 2
     except Exception as error:
         log.failure("cannot open the store {url}", url=config.store.url)
         print(f"policyd: cannot open the store: {error}", file=sys.stderr)

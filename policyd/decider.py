@@ -160,7 +160,9 @@ class Decider:
             return self.trouble(protocol, "error", f"error in the decision: {where}", started)
         if names_a_list and self.fail_closed and not decision.managed:
             domain = query.recipient.rpartition("@")[2].lower()
-            if self.unmanaged.first(domain):
+            # Only an MTA's question is news: ``policyctl query`` (uncounted) asks the
+            # same to show each MTA's view, and must not use up the incident's line.
+            if protocol is not None and self.unmanaged.first(domain):
                 log.warn("{protocol} asked about {domain}, which is not a list domain in "
                          "snapshot {version}: answering the temporary failure (check the "
                          "MTA's list domains and the store)", protocol=protocol,

@@ -299,11 +299,17 @@ class LogSetup:
         self.writer.flush()
         take = getattr(self.writer.stream, "take_left_out", None)
         left_out = take() if take is not None else None
-        if left_out is not None:
-            count, error = left_out
-            self.log.warn("left out {count} log lines: the log took them slower than they "
-                          "came{error}", count=count,
-                          error=f" ({error})" if error else " (a slow or busy disk?)")
+        if left_out is None:
+            return
+        count, error = left_out
+        if not count:  # nothing lost: a reopen that failed (SIGHUP, log rotation)
+            self.log.warn("{error}: still writing to the log file opened before "
+                          "({path}); fix it and send SIGHUP again", error=error,
+                          path=self.path)
+            return
+        self.log.warn("left out {count} log lines: the log took them slower than they "
+                      "came{error}", count=count,
+                      error=f" ({error})" if error else " (a slow or busy disk?)")
 
     def reopen(self) -> None:
         if self.path is None:

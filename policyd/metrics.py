@@ -253,6 +253,12 @@ class MetricsResource(Resource):
         request.setHeader(b"Content-Type", CONTENT_TYPE_LATEST.encode("ascii"))
         return generate_latest(self.registry)
 
+    def render_HEAD(self, request) -> bytes:
+        """The headers a GET would have, no body (Twisted logs a line for each HEAD
+        answered with a body: a health checker's every probe)."""
+        request.setHeader(b"Content-Type", CONTENT_TYPE_LATEST.encode("ascii"))
+        return b""
+
 
 class MetricsSite(Site):
     """The web site, shaped as a listener's factory (``service.ListenerGroup``): closed

@@ -130,3 +130,45 @@ def test_an_unreadable_public_suffix_list_is_a_note(tmp_path):
     out = io.StringIO()
     assert check_config(path, out, io.StringIO()) == 0
     assert "public_suffix_list" not in out.getvalue()
+
+
+def with_log_file(tmp_path, log_file: str) -> str:
+    path = write(tmp_path)
+    with open(path) as f:
+        text = f.read()
+    with open(path, "w") as f:
+        f.write(text.replace("[daemon]\n", f"[daemon]\nlog_file = {log_file}\n"))
+    return path
+
+
+def test_what_start_up_refuses_on_the_file_system_the_check_refuses_too(tmp_path):
+    """A metrics socket in a missing directory, a socket path too long for a Unix
+    socket's address, a log file the system will not create (root passes access()):
+    start-up failed with these while --check-config said OK."""
+    missing = write(tmp_path, f"[metrics]\nlisten = unix:{tmp_path}/nodir/m.sock\n")
+    status, _, err = run(missing)
+    assert status == 2 and "[metrics] listen" in err and "does not exist" in err
+    long_path = tmp_path / ("d" * 120) / "c.sock"
+    status, _, err = run(write(tmp_path, exim=f"unix:{long_path}"))
+    assert status == 2 and "[exim] listen" in err and "longer than the 107" in err
+    status, _, err = run(with_log_file(tmp_path, "/proc/policyd.log"))
+    assert status == 2 and "[daemon] log_file" in err and "cannot be created" in err
+    status, _, err = run(with_log_file(tmp_path, f"{tmp_path}/p.log"))
+    assert status == 0, err
+    assert not (tmp_path / "p.log").exists()  # the check leaves nothing behind
+
+
+def test_start_up_with_a_log_file_it_cannot_open_exits_2_without_a_traceback(
+        tmp_path, capsys, monkeypatch):
+    """The log file checked fine and could not be opened at start-up: a configuration
+    error, exit 2 (it was reported as "cannot open the store", with a traceback)."""
+    from policyd import config as config_module
+
+    monkeypatch.setattr(config_module, "check_paths", lambda config: None)
+    monkeypatch.setattr(daemon, "check_paths", lambda config: None)
+    path = with_log_file(tmp_path, "/proc/policyd.log")
+    assert daemon.main(["--config", path], environ={}) == 2
+    err = capsys.readouterr().err
+    assert "[daemon] log_file" in err and "Traceback" not in err
+    assert "cannot open the store" not in err
+

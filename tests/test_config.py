@@ -127,3 +127,23 @@ def test_store_watch_interval_defaults_zero_and_a_floor():
     for bad in ("0.001", "-1", "soon"):
         with pytest.raises(ConfigError, match=r"\[store\] watch_interval"):
             parse(f"[store]\nwatch_interval = {bad}\n")
+
+
+def test_a_configuration_file_that_is_not_utf8_is_a_configuration_error(tmp_path):
+    """A Latin-1 comment: a clear error naming the file and the line (it was a
+    UnicodeDecodeError traceback and exit 1)."""
+    path = tmp_path / "policyd.conf"
+    path.write_bytes(b"[store]\n# caf\xe9\n")
+    with pytest.raises(ConfigError) as error:
+        load(path)
+    assert str(path) in str(error.value) and "line 2" in str(error.value)
+    assert "UTF-8" in str(error.value)
+
+
+@pytest.mark.parametrize("value", ["inf", "1e999", "nan", "-inf"])
+def test_timeouts_must_be_finite(value):
+    """``inf`` passed as a number of seconds and crashed start-up (OverflowError in the
+    database driver): it names the key instead."""
+    with pytest.raises(ConfigError) as error:
+        parse(f"[store]\nconnect_timeout = {value}\n")
+    assert "connect_timeout" in str(error.value)

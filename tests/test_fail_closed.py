@@ -81,6 +81,28 @@ def _log_once(events):
     assert decider.counters()["by_protocol"]["exim"]["not-managed"] == 6
 
 
+def test_policyctl_query_does_not_use_up_the_warning_for_a_domain():
+    """``policyctl query`` decides as each MTA would, uncounted: it is no MTA asking, so
+    it logs no warning (it said "None asked about ...") and the first Exim question about
+    that domain afterwards is still named."""
+    events = []
+    globalLogPublisher.addObserver(events.append)
+    try:
+        clock = Clock()
+        decider = Decider(FixedSnapshot(sample_snapshot()), ReplyPolicy(), clock=clock)
+        from policyd.core.verdict import Query
+        answer = decider.decide(Query("l@fresh.example", NONMEMBER), "exim",
+                                names_a_list=True, counted=False)
+        assert 400 <= answer.reply.code < 500
+        assert _warned(events) == []
+        factory = EximFactory(decider, EXIM, clock)
+        factory.answer(b"POLICYD/1 list=l@fresh.example sender=", None)
+        assert [(e["protocol"], e["domain"]) for e in _warned(events)] == [
+            ("exim", "fresh.example")]
+    finally:
+        globalLogPublisher.removeObserver(events.append)
+
+
 def test_a_flood_of_unmanaged_domains_writes_a_bounded_number_of_lines():
     """Before: 1,000 warnings (one per domain) per snapshot version, and 1,000 more after
     every store change."""

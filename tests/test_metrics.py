@@ -412,3 +412,31 @@ def test_the_endpoint_holds_few_connections_and_none_idle_for_long():
     assert site.buildProtocol(addr) is not None
     clock.advance(MetricsSite.IDLE_TIMEOUT + 1)
     assert all(t.disconnecting for _, t in held[1:])
+
+
+def test_a_head_request_gets_the_headers_and_no_log_line():
+    """A health checker's HEAD: the GET's headers, no body, and no Twisted warning line
+    ("HEAD request ... is returning a message body") per probe."""
+    from prometheus_client import CollectorRegistry
+    from twisted.logger import globalLogPublisher
+    from twisted.web.test.requesthelper import DummyRequest
+
+    from prometheus_client import Gauge
+
+    registry = CollectorRegistry()
+    Gauge("policyd_probe", "A sample, so that a GET has a body.", registry=registry).set(1)
+    resource = MetricsResource(registry)
+    get = DummyRequest([b""])
+    assert resource.render(get)  # what Twisted would have written for a HEAD too
+    request = DummyRequest([b""])
+    request.method = b"HEAD"
+    events = []
+    globalLogPublisher.addObserver(events.append)
+    try:
+        body = resource.render(request)
+    finally:
+        globalLogPublisher.removeObserver(events.append)
+    assert body == b""
+    assert request.responseHeaders.getRawHeaders(b"content-type")[0].startswith(
+        b"text/plain")
+    assert events == []

@@ -382,6 +382,38 @@ def test_log_file_reopen(tmp_path):
     assert "two" in path.read_text() and "one" not in path.read_text()
 
 
+def test_a_log_reopen_that_fails_is_said_as_such(tmp_path):
+    """SIGHUP after the log's directory was moved away: one warning that the reopen
+    failed and the old file is still written (it said "left out 0 log lines: the log
+    took them slower than they came")."""
+    from twisted.logger import LogLevel, globalLogPublisher
+
+    from policyd.logging import LogSetup, LineWriter, _open
+
+    directory = tmp_path / "logs"
+    directory.mkdir()
+    path = directory / "policyd.log"
+    writer = LineWriter(_open(str(path)))
+    logs = LogSetup(writer, str(path))
+    directory.rename(tmp_path / "logs.old")
+    events = []
+    globalLogPublisher.addObserver(events.append)
+    try:
+        logs.reopen()
+        writer.stream.sync()
+        logs.flush()
+    finally:
+        globalLogPublisher.removeObserver(events.append)
+    warned = [e for e in events if e.get("log_namespace") == "policyd.log"]
+    assert len(warned) == 1
+    assert "still writing to the log file opened before" in warned[0]["log_format"]
+    assert "cannot reopen" in warned[0]["error"]
+    assert "left out" not in warned[0]["log_format"]
+    _emit(writer, LogLevel.info, "kept")
+    logs.close()
+    assert "kept" in (tmp_path / "logs.old" / "policyd.log").read_text()
+
+
 class _ReadingPort:
     """An IListeningPort that records whether it accepts connections."""
 
