@@ -192,7 +192,10 @@ def _nameservers(value: str) -> tuple[tuple[str, int], ...]:
         host, port = word, "53"
         if word.startswith("["):
             host, _, rest = word[1:].partition("]")
-            port = rest[1:] if rest.startswith(":") else "53"
+            if rest and not rest.startswith(":"):
+                port = ""  # "[::1]junk": refused below, not read as [::1]
+            else:
+                port = rest[1:] if rest else "53"
         elif word.count(":") == 1:
             host, port = word.split(":")
         if not host or not port.isdigit() or not 0 < int(port) < 65536:

@@ -147,3 +147,12 @@ def test_timeouts_must_be_finite(value):
     with pytest.raises(ConfigError) as error:
         parse(f"[store]\nconnect_timeout = {value}\n")
     assert "connect_timeout" in str(error.value)
+
+
+@pytest.mark.parametrize("value", ["[::1]junk", "[::1]53", "[]:53", "host:0"])
+def test_a_name_server_with_trailing_junk_is_refused(value):
+    """``[::1]junk`` was read as ``[::1]``, the rest dropped without a word."""
+    with pytest.raises(ConfigError) as error:
+        parse(f"[dmarc]\nnameservers = {value}\n")
+    assert "nameservers" in str(error.value)
+    assert parse("[dmarc]\nnameservers = [::1]\n").dmarc.nameservers == (("::1", 53),)

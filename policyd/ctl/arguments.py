@@ -45,7 +45,8 @@ def ignore_existing_flag(p, what: str) -> None:
 
 
 def timeout_flag(p) -> None:
-    p.add_argument("--timeout", type=float, default=5.0, help=argparse.SUPPRESS)
+    p.add_argument("--timeout", type=seconds, default=5.0, help=argparse.SUPPRESS)
+
 
 
 # --- argument types ------------------------------------------------------------------------
@@ -84,10 +85,13 @@ def position(text: str) -> int:
 
 
 def seconds(text: str) -> float:
+    """Seconds, more than 0 and at most a day (``inf`` or ``1e12`` overflowed the socket
+    and timer calls with a traceback)."""
     try:
         value = float(text)
     except ValueError:
         value = 0
-    if not value > 0:
-        raise argparse.ArgumentTypeError("a number of seconds greater than 0")
+    if not 0 < value <= 86400:
+        raise argparse.ArgumentTypeError("a number of seconds greater than 0, at most "
+                                         "86400")
     return value

@@ -185,3 +185,10 @@ def test_import_quiet_still_reports_errors(importer):
         code, out, err = importer("import-mailman2", "--quiet", str(evil))
         assert code == 2
         assert "not imported: evil:" in err and "2 list(s) not imported" in err
+
+
+@pytest.mark.parametrize("value", ["inf", "1e12", "0", "-1", "x"])
+def test_a_timeout_beyond_reason_is_bad_input(daemon, value):
+    """``--timeout inf`` was an OverflowError traceback (exit 1)."""
+    code, out, err = daemon("status", "--timeout", value, store=False)
+    assert code == 2 and "--timeout" in err and "Traceback" not in err
