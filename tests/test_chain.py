@@ -566,3 +566,159 @@ def test_replacing_a_list_does_not_carry_what_it_derived():
     emergency = dataclasses.replace(policy, emergency=True)
     assert emergency.derived == {} and emergency == dataclasses.replace(
         policy, emergency=True)
+
+
+# --- address fields too large to read at SMTP time (``address-headers``) ---------------
+
+from policyd.core.message import parse_message  # noqa: E402
+from policyd.core.rules import (  # noqa: E402
+    MAX_ADDRESS_CHARS,
+    MAX_ADDRESS_FIELDS,
+    MAX_ADDRESS_SPECIALS,
+    TOO_DEEP,
+)
+
+MEMBER = "pat@example.com"
+
+
+def _members_snap(mode, **settings):
+    return snap(mode, members=(MemberSpec(MEMBER),), default_nonmember_action=R, **settings)
+
+
+def _in_message(frm=None, reply_to=None, sender=None, envelope="nobody@x.example", to=LIST):
+    block = "".join(f"{name}: {value}\n" for name, value in
+                    (("From", frm), ("Reply-To", reply_to), ("Sender", sender))
+                    if value is not None) + "Subject: hi\n"
+    return Query(to, envelope, message=parse_message(block.encode()))
+
+
+def _reply_to(count: int, name_length: int) -> str:
+    """A Reply-To: of ``count`` quoted mailboxes, folded, the member's last."""
+    boxes = [f'"{"N" * name_length} {i}" <someone.{i}@department.example.org>'
+             for i in range(count - 1)] + [f"Pat <{MEMBER}>"]
+    return ",\n ".join(boxes)
+
+
+_HEADER_SLOTS = {"from": 0, "reply_to": 1, "sender": 2}
+
+
+def _one_line(slot: str, value: str, envelope="nobody@x.example", to=LIST) -> Query:
+    fields = [None, None, None]
+    fields[_HEADER_SLOTS[slot]] = value
+    return Query(to, envelope, *fields)
+
+
+def _message_query(slot: str, value: str, **kwargs) -> Query:
+    return _in_message(**{{"from": "frm", "reply_to": "reply_to",
+                           "sender": "sender"}[slot]: value}, **kwargs)
+
+
+def _deferred(decision, why: str):
+    assert (decision.verdict, decision.rule) == (Verdict.DEFER, "address-headers"), \
+        decision.trace
+    step = decision.trace[-1]
+    assert step.rule == "address-headers" and step.hit and why in step.detail, step
+    assert decision.senders == ()
+
+
+@pytest.mark.parametrize("mode", list(Mode))
+@pytest.mark.parametrize("slot", ["from", "reply_to", "sender"])
+@pytest.mark.parametrize("make", [_one_line, _message_query])
+def test_address_fields_too_long_to_read_get_the_temporary_failure(mode, slot, make):
+    """A From:, Reply-To: or Sender: over MAX_ADDRESS_CHARS (a plain member address at its
+    end, so no silent skip could accept it) is deferred, whether it came as Exim's
+    one-line ``from=`` and the like or in ``headers=``, and the trace says why."""
+    value = "x" * MAX_ADDRESS_CHARS + f" <{MEMBER}>"
+    s = _members_snap(mode)
+    d = check(s, make(slot, value), Verdict.DEFER, "address-headers")
+    _deferred(d, f"more than {MAX_ADDRESS_CHARS}")
+    assert [step.rule for step in d.trace] == ["unknown-list", "null-sender",
+                                               "administrative-address", "broken-list",
+                                               "address-headers"]
+    # Crafted specials (the parser's expensive characters) count sooner than length.
+    d = decide(s, make(slot, "@" * (MAX_ADDRESS_SPECIALS + 1)))
+    _deferred(d, f"hold {MAX_ADDRESS_SPECIALS + 1} of")
+
+
+@pytest.mark.parametrize("mode", list(Mode))
+def test_the_bound_counts_every_address_field_together(mode):
+    """Three fields each under the bound, over it together."""
+    third = "x" * (MAX_ADDRESS_CHARS // 3 + 10)
+    for q_ in (_one_line("from", third)._replace(reply_to_header=third, sender_header=third),
+               _in_message(third, third, third)):
+        _deferred(decide(_members_snap(mode), q_), "(From: ")
+
+
+@pytest.mark.parametrize("mode", list(Mode))
+@pytest.mark.parametrize("make", [_one_line, _message_query])
+def test_long_real_address_fields_under_the_bound_are_decided(mode, make):
+    """A Reply-To: of many mailboxes with long names, folded, just under both bounds (its
+    unfolded length and its specials), is read: its member makes the post a member's."""
+    value = _reply_to(60, 95)
+    unfolded = value.replace("\n", "")
+    assert MAX_ADDRESS_CHARS - 200 < len(unfolded) <= MAX_ADDRESS_CHARS - 20
+    assert sum(map(unfolded.count, '@<>[]:;,()\\"')) < MAX_ADDRESS_SPECIALS
+    value += " " * (MAX_ADDRESS_CHARS - len(unfolded) - 7)   # From: "a@x.ex" (6) too
+    s = _members_snap(mode)
+    q_ = make("reply_to", value)
+    q_ = q_._replace(from_header="a@x.ex") if q_.message is None else _in_message(
+        "a@x.ex", value)
+    d = check(s, q_, Verdict.ACCEPT, "accept")
+    assert MEMBER in d.senders
+    # Just under the specials bound: a Reply-To: of bare angle addresses.
+    boxes = ", ".join([f"<u{i}@x.example>" for i in range(MAX_ADDRESS_SPECIALS // 4 - 1)]
+                      + [f"<{MEMBER}>"])
+    assert sum(map(boxes.count, '@<>,')) <= MAX_ADDRESS_SPECIALS
+    check(s, make("reply_to", boxes), Verdict.ACCEPT, "accept")
+
+
+@pytest.mark.parametrize("mode", list(Mode))
+def test_too_many_fields_of_one_name_get_the_temporary_failure(mode):
+    many = "".join(f"Reply-To: <u{i}@x.example>\n" for i in range(MAX_ADDRESS_FIELDS + 1))
+    q_ = Query(LIST, MEMBER, message=parse_message(
+        f"From: <{MEMBER}>\n{many}Subject: hi\n".encode()))
+    _deferred(decide(_members_snap(mode), q_), f"{MAX_ADDRESS_FIELDS + 1} Reply-To: fields")
+    fewer = "".join(f"Reply-To: <u{i}@x.example>\n" for i in range(MAX_ADDRESS_FIELDS))
+    q_ = Query(LIST, MEMBER, message=parse_message(
+        f"From: <{MEMBER}>\n{fewer}Subject: hi\n".encode()))
+    check(_members_snap(mode), q_, Verdict.ACCEPT, "accept")
+    # Exim's one-line reply_to= (``$rh_reply-to:``): repeated fields joined by newlines.
+    joined = "\n".join(f"<u{i}@x.example>" for i in range(MAX_ADDRESS_FIELDS + 1))
+    _deferred(decide(_members_snap(mode), q(MEMBER, reply_to=joined)),
+              f"{MAX_ADDRESS_FIELDS + 1} Reply-To: fields")
+    joined = "\n".join(f"<u{i}@x.example>" for i in range(MAX_ADDRESS_FIELDS))
+    check(_members_snap(mode), q(MEMBER, reply_to=joined), Verdict.ACCEPT, "accept")
+
+
+@pytest.mark.parametrize("mode", list(Mode))
+def test_nesting_the_parser_cannot_follow_gets_the_temporary_failure(mode):
+    """Groups in groups (the tokenizer recurses once per level) past MAX_GROUP_DEPTH; in
+    Mailman 2 mode also an unclosed comment in comments (Python 2.7's tokenizer recurses
+    without the strict parser's balance check) past the interpreter's recursion limit,
+    within the specials bound."""
+    values = ["a:" * 40 + f"<{MEMBER}>"]
+    if mode is Mode.MAILMAN2:
+        values.append("(" * 1000 + f"<{MEMBER}>")
+    for value in values:
+        for q_ in (_one_line("from", value), _message_query("from", value)):
+            _deferred(decide(_members_snap(mode), q_), TOO_DEEP)
+
+
+@pytest.mark.parametrize("mode", list(Mode))
+def test_a_colon_in_an_unquoted_name_is_still_read(mode):
+    """``Re: Pat <pat@...>`` is a group to the tokenizer, one level deep: read as ever."""
+    check(_members_snap(mode), q(frm=f"Re: Meeting: Pat <{MEMBER}>"), Verdict.ACCEPT,
+          "accept")
+
+
+@pytest.mark.parametrize("mode", list(Mode))
+def test_the_recipient_rules_still_decide_first(mode):
+    """Too large address fields: an administrative address is accepted as ever (its
+    answer reads no header), the null sender rejected, an unknown list rejected."""
+    value = "@" * (MAX_ADDRESS_CHARS + 1)
+    s = _members_snap(mode)
+    check(s, _one_line("from", value, to="test-owner@lists.example.com"), Verdict.ACCEPT,
+          "administrative-address")
+    check(s, _one_line("from", value, envelope=""), Verdict.REJECT, "null-sender")
+    check(s, _one_line("from", value, to="nolist@lists.example.com"), Verdict.REJECT,
+          "unknown-list")

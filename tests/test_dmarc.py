@@ -474,3 +474,23 @@ def test_a_name_that_is_no_dns_name_is_an_error_not_an_incident():
     assert fired == [None]
     assert lookup.known("_dmarc.r\ufffdject.test").status == "error"
     assert not [e for e in events if e.get("log_namespace") == "policyd.dmarc"]
+
+
+def test_a_from_too_large_to_read_is_deferred_before_any_lookup():
+    """DMARC's own parse of From: is bounded too: too large a From: is deferred by
+    ``address-headers`` before the rule reads it (no DNS asked)."""
+    a = answers({})
+    d = decide(snap(), query("@" * 2000 + " <someone@sub.example.com>"), dmarc=a)
+    assert (d.verdict, d.rule) == (Verdict.DEFER, "address-headers") and a.asked == []
+
+
+def test_a_from_nested_too_deep_for_dmarc_alone_is_deferred():
+    """A From: the senders skip (an encoded word in an unknown charset: Mailman's decoding
+    raises) but DMARC's ``parseaddr`` reads raw: groups nested too deep for it give the
+    temporary failure, not an error."""
+    from policyd.core.rules import TOO_DEEP
+    frm = "=?x-unknown?q?a?= " + "g:" * 40 + "<someone@sub.example.com>"
+    a = answers({})
+    d = decide(snap(), query(frm), dmarc=a)
+    assert (d.verdict, d.rule) == (Verdict.DEFER, "dmarc-mitigation"), d.trace
+    assert TOO_DEEP in d.reason and a.asked == []

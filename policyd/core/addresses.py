@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import binascii
 import re
-from email._parseaddr import AddressList, quote as _quote
+from email._parseaddr import quote as _quote
 from functools import lru_cache
 
 from . import mailman_headers
@@ -434,12 +434,12 @@ def _addr_specs_slowly(value: str) -> list[str]:
     return [address for _, address in _Python27AddressList(value).addresslist]
 
 
-class _Python27AddressList(AddressList):
+class _Python27AddressList(mailman_headers.BoundedAddressList):
     """``email._parseaddr.AddressList`` as CPython 2.7.18 has it, the tokenizer of
     Mailman 2.1's ``getaddresses``.  Python 3 changed one thing in it: white space
     between the words of a local part is kept (``Pat q@x.example``), where 2.7 drops it
     (``Patq@x.example``).  ``getaddrspec`` below is 2.7's (``email/_parseaddr.py``,
-    PSF licence)."""
+    PSF licence).  Groups nest at most ``mailman_headers.MAX_GROUP_DEPTH`` deep."""
 
     def getaddrspec(self):
         aslist = []

@@ -11,6 +11,7 @@ from __future__ import annotations
 from functools import partial
 
 from .rules import (
+    AddressHeaders,
     AdministrativeAddress,
     BannedAddress,
     BrokenList,
@@ -25,7 +26,9 @@ from .rules import (
     NoSenders,
     NullSender,
     Rule,
+    TOO_DEEP,
     UnknownList,
+    address_headers_doubt,
     first_member,
     mode_senders,
 )
@@ -83,7 +86,12 @@ _CHAINS_BY_NULL_SENDER = {
                 {mode: _SMTP_CHAIN_MAILMAN + chain for mode, chain in CHAINS.items()}),
 }
 
-ALL_RULES: tuple[Rule, ...] = SMTP_CHAIN + MAILMAN3_CHAIN + MAILMAN2_CHAIN
+# ``address-headers`` runs only for a query whose address fields are too large to read
+# (``rules.address_headers_doubt``): after the SMTP-time rules, in place of the list's
+# chain, whose every rule reads the senders.
+ADDRESS_HEADERS = AddressHeaders()
+
+ALL_RULES: tuple[Rule, ...] = SMTP_CHAIN + (ADDRESS_HEADERS,) + MAILMAN3_CHAIN + MAILMAN2_CHAIN
 
 # The rules that read the message and, for a query without one (Postfix; an Exim ACL
 # without headers=), can only miss, and without a note: the MTA path leaves them out of
@@ -160,8 +168,21 @@ def decide(snapshot: Snapshot, query: Query, *, explain: bool = True,
             if explain else (),
         )
     policy = target.list
+    doubt = None
     if policy is not None:
-        senders = mode_senders(policy.mode, query)
+        doubt = address_headers_doubt(query)
+        if doubt is None:
+            try:
+                senders = mode_senders(policy.mode, query)
+            except RecursionError:
+                doubt = TOO_DEEP
+    if doubt is not None:
+        # Too much to read: the SMTP-time rules (which read only the recipient) decide
+        # first, then ``address-headers`` answers the temporary failure.
+        ctx = Context(snapshot, query, target, (), None, explain)
+        chain = (SMTP_CHAIN if null_sender == "reject" else
+                 _CHAINS_BY_NULL_SENDER[null_sender][0]) + (AddressHeaders(doubt),)
+    elif policy is not None:
         ctx = Context(snapshot, query, target, senders, first_member(policy, senders),
                       explain)
         if query.message is None and not explain:

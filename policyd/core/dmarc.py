@@ -32,11 +32,10 @@ from __future__ import annotations
 
 import enum
 import re
-from email._parseaddr import AddressList
 from typing import Callable, Iterable, NamedTuple, Protocol
 
-from .mailman_headers import _balanced_parentheses
-from .rules import Hit, Miss
+from .mailman_headers import BoundedAddressList, _balanced_parentheses
+from .rules import TOO_DEEP, Hit, Miss
 from .verdict import Action, Verdict
 
 __all__ = ["DmarcAction", "DnsAnswer", "PublicSuffixList", "LookupNeeded",
@@ -248,7 +247,7 @@ def _parseaddr(value: str) -> tuple[str, str]:
     if not _balanced_parentheses(value):
         value = "('', '')"
     found = [("", "") if "[" in address else (name, address)
-             for name, address in AddressList(value).addresslist]
+             for name, address in BoundedAddressList(value).addresslist]
     return found[0] if len(found) == 1 else ("", "")
 
 
@@ -330,7 +329,11 @@ class DmarcMitigation:
         message = ctx.query.message
         if message is None:
             return _MISS_NO_MESSAGE
-        address = from_address(message)
+        try:
+            address = from_address(message)
+        except RecursionError:  # the senders were read, this parse of From: is another
+            return Hit(Verdict.DEFER, f"{TOO_DEEP}: temporary failure (Mailman would parse "
+                       "it)" if ctx.explain else "")
         answers = self.answers
         if answers is None:
             if _address_listed(address, content.dmarc_addresses) is None:

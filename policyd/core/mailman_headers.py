@@ -45,6 +45,35 @@ def decode_like_mailman(field: str) -> str | None:
     return _CRLF.sub("", field)
 
 
+#: Groups (``name: a@x, b@y;``) nested in groups, as deep as the sender fields are read.
+#: RFC 5322 nests none, a colon in an unquoted display name (``Re: Pat <p@x>``) makes
+#: one; the tokenizer recurses once per level, each level costs more the deeper it is
+#: (several times a flat field's cost per character some hundreds deep), and about a
+#: thousand levels, two thousand characters, pass the interpreter's recursion limit.
+MAX_GROUP_DEPTH = 32
+
+
+class NestedTooDeep(RecursionError):
+    """A field nests groups deeper than ``MAX_GROUP_DEPTH`` (handled as the interpreter's
+    own ``RecursionError`` is: the query gets the temporary failure)."""
+
+
+class BoundedAddressList(AddressList):
+    """``AddressList`` that gives up (``NestedTooDeep``) on groups nested deeper than
+    ``MAX_GROUP_DEPTH``; what it returns otherwise is ``AddressList``'s."""
+
+    _depth = 0
+
+    def getaddress(self):
+        if self._depth >= MAX_GROUP_DEPTH:
+            raise NestedTooDeep(f"groups nested deeper than {MAX_GROUP_DEPTH}")
+        self._depth += 1
+        try:
+            return super().getaddress()
+        finally:
+            self._depth -= 1
+
+
 def _iter_escaped_chars(addr: str):
     pos = 0
     escape = False
@@ -93,11 +122,12 @@ def _balanced_parentheses(addr: str) -> bool:
 
 
 def strict_getaddresses(field: str) -> list[tuple[str, str]]:
-    """``email.utils.getaddresses([field], strict=True)`` as CPython 3.13 has it."""
+    """``email.utils.getaddresses([field], strict=True)`` as CPython 3.13 has it, up to
+    ``MAX_GROUP_DEPTH`` (``NestedTooDeep`` beyond)."""
     if not _balanced_parentheses(field):
         field = "('', '')"
     parsed = [("", "") if "[" in address else (name, address)
-              for name, address in AddressList(field).addresslist]
+              for name, address in BoundedAddressList(field).addresslist]
     if len(parsed) != 1 + _strip_quoted_realnames(field).count(","):
         return [("", "")]
     return parsed

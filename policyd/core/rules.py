@@ -20,6 +20,7 @@ from .addresses import (
     parse_header,
     parse_header_mailman3,
 )
+from . import mailman_headers
 from .snapshot import BanList, ListPolicy, Pattern, Snapshot, Target
 from .verdict import ACTION_VERDICT, Action, Mode, Query, Role, Verdict
 
@@ -146,6 +147,126 @@ def sender_mailman2(query: Query) -> str | None:
         if sender:
             return sender
     return normalise_mailman2(query.envelope_sender)
+
+
+# --- How much of the address headers policyd reads on the reactor -----------------------
+#
+# Reading a sender out of From:, Reply-To: and Sender: is the standard library's tokenizer
+# (``email._parseaddr``), pure Python, character by character, and the first From: is
+# read twice in Mailman 3 mode (senders, then ``dmarc-mitigation``).  What it costs is
+# its specials, ``@<>[]:;,()\"`` (each up to ten times an ordinary character), and its
+# length.  Real fields have few: about 6 specials per address; a
+# 30-address Reply-To: with encoded names, the longest shape real mail has, is some
+# 3,700 characters and 120 to 180 specials.  Crafted ones are all specials
+# (``@@@...``, ``[a[a...``, ``a;a;...``).  Anyone can write any From: (Exim's DATA ACL
+# sends it), and a value seen once sidesteps the parsing caches.  So the address fields
+# of one query are read only up to sizes no real message reaches, with room to spare;
+# beyond them the post gets the temporary failure (``address-headers``), never a silent
+# skip of a field and never an accept.  (Mailman would parse them;
+# docs/mailman-differences.md.)  Groups nested deeper than ``MAX_GROUP_DEPTH``
+# (``mailman_headers``) or deeper than the interpreter's recursion limit get it too.
+
+#: Characters of all From:, Reply-To: and Sender: fields of one query together, each
+#: unfolded (CR and LF removed, as Mailman removes them before it parses): over twice the
+#: 30-address Reply-To:.  Exim's request line (``[exim] max_request``, 64 KiB of base64)
+#: carries up to six times this.
+MAX_ADDRESS_CHARS = 8192
+#: Of those characters, specials (``ADDRESS_SPECIALS``): six times the 30-address
+#: Reply-To:, some 170 addresses.  Only a text over this many characters can hold more.
+MAX_ADDRESS_SPECIALS = 1024
+ADDRESS_SPECIALS = '@<>[]:;,()\\"'
+#: Fields of one name (From:, Reply-To:, Sender:); RFC 5322 allows one of each.  Each field
+#: is parsed on its own (a cache miss, a tokenizer run, even for a tiny field): thousands
+#: of one-character fields would cost as much as one long one.
+MAX_ADDRESS_FIELDS = 10
+
+_ADDRESS_FIELDS = (("from", "From:"), ("reply-to", "Reply-To:"), ("sender", "Sender:"))
+_ADDRESS_NAMES = tuple(name for name, _ in _ADDRESS_FIELDS)
+TOO_DEEP = ("a From:, Reply-To: or Sender: field nests groups or comments deeper than "
+            "the address parser follows")
+
+
+def _unfolded(value: str) -> int:
+    return len(value) - value.count("\n") - value.count("\r")
+
+
+def _specials(value: str) -> int:
+    return sum(map(value.count, ADDRESS_SPECIALS))
+
+
+def address_headers_doubt(query: Query) -> str | None:
+    """Why the address fields of ``query`` are too large to read at SMTP time (the
+    temporary failure), or ``None``: at once for the usual query (a few C calls), which
+    has no address header (Postfix) or short ones, each once."""
+    message = query.message
+    if message is None:
+        frm, reply_to, sender = query.from_header, query.reply_to_header, query.sender_header
+        if not (frm or reply_to or sender):
+            return None
+        # Fewer newlines than MAX_ADDRESS_FIELDS: fewer fields (Exim's ``$rh_from:`` joins
+        # repeated fields with newlines, ``mailman_headers.fields``).
+        joined = f"{frm or ''}{reply_to or ''}{sender or ''}"
+        if len(joined) <= MAX_ADDRESS_SPECIALS and joined.count("\n") < MAX_ADDRESS_FIELDS:
+            return None
+        return _address_fields_doubt([
+            [] if not value else mailman_headers.fields(value) if "\n" in value
+            else [value] for value in (frm, reply_to, sender)])
+    names = message.names or message._names()
+    headers = message.headers
+    total = 0
+    for name in _ADDRESS_NAMES:
+        count = names.count(name)
+        if count == 1:
+            total += len(headers[names.index(name)][1])
+        elif count:
+            break  # several fields of one name: counted in full
+    else:
+        if total <= MAX_ADDRESS_SPECIALS:
+            return None
+    return _address_fields_doubt([message.get_all(name) for name in _ADDRESS_NAMES])
+
+
+def _address_fields_doubt(fields: list[list[str]]) -> str | None:
+    total = 0
+    for (_, label), values in zip(_ADDRESS_FIELDS, fields):
+        if len(values) > MAX_ADDRESS_FIELDS:
+            return (f"{len(values)} {label} fields, more than {MAX_ADDRESS_FIELDS}: too many "
+                    "to read at SMTP time")
+        total += sum(map(_unfolded, values))
+    if total <= MAX_ADDRESS_SPECIALS:
+        return None
+    sizes = ", ".join(f"{label} {sum(map(_unfolded, values))}"
+                      for (_, label), values in zip(_ADDRESS_FIELDS, fields) if values)
+    if total > MAX_ADDRESS_CHARS:
+        return (f"the address fields are {total} characters ({sizes}), more than "
+                f"{MAX_ADDRESS_CHARS}: too long to read at SMTP time")
+    specials = sum(_specials(value) for values in fields for value in values)
+    if specials > MAX_ADDRESS_SPECIALS:
+        return (f"the address fields ({sizes} characters) hold {specials} of the "
+                f"characters {ADDRESS_SPECIALS}, more than {MAX_ADDRESS_SPECIALS}: too many "
+                "to read at SMTP time")
+    return None
+
+
+class AddressHeaders:
+    name = "address-headers"
+    description = ("A post whose From:, Reply-To: and Sender: fields are too large to read "
+                   f"at SMTP time (over {MAX_ADDRESS_CHARS} characters together, over "
+                   f"{MAX_ADDRESS_SPECIALS} of {ADDRESS_SPECIALS} in them, over "
+                   f"{MAX_ADDRESS_FIELDS} fields of one name, or nested too deeply) gets a "
+                   "temporary failure; the rules that read only the recipient decide first.")
+
+    def __init__(self, doubt: str | None = None) -> None:
+        self.doubt = doubt
+
+    def check(self, ctx: Context) -> Hit | Miss:
+        if self.doubt is None:
+            return _READ
+        return Hit(Verdict.DEFER, f"{self.doubt}: temporary failure (Mailman would parse "
+                   "them)" if ctx.explain else "")
+
+
+_READ = Miss("the address fields were read")
 
 
 def _action_hit(action: Action, reason: str, sender: str | None) -> Hit:

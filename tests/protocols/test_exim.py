@@ -191,6 +191,34 @@ def test_member_from_header_with_nonmember_envelope_is_accepted():
     assert value == b"ACCEPT 250 2.1.5 accept"
 
 
+DEFER = b"DEFER 451 4.7.1 Please try again later"
+
+
+@pytest.mark.parametrize("field", ["from_", "reply_to", "sender_header"])
+def test_address_field_too_long_to_read_is_deferred(field):
+    """A From:/Reply-To:/Sender: too long to read on the reactor (``address-headers``)
+    gets the configured defer, not a decision read from part of it; just under the
+    bound the member in it is found as ever."""
+    from policyd.core.rules import MAX_ADDRESS_CHARS
+    tail = f" <{MEMBER}>"
+    value, _ = ask(line(**{field: "x" * MAX_ADDRESS_CHARS + tail}) + b"\n")
+    assert value == DEFER
+    value, _ = ask(line(**{field: "x" * (MAX_ADDRESS_CHARS - len(tail)) + tail}) + b"\n")
+    assert value == b"ACCEPT 250 2.1.5 accept"
+
+
+@pytest.mark.parametrize("name", ["From", "Reply-To", "Sender"])
+def test_address_field_too_long_in_headers_is_deferred(name):
+    from policyd.core.rules import MAX_ADDRESS_CHARS
+    tail = f" <{MEMBER}>"
+    for value, answer in (("x" * MAX_ADDRESS_CHARS + tail, DEFER),
+                          ("x" * (MAX_ADDRESS_CHARS - len(tail)) + tail,
+                           b"ACCEPT 250 2.1.5 accept")):
+        block = f"{name}: {value}\nSubject: hi\n".encode()
+        got, _ = ask(line(extra=f"headers={base64.b64encode(block).decode()}") + b"\n")
+        assert got == answer
+
+
 def test_null_sender_rejected():
     value, _ = ask(line(sender="") + b"\n")
     assert value == b"REJECT 550 5.7.1 The null sender may not write to test@lists.example.com"
