@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import enum
 import re
+from functools import lru_cache
 from typing import Callable, Iterable, NamedTuple, Protocol
 
 from .mailman_headers import BoundedAddressList, _balanced_parentheses
@@ -241,9 +242,12 @@ def from_address(message) -> str:
     return address.lower()
 
 
+@lru_cache(maxsize=256)
 def _parseaddr(value: str) -> tuple[str, str]:
     """``email.utils.parseaddr(value)`` as a current Python has it (strict, the
-    CVE-2023-27043 fix), whatever Python runs policyd (see ``mailman_headers``)."""
+    CVE-2023-27043 fix), whatever Python runs policyd (see ``mailman_headers``).
+    Remembered: an Exim request naming many lists asks it once per list of the same
+    From:, and a long one costs milliseconds to read."""
     if not _balanced_parentheses(value):
         value = "('', '')"
     found = [("", "") if "[" in address else (name, address)
