@@ -158,3 +158,39 @@ def test_a_verification_in_a_thread_leaves_the_gil_to_the_other_threads():
     # With the GIL held for the whole crypt call the main thread gets ~1 tick; released,
     # about one per millisecond (a tenth of that leaves room for a loaded machine).
     assert ticks >= elapsed_ms / 10, (ticks, elapsed_ms)
+
+
+WITHOUT_CRYPT_MODULE = r'''
+import sys
+sys.modules["crypt"] = None  # as on Python 3.13: "import crypt" fails
+import passlib.utils
+from passlib.handlers import sha2_crypt
+assert passlib.utils._crypt is None and passlib.utils.safe_crypt("a", "$6$x$") is None
+from policyd.core import passwords
+passwords._crypt_context()
+print(sha2_crypt.sha512_crypt.get_backend(), sha2_crypt.sha256_crypt.get_backend())
+good = sha2_crypt.sha512_crypt.using(rounds=5000).hash("right horse")
+print(passwords.verify_and_remember("right horse", good),
+      passwords.verify_and_remember("wrong horse", good),
+      passwords.verify_and_remember("x", "$6$nonsense"),
+      passwords.verify_and_remember("a\0b", good))
+print(sha2_crypt.sha512_crypt.verify("policyd", passwords._CHECK_HASH),
+      sha2_crypt.sha256_crypt.verify("pw", "$5$rounds=5000$x$"
+                                     "/cBhd5GcW3piDgPuh0MUtkW8cGNHV1SzlwHMIYtAf73"))
+'''
+
+
+def test_without_the_crypt_module_passlib_gets_the_ctypes_path_too():
+    """Python 3.13 (Debian 13) has no ``crypt`` module: passlib's sha2_crypt handlers
+    then compute in pure Python, holding the GIL between switch intervals.  policyd gives
+    them the ctypes path as their ``os_crypt`` backend, with the same results."""
+    import subprocess
+    import sys
+
+    out = subprocess.run([sys.executable, "-c", WITHOUT_CRYPT_MODULE], capture_output=True,
+                         text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    backends, verdicts, same = out.stdout.splitlines()
+    assert backends == "os_crypt os_crypt"
+    assert verdicts == "True False False False"
+    assert same == "True True"

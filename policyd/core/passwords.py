@@ -25,12 +25,12 @@ verification result changes; it is installed only after it gave ``crypt.crypt``'
 for a known setting.  Where ctypes cannot load libcrypt, passlib keeps calling
 ``crypt.crypt`` (correct, but holding the GIL).
 
-Limits: Python 3.13 has no ``crypt`` module; there passlib's ``safe_crypt`` is a stub,
-its sha2_crypt handlers use the pure-Python ``builtin`` backend (several times slower,
-and Python code, which yields the GIL only at each switch interval), and passlib
-offers no clean hook to put the ctypes path underneath (it would mean replacing
-``safe_crypt`` in two modules and resetting the backend choice): policyd runs on 3.11.
-Likewise a candidate libcrypt refuses (512 bytes or more) is computed by passlib's
+Python 3.13 (Debian 13's) has no ``crypt`` module: there passlib's ``safe_crypt`` is a
+stub and its sha2_crypt handlers fall back to their pure-Python ``builtin`` backend
+(several times slower, and Python code, which holds the GIL between switch intervals).
+``_install_crypt_without_gil`` then gives those handlers the ctypes path as their
+``os_crypt`` backend (``_safe_crypt``, passlib's own ``safe_crypt`` for CPython 3 on
+it).  A candidate libcrypt refuses (512 bytes or more) is computed by passlib's
 ``builtin`` backend on any Python, as in Mailman.
 """
 
@@ -132,24 +132,72 @@ def _load_crypt_without_gil():
     return crypt_without_gil
 
 
+# SHA-crypt's own test of a known setting (deterministic: the specification's algorithm).
+_CHECK = ("policyd", "$6$rounds=1000$policydcheck$")
+_CHECK_HASH = ("$6$rounds=1000$policydcheck$WFfZJH2ALJvmQIPu2doQmNvmJk7tQ43XL22Exkh5s2m/"
+               "n0ZUwtjWHF816gW77IY3pAETrKnICp08b1p1yp5Pk/")
+
+
 def _install_crypt_without_gil() -> None:
-    """Make passlib's ``safe_crypt`` call libcrypt without the GIL (module docstring).
-    Once; only over the stock ``crypt.crypt`` and only if both agree on a known setting."""
+    """Make passlib's sha2_crypt hashes computed by libcrypt without the GIL (module
+    docstring).  Once; only if the ctypes path gives the known answer for a known setting.
+
+    With the ``crypt`` module (Python 3.11, 3.12): it replaces ``crypt.crypt`` under
+    passlib's own ``safe_crypt``.  Without it (Python 3.13, Debian 13's): passlib's
+    ``safe_crypt`` is a stub and sha256_crypt/sha512_crypt fall back to their pure-Python
+    backend; they get ``_safe_crypt`` (passlib's ``safe_crypt`` for CPython 3, on the
+    ctypes path) and their ``os_crypt`` backend back."""
     global _crypt_without_gil, _stock_crypt
     import passlib.utils
+    if _crypt_without_gil is not None:
+        return
     stock = getattr(passlib.utils, "_crypt", None)
-    if (stock is None or _stock_crypt is not None
-            or getattr(stock, "__module__", None) != "crypt"):
-        return  # no crypt module (3.13), done already, or replaced by someone else
+    if stock is not None and getattr(stock, "__module__", None) != "crypt":
+        return  # replaced by someone else
     try:
         mine = _load_crypt_without_gil()
-        check = ("policyd", "$6$rounds=1000$policydcheck$")
-        if mine is None or mine(*check) != stock(*check):
-            return  # keep the stock crypt.crypt (with the GIL)
+        if mine is None or mine(*_CHECK) != _CHECK_HASH:
+            return  # keep what passlib has
     except (OSError, ValueError, TypeError, AttributeError):
         return
-    _stock_crypt, _crypt_without_gil = stock, mine
-    passlib.utils._crypt = mine
+    if stock is not None:
+        _stock_crypt, _crypt_without_gil = stock, mine
+        passlib.utils._crypt = mine
+        return
+    from passlib.handlers import sha2_crypt
+    _crypt_without_gil = mine
+    sha2_crypt.safe_crypt = _safe_crypt
+    sha2_crypt.test_crypt = _test_crypt
+    for handler in (sha2_crypt.sha256_crypt, sha2_crypt.sha512_crypt):
+        try:
+            handler.set_backend("os_crypt")
+        except Exception:  # passlib keeps the backend it had (correct, with the GIL)
+            pass
+
+
+def _safe_crypt(secret, hash):
+    """passlib 1.7's ``safe_crypt`` for CPython 3 (``passlib.utils``), on
+    ``_crypt_without_gil``: where Python has no ``crypt`` module for passlib to use."""
+    if isinstance(secret, bytes):
+        try:
+            secret = secret.decode("utf-8")
+        except UnicodeDecodeError:
+            return None
+    if "\0" in secret:
+        raise ValueError("null character in secret")
+    if isinstance(hash, bytes):
+        hash = hash.decode("ascii")
+    try:
+        result = _crypt_without_gil(secret, hash)
+    except OSError:
+        return None
+    if not result or result[0] in "*:!":
+        return None
+    return result
+
+
+def _test_crypt(secret, hash):
+    return _safe_crypt(secret, hash) == hash
 
 
 _crypt_without_gil = None
