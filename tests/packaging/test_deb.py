@@ -254,6 +254,14 @@ def test_install_run_purge(deb, chroot):
     assert "demo data: loaded" in init, init
     check = chroot.sh(f"{as_policyd} policyd --check-config").stdout
     assert "configuration OK" in check, check
+    # trixie's Python has no crypt module: moderator passwords must still be computed by
+    # libcrypt without the GIL (policyd.core.passwords), not in passlib's pure Python.
+    backend = chroot.sh(
+        "python3 -c 'from policyd.core import passwords; passwords._crypt_context(); "
+        "from passlib.handlers import sha2_crypt as s; "
+        "print(s.sha512_crypt.get_backend(), "
+        "passwords.verify_password(\"policyd\", passwords._CHECK_HASH))'").stdout
+    assert backend.split() == ["os_crypt", "True"], backend
 
     log = (chroot.path / "tmp" / "policyd.log").open("w")
     daemon = subprocess.Popen(
