@@ -104,6 +104,35 @@ MISS_WITHOUT_MESSAGE = frozenset({
     "suspicious-header"})
 
 
+# The rules that read header fields other than From:, Reply-To: and Sender: (or the body's
+# start): with a header block the MTA cut (``Message.headers_cut``) they could hit on a
+# field's absence (no-subject, implicit-dest) or miss what comes past the cut, so they
+# are not run; the post is then Mailman's to decide on those (an ACCEPT here is delivery
+# to Mailman, which runs them on the whole message).  From:, Reply-To: and Sender: come
+# whole (the sender rules and dmarc-mitigation run as usual), and so does the size.
+NEED_WHOLE_HEADER = MISS_WITHOUT_MESSAGE - {"dmarc-mitigation", "max-size"}
+
+
+class _NotEvaluated:
+    """In the trace of a query whose header block was cut (explain): the rule's place,
+    and why it was not run."""
+
+    def __init__(self, name: str) -> None:
+        self.name = name
+        self._miss = Miss("not evaluated: the MTA cut the header block (Exim's "
+                          "POLICYD_MAX_HEADERS); Mailman decides this on the whole message")
+
+    def check(self, ctx) -> Miss:
+        return self._miss
+
+
+def _whole_header_rules_left_out(chain: tuple[Rule, ...], explain: bool) -> tuple[Rule, ...]:
+    if explain:
+        return tuple(_NotEvaluated(rule.name) if rule.name in NEED_WHOLE_HEADER else rule
+                     for rule in chain)
+    return tuple(rule for rule in chain if rule.name not in NEED_WHOLE_HEADER)
+
+
 def _envelope_only(chain: tuple[Rule, ...]) -> tuple[Rule, ...]:
     return tuple(rule for rule in chain if rule.name not in MISS_WITHOUT_MESSAGE)
 
@@ -192,6 +221,8 @@ def decide(snapshot: Snapshot, query: Query, *, explain: bool = True,
                      else _CHAINS_BY_NULL_SENDER[null_sender][1])[policy.mode]
             if dmarc is not None and policy.content.dmarc_mitigate_action in DECIDING:
                 chain = _with_dmarc(chain, dmarc)
+            if query.message is not None and query.message.headers_cut:
+                chain = _whole_header_rules_left_out(chain, explain)
     else:
         ctx = Context(snapshot, query, target, (), None, explain)
         chain = SMTP_CHAIN if null_sender == "reject" else \

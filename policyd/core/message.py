@@ -43,6 +43,11 @@ class Message(NamedTuple):
     # The field names lower-cased, in order (``parse_message`` fills it once; empty:
     # computed when asked).
     names: tuple[str, ...] = ()
+    # The MTA cut the header block (Exim's ``POLICYD_MAX_HEADERS``): fields past the cut
+    # are missing.  From:, Reply-To: and Sender: are whole all the same (the ACL sends
+    # them apart then: ``protocols.exim``); the rules that read other fields leave such a
+    # message to Mailman (``core.chain``).
+    headers_cut: bool = False
 
     def _names(self) -> tuple[str, ...]:
         return self.names if self.names or not self.headers else \

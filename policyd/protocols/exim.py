@@ -54,6 +54,7 @@ from twisted.internet.protocol import Protocol
 from twisted.logger import Logger
 from zope.interface import implementer
 
+from ..core import mailman_headers
 from ..core.message import Message, parse_message
 from ..core.replies import Outcome, SmtpReply, clean_text
 from ..core.verdict import Query
@@ -69,7 +70,7 @@ __all__ = ["VERSION", "EximRequest", "parse_request", "reply_line", "aggregate",
 VERSION = b"POLICYD/1"
 _KEY_NAME = re.compile(rb"[a-z_]+")
 _KNOWN_KEYS = frozenset({b"list", b"sender", b"from", b"reply_to", b"sender_header", b"id",
-                         b"headers", b"body", b"size", b"client"})
+                         b"headers", b"body", b"size", b"client", b"headers_cut"})
 _CLIENT = re.compile(rb"[0-9A-Fa-f:.]{2,45}")
 _SIZE = re.compile(rb"[0-9]{1,15}")
 _HEADERS = (b"from", b"reply_to", b"sender_header")
@@ -146,7 +147,33 @@ def _message(fields: dict) -> Message | None:
         return None
     headers = _b64_bytes(b"headers", fields[b"headers"])
     body = _b64_bytes(b"body", fields[b"body"]) if b"body" in fields else None
-    return parse_message(headers, body, size)
+    message = parse_message(headers, body, size)
+    cut = fields.get(b"headers_cut")
+    if cut is not None and cut not in (b"0", b"1"):
+        raise ProtocolError("headers_cut= is not 0 or 1")
+    return _whole_address_fields(message, fields) if cut == b"1" else message
+
+
+_ADDRESS_FIELDS = ((b"from", "From"), (b"reply_to", "Reply-To"), (b"sender_header", "Sender"))
+
+
+def _whole_address_fields(message: Message, fields: dict) -> Message:
+    """A header block the ACL cut (``headers_cut=1``: longer than POLICYD_MAX_HEADERS):
+    the fields past the cut are missing and the last one may be cut in the middle, but
+    From:, Reply-To: and Sender:, which decide whose post it is, come whole from
+    ``from=``, ``reply_to=`` and ``sender_header=`` (``$rh_``: every field of a name,
+    joined by newlines).  They replace those of the block; its last field is dropped."""
+    pairs = [pair for pair in message.headers[:-1]
+             if pair[0].lower() not in ("from", "reply-to", "sender")]
+    whole = []
+    for key, name in _ADDRESS_FIELDS:
+        raw = fields.get(key)
+        if raw:
+            whole += [(name, field.lstrip(" \t").rstrip("\n"))
+                      for field in mailman_headers.fields(_b64(key, raw))]
+    headers = tuple(whole + pairs)
+    return message._replace(headers=headers, names=tuple(name.lower() for name, _ in headers),
+                            headers_cut=True)
 
 
 def _joined(message: Message, name: str) -> str | None:

@@ -439,3 +439,45 @@ def test_every_byte_split():
         proto.dataReceived(data[:i])
         proto.dataReceived(data[i:])
         assert transport.value() == REJECT, i
+
+
+def test_a_cut_header_block_takes_the_address_fields_given_whole_beside_it():
+    """``headers_cut=1`` (contrib/exim: a block longer than POLICYD_MAX_HEADERS): the
+    block's last field may be cut and From:/Reply-To:/Sender: lie past the cut; they come
+    whole from ``from=``/``reply_to=``/``sender_header=`` (every field of a name), replace
+    any the block had, and the message says it was cut."""
+    block = ("X-Trace: one\r\nFrom: <cut-off@outside.example>\r\nX-Trace: two\r\n"
+             "Subject: trunc").encode()
+    raw = (f"POLICYD/1 list={LIST} sender={b64(NONMEMBER)} "
+           f"headers={base64.b64encode(block).decode()} headers_cut=1 "
+           f"from={b64(' Carol <' + MEMBER + '>')} reply_to={b64('a@x.example' + chr(10) + 'b@y.example')} "
+           f"size=100000").encode()
+    request = parse_request(raw)
+    message = request.message
+    assert message.headers_cut
+    assert message.get_all("from") == [f"Carol <{MEMBER}>"]
+    assert message.get_all("reply-to") == ["a@x.example", "b@y.example"]
+    assert message.get_all("x-trace") == ["one", "two"]
+    assert message.get_all("subject") == []  # the field the cut went through is dropped
+    assert request.from_header == f"Carol <{MEMBER}>"
+    with pytest.raises(ProtocolError, match="headers_cut="):
+        parse_request(raw.replace(b"headers_cut=1", b"headers_cut=yes"))
+
+
+def test_a_cut_header_block_decides_the_senders_and_leaves_the_other_rules_to_mailman():
+    """The member in From: (past the cut) makes it a member's post, whatever the
+    envelope; no-subject, which would hold for want of a Subject: the cut dropped, is
+    not run, and the trace says why."""
+    from policyd.core.chain import decide
+
+    block = b"X-Trace: one\r\nX-Trace: two\r\n"
+    raw = (f"POLICYD/1 list={LIST} sender={b64(NONMEMBER)} "
+           f"headers={base64.b64encode(block).decode()} headers_cut=1 "
+           f"from={b64('<' + MEMBER + '>')} size=100000").encode()
+    query = parse_request(raw).queries()[0]
+    decision = decide(sample_snapshot(), query)
+    assert decision.verdict.value == "accept" and f"{MEMBER} is a member" in decision.reason
+    skipped = {step.rule: step.detail for step in decision.trace if "cut the header" in
+               step.detail}
+    assert "no-subject" in skipped and "implicit-dest" in skipped
+    assert decide(sample_snapshot(), query, explain=False).rule == decision.rule

@@ -201,6 +201,7 @@ class Message:
     recipients: list[str]
     headers: list[str] = field(default_factory=list)
     tag: str = ""
+    body: str = ""  # more body lines after the tag line
 
     def __post_init__(self) -> None:
         if not self.tag:
@@ -209,8 +210,10 @@ class Message:
 
     def data(self) -> str:
         lines = list(self.headers) + [f"Subject: {self.tag}", f"Message-ID: <{self.tag}@test>",
-                                      "", f"tag {self.tag}", ""]
-        return "\r\n".join(lines)
+                                      "", f"tag {self.tag}"]
+        if self.body:
+            lines += self.body.split("\n")
+        return "\r\n".join(lines + [""])
 
 
 @dataclass
@@ -428,4 +431,4 @@ class StandIn:
 
 def is_data_request(line: bytes) -> bool:
     """The DATA question carries the headers; the RCPT question has list and sender only."""
-    return b" from=" in line
+    return b" headers=" in line

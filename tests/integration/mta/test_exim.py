@@ -28,12 +28,25 @@ class Case:
     rcpt: tuple[tuple[int, str], ...]       # per recipient: code, text the reply contains
     data: tuple[int, str] | None             # DATA reply, None: no DATA (all RCPTs refused)
     delivered: str | None                    # maildir ("lists", "users"), "discarded", None
+    body: str = ""                           # more body lines
 
     def message(self) -> Message:
-        return Message(self.sender, list(self.recipients), list(self.headers))
+        return Message(self.sender, list(self.recipients), list(self.headers), body=self.body)
 
 
 OK = (250, "")
+
+# Trace fields as list traffic carries them above From: (DKIM and ARC signatures of each
+# hop; Exim's own loop check counts Received: lines, so not those): some 45 KB, past
+# contrib/exim's POLICYD_MAX_HEADERS.
+TRACE = tuple(f"ARC-Message-Signature: i={i}; a=rsa-sha256; c=relaxed/relaxed; "
+              f"d=relay{i}.example.net; s=arc;\r\n\tb={'Q' * 64}\r\n\t{'w' * 40}"
+              for i in range(300))
+# A Reply-To: of 44 named mailboxes (some 4 KB, well within what policyd reads of the
+# address fields): a big request once the block is cut.
+REPLY_TO = "Reply-To: " + ", ".join(
+    f"Somebody With A Rather Long Name Number{i:02d} <somebody.number{i:02d}@"
+    "a-subdomain.elsewhere.example>" for i in range(44))
 
 CASES = {
     "member-accepted-and-delivered": Case(
@@ -81,6 +94,18 @@ CASES = {
     "administrative-address-is-not-a-post": Case(
         NONMEMBER, (f"announce-request@{LIST_DOMAIN}",), (f"From: <{NONMEMBER}>",),
         (OK,), OK, "lists"),
+    # contrib/exim cuts a header block over POLICYD_MAX_HEADERS: From: (past the cut) is
+    # sent whole beside it, so the member's post is accepted as with small headers.
+    "header-block-past-the-acls-limit-member-from-at-its-end": Case(
+        NONMEMBER, (ANNOUNCE,), TRACE + (f"From: Carol <{MEMBER}>",), (OK,), OK, "lists"),
+    "header-block-past-the-acls-limit-nonmember-still-rejected": Case(
+        NONMEMBER, (ANNOUNCE,), TRACE + (f"From: Eve <{NONMEMBER}>",), (OK,),
+        (550, f"5.7.1 {NOTICE}"), None),
+    # The cut block, a 4 KB Reply-To: whole beside it and 4 KB of body stay under
+    # policyd's max_request (it was "451 Malformed policy request" on every retry).
+    "big-header-block-long-reply-to-and-body-fit-the-request": Case(
+        MEMBER, (ANNOUNCE,), TRACE + (f"From: Carol <{MEMBER}>", REPLY_TO), (OK,), OK,
+        "lists", body="\n".join("body line %04d %s" % (i, "y" * 60) for i in range(90))),
     "non-list-domain-untouched": Case(
         NONMEMBER, (SOMEONE,), (f"From: <{NONMEMBER}>",), (OK,), OK, "users"),
 }

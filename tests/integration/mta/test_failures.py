@@ -166,9 +166,10 @@ def b64(text: str) -> str:
 
 
 def test_requests_follow_the_wire_format(exim, standin):
-    """RCPT: ``POLICYD/1 list=<rcpt> sender=<b64>``; DATA: list, sender, the raw From:,
-    Reply-To:, Sender: headers (all From: headers, undecoded), the whole header block,
-    the visible start of the body and the size, in base64, the client and the id."""
+    """RCPT: ``POLICYD/1 list=<rcpt> sender=<b64>``; DATA: list, sender, the whole header
+    block, the visible start of the body and the size, in base64, the client and the id
+    (the raw From:, Reply-To: and Sender: only with a block longer than
+    POLICYD_MAX_HEADERS: ``test_a_cut_header_block_comes_with_the_address_fields``)."""
     standin.answer = lambda line: b"ACCEPT 250 2.1.5 ok"
     froms = [f"From: Eve <{NONMEMBER}>", f"From: =?utf-8?Q?Member=2C_Carol?= <{MEMBER}>"]
     message = Message(NONMEMBER, [ANNOUNCE],
@@ -180,18 +181,36 @@ def test_requests_follow_the_wire_format(exim, standin):
     words = data_line.decode().split(" ")
     assert words[0] == "POLICYD/1"
     fields = dict(word.split("=", 1) for word in words[1:])
-    assert set(fields) == {"list", "sender", "from", "reply_to", "sender_header", "id",
-                           "headers", "body", "size", "client"}
+    assert set(fields) == {"list", "sender", "id", "headers", "body", "size", "client"}
     decode = lambda key: base64.b64decode(fields[key]).decode()  # noqa: E731
     assert fields["list"] == ANNOUNCE
     assert decode("sender") == NONMEMBER
-    assert decode("from") == "".join(" " + h.split(": ", 1)[1] + "\n" for h in froms)
-    assert decode("reply_to") == " <reply@x.example>\n"
-    assert decode("sender_header") == " <sender@x.example>\n"
     block = decode("headers")
     assert all(h in block for h in froms) and "Reply-To: <reply@x.example>" in block
     assert int(fields["size"]) > 0
     assert fields["id"]
+
+
+def test_a_cut_header_block_comes_with_the_address_fields(exim, standin):
+    """A header block longer than POLICYD_MAX_HEADERS: cut there, ``headers_cut=1``, and
+    the raw From: (all of them, undecoded), Reply-To: and Sender: whole beside it."""
+    standin.answer = lambda line: b"ACCEPT 250 2.1.5 ok"
+    froms = [f"From: Eve <{NONMEMBER}>", f"From: =?utf-8?Q?Member=2C_Carol?= <{MEMBER}>"]
+    trace = [f"X-Trace-{i}: {'t' * 200}" for i in range(200)]  # 40 KB above them
+    message = Message(NONMEMBER, [ANNOUNCE],
+                      trace + froms + ["Reply-To: <reply@x.example>", "Sender: <sender@x.example>"])
+    result, _ = exim.bh(message)
+    assert result.accepted, result
+    words = standin.requests[-1].decode().split(" ")
+    fields = dict(word.split("=", 1) for word in words[1:])
+    assert set(fields) == {"list", "sender", "id", "headers", "headers_cut", "from",
+                           "reply_to", "sender_header", "body", "size", "client"}
+    decode = lambda key: base64.b64decode(fields[key]).decode()  # noqa: E731
+    assert fields["headers_cut"] == "1"
+    assert len(decode("headers")) == 32768 and "From:" not in decode("headers")
+    assert decode("from") == "".join(" " + h.split(": ", 1)[1] + "\n" for h in froms)
+    assert decode("reply_to") == " <reply@x.example>\n"
+    assert decode("sender_header") == " <sender@x.example>\n"
 
 
 def test_null_sender_is_an_empty_sender_value(exim, standin):
@@ -200,4 +219,4 @@ def test_null_sender_is_an_empty_sender_value(exim, standin):
     result, _ = exim.bh(message)
     assert result.accepted, result
     assert standin.requests[-2].endswith(b" sender=")
-    assert b" sender= from=" in standin.requests[-1]
+    assert b" sender= headers=" in standin.requests[-1]
