@@ -263,3 +263,33 @@ def test_merge_keeps_the_caps():
         other.check(GREY, KEY._replace(sender=f"s{n}@x"))
     st.merge(other.entries.values())
     assert [k.sender for k in st.entries] == ["s2@x", "s3@x"]
+
+
+YEAR = 365 * 86400
+
+
+def test_a_clock_stepped_back_does_not_defer_or_hold_for_ever():
+    """The first attempt was seen with a clock a year ahead; NTP then stepped it back.
+    Ages came out negative, so nothing expired: every retry was an early one for ever,
+    and a ticket never fell back.  Such an entry now counts as expired: the sender starts
+    over, and passes after min_delay; the ticket starts over, and falls back after
+    decide_within."""
+    st, clock = state()
+    assert run(st, clock, GREY, [(0, None), (-YEAR + 600, None), (-YEAR + 900, None)]) == [
+        (D, "first-attempt"), (D, "expired"), (P, "retry-in-window")]
+    st, clock = state()
+    assert run(st, clock, MOD, [(0, None), (-YEAR, None), (-YEAR + 3 * 86400, None)]) == [
+        (H, "first-attempt"), (H, "expired"), (P, "undecided-fallback")]
+    # A little clock difference between MX hosts is not a step back.
+    st, clock = state()
+    assert run(st, clock, GREY, [(0, None), (-60, None), (300, None)]) == [
+        (D, "first-attempt"), (D, "early-retry"), (P, "retry-in-window")]
+
+
+def test_pruning_drops_what_a_clock_stepped_back_left_in_the_future():
+    st, clock = state()
+    run(st, clock, GREY, [(0, None)])
+    run(st, clock, MOD, [(0, None)])
+    clock.now -= YEAR
+    assert st.prune() == 2
+    assert not st.entries and not st.tickets

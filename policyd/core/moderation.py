@@ -202,6 +202,19 @@ HELD_TEXT = "Held for moderator approval, ticket {ticket}"
 REJECT_TEXT = "Your post to {list} was rejected by its moderator"
 
 
+# How far in the future a time read from the state may lie and still be taken as it is
+# (the clocks of MX hosts sharing a store differ a little).  Beyond it the clock was
+# stepped back since (NTP after a wrong clock, a restored VM): ages would be negative,
+# so nothing would expire, a greylisted sender would never pass and a ticket never fall
+# back; such an entry counts as expired instead (the sender starts over: a bounded wait).
+CLOCK_SLACK = 300.0
+
+
+def _stale(since: float, now: float, lifetime: float) -> bool:
+    """Expired: older than ``lifetime``, or from a future the clock has stepped back from."""
+    return now - since > lifetime or since - now > CLOCK_SLACK
+
+
 class ModerationState:
     """The in-memory index of greylist entries, remembered senders and tickets.
 
@@ -322,12 +335,12 @@ class ModerationState:
         s = self.settings
         until = self.remembered.get((key.list, key.sender))
         if until is not None:
-            if until > now:
+            if now < until <= now + s.remember + CLOCK_SLACK:
                 return REMEMBERED
             self._forget(key.list, key.sender)
         entry = self.entries.get(key)
         text = GREYLIST_TEXT.format(list=key.list)
-        if entry is None or now - entry.first_seen > s.max_age:
+        if entry is None or _stale(entry.first_seen, now, s.max_age):
             transition = "first-attempt" if entry is None else "expired"
             evicted = self._put_entry(Entry(key, now, now, 1))
             return Step(Outcome.DEFER, transition, text, evicted=evicted)
@@ -375,8 +388,8 @@ class ModerationState:
         retries meanwhile)."""
         s = self.settings
         if ticket.decided_at is not None:
-            return now - ticket.decided_at > s.max_age
-        return now - ticket.first_seen > s.decide_within + s.max_age
+            return _stale(ticket.decided_at, now, s.max_age)
+        return _stale(ticket.first_seen, now, s.decide_within + s.max_age)
 
     # --- moderators ----------------------------------------------------------------------
 
@@ -434,11 +447,13 @@ class ModerationState:
         now = self.clock()
         s = self.settings
         dropped = 0
-        for key in [k for k, e in self.entries.items() if now - e.first_seen > s.max_age]:
+        for key in [k for k, e in self.entries.items()
+                    if _stale(e.first_seen, now, s.max_age)]:
             del self.entries[key]
             self.changes.entries[key] = None
             dropped += 1
-        for who in [w for w, until in self.remembered.items() if until <= now]:
+        for who in [w for w, until in self.remembered.items()
+                    if not now < until <= now + s.remember + CLOCK_SLACK]:
             self._forget(*who)
             dropped += 1
         for ticket in [t for t in self.tickets.values() if self._expired(t, now)]:

@@ -12,12 +12,15 @@ from __future__ import annotations
 
 import hashlib
 import math
+import random
+import time
 
 from sqlalchemy import delete, insert, or_, select, update
 from sqlalchemy.engine import Engine
+from sqlalchemy.exc import DBAPIError
 from sqlalchemy.orm import Session
 
-from ..core.moderation import Changes, Decision, Entry, Key, Settings, Ticket
+from ..core.moderation import CLOCK_SLACK, Changes, Decision, Entry, Key, Settings, Ticket
 from ..errors import BadInput, NotFound
 from .models import ModerationEntry, ModerationSender, ModerationTicket
 
@@ -77,10 +80,41 @@ def load_state(engine: Engine, settings: Settings, now: float):
     return entries, remembered, tickets
 
 
-def write_changes(engine: Engine, changes: Changes) -> None:
+# Another daemon writing the same rows at the same moment (the first attempt of a post
+# reaches both MX hosts; InnoDB's gap locks make any two overlapping batches conflict):
+# the transaction that lost is tried again, a few times, after a short random pause.
+WRITE_ATTEMPTS = 5
+_CONFLICT_SQLSTATES = frozenset({"40001", "40P01", "23505"})  # serialization, deadlock, dup
+_CONFLICT_MYSQL = frozenset({1213, 1062})  # deadlock, duplicate entry
+
+
+def is_write_conflict(error: DBAPIError) -> bool:
+    """A conflict with a concurrent writer (deadlock, serialization failure, a row the
+    other one inserted first): worth trying again, unlike a lock held for long."""
+    orig = getattr(error, "orig", None)
+    state = getattr(orig, "sqlstate", None) or getattr(orig, "pgcode", None)
+    if state in _CONFLICT_SQLSTATES:
+        return True
+    args = getattr(orig, "args", ())
+    return bool(args) and args[0] in _CONFLICT_MYSQL
+
+
+def write_changes(engine: Engine, changes: Changes, *, sleep=time.sleep) -> None:
     """One transaction: the entries and remembered senders replaced or deleted; new
     tickets inserted, known ones updated (``last_seen``, ``attempts`` only: a moderator's
-    decision written meanwhile is never overwritten), dropped ones deleted."""
+    decision written meanwhile is never overwritten), dropped ones deleted.  Tried again
+    on a conflict with another daemon's writes (``WRITE_ATTEMPTS``): the rows are whole
+    replacements, so the transaction that comes second simply replaces them again."""
+    for attempt in range(1, WRITE_ATTEMPTS + 1):
+        try:
+            return _write_changes(engine, changes)
+        except DBAPIError as error:
+            if attempt == WRITE_ATTEMPTS or not is_write_conflict(error):
+                raise
+            sleep(random.uniform(0.005, 0.05) * attempt)
+
+
+def _write_changes(engine: Engine, changes: Changes) -> None:
     with engine.begin() as connection:
         hashes = {key_hash(key): (key, entry) for key, entry in changes.entries.items()}
         for chunk in _chunks(list(hashes)):
@@ -140,13 +174,17 @@ def read_since(engine: Engine, since: float, remember: float):
 
 
 def prune_rows(engine: Engine, settings: Settings, now: float) -> int:
-    """Delete the expired rows (every daemon may; it is idempotent)."""
+    """Delete the expired rows (every daemon may; it is idempotent), and those written
+    with times the clock has stepped back from (``core.moderation.CLOCK_SLACK``)."""
+    future = now + CLOCK_SLACK
     with engine.begin() as connection:
-        count = connection.execute(
-            delete(G).where(G.c.first_seen < now - settings.max_age)).rowcount or 0
-        count += connection.execute(delete(R).where(R.c.until <= now)).rowcount or 0
+        count = connection.execute(delete(G).where(or_(
+            G.c.first_seen < now - settings.max_age, G.c.first_seen > future))).rowcount or 0
+        count += connection.execute(delete(R).where(or_(
+            R.c.until <= now, R.c.until > future + settings.remember))).rowcount or 0
         count += connection.execute(delete(T).where(or_(
-            T.c.decided_at < now - settings.max_age,
+            T.c.decided_at < now - settings.max_age, T.c.decided_at > future,
+            T.c.first_seen > future,
             (T.c.decided_at.is_(None)) & (T.c.first_seen < now - settings.decide_within
                                           - settings.max_age)))).rowcount or 0
     return count
