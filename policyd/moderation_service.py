@@ -144,17 +144,20 @@ class ModerationService(TimerService):
                                 client=_field(client or "", 64))
         self.counts[mode][step.outcome][step.transition] += 1
         if step.evicted:
-            if not self._evicting:
-                log.warn("moderation state at its cap (max_entries {entries}, max_tickets "
-                         "{tickets}): dropping the oldest entries; a summary follows",
-                         entries=self.state.settings.max_entries,
-                         tickets=self.state.settings.max_tickets)
-            self._evicting += step.evicted
-            self.evicted += step.evicted
+            self._count_evicted(step.evicted)
         reply = _reply(step)
         if reply is None:
             return answer, step
         return answer._replace(reply=reply), step
+
+    def _count_evicted(self, count: int) -> None:
+        if not self._evicting:
+            log.warn("moderation state at its cap (max_entries {entries}, max_tickets "
+                     "{tickets}): dropping the oldest entries; a summary follows",
+                     entries=self.state.settings.max_entries,
+                     tickets=self.state.settings.max_tickets)
+        self._evicting += count
+        self.evicted += count
 
     def describe(self, decision) -> dict | None:
         """``policyctl query``: the list's ``smtp_moderation`` and, when it is on, what
@@ -214,6 +217,9 @@ class ModerationService(TimerService):
             rows = yield self.run_in_thread(store.read_since, self.engine,
                                             self._since - SLACK, settings.remember)
             decided = self.state.merge(*rows)
+            merged_out = self.state.take_merge_evicted()
+            if merged_out:  # other daemons' rows filled the caps: the same incident
+                self._count_evicted(merged_out)
             if decided:
                 self.decisions_read += decided
                 log.info("{count} moderator decisions arrived", count=decided)

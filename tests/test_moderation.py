@@ -293,3 +293,54 @@ def test_pruning_drops_what_a_clock_stepped_back_left_in_the_future():
     clock.now -= YEAR
     assert st.prune() == 2
     assert not st.entries and not st.tickets
+
+
+def test_two_tickets_for_one_post_become_one_on_every_daemon():
+    """The first attempt reached MX A, then at once MX B, before they synced: two
+    tickets.  After merging each other's rows both keep the one A gave first (the one
+    the sender's first 451 named), drop the other from the store too, and tell every
+    retry that ticket."""
+    from policyd.core.moderation import Ticket  # noqa: F401  (the type merged)
+
+    clock = Clock()
+    a = ModerationState(SETTINGS, clock=clock, ticket_id=iter(["AAAAAA"]).__next__)
+    b = ModerationState(SETTINGS, clock=clock, ticket_id=iter(["BBBBBB"]).__next__)
+    assert a.check(MOD, KEY).ticket == "AAAAAA"
+    clock.now += 5
+    assert b.check(MOD, KEY).ticket == "BBBBBB"
+    from_a, from_b = list(a.drain().tickets.values()), list(b.drain().tickets.values())
+    a.merge(tickets=from_b)
+    b.merge(tickets=from_a)
+    assert set(a.tickets) == set(b.tickets) == {"AAAAAA"}
+    assert a.changes.tickets == {"BBBBBB": None}  # gone from the store as well
+    assert b.changes.tickets.get("BBBBBB", "kept") is None
+    clock.now += 900
+    assert b.check(MOD, KEY).ticket == "AAAAAA"
+    assert a.check(MOD, KEY).ticket == "AAAAAA"
+
+
+def test_a_decided_duplicate_ticket_wins_over_an_undecided_one():
+    clock = Clock()
+    a = ModerationState(SETTINGS, clock=clock, ticket_id=iter(["AAAAAA"]).__next__)
+    b = ModerationState(SETTINGS, clock=clock, ticket_id=iter(["BBBBBB"]).__next__)
+    a.check(MOD, KEY)
+    clock.now += 5
+    b.check(MOD, KEY)
+    b.decide("BBBBBB", Decision.APPROVE)
+    a.merge(tickets=list(b.drain().tickets.values()))
+    assert set(a.tickets) == {"BBBBBB"}
+    clock.now += 900
+    assert a.check(MOD, KEY).outcome is Outcome.ACCEPT
+
+
+def test_rows_dropped_at_the_caps_by_a_merge_are_counted():
+    """Other daemons' rows filling the caps drop the oldest: counted (and logged by the
+    service) like the daemon's own evictions, never silently."""
+    from policyd.core.moderation import Entry
+
+    st, clock = state(replace(SETTINGS, max_entries=5))
+    entries = [Entry(KEY._replace(sender=f"s{i}@x.example"), clock.now, clock.now, 1)
+               for i in range(12)]
+    st.merge(entries=entries)
+    assert len(st.entries) == 5
+    assert st.take_merge_evicted() == 7 and st.take_merge_evicted() == 0

@@ -210,6 +210,13 @@ REJECT_TEXT = "Your post to {list} was rejected by its moderator"
 CLOCK_SLACK = 300.0
 
 
+def _kept(a: "Ticket", b: "Ticket") -> "Ticket":
+    """Of two tickets for one post, the one every daemon keeps: a decided one, else the
+    first seen (the one its first deferral named), else the smaller id."""
+    return a if (a.decision is None, a.first_seen, a.id) <= \
+        (b.decision is None, b.first_seen, b.id) else b
+
+
 def _stale(since: float, now: float, lifetime: float) -> bool:
     """Expired: older than ``lifetime``, or from a future the clock has stepped back from."""
     return now - since > lifetime or since - now > CLOCK_SLACK
@@ -234,6 +241,13 @@ class ModerationState:
         self.tickets: dict[str, Ticket] = {}
         self.ticket_by_key: dict[Key, str] = {}
         self.changes = Changes()
+        # Rows dropped at the caps by ``merge`` (other daemons' rows filled them): the
+        # service counts and logs them as it does its own (``take_merge_evicted``).
+        self.merge_evicted = 0
+
+    def take_merge_evicted(self) -> int:
+        count, self.merge_evicted = self.merge_evicted, 0
+        return count
 
     # --- loading and draining ------------------------------------------------------------
 
@@ -267,6 +281,16 @@ class ModerationState:
         for ticket in tickets:
             mine = self.tickets.get(ticket.id)
             if mine is None:
+                other = self.tickets.get(self.ticket_by_key.get(ticket.key, ""))
+                if other is not None and other.id != ticket.id:
+                    # Two tickets for one post (its first attempt reached two MX hosts
+                    # before they synced): every daemon keeps the same one, and the
+                    # other goes from the store too, so the sender is told one ticket
+                    # and the moderators see one.
+                    if _kept(other, ticket) is other:
+                        self.changes.tickets[ticket.id] = None
+                        continue
+                    self._drop_ticket(other)
                 self._put_ticket(ticket, record=False)
                 decided += ticket.decision is not None
                 continue
@@ -277,7 +301,7 @@ class ModerationState:
             mine = replace(mine, last_seen=max(mine.last_seen, ticket.last_seen),
                            attempts=max(mine.attempts, ticket.attempts))
             self.tickets[mine.id] = mine
-        self._trim()
+        self.merge_evicted += self._trim()
         return decided
 
     def _trim(self) -> int:
