@@ -312,6 +312,18 @@ def test_rejection_notice_carried():
 MM2 = Mode.MAILMAN2
 
 
+def test_mm2_admin_alias_is_the_bounces_address_not_an_unknown_list():
+    """Mailman 2.1 makes LIST-admin (its old name of LIST-bounces): not a post, and the
+    null sender may write to it.  It was ``550 5.1.1 No such list`` (a permanent
+    rejection of mail Mailman takes).  Mailman 3 has no -admin address."""
+    admin = LIST.replace("@", "-admin@")
+    check(snap(mode=MM2, default_nonmember_action=R), q("n@y.example", to=admin),
+          Verdict.ACCEPT, "administrative-address")
+    check(snap(mode=MM2), q("", to=admin), Verdict.ACCEPT, "administrative-address")
+    check(snap(default_nonmember_action=R), q("n@y.example", to=admin), Verdict.REJECT,
+          "unknown-list")
+
+
 @pytest.mark.parametrize("moderation, verdict, rule", [
     (None, Verdict.ACCEPT, "accept"),
     (A, Verdict.ACCEPT, "accept"),

@@ -287,6 +287,12 @@ class Snapshot:
             policy = self.lists.get(f"{base}@{mail_host}")
             if policy is not None:
                 return Target(policy, SUFFIXES[suffix], True, address)
+        elif dash and suffix == "admin":
+            # Mailman 2.1 makes LIST-admin too (MTA/Utils.py, makealiases): its old name of
+            # LIST-bounces, handled by the bounce processor.  Mailman 3 has none.
+            policy = self.lists.get(f"{base}@{mail_host}")
+            if policy is not None and policy.mode is Mode.MAILMAN2:
+                return Target(policy, Role.BOUNCES, True, address)
         return Target(None, None, True, address)
 
 

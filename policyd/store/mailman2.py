@@ -385,11 +385,18 @@ def _patterns_for(mm2: Mailman2List, at_lists: dict[str, str], report: ListRepor
                     continue
                 text = "@" + target
             try:
-                text = check_pattern(text)
+                checked = check_pattern(text)
             except BadInput as error:
                 report.warnings.append(f"{mm2.name}: {kind.label}_these_nonmembers entry "
                                        f"{entry!r} skipped: {error}")
                 continue
+            stripped = text.strip()
+            if stripped.endswith(".") and not stripped.startswith(("^", "@")):
+                # Mailman 2.1 looks the lower-cased sender up among the entries as written
+                # (List2Dict, foldcase): "pat@example.com." meets only the sender written
+                # with the dot (docs/mailman2.md); the stored entry keeps it.
+                checked = stripped.lower()
+            text = checked
             if text in seen:
                 continue
             seen.add(text)

@@ -364,3 +364,24 @@ def test_a_changed_hold_setting_is_updated_and_reported(store, mailman_copy):
     assert all(r.unchanged for a, r in reports.items() if a != "discuss@lists.example.org")
     snap, _ = snapshot_of(store)
     assert snap.lists["discuss@lists.example.org"].content.max_num_recipients == 7
+
+
+def test_a_nonmember_entry_with_a_trailing_dot_keeps_it():
+    """Mailman 2.1 looks the lower-cased sender up among the entries as written: an entry
+    ``dotted@outside.example.`` (as admindb's "add sender" writes a dotted sender) meets
+    only the sender written with the dot.  The import normalised it away, so the dotted
+    sender met nothing and the plain one met the entry (docs/mailman2.md)."""
+    from types import SimpleNamespace
+
+    from policyd.core.verdict import Action
+    from policyd.store import mailman2 as importer
+    from policyd.store import queries as q
+
+    mm2 = SimpleNamespace(name="alpha", posting_address="alpha@lists.test",
+                          patterns={Action.ACCEPT: ["Dotted@Outside.Example.",
+                                                    "plain@outside.example"]})
+    report = importer.ListReport("alpha@lists.test", "test")
+    rows = importer._patterns_for(mm2, {}, report, q.check_pattern)
+    assert [text for _, _, text in rows] == ["dotted@outside.example.",
+                                             "plain@outside.example"]
+    assert report.warnings == []
