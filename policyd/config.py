@@ -605,8 +605,9 @@ def check_paths(config: Config) -> None:
         if not os.path.isdir(directory):
             what = "is not a directory" if os.path.exists(directory) else "does not exist"
             raise ConfigError(f"{source}: {key} = {description}: the socket's directory "
-                              f"{directory} {what} (create it, or under systemd let "
-                              "RuntimeDirectory= create it)")
+                              f"{directory} {what} (create it: under systemd, "
+                              "RuntimeDirectory= makes /run/policyd, and the tmpfiles "
+                              "example of docs/postfix.md /var/spool/postfix/policyd)")
 
 
 # sun_path is 108 bytes on Linux, the last one the terminating NUL.
