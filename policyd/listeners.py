@@ -248,10 +248,25 @@ def unix_path(description: str) -> str | None:
     return positional[0] if positional and positional[0] else None
 
 
+# The kernel's queue of connections not yet accepted, for a ``unix:`` or ``tcp:``
+# listener that does not name its own ``backlog=``: Twisted's default (50) refused
+# connects (EAGAIN on a Unix socket) when a burst of a hundred smtpd processes or Exim
+# deliveries met a reactor busy for a moment.  The kernel caps it at somaxconn.
+LISTEN_BACKLOG = 1024
+
+
+def with_backlog(description: str) -> str:
+    """``description`` with ``backlog=LISTEN_BACKLOG`` added unless it names one."""
+    kind = description.partition(":")[0].strip().lower()
+    if kind not in ("unix", "tcp", "tcp6") or "backlog=" in description:
+        return description
+    return f"{description}:backlog={LISTEN_BACKLOG}"
+
+
 def parse_endpoint(reactor, key: str, description: str):
     """``serverFromString`` with a ``ConfigError`` that names the key."""
     try:
-        endpoint = serverFromString(reactor, description)
+        endpoint = serverFromString(reactor, with_backlog(description))
         if isinstance(endpoint, UNIXServerEndpoint) and not unix_path(description):
             raise ValueError("no socket path")
         return endpoint

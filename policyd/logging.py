@@ -63,10 +63,49 @@ def _escape_one(match: re.Match) -> str:
 
 
 def escape_controls(text: str) -> str:
-    """``text`` with every control character escaped: one line, no terminal sequence."""
-    if _CONTROLS.search(text) is None:
-        return text
-    return _CONTROLS.sub(_escape_one, text)
+    """``text`` with every control character escaped: one line, no terminal sequence;
+    and no invisible format character either (a right-to-left override or a zero-width
+    space in a sender's address would make the line read otherwise than it is written).
+    Lone surrogates (undecodable bytes of a peer, ``surrogateescape``) are left to the
+    stream's error handler, which writes them as ``\\x..``."""
+    if _CONTROLS.search(text) is not None:
+        text = _CONTROLS.sub(_escape_one, text)
+    if _INVISIBLE.search(text) is not None:
+        text = _INVISIBLE.sub(_escape_one, text)
+    return text
+
+
+# Format characters (Unicode category Cf: bidirectional overrides and isolates, zero-width
+# characters, the byte order mark...) and separators other than the ASCII space (Zs, Zl,
+# Zp), as Python 3.11's unicodedata has them, written out: deriving the class at import
+# costs a third of a second.  tests/protocols/test_hardening.py checks it against the
+# running Python's unicodedata.
+_INVISIBLE = re.compile(
+    "[\u00a0\u00ad\u0600-\u0605\u061c\u06dd\u070f\u0890-\u0891\u08e2\u1680\u180e"
+    "\u2000-\u200f\u2028-\u202f\u205f-\u2064\u2066-\u206f\u3000\ufeff\ufff9-\ufffb"
+    "\U000110bd\U000110cd\U00013430-\U00013438\U0001bca0-\U0001bca3"
+    "\U0001d173-\U0001d17a\U000e0001\U000e0020-\U000e007f]")
+
+# What could end a field of the decision line early, or make it read as two: the
+# sender, the list and the header senders are any SMTP client's words.
+_FORGEABLE = re.compile(r'[\s<>"\\]')
+
+
+def _hex_one(match: re.Match) -> str:
+    char = match.group()
+    if char == "\\":
+        return "\\\\"
+    code = ord(char)
+    return f"\\x{code:02x}" if code < 0x100 else f"\\u{code:04x}"
+
+
+def field_text(value: str) -> str:
+    """A decision line's ``sender``, ``list`` or ``senders`` value as it is written:
+    white space, ``<``, ``>``, ``"`` and ``\\`` escaped as ``\\xNN`` (a backslash
+    doubled), so that a value cannot end its field or forge the next one."""
+    if _FORGEABLE.search(value) is None:
+        return value
+    return _FORGEABLE.sub(_hex_one, value)
 
 
 def _format(event: dict) -> str:
@@ -264,20 +303,31 @@ class DecisionLog:
             return
         decision = answer.decision
         elapsed = (perf_counter() - answer.started) * 1000.0
+        sender = query.envelope_sender
         if decision is None:
-            self.trouble(protocol, answer.trouble, query.recipient, query.envelope_sender,
-                         answer.reason, wire, elapsed, request_id, extra)
+            list_ = query.recipient
+            if _FORGEABLE.search(list_ + sender) is not None:
+                list_, sender = field_text(list_), field_text(sender)
+            self.trouble(protocol, answer.trouble, list_, sender, answer.reason, wire,
+                         elapsed, request_id, extra)
         else:
+            list_ = decision.list or query.recipient
+            senders = ",".join(decision.senders) or "-"
+            if _FORGEABLE.search(list_ + sender + senders) is not None:
+                list_, sender, senders = field_text(list_), field_text(sender), \
+                    field_text(senders)
             (self.decision if self.writer is None else self.writer.decision)(
-                protocol, decision.verdict._value_, decision.list or query.recipient,
-                query.envelope_sender, ",".join(decision.senders) or "-",
+                protocol, decision.verdict._value_, list_, sender, senders,
                 decision.sender, decision.rule, wire, elapsed, request_id, extra)
 
     def trouble(self, protocol, label, list_, sender, reason, reply, elapsed,
                 request_id, extra: str = "") -> None:
         if not self.enabled:
             return
-        (self.log.warn if label == "error" else self.log.info)(
+        # Info, an error too: the decision's failure is a warning once per incident
+        # (``Decider``); a line per request at warn would flood a warn-level log with
+        # what any sender can repeat (a header too deep for the parser).
+        self.log.info(
             TROUBLE_FORMAT, protocol=protocol, verdict=label, list=list_, sender=sender,
             reason=reason, reply=reply, elapsed=elapsed,
             request=(f" id={request_id}" if request_id else "") + extra,

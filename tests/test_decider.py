@@ -240,3 +240,34 @@ def test_incidents_keep_memory_bounded_under_a_flood_of_distinct_keys():
     assert not incidents.first(0)
     clock.advance(600)
     assert incidents.first(0)
+
+
+def test_decision_errors_write_one_warning_per_incident_not_one_per_request():
+    """The decision line of a failed decision (``error``) was a warning, one per request:
+    a warn-level log got a line for each of a sender's repeated headers that break the
+    parser.  The incident's warning is written once; the per-request line is info."""
+    from email._parseaddr import AddressList
+
+    from policyd.config import EximConfig
+    from policyd.protocols.exim import EximFactory
+
+    def recursing(snapshot, query, *, explain=True):
+        return AddressList("a:" * 1100).addresslist
+
+    clock = Clock()
+    decider = Decider(StaticSnapshots(sample_snapshot()), ReplyPolicy(), decide=recursing,
+                      clock=clock)
+    factory = EximFactory(decider, EximConfig(listen=(), timeout=10.0, max_request=65536),
+                          clock)
+    sender = base64.b64encode(MEMBER.encode()).decode()
+    out = io.StringIO()
+    _, observer = make_observer("warn", out)
+    globalLogPublisher.addObserver(observer)
+    try:
+        for _ in range(20):
+            assert factory.answer(f"POLICYD/1 list={LIST} sender={sender}".encode(),
+                                  None).startswith(b"DEFER 451 4.")
+    finally:
+        globalLogPublisher.removeObserver(observer)
+    lines = out.getvalue().splitlines()
+    assert len(lines) == 1 and "too deeply nested" in lines[0], lines

@@ -524,3 +524,39 @@ def test_unix_path_of_other_endpoints_is_none():
 
     assert unix_path("tcp:10040:interface=127.0.0.1") is None
     assert unix_path("systemd:domain=UNIX:index=0") is None
+
+
+def test_mta_listeners_get_a_deep_accept_backlog(tmp_path):
+    """Twisted's default backlog (50) refused connects in a burst (EAGAIN on a Unix
+    socket, an MTA's deferral) while the reactor was busy for a moment: a ``unix:`` or
+    ``tcp:`` listener without its own ``backlog=`` now asks for ``LISTEN_BACKLOG``; one
+    that names it keeps it.  On a real socket listened by the endpoint (the reactor not
+    running, so nothing is accepted): 200 connects wait in the queue."""
+    import socket
+
+    from twisted.internet import reactor as real_reactor
+    from twisted.internet.protocol import Factory
+
+    from policyd.listeners import LISTEN_BACKLOG, parse_endpoint
+
+    assert parse_endpoint(None, "k", "tcp:10040:interface=127.0.0.1")._backlog == \
+        LISTEN_BACKLOG
+    assert parse_endpoint(None, "k", "unix:/x.sock:backlog=7")._backlog == 7
+
+    path = tmp_path / "s.sock"
+    ports = []
+    parse_endpoint(real_reactor, "k", f"unix:{path}:mode=600").listen(
+        Factory.forProtocol(Factory)).addCallback(ports.append)
+    clients = []
+    try:
+        for _ in range(200):
+            client = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+            clients.append(client)
+            client.setblocking(False)
+            client.connect(str(path))  # BlockingIOError (EAGAIN) once the queue is full
+    finally:
+        for client in clients:
+            client.close()
+        for port in ports:
+            port.stopListening()
+    assert len(ports) == 1

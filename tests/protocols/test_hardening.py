@@ -610,6 +610,55 @@ def test_control_characters_are_escaped_one_line_per_decision(char, events):
 def test_escape_controls():
     assert escape_controls("a\nb\r\0\x1b[31m\x85\u2028") == "a\\nb\\r\\x00\\x1b[31m\\x85\\u2028"
     assert escape_controls("plain") == "plain"
+    # Invisible format characters and odd spaces: a right-to-left override in a sender
+    # made the line read otherwise than it is written.
+    assert escape_controls("a\u202eb\u200bc\xa0d\ufeffe f") == \
+        "a\\u202eb\\u200bc\\xa0d\\ufeffe f"
+
+
+def test_invisible_class_is_this_pythons_unicode():
+    """``_INVISIBLE`` is written out (deriving it costs a third of a second at import):
+    it must be exactly Unicode's format characters and non-ASCII separators."""
+    import unicodedata
+
+    from policyd.logging import _INVISIBLE
+
+    for code in range(0x110000):
+        if 0xD800 <= code <= 0xDFFF:
+            continue
+        char = chr(code)
+        invisible = (code >= 0xA0
+                     and unicodedata.category(char) in ("Cf", "Zs", "Zl", "Zp"))
+        assert (_INVISIBLE.match(char) is not None) == invisible, hex(code)
+
+
+FORGING = ["x> senders=- rule=accept reply='DUNNO' 0.001ms client_address=9.9.9.9 <@e.example",
+           '"a b"@x.example', "back\\slash@x.example", "tab\there@x.example"]
+
+
+@pytest.mark.parametrize("sender", FORGING)
+def test_a_sender_cannot_forge_decision_line_fields(sender, events):
+    """The envelope sender (and the recipient: any SMTP client's words) was written as it
+    came inside ``sender=<...>``: a ``>`` and spaces in it forged ``rule=`` and the
+    client fields.  Now each field is one word: white space, ``<>"\\`` escaped."""
+    out = io.StringIO()
+    writer, observer = make_observer("info", out)
+    for recipient in (LIST, 'x y rule=accept"@lists.example.org'):
+        proto, _, _, _ = test_postfix.connect()
+        proto.dataReceived(test_postfix.request(sender=sender, recipient=recipient))
+    test_exim.ask(exim_request(LIST, sender) + b"\n")
+    for event in list(events):
+        observer(event)
+    lines = [line for line in out.getvalue().splitlines() if "[policyd.decision]" in line]
+    assert len(lines) == 3
+    for line in lines:
+        words = line.split(" ")
+        assert sum(w.startswith("rule=") for w in words) <= 1, line
+        assert sum(w.startswith("senders=") for w in words) <= 1, line
+        assert sum(w.startswith("client_address=") for w in words) <= 1, line
+        sender_word = next(w for w in words if w.startswith("sender="))
+        assert sender_word.startswith("sender=<") and sender_word.endswith(">"), line
+        assert ">" not in sender_word[8:-1] and "<" not in sender_word[8:-1]
 
 
 # --- 2. rate-limited warnings -------------------------------------------------------------------
