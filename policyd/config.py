@@ -18,6 +18,7 @@ from typing import Callable, Mapping
 from .core.replies import (DISCARD_OUTCOMES, HOLD_OUTCOMES, PERMANENT_CODES, TEMPORARY_CODES,
                            Outcome, ReplyPolicy)
 from .core.snapshot import NO_SITE_CHECKS, SiteHeaderChecks
+from .core.rules import ROLE_LOCAL_PARTS
 
 
 class ConfigError(Exception):
@@ -125,9 +126,12 @@ class MetricsConfig:
 @dataclass(frozen=True)
 class RulesConfig:
     """``[rules]``: ``null_sender = reject`` (the ``null-sender`` rule: <> may only write
-    to -bounces) or ``mailman`` (no such rule: the list's chain decides, as Mailman)."""
+    to -bounces) or ``mailman`` (no such rule: the list's chain decides, as Mailman);
+    ``role_addresses``: the local parts the ``role-address`` rule leaves to the MTA in a
+    list domain (``postmaster``, ``abuse``)."""
 
     null_sender: str = "reject"
+    role_addresses: frozenset[str] = ROLE_LOCAL_PARTS
 
 
 @dataclass(frozen=True)
@@ -296,6 +300,24 @@ def _niceness(value: str) -> int:
     return nice
 
 
+# A dot-atom local part (RFC 5322 atext and dots), as ``role-address`` compares it:
+# lower case, without a ``+tag`` (the snapshot drops one before looking a list up).
+_LOCAL_PART = re.compile(r"[a-z0-9!#$%&'*/=?^_`{|}~-]+(?:\.[a-z0-9!#$%&'*/=?^_`{|}~-]+)*")
+
+
+def _local_parts(value: str) -> frozenset[str]:
+    """Local parts separated by commas or white space; empty: none."""
+    out = set()
+    for word in value.replace(",", " ").split():
+        word = word.lower()
+        if _LOCAL_PART.fullmatch(word) is None:
+            raise ValueError(f"{word!r} is not a local part (allowed: local parts such as "
+                             "postmaster, abuse, separated by commas; no @, no +tag, no "
+                             "quotes; empty for none)")
+        out.add(word)
+    return frozenset(out)
+
+
 def _text(value: str) -> str:
     if any(ch in value for ch in "\r\n\x00"):
         raise ValueError("allowed: one line of text")
@@ -377,6 +399,7 @@ SCHEMA: Mapping[str, Mapping[str, tuple[Callable[[str], object], str]]] = {
     },
     "rules": {
         "null_sender": (_choice("reject", "mailman"), "reject"),
+        "role_addresses": (_local_parts, "postmaster, abuse"),
     },
     "mailman": {
         "config_file": (_text, ""),

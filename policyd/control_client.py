@@ -83,12 +83,15 @@ def request(socket_path, message: dict, timeout: float = 5.0) -> dict:
 
 def query(socket_path, recipient: str, envelope_sender: str, from_header: str | None = None,
           reply_to_header: str | None = None, sender_header: str | None = None,
-          timeout: float = 5.0) -> dict:
-    return request(socket_path, {
+          timeout: float = 5.0, client_address: str | None = None) -> dict:
+    message = {
         "op": "query", "recipient": recipient, "envelope_sender": envelope_sender,
         "from_header": from_header, "reply_to_header": reply_to_header,
         "sender_header": sender_header,
-    }, timeout)
+    }
+    if client_address:
+        message["client_address"] = client_address
+    return request(socket_path, message, timeout)
 
 
 def status(socket_path, timeout: float = 5.0) -> dict:

@@ -31,6 +31,7 @@ from .core.chain import decide as chain_decide
 from .core.dmarc import LookupNeeded
 from .core.passwords import VerificationNeeded, verify_and_remember, verify_elsewhere
 from .core.replies import ReplyPolicy, SmtpReply
+from .core.rules import ROLE_LOCAL_PARTS
 from .core.verdict import Decision, Query
 
 __all__ = ["Answer", "Decider", "FixedSnapshot", "Incidents", "LatencyHistogram"]
@@ -62,6 +63,7 @@ class Decider:
 
     def __init__(self, snapshots, policy: ReplyPolicy, *, decide=chain_decide,
                  fail_closed: bool = True, null_sender: str = "reject",
+                 roles: frozenset[str] | None = None,
                  per_list: bool = False, latency: bool = False,
                  run_in_thread: Callable[..., Deferred] | None = None,
                  clock=None) -> None:
@@ -76,6 +78,9 @@ class Decider:
         # non-default value is passed, so a ``decide`` without the argument still works.
         self._decide = decide if null_sender == "reject" else \
             partial(decide, null_sender=null_sender)
+        # ``[rules] role_addresses``: likewise, passed only when it is not the default.
+        if roles is not None and frozenset(roles) != ROLE_LOCAL_PARTS:
+            self._decide = partial(self._decide, roles=frozenset(roles))
         # (protocol, verdict, rule) -> count: every decision, for the metrics.
         self.by_rule: Counter = Counter()
         # ``[metrics] per_list``: (protocol, list, verdict) -> count, for the lists of the
@@ -158,7 +163,9 @@ class Decider:
                             "counted, not logged)", protocol=protocol, where=where,
                             recipient=query.recipient, sender=query.envelope_sender)
             return self.trouble(protocol, "error", f"error in the decision: {where}", started)
-        if names_a_list and self.fail_closed and not decision.managed:
+        # Not ``decision.managed``: a role address (``role-address``) of a list domain is
+        # no list either, yet the domain is one, and the snapshot is not wrong about it.
+        if names_a_list and self.fail_closed and decision.rule == "not-managed":
             domain = query.recipient.rpartition("@")[2].lower()
             # Only an MTA's question is news: ``policyctl query`` (uncounted) asks the
             # same to show each MTA's view, and must not use up the incident's line.

@@ -119,6 +119,13 @@ KEY_HELP: dict[str, dict[str, str]] = {
         "null_sender": "reject: the null sender <> may only write to a list's -bounces "
                        "address (rejected at SMTP time elsewhere). mailman: no such rule, "
                        "the list's chain decides as Mailman does.",
+        "role_addresses": "Local parts (comma-separated) that are no list in a list "
+                          "domain but the MTA's own: the role-address rule answers no "
+                          "opinion for them (Postfix DUNNO, Exim ACCEPT 250 2.0.0), so "
+                          "the MTA's aliases decide, as RFC 5321 section 4.5.1 "
+                          "(postmaster) and RFC 2142 (abuse) expect. A list of that name "
+                          "keeps its list. Empty: none (every unknown local part gets "
+                          "the 550 5.1.1).",
     },
     "mailman": {
         "config_file": "Mailman 3's site configuration file (mailman.cfg; relative to "

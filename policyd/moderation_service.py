@@ -114,6 +114,18 @@ class ModerationService(TimerService):
         """(answer, step): the answer, changed if moderation has something to say, and
         the moderation step (``None`` when it did not apply).  ``modes``: the settings
         this protocol applies (Postfix, at RCPT without the message: greylist only)."""
+        return self._apply(answer, query, client, message_id, subject, modes, False)
+
+    def preview(self, answer, query, *, client: str | None = None, message_id: str = "",
+                modes=(SmtpModeration.GREYLIST, SmtpModeration.MODERATE)):
+        """``apply`` without its effects, for ``policyctl query``: (answer, step) as the
+        MTA's attempt would get them now, while the state, the counters and the store
+        stay as they are (``ModerationState.preview``).  A step in
+        ``core.moderation.STARTS`` is one the MTA's attempt would begin an entry or a
+        ticket with; the query begins nothing."""
+        return self._apply(answer, query, client, message_id, "", modes, True)
+
+    def _apply(self, answer, query, client, message_id, subject, modes, preview: bool):
         decision = answer.decision
         if (decision is None or decision.verdict is not Verdict.HOLD
                 or decision.rule != _RULE):
@@ -125,9 +137,17 @@ class ModerationService(TimerService):
         mode = policy.smtp_moderation
         if not self.usable:
             # The list's normal outcome (the incident is logged).
-            self.counts[mode][Outcome.PASS][UNUSABLE] += 1
+            if not preview:
+                self.counts[mode][Outcome.PASS][UNUSABLE] += 1
             return answer, None
         sender = _field(decision.sender or query.envelope_sender)
+        if preview:
+            message_id = _field(message_id)
+            network = "" if mode is SmtpModeration.MODERATE and message_id else \
+                network_of(client)
+            step = self.state.preview(mode, Key(decision.list, sender, network, message_id))
+            reply = _reply(step)
+            return (answer if reply is None else answer._replace(reply=reply)), step
         if mode is SmtpModeration.GREYLIST:
             # A remembered sender passes from any network: no key to make.
             step = self.state.remembered_step(decision.list, sender)

@@ -167,6 +167,7 @@ class PolicyService(MultiService):
         self.decider = Decider(self.snapshots, config.smtp,
                                fail_closed=config.daemon.fail_closed,
                                null_sender=config.rules.null_sender,
+                               roles=config.rules.role_addresses,
                                per_list=config.metrics.per_list,
                                latency=bool(config.metrics.listen),
                                run_in_thread=self._password_thread(reactor),
@@ -346,26 +347,25 @@ class PolicyService(MultiService):
 
     # --- what the control socket asks ---------------------------------------------------
 
-    def control_query(self, query: Query) -> dict | defer.Deferred:
+    def control_query(self, query: Query, client: str | None = None
+                      ) -> dict | defer.Deferred:
         """``policyctl query``'s result; a ``Deferred`` when a moderator password must be
-        verified first (in a thread, never on the reactor)."""
+        verified first (in a thread, never on the reactor).  ``client``: the SMTP
+        client's address, for SMTP-time moderation's network.  Read-only: moderation is
+        previewed, never applied."""
         pending = self.decider.decide(query, "control", counted=False).pending
         if pending is not None:
             waiting = self.decider.verify([pending])
             if waiting is not None:
-                return waiting.addCallback(lambda _: self._control_query(query))
-        return self._control_query(query)
+                return waiting.addCallback(lambda _: self._control_query(query, client))
+        return self._control_query(query, client)
 
-    def _control_query(self, query: Query) -> dict:
+    def _control_query(self, query: Query, client: str | None = None) -> dict:
         p = self.config.postfix
         result = query_result(self.decider, query, postfix_mode=p.mode,
                               accept_action=p.accept_action, now=self.reactor.seconds(),
-                              loaded_at=self.snapshots.loaded_at)
-        if self.moderation is not None:
-            decision = self.decider.decide(query, "control", counted=False).decision
-            moderation = self.moderation.describe(decision)
-            if moderation is not None:
-                result["moderation"] = moderation
+                              loaded_at=self.snapshots.loaded_at,
+                              moderation=self.moderation, client=client)
         self.decider.count_answer("control", result["reply"]["outcome"])
         log.info("control query {recipient} sender=<{sender}>: {exim!r}",
                  recipient=query.recipient, sender=query.envelope_sender,

@@ -440,7 +440,7 @@ def test_trace_records_hits_and_misses_in_chain_order():
     d = decide(s, q("n@y.example"))
     names = [step.rule for step in d.trace]
     chain = [r.name for r in MAILMAN3_CHAIN]
-    assert names == ["unknown-list", "null-sender", "administrative-address",
+    assert names == ["role-address", "unknown-list", "null-sender", "administrative-address",
                      "broken-list", *chain[:chain.index("nonmember-moderation") + 1]]
     assert [step.hit for step in d.trace] == [False] * (len(names) - 1) + [True]
     assert d.to_dict()["trace"][-1]["rule"] == "nonmember-moderation"
@@ -644,7 +644,7 @@ def test_address_fields_too_long_to_read_get_the_temporary_failure(mode, slot, m
     s = _members_snap(mode)
     d = check(s, make(slot, value), Verdict.DEFER, "address-headers")
     _deferred(d, f"more than {MAX_ADDRESS_CHARS}")
-    assert [step.rule for step in d.trace] == ["unknown-list", "null-sender",
+    assert [step.rule for step in d.trace] == ["role-address", "unknown-list", "null-sender",
                                                "administrative-address", "broken-list",
                                                "address-headers"]
     # Crafted specials (the parser's expensive characters) count sooner than length.
@@ -734,3 +734,43 @@ def test_the_recipient_rules_still_decide_first(mode):
     check(s, _one_line("from", value, envelope=""), Verdict.REJECT, "null-sender")
     check(s, _one_line("from", value, to="nolist@lists.example.com"), Verdict.REJECT,
           "unknown-list")
+
+
+# --- role addresses (RFC 5321 section 4.5.1, RFC 2142) ----------------------------------
+
+@pytest.mark.parametrize("to", ["postmaster@lists.example.com", "Postmaster@Lists.Example.COM",
+                                "abuse@alias.example.com", "postmaster+x@lists.example.com"])
+@pytest.mark.parametrize("envelope", ["nobody@x.example", ""])
+def test_role_address_in_a_list_domain_is_left_to_the_mta(to, envelope):
+    """postmaster@ and abuse@ of a list domain are no list: no opinion (as for a domain
+    policyd does not manage), whoever the sender is, the null sender included (bounces go
+    to postmaster), and the trace says why.  It was ``unknown-list``: 550 5.1.1 at RCPT,
+    before the MTA's own aliases could take the address."""
+    d = check(snap(), q(envelope, to=to), Verdict.ACCEPT, "role-address")
+    assert d.list is None and not d.managed
+    assert "role address" in d.trace[-1].detail
+
+
+def test_a_list_named_like_a_role_keeps_its_list():
+    """A list called abuse@ is a list: the role rule misses for it."""
+    s = snap(others=(ListSpec("abuse@lists.example.com", default_nonmember_action=R),))
+    d = check(s, q(to="abuse@lists.example.com"), Verdict.REJECT, "nonmember-moderation")
+    assert d.list == "abuse@lists.example.com"
+    assert [step.hit for step in d.trace[:1]] == [False]
+    assert d.trace[0].rule == "role-address"
+
+
+def test_role_addresses_are_configurable():
+    """``roles`` (``[rules] role_addresses``): only the local parts given; empty: none."""
+    s = snap()
+    hostmaster = Query("hostmaster@lists.example.com", "a@x.example")
+    postmaster = Query("postmaster@lists.example.com", "a@x.example")
+    roles = frozenset({"hostmaster"})
+    for explain in (True, False):
+        assert decide(s, hostmaster, explain=explain, roles=roles).rule == "role-address"
+        assert decide(s, postmaster, explain=explain, roles=roles).rule == "unknown-list"
+        assert decide(s, postmaster, explain=explain, roles=frozenset()).rule == \
+            "unknown-list"
+        assert decide(s, hostmaster, explain=explain).rule == "unknown-list"
+        assert decide(s, postmaster, explain=explain, null_sender="mailman",
+                      roles=roles).rule == "unknown-list"

@@ -156,3 +156,16 @@ def test_a_name_server_with_trailing_junk_is_refused(value):
         parse(f"[dmarc]\nnameservers = {value}\n")
     assert "nameservers" in str(error.value)
     assert parse("[dmarc]\nnameservers = [::1]\n").dmarc.nameservers == (("::1", 53),)
+
+
+def test_role_addresses_default_and_validation():
+    """``[rules] role_addresses``: postmaster and abuse by default, read lower-cased,
+    comma- or space-separated, empty for none; anything that is not a plain local part
+    (an address, a +tag, a quote) is refused at start-up naming the key."""
+    assert parse("", "x.conf").rules.role_addresses == frozenset({"postmaster", "abuse"})
+    c = parse("[rules]\nrole_addresses = Postmaster, abuse hostmaster,\n")
+    assert c.rules.role_addresses == frozenset({"postmaster", "abuse", "hostmaster"})
+    assert parse("[rules]\nrole_addresses =\n").rules.role_addresses == frozenset()
+    for bad in ("abuse@example.com", "postmaster+x", '"post master"', "a..b"):
+        with pytest.raises(ConfigError, match=r"x\.conf.*\[rules\] role_addresses"):
+            parse(f"[rules]\nrole_addresses = postmaster, {bad}\n", "x.conf")

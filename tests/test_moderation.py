@@ -344,3 +344,38 @@ def test_rows_dropped_at_the_caps_by_a_merge_are_counted():
     st.merge(entries=entries)
     assert len(st.entries) == 5
     assert st.take_merge_evicted() == 7 and st.take_merge_evicted() == 0
+
+
+def _contents(st):
+    changes = st.changes
+    return (dict(st.entries), dict(st.remembered), dict(st.tickets), dict(st.ticket_by_key),
+            dict(changes.entries), dict(changes.remembered), dict(changes.tickets))
+
+
+@pytest.mark.parametrize("mode, name, steps", [
+    (GREY, name, steps) for name, steps, _ in GREYLIST_CASES] + [
+    (MOD, name, steps) for name, steps, _ in MODERATE_CASES])
+def test_preview_answers_as_check_would_and_changes_nothing(mode, name, steps):
+    """``preview`` (``policyctl query``) gives, at every point of every transition table,
+    the outcome, transition and ticket ``check`` then gives, and leaves the entries, the
+    remembered senders, the tickets and the recorded changes as they were, however often
+    it is asked."""
+    from policyd.core.moderation import STARTS
+
+    st, clock = state()
+    start = clock.now
+    for offset, action in steps:
+        clock.now = start + offset
+        if action is not None:
+            st.decide("T00000", action, "off topic")
+            continue
+        before = _contents(st)
+        previews = [st.preview(mode, KEY) for _ in range(3)]
+        assert _contents(st) == before
+        step = st.check(mode, KEY)
+        for preview in previews:
+            assert (preview.outcome, preview.transition) == (step.outcome, step.transition)
+            if step.transition in STARTS:
+                assert preview.ticket is None  # no ticket made: none to name
+            else:
+                assert (preview.ticket, preview.text) == (step.ticket, step.text)

@@ -25,6 +25,8 @@ from .rules import (
     NonmemberModeration,
     NoSenders,
     NullSender,
+    ROLE_LOCAL_PARTS,
+    RoleAddress,
     Rule,
     TOO_DEEP,
     UnknownList,
@@ -44,9 +46,10 @@ from .verdict import Decision, Mode, Query, TraceStep, Verdict
 
 # broken-list comes after the rules that read only the recipient (the null sender and
 # the administrative addresses do not depend on the list's rows) and before every rule
-# that reads them.
-SMTP_CHAIN: tuple[Rule, ...] = (UnknownList(), NullSender(), AdministrativeAddress(),
-                                BrokenList())
+# that reads them.  role-address comes first: postmaster@ takes bounces (the null sender).
+ROLE_ADDRESS = RoleAddress()
+SMTP_CHAIN: tuple[Rule, ...] = (ROLE_ADDRESS, UnknownList(), NullSender(),
+                                AdministrativeAddress(), BrokenList())
 
 # mailman/chains/builtin.py, in its order.  The rules that read the message miss on the
 # Postfix path (no headers) and say so in the trace; the holds after the moderation rules
@@ -158,6 +161,23 @@ def _mta_chain(snapshot: Snapshot, policy, null_sender: str) -> tuple[Rule, ...]
     return found[1]
 
 
+def _with_roles(chain: tuple[Rule, ...], roles: frozenset[str]) -> tuple[Rule, ...]:
+    """``chain`` with its ``role-address`` rule taking ``roles`` (``[rules]
+    role_addresses`` other than the default), made once per chain and set."""
+    key = (id(chain), roles)
+    found = _ROLE_CHAINS.get(key)
+    if found is None:
+        rule = RoleAddress(roles)
+        found = _ROLE_CHAINS[key] = tuple(rule if isinstance(rule_, RoleAddress) else rule_
+                                          for rule_ in chain)
+        _ROLE_KEEP.append(chain)
+    return found
+
+
+_ROLE_CHAINS: dict = {}
+_ROLE_KEEP: list = []   # keeps the keys' chains alive (ids are not reused)
+
+
 def _with_dmarc(chain: tuple[Rule, ...], answers) -> tuple[Rule, ...]:
     """``chain`` with its ``dmarc-mitigation`` reading ``answers`` (made once per chain
     and lookup: the daemon has one lookup)."""
@@ -176,7 +196,8 @@ _DMARC_KEEP: list = []   # keeps the keys' objects alive (ids are not reused)
 
 
 def decide(snapshot: Snapshot, query: Query, *, explain: bool = True,
-           null_sender: str = "reject", dmarc=None) -> Decision:
+           null_sender: str = "reject", dmarc=None,
+           roles: frozenset[str] = ROLE_LOCAL_PARTS) -> Decision:
     """Run the chain.  ``explain=False`` (the MTA path) leaves the trace empty and the
     reason blank: every rule runs the same, only nothing is written down.
 
@@ -186,7 +207,12 @@ def decide(snapshot: Snapshot, query: Query, *, explain: bool = True,
 
     ``dmarc``: the DNS answers ``dmarc-mitigation`` reads (``policyd.dmarc_lookup``); it
     may raise ``core.dmarc.LookupNeeded``.  ``None``: that rule misses for the lists that
-    reject or discard (not evaluated)."""
+    reject or discard (not evaluated).
+
+    ``roles`` (``[rules] role_addresses``): the local parts that ``role-address`` leaves
+    to the MTA in a list domain when no list has that name (``postmaster``, ``abuse``).
+    A recipient that is a list's address never reaches that question: the rule misses
+    for it, and the MTA path leaves it out of a list's chain."""
     target = snapshot.resolve(query.recipient)
     if not target.managed_domain:
         return Decision(
@@ -227,6 +253,8 @@ def decide(snapshot: Snapshot, query: Query, *, explain: bool = True,
         ctx = Context(snapshot, query, target, (), None, explain)
         chain = SMTP_CHAIN if null_sender == "reject" else \
             _CHAINS_BY_NULL_SENDER[null_sender][0]
+        if roles is not ROLE_LOCAL_PARTS and roles != ROLE_LOCAL_PARTS:
+            chain = _with_roles(chain, frozenset(roles))
     trace: list[TraceStep] | None = [] if explain else None
     note: Miss | None = None
     for rule in chain:
@@ -258,7 +286,10 @@ def _decision(ctx: Context, rule, verdict, reason, action, sender, trace) -> Dec
     target = ctx.target
     policy = target.list
     if policy is None:
-        return _new_decision((verdict, rule, reason, action, sender, target.address,
+        # No list: ``unknown-list`` names the address it refuses; ``role-address`` is no
+        # opinion (``list`` None: Postfix DUNNO, Exim's 2.0.0, like an unmanaged domain).
+        return _new_decision((verdict, rule, reason, action, sender,
+                              None if rule == "role-address" else target.address,
                               target.role, None, ctx.senders,
                               tuple(trace) if trace else ()))
     return _new_decision((verdict, rule, reason, action, sender, policy.posting_address,

@@ -152,6 +152,8 @@ class Step(NamedTuple):
 
 #: A sender remembered on the list: the usual step on a greylisted list (one object).
 REMEMBERED = Step(Outcome.PASS, "remembered")
+#: The transitions with which ``check`` begins a greylist entry or a ticket.
+STARTS = frozenset({"first-attempt", "expired"})
 
 
 @dataclass
@@ -343,6 +345,45 @@ class ModerationState:
             return self._greylist(key)
         if mode is SmtpModeration.MODERATE:
             return self._moderate(key, subject, client)
+        return Step(Outcome.PASS, "off")
+
+    def preview(self, mode: SmtpModeration, key: Key) -> Step:
+        """What ``check`` would answer for ``key`` now, changing nothing: no entry or
+        ticket made, refreshed, counted or dropped, no change recorded (``policyctl
+        query``).  A step whose transition is ``first-attempt`` or ``expired`` is one
+        ``check`` would begin a greylist entry or a ticket with (``STARTS``); a held
+        one's text then names no ticket yet."""
+        now = self.clock()
+        s = self.settings
+        if mode is SmtpModeration.GREYLIST:
+            until = self.remembered.get((key.list, key.sender))
+            if until is not None and now < until <= now + s.remember + CLOCK_SLACK:
+                return REMEMBERED
+            text = GREYLIST_TEXT.format(list=key.list)
+            entry = self.entries.get(key)
+            if entry is None or _stale(entry.first_seen, now, s.max_age):
+                return Step(Outcome.DEFER, "first-attempt" if entry is None else "expired",
+                            text)
+            if now - entry.first_seen < s.min_delay:
+                return Step(Outcome.DEFER, "early-retry", text)
+            return Step(Outcome.PASS, "retry-in-window")
+        if mode is SmtpModeration.MODERATE:
+            ticket_id = self.ticket_by_key.get(key)
+            ticket = self.tickets.get(ticket_id) if ticket_id is not None else None
+            if ticket is None or self._expired(ticket, now):
+                return Step(Outcome.HELD, "first-attempt" if ticket is None else "expired",
+                            HELD_TEXT.format(ticket="(a new one)"))
+            if ticket.decision is Decision.APPROVE:
+                return Step(Outcome.ACCEPT, "approved", ticket=ticket.id)
+            if ticket.decision is Decision.REJECT:
+                return Step(Outcome.REJECT, "rejected",
+                            ticket.reason or REJECT_TEXT.format(list=key.list), ticket.id)
+            if ticket.decision is Decision.DISCARD:
+                return Step(Outcome.DISCARD, "discarded", ticket=ticket.id)
+            if now - ticket.first_seen >= s.decide_within:
+                return Step(Outcome.PASS, "undecided-fallback", ticket=ticket.id)
+            return Step(Outcome.HELD, "waiting", HELD_TEXT.format(ticket=ticket.id),
+                        ticket.id)
         return Step(Outcome.PASS, "off")
 
     def remembered_step(self, list_: str, sender: str) -> Step | None:

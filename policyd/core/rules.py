@@ -276,6 +276,50 @@ def _action_hit(action: Action, reason: str, sender: str | None) -> Hit:
 # --- SMTP-time rules: Mailman never sees these cases, the MTA must answer them ----------
 
 
+#: ``[rules] role_addresses``' default: the local parts RFC 5321 (section 4.5.1:
+#: ``postmaster``) and RFC 2142 (``abuse``) expect at every domain that takes mail.
+ROLE_LOCAL_PARTS = frozenset({"postmaster", "abuse"})
+
+
+class RoleAddress:
+    """A role address (``postmaster@``, ``abuse@``) of a list domain that is no list.
+
+    The MTA asks policyd before its own maps could take such an address (Postfix's
+    ``smtpd_recipient_restrictions`` runs before ``virtual_alias_maps``; Exim's RCPT ACL
+    before its routers): ``unknown-list`` would refuse it with a 5.1.1, against RFC 5321
+    section 4.5.1 and RFC 2142.  policyd has no opinion on it instead (Postfix
+    ``DUNNO``, Exim ``ACCEPT 250 2.0.0``, as for a domain it does not manage): the MTA's
+    own maps decide.  A list of that name keeps its list."""
+
+    name = "role-address"
+    description = ("A role address of a list domain that is no list (postmaster@, abuse@: "
+                   "[rules] role_addresses): no opinion, the MTA's own maps decide.")
+
+    def __init__(self, local_parts: frozenset[str] = ROLE_LOCAL_PARTS) -> None:
+        self.local_parts = frozenset(local_parts)
+
+    @staticmethod
+    def quiet(policy: ListPolicy, snapshot: Snapshot) -> bool:
+        return True  # asked only about a list: a recipient that resolved to one
+
+    def check(self, ctx: Context) -> Hit | Miss:
+        target = ctx.target
+        if target.list is not None:
+            if not ctx.explain:
+                return _QUIET
+            return Miss(f"{target.address} is an address of a list")
+        local = target.address.rpartition("@")[0].split("+", 1)[0]
+        if local in self.local_parts:
+            return Hit(Verdict.ACCEPT, f"{target.address} is a role address ([rules] "
+                       "role_addresses), not a list: no opinion, the MTA's own maps decide"
+                       if ctx.explain else "")
+        if not ctx.explain:
+            return _QUIET
+        return Miss(f"{local or '(empty)'} is not a role address"
+                    + (f" ({', '.join(sorted(self.local_parts))})" if self.local_parts
+                       else " (none configured)"))
+
+
 class UnknownList:
     name = "unknown-list"
     description = "A recipient in a list domain that is no list (5.1.1 at RCPT)."

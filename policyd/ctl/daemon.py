@@ -29,6 +29,9 @@ def register(commands) -> None:
                    help="raw Reply-To: header value")
     p.add_argument("--sender", dest="sender_header", metavar="HDR",
                    help="raw Sender: header value")
+    p.add_argument("--client", metavar="ADDR",
+                   help="the SMTP client's IP address, for SMTP-time moderation's network "
+                        "(default: a client whose network has no greylist entry)")
     p.add_argument("--explain", action="store_true", help="print the rule trace")
     p.add_argument("--offline", action="store_true",
                    help="decide from the store in this process, without the daemon")
@@ -61,7 +64,8 @@ def cmd_query(ctx: Context) -> int:
         try:
             result = control_client.query(_control_socket(ctx), args.list, sender,
                                           args.from_header, args.reply_to_header,
-                                          args.sender_header, timeout=args.timeout)
+                                          args.sender_header, timeout=args.timeout,
+                                          client_address=args.client)
         except control_client.DaemonError as error:
             # The daemon is there and cannot decide (no snapshot, an empty store): what
             # the MTAs get meanwhile is the temporary failure.
@@ -97,7 +101,8 @@ def offline_query(ctx: Context, recipient: str, sender: str, from_header: str | 
     query = Query(recipient, sender, from_header, reply_to_header, sender_header)
     decider = Decider(FixedSnapshot(snapshot), config.smtp, decide=decide,
                       fail_closed=config.daemon.fail_closed,
-                      null_sender=config.rules.null_sender)
+                      null_sender=config.rules.null_sender,
+                      roles=config.rules.role_addresses)
     try:
         return query_result(decider, query, postfix_mode=config.postfix.mode,
                             accept_action=config.postfix.accept_action)
@@ -139,9 +144,12 @@ def print_result(ctx: Context, result: dict, *, explain: bool = False) -> None:
         rows.append(("action", decision["action"]))
     if "exim" in result:
         rows.append(("exim", result["exim"]))
-    if "postfix" in result:
-        rows.append(("postfix", f"action={result['postfix']}"))
     moderation = result.get("moderation")
+    previewed = (moderation or {}).get("postfix")
+    if "postfix" in result:
+        rows.append(("postfix", f"action={result['postfix']}" + (
+            f"  (greylist: {previewed['transition']}; {previewed['note']})"
+            if previewed else "")))
     if moderation and moderation.get("mode", "off") != "off":
         rows.append(("smtp mod", _moderation_text(moderation)))
     snapshot = result.get("snapshot") or {}

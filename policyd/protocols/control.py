@@ -4,13 +4,17 @@ One JSON object per line each way; a connection may carry several requests, answ
 order.  Requests::
 
     {"op": "query", "recipient": "...", "envelope_sender": "...",
-     "from_header": "..."|null, "reply_to_header": "..."|null, "sender_header": "..."|null}
+     "from_header": "..."|null, "reply_to_header": "..."|null, "sender_header": "..."|null,
+     "client_address": "..."|null}
     {"op": "status"}
     {"op": "reload"}
 
 Answers: ``{"ok": true, "result": {...}}`` or ``{"ok": false, "error": "..."}``.  The
 ``query`` result is ``query_result``'s dict: the decision with its trace, the SMTP reply,
-the exact Exim line and Postfix action, and the snapshot version and age.
+the exact Exim line and Postfix action, and the snapshot version and age.  A query is
+read-only: the Postfix action includes what SMTP-time moderation would answer Postfix
+(greylisting, for ``client_address``'s network), previewed without creating, refreshing
+or counting anything (``ModerationService.preview``).
 """
 
 from __future__ import annotations
@@ -23,6 +27,7 @@ from twisted.internet import defer
 from twisted.logger import Logger
 from twisted.protocols.basic import LineOnlyReceiver
 
+from ..core.moderation import STARTS
 from ..core.replies import SmtpReply
 from ..core.verdict import Query
 from ..errors import Unavailable
@@ -30,7 +35,7 @@ from . import (EVICT_MIN_IDLE, RESERVED_DESCRIPTORS, SILENT_GRACE,
                ProcessLimits, ProtocolError, TrackingFactory, abort_stuck,
                hold_reads_while_answers_wait)
 from .exim import reply_line
-from .postfix import postfix_action, postfix_query
+from .postfix import MODERATION_MODES, answer_action, postfix_query
 
 log = Logger(namespace="policyd.control")
 
@@ -54,6 +59,8 @@ _HEADER_KEYS = ("from_header", "reply_to_header", "sender_header")
 class ControlRequest:
     op: str
     query: Query | None = None
+    # The SMTP client's address, for SMTP-time moderation's network (``None``: unknown).
+    client: str | None = None
 
 
 def parse_request(line: bytes) -> ControlRequest:
@@ -80,7 +87,10 @@ def parse_request(line: bytes) -> ControlRequest:
         if value is not None and not isinstance(value, str):
             raise ProtocolError(f"{key} must be a string or null")
         headers.append(value)
-    return ControlRequest("query", Query(recipient, sender, *headers))
+    client = message.get("client_address")
+    if client is not None and not isinstance(client, str):
+        raise ProtocolError("client_address must be a string or null")
+    return ControlRequest("query", Query(recipient, sender, *headers), client or None)
 
 
 def format_response(result=None, error: str | None = None) -> bytes:
@@ -92,11 +102,20 @@ def format_response(result=None, error: str | None = None) -> bytes:
 
 
 def query_result(decider, query: Query, *, postfix_mode: str, accept_action: str,
-                 now: float | None = None, loaded_at: float | None = None) -> dict:
+                 now: float | None = None, loaded_at: float | None = None,
+                 moderation=None, client: str | None = None) -> dict:
     """The answer to ``policyctl query`` (live through the control socket, or offline
     through a ``Decider`` over a ``FixedSnapshot``): the explained decision, and what each
     MTA gets for it, byte for byte: the Exim line for the query as given (headers
     included), the Postfix action for what Postfix would send (the envelope only).
+
+    ``moderation``: the daemon's ``ModerationService``.  With it the Postfix action is the
+    one the daemon would answer after SMTP-time moderation (a greylisted sender's 451
+    from ``client``'s network; ``None``: a client whose network has no entry), and
+    ``moderation`` in the result says what the list's moderation holds and, under
+    ``postfix``, the step previewed.  Previewed only: a query creates, refreshes and
+    counts nothing (``ModerationService.preview``), and says so when the MTA's attempt
+    would begin an entry.
 
     Raises ``Unavailable`` when there is no decision (no snapshot, an empty one)."""
     answer = decider.decide(query, "control", explain=True)
@@ -106,16 +125,38 @@ def query_result(decider, query: Query, *, postfix_mode: str, accept_action: str
     exim = decider.decide(query, "control", names_a_list=True, counted=False)
     pf_query = postfix_query(query)
     pf = decider.decide(pf_query, "control", counted=False)
+    step = None
+    if moderation is not None and moderation.asks_about(pf.decision):
+        pf, step = moderation.preview(pf, pf_query, client=client, modes=MODERATION_MODES)
     snapshot = decider.snapshots.current
     now = time.time() if now is None else now
     loaded = snapshot.built_at if loaded_at is None else loaded_at
-    return {
+    result = {
         "decision": decision.to_dict(),
         "reply": reply_dict(reply),
         "exim": reply_line(exim.reply),
-        "postfix": postfix_action(pf.decision, pf.reply, postfix_mode, accept_action),
+        "postfix": answer_action(pf, step, postfix_mode, accept_action),
         "snapshot": {"version": snapshot.version, "age": round(max(0.0, now - loaded), 3)},
     }
+    if moderation is not None:
+        described = moderation.describe(decision)
+        if described is not None:
+            result["moderation"] = described
+        if step is not None:
+            result.setdefault("moderation", {})["postfix"] = preview_dict(step, client)
+    return result
+
+
+def preview_dict(step, client: str | None) -> dict:
+    """The moderation step previewed for Postfix's attempt, for ``policyctl query``."""
+    starts = step.transition in STARTS
+    if starts:
+        note = ("Postfix's attempt would begin a greylist entry for this sender and "
+                f"network ({client or 'client unknown'}); this query began none")
+    else:
+        note = "this query changed nothing"
+    return {"outcome": step.outcome.value, "transition": step.transition,
+            "ticket": step.ticket, "client": client, "starts_entry": starts, "note": note}
 
 
 def reply_dict(reply: SmtpReply) -> dict:
@@ -235,7 +276,7 @@ class ControlFactory(TrackingFactory):
             return format_response(error=error.reason)
         if request.op == "query":
             try:
-                result = self.service.control_query(request.query)
+                result = self.service.control_query(request.query, request.client)
             except Unavailable as error:
                 return format_response(error=str(error))
             if not isinstance(result, defer.Deferred):

@@ -41,7 +41,8 @@ from . import (EVICT_MIN_IDLE, SILENT_GRACE, DecidingFactory, ProtocolError, abo
 log = Logger(namespace="policyd.postfix")
 
 __all__ = ["PostfixRequest", "RequestReader", "parse_request", "format_response",
-           "malformed_action", "postfix_action", "postfix_query", "SAFE_RULES",
+           "malformed_action", "postfix_action", "answer_action", "postfix_query",
+           "SAFE_RULES", "MODERATION_MODES",
            "PostfixPolicyProtocol", "PostfixFactory"]
 
 _UTF8 = "utf-8"
@@ -322,6 +323,16 @@ def postfix_action(decision: Decision | None, reply: SmtpReply, mode: str,
     return reply.line()
 
 
+def answer_action(answer, step, mode: str, accept_action: str) -> str:
+    """The value of ``action=`` for a decided RCPT ``answer`` after SMTP-time moderation
+    (``step``: ``None`` when it did not apply): greylisting's deferral whatever ``[postfix]
+    mode`` says, else ``postfix_action``.  What the daemon answers Postfix and what
+    ``policyctl query`` shows, from this one place."""
+    if step is not None and answer.reply.outcome is Outcome.DEFER:
+        return answer.reply.line()  # greylisted, whatever [postfix] mode says
+    return postfix_action(answer.decision, answer.reply, mode, accept_action)
+
+
 def postfix_query(query: Query) -> Query:
     """What Postfix can ask about ``query``: the envelope only, never a header."""
     if (query.from_header is None and query.reply_to_header is None
@@ -340,7 +351,8 @@ def malformed_action(reason: str) -> str:
 
 
 DUNNO = b"action=DUNNO\n\n"
-_GREYLIST = (SmtpModeration.GREYLIST,)  # what Postfix, at RCPT without the message, applies
+#: What Postfix, at RCPT without the message, applies of SMTP-time moderation.
+MODERATION_MODES = (SmtpModeration.GREYLIST,)
 #: The answer to a request begun on a connection closed at a limit.
 BUSY_ACTION = "451 4.3.2 Policy service busy, please try again later"
 
@@ -545,14 +557,9 @@ class PostfixFactory(DecidingFactory):
         # Moderation only ever changes a hold (``ModerationService.apply``): asked then.
         if self.moderation is not None and self.moderation.asks_about(decision):
             answer, step = self.moderation.apply(
-                answer, query, client=request.get("client_address"), modes=_GREYLIST)
-            decision = answer.decision
+                answer, query, client=request.get("client_address"), modes=MODERATION_MODES)
         config = self.config
-        if step is not None and answer.reply.outcome is Outcome.DEFER:
-            action = answer.reply.line()  # greylisted, whatever [postfix] mode says
-        else:
-            action = postfix_action(decision, answer.reply, config.mode,
-                                    config.accept_action)
+        action = answer_action(answer, step, config.mode, config.accept_action)
         self._answers[action if action == "DUNNO" or action == "OK"
                       else answer.reply.outcome._value_] += 1
         decision_log = self.decision_log

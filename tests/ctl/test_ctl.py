@@ -480,7 +480,7 @@ def test_daemon_answers_are_printed_like_offline_ones(with_demo, tmp_path, monke
     calls = []
 
     def fake_query(socket_path, recipient, sender, from_header=None, reply_to_header=None,
-                   sender_header=None, timeout=5.0):
+                   sender_header=None, timeout=5.0, client_address=None):
         calls.append((str(socket_path), recipient, sender, from_header))
         return offline
 

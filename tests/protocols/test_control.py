@@ -18,9 +18,11 @@ class FakeService:
     def __init__(self) -> None:
         self.reloads: list[defer.Deferred] = []
         self.queries: list[Query] = []
+        self.clients: list = []
 
-    def control_query(self, query):
+    def control_query(self, query, client=None):
         self.queries.append(query)
+        self.clients.append(client)
         return {"exim": "ACCEPT 250 2.1.5 accept", "recipient": query.recipient}
 
     def status(self):
@@ -50,6 +52,21 @@ def test_parse_query():
                         b' "from_header": "A <a@x>"}')
     assert req.op == "query"
     assert req.query == Query("l@x", "", "A <a@x>", None, None)
+    assert req.client is None
+
+
+def test_query_client_address_reaches_the_service():
+    """``client_address`` (``policyctl query --client``): the SMTP client whose network
+    SMTP-time moderation's preview keys; a string or null, empty meaning unknown."""
+    req = parse_request(b'{"op": "query", "recipient": "l@x", "client_address": "192.0.2.7"}')
+    assert req.client == "192.0.2.7"
+    assert parse_request(b'{"op": "query", "recipient": "l@x", "client_address": ""}'
+                         ).client is None
+    with pytest.raises(ProtocolError, match="client_address"):
+        parse_request(b'{"op": "query", "recipient": "l@x", "client_address": 7}')
+    proto, transport, service, _ = connect()
+    proto.dataReceived(b'{"op": "query", "recipient": "l@x", "client_address": "::1"}\n')
+    assert service.clients == ["::1"]
 
 
 @pytest.mark.parametrize("data, reason", [

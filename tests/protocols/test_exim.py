@@ -481,3 +481,21 @@ def test_a_cut_header_block_decides_the_senders_and_leaves_the_other_rules_to_ma
                step.detail}
     assert "no-subject" in skipped and "implicit-dest" in skipped
     assert decide(sample_snapshot(), query, explain=False).rule == decision.rule
+
+
+@pytest.mark.parametrize("sender", [NONMEMBER, ""])
+def test_role_address_of_a_list_domain_is_no_list_and_no_trouble(sender):
+    """postmaster@ and abuse@ of a list domain: the answer contrib/exim's RCPT ACL takes
+    for "not a list posting address" (POLICYD_NOT_A_POST_RE: no 550 5.1.1, no DATA
+    question, no "one list per message"), never the not-managed 4xx of a domain the
+    snapshot does not know.  It was ``REJECT 550 5.1.1 No such list``."""
+    import re
+    from pathlib import Path
+
+    conf = Path(__file__).parents[2] / "contrib" / "exim" / "policyd-main.conf"
+    macro = re.search(r"^POLICYD_NOT_A_POST_RE = \\N(.*)\\N$", conf.read_text(), re.M)
+    not_a_post = re.compile(macro.group(1))
+    for recipient in ("postmaster@lists.example.com", "ABUSE@lists.example.com"):
+        value, _ = ask(line(lists=recipient, sender=sender) + b"\n")
+        assert value == b"ACCEPT 250 2.0.0 role-address"
+        assert not_a_post.match(value.decode())

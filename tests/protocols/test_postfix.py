@@ -457,3 +457,31 @@ def test_client_fields_are_remembered_per_client_and_bounded(monkeypatch):
     for item in requests + requests[::-1]:
         assert factory.client_fields(item) == item.client_fields()
         assert len(factory._client_fields) <= 3
+
+
+@pytest.mark.parametrize("mode, accept_action", [("safe", "dunno"), ("envelope", "ok")])
+@pytest.mark.parametrize("recipient", ["postmaster@lists.example.com",
+                                       "abuse@lists.example.com"])
+@pytest.mark.parametrize("sender", [NONMEMBER, ""])
+def test_role_address_of_a_list_domain_is_dunno(mode, accept_action, recipient, sender):
+    """RCPT TO:<postmaster@listdomain> (RFC 5321 section 4.5.1) and abuse@ (RFC 2142)
+    get DUNNO in every mode, never OK, so virtual_alias_maps and the local maps decide;
+    they were ``550 5.1.1 No such list`` (the policy check runs before those maps)."""
+    config = dataclasses.replace(CONFIG, mode=mode, accept_action=accept_action)
+    proto, transport, _, _ = connect(config=config)
+    proto.dataReceived(request(recipient=recipient, sender=sender))
+    assert transport.value() == b"action=DUNNO\n\n"
+
+
+def test_role_addresses_follow_the_configuration():
+    """``[rules] role_addresses`` reaches the decision through the Decider."""
+    decider = Decider(StaticSnapshots(sample_snapshot()), ReplyPolicy(),
+                      roles=frozenset({"hostmaster"}))
+    factory = PostfixFactory(decider, CONFIG, Clock())
+    proto = factory.buildProtocol(None)
+    transport = StringTransport()
+    proto.makeConnection(transport)
+    proto.dataReceived(request(recipient="hostmaster@lists.example.com") +
+                       request(recipient="postmaster@lists.example.com"))
+    assert answers(transport.value()) == [
+        b"DUNNO", b"550 5.1.1 No such list: postmaster@lists.example.com"]

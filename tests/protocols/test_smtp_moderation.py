@@ -309,3 +309,82 @@ def test_describe_for_policyctl_query(h):
     member = h.moderation.describe(
         h.decider.decide(Query(GREY, MEMBER, MEMBER), "t").decision)
     assert member["applies"] is False
+
+
+def _query(h, to, sender=NONMEMBER, client="192.0.2.7", mode="safe"):
+    from policyd.core.verdict import Query
+    from policyd.protocols.control import query_result
+
+    return query_result(h.decider, Query(to, sender), postfix_mode=mode,
+                        accept_action="dunno", moderation=h.moderation, client=client)
+
+
+GREYLISTED = ("451 4.7.1 Greylisted: temporary deferral of a first post to "
+              "grey@lists.example.com, please retry later")
+
+
+def test_policyctl_query_shows_the_greylisting_postfix_gets_and_changes_nothing(h):
+    """``policyctl query`` prints the Postfix action the daemon would answer, SMTP-time
+    moderation included (it printed ``DUNNO`` for a sender Postfix gets the greylist's
+    451 for), and it is read-only: a query begins no greylist entry (it says the MTA's
+    attempt would), counts nothing and writes nothing to the store, so the sender's real
+    first attempt is still a first attempt and its clock starts then."""
+    result = _query(h, GREY)
+    assert result["postfix"] == GREYLISTED
+    previewed = result["moderation"]["postfix"]
+    assert (previewed["outcome"], previewed["transition"], previewed["starts_entry"]) == \
+        ("defer", "first-attempt", True)
+    assert "began none" in previewed["note"]
+    import argparse
+    import io
+
+    from policyd.ctl.daemon import print_result
+    from policyd.ctl.output import Context
+
+    out = io.StringIO()
+    print_result(Context(argparse.Namespace(), out, io.StringIO(), {}, io.StringIO()),
+                 result)
+    assert (f"postfix:  action={GREYLISTED}  (greylist: first-attempt; Postfix's attempt "
+            "would begin a greylist entry") in out.getvalue()
+    assert _query(h, GREY, mode="envelope")["postfix"] == GREYLISTED
+    state = h.moderation.state
+    assert not state.entries and not state.remembered and not state.changes
+    assert not any(sum(c.values()) for outcomes in h.moderation.counts.values()
+                   for c in outcomes.values())
+    h.moderation.sync()
+    assert [list(rows) for rows in store_moderation.load_state(
+        h.backend.moderation_engine, state.settings, h.clock.seconds())] == [[], [], []]
+
+    h.clock.advance(400)  # the query started no clock: Postfix's attempt is the first
+    assert h.postfix(GREY) == f"action={GREYLISTED}\n\n".encode()
+    from policyd.core.moderation import Outcome, SmtpModeration
+    greylist = h.moderation.counts[SmtpModeration.GREYLIST]
+    assert greylist[Outcome.DEFER]["first-attempt"] == 1
+    early = _query(h, GREY)
+    assert early["postfix"] == GREYLISTED
+    assert early["moderation"]["postfix"]["transition"] == "early-retry"
+    assert early["moderation"]["postfix"]["starts_entry"] is False
+    other = _query(h, GREY, client="198.51.100.9")  # another network: its own entry
+    assert other["moderation"]["postfix"]["transition"] == "first-attempt"
+
+    h.clock.advance(301)
+    entries = dict(state.entries)
+    passing = _query(h, GREY)
+    assert passing["postfix"] == "DUNNO"
+    assert passing["moderation"]["postfix"]["transition"] == "retry-in-window"
+    assert state.entries == entries and not state.remembered  # still not passed
+    assert h.postfix(GREY) == b"action=DUNNO\n\n"
+    assert _query(h, GREY, client=None)["moderation"]["postfix"]["transition"] == \
+        "remembered"
+    assert greylist[Outcome.PASS]["retry-in-window"] == 1
+    assert sum(greylist[Outcome.PASS].values()) == 1  # the queries counted nothing
+
+
+def test_policyctl_query_postfix_action_without_moderation_to_apply(h):
+    """A member, a list without SMTP-time moderation and a ``moderate`` list (the DATA-time
+    Exim path's; Postfix at RCPT gets the list's normal answer) show no moderation step."""
+    for to, sender in ((GREY, MEMBER), (PLAIN, NONMEMBER), (MODERATED, NONMEMBER)):
+        result = _query(h, to, sender)
+        assert result["postfix"] == "DUNNO", to
+        assert "postfix" not in result.get("moderation", {}), to
+    assert not h.moderation.state.tickets and not h.moderation.state.entries

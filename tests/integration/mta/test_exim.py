@@ -91,6 +91,15 @@ CASES = {
         MEMBER, (ANNOUNCE, OTHER, SOMEONE), (f"From: <{MEMBER}>",),
         (OK, (452, f"4.5.3 One list per message: please send to {OTHER} separately"), OK),
         OK, "lists"),
+    # RFC 5321 section 4.5.1 and RFC 2142: policyd has no opinion (rule role-address);
+    # they are not a list either (no "one list per message" with the list after them).
+    # They were 550 5.1.1 No such list.
+    "postmaster-and-abuse-of-the-list-domain-not-rejected-and-not-a-list": Case(
+        MEMBER, (f"postmaster@{LIST_DOMAIN}", f"abuse@{LIST_DOMAIN}", ANNOUNCE),
+        (f"From: <{MEMBER}>",), (OK, OK, OK), OK, "lists"),
+    "null-sender-to-postmaster-of-the-list-domain-accepted": Case(
+        "", (f"postmaster@{LIST_DOMAIN}",), ("From: <mailer-daemon@x.example>",), (OK,), OK,
+        "lists"),
     "administrative-address-is-not-a-post": Case(
         NONMEMBER, (f"announce-request@{LIST_DOMAIN}",), (f"From: <{NONMEMBER}>",),
         (OK,), OK, "lists"),

@@ -45,6 +45,13 @@ CASES = {
     "null-sender-to-list-rejected": (
         "", [ANNOUNCE], [],
         [rejected_rcpt(550, "5.7.1", ANNOUNCE, "The null sender may not write")], None, None),
+    # RFC 5321 section 4.5.1 and RFC 2142: policyd answers DUNNO (rule role-address), the
+    # instance's virtual maps take them.  They were 550 5.1.1 No such list.
+    "postmaster-and-abuse-of-the-list-domain-not-rejected": (
+        NONMEMBER, [f"postmaster@{LIST_DOMAIN}", f"abuse@{LIST_DOMAIN}"], [], [OK, OK], OK,
+        "lists"),
+    "null-sender-to-postmaster-of-the-list-domain-accepted": (
+        "", [f"Postmaster@{LIST_DOMAIN}"], [], [OK], OK, "lists"),
     "null-sender-to-bounces-accepted": (
         "", [f"announce-bounces@{LIST_DOMAIN}"], [], [OK], OK, "lists"),
     "rfc2047-display-name-with-comma": (

@@ -42,3 +42,39 @@ def test_greylisted_at_rcpt_then_the_retry_after_min_delay_is_accepted(postfix,
     assert attempts(metrics, "greylist", "passed", "retry-in-window") == 1
     wait_until(lambda: f"Recipient address rejected: {greylisted_text(address)}"
                in postfix.maillog(), 10, "Postfix to log the deferral")
+
+
+def test_policyctl_query_shows_the_451_postfix_gets_and_starts_nothing(postfix, policyd,
+                                                                         quick_greylist):
+    """``policyctl query --json --client`` shows the action the daemon answers Postfix,
+    greylisting included (it showed ``DUNNO`` for a sender Postfix got the 451 for),
+    and a query is read-only: it begins no greylist entry, so the real first attempt is
+    still the first (counted once), and the action it shows is the reply Postfix gave."""
+    import json
+
+    from .conftest import policyctl
+
+    address = quick_greylist.add_list(f"greypfq@{LIST_DOMAIN}")
+
+    def query() -> dict:
+        return json.loads(policyctl(policyd.config, "query", "--json", "--client",
+                                    "127.0.0.1", address, NONMEMBER))
+
+    before = attempts(quick_greylist.metrics(), "greylist", "deferred", "first-attempt")
+    answer = query()
+    assert answer["postfix"] == f"451 4.7.1 {greylisted_text(address)}", answer
+    assert answer["moderation"]["postfix"]["starts_entry"] is True, answer
+    assert query()["moderation"]["greylist"] == []  # the queries began no entry
+    message = Message(NONMEMBER, [address], [f"From: Eve <{NONMEMBER}>"])
+    result = postfix.send(message)
+    assert result.rcpt == [(451, f"4.7.1 <{address}>: Recipient address rejected: "
+                                 f"{greylisted_text(address)}")], result
+    assert attempts(quick_greylist.metrics(), "greylist", "deferred",
+                    "first-attempt") == before + 1
+    quick_greylist.wait_retry_passes(address)
+    answer = query()
+    assert answer["postfix"] == "DUNNO", answer
+    assert answer["moderation"]["postfix"]["transition"] == "retry-in-window", answer
+    result = postfix.send(message)
+    assert result.rcpt == [(250, "2.1.5 Ok")] and result.accepted, result
+    wait_delivered(postfix.maildir / "lists", message.tag)
