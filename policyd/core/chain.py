@@ -40,7 +40,7 @@ from .message_rules import (
     HeaderMatchRule,
     Loop,
 )
-from .dmarc import DECIDING, DmarcMitigation
+from .dmarc import DECIDING, DmarcMitigation, Mailman2DmarcModeration
 from .snapshot import Snapshot
 from .verdict import Decision, Mode, Query, TraceStep, Verdict
 
@@ -67,8 +67,10 @@ MAILMAN3_CHAIN: tuple[Rule, ...] = (
 ) + CONTENT_HOLDS
 
 # Mailman 2.1's pipeline runs Moderate before Emergency, so an emergency list still
-# rejects or discards what moderation rejects or discards.
+# rejects or discards what moderation rejects or discards; SpamDetect's DMARC check
+# (dmarc_moderation_addresses) runs before both.
 MAILMAN2_CHAIN: tuple[Rule, ...] = (
+    Mailman2DmarcModeration(),
     Mailman2MemberModeration(),
     Mailman2NonmemberModeration(),
     Emergency(),

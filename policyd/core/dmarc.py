@@ -35,12 +35,14 @@ import re
 from functools import lru_cache
 from typing import Callable, Iterable, NamedTuple, Protocol
 
+from .addresses import _addr_specs
 from .mailman_headers import BoundedAddressList, _balanced_parentheses
 from .rules import TOO_DEEP, Hit, Miss
 from .verdict import Action, Verdict
 
 __all__ = ["DmarcAction", "DnsAnswer", "PublicSuffixList", "LookupNeeded",
-           "DNS_FAILED", "DmarcMitigation", "dmarc_names", "maybe_mitigate", "policy_of"]
+           "DNS_FAILED", "DmarcMitigation", "Mailman2DmarcModeration", "dmarc_names",
+           "maybe_mitigate", "policy_of"]
 
 
 class DmarcAction(enum.IntEnum):
@@ -355,6 +357,62 @@ class DmarcMitigation:
         verdict = Verdict.REJECT if action == DmarcAction.REJECT else Verdict.DISCARD
         return Hit(verdict, f"DMARC mitigation {DmarcAction(action).label}: {why}" if ctx.explain
                    else "", verdict_action[verdict], address or None)
+
+
+class Mailman2DmarcModeration:
+    """Mailman 2.1.34's ``dmarc_moderation_addresses`` (``Handlers/SpamDetect.py``
+    ``process``, before anything else): when ``dmarc_moderation_action`` is 3 (reject)
+    or 4 (discard) and the address ``parseaddr`` takes from the first From: field is in
+    the list's ``dmarc_moderation_addresses`` (``MailList.GetPattern`` without an
+    ``at_list``: a plain address compared lower-cased, a ``^regex`` searched ignoring
+    case, ``@list`` entries ignored), the post is rejected or discarded.  Imported into
+    ``dmarc_mitigate_action`` and ``dmarc_addresses``.  The other half of Mailman 2.1's
+    test, ``Utils.IsDMARCProhibited`` (the From: domain's DMARC record), is not applied
+    here: Mailman 2 applies it after delivery (docs/mailman2.md)."""
+
+    name = "dmarc-moderation"
+    description = ("Mailman 2.1: a list whose dmarc_moderation_action is reject or discard "
+                   "rejects or discards a post whose From: address is in "
+                   "dmarc_moderation_addresses (the DNS half is Mailman 2's).")
+
+    @staticmethod
+    def quiet(policy, snapshot) -> bool:
+        content = policy.content
+        return content.dmarc_mitigate_action not in DECIDING or not content.dmarc_addresses
+
+    def check(self, ctx):
+        content = ctx.policy.content
+        action = content.dmarc_mitigate_action
+        if action not in DECIDING:
+            return _MISS_OFF_2 if action == DmarcAction.NO_MITIGATION else _MISS_LATER_2
+        if not content.dmarc_addresses:
+            return _MISS_NO_ADDRESSES
+        query = ctx.query
+        if query.message is not None:
+            values = query.message.get_all("from")
+            value = values[0] if values else None
+        else:
+            value = query.from_header
+        # Python 2.7's parseaddr: the first address getaddresses finds.
+        specs = _addr_specs(value) if value else ()
+        address = specs[0].lower() if specs and specs[0] else ""
+        if not address:
+            return Miss("no From: address" if ctx.explain else "")
+        entry = _address_listed(address, content.dmarc_addresses)
+        if entry is None:
+            return Miss(f"{address} is not in dmarc_moderation_addresses (a DMARC record "
+                        "of its domain is Mailman 2's to read)" if ctx.explain else "")
+        verdict = Verdict.REJECT if action == DmarcAction.REJECT else Verdict.DISCARD
+        return Hit(verdict, f"dmarc_moderation_action {DmarcAction(action).label}: "
+                   f"{address} matches dmarc_moderation_addresses entry {entry!r}"
+                   if ctx.explain else "", verdict_action[verdict], address)
+
+
+_MISS_OFF_2 = Miss("dmarc_moderation_action is accept (0)")
+_MISS_LATER_2 = Miss("dmarc_moderation_action munges or wraps: Mailman 2 changes the "
+                     "message after delivery")
+_MISS_NO_ADDRESSES = Miss("dmarc_moderation_addresses is empty (a DMARC record of the "
+                          "From: domain is Mailman 2's to read)")
 
 
 def _never_known(name: str):

@@ -37,7 +37,15 @@ Moderate bit (128) of ``user_options``  the member's action = ``member_moderatio
                                        rule; action defer -> none (jump_chain), reject,
                                        discard, accept, hold; approve, subscribe and
                                        unsubscribe rules are skipped with a warning)
+``dmarc_moderation_action``,           ``dmarc_mitigate_action``, ``dmarc_addresses``
+``dmarc_moderation_addresses``         (the ``dmarc-moderation`` rule: the address half
+                                       of Mailman 2.1.34's check; ``@list`` skipped)
 =====================================  ==============================================
+
+Regular expressions are read as Python 2.7 reads them (``py2_regex``): a global flag
+group past the start is moved to the front.  A list whose ``config.pck`` (and
+``config.pck.last``) cannot be read is marked broken (``mark_broken``): its posts get a
+temporary failure until an import reads it.
 
 Running it again updates: members that left are removed, changed actions and settings
 are updated, the pattern lists are replaced when they differ.  A list whose Mailman 2
@@ -66,7 +74,7 @@ from ..core.verdict import Action, Mode
 from .safe_pickle import UnsafePickleError, loads_mailman2
 
 __all__ = ["import_path", "find_lists", "read_list", "Mailman2List", "ImportFailed",
-           "watch"]
+           "watch", "mark_broken", "py2_regex", "Py2RegexError"]
 
 MODERATE = 128  # Mailman/Defaults.py: Moderate = 128
 MEMBER_ACTIONS = {0: Action.HOLD, 1: Action.REJECT, 2: Action.DISCARD}
@@ -120,6 +128,144 @@ def _int(value, default: int = 0) -> int:
     if isinstance(value, int):
         return value
     return default
+
+
+# --- Python 2's regular expressions -------------------------------------------------------
+#
+# Mailman 2.1 compiles its patterns with Python 2.7's ``re``, which takes a global inline
+# flag group (``(?i)``, ``(?x)``, any of ``iLmsux``) anywhere in a pattern and applies it
+# to the whole pattern (sre_parse: a flag group sets the pattern's flags; ``x`` found late
+# makes it parse the whole pattern again, verbose).  Python 3.11 refuses such a group
+# anywhere but at the start.  ``py2_regex`` moves them to the front, which is what Python 2
+# meant; what Python 2 itself refuses (``(?i:...)``, ``(?-i)``, ``(?a)``, unknown
+# extensions) stays refused, so the entry is skipped, as Mailman 2 skips it.
+
+PY2_FLAGS = "iLmsux"
+# Python 2.7's extensions after "(?" (sre_parse): anything else is an error there.
+PY2_EXTENSIONS = (":", "P<", "P=", "=", "!", "<=", "<!", "#", "(")
+
+
+class Py2RegexError(ValueError):
+    """Python 2.7's ``re`` would refuse the pattern too."""
+
+
+def _scan_py2(pattern: str, verbose: bool) -> tuple[str, str, bool]:
+    """(global flags found, the pattern without its flag groups, whether it has a
+    top-level ``|``).  Escapes, character classes, ``(?#...)`` comments and, ``verbose``,
+    ``#`` comments are passed over as Python 2's parser passes over them."""
+    out: list[str] = []
+    flags = ""
+    depth = 0
+    alternation = False
+    i, n = 0, len(pattern)
+    while i < n:
+        c = pattern[i]
+        if c == "\\":
+            out.append(pattern[i:i + 2])
+            i += 2
+            continue
+        if c == "[":
+            # A class: "]" first (after an optional "^") is a literal; escapes inside.
+            j = i + 1
+            if j < n and pattern[j] == "^":
+                j += 1
+            if j < n and pattern[j] == "]":
+                j += 1
+            while j < n and pattern[j] != "]":
+                j += 2 if pattern[j] == "\\" else 1
+            if j >= n:
+                raise Py2RegexError("unexpected end of regular expression (an open [)")
+            out.append(pattern[i:j + 1])
+            i = j + 1
+            continue
+        if verbose and c == "#":
+            j = pattern.find("\n", i)
+            j = n if j < 0 else j
+            out.append(pattern[i:j])
+            i = j
+            continue
+        if pattern.startswith("(?", i):
+            rest = pattern[i + 2:]
+            if rest.startswith("#"):
+                j = pattern.find(")", i)
+                if j < 0:
+                    raise Py2RegexError("unbalanced parenthesis (an open (?#)")
+                out.append(pattern[i:j + 1])
+                i = j + 1
+                continue
+            if rest[:1] and rest[0] in PY2_FLAGS:
+                k = 0
+                while k < len(rest) and rest[k] in PY2_FLAGS:
+                    k += 1
+                if rest[k:k + 1] != ")":
+                    # "(?i:...)", "(?i-s)": Python 3 syntax, an error in Python 2.
+                    group = pattern[i:i + k + 3]
+                    raise Py2RegexError(f"Python 2 has no scoped flags ({group!r})")
+                flags += rest[:k]
+                # Python 2's parser reads what follows (?x) verbose at once.
+                verbose = verbose or "x" in rest[:k]
+                i += k + 3
+                continue
+            if not rest.startswith(PY2_EXTENSIONS):
+                raise Py2RegexError(f"unknown extension {pattern[i:i + 3]!r} in Python 2")
+        if c == "(":
+            depth += 1
+        elif c == ")":
+            depth -= 1
+        elif c == "|" and depth == 0:
+            alternation = True
+        out.append(c)
+        i += 1
+    return "".join(dict.fromkeys(flags)), "".join(out), alternation
+
+
+def py2_regex(pattern: str, *, anchored: bool = False) -> tuple[str, list[str]]:
+    """``pattern`` as Python 2.7 reads it, written for Python 3: its global flag groups
+    moved to the front.  ``anchored``: the result must still start with ``^`` (a
+    ``^regex`` entry of the native store), so the flags become a scoped group after it.
+    Returns (pattern, notes); raises ``Py2RegexError`` for what Python 2 refuses.  A
+    pattern without a flag group past its start is returned as it is."""
+    flags, body, alternation = _scan_py2(pattern, verbose=False)
+    if "x" in flags:
+        # Python 2 parses the whole pattern again, verbose ("#" starts a comment), with
+        # the flags the first parse found (a flag group now in a comment included).
+        more, body, alternation = _scan_py2(pattern, verbose=True)
+        flags = "".join(dict.fromkeys(flags + more))
+    if not flags or ("L" not in flags and not anchored
+                     and pattern == f"(?{flags})" + body):
+        return pattern, []
+    notes = []
+    if "L" in flags:
+        # Locale-dependent \w etc.: Python 3 has it only for bytes patterns.
+        flags = flags.replace("L", "")
+        notes.append("its (?L) flag (locale) is dropped: Python 3 has it only for bytes")
+    if not flags:
+        return body, notes
+    if not anchored:
+        return f"(?{flags})" + body, notes
+    if not body.startswith("^"):
+        body = "^" + body  # cannot happen for a "^regex" entry; keeps the store's form
+    # Verbose: a "#" comment on the last line must not swallow the closing parentheses.
+    end = "\n)" if "x" in flags else ")"
+    if alternation:
+        # "^a|b" is (^a)|(b): keep the whole pattern inside the group, searched from 0.
+        return f"^(?{flags}:.*?(?:{body}{end})", notes
+    return f"^(?{flags}:{body[1:]}{end}", notes
+
+
+def _py2_entry(text: str, what: str, name: str, warnings: list[str],
+               *, anchored: bool) -> str | None:
+    """A regex entry translated by ``py2_regex``, or ``None`` (with a warning) when
+    Python 2 refuses it too."""
+    try:
+        translated, notes = py2_regex(text, anchored=anchored)
+    except Py2RegexError as error:
+        warnings.append(f"{name}: {what} {text!r}: not a valid regular expression, for "
+                        f"Mailman 2's Python 2.7 either ({error}); skipped")
+        return None
+    for note in notes:
+        warnings.append(f"{name}: {what} {text!r}: {note}")
+    return translated
 
 
 @dataclass
@@ -215,9 +361,17 @@ def read_list(directory: Path) -> Mailman2List:
             action = (MEMBER_ACTIONS[member_action_code]
                       if options.get(lower, 0) & MODERATE else None)
             members.setdefault(lower, (original, action))
-    patterns = {kind: [_text(entry).strip() for entry in (config.get(attribute) or ())
-                       if _text(entry).strip()]
-                for attribute, kind in KINDS}
+    patterns: dict[Action, list[str]] = {}
+    for attribute, kind in KINDS:
+        entries = []
+        for entry in config.get(attribute) or ():
+            text = _text(entry).strip()
+            if text.startswith("^"):
+                text = _py2_entry(text, f"{attribute} entry", name, warnings,
+                                  anchored=True)
+            if text:
+                entries.append(text)
+        patterns[kind] = entries
     if config.get("equivalent_domains"):
         warnings.append(f"{name}: equivalent_domains is set; policyd does not apply it "
                         "(members must post from their subscribed address)")
@@ -247,7 +401,8 @@ def _content(config: dict, name: str, warnings: list[str]) -> dict:
         if key in config:
             content[key] = bool(_int(config[key], 0))
     if "bounce_matching_headers" in config:
-        content["bounce_matching_headers"] = _text(config["bounce_matching_headers"])
+        content["bounce_matching_headers"] = _bounce_matching_headers(
+            _text(config["bounce_matching_headers"]), name, warnings)
     if "acceptable_aliases" in config:
         aliases = config["acceptable_aliases"]
         lines = (_text(aliases).splitlines() if isinstance(aliases, (bytes, str))
@@ -256,10 +411,15 @@ def _content(config: dict, name: str, warnings: list[str]) -> dict:
         for alias in lines:
             alias = alias.strip()
             if alias:
-                out.append(alias if alias.startswith("^") else "^" + alias)
+                alias = _py2_entry(alias if alias.startswith("^") else "^" + alias,
+                                   "acceptable_aliases entry", name, warnings,
+                                   anchored=True)
+                if alias:
+                    out.append(alias)
         # Mailman 2.1 takes the list's name as a local part at any domain.
         out.append(f"^{name}@")
         content["acceptable_aliases"] = list(dict.fromkeys(out))
+    _dmarc(config, name, warnings, content)
     missing = [key for key in CONTENT_KEYS if key not in config]
     if missing:
         warnings.append(f"{name}: config.pck has no {', '.join(missing)} (an old "
@@ -268,6 +428,71 @@ def _content(config: dict, name: str, warnings: list[str]) -> dict:
         content["header_matches"] = _header_matches(config["header_filter_rules"] or (),
                                                     name, warnings)
     return content
+
+
+def _dmarc(config: dict, name: str, warnings: list[str], content: dict) -> None:
+    """``dmarc_moderation_action`` (0 accept, 1 munge, 2 wrap, 3 reject, 4 discard: the
+    values of Mailman 3's DMARCMitigateAction) and ``dmarc_moderation_addresses``
+    (Mailman 2.1.34+) -> ``dmarc_mitigate_action`` and ``dmarc_addresses``, which the
+    ``dmarc-moderation`` rule of a ``mailman2``-mode list reads.  ``@list`` entries are
+    left out: Mailman 2.1 ignores them here (``GetPattern`` without ``at_list``)."""
+    if "dmarc_moderation_action" not in config:
+        return
+    code = _int(config["dmarc_moderation_action"], -1)
+    if code not in range(5):
+        value = config["dmarc_moderation_action"]
+        warnings.append(f"{name}: dmarc_moderation_action {value!r} is not 0 .. 4; not "
+                        "imported")
+        return
+    content["dmarc_mitigate_action"] = code
+    entries = []
+    for entry in config.get("dmarc_moderation_addresses") or ():
+        text = _text(entry).strip()
+        if not text:
+            continue
+        if text.startswith("@"):
+            warnings.append(f"{name}: dmarc_moderation_addresses entry {text!r} names a "
+                            "list; skipped (Mailman 2.1 ignores it there)")
+            continue
+        if text.startswith("^"):
+            text = _py2_entry(text, "dmarc_moderation_addresses entry", name, warnings,
+                              anchored=True)
+            if text is None:
+                continue
+            try:
+                re.compile(text)
+            except re.error as error:
+                warnings.append(f"{name}: dmarc_moderation_addresses entry {text!r}: not "
+                                f"a valid regular expression ({error}); skipped")
+                continue
+        else:
+            text = text.lower()
+        entries.append(text)
+    content["dmarc_addresses"] = list(dict.fromkeys(entries))
+    if code >= 3:
+        label = "reject" if code == 3 else "discard"
+        warnings.append(f"{name}: dmarc_moderation_action is {label}: policyd applies it "
+                        "at SMTP time to From: addresses in dmarc_moderation_addresses "
+                        f"({len(entries)}); to From: domains whose DMARC record says "
+                        "reject or quarantine Mailman 2 applies it after delivery")
+
+
+def _bounce_matching_headers(text: str, name: str, warnings: list[str]) -> str:
+    """``bounce_matching_headers`` with each line's regex (after ``Header:``) as Python
+    2 reads it (Mailman 2.1's Hold.parse_matching_header_opt); comments, blank lines
+    and lines without a colon are kept as they are (the reader skips them)."""
+    lines = []
+    for line in text.splitlines():
+        header, colon, value = line.partition(":")
+        stripped = value.strip()
+        if line.lstrip().startswith("#") or not colon or not stripped:
+            lines.append(line)
+            continue
+        translated = _py2_entry(stripped, "bounce_matching_headers line", name, warnings,
+                                anchored=False)
+        if translated is not None:
+            lines.append(f"{header}: {translated}")
+    return "\n".join(lines) + ("\n" if text.endswith("\n") else "")
 
 
 def _header_matches(rules, name: str, warnings: list[str]) -> list:
@@ -292,6 +517,15 @@ def _header_matches(rules, name: str, warnings: list[str]) -> list:
         for line in line_patterns.splitlines():
             if len(line.strip()) == 0:
                 continue
+            # Python 2 applies a flag group anywhere to the whole line's pattern: split
+            # it off first, put it back in front of the pattern part.
+            translated = _py2_entry(line, "header_filter_rules line", name, warnings,
+                                    anchored=False)
+            if translated is None:
+                continue
+            flag_group = re.match(r"\(\?[iLmsux]+\)", translated)
+            prefix = flag_group.group(0) if flag_group else ""
+            line = translated[len(prefix):]
             for sep in (": ", ":.*", ":.", ":"):
                 header, sep, pattern = line.partition(sep)
                 if sep:
@@ -307,6 +541,7 @@ def _header_matches(rules, name: str, warnings: list[str]) -> list:
                 continue
             if len(pattern) == 0:
                 pattern = ".*"
+            pattern = prefix + pattern
             try:
                 re.compile(pattern)
             except re.error:
@@ -334,16 +569,20 @@ class ListReport:
     settings: list[str] = field(default_factory=list)
     patterns: bool = False
     warnings: list[str] = field(default_factory=list)
+    # The list was marked broken (its config.pck could not be read) and is read again.
+    recovered: bool = False
 
     @property
     def unchanged(self) -> bool:
         return not (self.created or self.added or self.removed or self.changed
-                    or self.settings or self.patterns)
+                    or self.settings or self.patterns or self.recovered)
 
     def line(self) -> str:
         if self.unchanged:
             return f"{self.address}: unchanged ({self.source})"
         parts = ["created"] if self.created else []
+        if self.recovered:
+            parts.append("read again, no longer a temporary failure")
         if self.added:
             parts.append(f"+{self.added} members")
         if self.removed:
@@ -422,6 +661,9 @@ def _sync_list(session, mm2: Mailman2List, at_lists: dict[str, str]) -> ListRepo
         if mm2.content:
             q.set_list(session, mm2.posting_address, **mm2.content)
     else:
+        if row.broken is not None:
+            row.broken = None
+            report.recovered = True
         report.settings = [key for key in settings if getattr(row, key) != settings[key]]
         changed = [key for key, value in mm2.content.items()
                    if getattr(row, key) != q._content_value(key, value)]
@@ -431,6 +673,18 @@ def _sync_list(session, mm2: Mailman2List, at_lists: dict[str, str]) -> ListRepo
                           else (settings[key] or "") for key in report.settings},
                        **{key: mm2.content[key] for key in changed})
         report.settings += changed
+
+    # The stand-ins made at other hosts while config.pck could not be read (``mark_broken``):
+    # broken, no members; the list lives at its real address now.
+    for other in session.scalars(select(MailingList).where(
+            MailingList.list_name == mm2.name, MailingList.mode == Mode.MAILMAN2,
+            MailingList.posting_address != mm2.posting_address,
+            MailingList.broken.is_not(None))).all():
+        if session.scalar(select(Membership.id).where(Membership.list_id == other.id)
+                          .limit(1)) is None:
+            q.remove_list(session, other.posting_address)
+            report.warnings.append(f"{mm2.name}: removed {other.posting_address}, the "
+                                   "stand-in made while its config.pck could not be read")
 
     # Members: Mailman 2 has only direct memberships.
     wanted: dict[str, tuple[str, Action | None]] = {}
@@ -522,15 +776,74 @@ class ImportResult:
     failures: list[str]
 
 
+def mark_broken(store, name: str, reason: str, hosts: Iterable[str]) -> list[str]:
+    """Fail closed for the Mailman 2 list ``name`` whose config.pck cannot be read: set
+    ``broken`` on its rows (the ``broken-list`` rule answers its posts with a temporary
+    failure, never from rows that may be stale).  A list not in the store yet (its
+    host is in the unreadable pickle) gets a stand-in, no members, at each of ``hosts``
+    and each host of the store's Mailman 2 lists, where no list has that address: a post
+    to it is retried, not refused as "no such list".  Returns the addresses marked."""
+    from . import queries as q
+    from .models import Domain, MailingList
+
+    hosts = set(hosts)
+    marked: list[str] = []
+    try:
+        with store.write() as session:
+            rows = list(session.scalars(select(MailingList).where(
+                MailingList.list_name == name, MailingList.mode == Mode.MAILMAN2)))
+            if not rows:
+                known = set(hosts) | set(session.scalars(
+                    select(Domain.name).join(MailingList, MailingList.domain_id == Domain.id)
+                    .where(MailingList.mode == Mode.MAILMAN2)))
+                for host in sorted(known):
+                    try:
+                        # A host of this run's lists gets its domain now, as the import
+                        # of those lists would.
+                        row, _ = q.add_list(session, f"{name}@{host}", mode=Mode.MAILMAN2,
+                                            create_domain=host in hosts)
+                    except PolicydError:
+                        continue  # taken by another list, or not a usable address
+                    rows.append(row)
+            changed = False
+            for row in rows:
+                marked.append(row.posting_address)
+                if row.broken != reason:
+                    row.broken = reason
+                    changed = True
+            if not changed:
+                raise _Unchanged()
+    except _Unchanged:
+        pass
+    return marked
+
+
 def import_path(store, path: Path) -> ImportResult:
     """Import every list under ``path``.  A list that cannot be read or written is
-    reported and the others are still imported."""
-    lists, failures = [], []
+    reported and the others are still imported; one that cannot be read is marked
+    broken (``mark_broken``) until an import reads it."""
+    lists, failures, unreadable = [], [], []
     for directory in find_lists(Path(path)):
         try:
             lists.append(read_list(directory))
         except BadInput as error:
-            failures.append(f"{directory.name}: {error}")
+            unreadable.append((directory.name.lower(), str(error)))
+    # The stand-ins first, so that an ``@name`` entry of another list meets the same
+    # lists on this run as on the next.
+    hosts = {mm2.host_name for mm2 in lists}
+    for name, error in unreadable:
+        try:
+            marked = mark_broken(store, name, f"Mailman 2 import: {error}", hosts)
+        except PolicydError as store_error:
+            failures.append(f"{name}: {error}; and it could not be marked broken: "
+                            f"{store_error}")
+            continue
+        if marked:
+            failures.append(f"{name}: {error}; posts to {', '.join(marked)} get a "
+                            "temporary failure until it is read")
+        else:
+            failures.append(f"{name}: {error}; not in the store and its host is unknown: "
+                            "not served")
     result = import_lists(store, lists) if lists else ImportResult([], [])
     result.failures[:0] = failures
     return result
@@ -541,7 +854,8 @@ def import_path(store, path: Path) -> ImportResult:
 
 def _fingerprint(path: Path) -> tuple:
     """mtime, size and inode of every list's pickles: Mailman 2 saves by writing a new
-    file and renaming it over config.pck, which changes all three."""
+    file and renaming it over config.pck, which changes all three; and ctime and mode, so
+    that a permission fixed (``chmod``) counts as a change too."""
     out = []
     for directory in find_lists(path):
         for name in PICKLES:
@@ -549,7 +863,8 @@ def _fingerprint(path: Path) -> tuple:
                 st = (directory / name).stat()
             except OSError:
                 continue
-            out.append((str(directory / name), st.st_mtime_ns, st.st_size, st.st_ino))
+            out.append((str(directory / name), st.st_mtime_ns, st.st_size, st.st_ino,
+                        st.st_ctime_ns, st.st_mode))
     return tuple(out)
 
 
@@ -557,18 +872,30 @@ def watch(store, path: Path, interval: float, report: Callable[[ImportResult], N
           *, sleep: Callable[[float], None] = time.sleep,
           rounds: int | None = None) -> None:
     """Import now, then again whenever a list's config.pck changes (polled every
-    ``interval`` seconds).  ``rounds`` bounds the loop (tests)."""
+    ``interval`` seconds), and every interval while an import failed (a list that
+    could not be read is retried until it is).  A failure is reported once, when it
+    starts (or its message changes), not every interval; a retry that changes nothing
+    reports nothing.  ``rounds`` bounds the loop (tests)."""
     seen = None
+    failing: set[str] = set()  # the failures already reported, still going on
     count = 0
     while rounds is None or count < rounds:
         count += 1
+        result = None
+        retry = False
         try:
             fingerprint = _fingerprint(path)
-        except BadInput as error:
-            report(ImportResult([], [str(error)]))
-            fingerprint = None
-        if fingerprint is not None and fingerprint != seen:
-            report(import_path(store, path))
-            seen = fingerprint
+            if fingerprint != seen or failing:
+                retry = fingerprint == seen
+                result = import_path(store, path)
+                seen = fingerprint
+        except PolicydError as error:
+            result = ImportResult([], [str(error)])
+        if result is not None:
+            new = [failure for failure in result.failures if failure not in failing]
+            failing = set(result.failures)
+            reports = [r for r in result.reports if not (retry and r.unchanged)]
+            if not retry or reports or new:
+                report(ImportResult(reports, new))
         if rounds is None or count < rounds:
             sleep(interval)

@@ -207,6 +207,10 @@ class MailingList(Base):
     dmarc_mitigate_unconditionally: Mapped[bool] = mapped_column(Boolean, nullable=False,
                                                                  default=False)
     dmarc_addresses: Mapped[str | None] = mapped_column(Text, nullable=True)
+    # Why the list's source data cannot be trusted (migration 0006): a Mailman 2 list
+    # whose config.pck could not be read.  Set, the list's posts get a temporary failure
+    # (``ListSpec.broken``, the ``broken-list`` rule); NULL for a list that is fine.
+    broken: Mapped[str | None] = mapped_column(Text, nullable=True)
 
 
 class User(Base):

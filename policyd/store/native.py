@@ -195,7 +195,7 @@ def load_specs(connection: Connection, list_ids: Collection[int] | None = None
         _raw(lists_table.c.default_member_action), _raw(lists_table.c.default_nonmember_action),
         lists_table.c.rejection_notice,
         *(lists_table.c[name] for name in queries.CONTENT_SETTINGS),
-        lists_table.c.smtp_moderation,
+        lists_table.c.smtp_moderation, lists_table.c.broken,
     ))):
         (id_, posting, list_id, display_name, mode, emergency, member_action,
          nonmember_action, notice) = row[:9]
@@ -205,8 +205,10 @@ def load_specs(connection: Connection, list_ids: Collection[int] | None = None
             "default_member_action": _ACTIONS[member_action],
             "default_nonmember_action": _ACTIONS[nonmember_action],
             "rejection_notice": notice,
-            **queries.content_spec(dict(zip(queries.CONTENT_SETTINGS, row[9:-1]))),
-            "smtp_moderation": row[-1] or "off",
+            **queries.content_spec(dict(zip(queries.CONTENT_SETTINGS, row[9:-2]))),
+            "smtp_moderation": row[-2] or "off",
+            # Set by the Mailman 2 import when the list's config.pck cannot be read.
+            "broken": row[-1] or None,
         }
 
     # One string per address, shared by every list it is on (no join: the membership

@@ -217,16 +217,22 @@ def test_import_updates_and_removes_members_that_left(store, mailman_copy):
 
 def test_malicious_config_pck_is_refused_and_others_imported(store):
     """A config.pck whose pickle would run os.system or eval is refused with the global it
-    names; the code does not run; the other list is imported."""
+    names; the code does not run; the other list is imported.  The refused lists are
+    not served from nothing: each is a broken stand-in at the host the store knows for
+    Mailman 2 lists (a temporary failure, not "no such list")."""
     PWNED.unlink(missing_ok=True)
     result = import_path(store, FIXTURES / "evil")
     assert [r.address for r in result.reports] == ["fine@old.example.net"]
     assert len(result.failures) == 2
     assert "refusing to load global posix.system" in result.failures[0]
     assert "refusing to load global __builtin__.eval" in result.failures[1]
+    assert "temporary failure" in result.failures[0]
     assert not PWNED.exists()
     snap, _ = snapshot_of(store)
-    assert set(snap.lists) == {"fine@old.example.net"}
+    assert set(snap.lists) == {"fine@old.example.net", "evil@old.example.net",
+                               "evil2@old.example.net"}
+    assert set(snap.broken) == {"evil@old.example.net", "evil2@old.example.net"}
+    assert snap.lists["fine@old.example.net"].broken is None
 
 
 def test_find_lists_accepts_prefix_lists_dir_or_one_list():
@@ -385,3 +391,211 @@ def test_a_nonmember_entry_with_a_trailing_dot_keeps_it():
     assert [text for _, _, text in rows] == ["dotted@outside.example.",
                                              "plain@outside.example"]
     assert report.warnings == []
+
+
+# --- a list whose config.pck cannot be read: fail closed, retried by --watch -------------
+
+
+DISCUSS = "discuss@lists.example.org"
+
+
+def _decision(store, recipient, sender):
+    snap, _ = snapshot_of(store)
+    return snap, decide(snap, Query(recipient, sender, sender))
+
+
+def test_an_unreadable_config_pck_makes_the_list_a_temporary_failure(store, mailman_copy):
+    """A list imported before whose config.pck is now corrupt (and has no
+    config.pck.last) is not answered from its old rows: it is broken (``broken-list``,
+    a temporary failure, in ``Snapshot.broken``), and the import says so.  Readable
+    again, the next import clears it and reports that."""
+    import_path(store, mailman_copy)
+    before = _decision(store, DISCUSS, "alice@example.org")[1]
+    assert before.rule != "broken-list"
+    path = mailman_copy / "lists" / "discuss" / "config.pck"
+    good = path.read_bytes()
+    path.write_bytes(good[:len(good) // 2])  # truncated
+    result = import_path(store, mailman_copy)
+    assert len(result.failures) == 1 and result.failures[0].startswith("discuss: ")
+    assert f"posts to {DISCUSS} get a temporary failure" in result.failures[0]
+    snap, decision = _decision(store, DISCUSS, "alice@example.org")
+    assert decision.verdict is Verdict.DEFER and decision.rule == "broken-list"
+    assert "config.pck" in snap.broken[DISCUSS]
+    assert _decision(store, "announce@lists.example.org",
+                     "alice@example.org")[0].lists["announce@lists.example.org"].broken is None
+    path.write_bytes(good)
+    result = import_path(store, mailman_copy)
+    assert result.failures == []
+    report = {r.address: r for r in result.reports}[DISCUSS]
+    assert report.recovered and "no longer a temporary failure" in report.line()
+    snap, decision = _decision(store, DISCUSS, "alice@example.org")
+    assert (decision.verdict, decision.rule) == (before.verdict, before.rule)
+    assert not snap.broken
+
+
+def test_a_new_list_with_an_unreadable_config_pck_is_a_temporary_failure(store,
+                                                                      mailman_copy):
+    """A list not in the store yet whose config.pck cannot be read gets a broken
+    stand-in at the host of the other Mailman 2 lists: its posts are retried (4xx), not
+    refused as "no such list" (5xx).  Once read, at another host, the stand-in goes."""
+    path = mailman_copy / "lists" / "discuss" / "config.pck"
+    good = path.read_bytes()
+    path.write_bytes(b"\x80\x02}q\x01(U\x07members")  # cut short
+    result = import_path(store, mailman_copy)
+    assert any(f.startswith("discuss: ") and "temporary failure" in f
+               for f in result.failures)
+    snap, decision = _decision(store, DISCUSS, "alice@example.org")
+    assert decision.verdict is Verdict.DEFER and decision.rule == "broken-list"
+    assert DISCUSS in snap.broken
+    data = loads_mailman2(good, encoding="bytes")
+    data[b"host_name"] = b"other.example.org"
+    path.write_bytes(pickle.dumps(data, protocol=3))
+    result = import_path(store, mailman_copy)
+    assert result.failures == []
+    assert any("removed discuss@lists.example.org, the stand-in" in w
+               for r in result.reports for w in r.warnings)
+    snap, _ = snapshot_of(store)
+    assert DISCUSS not in snap.lists and not snap.broken
+    assert "discuss@other.example.org" in snap.lists
+
+
+def test_watch_retries_a_failed_list_every_interval_and_reports_it_once(
+        store, mailman_copy, monkeypatch):
+    """A list that could not be read is retried at every interval, though no
+    config.pck changed (a permission fixed by chmod changes neither mtime, size nor
+    inode), and its failure is reported once, not at every retry."""
+    target = mailman_copy / "lists" / "discuss" / "config.pck"
+    denied = [True]
+    read_bytes = Path.read_bytes
+
+    def guarded(self):
+        if self == target and denied[0]:
+            raise PermissionError(13, "Permission denied")
+        return read_bytes(self)
+
+    monkeypatch.setattr(Path, "read_bytes", guarded)
+    results = []
+
+    def sleep(seconds):
+        if len(results) and sleep.calls == 2:
+            denied[0] = False  # the permission is fixed
+        sleep.calls += 1
+
+    sleep.calls = 0
+    watch(store, mailman_copy, 7.0, results.append, sleep=sleep, rounds=5)
+    failures = [f for r in results for f in r.failures]
+    assert len(failures) == 1 and "Permission denied" in failures[0]
+    # The rounds in between (retries that changed nothing) reported nothing.
+    assert len(results) == 2
+    assert [r.address for r in results[-1].reports] == [DISCUSS]
+    assert results[-1].reports[0].recovered
+    snap, decision = _decision(store, DISCUSS, "alice@example.org")
+    assert decision.rule != "broken-list" and not snap.broken
+
+
+def test_watch_notices_a_permission_change(mailman_copy):
+    """``chmod`` alone (ctime and mode change, nothing else) changes the fingerprint."""
+    from policyd.store.mailman2 import _fingerprint
+
+    target = mailman_copy / "lists" / "discuss" / "config.pck"
+    before = _fingerprint(mailman_copy)
+    target.chmod(0o000)
+    try:
+        assert _fingerprint(mailman_copy) != before
+    finally:
+        target.chmod(0o644)
+
+
+# --- Python 2's global inline flags anywhere in a pattern ---------------------------------
+
+
+@pytest.mark.parametrize("pattern, anchored, expected", [
+    ("^fred(?i)@example\\.com$", True, "^(?i:fred@example\\.com$)"),
+    ("(?i)^x", False, "(?i)^x"),  # already at the front: as it is
+    ("subject: (?i)buy", False, "(?i)subject: buy"),
+    ("^a|b(?s)", True, "^(?s:.*?(?:^a|b))"),  # top-level | kept whole
+    ("^x\\(?i\\)", True, "^x\\(?i\\)"),  # an escaped parenthesis: no flag group
+    ("^[(?i)]x", True, "^[(?i)]x"),  # in a class: characters
+    ("^a(?#(?i)b", True, "^a(?#(?i)b"),  # in a comment (it ends at the first ")")
+    ("^a b(?x) # c", True, "^(?x:a b # c\n)"),  # verbose: the comment stays one
+    ("^a(?x) # [ (?s)", True, "^(?x:a # [ (?s)\n)"),  # verbose from (?x): a comment
+    ("^a(?P<n>b)(?m)c", True, "^(?m:a(?P<n>b)c)"),
+])
+def test_py2_regex_moves_global_flags_to_the_front(pattern, anchored, expected):
+    """Python 2.7 applies ``(?i)`` (any of iLmsux) wherever it stands to the whole
+    pattern; Python 3.11 refuses it past the start.  The translation keeps Python 2's
+    meaning and compiles under Python 3.  (Each case's flags, and the refusals below,
+    were checked against CPython 2.7.18's ``re.compile``.)"""
+    import re
+
+    from policyd.store.mailman2 import py2_regex
+
+    translated, notes = py2_regex(pattern, anchored=anchored)
+    assert translated == expected and notes == []
+    re.compile(translated)
+
+
+@pytest.mark.parametrize("pattern", ["^(?i:a)", "^a(?-i)b", "^a(?a)", "^a(?>b)", "^[a"])
+def test_py2_regex_refuses_what_python2_refuses(pattern):
+    from policyd.store.mailman2 import Py2RegexError, py2_regex
+
+    with pytest.raises(Py2RegexError):
+        py2_regex(pattern, anchored=True)
+
+
+def test_a_mid_pattern_flag_is_imported_not_skipped(store, mailman_copy):
+    """``^fred(?i)@...`` in hold_these_nonmembers and ``Subject: (?i)buy`` in
+    header_filter_rules were skipped ("not a valid regular expression"): Mailman 2 uses
+    them.  ``(?i:...)``, which Python 2 refuses, is still skipped with a warning."""
+    path = mailman_copy / "lists" / "discuss" / "config.pck"
+    data = loads_mailman2(path.read_bytes(), encoding="bytes")
+    data[b"hold_these_nonmembers"] = [b"^fred(?i)@outside\\.example$", b"^(?i:bad)"]
+    data[b"header_filter_rules"] = [(b"Subject: (?i)buy", 7, False)]
+    path.write_bytes(pickle.dumps(data, protocol=3))
+    mm2 = read_list(mailman_copy / "lists" / "discuss")
+    assert mm2.patterns[Action.HOLD] == ["^(?i:fred@outside\\.example$)"]
+    assert mm2.content["header_matches"] == [["subject", "(?i)buy", "hold"]]
+    assert any("'^(?i:bad)'" in w and "skipped" in w for w in mm2.warnings)
+    import_path(store, mailman_copy)
+    _, decision = _decision(store, DISCUSS, "FRED@outside.example")
+    assert decision.verdict is Verdict.HOLD
+
+
+# --- dmarc_moderation_addresses (Mailman 2.1.34) ------------------------------------------
+
+
+def test_dmarc_moderation_addresses_reject_at_smtp_time(store, mailman_copy):
+    """Mailman 2.1.34's SpamDetect rejects (dmarc_moderation_action 3) a post whose
+    From: address is in dmarc_moderation_addresses, before moderation; the import
+    dropped both settings silently.  ``@list`` entries are ignored there by Mailman 2.1
+    (skipped with a warning); the DNS half is said to be Mailman 2's."""
+    path = mailman_copy / "lists" / "discuss" / "config.pck"
+    data = loads_mailman2(path.read_bytes(), encoding="bytes")
+    data[b"dmarc_moderation_action"] = 3
+    data[b"dmarc_moderation_addresses"] = [b"Boss@Corp.example",
+                                           b"^.*@strict(?i)\\.example$", b"@announce"]
+    path.write_bytes(pickle.dumps(data, protocol=3))
+    mm2 = read_list(mailman_copy / "lists" / "discuss")
+    assert mm2.content["dmarc_mitigate_action"] == 3
+    assert mm2.content["dmarc_addresses"] == ["boss@corp.example",
+                                              "^(?i:.*@strict\\.example$)"]
+    assert any("'@announce'" in w for w in mm2.warnings)
+    assert any("Mailman 2 applies it after delivery" in w for w in mm2.warnings)
+    import_path(store, mailman_copy)
+    snap, _ = snapshot_of(store)
+    for sender in ("Big Boss <BOSS@corp.example>", "x@Strict.Example",
+                   "boss@corp.example, alice@example.org"):
+        decision = decide(snap, Query(DISCUSS, "bounce@else.example", sender))
+        assert (decision.verdict, decision.rule) == (Verdict.REJECT, "dmarc-moderation"), \
+            sender
+    # parseaddr takes the first address only.
+    for sender in ("boss@corp.example.other", "alice@example.org, boss@corp.example"):
+        decision = decide(snap, Query(DISCUSS, "bounce@else.example", sender))
+        assert decision.rule != "dmarc-moderation"
+    # Discard (4) discards.
+    data[b"dmarc_moderation_action"] = 4
+    path.write_bytes(pickle.dumps(data, protocol=3))
+    import_path(store, mailman_copy)
+    snap, _ = snapshot_of(store)
+    decision = decide(snap, Query(DISCUSS, "bounce@else.example", "boss@corp.example"))
+    assert (decision.verdict, decision.rule) == (Verdict.DISCARD, "dmarc-moderation")
