@@ -100,6 +100,8 @@ class Listener(Service):
                 "address": self.address, "connections": len(factory.connections),
                 "refused": getattr(factory, "refused", 0),
                 "evicted": getattr(factory, "evicted", 0),
+                "share_refused": getattr(factory, "share_refused", 0),
+                "share_evicted": getattr(factory, "share_evicted", 0),
                 "open_incidents": len(getattr(factory, "incidents", ()))}
 
     def _clear_stale_socket(self) -> None:

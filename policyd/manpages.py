@@ -89,7 +89,9 @@ KEY_HELP: dict[str, dict[str, str]] = {
                   "Exim listener.",
         "timeout": "Seconds to receive the request line; then DEFER 451 4.3.0.",
         "max_request": "Longest request line in bytes.",
-        "max_connections": "Connections the listener holds at once.",
+        "max_connections": "Connections the listener holds at once. At the limit the "
+                           "peer (uid of a Unix socket's client, TCP address) holding the "
+                           "most gives way to other peers' newcomers first.",
     },
     "postfix": {
         "listen": "Whitespace-separated Twisted endpoint strings, any number; empty: no "
@@ -107,7 +109,9 @@ KEY_HELP: dict[str, dict[str, str]] = {
         "max_request": "Longest request in bytes.",
         "request_timeout": "Seconds a connection may hold an incomplete request (or none "
                            "yet); then 451 4.3.0 and close.",
-        "max_connections": "Connections the listener holds at once.",
+        "max_connections": "Connections the listener holds at once. At the limit the "
+                           "peer (uid of a Unix socket's client, TCP address) holding the "
+                           "most gives way to other peers' newcomers first.",
     },
     "metrics": {
         "listen": "One Twisted endpoint string for the Prometheus metrics page (counters, "

@@ -161,6 +161,14 @@ class PolicydCollector:
         evicted = CounterMetricFamily("policyd_listener_evicted_connections",
                                       "Idle connections closed to make room at a limit.",
                                       labels=labels)
+        share_refused = CounterMetricFamily(
+            "policyd_listener_share_refused_connections",
+            "Of the refused connections, those of the peer holding the most at a limit "
+            "(refused rather than close another peer's).", labels=labels)
+        share_evicted = CounterMetricFamily(
+            "policyd_listener_share_evicted_connections",
+            "Of the evicted connections, those of the peer holding the most, closed for "
+            "another peer's newcomer at a limit.", labels=labels)
         for listener in service.listeners:
             factory = listener.factory
             if not hasattr(factory, "refused"):  # the metrics listener itself
@@ -169,9 +177,13 @@ class PolicydCollector:
             open_.add_metric(key, len(factory.connections))
             refused.add_metric(key, factory.refused)
             evicted.add_metric(key, factory.evicted)
+            share_refused.add_metric(key, getattr(factory, "share_refused", 0))
+            share_evicted.add_metric(key, getattr(factory, "share_evicted", 0))
         yield open_
         yield refused
         yield evicted
+        yield share_refused
+        yield share_evicted
         if service.started_at is not None:
             yield _gauge("policyd_uptime_seconds", "Seconds since policyd started.",
                          service.reactor.seconds() - service.started_at)

@@ -23,11 +23,15 @@ class ProtocolError(Exception):
 
 
 import heapq  # noqa: E402
+import ipaddress  # noqa: E402
 import itertools  # noqa: E402
 import resource  # noqa: E402
+import socket  # noqa: E402
+import struct  # noqa: E402
 import weakref  # noqa: E402
 
 from twisted.internet import defer  # noqa: E402
+from twisted.internet.address import UNIXAddress  # noqa: E402
 from twisted.internet.protocol import Factory  # noqa: E402
 from twisted.internet.task import LoopingCall  # noqa: E402
 from twisted.logger import Logger  # noqa: E402
@@ -47,6 +51,75 @@ def peer_text(transport) -> str:
     if host is not None:
         return f"{host}:{peer.port}"
     return "unix"
+
+
+#: ``struct ucred`` as ``SO_PEERCRED`` gives it on Linux: pid, uid, gid.
+_UCRED = struct.Struct("3i")
+_SO_PEERCRED = getattr(socket, "SO_PEERCRED", None)
+#: What ``address_peer`` says of a Unix socket's address: its peer (a uid) is read from
+#: the socket, once the connection has a transport (``TrackingFactory.track``).
+AT_CONNECT = object()
+
+
+def host_peer(host: str) -> str:
+    """The peer a TCP client's address counts as: the address, except that any local
+    user may bind any loopback address but one, and an IPv6 host usually holds a whole
+    /64: 127.0.0.1 (where an MTA on the host connects from) is a peer, every other
+    127.0.0.0/8 address together another; an IPv6 address counts as its /64."""
+    if host.startswith("::ffff:"):
+        host = host[len("::ffff:"):]
+    if host.startswith("127."):
+        return host if host == "127.0.0.1" else "127.0.0.0/8"
+    if ":" in host and host != "::1":
+        try:
+            return str(ipaddress.IPv6Network((host.partition("%")[0], 64), strict=False))
+        except ValueError:
+            return host
+    return host
+
+
+def peer_identity(transport) -> str:
+    """Who a connection counts against at a limit (``TrackingFactory``'s per-peer
+    share): ``uid N`` for a Unix socket (``SO_PEERCRED``: every Postfix smtpd process is
+    the one peer ``uid postfix``), the address for TCP (``host_peer``), ``unix`` for a
+    Unix socket whose credentials cannot be read, ``-`` when nothing is known.  A
+    system call for a Unix socket: called only at a limit, once per connection
+    (``peer_of``)."""
+    try:
+        address = transport.getPeer()
+    except Exception:
+        return "-"
+    host = getattr(address, "host", None)
+    if host is not None:
+        return host_peer(str(host))
+    if _SO_PEERCRED is None:
+        return "unix"
+    try:
+        creds = transport.getHandle().getsockopt(socket.SOL_SOCKET, _SO_PEERCRED,
+                                                 _UCRED.size)
+        return f"uid {_UCRED.unpack(creds)[1]}"
+    except (AttributeError, OSError, struct.error):
+        return "unix"
+
+
+def peer_of(protocol) -> str:
+    """``peer_identity`` of a connection, read once and kept on it (``peer``)."""
+    peer = getattr(protocol, "peer", None)
+    if peer is None:
+        peer = protocol.peer = peer_identity(protocol.transport)
+    return peer
+
+
+def address_peer(addr):
+    """The peer of a connection being accepted, from its address alone: the host for
+    TCP, ``AT_CONNECT`` for a Unix socket (its uid is read at ``connectionMade``),
+    ``None`` when unknown (no share then: the limits as for one peer)."""
+    host = getattr(addr, "host", None)
+    if host is not None:
+        return host_peer(str(host))
+    if isinstance(addr, UNIXAddress):
+        return AT_CONNECT
+    return None
 
 
 #: Descriptors the MTA listeners leave free, whatever they hold: the control socket, the
@@ -196,8 +269,24 @@ class TrackingFactory(Factory):
     nothing read), and a request that would overflow the buffers is answered 4xx.  A
     protocol under limits has ``buffered`` (bytes held), ``idle_for(now)`` (negative:
     never to be closed), ``never_read()`` (no byte received yet) and ``evict()``.
+
+    Per-peer share: at a connection limit the connections are counted by peer
+    (``peer_identity``: the uid of a Unix socket's client, the address of a TCP one,
+    ``host_peer``).
+    A peer may hold everything while nobody else wants a connection; a newcomer from a
+    peer holding at least two fewer than the peer holding the most closes one of *that*
+    peer's connections, least useful first (idle, then its request begun longest ago,
+    then silent; never one being answered), even a request begun within the second;
+    a newcomer from the peer holding the most may only close its own peer's idle or
+    silent connections, as above, else it is refused: never another peer's.  So one
+    local client reconnecting with fresh partial requests cannot keep the MTA out, and
+    the MTA (all Postfix smtpd processes are one peer, ``uid postfix``) is never starved
+    by the share when it is alone.  The peer is read only at a limit, once per
+    connection (``peer_of``); a Unix newcomer's uid needs its socket, so its admission
+    waits for ``track`` (``connectionMade``), and one refused then is closed at once.
     Each incident logs one line when it starts and one summary when it has been quiet
-    for ``INCIDENT_QUIET`` seconds; ``refused`` and ``evicted`` count them for status.
+    for ``INCIDENT_QUIET`` seconds; ``refused`` and ``evicted`` count them for status,
+    ``share_refused`` and ``share_evicted`` those of them the share decided.
     """
 
     noisy = False
@@ -231,20 +320,41 @@ class TrackingFactory(Factory):
         self.incidents: dict[str, _Incident] = {}
         self.refused = 0
         self.evicted = 0
+        self.share_refused = 0
+        self.share_evicted = 0
+        # A Unix newcomer at a limit, admitted once ``track`` has read its peer.
+        self._admitting = None
 
     def buildProtocol(self, addr):
         if self.max_connections is None:
             return self.protocol(self)
-        if not self.admit():
+        if not self.admit(addr):
             return None
         protocol = self.protocol(self)
         protocol.accepted = next(_accepted)
+        if self._admitting is AT_CONNECT:
+            self._admitting = protocol
         return protocol
 
     def track(self, protocol) -> None:
+        if self._admitting is not None:
+            self._admit_connected(protocol)
         self.connections.add(protocol)
         if self._sweeping is None:
             self._start_sweeping()
+
+    def _admit_connected(self, protocol) -> None:
+        """A Unix newcomer at a limit (``admit`` returned ``AT_CONNECT``): admitted now
+        its peer can be read, or closed at once, nothing read (held, as a connection
+        being closed, until its descriptor is free)."""
+        if self._admitting is not protocol:
+            self._admitting = None
+            return
+        self._admitting = None
+        protocol.peer = peer_identity(protocol.transport)
+        if not self.admit(peer=protocol.peer):
+            self.evicting.add(protocol)
+            protocol.transport.loseConnection()
 
     def _start_sweeping(self) -> None:
         if self.sweep_interval:
@@ -280,10 +390,13 @@ class TrackingFactory(Factory):
     def name(self) -> str:
         return self.listener_name or self.kind
 
-    def admit(self) -> bool:
-        """Room for one more connection?  At a limit, close the connections idle longest
-        and admit; with none, close the oldest connection that has read nothing and
-        admit; with none of those either, refuse."""
+    def admit(self, addr=None, peer=None) -> bool:
+        """Room for one more connection (from ``addr``, or from ``peer`` when known)?
+        At a limit, with connections of several peers, the share decides
+        (``_share``); else close the connections idle longest and admit; with none,
+        close the oldest connection that has read nothing and admit; with none of those
+        either, refuse.  A Unix newcomer at a limit is admitted for now and decided at
+        ``track`` (``self._admitting`` is then ``AT_CONNECT``)."""
         limits = self.limits
         mine = len(self.connections) - len(self.evicting)
         held, closing = limits.counts()
@@ -291,16 +404,27 @@ class TrackingFactory(Factory):
         if mine < self.max_connections and held - closing < max_open:
             return held < max_open + CLOSING_SLACK or self._refuse_for_now(max_open)
         now = self.reactor.seconds()
+        room = held < max_open + CLOSING_SLACK
+        if peer is None:
+            peer = address_peer(addr)
+            if peer is AT_CONNECT:
+                if room:
+                    self._admitting = AT_CONNECT
+                    return True
+                peer = None
         if mine >= self.max_connections:
             pool = self.connections
-            closed = self._evict(pool, now, max(1, self.max_connections // 20))
+            count = max(1, self.max_connections // 20)
             what = f"max_connections = {self.max_connections}"
         else:
             pool = None
-            closed = self._evict(limits.connections(), now,
-                                 min(CLOSING_SLACK, max(1, max_open // 20)))
+            count = min(CLOSING_SLACK, max(1, max_open // 20))
             what = self._descriptor_limit(max_open)
-        room = held < max_open + CLOSING_SLACK
+        if peer is not None:
+            admitted = self._share(pool, peer, now, count, room, what)
+            if admitted is not None:
+                return admitted
+        closed = self._evict(limits.connections() if pool is None else pool, now, count)
         if not closed and room:
             # Nothing idle: every connection is a request arriving or being decided, or
             # was accepted less than SILENT_GRACE ago without a byte read yet.  Refusing
@@ -320,6 +444,70 @@ class TrackingFactory(Factory):
         admit = bool(closed) and room
         self.incident("connections", now, what, closed=closed, refused=0 if admit else 1)
         return admit
+
+    def _share(self, pool, peer: str, now: float, count: int, room: bool,
+               what: str) -> bool | None:
+        """The per-peer share at a limit, for a newcomer from ``peer``: whether it is
+        admitted, ``None`` when no other peer holds a connection (the limits then as
+        for one peer).  A newcomer from a peer holding at least two fewer than the peer
+        holding the most closes that peer's least useful connections; else only its
+        own peer's idle or silent ones, and it is refused rather than close another
+        peer's."""
+        held: dict[str, list] = {}
+        for p in (self.limits.connections() if pool is None else pool):
+            if p.factory.evicting and p in p.factory.evicting:
+                continue
+            q = peer_of(p)
+            same = held.get(q)
+            if same is None:
+                held[q] = [p]
+            else:
+                same.append(p)
+        own = held.pop(peer, [])
+        if not held:
+            return None
+        biggest = max(held, key=lambda q: len(held[q]))
+        most = held[biggest]
+        total = len(own) + sum(len(v) for v in held.values())
+        if len(most) >= len(own) + 2:
+            victims = self._idlest(most, now, count)
+            if not victims and room:
+                victims = self._least_useful(most, now)
+            for victim in victims:
+                victim.factory._close(victim)
+                victim.factory.share_evicted += 1
+            closed = len(victims)
+            admitted = bool(closed) and room
+            holder, holds = biggest, len(most)
+        else:
+            closed = self._evict(own, now, count)
+            if not closed and room:
+                closed = self._evict_silent(own)
+            admitted = bool(closed) and room
+            holder, holds = peer, len(own)
+            if room and not admitted:  # else the descriptors, not the share, refused it
+                self.share_refused += 1
+        self.incident(
+            "share", now, f"{what}, shared between peers", closed=closed,
+            refused=0 if admitted else 1,
+            doing=f"the peer {holder} holds {holds} of the {total} connections, the most: "
+            "closing its connections first (idle, then the request begun longest ago, "
+            "never one being answered) for other peers' newcomers, and refusing its new "
+            "ones rather than closing another peer's")
+        return admitted
+
+    @staticmethod
+    def _least_useful(protocols, now: float) -> list:
+        """Of an over-share peer's connections, the one least useful to keep: the one
+        idle longest, or whose request began first, or silent longest (``idle_for``);
+        never one being answered."""
+        best = None
+        longest = -1.0
+        for p in protocols:
+            idle = p.idle_for(now)
+            if idle >= 0 and idle > longest:
+                best, longest = p, idle
+        return [] if best is None else [best]
 
     @staticmethod
     def _evict_silent(protocols) -> int:

@@ -11,6 +11,8 @@ from __future__ import annotations
 import os
 import shlex
 import socket
+import subprocess
+import sys
 import threading
 import time
 
@@ -261,3 +263,240 @@ def test_missing_socket_directory_is_a_clear_error(run, daemons):
     assert daemon.proc.wait(30) == (2 if daemon.launcher == "policyd" else 64)
     text = daemon.text()
     assert "[exim] listen" in text and "does not exist" in text and "lock" not in text, text
+
+
+class PartialFlood:
+    """A local client on 127.0.0.2 that keeps ``count`` connections to a Postfix TCP
+    listener, each with a fresh partial request: every one is closed and replaced
+    before it is half a second old (so none is ever a request begun a second ago), and
+    every one the daemon closes or refuses is replaced at once."""
+
+    BEGUN = b"request=smtpd_access_policy\nprotocol_state=RCPT\nsender="
+    MAX_AGE = 0.5
+
+    def __init__(self, port: int, count: int) -> None:
+        self.port = port
+        self.count = count
+        self.socks: list[tuple[float, socket.socket]] = []
+        self.stop = threading.Event()
+        self.opened = 0
+        self.thread = threading.Thread(target=self._run, daemon=True)
+
+    def _open(self) -> None:
+        s = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        try:
+            s.bind(("127.0.0.2", 0))
+            s.settimeout(1.0)
+            s.connect(("127.0.0.1", self.port))
+            s.sendall(self.BEGUN)
+            s.setblocking(False)
+        except OSError:
+            s.close()
+            return
+        self.socks.append((time.monotonic(), s))
+        self.opened += 1
+
+    def _run(self) -> None:
+        while not self.stop.is_set():
+            now = time.monotonic()
+            alive = []
+            for opened, s in self.socks:
+                if now - opened >= self.MAX_AGE:
+                    s.close()
+                    continue
+                try:
+                    s.recv(1, socket.MSG_PEEK)  # an answer (the 451) or the close
+                    s.close()
+                    continue
+                except BlockingIOError:
+                    pass
+                except OSError:
+                    s.close()
+                    continue
+                alive.append((opened, s))
+            self.socks = alive
+            while len(self.socks) < self.count and not self.stop.is_set():
+                self._open()
+            self.stop.wait(0.01)
+        for _, s in self.socks:
+            s.close()
+
+    def __enter__(self):
+        self.thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.stop.set()
+        self.thread.join(10)
+
+
+class PostfixFrom(PostfixClient):
+    """``PostfixClient`` on TCP from a given loopback address."""
+
+    def __init__(self, source: str, port: int, timeout: float = 5.0) -> None:
+        self.sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        self.sock.settimeout(timeout)
+        self.sock.bind((source, 0))
+        self.sock.connect(("127.0.0.1", port))
+        self.buffer = b""
+
+
+def test_a_peer_flooding_fresh_partial_requests_leaves_the_mta_its_share(run, daemons):
+    """One local peer (127.0.0.2) keeps the Postfix listener (``max_connections = 20``)
+    full of connections with partial requests, each younger than a second, reconnecting
+    as fast as they are closed or refused; the MTA (127.0.0.1: one smtpd's persistent
+    connection, and new connections as other smtpd processes start) still gets every
+    answer: the flooding peer's connections are closed for the MTA's newcomers, and its
+    own newcomers are refused rather than close the MTA's.  The incident is logged
+    once, naming the peer; ``policyctl status`` counts it."""
+    port = free_port()
+    run.write_config(exim_listen=f"unix:{run.exim_socket}:mode=660",
+                     postfix_listen=f"tcp:{port}:interface=127.0.0.1", log_file=True,
+                     extra="max_connections = 20\n")
+    run.fill()
+    daemon = daemons(run)
+    daemon.wait_ready()
+    failures: list[str] = []
+    total = 0
+    with PartialFlood(port, 40) as flood:
+        wait_until(lambda: flood.opened >= 200, 20, "the flood's connections")
+        persistent = None
+        for i in range(100):
+            total += 1
+            try:
+                if i % 2:
+                    client = PostfixFrom("127.0.0.1", port)
+                    try:
+                        answer = client.ask(LIST, "")
+                    finally:
+                        client.close()
+                else:
+                    if persistent is None:
+                        persistent = PostfixFrom("127.0.0.1", port)
+                    answer = persistent.ask(LIST, "")
+            except (OSError, EOFError) as error:
+                answer = repr(error).encode()
+                if persistent is not None and not i % 2:
+                    persistent.close()
+                    persistent = None
+            if not answer.startswith(b"action=5"):
+                failures.append(answer.decode(errors="replace")[:80])
+        if persistent is not None:
+            persistent.close()
+        status = daemon.status()
+        opened = flood.opened
+    print(f"\nflood of {opened} connections with fresh partial requests from 127.0.0.2: "
+          f"{total - len(failures)} of {total} MTA requests answered; {failures[:3]}")
+    text = daemon.text()
+    assert not failures, failures[:10]
+    postfix = [listener for listener in status["listeners"] if listener["kind"] == "postfix"]
+    assert postfix and postfix[0]["share_evicted"] + postfix[0]["share_refused"] > 0, postfix
+    share = [line for line in text.splitlines()
+             if "[policyd.limits]" in line and "shared between peers" in line]
+    assert share and "the peer 127.0.0.0/8 holds" in share[0], share
+    assert daemon.terminate() == 0
+
+
+#: ``PartialFlood`` on a Unix socket, as a process of its own (run as another uid):
+#: prints ``ready`` once it has opened 200 connections (``stuck`` if it cannot within
+#: 20 s), runs until killed.
+UNIX_FLOOD = r"""
+import socket, sys, time
+path, count = sys.argv[1], int(sys.argv[2])
+begun = b"request=smtpd_access_policy\nprotocol_state=RCPT\nsender="
+socks, opened, told, start = [], 0, False, time.monotonic()
+while True:
+    if not told and time.monotonic() - start > 20:
+        print("stuck", flush=True)
+        break
+    now = time.monotonic()
+    alive = []
+    for at, s in socks:
+        if now - at >= 0.5:
+            s.close()
+            continue
+        try:
+            s.recv(1, socket.MSG_PEEK)
+            s.close()
+            continue
+        except BlockingIOError:
+            pass
+        except OSError:
+            s.close()
+            continue
+        alive.append((at, s))
+    socks = alive
+    while len(socks) < count:
+        s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        try:
+            s.settimeout(1.0)
+            s.connect(path)
+            s.sendall(begun)
+            s.setblocking(False)
+        except OSError:
+            s.close()
+            break
+        socks.append((time.monotonic(), s))
+        opened += 1
+    if opened >= 200 and not told:
+        print("ready", flush=True)
+        told = True
+    time.sleep(0.01)
+"""
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="another uid needs root (setuid)")
+def test_another_uid_flooding_a_unix_socket_leaves_the_mta_its_share(run, daemons):
+    """As the TCP test, on the Postfix Unix socket, where the peer is the uid
+    ``SO_PEERCRED`` gives: a process running as ``nobody`` floods fresh partial
+    requests; the MTA (this test's uid, as Postfix's smtpd processes all share
+    ``uid postfix``) gets every answer, and the incident names the flooding uid."""
+    run.write_config(exim_listen=f"unix:{run.exim_socket}:mode=660",
+                     postfix_listen=f"unix:{run.postfix_socket}:mode=666", log_file=True,
+                     extra="max_connections = 20\n")
+    run.fill()
+    os.chmod(run.path, 0o711)  # nobody may reach the socket
+    daemon = daemons(run)
+    daemon.wait_ready()
+    flood = subprocess.Popen([sys.executable, "-c", UNIX_FLOOD, str(run.postfix_socket), "40"],
+                             stdout=subprocess.PIPE, user=65534, group=65534)
+    failures: list[str] = []
+    total = 0
+    try:
+        assert flood.stdout.readline() == b"ready\n"
+        persistent = None
+        for i in range(100):
+            total += 1
+            try:
+                if i % 2:
+                    client = PostfixClient(run.postfix_socket)
+                    try:
+                        answer = client.ask(LIST, "")
+                    finally:
+                        client.close()
+                else:
+                    if persistent is None:
+                        persistent = PostfixClient(run.postfix_socket)
+                    answer = persistent.ask(LIST, "")
+            except (OSError, EOFError) as error:
+                answer = repr(error).encode()
+                if persistent is not None and not i % 2:
+                    persistent.close()
+                    persistent = None
+            if not answer.startswith(b"action=5"):
+                failures.append(answer.decode(errors="replace")[:80])
+        if persistent is not None:
+            persistent.close()
+        status = daemon.status()
+    finally:
+        flood.kill()
+        flood.wait(10)
+    print(f"\nflood of fresh partial requests from uid 65534 on a Unix socket: "
+          f"{total - len(failures)} of {total} MTA requests answered; {failures[:3]}")
+    assert not failures, failures[:10]
+    postfix = [listener for listener in status["listeners"] if listener["kind"] == "postfix"]
+    assert postfix and postfix[0]["share_evicted"] + postfix[0]["share_refused"] > 0, postfix
+    share = [line for line in daemon.text().splitlines()
+             if "[policyd.limits]" in line and "shared between peers" in line]
+    assert share and "the peer uid 65534 holds" in share[0], share
+    assert daemon.terminate() == 0
