@@ -22,7 +22,7 @@ from email.errors import HeaderParseError
 from email.header import Header, decode_header, make_header
 from email.iterators import typed_subpart_iterator
 
-from .mailman_headers import strict_getaddresses_list
+from .mailman_headers import UnreadRecipients, expected_count, recipient_addresses
 from .message import Message, email_message
 from .passwords import verify_password
 from .rules import Context, Hit, Miss
@@ -302,12 +302,22 @@ class ImplicitDestination:
             (patterns if alias.startswith("^") else aliases).add(alias)
         aliases.add(ctx.policy.posting_address)
         recipients = set()
+        unread = None
         for header in ("to", "cc", "resent-to", "resent-cc"):
-            for _, address in strict_getaddresses_list(message.get_all(header)):
-                address = address.lower()
-                if address in aliases:
-                    return _EXPLICIT
-                recipients.add(address)
+            values = message.get_all(header)
+            if not values:
+                continue
+            try:
+                addresses = recipient_addresses(values)
+            except UnreadRecipients as error:
+                # Its addresses could name the list: only another header that does (or
+                # a pattern that matches one read) decides without it.
+                unread = unread or f"{header.title()}: {error}"
+                continue
+            found = set(map(str.lower, addresses))
+            if not aliases.isdisjoint(found):
+                return _EXPLICIT
+            recipients |= found
         for pattern in patterns:
             for recipient in recipients:
                 try:
@@ -317,10 +327,19 @@ class ImplicitDestination:
                     with suppress(re.error):
                         if re.match(re.escape(pattern), recipient, re.IGNORECASE):
                             return _EXPLICIT
+        if unread is not None:
+            return _unread(unread, ctx)
         return _hold("the message has an implicit destination", ctx)
 
 
 _EXPLICIT = Miss("the list or an acceptable alias is an explicit recipient")
+
+
+def _unread(why: str, ctx: Context) -> Hit:
+    """The temporary failure for recipient fields beyond what is read at SMTP time
+    (``mailman_headers.recipient_addresses``): never a skip of the rule."""
+    return Hit(Verdict.DEFER, f"{why}: temporary failure (Mailman would parse them)"
+               if ctx.explain else "")
 
 
 class MaximumRecipients:
@@ -334,11 +353,28 @@ class MaximumRecipients:
         message = ctx.query.message
         if message is None:
             return _NO_MESSAGE
-        count = len(strict_getaddresses_list(message.get_all("to") + message.get_all("cc")))
+        values = message.get_all("to") + message.get_all("cc")
+        # Mailman counts ``most`` addresses, or one where its strict parse fails (none
+        # without a field): fewer than the limit needs no parse.
+        most = expected_count(values)
+        if most < limit and not ctx.explain:
+            return _FEWER
+        try:
+            count = len(recipient_addresses(values))
+        except UnreadRecipients as error:
+            if most < limit:
+                return Miss(f"at most {most} recipients in To: and Cc: ({error})")
+            if limit == 1:
+                return _hold("at least one recipient in To: and Cc: (max_num_recipients 1)",
+                             ctx)
+            return _unread(f"To:/Cc:: {error}", ctx)
         if count >= limit:
             return _hold(f"{count} recipients in To: and Cc: (max_num_recipients {limit})",
                          ctx)
         return Miss(f"{count} recipients in To: and Cc:" if ctx.explain else "")
+
+
+_FEWER = Miss("")
 
 
 class MaximumSize:

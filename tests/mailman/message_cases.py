@@ -195,6 +195,16 @@ def content_cases() -> list[dict]:
          "three recipients: at the limit"),
         ("hold-recips-ok", "max-recipients", _std(HOLDS, to=f"{HOLDS}, a@b.example"), None,
          "two recipients"),
+        ("hold-recips-many", "max-recipients", _std(HOLDS, to=",\n ".join(
+            [f'"Person, {i}" <person.{i}@example.org>' for i in range(150)]
+            + [f"person.{i}@example.org (Person {i})" for i in range(150)] + [HOLDS])),
+         None, "a long ordinary To: (read without the tokenizer), the list last"),
+        ("hold-group-cc", "implicit-dest", _std(HOLDS, to="undisclosed-recipients:;",
+                                                extra=[("Cc", HOLDS)]), None,
+         "an empty group in To: (the tokenizer), the list in Cc:"),
+        ("hold-comment-comma", "implicit-dest",
+         _std(HOLDS, to=f"{HOLDS} (The List, really)"), None,
+         "a comma in a comment: the strict parser refuses the To:"),
         ("hold-size", "max-size", _std(HOLDS), big * 20, "over 1 KB"),
         ("hold-size-ok", "max-size", _std(HOLDS), big * 5, "under 1 KB"),
         ("hold-adm-subject", "administrivia", _std(HOLDS, subject="unsubscribe"), None,
