@@ -8,11 +8,13 @@ the latency histograms the protocols fill (plain ints, ``decider.LatencyHistogra
 of ``prometheus_client``: its ``Counter.inc()`` takes a lock per call, and a decision costs
 a few tens of microseconds.
 
-The page is rendered on the reactor thread by ``MetricsResource`` below, not by
+The page is rendered on the reactor thread by ``MetricsPage`` below, not by
 ``prometheus_client.twisted.MetricsResource``: that one runs its WSGI app in the reactor's
 thread pool, where the collector would read counters the reactor is changing (a ``dict``
-changing size during iteration), and it uses the global reactor.  A scrape of a few
-hundred series takes well under a millisecond.
+changing size during iteration), and it uses the global reactor.  A rendering takes about
+a millisecond and is reused for a second.  It is served by ``protocols.http``, a small
+bounded HTTP server (one request per connection, no body, the head within seconds), not
+by ``twisted.web``, which serves every pipelined request in one reactor turn.
 
 Names follow Prometheus's conventions: ``policyd_`` prefix, ``_total`` for counters,
 ``_seconds`` for durations, labels for the dimensions.
@@ -28,20 +30,12 @@ from prometheus_client.core import (
     InfoMetricFamily,
 )
 from prometheus_client.exposition import CONTENT_TYPE_LATEST, generate_latest
-import time
-
-from twisted.internet import defer
-from twisted.logger import Logger
-from twisted.protocols.policies import ProtocolWrapper
-from twisted.web.resource import Resource
-from twisted.web.server import Site
 
 from . import __version__
 from .core.moderation import Outcome
+from .protocols.http import HttpFactory, HttpRequest, format_response
 
-__all__ = ["PolicydCollector", "MetricsResource", "MetricsSite", "metrics_site"]
-
-_log = Logger(namespace="policyd.metrics")
+__all__ = ["PolicydCollector", "MetricsPage", "MetricsFactory", "metrics_site"]
 
 
 class PolicydCollector:
@@ -251,89 +245,66 @@ def _counter(name: str, documentation: str, value: float) -> CounterMetricFamily
     return CounterMetricFamily(name, documentation, value=value)
 
 
-class MetricsResource(Resource):
-    """``GET`` any path: the registry in Prometheus's text format, made on the reactor
-    thread."""
+class MetricsPage:
+    """What the endpoint answers: ``GET`` (any path) the registry in Prometheus's text
+    format, made on the reactor thread; ``HEAD`` the same header fields without a body;
+    other methods ``405``.
 
-    isLeaf = True
+    A rendering (every collector, ``/proc`` read by the process collector) costs about a
+    millisecond; it is reused for ``CACHE_SECONDS`` (by ``clock``), so a flood of scrapes
+    costs one rendering a second, and a scraper never sees a page older than that."""
 
-    def __init__(self, registry: CollectorRegistry) -> None:
-        super().__init__()
+    CACHE_SECONDS = 1.0
+    ALLOW = "GET, HEAD"
+
+    def __init__(self, registry: CollectorRegistry, clock) -> None:
         self.registry = registry
+        self.clock = clock
+        self._body: bytes | None = None
+        self._rendered_at = 0.0
 
-    def render_GET(self, request) -> bytes:
-        request.setHeader(b"Content-Type", CONTENT_TYPE_LATEST.encode("ascii"))
+    def render(self) -> bytes:
+        """The page as of now (uncached)."""
         return generate_latest(self.registry)
 
-    def render_HEAD(self, request) -> bytes:
-        """The headers a GET would have, no body (Twisted logs a line for each HEAD
-        answered with a body: a health checker's every probe)."""
-        request.setHeader(b"Content-Type", CONTENT_TYPE_LATEST.encode("ascii"))
-        return b""
+    def body(self) -> bytes:
+        now = self.clock.seconds()
+        if self._body is None or not 0 <= now - self._rendered_at < self.CACHE_SECONDS:
+            self._body = self.render()
+            self._rendered_at = now
+        return self._body
+
+    def respond(self, request: HttpRequest) -> bytes:
+        if request.method not in ("GET", "HEAD"):
+            return format_response(405, (("Allow", self.ALLOW),
+                                         ("Content-Type", "text/plain; charset=utf-8")),
+                                   b"405 only GET and HEAD are served\n")
+        return format_response(200, (("Content-Type", CONTENT_TYPE_LATEST),), self.body(),
+                               head_only=request.method == "HEAD")
 
 
-class MetricsSite(Site):
-    """The web site, shaped as a listener's factory (``service.ListenerGroup``): closed
-    at shutdown without waiting, no access log (a scrape every 15 s is not news).
+class MetricsFactory(HttpFactory):
+    """The endpoint's listener factory (``protocols.http``): one request per connection,
+    no request body, the head within a few seconds, ``MAX_CONNECTIONS`` open at most.
 
-    Bounded like the control socket: at most ``MAX_CONNECTIONS`` open (a scraper keeps
-    one or two), each closed after ``IDLE_TIMEOUT`` seconds without a request (Twisted's
-    default is 12 hours).  They live in the descriptors the MTA listeners leave free, so
-    whoever can reach the endpoint cannot take the MTAs' descriptors by holding
-    connections; beyond the limit a new connection is refused, with one warning per
-    incident."""
+    The connections live in the descriptors the MTA listeners leave free, so whoever can
+    reach the endpoint cannot take the MTAs' descriptors by holding connections; beyond
+    the limit a new connection is refused, with one warning per incident."""
 
-    noisy = False
-    evicted = 0  # none: a scrape in progress is never cut short for a newcomer
-    MAX_CONNECTIONS = 8
-    IDLE_TIMEOUT = 30.0
+    MAX_CONNECTIONS = max_connections = 8
+    what = "metrics endpoint"
 
-    def __init__(self, resource, *args, **kwargs) -> None:
-        kwargs.setdefault("timeout", self.IDLE_TIMEOUT)
-        super().__init__(resource, *args, **kwargs)
-        self.open: set = set()
-        self.refused = 0
-        self._warned_at: float | None = None
-
-    def buildProtocol(self, addr):
-        if len(self.open) >= self.MAX_CONNECTIONS:
-            self.refused += 1
-            now = time.monotonic()
-            if self._warned_at is None or now - self._warned_at >= 60:
-                _log.warn("metrics endpoint: {limit} connections open, refusing new ones "
-                          "({refused} refused so far; next warning in a minute at the "
-                          "earliest)", limit=self.MAX_CONNECTIONS, refused=self.refused)
-            self._warned_at = now
-            return None
-        # ``ProtocolWrapper`` tells us when the connection is gone (``unregisterProtocol``).
-        return ProtocolWrapper(self, super().buildProtocol(addr))
-
-    @property
-    def connections(self) -> set:
-        return self.open
-
-    def registerProtocol(self, protocol) -> None:
-        self.open.add(protocol)
-
-    def unregisterProtocol(self, protocol) -> None:
-        self.open.discard(protocol)
-
-    def drain(self, grace: float) -> defer.Deferred:
-        """Stopping: a scraper reconnects; nothing here is worth waiting for."""
-        for protocol in list(self.open):
-            protocol.loseConnection()
-        return defer.succeed(0)
-
-    def log(self, request) -> None:
-        pass
+    def __init__(self, page: MetricsPage, reactor) -> None:
+        super().__init__(page.respond, reactor)
+        self.page = page
 
 
-def metrics_site(service) -> MetricsSite:
-    """The site for ``[metrics] listen``: policyd's collector and the process's (CPU,
+def metrics_site(service) -> MetricsFactory:
+    """The endpoint for ``[metrics] listen``: policyd's collector and the process's (CPU,
     memory, descriptors: ``process_*``), in a registry of its own."""
     from prometheus_client import ProcessCollector
 
     registry = CollectorRegistry(auto_describe=False)
     registry.register(PolicydCollector(service))
     ProcessCollector(registry=registry)
-    return MetricsSite(MetricsResource(registry))
+    return MetricsFactory(MetricsPage(registry, service.reactor), service.reactor)

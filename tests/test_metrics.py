@@ -12,7 +12,7 @@ from twisted.internet.testing import StringTransport
 from policyd.core.replies import ReplyPolicy
 from policyd.core.verdict import Query
 from policyd.decider import Decider, FixedSnapshot, LatencyHistogram
-from policyd.metrics import MetricsResource, MetricsSite
+from policyd.metrics import MetricsFactory, MetricsPage
 from policyd.protocols.postfix import PostfixRequest
 
 from .protocols.fakes import LIST, MEMBER, NONMEMBER, sample_snapshot
@@ -24,17 +24,10 @@ METRICS = "[metrics]\nlisten = tcp:9163:interface=127.0.0.1\n"
 def scrape(service) -> dict:
     """name -> list of (labels, value) for every sample of the service's endpoint."""
     site = next(l.factory for l in service.listeners if l.kind == "metrics")
-    assert isinstance(site, MetricsSite)
-    resource = site.resource
-    assert isinstance(resource, MetricsResource)
-
-    class Request:
-        def setHeader(self, name, value):
-            self.content_type = value
-
-    request = Request()
-    body = resource.render_GET(request)
-    assert request.content_type.startswith(b"text/plain")
+    assert isinstance(site, MetricsFactory)
+    page = site.page
+    assert isinstance(page, MetricsPage)
+    body = page.render()
     samples: dict = {}
     for family in text_string_to_metric_families(body.decode()):
         for sample in family.samples:
@@ -389,54 +382,105 @@ def test_no_moderation_metrics_without_moderation(tmp_path):
     assert not [name for name in scrape(service) if name.startswith("policyd_moderation")]
 
 
-def test_the_endpoint_holds_few_connections_and_none_idle_for_long():
+def test_the_endpoint_holds_few_connections_and_none_for_long():
     """Whoever reaches the endpoint cannot take the MTAs' descriptors: a few connections
-    at most, a newcomer beyond them refused, an idle one closed after IDLE_TIMEOUT."""
+    at most, a newcomer beyond them refused (one warning), one that has not sent its
+    request within REQUEST_TIMEOUT answered 408 and closed."""
     from twisted.internet.address import IPv4Address
     from twisted.internet.task import Clock
     from twisted.internet.testing import StringTransport
+    from twisted.logger import globalLogPublisher
+
+    from policyd.protocols.http import REQUEST_TIMEOUT
 
     clock = Clock()
-    site = MetricsSite(MetricsResource(None), reactor=clock)
+    site = MetricsFactory(MetricsPage(None, clock), clock)
     addr = IPv4Address("TCP", "127.0.0.1", 40000)
     held = []
-    for _ in range(MetricsSite.MAX_CONNECTIONS):
+    for _ in range(MetricsFactory.MAX_CONNECTIONS):
         protocol = site.buildProtocol(addr)
         assert protocol is not None
         transport = StringTransport()
         protocol.makeConnection(transport)
         held.append((protocol, transport))
-    assert len(site.connections) == MetricsSite.MAX_CONNECTIONS
-    assert site.buildProtocol(addr) is None and site.refused == 1
-    held[0][0].connectionLost(None)  # one goes away: room again
-    assert site.buildProtocol(addr) is not None
-    clock.advance(MetricsSite.IDLE_TIMEOUT + 1)
-    assert all(t.disconnecting for _, t in held[1:])
-
-
-def test_a_head_request_gets_the_headers_and_no_log_line():
-    """A health checker's HEAD: the GET's headers, no body, and no Twisted warning line
-    ("HEAD request ... is returning a message body") per probe."""
-    from prometheus_client import CollectorRegistry
-    from twisted.logger import globalLogPublisher
-    from twisted.web.test.requesthelper import DummyRequest
-
-    from prometheus_client import Gauge
-
-    registry = CollectorRegistry()
-    Gauge("policyd_probe", "A sample, so that a GET has a body.", registry=registry).set(1)
-    resource = MetricsResource(registry)
-    get = DummyRequest([b""])
-    assert resource.render(get)  # what Twisted would have written for a HEAD too
-    request = DummyRequest([b""])
-    request.method = b"HEAD"
+    assert len(site.connections) == MetricsFactory.MAX_CONNECTIONS
     events = []
     globalLogPublisher.addObserver(events.append)
     try:
-        body = resource.render(request)
+        assert site.buildProtocol(addr) is None and site.refused == 1
+        assert site.buildProtocol(addr) is None and site.refused == 2
     finally:
         globalLogPublisher.removeObserver(events.append)
-    assert body == b""
-    assert request.responseHeaders.getRawHeaders(b"content-type")[0].startswith(
-        b"text/plain")
+    assert len([e for e in events if "refusing" in e.get("log_format", "")]) == 1
+    held[0][0].connectionLost(None)  # one goes away: room again
+    assert site.buildProtocol(addr) is not None
+    clock.advance(REQUEST_TIMEOUT + 1)
+    assert all(t.disconnecting for _, t in held[1:])
+    assert all(t.value().startswith(b"HTTP/1.1 408 ") for _, t in held[1:])
+
+
+def _page():
+    from prometheus_client import CollectorRegistry, Gauge
+    from twisted.internet.task import Clock
+
+    registry = CollectorRegistry()
+    gauge = Gauge("policyd_probe", "A sample, so that a GET has a body.", registry=registry)
+    gauge.set(1)
+    clock = Clock()
+    return MetricsPage(registry, clock), gauge, clock
+
+
+def _ask(page, data: bytes) -> bytes:
+    from twisted.internet.testing import StringTransport
+
+    factory = MetricsFactory(page, page.clock)
+    protocol = factory.buildProtocol(None)
+    transport = StringTransport()
+    protocol.makeConnection(transport)
+    protocol.dataReceived(data)
+    assert transport.disconnecting  # one request per connection, always
+    return transport.value()
+
+
+def test_get_and_head_on_any_path_answer_and_close():
+    """GET (any path, as the twisted.web resource served) gets the page with
+    Connection: close; HEAD the same header fields and no body, and no log line."""
+    from twisted.logger import globalLogPublisher
+
+    page, _, _ = _page()
+    for path in (b"/metrics", b"/", b"/other"):
+        answer = _ask(page, b"GET " + path + b" HTTP/1.1\r\nHost: x\r\n\r\n")
+        head, _, body = answer.partition(b"\r\n\r\n")
+        assert head.startswith(b"HTTP/1.1 200 OK\r\n")
+        assert b"\r\nConnection: close" in head
+        assert b"\r\nContent-Type: text/plain" in head
+        assert b"policyd_probe 1.0" in body
+        assert f"Content-Length: {len(body)}".encode() in head
+    events = []
+    globalLogPublisher.addObserver(events.append)
+    try:
+        answer = _ask(page, b"HEAD /metrics HTTP/1.0\r\n\r\n")
+    finally:
+        globalLogPublisher.removeObserver(events.append)
+    assert answer.startswith(b"HTTP/1.1 200 OK\r\n") and answer.endswith(b"\r\n\r\n")
+    assert b"Content-Type: text/plain" in answer
     assert events == []
+    assert _ask(page, b"DELETE /metrics HTTP/1.1\r\n\r\n").startswith(
+        b"HTTP/1.1 405 ")
+
+
+def test_a_rendering_is_reused_for_a_second():
+    """A flood of scrapes costs one rendering a second: within CACHE_SECONDS the same
+    page, after it a new one."""
+    page, gauge, clock = _page()
+    renders = []
+    render = page.render
+    page.render = lambda: renders.append(1) or render()
+    for _ in range(100):
+        _ask(page, b"GET /metrics HTTP/1.1\r\n\r\n")
+    assert len(renders) == 1
+    gauge.set(2)
+    assert b"policyd_probe 1.0" in _ask(page, b"GET / HTTP/1.1\r\n\r\n")
+    clock.advance(MetricsPage.CACHE_SECONDS)
+    assert b"policyd_probe 2.0" in _ask(page, b"GET / HTTP/1.1\r\n\r\n")
+    assert len(renders) == 2

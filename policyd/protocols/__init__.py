@@ -3,6 +3,7 @@
 ``postfix``  the Postfix policy delegation protocol (SMTPD_POLICY_README), persistent.
 ``exim``     one line per connection for Exim's ``${readsocket}``, answered without newline.
 ``control``  JSON lines over a Unix socket for ``policyctl`` (query, status, reload).
+``http``     the metrics endpoint's HTTP: one request per connection, no body, bounded.
 """
 
 from __future__ import annotations

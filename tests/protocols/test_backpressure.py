@@ -95,3 +95,70 @@ def test_a_connection_closed_with_answers_it_does_not_take_is_aborted():
     clock.advance(1)
     factory.sweep(clock.seconds())
     assert aborted
+
+
+@pytest_twisted.inlineCallbacks
+def test_a_pipelined_scrape_flood_costs_one_rendering_and_an_mta_query_still_answers(
+        tmp_path, monkeypatch):
+    """The metrics endpoint (a real TCP socket) sent 6000 pipelined GETs by a client that
+    never reads, then a Postfix query on the same reactor: the query is answered, and by
+    then the endpoint has rendered its page once (twisted.web rendered every pipelined
+    request it had read, a millisecond each, before anything else ran) and closed."""
+    from policyd import metrics
+
+    from ..test_tap import build
+
+    renders = []
+    render = metrics.generate_latest
+    monkeypatch.setattr(metrics, "generate_latest",
+                        lambda registry: renders.append(1) or render(registry))
+    service, _, _ = build(tmp_path, text="[metrics]\nlisten = tcp:0:interface=127.0.0.1\n")
+    site = next(l.factory for l in service.listeners if l.kind == "metrics")
+    metrics_port = reactor.listenTCP(0, site, interface="127.0.0.1")
+    postfix = PostfixFactory(Decider(StaticSnapshots(sample_snapshot()), ReplyPolicy()),
+                             CONFIG, reactor)
+    path = str(tmp_path / "postfix.sock")
+    postfix_port = reactor.listenUNIX(path, postfix)
+    scraper = socket.create_connection(("127.0.0.1", metrics_port.getHost().port))
+    mta = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        scraper.setblocking(False)
+        flood = b"GET /metrics HTTP/1.1\r\nHost: x\r\n\r\n" * 6000
+        sent = 0
+        for _ in range(200):
+            try:
+                sent += scraper.send(flood[sent:])
+            except OSError:
+                pass
+            if sent >= len(flood) or (sent and not site.connections):
+                break
+            yield deferLater(reactor, 0.001, lambda: None)
+        assert sent >= 1 << 16  # well past one read's worth of requests
+        mta.connect(path)
+        mta.setblocking(False)
+        mta.sendall(REQUEST)
+        answer = b""
+        for _ in range(5000):
+            try:
+                answer += mta.recv(4096)
+            except BlockingIOError:
+                yield deferLater(reactor, 0.001, lambda: None)
+            if answer.endswith(b"\n\n"):
+                break
+        assert answer.startswith(b"action=")
+        print(f"\nsent {sent:,} bytes of pipelined scrapes; {len(renders)} renderings "
+              "before the MTA query was answered")
+        assert len(renders) == 1
+        for _ in range(100):
+            if not site.connections:
+                break
+            yield deferLater(reactor, 0.01, lambda: None)
+        assert not site.connections  # answered once, closed
+    finally:
+        scraper.close()
+        mta.close()
+        yield metrics_port.stopListening()
+        yield postfix_port.stopListening()
+        for protocol in list(site.connections) + list(postfix.connections):
+            protocol.transport.abortConnection()
+        yield deferLater(reactor, 0.01, lambda: None)
