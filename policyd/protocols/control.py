@@ -25,15 +25,14 @@ from dataclasses import dataclass
 
 from twisted.internet import defer
 from twisted.logger import Logger
-from twisted.protocols.basic import LineOnlyReceiver
+from twisted.internet.protocol import Protocol
 
 from ..core.moderation import STARTS
 from ..core.replies import SmtpReply
 from ..core.verdict import Query
 from ..errors import Unavailable
 from . import (EVICT_MIN_IDLE, RESERVED_DESCRIPTORS, SILENT_GRACE,
-               ProcessLimits, ProtocolError, TrackingFactory, abort_stuck,
-               hold_reads_while_answers_wait)
+               ProcessLimits, ProtocolError, TrackingFactory, abort_stuck)
 from .exim import reply_line
 from .postfix import MODERATION_MODES, answer_action, postfix_query
 
@@ -52,6 +51,10 @@ MAX_LINE = 1 << 20
 #: ``policyctl`` opens one connection per command and closes it.
 MAX_CONNECTIONS = 16
 IDLE_TIMEOUT = 60.0
+#: Requests of one connection answered in one turn of the reactor; the rest wait for the
+#: next turn, so that a client pipelining thousands cannot hold the reactor (and the
+#: MTAs' queries) for their whole run.
+MAX_PER_TURN = 16
 _HEADER_KEYS = ("from_header", "reply_to_header", "sender_header")
 
 
@@ -68,6 +71,8 @@ def parse_request(line: bytes) -> ControlRequest:
         message = json.loads(line)
     except (ValueError, UnicodeDecodeError) as error:
         raise ProtocolError(f"not a JSON line: {error}") from None
+    except RecursionError:  # "[[[[...": deeper than the interpreter's stack
+        raise ProtocolError("not a JSON line: nested too deeply") from None
     if not isinstance(message, dict):
         raise ProtocolError("the request must be a JSON object")
     op = message.get("op")
@@ -164,12 +169,22 @@ def reply_dict(reply: SmtpReply) -> dict:
             "text": reply.text}
 
 
-class ControlProtocol(LineOnlyReceiver):
+class ControlProtocol(Protocol):
+    """JSON lines, answered in order, a bounded number per reactor turn.
+
+    At most ``MAX_PER_TURN`` requests of one connection are answered in one turn of the
+    reactor; the rest wait in the line buffer for the next turn (``callLater(0)``) and the
+    connection is not read meanwhile, so 16,000 pipelined ``status`` lines interleave
+    with the MTAs' queries instead of holding the reactor for their whole run.  Nothing
+    is read either while an answer is awaited (a reload) or while answers wait to be
+    sent (the protocol is its transport's producer): what a client may make the daemon
+    hold is one line buffer (``MAX_LINE`` plus one read) and one turn's answers."""
+
     delimiter = b"\n"
     MAX_LENGTH = MAX_LINE
     # For the factory's limits (``TrackingFactory``): reads so far, when the last one
-    # came, requests received and not answered yet; nothing counts as ``buffered`` (the
-    # line buffer is bounded by ``MAX_LINE`` and the connections by ``MAX_CONNECTIONS``).
+    # came, requests being answered; nothing counts as ``buffered`` (the line buffer is
+    # bounded by ``MAX_LINE`` and the connections by ``MAX_CONNECTIONS``).
     reads = 0
     last_read = 0.0
     pending = 0
@@ -177,23 +192,78 @@ class ControlProtocol(LineOnlyReceiver):
 
     def __init__(self, factory: "ControlFactory") -> None:
         self.factory = factory
-        self._queue: defer.Deferred = defer.succeed(None)
+        self._buffer = b""
+        self._waiting: defer.Deferred | None = None  # an answer not given yet
+        self._next_turn = None  # the delayed call that goes on with the buffer
+        self._output_full = False
+        self._reading = True
+        self._closing = False
 
     def connectionMade(self) -> None:
         self.last_read = self.factory.reactor.seconds()
-        hold_reads_while_answers_wait(self.transport)
+        register = getattr(self.transport, "registerProducer", None)
+        if register is not None and getattr(self.transport, "producer", None) is None:
+            register(self, True)  # told when the answers queued pass its bufferSize
         self.factory.track(self)
 
     def dataReceived(self, data: bytes) -> None:
         self.reads += 1
         self.last_read = self.factory.reactor.seconds()
-        super().dataReceived(data)
+        self._buffer += data
+        self._process()
 
-    def lineReceived(self, line: bytes) -> None:
-        if not line.strip():
+    # IPushProducer, for the transport: answers queued past its bufferSize.
+    def pauseProducing(self) -> None:
+        self._output_full = True
+        self._read(False)
+
+    def resumeProducing(self) -> None:
+        self._output_full = False
+        self._process()
+
+    def stopProducing(self) -> None:
+        self._closing = True
+
+    def _read(self, on: bool) -> None:
+        if on != self._reading and self.transport is not None:
+            self._reading = on
+            (self.transport.resumeProducing if on else self.transport.pauseProducing)()
+
+    def _process(self) -> None:
+        """Answer the complete lines in the buffer, at most ``MAX_PER_TURN``; read more
+        only when none is left and nothing holds the answers back."""
+        if self._next_turn is not None or self._closing:
             return
-        self.pending += 1
-        self._queue.addCallback(lambda _: self._handle(line))
+        buffer, start, answered = self._buffer, 0, 0
+        while (self._waiting is None and not self._output_full
+               and answered < MAX_PER_TURN and not self._closing):
+            end = buffer.find(b"\n", start)
+            if end < 0:
+                break
+            line, start = buffer[start:end], end + 1
+            if len(line) > MAX_LINE:
+                self._buffer = b""
+                self.lineLengthExceeded(line)
+                return
+            if line.strip():
+                answered += 1
+                self._handle(line)
+        self._buffer = buffer = buffer[start:]
+        if self._closing:
+            return
+        if len(buffer) > MAX_LINE and buffer.find(b"\n", 0, MAX_LINE + 1) < 0:
+            self._buffer = b""
+            self.lineLengthExceeded(buffer)
+            return
+        more = b"\n" in buffer
+        if more and answered >= MAX_PER_TURN and self._waiting is None \
+                and not self._output_full:
+            self._next_turn = self.factory.reactor.callLater(0, self._go_on)
+        self._read(not more and self._waiting is None and not self._output_full)
+
+    def _go_on(self) -> None:
+        self._next_turn = None
+        self._process()
 
     def idle_for(self, now: float) -> float:
         """Seconds counted against this connection at the limit: never while a request
@@ -212,17 +282,25 @@ class ControlProtocol(LineOnlyReceiver):
 
     def evict(self) -> None:
         """Closed for the limit or idle past ``IDLE_TIMEOUT``: nothing is in progress."""
-        self.transport.loseConnection()
+        self._close()
 
-    def _handle(self, line: bytes) -> defer.Deferred:
+    def _handle(self, line: bytes) -> None:
+        self.pending += 1
         d = defer.maybeDeferred(self.factory.handle, line)
 
         def failed(failure):
-            log.failure("control request failed", failure)
+            log.failure("control request failed", failure,
+                        rate_limit="failed control requests")
             return format_response(error=f"internal error: {failure.getErrorMessage()}")
         d.addErrback(failed)
         d.addCallback(self._write)
-        return d
+        if not d.called:  # a reload, a moderator's password: later lines wait for it
+            self._waiting = d
+            d.addBoth(self._answered)
+
+    def _answered(self, _) -> None:
+        self._waiting = None
+        self._process()
 
     def _write(self, data: bytes) -> None:
         self.pending -= 1
@@ -232,12 +310,28 @@ class ControlProtocol(LineOnlyReceiver):
 
     def lineLengthExceeded(self, line: bytes) -> None:
         self.transport.write(format_response(error=f"request longer than {MAX_LINE} bytes"))
-        self.transport.loseConnection()
+        self._close()
 
     def shutdown(self) -> None:
-        self._queue.addCallback(lambda _: self.transport.loseConnection())
+        """Stopping: close after the answer in progress; lines not begun are dropped."""
+        if self._waiting is not None:
+            self._waiting.addBoth(lambda _: self._close())
+        else:
+            self._close()
+
+    def _close(self) -> None:
+        self._closing = True
+        if self._next_turn is not None and self._next_turn.active():
+            self._next_turn.cancel()
+        self._next_turn = None
+        if self.transport is not None:
+            self.transport.loseConnection()
 
     def connectionLost(self, reason=None) -> None:
+        self._closing = True
+        if self._next_turn is not None and self._next_turn.active():
+            self._next_turn.cancel()
+        self._next_turn = None
         self.factory.untrack(self)
 
 
@@ -273,6 +367,8 @@ class ControlFactory(TrackingFactory):
         try:
             request = parse_request(line)
         except ProtocolError as error:
+            log.warn("malformed control request: {reason}", reason=error.reason,
+                     rate_limit="malformed control requests")
             return format_response(error=error.reason)
         if request.op == "query":
             try:

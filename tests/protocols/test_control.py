@@ -211,3 +211,84 @@ def test_a_burst_at_the_limit_holds_few_descriptors_while_they_are_closed():
     assert len(factory.connections) <= control.MAX_CONNECTIONS + CLOSING_SLACK
     assert len(factory.connections) - len(factory.evicting) <= control.MAX_CONNECTIONS
     assert len(admitted) == CLOSING_SLACK and factory.refused == 100 - CLOSING_SLACK
+
+
+# --- bounded under a flood from the control socket's group -----------------------------
+
+STATUS = b'{"op": "status"}\n'
+
+
+def next_turn(clock: Clock) -> None:
+    """Run what is due as one turn of a real reactor does: the calls scheduled while
+    they run wait for the next turn (``Clock.advance(0)`` would run them at once)."""
+    due = [call for call in clock.getDelayedCalls() if call.getTime() <= clock.seconds()]
+    for call in due:
+        clock.calls.remove(call)
+        call.called = True
+        call.func(*call.args, **call.kw)
+
+
+def test_a_deeply_nested_line_is_a_malformed_request_logged_with_a_rate_limit():
+    """200,000 "[" (RecursionError in json): a clean error answer, a warning the log's
+    rate limit knows (``rate_limit``), no traceback; the connection stays usable."""
+    from twisted.logger import globalLogPublisher
+
+    with pytest.raises(ProtocolError) as info:
+        parse_request(b"[" * 200_000)
+    assert "nested too deeply" in info.value.reason
+    proto, transport, _, _ = connect()
+    events = []
+    globalLogPublisher.addObserver(events.append)
+    try:
+        proto.dataReceived(b"[" * 200_000 + b"\n" + STATUS)
+    finally:
+        globalLogPublisher.removeObserver(events.append)
+    got = lines(transport)
+    assert got[0] == {"ok": False, "error": "not a JSON line: nested too deeply"}
+    assert got[1] == {"ok": True, "result": {"uptime": 1.5}}
+    assert not [e for e in events if e.get("log_failure")]
+    assert [e["rate_limit"] for e in events] == ["malformed control requests"]
+
+
+def test_pipelined_requests_are_answered_a_few_per_reactor_turn():
+    """16,000 pipelined status lines: MAX_PER_TURN answered per turn of the reactor, the
+    rest in later turns (callLater(0)), the connection not read meanwhile; all answered
+    in order in the end, then read again."""
+    proto, transport, service, factory = connect()
+    clock = factory.reactor
+    count = 16_000
+    proto.dataReceived(STATUS * count)
+    assert len(lines(transport)) == control.MAX_PER_TURN
+    assert transport.producerState == "paused"
+    next_turn(clock)
+    assert len(lines(transport)) == 2 * control.MAX_PER_TURN
+    turns = 2
+    while turns < 2 * count and any(call.getTime() <= clock.seconds()
+                                    for call in clock.getDelayedCalls()):
+        next_turn(clock)
+        turns += 1
+    assert turns == -(-count // control.MAX_PER_TURN)
+    assert len(lines(transport)) == count
+    assert transport.producerState == "producing"
+
+
+def test_nothing_is_read_or_answered_while_an_answer_is_awaited_or_cannot_leave():
+    """A reload in progress: the lines after it wait in the buffer, the connection is
+    not read; answers queued past the transport's buffer (pauseProducing from the
+    transport): no more answers made until it drains."""
+    proto, transport, service, factory = connect()
+    assert transport.producer is proto
+    proto.dataReceived(b'{"op": "reload"}\n' + STATUS * 100)
+    assert transport.value() == b"" and transport.producerState == "paused"
+    service.reloads[0].callback({"reloaded": True})
+    assert len(lines(transport)) == 1 + control.MAX_PER_TURN
+    proto.pauseProducing()  # the transport: its buffer is full
+    next_turn(factory.reactor)
+    next_turn(factory.reactor)
+    assert len(lines(transport)) == 1 + control.MAX_PER_TURN
+    assert transport.producerState == "paused"
+    proto.resumeProducing()  # drained
+    for _ in range(20):
+        next_turn(factory.reactor)
+    assert len(lines(transport)) == 101
+    assert transport.producerState == "producing"
