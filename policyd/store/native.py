@@ -441,8 +441,19 @@ class NativeBackend:
                 with connection.begin():
                     yield connection
         except SQLAlchemyError as error:
+            # A store of an older schema fails with "no such column" (a package upgraded,
+            # ``policyctl migrate`` not run yet): say what to do, not only what failed.
+            problem = self._schema_problem()
             raise StoreUnavailable(f"store {engine_module.safe_url(self.url)}: "
-                                   f"{engine_module.first_line(error)}") from None
+                                   f"{problem or engine_module.first_line(error)}") from None
+
+    def _schema_problem(self) -> str | None:
+        """``schema_problem`` on a connection of its own, ``None`` if it cannot tell."""
+        try:
+            with self.engine.connect() as connection:
+                return engine_module.schema_problem(connection)
+        except Exception:
+            return None
 
     def change_token(self) -> str:
         with self._connection() as connection:

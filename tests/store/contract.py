@@ -132,6 +132,24 @@ class StoreContract:
         finally:
             backend.close()
 
+    def test_a_store_of_an_older_schema_says_run_migrate(self, url):
+        """A package upgraded, ``policyctl migrate`` not run: the snapshot load failed
+        with the database's "no such column" alone; it names the revisions and the
+        command (the daemon's status and log show this reason)."""
+        from policyd.store import engine as engine_module
+
+        store = Store(url)
+        backend = NativeBackend(url)
+        try:
+            engine_module.upgrade(store.engine, "0005_dmarc_mitigation")
+            with pytest.raises(StoreUnavailable,
+                               match=r"revision 0005_dmarc_mitigation, this policyd needs "
+                               r".*run `policyctl migrate`"):
+                backend.load_snapshot()
+        finally:
+            backend.close()
+            store.close()
+
     def test_check_and_describe(self, backend):
         """A migrated store passes check(); describe() names the revision, no password."""
         backend.check()
