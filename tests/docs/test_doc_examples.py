@@ -37,6 +37,7 @@ The test lists those (``-rs`` shows them) and checks the rest; it fails if fewer
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import shlex
@@ -206,9 +207,13 @@ def demo_daemon(tmp_path_factory):
     try:
         deadline = time.monotonic() + 120  # against hanging only
         while time.monotonic() < deadline:
+            # Answering status is not enough: the examples' answers need the snapshot,
+            # whose first load takes a while on a busy machine (an Exim question asked
+            # before it waited longer than socat's half second and printed nothing).
             probe = subprocess.run([str(BIN / "policyctl"), "--config", "state/policyd.conf",
-                                    "status"], cwd=workdir, env=env, capture_output=True)
-            if probe.returncode == 0:
+                                    "status", "--json"], cwd=workdir, env=env,
+                                   capture_output=True)
+            if probe.returncode == 0 and json.loads(probe.stdout).get("snapshot"):
                 break
             assert daemon.poll() is None, (workdir / "daemon.log").read_text()
             time.sleep(0.2)
