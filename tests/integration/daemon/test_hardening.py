@@ -341,6 +341,36 @@ class PostfixFrom(PostfixClient):
         self.buffer = b""
 
 
+def mta_asks(connect, total: int) -> list[str]:
+    """``total`` RCPT questions as Postfix asks them during a flood, half on one
+    persistent connection (an smtpd process's, made again if it was closed), half on
+    fresh ones (other smtpd processes starting): the answers that are not the list's."""
+    failures: list[str] = []
+    persistent = None
+    for i in range(total):
+        try:
+            if i % 2:
+                client = connect()
+                try:
+                    answer = client.ask(LIST, "")
+                finally:
+                    client.close()
+            else:
+                if persistent is None:
+                    persistent = connect()
+                answer = persistent.ask(LIST, "")
+        except (OSError, EOFError) as error:
+            answer = repr(error).encode()
+            if persistent is not None and not i % 2:
+                persistent.close()
+                persistent = None
+        if not answer.startswith(b"action=5"):
+            failures.append(answer.decode(errors="replace")[:80])
+    if persistent is not None:
+        persistent.close()
+    return failures
+
+
 def test_a_peer_flooding_fresh_partial_requests_leaves_the_mta_its_share(run, daemons):
     """One local peer (127.0.0.2) keeps the Postfix listener (``max_connections = 20``)
     full of connections with partial requests, each younger than a second, reconnecting
@@ -356,33 +386,10 @@ def test_a_peer_flooding_fresh_partial_requests_leaves_the_mta_its_share(run, da
     run.fill()
     daemon = daemons(run)
     daemon.wait_ready()
-    failures: list[str] = []
-    total = 0
+    total = 100
     with PartialFlood(port, 40) as flood:
         wait_until(lambda: flood.opened >= 200, 20, "the flood's connections")
-        persistent = None
-        for i in range(100):
-            total += 1
-            try:
-                if i % 2:
-                    client = PostfixFrom("127.0.0.1", port)
-                    try:
-                        answer = client.ask(LIST, "")
-                    finally:
-                        client.close()
-                else:
-                    if persistent is None:
-                        persistent = PostfixFrom("127.0.0.1", port)
-                    answer = persistent.ask(LIST, "")
-            except (OSError, EOFError) as error:
-                answer = repr(error).encode()
-                if persistent is not None and not i % 2:
-                    persistent.close()
-                    persistent = None
-            if not answer.startswith(b"action=5"):
-                failures.append(answer.decode(errors="replace")[:80])
-        if persistent is not None:
-            persistent.close()
+        failures = mta_asks(lambda: PostfixFrom("127.0.0.1", port), total)
         status = daemon.status()
         opened = flood.opened
     print(f"\nflood of {opened} connections with fresh partial requests from 127.0.0.2: "
@@ -460,33 +467,11 @@ def test_another_uid_flooding_a_unix_socket_leaves_the_mta_its_share(run, daemon
     daemon.wait_ready()
     flood = subprocess.Popen([sys.executable, "-c", UNIX_FLOOD, str(run.postfix_socket), "40"],
                              stdout=subprocess.PIPE, user=65534, group=65534)
+    total = 100
     failures: list[str] = []
-    total = 0
     try:
         assert flood.stdout.readline() == b"ready\n"
-        persistent = None
-        for i in range(100):
-            total += 1
-            try:
-                if i % 2:
-                    client = PostfixClient(run.postfix_socket)
-                    try:
-                        answer = client.ask(LIST, "")
-                    finally:
-                        client.close()
-                else:
-                    if persistent is None:
-                        persistent = PostfixClient(run.postfix_socket)
-                    answer = persistent.ask(LIST, "")
-            except (OSError, EOFError) as error:
-                answer = repr(error).encode()
-                if persistent is not None and not i % 2:
-                    persistent.close()
-                    persistent = None
-            if not answer.startswith(b"action=5"):
-                failures.append(answer.decode(errors="replace")[:80])
-        if persistent is not None:
-            persistent.close()
+        failures = mta_asks(lambda: PostfixClient(run.postfix_socket), total)
         status = daemon.status()
     finally:
         flood.kill()
