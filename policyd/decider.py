@@ -24,7 +24,7 @@ from os.path import basename, dirname
 from time import monotonic, perf_counter
 from typing import Callable, NamedTuple
 
-from twisted.internet.defer import Deferred, DeferredList, DeferredSemaphore
+from twisted.internet.defer import Deferred, DeferredList, DeferredSemaphore, maybeDeferred
 from twisted.logger import Logger
 
 from .core.chain import decide as chain_decide
@@ -107,6 +107,8 @@ class Decider:
         # one, the monotonic clock and an interval closes at the next such event).
         self.failures = Incidents(self._failures_left_out, clock=clock)
         self.unmanaged = Incidents(self._domains_left_out, clock=clock)
+        # Queries turned away at ``MAX_WAITING``: one warning per incident.
+        self.limited = Incidents(self._limited_left_out, clock=clock)
 
     def decide(self, query: Query, protocol: str, *, explain: bool = False,
                names_a_list: bool = False, counted: bool = True) -> Answer:
@@ -194,23 +196,47 @@ class Decider:
 
     def verify(self, pending: list[VerificationNeeded]) -> Deferred | None:
         """Verify the passwords in threads; fires when all are known (decide again then).
-        ``None`` when too many are waiting already."""
-        if self.run_in_thread is None or self._waiting + len(pending) > self.MAX_WAITING:
+        ``None`` when too many are waiting already (logged once per incident: the caller
+        answers ``busy_reason(True)``, counted as busy).  Each slot is given back
+        whatever happens to its check (``addBoth``, even on an exception raised at
+        once)."""
+        if self.run_in_thread is None:
+            return None
+        if self._waiting + len(pending) > self.MAX_WAITING:
+            if self.limited.first("waiting"):
+                log.warn("{waiting} DMARC lookups and password checks are waiting, the "
+                         "limit: queries that need one more get the temporary failure at "
+                         "once, counted as busy (further ones are summed up once a minute)",
+                         waiting=self._waiting)
             return None
         self._waiting += len(pending)
 
         def one(item):
             if isinstance(item, LookupNeeded):  # DNS, on the reactor (policyd.dmarc_lookup)
-                d = self.dmarc.lookup(item.names)
+                d = maybeDeferred(self.dmarc.lookup, item.names)
             else:
-                d = self._verifying.run(self.run_in_thread, verify_and_remember,
-                                        item.password, item.hashed)
+                d = maybeDeferred(self._verifying.run, self.run_in_thread,
+                                  verify_and_remember, item.password, item.hashed)
 
             def done(result):
                 self._waiting -= 1
                 return result
             return d.addBoth(done)
         return DeferredList([one(item) for item in pending], consumeErrors=True)
+
+    def busy_reason(self, limit: bool) -> str:
+        """Why a query that needs a check gets the temporary failure without one."""
+        if limit:
+            return (f"busy: {self.MAX_WAITING} DMARC lookups and password checks waiting "
+                    "already")
+        return "busy: still undecided after its DMARC lookups and password checks"
+
+    @staticmethod
+    def _limited_left_out(left_out: Counter, new: int, others: int, more: bool,
+                          interval: float) -> None:
+        log.warn("{count} more queries got the temporary failure in the last {interval:g} "
+                 "s because too many DMARC lookups and password checks were waiting "
+                 "(counted as busy)", count=sum(left_out.values()), interval=interval)
 
     def use_dmarc(self, lookup) -> None:
         """Decide with ``lookup``'s DMARC answers (``policyd.dmarc_lookup``)."""

@@ -9,24 +9,37 @@ names a ``core.dmarc.LookupNeeded`` names and decides again.
 
 The cache keeps an answer ``ttl`` seconds (a failure ``failure_ttl``), at most
 ``max_entries`` names (least recently used out first).  Queries for a name already in
-flight share its query.  A failing resolver is logged once per incident: at the first
-failure, and again when a lookup succeeds after it, with the count of failures between.
+flight share its query.  Whatever happens to a lookup (an answer, a DNS error, no answer
+within ``timeout`` seconds, counting a TCP retry after a truncated answer, or an exception
+anywhere in reading the answer) it ends with an answer in the cache and every waiter
+fired: the slot it held is always given back (``_settle``, on every path).
+
+A failing resolver is logged once per incident (``Incidents``: the first failure of each
+kind warns, the rest are summed up once a minute); the incident ends, with one line
+saying how many failed, at the first success after ``QUIET`` seconds without a failure:
+a sender alternating a failing domain and a working one does not toggle it.  An answer
+whose sections hold fewer records than its header counts (or bytes after them) is a
+failure (``DNSFormatError``), not "no record": dnspython raises on it, and Mailman
+mitigates.
 """
 
 from __future__ import annotations
 
-from collections import OrderedDict
+import struct
+from collections import Counter, OrderedDict
+from io import BytesIO
 from pathlib import Path
 
 from twisted.internet.defer import Deferred, gatherResults, succeed
 from twisted.logger import Logger
-from twisted.names import dns
+from twisted.names import client, dns
 from twisted.names.error import DNSNameError
 
 from .core.dmarc import DnsAnswer, NOANSWER, NXDOMAIN, PublicSuffixList
+from .decider import Incidents, _raised_at
 
-__all__ = ["DmarcLookup", "from_config", "nameservers_from_resolv_conf",
-           "public_suffixes", "to_answer"]
+__all__ = ["DmarcLookup", "Resolver", "from_config", "malformed", "name_text",
+           "nameservers_from_resolv_conf", "public_suffixes", "to_answer"]
 
 log = Logger(namespace="policyd.dmarc")
 
@@ -58,16 +71,43 @@ def public_suffixes(path) -> PublicSuffixList:
         return PublicSuffixList()
 
 
+_ESCAPED = frozenset(b'"().;\\@$')
+_PLAIN = bytes(c for c in range(0x21, 0x7F) if c not in _ESCAPED) + b"."
+
+
+def name_text(name) -> str:
+    """A Twisted ``dns.Name`` as dnspython's ``Name.to_text()`` writes it, final dot
+    included: what Mailman reads.  Printable ASCII as is, ``"().;\\@$`` after a
+    backslash, any other byte as ``\\DDD`` (``str(name)`` raises UnicodeDecodeError for
+    a byte that is not ASCII, which anyone can publish in a CNAME target)."""
+    raw = name.name if isinstance(name, dns.Name) else name
+    if not raw.translate(None, _PLAIN):
+        return raw.decode("ascii") + "."  # the usual name: nothing to escape
+    labels = []
+    for label in raw.split(b"."):
+        text = []
+        for c in label:
+            if c in _ESCAPED:
+                text.append("\\" + chr(c))
+            elif 0x20 < c < 0x7F:
+                text.append(chr(c))
+            else:
+                text.append(f"\\{c:03d}")
+        labels.append("".join(text))
+    return ".".join(labels) + "."
+
+
 def to_answer(name: str, answers) -> DnsAnswer:
     """The answer section of a TXT query for ``name`` (``RRHeader``s), grouped as
-    dnspython groups it: one entry per (owner, type), its first record, in order.
+    dnspython groups it: one entry per (owner, type), its first record, in order, names
+    written as dnspython writes them (``name_text``).
     No TXT at the end of the CNAME chain is ``noanswer`` (dnspython's NoAnswer)."""
     rrsets: list[tuple[str, str, object]] = []
     seen = set()
     for rr in answers:
         if rr.type not in (dns.TXT, dns.CNAME):
             continue
-        owner = str(rr.name).lower() + "."
+        owner = name_text(rr.name).lower()
         kind = "TXT" if rr.type == dns.TXT else "CNAME"
         if (owner, kind) in seen:
             continue
@@ -76,7 +116,7 @@ def to_answer(name: str, answers) -> DnsAnswer:
             rrsets.append((owner, kind, b"".join(rr.payload.data)))
         else:
             # The target as sent: Mailman compares it with the lower-cased owners.
-            rrsets.append((owner, kind, str(rr.payload.name) + "."))
+            rrsets.append((owner, kind, name_text(rr.payload.name)))
     owners = {(owner, kind): value for owner, kind, value in rrsets}
     want, hops = name.lower() + ".", 0
     while (want, "TXT") not in owners and (want, "CNAME") in owners and hops < 16:
@@ -86,8 +126,84 @@ def to_answer(name: str, answers) -> DnsAnswer:
     return DnsAnswer("ok", tuple(rrsets))
 
 
+def malformed(data: bytes) -> str | None:
+    """Why a DNS message does not hold what its header counts (dnspython raises
+    ``FormError`` or ``TrailingJunk`` on it), or ``None``.  A truncated answer (TC) may
+    hold less: the TCP retry reads it; one Twisted cannot read at all it drops itself (the
+    query times out)."""
+    message = dns.Message()
+    stream = BytesIO(data)
+    try:
+        message.decode(stream)
+    except Exception:
+        return None
+    if message.trunc:
+        return None
+    counts = struct.unpack("!4H", data[4:12])
+    held = (len(message.queries), len(message.answers), len(message.authority),
+            len(message.additional))
+    if held != counts:
+        return f"{sum(counts) - sum(held)} fewer records than its header counts"
+    if stream.tell() != len(data):
+        return f"{len(data) - stream.tell()} bytes after the records"
+    return None
+
+
+def _as_format_error(data: bytes) -> bytes:
+    """``data`` with the response code FORMERR: Twisted then fails the query with a
+    ``DNSFormatError`` (address checks and all), never "no record"."""
+    if malformed(data) is None:
+        return data
+    return data[:3] + bytes([(data[3] & 0xF0) | dns.EFORMAT]) + data[4:]
+
+
+class _CheckedDatagramProtocol(dns.DNSDatagramProtocol):
+    def datagramReceived(self, data, addr):
+        super().datagramReceived(_as_format_error(data), addr)
+
+
+class _CheckedStreamProtocol(dns.DNSProtocol):
+    def stringReceived(self, data):
+        super().stringReceived(_as_format_error(data))
+
+
+class _CheckedClientFactory(client.DNSClientFactory):
+    def buildProtocol(self, addr):
+        p = _CheckedStreamProtocol(self.controller)
+        p.factory = self
+        return p
+
+
+class Resolver(client.Resolver):
+    """Twisted's resolver that fails a malformed answer (``malformed``) and gives the TCP
+    retry after a truncated answer ``tcp_timeout`` seconds (Twisted's default is 10 s,
+    beyond any SMTP client's patience)."""
+
+    def __init__(self, *args, tcp_timeout: float = 2.0, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        self.tcp_timeout = tcp_timeout
+        self.factory = _CheckedClientFactory(self, tcp_timeout)
+        self.factory.noisy = False
+
+    def _connectedProtocol(self, interface=""):
+        # Twisted's own (a bound port, its retries), reading answers through ``malformed``.
+        # A private method of Twisted's (no public hook sees the datagram): should a
+        # Twisted no longer call it, or make something else, answers are read as Twisted
+        # reads them, and tests/test_dmarc.py's malformed-answer test fails.
+        protocol = super()._connectedProtocol(interface=interface)
+        if type(protocol) is dns.DNSDatagramProtocol:
+            protocol.__class__ = _CheckedDatagramProtocol
+        return protocol
+
+    def queryTCP(self, queries, timeout=None):
+        return super().queryTCP(queries, self.tcp_timeout if timeout is None else timeout)
+
+
 class DmarcLookup:
     """The cache ``core.dmarc`` reads and the lookups that fill it."""
+
+    # Seconds without a failure before a success ends an incident of the resolver.
+    QUIET = 300.0
 
     def __init__(self, reactor, suffixes, *, resolver=None,
                  servers=(), timeout: float = 2.0, ttl: float = 3600.0,
@@ -97,18 +213,26 @@ class DmarcLookup:
         # path of its file, read at the first use.
         self._suffixes = suffixes
         if resolver is None:
-            from twisted.names.client import Resolver
-            resolver = Resolver(servers=list(servers), reactor=reactor)
+            resolver = Resolver(servers=list(servers), reactor=reactor,
+                                tcp_timeout=timeout)
         self.resolver = resolver
         # Two tries (the second after half the time): a lost datagram is not a failure.
         self.timeout = (timeout / 2, timeout / 2)
+        # The whole lookup, a TCP retry included: then it is a failure (``TimeoutError``).
+        self.deadline = timeout
         self.ttl = ttl
         self.failure_ttl = failure_ttl
         self.max_entries = max_entries
         self._cache: OrderedDict[str, tuple[DnsAnswer, float]] = OrderedDict()
         self._flight: dict[str, list[Deferred]] = {}
         self._failures = 0            # failures in the current incident (0: none)
+        self._last_failure = 0.0
         self.counts = {"lookups": 0, "failures": 0, "hits": 0}
+        # The first failure of each kind per incident is logged, the rest summed up.
+        self.incidents = Incidents(self._failures_left_out, quiet=self.QUIET,
+                                   clock=reactor)
+        # An exception in reading an answer (a bug, or an answer nobody foresaw).
+        self.errors = Incidents(self._errors_left_out, clock=reactor)
 
     @property
     def suffixes(self) -> PublicSuffixList:
@@ -150,42 +274,93 @@ class DmarcLookup:
             # No DNS name at all (bytes that are not ASCII in the From: domain): what
             # dnspython's IDNAException is to Mailman, an error (mitigate), not an
             # incident of the resolver.
-            self._store(name, DnsAnswer("error", detail=f"not a DNS name "
-                                        f"({type(error).__name__})"), self.failure_ttl)
+            self._settle((DnsAnswer("error", detail=f"not a DNS name "
+                                    f"({type(error).__name__})"), self.failure_ttl), name)
             return done
-        d.addCallbacks(lambda result: self._answered(name, to_answer(name, result[0])),
-                       lambda failure: self._failed(name, failure))
-        d.addErrback(lambda failure: log.failure("DMARC lookup of {name} went wrong",
-                                                 failure, name=name))
+        try:
+            # Cancelled at the deadline: Twisted's UDP tries, then its TCP retry.
+            d.addTimeout(self.deadline, self.reactor)
+            d.addCallbacks(self._read, self._failed, callbackArgs=(name,),
+                           errbackArgs=(name,))
+            d.addErrback(self._broken, name)
+        finally:
+            # On every path, even a callback that raised: the answer stored, the slot
+            # given back, every waiter fired.
+            d.addBoth(self._settle, name)
         return done
 
-    def _answered(self, name: str, answer: DnsAnswer) -> None:
-        if self._failures:
+    def _read(self, result, name: str) -> tuple[DnsAnswer, float]:
+        answer = to_answer(name, result[0])
+        self._succeeded(name)
+        return answer, self.ttl
+
+    def _succeeded(self, name: str) -> None:
+        if self._failures and self.reactor.seconds() - self._last_failure >= self.QUIET:
             log.info("DMARC lookups answer again ({name}) after {count} failures",
                      name=name, count=self._failures)
             self._failures = 0
-        self._store(name, answer, self.ttl)
 
-    def _failed(self, name: str, failure) -> None:
+    def _failed(self, failure, name: str) -> tuple[DnsAnswer, float]:
         if failure.check(DNSNameError):
-            self._answered(name, NXDOMAIN)
-            return
+            self._succeeded(name)
+            return NXDOMAIN, self.ttl
         self.counts["failures"] += 1
         detail = failure.type.__name__
-        if not self._failures:
+        if self.incidents.first(detail):
             log.warn("DMARC lookup of {name} failed ({error}): posts From: such a domain "
                      "to lists that reject or discard get the temporary failure; further "
-                     "failures are counted until a lookup succeeds", name=name, error=detail)
+                     "failures are counted, and summed up once a minute, until lookups "
+                     "answer again", name=name, error=detail)
         self._failures += 1
-        self._store(name, DnsAnswer("failed", detail=detail), self.failure_ttl)
+        self._last_failure = self.reactor.seconds()
+        return DnsAnswer("failed", detail=detail), self.failure_ttl
+
+    def _broken(self, failure, name: str) -> tuple[DnsAnswer, float]:
+        """An exception in reading the answer: the temporary failure for the post (it is
+        doubt), the traceback logged once per incident."""
+        where = _raised_at(failure.value)[0]
+        if self.errors.first(where):
+            log.failure("DMARC: reading the answer for {name} failed ({where}): the "
+                        "temporary failure for posts From: that domain (further ones are "
+                        "counted, not logged)", failure, name=name, where=where)
+        self.counts["failures"] += 1
+        return DnsAnswer("failed", detail=f"error reading the answer: {where}"), \
+            self.failure_ttl
+
+    def _settle(self, result, name: str) -> None:
+        try:
+            if isinstance(result, tuple):
+                answer, ttl = result
+            else:  # cannot happen: every failure was read; doubt if it does
+                answer, ttl = DnsAnswer("failed", detail="no answer"), self.failure_ttl
+            self._store(name, answer, ttl)
+        finally:
+            for d in self._flight.pop(name, ()):
+                d.callback(None)
 
     def _store(self, name: str, answer: DnsAnswer, ttl: float) -> None:
         self._cache[name] = (answer, self.reactor.seconds() + ttl)
         self._cache.move_to_end(name)
         while len(self._cache) > self.max_entries:
             self._cache.popitem(last=False)
-        for d in self._flight.pop(name, ()):
-            d.callback(None)
+
+    @staticmethod
+    def _failures_left_out(left_out: Counter, new: int, others: int, more: bool,
+                           interval: float) -> None:
+        log.warn("{count} more DMARC lookups failed in the last {interval:g} s ({kinds}): "
+                 "each post From: such a domain to a list that rejects or discards got the "
+                 "temporary failure", count=sum(left_out.values()), interval=interval,
+                 kinds=", ".join(f"{kind}: {count}"
+                                 for kind, count in left_out.most_common(10)))
+
+    @staticmethod
+    def _errors_left_out(left_out: Counter, new: int, others: int, more: bool,
+                         interval: float) -> None:
+        log.error("DMARC: reading an answer failed {count} more times in the last "
+                  "{interval:g} s ({kinds}): each a temporary failure",
+                  count=sum(left_out.values()), interval=interval,
+                  kinds=", ".join(f"{where}: {count}"
+                                  for where, count in left_out.most_common(10)))
 
 
 def from_config(config, reactor, resolv_conf="/etc/resolv.conf") -> DmarcLookup:

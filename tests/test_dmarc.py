@@ -304,21 +304,217 @@ def test_cache_is_bounded():
 
 
 def test_failures_logged_once_per_incident():
-    """The first failure warns; later ones are counted until a lookup succeeds, which
-    says so once."""
+    """The first failure warns; later ones are counted until a lookup succeeds after
+    ``QUIET`` seconds without a failure, which says so once."""
     events = []
     globalLogPublisher.addObserver(events.append)
     try:
+        clock = Clock()
         resolver = FakeResolver({f"_dmarc.{i}.com": TimeoutError() for i in range(3)})
         resolver.answers["_dmarc.ok.com"] = []
-        lookup = DmarcLookup(Clock(), PSL, resolver=resolver)
+        resolver.answers["_dmarc.ok2.com"] = []
+        lookup = DmarcLookup(clock, PSL, resolver=resolver)
         lookup.lookup([f"_dmarc.{i}.com" for i in range(3)])
-        lookup.lookup(["_dmarc.ok.com"])
+        lookup.lookup(["_dmarc.ok.com"])  # too soon: the incident goes on
+        clock.advance(DmarcLookup.QUIET)
+        lookup.lookup(["_dmarc.ok2.com"])
     finally:
         globalLogPublisher.removeObserver(events.append)
     mine = [e for e in events if e.get("log_namespace") == "policyd.dmarc"]
-    assert [e["log_level"] for e in mine] == [LogLevel.warn, LogLevel.info]
-    assert mine[1]["count"] == 3
+    # the warning, the minute's summary of the other two, the end of the incident
+    assert [e["log_level"] for e in mine] == [LogLevel.warn, LogLevel.warn, LogLevel.info]
+    assert mine[1]["count"] == 2 and mine[2]["count"] == 3
+
+
+def dmarc_events(run):
+    events = []
+    globalLogPublisher.addObserver(events.append)
+    try:
+        run()
+    finally:
+        globalLogPublisher.removeObserver(events.append)
+    return [e for e in events if e.get("log_namespace") == "policyd.dmarc"]
+
+
+def test_a_sender_alternating_failing_and_working_domains_does_not_toggle_the_incident():
+    """SERVFAIL, NXDOMAIN, SERVFAIL, ...: one warning for the incident (and one summary a
+    minute), never a warning and an "answer again" line per pair of requests."""
+    clock = Clock()
+    resolver = FakeResolver({})
+    for i in range(50):
+        resolver.answers[f"_dmarc.fail{i}.com"] = DNSServerError("servfail")
+        resolver.answers[f"_dmarc.nx{i}.com"] = DNSNameError("nx")
+    lookup = DmarcLookup(clock, PSL, resolver=resolver)
+
+    def run():
+        for i in range(50):
+            lookup.lookup([f"_dmarc.fail{i}.com"])
+            lookup.lookup([f"_dmarc.nx{i}.com"])
+            clock.advance(1)
+    mine = dmarc_events(run)
+    assert [e["log_level"] for e in mine] == [LogLevel.warn]
+    assert lookup.known("_dmarc.nx3.com").status == "nxdomain"
+    assert lookup.known("_dmarc.fail49.com").status == "failed"
+
+
+def test_a_cname_target_with_bytes_that_are_not_ascii_is_read_as_mailman_reads_it():
+    """``_dmarc.bad.example CNAME \\xff\\xfe.evil.example`` (anyone can publish it):
+    names are written as dnspython writes them (``\\255``), as Mailman reads them:
+    without TXT at the end of the chain, no answer; with one there, its policy."""
+    from policyd.core.dmarc import policy_of
+
+    target = b"\xff\xfe.evil.example"
+    assert to_answer("_dmarc.bad.example",
+                     [rr_cname("_dmarc.bad.example", target)]).status == "noanswer"
+    answer = to_answer("_dmarc.bad.example", [
+        rr_cname("_dmarc.bad.example", target),
+        rr_txt(target, b"v=DMARC1; p=reject")])
+    assert answer.rrsets[0] == ("_dmarc.bad.example.", "CNAME", "\\255\\254.evil.example.")
+    assert policy_of(answer, "_dmarc.bad.example")[0] is True
+    from policyd.dmarc_lookup import name_text
+    assert name_text(dns.Name(target)) == "\\255\\254.evil.example."
+    assert name_text(dns.Name(b'a"b.c;d.example')) == 'a\\"b.c\\;d.example.'
+
+
+class Broken:
+    """An answer nobody foresaw: reading it raises."""
+
+    def __iter__(self):
+        raise RuntimeError("unforeseen")
+
+
+def test_an_exception_reading_an_answer_gives_back_its_slot_and_fires_the_waiters():
+    """Whatever raises while an answer is read, the lookup ends: the name is a failure
+    (the temporary failure: doubt), every waiter fires, nothing stays in flight, the
+    decider's slots come back, and the traceback is logged once per incident."""
+    from policyd.core.replies import ReplyPolicy
+    from policyd.decider import Decider, FixedSnapshot
+
+    names = [f"_dmarc.bad{i}.example" for i in range(Decider.MAX_WAITING + 5)]
+    resolver = FakeResolver({name: None for name in names})
+    lookup = DmarcLookup(Clock(), PSL, resolver=resolver)
+    decider = Decider(FixedSnapshot(snap()), ReplyPolicy(), run_in_thread=lambda *a: None)
+    decider.use_dmarc(lookup)
+    fired = []
+
+    def run():
+        for name in names:
+            waiting = decider.verify([LookupNeeded((name,))])
+            assert waiting is not None
+            waiting.addCallback(fired.append)
+            resolver.waiting[name].callback((Broken(), [], []))
+    mine = dmarc_events(run)
+    assert len(fired) == len(names) and decider._waiting == 0 and not lookup._flight
+    assert lookup.known(names[0]).status == "failed"
+    assert [e["log_level"] for e in mine] == [LogLevel.critical]
+    assert "RuntimeError" in mine[0]["where"]
+    # the daemon still looks names up
+    resolver.answers["_dmarc.ok.example"] = []
+    assert decider.verify([LookupNeeded(("_dmarc.ok.example",))]) is not None
+
+
+def test_the_whole_lookup_obeys_the_timeout():
+    """A resolver that never answers (Twisted's TCP retry after a truncated answer waits
+    10 s of its own): the lookup is a failure after ``timeout`` seconds all the same."""
+    clock = Clock()
+    resolver = FakeResolver({"_dmarc.slow.example": None})
+    lookup = DmarcLookup(clock, PSL, resolver=resolver, timeout=2)
+    fired = []
+    lookup.lookup(["_dmarc.slow.example"]).addCallback(fired.append)
+    clock.advance(1.9)
+    assert fired == []
+    clock.advance(0.1)
+    assert fired == [None]
+    assert lookup.known("_dmarc.slow.example") == DnsAnswer("failed", detail="TimeoutError")
+    assert not lookup._flight
+
+
+from twisted.internet.testing import MemoryReactorClock  # noqa: E402
+
+
+class UDPReactor(MemoryReactorClock):
+    """``listenUDP`` for Twisted's resolver: the datagrams it writes are kept."""
+
+    def __init__(self):
+        super().__init__()
+        self.udp = []
+
+    def listenUDP(self, port, protocol, interface="", maxPacketSize=8192):
+        class Transport:
+            def __init__(self):
+                self.written = []
+
+            def write(self, data, addr=None):
+                self.written.append((data, addr))
+
+            def stopListening(self):
+                pass
+
+        transport = Transport()
+        protocol.makeConnection(transport)
+        self.udp.append(protocol)
+        return transport
+
+
+def dns_reply(query, ancount, records, flags=0x8180):
+    import struct
+    return query[:2] + struct.pack(">HHHHH", flags, 1, ancount, 0, 0) + query[12:] + \
+        records
+
+
+def daemon_lookup(reactor):
+    from policyd.config import parse
+    return from_config(parse("[dmarc]\nnameservers = 192.0.2.53:53\ntimeout = 2\n").dmarc,
+                       reactor)
+
+
+def test_an_answer_holding_fewer_records_than_its_header_counts_is_a_failure():
+    """Header: 3 answers; then 4 bytes.  Twisted stops reading silently (no record: the
+    post was accepted); dnspython raises on it and Mailman mitigates: here the temporary
+    failure.  A well-formed answer through the same path is read."""
+    import struct
+
+    reactor = UDPReactor()
+    lookup = daemon_lookup(reactor)
+    lookup.lookup(["_dmarc.short.example"])
+    protocol = reactor.udp[-1]
+    query, addr = protocol.transport.written[0]
+    assert addr == ("192.0.2.53", 53)
+    short = dns_reply(query, 3, b"\xc0\x0c\x00\x10")
+    protocol.datagramReceived(short, addr)
+    answer = lookup.known("_dmarc.short.example")
+    assert answer.status == "failed" and answer.detail == "DNSFormatError"
+    from policyd.dmarc_lookup import malformed
+    assert malformed(short)
+
+    lookup.lookup(["_dmarc.fine.example"])
+    protocol = reactor.udp[-1]
+    query, addr = protocol.transport.written[0]
+    txt = b"v=DMARC1; p=reject"
+    rdata = bytes([len(txt)]) + txt
+    good = dns_reply(query, 1, b"\xc0\x0c" + struct.pack(">HHIH", 16, 1, 60, len(rdata))
+                     + rdata)
+    assert malformed(good) is None and malformed(good + b"junk")
+    protocol.datagramReceived(good, addr)
+    assert lookup.known("_dmarc.fine.example").status == "ok"
+
+
+def test_a_truncated_answer_retried_over_tcp_within_the_timeout():
+    """TC set: Twisted asks again over TCP, with ``[dmarc] timeout`` (not its 10 s), and
+    the lookup fails at the timeout even if the server holds the connection."""
+    reactor = UDPReactor()
+    lookup = daemon_lookup(reactor)
+    fired = []
+    lookup.lookup(["_dmarc.tc.example"]).addCallback(fired.append)
+    protocol = reactor.udp[-1]
+    query, addr = protocol.transport.written[0]
+    protocol.datagramReceived(dns_reply(query, 0, b"", flags=0x8380), addr)
+    assert reactor.tcpClients and reactor.tcpClients[-1][:2] == ("192.0.2.53", 53)
+    assert [timeout for _, _, timeout in lookup.resolver.pending] == [2]
+    assert fired == []
+    reactor.advance(2)
+    assert fired == [None]
+    assert lookup.known("_dmarc.tc.example").status == "failed"
 
 
 def test_resolv_conf_and_config(tmp_path):
@@ -494,3 +690,93 @@ def test_a_from_nested_too_deep_for_dmarc_alone_is_deferred():
     d = decide(snap(), query(frm), dmarc=a)
     assert (d.verdict, d.rule) == (Verdict.DEFER, "dmarc-mitigation"), d.trace
     assert TOO_DEEP in d.reason and a.asked == []
+
+
+# --- the limit on checks waiting, and an answer that comes too late --------------------
+
+def exim_setup():
+    import base64
+
+    from policyd.config import EximConfig
+    from policyd.core.replies import ReplyPolicy
+    from policyd.decider import Decider, FixedSnapshot
+    from policyd.protocols.exim import EximFactory
+
+    def request(frm):
+        b64 = lambda data: base64.b64encode(data).decode()  # noqa: E731
+        headers = f"From: {frm}\nTo: {LIST}\nSubject: hi\n".encode()
+        return (f"POLICYD/1 list={LIST} sender={b64(b'bounce@x.example')} "
+                f"headers={b64(headers)} body={b64(b'hello')} size=100").encode()
+
+    clock = Clock()
+    resolver = FakeResolver({})
+    decider = Decider(FixedSnapshot(snap()), ReplyPolicy(), run_in_thread=lambda *a: None,
+                      clock=clock)
+    decider.use_dmarc(DmarcLookup(clock, PSL, resolver=resolver, timeout=60))
+    factory = EximFactory(decider, EximConfig(listen=(), timeout=10.0, max_request=65536),
+                          clock)
+    return factory, decider, resolver, request
+
+
+def test_queries_turned_away_at_the_waiting_limit_are_counted_busy_and_logged_once():
+    """MAX_WAITING lookups waiting: the next queries get the temporary failure, counted
+    as ``busy`` (policyd_requests_total, policyctl status) with a reason that says so,
+    and one warning for the incident, not one per query and not silence."""
+    from policyd.decider import Decider
+
+    factory, decider, resolver, request = exim_setup()
+    for i in range(Decider.MAX_WAITING):
+        assert isinstance(factory.answer(request(f"a@d{i}.com"), None), Deferred)
+    events = []
+    globalLogPublisher.addObserver(events.append)
+    try:
+        over = [factory.answer(request(f"a@over{i}.com"), None) for i in range(3)]
+    finally:
+        globalLogPublisher.removeObserver(events.append)
+    assert all(reply.startswith(b"DEFER 451") for reply in over)
+    counts = decider.counters()
+    assert counts["by_protocol"]["exim"] == {"busy": 3}
+    assert counts["answers"]["exim"] == {"DEFER": 3}
+    mine = [e for e in events if e.get("log_namespace") == "policyd.decision"]
+    assert [e["log_level"] for e in mine if e["log_level"] is not LogLevel.info] == \
+        [LogLevel.warn]
+    lines = [str(e) for e in mine if e["log_level"] is LogLevel.info]
+    assert len(lines) == 3 and all(decider.busy_reason(True) in line for line in lines)
+    assert "looked up" not in decider.busy_reason(True)
+
+
+def test_an_answer_that_comes_after_the_deadline_is_never_decided_logged_or_counted():
+    """The request's deadline answers the temporary failure (counted busy) while its
+    lookup goes on; when the lookup ends, nothing is written, decided or counted: the
+    decision line of a reply never sent is not logged.  Same when Exim goes away."""
+    from twisted.internet.testing import StringTransport
+
+    factory, decider, resolver, request = exim_setup()
+    resolver.answers["_dmarc.example.com"] = None
+    resolver.answers["_dmarc.other.com"] = None
+    protocol = factory.buildProtocol(None)
+    transport = StringTransport()
+    protocol.makeConnection(transport)
+    protocol.dataReceived(request("a@example.com") + b"\n")
+    assert transport.value() == b"" and protocol.waiting
+    protocol.timeoutConnection()  # the factory's sweep at the deadline
+    assert transport.value().startswith(b"DEFER 451") and transport.disconnecting
+    resolver.waiting["_dmarc.example.com"].callback(
+        ([rr_txt("_dmarc.example.com", b"v=DMARC1; p=reject")], [], []))
+    assert transport.value().count(b"DEFER") == 1 and b"REJECT" not in transport.value()
+    counts = decider.counters()
+    assert counts["by_protocol"]["exim"] == {"busy": 1}
+    assert counts["answers"]["exim"] == {"DEFER": 1}
+    protocol.connectionLost(None)
+
+    # Exim closes the connection while the lookup runs.
+    protocol = factory.buildProtocol(None)
+    transport = StringTransport()
+    protocol.makeConnection(transport)
+    protocol.dataReceived(request("a@other.com") + b"\n")
+    protocol.connectionLost(None)
+    resolver.waiting["_dmarc.other.com"].callback(
+        ([rr_txt("_dmarc.other.com", b"v=DMARC1; p=reject")], [], []))
+    assert transport.value() == b""
+    assert decider.counters()["by_protocol"]["exim"] == {"busy": 1}
+    assert decider._waiting == 0

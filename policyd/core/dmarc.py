@@ -84,8 +84,9 @@ class DnsAnswer(NamedTuple):
     """The answer to one TXT query, as far as Mailman's rule reads it.
 
     ``status``: ``ok`` (an answer), ``nxdomain``, ``noanswer`` (no TXT at the end of the
-    CNAME chain), ``failed`` (timeout, SERVFAIL, REFUSED, ...: Mailman mitigates, policyd
-    answers the temporary failure) or ``error`` (no DNS name: mitigated).
+    CNAME chain), ``failed`` (timeout, SERVFAIL, REFUSED, a malformed answer, an error
+    reading it, ...: Mailman mitigates, policyd answers the temporary failure) or
+    ``error`` (no DNS name: mitigated).
     ``rrsets``: the answer section grouped as dnspython groups it, in order:
     ``(owner name lower-cased with the final dot, "TXT" or "CNAME", value)``; a TXT value
     is the first record's strings joined (bytes), a CNAME value the target with the dot."""

@@ -48,7 +48,7 @@ import re
 from itertools import repeat
 from typing import NamedTuple
 
-from twisted.internet.defer import Deferred
+from twisted.internet.defer import CancelledError, Deferred
 from twisted.internet.interfaces import IHalfCloseableProtocol
 from twisted.internet.protocol import Protocol
 from twisted.logger import Logger
@@ -370,8 +370,12 @@ class EximPolicyProtocol(Protocol):
     # every request arrives in one read).
     _buffer: bytes | bytearray = b""
     answered = False
-    # The request is complete and being decided (a password check in a thread).
+    # The request is complete and being decided (a password check in a thread, a DMARC
+    # lookup): ``_pending`` is the Deferred of its answer, cancelled if the connection is
+    # answered (its deadline) or closed before it fires, so that a decision nobody
+    # receives is never made, logged or counted.
     waiting = False
+    _pending: Deferred | None = None
 
     def __init__(self, factory: "EximFactory") -> None:
         self.factory = factory
@@ -435,7 +439,14 @@ class EximPolicyProtocol(Protocol):
         pass
 
     def timeoutConnection(self) -> None:
-        if not self.answered:
+        if self.answered:
+            return
+        if self.waiting:
+            # Still waiting for a password check or a DMARC lookup: the temporary
+            # failure, counted as busy (the lookups log their own incidents).
+            self.factory.decider.count("exim", "busy", "DEFER")
+            self._answer(format_reply(self.factory.decider.policy.error()))
+        else:
             self._answer(self.factory.malformed(
                 ProtocolError(f"no complete request within {self.factory.config.timeout:g} s"),
                 self.transport))
@@ -450,22 +461,37 @@ class EximPolicyProtocol(Protocol):
             # Waiting for a password check in a thread: the connection stays open (and
             # its deadline still answers it if the check takes too long).
             self.waiting = True
-            reply.addErrback(self._failed)
-            reply.addCallback(self._answer)
+            self._pending = reply
+            reply.addCallbacks(self._answer_late, self._failed)
             return
         if self.answered:
             return
         self.answered = True
+        self._cancel_pending()
         if self._buffer:
             self._buffer = b""
             self.factory.buffer_changed(self, 0)
         self.factory.finish(self.transport, reply)
 
-    def _failed(self, failure) -> bytes:
+    def _answer_late(self, reply: bytes) -> None:
+        self._pending = None
+        self._answer(reply)
+
+    def _failed(self, failure) -> None:
+        if failure.check(CancelledError):  # answered or closed meanwhile: nothing to do
+            return
+        self._pending = None
         log.failure("answering an Exim request failed", failure)
-        return format_reply(self.factory.decider.policy.error())
+        self._answer(format_reply(self.factory.decider.policy.error()))
+
+    def _cancel_pending(self) -> None:
+        pending, self._pending = self._pending, None
+        if pending is not None:
+            pending.cancel()
 
     def connectionLost(self, reason=None) -> None:
+        # Exim gone before the answer: the decision that was coming is not made.
+        self._cancel_pending()
         self.factory.untrack(self)
 
 
@@ -522,11 +548,22 @@ class EximFactory(DecidingFactory):
         queries = request.queries()
         answers = [decide(query, "exim", names_a_list=True) for query in queries]
         pending = [answer.pending for answer in answers if answer.pending is not None]
-        if pending and _round < self.VERIFY_ROUNDS:
-            waiting = self.decider.verify(pending)
+        if pending:
+            waiting = self.decider.verify(pending) if _round < self.VERIFY_ROUNDS else None
             if waiting is not None:
-                return waiting.addCallback(
+                # Decided again when the checks are done, unless the answer is cancelled
+                # first (the connection answered or closed meanwhile: nothing decided,
+                # logged or counted); cancelling it never cancels the checks themselves.
+                again = Deferred()
+                waiting.addBoth(lambda _: again.callback(None))
+                return again.addCallback(
                     lambda _: self.answer(line, transport, _round + 1))
+            # At the limit of checks waiting, or still undecided after the rounds: the
+            # temporary failure, counted as busy, with the reason why.
+            reason = self.decider.busy_reason(_round < self.VERIFY_ROUNDS)
+            answers = [answer if answer.pending is None else
+                       self.decider.trouble("exim", "busy", reason, answer.started)
+                       for answer in answers]
         # SMTP-time moderation at DATA only (the request with the header block): the
         # RCPT-time question (envelope only) is never deferred by it.
         moderation = self.moderation if request.message is not None else None

@@ -55,6 +55,11 @@ ZONE = {
         "policy.none.test": [["TXT", "v=DMARC1; p=none"]],
         # a name with no TXT (NOERROR, no answer): keep looking
         "_dmarc.empty.test": [["CNAME", "nowhere.test"]],
+        # a CNAME target with bytes that are not ASCII (0xff 0xfe): dnspython writes it
+        # \255\254 and follows it; Twisted's str() of it raised (found by a probe)
+        "_dmarc.badcname.test": [["CNAME", "\u00ff\u00fe.evil.test"]],
+        "_dmarc.badcnamerej.test": [["CNAME", "\u00ff\u00fe.rej.test"]],
+        "\u00ff\u00fe.rej.test": [["TXT", REJECT]],
         "_dmarc.www.ck": [["TXT", REJECT]],
         "_dmarc.co.test": [["TXT", REJECT]],
     },
@@ -86,6 +91,8 @@ FROMS = [
     ("alice@cnamenone.test", False),
     ("alice@cnameupper.test", False),
     ("alice@empty.test", False),
+    ("alice@badcname.test", False),
+    ("alice@badcnamerej.test", True),
     ("alice@servfail.test", True),
     ("alice@sub.servfailorg.test", True),
     ("alice@refused.test", True),

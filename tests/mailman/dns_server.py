@@ -10,7 +10,8 @@ and prints ``PORT <n>`` once it listens on 127.0.0.1 (UDP and TCP, the same free
 
 A name with records answers them in the order given (several TXT records are one RRset,
 answered in that order), a CNAME is followed inside the zone (its target's records are in
-the same answer, as an authoritative server answers), any other name is NXDOMAIN, a name
+the same answer, as an authoritative server answers; names are sent as latin-1 bytes, so
+``\u00ff`` is the byte 0xff), any other name is NXDOMAIN, a name
 listed in ``servfail``/``refused`` gets that rcode.  Both Mailman's dnspython (in the
 oracle) and policyd's Twisted client ask it.  It stops when standard input closes.
 """
@@ -47,12 +48,16 @@ class Zone(ResolverBase):
             seen.add(current)
             target = None
             for kind, value in self.records[current]:
+                # Names as bytes, one per character (latin-1): a name with bytes
+                # that are not ASCII is sent as such, as anyone may publish one.
+                owner = current.encode("latin-1")
                 if kind == "CNAME":
-                    answers.append(dns.RRHeader(current, dns.CNAME, ttl=60, auth=True,
-                                                payload=dns.Record_CNAME(value, ttl=60)))
+                    answers.append(dns.RRHeader(owner, dns.CNAME, ttl=60, auth=True,
+                                                payload=dns.Record_CNAME(
+                                                    value.encode("latin-1"), ttl=60)))
                     target = value.lower().rstrip(".")
                 elif kind == "TXT" and type in (dns.TXT, dns.ALL_RECORDS):
-                    answers.append(dns.RRHeader(current, dns.TXT, ttl=60, auth=True,
+                    answers.append(dns.RRHeader(owner, dns.TXT, ttl=60, auth=True,
                                                 payload=dns.Record_TXT(value.encode(),
                                                                        ttl=60)))
             if target is None:
