@@ -153,10 +153,37 @@ def test_replace_lists_tracks_broken_lists():
 
 # --- Mailman 3 mode ----------------------------------------------------------------------
 
+def _with_message(query, headers=b"To: test@lists.example.com\nSubject: x\n"):
+    from policyd.core.message import parse_message
+    return query._replace(message=parse_message(headers, b"hi\n"))
+
+
 def test_no_senders_discarded():
-    """Mailman 3 discards a message with no valid sender address."""
-    check(snap(), q(envelope="\"quoted part\"@x.example", frm="John Doe"),
+    """Mailman 3 discards a message with no valid sender address (seen in the message)."""
+    check(snap(), _with_message(q(envelope="\"quoted part\"@x.example"),
+                                b"From: John Doe\nSubject: x\n"),
           Verdict.DISCARD, "no-senders")
+
+
+@pytest.mark.parametrize("envelope", ["pat@example.com.", "pat@@example.com",
+                                      "p\u00e4t@example.com", "pat@b\u00fccher.example", ""])
+@pytest.mark.parametrize("nonmember", [R, D, H])
+def test_no_senders_without_a_message_is_no_opinion(envelope, nonmember):
+    """Without the message (Postfix) an envelope sender that Mailman's validator drops
+    (or the null sender, with null_sender = mailman) leaves no sender policyd can see,
+    but Mailman takes the post from From:, which the MTA did not send: neither
+    ``no-senders`` (discard) nor the default nonmember action decides; no opinion."""
+    s = snap(members=(MemberSpec("pat@example.com"),), default_nonmember_action=nonmember)
+    for explain in (True, False):
+        d = decide(s, q(envelope=envelope), explain=explain, null_sender="mailman")
+        assert (d.verdict, d.rule) == (Verdict.ACCEPT, "accept"), d.trace
+    trace = {step.rule: step for step in decide(s, q(envelope=envelope),
+                                                null_sender="mailman").trace}
+    assert not trace["no-senders"].hit and "not evaluated" in trace["no-senders"].detail
+    assert "not evaluated" in trace["nonmember-moderation"].detail
+    # With the message, the same envelope and no From: is Mailman's no-senders discard.
+    d = decide(s, _with_message(q(envelope=envelope)), null_sender="mailman")
+    assert (d.verdict, d.rule) == (Verdict.DISCARD, "no-senders")
 
 
 @pytest.mark.parametrize("bans, site, sender", [
@@ -427,10 +454,12 @@ def test_mm2_trailing_dot_sender_meets_the_nonmember_entries_as_written():
 
 
 def test_mm3_trailing_dot_domain_is_dropped_not_kept():
-    """Mailman 3's validator drops the address: with no other sender that is no-senders
-    (not a nonmember spelled with a dot)."""
+    """Mailman 3's validator drops the address: with no other sender in the message that
+    is no-senders (not a nonmember spelled with a dot); without the message (Postfix)
+    no opinion, Mailman decides from the From: policyd did not see."""
     s = snap(members=(MemberSpec("m@x.example"),), default_nonmember_action=R)
-    check(s, q("m@x.example."), Verdict.DISCARD, "no-senders")
+    check(s, _with_message(q("m@x.example.")), Verdict.DISCARD, "no-senders")
+    check(s, q("m@x.example."), Verdict.ACCEPT, "accept")
 
 
 # --- the trace ---------------------------------------------------------------------------

@@ -31,6 +31,12 @@ __all__ = ["decode_like_mailman", "fields", "strict_getaddresses", "recipient_ad
 # a newline followed by white space folds one header.
 _FIELD_BREAK = re.compile(r"\r?\n(?![ \t])")
 _CRLF = re.compile(r"[\r\n]")
+_NOT_ASCII = re.compile(r"[^\x00-\x7f]+")
+
+
+def _replacement(match: re.Match) -> str:
+    # One U+FFFD per byte, as ``str(Header)`` decodes unknown-8bit bytes.
+    return "\ufffd" * len(match.group().encode("utf-8", "surrogateescape"))
 
 
 def fields(value: str) -> list[str]:
@@ -40,7 +46,14 @@ def fields(value: str) -> list[str]:
 
 def decode_like_mailman(field: str) -> str | None:
     """The field as Mailman hands it to ``getaddresses``, or ``None`` where Mailman's own
-    decoding would raise (it would then never look at the addresses)."""
+    decoding would raise (it would then never look at the addresses).
+
+    A field with bytes that are not ASCII (surrogate escapes of the header block, or the
+    UTF-8 text of ``from=``) is a ``Header`` to Mailman (``compat32`` makes one of a value
+    with surrogates, charset ``unknown-8bit``): ``decode_header`` then hands back its raw
+    text, encoded words not decoded, and ``str`` turns each such byte into U+FFFD."""
+    if not field.isascii():
+        return _CRLF.sub("", _NOT_ASCII.sub(_replacement, field))
     if "=?" in field:
         try:
             field = str(make_header(decode_header(field)))

@@ -9,28 +9,42 @@ ACL that sends no ``headers=``) each misses and says so in the trace: it could n
 evaluated.  Where only the visible start of the body was sent and the answer depends on
 what follows, the rule misses and says that too (see docs/mailman-differences.md).
 
-Mailman's ``approved`` deletes the Approved: header or line, and its holds record
-reasons: side effects policyd has no use for.  The moderator password hash is only ever
-handed to ``passwords.verify_password``; no trace or reason contains it or the candidate.
+The rules after ``approved`` read the message as Mailman's do, which is not the message
+the MTA received (``mailman_view``): Mailman's LMTP runner appends ``Message-ID-Hash:``,
+``X-Message-ID-Hash:`` and ``X-MailFrom: <envelope sender>`` before the chain runs
+(``runners/lmtp.py``), and for a list with a moderator password ``approved`` deletes every
+Approve:/Approved:/X-Approve:/X-Approved: header, or the password line at the top of the
+first text/plain part, whether the password was right or not.  A header_matches entry on
+X-MailFrom, a bounce_matching_headers line on Approved: or the administrivia line count
+depend on that.  The moderator password hash is only ever handed to
+``passwords.verify_password``; no trace or reason contains it or the candidate.
 """
 
 from __future__ import annotations
 
+import base64
+import email
 import re
 from contextlib import suppress
+from email._header_value_parser import get_angle_addr
 from email.errors import HeaderParseError
+from email.generator import BytesGenerator
 from email.header import Header, decode_header, make_header
 from email.iterators import typed_subpart_iterator
+from email.policy import compat32
+from functools import lru_cache
+from hashlib import sha1
+from io import BytesIO
 
 from .mailman_headers import UnreadRecipients, expected_count, recipient_addresses
-from .message import Message, email_message
+from .message import Message, email_message, split_headers
 from .passwords import verify_password
 from .rules import Context, Hit, Miss
 from .verdict import ACTION_VERDICT, Action, Verdict
 
 __all__ = ["Approved", "Loop", "HeaderMatchRule", "Administrivia", "ImplicitDestination",
            "MaximumRecipients", "MaximumSize", "NewsModeration", "NoSubject", "Digests",
-           "SuspiciousHeader", "DmarcMitigation", "CONTENT_HOLDS"]
+           "SuspiciousHeader", "mailman_view", "lmtp_fields", "DmarcMitigation", "CONTENT_HOLDS"]
 
 _NO_MESSAGE = Miss("not evaluated: the MTA sent no message headers (Postfix, or an Exim "
                    "ACL without headers=)")
@@ -145,6 +159,166 @@ _TRUNCATED_APPROVAL = Miss("not evaluated: the body's first line is not within i
                            "visible start (message_body_visible)")
 
 
+# --- what the rules after ``approved`` read ---------------------------------------------
+
+#: What stands for the Message-ID: Mailman's LMTP runner makes for a message without one.
+MADE_MESSAGE_ID = "<made-by-mailman-lmtp@message-id.invalid>"
+
+
+def lmtp_fields(message: Message, envelope_sender: str) -> tuple[tuple[str, str], ...]:
+    """The fields Mailman 3.3.10's LMTP runner appends before the chain runs
+    (``LMTPHandler._handle_DATA``): ``Message-ID-Hash:`` and ``X-Message-ID-Hash:``
+    (``utilities/email.add_message_hash``, from the first Message-ID:) and
+    ``X-MailFrom:`` (the envelope sender as aiosmtpd parsed ``MAIL FROM``: ``<>`` for
+    the null sender).  A message without a Message-ID: gets one made by the LMTP runner
+    (``make_msgid``: a random value on Mailman's host name; policyd appends
+    ``MADE_MESSAGE_ID`` in its place, so that the field and its hash are there, but a
+    pattern on its value may differ); one with a bogus ``<[...]>`` is rewritten
+    (``_fixed_message_id``, by ``_mailman_view``)."""
+    out = []
+    message_id = message.first("message-id")
+    if message_id is None:
+        message_id = MADE_MESSAGE_ID
+        out.append(("Message-ID", message_id))
+    if message_id is not None:
+        message_id = _fixed_message_id(message_id)
+        if message_id.startswith("<") and message_id.endswith(">"):
+            message_id = message_id[1:-1]
+        else:
+            message_id = message_id.strip()
+        digest = sha1(message_id.encode("utf-8", "surrogateescape")).digest()
+        hash32 = base64.b32encode(digest).decode("ascii")
+        out += [("Message-ID-Hash", hash32), ("X-Message-ID-Hash", hash32)]
+    out.append(("X-MailFrom", _mail_from(envelope_sender)))
+    return tuple(out)
+
+
+def _fixed_message_id(value: str) -> str:
+    # runners/lmtp.py: "Workaround for bogus Message-IDs. See #1065."
+    return re.sub(r"^<?\[(.*)\]>?", r"<\1>", value)
+
+
+def _mail_from(envelope_sender: str) -> str:
+    """``envelope.mail_from`` as aiosmtpd makes it of ``MAIL FROM:<sender>``."""
+    try:
+        return get_angle_addr(f"<{envelope_sender}>")[0].addr_spec
+    except (HeaderParseError, IndexError, ValueError):
+        return envelope_sender  # aiosmtpd would refuse it (553 5.1.3): never reaches Mailman
+
+
+def mailman_view(ctx: Context) -> Message:
+    """The message as Mailman's rules after ``approved`` read it: the LMTP runner's
+    fields appended, and for a list with a moderator password what ``approved`` leaves
+    (``_after_approved``).  Made only by the rules that read other fields than the
+    sender fields and have something to look for; cached per message."""
+    return _mailman_view(ctx.query.message, ctx.query.envelope_sender,
+                         ctx.policy.content.moderator_password is not None)
+
+
+@lru_cache(maxsize=64)
+def _mailman_view(message: Message, envelope_sender: str, password: bool) -> Message:
+    if password:
+        message = _after_approved(message)
+    headers = list(message.headers)
+    message_id = message.first("message-id")
+    if message_id is not None and _fixed_message_id(message_id) != message_id:
+        at = message._names().index("message-id")
+        headers[at] = (headers[at][0], _fixed_message_id(message_id))
+    headers += lmtp_fields(message, envelope_sender)
+    return message._replace(headers=tuple(headers),
+                            names=tuple(name.lower() for name, _ in headers))
+
+
+def _after_approved(message: Message) -> Message:
+    """What Mailman's ``approved`` rule (``rules/approved.py``, its password right or
+    wrong) leaves of the message, for a list with a moderator password: without any
+    Approve:/Approved:/X-Approve:/X-Approved: header when it has one; else without an
+    ``Approved:`` first non-blank line of the first text/plain part (that part re-encoded
+    by Mailman's ``reset_payload``, and the ``Approved: <password>`` text deleted from
+    every text part), the parts re-generated by ``email``'s generator."""
+    if any(name in APPROVED_HEADERS for name in message._names()):
+        headers = tuple(pair for pair in message.headers
+                        if pair[0].lower() not in APPROVED_HEADERS)
+        return message._replace(headers=headers,
+                                names=tuple(name.lower() for name, _ in headers))
+    if message.body is None:
+        return message
+    lines = [f"{name}: {value}\n" for name, value in message.headers]
+    raw = ("".join(lines) + "\n" + message.body).encode("utf-8", "surrogateescape")
+    msg = email.message_from_bytes(raw, policy=compat32)
+    if not _strip_approved_line(msg):
+        return message
+    out = BytesIO()
+    BytesGenerator(out, mangle_from_=False, policy=compat32.clone(max_line_length=0)) \
+        .flatten(msg)
+    head, _, body = out.getvalue().replace(b"\r\n", b"\n").partition(b"\n\n")
+    headers = split_headers(head.decode("ascii", "surrogateescape") + "\n")
+    if headers is None:
+        headers = tuple((str(name), str(value)) for name, value in msg._headers)
+    return message._replace(headers=headers, body=body.decode("utf-8", "surrogateescape"),
+                            names=tuple(name.lower() for name, _ in headers))
+
+
+def _strip_approved_line(msg) -> bool:
+    """Mailman's body branch of ``Approved.check``, on ``msg`` (mutated): True when it
+    found and deleted an Approved: first line."""
+    part = payload = None
+    for part in typed_subpart_iterator(msg, "text", "plain"):
+        payload = part.get_payload(decode=True)
+        break
+    if payload is None:
+        return False
+    payload = _decode_us_ascii(part, payload)
+    line = ""
+    lineno = 0
+    lines = payload.splitlines(True)
+    for lineno, line in enumerate(lines):
+        if line.strip() != "":
+            break
+    if ":" not in line:
+        return False
+    header, value = line.split(":", 1)
+    if header.lower() not in APPROVED_HEADERS:
+        return False
+    password = value.strip()
+    del lines[lineno]
+    _reset_payload(part, "".join(lines))
+    pattern = header + r":(\s|&nbsp;)*" + re.escape(password)
+    for part in typed_subpart_iterator(msg, "text"):
+        payload = part.get_payload(decode=True)
+        if payload is not None:
+            payload = _decode_us_ascii(part, payload)
+            if re.search(pattern, payload):
+                _reset_payload(part, re.sub(pattern, "", payload))
+    return True
+
+
+def _decode_us_ascii(part, payload: bytes) -> str:
+    try:
+        return payload.decode(part.get_content_charset("us-ascii"), "replace")
+    except LookupError:
+        return payload.decode("us-ascii", "replace")
+
+
+def _reset_payload(part, payload: str) -> None:
+    # rules/approved.py reset_payload.
+    charset = part.get_content_charset() or "us-ascii"
+    content_type = part.get_content_type()
+    format_ = part.get_param("format")
+    delsp = part.get_param("delsp")
+    del part["content-transfer-encoding"]
+    del part["content-type"]
+    try:
+        part.set_payload(payload, charset)
+    except LookupError:
+        part.set_payload(payload, "us-ascii")
+    part.set_type(content_type)
+    if format_:
+        part.set_param("Format", format_)
+    if delsp:
+        part.set_param("DelSp", delsp)
+
+
 class Loop:
     name = "loop"
     description = "A List-Post: header equal to the list's posting address: discarded."
@@ -194,7 +368,7 @@ class HeaderMatchRule:
         message = ctx.query.message
         if message is None:
             return _NO_MESSAGE
-        msg = email_message(message)
+        msg = email_message(mailman_view(ctx))
         # chains/headers.py: every site line is a rule of its own whose hit defers; then
         # "any" jumps to jump_chain before a list entry is looked at.
         for line, entry in site.checks:
@@ -243,6 +417,7 @@ class Administrivia:
         message = ctx.query.message
         if message is None:
             return _NO_MESSAGE
+        message = mailman_view(ctx)
         msg = email_message(message)
         lines_to_check = []
         subject = str(msg.get("subject", ""))
@@ -458,7 +633,7 @@ class SuspiciousHeader:
         message = ctx.query.message
         if message is None:
             return _NO_MESSAGE
-        msg = email_message(message)
+        msg = email_message(mailman_view(ctx))
         for header, regex in rules:
             for value in msg.get_all(header, []):
                 if regex.search(str(value)):

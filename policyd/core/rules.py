@@ -394,8 +394,25 @@ class NoSenders:
     def check(self, ctx: Context) -> Hit | Miss:
         if ctx.senders:
             return Miss("senders: " + ", ".join(ctx.senders)) if ctx.explain else _QUIET
+        if senders_unseen(ctx.query):
+            return _SENDERS_UNSEEN
         return Hit(Verdict.DISCARD, "no valid sender address in From:, envelope, "
                    "Reply-To: or Sender:", Action.DISCARD)
+
+
+def senders_unseen(query: Query) -> bool:
+    """No message and no From:, Reply-To: or Sender: value: the Postfix path (or an Exim
+    ACL that sent neither ``headers=`` nor a header value).  Mailman takes the post from
+    those fields, so a query without a valid envelope sender has senders policyd cannot
+    see: ``no-senders`` and the default nonmember action have no opinion on it (Mailman
+    decides); they decide only on a sender they saw, or on the fields' absence seen in
+    the message."""
+    return (query.message is None and query.from_header is None
+            and query.reply_to_header is None and query.sender_header is None)
+
+
+_SENDERS_UNSEEN = Miss("not evaluated: no valid envelope sender, and without the message "
+                       "the MTA sent no From:, Reply-To: or Sender: (Mailman reads them)")
 
 
 class BannedAddress:
@@ -500,6 +517,10 @@ class NonmemberModeration:
                     # Mailman 3 turns accept_these_nonmembers into "defer".
                     return Miss(reason, note=reason, action=Action.DEFER, sender=sender)
                 return _action_hit(action, reason, sender)
+        if not ctx.senders and senders_unseen(ctx.query):
+            # No sender seen at all (no-senders missed): the post's From: decides in
+            # Mailman, a member's post or a nonmember's; no opinion.
+            return _SENDERS_UNSEEN
         action = policy.default_nonmember_action
         sender = ctx.senders[-1] if ctx.senders else None
         reason = f"no sender is a member; list default nonmember action {action.label}" \

@@ -204,10 +204,14 @@ def exim_line(case: dict) -> bytes:
 
 def query(case: dict) -> Query:
     """The query an MTA would send for the case's message: through the Exim codec for a
-    case with a whole message, else the raw header values."""
+    case with a whole message, Postfix's (envelope only) for a ``postfix`` case, else
+    the raw header values."""
     if "raw" in case:
         (only,) = parse_request(exim_line(case)).queries()
         return only
+    if case.get("postfix"):
+        # The Postfix path: no header is sent (Mailman still sees the case's From:).
+        return Query(case["recipient"], case.get("envelope_sender", ""))
     return Query(case["recipient"], case.get("envelope_sender", ""),
                  _header(case.get("from")), _header(case.get("reply_to")),
                  _header(case.get("sender")))

@@ -24,6 +24,9 @@ HOLDS = f"holds@{HOST}"
 NEWS = f"news@{HOST}"
 RELAXED = f"relaxed@{HOST}"
 RECIPS = f"recips@{HOST}"
+APPROVED_VIEW = f"apprview@{HOST}"
+LMTP = f"lmtp@{HOST}"
+TRUSTED = "boss@trusted.example"
 
 # Mailman's defaults for a new list, stated, so both sides see the same thing.
 _OFF = {"max_num_recipients": 0, "max_message_size": 0,
@@ -64,6 +67,19 @@ def content_lists() -> list[dict]:
         # last hit would be max-size.
         {"fqdn": RECIPS, "default_member_action": "defer",
          "default_nonmember_action": "defer", "content": {**_OFF, "max_num_recipients": 3}},
+        # What the rules after approved read: the Approved: headers and line gone.
+        {"fqdn": APPROVED_VIEW, "default_member_action": "defer",
+         "default_nonmember_action": "reject", "members": [{"address": MEMBER}],
+         "content": {"moderator_password": PASSWORD, "administrivia": True,
+                     "header_matches": [["Approved", ".", "discard"],
+                                        ["X-Approve", ".", "discard"]],
+                     "bounce_matching_headers": "Approve: .\n"}},
+        # ... and the fields Mailman's LMTP runner appends (X-MailFrom, the hashes).
+        {"fqdn": LMTP, "default_member_action": "defer",
+         "default_nonmember_action": "reject", "members": [{"address": MEMBER}],
+         "content": {"header_matches": [["X-MailFrom", r"@trusted\.example$", "accept"],
+                                        ["Approved", ".", "discard"],
+                                        ["X-Message-ID-Hash", "^[A-Z2-7]{32}$", "hold"]]}},
     ]
 
 
@@ -140,7 +156,7 @@ def content_cases() -> list[dict]:
     # loop
     for cid, value, why in [
         ("loop-plain", LOOPY, "List-Post: the posting address"),
-        ("loop-case", f"  LOOPY@Lists.Example.COM  ", "stripped and lower-cased"),
+        ("loop-case", "  LOOPY@Lists.Example.COM  ", "stripped and lower-cased"),
         ("loop-mailto", f"<mailto:{LOOPY}>", "Mailman compares the raw value: no loop"),
         ("loop-other", f"other@{HOST}", "another list"),
     ]:
@@ -238,6 +254,55 @@ def content_cases() -> list[dict]:
               why="every hold off but no-subject"))
     add(_case("relaxed-nosubject", "no-subject", RELAXED,
               message(_std(RELAXED, subject=None)), why="no-subject cannot be turned off"))
+    # approved removes the Approve: headers and line before the later rules read them
+    ten = "".join(f"line {n}\n" for n in range(9))
+    for cid, rule, extra, body, why in [
+        ("view-approved-wrong", "accept", [("Approved", "wrong")], None,
+         "deleted though wrong: no header-match, no bounce_matching_headers"),
+        ("view-approve-wrong", "accept", [("Approve", "wrong")], None, "Approve: too"),
+        ("view-x-approve-wrong", "accept", [("X-Approve", "wrong"), ("Approved", "x")],
+         None, "every spelling deleted"),
+        ("view-x-approve-right", "approved", [("X-Approve", PASSWORD)], None, "right"),
+        ("view-body-shift", "administrivia", [], "Approved: wrong\n" + ten + "help\n",
+         "the line deleted: help becomes the tenth line"),
+        ("view-body-no-shift", "accept", [], "Hello\n" + ten + "help\n",
+         "no Approved: line: help is the eleventh line"),
+        ("view-body-right", "approved", [], f"Approved: {PASSWORD}\n" + ten + "help\n",
+         "the right password in the body"),
+    ]:
+        add(_case(cid, rule, APPROVED_VIEW,
+                  message(_std(APPROVED_VIEW, sender=MEMBER, extra=extra),
+                          body if body is not None else "The announcement.\n"),
+                  sender=MEMBER, why=why))
+    add(_case("view-body-mime", "administrivia", APPROVED_VIEW,
+              message(_std(APPROVED_VIEW, sender=MEMBER, extra=mp),
+                      _multipart("Approved: wrong\n" + ten + "help")),
+              sender=MEMBER, why="the first text/plain part of a multipart message"))
+    for cid, rule, headers, sender, why in [
+        ("lmtp-xmailfrom", "header-match", _std(LMTP, sender=TRUSTED), TRUSTED,
+         "X-MailFrom: the envelope sender"),
+        ("lmtp-xmailfrom-from-only", "header-match", _std(LMTP, sender=TRUSTED), STRANGER,
+         "From: alone is not X-MailFrom: the hash entry holds"),
+        ("lmtp-xmailfrom-written", "header-match",
+         _std(LMTP, extra=[("X-MailFrom", TRUSTED)]), STRANGER,
+         "an X-MailFrom: in the message counts too"),
+        ("lmtp-approved-no-password", "header-match",
+         _std(LMTP, extra=[("Approved", "x")]), STRANGER,
+         "no moderator password: Approved: stays"),
+        ("lmtp-hash", "header-match", _std(LMTP), STRANGER, "X-Message-ID-Hash:"),
+        ("lmtp-no-message-id", "header-match",
+         [h for h in _std(LMTP) if h[0] != "Message-ID"], STRANGER,
+         "Mailman makes a Message-ID, and its hash"),
+    ]:
+        add(_case(cid, rule, LMTP, message(headers), sender=sender, why=why))
+    # 8-bit bytes beside encoded words in the sender fields (compat32's Header)
+    for n, word in enumerate(["=28", "=22", "=3C", "=2C", "=40"]):
+        for field in ("From", "Reply-To", "Sender"):
+            headers = [("From", STRANGER)] if field != "From" else []
+            headers += [(field, f"=?utf-8?q?J{word}x?= J\u00f6rg <{MEMBER}>"),
+                        ("To", ANNOUNCE), ("Subject", "x"), ("Message-ID", "<m@x.invalid>")]
+            add(_case(f"senders-8bit-{field.lower()}-{n}", "accept", ANNOUNCE,
+                      message(headers), why="the encoded word stays encoded"))
     # senders read field by field from the header block
     add(_case("senders-repeated", "member-moderation", ANNOUNCE,
               message([("From", STRANGER), ("From", MEMBER), ("To", ANNOUNCE),

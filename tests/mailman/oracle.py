@@ -41,8 +41,10 @@ from __future__ import annotations
 
 import argparse
 import email
+import email.utils
 import json
 import os
+import re
 import shutil
 import sys
 import tempfile
@@ -394,12 +396,22 @@ class Oracle:
                    else build_message(case, mlist.posting_address))
             msg = email.message_from_bytes(raw, Message)
             msg.set_unixfrom(case.get("envelope_sender", ""))
+            # LMTPHandler._handle_DATA: a Message-ID made when missing, a bogus one
+            # fixed, then (after the defects check) the hash fields and X-MailFrom.
+            message_id = msg.get("message-id")
+            if message_id is None:
+                message_id = email.utils.make_msgid()
+                msg["Message-ID"] = message_id
+            new_mid = re.sub(r"^<?\[(.*)\]>?", r"<\1>", message_id)
+            if new_mid != message_id:
+                msg.replace_header("Message-ID", new_mid)
             if msg.defects:
                 record["outcome"] = "lmtp-501"
                 record["defects"] = [repr(defect) for defect in msg.defects]
                 return record
             msg.original_size = len(raw)
             add_message_hash(msg)
+            msg["X-MailFrom"] = mail_from(case.get("envelope_sender", ""))
             record["senders"] = list(msg.senders)
             if subaddress is not None:
                 record["outcome"] = "not-a-post:{}".format(subaddress)
@@ -424,6 +436,18 @@ class Oracle:
             self.record = None
             self.config.db.abort()
         return record
+
+
+def mail_from(envelope_sender):
+    """``envelope.mail_from`` as Mailman's LMTP server (aiosmtpd) makes it of
+    ``MAIL FROM:<sender>`` (``<>`` for the null sender); a sender it would refuse with
+    553 is kept as given (the oracle runs the chain all the same)."""
+    from email._header_value_parser import get_angle_addr
+    from email.errors import HeaderParseError
+    try:
+        return get_angle_addr("<{}>".format(envelope_sender))[0].addr_spec
+    except (HeaderParseError, IndexError, ValueError):
+        return envelope_sender
 
 
 def build_message(case, posting_address):
