@@ -298,7 +298,8 @@ def postfix_action(decision: Decision | None, reply: SmtpReply, mode: str,
       (``unknown-list``, ``null-sender``); everything else, the administrative addresses
       included, is ``DUNNO``, because Mailman decides from From: first;
     * ``[postfix] mode = envelope``: the full decision on the envelope sender alone;
-    * an accepted post -> ``DUNNO`` (or ``OK`` with ``accept_action = ok``); HOLD ->
+    * an accepted post -> ``DUNNO`` (or ``OK`` with ``accept_action = ok``, if it had a
+      sender: an envelope sender that Mailman's validator drops is none); HOLD ->
       ``HOLD <text>``; DISCARD -> ``DISCARD <text>``; REJECT and DEFER ->
       ``<code> <x.y.z> <text>``.
 
@@ -313,7 +314,11 @@ def postfix_action(decision: Decision | None, reply: SmtpReply, mode: str,
         return "DUNNO"
     outcome = reply.outcome
     if outcome is Outcome.ACCEPT:
-        if mode == "safe" or decision.rule == "administrative-address":
+        # No sender seen (an envelope sender Mailman's validator drops, the null sender
+        # with null_sender = mailman): no opinion, never OK, which would skip the
+        # restrictions after policyd.
+        if mode == "safe" or decision.rule == "administrative-address" \
+                or not decision.senders:
             return "DUNNO"
         return "OK" if accept_action == "ok" else "DUNNO"
     if outcome is Outcome.HOLD:

@@ -137,6 +137,19 @@ def test_envelope_mode_decides_fully():
     ]
 
 
+@pytest.mark.parametrize("sender", ["pat@example.com.", "pat@@example.com",
+                                    "idn@b\u00fccher.example"])
+def test_envelope_mode_without_a_sender_it_can_see_has_no_opinion(sender):
+    """``mode = envelope``, ``accept_action = ok``: an envelope sender Mailman's validator
+    drops leaves no sender; Mailman decides from the From: Postfix never sends, so the
+    answer is DUNNO: not no-senders' DISCARD (the whole message), not the nonmember
+    REJECT, and not OK."""
+    config = dataclasses.replace(CONFIG, mode="envelope", accept_action="ok")
+    proto, transport, _, _ = connect(config)
+    proto.dataReceived(request(sender=sender))
+    assert answers(transport.value()) == [b"DUNNO"]
+
+
 def test_envelope_mode_hold_maps_to_postfix_hold():
     """With ``[smtp] hold = hold`` a held post is ``HOLD <text>`` (whole message)."""
     config = dataclasses.replace(CONFIG, mode="envelope")
