@@ -97,6 +97,8 @@ def test_blocking_folder_names_the_folder_a_user_cannot_enter(private_folder):
     """Judged by owner, group and other execute bits, along the whole path."""
     inner = private_folder / "checkout" / "build"
     inner.mkdir(parents=True)
+    for folder in (inner.parent, inner):  # whatever the umask (077 made them 0700)
+        folder.chmod(0o755)
     assert blocking_folder(inner, "nobody") == private_folder
     assert blocking_folder(inner, pwd.getpwuid(os.getuid()).pw_name) is None
     private_folder.chmod(0o711)
