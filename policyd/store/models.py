@@ -11,6 +11,8 @@ Tables (every change goes through an Alembic migration in ``migrations/versions`
                        a user membership posts through the user's preferred address
 ``nonmember_patterns`` the four ``*_these_nonmembers`` lists (``kind`` is the Action)
 ``bans``               list bans, and site-wide bans (``list_id`` NULL)
+``list_revisions``     per list, a revision and a random nonce, both written by triggers
+                       on every change (migrations 0002, 0007; ``ListRevision``)
 ``store_state``        one row; ``generation`` is bumped by every write (see below);
                        ``store_id``, random, set when the store is created (migration
                        0002): a different store (a copied-over SQLite file, a recreated
@@ -20,12 +22,12 @@ Tables (every change goes through an Alembic migration in ``migrations/versions`
 Actions are stored as Mailman 3's integers (hold 0, reject 1, discard 2, accept 3,
 defer 4) and roles as Mailman 3's (member 1, owner 2, moderator 3, nonmember 4).
 
-Change tracking: every writer must run ``UPDATE store_state SET generation =
+Change tracking: every writer should run ``UPDATE store_state SET generation =
 generation + 1 WHERE id = 1`` in the same transaction as its change (``policyd.store.
 queries.bump`` does; ``Store.write()`` calls it).  The daemon's cheap change token also
-looks at the row count and highest id of every table, so a foreign writer that forgets
-the bump is still noticed when it inserts or deletes rows; an in-place UPDATE by such a
-writer is only seen at the next bump.
+carries the list revisions and the sums of their nonces, which the triggers move on any
+writer's change, and the row count and highest id of every table (a TRUNCATE fires no
+row trigger).
 """
 
 from __future__ import annotations
@@ -350,12 +352,19 @@ class ListRevision(Base):
     """A list's revision, bumped by database triggers (migration 0002) on every change to
     a row its policy is built from; ``list_id`` 0 (``SHARED_REVISION``) counts changes to
     what every list shares (domains, site bans).  No foreign key: a row outlives its list,
-    so a reused list id continues its counter, and a trigger never fails a writer."""
+    so a reused list id continues its counter, and a trigger never fails a writer.
+
+    ``nonce`` (migration 0007): a random value below 2**60 that the same triggers draw
+    anew with every bump.  A count says how many changes a list had, not which: two
+    copies of one store that diverged (a backup restored over the store, a copy edited
+    elsewhere) can hold other members at the same revision.  Their nonces differ (except
+    with probability 2**-60), and the change token and a list's fingerprint carry them."""
 
     __tablename__ = "list_revisions"
 
     list_id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=False)
     revision: Mapped[int] = mapped_column(BigInteger, nullable=False)
+    nonce: Mapped[int] = mapped_column(BigInteger, nullable=False, server_default="0")
 
 
 SHARED_REVISION = 0

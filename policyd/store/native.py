@@ -69,16 +69,28 @@ def _raw(column):
     return type_coerce(column, SmallInteger)
 
 
+# The list revisions' nonces (below 2**60) are summed in two halves of 30 bits: a sum of
+# whole nonces would overflow SQLite's 64-bit integers (sum() then fails) at 8 lists.
+NONCE_HALF = 30
+NONCE_LOW = (1 << NONCE_HALF) - 1
+
+
 def token_query():
     """One statement: the generation, the store's id, the count and sum of the list
-    revisions (bumped by triggers on every change, whoever writes), and count + max(id)
-    of every tracked table (what a write that fires no trigger, a TRUNCATE, still
-    changes)."""
+    revisions (bumped by triggers on every change, whoever writes) and the sums of their
+    nonces (drawn anew with every bump: a diverged copy of the store with the same counts
+    has other nonces), and count + max(id) of every tracked table (what a write that
+    fires no trigger, a TRUNCATE, still changes).  One row per list, never a
+    membership."""
     r = ListRevision.__table__
     columns = [select(StoreState.generation).where(StoreState.id == 1).scalar_subquery(),
                select(StoreState.store_id).where(StoreState.id == 1).scalar_subquery(),
                select(func.count()).select_from(r).scalar_subquery(),
-               select(func.coalesce(func.sum(r.c.revision), 0)).scalar_subquery()]
+               select(func.coalesce(func.sum(r.c.revision), 0)).scalar_subquery(),
+               select(func.coalesce(func.sum(r.c.nonce.op(">>")(NONCE_HALF)), 0)
+                      ).scalar_subquery(),
+               select(func.coalesce(func.sum(r.c.nonce.op("&")(NONCE_LOW)), 0)
+                      ).scalar_subquery()]
     for model in TRACKED:
         table = model.__table__
         columns.append(select(func.count()).select_from(table).scalar_subquery())
@@ -338,21 +350,25 @@ def load_specs(connection: Connection, list_ids: Collection[int] | None = None
 #
 # Exact: database triggers (migration 0002) bump a list's row in ``list_revisions`` on
 # every change to a row its policy is built from, and row 0 on a change to what every list
-# shares (domains, site bans).  A snapshot's ``SourceState`` holds, per list, its posting
-# address and revision, and the shared revision; ``refresh.load_changes`` rebuilds the
-# lists whose revision moved.
+# shares (domains, site bans), and draw a new random nonce for it (migration 0007).  A
+# snapshot's ``SourceState`` holds, per list, its posting address, revision and nonce,
+# and the shared ones; ``refresh.load_changes`` rebuilds the lists whose revision or
+# nonce moved (a diverged copy of the store copied over it: same revision, other nonce).
 
 
 def read_state(connection: Connection, origin: str = "") -> SourceState:
-    """The current ``SourceState``: every list's (posting address, revision) and the
-    shared revision."""
+    """The current ``SourceState``: every list's (posting address, (revision, nonce)) and
+    the shared (revision, nonce).  The nonce tells apart two lists at the same revision
+    in diverged copies of the store (migration 0007)."""
     lt, r = MailingList.__table__, ListRevision.__table__
-    lists = {id_: (posting, revision or 0) for id_, posting, revision in connection.execute(
-        select(lt.c.id, lt.c.posting_address, r.c.revision)
-        .select_from(lt.outerjoin(r, r.c.list_id == lt.c.id)))}
+    lists = {id_: (posting, (revision or 0, int(nonce or 0)))
+             for id_, posting, revision, nonce in connection.execute(
+                 select(lt.c.id, lt.c.posting_address, r.c.revision, r.c.nonce)
+                 .select_from(lt.outerjoin(r, r.c.list_id == lt.c.id)))}
     shared = connection.execute(
-        select(r.c.revision).where(r.c.list_id == SHARED_REVISION)).scalar()
-    return SourceState(origin, lists, shared or 0)
+        select(r.c.revision, r.c.nonce).where(r.c.list_id == SHARED_REVISION)).first()
+    return SourceState(origin, lists,
+                       (0, 0) if shared is None else (shared[0] or 0, int(shared[1] or 0)))
 
 
 class _NativeSource:

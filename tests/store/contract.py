@@ -21,6 +21,7 @@ from policyd.store.engine import head_revision
 from policyd.store.models import (
     Address,
     Base,
+    Domain,
     ListRevision,
     MailingList,
     Membership,
@@ -809,21 +810,116 @@ class StoreContract:
         assert after.lists[self.OTHER] is before.lists[self.OTHER]
 
     def test_migrating_again_keeps_one_set_of_triggers(self, store, backend, mlist):
-        """Re-running the trigger migration's statements (what an upgrade does) leaves
-        exactly one trigger per table and event: a change bumps a revision by one."""
+        """Re-running the trigger migrations' statements (what an upgrade does) leaves
+        exactly one trigger per table and event: a change bumps a revision by one and
+        draws a new nonce (migration 0007's triggers)."""
         import importlib
 
         migration = importlib.import_module(
             "policyd.store.migrations.versions.0002_list_revisions")
         r = ListRevision.__table__
         with store.engine.begin() as connection:
-            for statement in migration.statements(connection.dialect.name):
+            for statement in migration.statements(connection.dialect.name, nonce=True):
                 connection.exec_driver_sql(statement)
         with store.engine.connect() as connection:
             list_id = connection.execute(select(MailingList.__table__.c.id)).scalar_one()
-            revision = connection.execute(
-                select(r.c.revision).where(r.c.list_id == list_id)).scalar_one()
+            revision, nonce = connection.execute(
+                select(r.c.revision, r.c.nonce).where(r.c.list_id == list_id)).one()
         self.add(store, ["x@example.com"])
         with store.engine.connect() as connection:
-            assert connection.execute(
-                select(r.c.revision).where(r.c.list_id == list_id)).scalar_one() == revision + 1
+            after = connection.execute(
+                select(r.c.revision, r.c.nonce).where(r.c.list_id == list_id)).one()
+        assert after[0] == revision + 1
+        assert after[1] != nonce and 0 <= after[1] < 2 ** 60
+
+    # --- a diverged copy of the store ----------------------------------------------------
+
+    def _dump(self, store) -> dict:
+        """Every row of every table of the schema, as a dump would hold them."""
+        with store.engine.connect() as connection:
+            return {table.name: [dict(row._mapping) for row in connection.execute(
+                select(table).order_by(*table.primary_key.columns))]
+                for table in Base.metadata.sorted_tables}
+
+    def _restore(self, store, dump: dict) -> None:
+        """Put ``dump`` back as a restore does: the rows as they were, the revisions and
+        the generation included (what the triggers did while the rows went in is
+        overwritten by the dumped ``list_revisions`` and ``store_state``)."""
+        tables = Base.metadata.sorted_tables
+        with store.engine.begin() as connection:
+            for table in reversed(tables):
+                connection.execute(delete(table))
+            for table in tables:
+                if dump[table.name] and table.name not in ("list_revisions", "store_state"):
+                    connection.execute(insert(table), dump[table.name])
+            for name in ("list_revisions", "store_state"):
+                table = Base.metadata.tables[name]
+                connection.execute(delete(table))
+                if dump[name]:
+                    connection.execute(insert(table), dump[name])
+
+    def test_a_diverged_restore_with_the_same_counts_changes_the_token(
+            self, store, backend, mlist):
+        """A dump of the store, restored after the store diverged from it with the same
+        number of changes (the dump: bob's posts rejected; the store: alice's held
+        instead), keeps the store id, the generation, every list revision, row count and
+        highest id.  The change token still moves (each change drew another nonce), and
+        the refresh serves the restored rows (the old code kept the token, and the daemon
+        answered from the store it no longer had)."""
+        self.add(store, ["alice@example.com", "bob@example.com"])
+        common = self._dump(store)
+
+        def moderate(address, action):
+            with store.write() as session:
+                q.set_members(session, q.find_list(session, LIST),
+                              q.entries_from([address], action))
+
+        moderate("bob@example.com", Action.REJECT)
+        restored = self._dump(store)
+        self._restore(store, common)
+        moderate("alice@example.com", Action.HOLD)
+        live = backend.load_snapshot()
+        assert live.version == backend.change_token()
+        assert dict(live.lists[LIST].member_actions) == {"alice@example.com": Action.HOLD}
+
+        self._restore(store, restored)
+        assert self._dump(store) == restored
+        token = backend.change_token()
+        assert token != live.version
+        assert token.split(".")[0] == live.version.split(".")[0]  # same generation
+        for after in (backend.load_changes(live), backend.load_snapshot()):
+            assert after.version == token
+            assert dict(after.lists[LIST].member_actions) == {
+                "bob@example.com": Action.REJECT}
+        # Only the list that differs is read again (its nonce differs, not its revision).
+        assert backend.load_changes(live).built_how == "incremental: 1 list read again"
+
+    def test_an_old_store_is_upgraded_with_nonces(self, url):
+        """A store made before migration 0007 (list revisions without nonces) is upgraded
+        by ``Store.upgrade``: every existing revision gets a random nonce, and from then
+        on each change draws a new one."""
+        from policyd.store import engine as engine_module
+
+        store = Store(url)
+        r = ListRevision.__table__
+        try:
+            engine_module.upgrade(store.engine, "0006_list_broken")
+            with store.engine.begin() as connection:
+                # 0002's triggers: the shared revision, without a nonce.
+                connection.execute(insert(Domain.__table__).values(name="lists.example.org"))
+                assert connection.exec_driver_sql(
+                    "SELECT revision FROM list_revisions WHERE list_id = 0").scalar() == 1
+            assert store.upgrade() == ("0006_list_broken", head_revision())
+            with store.engine.connect() as connection:
+                shared = connection.execute(
+                    select(r.c.revision, r.c.nonce).where(r.c.list_id == 0)).one()
+            assert shared[0] == 1 and 0 < shared[1] < 2 ** 60
+            with store.write() as session:
+                q.add_list(session, LIST)
+                q.add_domain(session, "lists.example.net", alias_of="lists.example.org")
+            with store.engine.connect() as connection:
+                rows = dict(connection.execute(select(r.c.list_id, r.c.nonce)).all())
+            assert len(rows) == 2 and rows[0] != shared[1]
+            assert all(0 <= n < 2 ** 60 for n in rows.values())
+        finally:
+            store.close()

@@ -119,6 +119,96 @@ def test_another_store_copied_over_the_file_is_noticed(tmp_path):
         backend.close()
 
 
+def _diverged_copies(path, backup, posting):
+    """Two copies of one store that diverged with the same number of changes: alice
+    subscribed to both, then bob to ``path`` and carol to ``backup`` (the same store id,
+    generation, list revisions, row counts and highest ids)."""
+    from policyd.store import queries as q
+    from policyd.store.models import MemberRole
+
+    def subscribe(where, address):
+        store = Store(f"sqlite:///{where}")
+        with store.write() as session:
+            q.add_members(session, q.find_list(session, posting),
+                          q.entries_from([address], None), MemberRole.MEMBER)
+        store.close()
+
+    _store_with(path, posting)
+    subscribe(path, "alice@example.com")
+    shutil.copyfile(path, backup)
+    subscribe(path, "bob@example.com")
+    subscribe(backup, "carol@example.com")
+
+
+def test_a_diverged_copy_with_the_same_counts_copied_over_the_file_is_noticed(tmp_path):
+    """A backup of the same store that diverged from it (``cp store.sqlite backup.sqlite``,
+    then bob subscribed to the store and carol to the backup) has the same store id,
+    generation, list revisions and row counts; ``cp backup.sqlite store.sqlite`` keeps the
+    inode too.  The change token still moves (the revisions' nonces differ), and the
+    refresh serves the copy: bob is no longer a member, carol is (the old code kept
+    answering from the old snapshot: same token)."""
+    from policyd.core.chain import decide
+    from policyd.core.verdict import Query, Verdict
+
+    posting = "discuss@lists.example.org"
+    path, backup = tmp_path / "store.sqlite", tmp_path / "backup.sqlite"
+    _diverged_copies(path, backup, posting)
+
+    def accepted(snapshot, sender):
+        query = Query(posting, sender, from_header=sender)
+        return decide(snapshot, query).verdict is Verdict.ACCEPT
+
+    backend = NativeBackend(f"sqlite:///{path}")
+    try:
+        before = backend.load_snapshot()
+        assert accepted(before, "bob@example.com")
+        assert not accepted(before, "carol@example.com")
+        inode = path.stat().st_ino
+        shutil.copyfile(backup, path)
+        assert path.stat().st_ino == inode
+        token = backend.change_token()
+        assert token != before.version
+        # The same shape: only the content differs.
+        assert token.split(".")[0] == before.version.split(".")[0]
+        for after in (backend.load_changes(before), backend.load_snapshot()):
+            assert after.version == token
+            assert not accepted(after, "bob@example.com")
+            assert accepted(after, "carol@example.com")
+    finally:
+        backend.close()
+
+
+def test_a_diverged_copy_copied_over_the_file_under_a_running_snapshot_service(tmp_path):
+    """The same copy under a running ``SnapshotService`` (real SQLite, the store thread
+    run inline, a ``Clock``): at its next refresh it serves the copied store, and bob's
+    post is no longer accepted (the old code kept accepting it: same token)."""
+    from twisted.internet.task import Clock
+
+    from policyd.core.chain import decide
+    from policyd.core.verdict import Query, Verdict
+    from policyd.snapshot_service import SnapshotService
+    from tests.protocols.fakes import run_now
+
+    posting = "discuss@lists.example.org"
+    path, backup = tmp_path / "store.sqlite", tmp_path / "backup.sqlite"
+    _diverged_copies(path, backup, posting)
+    bob = Query(posting, "bob@example.com", from_header="bob@example.com")
+
+    clock = Clock()
+    backend = NativeBackend(f"sqlite:///{path}")
+    service = SnapshotService(backend, interval=2.0, clock=clock, run_in_thread=run_now)
+    service.startService()
+    try:
+        assert decide(service.current, bob).verdict is Verdict.ACCEPT
+        shutil.copyfile(backup, path)
+        clock.advance(2.0)
+        assert decide(service.current, bob).verdict is not Verdict.ACCEPT
+        assert "carol@example.com" in service.current.lists[posting].members
+    finally:
+        service.stopService()
+        backend.close()
+
+
 def test_a_store_state_row_recreated_by_hand_gets_a_new_store_id(tmp_path):
     """A writer that re-creates a deleted ``store_state`` row gives it a fresh id (the
     daemon then rebuilds in full), and every store gets its own id at creation."""

@@ -118,8 +118,30 @@ def trigger_name(table: str, timing: str, event: str) -> str:
     return f"policyd_rev_{table}_{timing[0].lower()}{event[0].lower()}"
 
 
-def _upsert(dialect: str, selects: list[str]) -> str:
+# Migration 0007: a random value below 2**60, drawn anew for each row.  SQLite's random()
+# is a 64-bit CSPRNG value; PostgreSQL and MariaDB hash a random number with a value that
+# is unique in time (the clock and the backend; a version 1 UUID).
+NONCE = {
+    "sqlite": "(random() & 1152921504606846975)",
+    "postgresql": ("('x' || substr(md5(random()::text || clock_timestamp()::text "
+                   "|| pg_backend_pid()::text), 1, 15))::bit(60)::bigint"),
+    "mysql": "CAST(CONV(SUBSTR(MD5(CONCAT(UUID(), RAND())), 1, 15), 16, 10) AS UNSIGNED)",
+}
+NONCE["mariadb"] = NONCE["mysql"]
+
+
+def _upsert(dialect: str, selects: list[str], nonce: bool = False) -> str:
     ids = " UNION ".join(selects)
+    if nonce:
+        # One row per list id (DISTINCT before the random value, which differs per row).
+        head = ("INSERT INTO list_revisions (list_id, revision, nonce) "
+                f"SELECT x, 1, {NONCE[dialect]} FROM (SELECT DISTINCT x FROM ({ids}) "
+                "AS changed) AS distinct_ids WHERE x IS NOT NULL")
+        if dialect in ("mysql", "mariadb"):
+            return head + (" ON DUPLICATE KEY UPDATE revision = revision + 1, "
+                           "nonce = VALUES(nonce)")
+        return head + (" ON CONFLICT (list_id) DO UPDATE SET "
+                       "revision = list_revisions.revision + 1, nonce = excluded.nonce")
     head = ("INSERT INTO list_revisions (list_id, revision) "
             f"SELECT DISTINCT x, 1 FROM ({ids}) AS changed WHERE x IS NOT NULL")
     if dialect in ("mysql", "mariadb"):
@@ -146,12 +168,13 @@ def _notify_statements() -> list[str]:
     return out
 
 
-def statements(dialect: str) -> list[str]:
-    """The SQL that (re)creates every trigger, idempotently."""
+def statements(dialect: str, nonce: bool = False) -> list[str]:
+    """The SQL that (re)creates every trigger, idempotently; ``nonce``: the triggers of
+    migration 0007, which also draw a new ``list_revisions.nonce`` with each bump."""
     out = _notify_statements() if dialect == "postgresql" else []
     for (table, timing, event), selects in TRIGGERS.items():
         name = trigger_name(table, timing, event)
-        body = _upsert(dialect, selects)
+        body = _upsert(dialect, selects, nonce)
         if dialect == "postgresql":
             # A BEFORE trigger's function must return the row, or the delete is skipped.
             result = "OLD" if timing == "BEFORE" else "NULL"
