@@ -78,13 +78,14 @@ swapped in.
 from __future__ import annotations
 
 import hashlib
+import os
 import sys
 import threading
 import time
 from collections import defaultdict
 from dataclasses import replace
 from typing import Callable, Iterable
-from urllib.parse import quote
+from urllib.parse import quote, unquote
 
 from sqlalchemy import (
     BigInteger,
@@ -270,6 +271,17 @@ class Mailman3DataError(StoreUnavailable):
 # --- engine ------------------------------------------------------------------------------
 
 
+def _sqlite_file(engine: Engine) -> str | None:
+    """The database file of a ``read_only_engine`` on SQLite (its URL names a
+    ``file:`` URI), else None."""
+    if engine.dialect.name != "sqlite":
+        return None
+    database = engine.url.database or ""
+    if database.startswith("file:"):
+        database = unquote(database[len("file:"):].split("?", 1)[0])
+    return database or None
+
+
 def read_only_engine(url: str, timeouts=None) -> Engine:
     """An engine that cannot write to the Mailman database, whatever it is asked, and
     whose waits are bounded by ``timeouts`` (``engine.connect_args_for``)."""
@@ -447,10 +459,16 @@ class Mailman3Backend:
         self._last_full = time.monotonic()
         # SQLite only: PRAGMA data_version on one long-lived connection changes whenever
         # another connection (Mailman) commits; while it stays the same, the last token
-        # still holds and the aggregates need not be recomputed.
+        # still holds and the aggregates need not be recomputed.  It stays the same too
+        # when another file is put at the path (a restored backup), so the gate's key is
+        # (data_version, the file's identity, size and modification time): see
+        # ``_data_version``.
         self._gate_lock = threading.Lock()
         self._gate_connection = None
-        self._gate: tuple[int, str, float] | None = None
+        self._gate: tuple[tuple, str, float] | None = None
+        self._path = _sqlite_file(self.engine)
+        # The ``stat`` of the file when the open connections were checked last.
+        self._file_state: tuple | None = None
 
     @classmethod
     def from_config(cls, store_config) -> "Mailman3Backend":
@@ -483,8 +501,7 @@ class Mailman3Backend:
         data_version = self._data_version()
         if data_version is not None:
             gate = self._gate
-            # Recomputed once a minute anyway: a database file replaced under the same
-            # name keeps the old file's data_version on the open connection.
+            # Recomputed once a minute anyway, on new connections (``_data_version``).
             if (gate is not None and gate[0] == data_version
                     and time.monotonic() - gate[2] < GATE_MAX_AGE):
                 return gate[1]
@@ -496,17 +513,47 @@ class Mailman3Backend:
             self._gate = (data_version, token, time.monotonic())
         return token
 
-    def _data_version(self) -> int | None:
+    def _data_version(self) -> tuple | None:
+        """SQLite: what the gate compares, (PRAGMA data_version, the database file's
+        device, inode, size and modification time), else None (no gate).
+
+        data_version moves when another connection commits, not when another file is put
+        at the path: a backup copied over the file (``cp``, same inode) whose SQLite
+        change counter equals the old file's (two copies that diverged by as many
+        transactions) keeps it, and so does every open connection's page cache, which
+        SQLite trusts while that counter is the same; after ``mv`` the open connections
+        still read the old file.  Either changes the file's ``stat``: then the open
+        connections (the gate's and the pool's) are closed, so the next read opens the
+        file now at the path with an empty cache.  (A commit by Mailman changes the
+        ``stat`` too: it costs new connections, a few milliseconds.)"""
         if self.engine.dialect.name != "sqlite":
             return None
         with self._gate_lock:
+            try:
+                stat = os.stat(self._path) if self._path is not None else None
+            except OSError:
+                stat = None
+            file_state = None if stat is None else (stat.st_dev, stat.st_ino, stat.st_size,
+                                                    stat.st_mtime_ns, stat.st_ctime_ns)
+            # Once a minute too (``GATE_MAX_AGE``: the token is then computed again),
+            # should a file be put there within the file system's timestamp granularity
+            # of the last write with the same size.
+            expired = (self._gate is not None
+                       and time.monotonic() - self._gate[2] >= GATE_MAX_AGE)
+            if file_state != self._file_state or expired:
+                if self._gate_connection is not None:
+                    self._gate_connection.invalidate()
+                    self._gate_connection = None
+                self.engine.dispose()
+                self._file_state = file_state
+                self._gate = None
             try:
                 if self._gate_connection is None:
                     self._gate_connection = self.engine.raw_connection()
                 cursor = self._gate_connection.cursor()
                 try:
                     cursor.execute("PRAGMA data_version")
-                    return int(cursor.fetchone()[0])
+                    return (int(cursor.fetchone()[0]), file_state)
                 finally:
                     cursor.close()
             except Exception:

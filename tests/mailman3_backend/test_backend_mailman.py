@@ -257,6 +257,58 @@ def sqlite_copy(mailman_python, tmp_path):
     return copy
 
 
+def _moderate(path, email, action):
+    """One write transaction, as a copy edited elsewhere would have: ``email``'s action on
+    test@example.com."""
+    with sqlite3.connect(path) as connection:
+        connection.execute(
+            "UPDATE member SET moderation_action = ? WHERE list_id = 'test.example.com' "
+            "AND address_id = (SELECT id FROM address WHERE email = ?)", (action, email))
+    connection.close()
+
+
+def _change_counter(path) -> bytes:
+    with open(path, "rb") as f:
+        return f.read(100)[24:28]
+
+
+@pytest.mark.parametrize("how", ["cp over", "mv over"])
+def test_a_diverged_copy_put_over_the_file_is_noticed_at_once(sqlite_copy, tmp_path, how):
+    """Two copies of one Mailman database that diverged by one write each (bob's action
+    reject in one, discard in the other) have the same SQLite change counter, so PRAGMA
+    data_version on the backend's open connection does not move when one is copied over
+    the other (``cp``, same inode) or moved over it (``mv``, the open connections still
+    read the old file).  The next change check still computes the token from the file
+    now at the path (its identity, size and modification time are part of the gate), and
+    the next snapshot shows the copy (the old code served the old token for up to
+    GATE_MAX_AGE, and after a ``mv`` read the replaced file)."""
+    other = tmp_path / "other.db"
+    shutil.copy(sqlite_copy, other)
+    _moderate(sqlite_copy, "bob@example.org", int(Action.REJECT))
+    _moderate(other, "bob@example.org", int(Action.DISCARD))
+    assert _change_counter(sqlite_copy) == _change_counter(other)
+    backend = Mailman3Backend(f"sqlite:///{sqlite_copy}")
+    try:
+        before = backend.load_snapshot()
+        assert before.version == backend.change_token()
+        assert before.lists["test@example.com"].member_actions["bob@example.org"] \
+            is Action.REJECT
+        if how == "cp over":
+            inode = sqlite_copy.stat().st_ino
+            shutil.copyfile(other, sqlite_copy)
+            assert sqlite_copy.stat().st_ino == inode
+        else:
+            other.replace(sqlite_copy)
+        token = backend.change_token()
+        assert token != before.version
+        for after in (backend.load_changes(before), backend.load_snapshot()):
+            assert after.version == token
+            assert after.lists["test@example.com"].member_actions["bob@example.org"] \
+                is Action.DISCARD
+    finally:
+        backend.close()
+
+
 def test_unknown_revision_is_refused(sqlite_copy):
     """A database at an Alembic revision policyd does not know is refused by check(),
     change_token() and load_snapshot(), naming the revision."""
