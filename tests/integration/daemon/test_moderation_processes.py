@@ -24,6 +24,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from .conftest import Run, b64, exim_ask, free_port, wait_until
 from .test_postgres import pg_url
+from .. import fresh_page
 
 pytestmark = [pytest.mark.integration, pytest.mark.postgres]
 
@@ -53,6 +54,7 @@ def held_for_moderation(run: Run, address: str) -> dict:
 
 def attempts(port: int) -> dict:
     """(mode, outcome, transition) -> count, from the daemon's metrics endpoint."""
+    fresh_page()
     with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10) as page:
         text = page.read().decode()
     return {(s.labels["mode"], s.labels["outcome"], s.labels["transition"]): s.value

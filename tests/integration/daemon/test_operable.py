@@ -26,6 +26,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from tests.requirements import require
 
+from .. import fresh_page
 from .conftest import (
     BIN,
     LIST,
@@ -45,6 +46,7 @@ REJECT = (b"REJECT 550 5.7.1 Posting to test@lists.example.com is restricted to 
 
 
 def scrape(port: int) -> dict:
+    fresh_page()
     with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5) as reply:
         assert reply.headers["Content-Type"].startswith("text/plain")
         body = reply.read().decode()

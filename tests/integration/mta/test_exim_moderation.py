@@ -20,6 +20,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from .conftest import NONMEMBER, policyctl, write_policyd_config
 from .harness import LIST_DOMAIN, Message, free_port, wait_delivered, wait_until
+from .. import fresh_page
 
 pytestmark = [pytest.mark.integration, pytest.mark.mta]
 
@@ -137,6 +138,7 @@ class QuickGreylist:
     def metrics(self) -> dict:
         """(name, labels as sorted tuples) -> value, from the daemon's endpoint."""
         url = f"http://127.0.0.1:{self.metrics_port}/metrics"
+        fresh_page()
         with urllib.request.urlopen(url, timeout=10) as response:
             text = response.read().decode()
         return {(sample.name, tuple(sorted(sample.labels.items()))): sample.value
