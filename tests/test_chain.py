@@ -122,6 +122,35 @@ def test_broken_list_defers_its_posts_alone(mode):
     check(s, q(to="test-owner@lists.example.com"), Verdict.ACCEPT, "administrative-address")
 
 
+@pytest.mark.parametrize("mode", [Mode.MAILMAN3, Mode.MAILMAN2])
+def test_at_list_entry_naming_a_broken_list_defers(mode):
+    """An ``@list`` entry whose list's rows could not be read cannot say whether the
+    sender is a member of it: the post gets the temporary failure (never the nonmember
+    action, a permanent rejection from policyd's own trouble), unless another entry of
+    the same group matches (its action is the answer whatever the broken list holds)."""
+    broken = ListSpec("friends@lists.example.com", mode=mode,
+                      members=(MemberSpec("friend@y.example"),),
+                      broken="mailinglist.members holds a pickle policyd will not load")
+    s = snap(mode, others=(broken,), default_nonmember_action=R,
+             accept_these_nonmembers=("@friends@lists.example.com", "^known@"),
+             hold_these_nonmembers=("held@z.example",))
+    d = check(s, q("friend@y.example"), Verdict.DEFER, "nonmember-moderation",
+              sender="friend@y.example")
+    assert "friends@lists.example.com" in d.reason and "could not be read" in d.reason
+    assert "will not load" in d.reason
+    # Another entry of the group matches: accepted whatever the broken list holds.
+    check(s, q("known@y.example"), Verdict.ACCEPT, "accept")
+    # Not named by any entry of the accept group and the list default applies only
+    # after the groups: the unread membership still decides first.
+    check(s, q("held@z.example"), Verdict.DEFER, "nonmember-moderation")
+    # A member of the list itself never reaches the nonmember entries.
+    s2 = snap(mode, others=(broken,), members=(MemberSpec("m@x.example", A),),
+              default_nonmember_action=R,
+              accept_these_nonmembers=("@friends@lists.example.com",))
+    check(s2, q("m@x.example"), Verdict.ACCEPT,
+          "member-moderation" if mode is Mode.MAILMAN3 else "accept")
+
+
 def test_a_list_that_cannot_be_built_is_broken_not_the_snapshot():
     """An exception while building one list (here: members that are not addresses or
     specs) marks that list broken instead of failing the whole build."""

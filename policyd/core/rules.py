@@ -511,6 +511,8 @@ class NonmemberModeration:
                 entry = _matching_entry(ctx.snapshot, policy, patterns, sender)
                 if entry is None:
                     continue
+                if type(entry) is Unreadable:
+                    return _unreadable_hit(entry, action, sender)
                 reason = f"{sender} matches {entry!r} in {action.label}_these_nonmembers" \
                     if ctx.explain else ""
                 if action is Action.ACCEPT:
@@ -530,8 +532,21 @@ class NonmemberModeration:
         return _action_hit(action, reason, sender)
 
 
+class Unreadable(NamedTuple):
+    """What ``_matching_entry`` found instead of an answer: an ``@list`` entry whose list's
+    rows could not be read (``ListPolicy.broken``), which no other entry of the group
+    outweighed.  Whether the sender is one of its members is unknown, so the post gets
+    the temporary failure, as a post to that list would (``broken-list``); matching
+    nobody would answer from a membership policyd could not read."""
+
+    entry: str
+    list: str
+    reason: str
+
+
 def _matching_entry(snapshot: Snapshot, policy: ListPolicy, patterns: tuple[Pattern, ...],
-                    sender: str) -> str | None:
+                    sender: str) -> str | Unreadable | None:
+    unreadable = None
     for pattern in patterns:
         if pattern.exact is not None:
             if pattern.exact == sender:
@@ -541,9 +556,21 @@ def _matching_entry(snapshot: Snapshot, policy: ListPolicy, patterns: tuple[Patt
                 return pattern.text
         elif pattern.at_list is not None and pattern.at_list != policy.posting_address:
             other = snapshot.lists.get(pattern.at_list)
-            if other is not None and sender in other.members:
-                return pattern.text
-    return None
+            if other is not None:
+                if sender in other.members:
+                    return pattern.text
+                if other.broken is not None and unreadable is None:
+                    # A later entry of the group may still match: the group's action is
+                    # then the answer whatever the unread list holds.
+                    unreadable = Unreadable(pattern.text, other.posting_address,
+                                            other.broken)
+    return unreadable
+
+
+def _unreadable_hit(found: Unreadable, action: Action, sender: str) -> Hit:
+    return Hit(Verdict.DEFER, f"{sender}: {action.label}_these_nonmembers entry "
+               f"{found.entry!r} names {found.list}, whose rows could not be read "
+               f"({found.reason}): whether {sender} is a member is unknown", None, sender)
 
 
 # --- Mailman 2.1 -------------------------------------------------------------------------
@@ -581,6 +608,8 @@ class Mailman2NonmemberModeration:
             entry = _matching_entry(ctx.snapshot, policy, patterns, sender) if sender else None
             if entry is None:
                 continue
+            if type(entry) is Unreadable:
+                return _unreadable_hit(entry, action, sender)
             reason = f"{sender} matches {entry!r} in {action.label}_these_nonmembers"
             if action is Action.ACCEPT:
                 return Miss(reason, note=reason, action=Action.ACCEPT, sender=sender)
