@@ -37,6 +37,8 @@ from twisted.internet.protocol import Factory  # noqa: E402
 from twisted.internet.task import LoopingCall  # noqa: E402
 from twisted.logger import Logger  # noqa: E402
 
+from . import loopback_owner  # noqa: E402
+
 _limits_log = Logger(namespace="policyd.limits")
 
 
@@ -82,9 +84,12 @@ def host_peer(host: str) -> str:
 def peer_identity(transport) -> str:
     """Who a connection counts against at a limit (``TrackingFactory``'s per-peer
     share): ``uid N`` for a Unix socket (``SO_PEERCRED``: every Postfix smtpd process is
-    the one peer ``uid postfix``), the address for TCP (``host_peer``), ``unix`` for a
-    Unix socket whose credentials cannot be read, ``-`` when nothing is known.  A
-    system call for a Unix socket: called only at a limit, once per connection
+    the one peer ``uid postfix``), ``ADDRESS uid N`` for a loopback TCP client (its
+    socket's owner, from the kernel: ``loopback_owner``), the address for any other TCP
+    client (``host_peer``,
+    also for a loopback one whose owner the kernel does not say), ``unix`` for a Unix
+    socket whose credentials cannot be read, ``-`` when nothing is known.  A system call
+    for a Unix socket or a loopback client: called only at a limit, once per connection
     (``peer_of``)."""
     try:
         address = transport.getPeer()
@@ -92,7 +97,21 @@ def peer_identity(transport) -> str:
         return "-"
     host = getattr(address, "host", None)
     if host is not None:
-        return host_peer(str(host))
+        host = str(host)
+        if loopback_owner.is_loopback(host):
+            # Every local process comes from the same address: its owner tells them
+            # apart (and counts Postfix as ``uid postfix`` over TCP as over a socket).
+            try:
+                local = transport.getHost()
+                uid = loopback_owner.owner((str(local.host), local.port),
+                                           (host, address.port))
+            except Exception:
+                uid = None
+            if uid is not None:
+                # The address stays in: a process binding 127.0.0.2 is still not the
+                # MTA at 127.0.0.1 when both run as the same user.
+                return f"{host_peer(host)} uid {uid}"
+        return host_peer(host)
     if _SO_PEERCRED is None:
         return "unix"
     try:
@@ -113,10 +132,13 @@ def peer_of(protocol) -> str:
 
 def address_peer(addr):
     """The peer of a connection being accepted, from its address alone: the host for
-    TCP, ``AT_CONNECT`` for a Unix socket (its uid is read at ``connectionMade``),
-    ``None`` when unknown (no share then: the limits as for one peer)."""
+    TCP, ``AT_CONNECT`` for a Unix socket or a loopback TCP client (its uid is read at
+    ``connectionMade``), ``None`` when unknown (no share then: the limits as for one
+    peer)."""
     host = getattr(addr, "host", None)
     if host is not None:
+        if loopback_owner.AVAILABLE and loopback_owner.is_loopback(str(host)):
+            return AT_CONNECT  # its owner's uid is read from the kernel, as for Unix
         return host_peer(str(host))
     if isinstance(addr, UNIXAddress):
         return AT_CONNECT
@@ -272,8 +294,8 @@ class TrackingFactory(Factory):
     never to be closed), ``never_read()`` (no byte received yet) and ``evict()``.
 
     Per-peer share: at a connection limit the connections are counted by peer
-    (``peer_identity``: the uid of a Unix socket's client, the address of a TCP one,
-    ``host_peer``).
+    (``peer_identity``: the uid of a Unix socket's client or of a loopback TCP one,
+    the address of any other TCP one, ``host_peer``).
     A peer may hold everything while nobody else wants a connection; a newcomer from a
     peer holding at least two fewer than the peer holding the most closes one of *that*
     peer's connections, least useful first (idle, then its request begun longest ago,
@@ -283,7 +305,7 @@ class TrackingFactory(Factory):
     local client reconnecting with fresh partial requests cannot keep the MTA out, and
     the MTA (all Postfix smtpd processes are one peer, ``uid postfix``) is never starved
     by the share when it is alone.  The peer is read only at a limit, once per
-    connection (``peer_of``); a Unix newcomer's uid needs its socket, so its admission
+    connection (``peer_of``); a Unix or loopback newcomer's uid needs its socket, so its admission
     waits for ``track`` (``connectionMade``), and one refused then is closed at once.
     Each incident logs one line when it starts and one summary when it has been quiet
     for ``INCIDENT_QUIET`` seconds; ``refused`` and ``evicted`` count them for status,

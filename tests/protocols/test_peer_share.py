@@ -10,13 +10,14 @@ against a real daemon is in ``tests/integration/daemon/test_hardening.py``.
 from __future__ import annotations
 
 import dataclasses
+import itertools
 import socket
 import struct
 
 from twisted.internet.address import IPv4Address, UNIXAddress
 from twisted.internet.testing import StringTransport
 
-from policyd.protocols import host_peer, peer_identity
+from policyd.protocols import host_peer, loopback_owner, peer_identity
 
 from . import test_postfix
 
@@ -50,6 +51,10 @@ def join(factory, transport):
     if proto is None:
         return None
     proto.makeConnection(transport)
+    if transport.disconnecting and not transport.value():
+        # Refused once its peer could be read (a Unix or loopback newcomer at a limit
+        # is decided at ``connectionMade``): closed at once, nothing read.
+        return None
     return proto
 
 
@@ -207,4 +212,44 @@ def test_unix_peers_are_told_apart_by_uid():
     join(factory, late_t)
     assert late_t.disconnecting and late_t.value() == b""
     assert factory.refused == 1 and factory.share_refused == 1
+    assert not mta_t.disconnecting
+
+
+def test_loopback_tcp_peers_are_told_apart_by_their_owner(monkeypatch):
+    """Over TCP on loopback every local process may come from 127.0.0.1, the MTA's
+    address: the owner of the client's socket, which the kernel gives
+    (``loopback_owner.owner``, faked here), tells them apart, the address kept (the
+    same user from 127.0.0.5 is another peer still); an owner the kernel does not give
+    leaves the address alone.  A newcomer at the limit is decided once its owner is read:
+    the MTA's is admitted and the flooding user's oldest request closed; the flooding
+    user's is closed at once, nothing read."""
+    owners: dict[int, int] = {}
+    monkeypatch.setattr(loopback_owner, "owner", lambda local, peer: owners.get(peer[1]))
+    ports = itertools.count(50000)
+
+    def local(host: str, uid: int) -> StringTransport:
+        port = next(ports)
+        owners[port] = uid
+        return StringTransport(peerAddress=IPv4Address("TCP", host, port),
+                               hostAddress=IPv4Address("TCP", "127.0.0.1", 10040))
+
+    assert peer_identity(local("127.0.0.1", 107)) == "127.0.0.1 uid 107"
+    assert peer_identity(local("127.0.0.5", 107)) == "127.0.0.0/8 uid 107"
+    assert peer_identity(tcp("127.0.0.1")) == "127.0.0.1"
+    clock, factory = listener()
+    flood = []
+    for _ in range(5):
+        transport = local("127.0.0.1", 1000)
+        join(factory, transport).dataReceived(BEGUN)
+        flood.append(transport)
+        clock.advance(0.1)
+    mta_t = local("127.0.0.1", 107)
+    mta = join(factory, mta_t)
+    assert mta is not None and not mta_t.disconnecting
+    assert [t.disconnecting for t in flood] == [True, False, False, False, False]
+    assert flood[0].value() == BUSY
+    mta.dataReceived(test_postfix.request())
+    assert mta_t.value() == b"action=DUNNO\n\n"
+    assert join(factory, local("127.0.0.1", 1000)) is None
+    assert factory.share_refused == 1 and factory.share_evicted == 1
     assert not mta_t.disconnecting

@@ -401,16 +401,21 @@ def test_a_peer_flooding_fresh_partial_requests_leaves_the_mta_its_share(run, da
     assert postfix and postfix[0]["share_evicted"] + postfix[0]["share_refused"] > 0, postfix
     share = [line for line in text.splitlines()
              if "[policyd.limits]" in line and "shared between peers" in line]
-    assert share and "the peer 127.0.0.0/8 holds" in share[0], share
+    # The flood's address, and its owner (this test's user) read from the kernel.
+    assert share and f"the peer 127.0.0.0/8 uid {os.geteuid()} holds" in share[0], share
     assert daemon.terminate() == 0
 
 
-#: ``PartialFlood`` on a Unix socket, as a process of its own (run as another uid):
-#: prints ``ready`` once it has opened 200 connections (``stuck`` if it cannot within
-#: 20 s), runs until killed.
-UNIX_FLOOD = r"""
+#: ``PartialFlood`` on a Unix socket (``PATH``) or from 127.0.0.1 to a TCP port
+#: (``tcp:PORT``), as a process of its own (run as another uid): prints ``ready`` once it
+#: has opened 200 connections (``stuck`` if it cannot within 20 s), runs until killed.
+LOCAL_FLOOD = r"""
 import socket, sys, time
 path, count = sys.argv[1], int(sys.argv[2])
+if path.startswith("tcp:"):
+    family, path = socket.AF_INET, ("127.0.0.1", int(path[4:]))
+else:
+    family = socket.AF_UNIX
 begun = b"request=smtpd_access_policy\nprotocol_state=RCPT\nsender="
 socks, opened, told, start = [], 0, False, time.monotonic()
 while True:
@@ -435,7 +440,7 @@ while True:
         alive.append((at, s))
     socks = alive
     while len(socks) < count:
-        s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        s = socket.socket(family, socket.SOCK_STREAM)
         try:
             s.settimeout(1.0)
             s.connect(path)
@@ -454,13 +459,23 @@ while True:
 
 
 @pytest.mark.skipif(os.geteuid() != 0, reason="another uid needs root (setuid)")
-def test_another_uid_flooding_a_unix_socket_leaves_the_mta_its_share(run, daemons):
-    """As the TCP test, on the Postfix Unix socket, where the peer is the uid
-    ``SO_PEERCRED`` gives: a process running as ``nobody`` floods fresh partial
-    requests; the MTA (this test's uid, as Postfix's smtpd processes all share
-    ``uid postfix``) gets every answer, and the incident names the flooding uid."""
+@pytest.mark.parametrize("listen", ["unix", "tcp"])
+def test_another_uid_flooding_leaves_the_mta_its_share(run, daemons, listen):
+    """As the TCP test, where the peer is a uid: on the Postfix Unix socket the one
+    ``SO_PEERCRED`` gives, on a TCP listener the owner of the client's loopback socket
+    (from the kernel), the flood coming from 127.0.0.1 as the MTA does.  A process
+    running as ``nobody`` floods fresh partial requests; the MTA (this test's uid, as
+    Postfix's smtpd processes all share ``uid postfix``) gets every answer, and the
+    incident names the flooding uid."""
+    if listen == "unix":
+        postfix_listen, target = f"unix:{run.postfix_socket}:mode=666", run.postfix_socket
+        flooder, mta = "uid 65534", lambda: PostfixClient(run.postfix_socket)
+    else:
+        port = free_port()
+        postfix_listen, target = f"tcp:{port}:interface=127.0.0.1", f"tcp:{port}"
+        flooder, mta = "127.0.0.1 uid 65534", lambda: PostfixFrom("127.0.0.1", port)
     run.write_config(exim_listen=f"unix:{run.exim_socket}:mode=660",
-                     postfix_listen=f"unix:{run.postfix_socket}:mode=666", log_file=True,
+                     postfix_listen=postfix_listen, log_file=True,
                      extra="max_connections = 20\n")
     run.fill()
     os.chmod(run.path, 0o711)  # nobody may reach the socket
@@ -470,23 +485,23 @@ def test_another_uid_flooding_a_unix_socket_leaves_the_mta_its_share(run, daemon
     # virtualenv (CI clones into a folder only root may enter); the flood needs only the
     # standard library.
     python = shutil.which("python3", path="/usr/bin:/bin") or sys.executable
-    flood = subprocess.Popen([python, "-c", UNIX_FLOOD, str(run.postfix_socket), "40"],
+    flood = subprocess.Popen([python, "-c", LOCAL_FLOOD, str(target), "40"],
                              stdout=subprocess.PIPE, user=65534, group=65534, cwd="/")
     total = 100
     failures: list[str] = []
     try:
         assert flood.stdout.readline() == b"ready\n"
-        failures = mta_asks(lambda: PostfixClient(run.postfix_socket), total)
+        failures = mta_asks(mta, total)
         status = daemon.status()
     finally:
         flood.kill()
         flood.wait(10)
-    print(f"\nflood of fresh partial requests from uid 65534 on a Unix socket: "
+    print(f"\nflood of fresh partial requests from uid 65534 ({listen}): "
           f"{total - len(failures)} of {total} MTA requests answered; {failures[:3]}")
     assert not failures, failures[:10]
     postfix = [listener for listener in status["listeners"] if listener["kind"] == "postfix"]
     assert postfix and postfix[0]["share_evicted"] + postfix[0]["share_refused"] > 0, postfix
     share = [line for line in daemon.text().splitlines()
              if "[policyd.limits]" in line and "shared between peers" in line]
-    assert share and "the peer uid 65534 holds" in share[0], share
+    assert share and f"the peer {flooder} holds" in share[0], share
     assert daemon.terminate() == 0
