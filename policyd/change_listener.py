@@ -3,7 +3,7 @@
 On PostgreSQL the native store's triggers ``NOTIFY policyd_changes`` (migration 0002)
 once per transaction that changes anything a snapshot is built from.  ``ChangeListener``
 owns one dedicated database connection in one small daemon thread: it connects, runs
-``LISTEN``, then only waits in ``select()`` on the connection's socket (and on a pipe
+``LISTEN``, then only waits in ``poll()`` on the connection's socket (and on a pipe
 that wakes it for shutdown).  On a notification it drains every notification queued and
 asks the reactor, once, to call ``on_change`` (``SnapshotService.changed``, which
 coalesces further); it never runs a refresh itself, so a refresh never waits for it and
@@ -13,9 +13,10 @@ is gone, nor a reconnection delay a build.
 
 A lost connection (``pg_terminate_backend``, a server restart, a network cut seen by the
 TCP keepalives of ``policyd.store.engine``) is logged once per incident; the thread
-reconnects with a growing pause (``RETRY``), and once it is listening again it logs
-that and calls ``on_change`` (changes made while it was not listening are not
-notified).  Meanwhile, and always, the snapshot service's timer keeps polling.
+reconnects with a growing pause (``RETRY``), and calls ``on_change`` as soon as it has
+reconnected (changes made while it was not listening are not notified); once the new
+connection has lasted ``SETTLE`` seconds it logs that it is listening again.  A
+connection that fails before that is the same incident, and the pauses keep growing.  Meanwhile, and always, the snapshot service's timer keeps polling.
 
 Every log event and every call of ``on_change`` goes through ``callFromThread``: the
 thread touches nothing of the reactor's.
@@ -94,8 +95,10 @@ class ChangeListener(StoreWatch):
 
     # Seconds before each reconnection attempt of an incident (the last one repeats).
     RETRY = (0.5, 1.0, 2.0, 5.0, 10.0)
-    # Seconds a select() waits at most (then it polls the connection anyway).
+    # Seconds a wait lasts at most (then it polls the connection anyway).
     WAIT = 30.0
+    # Seconds a new connection waits without failing before it counts as listening.
+    SETTLE = 1.0
 
     def __init__(self, reactor, connect: Callable[[], tuple], on_change: Callable[[], None],
                  *, channel: str, store: str = "", name: str = "policyd-listen") -> None:
@@ -139,23 +142,28 @@ class ChangeListener(StoreWatch):
                     stop.wait(self.RETRY[min(attempt, len(self.RETRY) - 1)])
                     attempt += 1
                     continue
-                attempt = 0
                 try:
-                    self._listening()
                     self._wait(connection, stop, wake_r)
                 except Exception as error:
                     if not stop.is_set():
                         self._lost(error, "lost its LISTEN connection")
-                        # A server restart refuses connections for a moment: do not
-                        # hammer it.
-                        stop.wait(self.RETRY[0])
                 finally:
+                    settled = self.listening
                     self.listening = False
                     self.listening_since = None
                     try:
                         close()
                     except Exception:
                         pass
+                if not stop.is_set():
+                    # A connection that failed before it settled is the same incident
+                    # going on (a server refusing sessions as soon as they start): its
+                    # pauses keep growing.  One that had settled starts them again.
+                    # Never at once: a server restart refuses connections for a moment.
+                    if settled:
+                        attempt = 0
+                    stop.wait(self.RETRY[min(attempt, len(self.RETRY) - 1)])
+                    attempt += 1
         finally:
             os.close(wake_r)
             os.close(wake_w)
@@ -172,8 +180,6 @@ class ChangeListener(StoreWatch):
         else:
             self._call(log.info, "store notifications: listening on {channel}",
                        channel=self.channel, store=self.store)
-        # What changed while nobody listened was not notified: look now.
-        self._call(self.on_change)
 
     def _lost(self, error: Exception, what: str) -> None:
         if not self._incident(error):
@@ -183,14 +189,29 @@ class ChangeListener(StoreWatch):
                    what=what, channel=self.channel, error=self.last_error, store=self.store)
 
     def _wait(self, connection, stop: threading.Event, wake_r: int) -> None:
-        """Wait for notifications until the connection fails (raises) or ``stop``."""
+        """Wait for notifications until the connection fails (raises) or ``stop``.  The
+        connection counts as listening (``_listening``) once it has waited ``SETTLE``
+        seconds, or read a notification, without failing."""
         fd = connection.fileno()
+        # poll(), not select(): a daemon holding a thousand connections gets descriptors
+        # beyond select()'s FD_SETSIZE for its reconnections.
+        poller = select.poll()
+        poller.register(fd, select.POLLIN)
+        poller.register(wake_r, select.POLLIN)
+        # What changed while nobody listened was not notified: look now.
+        self._call(self.on_change)
         while not stop.is_set():
-            readable, _, _ = select.select([fd, wake_r], [], [], self.WAIT)
-            if wake_r in readable:
+            wait = self.WAIT if self.listening else self.SETTLE
+            events = dict(poller.poll(wait * 1000))
+            if wake_r in events:
                 return
-            # poll() reads what arrived; a dead connection raises here.
-            connection.poll()
+            if events.get(fd, 0) & select.POLLNVAL:
+                raise OSError(f"descriptor {fd} of the LISTEN connection is not open")
+            if fd in events or self.listening:
+                # poll() reads what arrived; a dead connection raises here.
+                connection.poll()
+            if not self.listening:
+                self._listening()
             if connection.notifies:
                 self.received += len(connection.notifies)
                 connection.notifies.clear()

@@ -5,8 +5,11 @@ incident, reconnects, says so, and asks for a refresh once listening again."""
 
 from __future__ import annotations
 
+import os
 import queue
+import resource
 import socket
+import time
 
 from policyd.change_listener import ChangeListener
 
@@ -64,11 +67,12 @@ def test_notifications_reconnection_and_logging():
     listener = ChangeListener(reactor, connect, lambda: changes.append(1),
                               channel="policyd_changes")
     listener.RETRY = (0.01,)
+    listener.SETTLE = 0.05
     listener.startService()
     try:
-        name, fields = next_call(reactor)
-        assert name == "info" and "listening on" in fields["text"]
         assert next_call(reactor)[0] == "<lambda>"        # refresh: catch up
+        name, fields = next_call(reactor)                 # once settled
+        assert name == "info" and "listening on" in fields["text"]
         assert listener.status()["listening"] is True
 
         connections[0].peer.send(b"nnn")                  # three at once: one wake-up
@@ -79,14 +83,102 @@ def test_notifications_reconnection_and_logging():
         connections[0].peer.close()
         name, fields = next_call(reactor)
         assert name == "warn" and "administrator command" in fields["error"]
-        # Three failed reconnections log nothing more; then listening again, and a
-        # refresh for what changed meanwhile.
+        # Three failed reconnections log nothing more; then a refresh for what changed
+        # meanwhile, and listening again.
+        assert next_call(reactor)[0] == "<lambda>"
         name, fields = next_call(reactor)
         assert name == "info" and "listening again" in fields["text"]
-        assert next_call(reactor)[0] == "<lambda>"
         status = listener.status()
         assert status["listening"] is True and status["incidents"] == 1
         assert len(connections) == 2
         assert reactor.calls.empty()
     finally:
         listener.stopService()
+
+
+class HighConnection(FakeConnection):
+    """A connection whose descriptor is beyond select()'s FD_SETSIZE (1024), as a daemon
+    holding a thousand MTA connections gets for a reconnection."""
+
+    def __init__(self, fd: int) -> None:
+        super().__init__()
+        self.fd = os.dup2(self.sock.fileno(), fd)
+
+    def fileno(self) -> int:
+        return self.fd
+
+    def close(self) -> None:
+        os.close(self.fd)
+        super().close()
+
+
+def drain(reactor: FakeReactor) -> list:
+    calls = []
+    while not reactor.calls.empty():
+        f, args, kwargs = reactor.calls.get_nowait()
+        calls.append((getattr(f, "__name__", f), args[0] if args else ""))
+    return calls
+
+
+def test_a_connection_beyond_fd_setsize_listens():
+    """The wait works whatever the descriptor's number: notifications arrive, and the
+    thread does not reconnect in a loop (select() raised ValueError for it, taken for a
+    lost connection, twice a second for ever)."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft < 1600:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (min(1600, hard), hard))
+    reactor = FakeReactor()
+    made: list[HighConnection] = []
+
+    def connect():
+        connection = HighConnection(1500 + len(made))
+        made.append(connection)
+        return connection, connection.close
+
+    listener = ChangeListener(reactor, connect, lambda: None, channel="policyd_changes")
+    listener.RETRY = (0.01,)
+    listener.SETTLE = 0.05
+    listener.startService()
+    try:
+        time.sleep(0.2)
+        made[0].peer.send(b"n")
+        time.sleep(0.3)
+        calls = drain(reactor)
+        assert len(made) == 1 and listener.status()["incidents"] == 0, calls
+        assert listener.received == 1 and listener.status()["listening"] is True
+        assert [name for name, _ in calls] == ["<lambda>", "info", "<lambda>"], calls
+    finally:
+        listener.stopService()
+    soft_now = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft_now[0] != soft:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
+
+
+def test_connections_that_fail_at_once_are_one_incident_with_growing_pauses():
+    """A server that ends every session as soon as it starts (a pooler refusing, a
+    database in recovery): one warning for the incident, never "listening again", and
+    the pauses between attempts grow as for refused connections, not a reconnection
+    every RETRY[0]."""
+    reactor = FakeReactor()
+    made: list[FakeConnection] = []
+
+    def connect():
+        connection = FakeConnection()
+        connection.peer.close()  # the session ends at once
+        made.append(connection)
+        return connection, connection.close
+
+    listener = ChangeListener(reactor, connect, lambda: None, channel="policyd_changes")
+    listener.RETRY = (0.01, 0.02, 0.04, 0.08, 0.5)
+    listener.SETTLE = 0.05
+    listener.startService()
+    try:
+        time.sleep(1.2)
+    finally:
+        listener.stopService()
+    calls = drain(reactor)
+    logged = [(name, text) for name, text in calls if name in ("info", "warn")]
+    assert [name for name, _ in logged] == ["warn"], logged
+    # 0.01 + 0.02 + 0.04 + 0.08 then every 0.5 s: a handful, not one per 0.01 s.
+    assert 3 <= len(made) <= 8, len(made)
+    assert listener.status()["incidents"] == 1
