@@ -286,6 +286,17 @@ def test_a_clock_stepped_back_does_not_defer_or_hold_for_ever():
         (D, "first-attempt"), (D, "early-retry"), (P, "retry-in-window")]
 
 
+def test_a_pass_remembered_from_a_clock_ahead_is_no_pass_on_either_path():
+    """A pass remembered with a clock a year ahead (then stepped back, or a row from a
+    host whose clock ran ahead): ``remembered_step`` (the daemon's first question) and
+    ``check`` agree that it is no pass; the sender's attempt is greylisted again."""
+    st, clock = state()
+    run(st, clock, GREY, [(YEAR, None), (YEAR + 400, None)])  # passes: remembered
+    clock.now -= YEAR
+    assert st.remembered_step(KEY.list, KEY.sender) is None
+    assert st.check(GREY, KEY).transition == "first-attempt"
+
+
 def test_pruning_drops_what_a_clock_stepped_back_left_in_the_future():
     st, clock = state()
     run(st, clock, GREY, [(0, None)])

@@ -391,8 +391,12 @@ class ModerationState:
         ``None``: the first thing ``check`` asks on a greylisted list, and all it needs
         is the list and the sender, not the rest of the key (the client's network)."""
         until = self.remembered.get((list_, sender))
-        if until is not None and until > self.clock():
-            return REMEMBERED
+        if until is not None:
+            now = self.clock()
+            # As ``_greylist`` reads it: a time beyond what ``remember`` can give (a
+            # clock stepped back, a row from a host whose clock ran ahead) is no pass.
+            if now < until <= now + self.settings.remember + CLOCK_SLACK:
+                return REMEMBERED
         return None
 
     def _greylist(self, key: Key) -> Step:
