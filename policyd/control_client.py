@@ -83,7 +83,8 @@ def request(socket_path, message: dict, timeout: float = 5.0) -> dict:
 
 def query(socket_path, recipient: str, envelope_sender: str, from_header: str | None = None,
           reply_to_header: str | None = None, sender_header: str | None = None,
-          timeout: float = 5.0, client_address: str | None = None) -> dict:
+          timeout: float = 5.0, client_address: str | None = None,
+          message_id: str | None = None) -> dict:
     message = {
         "op": "query", "recipient": recipient, "envelope_sender": envelope_sender,
         "from_header": from_header, "reply_to_header": reply_to_header,
@@ -91,6 +92,8 @@ def query(socket_path, recipient: str, envelope_sender: str, from_header: str | 
     }
     if client_address:
         message["client_address"] = client_address
+    if message_id:
+        message["message_id"] = message_id
     return request(socket_path, message, timeout)
 
 

@@ -347,25 +347,29 @@ class PolicyService(MultiService):
 
     # --- what the control socket asks ---------------------------------------------------
 
-    def control_query(self, query: Query, client: str | None = None
-                      ) -> dict | defer.Deferred:
+    def control_query(self, query: Query, client: str | None = None, *,
+                      message_id: str | None = None) -> dict | defer.Deferred:
         """``policyctl query``'s result; a ``Deferred`` when a moderator password must be
         verified first (in a thread, never on the reactor).  ``client``: the SMTP
-        client's address, for SMTP-time moderation's network.  Read-only: moderation is
+        client's address, for SMTP-time moderation's network; ``message_id``: the post's
+        Message-ID: header, for the Exim preview's key.  Read-only: moderation is
         previewed, never applied."""
         pending = self.decider.decide(query, "control", counted=False).pending
         if pending is not None:
             waiting = self.decider.verify([pending])
             if waiting is not None:
-                return waiting.addCallback(lambda _: self._control_query(query, client))
-        return self._control_query(query, client)
+                return waiting.addCallback(
+                    lambda _: self._control_query(query, client, message_id))
+        return self._control_query(query, client, message_id)
 
-    def _control_query(self, query: Query, client: str | None = None) -> dict:
+    def _control_query(self, query: Query, client: str | None = None,
+                       message_id: str | None = None) -> dict:
         p = self.config.postfix
         result = query_result(self.decider, query, postfix_mode=p.mode,
                               accept_action=p.accept_action, now=self.reactor.seconds(),
                               loaded_at=self.snapshots.loaded_at,
-                              moderation=self.moderation, client=client)
+                              moderation=self.moderation, client=client,
+                              message_id=message_id)
         self.decider.count_answer("control", result["reply"]["outcome"])
         log.info("control query {recipient} sender=<{sender}>: {exim!r}",
                  recipient=query.recipient, sender=query.envelope_sender,

@@ -9,11 +9,12 @@ seconds, seconds).
 
 from __future__ import annotations
 
+import argparse
 from datetime import datetime, timezone
 from pathlib import Path
 
 from .. import control_client
-from ..errors import DaemonUnreachable, StoreUnavailable, Unavailable
+from ..errors import BadInput, DaemonUnreachable, StoreUnavailable, Unavailable
 from .arguments import command, json_flag, timeout_flag
 from .output import EXIT_OK, Context, print_mapping
 
@@ -32,6 +33,11 @@ def register(commands) -> None:
     p.add_argument("--client", metavar="ADDR",
                    help="the SMTP client's IP address, for SMTP-time moderation's network "
                         "(default: a client whose network has no greylist entry)")
+    p.add_argument("--message-id", dest="message_id", metavar="ID", type=message_id,
+                   help="the post's Message-ID: header value, angle brackets included, "
+                        "for SMTP-time moderation of the exim line (Exim's DATA-time "
+                        "greylist entries and tickets are the post's; default: a post "
+                        "without one); needs --from, --reply-to or --sender")
     p.add_argument("--explain", action="store_true", help="print the rule trace")
     p.add_argument("--offline", action="store_true",
                    help="decide from the store in this process, without the daemon")
@@ -54,9 +60,26 @@ def _control_socket(ctx: Context) -> Path:
 # --- query ---------------------------------------------------------------------------------
 
 
+def message_id(text: str) -> str | None:
+    """A Message-ID: header value as the control socket takes it (``MAX_MESSAGE_ID``);
+    empty is none."""
+    from ..protocols.control import MAX_MESSAGE_ID
+
+    if len(text) > MAX_MESSAGE_ID:
+        raise argparse.ArgumentTypeError(f"longer than {MAX_MESSAGE_ID} characters")
+    return text.strip() or None
+
+
 def cmd_query(ctx: Context) -> int:
     args = ctx.args
     sender = "" if args.sender_address.strip() in ("", "<>") else args.sender_address
+    if args.message_id and (args.from_header, args.reply_to_header,
+                            args.sender_header) == (None, None, None):
+        # Without headers the exim line is Exim's RCPT-time question, which SMTP-time
+        # moderation never answers: the Message-ID would silently mean nothing.
+        raise BadInput("--message-id needs --from, --reply-to or --sender: the question "
+                       "with headers is Exim's DATA-time one, the only one SMTP-time "
+                       "moderation answers")
     if args.offline:
         result = offline_query(ctx, args.list, sender, args.from_header, args.reply_to_header,
                                args.sender_header)
@@ -65,7 +88,8 @@ def cmd_query(ctx: Context) -> int:
             result = control_client.query(_control_socket(ctx), args.list, sender,
                                           args.from_header, args.reply_to_header,
                                           args.sender_header, timeout=args.timeout,
-                                          client_address=args.client)
+                                          client_address=args.client,
+                                          message_id=args.message_id)
         except control_client.DaemonError as error:
             # The daemon is there and cannot decide (no snapshot, an empty store): what
             # the MTAs get meanwhile is the temporary failure.
@@ -142,10 +166,13 @@ def print_result(ctx: Context, result: dict, *, explain: bool = False) -> None:
     ]
     if decision.get("action"):
         rows.append(("action", decision["action"]))
+    moderation = result.get("moderation") or {}
     if "exim" in result:
-        rows.append(("exim", result["exim"]))
-    moderation = result.get("moderation")
-    previewed = (moderation or {}).get("postfix")
+        previewed = moderation.get("exim")
+        rows.append(("exim", result["exim"] + (
+            f"  ({moderation.get('mode', 'moderation')}: {previewed['transition']}; "
+            f"{previewed['note']})" if previewed else "")))
+    previewed = moderation.get("postfix")
     if "postfix" in result:
         rows.append(("postfix", f"action={result['postfix']}" + (
             f"  (greylist: {previewed['transition']}; {previewed['note']})"

@@ -5,16 +5,18 @@ order.  Requests::
 
     {"op": "query", "recipient": "...", "envelope_sender": "...",
      "from_header": "..."|null, "reply_to_header": "..."|null, "sender_header": "..."|null,
-     "client_address": "..."|null}
+     "client_address": "..."|null, "message_id": "..."|null}
     {"op": "status"}
     {"op": "reload"}
 
 Answers: ``{"ok": true, "result": {...}}`` or ``{"ok": false, "error": "..."}``.  The
 ``query`` result is ``query_result``'s dict: the decision with its trace, the SMTP reply,
 the exact Exim line and Postfix action, and the snapshot version and age.  A query is
-read-only: the Postfix action includes what SMTP-time moderation would answer Postfix
-(greylisting, for ``client_address``'s network), previewed without creating, refreshing
-or counting anything (``ModerationService.preview``).
+read-only: the Postfix action, and the Exim line of a query with headers (Exim's DATA
+ACL), include what SMTP-time moderation would answer (greylisting, and on Exim the
+tickets; keyed by ``client_address``'s network and, on Exim, ``message_id``: the
+Message-ID: header's value), previewed without creating, refreshing or counting anything
+(``ModerationService.preview``).
 """
 
 from __future__ import annotations
@@ -27,19 +29,20 @@ from twisted.internet import defer
 from twisted.logger import Logger
 from twisted.internet.protocol import Protocol
 
-from ..core.moderation import STARTS
+from ..core.moderation import STARTS, Outcome
 from ..core.replies import SmtpReply
 from ..core.verdict import Query
 from ..errors import Unavailable
 from . import (EVICT_MIN_IDLE, RESERVED_DESCRIPTORS, SILENT_GRACE,
                ProcessLimits, ProtocolError, TrackingFactory, abort_stuck)
-from .exim import reply_line
-from .postfix import MODERATION_MODES, answer_action, postfix_query
+from .exim import MODERATION_MODES as EXIM_MODES, reply_line
+from .postfix import MODERATION_MODES as POSTFIX_MODES, answer_action, postfix_query
 
 log = Logger(namespace="policyd.control")
 
 __all__ = ["OPS", "ControlRequest", "parse_request", "format_response", "query_result",
-           "reply_dict", "ControlProtocol", "ControlFactory"]
+           "preview_dict", "exim_preview_dict", "reply_dict", "ControlProtocol",
+           "ControlFactory"]
 
 OPS = ("query", "status", "reload")
 MAX_LINE = 1 << 20
@@ -56,6 +59,10 @@ IDLE_TIMEOUT = 60.0
 #: MTAs' queries) for their whole run.
 MAX_PER_TURN = 16
 _HEADER_KEYS = ("from_header", "reply_to_header", "sender_header")
+#: The longest ``message_id`` taken: a header line's limit (RFC 5322); the Exim path
+#: keys on its first ``MESSAGE_ID_KEPT`` characters.
+MAX_MESSAGE_ID = 998
+MESSAGE_ID_KEPT = 255
 
 
 @dataclass(frozen=True)
@@ -64,6 +71,8 @@ class ControlRequest:
     query: Query | None = None
     # The SMTP client's address, for SMTP-time moderation's network (``None``: unknown).
     client: str | None = None
+    # The post's Message-ID: header value, for the Exim preview's key (``None``: none).
+    message_id: str | None = None
 
 
 def parse_request(line: bytes) -> ControlRequest:
@@ -95,7 +104,14 @@ def parse_request(line: bytes) -> ControlRequest:
     client = message.get("client_address")
     if client is not None and not isinstance(client, str):
         raise ProtocolError("client_address must be a string or null")
-    return ControlRequest("query", Query(recipient, sender, *headers), client or None)
+    message_id = message.get("message_id")
+    if message_id is not None:
+        if not isinstance(message_id, str):
+            raise ProtocolError("message_id must be a string or null")
+        if len(message_id) > MAX_MESSAGE_ID:
+            raise ProtocolError(f"message_id longer than {MAX_MESSAGE_ID} characters")
+    return ControlRequest("query", Query(recipient, sender, *headers), client or None,
+                          message_id or None)
 
 
 def format_response(result=None, error: str | None = None) -> bytes:
@@ -108,19 +124,24 @@ def format_response(result=None, error: str | None = None) -> bytes:
 
 def query_result(decider, query: Query, *, postfix_mode: str, accept_action: str,
                  now: float | None = None, loaded_at: float | None = None,
-                 moderation=None, client: str | None = None) -> dict:
+                 moderation=None, client: str | None = None,
+                 message_id: str | None = None) -> dict:
     """The answer to ``policyctl query`` (live through the control socket, or offline
     through a ``Decider`` over a ``FixedSnapshot``): the explained decision, and what each
     MTA gets for it, byte for byte: the Exim line for the query as given (headers
     included), the Postfix action for what Postfix would send (the envelope only).
 
-    ``moderation``: the daemon's ``ModerationService``.  With it the Postfix action is the
-    one the daemon would answer after SMTP-time moderation (a greylisted sender's 451
-    from ``client``'s network; ``None``: a client whose network has no entry), and
-    ``moderation`` in the result says what the list's moderation holds and, under
-    ``postfix``, the step previewed.  Previewed only: a query creates, refreshes and
-    counts nothing (``ModerationService.preview``), and says so when the MTA's attempt
-    would begin an entry.
+    ``moderation``: the daemon's ``ModerationService``.  With it the Postfix action, and
+    the Exim line of a query with headers (what Exim's DATA ACL asks; its RCPT-time
+    question, the envelope only, is never moderated), are the ones the daemon would
+    answer after SMTP-time moderation (a greylisted sender's 451 from ``client``'s
+    network, ``None`` being a client whose network has no entry; on Exim also a ticket's
+    451 or its moderator's decision, the post keyed by ``message_id``, the Message-ID:
+    header's value, ``None`` being a post without one), and ``moderation`` in the
+    result says what the list's moderation holds and, under ``postfix`` and ``exim``, the
+    step previewed.  Previewed only: a query creates, refreshes and counts nothing
+    (``ModerationService.preview``), and says so when the MTA's attempt would begin an
+    entry or a ticket.
 
     Raises ``Unavailable`` when there is no decision (no snapshot, an empty one)."""
     answer = decider.decide(query, "control", explain=True)
@@ -128,11 +149,17 @@ def query_result(decider, query: Query, *, postfix_mode: str, accept_action: str
         raise Unavailable(f"{answer.reason}; the MTAs get {reply_line(answer.reply)!r}")
     decision, reply = answer.decision, answer.reply
     exim = decider.decide(query, "control", names_a_list=True, counted=False)
+    exim_step = None
+    if moderation is not None and _at_data(query) and moderation.asks_about(exim.decision):
+        # Read as ``EximFactory`` reads the header: stripped, its first characters.
+        exim, exim_step = moderation.preview(
+            exim, query, client=client,
+            message_id=(message_id or "").strip()[:MESSAGE_ID_KEPT], modes=EXIM_MODES)
     pf_query = postfix_query(query)
     pf = decider.decide(pf_query, "control", counted=False)
     step = None
     if moderation is not None and moderation.asks_about(pf.decision):
-        pf, step = moderation.preview(pf, pf_query, client=client, modes=MODERATION_MODES)
+        pf, step = moderation.preview(pf, pf_query, client=client, modes=POSTFIX_MODES)
     snapshot = decider.snapshots.current
     now = time.time() if now is None else now
     loaded = snapshot.built_at if loaded_at is None else loaded_at
@@ -149,7 +176,17 @@ def query_result(decider, query: Query, *, postfix_mode: str, accept_action: str
             result["moderation"] = described
         if step is not None:
             result.setdefault("moderation", {})["postfix"] = preview_dict(step, client)
+        if exim_step is not None:
+            result.setdefault("moderation", {})["exim"] = exim_preview_dict(
+                exim_step, client, message_id)
     return result
+
+
+def _at_data(query: Query) -> bool:
+    """A query with headers: what Exim's DATA ACL asks, the one Exim question
+    SMTP-time moderation answers (``EximFactory.answer``)."""
+    return (query.from_header is not None or query.reply_to_header is not None
+            or query.sender_header is not None or query.message is not None)
 
 
 def preview_dict(step, client: str | None) -> dict:
@@ -162,6 +199,28 @@ def preview_dict(step, client: str | None) -> dict:
         note = "this query changed nothing"
     return {"outcome": step.outcome.value, "transition": step.transition,
             "ticket": step.ticket, "client": client, "starts_entry": starts, "note": note}
+
+
+def exim_preview_dict(step, client: str | None, message_id: str | None) -> dict:
+    """The moderation step previewed for Exim's DATA-time attempt, for ``policyctl
+    query``: ``preview_dict``'s fields and the Message-ID the post was keyed by, with
+    the assumption made when none was given."""
+    starts = step.transition in STARTS
+    message_id = (message_id or "").strip() or None
+    if not starts:
+        note = "this query changed nothing"
+    elif step.outcome is Outcome.HELD:
+        note = ("Exim's attempt would begin a ticket for this post (its number is drawn "
+                "then); this query began none")
+    else:
+        note = ("Exim's attempt would begin a greylist entry for this sender, network "
+                f"({client or 'client unknown'}) and Message-ID; this query began none")
+    if message_id is None:
+        note += ("; no Message-ID given: previewed as a post without one (a post with "
+                 "one has a greylist entry or ticket of its own: --message-id)")
+    return {"outcome": step.outcome.value, "transition": step.transition,
+            "ticket": step.ticket, "client": client, "message_id": message_id,
+            "starts_entry": starts, "note": note}
 
 
 def reply_dict(reply: SmtpReply) -> dict:
@@ -372,7 +431,8 @@ class ControlFactory(TrackingFactory):
             return format_response(error=error.reason)
         if request.op == "query":
             try:
-                result = self.service.control_query(request.query, request.client)
+                result = self.service.control_query(request.query, request.client,
+                                                    message_id=request.message_id)
             except Unavailable as error:
                 return format_response(error=str(error))
             if not isinstance(result, defer.Deferred):

@@ -56,6 +56,7 @@ from zope.interface import implementer
 
 from ..core import mailman_headers
 from ..core.message import Message, parse_message
+from ..core.moderation import SmtpModeration
 from ..core.replies import Outcome, SmtpReply, clean_text
 from ..core.verdict import Query
 from ..logging import DecisionLog
@@ -65,7 +66,8 @@ from . import EVICT_MIN_IDLE, SILENT_GRACE, DecidingFactory, ProtocolError, peer
 log = Logger(namespace="policyd.exim")
 
 __all__ = ["VERSION", "EximRequest", "parse_request", "reply_line", "aggregate",
-           "format_reply", "malformed_reply", "busy_reply", "EximPolicyProtocol", "EximFactory"]
+           "format_reply", "malformed_reply", "busy_reply", "MODERATION_MODES",
+           "EximPolicyProtocol", "EximFactory"]
 
 VERSION = b"POLICYD/1"
 _KEY_NAME = re.compile(rb"[a-z_]+")
@@ -86,6 +88,10 @@ _CONTROL_BYTES = bytes(range(0x20)) + b"\x7f"
 _LIST_ADDRESS = re.compile(rb'(?:"[^"\\]+"|[^\s"\\,@]+)@[^\s"\\,@]+')
 #: More lists than this in one request is malformed: Exim's ACLs ask about one.
 MAX_LISTS = 100
+#: The ``smtp_moderation`` settings Exim's DATA-time question applies (it has the
+#: message, so a ticket can follow the post by its Message-ID); ``policyctl query``
+#: previews the same.
+MODERATION_MODES = (SmtpModeration.GREYLIST, SmtpModeration.MODERATE)
 
 
 class EximRequest(NamedTuple):
@@ -578,7 +584,7 @@ class EximFactory(DecidingFactory):
                 answer, step = moderation.apply(
                     answer, query, client=request.client,
                     message_id=request.message_field("message-id")[:255],
-                    subject=request.message_field("subject"))
+                    subject=request.message_field("subject"), modes=MODERATION_MODES)
             text = reply_line(answer.reply)
             if decision_log.enabled:
                 decision_log.answered("exim", query, answer, text, request.id,

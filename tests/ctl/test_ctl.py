@@ -480,7 +480,7 @@ def test_daemon_answers_are_printed_like_offline_ones(with_demo, tmp_path, monke
     calls = []
 
     def fake_query(socket_path, recipient, sender, from_header=None, reply_to_header=None,
-                   sender_header=None, timeout=5.0, client_address=None):
+                   sender_header=None, timeout=5.0, client_address=None, message_id=None):
         calls.append((str(socket_path), recipient, sender, from_header))
         return offline
 
@@ -500,3 +500,38 @@ def test_daemon_answers_are_printed_like_offline_ones(with_demo, tmp_path, monke
     assert "HIT   member-moderation" in live
     assert json.loads(with_demo.ok("--config", str(config), "query", LIST,
                                    "dave@example.com", "--json")) == offline
+
+
+def test_query_message_id_goes_to_the_daemon(with_demo, tmp_path, monkeypatch):
+    """``--message-id`` (the post's Message-ID: header, for the Exim preview of
+    SMTP-time moderation) reaches the control socket as the DATA ACL would send it,
+    with ``--client``; it needs a header (Exim's question without one, at RCPT, is
+    never moderated) and is bounded like the control socket's field (exit 2)."""
+    from policyd import control_client
+
+    offline = json.loads(with_demo.ok("query", LIST, "dave@example.com", "--offline", "--json"))
+    calls = []
+
+    def fake_query(socket_path, recipient, sender, from_header=None, reply_to_header=None,
+                   sender_header=None, timeout=5.0, client_address=None, message_id=None):
+        calls.append((from_header, client_address, message_id))
+        return offline
+
+    monkeypatch.setattr(control_client, "query", fake_query)
+    config = tmp_path / "policyd.conf"
+    config.write_text(f"[store]\nurl = {with_demo.url}\n[daemon]\n"
+                      f"control_socket = {tmp_path / 'control.sock'}\n")
+    with_demo.ok("--config", str(config), "query", LIST, "dave@example.com", "--from",
+                 "Dave <dave@example.com>", "--client", "192.0.2.7",
+                 "--message-id", " <p1@example.net> ")
+    with_demo.ok("--config", str(config), "query", LIST, "dave@example.com", "--sender",
+                 "dave@example.com")
+    assert calls == [("Dave <dave@example.com>", "192.0.2.7", "<p1@example.net>"),
+                     (None, None, None)]
+    code, out, err = with_demo("--config", str(config), "query", LIST, "dave@example.com",
+                               "--message-id", "<p1@example.net>")
+    assert code == 2 and "--message-id needs --from, --reply-to or --sender" in err
+    code, out, err = with_demo("--config", str(config), "query", LIST, "dave@example.com",
+                               "--from", "d@example.com", "--message-id", "m" * 999)
+    assert code == 2 and "longer than 998 characters" in err
+    assert len(calls) == 2

@@ -19,10 +19,12 @@ class FakeService:
         self.reloads: list[defer.Deferred] = []
         self.queries: list[Query] = []
         self.clients: list = []
+        self.message_ids: list = []
 
-    def control_query(self, query, client=None):
+    def control_query(self, query, client=None, *, message_id=None):
         self.queries.append(query)
         self.clients.append(client)
+        self.message_ids.append(message_id)
         return {"exim": "ACCEPT 250 2.1.5 accept", "recipient": query.recipient}
 
     def status(self):
@@ -67,6 +69,32 @@ def test_query_client_address_reaches_the_service():
     proto, transport, service, _ = connect()
     proto.dataReceived(b'{"op": "query", "recipient": "l@x", "client_address": "::1"}\n')
     assert service.clients == ["::1"]
+
+
+def test_query_message_id_reaches_the_service():
+    """``message_id`` (``policyctl query --message-id``): the Message-ID: header value
+    that keys the Exim preview of SMTP-time moderation; a string of at most a header
+    line's length or null, empty meaning none."""
+    from policyd.protocols.control import MAX_MESSAGE_ID
+
+    req = parse_request(b'{"op": "query", "recipient": "l@x", "message_id": "<m@x>"}')
+    assert req.message_id == "<m@x>"
+    assert parse_request(b'{"op": "query", "recipient": "l@x"}').message_id is None
+    assert parse_request(b'{"op": "query", "recipient": "l@x", "message_id": ""}'
+                         ).message_id is None
+    longest = "<" + "m" * (MAX_MESSAGE_ID - 2) + ">"
+    assert parse_request(json.dumps({"op": "query", "recipient": "l@x",
+                                     "message_id": longest}).encode()).message_id == longest
+    for bad, reason in ((7, "message_id must be a string or null"),
+                        (longest + "x", f"message_id longer than {MAX_MESSAGE_ID}")):
+        with pytest.raises(ProtocolError, match=reason):
+            parse_request(json.dumps({"op": "query", "recipient": "l@x",
+                                      "message_id": bad}).encode())
+    proto, transport, service, _ = connect()
+    proto.dataReceived(b'{"op": "query", "recipient": "l@x", "from_header": "a@y", '
+                       b'"message_id": "<m@x>"}\n{"op": "query", "recipient": "l@x"}\n')
+    assert service.message_ids == ["<m@x>", None]
+    assert [answer["ok"] for answer in lines(transport)] == [True, True]
 
 
 @pytest.mark.parametrize("data, reason", [

@@ -40,6 +40,19 @@ def snapshot():
                  version="v1", built_at=0.0)
 
 
+def b64(text: str) -> str:
+    return base64.b64encode(text.encode()).decode()
+
+
+def exim_line(to, sender, message_id, client) -> bytes:
+    """The DATA ACL's question (policyd-data.acl); ``message_id=None``: a message
+    without a Message-ID: header."""
+    headers = f"From: {sender}\nSubject: Hello list\n" + (
+        f"Message-ID: {message_id}\n" if message_id is not None else "")
+    return (f"POLICYD/1 list={to} sender={b64(sender)} headers={b64(headers)} "
+            f"client={client} id=1").encode()
+
+
 class Harness:
     def __init__(self, tmp_path) -> None:
         self.url = url = f"sqlite:///{tmp_path / 'store.sqlite'}"
@@ -57,13 +70,24 @@ class Harness:
 
     def exim(self, to, sender=NONMEMBER, message_id="<p1@example.net>",
              client="192.0.2.7") -> bytes:
-        headers = (f"From: {sender}\nSubject: Hello list\nMessage-ID: {message_id}\n"
-                   ).encode()
-        line = (f"POLICYD/1 list={to} sender={base64.b64encode(sender.encode()).decode()} "
-                f"headers={base64.b64encode(headers).decode()} client={client} id=1")
         factory = EximFactory(self.decider, EXIM, self.clock)
         factory.moderation = self.moderation
-        return factory.answer(line.encode(), None)
+        return factory.answer(exim_line(to, sender, message_id, client), None)
+
+    def exim_wire(self, to, sender=NONMEMBER, message_id="<p1@example.net>",
+                  client="192.0.2.7", headers=True) -> bytes:
+        """The bytes Exim reads back for its DATA ACL's question (``headers=False``: its
+        RCPT ACL's, the envelope only), through the protocol on a ``StringTransport``."""
+        factory = EximFactory(self.decider, EXIM, self.clock)
+        factory.moderation = self.moderation
+        proto = factory.buildProtocol(None)
+        transport = StringTransport()
+        proto.makeConnection(transport)
+        line = exim_line(to, sender, message_id, client) if headers else \
+            f"POLICYD/1 list={to} sender={b64(sender)} client={client}".encode()
+        proto.dataReceived(line + b"\n")
+        assert transport.disconnecting
+        return transport.value()
 
     def postfix(self, to, sender=NONMEMBER, client="192.0.2.7") -> bytes:
         factory = PostfixFactory(self.decider, POSTFIX, self.clock)
@@ -311,12 +335,38 @@ def test_describe_for_policyctl_query(h):
     assert member["applies"] is False
 
 
-def _query(h, to, sender=NONMEMBER, client="192.0.2.7", mode="safe"):
+def _query(h, to, sender=NONMEMBER, client="192.0.2.7", mode="safe", from_header=None,
+           message_id=None):
     from policyd.core.verdict import Query
     from policyd.protocols.control import query_result
 
-    return query_result(h.decider, Query(to, sender), postfix_mode=mode,
-                        accept_action="dunno", moderation=h.moderation, client=client)
+    return query_result(h.decider, Query(to, sender, from_header), postfix_mode=mode,
+                        accept_action="dunno", moderation=h.moderation, client=client,
+                        message_id=message_id)
+
+
+def state_of(h):
+    """Everything a preview must leave as it is: the index, the changes not written
+    yet, the attempt counters."""
+    state = h.moderation.state
+    counts = {(mode, outcome): dict(counter)
+              for mode, outcomes in h.moderation.counts.items()
+              for outcome, counter in outcomes.items()}
+    return (dict(state.entries), dict(state.remembered), dict(state.tickets),
+            dict(state.ticket_by_key), repr(state.changes), counts)
+
+
+def printed(result) -> str:
+    import argparse
+    import io
+
+    from policyd.ctl.daemon import print_result
+    from policyd.ctl.output import Context
+
+    out = io.StringIO()
+    print_result(Context(argparse.Namespace(), out, io.StringIO(), {}, io.StringIO()),
+                 result)
+    return out.getvalue()
 
 
 GREYLISTED = ("451 4.7.1 Greylisted: temporary deferral of a first post to "
@@ -387,4 +437,155 @@ def test_policyctl_query_postfix_action_without_moderation_to_apply(h):
         result = _query(h, to, sender)
         assert result["postfix"] == "DUNNO", to
         assert "postfix" not in result.get("moderation", {}), to
+    assert not h.moderation.state.tickets and not h.moderation.state.entries
+
+
+def _exim_query(h, to, message_id="<p1@example.net>", client="192.0.2.7"):
+    """``policyctl query`` for the DATA ACL's question of ``Harness.exim_wire``: the
+    same sender, From:, client and Message-ID; the state must be as it was after it."""
+    before = state_of(h)
+    result = _query(h, to, client=client, from_header=NONMEMBER, message_id=message_id)
+    assert state_of(h) == before
+    return result
+
+
+def test_policyctl_query_exim_line_is_the_greylist_exim_gets_and_changes_nothing(h):
+    """With headers (Exim's DATA ACL question) the ``exim`` line is what EximFactory
+    answers after SMTP-time moderation, byte for byte, at every step of the greylist
+    (it showed the hold's ``ACCEPT`` while Exim got the greylist's 451), under
+    ``moderation.exim`` the step; and the query changes nothing: the wire answers that
+    follow are those of an Exim that was never asked about by ``policyctl``."""
+    first = _exim_query(h, GREY)
+    assert first["exim"] == "DEFER 451 4.7.1 " + GREYLISTED.split(" ", 2)[2]
+    previewed = first["moderation"]["exim"]
+    assert (previewed["outcome"], previewed["transition"], previewed["starts_entry"],
+            previewed["message_id"], previewed["client"]) == \
+        ("defer", "first-attempt", True, "<p1@example.net>", "192.0.2.7")
+    assert "Exim's attempt would begin a greylist entry" in previewed["note"]
+    assert "began none" in previewed["note"]
+    assert f"exim:     {first['exim']}  (greylist: first-attempt; Exim's attempt " \
+        "would begin a greylist entry" in printed(first)
+    # The query began nothing: Exim's attempt is the first, however late it comes.
+    h.clock.advance(400)
+    transitions = []
+    for advance in (0, 60, 300, 10):  # first attempt, early retry, in the window, remembered
+        h.clock.advance(advance)
+        result = _exim_query(h, GREY)
+        transitions.append(result["moderation"]["exim"]["transition"])
+        assert result["exim"].encode() == h.exim_wire(GREY), transitions
+    assert transitions == ["first-attempt", "early-retry", "retry-in-window", "remembered"]
+    assert result["exim"].startswith("ACCEPT 250 2.6.0")
+    from policyd.core.moderation import Outcome, SmtpModeration
+    greylist = h.moderation.counts[SmtpModeration.GREYLIST]
+    assert (greylist[Outcome.DEFER]["first-attempt"], greylist[Outcome.DEFER]["early-retry"],
+            greylist[Outcome.PASS]["retry-in-window"], greylist[Outcome.PASS]["remembered"]) \
+        == (1, 1, 1, 1)  # the wire's attempts only
+
+
+def test_policyctl_query_exim_greylist_entry_is_the_posts(h):
+    """On the Exim path the greylist entry is keyed by the Message-ID too: another
+    post of the sender, or a query without ``--message-id``, is a first attempt, and the
+    result says what it assumed without one."""
+    h.exim_wire(GREY)
+    h.clock.advance(60)
+    assert _exim_query(h, GREY)["moderation"]["exim"]["transition"] == "early-retry"
+    other = _exim_query(h, GREY, message_id="<p2@example.net>")
+    assert other["moderation"]["exim"]["transition"] == "first-attempt"
+    assert other["exim"].encode() == h.exim_wire(GREY, message_id="<p2@example.net>")
+    without = _exim_query(h, GREY, message_id=None)
+    assert without["moderation"]["exim"]["message_id"] is None
+    assert "no Message-ID given: previewed as a post without one" in \
+        without["moderation"]["exim"]["note"]
+    assert without["exim"].encode() == h.exim_wire(GREY, message_id=None)
+
+
+def held_as_previewed(wire: bytes) -> str:
+    """The wire's first ticket answer with its drawn number as a preview shows it."""
+    ticket = ticket_of(wire)
+    return wire.decode().replace(f"ticket {ticket}", "ticket (a new one)")
+
+
+@pytest.mark.parametrize("decision, reason", [
+    (Decision.APPROVE, ""), (Decision.REJECT, "Off topic here"), (Decision.DISCARD, ""),
+])
+def test_policyctl_query_exim_line_is_the_ticket_exim_gets_and_changes_nothing(
+        h, decision, reason):
+    """A ``moderate`` list: the ``exim`` line is Exim's answer after the ticket step,
+    byte for byte (the first attempt's ticket number is drawn by that attempt: the
+    preview names none and says it would begin one); the ticket is the post's, found by
+    ``--message-id`` from any network; the query neither begins a ticket nor counts an
+    attempt; the moderator's decision shows as the retry will get it."""
+    first = _exim_query(h, MODERATED)
+    previewed = first["moderation"]["exim"]
+    assert (previewed["outcome"], previewed["transition"], previewed["ticket"],
+            previewed["starts_entry"]) == ("held", "first-attempt", None, True)
+    assert "Exim's attempt would begin a ticket" in previewed["note"]
+    assert "(moderate: first-attempt; Exim's attempt would begin a ticket" in \
+        printed(first)
+    wire = h.exim_wire(MODERATED)
+    assert first["exim"] == held_as_previewed(wire)
+    ticket = ticket_of(wire)
+
+    h.clock.advance(60)
+    waiting = _exim_query(h, MODERATED, client="198.51.100.9")  # another network
+    assert waiting["moderation"]["exim"]["transition"] == "waiting"
+    assert waiting["moderation"]["exim"]["ticket"] == ticket
+    assert waiting["exim"].encode() == h.exim_wire(MODERATED, client="198.51.100.9") == wire
+    assert h.moderation.state.tickets[ticket].attempts == 2  # the wire's two attempts
+
+    h.clock.advance(5)
+    h.moderation.sync()
+    h.decide(ticket, decision, reason)
+    h.clock.advance(5)
+    h.moderation.sync()
+    decided = _exim_query(h, MODERATED)
+    assert decided["moderation"]["exim"]["transition"] == \
+        {Decision.APPROVE: "approved", Decision.REJECT: "rejected",
+         Decision.DISCARD: "discarded"}[decision]
+    assert decided["exim"].encode() == h.exim_wire(MODERATED)
+    assert decided["exim"].split(" ", 1)[0] == {
+        Decision.APPROVE: "ACCEPT", Decision.REJECT: "REJECT",
+        Decision.DISCARD: "DISCARD"}[decision]
+
+
+def test_policyctl_query_exim_ticket_without_message_id(h):
+    """Without ``--message-id`` the preview is that of a post without a Message-ID:
+    keyed by the client's network, as Exim keys such a post; a post's ticket keyed by
+    its Message-ID is not found, and the result says so."""
+    ticket = ticket_of(h.exim_wire(MODERATED, message_id=None))
+    h.clock.advance(60)
+    same = _exim_query(h, MODERATED, message_id=None)
+    assert same["moderation"]["exim"]["ticket"] == ticket
+    assert same["exim"].encode() == h.exim_wire(MODERATED, message_id=None)
+    assert "no Message-ID given" in same["moderation"]["exim"]["note"]
+    other_network = _exim_query(h, MODERATED, message_id=None, client="198.51.100.9")
+    assert other_network["moderation"]["exim"]["transition"] == "first-attempt"
+    keyed = _exim_query(h, MODERATED)  # <p1@example.net>: a post of its own
+    assert keyed["moderation"]["exim"]["transition"] == "first-attempt"
+
+
+def test_policyctl_query_envelope_only_exim_line_is_never_moderated(h):
+    """Without headers the ``exim`` line is Exim's RCPT-time question (the envelope
+    only), which SMTP-time moderation never answers: the hold's answer, no
+    ``moderation.exim``, as EximFactory answers it."""
+    for to in (GREY, MODERATED):
+        result = _query(h, to, message_id="<p1@example.net>")
+        assert "exim" not in result["moderation"], to
+        assert result["exim"].encode() == h.exim_wire(to, headers=False), to
+        assert result["exim"].startswith("ACCEPT 250 2.6.0"), to
+    assert not h.moderation.state.tickets and not h.moderation.state.entries
+
+
+def test_policyctl_query_exim_line_without_moderation_to_apply(h):
+    """A member's post and a list with smtp_moderation off: no Exim moderation step,
+    the factory's answer."""
+    from policyd.core.verdict import Query
+    from policyd.protocols.control import query_result
+
+    for to, sender in ((GREY, MEMBER), (MODERATED, MEMBER), (PLAIN, NONMEMBER)):
+        result = query_result(h.decider, Query(to, sender, sender), postfix_mode="safe",
+                              accept_action="dunno", moderation=h.moderation,
+                              client="192.0.2.7", message_id="<p1@example.net>")
+        assert "exim" not in result.get("moderation", {}), to
+        assert result["exim"].encode() == h.exim_wire(to, sender=sender), to
     assert not h.moderation.state.tickets and not h.moderation.state.entries
