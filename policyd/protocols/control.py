@@ -213,8 +213,10 @@ def exim_preview_dict(step, client: str | None, message_id: str | None) -> dict:
         note = ("Exim's attempt would begin a ticket for this post (its number is drawn "
                 "then); this query began none")
     else:
-        note = ("Exim's attempt would begin a greylist entry for this sender, network "
-                f"({client or 'client unknown'}) and Message-ID; this query began none")
+        network = f"network ({client or 'client unknown'})"
+        keyed = f", {network} and Message-ID" if message_id else f" and {network}"
+        note = (f"Exim's attempt would begin a greylist entry for this sender{keyed}; "
+                "this query began none")
     if message_id is None:
         note += ("; no Message-ID given: previewed as a post without one (a post with "
                  "one has a greylist entry or ticket of its own: --message-id)")
