@@ -290,3 +290,55 @@ def test_twist_plugin(run, daemons):
     assert daemon.proc.wait(20) == -signal.SIGTERM
     assert "policyd stopped" in daemon.text()
     assert not run.exim_socket.exists()
+
+
+@pytest.mark.parametrize("daemons", ["policyd"], indirect=True)
+def test_policyctl_query_previews_the_exim_moderation_step(run, daemons):
+    """Through the real daemon and ``policyctl query --from --client --message-id``: the
+    ``exim`` line is what the DATA ACL's question about that post gets (a ticket's 451
+    on a ``moderate`` list; it showed the hold's ACCEPT), and the query begins nothing:
+    the post's first real attempt still draws the ticket, the retry is told it again."""
+    import base64
+    import json
+    import re
+
+    moderated = "moderated@lists.example.com"
+    message_id = "<preview-1@example.net>"
+    run.write_config(extra="[moderation]\nsync_interval = 0.5\n")
+    run.policyctl("init")
+    run.policyctl("list", "add", moderated, "--default-nonmember-action", "hold")
+    run.policyctl("list", "set", moderated, "--smtp-moderation", "moderate")
+    daemon = daemons(run)
+    daemon.wait_ready()
+
+    def query(*extra: str) -> str:
+        return run.policyctl("query", moderated, NONMEMBER, "--from",
+                             f"Bob <{NONMEMBER}>", "--client", "192.0.2.10", *extra).stdout
+
+    def preview() -> dict:
+        return json.loads(query("--message-id", message_id, "--json"))
+
+    wait_until(lambda: (preview().get("moderation") or {}).get("usable"), 30,
+               "the daemon's moderation state to load", interval=0.2)
+    first = preview()
+    assert first["exim"] == "DEFER 451 4.7.1 Held for moderator approval, ticket (a new one)"
+    assert (first["moderation"]["exim"]["transition"],
+            first["moderation"]["exim"]["message_id"]) == ("first-attempt", message_id)
+
+    headers = base64.b64encode(f"From: Bob <{NONMEMBER}>\nSubject: hi\n"
+                               f"Message-ID: {message_id}\n".encode()).decode()
+    question = (f"POLICYD/1 list={moderated} "
+                f"sender={base64.b64encode(NONMEMBER.encode()).decode()} "
+                f"headers={headers} client=192.0.2.10 id=1").encode()
+    answer = exim_ask(run.exim_socket, question)
+    ticket = re.fullmatch(rb"DEFER 451 4\.7\.1 Held for moderator approval, ticket "
+                          rb"([A-Z0-9]{6})", answer)
+    assert ticket, answer
+    waiting = preview()
+    assert waiting["exim"].encode() == answer
+    assert waiting["moderation"]["exim"]["transition"] == "waiting"
+    assert exim_ask(run.exim_socket, question) == answer  # the retry: the same ticket
+    assert f"exim:     {answer.decode()}  (moderate: waiting; this query changed " \
+        "nothing)" in query("--message-id", message_id)
+    # Another post (no Message-ID given): a ticket of its own, the note says so.
+    assert "no Message-ID given" in query()
