@@ -90,10 +90,13 @@ def test_the_psl_file_is_read_like_mailman(tmp_path):
 REJECT = "v=DMARC1; p=reject; rua=mailto:d@example.com"
 
 
-@pytest.mark.parametrize("records, outcome", [
+# (answers, outcome): True mitigates, "quarantine" mitigates where quarantine counts
+# (Mailman 3 always, a Mailman 2 list with dmarc_quarantine_moderation_action), "defer"
+# is the temporary failure.
+OUTCOMES = [
     ({"_dmarc.sub.example.com": txt("_dmarc.sub.example.com", REJECT)}, True),
     ({"_dmarc.sub.example.com": txt("_dmarc.sub.example.com", "v=DMARC1; p=quarantine")},
-     True),
+     "quarantine"),
     ({"_dmarc.sub.example.com": txt("_dmarc.sub.example.com", "v=DMARC1; p=none")}, False),
     ({"_dmarc.sub.example.com": txt("_dmarc.sub.example.com", "v=DMARC1; P=Reject")}, True),
     # not "v=DMARC1;" exactly: no record here, the organizational domain's is read
@@ -106,7 +109,7 @@ REJECT = "v=DMARC1; p=reject; rua=mailto:d@example.com"
      False),
     ({"_dmarc.sub.example.com": NXDOMAIN,
       "_dmarc.example.com": txt("_dmarc.example.com", "v=DMARC1; p=none; sp=quarantine")},
-     True),
+     "quarantine"),
     ({"_dmarc.sub.example.com": NXDOMAIN, "_dmarc.example.com": NXDOMAIN}, False),
     # A domain that is no DNS name mitigates, as Mailman's rule does (DNSException).
     ({"_dmarc.sub.example.com": DnsAnswer("error", detail="not a DNS name")}, True),
@@ -118,7 +121,10 @@ REJECT = "v=DMARC1; p=reject; rua=mailto:d@example.com"
     ({"_dmarc.sub.example.com": txt("policy.example.net", REJECT,
                                     cnames=[("_dmarc.sub.example.com",
                                              "policy.example.net")])}, True),
-])
+]
+
+
+@pytest.mark.parametrize("records, outcome", OUTCOMES)
 @pytest.mark.parametrize("action", [DmarcAction.REJECT, DmarcAction.DISCARD])
 def test_outcomes(records, outcome, action):
     """reject/discard lists: the policy (or a failure) decides, as in Mailman."""
@@ -780,3 +786,67 @@ def test_an_answer_that_comes_after_the_deadline_is_never_decided_logged_or_coun
     assert transport.value() == b""
     assert decider.counters()["by_protocol"]["exim"] == {"busy": 1}
     assert decider._waiting == 0
+
+
+# --- Mailman 2.1 (dmarc-moderation) ---------------------------------------------------------
+
+
+def snap2(action=DmarcAction.REJECT, addresses=(), quarantine=True):
+    spec = ListSpec(LIST, mode=Mode.MAILMAN2, default_nonmember_action=Action.ACCEPT,
+                    dmarc_mitigate_action=action, dmarc_addresses=addresses,
+                    dmarc_quarantine=quarantine)
+    return build([spec], domains={"lists.example.com": "lists.example.com"})
+
+
+@pytest.mark.parametrize("records, outcome", OUTCOMES)
+@pytest.mark.parametrize("action", [DmarcAction.REJECT, DmarcAction.DISCARD])
+@pytest.mark.parametrize("quarantine", [True, False])
+def test_mailman2_outcomes(records, outcome, action, quarantine):
+    """Mailman 2.1's IsDMARCProhibited on the same answers: as Mailman 3's rule, except
+    that quarantine counts only with dmarc_quarantine_moderation_action; a failed
+    lookup is the temporary failure here too (Mailman 2 would moderate)."""
+    d = decide(snap2(action, quarantine=quarantine), query(), dmarc=answers(records))
+    if outcome == "quarantine":
+        outcome = quarantine
+    if outcome == "defer":
+        assert (d.verdict, d.rule) == (Verdict.DEFER, "dmarc-moderation"), d.trace
+    elif outcome:
+        verdict = Verdict.REJECT if action == DmarcAction.REJECT else Verdict.DISCARD
+        assert (d.verdict, d.rule) == (verdict, "dmarc-moderation"), d.trace
+        assert d.sender == "someone@sub.example.com"
+    else:
+        assert d.rule != "dmarc-moderation", d.trace
+        assert any(step.rule == "dmarc-moderation" and not step.hit for step in d.trace)
+    # The MTA path (no trace) decides the same.
+    quiet = decide(snap2(action, quarantine=quarantine), query(), dmarc=answers(records),
+                   explain=False)
+    assert (quiet.verdict, quiet.rule) == (d.verdict, d.rule)
+
+
+def test_mailman2_lookups_and_what_needs_none():
+    """The first lookup asks for both names at once; munge and wrap never look up; an
+    address in dmarc_moderation_addresses needs no lookup; without a message (Postfix)
+    or without a lookup (policyctl --offline) the DNS half is not evaluated, and says
+    so; an address whose @ comes first has no domain to look up (Mailman 2's
+    ``at_sign < 1``)."""
+    with pytest.raises(LookupNeeded) as raised:
+        decide(snap2(), query(), dmarc=answers({}))
+    assert raised.value.names == ("_dmarc.sub.example.com", "_dmarc.example.com")
+    for action in (DmarcAction.MUNGE_FROM, DmarcAction.WRAP_MESSAGE,
+                   DmarcAction.NO_MITIGATION):
+        a = answers({})
+        assert decide(snap2(action), query(), dmarc=a).verdict is Verdict.ACCEPT
+        assert a.asked == []
+    a = answers({})
+    d = decide(snap2(addresses=("someone@sub.example.com",)), query(), dmarc=a)
+    assert (d.verdict, d.rule) == (Verdict.REJECT, "dmarc-moderation") and a.asked == []
+    d = decide(snap2(), query())
+    step = next(s for s in d.trace if s.rule == "dmarc-moderation")
+    assert not step.hit and "not evaluated" in step.detail
+    d = decide(snap2(), Query(LIST, "x@example.com", "someone@sub.example.com"),
+               dmarc=answers({}))
+    step = next(s for s in d.trace if s.rule == "dmarc-moderation")
+    assert not step.hit and "not evaluated" in step.detail
+    a = answers({})
+    d = decide(snap2(), query("<@sub.example.com>"), dmarc=a)
+    assert d.rule != "dmarc-moderation" and a.asked == []

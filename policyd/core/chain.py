@@ -181,13 +181,14 @@ _ROLE_KEEP: list = []   # keeps the keys' chains alive (ids are not reused)
 
 
 def _with_dmarc(chain: tuple[Rule, ...], answers) -> tuple[Rule, ...]:
-    """``chain`` with its ``dmarc-mitigation`` reading ``answers`` (made once per chain
-    and lookup: the daemon has one lookup)."""
+    """``chain`` with its ``dmarc-mitigation`` (Mailman 3) or ``dmarc-moderation``
+    (Mailman 2) reading ``answers`` (made once per chain and lookup: the daemon has one
+    lookup)."""
     key = (id(chain), id(answers))
     found = _DMARC_CHAINS.get(key)
     if found is None:
-        found = tuple(DmarcMitigation(answers) if isinstance(rule, DmarcMitigation)
-                      else rule for rule in chain)
+        found = tuple(type(rule)(answers) if isinstance(
+            rule, (DmarcMitigation, Mailman2DmarcModeration)) else rule for rule in chain)
         _DMARC_CHAINS[key] = found
         _DMARC_KEEP.append((chain, answers))
     return found

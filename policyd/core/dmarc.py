@@ -104,9 +104,11 @@ _KEEP_LOOKING = object()
 DNS_FAILED = "dns-failed"
 
 
-def policy_of(answer: DnsAnswer, name: str, org: bool = False):
+def policy_of(answer: DnsAnswer, name: str, org: bool = False, quarantine: bool = True):
     """``is_reject_or_quarantine`` on an answer: ``(True|False, detail)`` or
-    ``(_KEEP_LOOKING, detail)``."""
+    ``(_KEEP_LOOKING, detail)``.  ``quarantine=False``: a quarantine policy is no
+    reason to mitigate (Mailman 2.1's ``_DMARCProhibited`` for a list without
+    ``dmarc_quarantine_moderation_action``; otherwise it reads an answer as this does)."""
     if answer.status in ("nxdomain", "noanswer"):
         return _KEEP_LOOKING, f"{name}: {answer.status}"
     if answer.status == "failed":
@@ -145,7 +147,7 @@ def policy_of(answer: DnsAnswer, name: str, org: bool = False):
             if not mo:
                 continue
             policy = mo.group(1).lower()
-        if policy in ("reject", "quarantine"):
+        if policy == "reject" or (quarantine and policy == "quarantine"):
             return True, f"{name}: {'sp' if org and 'sp=' in entry.lower() else 'p'}" \
                          f"={policy}"
         return False, f"{name}: p={policy}"
@@ -279,10 +281,11 @@ def _address_listed(address: str, listed: tuple[str, ...]) -> str | None:
 
 
 def maybe_mitigate(address: str, listed: tuple[str, ...], suffixes: PublicSuffixList,
-                   known: Callable[[str], DnsAnswer | None]) -> tuple[bool | str, str]:
+                   known: Callable[[str], DnsAnswer | None], quarantine: bool = True
+                   ) -> tuple[bool | str, str]:
     """Mailman's ``maybe_mitigate``: ``(mitigate, why)``, ``mitigate`` being
     ``DNS_FAILED`` where a lookup failed; raises ``LookupNeeded`` with the names whose
-    answers ``known`` does not have."""
+    answers ``known`` does not have.  ``quarantine``: see ``policy_of``."""
     entry = _address_listed(address, listed)
     if entry is not None:
         return True, f"{address} matches dmarc_addresses entry {entry!r}"
@@ -294,7 +297,7 @@ def maybe_mitigate(address: str, listed: tuple[str, ...], suffixes: PublicSuffix
         missing = tuple(name for name in (first, org)
                         if name is not None and known(name) is None)
         raise LookupNeeded(missing)
-    result, why = policy_of(answer, first)
+    result, why = policy_of(answer, first, quarantine=quarantine)
     if result is not _KEEP_LOOKING:
         return result, why
     if org is None:
@@ -302,7 +305,7 @@ def maybe_mitigate(address: str, listed: tuple[str, ...], suffixes: PublicSuffix
     answer = known(org)
     if answer is None:
         raise LookupNeeded((org,))
-    result, why_org = policy_of(answer, org, org=True)
+    result, why_org = policy_of(answer, org, org=True, quarantine=quarantine)
     if result is not _KEEP_LOOKING:
         return result, f"{why}; {why_org}"
     return False, f"{why}; {why_org}"
@@ -361,23 +364,39 @@ class DmarcMitigation:
 
 
 class Mailman2DmarcModeration:
-    """Mailman 2.1.34's ``dmarc_moderation_addresses`` (``Handlers/SpamDetect.py``
-    ``process``, before anything else): when ``dmarc_moderation_action`` is 3 (reject)
-    or 4 (discard) and the address ``parseaddr`` takes from the first From: field is in
-    the list's ``dmarc_moderation_addresses`` (``MailList.GetPattern`` without an
+    """Mailman 2.1's DMARC moderation (``Handlers/SpamDetect.py`` ``process``, before
+    anything else): when ``dmarc_moderation_action`` is 3 (reject) or 4 (discard) and the
+    address ``parseaddr`` takes from the first From: field is in the list's
+    ``dmarc_moderation_addresses`` (Mailman 2.1.34+; ``MailList.GetPattern`` without an
     ``at_list``: a plain address compared lower-cased, a ``^regex`` searched ignoring
-    case, ``@list`` entries ignored), the post is rejected or discarded.  Imported into
-    ``dmarc_mitigate_action`` and ``dmarc_addresses``.  The other half of Mailman 2.1's
-    test, ``Utils.IsDMARCProhibited`` (the From: domain's DMARC record), is not applied
-    here: Mailman 2 applies it after delivery (docs/mailman2.md)."""
+    case, ``@list`` entries ignored) or ``Utils.IsDMARCProhibited`` says its domain's
+    DMARC policy is reject (or quarantine, with ``dmarc_quarantine_moderation_action``),
+    the post is rejected or discarded.  Imported into ``dmarc_mitigate_action``,
+    ``dmarc_addresses`` and ``dmarc_quarantine``.
+
+    ``IsDMARCProhibited`` reads the DNS as Mailman 3's rule does (Mailman 3's is its
+    port: ``_dmarc.<domain>``, then the organizational domain's record, its ``sp=``
+    first; CNAMEs followed; several ``v=DMARC1`` records ignored), with two differences
+    kept here: quarantine counts only with the flag, and an address whose ``@`` is its
+    first character has no domain to look up.  A DNS error other than NXDOMAIN is
+    "prohibited" for Mailman 2; at SMTP time it is doubt, the temporary failure, as for
+    Mailman 3's rule.  The DNS half needs the message (Exim's DATA ACL): a query without
+    one (Postfix) is decided on the address half alone."""
 
     name = "dmarc-moderation"
     description = ("Mailman 2.1: a list whose dmarc_moderation_action is reject or discard "
                    "rejects or discards a post whose From: address is in "
-                   "dmarc_moderation_addresses (the DNS half is Mailman 2's).")
+                   "dmarc_moderation_addresses or whose From: domain publishes a DMARC "
+                   "policy of reject (or quarantine, with "
+                   "dmarc_quarantine_moderation_action).")
+
+    def __init__(self, answers: "Answers | None" = None) -> None:
+        self.answers = answers
 
     @staticmethod
     def quiet(policy, snapshot) -> bool:
+        # Asked for the MTA path's chain of a query without a message: the DNS half
+        # needs one, so only the address half can hit there.
         content = policy.content
         return content.dmarc_mitigate_action not in DECIDING or not content.dmarc_addresses
 
@@ -386,11 +405,12 @@ class Mailman2DmarcModeration:
         action = content.dmarc_mitigate_action
         if action not in DECIDING:
             return _MISS_OFF_2 if action == DmarcAction.NO_MITIGATION else _MISS_LATER_2
-        if not content.dmarc_addresses:
-            return _MISS_NO_ADDRESSES
         query = ctx.query
-        if query.message is not None:
-            values = query.message.get_all("from")
+        message = query.message
+        if message is None and not content.dmarc_addresses:
+            return _MISS_NO_ADDRESSES
+        if message is not None:
+            values = message.get_all("from")
             value = values[0] if values else None
         else:
             value = query.from_header
@@ -399,21 +419,38 @@ class Mailman2DmarcModeration:
         address = specs[0].lower() if specs and specs[0] else ""
         if not address:
             return Miss("no From: address" if ctx.explain else "")
-        entry = _address_listed(address, content.dmarc_addresses)
-        if entry is None:
-            return Miss(f"{address} is not in dmarc_moderation_addresses (a DMARC record "
-                        "of its domain is Mailman 2's to read)" if ctx.explain else "")
         verdict = Verdict.REJECT if action == DmarcAction.REJECT else Verdict.DISCARD
-        return Hit(verdict, f"dmarc_moderation_action {DmarcAction(action).label}: "
-                   f"{address} matches dmarc_moderation_addresses entry {entry!r}"
+        entry = _address_listed(address, content.dmarc_addresses)
+        if entry is not None:
+            return Hit(verdict, f"dmarc_moderation_action {DmarcAction(action).label}: "
+                       f"{address} matches dmarc_moderation_addresses entry {entry!r}"
+                       if ctx.explain else "", verdict_action[verdict], address)
+        if message is None:
+            return Miss(f"{address} is not in dmarc_moderation_addresses; the DMARC "
+                        "record of its domain is not evaluated: the MTA sent no message "
+                        "headers" if ctx.explain else "")
+        if self.answers is None:
+            return _MISS_NO_LOOKUP
+        if address.rfind("@") < 1:
+            return Miss("the From: address has no domain" if ctx.explain else "")
+        prohibited, why = maybe_mitigate(address, (), self.answers.suffixes,
+                                         self.answers.known, content.dmarc_quarantine)
+        if prohibited is DNS_FAILED:
+            return Hit(Verdict.DEFER, f"the DMARC policy of the From: domain is unknown "
+                       f"({why}): temporary failure (Mailman 2 would moderate)"
+                       if ctx.explain else "", None, address)
+        if not prohibited:
+            return Miss(f"not prohibited: {why}" if ctx.explain else "")
+        return Hit(verdict, f"dmarc_moderation_action {DmarcAction(action).label}: {why}"
                    if ctx.explain else "", verdict_action[verdict], address)
 
 
 _MISS_OFF_2 = Miss("dmarc_moderation_action is accept (0)")
 _MISS_LATER_2 = Miss("dmarc_moderation_action munges or wraps: Mailman 2 changes the "
                      "message after delivery")
-_MISS_NO_ADDRESSES = Miss("dmarc_moderation_addresses is empty (a DMARC record of the "
-                          "From: domain is Mailman 2's to read)")
+_MISS_NO_ADDRESSES = Miss("dmarc_moderation_addresses is empty, and the DMARC record of "
+                          "the From: domain is not evaluated: the MTA sent no message "
+                          "headers")
 
 
 def _never_known(name: str):

@@ -97,6 +97,9 @@ class ListSpec:
     dmarc_mitigate_action: int = 0
     dmarc_mitigate_unconditionally: bool = False
     dmarc_addresses: tuple[str, ...] = ()
+    # Mailman 2's dmarc_quarantine_moderation_action: whether p=quarantine counts as
+    # p=reject does (Mailman 3 always counts it; a mailman2-mode list reads this).
+    dmarc_quarantine: bool = True
 
 
 @dataclass(frozen=True, slots=True)
@@ -173,6 +176,8 @@ class ContentPolicy:
     dmarc_mitigate_action: int = 0
     dmarc_mitigate_unconditionally: bool = False
     dmarc_addresses: tuple[str, ...] = ()
+    # Mailman 2: p=quarantine mitigated too (dmarc_quarantine_moderation_action).
+    dmarc_quarantine: bool = True
 
 
 NO_CONTENT = ContentPolicy()
@@ -555,6 +560,7 @@ def _content(spec: ListSpec, posting: str, problems: list[str]) -> ContentPolicy
         dmarc_mitigate_action=int(spec.dmarc_mitigate_action or 0),
         dmarc_mitigate_unconditionally=bool(spec.dmarc_mitigate_unconditionally),
         dmarc_addresses=tuple(spec.dmarc_addresses or ()),
+        dmarc_quarantine=bool(spec.dmarc_quarantine),
     )
     return NO_CONTENT if content == NO_CONTENT else content
 

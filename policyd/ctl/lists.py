@@ -94,6 +94,10 @@ def _list_settings(p, creating: bool) -> None:
                         "wrap_message are Mailman's later (accepted here)")
     p.add_argument("--dmarc-mitigate-unconditionally", type=on_off, metavar="on|off",
                    help="Mailman munges or wraps every post (no SMTP-time effect)")
+    p.add_argument("--dmarc-quarantine", type=on_off, metavar="on|off",
+                   help="a mailman2-mode list: a DMARC policy of quarantine counts as "
+                        "reject does (Mailman 2's dmarc_quarantine_moderation_action; "
+                        "default on); Mailman 3 always counts it")
     p.add_argument("--dmarc-address", action="append", metavar="ADDRESS|^REGEX",
                    dest="dmarc_addresses",
                    help="From: addresses always mitigated; repeat for several; replaces "
@@ -155,7 +159,7 @@ def _settings(args: argparse.Namespace) -> dict:
                 "max_num_recipients", "require_explicit_destination", "administrivia",
                 "newsgroup_moderated", "bounce_matching_headers", "acceptable_aliases",
                 "smtp_moderation", "dmarc_mitigate_action",
-                "dmarc_mitigate_unconditionally", "dmarc_addresses"):
+                "dmarc_mitigate_unconditionally", "dmarc_addresses", "dmarc_quarantine"):
         value = getattr(args, key, None)
         if value is not None:
             changes[key] = Mode(value) if key == "mode" else value
@@ -295,6 +299,7 @@ def _list_info(session, row, details: bool = False) -> dict:
         "dmarc_mitigate_action": DmarcAction(row.dmarc_mitigate_action).label,
         "dmarc_mitigate_unconditionally": row.dmarc_mitigate_unconditionally,
         "dmarc_addresses": row.dmarc_addresses,
+        "dmarc_quarantine": row.dmarc_quarantine,
     }
     if details:
         groups: dict[str, list[str]] = {f"{k}_these_nonmembers": [] for k in KIND_NAMES}
@@ -319,7 +324,9 @@ def _print_list(ctx: Context, info: dict) -> None:
         rows.append(("smtp moderation", info["smtp_moderation"]))
     if info.get("dmarc_mitigate_action", "no_mitigation") != "no_mitigation":
         rows.append(("dmarc mitigate action", info["dmarc_mitigate_action"] + (
-            " (unconditionally)" if info["dmarc_mitigate_unconditionally"] else "")))
+            " (unconditionally)" if info["dmarc_mitigate_unconditionally"] else "") + (
+            " (p=quarantine not counted)" if info["mode"] == "mailman2"
+            and not info.get("dmarc_quarantine", True) else "")))
     counts = info["counts"]
     rows.append(("subscribers", f"{counts['member']} members, {counts['nonmember']} "
                  f"nonmembers, {counts['owner']} owners, {counts['moderator']} moderators"))

@@ -432,10 +432,11 @@ def _content(config: dict, name: str, warnings: list[str]) -> dict:
 
 def _dmarc(config: dict, name: str, warnings: list[str], content: dict) -> None:
     """``dmarc_moderation_action`` (0 accept, 1 munge, 2 wrap, 3 reject, 4 discard: the
-    values of Mailman 3's DMARCMitigateAction) and ``dmarc_moderation_addresses``
-    (Mailman 2.1.34+) -> ``dmarc_mitigate_action`` and ``dmarc_addresses``, which the
-    ``dmarc-moderation`` rule of a ``mailman2``-mode list reads.  ``@list`` entries are
-    left out: Mailman 2.1 ignores them here (``GetPattern`` without ``at_list``)."""
+    values of Mailman 3's DMARCMitigateAction), ``dmarc_moderation_addresses`` (Mailman
+    2.1.34+) and ``dmarc_quarantine_moderation_action`` -> ``dmarc_mitigate_action``,
+    ``dmarc_addresses`` and ``dmarc_quarantine``, which the ``dmarc-moderation`` rule of
+    a ``mailman2``-mode list reads.  ``@list`` entries are left out: Mailman 2.1 ignores
+    them here (``GetPattern`` without ``at_list``)."""
     if "dmarc_moderation_action" not in config:
         return
     code = _int(config["dmarc_moderation_action"], -1)
@@ -445,6 +446,9 @@ def _dmarc(config: dict, name: str, warnings: list[str], content: dict) -> None:
                         "imported")
         return
     content["dmarc_mitigate_action"] = code
+    if "dmarc_quarantine_moderation_action" in config:
+        # Mailman 2.1 tests it for truth (a Yes/No setting, 1 or 0 in config.pck).
+        content["dmarc_quarantine"] = bool(config["dmarc_quarantine_moderation_action"])
     entries = []
     for entry in config.get("dmarc_moderation_addresses") or ():
         text = _text(entry).strip()
@@ -472,9 +476,10 @@ def _dmarc(config: dict, name: str, warnings: list[str], content: dict) -> None:
     if code >= 3:
         label = "reject" if code == 3 else "discard"
         warnings.append(f"{name}: dmarc_moderation_action is {label}: policyd applies it "
-                        "at SMTP time to From: addresses in dmarc_moderation_addresses "
-                        f"({len(entries)}); to From: domains whose DMARC record says "
-                        "reject or quarantine Mailman 2 applies it after delivery")
+                        "at SMTP time (Exim's DATA ACL, with the message) to From: domains "
+                        "whose DMARC record says so and to From: addresses in "
+                        f"dmarc_moderation_addresses ({len(entries)}); Postfix, without "
+                        "the message, gets only the addresses")
 
 
 def _bounce_matching_headers(text: str, name: str, warnings: list[str]) -> str:

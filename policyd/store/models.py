@@ -209,6 +209,9 @@ class MailingList(Base):
     dmarc_mitigate_unconditionally: Mapped[bool] = mapped_column(Boolean, nullable=False,
                                                                  default=False)
     dmarc_addresses: Mapped[str | None] = mapped_column(Text, nullable=True)
+    # Mailman 2's dmarc_quarantine_moderation_action (migration 0008): whether a
+    # mailman2-mode list mitigates a From: domain whose DMARC policy is quarantine.
+    dmarc_quarantine: Mapped[bool] = mapped_column(Boolean, nullable=False, default=True)
     # Why the list's source data cannot be trusted (migration 0006): a Mailman 2 list
     # whose config.pck could not be read.  Set, the list's posts get a temporary failure
     # (``ListSpec.broken``, the ``broken-list`` rule); NULL for a list that is fine.

@@ -242,7 +242,7 @@ CONTENT_SETTINGS = ("moderator_password", "header_matches", "max_message_size",
                     "max_num_recipients", "require_explicit_destination",
                     "acceptable_aliases", "administrivia", "bounce_matching_headers",
                     "newsgroup_moderated", "dmarc_mitigate_action",
-                    "dmarc_mitigate_unconditionally", "dmarc_addresses")
+                    "dmarc_mitigate_unconditionally", "dmarc_addresses", "dmarc_quarantine")
 LIST_SETTINGS = ("display_name", "mode", "emergency", "default_member_action",
                  "default_nonmember_action", "rejection_notice") + CONTENT_SETTINGS \
     + ("smtp_moderation",)
@@ -269,13 +269,14 @@ def content_spec(values: dict) -> dict:
         "dmarc_mitigate_unconditionally": bool(values.get("dmarc_mitigate_unconditionally")),
         "dmarc_addresses": tuple(line for line in (values.get("dmarc_addresses")
                                                    or "").splitlines() if line),
+        "dmarc_quarantine": bool(values.get("dmarc_quarantine", True)),
     }
 
 
 def _content_value(key: str, value):
     """Validate one content setting for storage (``set_list``)."""
     if key in ("require_explicit_destination", "administrivia", "newsgroup_moderated",
-               "dmarc_mitigate_unconditionally"):
+               "dmarc_mitigate_unconditionally", "dmarc_quarantine"):
         return bool(value)
     if key == "dmarc_mitigate_action":
         try:

@@ -13,6 +13,7 @@ from pathlib import Path
 import pytest
 
 from policyd.core.chain import decide
+from policyd.core.message import parse_message
 from policyd.store import Store
 from policyd.store.mailman2 import (
     find_lists,
@@ -568,7 +569,7 @@ def test_dmarc_moderation_addresses_reject_at_smtp_time(store, mailman_copy):
     """Mailman 2.1.34's SpamDetect rejects (dmarc_moderation_action 3) a post whose
     From: address is in dmarc_moderation_addresses, before moderation; the import
     dropped both settings silently.  ``@list`` entries are ignored there by Mailman 2.1
-    (skipped with a warning); the DNS half is said to be Mailman 2's."""
+    (skipped with a warning); the warning says what policyd applies where."""
     path = mailman_copy / "lists" / "discuss" / "config.pck"
     data = loads_mailman2(path.read_bytes(), encoding="bytes")
     data[b"dmarc_moderation_action"] = 3
@@ -580,7 +581,7 @@ def test_dmarc_moderation_addresses_reject_at_smtp_time(store, mailman_copy):
     assert mm2.content["dmarc_addresses"] == ["boss@corp.example",
                                               "^(?i:.*@strict\\.example$)"]
     assert any("'@announce'" in w for w in mm2.warnings)
-    assert any("Mailman 2 applies it after delivery" in w for w in mm2.warnings)
+    assert any("whose DMARC record says so" in w and "Postfix" in w for w in mm2.warnings)
     import_path(store, mailman_copy)
     snap, _ = snapshot_of(store)
     for sender in ("Big Boss <BOSS@corp.example>", "x@Strict.Example",
@@ -599,3 +600,43 @@ def test_dmarc_moderation_addresses_reject_at_smtp_time(store, mailman_copy):
     snap, _ = snapshot_of(store)
     decision = decide(snap, Query(DISCUSS, "bounce@else.example", "boss@corp.example"))
     assert (decision.verdict, decision.rule) == (Verdict.DISCARD, "dmarc-moderation")
+
+
+def test_dmarc_quarantine_moderation_action_is_imported(store, mailman_copy):
+    """Mailman 2.1 counts a DMARC policy of quarantine only with
+    dmarc_quarantine_moderation_action: imported into dmarc_quarantine (the store's
+    default, yes, as Mailman 2.1's, where config.pck has none), and the DNS half of
+    dmarc-moderation reads it."""
+    from policyd.core.dmarc import DnsAnswer
+
+    class Quarantined:
+        from policyd.core.dmarc import PublicSuffixList
+        suffixes = PublicSuffixList(["example"])
+
+        def known(self, name):
+            return DnsAnswer("ok", ((name + ".", "TXT", b"v=DMARC1; p=quarantine"),))
+
+    path = mailman_copy / "lists" / "discuss" / "config.pck"
+    data = loads_mailman2(path.read_bytes(), encoding="bytes")
+    data[b"dmarc_moderation_action"] = 3
+    data.pop(b"dmarc_quarantine_moderation_action", None)
+    path.write_bytes(pickle.dumps(data, protocol=3))
+    assert "dmarc_quarantine" not in read_list(mailman_copy / "lists" / "discuss").content
+    headers = parse_message(b"From: Pat <pat@corp.example>\n")
+    for flag, verdict in ((None, Verdict.REJECT), (0, Verdict.ACCEPT),
+                          (1, Verdict.REJECT)):
+        if flag is not None:
+            data[b"dmarc_quarantine_moderation_action"] = flag
+            path.write_bytes(pickle.dumps(data, protocol=3))
+            assert read_list(mailman_copy / "lists" / "discuss").content[
+                "dmarc_quarantine"] is bool(flag)
+        import_path(store, mailman_copy)
+        snap, _ = snapshot_of(store)
+        assert snap.lists[DISCUSS].content.dmarc_quarantine is (flag is None or bool(flag))
+        decision = decide(snap, Query(DISCUSS, "pat@corp.example", message=headers),
+                          dmarc=Quarantined())
+        if verdict is Verdict.REJECT:
+            assert (decision.verdict, decision.rule) == (verdict, "dmarc-moderation"), \
+                decision.trace
+        else:
+            assert decision.rule != "dmarc-moderation", decision.trace
