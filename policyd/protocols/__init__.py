@@ -212,13 +212,17 @@ class ProcessLimits:
     ``max_open``: the connections they may hold together, the soft ``RLIMIT_NOFILE`` less
     ``RESERVED_DESCRIPTORS`` (so the control socket and the store stay usable whatever
     a local client holds).  ``max_buffered``: the bytes of incomplete requests they may
-    buffer together (``[daemon] max_buffered``).
+    buffer together (``[daemon] max_buffered``).  ``closing_slack``: connections being
+    closed they may hold on top of ``max_open`` (``CLOSING_SLACK``).
     """
 
-    def __init__(self, max_buffered: int = 32 << 20, descriptors: int | None = None) -> None:
+    def __init__(self, max_buffered: int = 32 << 20, descriptors: int | None = None,
+                 closing_slack: int = CLOSING_SLACK) -> None:
         self.max_buffered = max_buffered
         self.buffered = 0
         self._descriptors = descriptors
+        #: how many connections being closed may be held on top of ``max_open``.
+        self.closing_slack = closing_slack
         # Weak references in a plain list: ``counts`` walks them for every connection
         # accepted, and a ``WeakSet``'s iterator costs several times more.
         self._refs: list[weakref.ref] = []
@@ -425,9 +429,9 @@ class TrackingFactory(Factory):
         held, closing = limits.counts()
         max_open = limits.max_open
         if mine < self.max_connections and held - closing < max_open:
-            return held < max_open + CLOSING_SLACK or self._refuse_for_now(max_open)
+            return held < max_open + limits.closing_slack or self._refuse_for_now(max_open)
         now = self.reactor.seconds()
-        room = held < max_open + CLOSING_SLACK
+        room = held < max_open + limits.closing_slack
         if peer is None:
             peer = address_peer(addr)
             if peer is AT_CONNECT:
