@@ -288,10 +288,14 @@ class MetricsFactory(HttpFactory):
     no request body, the head within a few seconds, ``MAX_CONNECTIONS`` open at most.
 
     The connections live in the descriptors the MTA listeners leave free, so whoever can
-    reach the endpoint cannot take the MTAs' descriptors by holding connections; beyond
-    the limit a new connection is refused, with one warning per incident."""
+    reach the endpoint cannot take the MTAs' descriptors by holding connections.  At the
+    limit a newcomer closes a connection without a complete request head
+    (``protocols.http``: a head begun first, the oldest first; the peer holding the most
+    first), never one being answered, so a client holding every connection with heads
+    it trickles cannot keep Prometheus out; one warning per incident."""
 
     MAX_CONNECTIONS = max_connections = 8
+    kind = "metrics"
     what = "metrics endpoint"
 
     def __init__(self, page: MetricsPage, reactor) -> None:

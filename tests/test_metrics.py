@@ -382,41 +382,157 @@ def test_no_moderation_metrics_without_moderation(tmp_path):
     assert not [name for name in scrape(service) if name.startswith("policyd_moderation")]
 
 
-def test_the_endpoint_holds_few_connections_and_none_for_long():
-    """Whoever reaches the endpoint cannot take the MTAs' descriptors: a few connections
-    at most, a newcomer beyond them refused (one warning), one that has not sent its
-    request within REQUEST_TIMEOUT answered 408 and closed."""
-    from twisted.internet.address import IPv4Address
+def _full_site(heads=b"GET /metrics HTTP/1.1\r\nX-a: ", peer="127.0.0.1"):
+    """A metrics endpoint with all its connections open from ``peer``, 0.01 s apart,
+    each sent ``heads`` (incomplete: a client trickling its heads; ``b""``: silent)."""
     from twisted.internet.task import Clock
-    from twisted.internet.testing import StringTransport
-    from twisted.logger import globalLogPublisher
-
-    from policyd.protocols.http import REQUEST_TIMEOUT
 
     clock = Clock()
-    site = MetricsFactory(MetricsPage(None, clock), clock)
-    addr = IPv4Address("TCP", "127.0.0.1", 40000)
+    site = MetricsFactory(_page()[0], clock)
     held = []
-    for _ in range(MetricsFactory.MAX_CONNECTIONS):
-        protocol = site.buildProtocol(addr)
+    for i in range(MetricsFactory.MAX_CONNECTIONS):
+        protocol, transport = _connect(site, peer, 40000 + i)
         assert protocol is not None
-        transport = StringTransport()
-        protocol.makeConnection(transport)
+        if heads:
+            protocol.dataReceived(heads)
         held.append((protocol, transport))
+        clock.advance(0.01)
     assert len(site.connections) == MetricsFactory.MAX_CONNECTIONS
+    return site, clock, held
+
+
+def _connect(site, host="127.0.0.1", port=50000):
+    from twisted.internet.address import IPv4Address
+
+    addr = IPv4Address("TCP", host, port)
+    protocol = site.buildProtocol(addr)
+    if protocol is None:
+        return None, None
+    transport = StringTransport(peerAddress=addr)
+    protocol.makeConnection(transport)
+    return protocol, transport
+
+
+def _closed(held):
+    return [i for i, (_, t) in enumerate(held) if t.disconnecting]
+
+
+def test_at_the_limit_a_newcomer_closes_the_oldest_begun_head_and_gets_its_page():
+    """A client holds every connection with request heads it trickles: a scraper's
+    newcomer is admitted at once, the oldest of those connections answered 503 and
+    closed, and the scraper, sending its head, gets its page; one warning."""
+    from twisted.logger import globalLogPublisher
+
     events = []
     globalLogPublisher.addObserver(events.append)
     try:
-        assert site.buildProtocol(addr) is None and site.refused == 1
-        assert site.buildProtocol(addr) is None and site.refused == 2
+        site, clock, held = _full_site()
+        scraper, transport = _connect(site)
+        assert scraper is not None
+        assert _closed(held) == [0]
+        assert held[0][1].value().startswith(b"HTTP/1.1 503 ")
+        scraper.dataReceived(b"GET /metrics HTTP/1.1\r\nHost: x\r\n\r\n")
+        assert transport.value().startswith(b"HTTP/1.1 200 OK\r\n")
+        # the client reconnects: the next oldest of its heads makes room
+        assert _connect(site)[0] is not None and _closed(held) == [0, 1]
     finally:
         globalLogPublisher.removeObserver(events.append)
-    assert len([e for e in events if "refusing" in e.get("log_format", "")]) == 1
-    held[0][0].connectionLost(None)  # one goes away: room again
-    assert site.buildProtocol(addr) is not None
-    clock.advance(REQUEST_TIMEOUT + 1)
-    assert all(t.disconnecting for _, t in held[1:])
-    assert all(t.value().startswith(b"HTTP/1.1 408 ") for _, t in held[1:])
+    assert site.evicted == 2 and site.refused == 0
+    warnings = [e for e in events if e.get("log_namespace") == "policyd.limits"]
+    assert len(warnings) == 1 and "metrics endpoint" in warnings[0]["listener"]
+
+
+def test_connections_with_nothing_read_keep_their_grace_while_a_begun_head_is_there():
+    """Connections accepted with nothing read yet (a scraper whose head waits for the
+    next turn) are not closed for a newcomer within HEAD_GRACE while a connection with
+    an incomplete head is open; once past it, they are, the oldest first."""
+    from policyd.protocols.http import HEAD_GRACE
+
+    site, clock, held = _full_site(heads=b"")
+    held[7][0].dataReceived(b"GET / HTTP/1.1\r\n")  # the newest: a head begun
+    assert _connect(site)[0] is not None
+    assert _closed(held) == [7]
+    clock.advance(HEAD_GRACE - 0.1)  # the oldest are past their grace now
+    assert _connect(site)[0] is not None
+    assert _closed(held) == [0, 7]
+
+
+def test_within_their_grace_the_oldest_with_nothing_read_makes_room():
+    """Every connection within its grace with nothing read (a burst of accepts): the
+    newcomer is admitted and the oldest of them closed, as on the MTA listeners; a
+    client opening connections faster than their grace lapses cannot keep a newcomer
+    out."""
+    site, clock, held = _full_site(heads=b"")
+    assert _connect(site)[0] is not None
+    assert _closed(held) == [0]
+
+
+def test_a_connection_being_answered_is_never_closed_for_a_newcomer():
+    """Connections whose head is complete and whose answer is being sent (a client slow
+    to take it) are never closed for a newcomer, however old: with only those, the
+    newcomer is refused; with one begun head among them, that one is closed."""
+    from policyd.protocols.http import HEAD_GRACE
+
+    site, clock, held = _full_site(heads=b"GET /metrics HTTP/1.1\r\n\r\n")
+    assert all(t.value().startswith(b"HTTP/1.1 200 ") for _, t in held)
+    answers = [t.value() for _, t in held]
+    clock.advance(HEAD_GRACE + 5)
+    assert _connect(site)[0] is None and site.refused == 1
+    assert _connect(site, "192.0.2.1")[0] is None and site.refused == 2  # another peer
+    assert [t.value() for _, t in held] == answers and not any(t.disconnected
+                                                               for _, t in held)
+    held[3][0].connectionLost(None)  # one goes; a trickler takes its place
+    trickler, transport = _connect(site)
+    trickler.dataReceived(b"GET /")
+    assert _connect(site)[0] is not None
+    assert transport.value().startswith(b"HTTP/1.1 503 ") and transport.disconnecting
+    assert [t.value() for i, (_, t) in enumerate(held) if i != 3] == \
+        [a for i, a in enumerate(answers) if i != 3]
+
+
+def test_another_peers_newcomer_closes_the_peer_holding_the_most():
+    """A client at one address holds every connection, all of them within their grace:
+    a newcomer from another address closes one of them all the same (the per-peer share
+    of the MTA listeners); more of that client's newcomers are refused rather than close
+    the other peer's connection."""
+    site, clock, held = _full_site(heads=b"", peer="192.0.2.7")
+    scraper, _ = _connect(site, "198.51.100.2")
+    assert scraper is not None and len(_closed(held)) == 1
+    assert site.share_evicted == 1
+
+
+def test_the_endpoint_holds_few_connections_and_none_for_long():
+    """Whoever reaches the endpoint cannot take the MTAs' descriptors: a few connections
+    at most (those being closed for newcomers besides), one that has not sent its
+    request within REQUEST_TIMEOUT answered 408 and closed; a limit incident logs one
+    line and, once quiet, one summary."""
+    from twisted.logger import globalLogPublisher
+
+    from policyd.protocols import INCIDENT_QUIET
+    from policyd.protocols.http import REQUEST_TIMEOUT
+
+    events = []
+    globalLogPublisher.addObserver(events.append)
+    try:
+        site, clock, held = _full_site()
+        newcomers = [_connect(site) for _ in range(5 * MetricsFactory.MAX_CONNECTIONS)]
+        admitted = [p for p, _ in newcomers if p is not None]
+        assert len(site.connections) == 2 * MetricsFactory.MAX_CONNECTIONS
+        assert len(site.connections) - len(site.evicting) == MetricsFactory.MAX_CONNECTIONS
+        assert site.refused == len(newcomers) - len(admitted) > 0
+        kept = [t for p, t in newcomers if p is not None and p not in site.evicting]
+        assert len(kept) == MetricsFactory.MAX_CONNECTIONS
+        clock.advance(REQUEST_TIMEOUT + 1)
+        assert all(t.disconnecting and t.value().startswith(b"HTTP/1.1 408 ")
+                   for t in kept)
+        for protocol in list(site.connections):
+            protocol.connectionLost(None)
+        clock.advance(INCIDENT_QUIET + 1)
+    finally:
+        globalLogPublisher.removeObserver(events.append)
+    lines = [e for e in events if e.get("log_namespace") == "policyd.limits"]
+    assert len(lines) == 2 and "over after" in lines[1]["log_format"]
+    assert not site.connections and not clock.getDelayedCalls()
 
 
 def _page():

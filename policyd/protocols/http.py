@@ -22,8 +22,15 @@ Bounds, whatever a client sends or fails to read:
   again after the head (pipelined requests are never looked at) and is closed once the
   answer has left; a client that does not take its answer within ``ABORT_AFTER`` seconds
   is cut off (its one answer is all that is ever queued for it);
-* at most ``max_connections`` open; a newcomer beyond them is refused, one warning a
-  minute at most.
+* at most ``max_connections`` open.  At the limit a newcomer is admitted by closing
+  (``503``) one connection without a complete head (``protocols.TrackingFactory.admit``,
+  as the MTA listeners do): one whose head a read left incomplete, the oldest first (a
+  scraper writes its head in one piece), else one with nothing read ``HEAD_GRACE``
+  seconds after its accept, else the oldest with nothing read yet; never one being
+  answered.  A newcomer from another peer first closes the peer holding the most
+  (``TrackingFactory._share``).  It is refused only when every connection is being
+  answered, or while as many closed ones still hold their descriptors.  One
+  warning per incident, and its summary when it is over.
 """
 
 from __future__ import annotations
@@ -32,8 +39,10 @@ import re
 from dataclasses import dataclass
 
 from twisted.internet import defer
-from twisted.internet.protocol import Factory, Protocol
+from twisted.internet.protocol import Protocol
 from twisted.logger import Logger
+
+from . import EVICT_MIN_IDLE, RESERVED_DESCRIPTORS, ProcessLimits, TrackingFactory
 
 __all__ = ["HttpError", "HttpRequest", "head_end", "parse_head", "format_response",
            "error_response", "HttpProtocol", "HttpFactory"]
@@ -48,11 +57,17 @@ MAX_FIELDS = 64
 REQUEST_TIMEOUT = 10.0
 #: Seconds a client has to take its answer once it is written, before it is cut off.
 ABORT_AFTER = 10.0
+#: Seconds from the accept during which a connection with nothing read yet is closed
+#: for a newcomer at the limit only when nothing else can be: a scraper writes its head
+#: in one piece right after connecting, and it is read within a turn or two of the
+#: reactor (a busy one included).  Not a reason to refuse a newcomer: a client opening
+#: connections faster than their grace lapses would keep every newcomer out.
+HEAD_GRACE = 0.5
 
 REASONS = {200: "OK", 400: "Bad Request", 405: "Method Not Allowed",
            408: "Request Timeout", 413: "Content Too Large",
            431: "Request Header Fields Too Large", 500: "Internal Server Error",
-           505: "HTTP Version Not Supported"}
+           503: "Service Unavailable", 505: "HTTP Version Not Supported"}
 
 _TOKEN = re.compile(rb"[!#$%&'*+\-.^_`|~0-9A-Za-z]+\Z")
 _VERSION = re.compile(rb"HTTP/(\d)\.(\d)\Z")
@@ -163,17 +178,31 @@ def error_response(error: HttpError) -> bytes:
 
 
 class HttpProtocol(Protocol):
-    """One request, one answer, closed: reads the head, never more."""
+    """One request, one answer, closed: reads the head, never more.
+
+    Under the factory's limits (``TrackingFactory``): ``idle_for`` reaches
+    ``EVICT_MIN_IDLE`` once a read left the head incomplete or ``HEAD_GRACE`` passed
+    with nothing read, is negative once answered; ``evict()`` answers ``503``.
+    ``buffered`` stays 0: ``MAX_HEAD`` bounds the head, and the endpoint's bytes do not
+    count against the MTAs' ``max_buffered``.
+    """
+
+    buffered = 0
+    #: A read left the head incomplete: its grace is over (a scraper writes its head
+    #: in one piece).
+    partial = False
 
     def __init__(self, factory: "HttpFactory") -> None:
         self.factory = factory
         self._buffer = b""
         self.answered = False
         self._timer = None
+        self.started = 0.0
 
     def connectionMade(self) -> None:
-        self.factory.open.add(self)
+        self.started = self.factory.reactor.seconds()
         self._timer = self.factory.reactor.callLater(REQUEST_TIMEOUT, self._timed_out)
+        self.factory.track(self)  # last: a Unix newcomer refused there is closed
 
     def dataReceived(self, data: bytes) -> None:
         if self.answered:
@@ -182,6 +211,7 @@ class HttpProtocol(Protocol):
         self._buffer += data
         end = head_end(self._buffer, searched)
         if end is None:
+            self.partial = True
             if len(self._buffer) > MAX_HEAD:
                 self._answer(error_response(HttpError(431, "request head too long")))
             return
@@ -224,47 +254,82 @@ class HttpProtocol(Protocol):
         if self._timer is not None and self._timer.active():
             self._timer.cancel()
         self._timer = None
-        self.factory.open.discard(self)
+        self.factory.untrack(self)
+
+    def idle_for(self, now: float) -> float:
+        """At the limit (``TrackingFactory``): never closed once answered; a head a
+        read left incomplete at once (a scraper writes its head in one piece), the
+        oldest first; a connection with nothing read yet once ``HEAD_GRACE`` has passed
+        (its head may be waiting to be read)."""
+        if self.answered:
+            return -1.0
+        age = now - self.started
+        if self.partial:
+            return age + EVICT_MIN_IDLE
+        return age - HEAD_GRACE + EVICT_MIN_IDLE
+
+    def never_read(self) -> bool:
+        """Nothing read yet: with nothing else to close, the oldest of these makes room
+        for a newcomer (``TrackingFactory.admit``), grace or not."""
+        return not (self.answered or self.partial)
+
+    def evict(self) -> None:
+        """Closed for a newcomer at the limit: ``503``, as at its head deadline."""
+        if not self.answered:
+            self._answer(error_response(HttpError(
+                503, f"{self.factory.what}: at its connection limit, and this "
+                "connection had no complete request head")))
+
+    def shutdown(self) -> None:
+        """Stopping: closed by ``HttpFactory.drain``."""
 
 
-class HttpFactory(Factory):
+class HttpFactory(TrackingFactory):
     """A listener's factory (``service.ListenerGroup``): ``respond(HttpRequest) ->
-    bytes`` makes each answer; at most ``max_connections`` open, beyond them a newcomer
-    is refused with one warning a minute at most."""
+    bytes`` makes each answer; at most ``max_connections`` open.  At the limit
+    ``TrackingFactory.admit`` decides, with limits of the endpoint's own
+    (``ProcessLimits`` counting only its connections, as the control socket's): it
+    never closes an MTA's connection, and takes from the descriptors kept for the
+    control socket and the store no more than ``max_connections`` more while the
+    connections it closed for newcomers go (their descriptors are freed on the
+    reactor's next turn)."""
 
     protocol = HttpProtocol
     noisy = False
-    evicted = 0  # none: a connection in progress is never cut short for a newcomer
     max_connections = 8
+    kind = "http"
     what = "HTTP endpoint"
+    sweep_interval = 1.0
 
     def __init__(self, respond, reactor) -> None:
+        super().__init__(reactor, ProcessLimits(
+            descriptors=RESERVED_DESCRIPTORS + self.max_connections,
+            closing_slack=self.max_connections))
+        self.limits.register(self)
         self.respond = respond
-        self.reactor = reactor
-        self.open: set = set()
-        self.refused = 0
-        self._warned_at: float | None = None
-
-    def buildProtocol(self, addr):
-        if len(self.open) >= self.max_connections:
-            self.refused += 1
-            now = self.reactor.seconds()
-            if self._warned_at is None or now - self._warned_at >= 60:
-                log.warn("{what}: {limit} connections open, refusing new ones "
-                         "({refused} refused so far; next warning in a minute at the "
-                         "earliest)", what=self.what, limit=self.max_connections,
-                         refused=self.refused)
-            self._warned_at = now  # one warning per incident: quiet for a minute first
-            return None
-        return self.protocol(self)
 
     @property
-    def connections(self) -> set:
-        return self.open
+    def name(self) -> str:
+        return self.listener_name or self.what
+
+    def _start_sweeping(self) -> None:
+        # The protocols time themselves; the sweeps only end the incidents (their
+        # summary lines).
+        if self.incidents:
+            super()._start_sweeping()
+
+    def incident(self, key: str, now: float, what: str, *, closed: int = 0,
+                 refused: int = 0, doing: str | None = None) -> None:
+        super().incident(key, now, what, closed=closed, refused=refused, doing=doing or (
+            "closing connections without a complete request head for newcomers (a head "
+            "begun, oldest first, then one with nothing read for "
+            f"{HEAD_GRACE:g} s, then the oldest with nothing read), never one being "
+            "answered, and refusing what does not fit"))
 
     def drain(self, grace: float) -> defer.Deferred:
         """Stopping: a scraper reconnects; nothing here is worth waiting for."""
-        for protocol in list(self.open):
+        self.closing = True
+        for protocol in list(self.connections):
             if protocol.transport is not None:
                 protocol.transport.loseConnection()
         return defer.succeed(0)
