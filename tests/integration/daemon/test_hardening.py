@@ -505,3 +505,111 @@ def test_another_uid_flooding_leaves_the_mta_its_share(run, daemons, listen):
              if "[policyd.limits]" in line and "shared between peers" in line]
     assert share and f"the peer {flooder} holds" in share[0], share
     assert daemon.terminate() == 0
+
+
+class Trickler:
+    """A local client that keeps ``count`` connections to a TCP port open, each with a
+    request head it trickles a byte at a time and never ends, and opens a new one as
+    soon as the daemon closes one (or refuses it), until stopped."""
+
+    HEAD = b"GET /metrics HTTP/1.1\r\nHost: x\r\n"
+
+    def __init__(self, port: int, count: int) -> None:
+        self.port = port
+        self.count = count
+        self.stop = threading.Event()
+        self.opened = 0
+        self.thread = threading.Thread(target=self._run, daemon=True)
+
+    def _open(self, socks: dict) -> None:
+        s = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        try:
+            s.connect(("127.0.0.1", self.port))
+            s.sendall(self.HEAD[:4])
+        except OSError:
+            s.close()
+            return
+        s.setblocking(False)
+        socks[s] = 4
+        self.opened += 1
+
+    def _run(self) -> None:
+        import select
+
+        socks: dict[socket.socket, int] = {}
+        next_byte = time.monotonic()
+        while not self.stop.is_set():
+            while len(socks) < self.count and not self.stop.is_set():
+                self._open(socks)
+            readable, _, _ = select.select(list(socks), [], [], 0.01)
+            for s in readable:  # an answer (503, 408) or the close: open another
+                s.close()
+                del socks[s]
+            if time.monotonic() >= next_byte:
+                next_byte += 0.5
+                for s, sent in list(socks.items()):
+                    try:
+                        s.send(b"X-%d: y\r\n" % sent if sent >= len(self.HEAD)
+                               else self.HEAD[sent:sent + 1])
+                        socks[s] = sent + 1
+                    except OSError:
+                        s.close()
+                        del socks[s]
+        for s in socks:
+            s.close()
+
+    def __enter__(self):
+        self.thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.stop.set()
+        self.thread.join(10)
+
+
+def scrape(port: int) -> bytes:
+    """One scrape as Prometheus makes it: connect, the whole head at once, read to EOF."""
+    answer = b""
+    try:
+        with socket.create_connection(("127.0.0.1", port), timeout=5) as s:
+            s.sendall(b"GET /metrics HTTP/1.1\r\nHost: 127.0.0.1\r\n"
+                      b"Accept: text/plain\r\n\r\n")
+            while chunk := s.recv(65536):
+                answer += chunk
+    except OSError as error:
+        return answer or repr(error).encode()
+    return answer
+
+
+@pytest.mark.parametrize("held", [8, 16])
+def test_a_scraper_gets_its_page_while_a_local_client_holds_the_metrics_endpoint(
+        run, daemons, held):
+    """A local client keeps 8 connections (all the metrics endpoint holds), or 16, with
+    request heads it trickles, opening a new one as soon as one is closed or refused: a
+    scraper from the same address sending its head at once still gets its page (200)
+    within a few attempts, scrape after scrape (before, every attempt was refused)."""
+    port = free_port()
+    run.write_config(exim_listen=f"unix:{run.exim_socket}:mode=660",
+                     postfix_listen=f"unix:{run.postfix_socket}:mode=660", log_file=True,
+                     extra=f"[metrics]\nlisten = tcp:{port}:interface=127.0.0.1\n")
+    run.fill()
+    daemon = daemons(run)
+    daemon.wait_ready()
+    attempts: list[int] = []
+    with Trickler(port, held) as trickler:
+        wait_until(lambda: trickler.opened >= 8, 20, "the trickler's connections")
+        for _ in range(5):
+            time.sleep(1.0)  # the trickler's connections are past their grace
+            for attempt in range(1, 11):
+                answer = scrape(port)
+                if answer.startswith(b"HTTP/1.1 200 "):
+                    break
+                time.sleep(0.2)
+            attempts.append(attempt)
+            assert answer.startswith(b"HTTP/1.1 200 "), (attempts, answer[:80])
+            assert b"policyd_listener_evicted_connections_total" in answer
+        status = daemon.status()
+    print(f"\nscrapes while a local client held the metrics endpoint: attempts {attempts}; "
+          f"the client opened {trickler.opened} connections")
+    assert status["snapshot"]
+    assert daemon.terminate() == 0
