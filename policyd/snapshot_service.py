@@ -10,6 +10,9 @@ Failure policy:
 * the timer body catches and logs every error (an uncaught one would stop the timer);
 * a failed refresh keeps the last good snapshot serving; the failure is logged once per
   incident, and once more when the store is back;
+* a verification build (``load_verified``, Mailman 3) that fails does not stop the
+  refresh: it loads what changed through the usual path, the failure is logged once
+  until a verification build works again, and ``status()`` says since when it fails;
 * two refreshes never overlap: a tick that finds one running does nothing, a forced reload
   requested meanwhile runs right after it;
 * before the first snapshot ``current`` is ``None`` and ``unavailable_reason`` says why;
@@ -164,6 +167,13 @@ class SnapshotService(Service):
         # What the last verification build found (set in the store thread, logged and
         # cleared by ``_done``).
         self._divergence: list[str] = []
+        # Verification builds (``load_verified``) that failed in a row: the first one's
+        # time, how many, the last error; and when the last one worked.
+        self.verify_failing_since: float | None = None
+        self.verify_failures = 0
+        self.verify_error: str | None = None
+        self.verify_error_at: float | None = None
+        self.verified_at: float | None = None
         self._forced: list[Deferred] = []
         self._attempt_waiters: list[Deferred] | None = []
         self._timer = TimerService(interval, self.tick)
@@ -268,7 +278,8 @@ class SnapshotService(Service):
         return d
 
     def _work(self, force: bool, current: Snapshot | None):
-        """In the store thread: (token, new snapshot or None, description or None).
+        """In the store thread: (token, new snapshot or None, description or None, how,
+        what a verification build gave: None if none was tried, True, or its Failure).
 
         A forced refresh (SIGHUP, ``reload``) is always a full build; a change seen by
         the token is an incremental one where the backend can do that safely
@@ -276,15 +287,18 @@ class SnapshotService(Service):
         exact (Mailman 3) asks, through ``verification_due()``, for a periodic
         verification build (``load_verified``): a full build compared with what the
         incremental path serves; a divergence is logged (in ``_done``) and the full build
-        swapped in."""
+        swapped in.  A verification build that fails takes the usual path in the same
+        refresh: the snapshot is never older than that path can make it."""
         full = force or current is None
         # A full build reads the token inside its own consistent read: none asked first.
         token = None if full else self.backend.change_token()
         due = getattr(self.backend, "verification_due", None)
         verifying = not full and due is not None and due()
         if not full and token == current.version and not verifying:
-            return token, None, None, ""
+            return token, None, None, "", None
         load_changes = getattr(self.backend, "load_changes", None)
+        verified = None
+        snapshot = None
         # No cyclic garbage collection while a snapshot is built: a build allocates
         # millions of short-lived objects (rows, specs), and every full collection it
         # would trigger scans them all while holding the GIL, stalling the reactor for
@@ -295,14 +309,28 @@ class SnapshotService(Service):
             # Resting for the reactor thread once it serves queries (see ``pacing``).
             with pacing() if current is not None else nullcontext():
                 if verifying:
-                    snapshot, self._divergence = self.backend.load_verified(current)
-                    if not self._divergence and snapshot.version == current.version:
-                        return token, None, None, ""  # verified: keep serving current
-                    how = "verification build"
-                elif not full and load_changes is not None:
+                    try:
+                        snapshot, self._divergence = self.backend.load_verified(current)
+                    except Exception:
+                        # Its full half can fail where the incremental path works (a
+                        # statement timeout on the big scan): retried at the next
+                        # ``verification_due``, and meanwhile changes load as usual.
+                        verified = Failure()
+                        verified.cleanFailure()
+                        self._divergence = []
+                        # The failed build took its time: the token as it is now.
+                        token = self.backend.change_token()
+                        if token == current.version:
+                            return token, None, None, "", verified
+                    else:
+                        verified = True
+                        if not self._divergence and snapshot.version == current.version:
+                            return token, None, None, "", verified  # keep serving current
+                        how = "verification build"
+                if snapshot is None and not full and load_changes is not None:
                     snapshot = load_changes(current)
                     how = getattr(snapshot, "built_how", "") or "full build"
-                else:
+                elif snapshot is None:
                     snapshot = self.backend.load_snapshot()
                     how = ("full build: first load" if current is None else
                            "full build: reload asked" if force else "full build")
@@ -316,16 +344,18 @@ class SnapshotService(Service):
             heap.return_free_memory()
         if token is None:
             token = snapshot.version
-        return token, snapshot, self.backend.describe(), how
+        return token, snapshot, self.backend.describe(), how, verified
 
     def _done(self, result) -> bool:
-        token, snapshot, description, how = result
+        token, snapshot, description, how, verified = result
         now = self.clock.seconds()
         divergence, self._divergence = self._divergence, []
         if divergence:
             log.warn("verification build: the incremental snapshot differed from the "
                      "store in {differences}; serving the full build {version}",
                      differences=", ".join(divergence), version=token)
+        if verified is not None:
+            self._verification_done(verified, now)
         self.checks += 1
         self.checked_at = now
         if description is not None:
@@ -388,6 +418,32 @@ class SnapshotService(Service):
             else:
                 log.failure(text, failure, LogLevel.error, error=self.last_error, **fields)
         return False
+
+    def _verification_done(self, verified, now: float) -> None:
+        """What a verification build gave (``True`` or its Failure): a failure is logged
+        once until one works again, then one line says so."""
+        if verified is True:
+            self.verified_at = now
+            if self.verify_failing_since is not None:
+                log.info("verification builds work again after {failures} failed ones "
+                         "over {duration:.1f} s", failures=self.verify_failures,
+                         duration=now - self.verify_failing_since)
+                self.verify_failing_since = None
+                self.verify_failures = 0
+            return
+        self.verify_error = _describe_error(verified)
+        self.verify_error_at = now
+        self.verify_failures += 1
+        if self.verify_failing_since is not None:
+            return
+        self.verify_failing_since = now
+        text = ("verification build failed: {error}; store changes are loaded as usual "
+                "meanwhile, without the full build that checks them; tried again when the "
+                "store asks for the next one (logged once until one works)")
+        if verified.check(PolicydError):
+            log.error(text, error=self.verify_error)
+        else:
+            log.failure(text, verified, LogLevel.error, error=self.verify_error)
 
     def first_attempt(self) -> Deferred:
         """Fires (with None) once the first refresh has finished, loaded or failed."""
@@ -523,8 +579,27 @@ class SnapshotService(Service):
                 "last_load": self.last_load_how or None,
                 "last_load_seconds": (None if self.last_load_seconds is None
                                       else round(self.last_load_seconds, 3)),
+                "verification": self._verification_status(now),
                 "listen": self._listen_status(),
             },
+        }
+
+    def _verification_status(self, now: float) -> dict | None:
+        """``status()["store"]["verification"]``: None for a store that needs none (its
+        change detection is exact), else whether verification builds are failing, since
+        when, and when one last worked."""
+        if getattr(self.backend, "verification_due", None) is None:
+            return None
+        since = self.verify_failing_since
+        return {
+            "failing": since is not None,
+            "failing_for": None if since is None else round(now - since, 3),
+            "failed": self.verify_failures,
+            "last_error": self.verify_error,
+            "last_error_age": (None if self.verify_error_at is None
+                               else round(now - self.verify_error_at, 3)),
+            "last_verified_age": (None if self.verified_at is None
+                                  else round(now - self.verified_at, 3)),
         }
 
     def _listen_status(self) -> dict:

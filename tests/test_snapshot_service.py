@@ -541,3 +541,109 @@ def test_no_refresh_from_notifications_after_stop():
     service.stopService()
     clock.advance(1)
     assert [job[1].__name__ for job in thread.jobs] == ["close"]
+
+
+# --- a verification build that fails (Mailman 3) -------------------------------------------
+
+
+class FailingVerificationBackend(IncrementalBackend):
+    """Mailman 3-like: the incremental path works, the verification build's full half
+    fails (a statement timeout on its big unordered scan).  ``due`` stays true: a backend
+    that does not back off itself."""
+
+    def __init__(self):
+        super().__init__()
+        self.due = False
+        self.verify_fails: Exception | None = RuntimeError(
+            "canceling statement due to statement timeout")
+
+    def verification_due(self) -> bool:
+        return self.due
+
+    def load_verified(self, previous):
+        self.calls.append("load_verified")
+        if self.verify_fails is not None:
+            raise self.verify_fails
+        self.due = False
+        return self.load_snapshot(), []
+
+
+def test_a_failing_verification_build_does_not_hold_back_store_changes():
+    """Once a verification build is due and fails, every change the usual path can load
+    is still loaded, in the same refresh; the failure is logged once for the incident,
+    ``status`` says since when verification fails, the store itself stays healthy (its
+    refreshes work), and a verification build that works again ends it with one line."""
+    service, backend, clock = make(FailingVerificationBackend())
+    service.startService()
+    backend.due = True
+    with captured_events() as events:
+        clock.advance(2)  # the verification build fails; nothing changed
+        assert service.current.version == "1"
+        backend.lists = sample_lists(extra_member="bob@example.com")
+        backend.token = "2"  # bob subscribes
+        backend.calls.clear()
+        clock.advance(2)
+        # Loaded in this very refresh, through the incremental path, after the failure.
+        assert backend.calls[:4] == ["change_token", "load_verified", "change_token",
+                                     "load_changes"]
+        assert service.current.version == "2"
+        assert "bob@example.com" in service.current.lists["test@lists.example.com"].members
+        for _ in range(30):
+            clock.advance(2)
+    failed = [e for e in events if "verification build failed" in e.get("log_format", "")]
+    assert len(failed) == 1 and failed[0]["log_level"] is LogLevel.error
+    assert failed[0]["error"] == \
+        "RuntimeError: canceling statement due to statement timeout"
+    store = service.status()["store"]
+    assert store["healthy"] is True and store["unhealthy_reason"] is None
+    verification = store["verification"]
+    assert verification["failing"] is True
+    assert verification["failing_for"] == 62.0  # since the first failed attempt, at 2 s
+    assert verification["failed"] == 32
+    assert verification["last_error"] == \
+        "RuntimeError: canceling statement due to statement timeout"
+    backend.verify_fails = None
+    with captured_events() as events:
+        clock.advance(2)
+    again = [e for e in events if "verification builds work again" in e.get("log_format", "")]
+    assert len(again) == 1 and again[0]["failures"] == 32
+    assert service.status()["store"]["verification"]["failing"] is False
+    assert service.status()["store"]["verification"]["failing_for"] is None
+
+
+def test_a_failing_verification_with_the_store_down_is_a_store_failure():
+    """When the usual path fails too, the refresh failed: the store's incident, with its
+    error; the last good snapshot keeps serving."""
+    service, backend, clock = make(FailingVerificationBackend())
+    service.startService()
+    backend.due = True
+    backend.token = "2"
+    backend.fail_load = ConnectionError("connection refused")
+    clock.advance(2)
+    store = service.status()["store"]
+    assert store["last_error"] == "ConnectionError: connection refused"
+    assert store["healthy"] is False
+    assert service.current.version == "1"
+
+
+def test_the_mailman3_backend_backs_off_after_a_failed_verification(tmp_path):
+    """``Mailman3Backend``: a verification build that fails counts as an attempt, so
+    ``verification_due`` waits ``verify_interval`` again (the refreshes in between take
+    the incremental path) instead of retrying the failing build on every tick."""
+    import pytest
+
+    from policyd.errors import StoreUnavailable
+    from policyd.store.mailman3 import Mailman3Backend
+
+    backend = Mailman3Backend(f"sqlite:///{tmp_path / 'not-mailman.db'}",
+                              verify_interval=600.0)
+    try:
+        assert not backend.verification_due()
+        backend._last_full -= 600.0
+        assert backend.verification_due()
+        with pytest.raises(StoreUnavailable):  # no Mailman tables: the build fails
+            backend.load_verified(FakeBackend().load_snapshot())
+        assert not backend.verification_due()
+    finally:
+        backend.close()
+

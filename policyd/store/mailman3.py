@@ -72,7 +72,9 @@ Hashes make a missed change improbable, not impossible; so every ``verify_interv
 seconds (``[store] verify_interval``, default 600, 0 disables) the snapshot service asks
 for a verification build (``load_verified``): a full build compared with what the
 incremental path serves for the same state; a divergence is logged and the full build
-swapped in.
+swapped in.  A verification build that fails (its full scan past ``statement_timeout``)
+is tried again ``verify_interval`` later; the refresh that tried it loads what changed
+through the incremental path, as any other.
 """
 
 from __future__ import annotations
@@ -582,17 +584,25 @@ class Mailman3Backend:
 
     def verification_due(self) -> bool:
         """Whether the next refresh should be a verification build (``load_verified``):
-        ``verify_interval`` seconds after the last full build."""
+        ``verify_interval`` seconds after the last full build or failed verification
+        build."""
         return (self.verify_interval > 0
                 and time.monotonic() - self._last_full >= self.verify_interval)
 
     def load_verified(self, previous: Snapshot) -> tuple[Snapshot, list[str]]:
         """A full build, and how what the incremental path serves for the same state
-        differs from it (``refresh.verify``); empty when they decide alike."""
+        differs from it (``refresh.verify``); empty when they decide alike.  A failure
+        counts as an attempt: the next one is due ``verify_interval`` later."""
         prior = refresh.prior_state(previous, self.url)
-        return self._consistent_read(lambda connection, token: self._reading(
-            lambda: refresh.verify(previous, prior, self._source(connection, token),
-                                   version=token)))
+        try:
+            return self._consistent_read(lambda connection, token: self._reading(
+                lambda: refresh.verify(previous, prior, self._source(connection, token),
+                                       version=token)))
+        except Exception:
+            # Retried at once, a build that fails for its size (a statement timeout on
+            # the big scan) would fail on every refresh, each costing the whole timeout.
+            self._last_full = time.monotonic()
+            raise
 
     # -- internals --------------------------------------------------------------------------
 
