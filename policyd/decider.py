@@ -437,6 +437,17 @@ class Incidents:
             except Exception:
                 log.failure("summing up what was left out of the log failed")
 
+    def forget(self) -> None:
+        """The incident is over and its caller has summed it up: drop what this interval
+        counted (no summary of it comes later) and what was logged, so the next
+        occurrence of any key is logged again."""
+        call, self._call = self._call, None
+        if call is not None and call.active():
+            call.cancel()
+        self.window_end = None
+        self.logged.clear()
+        self._reset()
+
 
 class LatencyHistogram:
     """Decision latency of one protocol as plain numbers, read at scrape time by

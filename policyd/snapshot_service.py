@@ -9,7 +9,10 @@ query sees the old or the new snapshot, never half of one).
 Failure policy:
 * the timer body catches and logs every error (an uncaught one would stop the timer);
 * a failed refresh keeps the last good snapshot serving; the failure is logged once per
-  incident, and once more when the store is back;
+  incident (and once per new kind of error in it, the rest summed up every
+  ``SUMMARY_INTERVAL`` seconds), and once more when it ends: after ``quiet_interval``
+  seconds without a failure, so a store failing now and then is one incident, and
+  ``status()`` stays unhealthy meanwhile instead of flipping at every refresh;
 * a verification build (``load_verified``, Mailman 3) that fails does not stop the
   refresh: it loads what changed through the usual path, the failure is logged once
   until a verification build works again, and ``status()`` says since when it fails;
@@ -45,6 +48,7 @@ from twisted.internet.defer import Deferred, maybeDeferred, succeed
 from twisted.logger import Logger, LogLevel
 from twisted.python.failure import Failure
 
+from .decider import Incidents
 from .errors import PolicydError
 from .runtime import heap, threads
 from .runtime.pacing import pace, pacing
@@ -128,6 +132,15 @@ class SnapshotService(Service):
     CLOSE_TIMEOUT = 2.0
     # Seconds between two refreshes started by notifications (``changed``).
     NOTIFY_GAP = 0.05
+    # A store incident ends after this many refresh intervals without a failure (see
+    # ``quiet_interval``): a store failing one refresh in two passes 30 in a row by
+    # chance once in a billion tries, and at the default interval it is a minute, so
+    # one failed refresh does not keep the store unhealthy for long.
+    QUIET_REFRESHES = 30
+    # ... but at most this long, unless the interval itself is long (then three of them).
+    QUIET_MAX = 300.0
+    # During an incident, what failed after its first line is summed up this often.
+    SUMMARY_INTERVAL = 300.0
 
     def __init__(self, backend, *, interval: float, clock, run_in_thread: RunInThread,
                  describe_store: str = "", refresh_timeout: float | None = None) -> None:
@@ -153,8 +166,20 @@ class SnapshotService(Service):
         self.store_description = describe_store
         self.last_error: str | None = None
         self.last_error_at: float | None = None
+        # The store's current incident: when its first refresh failed, how many failed
+        # (``failures``), whether the last one did; it ends after ``quiet_interval``
+        # seconds without a failure (``_done``).
         self.failing_since: float | None = None
         self.failures = 0
+        self.last_refresh_failed = False
+        self.quiet_interval = max(min(self.QUIET_REFRESHES * interval, self.QUIET_MAX),
+                                  3 * interval)
+        # The first failure of an incident (and of each new kind of error in it) is
+        # logged, the others summed up every ``SUMMARY_INTERVAL`` seconds.
+        self.incidents = Incidents(self._failures_left_out, burst=1,
+                                   interval=self.SUMMARY_INTERVAL,
+                                   quiet=self.quiet_interval, clock=clock)
+        self._succeeded_since_summary = 0
         self.loads = 0
         # For the metrics: failed refreshes since start (``failures`` counts the current
         # incident only) and how long the last refresh that loaded a snapshot took.
@@ -387,13 +412,19 @@ class SnapshotService(Service):
                 took = f", {self.last_load_seconds:.2f} s"
             log.info("snapshot {version} loaded ({how}{took}): {lists} lists, "
                      "{memberships} memberships{problems}", how=how, took=took, **fields)
+        self.last_refresh_failed = False
         if self.failing_since is not None:
-            log.info("store recovered after {duration:.1f} s and {failures} failed "
-                     "refreshes; serving snapshot {version}",
-                     duration=now - self.failing_since, failures=self.failures,
-                     version=self.current.version if self.current else None)
-            self.failing_since = None
-            self.failures = 0
+            self._succeeded_since_summary += 1
+            if now - self.last_error_at >= self.quiet_interval:
+                log.info("store recovered after {duration:.1f} s and {failures} failed "
+                         "refreshes (none in the last {quiet:g} s); serving snapshot "
+                         "{version}", duration=now - self.failing_since,
+                         failures=self.failures, quiet=self.quiet_interval,
+                         version=self.current.version if self.current else None)
+                self.incidents.forget()
+                self.failing_since = None
+                self.failures = 0
+                self._succeeded_since_summary = 0
         return True
 
     def _failed(self, failure: Failure) -> bool:
@@ -402,22 +433,51 @@ class SnapshotService(Service):
         self.last_error_at = now
         self.failures += 1
         self.failures_total += 1
+        self.last_refresh_failed = True
         if self.failing_since is None:
             self.failing_since = now
+        # Once per incident, and once per new kind of error in it (at most one per
+        # summary interval): a store failing every other refresh is one incident, not a
+        # pair of lines per failure.
+        if self.incidents.first(self.last_error):
             if self.current is not None:
                 text = ("store refresh failed: {error}; serving the last good snapshot "
-                        "{version} (loaded {age:.1f} s ago) until the store is back")
+                        "{version} (loaded {age:.1f} s ago) until the store is back "
+                        "(further failures summed up every {summary:g} s; it is back after "
+                        "{quiet:g} s without one)")
                 fields = dict(version=self.current.version, age=now - self.loaded_at)
             else:
                 text = ("store refresh failed: {error}; no snapshot yet, every query gets "
                         "a temporary failure until the store answers")
                 fields = {}
+            fields.update(summary=self.SUMMARY_INTERVAL, quiet=self.quiet_interval)
             if failure.check(PolicydError):
                 # The store's own, already worded error: no traceback needed.
                 log.error(text, error=self.last_error, **fields)
             else:
                 log.failure(text, failure, LogLevel.error, error=self.last_error, **fields)
         return False
+
+    def _failures_left_out(self, left_out, new: int, others: int, more: bool,
+                           interval: float) -> None:
+        """``Incidents``' summary: the refreshes that failed since the last line."""
+        succeeded, self._succeeded_since_summary = self._succeeded_since_summary, 0
+        now = self.clock.seconds()
+        if self.current is not None:
+            serving = (f"serving the last good snapshot {self.current.version} (loaded "
+                       f"{now - self.loaded_at:.1f} s ago)")
+        else:
+            serving = "no snapshot yet, every query gets a temporary failure"
+        log.warn("the store is still failing: {count} more refreshes failed in the last "
+                 "{interval:g} s ({kinds}), {succeeded} succeeded; {failures} failed in "
+                 "the {duration:.1f} s of this incident; {serving}",
+                 count=sum(left_out.values()), interval=interval, succeeded=succeeded,
+                 kinds="; ".join(f"{kind}: {count}"
+                                 for kind, count in left_out.most_common(5)),
+                 failures=self.failures,
+                 duration=now - (self.failing_since if self.failing_since is not None
+                                 else now),
+                 serving=serving)
 
     def _verification_done(self, verified, now: float) -> None:
         """What a verification build gave (``True`` or its Failure): a failure is logged
@@ -532,7 +592,14 @@ class SnapshotService(Service):
             return (f"a store refresh has been running for {running:.1f} s (more than "
                     f"[store] refresh_timeout = {self.refresh_timeout:g} s)")
         if self.failing_since is not None:
-            return f"the store is failing: {self.last_error}"
+            if self.last_refresh_failed:
+                return f"the store is failing: {self.last_error}"
+            now = self.clock.seconds()
+            plural = "" if self.failures == 1 else "es"
+            return (f"the store failed {self.failures} refresh{plural} in the last "
+                    f"{now - self.failing_since:.1f} s, the last one "
+                    f"{now - self.last_error_at:.1f} s ago ({self.last_error}); healthy "
+                    f"again after {self.quiet_interval:g} s without a failure")
         if self.checked_at is None:
             return "the store has not answered yet"
         return None
@@ -573,6 +640,7 @@ class SnapshotService(Service):
                 "failing_for": (None if trouble_since is None
                                 else round(now - trouble_since, 3)),
                 "failed_refreshes": self.failures,
+                "quiet_interval": self.quiet_interval,
                 "refresh_interval": self.interval,
                 "checks": self.checks,
                 "loads": self.loads,

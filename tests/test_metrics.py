@@ -131,7 +131,9 @@ def test_scrape_reads_counters_snapshot_store_and_listeners(tmp_path):
 
 def test_store_failure_shows_in_the_metrics(tmp_path):
     """A failing store: healthy 0, failures counted (and still counted once it is back,
-    unlike the per-incident count)."""
+    unlike the per-incident count); healthy 0 and failing_seconds going on until the
+    incident ends, ``quiet_interval`` seconds without a failure, not at the first good
+    refresh (an alert ``for: 5m`` on a store failing every other refresh fires)."""
     service, reactor, backend = build(tmp_path, text=METRICS)
     service.startService()
     try:
@@ -145,7 +147,12 @@ def test_store_failure_shows_in_the_metrics(tmp_path):
         backend.fail = None
         reactor.advance(service.config.store.refresh_interval)
         samples = scrape(service)
+        assert value(samples, "policyd_store_healthy") == 0
+        assert value(samples, "policyd_store_failing_seconds") > 0
+        reactor.advance(service.snapshots.quiet_interval)
+        samples = scrape(service)
         assert value(samples, "policyd_store_healthy") == 1
+        assert value(samples, "policyd_store_failing_seconds") == 0
         assert value(samples, "policyd_store_refresh_failures_total") == 2
     finally:
         service.stopService()

@@ -79,7 +79,9 @@ def test_reload_loads_even_when_unchanged():
 
 def test_failure_keeps_last_good_and_logs_once_per_incident():
     """A failing store: the last good snapshot keeps serving; one error line for the
-    whole incident, one info line at recovery."""
+    whole incident, one info line when it ends: once the store has answered for
+    ``quiet_interval`` seconds without a failure (what it loads meanwhile is served at
+    once)."""
     service, backend, clock = make()
     service.startService()
     good = service.current
@@ -96,9 +98,14 @@ def test_failure_keeps_last_good_and_logs_once_per_incident():
         backend.fail = None
         backend.token = "2"
         clock.advance(2)
+        assert service.current.version == "2"
+        store = service.status()["store"]
+        assert store["healthy"] is False and store["failed_refreshes"] == 5
+        assert "healthy again after 60 s without a failure" in store["unhealthy_reason"]
+        assert not [e for e in events if "recovered" in e.get("log_format", "")]
+        clock.advance(service.quiet_interval - 2)
         recovered = [e for e in events if "recovered" in e.get("log_format", "")]
         assert len(recovered) == 1
-        assert service.current.version == "2"
         assert service.status()["store"]["healthy"] is True
         # a second incident is logged again
         backend.fail = ConnectionError("again")
@@ -286,7 +293,7 @@ def test_store_unavailable_is_logged_without_traceback():
         clock.advance(2)
         assert [("log_failure" in e) for e in errors(events)] == [False]
         backend.fail = None
-        clock.advance(2)
+        clock.advance(service.quiet_interval)  # that incident is over
         backend.fail = KeyError("surprise")
         clock.advance(2)
         assert [("log_failure" in e) for e in errors(events)] == [False, True]
@@ -647,3 +654,52 @@ def test_the_mailman3_backend_backs_off_after_a_failed_verification(tmp_path):
     finally:
         backend.close()
 
+
+# --- a flapping store ------------------------------------------------------------------
+
+
+def test_a_flapping_store_is_one_incident_until_it_has_been_quiet():
+    """A store that fails every other refresh (one bad server behind a balancer): one
+    incident, not one per failure.  An hour of it logs the first failure and at most one
+    summary every five minutes; ``status`` says unhealthy at every look (no flip between
+    scrapes), with the incident's count; the incident ends, with one line, once the store
+    has gone ``quiet_interval`` seconds (30 refreshes here) without a failure."""
+    from policyd.errors import StoreUnavailable
+
+    service, backend, clock = make()
+    service.startService()
+    healthy = []
+    with captured_events() as events:
+        for i in range(1800):  # one hour of 2 s refreshes
+            backend.fail = (StoreUnavailable("store sqlite:///x: database is locked")
+                            if i % 2 == 0 else None)
+            clock.advance(2)
+            healthy.append(service.status()["store"]["healthy"])
+        mine = [e for e in events if e.get("log_namespace") == "policyd.store"]
+        assert set(healthy) == {False}
+        store = service.status()["store"]
+        assert store["failed_refreshes"] == 900
+        assert store["failing_for"] == 3598.0  # since the first failure, at 2 s
+        assert "failed 900 refreshes" in store["unhealthy_reason"]
+        assert len(mine) <= 1 + 12, [e["log_format"] for e in mine]
+        assert "database is locked" in mine[0]["error"]
+        summaries = [e for e in mine if "still failing" in e["log_format"]]
+        assert len(summaries) >= 11
+        assert all(e["log_level"] is LogLevel.warn for e in summaries)
+        assert summaries[0]["count"] == 74 and summaries[0]["succeeded"] == 75
+        # Back for good: still the incident until 60 s without a failure, then one line.
+        assert store["quiet_interval"] == service.quiet_interval == 60.0
+        backend.fail = None
+        clock.advance(2)  # the last failure was at 3598 s
+        for _ in range(27):
+            clock.advance(2)
+            assert service.status()["store"]["healthy"] is False
+        before = len(events)
+        clock.advance(2)
+        store = service.status()["store"]
+        assert store["healthy"] is True and store["failing_for"] is None
+        assert store["failed_refreshes"] == 0
+        recovered = [e for e in events[before:] if "recovered" in e["log_format"]]
+        assert len(recovered) == 1 and recovered[0]["failures"] == 900
+        clock.advance(3600)  # no summary left behind after the end
+    assert not [e for e in events[before:] if "still failing" in e["log_format"]]

@@ -174,8 +174,10 @@ def test_no_store_yet_means_temporary_failure_then_recovery(run, daemons):
                REFRESH * 20 + 5, "the store to be picked up")
     assert client.ask(LIST, "").startswith(b"action=550 5.7.1")
     client.close()
-    # An info line: written with the next second's flush (a warning goes at once).
-    wait_until(lambda: "store recovered" in daemon.text(), 5, "the 'store recovered' line")
+    # An info line, once the store has gone quiet_interval (30 refreshes) without a
+    # failure; written with the next second's flush (a warning goes at once).
+    wait_until(lambda: "store recovered" in daemon.text(), REFRESH * 30 + 5,
+               "the 'store recovered' line")
     assert daemon.text().count("store refresh failed") == 1
 
 

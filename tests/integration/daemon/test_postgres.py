@@ -78,7 +78,9 @@ def test_store_outage_serves_last_good_then_recovers(run, daemons, pg_database, 
     proxy.start()
     wait_until(lambda: exim_ask(run.exim_socket, exim_line(LIST, NONMEMBER)) == ACCEPT,
                REFRESH * 20 + 15, "the change made during the outage")
-    wait_until(lambda: daemon.status()["store"]["healthy"], 10, "a healthy store")
+    # Healthy once the store has gone quiet_interval (30 refreshes) without a failure.
+    wait_until(lambda: daemon.status()["store"]["healthy"], REFRESH * 30 + 10,
+               "a healthy store")
     assert daemon.status()["store"]["last_error"]  # kept for the admin, with its age
     postfix.close()
     assert daemon.proc.pid == pid and daemon.proc.poll() is None

@@ -304,7 +304,9 @@ def test_snapshot_service_on_a_locked_store(pg_store):
             threads.settle()
             assert results == [True]
         else:
-            clock.advance(2.0)  # the next tick (the token did not change: a check)
+            # The next tick (the token did not change: a check), once the incident's
+            # quiet interval has passed without a failure.
+            clock.advance(service.quiet_interval)
             threads.settle()
             service.reload()
             threads.settle()
