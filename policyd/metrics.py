@@ -140,6 +140,21 @@ class PolicydCollector:
                      "one running past refresh_timeout; 0 when healthy).",
                      0.0 if failing_since is None
                      else max(0.0, snapshots.clock.seconds() - failing_since))
+        listen = snapshots.listen_status()
+        if listen["enabled"]:
+            # What ``policyctl status`` shows as ``store: listen``: lost notifications
+            # leave the daemon on polling alone, slower but not failing.
+            yield _gauge("policyd_store_notifications_listening",
+                         "1 while the store's change notifications are listened to (a "
+                         "PostgreSQL LISTEN, the SQLite file watch), else 0.",
+                         1 if listen.get("listening") else 0)
+            yield _gauge("policyd_store_notifications_lost_seconds",
+                         "Seconds since the store's change notifications were lost (0 "
+                         "while listened to): meanwhile changes arrive by polling only.",
+                         listen.get("lost_for") or 0.0)
+            yield _counter("policyd_store_notifications",
+                           "Change notifications from the store.",
+                           listen["notifications"])
 
         moderation = getattr(service, "moderation", None)
         if moderation is not None:

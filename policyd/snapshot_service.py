@@ -648,7 +648,7 @@ class SnapshotService(Service):
                 "last_load_seconds": (None if self.last_load_seconds is None
                                       else round(self.last_load_seconds, 3)),
                 "verification": self._verification_status(now),
-                "listen": self._listen_status(),
+                "listen": self.listen_status(),
             },
         }
 
@@ -670,7 +670,7 @@ class SnapshotService(Service):
                                   else round(now - self.verified_at, 3)),
         }
 
-    def _listen_status(self) -> dict:
+    def listen_status(self) -> dict:
         """``status()["store"]["listen"]``: whether the store's notifications are
         listened to, and how many came."""
         listener = self.change_listener

@@ -158,6 +158,46 @@ def test_store_failure_shows_in_the_metrics(tmp_path):
         service.stopService()
 
 
+class LostListener:
+    """A store-notification listener whose connection has been lost for an hour."""
+
+    def __init__(self) -> None:
+        self.state = {"channel": "policyd_changes", "listening": False,
+                      "listening_for": None, "lost_for": 3600.0,
+                      "last_error": "OperationalError: server closed the connection",
+                      "received": 7, "incidents": 1}
+
+    def status(self) -> dict:
+        return dict(self.state)
+
+
+def test_store_notification_listener_shows_in_the_metrics(tmp_path):
+    """The store-notification listener's state reaches the metrics as it reaches
+    ``policyctl status``: listening 1/0, how long it has been lost, the notifications;
+    without a listener (polling only) none of these families is there."""
+    service, reactor, backend = build(tmp_path, text=METRICS)
+    service.startService()
+    try:
+        samples = scrape(service)
+        assert not [name for name in samples if "notification" in name]
+        listener = LostListener()
+        service.snapshots.change_listener = listener
+        service.snapshots.changed()
+        reactor.advance(1.5)  # past the page's one-second cache
+        samples = scrape(service)
+        assert service.snapshots.status()["store"]["listen"]["listening"] is False
+        assert value(samples, "policyd_store_notifications_listening") == 0
+        assert value(samples, "policyd_store_notifications_lost_seconds") == 3600.0
+        assert value(samples, "policyd_store_notifications_total") == 1
+        listener.state.update(listening=True, listening_for=5.0, lost_for=None)
+        reactor.advance(1.5)
+        samples = scrape(service)
+        assert value(samples, "policyd_store_notifications_listening") == 1
+        assert value(samples, "policyd_store_notifications_lost_seconds") == 0
+    finally:
+        service.stopService()
+
+
 def test_metrics_listener_is_not_held_until_the_first_load(tmp_path):
     """The MTA listeners wait for the first snapshot; the metrics endpoint answers at once
     (a scrape during a slow first load shows why)."""
