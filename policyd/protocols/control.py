@@ -17,6 +17,11 @@ ACL), include what SMTP-time moderation would answer (greylisting, and on Exim t
 tickets; keyed by ``client_address``'s network and, on Exim, ``message_id``: the
 Message-ID: header's value), previewed without creating, refreshing or counting anything
 (``ModerationService.preview``).
+
+Bounded as the MTA listeners are: a query field longer than an MTA can send
+(``FIELD_LIMITS``) is refused with an error naming it, a line longer than ``MAX_LINE``
+or not complete ``LINE_TIMEOUT`` after its first byte is answered with an error and the
+connection closed.
 """
 
 from __future__ import annotations
@@ -40,12 +45,26 @@ from .postfix import MODERATION_MODES as POSTFIX_MODES, answer_action, postfix_q
 
 log = Logger(namespace="policyd.control")
 
-__all__ = ["OPS", "ControlRequest", "parse_request", "format_response", "query_result",
+__all__ = ["OPS", "FIELD_LIMITS", "ControlRequest", "parse_request", "format_response", "query_result",
            "preview_dict", "exim_preview_dict", "reply_dict", "ControlProtocol",
            "ControlFactory"]
 
 OPS = ("query", "status", "reload")
-MAX_LINE = 1 << 20
+_HEADER_KEYS = ("from_header", "reply_to_header", "sender_header")
+#: The longest value of each query field, in characters: what the MTAs can send, so
+#: that one query costs the decision no more than theirs.  An address: a Postfix request
+#: line (``[postfix] max_line``'s default), far past SMTP's 256-octet path; a header:
+#: the header block contrib/exim sends (``POLICYD_MAX_HEADERS``); a client address: a
+#: host name's length.
+FIELD_LIMITS = {"recipient": 4096, "envelope_sender": 4096,
+                **dict.fromkeys(_HEADER_KEYS, 32768), "client_address": 255}
+#: The longest ``message_id`` taken: a header line's limit (RFC 5322); the Exim path
+#: keys on its first ``MESSAGE_ID_KEPT`` characters.
+MAX_MESSAGE_ID = 998
+MESSAGE_ID_KEPT = 255
+#: The longest line read: a query with every field at its limit still fits when
+#: ``policyctl`` (ASCII JSON) writes each character as ``\uXXXX``.
+MAX_LINE = 640 << 10
 #: The control socket's connections, and how long one may sit without a request.  They
 #: live in the descriptors the MTA listeners leave free (``RESERVED_DESCRIPTORS``), so a
 #: client of the socket (its group, with ``control_socket_mode = 0660``) holding
@@ -54,15 +73,17 @@ MAX_LINE = 1 << 20
 #: ``policyctl`` opens one connection per command and closes it.
 MAX_CONNECTIONS = 16
 IDLE_TIMEOUT = 60.0
-#: Requests of one connection answered in one turn of the reactor; the rest wait for the
-#: next turn, so that a client pipelining thousands cannot hold the reactor (and the
-#: MTAs' queries) for their whole run.
+#: How long a line may take to arrive, counted from its first byte however often more
+#: trickle in (as the MTA listeners' ``request_timeout``): a client sending a byte now
+#: and then is never idle, and must not hold a connection and its buffer for ever.
+#: ``policyctl`` writes its line whole.
+LINE_TIMEOUT = 10.0
+#: Requests of one connection answered in one turn of the reactor, and the bytes of
+#: their lines: the rest wait for the next turn, so that a client pipelining thousands,
+#: or long queries, cannot hold the reactor (and the MTAs' queries) for their whole run.
+#: A line longer than ``MAX_BYTES_PER_TURN`` is answered in a turn of its own.
 MAX_PER_TURN = 16
-_HEADER_KEYS = ("from_header", "reply_to_header", "sender_header")
-#: The longest ``message_id`` taken: a header line's limit (RFC 5322); the Exim path
-#: keys on its first ``MESSAGE_ID_KEPT`` characters.
-MAX_MESSAGE_ID = 998
-MESSAGE_ID_KEPT = 255
+MAX_BYTES_PER_TURN = 64 << 10
 
 
 @dataclass(frozen=True)
@@ -104,6 +125,10 @@ def parse_request(line: bytes) -> ControlRequest:
     client = message.get("client_address")
     if client is not None and not isinstance(client, str):
         raise ProtocolError("client_address must be a string or null")
+    for key, limit in FIELD_LIMITS.items():
+        value = message.get(key)
+        if value is not None and len(value) > limit:
+            raise ProtocolError(f"{key} longer than {limit} characters")
     message_id = message.get("message_id")
     if message_id is not None:
         if not isinstance(message_id, str):
@@ -233,13 +258,19 @@ def reply_dict(reply: SmtpReply) -> dict:
 class ControlProtocol(Protocol):
     """JSON lines, answered in order, a bounded number per reactor turn.
 
-    At most ``MAX_PER_TURN`` requests of one connection are answered in one turn of the
-    reactor; the rest wait in the line buffer for the next turn (``callLater(0)``) and the
-    connection is not read meanwhile, so 16,000 pipelined ``status`` lines interleave
-    with the MTAs' queries instead of holding the reactor for their whole run.  Nothing
-    is read either while an answer is awaited (a reload) or while answers wait to be
-    sent (the protocol is its transport's producer): what a client may make the daemon
-    hold is one line buffer (``MAX_LINE`` plus one read) and one turn's answers."""
+    At most ``MAX_PER_TURN`` requests of one connection, and ``MAX_BYTES_PER_TURN`` bytes
+    of their lines (one longer line alone), are answered in one turn of the reactor; the
+    rest wait in the line buffer for the next turn (``callLater(0)``) and the connection
+    is not read meanwhile, so 16,000 pipelined ``status`` lines interleave with the MTAs'
+    queries instead of holding the reactor for their whole run.  Nothing is read either
+    while an answer is awaited (a reload) or while answers wait to be sent (the protocol
+    is its transport's producer): what a client may make the daemon hold is one line
+    buffer (``MAX_LINE`` plus one read) and one turn's answers.
+
+    The buffer is a ``bytearray`` and only the bytes not searched yet are searched for
+    the newline: linear in a line's length however it is split.  A line not complete
+    ``LINE_TIMEOUT`` after its first byte is answered with an error and the connection
+    closed (``ControlFactory.sweep``)."""
 
     delimiter = b"\n"
     MAX_LENGTH = MAX_LINE
@@ -250,10 +281,15 @@ class ControlProtocol(Protocol):
     last_read = 0.0
     pending = 0
     buffered = 0
+    # When the incomplete line held began: its first byte, or the daemon reading again
+    # after answering the lines before it (it read nothing meanwhile).
+    line_began = 0.0
 
     def __init__(self, factory: "ControlFactory") -> None:
         self.factory = factory
-        self._buffer = b""
+        self._buffer = bytearray()
+        # ``_buffer[:_searched]`` holds no newline: where the next search starts.
+        self._searched = 0
         self._waiting: defer.Deferred | None = None  # an answer not given yet
         self._next_turn = None  # the delayed call that goes on with the buffer
         self._output_full = False
@@ -270,6 +306,10 @@ class ControlProtocol(Protocol):
     def dataReceived(self, data: bytes) -> None:
         self.reads += 1
         self.last_read = self.factory.reactor.seconds()
+        if self._closing:  # answered for good (a line too long, stalled): not kept
+            return
+        if not self._buffer or b"\n" in data:
+            self.line_began = self.last_read  # what follows its last newline, if any
         self._buffer += data
         self._process()
 
@@ -288,50 +328,85 @@ class ControlProtocol(Protocol):
     def _read(self, on: bool) -> None:
         if on != self._reading and self.transport is not None:
             self._reading = on
+            if on:
+                self.line_began = self.factory.reactor.seconds()
             (self.transport.resumeProducing if on else self.transport.pauseProducing)()
 
     def _process(self) -> None:
-        """Answer the complete lines in the buffer, at most ``MAX_PER_TURN``; read more
-        only when none is left and nothing holds the answers back."""
+        """Answer the complete lines in the buffer, at most ``MAX_PER_TURN`` and
+        ``MAX_BYTES_PER_TURN``; read more only when none is left and nothing holds the
+        answers back."""
         if self._next_turn is not None or self._closing:
             return
-        buffer, start, answered = self._buffer, 0, 0
-        while (self._waiting is None and not self._output_full
-               and answered < MAX_PER_TURN and not self._closing):
-            end = buffer.find(b"\n", start)
+        buffer, start, search = self._buffer, 0, self._searched
+        answered = size = 0
+        full = False
+        while self._waiting is None and not self._output_full and not self._closing:
+            end = buffer.find(b"\n", search)
             if end < 0:
+                search = len(buffer)
                 break
-            line, start = buffer[start:end], end + 1
-            if len(line) > MAX_LINE:
-                self._buffer = b""
-                self.lineLengthExceeded(line)
+            if end - start > MAX_LINE:
+                self._discard()
+                self.lineLengthExceeded(buffer[start:end])
                 return
+            if answered and (answered == MAX_PER_TURN
+                             or size + end - start > MAX_BYTES_PER_TURN):
+                full = True
+                search = start
+                break
+            line, start = bytes(buffer[start:end]), end + 1
+            search = start
             if line.strip():
                 answered += 1
+                size += len(line)
                 self._handle(line)
-        self._buffer = buffer = buffer[start:]
         if self._closing:
             return
-        if len(buffer) > MAX_LINE and buffer.find(b"\n", 0, MAX_LINE + 1) < 0:
-            self._buffer = b""
+        if start:
+            del buffer[:start]  # from the front of a bytearray: no copy of the rest
+            search -= start
+        self._searched = search
+        if search == len(buffer) > MAX_LINE:  # searched to the end: one line, too long
+            self._discard()
             self.lineLengthExceeded(buffer)
             return
-        more = b"\n" in buffer
-        if more and answered >= MAX_PER_TURN and self._waiting is None \
-                and not self._output_full:
+        more = search < len(buffer)
+        if full and self._waiting is None and not self._output_full:
             self._next_turn = self.factory.reactor.callLater(0, self._go_on)
         self._read(not more and self._waiting is None and not self._output_full)
+
+    def _discard(self) -> None:
+        self._buffer = bytearray()
+        self._searched = 0
 
     def _go_on(self) -> None:
         self._next_turn = None
         self._process()
 
+    def overdue(self, now: float) -> bool:
+        """An incomplete line begun ``LINE_TIMEOUT`` ago or more, while the daemon reads
+        (it answered the lines before it)."""
+        return (bool(self._buffer) and self._reading and not self.pending
+                and now - self.line_began >= LINE_TIMEOUT)
+
+    def stalled(self) -> None:
+        """No complete line within ``LINE_TIMEOUT``: an error answer, then close."""
+        self._discard()
+        if self.transport is not None:
+            self.transport.write(format_response(
+                error=f"no complete request within {LINE_TIMEOUT:g} s"))
+        self._close()
+
     def idle_for(self, now: float) -> float:
         """Seconds counted against this connection at the limit: never while a request
-        is being answered; silent after ``SILENT_GRACE`` or done with its requests:
-        closable at once."""
+        is being answered; half a line: since it began, however often bytes of it came
+        since; silent after ``SILENT_GRACE`` or done with its requests: closable at
+        once."""
         if self.pending:
             return -1.0
+        if self._buffer and self._reading:
+            return now - self.line_began
         idle = now - self.last_read
         if self.reads or idle >= SILENT_GRACE:
             return idle + EVICT_MIN_IDLE
@@ -405,7 +480,9 @@ class ControlFactory(TrackingFactory):
 
     protocol = ControlProtocol
     max_connections = MAX_CONNECTIONS
-    sweep_interval = 10.0
+    # An incomplete line is closed ``LINE_TIMEOUT`` after it began, at most a quarter
+    # later; an idle connection after ``IDLE_TIMEOUT``.
+    sweep_interval = LINE_TIMEOUT / 4
 
     def __init__(self, service, reactor) -> None:
         # Its own count (``max_open`` = ``MAX_CONNECTIONS``): at most ``CLOSING_SLACK``
@@ -417,12 +494,21 @@ class ControlFactory(TrackingFactory):
         self.service = service
 
     def sweep(self, now: float) -> None:
+        stalled = 0
         for protocol in list(self.connections):
             if protocol in self.evicting:
                 abort_stuck(protocol, now)  # its peer does not take its last answers
+            elif protocol.overdue(now):
+                self.evicting.add(protocol)
+                protocol.stalled()
+                stalled += 1
             elif not protocol.pending and now - protocol.last_read >= IDLE_TIMEOUT:
                 self.evicting.add(protocol)
                 protocol.evict()
+        if stalled:
+            log.warn("closed {count} control connections holding a line begun "
+                     "{timeout:g} s ago or more", count=stalled, timeout=LINE_TIMEOUT,
+                     rate_limit="stalled control requests")
 
     def handle(self, line: bytes):
         try:

@@ -258,7 +258,8 @@ def next_turn(clock: Clock) -> None:
 
 def test_a_deeply_nested_line_is_a_malformed_request_logged_with_a_rate_limit():
     """200,000 "[" (RecursionError in json): a clean error answer, a warning the log's
-    rate limit knows (``rate_limit``), no traceback; the connection stays usable."""
+    rate limit knows (``rate_limit``), no traceback; the connection stays usable (the
+    next line answered in the next turn: the long one took this turn's byte budget)."""
     from twisted.logger import globalLogPublisher
 
     with pytest.raises(ProtocolError) as info:
@@ -269,6 +270,7 @@ def test_a_deeply_nested_line_is_a_malformed_request_logged_with_a_rate_limit():
     globalLogPublisher.addObserver(events.append)
     try:
         proto.dataReceived(b"[" * 200_000 + b"\n" + STATUS)
+        next_turn(proto.factory.reactor)
     finally:
         globalLogPublisher.removeObserver(events.append)
     got = lines(transport)
@@ -320,3 +322,195 @@ def test_nothing_is_read_or_answered_while_an_answer_is_awaited_or_cannot_leave(
         next_turn(factory.reactor)
     assert len(lines(transport)) == 101
     assert transport.producerState == "producing"
+
+
+# --- bounded per line: linear framing, a deadline, fields no longer than the MTAs' -----
+
+class CountingBuffer(bytearray):
+    """The protocol's line buffer, counting the bytes each newline search scans."""
+
+    scanned = 0
+
+    def find(self, sub, start=0, end=None):
+        stop = len(self) if end is None else min(end, len(self))
+        self.scanned += max(0, stop - start)
+        return super().find(sub, start, stop)
+
+
+def test_a_trickled_line_is_searched_once_not_again_at_each_read():
+    """A line arriving a few bytes per read (up to near ``MAX_LINE``): the buffer grows
+    in place and each read's search scans only the bytes new since the last, so the
+    bytes scanned are the line's length, not the square of its reads; then answered."""
+    proto, transport, _, _ = connect()
+    buffer = proto._buffer = CountingBuffer()
+    body = b'{"op": "status", "pad": "' + b"x" * 200_000 + b'"}'
+    for i in range(0, len(body), 64):
+        proto.dataReceived(body[i:i + 64])
+    assert proto._buffer is buffer and len(buffer) == len(body)
+    assert len(body) <= buffer.scanned <= len(body) + 64
+    proto.dataReceived(b"\n")
+    assert lines(transport) == [{"ok": True, "result": {"uptime": 1.5}}]
+
+
+@pytest.mark.parametrize("piece", [1, 7, 64, 4096])
+def test_lines_split_anywhere_are_answered_the_same(piece):
+    """Pipelined lines, blank ones and one over the turn's byte budget among them, fed
+    in pieces of any size: every one answered, in order, as when fed whole."""
+    requests = [b'{"op": "status"}', b"", b'{"op": "nope"}',
+                json.dumps({"op": "status", "pad": "y" * 70_000}).encode(),
+                b'{"op": "query", "recipient": "l@x", "envelope_sender": "s@y"}'] * 3
+    data = b"\n".join(requests) + b"\n"
+
+    def answers(pieces):
+        proto, transport, service, factory = connect()
+        for chunk in pieces:
+            proto.dataReceived(chunk)
+            for _ in range(10):
+                next_turn(factory.reactor)
+        return lines(transport), service.queries
+
+    whole = answers([data])
+    assert len(whole[0]) == 12 and len(whole[1]) == 3
+    assert answers([data[i:i + piece] for i in range(0, len(data), piece)]) == whole
+
+
+#: The documented bounds: a line's deadline, the bytes of the lines one turn answers.
+LINE_TIMEOUT = 10.0
+BYTES_PER_TURN = 64 << 10
+
+
+def test_a_line_not_complete_within_the_line_timeout_is_answered_and_closed():
+    """Bytes of one line trickling in (one a second, so never idle): ``LINE_TIMEOUT``
+    after its first byte, give or take a sweep, an error answer and the connection
+    closed, with a warning the log's rate limit knows; a line completed in time is
+    answered and the next one has a deadline of its own."""
+    from twisted.logger import globalLogPublisher
+
+    proto, transport, _, factory = connect()
+    clock = factory.reactor
+    proto.dataReceived(STATUS[:5])
+    clock.advance(1)
+    proto.dataReceived(STATUS[5:] + STATUS[:5])  # one answered, the next one begun
+    assert len(lines(transport)) == 1
+    events = []
+    globalLogPublisher.addObserver(events.append)
+    try:
+        for _ in range(int(LINE_TIMEOUT) - 2):
+            clock.advance(1)
+            proto.dataReceived(b" ")
+        assert not transport.disconnecting  # the second line began LINE_TIMEOUT - 2 ago
+        for _ in range(int(LINE_TIMEOUT)):
+            clock.advance(1)
+            proto.dataReceived(b" ")
+            if transport.disconnecting:
+                break
+    finally:
+        globalLogPublisher.removeObserver(events.append)
+    assert transport.disconnecting
+    assert lines(transport)[1:] == [
+        {"ok": False, "error": f"no complete request within {LINE_TIMEOUT:g} s"}]
+    assert [e.get("rate_limit") for e in events] == ["stalled control requests"]
+    proto.dataReceived(STATUS[5:])  # too late: not answered
+    assert len(lines(transport)) == 2
+    assert control.LINE_TIMEOUT == LINE_TIMEOUT
+
+
+def test_a_line_held_behind_an_awaited_answer_is_timed_from_when_reading_resumes():
+    """A reload's answer awaited for longer than ``LINE_TIMEOUT`` while the next line,
+    read with it, is incomplete: nothing was read meanwhile, so its deadline counts from
+    when the connection is read again."""
+    proto, transport, service, factory = connect()
+    clock = factory.reactor
+    proto.dataReceived(b'{"op": "reload"}\n{"op": "sta')
+    clock.advance(3 * LINE_TIMEOUT)
+    assert not transport.disconnecting
+    service.reloads[0].callback({"reloaded": True})
+    clock.advance(LINE_TIMEOUT / 2)
+    assert not transport.disconnecting
+    proto.dataReceived(b'tus"}\n')
+    assert lines(transport) == [{"ok": True, "result": {"reloaded": True}},
+                                {"ok": True, "result": {"uptime": 1.5}}]
+
+
+def test_a_trickling_line_is_not_kept_at_the_limit_for_its_fresh_reads():
+    """At the connection limit a connection trickling one line counts as idle since
+    the line began, however recent its last byte: it makes room for a newcomer before
+    an answered connection quiet for less time."""
+    clock = Clock()
+    factory = ControlFactory(FakeService(), clock)
+    transports: list = []
+    trickler = _open(factory, transports)
+    trickler.dataReceived(b'{"op": ')
+    clock.advance(3)
+    done = _open(factory, transports)
+    done.dataReceived(STATUS)
+    rest = [_open(factory, transports) for _ in range(control.MAX_CONNECTIONS - 2)]
+    for proto in rest:
+        proto.dataReceived(b'{"op": "reload"}\n')  # in progress: never closed
+    clock.advance(1)
+    trickler.dataReceived(b" ")
+    assert _open(factory, transports) is not None
+    assert transports[0].disconnecting and not transports[1].disconnecting
+
+
+#: What the MTAs can send (``[postfix] max_line``'s default for an address,
+#: contrib/exim's ``POLICYD_MAX_HEADERS`` for a header).
+LIMITS = {"recipient": 4096, "envelope_sender": 4096, "from_header": 32768,
+          "reply_to_header": 32768, "sender_header": 32768, "client_address": 255}
+
+
+@pytest.mark.parametrize("key, limit", LIMITS.items())
+def test_a_query_field_longer_than_the_mtas_send_is_refused_naming_it(key, limit):
+    """Each query field at most what an MTA can send: one at its limit is taken, one
+    character more is an error answer naming the field and its limit, the query never
+    decided; the connection stays usable."""
+    def query(value):
+        return {"op": "query", "recipient": "l@x", key: value}
+
+    at_limit = "a" * (limit - 2) + "@x"
+    assert len(parse_request(json.dumps(query(at_limit)).encode()).query.recipient) > 0
+    with pytest.raises(ProtocolError) as info:
+        parse_request(json.dumps(query(at_limit + "y")).encode())
+    assert info.value.reason == f"{key} longer than {limit} characters"
+    proto, transport, service, _ = connect()
+    proto.dataReceived(json.dumps(query(at_limit + "y")).encode() + b"\n" + STATUS)
+    assert lines(transport) == [
+        {"ok": False, "error": f"{key} longer than {limit} characters"},
+        {"ok": True, "result": {"uptime": 1.5}}]
+    assert service.queries == []
+
+
+def test_the_longest_query_fits_in_a_line_however_policyctl_escapes_it():
+    """Every field at its limit, every character one JSON writes as ``\\uXXXX`` (as
+    ``policyctl`` writes, ASCII JSON): the line is within ``MAX_LINE``, and answered."""
+    from policyd.protocols.control import MAX_LINE, MAX_MESSAGE_ID
+
+    message = {"op": "query", **{key: "\u00e9" * limit for key, limit in LIMITS.items()},
+               "message_id": "\u00e9" * MAX_MESSAGE_ID}
+    line = json.dumps(message).encode()
+    assert len(line) <= MAX_LINE
+    proto, transport, service, _ = connect()
+    proto.dataReceived(line + b"\n")
+    assert lines(transport)[0]["ok"] is True
+    assert service.queries[0].envelope_sender == "\u00e9" * LIMITS["envelope_sender"]
+
+
+def test_one_turn_answers_a_bounded_number_of_bytes():
+    """Pipelined long lines: the lines answered in one turn total at most
+    ``MAX_BYTES_PER_TURN`` bytes (a longer line alone), the rest in later turns."""
+    proto, transport, _, factory = connect()
+    pad = BYTES_PER_TURN // 4
+    line = json.dumps({"op": "status", "pad": "x" * pad}).encode() + b"\n"
+    proto.dataReceived(line * 10)
+    assert len(lines(transport)) == 3
+    next_turn(factory.reactor)
+    assert len(lines(transport)) == 6
+    long = json.dumps({"op": "status", "pad": "x" * BYTES_PER_TURN}).encode()
+    proto2, transport2, _, factory2 = connect()
+    proto2.dataReceived(STATUS + long + b"\n" + STATUS)
+    assert len(lines(transport2)) == 1
+    next_turn(factory2.reactor)
+    assert len(lines(transport2)) == 2
+    next_turn(factory2.reactor)
+    assert len(lines(transport2)) == 3
+    assert control.MAX_BYTES_PER_TURN == BYTES_PER_TURN
