@@ -45,9 +45,9 @@ from .postfix import MODERATION_MODES as POSTFIX_MODES, answer_action, postfix_q
 
 log = Logger(namespace="policyd.control")
 
-__all__ = ["OPS", "FIELD_LIMITS", "ControlRequest", "parse_request", "format_response", "query_result",
-           "preview_dict", "exim_preview_dict", "reply_dict", "ControlProtocol",
-           "ControlFactory"]
+__all__ = ["OPS", "FIELD_LIMITS", "ControlRequest", "parse_request", "format_response",
+           "query_result", "preview_dict", "exim_preview_dict", "reply_dict",
+           "ControlProtocol", "ControlFactory"]
 
 OPS = ("query", "status", "reload")
 _HEADER_KEYS = ("from_header", "reply_to_header", "sender_header")
