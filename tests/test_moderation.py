@@ -2,12 +2,13 @@
 with an injected clock and injected ticket ids."""
 
 import itertools
+from collections import OrderedDict
 from dataclasses import replace
 
 import pytest
 
 from policyd.core.moderation import (
-    Decision, Key, ModerationState, Outcome, Settings, SmtpModeration, network_of,
+    AT_CAP, Decision, Entry, Key, ModerationState, Outcome, Settings, SmtpModeration, network_of,
     new_ticket_id, TICKET_ALPHABET)
 
 GREY, MOD = SmtpModeration.GREYLIST, SmtpModeration.MODERATE
@@ -150,15 +151,136 @@ def test_keys_are_distinct():
     assert st.check(GREY, KEY).outcome is Outcome.PASS
 
 
-def test_caps_drop_the_oldest():
-    """Beyond max_entries / max_tickets the oldest go first, and the step says so."""
-    st, clock = state(Settings(max_entries=3, max_tickets=2))
-    evicted = [st.check(GREY, KEY._replace(sender=f"s{n}@x")).evicted for n in range(5)]
-    assert evicted == [0, 0, 0, 1, 1]
-    assert [k.sender for k in st.entries] == ["s2@x", "s3@x", "s4@x"]
-    evicted = [st.check(MOD, KEY._replace(sender=f"s{n}@x")).evicted for n in range(3)]
-    assert evicted == [0, 0, 1] and list(st.tickets) == ["T00001", "T00002"]
-    assert KEY._replace(sender="s0@x") not in st.ticket_by_key
+_SPAM = itertools.count()
+
+
+def flood(st, clock, mode, count, seconds=1.0):
+    """``count`` made-up senders (new ones each call) from one network, one every
+    ``seconds``: their steps."""
+    steps = []
+    for n in itertools.islice(_SPAM, count):
+        clock.now += seconds
+        steps.append(st.check(mode, Key(KEY.list, f"spam{n}@junk.example",
+                                        "203.0.113.0/24", f"<{n}@junk>")))
+    return steps
+
+
+def test_a_flood_at_the_greylist_cap_keeps_a_real_senders_entry():
+    """The cap is shared by every sender: a flood used to push the oldest entry out, a
+    real MTA's among them, so its retry was a first attempt again, every time.  An entry
+    younger than max_age now stays; a new first attempt that finds the cap full of such
+    entries is not recorded and gets the list's normal outcome (PASS, ``at-cap``)."""
+    st, clock = state(replace(SETTINGS, max_entries=3))
+    assert st.check(GREY, KEY).transition == "first-attempt"
+    steps = flood(st, clock, GREY, 5, 60)
+    assert [(s.outcome, s.transition) for s in steps] == [(D, "first-attempt")] * 2 + [
+        (P, AT_CAP)] * 3
+    assert KEY in st.entries and len(st.entries) == 3
+    assert len(st.changes.entries) == 3  # the kept-out attempts are not written either
+    assert st.check(GREY, KEY).transition == "retry-in-window"
+    # its pass made room: the next first attempt is greylisted again
+    assert flood(st, clock, GREY, 1)[0].transition == "first-attempt"
+
+
+def test_a_flood_at_the_ticket_cap_keeps_a_pending_ticket():
+    """A pending ticket used to be pushed out by newer tickets: its retry got a new one
+    and a moderator's approval of the first found no ticket.  Undecided tickets stay
+    until their fallback; new posts at a full cap get the list's normal outcome."""
+    st, clock = state(replace(SETTINGS, max_tickets=2))
+    assert st.check(MOD, KEY).ticket == "T00000"
+    steps = flood(st, clock, MOD, 4, 3600)
+    assert [(s.outcome, s.transition) for s in steps] == [(H, "first-attempt")] + [
+        (P, AT_CAP)] * 3
+    assert list(st.tickets) == ["T00000", "T00001"]
+    clock.now += 3600
+    assert st.check(MOD, KEY)[:2] == (H, "waiting")
+    assert st.decide("T00000", Decision.APPROVE) is not None
+    clock.now += 900
+    assert st.check(MOD, KEY).outcome is Outcome.ACCEPT
+
+
+def test_at_a_cap_what_expired_goes_first():
+    """At a cap, expired entries make room (counted as expired, the first seen first),
+    so new senders are greylisted again; a live entry is never what goes."""
+    st, clock = state(replace(SETTINGS, max_entries=3))
+    flood(st, clock, GREY, 2)
+    clock.now += SETTINGS.max_age + 1
+    assert st.check(GREY, KEY).transition == "first-attempt"
+    assert [s.transition for s in flood(st, clock, GREY, 3)] == [
+        "first-attempt", "first-attempt", AT_CAP]
+    assert st.take_expired() == 2 and st.take_expired() == 0
+    assert KEY in st.entries
+
+
+def test_at_the_ticket_cap_expired_and_answered_tickets_go_first():
+    """Tickets whose post got its final answer (a decision answered to a retry, or the
+    fallback) and expired tickets make room; the undecided one waiting does not."""
+    st, clock = state(replace(SETTINGS, max_tickets=3))
+    answered, waiting, old = (KEY._replace(sender=f"{n}@x") for n in ("a", "w", "o"))
+    st.check(MOD, old)                       # T00000: expires
+    clock.now += SETTINGS.decide_within
+    st.check(MOD, answered)                  # T00001: approved, retried: done
+    st.decide("T00001", Decision.APPROVE)
+    clock.now += 60
+    assert st.check(MOD, answered).outcome is Outcome.ACCEPT
+    clock.now += SETTINGS.max_age - 59
+    st.check(MOD, waiting)                   # T00002: waits for its moderator
+    steps = flood(st, clock, MOD, 3)
+    assert [s.transition for s in steps] == ["first-attempt", "first-attempt", AT_CAP]
+    assert "T00002" in st.tickets and st.check(MOD, waiting).transition == "waiting"
+    assert not {"T00000", "T00001"} & set(st.tickets) and st.take_expired() == 2
+    assert st.changes.tickets["T00000"] is None and st.changes.tickets["T00001"] is None
+
+
+def test_remembered_senders_at_their_cap():
+    """Remembered passes are idle state: at their cap an expired one goes first, then
+    the least recently remembered (the step counts it: that sender is greylisted once
+    more); no MTA waits for either."""
+    st, clock = state(replace(SETTINGS, max_entries=2, remember=1000))
+
+    def pass_(sender):
+        key = KEY._replace(sender=sender)
+        st.check(GREY, key)
+        clock.now += 300
+        return st.check(GREY, key)
+
+    pass_("a@x")
+    clock.now += 1000
+    pass_("b@x")
+    assert pass_("c@x").evicted == 0 and st.take_expired() == 1
+    assert pass_("d@x").evicted == 1 and list(st.remembered) == [
+        (KEY.list, "c@x"), (KEY.list, "d@x")]
+
+
+def test_the_order_of_the_index_finds_the_oldest_at_once():
+    """A cap looks at the first item only: the index is ordered by first seen (a
+    refreshed entry or ticket keeps its place) in OrderedDicts, whose first item is
+    found at once however many were deleted before it (a plain dict walks the slots its
+    deletions left)."""
+    st, clock = state()
+    for name in ("entries", "remembered", "tickets", "done"):
+        assert type(getattr(st, name)) is OrderedDict, name
+    st.check(GREY, KEY)
+    st.check(MOD, KEY)
+    clock.now += 10
+    other = KEY._replace(sender="b@x")
+    st.check(GREY, other)
+    st.check(MOD, other)
+    clock.now += 10
+    st.check(GREY, KEY)   # early retry
+    st.check(MOD, KEY)    # waiting
+    assert list(st.entries) == [KEY, other]
+    assert list(st.tickets) == ["T00000", "T00001"]
+
+
+def test_preview_at_a_full_cap():
+    """``policyctl query`` shows what a new first attempt would get at a full cap."""
+    st, clock = state(replace(SETTINGS, max_entries=1, max_tickets=1))
+    flood(st, clock, GREY, 1)
+    flood(st, clock, MOD, 1)
+    assert st.preview(GREY, KEY).transition == AT_CAP
+    assert st.preview(MOD, KEY).transition == AT_CAP
+    assert st.check(GREY, KEY).transition == AT_CAP
 
 
 def test_changes_are_drained_and_restored():
@@ -256,13 +378,27 @@ def test_merge_takes_remote_decisions_and_newer_rows():
 
 
 def test_merge_keeps_the_caps():
-    """Rows merged from the store cannot push the index over its caps."""
-    st, clock = state(Settings(max_entries=2, max_tickets=2))
-    other, _ = state()
+    """Rows merged from the store cannot push the index over its caps, nor push out an
+    entry or a ticket an MTA waits for: new rows that find no room are left out (and
+    stay in the store, nothing deleted), after the expired ones made what room they
+    can."""
+    st, clock = state(replace(SETTINGS, max_entries=3, max_tickets=2))
+    stale = KEY._replace(sender="stale@x")
+    st.check(GREY, stale)
+    clock.now += SETTINGS.max_age + 1
+    st.check(GREY, KEY)
+    st.check(MOD, KEY)
+    st.drain()
+    ids = (f"U{n:05d}" for n in itertools.count())
+    other = ModerationState(SETTINGS, clock=clock, ticket_id=lambda: next(ids))
     for n in range(4):
         other.check(GREY, KEY._replace(sender=f"s{n}@x"))
-    st.merge(other.entries.values())
-    assert [k.sender for k in st.entries] == ["s2@x", "s3@x"]
+        other.check(MOD, KEY._replace(sender=f"s{n}@x"))
+    st.merge(other.entries.values(), tickets=other.tickets.values())
+    assert [k.sender for k in st.entries] == [KEY.sender, "s0@x", "s1@x"]
+    assert [t.key.sender for t in st.tickets.values()] == [KEY.sender, "s0@x"]
+    assert st.take_merge_evicted() == 5 and st.take_expired() == 1
+    assert st.drain().entries == {stale: None}
 
 
 YEAR = 365 * 86400
@@ -345,10 +481,8 @@ def test_a_decided_duplicate_ticket_wins_over_an_undecided_one():
 
 
 def test_rows_dropped_at_the_caps_by_a_merge_are_counted():
-    """Other daemons' rows filling the caps drop the oldest: counted (and logged by the
-    service) like the daemon's own evictions, never silently."""
-    from policyd.core.moderation import Entry
-
+    """Other daemons' rows that find a cap full are left out: counted (and logged by the
+    service) like the daemon's own attempts kept out, never silently."""
     st, clock = state(replace(SETTINGS, max_entries=5))
     entries = [Entry(KEY._replace(sender=f"s{i}@x.example"), clock.now, clock.now, 1)
                for i in range(12)]

@@ -32,8 +32,14 @@ then it is pruned.  ``PASS`` means "no opinion from moderation": the caller answ
 list's normal outcome.
 
 Bounded: at most ``max_entries`` greylist entries, ``max_entries`` remembered senders and
-``max_tickets`` tickets; beyond a cap the oldest go first and ``Step.evicted`` says how
-many, for the caller to log.
+``max_tickets`` tickets, shared by every list, sender and network, so a flood of made-up
+senders reaches them first.  At a cap what no MTA waits for goes first and what an MTA
+waits for never goes: expired entries, remembered passes and tickets are dropped (counted
+in ``take_expired``), then tickets whose post got its final answer; a greylist entry
+younger than ``max_age`` and a ticket still waiting for its decision or fallback are
+kept.  A first attempt that still finds no room is not recorded: ``AT_CAP``, the list's
+normal outcome, as with ``smtp_moderation = off``.  Remembered passes are idle state: at
+their cap the least recently remembered goes (``Step.evicted``).
 """
 
 from __future__ import annotations
@@ -41,13 +47,14 @@ from __future__ import annotations
 import enum
 import ipaddress
 import secrets
+from collections import OrderedDict
 from dataclasses import dataclass, field, replace
 from functools import lru_cache
 from typing import Callable, Iterable, NamedTuple
 
 __all__ = ["SmtpModeration", "Settings", "Key", "Entry", "Ticket", "Decision",
            "Outcome", "Step", "Changes", "ModerationState", "network_of", "new_ticket_id",
-           "TICKET_ALPHABET"]
+           "TICKET_ALPHABET", "AT_CAP"]
 
 
 class SmtpModeration(enum.Enum):
@@ -140,8 +147,8 @@ class Ticket:
 
 class Step(NamedTuple):
     """The outcome of one attempt, its reply text (for DEFER, HELD and REJECT), the
-    ticket if any, what the transition was (for logs and tests), and how many entries a
-    cap pushed out."""
+    ticket if any, what the transition was (for logs and tests), and how many remembered
+    senders a cap pushed out."""
 
     outcome: Outcome
     transition: str
@@ -154,6 +161,10 @@ class Step(NamedTuple):
 REMEMBERED = Step(Outcome.PASS, "remembered")
 #: The transitions with which ``check`` begins a greylist entry or a ticket.
 STARTS = frozenset({"first-attempt", "expired"})
+#: The transition of a first attempt that found its cap full of entries and tickets MTAs
+#: wait for: not recorded, the list's normal outcome (PASS).
+AT_CAP = "at-cap"
+_AT_CAP = Step(Outcome.PASS, AT_CAP)
 
 
 @dataclass
@@ -236,54 +247,78 @@ class ModerationState:
         self.settings = settings
         self.clock = clock
         self.ticket_id = ticket_id
-        # Insertion-ordered: the first item is the oldest (a refreshed item is moved to
-        # the end), so a cap drops the oldest first.
-        self.entries: dict[Key, Entry] = {}
-        self.remembered: dict[tuple[str, str], float] = {}
-        self.tickets: dict[str, Ticket] = {}
+        # Entries and tickets in the order they were first seen (a refresh keeps its
+        # place), remembered senders in the order they were last remembered: the first
+        # item is the one to expire first, so a cap looks at it alone.  OrderedDict: a
+        # plain dict walks the slots its deletions left at its front to find the first.
+        self.entries: OrderedDict[Key, Entry] = OrderedDict()
+        self.remembered: OrderedDict[tuple[str, str], float] = OrderedDict()
+        self.tickets: OrderedDict[str, Ticket] = OrderedDict()
         self.ticket_by_key: dict[Key, str] = {}
+        # Tickets whose post got its final answer (a decision or the fallback, answered
+        # to a retry), the first answered first: what goes at the ticket cap.
+        self.done: OrderedDict[str, None] = OrderedDict()
         self.changes = Changes()
-        # Rows dropped at the caps by ``merge`` (other daemons' rows filled them): the
-        # service counts and logs them as it does its own (``take_merge_evicted``).
+        # Rows ``merge`` could not keep at a cap (other daemons' rows): the service
+        # counts and logs them as it does its own (``take_merge_evicted``).
         self.merge_evicted = 0
+        # Expired rows dropped to make room at a cap (``take_expired``).
+        self.expired = 0
 
     def take_merge_evicted(self) -> int:
         count, self.merge_evicted = self.merge_evicted, 0
+        return count
+
+    def take_expired(self) -> int:
+        count, self.expired = self.expired, 0
         return count
 
     # --- loading and draining ------------------------------------------------------------
 
     def load(self, entries: Iterable[Entry] = (), remembered: Iterable[tuple[str, str, float]]
              = (), tickets: Iterable[Ticket] = ()) -> None:
-        """Merge rows read from the store (oldest first), without recording changes."""
-        for entry in entries:
+        """Merge rows read from the store, without recording changes (the store's
+        query bounds them by the caps)."""
+        for entry in sorted(entries, key=lambda e: e.first_seen):
             self.entries.pop(entry.key, None)
             self.entries[entry.key] = entry
-        for list_, sender, until in remembered:
+        for list_, sender, until in sorted(remembered, key=lambda r: r[2]):
             self.remembered.pop((list_, sender), None)
             self.remembered[list_, sender] = until
-        for ticket in tickets:
+        for ticket in sorted(tickets, key=lambda t: t.first_seen):
             self._put_ticket(ticket, record=False)
 
     def merge(self, entries: Iterable[Entry] = (), remembered: Iterable[tuple[str, str, float]]
               = (), tickets: Iterable[Ticket] = ()) -> int:
         """Merge what other daemons and moderators wrote (``store.moderation.read_since``),
         without recording changes: the newer entry, the later ``until``, a ticket's
-        decision from the store.  The number of tickets whose decision arrived."""
+        decision from the store.  The caps hold as for the daemon's own attempts: a row
+        new to the index that finds no room is left out (``take_merge_evicted``), never
+        one the index holds.  The number of tickets whose decision arrived."""
+        now = self.clock()
+        entries_ = self.entries
         for entry in entries:
-            mine = self.entries.get(entry.key)
-            if mine is None or entry.last_seen > mine.last_seen:
-                self.entries.pop(entry.key, None)
-                self.entries[entry.key] = entry
+            mine = entries_.get(entry.key)
+            if mine is None:
+                if not self._room_for_entry(now):
+                    self.merge_evicted += 1
+                    continue
+                entries_[entry.key] = entry
+            elif entry.last_seen > mine.last_seen:
+                entries_[entry.key] = entry
+                if entry.first_seen != mine.first_seen:  # begun again: first seen now
+                    entries_.move_to_end(entry.key)
         for list_, sender, until in remembered:
             if until > self.remembered.get((list_, sender), 0.0):
-                self.remembered.pop((list_, sender), None)
-                self.remembered[list_, sender] = until
+                self.merge_evicted += self._remember(list_, sender, until, record=False)
         decided = 0
         for ticket in tickets:
             mine = self.tickets.get(ticket.id)
             if mine is None:
                 other = self.tickets.get(self.ticket_by_key.get(ticket.key, ""))
+                if other is None and not self._room_for_ticket(now):
+                    self.merge_evicted += 1
+                    continue
                 if other is not None and other.id != ticket.id:
                     # Two tickets for one post (its first attempt reached two MX hosts
                     # before they synced): every daemon keeps the same one, and the
@@ -302,26 +337,8 @@ class ModerationState:
                                decided_at=ticket.decided_at)
             mine = replace(mine, last_seen=max(mine.last_seen, ticket.last_seen),
                            attempts=max(mine.attempts, ticket.attempts))
-            self.tickets[mine.id] = mine
-        self.merge_evicted += self._trim()
+            self._put_ticket(mine, record=False)
         return decided
-
-    def _trim(self) -> int:
-        """Enforce the caps after a merge (the oldest go, recorded: the store shrinks too)."""
-        evicted = 0
-        cap = self.settings.max_entries
-        while len(self.entries) > cap:
-            oldest = next(iter(self.entries))
-            del self.entries[oldest]
-            self.changes.entries[oldest] = None
-            evicted += 1
-        while len(self.remembered) > cap:
-            self._forget(*next(iter(self.remembered)))
-            evicted += 1
-        while len(self.tickets) > self.settings.max_tickets:
-            self._drop_ticket(next(iter(self.tickets.values())))
-            evicted += 1
-        return evicted
 
     def drain(self) -> Changes:
         """The changes since the last drain (the store thread writes them)."""
@@ -362,6 +379,8 @@ class ModerationState:
             text = GREYLIST_TEXT.format(list=key.list)
             entry = self.entries.get(key)
             if entry is None or _stale(entry.first_seen, now, s.max_age):
+                if entry is None and self._full(self.entries, s.max_entries, now):
+                    return _AT_CAP
                 return Step(Outcome.DEFER, "first-attempt" if entry is None else "expired",
                             text)
             if now - entry.first_seen < s.min_delay:
@@ -371,6 +390,8 @@ class ModerationState:
             ticket_id = self.ticket_by_key.get(key)
             ticket = self.tickets.get(ticket_id) if ticket_id is not None else None
             if ticket is None or self._expired(ticket, now):
+                if ticket is None and self._full(self.tickets, s.max_tickets, now):
+                    return _AT_CAP
                 return Step(Outcome.HELD, "first-attempt" if ticket is None else "expired",
                             HELD_TEXT.format(ticket="(a new one)"))
             if ticket.decision is Decision.APPROVE:
@@ -410,9 +431,18 @@ class ModerationState:
         entry = self.entries.get(key)
         text = GREYLIST_TEXT.format(list=key.list)
         if entry is None or _stale(entry.first_seen, now, s.max_age):
-            transition = "first-attempt" if entry is None else "expired"
-            evicted = self._put_entry(Entry(key, now, now, 1))
-            return Step(Outcome.DEFER, transition, text, evicted=evicted)
+            if entry is not None:
+                del self.entries[key]  # begun again: its place is at the end
+                transition = "expired"
+            else:
+                transition = "first-attempt"
+            if not self._room_for_entry(now):
+                if entry is not None:  # only over a cap lowered at run time
+                    self.changes.entries[key] = None
+                    self.expired += 1
+                return _AT_CAP
+            self._put_entry(Entry(key, now, now, 1))
+            return Step(Outcome.DEFER, transition, text)
         if now - entry.first_seen < s.min_delay:
             self._put_entry(replace(entry, last_seen=now, attempts=entry.attempts + 1))
             return Step(Outcome.DEFER, "early-retry", text)
@@ -434,10 +464,12 @@ class ModerationState:
         else:
             transition = "first-attempt"
         if ticket is None:
+            if not self._room_for_ticket(now):
+                return _AT_CAP
             ticket = Ticket(self._fresh_id(), key, now, now, 1, subject[:200], client[:64])
-            evicted = self._put_ticket(ticket)
+            self._put_ticket(ticket)
             return Step(Outcome.HELD, transition, HELD_TEXT.format(ticket=ticket.id),
-                        ticket.id, evicted)
+                        ticket.id)
         ticket = replace(ticket, last_seen=now, attempts=ticket.attempts + 1)
         self._put_ticket(ticket)
         if ticket.decision is Decision.APPROVE:
@@ -532,54 +564,106 @@ class ModerationState:
 
     # --- the dicts and their caps --------------------------------------------------------
 
-    def _put_entry(self, entry: Entry) -> int:
-        self.entries.pop(entry.key, None)
+    def _full(self, items: OrderedDict, cap: int, now: float) -> bool:
+        """``preview``'s reading of the room at a cap (nothing dropped)."""
+        if len(items) < cap:
+            return False
+        oldest = next(iter(items.values()))
+        if isinstance(oldest, Ticket):
+            return not self._expired(oldest, now) and not self.done
+        return not _stale(oldest.first_seen, now, self.settings.max_age)
+
+    def _room_for_entry(self, now: float) -> bool:
+        """Room for one more greylist entry: expired ones make it, the first seen first
+        (the order of ``entries``); a live one never (its MTA is coming back)."""
+        entries = self.entries
+        s = self.settings
+        while len(entries) >= s.max_entries:
+            key, oldest = next(iter(entries.items()))
+            if not _stale(oldest.first_seen, now, s.max_age):
+                return False
+            del entries[key]
+            self.changes.entries[key] = None
+            self.expired += 1
+        return True
+
+    def _room_for_ticket(self, now: float) -> bool:
+        """Room for one more ticket: expired tickets make it, then tickets whose post got
+        its final answer (``done``); never one whose MTA still waits for a decision or
+        the fallback."""
+        tickets = self.tickets
+        while len(tickets) >= self.settings.max_tickets:
+            oldest = next(iter(tickets.values()))
+            if self._expired(oldest, now):
+                self._drop_ticket(oldest)
+                self.expired += 1
+            elif self.done:
+                self._drop_ticket(tickets[next(iter(self.done))])
+                self.expired += 1
+            else:
+                return False
+        return True
+
+    def _put_entry(self, entry: Entry) -> None:
+        # A new key goes to the end; a refreshed one keeps its place (first seen order).
         self.entries[entry.key] = entry
         self.changes.entries[entry.key] = entry
-        evicted = 0
-        while len(self.entries) > self.settings.max_entries:
-            oldest = next(iter(self.entries))
-            del self.entries[oldest]
-            self.changes.entries[oldest] = None
-            evicted += 1
-        return evicted
 
-    def _remember(self, list_: str, sender: str, until: float) -> int:
-        self.remembered.pop((list_, sender), None)
-        self.remembered[list_, sender] = until
-        self.changes.remembered[list_, sender] = until
+    def _remember(self, list_: str, sender: str, until: float, record: bool = True) -> int:
+        """Remember a pass; at the cap expired passes go first, then the least recently
+        remembered (idle state: that sender is greylisted once more).  How many of
+        those went."""
+        remembered = self.remembered
+        remembered.pop((list_, sender), None)
+        now = self.clock()
+        limit = now + self.settings.remember + CLOCK_SLACK
         evicted = 0
-        while len(self.remembered) > self.settings.max_entries:
-            self._forget(*next(iter(self.remembered)))
-            evicted += 1
+        while len(remembered) >= self.settings.max_entries:
+            who, oldest = next(iter(remembered.items()))
+            if now < oldest <= limit:
+                evicted += 1
+            else:
+                self.expired += 1
+            self._forget(*who)
+        remembered[list_, sender] = until
+        if record:
+            self.changes.remembered[list_, sender] = until
         return evicted
 
     def _forget(self, list_: str, sender: str) -> None:
         self.remembered.pop((list_, sender), None)
         self.changes.remembered[list_, sender] = None
 
-    def _put_ticket(self, ticket: Ticket, record: bool = True) -> int:
-        old = self.tickets.pop(ticket.id, None)
+    def _put_ticket(self, ticket: Ticket, record: bool = True) -> None:
+        """Add or refresh a ticket (a refreshed one keeps its place); the caller made
+        room for a new one."""
+        old = self.tickets.get(ticket.id)
         if old is not None and old.key != ticket.key:
             self.ticket_by_key.pop(old.key, None)
         other = self.ticket_by_key.get(ticket.key)
         if other is not None and other != ticket.id:
             # Two tickets for one key (two daemons saw the first attempt): keep the newer.
             stale = self.tickets.pop(other, None)
+            self.done.pop(other, None)
             if stale is not None and record:
                 self.changes.tickets[other] = None
         self.tickets[ticket.id] = ticket
         self.ticket_by_key[ticket.key] = ticket.id
         if record:
             self.changes.tickets[ticket.id] = ticket
-        evicted = 0
-        while len(self.tickets) > self.settings.max_tickets:
-            self._drop_ticket(next(iter(self.tickets.values())), record)
-            evicted += 1
-        return evicted
+        if ticket.id not in self.done and self._answered(ticket):
+            self.done[ticket.id] = None
+
+    def _answered(self, ticket: Ticket) -> bool:
+        """The post got its final answer: a retry came after the decision, or after
+        ``decide_within`` (the fallback, the list's normal outcome)."""
+        if ticket.decided_at is not None:
+            return ticket.last_seen >= ticket.decided_at
+        return ticket.last_seen - ticket.first_seen >= self.settings.decide_within
 
     def _drop_ticket(self, ticket: Ticket, record: bool = True) -> None:
         self.tickets.pop(ticket.id, None)
+        self.done.pop(ticket.id, None)
         if self.ticket_by_key.get(ticket.key) == ticket.id:
             del self.ticket_by_key[ticket.key]
         if record:
