@@ -7,7 +7,10 @@ is looked at, through the pure ``core.moderation.ModerationState``; the answer i
 replaced by the deferral, the ticket, or the moderator's decision.  Every other answer
 passes untouched, and so does everything while the state is unusable (not loaded yet,
 or its last write failed): the list's normal outcome, never a 5xx and never a deferral
-that could not be remembered.  Each such incident is logged once, with its end.
+that could not be remembered.  Each such incident is logged once, with its end; so is
+each stay at a cap (``core.moderation``: a first attempt that finds no room gets the
+list's normal outcome, transition ``at-cap``): one line when it starts, one summary when
+it has been quiet for ``CAP_QUIET`` seconds.
 
 ``sync`` (a ``TimerService`` every ``interval`` seconds, only while some list has
 ``smtp_moderation`` set) writes the changed rows in one batch, reads what other daemons
@@ -18,8 +21,9 @@ For the metrics (``metrics.PolicydCollector`` reads them at scrape time) the ser
 counts every attempt it looked at in ``counts[mode][outcome][transition]`` (three dict
 look-ups and an increment; nothing for the answers it does not look at), with the
 transition ``state-unusable`` for the normal outcome given while the state is unusable;
-and, per sync, the moderator decisions that arrived, the rows that expired, the entries
-dropped at a cap and the failed syncs.
+and, per sync, the moderator decisions that arrived, the rows that expired, the rows a
+cap pushed out or kept out (remembered senders, other daemons' rows) and the failed
+syncs.
 """
 
 from __future__ import annotations
@@ -33,8 +37,8 @@ from twisted.application.internet import TimerService
 from twisted.internet.defer import Deferred, inlineCallbacks
 from twisted.logger import Logger
 
-from .core.moderation import Key, ModerationState, Outcome, Settings, SmtpModeration, \
-    network_of
+from .core.moderation import AT_CAP, Key, ModerationState, Outcome, Settings, \
+    SmtpModeration, network_of
 from .core.replies import Outcome as Reply, SmtpReply, clean_text
 from .core.verdict import Verdict
 
@@ -50,6 +54,9 @@ UNUSABLE = "state-unusable"
 SLACK = 30.0
 # Prune the store's expired rows every this many syncs.
 PRUNE_EVERY = 60
+# A stay at a cap is over (its summary logged) after this many seconds without an
+# attempt kept out or a row pushed out: a sustained flood is one incident, not one a sync.
+CAP_QUIET = 60.0
 
 
 def moderation_fields(step) -> str:
@@ -78,9 +85,10 @@ class ModerationService(TimerService):
         self._syncs = 0
         self._busy = False
         self._store = store if store is not None else _default_store()
-        # Entries dropped at a cap: in all, and since the incident's first line.
+        # Rows a cap pushed out or kept out, in all; the open incident at a cap
+        # (``_CapIncident``), ``None`` when there is none.
         self.evicted = 0
-        self._evicting = 0
+        self._cap: _CapIncident | None = None
         # The metrics: mode -> outcome -> transition -> attempts (every mode and outcome
         # there from the start); moderator decisions read from the store; rows expired
         # (pruned from the index); syncs that failed.
@@ -164,20 +172,38 @@ class ModerationService(TimerService):
                                 client=_field(client or "", 64))
         self.counts[mode][step.outcome][step.transition] += 1
         if step.evicted:
-            self._count_evicted(step.evicted)
+            self._at_cap(evicted=step.evicted)
+        elif step.transition == AT_CAP:
+            self._at_cap(kept_out=1)
         reply = _reply(step)
         if reply is None:
             return answer, step
         return answer._replace(reply=reply), step
 
-    def _count_evicted(self, count: int) -> None:
-        if not self._evicting:
+    def _at_cap(self, *, kept_out: int = 0, evicted: int = 0) -> None:
+        """Count what a cap did; the first event of an incident logs a line."""
+        now = self.clock.seconds()
+        incident = self._cap
+        if incident is None:
+            incident = self._cap = _CapIncident(now)
             log.warn("moderation state at its cap (max_entries {entries}, max_tickets "
-                     "{tickets}): dropping the oldest entries; a summary follows",
-                     entries=self.state.settings.max_entries,
+                     "{tickets}): new first attempts get the list's normal outcome, the "
+                     "least recently remembered senders go; one summary follows when it "
+                     "is over", entries=self.state.settings.max_entries,
                      tickets=self.state.settings.max_tickets)
-        self._evicting += count
-        self.evicted += count
+        incident.last = now
+        incident.kept_out += kept_out
+        incident.evicted += evicted
+        self.evicted += evicted
+
+    def _end_cap_incident(self, now: float) -> None:
+        incident = self._cap
+        if incident is not None and now - incident.last >= CAP_QUIET:
+            self._cap = None
+            log.warn("moderation state at its cap: over after {duration:.0f} s; {kept_out} "
+                     "first attempts and other daemons' rows kept out, {count} remembered "
+                     "senders dropped", duration=incident.last - incident.started,
+                     kept_out=incident.kept_out, count=incident.evicted)
 
     def describe(self, decision) -> dict | None:
         """``policyctl query``: the list's ``smtp_moderation`` and, when it is on, what
@@ -210,10 +236,8 @@ class ModerationService(TimerService):
     def sync(self):
         """Load (first), write the changes, read back, prune now and then.  Catches and
         logs everything: an uncaught error would stop the ``TimerService``."""
-        if self._evicting:
-            log.warn("moderation state at its cap: {count} oldest entries dropped since "
-                     "the last sync", count=self._evicting)
-            self._evicting = 0
+        self._end_cap_incident(self.clock.seconds())
+        self.expired += self.state.take_expired()
         if self._busy or not self._enabled():
             return
         self._busy = True
@@ -239,7 +263,8 @@ class ModerationService(TimerService):
             decided = self.state.merge(*rows)
             merged_out = self.state.take_merge_evicted()
             if merged_out:  # other daemons' rows filled the caps: the same incident
-                self._count_evicted(merged_out)
+                self._at_cap(kept_out=merged_out)
+                self.evicted += merged_out
             if decided:
                 self.decisions_read += decided
                 log.info("{count} moderator decisions arrived", count=decided)
@@ -263,6 +288,14 @@ class ModerationService(TimerService):
         if self.usable is False:
             log.info("the moderation state is usable again")
         self.usable = True
+
+
+class _CapIncident:
+    __slots__ = ("started", "last", "kept_out", "evicted")
+
+    def __init__(self, now: float) -> None:
+        self.started = self.last = now
+        self.kept_out = self.evicted = 0
 
 
 _CONTROL = re.compile(r"[\x00-\x1f\x7f]+")

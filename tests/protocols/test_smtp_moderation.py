@@ -4,6 +4,7 @@ SQLite store (the store thread replaced by a synchronous call) and a ``Clock``."
 from __future__ import annotations
 
 import base64
+from dataclasses import replace
 
 import pytest
 from twisted.internet import defer
@@ -11,12 +12,13 @@ from twisted.internet.task import Clock
 from twisted.internet.testing import StringTransport
 
 from policyd.config import EximConfig, PostfixConfig
-from policyd.core.moderation import Decision
+from policyd.core.moderation import AT_CAP, Decision, Outcome, SmtpModeration
 from policyd.core.replies import ReplyPolicy
 from policyd.core.snapshot import ListSpec, MemberSpec, build
 from policyd.core.verdict import Action
 from policyd.decider import Decider
-from policyd.moderation_service import ModerationService, _field
+from policyd.moderation_service import CAP_QUIET, ModerationService, \
+    _field
 from policyd.protocols.exim import EximFactory, parse_request
 from policyd.protocols.postfix import PostfixFactory
 from policyd.store import NativeBackend, Store
@@ -300,16 +302,70 @@ def test_hostile_values_are_stored_without_breaking_the_batch(h):
     assert _field("\udcff\x00x") == "\ufffd x"
 
 
-def test_caps_are_logged_once_per_sync_not_per_query(h):
-    """A flood of senders past the cap: one line when it starts, one summary at the
-    sync, not one per query."""
-    h.moderation.state.settings = type(h.moderation.state.settings)(max_entries=2)
+NORMAL = b"ACCEPT 250 2.6.0 accepted for moderation by nonmember-moderation"
+
+
+def small_caps(h, **caps):
+    h.moderation.state.settings = replace(h.moderation.state.settings, **caps)
+
+
+def flood(h, to, count, seconds, tag):
+    """``count`` made-up nonmember posts from one /24 over ``seconds``, the daemon
+    syncing every 5 s as its timer does."""
+    for n in range(count):
+        h.clock.advance(seconds / count)
+        if int(h.clock.seconds()) % 5 == 0:
+            h.moderation.sync()
+        h.exim(to, sender=f"spam{tag}-{n}@junk.example", message_id=f"<{tag}-{n}@junk>",
+               client=f"203.0.113.{n % 250 + 1}")
+
+
+def test_a_flood_at_the_caps_costs_a_real_sender_nothing(h):
+    """Made-up senders from one network filling the greylist and ticket caps between a
+    real MTA's retries: its greylist entry used to be pushed out (a first attempt again
+    at every retry) and its pending ticket replaced (the approval of the first found no
+    ticket).  Now both stay; the flood's new first attempts get the list's normal
+    outcome, counted as ``at-cap``."""
+    small_caps(h, max_entries=10, max_tickets=5)
+    real = dict(sender="alice@example.org", message_id="<real@example.org>",
+                client="198.51.100.7")
+    assert h.exim(GREY, **real).startswith(b"DEFER 451 4.7.1 Greylisted")
+    flood(h, GREY, 30, 900, "g")
+    assert h.exim(GREY, sender="late@junk.example", client="203.0.113.9") == NORMAL
+    assert h.exim(GREY, **real) == NORMAL   # passed: to Mailman, which holds it
+    passed = h.moderation.counts[SmtpModeration.GREYLIST][Outcome.PASS]
+    assert passed["retry-in-window"] == 1 and passed[AT_CAP] == 22
+
+    ticket = ticket_of(h.exim(MODERATED, **real))
+    flood(h, MODERATED, 10, 3600, "m")
+    assert ticket_of(h.exim(MODERATED, **real)) == ticket
+    h.moderation.sync()
+    h.decide(ticket, Decision.APPROVE)           # policyctl approve finds it
+    h.clock.advance(5)
+    h.moderation.sync()
+    assert h.exim(MODERATED, **real).startswith(b"ACCEPT 250")
+    assert h.moderation.counts[SmtpModeration.MODERATE][Outcome.PASS][AT_CAP] == 6
+
+
+def test_a_stay_at_the_cap_is_logged_once(h):
+    """A sustained flood at the cap is one incident: one line when it starts, one
+    summary when it has been quiet for CAP_QUIET seconds; the warning used to come back
+    at every sync (every 5 s)."""
+    small_caps(h, max_entries=2)
     with captured_events() as events:
-        for n in range(6):
-            h.exim(GREY, sender=f"s{n}@elsewhere.example")
-        h.moderation.sync()
+        for second in range(180):
+            for n in range(3):
+                h.exim(GREY, sender=f"s{second}-{n}@elsewhere.example")
+            h.clock.advance(1)
+            if second % 5 == 4:
+                h.moderation.sync()
+        lines = [e for e in events if "at its cap" in e.get("log_format", "")]
+        assert len(lines) == 1
+        for _ in range(int(CAP_QUIET) // 5 + 1):
+            h.clock.advance(5)
+            h.moderation.sync()
     lines = [e for e in events if "at its cap" in e.get("log_format", "")]
-    assert len(lines) == 2 and lines[1]["count"] == 4
+    assert len(lines) == 2 and lines[1]["kept_out"] == 180 * 3 - 2
     assert len(h.moderation.state.entries) == 2
 
 
