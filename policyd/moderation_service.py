@@ -57,6 +57,9 @@ PRUNE_EVERY = 60
 # A stay at a cap is over (its summary logged) after this many seconds without an
 # attempt kept out or a row pushed out: a sustained flood is one incident, not one a sync.
 CAP_QUIET = 60.0
+# Characters of a Subject kept (a ticket stores 200): cut before ``_field``, whose cache
+# is keyed on the text, so that it holds short strings whatever the peer sends.
+SUBJECT_LIMIT = 255
 
 
 def moderation_fields(step) -> str:
@@ -168,7 +171,7 @@ class ModerationService(TimerService):
         message_id = _field(message_id)
         network = "" if mode is SmtpModeration.MODERATE and message_id else network_of(client)
         key = Key(decision.list, sender, network, message_id)
-        step = self.state.check(mode, key, subject=_field(subject),
+        step = self.state.check(mode, key, subject=_field(subject[:SUBJECT_LIMIT]),
                                 client=_field(client or "", 64))
         self.counts[mode][step.outcome][step.transition] += 1
         if step.evicted:

@@ -17,7 +17,7 @@ from policyd.core.replies import ReplyPolicy
 from policyd.core.snapshot import ListSpec, MemberSpec, build
 from policyd.core.verdict import Action
 from policyd.decider import Decider
-from policyd.moderation_service import CAP_QUIET, ModerationService, \
+from policyd.moderation_service import CAP_QUIET, SUBJECT_LIMIT, ModerationService, \
     _field
 from policyd.protocols.exim import EximFactory, parse_request
 from policyd.protocols.postfix import PostfixFactory
@@ -367,6 +367,30 @@ def test_a_stay_at_the_cap_is_logged_once(h):
     lines = [e for e in events if "at its cap" in e.get("log_format", "")]
     assert len(lines) == 2 and lines[1]["kept_out"] == 180 * 3 - 2
     assert len(h.moderation.state.entries) == 2
+
+
+def test_the_subject_is_cut_before_the_field_cache(h, monkeypatch):
+    """The Subject reached ``_field``'s cache uncut: 8,192 retries with 30 KB Subjects
+    kept about 240 MB alive.  It is cut first, as the Message-ID is; the ticket keeps
+    200 characters of it."""
+    from policyd import moderation_service
+
+    seen = []
+
+    def recording(text, limit=255):
+        seen.append(len(text))
+        return _field(text, limit)
+
+    monkeypatch.setattr(moderation_service, "_field", recording)
+    factory = EximFactory(h.decider, EXIM, h.clock)
+    factory.moderation = h.moderation
+    headers = f"From: {NONMEMBER}\nSubject: {'x' * 30000}\nMessage-ID: <s@x>\n"
+    line = (f"POLICYD/1 list={MODERATED} sender={b64(NONMEMBER)} headers={b64(headers)} "
+            f"client=192.0.2.7 id=1").encode()
+    assert factory.answer(line, None).startswith(b"DEFER 451 4.7.1 Held")
+    assert seen and max(seen) <= SUBJECT_LIMIT
+    [ticket] = h.moderation.state.tickets.values()
+    assert ticket.subject == "x" * 200
 
 
 def test_describe_for_policyctl_query(h):
