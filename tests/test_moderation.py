@@ -8,7 +8,7 @@ from dataclasses import replace
 import pytest
 
 from policyd.core.moderation import (
-    AT_CAP, Decision, Entry, Key, ModerationState, Outcome, Settings, SmtpModeration, network_of,
+    AT_CAP, NETWORK_AT_CAP, Decision, Entry, Key, ModerationState, Outcome, Settings, SmtpModeration, network_of,
     new_ticket_id, TICKET_ALPHABET)
 
 GREY, MOD = SmtpModeration.GREYLIST, SmtpModeration.MODERATE
@@ -154,14 +154,15 @@ def test_keys_are_distinct():
 _SPAM = itertools.count()
 
 
-def flood(st, clock, mode, count, seconds=1.0):
-    """``count`` made-up senders (new ones each call) from one network, one every
-    ``seconds``: their steps."""
+def flood(st, clock, mode, count, seconds=1.0, network=None):
+    """``count`` made-up senders (new ones each call), one every ``seconds``, each from
+    a network of its own (from ``network`` if given): their steps."""
     steps = []
     for n in itertools.islice(_SPAM, count):
         clock.now += seconds
-        steps.append(st.check(mode, Key(KEY.list, f"spam{n}@junk.example",
-                                        "203.0.113.0/24", f"<{n}@junk>")))
+        where = network if network is not None else f"10.{n // 250 % 250}.{n % 250}.0/24"
+        steps.append(st.check(mode, Key(KEY.list, f"spam{n}@junk.example", where,
+                                        f"<{n}@junk>")))
     return steps
 
 
@@ -271,6 +272,26 @@ def test_the_order_of_the_index_finds_the_oldest_at_once():
     st.check(MOD, KEY)    # waiting
     assert list(st.entries) == [KEY, other]
     assert list(st.tickets) == ["T00000", "T00001"]
+
+
+def test_one_network_holds_at_most_its_share_of_the_greylist_cap():
+    """A flood from one /24 keeps its own new first attempts out once it holds
+    NETWORK_SHARE of max_entries (``network-at-cap``, counted as a pass); senders from
+    other networks are still greylisted, and its own entries are kept."""
+    st, clock = state(replace(SETTINGS, max_entries=4))
+    steps = flood(st, clock, GREY, 4, network="203.0.113.0/24")
+    assert [s.transition for s in steps] == ["first-attempt"] * 2 + [NETWORK_AT_CAP] * 2
+    assert steps[-1].outcome is Outcome.PASS
+    assert st.check(GREY, KEY).transition == "first-attempt"
+    assert st.preview(GREY, KEY._replace(network="203.0.113.0/24")).transition == \
+        NETWORK_AT_CAP
+    assert st.by_network == {"203.0.113.0/24": 2, KEY.network: 1}
+    # without a network (an unknown client) the whole cap is shared
+    assert [s.transition for s in flood(st, clock, GREY, 2, network="")] == [
+        "first-attempt", AT_CAP]
+    clock.now += 300
+    assert st.check(GREY, KEY).transition == "retry-in-window"
+    assert st.by_network == {"203.0.113.0/24": 2, "": 1}
 
 
 def test_preview_at_a_full_cap():
@@ -383,7 +404,7 @@ def test_merge_keeps_the_caps():
     stay in the store, nothing deleted), after the expired ones made what room they
     can."""
     st, clock = state(replace(SETTINGS, max_entries=3, max_tickets=2))
-    stale = KEY._replace(sender="stale@x")
+    stale = KEY._replace(sender="stale@x", network="198.51.100.0/24")
     st.check(GREY, stale)
     clock.now += SETTINGS.max_age + 1
     st.check(GREY, KEY)
@@ -392,7 +413,7 @@ def test_merge_keeps_the_caps():
     ids = (f"U{n:05d}" for n in itertools.count())
     other = ModerationState(SETTINGS, clock=clock, ticket_id=lambda: next(ids))
     for n in range(4):
-        other.check(GREY, KEY._replace(sender=f"s{n}@x"))
+        other.check(GREY, KEY._replace(sender=f"s{n}@x", network=f"10.0.{n}.0/24"))
         other.check(MOD, KEY._replace(sender=f"s{n}@x"))
     st.merge(other.entries.values(), tickets=other.tickets.values())
     assert [k.sender for k in st.entries] == [KEY.sender, "s0@x", "s1@x"]
@@ -484,8 +505,8 @@ def test_rows_dropped_at_the_caps_by_a_merge_are_counted():
     """Other daemons' rows that find a cap full are left out: counted (and logged by the
     service) like the daemon's own attempts kept out, never silently."""
     st, clock = state(replace(SETTINGS, max_entries=5))
-    entries = [Entry(KEY._replace(sender=f"s{i}@x.example"), clock.now, clock.now, 1)
-               for i in range(12)]
+    entries = [Entry(KEY._replace(sender=f"s{i}@x.example", network=f"10.0.{i}.0/24"),
+                     clock.now, clock.now, 1) for i in range(12)]
     st.merge(entries=entries)
     assert len(st.entries) == 5
     assert st.take_merge_evicted() == 7 and st.take_merge_evicted() == 0

@@ -38,7 +38,9 @@ waits for never goes: expired entries, remembered passes and tickets are dropped
 in ``take_expired``), then tickets whose post got its final answer; a greylist entry
 younger than ``max_age`` and a ticket still waiting for its decision or fallback are
 kept.  A first attempt that still finds no room is not recorded: ``AT_CAP``, the list's
-normal outcome, as with ``smtp_moderation = off``.  Remembered passes are idle state: at
+normal outcome, as with ``smtp_moderation = off``.  One network (a key's /24 or /64) holds
+at most ``NETWORK_SHARE`` of the greylist entries: a flood from one network keeps its
+own new attempts out first (``NETWORK_AT_CAP``), and the others are still greylisted.  Remembered passes are idle state: at
 their cap the least recently remembered goes (``Step.evicted``).
 """
 
@@ -47,14 +49,14 @@ from __future__ import annotations
 import enum
 import ipaddress
 import secrets
-from collections import OrderedDict
+from collections import Counter, OrderedDict
 from dataclasses import dataclass, field, replace
 from functools import lru_cache
 from typing import Callable, Iterable, NamedTuple
 
 __all__ = ["SmtpModeration", "Settings", "Key", "Entry", "Ticket", "Decision",
            "Outcome", "Step", "Changes", "ModerationState", "network_of", "new_ticket_id",
-           "TICKET_ALPHABET", "AT_CAP"]
+           "TICKET_ALPHABET", "AT_CAP", "NETWORK_AT_CAP"]
 
 
 class SmtpModeration(enum.Enum):
@@ -165,6 +167,12 @@ STARTS = frozenset({"first-attempt", "expired"})
 #: wait for: not recorded, the list's normal outcome (PASS).
 AT_CAP = "at-cap"
 _AT_CAP = Step(Outcome.PASS, AT_CAP)
+#: The same for a first attempt whose network holds its share of the greylist cap.
+NETWORK_AT_CAP = "network-at-cap"
+_NETWORK_AT_CAP = Step(Outcome.PASS, NETWORK_AT_CAP)
+#: The share of ``max_entries`` one network may hold (keys without a network, unknown
+#: clients, are not a network and share the whole cap).
+NETWORK_SHARE = 0.5
 
 
 @dataclass
@@ -255,6 +263,8 @@ class ModerationState:
         self.remembered: OrderedDict[tuple[str, str], float] = OrderedDict()
         self.tickets: OrderedDict[str, Ticket] = OrderedDict()
         self.ticket_by_key: dict[Key, str] = {}
+        # Greylist entries by network, for ``NETWORK_SHARE``.
+        self.by_network: Counter[str] = Counter()
         # Tickets whose post got its final answer (a decision or the fallback, answered
         # to a retry), the first answered first: what goes at the ticket cap.
         self.done: OrderedDict[str, None] = OrderedDict()
@@ -280,8 +290,9 @@ class ModerationState:
         """Merge rows read from the store, without recording changes (the store's
         query bounds them by the caps)."""
         for entry in sorted(entries, key=lambda e: e.first_seen):
-            self.entries.pop(entry.key, None)
-            self.entries[entry.key] = entry
+            if entry.key in self.entries:
+                self._drop_entry(entry.key, record=False)
+            self._put_entry(entry, record=False)
         for list_, sender, until in sorted(remembered, key=lambda r: r[2]):
             self.remembered.pop((list_, sender), None)
             self.remembered[list_, sender] = until
@@ -300,10 +311,10 @@ class ModerationState:
         for entry in entries:
             mine = entries_.get(entry.key)
             if mine is None:
-                if not self._room_for_entry(now):
+                if self._room_for_entry(now, entry.key.network) is not None:
                     self.merge_evicted += 1
                     continue
-                entries_[entry.key] = entry
+                self._put_entry(entry, record=False)
             elif entry.last_seen > mine.last_seen:
                 entries_[entry.key] = entry
                 if entry.first_seen != mine.first_seen:  # begun again: first seen now
@@ -379,8 +390,10 @@ class ModerationState:
             text = GREYLIST_TEXT.format(list=key.list)
             entry = self.entries.get(key)
             if entry is None or _stale(entry.first_seen, now, s.max_age):
-                if entry is None and self._full(self.entries, s.max_entries, now):
-                    return _AT_CAP
+                if entry is None:
+                    refused = self._no_room_for_entry(key.network, now)
+                    if refused is not None:
+                        return refused
                 return Step(Outcome.DEFER, "first-attempt" if entry is None else "expired",
                             text)
             if now - entry.first_seen < s.min_delay:
@@ -432,22 +445,23 @@ class ModerationState:
         text = GREYLIST_TEXT.format(list=key.list)
         if entry is None or _stale(entry.first_seen, now, s.max_age):
             if entry is not None:
-                del self.entries[key]  # begun again: its place is at the end
+                # begun again: its place is at the end
+                self._drop_entry(key, record=False)
                 transition = "expired"
             else:
                 transition = "first-attempt"
-            if not self._room_for_entry(now):
-                if entry is not None:  # only over a cap lowered at run time
+            refused = self._room_for_entry(now, key.network)
+            if refused is not None:
+                if entry is not None:
                     self.changes.entries[key] = None
                     self.expired += 1
-                return _AT_CAP
+                return refused
             self._put_entry(Entry(key, now, now, 1))
             return Step(Outcome.DEFER, transition, text)
         if now - entry.first_seen < s.min_delay:
             self._put_entry(replace(entry, last_seen=now, attempts=entry.attempts + 1))
             return Step(Outcome.DEFER, "early-retry", text)
-        del self.entries[key]
-        self.changes.entries[key] = None
+        self._drop_entry(key)
         evicted = self._remember(key.list, key.sender, now + s.remember) \
             if s.remember > 0 else 0
         return Step(Outcome.PASS, "retry-in-window", evicted=evicted)
@@ -550,8 +564,7 @@ class ModerationState:
         dropped = 0
         for key in [k for k, e in self.entries.items()
                     if _stale(e.first_seen, now, s.max_age)]:
-            del self.entries[key]
-            self.changes.entries[key] = None
+            self._drop_entry(key)
             dropped += 1
         for who in [w for w, until in self.remembered.items()
                     if not now < until <= now + s.remember + CLOCK_SLACK]:
@@ -565,27 +578,46 @@ class ModerationState:
     # --- the dicts and their caps --------------------------------------------------------
 
     def _full(self, items: OrderedDict, cap: int, now: float) -> bool:
-        """``preview``'s reading of the room at a cap (nothing dropped)."""
+        """``preview``'s reading of the room at the ticket cap (nothing dropped)."""
         if len(items) < cap:
             return False
-        oldest = next(iter(items.values()))
-        if isinstance(oldest, Ticket):
-            return not self._expired(oldest, now) and not self.done
-        return not _stale(oldest.first_seen, now, self.settings.max_age)
+        return not self._expired(next(iter(items.values())), now) and not self.done
 
-    def _room_for_entry(self, now: float) -> bool:
-        """Room for one more greylist entry: expired ones make it, the first seen first
-        (the order of ``entries``); a live one never (its MTA is coming back)."""
+    def _no_room_for_entry(self, network: str, now: float) -> Step | None:
+        """The step of a new first attempt from ``network`` kept out at a cap, else
+        ``None``, were the expired entries first in line dropped (nothing is)."""
+        s = self.settings
+        oldest = next(iter(self.entries.values()), None)
+        if oldest is not None and _stale(oldest.first_seen, now, s.max_age):
+            return None
+        if len(self.entries) >= s.max_entries:
+            return _AT_CAP
+        if network and self.by_network[network] >= self._network_cap():
+            return _NETWORK_AT_CAP
+        return None
+
+    def _network_cap(self) -> int:
+        return max(1, int(self.settings.max_entries * NETWORK_SHARE))
+
+    def _room_for_entry(self, now: float, network: str) -> Step | None:
+        """Make room for one more greylist entry from ``network``: expired ones make it,
+        the first seen first (the order of ``entries``); a live one never (its MTA is
+        coming back).  ``None``: there is room; else the step of the attempt kept out."""
         entries = self.entries
         s = self.settings
-        while len(entries) >= s.max_entries:
+        share = self._network_cap() if network else 0
+        while True:
+            if len(entries) >= s.max_entries:
+                refused = _AT_CAP
+            elif share and self.by_network[network] >= share:
+                refused = _NETWORK_AT_CAP
+            else:
+                return None
             key, oldest = next(iter(entries.items()))
             if not _stale(oldest.first_seen, now, s.max_age):
-                return False
-            del entries[key]
-            self.changes.entries[key] = None
+                return refused
+            self._drop_entry(key)
             self.expired += 1
-        return True
 
     def _room_for_ticket(self, now: float) -> bool:
         """Room for one more ticket: expired tickets make it, then tickets whose post got
@@ -604,10 +636,24 @@ class ModerationState:
                 return False
         return True
 
-    def _put_entry(self, entry: Entry) -> None:
+    def _put_entry(self, entry: Entry, record: bool = True) -> None:
         # A new key goes to the end; a refreshed one keeps its place (first seen order).
-        self.entries[entry.key] = entry
-        self.changes.entries[entry.key] = entry
+        key = entry.key
+        if key not in self.entries:
+            self.by_network[key.network] += 1
+        self.entries[key] = entry
+        if record:
+            self.changes.entries[key] = entry
+
+    def _drop_entry(self, key: Key, record: bool = True) -> None:
+        del self.entries[key]
+        network = key.network
+        if self.by_network[network] > 1:
+            self.by_network[network] -= 1
+        else:
+            del self.by_network[network]
+        if record:
+            self.changes.entries[key] = None
 
     def _remember(self, list_: str, sender: str, until: float, record: bool = True) -> int:
         """Remember a pass; at the cap expired passes go first, then the least recently

@@ -310,14 +310,14 @@ def small_caps(h, **caps):
 
 
 def flood(h, to, count, seconds, tag):
-    """``count`` made-up nonmember posts from one /24 over ``seconds``, the daemon
-    syncing every 5 s as its timer does."""
+    """``count`` made-up nonmember posts over ``seconds``, each from a /24 of its own,
+    the daemon syncing every 5 s as its timer does."""
     for n in range(count):
         h.clock.advance(seconds / count)
         if int(h.clock.seconds()) % 5 == 0:
             h.moderation.sync()
         h.exim(to, sender=f"spam{tag}-{n}@junk.example", message_id=f"<{tag}-{n}@junk>",
-               client=f"203.0.113.{n % 250 + 1}")
+               client=f"10.{n // 250 % 250}.{n % 250}.1")
 
 
 def test_a_flood_at_the_caps_costs_a_real_sender_nothing(h):
@@ -355,7 +355,8 @@ def test_a_stay_at_the_cap_is_logged_once(h):
     with captured_events() as events:
         for second in range(180):
             for n in range(3):
-                h.exim(GREY, sender=f"s{second}-{n}@elsewhere.example")
+                h.exim(GREY, sender=f"s{second}-{n}@elsewhere.example",
+                       client=f"10.{second}.{n}.1")
             h.clock.advance(1)
             if second % 5 == 4:
                 h.moderation.sync()
