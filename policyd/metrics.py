@@ -216,7 +216,8 @@ def _moderation(moderation):
         "Attempts SMTP-time moderation looked at, by the list's mode, the outcome "
         "(deferred, held, passed, approved, rejected, discarded) and the transition "
         "(first-attempt, early-retry, retry-in-window, remembered, expired, waiting, "
-        "approved, rejected, discarded, undecided-fallback, state-unusable).",
+        "approved, rejected, discarded, undecided-fallback, state-unusable, at-cap, "
+        "network-at-cap).",
         labels=["mode", "outcome", "transition"])
     for mode, outcomes in moderation.counts.items():
         for outcome, transitions in outcomes.items():
@@ -229,9 +230,11 @@ def _moderation(moderation):
                    "read from the store.", moderation.decisions_read)
     yield _counter("policyd_moderation_expired",
                    "Greylist entries, remembered senders and tickets dropped from the "
-                   "index because they expired.", moderation.expired)
+                   "index because they expired (at a cap also tickets whose post got its "
+                   "final answer).", moderation.expired)
     yield _counter("policyd_moderation_evicted",
-                   "Entries dropped from the index at a cap (max_entries, max_tickets).",
+                   "Remembered senders dropped at their cap (least recently remembered "
+                   "first) and other daemons' rows left out of a full index.",
                    moderation.evicted)
     yield _counter("policyd_moderation_sync_failures",
                    "Syncs with the store that failed (the state is unusable until one "
