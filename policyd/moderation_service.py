@@ -5,12 +5,12 @@ the store's database through the store thread.
 ``hold`` by ``nonmember-moderation`` on a list whose ``smtp_moderation`` is not ``off``
 is looked at, through the pure ``core.moderation.ModerationState``; the answer is
 replaced by the deferral, the ticket, or the moderator's decision.  Every other answer
-passes untouched, and so does everything while the state is unusable (not loaded yet,
-or its last write failed): the list's normal outcome, never a 5xx and never a deferral
-that could not be remembered.  Each such incident is logged once, with its end; so is
-each stay at a cap (``core.moderation``: a first attempt that finds no room gets the
-list's normal outcome, transition ``at-cap`` or ``network-at-cap``): one line when it starts, one summary when
-it has been quiet for ``CAP_QUIET`` seconds.
+passes untouched, and so does everything while the state is unusable (not loaded yet, or
+its last write failed): the list's normal outcome, never a 5xx and never a deferral that
+could not be remembered. Each such incident is logged once, with its end; so is each stay
+at a cap (``core.moderation``: a first attempt that finds no room gets the list's normal
+outcome, transition ``at-cap`` or ``network-at-cap``): one line when it starts, one
+summary when it has been quiet for ``CAP_QUIET`` seconds.
 
 ``sync`` (a ``TimerService`` every ``interval`` seconds, only while some list has
 ``smtp_moderation`` set) writes the changed rows in one batch, reads what other daemons

@@ -8,8 +8,8 @@ from dataclasses import replace
 import pytest
 
 from policyd.core.moderation import (
-    AT_CAP, NETWORK_AT_CAP, Decision, Entry, Key, ModerationState, Outcome, Settings, SmtpModeration, network_of,
-    new_ticket_id, TICKET_ALPHABET)
+    AT_CAP, NETWORK_AT_CAP, Decision, Entry, Key, ModerationState, Outcome, Settings,
+    SmtpModeration, network_of, new_ticket_id, TICKET_ALPHABET)
 
 GREY, MOD = SmtpModeration.GREYLIST, SmtpModeration.MODERATE
 KEY = Key("test@lists.example.com", "nobody@x.example", "192.0.2.0/24", "<m1@x.example>")

@@ -33,15 +33,16 @@ list's normal outcome.
 
 Bounded: at most ``max_entries`` greylist entries, ``max_entries`` remembered senders and
 ``max_tickets`` tickets, shared by every list, sender and network, so a flood of made-up
-senders reaches them first.  At a cap what no MTA waits for goes first and what an MTA
+senders reaches them first. At a cap what no MTA waits for goes first and what an MTA
 waits for never goes: expired entries, remembered passes and tickets are dropped (counted
 in ``take_expired``), then tickets whose post got its final answer; a greylist entry
 younger than ``max_age`` and a ticket still waiting for its decision or fallback are
-kept.  A first attempt that still finds no room is not recorded: ``AT_CAP``, the list's
-normal outcome, as with ``smtp_moderation = off``.  One network (a key's /24 or /64) holds
-at most ``NETWORK_SHARE`` of the greylist entries: a flood from one network keeps its
-own new attempts out first (``NETWORK_AT_CAP``), and the others are still greylisted.  Remembered passes are idle state: at
-their cap the least recently remembered goes (``Step.evicted``).
+kept. A first attempt that still finds no room is not recorded: ``AT_CAP``, the list's
+normal outcome, as with ``smtp_moderation = off``. One network (a key's /24 or /64) holds
+at most ``NETWORK_SHARE`` of the greylist entries: a flood from one network keeps its own
+new attempts out first (``NETWORK_AT_CAP``), and the others are still greylisted.
+Remembered passes are idle state: at their cap the least recently remembered goes
+(``Step.evicted``).
 """
 
 from __future__ import annotations
