@@ -337,10 +337,35 @@ class Loop:
 _NO_LOOP = Miss("no List-Post: header names this list")
 
 
-def _header_values(msg, header: str) -> list[str]:
-    """Every value of ``header`` in every part, RFC 2047-decoded as Mailman's
-    ``HeaderMatchRule`` decodes it (a value it could not decode is skipped: Mailman
-    would fail on it)."""
+class _DecodedHeaders:
+    """The values of the headers of one message (any case, every part), RFC 2047-decoded
+    as Mailman's ``HeaderMatchRule`` decodes them, each header decoded the first time it
+    is asked for: the site's header_checks lines and the header_matches entries of every
+    list asked about often name the same header, and a long header with encoded words or
+    8-bit bytes would otherwise be decoded again for each of them.  Holds only the
+    headers asked for."""
+
+    __slots__ = ("_message", "_values")
+
+    def __init__(self, message: Message) -> None:
+        self._message = message
+        self._values: dict[str, tuple[str, ...]] = {}
+
+    def get(self, header: str) -> tuple[str, ...]:
+        key = header.lower()
+        values = self._values.get(key)
+        if values is None:
+            values = self._values[key] = _decode_values(email_message(self._message), key)
+        return values
+
+
+# Keyed by the immutable message, as email_message is, and as bounded.
+_decoded_headers = lru_cache(maxsize=64)(_DecodedHeaders)
+
+
+def _decode_values(msg, header: str) -> tuple[str, ...]:
+    """Every value of ``header`` in every part, decoded (a value Mailman could not decode
+    is skipped: Mailman would fail on it)."""
     out = []
     for part in msg.walk():
         for value in part.get_all(header, []):
@@ -350,7 +375,7 @@ def _header_values(msg, header: str) -> list[str]:
                 out.append(str(make_header(decode_header(value))))
             except (HeaderParseError, LookupError, UnicodeError, ValueError):
                 continue
-    return out
+    return tuple(out)
 
 
 class HeaderMatchRule:
@@ -368,11 +393,11 @@ class HeaderMatchRule:
         message = ctx.query.message
         if message is None:
             return _NO_MESSAGE
-        msg = email_message(mailman_view(ctx))
+        headers = _decoded_headers(mailman_view(ctx))
         # chains/headers.py: every site line is a rule of its own whose hit defers; then
         # "any" jumps to jump_chain before a list entry is looked at.
         for line, entry in site.checks:
-            if _matches(msg, entry):
+            if _matches(headers, entry):
                 action = site.jump_chain
                 return Hit(ACTION_VERDICT[action],
                            f"site header_checks line {line} ({entry.header}: "
@@ -381,7 +406,7 @@ class HeaderMatchRule:
                            f"header-match-config-{line})", action,
                            ctx.senders[0] if ctx.senders else None)
         for index, entry in enumerate(matches):
-            if _matches(msg, entry):
+            if _matches(headers, entry):
                 action = site.jump_chain if entry.action is None else entry.action
                 return Hit(ACTION_VERDICT[action],
                            f"header_matches #{index} ({entry.header}: {entry.pattern}) "
@@ -392,12 +417,12 @@ class HeaderMatchRule:
         return _NO_HEADER_MATCH
 
 
-def _matches(msg, entry) -> bool:
+def _matches(headers: _DecodedHeaders, entry) -> bool:
     """Mailman's ``HeaderMatchRule.check``: ``re.search`` (case ignored) in the decoded
     values of the header in every MIME part; a pattern that does not compile misses."""
     if entry.regex is None:
         return False
-    return any(entry.regex.search(value) for value in _header_values(msg, entry.header))
+    return any(entry.regex.search(value) for value in headers.get(entry.header))
 
 
 _NO_HEADER_MATCHES = Miss("no site header_checks and the list has no header_matches")
