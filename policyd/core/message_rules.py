@@ -364,11 +364,19 @@ _decoded_headers = lru_cache(maxsize=64)(_DecodedHeaders)
 
 
 def _decode_values(msg, header: str) -> tuple[str, ...]:
-    """Every value of ``header`` in every part, decoded (a value Mailman could not decode
-    is skipped: Mailman would fail on it)."""
+    """Every value of ``header`` (lower case) in every part, decoded (a value Mailman
+    could not decode is skipped: Mailman would fail on it)."""
     out = []
     for part in msg.walk():
-        for value in part.get_all(header, []):
+        # get_all's fields, before its policy makes a Header of an 8-bit value.
+        for name, value in part.raw_items():
+            if name.lower() != header:
+                continue
+            decoded = _decoded_8bit(value)
+            if decoded is not None:
+                out.append(decoded)
+                continue
+            value = part.policy.header_fetch_parse(name, value)
             if isinstance(value, Header):
                 value = value.encode()
             try:
@@ -376,6 +384,28 @@ def _decode_values(msg, header: str) -> tuple[str, ...]:
             except (HeaderParseError, LookupError, UnicodeError, ValueError):
                 continue
     return tuple(out)
+
+
+def _decoded_8bit(value) -> str | None:
+    """What Mailman's decoding makes of a value with bytes that are not ASCII (ASCII and
+    surrogate escapes, as the parser leaves them), ``None`` for any other value.
+
+    compat32 hands such a value out as a ``Header`` of charset ``unknown-8bit``; its
+    ``encode()`` joins the lines (``splitlines``, each continuation line's leading white
+    space made one space) into encoded words of the same bytes, ``decode_header`` gives
+    the bytes back and ``str`` makes each byte that is not ASCII U+FFFD.  That round trip
+    does pure-Python work for every character, several times over (the encoder measures
+    each prefix of an encoded line); this is its result, without it, and
+    tests/test_header_match.py holds the two to each other."""
+    if not isinstance(value, str) or value.isascii():
+        return None
+    try:
+        value.encode("ascii", "surrogateescape")
+    except UnicodeEncodeError:
+        return None
+    lines = value.splitlines()  # not empty: the value has a byte that is not ASCII
+    value = lines[0] + "".join([" " + line.lstrip() for line in lines[1:]])
+    return value.encode("ascii", "surrogateescape").decode("ascii", "replace")
 
 
 class HeaderMatchRule:

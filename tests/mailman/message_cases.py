@@ -180,6 +180,13 @@ def content_cases() -> list[dict]:
         ("hm-none", [("X-Other", "yes")], "A post", "no match: nonmember reject"),
         ("hm-second-field", [("X-Spam", "no"), ("X-Spam", "yes")], "A post",
          "every field of the header"),
+        # 8-bit bytes: compat32's Header, whose encode() joins the lines
+        ("hm-8bit-folded", [], "Buy\n\tnow caf\u00e9", "folded 8-bit Subject: joined"),
+        ("hm-8bit-formfeed", [], "Buy\x0cnow caf\u00e9", "a form feed splits a line too"),
+        ("hm-8bit-encoded", [], "=?utf-8?q?Buy_now?= caf\u00e9",
+         "beside 8-bit bytes an encoded word stays encoded: no match"),
+        ("hm-8bit-spaces", [], "Buy now\n      caf\u00e9",
+         "8-bit Subject whose continuation line is indented"),
     ]:
         add(_case(cid, "header-match", HM,
                   message(_std(HM, subject=subject, extra=extra)), why=why))
