@@ -27,7 +27,23 @@ pytestmark = pytest.mark.integration
 NOFILE = 256  # the daemon's descriptor limit in the test: the cap is 256 - 64 = 192
 
 
-class Holder:
+class Background:
+    """A client whose ``thread`` runs (its ``_run``) while the ``with`` block runs, until
+    ``stop`` is set."""
+
+    stop: threading.Event
+    thread: threading.Thread
+
+    def __enter__(self):
+        self.thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.stop.set()
+        self.thread.join(10)
+
+
+class Holder(Background):
     """A local client that holds as many connections as it can (far beyond the cap),
     reopening every one the daemon closes, until stopped."""
 
@@ -71,13 +87,6 @@ class Holder:
         for s in self.socks:
             s.close()
 
-    def __enter__(self):
-        self.thread.start()
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self.stop.set()
-        self.thread.join(10)
 
 
 def limited(run) -> list[str]:
@@ -266,7 +275,7 @@ def test_missing_socket_directory_is_a_clear_error(run, daemons):
     assert "[exim] listen" in text and "does not exist" in text and "lock" not in text, text
 
 
-class PartialFlood:
+class PartialFlood(Background):
     """A local client on 127.0.0.2 that keeps ``count`` connections to a Postfix TCP
     listener, each with a fresh partial request: every one is closed and replaced
     before it is half a second old (so none is ever a request begun a second ago), and
@@ -322,13 +331,6 @@ class PartialFlood:
         for _, s in self.socks:
             s.close()
 
-    def __enter__(self):
-        self.thread.start()
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self.stop.set()
-        self.thread.join(10)
 
 
 class PostfixFrom(PostfixClient):
@@ -507,7 +509,7 @@ def test_another_uid_flooding_leaves_the_mta_its_share(run, daemons, listen):
     assert daemon.terminate() == 0
 
 
-class Trickler:
+class Trickler(Background):
     """A local client that keeps ``count`` connections to a TCP port open, each with a
     request head it trickles a byte at a time and never ends, and opens a new one as
     soon as the daemon closes one (or refuses it), until stopped."""
@@ -558,13 +560,6 @@ class Trickler:
         for s in socks:
             s.close()
 
-    def __enter__(self):
-        self.thread.start()
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self.stop.set()
-        self.thread.join(10)
 
 
 def scrape(port: int) -> bytes:
