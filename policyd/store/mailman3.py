@@ -330,16 +330,27 @@ def read_only_engine(url: str, timeouts=None) -> Engine:
 HASH_MODULUS = 2 ** 61
 
 
+_MASK64 = 2 ** 64 - 1
+
+
 class _HashSum:
     """SQLite aggregate ``policyd_hash_sum(column, ...)``: the sum modulo 2**61 of a
-    well-mixed hash of each row's values (CPython's tuple hash: xxHash-style mixing; the
-    strings' hashes are salted per process, which is all a daemon-local digest needs)."""
+    well-mixed hash of each row's values: CPython's tuple hash (the strings' hashes are
+    salted per process, which is all a daemon-local digest needs) passed through the
+    ``fmix64`` finalizer of MurmurHash3.  The tuple hash alone is not enough: it is close
+    to linear in its last element, so the same edit made to two rows in opposite
+    directions cancelled in the sum (one user's preferred address cleared while another
+    user got it: ``hash((1, 1)) + hash((3, None)) == hash((1, None)) + hash((3, 1))``),
+    and the incremental refresh kept serving the old members."""
 
     def __init__(self) -> None:
         self.total = 0
 
     def step(self, *values) -> None:
-        self.total += hash(values)
+        h = hash(values) & _MASK64
+        h = ((h ^ (h >> 33)) * 0xFF51AFD7ED558CCD) & _MASK64
+        h = ((h ^ (h >> 33)) * 0xC4CEB9FE1A85EC53) & _MASK64
+        self.total += h ^ (h >> 33)
 
     def finalize(self) -> int:
         return self.total % HASH_MODULUS

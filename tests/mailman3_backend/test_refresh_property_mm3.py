@@ -723,3 +723,24 @@ def test_the_postgresql_row_hash_tells_null_zero_and_order_apart(pg_database):
                 connection, (7, "int"), ("a@x.org", "text"))
     finally:
         engine.dispose()
+
+
+def test_preferred_address_set_then_cleared_on_sqlite(sqlite_base, tmp_path):
+    """A sequence the machine found: a user's preferred address set to another user's
+    address, then that user's cleared.  The incremental refresh must see the change."""
+    def make_url():
+        target = tmp_path / "prefer.db"
+        shutil.copyfile(sqlite_base, target)
+        return f"sqlite:///{target}", lambda: target.unlink(missing_ok=True)
+
+    class Machine(Mailman3RefreshMachine):
+        pass
+
+    Machine.make_url = staticmethod(make_url)
+    Machine.pickles = read_pickles(f"sqlite:///{sqlite_base}")
+    state = Machine()
+    state.open()
+    state.prefer(address=0, user=0)
+    state.prefer(address=0, user=2)
+    state.prefer(address=-1, user=0)
+    state.teardown()

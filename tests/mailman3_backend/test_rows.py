@@ -164,3 +164,31 @@ def test_an_unreadable_list_is_broken_alone(lists, members, words):
     assert snapshot.lists["test@example.com"].broken == bad.broken
     assert snapshot.lists["other@example.com"].broken is None
     assert not os.path.exists("/tmp/policyd-should-not-exist")
+
+
+def test_sqlite_hash_sum_does_not_cancel_swapped_edits():
+    """The SQLite change digest (``policyd_hash_sum``) of two rows whose last columns swap
+    values (one user's preferred address cleared while another user gets it; one
+    member's action up, another's down) differs from the old one.  CPython's tuple hash
+    alone cancelled here for every pair of small ids, and the incremental refresh kept
+    serving the old members."""
+    from policyd.store.mailman3 import _HashSum
+
+    def digest(rows):
+        total = _HashSum()
+        for row in rows:
+            total.step(*row)
+        return total.finalize()
+
+    values = [None, 0, 1, 2, 3, 4, 99, "a0@x.org", "a1@x.org"]
+    for first in range(1, 12):
+        for second in range(first + 1, 12):
+            for v in values:
+                for w in values:
+                    if v == w:
+                        continue
+                    before = digest([(first, v), (second, w)])
+                    after = digest([(first, w), (second, v)])
+                    assert before != after, (first, second, v, w)
+                    assert digest([(first, v, 7), (second, w, 7)]) != digest(
+                        [(first, w, 7), (second, v, 7)]), (first, second, v, w)
