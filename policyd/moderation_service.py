@@ -14,8 +14,8 @@ summary when it has been quiet for ``CAP_QUIET`` seconds.
 
 ``sync`` (a ``TimerService`` every ``interval`` seconds, only while some list has
 ``smtp_moderation`` set) writes the changed rows in one batch, reads what other daemons
-and moderators wrote since the last sync, and now and then prunes the expired rows.  The
-reactor never touches SQL.
+and moderators wrote since the last sync, prunes a batch of the index, and now and then
+the store's expired rows.  The reactor never touches SQL.
 
 For the metrics (``metrics.PolicydCollector`` reads them at scrape time) the service
 counts every attempt it looked at in ``counts[mode][outcome][transition]`` (three dict
@@ -52,7 +52,7 @@ UNUSABLE = "state-unusable"
 # Seconds of slack when reading back what changed (clocks of several hosts, rounding):
 # hosts sharing a store must keep their clocks closer than this (NTP).
 SLACK = 30.0
-# Prune the store's expired rows every this many syncs.
+# Prune the store's expired rows every this many syncs (the index: every sync).
 PRUNE_EVERY = 60
 # A stay at a cap is over (its summary logged) after this many seconds without an
 # attempt kept out or a row pushed out: a sustained flood is one incident, not one a sync.
@@ -273,8 +273,9 @@ class ModerationService(TimerService):
                 log.info("{count} moderator decisions arrived", count=decided)
             self._since = now
             self._syncs += 1
+            # Every sync: one call prunes a bounded batch of the index (on the reactor).
+            self.expired += self.state.prune()
             if self._syncs % PRUNE_EVERY == 0:
-                self.expired += self.state.prune()
                 yield self.run_in_thread(store.prune_rows, self.engine, settings, now)
             self._recovered()
         except Exception as error:

@@ -399,6 +399,19 @@ def test_moderation_counts_expired_rows_when_pruned():
     assert not m.service.state.entries and not m.service.state.tickets
 
 
+def test_moderation_prunes_a_batch_of_the_index_at_every_sync():
+    """A prune of the index looks at a bounded batch, so every sync does one (the
+    store's rows are pruned every ``PRUNE_EVERY`` syncs)."""
+    m = Moderated()
+    m.service.sync()
+    m.ask(GREY)
+    m.ask(MODERATED)
+    m.clock.advance(5 * 86400)
+    m.service.sync()
+    assert m.service.expired == 2
+    assert not m.service.state.entries and not m.service.state.tickets
+
+
 def test_scrape_shows_moderation(tmp_path):
     """The endpoint shows the attempts with readable outcomes, the decisions read, the
     expired and evicted rows, the failed syncs, whether the state is usable and the size

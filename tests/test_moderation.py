@@ -2,14 +2,16 @@
 with an injected clock and injected ticket ids."""
 
 import itertools
+import random
 from collections import OrderedDict
 from dataclasses import replace
 
 import pytest
 
+from policyd.core import moderation
 from policyd.core.moderation import (
-    AT_CAP, NETWORK_AT_CAP, Decision, Entry, Key, ModerationState, Outcome, Settings,
-    SmtpModeration, network_of, new_ticket_id, TICKET_ALPHABET)
+    AT_CAP, CLOCK_SLACK, NETWORK_AT_CAP, PRUNE_BATCH, Decision, Entry, Key, ModerationState,
+    Outcome, Settings, SmtpModeration, Ticket, network_of, new_ticket_id, TICKET_ALPHABET)
 
 GREY, MOD = SmtpModeration.GREYLIST, SmtpModeration.MODERATE
 KEY = Key("test@lists.example.com", "nobody@x.example", "192.0.2.0/24", "<m1@x.example>")
@@ -468,8 +470,6 @@ def test_two_tickets_for_one_post_become_one_on_every_daemon():
     tickets.  After merging each other's rows both keep the one A gave first (the one
     the sender's first 451 named), drop the other from the store too, and tell every
     retry that ticket."""
-    from policyd.core.moderation import Ticket  # noqa: F401  (the type merged)
-
     clock = Clock()
     a = ModerationState(SETTINGS, clock=clock, ticket_id=iter(["AAAAAA"]).__next__)
     b = ModerationState(SETTINGS, clock=clock, ticket_id=iter(["BBBBBB"]).__next__)
@@ -545,3 +545,147 @@ def test_preview_answers_as_check_would_and_changes_nothing(mode, name, steps):
                 assert preview.ticket is None  # no ticket made: none to name
             else:
                 assert (preview.ticket, preview.text) == (step.ticket, step.text)
+
+
+def _behind_live_ones(count):
+    """A state whose first entry, remembered sender and ticket are live, each followed
+    by ``count`` that expired out of line: entries merged late (first seen an hour before
+    the first one), passes another daemon remembered for a minute, tickets decided at
+    once.  The state, at the time they have expired."""
+    st, clock = state()
+    start = clock.now
+    st.check(GREY, KEY)
+    st.check(MOD, KEY)
+    st.load(remembered=[(KEY.list, KEY.sender, start + SETTINGS.remember)])
+    keys = [Key(KEY.list, f"s{n}@x") for n in range(count)]
+    st.merge([Entry(key, start - 3600, start - 3600) for key in keys],
+             [(key.list, key.sender, start + 60) for key in keys],
+             [Ticket(f"D{n:05d}", key, start - 3600, start - 3600, decision=Decision.APPROVE,
+                     decided_at=start - 3600) for n, key in enumerate(keys)])
+    clock.now = start + SETTINGS.max_age - 1800
+    st.drain()
+    return st
+
+
+def test_prune_drops_a_bounded_batch_of_what_expired_out_of_line():
+    """``prune`` runs on the reactor: it used to drop everything expired in one call,
+    holding up every MTA request meanwhile.  Behind live items each call now drops at
+    most ``PRUNE_BATCH`` of each dict; within ``len / PRUNE_BATCH`` calls and one more
+    all have gone (their deletions recorded), and the live ones stay."""
+    count = 3 * PRUNE_BATCH
+    st = _behind_live_ones(count)
+    dropped = [st.prune() for _ in range(count // PRUNE_BATCH + 1)]
+    assert max(dropped) <= 3 * PRUNE_BATCH and sum(dropped) == 3 * count
+    assert list(st.entries) == [KEY] and list(st.tickets) == ["T00000"]
+    assert list(st.remembered) == [(KEY.list, KEY.sender)]
+    changes = st.drain()
+    assert [len(changes.entries), len(changes.remembered), len(changes.tickets)] == \
+        [count] * 3
+    assert not {*changes.entries.values(), *changes.remembered.values(),
+                *changes.tickets.values()} - {None}
+    assert st.prune() == 0
+
+
+def test_prune_looks_at_a_bounded_number_of_items_a_call(monkeypatch):
+    """At the caps a prune that looked at every entry and ticket took tens of
+    milliseconds on the reactor.  One call now looks at no more than ``PRUNE_BATCH`` in
+    line and as many of its round, of each dict, live or expired; repeated, it drops
+    them all."""
+    count = 5 * PRUNE_BATCH
+    st, clock = state()
+    keys = [Key(KEY.list, f"s{n}@x") for n in range(count)]
+    st.load([Entry(key, clock.now - n, clock.now - n) for n, key in enumerate(keys)], (),
+            [Ticket(f"T{n:05d}", key, clock.now - n, clock.now - n)
+             for n, key in enumerate(keys)])
+    looked = []
+    stale = moderation._stale
+    monkeypatch.setattr(moderation, "_stale", lambda *a: looked.append(a) or stale(*a))
+    assert st.prune() == 0
+    assert 0 < len(looked) <= 2 * (PRUNE_BATCH + 1)
+    clock.now += 10 * SETTINGS.max_age
+    calls = []
+    while st.entries or st.tickets:
+        looked.clear()
+        calls.append(st.prune())
+        assert 0 < len(looked) <= 2 * 2 * PRUNE_BATCH
+    assert sum(calls) == 2 * count and len(calls) <= count // PRUNE_BATCH
+
+
+def test_prune_finds_what_a_clock_step_left_behind_live_items():
+    """Rows written before the clock was stepped back lie behind older, live ones: those
+    from more than ``CLOCK_SLACK`` ahead count as expired at once, those from less expire
+    before the ones ahead of them.  ``prune`` drops both and keeps the live ones."""
+    st, clock = state()
+    start = clock.now
+    ahead, behind, passed = (KEY._replace(sender=f"{n}@x") for n in ("a", "b", "p"))
+    st.check(GREY, KEY)
+    st.check(MOD, KEY)
+    st.load(remembered=[(KEY.list, KEY.sender, start + SETTINGS.remember)])
+    clock.now = start + YEAR
+    st.check(GREY, ahead)
+    st.check(MOD, ahead)
+    st.check(GREY, passed)
+    clock.now += SETTINGS.min_delay
+    assert st.check(GREY, passed).transition == "retry-in-window"
+    clock.now = start - CLOCK_SLACK / 2
+    st.check(GREY, behind)
+    st.drain()
+    clock.now = start + 600
+    assert st.prune() == 3
+    assert list(st.entries) == [KEY, behind] and list(st.tickets) == ["T00000"]
+    assert list(st.remembered) == [(KEY.list, KEY.sender)]
+    clock.now = start - CLOCK_SLACK / 2 + SETTINGS.max_age + 1
+    assert st.prune() == 1 and list(st.entries) == [KEY]
+    assert set(st.drain().entries) == {ahead, behind}
+
+
+def _live(st, now):
+    """The items of ``st`` that have not expired at ``now``, by their definitions."""
+    s = st.settings
+
+    def stale(since, lifetime):
+        return now - since > lifetime or since - now > CLOCK_SLACK
+
+    def ticket_live(t):
+        if t.decided_at is not None:
+            return not stale(t.decided_at, s.max_age)
+        return not stale(t.first_seen, s.decide_within + s.max_age)
+
+    return ({k for k, e in st.entries.items() if not stale(e.first_seen, s.max_age)},
+            {w for w, u in st.remembered.items() if now < u <= now + s.remember + CLOCK_SLACK},
+            {i for i, t in st.tickets.items() if ticket_live(t)})
+
+
+@pytest.mark.parametrize("seed", range(5))
+def test_prune_between_any_attempts_keeps_the_live_and_drops_every_expired(monkeypatch,
+                                                                           seed):
+    """Attempts, decisions, rows merged from another daemon, clock jumps both ways, and a
+    prune now and then of a few items a call: a prune never drops a live item, and
+    repeated at one time it leaves exactly the live ones (the full scan's result)."""
+    monkeypatch.setattr(moderation, "PRUNE_BATCH", 3)
+    rng = random.Random(seed)
+    st, clock = state(replace(SETTINGS, max_entries=40, max_tickets=20, remember=2 * 86400))
+    keys = [Key(KEY.list, f"s{n}@x", f"10.0.{n % 3}.0/24") for n in range(30)]
+    jumps = [60, 300, 3600, 86400, 3 * 86400, -CLOCK_SLACK / 2, -2 * CLOCK_SLACK, -86400]
+    for _ in range(600):
+        roll = rng.random()
+        if roll < 0.5:
+            st.check(rng.choice((GREY, MOD)), rng.choice(keys))
+        elif roll < 0.6 and st.tickets:
+            st.decide(rng.choice(list(st.tickets)), rng.choice(list(Decision)))
+        elif roll < 0.7:
+            key = rng.choice(keys)
+            until = clock.now + rng.choice((-60, 600, 86400, 10 * 86400))
+            st.merge([Entry(key, clock.now - 7200, clock.now - 7200)],
+                     [(key.list, key.sender, until)])
+        elif roll < 0.85:
+            clock.now += rng.choice(jumps)
+        else:
+            live = _live(st, clock.now)
+            st.prune()
+            assert all(a <= set(b) for a, b in zip(live, (st.entries, st.remembered,
+                                                            st.tickets)))
+    live = _live(st, clock.now)
+    for _ in range(40 // 3 + 2):
+        st.prune()
+    assert (set(st.entries), set(st.remembered), set(st.tickets)) == live

@@ -43,6 +43,11 @@ at most ``NETWORK_SHARE`` of the greylist entries: a flood from one network keep
 new attempts out first (``NETWORK_AT_CAP``), and the others are still greylisted.
 Remembered passes are idle state: at their cap the least recently remembered goes
 (``Step.evicted``).
+
+``prune`` runs on the reactor, so each call looks at a bounded number of items: the
+expired ones first in line, then the next ``PRUNE_BATCH`` of a round over every item
+(what expires out of line: a ticket decided, a row from another daemon, a clock
+stepped back), so whatever expired goes within a round, ``len / PRUNE_BATCH`` calls.
 """
 
 from __future__ import annotations
@@ -231,6 +236,10 @@ REJECT_TEXT = "Your post to {list} was rejected by its moderator"
 # back; such an entry counts as expired instead (the sender starts over: a bounded wait).
 CLOCK_SLACK = 300.0
 
+# How many items of each dict one ``prune`` looks at in line, and as many of its round
+# (it runs on the reactor, between MTA requests).
+PRUNE_BATCH = 250
+
 
 def _kept(a: "Ticket", b: "Ticket") -> "Ticket":
     """Of two tickets for one post, the one every daemon keeps: a decided one, else the
@@ -264,6 +273,13 @@ class ModerationState:
         self.remembered: OrderedDict[tuple[str, str], float] = OrderedDict()
         self.tickets: OrderedDict[str, Ticket] = OrderedDict()
         self.ticket_by_key: dict[Key, str] = {}
+        # The same keys in the order ``prune`` looks at them next: not every item expires
+        # in line (a decided ticket expires before undecided ones seen earlier, a row
+        # merged late or written with a clock stepped back lands behind younger ones),
+        # and these rounds reach each in a bounded number of calls.
+        self._entry_round: OrderedDict[Key, None] = OrderedDict()
+        self._remembered_round: OrderedDict[tuple[str, str], None] = OrderedDict()
+        self._ticket_round: OrderedDict[str, None] = OrderedDict()
         # Greylist entries by network, for ``NETWORK_SHARE``.
         self.by_network: Counter[str] = Counter()
         # Tickets whose post got its final answer (a decision or the fallback, answered
@@ -297,6 +313,7 @@ class ModerationState:
         for list_, sender, until in sorted(remembered, key=lambda r: r[2]):
             self.remembered.pop((list_, sender), None)
             self.remembered[list_, sender] = until
+            self._remembered_round[list_, sender] = None
         for ticket in sorted(tickets, key=lambda t: t.first_seen):
             self._put_ticket(ticket, record=False)
 
@@ -559,21 +576,47 @@ class ModerationState:
     # --- housekeeping --------------------------------------------------------------------
 
     def prune(self) -> int:
-        """Drop what expired; the number of rows dropped."""
+        """Drop what expired, a bounded amount of work a call (see the module's
+        docstring); the number of rows dropped."""
         now = self.clock()
         s = self.settings
+        dropped = self._prune(self.entries, self._entry_round,
+                              lambda entry: _stale(entry.first_seen, now, s.max_age),
+                              lambda key, entry: self._drop_entry(key))
+        limit = now + s.remember + CLOCK_SLACK
+        dropped += self._prune(self.remembered, self._remembered_round,
+                               lambda until: not now < until <= limit,
+                               lambda who, until: self._forget(*who))
+        dropped += self._prune(self.tickets, self._ticket_round,
+                               lambda ticket: self._expired(ticket, now),
+                               lambda tid, ticket: self._drop_ticket(ticket))
+        return dropped
+
+    @staticmethod
+    def _prune(items: OrderedDict, round_: OrderedDict, expired: Callable, drop: Callable
+               ) -> int:
+        """Drop expired ``items`` (``drop`` takes a key out of ``round_`` too): those
+        first in line up to the first live one, then those among the next keys of the
+        round, whose live ones go to its end.  At most ``PRUNE_BATCH`` of each."""
         dropped = 0
-        for key in [k for k, e in self.entries.items()
-                    if _stale(e.first_seen, now, s.max_age)]:
-            self._drop_entry(key)
+        for _ in range(PRUNE_BATCH):
+            if not items:
+                break
+            key, value = next(iter(items.items()))
+            if not expired(value):
+                break
+            drop(key, value)
             dropped += 1
-        for who in [w for w, until in self.remembered.items()
-                    if not now < until <= now + s.remember + CLOCK_SLACK]:
-            self._forget(*who)
-            dropped += 1
-        for ticket in [t for t in self.tickets.values() if self._expired(t, now)]:
-            self._drop_ticket(ticket)
-            dropped += 1
+        for _ in range(min(PRUNE_BATCH, len(round_))):
+            key = next(iter(round_))
+            value = items.get(key)
+            if value is None:  # left ``items`` without leaving the round: a guard
+                del round_[key]
+            elif expired(value):
+                drop(key, value)
+                dropped += 1
+            else:
+                round_.move_to_end(key)
         return dropped
 
     # --- the dicts and their caps --------------------------------------------------------
@@ -642,12 +685,14 @@ class ModerationState:
         key = entry.key
         if key not in self.entries:
             self.by_network[key.network] += 1
+            self._entry_round[key] = None
         self.entries[key] = entry
         if record:
             self.changes.entries[key] = entry
 
     def _drop_entry(self, key: Key, record: bool = True) -> None:
         del self.entries[key]
+        self._entry_round.pop(key, None)
         network = key.network
         if self.by_network[network] > 1:
             self.by_network[network] -= 1
@@ -673,12 +718,14 @@ class ModerationState:
                 self.expired += 1
             self._forget(*who)
         remembered[list_, sender] = until
+        self._remembered_round[list_, sender] = None
         if record:
             self.changes.remembered[list_, sender] = until
         return evicted
 
     def _forget(self, list_: str, sender: str) -> None:
         self.remembered.pop((list_, sender), None)
+        self._remembered_round.pop((list_, sender), None)
         self.changes.remembered[list_, sender] = None
 
     def _put_ticket(self, ticket: Ticket, record: bool = True) -> None:
@@ -691,9 +738,12 @@ class ModerationState:
         if other is not None and other != ticket.id:
             # Two tickets for one key (two daemons saw the first attempt): keep the newer.
             stale = self.tickets.pop(other, None)
+            self._ticket_round.pop(other, None)
             self.done.pop(other, None)
             if stale is not None and record:
                 self.changes.tickets[other] = None
+        if old is None:
+            self._ticket_round[ticket.id] = None
         self.tickets[ticket.id] = ticket
         self.ticket_by_key[ticket.key] = ticket.id
         if record:
@@ -710,6 +760,7 @@ class ModerationState:
 
     def _drop_ticket(self, ticket: Ticket, record: bool = True) -> None:
         self.tickets.pop(ticket.id, None)
+        self._ticket_round.pop(ticket.id, None)
         self.done.pop(ticket.id, None)
         if self.ticket_by_key.get(ticket.key) == ticket.id:
             del self.ticket_by_key[ticket.key]
