@@ -11,7 +11,7 @@ import os
 import socket
 import time
 
-__all__ = ["ControlError", "query", "status", "reload", "request"]
+__all__ = ["ControlError", "query", "status", "reload", "request", "query_message", "encode"]
 
 
 class ControlError(Exception):
@@ -45,7 +45,7 @@ def request(socket_path, message: dict, timeout: float = 5.0) -> dict:
         except OSError as error:
             raise ControlError(f"cannot connect to {path}: {error.strerror or error}") from None
         try:
-            sock.sendall(json.dumps(message).encode("utf-8") + b"\n")
+            sock.sendall(encode(message))
             chunks = []
             while True:
                 remaining = deadline - time.monotonic()
@@ -85,6 +85,15 @@ def query(socket_path, recipient: str, envelope_sender: str, from_header: str | 
           reply_to_header: str | None = None, sender_header: str | None = None,
           timeout: float = 5.0, client_address: str | None = None,
           message_id: str | None = None) -> dict:
+    message = query_message(recipient, envelope_sender, from_header, reply_to_header,
+                            sender_header, client_address, message_id)
+    return request(socket_path, message, timeout)
+
+
+def query_message(recipient: str, envelope_sender: str, from_header: str | None = None,
+                  reply_to_header: str | None = None, sender_header: str | None = None,
+                  client_address: str | None = None, message_id: str | None = None) -> dict:
+    """The ``query`` request as ``query`` sends it."""
     message = {
         "op": "query", "recipient": recipient, "envelope_sender": envelope_sender,
         "from_header": from_header, "reply_to_header": reply_to_header,
@@ -94,7 +103,12 @@ def query(socket_path, recipient: str, envelope_sender: str, from_header: str | 
         message["client_address"] = client_address
     if message_id:
         message["message_id"] = message_id
-    return request(socket_path, message, timeout)
+    return message
+
+
+def encode(message: dict) -> bytes:
+    """A request's line as sent, its newline included."""
+    return json.dumps(message).encode("utf-8") + b"\n"
 
 
 def status(socket_path, timeout: float = 5.0) -> dict:

@@ -80,9 +80,9 @@ def cmd_query(ctx: Context) -> int:
         raise BadInput("--message-id needs --from, --reply-to or --sender: the question "
                        "with headers is Exim's DATA-time one, the only one SMTP-time "
                        "moderation answers")
+    checked = checked_query(args, sender)
     if args.offline:
-        result = offline_query(ctx, args.list, sender, args.from_header, args.reply_to_header,
-                               args.sender_header)
+        result = offline_query(ctx, checked.query)
     else:
         try:
             result = control_client.query(_control_socket(ctx), args.list, sender,
@@ -106,11 +106,40 @@ def cmd_query(ctx: Context) -> int:
     return EXIT_OK
 
 
-def offline_query(ctx: Context, recipient: str, sender: str, from_header: str | None,
-                  reply_to_header: str | None, sender_header: str | None) -> dict:
-    """Decide from the store in this process: the same dict the daemon answers."""
+# What each field of the control socket's query is on policyctl's command line.
+_OPTIONS = {"recipient": "LIST", "envelope_sender": "SENDER", "from_header": "--from",
+            "reply_to_header": "--reply-to", "sender_header": "--sender",
+            "client_address": "--client", "message_id": "--message-id"}
+
+
+def checked_query(args: argparse.Namespace, sender: str):
+    """The query as the daemon's control socket reads it (its line, ``MAX_LINE`` and
+    ``parse_request``'s field limits): ``--offline`` decides only what the daemon would,
+    and a field longer than an MTA can send is bad input with or without the daemon.
+    Returns the ``ControlRequest``."""
+    from ..protocols import ProtocolError
+    from ..protocols.control import MAX_LINE, parse_request
+
+    line = control_client.encode(control_client.query_message(
+        args.list, sender, args.from_header, args.reply_to_header, args.sender_header,
+        args.client, args.message_id))
+    if len(line) - 1 > MAX_LINE:
+        raise BadInput(f"the query is longer than the control socket's {MAX_LINE}-byte "
+                       "line as policyctl writes it (JSON, non-ASCII escaped); policyd "
+                       "refuses it")
+    try:
+        return parse_request(line)
+    except ProtocolError as error:
+        option = next((option for key, option in _OPTIONS.items()
+                       if error.reason.startswith(key + " ")), None)
+        raise BadInput((f"{option}: " if option else "") + f"{error.reason}; policyd's "
+                       "control socket refuses it") from None
+
+
+def offline_query(ctx: Context, query) -> dict:
+    """Decide ``query`` (a ``Query``) from the store in this process: the same dict the
+    daemon answers."""
     from ..core.chain import decide
-    from ..core.verdict import Query
     from ..decider import Decider, FixedSnapshot
     from ..protocols.control import query_result
     from ..store import open_backend
@@ -122,7 +151,6 @@ def offline_query(ctx: Context, recipient: str, sender: str, from_header: str | 
         snapshot = backend.load_snapshot()
     finally:
         backend.close()
-    query = Query(recipient, sender, from_header, reply_to_header, sender_header)
     decider = Decider(FixedSnapshot(snapshot), config.smtp, decide=decide,
                       fail_closed=config.daemon.fail_closed,
                       null_sender=config.rules.null_sender,

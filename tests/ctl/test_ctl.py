@@ -439,6 +439,81 @@ def test_null_sender_query(with_demo):
     assert result["decision"]["verdict"] == "accept"
 
 
+_FIELDS = {"recipient": "LIST", "envelope_sender": "SENDER", "from_header": "--from",
+           "reply_to_header": "--reply-to", "sender_header": "--sender",
+           "client_address": "--client"}
+
+
+def _too_long(field: str) -> tuple[list[str], dict]:
+    """policyctl query's arguments with ``field`` one character past the control
+    socket's limit (``FIELD_LIMITS``), and the same query's fields for
+    ``control_client.query_message``."""
+    from policyd.protocols.control import FIELD_LIMITS
+
+    fields = {"recipient": LIST, "envelope_sender": "dave@example.com",
+              field: "x" * (FIELD_LIMITS[field] + 1)}
+    argv = ["query", fields.pop("recipient"), fields.pop("envelope_sender")]
+    for key, value in fields.items():
+        argv += [_FIELDS[key], value]
+    return argv, {"recipient": argv[1], "envelope_sender": argv[2], **fields}
+
+
+@pytest.mark.parametrize("field", _FIELDS)
+def test_offline_query_refuses_a_field_the_control_socket_refuses(with_demo, field):
+    """A field longer than the control socket takes (what an MTA can send) is refused by
+    --offline too: exit 2 (bad input), naming the option and the limit."""
+    from policyd import control_client
+    from policyd.protocols import ProtocolError
+    from policyd.protocols.control import FIELD_LIMITS, parse_request
+
+    argv, fields = _too_long(field)
+    with pytest.raises(ProtocolError, match=f"^{field} longer than"):
+        parse_request(control_client.encode(control_client.query_message(**fields)))
+    code, out, err = with_demo(*argv, "--offline")
+    assert code == 2, (out, err)
+    assert out == ""
+    assert f"{_FIELDS[field]}: {field} longer than {FIELD_LIMITS[field]} characters" in err
+
+
+def test_offline_query_takes_a_header_at_the_limit(with_demo):
+    """The limit is the control socket's own: a header of exactly its length is decided."""
+    from policyd.protocols.control import FIELD_LIMITS
+
+    header = "x" * FIELD_LIMITS["from_header"]
+    result = json.loads(with_demo.ok("query", LIST, "dave@example.com", "--from", header,
+                                     "--offline", "--json"))
+    assert result["decision"]["verdict"]
+
+
+def test_offline_query_refuses_a_line_the_control_socket_refuses(with_demo):
+    """Fields each within their limit whose line, as policyctl writes it, is longer than
+    the control socket's ``MAX_LINE`` (non-BMP characters are escaped as two ``\\uXXXX``)
+    are refused offline too: the daemon would answer ``request longer than``."""
+    from policyd import control_client
+    from policyd.protocols.control import FIELD_LIMITS, MAX_LINE
+
+    header = "\N{GRINNING FACE}" * 20000
+    assert len(header) <= FIELD_LIMITS["from_header"]
+    line = control_client.encode(control_client.query_message(
+        LIST, "dave@example.com", header, header, header))
+    assert len(line) - 1 > MAX_LINE
+    code, out, err = with_demo("query", LIST, "dave@example.com", "--from", header,
+                               "--reply-to", header, "--sender", header, "--offline")
+    assert code == 2, (out, err)
+    assert f"longer than the control socket's {MAX_LINE}-byte line" in err
+
+
+def test_query_refuses_a_long_field_before_asking_the_daemon(with_demo, tmp_path):
+    """Without --offline an over-long field is bad input too (exit 2), not a daemon that
+    cannot decide: policyctl does not send what the daemon would refuse."""
+    config = tmp_path / "policyd.conf"
+    config.write_text(f"[store]\nurl = {with_demo.url}\n[daemon]\n"
+                      f"control_socket = {tmp_path / 'control.sock'}\n")
+    code, out, err = with_demo("--config", str(config), *_too_long("from_header")[0])
+    assert code == 2, (out, err)
+    assert "--from: from_header longer than" in err
+
+
 def test_daemon_commands_without_a_daemon_exit_3(with_demo, tmp_path):
     """query, status and reload without a running daemon: exit 3 with a hint."""
     config = tmp_path / "policyd.conf"
