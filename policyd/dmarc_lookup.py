@@ -25,15 +25,20 @@ mitigates.
 
 from __future__ import annotations
 
+import errno
 import struct
 from collections import Counter, OrderedDict
 from io import BytesIO
 from pathlib import Path
 
-from twisted.internet.defer import Deferred, gatherResults, succeed
+from twisted.internet import defer
+from twisted.internet.abstract import isIPv6Address
+from twisted.internet.defer import Deferred, fail, gatherResults, succeed
+from twisted.internet.error import CannotListenError
 from twisted.logger import Logger
 from twisted.names import client, dns
 from twisted.names.error import DNSNameError
+from twisted.python.failure import Failure
 
 from .core.dmarc import DnsAnswer, NOANSWER, NXDOMAIN, PublicSuffixList
 from .decider import Incidents, _raised_at
@@ -175,25 +180,70 @@ class _CheckedClientFactory(client.DNSClientFactory):
 
 
 class Resolver(client.Resolver):
-    """Twisted's resolver that fails a malformed answer (``malformed``) and gives the TCP
-    retry after a truncated answer ``tcp_timeout`` seconds (Twisted's default is 10 s,
-    beyond any SMTP client's patience)."""
+    """Twisted's resolver with policyd's own UDP client (``queryUDP``), which reads every
+    answer through ``malformed`` and fails a malformed one, and the TCP retry after a
+    truncated answer given ``tcp_timeout`` seconds (Twisted's default is 10 s, beyond any
+    SMTP client's patience).
 
-    def __init__(self, *args, tcp_timeout: float = 2.0, **kwargs) -> None:
-        super().__init__(*args, **kwargs)
+    Only public Twisted API: ``queryUDP`` and ``queryTCP`` are the documented methods
+    ``client.Resolver``'s lookups send their queries through (tests/test_dmarc.py pins
+    that they still do: were one bypassed, answers would be read unchecked), and the UDP
+    client is made of ``dns.DNSDatagramProtocol``, ``dns.randomSource`` and the reactor's
+    ``listenUDP``, as Twisted's own is."""
+
+    # Random source ports tried before a try gives up, as Twisted's client does: one in
+    # use or privileged is refused, a descriptor limit (EMFILE) ends it at once.
+    PORT_ATTEMPTS = 1000
+
+    def __init__(self, *args, reactor=None, tcp_timeout: float = 2.0, **kwargs) -> None:
+        if reactor is None:
+            from twisted.internet import reactor
+        super().__init__(*args, reactor=reactor, **kwargs)
+        self.reactor = reactor
         self.tcp_timeout = tcp_timeout
         self.factory = _CheckedClientFactory(self, tcp_timeout)
         self.factory.noisy = False
 
-    def _connectedProtocol(self, interface=""):
-        # Twisted's own (a bound port, its retries), reading answers through ``malformed``.
-        # A private method of Twisted's (no public hook sees the datagram): should a
-        # Twisted no longer call it, or make something else, answers are read as Twisted
-        # reads them, and tests/test_dmarc.py's malformed-answer test fails.
-        protocol = super()._connectedProtocol(interface=interface)
-        if type(protocol) is dns.DNSDatagramProtocol:
-            protocol.__class__ = _CheckedDatagramProtocol
-        return protocol
+    def queryUDP(self, queries, timeout=None):
+        """Twisted's tries: each server in turn with the first timeout, then each again
+        with the next, a retry keeping the query's id; all timed out, Twisted's
+        ``TimeoutError``."""
+        addresses = self.servers + list(self.dynServers)
+        if not addresses:
+            return fail(IOError("No domain name servers available"))
+        tries = iter([(address, seconds)
+                      for seconds in (self.timeout if timeout is None else timeout)
+                      for address in addresses])
+
+        def again(reason):
+            reason.trap(dns.DNSQueryTimeoutError)
+            following = next(tries, None)
+            if following is None:
+                return Failure(defer.TimeoutError(queries))
+            return self._try(*following, queries, reason.value.id).addErrback(again)
+        return self._try(*next(tries), queries).addErrback(again)
+
+    def _try(self, address, seconds, queries, id=None) -> Deferred:
+        """One datagram query from a socket of its own on a random port (the source port
+        an off-path spoofer must guess), closed when the try ends however it ends."""
+        protocol = _CheckedDatagramProtocol(self, reactor=self.reactor)
+        interface = "::" if isIPv6Address(address[0]) else ""
+        for attempt in range(self.PORT_ATTEMPTS):
+            try:
+                port = self.reactor.listenUDP(dns.randomSource(), protocol,
+                                              interface=interface)
+                break
+            except CannotListenError as error:
+                # Failed, not raised: Twisted's own raises, past the resolver's
+                # bookkeeping of the name (later lookups of it would wait for nothing).
+                if (getattr(error.socketError, "errno", None) == errno.EMFILE
+                        or attempt == self.PORT_ATTEMPTS - 1):
+                    return fail()
+
+        def closed(result):
+            port.stopListening()
+            return result
+        return protocol.query(address, queries, seconds, id).addBoth(closed)
 
     def queryTCP(self, queries, timeout=None):
         return super().queryTCP(queries, self.tcp_timeout if timeout is None else timeout)

@@ -439,22 +439,29 @@ from twisted.internet.testing import MemoryReactorClock  # noqa: E402
 
 
 class UDPReactor(MemoryReactorClock):
-    """``listenUDP`` for Twisted's resolver: the datagrams it writes are kept."""
+    """``listenUDP`` for the resolver: the datagrams it writes are kept, with the port
+    asked for and whether it was closed; ``refuse`` holds errors to raise first."""
 
     def __init__(self):
         super().__init__()
         self.udp = []
+        self.refuse = []
 
     def listenUDP(self, port, protocol, interface="", maxPacketSize=8192):
+        if self.refuse:
+            raise self.refuse.pop(0)
+
         class Transport:
             def __init__(self):
                 self.written = []
+                self.port = port
+                self.stopped = False
 
             def write(self, data, addr=None):
                 self.written.append((data, addr))
 
             def stopListening(self):
-                pass
+                self.stopped = True
 
         transport = Transport()
         protocol.makeConnection(transport)
@@ -521,6 +528,89 @@ def test_a_truncated_answer_retried_over_tcp_within_the_timeout():
     reactor.advance(2)
     assert fired == [None]
     assert lookup.known("_dmarc.tc.example").status == "failed"
+
+
+def test_twisted_sends_lookups_through_the_resolvers_public_query_methods():
+    """Pins the Twisted behaviour policyd's ``Resolver`` hangs on: ``client.Resolver``'s
+    lookups send the query through ``queryUDP`` (policyd's, which reads every answer
+    through ``malformed``) and a truncated answer's retry through ``queryTCP`` (policyd's
+    timeout).  A Twisted that bypassed either would read answers unchecked, or wait its
+    own 10 s: this test fails instead."""
+    from policyd.dmarc_lookup import Resolver
+
+    calls = []
+
+    class Recording(Resolver):
+        def queryUDP(self, queries, timeout=None):
+            calls.append(("udp", [str(q.name) for q in queries], timeout))
+            return super().queryUDP(queries, timeout)
+
+        def queryTCP(self, queries, timeout=None):
+            calls.append(("tcp", [str(q.name) for q in queries], timeout))
+            return super().queryTCP(queries, timeout)
+
+    reactor = UDPReactor()
+    resolver = Recording(servers=[("192.0.2.53", 53)], reactor=reactor, tcp_timeout=2)
+    resolver.lookupText("_dmarc.tc.example", timeout=(1, 1))
+    assert calls == [("udp", ["_dmarc.tc.example"], (1, 1))]
+    query, addr = reactor.udp[-1].transport.written[0]
+    reactor.udp[-1].datagramReceived(dns_reply(query, 0, b"", flags=0x8380), addr)
+    assert calls[1:] == [("tcp", ["_dmarc.tc.example"], None)]
+    assert [timeout for _, _, timeout in resolver.pending] == [2]
+
+
+def test_udp_tries_are_twisteds_each_from_a_random_port_closed_after_it():
+    """Each server in turn with the first timeout, then with the next, the query's id
+    kept; each try from a socket of its own on a port from ``dns.randomSource`` (source
+    port randomisation), closed when the try ends; all timed out: ``TimeoutError``."""
+    from twisted.internet import defer
+
+    from policyd.dmarc_lookup import Resolver
+
+    reactor = UDPReactor()
+    resolver = Resolver(servers=[("192.0.2.1", 53), ("192.0.2.2", 53)], reactor=reactor)
+    failed = []
+    resolver.queryUDP([dns.Query("_dmarc.slow.example", dns.TXT)], timeout=(1, 3)) \
+        .addErrback(failed.append)
+    tries = []
+    for seconds in (1, 1, 3, 3):
+        protocol = reactor.udp[-1]
+        assert len(reactor.udp) == len(tries) + 1
+        assert not protocol.transport.stopped
+        data, addr = protocol.transport.written[0]
+        message = dns.Message()
+        message.fromStr(data)
+        tries.append((addr, message.id))
+        reactor.advance(seconds)
+        assert protocol.transport.stopped
+    assert [addr for addr, _ in tries] == [("192.0.2.1", 53), ("192.0.2.2", 53)] * 2
+    assert len({id for _, id in tries}) == 1
+    assert len({protocol.transport.port for protocol in reactor.udp}) > 1
+    assert len(failed) == 1 and failed[0].check(defer.TimeoutError)
+
+
+def test_a_busy_port_is_tried_again_and_no_descriptor_left_is_a_failed_lookup():
+    """A random port that cannot be bound (in use, privileged) is replaced by another; no
+    descriptor left (EMFILE) fails the lookup at once: the temporary failure, counted
+    as the resolver's failure, not a name that is no DNS name."""
+    import errno
+
+    from twisted.internet.error import CannotListenError
+
+    reactor = UDPReactor()
+    lookup = daemon_lookup(reactor)
+    reactor.refuse = [CannotListenError("", 80, OSError(errno.EACCES, "denied")),
+                      CannotListenError("", 5353, OSError(errno.EADDRINUSE, "in use"))]
+    lookup.lookup(["_dmarc.busy.example"])
+    assert len(reactor.udp) == 1 and reactor.refuse == []
+
+    reactor.refuse = [CannotListenError("", 4000, OSError(errno.EMFILE, "too many"))]
+    fired = []
+    lookup.lookup(["_dmarc.full.example"]).addCallback(fired.append)
+    assert fired == [None]
+    answer = lookup.known("_dmarc.full.example")
+    assert (answer.status, answer.detail) == ("failed", "CannotListenError")
+    assert lookup.counts["failures"] == 1
 
 
 def test_resolv_conf_and_config(tmp_path):
