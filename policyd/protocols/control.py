@@ -63,8 +63,9 @@ FIELD_LIMITS = {"recipient": 4096, "envelope_sender": 4096,
 MAX_MESSAGE_ID = 998
 MESSAGE_ID_KEPT = 255
 #: The longest line read: a query with every field at its limit still fits when
-#: ``policyctl`` (ASCII JSON) writes each character as ``\uXXXX``.
-MAX_LINE = 640 << 10
+#: ``policyctl`` (ASCII JSON) writes each character outside the BMP as two ``\uXXXX``
+#: escapes (12 bytes a character).
+MAX_LINE = 1280 << 10
 #: The control socket's connections, and how long one may sit without a request.  They
 #: live in the descriptors the MTA listeners leave free (``RESERVED_DESCRIPTORS``), so a
 #: client of the socket (its group, with ``control_socket_mode = 0660``) holding

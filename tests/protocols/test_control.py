@@ -481,18 +481,20 @@ def test_a_query_field_longer_than_the_mtas_send_is_refused_naming_it(key, limit
 
 
 def test_the_longest_query_fits_in_a_line_however_policyctl_escapes_it():
-    """Every field at its limit, every character one JSON writes as ``\\uXXXX`` (as
-    ``policyctl`` writes, ASCII JSON): the line is within ``MAX_LINE``, and answered."""
+    """Every field at its limit, every character one JSON writes as two ``\\uXXXX``
+    escapes (outside the BMP, as ``policyctl`` writes, ASCII JSON): the line is within
+    ``MAX_LINE``, and answered."""
     from policyd.protocols.control import MAX_LINE, MAX_MESSAGE_ID
 
-    message = {"op": "query", **{key: "\u00e9" * limit for key, limit in LIMITS.items()},
-               "message_id": "\u00e9" * MAX_MESSAGE_ID}
+    wide = "\N{GRINNING FACE}"
+    message = {"op": "query", **{key: wide * limit for key, limit in LIMITS.items()},
+               "message_id": wide * MAX_MESSAGE_ID}
     line = json.dumps(message).encode()
     assert len(line) <= MAX_LINE
     proto, transport, service, _ = connect()
     proto.dataReceived(line + b"\n")
     assert lines(transport)[0]["ok"] is True
-    assert service.queries[0].envelope_sender == "\u00e9" * LIMITS["envelope_sender"]
+    assert service.queries[0].envelope_sender == wide * LIMITS["envelope_sender"]
 
 
 def test_one_turn_answers_a_bounded_number_of_bytes():
