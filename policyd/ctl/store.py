@@ -27,16 +27,19 @@ def register_import(commands) -> None:
         help="import or update Mailman 2.1 lists (lists/NAME/config.pck) into the store",
         description="Import or update Mailman 2.1 lists into the native store, in Mailman "
                     "2 mode.  PATH is Mailman 2's prefix (e.g. /var/lib/mailman), its "
-                    "lists directory, or one list's directory.  Run it again (or use "
+                    "lists directory, or one list's directory.  Given a prefix or lists "
+                    "directory, it also removes the lists it imported from there whose "
+                    "directory is gone (rmlist); nothing when the lists directory cannot "
+                    "be read or has no list.  Run it again (or use "
                     "--watch, or cron: " + CRON_LINE + ") to keep the store current.")
     p.add_argument("path", metavar="PATH")
     p.add_argument("--watch", type=seconds, metavar="SECONDS",
-                   help="keep running: re-import whenever a config.pck changes, polling "
-                        "every SECONDS")
+                   help="keep running: re-import whenever a config.pck changes or a "
+                        "list directory goes, polling every SECONDS")
     p.add_argument("--quiet", action="store_true",
                    help="print only changes and errors: nothing for a list that did not "
-                        "change, and a list's warnings only when it changed (so a cron "
-                        "job mails only news)")
+                        "change, a list's warnings only when it changed, and no notes "
+                        "about lists left alone (so a cron job mails only news)")
     p.set_defaults(handler=cmd_import_mailman2)
 
 
@@ -103,6 +106,10 @@ def cmd_import_mailman2(ctx: Context) -> int:
                 ctx.print(report.line())
         for failure in result.failures:
             ctx.warn(f"not imported: {failure}")
+        # The same every run, and nothing to do for the import: news only without --quiet.
+        if not quiet:
+            for note in result.notes:
+                ctx.print(note)
         failures_seen[:] = result.failures
 
     if ctx.args.watch:

@@ -48,7 +48,13 @@ group past the start is moved to the front.  A list whose ``config.pck`` (and
 temporary failure until an import reads it.
 
 Running it again updates: members that left are removed, changed actions and settings
-are updated, the pattern lists are replaced when they differ.  A list whose Mailman 2
+are updated, the pattern lists are replaced when they differ.  Each list records the
+``lists`` directory it came from (``lists.mailman2_root``); an import of a whole ``lists``
+directory removes the lists recorded there whose directory is gone (``bin/rmlist``), else
+the daemon would go on answering for a list Mailman 2 no longer has (``reconcile``).  It
+removes nothing when it cannot tell that a directory is gone: an unreadable or empty
+``lists`` directory fails the whole import, a directory it cannot ``stat`` or one left
+without ``config.pck`` keeps its list and is reported.  A list whose Mailman 2
 data did not change is not written at all (no change-generation bump, so the daemon does
 not rebuild for nothing).  Not imported, because Mailman 2 does not use them for posting
 decisions or policyd has no equivalent: ``ban_list`` (subscription bans only),
@@ -60,21 +66,23 @@ the store has it (with a warning).
 
 from __future__ import annotations
 
+import os
 import re
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Iterable
 
-from sqlalchemy import delete, insert, select, update
+from sqlalchemy import delete, func, insert, select, update
 
 from ..core.addresses import normalise
 from ..errors import BadInput, PolicydError
 from ..core.verdict import Action, Mode
 from .safe_pickle import UnsafePickleError, loads_mailman2
 
-__all__ = ["import_path", "find_lists", "read_list", "Mailman2List", "ImportFailed",
-           "watch", "mark_broken", "py2_regex", "Py2RegexError"]
+__all__ = ["import_path", "find_lists", "lists_dir", "read_list", "Mailman2List",
+           "ImportFailed", "watch", "mark_broken", "reconcile", "py2_regex",
+           "Py2RegexError"]
 
 MODERATE = 128  # Mailman/Defaults.py: Moderate = 128
 MEMBER_ACTIONS = {0: Action.HOLD, 1: Action.REJECT, 2: Action.DISCARD}
@@ -284,26 +292,55 @@ class Mailman2List:
     warnings: list[str] = field(default_factory=list)
     # Native content settings (``queries.CONTENT_SETTINGS`` keys) taken from config.pck.
     content: dict = field(default_factory=dict)
+    # The ``lists`` directory it was read from, absolute (``lists.mailman2_root``).
+    root: str | None = None
 
     @property
     def posting_address(self) -> str:
         return f"{self.name}@{self.host_name}"
 
 
-def find_lists(path: Path) -> list[Path]:
-    """The list directories under ``path``: a Mailman prefix (``lists/`` inside), a
-    ``lists`` directory, or one list directory."""
+def lists_dir(path: Path) -> Path | None:
+    """The ``lists`` directory ``path`` names (a Mailman prefix or ``lists`` itself), or
+    ``None`` when ``path`` is one list's directory."""
     path = Path(path)
     if not path.is_dir():
         raise BadInput(f"{path}: not a directory")
     if any((path / name).exists() for name in PICKLES):
-        return [path]
-    base = path / "lists" if (path / "lists").is_dir() else path
-    found = sorted(p for p in base.iterdir()
-                   if p.is_dir() and any((p / name).exists() for name in PICKLES))
+        return None
+    return path / "lists" if (path / "lists").is_dir() else path
+
+
+def _entries(base: Path) -> list[Path]:
+    try:
+        return sorted(base.iterdir())
+    except OSError as error:
+        # A lists directory that cannot be listed must not look like an empty one.
+        raise BadInput(f"{base}: cannot list: {error.strerror}") from None
+
+
+def _scan(path: Path) -> tuple[list[Path], dict[str, str]]:
+    """(the list directories under ``path``, {name: error} of the directories whose
+    pickles could not even be looked for: no search permission, an I/O error)."""
+    base = lists_dir(path)
+    if base is None:
+        return [Path(path)], {}
+    found, unsure = [], {}
+    for entry in _entries(base):
+        try:
+            if entry.is_dir() and any((entry / name).exists() for name in PICKLES):
+                found.append(entry)
+        except OSError as error:
+            unsure[entry.name.lower()] = f"{entry}: cannot look in it: {error.strerror}"
     if not found:
         raise BadInput(f"{path}: no Mailman 2 list (no */config.pck) found")
-    return found
+    return found, unsure
+
+
+def find_lists(path: Path) -> list[Path]:
+    """The list directories under ``path``: a Mailman prefix (``lists/`` inside), a
+    ``lists`` directory, or one list directory."""
+    return _scan(path)[0]
 
 
 def load_config(directory: Path) -> tuple[dict, Path, list[str]]:
@@ -382,7 +419,7 @@ def read_list(directory: Path) -> Mailman2List:
         members=members, emergency=bool(_int(config.get("emergency"), 0)),
         default_nonmember_action=NONMEMBER_ACTIONS[nonmember_code], patterns=patterns,
         rejection_notice=notice, warnings=warnings,
-        content=_content(config, name, warnings))
+        content=_content(config, name, warnings), root=str(directory.parent.resolve()))
 
 
 def _content(config: dict, name: str, warnings: list[str]) -> dict:
@@ -576,15 +613,23 @@ class ListReport:
     warnings: list[str] = field(default_factory=list)
     # The list was marked broken (its config.pck could not be read) and is read again.
     recovered: bool = False
+    # The ``lists`` directory it is now recorded as imported from, when that changed.
+    root: str | None = None
+    # The list was removed from the store: its directory is gone (``reconcile``).
+    deleted: bool = False
 
     @property
     def unchanged(self) -> bool:
         return not (self.created or self.added or self.removed or self.changed
-                    or self.settings or self.patterns or self.recovered)
+                    or self.settings or self.patterns or self.recovered or self.root
+                    or self.deleted)
 
     def line(self) -> str:
         if self.unchanged:
             return f"{self.address}: unchanged ({self.source})"
+        if self.deleted:
+            return (f"{self.address}: removed, with its {self.removed} members: "
+                    f"{self.source} is gone (rmlist)")
         parts = ["created"] if self.created else []
         if self.recovered:
             parts.append("read again, no longer a temporary failure")
@@ -598,6 +643,8 @@ class ListReport:
             parts.append("settings: " + ", ".join(self.settings))
         if self.patterns and not self.created:
             parts.append("nonmember patterns replaced")
+        if self.root and not self.created:
+            parts.append(f"now recorded as from {self.root}")
         return f"{self.address}: {', '.join(parts)} ({self.source})"
 
 
@@ -669,6 +716,11 @@ def _sync_list(session, mm2: Mailman2List, at_lists: dict[str, str]) -> ListRepo
         if row.broken is not None:
             row.broken = None
             report.recovered = True
+        if row.mailman2_root is not None and row.mailman2_root != mm2.root:
+            report.warnings.append(
+                f"{mm2.name}: {mm2.posting_address} was imported from "
+                f"{row.mailman2_root}; now from {mm2.root} (two Mailman 2 installations "
+                "with the same list?): an import of the first no longer removes it")
         report.settings = [key for key in settings if getattr(row, key) != settings[key]]
         changed = [key for key, value in mm2.content.items()
                    if getattr(row, key) != q._content_value(key, value)]
@@ -678,6 +730,9 @@ def _sync_list(session, mm2: Mailman2List, at_lists: dict[str, str]) -> ListRepo
                           else (settings[key] or "") for key in report.settings},
                        **{key: mm2.content[key] for key in changed})
         report.settings += changed
+    if row.mailman2_root != mm2.root:
+        row.mailman2_root = mm2.root
+        report.root = None if report.created else mm2.root
 
     # The stand-ins made at other hosts while config.pck could not be read (``mark_broken``):
     # broken, no members; the list lives at its real address now.
@@ -779,15 +834,20 @@ def import_lists(store, lists: Iterable[Mailman2List]) -> ImportResult:
 class ImportResult:
     reports: list[ListReport]
     failures: list[str]
+    # What the import left alone and the administrator may want to act on (not a failure).
+    notes: list[str] = field(default_factory=list)
 
 
-def mark_broken(store, name: str, reason: str, hosts: Iterable[str]) -> list[str]:
+def mark_broken(store, name: str, reason: str, hosts: Iterable[str],
+                root: str | None = None) -> list[str]:
     """Fail closed for the Mailman 2 list ``name`` whose config.pck cannot be read: set
     ``broken`` on its rows (the ``broken-list`` rule answers its posts with a temporary
     failure, never from rows that may be stale).  A list not in the store yet (its
     host is in the unreadable pickle) gets a stand-in, no members, at each of ``hosts``
     and each host of the store's Mailman 2 lists, where no list has that address: a post
-    to it is retried, not refused as "no such list".  Returns the addresses marked."""
+    to it is retried, not refused as "no such list"; a stand-in records ``root`` (its
+    ``lists`` directory), so that it goes with an ``rmlist``.  Returns the addresses
+    marked."""
     from . import queries as q
     from .models import Domain, MailingList
 
@@ -809,6 +869,7 @@ def mark_broken(store, name: str, reason: str, hosts: Iterable[str]) -> list[str
                                             create_domain=host in hosts)
                     except PolicydError:
                         continue  # taken by another list, or not a usable address
+                    row.mailman2_root = root
                     rows.append(row)
             changed = False
             for row in rows:
@@ -823,22 +884,112 @@ def mark_broken(store, name: str, reason: str, hosts: Iterable[str]) -> list[str
     return marked
 
 
+def reconcile(store, root: Path, found: Iterable[str]) -> ImportResult:
+    """Remove the ``mailman2``-mode lists recorded as imported from the ``lists``
+    directory ``root`` whose ``NAME`` directory is gone (Mailman 2's ``rmlist``);
+    ``found`` are the names of the list directories the import found there.  Only a
+    directory that ``stat`` says does not exist counts as gone: one that cannot be
+    checked, or that is there without ``config.pck`` (``rmlist`` under way, a restore
+    half done), keeps its list, reported as a failure, so that the next run (``--watch``:
+    the next interval) decides again.  Mailman 2-mode lists with no recorded directory
+    (imported before policyd recorded it, or made with ``policyctl list add``) and
+    without a directory under ``root`` are left alone, with a note.  Each removal is its
+    own transaction, made only if the row is still the one read."""
+    from . import queries as q
+    from .models import MailingList, Membership
+
+    root = Path(root)
+    where = str(root.resolve())
+    found = set(found)
+    result = ImportResult([], [])
+    with store.read() as session:
+        rows = session.execute(
+            select(MailingList.id, MailingList.list_name, MailingList.posting_address,
+                   MailingList.mailman2_root)
+            .where(MailingList.mode == Mode.MAILMAN2,
+                   (MailingList.mailman2_root == where)
+                   | MailingList.mailman2_root.is_(None))
+            .order_by(MailingList.posting_address)).all()
+    for id_, name, address, recorded in rows:
+        if name in found:
+            continue
+        directory = root / name
+        try:
+            os.lstat(directory)
+        except FileNotFoundError:
+            gone = True
+        except OSError as error:
+            result.failures.append(f"{name}: cannot check {directory}: {error.strerror}; "
+                                   f"{address} kept as it was")
+            continue
+        else:
+            gone = False
+        if recorded is None:
+            if gone:
+                result.notes.append(
+                    f"{address}: a mailman2-mode list with no recorded Mailman 2 "
+                    f"directory (imported before policyd recorded it, or made with "
+                    f"policyctl list add) and none in {where}: left as it is; if Mailman "
+                    f"2 no longer has it: policyctl list remove {address}")
+            continue
+        if not gone:
+            result.failures.append(f"{name}: {directory} has no config.pck or "
+                                   f"config.pck.last; {address} kept as it was")
+            continue
+        report = ListReport(address, str(directory), deleted=True)
+        try:
+            with store.write() as session:
+                row = session.scalar(select(MailingList).where(
+                    MailingList.id == id_, MailingList.mode == Mode.MAILMAN2,
+                    MailingList.mailman2_root == where))
+                if row is None:
+                    raise _Unchanged()  # changed meanwhile (policyctl list set --mode)
+                report.removed = session.scalar(
+                    select(func.count()).select_from(Membership)
+                    .where(Membership.list_id == id_))
+                q.remove_list(session, address)
+        except _Unchanged:
+            continue
+        except PolicydError as error:
+            result.failures.append(f"{name}: {directory} is gone, but {address} could "
+                                   f"not be removed: {error}")
+            continue
+        result.reports.append(report)
+    return result
+
+
 def import_path(store, path: Path) -> ImportResult:
     """Import every list under ``path``.  A list that cannot be read or written is
     reported and the others are still imported; one that cannot be read is marked
-    broken (``mark_broken``) until an import reads it."""
+    broken (``mark_broken``) until an import reads it.  When ``path`` is a whole
+    ``lists`` directory (or the prefix holding it), the lists imported from there before
+    whose directory is gone are removed (``reconcile``)."""
+    from .models import MailingList
+
+    path = Path(path)
     lists, failures, unreadable = [], [], []
-    for directory in find_lists(Path(path)):
+    directories, unsure = _scan(path)
+    base = lists_dir(path)
+    root = str(directories[0].parent.resolve())
+    for directory in directories:
         try:
             lists.append(read_list(directory))
         except BadInput as error:
             unreadable.append((directory.name.lower(), str(error)))
+    if unsure:
+        # A known list whose directory cannot be searched fails closed, as one whose
+        # config.pck cannot be read; another such directory (lost+found) is not a list.
+        with store.read() as session:
+            known = set(session.scalars(select(MailingList.list_name).where(
+                MailingList.mode == Mode.MAILMAN2,
+                MailingList.list_name.in_(list(unsure)))))
+        unreadable += [(name, error) for name, error in unsure.items() if name in known]
     # The stand-ins first, so that an ``@name`` entry of another list meets the same
     # lists on this run as on the next.
     hosts = {mm2.host_name for mm2 in lists}
     for name, error in unreadable:
         try:
-            marked = mark_broken(store, name, f"Mailman 2 import: {error}", hosts)
+            marked = mark_broken(store, name, f"Mailman 2 import: {error}", hosts, root)
         except PolicydError as store_error:
             failures.append(f"{name}: {error}; and it could not be marked broken: "
                             f"{store_error}")
@@ -849,8 +1000,14 @@ def import_path(store, path: Path) -> ImportResult:
         else:
             failures.append(f"{name}: {error}; not in the store and its host is unknown: "
                             "not served")
+    # Before the import, so that an ``@name`` entry naming a removed list is skipped,
+    # as Mailman 2 skips it.
+    removed = (reconcile(store, base, [d.name.lower() for d in directories] + list(unsure))
+               if base is not None else ImportResult([], []))
     result = import_lists(store, lists) if lists else ImportResult([], [])
-    result.failures[:0] = failures
+    result.reports[:0] = removed.reports
+    result.failures[:0] = failures + removed.failures
+    result.notes[:0] = removed.notes
     return result
 
 
@@ -876,13 +1033,15 @@ def _fingerprint(path: Path) -> tuple:
 def watch(store, path: Path, interval: float, report: Callable[[ImportResult], None],
           *, sleep: Callable[[float], None] = time.sleep,
           rounds: int | None = None) -> None:
-    """Import now, then again whenever a list's config.pck changes (polled every
-    ``interval`` seconds), and every interval while an import failed (a list that
-    could not be read is retried until it is).  A failure is reported once, when it
-    starts (or its message changes), not every interval; a retry that changes nothing
-    reports nothing.  ``rounds`` bounds the loop (tests)."""
+    """Import now, then again whenever a list's config.pck changes or a list directory
+    comes or goes (polled every ``interval`` seconds), and every interval while an
+    import failed (a list that could not be read is retried until it is).  A failure
+    (or a note) is reported once, when it starts (or its message changes), not every
+    interval; a retry that changes nothing reports nothing.  ``rounds`` bounds the loop
+    (tests)."""
     seen = None
     failing: set[str] = set()  # the failures already reported, still going on
+    noted: set[str] = set()  # the same, for notes
     count = 0
     while rounds is None or count < rounds:
         count += 1
@@ -899,8 +1058,10 @@ def watch(store, path: Path, interval: float, report: Callable[[ImportResult], N
         if result is not None:
             new = [failure for failure in result.failures if failure not in failing]
             failing = set(result.failures)
+            notes = [note for note in result.notes if note not in noted]
+            noted = set(result.notes)
             reports = [r for r in result.reports if not (retry and r.unchanged)]
-            if not retry or reports or new:
-                report(ImportResult(reports, new))
+            if not retry or reports or new or notes:
+                report(ImportResult(reports, new, notes))
         if rounds is None or count < rounds:
             sleep(interval)

@@ -216,6 +216,10 @@ class MailingList(Base):
     # whose config.pck could not be read.  Set, the list's posts get a temporary failure
     # (``ListSpec.broken``, the ``broken-list`` rule); NULL for a list that is fine.
     broken: Mapped[str | None] = mapped_column(Text, nullable=True)
+    # The Mailman 2 ``lists`` directory (absolute) a ``mailman2``-mode list was imported
+    # from (migration 0009): an import of that directory removes the list once its
+    # directory is gone (``rmlist``).  NULL: not imported, or before 0009.
+    mailman2_root: Mapped[str | None] = mapped_column(Text, nullable=True)
 
 
 class User(Base):
