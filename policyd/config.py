@@ -48,6 +48,9 @@ class StoreConfig:
     timeouts: StoreTimeouts = StoreTimeouts()
     # A refresh still running after this many seconds makes ``status`` unhealthy.
     refresh_timeout: float = 30.0
+    # Seconds without the store confirming the snapshot as its current state after which
+    # every query gets the temporary failure (``SnapshotService.stale_reason``); 0: never.
+    max_stale: float = 900.0
     # Mailman 3 backend: a verification build (full, compared with the incremental
     # result) every this many seconds; 0 disables it.
     verify_interval: float = 600.0
@@ -362,6 +365,7 @@ SCHEMA: Mapping[str, Mapping[str, tuple[Callable[[str], object], str]]] = {
         "statement_timeout": (_positive_float, "60"),
         "lock_timeout": (_positive_float, "10"),
         "refresh_timeout": (_positive_float, "30"),
+        "max_stale": (_seconds_or_zero, "900"),
         "verify_interval": (_seconds_or_zero, "600"),
         "listen_notify": (_switch, "on"),
         "watch_interval": (_seconds_or_zero, "0.25"),
@@ -515,6 +519,15 @@ def parse(text: str, source: str = "<config>", base: Path | None = None) -> Conf
         raise ConfigError(f"{source}: [store] watch_interval = {s['watch_interval']:g} is "
                           f"not valid (allowed: 0 to disable, or at least "
                           f"{MIN_WATCH_INTERVAL:g} s)")
+    # A store that answers every refresh within refresh_timeout confirms the snapshot
+    # at most two refreshes and the interval between them apart: max_stale must not trip
+    # on that.
+    slowest = s["refresh_interval"] + 2 * s["refresh_timeout"]
+    if 0 < s["max_stale"] <= slowest:
+        raise ConfigError(f"{source}: [store] max_stale = {s['max_stale']:g} is not valid "
+                          f"(allowed: 0 to disable, or more than refresh_interval + 2 x "
+                          f"refresh_timeout = {slowest:g} s, so that a store answering "
+                          "in time never trips it)")
     m = values["moderation"]
     if m["min_delay"] >= m["max_age"]:
         raise ConfigError(f"{source}: [moderation] min_delay = {m['min_delay']:g} is not "
@@ -529,6 +542,7 @@ def parse(text: str, source: str = "<config>", base: Path | None = None) -> Conf
                                    statement=s["statement_timeout"],
                                    lock=s["lock_timeout"]),
             refresh_timeout=s["refresh_timeout"],
+            max_stale=s["max_stale"],
             verify_interval=s["verify_interval"],
             listen_notify=s["listen_notify"],
             watch_interval=s["watch_interval"],

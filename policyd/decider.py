@@ -2,7 +2,8 @@
 
 What every protocol calls: the current snapshot + ``chain.decide`` + the configured
 ``ReplyPolicy``, with the error policy (no snapshot yet, an empty snapshot, or any
-exception inside the decision give the configured 4xx, never a 5xx) and the verdict
+exception inside the decision give the configured 4xx, never a 5xx; so does a snapshot
+the store has not confirmed for ``[store] max_stale`` seconds) and the verdict
 counters ``policyctl status`` and the metrics show.  It renders nothing and logs only its
 own trouble: each protocol turns the ``Answer`` into its wire text and writes its
 decision line.
@@ -68,6 +69,9 @@ class Decider:
                  run_in_thread: Callable[..., Deferred] | None = None,
                  clock=None) -> None:
         self.snapshots = snapshots
+        # Why the snapshot may no longer be the store's state (``SnapshotService``'s
+        # ``[store] max_stale``), read for every query; a fixed snapshot has none.
+        self._stale_reason = getattr(snapshots, "stale_reason", None)
         self.policy = policy
         # Where a moderator password is verified (a fifth of a second of CPU): with
         # ``run_in_thread`` (the daemon), never in ``decide``; without (policyctl), inline.
@@ -127,6 +131,12 @@ class Decider:
         if snapshot is None:
             return self.trouble(protocol, "unavailable", self.snapshots.unavailable_reason,
                                 started)
+        if self._stale_reason is not None:
+            # Not confirmed for too long (a failing or stuck store): doubt, answered as
+            # if there were no snapshot, never from what may be gone from the store.
+            stale = self._stale_reason()
+            if stale is not None:
+                return self.trouble(protocol, "unavailable", stale, started)
         if self.fail_closed and not snapshot.lists and (
                 names_a_list or not snapshot.domains
                 or snapshot.resolve(query.recipient).managed_domain):

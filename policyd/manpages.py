@@ -51,7 +51,13 @@ KEY_HELP: dict[str, dict[str, str]] = {
                         "innodb_lock_wait_timeout, SQLite's busy timeout).",
         "refresh_timeout": "A refresh still running after this many seconds is logged once "
                            "and makes policyctl status report the store unhealthy; the last "
-                           "good snapshot keeps serving.",
+                           "good snapshot keeps serving (up to max_stale).",
+        "max_stale": "Seconds the snapshot may go without the store confirming it as its "
+                     "current state (a refresh that succeeded); past it every query gets "
+                     "the temporary [smtp] error reply until a refresh succeeds, and "
+                     "policyctl status reports the store unhealthy. More than "
+                     "refresh_interval + 2 x refresh_timeout; 0: never (the last good "
+                     "snapshot serves for as long as the store fails).",
         "verify_interval": "mailman3 backend: every this many seconds a full build is "
                            "compared with the incrementally maintained snapshot; 0 disables "
                            "the check.",

@@ -112,7 +112,15 @@ class PolicydCollector:
         age = snapshots.age()
         if age is not None:
             yield _gauge("policyd_snapshot_age_seconds",
-                         "Seconds since the snapshot being served was loaded.", age)
+                         "Seconds since the snapshot being served was loaded (an "
+                         "unchanged store keeps it: see "
+                         "policyd_snapshot_confirmed_age_seconds).", age)
+        confirmed = snapshots.confirmed_age()
+        if confirmed is not None:
+            yield _gauge("policyd_snapshot_confirmed_age_seconds",
+                         "Seconds since the store last confirmed the snapshot being served "
+                         "as its current state (a refresh that succeeded); past [store] "
+                         "max_stale every query gets the temporary failure.", confirmed)
         if snapshots.last_load_seconds is not None:
             yield _gauge("policyd_snapshot_build_duration_seconds",
                          "How long the last refresh that loaded a snapshot took.",
@@ -136,10 +144,11 @@ class PolicydCollector:
                      1 if snapshots.unhealthy_reason() is None else 0)
         failing_since = snapshots.trouble_since()
         yield _gauge("policyd_store_failing_seconds",
-                     "Seconds since the current store failure began (a failed refresh, or "
-                     "one running past refresh_timeout; 0 when healthy).",
+                     "Seconds since the current store failure began (a failed refresh, "
+                     "one running past refresh_timeout, or the snapshot stale past "
+                     "max_stale; 0 when healthy).",
                      0.0 if failing_since is None
-                     else max(0.0, snapshots.clock.seconds() - failing_since))
+                     else max(0.0, snapshots.monotonic() - failing_since))
         listen = snapshots.listen_status()
         if listen["enabled"]:
             # What ``policyctl status`` shows as ``store: listen``: lost notifications

@@ -140,7 +140,8 @@ class PolicyService(MultiService):
         self.snapshots = SnapshotService(
             backend, interval=config.store.refresh_interval, clock=reactor,
             run_in_thread=self.store_thread.run,
-            refresh_timeout=config.store.refresh_timeout)
+            refresh_timeout=config.store.refresh_timeout,
+            max_stale=config.store.max_stale)
         # Instant propagation where the store notifies (PostgreSQL): a thread LISTENs and
         # wakes the snapshot service (``policyd.change_listener``).
         self.change_listener = None
@@ -366,7 +367,8 @@ class PolicyService(MultiService):
                        message_id: str | None = None) -> dict:
         p = self.config.postfix
         result = query_result(self.decider, query, postfix_mode=p.mode,
-                              accept_action=p.accept_action, now=self.reactor.seconds(),
+                              accept_action=p.accept_action,
+                              now=self.snapshots.monotonic(),
                               loaded_at=self.snapshots.loaded_at,
                               moderation=self.moderation, client=client,
                               message_id=message_id)

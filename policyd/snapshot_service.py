@@ -8,11 +8,12 @@ query sees the old or the new snapshot, never half of one).
 
 Failure policy:
 * the timer body catches and logs every error (an uncaught one would stop the timer);
-* a failed refresh keeps the last good snapshot serving; the failure is logged once per
-  incident (and once per new kind of error in it, the rest summed up every
-  ``SUMMARY_INTERVAL`` seconds), and once more when it ends: after ``quiet_interval``
-  seconds without a failure, so a store failing now and then is one incident, and
-  ``status()`` stays unhealthy meanwhile instead of flipping at every refresh;
+* a failed refresh keeps the last good snapshot serving (up to ``max_stale``, below);
+  the failure is logged once per incident (and once per new kind of error in it, the
+  rest summed up every ``SUMMARY_INTERVAL`` seconds), and once more when it ends: after
+  ``quiet_interval`` seconds without a failure, so a store failing now and then is one
+  incident, and ``status()`` stays unhealthy meanwhile instead of flipping at every
+  refresh;
 * a verification build (``load_verified``, Mailman 3) that fails does not stop the
   refresh: it loads what changed through the usual path, the failure is logged once
   until a verification build works again, and ``status()`` says since when it fails;
@@ -25,6 +26,18 @@ Failure policy:
   it ends; the last good snapshot keeps serving.  A reactor timer watches it (not the
   refresh timer: its ``LoopingCall`` does not tick again until the refresh it started
   has finished).
+
+Never stale, and never silently: ``confirmed_at`` is when the store last confirmed that
+``current`` is its current state (a refresh that read an unchanged change token, or loaded
+what changed).  It is the *start* of that refresh: the token is read after it, so the
+snapshot was the store's state at least then (a build that took a minute confirms the
+store as it was a minute ago, not as it is now).  When it is ``max_stale`` seconds old or
+more (the store failing, stuck, or the refresh loop stalled), ``stale_reason()`` says so:
+the decision service answers the temporary failure, as without a snapshot, ``status()``
+says unhealthy, and one line is logged when it begins and one when the next refresh that
+succeeds ends it.  Every interval here (ages, the notification gap, the watchdog) is
+measured on ``monotonic`` (``time.monotonic``): the reactor's ``seconds()`` is the wall
+clock, which an NTP step or a resumed VM moves backwards or forwards.
 
 Instant propagation: a store that can say it changed (PostgreSQL ``NOTIFY``, listened to
 by ``policyd.change_listener``) calls ``changed()`` on the reactor.  That refreshes at
@@ -40,6 +53,7 @@ from __future__ import annotations
 import queue
 import threading
 from contextlib import nullcontext
+from time import monotonic
 from typing import Any, Callable
 
 from twisted.application.internet import TimerService
@@ -124,9 +138,12 @@ class SnapshotService(Service):
 
     ``backend`` is a store ``Backend`` (``change_token``, ``load_snapshot``, ``check``,
     ``describe``, ``close``), only ever called through ``run_in_thread``.  ``clock`` is an
-    ``IReactorTime`` (a ``Clock`` in tests); ``run_in_thread(f, *args)`` returns a
-    Deferred (a thread pool in the daemon, a synchronous or hand-driven substitute in
-    tests).
+    ``IReactorTime`` (a ``Clock`` in tests) for the timers; ``monotonic`` the clock every
+    interval is measured on (``clock.seconds`` of the same ``Clock`` in tests);
+    ``run_in_thread(f, *args)`` returns a Deferred (a thread pool in the daemon, a
+    synchronous or hand-driven substitute in tests).  ``max_stale``: seconds without a
+    confirmation after which ``stale_reason()`` says the snapshot may be stale (``None``
+    or 0: never).
     """
 
     CLOSE_TIMEOUT = 2.0
@@ -143,8 +160,11 @@ class SnapshotService(Service):
     SUMMARY_INTERVAL = 300.0
 
     def __init__(self, backend, *, interval: float, clock, run_in_thread: RunInThread,
-                 describe_store: str = "", refresh_timeout: float | None = None) -> None:
+                 describe_store: str = "", refresh_timeout: float | None = None,
+                 max_stale: float | None = None,
+                 monotonic: Callable[[], float] = monotonic) -> None:
         self.backend = backend
+        self.monotonic = monotonic
         # What tells this service that the store changed (a ``ChangeListener``, only
         # read for ``status()``), else None: polling only.
         self.change_listener = None
@@ -152,6 +172,9 @@ class SnapshotService(Service):
         self.notifications = 0
         self.notified_refreshes = 0
         self._again = False
+        # A refresh succeeded but began too long ago to end a stale incident: check the
+        # token once more at once (``_confirmed``).
+        self._check_again = False
         self._wake = None
         self._last_start: float | None = None
         self.refresh_timeout = refresh_timeout
@@ -161,8 +184,17 @@ class SnapshotService(Service):
         self.clock = clock
         self.run_in_thread = run_in_thread
         self.current: Snapshot | None = None
+        # ``monotonic`` times: of the last load, of the last check that reached the store,
+        # and of the start of the last refresh that succeeded (``confirmed_at``, see the
+        # module docstring).
         self.loaded_at: float | None = None
         self.checked_at: float | None = None
+        self.confirmed_at: float | None = None
+        self.max_stale = max_stale or None
+        # When the current stale incident began (``confirmed_at + max_stale``), else None;
+        # and the reactor timer that notices it even when no query asks.
+        self.stale_since: float | None = None
+        self._stale_call = None
         self.store_description = describe_store
         self.last_error: str | None = None
         self.last_error_at: float | None = None
@@ -215,9 +247,35 @@ class SnapshotService(Service):
         return "no snapshot loaded yet: the store has not answered yet"
 
     def age(self) -> float | None:
+        """Seconds since the snapshot served was loaded (a quiet store keeps it for long:
+        ``confirmed_age`` is what says whether it is still the store's state)."""
         if self.loaded_at is None:
             return None
-        return max(0.0, self.clock.seconds() - self.loaded_at)
+        return max(0.0, self.monotonic() - self.loaded_at)
+
+    def confirmed_age(self) -> float | None:
+        """Seconds since the store last confirmed the snapshot served as its current
+        state (``confirmed_at``); ``None`` before the first snapshot."""
+        if self.confirmed_at is None:
+            return None
+        return max(0.0, self.monotonic() - self.confirmed_at)
+
+    def stale_reason(self) -> str | None:
+        """Why the snapshot served may no longer be the store's state: not confirmed for
+        ``max_stale`` seconds; else ``None`` (also before the first snapshot: then
+        ``current`` is ``None`` and ``unavailable_reason`` says why).  Read for every
+        query: one clock read while all is well."""
+        max_stale, confirmed = self.max_stale, self.confirmed_at
+        if max_stale is None or confirmed is None:
+            return None
+        age = self.monotonic() - confirmed
+        if age < max_stale:
+            return None
+        if self.stale_since is None:
+            self._stale_began(confirmed + max_stale)
+        return (f"the snapshot has not been confirmed as the store's current state for "
+                f"{age:.1f} s ([store] max_stale = {max_stale:g} s): "
+                f"{self._trouble_text()}")
 
     # --- service -----------------------------------------------------------------------
 
@@ -230,6 +288,7 @@ class SnapshotService(Service):
         # Do not wait for a refresh in progress: it may hang in a dead connection.
         self._timer.stopService()
         self._end_watch()
+        self._cancel_stale_watch()
         wake, self._wake = self._wake, None
         if wake is not None and wake.active():
             wake.cancel()
@@ -277,7 +336,7 @@ class SnapshotService(Service):
         if self._wake is not None:
             return  # one is scheduled
         wait = (0.0 if self._last_start is None
-                else self._last_start + self.NOTIFY_GAP - self.clock.seconds())
+                else self._last_start + self.NOTIFY_GAP - self.monotonic())
         if wait > 0:
             self._wake = self.clock.callLater(wait, self._notified_refresh)
         else:
@@ -294,7 +353,7 @@ class SnapshotService(Service):
     def refresh(self, force: bool) -> Deferred:
         if self._busy is not None:
             return succeed(None)
-        self._last_start = self.clock.seconds()
+        self._last_start = self.monotonic()
         self._start_watch()
         d = self.run_in_thread(self._work, force, self.current)
         self._busy = d
@@ -373,7 +432,7 @@ class SnapshotService(Service):
 
     def _done(self, result) -> bool:
         token, snapshot, description, how, verified = result
-        now = self.clock.seconds()
+        now = self.monotonic()
         divergence, self._divergence = self._divergence, []
         if divergence:
             log.warn("verification build: the incremental snapshot differed from the "
@@ -412,6 +471,7 @@ class SnapshotService(Service):
                 took = f", {self.last_load_seconds:.2f} s"
             log.info("snapshot {version} loaded ({how}{took}): {lists} lists, "
                      "{memberships} memberships{problems}", how=how, took=took, **fields)
+        self._confirmed(now if self.refresh_started is None else self.refresh_started)
         self.last_refresh_failed = False
         if self.failing_since is not None:
             self._succeeded_since_summary += 1
@@ -428,7 +488,7 @@ class SnapshotService(Service):
         return True
 
     def _failed(self, failure: Failure) -> bool:
-        now = self.clock.seconds()
+        now = self.monotonic()
         self.last_error = _describe_error(failure)
         self.last_error_at = now
         self.failures += 1
@@ -462,7 +522,7 @@ class SnapshotService(Service):
                            interval: float) -> None:
         """``Incidents``' summary: the refreshes that failed since the last line."""
         succeeded, self._succeeded_since_summary = self._succeeded_since_summary, 0
-        now = self.clock.seconds()
+        now = self.monotonic()
         if self.current is not None:
             serving = (f"serving the last good snapshot {self.current.version} (loaded "
                        f"{now - self.loaded_at:.1f} s ago)")
@@ -532,16 +592,82 @@ class SnapshotService(Service):
         else:
             for waiter in forced:
                 waiter.callback(False)
+            check_again, self._check_again = self._check_again, False
             if self._again:
                 # Notifications came while it ran: one more refresh for all of them.
                 self._again = False
                 self._refresh_soon()
+            elif check_again and self.running:
+                self.tick()
         return result
+
+    # --- staleness ----------------------------------------------------------------------
+
+    def _confirmed(self, at: float) -> None:
+        """A refresh started at ``at`` (``monotonic``) succeeded: the snapshot served was
+        the store's state then.  Ends a stale incident, unless even that is too old (a
+        refresh stuck for longer than ``max_stale`` before it ended: when it read the
+        token is unknown); then a check follows at once, and ends it."""
+        if self.confirmed_at is None or at > self.confirmed_at:
+            self.confirmed_at = at
+        if self.max_stale is None:
+            return
+        now = self.monotonic()
+        if now - self.confirmed_at >= self.max_stale:
+            self._check_again = True
+        elif self.stale_since is not None:
+            log.info("snapshot {version} confirmed as the store's current state again "
+                     "after {duration:.1f} s stale: queries are answered again",
+                     version=self.current.version if self.current else None,
+                     duration=now - self.stale_since)
+            self.stale_since = None
+        self._watch_stale(now)
+
+    def _watch_stale(self, now: float) -> None:
+        """A reactor timer for when the snapshot turns stale, so that the incident is
+        logged and shown even when no query reads ``stale_reason()``."""
+        self._cancel_stale_watch()
+        if self.max_stale is None or self.confirmed_at is None or not self.running:
+            return
+        wait = self.confirmed_at + self.max_stale - now
+        self._stale_call = self.clock.callLater(max(0.0, wait), self._stale_due)
+
+    def _stale_due(self) -> None:
+        self._stale_call = None
+        if self.stale_reason() is None:
+            # The reactor's timer ran early on ``monotonic``'s scale: look again then.
+            self._watch_stale(self.monotonic())
+
+    def _cancel_stale_watch(self) -> None:
+        call, self._stale_call = self._stale_call, None
+        if call is not None and call.active():
+            call.cancel()
+
+    def _stale_began(self, since: float) -> None:
+        self.stale_since = since
+        log.error("snapshot {version} has not been confirmed as the store's current state "
+                  "for {max_stale:g} s ([store] max_stale): every query gets the temporary "
+                  "failure until a store refresh succeeds (logged again when one does); "
+                  "{trouble}", version=self.current.version if self.current else None,
+                  max_stale=self.max_stale, trouble=self._trouble_text(),
+                  store=self.store_description)
+
+    def _trouble_text(self) -> str:
+        """What keeps the snapshot from being confirmed, for the stale reason."""
+        trouble = self._store_trouble()
+        if trouble is not None:
+            return trouble
+        running = self.refresh_running_for()
+        if running is not None:
+            return f"a store refresh has been running for {running:.1f} s"
+        # Nothing failed and nothing runs: the refresh timer itself does not fire.
+        return (f"no store refresh has run for {self.monotonic() - self.checked_at:.1f} s "
+                "(is the refresh timer stalled?)")
 
     # --- the refresh watchdog ---------------------------------------------------------
 
     def _start_watch(self) -> None:
-        self.refresh_started = self.clock.seconds()
+        self.refresh_started = self.monotonic()
         if self.refresh_timeout is not None:
             self._overdue_call = self.clock.callLater(self.refresh_timeout, self._overdue)
 
@@ -552,12 +678,12 @@ class SnapshotService(Service):
         elif call is not None and self.refresh_started is not None:
             # It was reported overdue: say that it ended.
             log.info("the overdue store refresh ended after {duration:.1f} s",
-                     duration=self.clock.seconds() - self.refresh_started)
+                     duration=self.monotonic() - self.refresh_started)
         self.refresh_started = None
 
     def _overdue(self) -> None:
         """Called once per refresh that outlives ``refresh_timeout``."""
-        running = self.clock.seconds() - (self.refresh_started or 0.0)
+        running = self.monotonic() - (self.refresh_started or 0.0)
         if self.current is not None:
             serving = f"serving the last good snapshot {self.current.version}"
         else:
@@ -570,13 +696,17 @@ class SnapshotService(Service):
     def refresh_running_for(self) -> float | None:
         if self._busy is None or self.refresh_started is None:
             return None
-        return max(0.0, self.clock.seconds() - self.refresh_started)
+        return max(0.0, self.monotonic() - self.refresh_started)
 
     def trouble_since(self) -> float | None:
-        """When the store's current trouble began (``clock`` time): its first failed
+        """When the store's current trouble began (``monotonic`` time): its first failed
         refresh, or the start of a refresh running past ``refresh_timeout`` (a frozen
-        store fails nothing, it just never answers); ``None`` while healthy."""
+        store fails nothing, it just never answers), or when the snapshot turned stale
+        (``max_stale``: a refresh loop that stopped fails nothing either); ``None`` while
+        healthy."""
         since = self.failing_since
+        if self.stale_reason() is not None and self.stale_since is not None:
+            since = self.stale_since if since is None else min(since, self.stale_since)
         running = self.refresh_running_for()
         if (running is not None and self.refresh_timeout is not None
                 and running >= self.refresh_timeout and self.refresh_started is not None):
@@ -585,7 +715,15 @@ class SnapshotService(Service):
         return since
 
     def unhealthy_reason(self) -> str | None:
-        """Why ``status()`` says the store is unhealthy, else ``None``."""
+        """Why ``status()`` says the store is unhealthy, else ``None``: first that the
+        snapshot is stale (queries get the temporary failure), with its cause."""
+        stale = self.stale_reason()
+        if stale is not None:
+            return stale
+        return self._store_trouble()
+
+    def _store_trouble(self) -> str | None:
+        """The store's failure or stuck refresh, else ``None``."""
         running = self.refresh_running_for()
         if (running is not None and self.refresh_timeout is not None
                 and running >= self.refresh_timeout):
@@ -594,7 +732,7 @@ class SnapshotService(Service):
         if self.failing_since is not None:
             if self.last_refresh_failed:
                 return f"the store is failing: {self.last_error}"
-            now = self.clock.seconds()
+            now = self.monotonic()
             plural = "" if self.failures == 1 else "es"
             return (f"the store failed {self.failures} refresh{plural} in the last "
                     f"{now - self.failing_since:.1f} s, the last one "
@@ -610,7 +748,7 @@ class SnapshotService(Service):
 
     def status(self) -> dict:
         snap = self.current
-        now = self.clock.seconds()
+        now = self.monotonic()
         unhealthy = self.unhealthy_reason()
         running = self.refresh_running_for()
         trouble_since = self.trouble_since()
@@ -618,6 +756,7 @@ class SnapshotService(Service):
             "snapshot": None if snap is None else {
                 "version": snap.version,
                 "age": round(self.age(), 3),
+                "confirmed_age": round(self.confirmed_age(), 3),
                 "built_at": snap.built_at,
                 "lists": len(snap.lists),
                 "memberships": snap.membership_count,
@@ -632,6 +771,7 @@ class SnapshotService(Service):
                 "unhealthy_reason": unhealthy,
                 "refresh_running_for": (None if running is None else round(running, 3)),
                 "refresh_timeout": self.refresh_timeout,
+                "max_stale": self.max_stale,
                 "last_check_age": (None if self.checked_at is None
                                    else round(now - self.checked_at, 3)),
                 "last_error": self.last_error,

@@ -169,3 +169,30 @@ def test_role_addresses_default_and_validation():
     for bad in ("abuse@example.com", "postmaster+x", '"post master"', "a..b"):
         with pytest.raises(ConfigError, match=r"x\.conf.*\[rules\] role_addresses"):
             parse(f"[rules]\nrole_addresses = postmaster, {bad}\n", "x.conf")
+
+
+def test_store_max_stale_defaults_fifteen_minutes_and_zero_disables():
+    """``[store] max_stale``: 900 s by default, 0 turns it off, another value is read."""
+    assert parse("").store.max_stale == 900.0
+    assert parse("[store]\nmax_stale = 0\n").store.max_stale == 0.0
+    assert parse("[store]\nmax_stale = 300\n").store.max_stale == 300.0
+
+
+@pytest.mark.parametrize("text, words", [
+    ("[store]\nmax_stale = soon\n", ["x.conf", "[store] max_stale", "0 to disable"]),
+    ("[store]\nmax_stale = -1\n", ["[store] max_stale", "0 to disable"]),
+    # Two refreshes within refresh_timeout and the interval between them: 62 s.
+    ("[store]\nmax_stale = 62\n", ["x.conf", "[store] max_stale = 62 is not valid",
+                                   "refresh_interval + 2 x refresh_timeout = 62 s"]),
+    ("[store]\nrefresh_timeout = 600\n", ["[store] max_stale = 900 is not valid",
+                                          "= 1202 s"]),
+])
+def test_store_max_stale_errors_name_the_key_and_what_is_allowed(text, words):
+    """A max_stale a healthy store's refreshes could reach (each within refresh_timeout)
+    would turn its answers into 4xx: refused at start-up, naming the bound."""
+    with pytest.raises(ConfigError) as info:
+        parse(text, "x.conf")
+    for word in words:
+        assert word in str(info.value)
+    assert parse("[store]\nmax_stale = 63\n").store.max_stale == 63.0
+    assert parse("[store]\nrefresh_timeout = 600\nmax_stale = 0\n").store.max_stale == 0

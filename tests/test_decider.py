@@ -271,3 +271,41 @@ def test_decision_errors_write_one_warning_per_incident_not_one_per_request():
         globalLogPublisher.removeObserver(observer)
     lines = out.getvalue().splitlines()
     assert len(lines) == 1 and "too deeply nested" in lines[0], lines
+
+
+def test_a_snapshot_stale_past_max_stale_gets_the_temporary_failure_until_a_check_works():
+    """A stuck store (a refresh hanging in it): the last good snapshot answers until
+    ``[store] max_stale`` seconds without a confirmation, then every query gets the
+    configured 4xx counted as ``unavailable``, as without a snapshot (Postfix's mail to
+    other domains too, as then); the first refresh that works answers from it again."""
+    from policyd.protocols.postfix import postfix_action
+    from policyd.snapshot_service import SnapshotService
+
+    from .protocols.fakes import FakeBackend, ManualThread
+
+    thread = ManualThread()
+    clock = Clock()
+    snapshots = SnapshotService(FakeBackend(), interval=2.0, clock=clock,
+                                run_in_thread=thread.run, refresh_timeout=30.0,
+                                max_stale=900.0, monotonic=clock.seconds)
+    snapshots.startService()
+    thread.step()
+    decider = Decider(snapshots, ReplyPolicy())
+    post, elsewhere = Query(LIST, "stranger@example.net"), Query("a@example.org", MEMBER)
+    clock.advance(2)  # this refresh hangs in the store
+    clock.advance(897)
+    assert decider.decide(post, "exim").decision.verdict.value == "reject"
+    assert postfix_action(*decider.decide(elsewhere, "postfix")[:2], "safe", "dunno") \
+        == "DUNNO"
+    clock.advance(1)
+    answer = decider.decide(post, "exim")
+    assert answer.decision is None and answer.reply.code == 451
+    assert answer.trouble == "unavailable"
+    assert "[store] max_stale = 900 s" in answer.reason
+    assert "a store refresh has been running for 898.0 s" in answer.reason
+    action = postfix_action(*decider.decide(elsewhere, "postfix")[:2], "safe", "dunno")
+    assert action == ReplyPolicy().error().line()
+    assert decider.counters()["by_protocol"] == {
+        "exim": {"reject": 1, "unavailable": 1}, "postfix": {"accept": 1, "unavailable": 1}}
+    thread.step()  # it ends, having begun 898 s ago: the snapshot is confirmed
+    assert decider.decide(post, "exim").decision.verdict.value == "reject"

@@ -158,6 +158,29 @@ def test_store_failure_shows_in_the_metrics(tmp_path):
         service.stopService()
 
 
+def test_confirmed_age_is_since_the_store_last_confirmed_the_snapshot(tmp_path):
+    """``policyd_snapshot_age_seconds`` counts from the load, so a quiet healthy store
+    looks old; ``policyd_snapshot_confirmed_age_seconds`` counts from the last refresh
+    that found the snapshot current, and only grows while the store cannot say so."""
+    service, reactor, backend = build(tmp_path, text=METRICS)
+    interval = service.config.store.refresh_interval
+    service.startService()
+    try:
+        for _ in range(10):
+            reactor.advance(interval)
+        reactor.advance(0.5)
+        samples = scrape(service)
+        assert value(samples, "policyd_snapshot_age_seconds") == 10 * interval + 0.5
+        assert value(samples, "policyd_snapshot_confirmed_age_seconds") == 0.5
+        backend.fail = ConnectionError("refused")
+        for _ in range(10):
+            reactor.advance(interval)
+        samples = scrape(service)
+        assert value(samples, "policyd_snapshot_confirmed_age_seconds") == 10 * interval + 0.5
+    finally:
+        service.stopService()
+
+
 class LostListener:
     """A store-notification listener whose connection has been lost for an hour."""
 
@@ -227,7 +250,7 @@ def test_alert_rules_use_only_metrics_the_endpoint_has(tmp_path):
     rules = (Path(__file__).resolve().parents[1] / "contrib" / "prometheus"
              / "policyd-alerts.yml").read_text()
     used = set(re.findall(r"\bpolicyd_[a-z_]+", rules))
-    assert {"policyd_store_healthy", "policyd_snapshot_age_seconds",
+    assert {"policyd_store_healthy", "policyd_snapshot_confirmed_age_seconds",
             "policyd_answers_total"} <= used
     service, reactor, backend = build(tmp_path, text=METRICS)
     service.startService()

@@ -21,7 +21,8 @@ from .protocols.fakes import FakeBackend, ManualThread, captured_events, run_now
 def make(backend=None, run=run_now, interval=2.0):
     clock = Clock()
     backend = backend or FakeBackend()
-    service = SnapshotService(backend, interval=interval, clock=clock, run_in_thread=run)
+    service = SnapshotService(backend, interval=interval, clock=clock, run_in_thread=run,
+                              monotonic=clock.seconds)
     return service, backend, clock
 
 
@@ -390,7 +391,7 @@ def test_a_refresh_past_refresh_timeout_is_logged_once_and_makes_status_unhealth
     clock = Clock()
     backend = FakeBackend()
     service = SnapshotService(backend, interval=2.0, clock=clock, run_in_thread=thread.run,
-                              refresh_timeout=30.0)
+                              refresh_timeout=30.0, monotonic=clock.seconds)
     service.startService()
     thread.step()
     first = service.current
@@ -703,3 +704,158 @@ def test_a_flapping_store_is_one_incident_until_it_has_been_quiet():
         assert len(recovered) == 1 and recovered[0]["failures"] == 900
         clock.advance(3600)  # no summary left behind after the end
     assert not [e for e in events[before:] if "still failing" in e["log_format"]]
+
+
+# --- staleness: confirmed age and [store] max_stale -------------------------------------
+
+
+def stale_lines(events):
+    return [e for e in events if "max_stale" in e.get("log_format", "")]
+
+
+def test_confirmed_age_counts_from_the_last_check_not_the_last_load():
+    """A quiet, healthy store keeps its snapshot for long: ``age`` (since the load) grows,
+    ``confirmed_age`` (since a refresh last found the token unchanged) stays within an
+    interval; a failing store stops confirming, its ``confirmed_age`` grows."""
+    service, backend, clock = make()
+    service.startService()
+    for _ in range(30):
+        clock.advance(2)
+    snapshot = service.status()["snapshot"]
+    assert snapshot["age"] == 60.0
+    assert snapshot["confirmed_age"] == 0.0
+    clock.advance(1.5)
+    assert service.status()["snapshot"]["confirmed_age"] == 1.5
+    backend.fail = ConnectionError("refused")
+    clock.advance(0.5)
+    for _ in range(5):
+        clock.advance(2)
+    assert service.status()["snapshot"]["confirmed_age"] == 12.0
+    assert service.status()["snapshot"]["age"] == 72.0
+
+
+def test_a_slow_build_confirms_the_store_as_it_was_when_the_build_began():
+    """A load that took 20 s confirms the store as of its start, not its end: the data
+    may have changed meanwhile."""
+    thread = ManualThread()
+    clock = Clock()
+    service = SnapshotService(FakeBackend(), interval=2.0, clock=clock,
+                              run_in_thread=thread.run, monotonic=clock.seconds)
+    service.startService()
+    clock.advance(20)
+    thread.step()
+    assert service.status()["snapshot"]["confirmed_age"] == 20.0
+    assert service.status()["snapshot"]["age"] == 0.0
+
+
+def test_a_stuck_store_past_max_stale_makes_the_snapshot_stale_until_a_check_works():
+    """A refresh that hangs: after ``max_stale`` seconds without a confirmation
+    ``stale_reason()`` says why (queries get the temporary failure), status is unhealthy
+    with that reason, one error line is logged, and no more while it lasts; when the
+    hung refresh ends, its token was read at an unknown time, so a check follows at
+    once, and that one ends the incident with one info line."""
+    thread = ManualThread()
+    clock = Clock()
+    service = SnapshotService(FakeBackend(), interval=2.0, clock=clock,
+                              run_in_thread=thread.run, refresh_timeout=30.0,
+                              max_stale=100.0, monotonic=clock.seconds)
+    service.startService()
+    thread.step()
+    with captured_events() as events:
+        clock.advance(2)  # this refresh hangs in the store
+        clock.advance(97)
+        assert service.stale_reason() is None
+        assert "refresh_timeout" in service.status()["store"]["unhealthy_reason"]
+        assert stale_lines(events) == []
+        clock.advance(1)  # 100 s since the last refresh that worked began
+        assert len(stale_lines(events)) == 1  # the reactor timer noticed: no query asked
+        assert stale_lines(events)[0]["log_level"] is LogLevel.error
+        reason = service.stale_reason()
+        assert "not been confirmed as the store's current state for 100.0 s" in reason
+        assert "[store] max_stale = 100 s" in reason
+        assert "a store refresh has been running for 98.0 s" in reason
+        status = service.status()["store"]
+        assert status["healthy"] is False and status["unhealthy_reason"] == reason
+        assert status["max_stale"] == 100.0
+        for _ in range(100):
+            clock.advance(2)
+            service.stale_reason()
+        assert len(stale_lines(events)) == 1
+        thread.step()  # the hung refresh ends: its token was read any time in 298 s
+        assert service.stale_reason() is not None
+        assert len(thread.jobs) == 1  # ... so the token is checked again at once
+        thread.step()
+    assert service.stale_reason() is None
+    assert service.status()["store"]["healthy"] is True
+    assert service.status()["snapshot"]["confirmed_age"] == 0.0
+    ended = [e for e in events if "again after" in e["log_format"]]
+    assert len(ended) == 1 and ended[0]["duration"] == 200.0
+    assert ended[0]["log_level"] is LogLevel.info
+
+
+def test_a_failing_store_turns_stale_and_recovers_at_the_first_good_refresh():
+    """Refreshes that fail fast: stale ``max_stale`` after the last good one began, the
+    error named in the reason; the first refresh that works ends it."""
+    service, backend, clock = make()
+    service.max_stale = 30.0
+    service.startService()
+    backend.fail = ConnectionError("connection refused")
+    for _ in range(14):
+        clock.advance(2)
+    assert service.stale_reason() is None
+    clock.advance(2)
+    reason = service.stale_reason()
+    assert "for 30.0 s" in reason and "ConnectionError: connection refused" in reason
+    assert service.trouble_since() == 2.0  # the first failed refresh
+    backend.fail = None
+    clock.advance(2)
+    assert service.stale_reason() is None
+    assert service.status()["snapshot"]["confirmed_age"] == 0.0
+
+
+def test_max_stale_does_not_trip_before_the_first_snapshot():
+    """While the daemon starts (no snapshot yet, however long the first load takes)
+    nothing is stale: ``current`` is None and ``unavailable_reason`` says why."""
+    thread = ManualThread()
+    clock = Clock()
+    service = SnapshotService(FakeBackend(), interval=2.0, clock=clock,
+                              run_in_thread=thread.run, max_stale=100.0,
+                              monotonic=clock.seconds)
+    with captured_events() as events:
+        service.startService()
+        clock.advance(500)
+        assert service.current is None and service.stale_reason() is None
+        assert stale_lines(events) == []
+        assert service.status()["snapshot"] is None
+
+
+def test_a_stalled_refresh_timer_is_seen_on_the_monotonic_clock():
+    """The reactor's clock steps back an hour (NTP, a resumed VM): its timers, the
+    refresh timer among them, wait out that hour.  Ages are measured on the monotonic
+    clock, so status never shows a negative age, and after ``max_stale`` the snapshot
+    is stale, with the reason, instead of served silently for an hour."""
+    reactor = Clock()
+    reactor.advance(1_000_000)
+    steady = Clock()
+    backend = FakeBackend()
+    service = SnapshotService(backend, interval=2.0, clock=reactor, run_in_thread=run_now,
+                              max_stale=120.0, monotonic=steady.seconds)
+    service.startService()
+
+    def elapse(seconds):
+        steady.advance(seconds)
+        reactor.advance(seconds)
+    elapse(2)
+    reactor.advance(-3600)  # the wall clock steps back, the monotonic one does not
+    backend.token = "2"
+    with captured_events() as events:
+        for _ in range(59):
+            elapse(2)
+        store = service.status()["store"]
+        assert store["last_check_age"] == 118.0 and store["healthy"] is True
+        assert service.current.version == "1"
+        elapse(2)
+        assert service.stale_reason() is not None
+        assert "no store refresh has run for 120.0 s" in service.stale_reason()
+    assert service.status()["store"]["healthy"] is False
+    assert len(stale_lines(events)) == 1

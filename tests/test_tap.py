@@ -53,6 +53,8 @@ def build(tmp_path, reactor=None, text: str = ""):
     service = tap.makeService(options, reactor=reactor, backend=backend)
     service.store_thread = SyncStoreThread()
     service.snapshots.run_in_thread = service.store_thread.run
+    # Intervals on the test's clock, as the daemon measures them on the monotonic one.
+    service.snapshots.monotonic = reactor.seconds
     return service, reactor, backend
 
 

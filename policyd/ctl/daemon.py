@@ -286,7 +286,7 @@ def cmd_reload(ctx: Context) -> int:
 # --- times for people ----------------------------------------------------------------------
 
 # Keys whose numbers are durations in seconds: these names, and these suffixes.
-_DURATIONS = frozenset({"age", "uptime", "duration"})
+_DURATIONS = frozenset({"age", "uptime", "duration", "max_stale"})
 _DURATION_SUFFIXES = ("_age", "_for", "_interval", "_timeout", "_duration", "_seconds")
 
 

@@ -392,7 +392,7 @@ def test_one_unreadable_list_is_deferred_alone(sqlite_copy):
                            "WHERE list_name = 'test'", (b"\x80\x05garbage, not a pickle",))
     backend = Mailman3Backend(url)
     clock = Clock()
-    service = SnapshotService(backend, interval=2.0, clock=clock,
+    service = SnapshotService(backend, interval=2.0, clock=clock, monotonic=clock.seconds,
                               run_in_thread=lambda f, *a, **k: maybeDeferred(f, *a, **k))
     with captured_events() as events:
         service.startService()

@@ -304,7 +304,7 @@ def test_the_snapshot_service_refreshes_incrementally(built):
     Mailman, swaps in a snapshot in which only that list is new."""
     builder, backend = built
     clock = Clock()
-    service = SnapshotService(backend, interval=2.0, clock=clock,
+    service = SnapshotService(backend, interval=2.0, clock=clock, monotonic=clock.seconds,
                               run_in_thread=lambda f, *a, **k: maybeDeferred(f, *a, **k))
     service.startService()
     try:

@@ -196,7 +196,8 @@ def test_a_diverged_copy_copied_over_the_file_under_a_running_snapshot_service(t
 
     clock = Clock()
     backend = NativeBackend(f"sqlite:///{path}")
-    service = SnapshotService(backend, interval=2.0, clock=clock, run_in_thread=run_now)
+    service = SnapshotService(backend, interval=2.0, clock=clock, run_in_thread=run_now,
+                              monotonic=clock.seconds)
     service.startService()
     try:
         assert decide(service.current, bob).verdict is Verdict.ACCEPT

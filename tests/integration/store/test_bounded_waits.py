@@ -270,7 +270,8 @@ def test_snapshot_service_on_a_locked_store(pg_store):
         clock = Clock()
         backend = NativeBackend(url, timeouts)
         service = SnapshotService(backend, interval=2.0, clock=clock,
-                                  run_in_thread=threads.run, refresh_timeout=5.0)
+                                  run_in_thread=threads.run, refresh_timeout=5.0,
+                                  monotonic=clock.seconds)
         service.startService()
         threads.settle()
         first = service.current
