@@ -523,6 +523,13 @@ def parse(text: str, source: str = "<config>", base: Path | None = None) -> Conf
     # at most two refreshes and the interval between them apart: max_stale must not trip
     # on that.
     slowest = s["refresh_interval"] + 2 * s["refresh_timeout"]
+    if not parser.has_option("store", "max_stale") and 0 < s["max_stale"] <= slowest:
+        # The default on a site that gives its refreshes longer: as much past the
+        # slowest confirmation a healthy store can give as the default leaves past it.
+        default = {key: float(SCHEMA["store"][key][1])
+                   for key in ("max_stale", "refresh_interval", "refresh_timeout")}
+        s["max_stale"] = slowest + default["max_stale"] - (
+            default["refresh_interval"] + 2 * default["refresh_timeout"])
     if 0 < s["max_stale"] <= slowest:
         raise ConfigError(f"{source}: [store] max_stale = {s['max_stale']:g} is not valid "
                           f"(allowed: 0 to disable, or more than refresh_interval + 2 x "

@@ -132,10 +132,13 @@ class Decider:
             return self.trouble(protocol, "unavailable", self.snapshots.unavailable_reason,
                                 started)
         if self._stale_reason is not None:
-            # Not confirmed for too long (a failing or stuck store): doubt, answered as
-            # if there were no snapshot, never from what may be gone from the store.
+            # Not confirmed for too long (a failing or stuck store): doubt about the
+            # lists, answered as if there were no snapshot, never from what may be gone
+            # from the store.  Mail to a domain the snapshot does not manage is none of
+            # the list store's business: the host's other mail keeps flowing.
             stale = self._stale_reason()
-            if stale is not None:
+            if stale is not None and (names_a_list or not snapshot.domains or
+                                      snapshot.resolve(query.recipient).managed_domain):
                 return self.trouble(protocol, "unavailable", stale, started)
         if self.fail_closed and not snapshot.lists and (
                 names_a_list or not snapshot.domains

@@ -53,8 +53,9 @@ KEY_HELP: dict[str, dict[str, str]] = {
                            "and makes policyctl status report the store unhealthy; the last "
                            "good snapshot keeps serving (up to max_stale).",
         "max_stale": "Seconds the snapshot may go without the store confirming it as its "
-                     "current state (a refresh that succeeded); past it every query gets "
-                     "the temporary [smtp] error reply until a refresh succeeds, and "
+                     "current state (a refresh that succeeded); past it every query about a "
+                     "list domain gets the temporary [smtp] error reply until a refresh "
+                     "succeeds, and "
                      "policyctl status reports the store unhealthy. More than "
                      "refresh_interval + 2 x refresh_timeout; 0: never (the last good "
                      "snapshot serves for as long as the store fails).",

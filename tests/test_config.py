@@ -178,14 +178,23 @@ def test_store_max_stale_defaults_fifteen_minutes_and_zero_disables():
     assert parse("[store]\nmax_stale = 300\n").store.max_stale == 300.0
 
 
+def test_store_max_stale_default_follows_slow_refreshes():
+    """A site that gives its refreshes longer (``refresh_timeout``) and leaves
+    ``max_stale`` unset still starts: the default leaves as much past the slowest
+    confirmation a healthy store gives (``refresh_interval + 2 x refresh_timeout``) as it
+    does with the default refresh settings."""
+    config = parse("[store]\nrefresh_timeout = 600\n").store
+    assert config.max_stale == 900 - 62 + 2 + 2 * 600
+
+
 @pytest.mark.parametrize("text, words", [
     ("[store]\nmax_stale = soon\n", ["x.conf", "[store] max_stale", "0 to disable"]),
     ("[store]\nmax_stale = -1\n", ["[store] max_stale", "0 to disable"]),
     # Two refreshes within refresh_timeout and the interval between them: 62 s.
     ("[store]\nmax_stale = 62\n", ["x.conf", "[store] max_stale = 62 is not valid",
                                    "refresh_interval + 2 x refresh_timeout = 62 s"]),
-    ("[store]\nrefresh_timeout = 600\n", ["[store] max_stale = 900 is not valid",
-                                          "= 1202 s"]),
+    ("[store]\nrefresh_timeout = 600\nmax_stale = 900\n",
+     ["[store] max_stale = 900 is not valid", "= 1202 s"]),
 ])
 def test_store_max_stale_errors_name_the_key_and_what_is_allowed(text, words):
     """A max_stale a healthy store's refreshes could reach (each within refresh_timeout)

@@ -276,8 +276,10 @@ def test_decision_errors_write_one_warning_per_incident_not_one_per_request():
 def test_a_snapshot_stale_past_max_stale_gets_the_temporary_failure_until_a_check_works():
     """A stuck store (a refresh hanging in it): the last good snapshot answers until
     ``[store] max_stale`` seconds without a confirmation, then every query gets the
-    configured 4xx counted as ``unavailable``, as without a snapshot (Postfix's mail to
-    other domains too, as then); the first refresh that works answers from it again."""
+    configured 4xx counted as ``unavailable``, as without a snapshot, for the list
+    domains (and for any query from Exim's DATA ACL, which only asks about lists); mail
+    to a domain the snapshot does not manage keeps its answer (the host's other mail is
+    not the list store's); the first refresh that works answers from it again."""
     from policyd.protocols.postfix import postfix_action
     from policyd.snapshot_service import SnapshotService
 
@@ -303,9 +305,13 @@ def test_a_snapshot_stale_past_max_stale_gets_the_temporary_failure_until_a_chec
     assert answer.trouble == "unavailable"
     assert "[store] max_stale = 900 s" in answer.reason
     assert "a store refresh has been running for 898.0 s" in answer.reason
-    action = postfix_action(*decider.decide(elsewhere, "postfix")[:2], "safe", "dunno")
+    assert postfix_action(*decider.decide(elsewhere, "postfix")[:2], "safe", "dunno") \
+        == "DUNNO"
+    action = postfix_action(*decider.decide(post, "postfix")[:2], "safe", "dunno")
     assert action == ReplyPolicy().error().line()
+    named = decider.decide(elsewhere, "exim", names_a_list=True)
+    assert named.decision is None and named.trouble == "unavailable"
     assert decider.counters()["by_protocol"] == {
-        "exim": {"reject": 1, "unavailable": 1}, "postfix": {"accept": 1, "unavailable": 1}}
+        "exim": {"reject": 1, "unavailable": 2}, "postfix": {"accept": 2, "unavailable": 1}}
     thread.step()  # it ends, having begun 898 s ago: the snapshot is confirmed
     assert decider.decide(post, "exim").decision.verdict.value == "reject"
