@@ -159,24 +159,7 @@ class Decider:
             return Answer(None, self.policy.error(), "verifying", str(pending), started,
                           pending)
         except Exception as error:
-            # Any sender controls what reaches the decision (a From: that makes the
-            # stdlib's address parser recurse too deep): the traceback is logged once per
-            # incident (exception type and where it was raised), the rest counted.
-            where, in_email = _raised_at(error)
-            logged = self.failures.first(where)
-            if logged and in_email and isinstance(error, RecursionError):
-                # Not a bug of policyd's: a header nested too deep for the standard
-                # library's parser (``a:a:a:...``), which any sender can send.
-                log.warn("the decision failed for {protocol} recipient={recipient!r} "
-                         "sender={sender!r}: a header too deeply nested for Python's email "
-                         "parser ({where}): answering the temporary failure (further ones "
-                         "are counted, not logged)", protocol=protocol, where=where,
-                         recipient=query.recipient, sender=query.envelope_sender)
-            elif logged:
-                log.failure("the decision failed for {protocol} recipient={recipient!r}"
-                            " sender={sender!r} ({where}; further failures like it are "
-                            "counted, not logged)", protocol=protocol, where=where,
-                            recipient=query.recipient, sender=query.envelope_sender)
+            where = self.failed(error, protocol, query)
             return self.trouble(protocol, "error", f"error in the decision: {where}", started)
         # Not ``decision.managed``: a role address (``role-address``) of a list domain is
         # no list either, yet the domain is one, and the snapshot is not wrong about it.
@@ -200,6 +183,36 @@ class Decider:
             if self.per_list and decision.list in snapshot.lists:
                 self.by_list[protocol, decision.list, verdict] += 1
         return _new_answer((decision, reply, None, None, started, None))
+
+    def failed(self, error: Exception, protocol: str | None, query: Query | None,
+               doing: str = "the decision") -> str:
+        """Log an exception raised while deciding or answering ``query`` (``doing``:
+        what failed) once per incident, and say where it was raised: the kind of failure
+        (``_raised_at``).  Called in the ``except`` block that caught ``error``: the
+        traceback logged is the one being handled.  Counting and answering are the
+        caller's."""
+        # Any sender controls what reaches the decision (a From: that makes the stdlib's
+        # address parser recurse too deep): the traceback is logged once per incident
+        # (exception type and where it was raised), the rest counted.
+        where, in_email = _raised_at(error)
+        logged = self.failures.first(where)
+        recipient = sender = None
+        if query is not None:
+            recipient, sender = query.recipient, query.envelope_sender
+        if logged and in_email and isinstance(error, RecursionError):
+            # Not a bug of policyd's: a header nested too deep for the standard
+            # library's parser (``a:a:a:...``), which any sender can send.
+            log.warn("{doing} failed for {protocol} recipient={recipient!r} "
+                     "sender={sender!r}: a header too deeply nested for Python's email "
+                     "parser ({where}): answering the temporary failure (further ones "
+                     "are counted, not logged)", doing=doing, protocol=protocol,
+                     where=where, recipient=recipient, sender=sender)
+        elif logged:
+            log.failure("{doing} failed for {protocol} recipient={recipient!r}"
+                        " sender={sender!r} ({where}; further failures like it are "
+                        "counted, not logged)", doing=doing, protocol=protocol,
+                        where=where, recipient=recipient, sender=sender)
+        return where
 
     # Verifications at once, and waiting at most: beyond that a query with a password
     # to verify gets the temporary failure at once (a flood of made-up ``Approved:``

@@ -190,6 +190,29 @@ def test_an_over_long_request_at_accept_is_refused_4xx(serve, tmp_path):
     s.close()
 
 
+class BrokenLines(Lines):
+    """A decision-line writer that raises for the null sender's lines."""
+
+    def decision(self, protocol, verdict, list_, sender, *fields, **kwargs) -> None:
+        if sender == "":
+            raise ValueError("broken decision line")
+        super().decision(protocol, verdict, list_, sender, *fields, **kwargs)
+
+
+@pytest_twisted.inlineCallbacks
+def test_an_exception_answering_at_accept_is_a_4xx_not_a_hang_up(serve, tmp_path):
+    """An exception after the decision (here the decision line) is the temporary
+    failure, answered at accept like any answer, not a socket closed without one."""
+    factory, lines = serve()
+    factory.decision_log = DecisionLog(writer=BrokenLines())
+    s = connect(tmp_path)
+    s.sendall(line("") + b"\n")
+    assert (yield answer_of(s)).startswith(b"DEFER 451 4.3.0")
+    assert factory.built == []
+    assert factory.decider.counters()["by_protocol"]["exim"]["error"] == 1
+    s.close()
+
+
 @pytest_twisted.inlineCallbacks
 def test_an_answer_that_waits_is_handed_to_the_protocol(serve, tmp_path):
     """A moderator password to verify: the connection gets a protocol that waits for the

@@ -689,7 +689,11 @@ class DecidingFactory(TrackingFactory):
     decision line per answer through ``decision_log``.
 
     ``moderation``: the daemon's ``ModerationService`` (SMTP-time moderation), set by the
-    service; ``None`` (tests, policyctl) leaves every answer as the Decider gave it."""
+    service; ``None`` (tests, policyctl) leaves every answer as the Decider gave it.
+
+    Each protocol's ``answer`` catches any exception after the decision and answers
+    ``answer_failed``: in its own body, not in a wrapper here, which would cost every
+    request a Python call."""
 
     moderation = None
 
@@ -700,3 +704,22 @@ class DecidingFactory(TrackingFactory):
         self.decider = decider
         self.config = config
         self.decision_log = decision_log if decision_log is not None else DecisionLog()
+
+    def answer_failed(self, error: Exception, protocol: str, query=None) -> bytes:
+        """The answer to a request whose answering raised ``error`` (moderation, the
+        decision line, the reply's text: whatever follows ``Decider.decide``, which
+        never raises), called in the ``except`` block that caught it: as an exception
+        inside the decision is, logged once per incident (``Decider.failed``), counted
+        as ``error`` and answered with the configured temporary failure, so that a bug
+        on the answer path is a 4xx, never a dropped connection nor one traceback per
+        request."""
+        decider = self.decider
+        decider.failed(error, protocol, query, "answering")
+        reply = decider.policy.error()
+        decider.count(protocol, "error", reply.outcome._value_)
+        return self.error_answer(reply)
+
+    @staticmethod
+    def error_answer(reply) -> bytes:
+        """The temporary failure ``reply`` as the protocol's answer bytes."""
+        raise NotImplementedError

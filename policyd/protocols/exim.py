@@ -550,54 +550,62 @@ class EximFactory(DecidingFactory):
             request = parse_request(line)
         except ProtocolError as error:
             return self.malformed(error, transport)
-        decide = self.decider.decide
-        queries = request.queries()
-        answers = [decide(query, "exim", names_a_list=True) for query in queries]
-        pending = [answer.pending for answer in answers if answer.pending is not None]
-        if pending:
-            waiting = self.decider.verify(pending) if _round < self.VERIFY_ROUNDS else None
-            if waiting is not None:
-                # Decided again when the checks are done, unless the answer is cancelled
-                # first (the connection answered or closed meanwhile: nothing decided,
-                # logged or counted); cancelling it never cancels the checks themselves.
-                again = Deferred()
-                waiting.addBoth(lambda _: again.callback(None))
-                return again.addCallback(
-                    lambda _: self.answer(line, transport, _round + 1))
-            # At the limit of checks waiting, or still undecided after the rounds: the
-            # temporary failure, counted as busy, with the reason why.
-            reason = self.decider.busy_reason(_round < self.VERIFY_ROUNDS)
-            answers = [answer if answer.pending is None else
-                       self.decider.trouble("exim", "busy", reason, answer.started)
-                       for answer in answers]
-        # SMTP-time moderation at DATA only (the request with the header block): the
-        # RCPT-time question (envelope only) is never deferred by it.
-        moderation = self.moderation if request.message is not None else None
-        decision_log = self.decision_log
-        reply = None
-        started = 0.0
-        for query, answer in zip(queries, answers):
-            step = None
-            # Moderation only ever changes a hold (``ModerationService.apply``): asked
-            # then, and the Message-ID and Subject read only for it.
-            if moderation is not None and moderation.asks_about(answer.decision):
-                answer, step = moderation.apply(
-                    answer, query, client=request.client,
-                    message_id=request.message_field("message-id")[:255],
-                    subject=request.message_field("subject"), modes=MODERATION_MODES)
-            text = reply_line(answer.reply)
-            if decision_log.enabled:
-                decision_log.answered("exim", query, answer, text, request.id,
-                                      moderation_fields(step) if step is not None else "")
-            # Several lists: the most severe reply answers for all (``aggregate``).
-            if reply is None:
-                reply, line_text, started = answer.reply, text, answer.started
-            elif SEVERITY[answer.reply.outcome] > SEVERITY[reply.outcome]:
-                reply, line_text = answer.reply, text
-        self._answers[reply.outcome._value_] += 1
-        if self.latency is not None:  # from the first decision to the answer
-            self.latency.observe(started)
-        return line_text.encode("utf-8", "replace")
+        query = None
+        try:
+            decide = self.decider.decide
+            queries = request.queries()
+            answers = [decide(query, "exim", names_a_list=True) for query in queries]
+            pending = [answer.pending for answer in answers if answer.pending is not None]
+            if pending:
+                waiting = self.decider.verify(pending) if _round < self.VERIFY_ROUNDS else None
+                if waiting is not None:
+                    # Decided again when the checks are done, unless the answer is cancelled
+                    # first (the connection answered or closed meanwhile: nothing decided,
+                    # logged or counted); cancelling it never cancels the checks themselves.
+                    again = Deferred()
+                    waiting.addBoth(lambda _: again.callback(None))
+                    return again.addCallback(
+                        lambda _: self.answer(line, transport, _round + 1))
+                # At the limit of checks waiting, or still undecided after the rounds: the
+                # temporary failure, counted as busy, with the reason why.
+                reason = self.decider.busy_reason(_round < self.VERIFY_ROUNDS)
+                answers = [answer if answer.pending is None else
+                           self.decider.trouble("exim", "busy", reason, answer.started)
+                           for answer in answers]
+            # SMTP-time moderation at DATA only (the request with the header block): the
+            # RCPT-time question (envelope only) is never deferred by it.
+            moderation = self.moderation if request.message is not None else None
+            decision_log = self.decision_log
+            reply = None
+            started = 0.0
+            for query, answer in zip(queries, answers):
+                step = None
+                # Moderation only ever changes a hold (``ModerationService.apply``): asked
+                # then, and the Message-ID and Subject read only for it.
+                if moderation is not None and moderation.asks_about(answer.decision):
+                    answer, step = moderation.apply(
+                        answer, query, client=request.client,
+                        message_id=request.message_field("message-id")[:255],
+                        subject=request.message_field("subject"), modes=MODERATION_MODES)
+                text = reply_line(answer.reply)
+                if decision_log.enabled:
+                    decision_log.answered("exim", query, answer, text, request.id,
+                                          moderation_fields(step) if step is not None else "")
+                # Several lists: the most severe reply answers for all (``aggregate``).
+                if reply is None:
+                    reply, line_text, started = answer.reply, text, answer.started
+                elif SEVERITY[answer.reply.outcome] > SEVERITY[reply.outcome]:
+                    reply, line_text = answer.reply, text
+            self._answers[reply.outcome._value_] += 1
+            if self.latency is not None:  # from the first decision to the answer
+                self.latency.observe(started)
+            return line_text.encode("utf-8", "replace")
+        except Exception as error:
+            return self.answer_failed(error, "exim", query)
+
+    @staticmethod
+    def error_answer(reply: SmtpReply) -> bytes:
+        return format_reply(reply)
 
     def malformed(self, error: ProtocolError, transport) -> bytes:
         log.warn("malformed Exim policy request from {peer}: {reason}",

@@ -556,29 +556,39 @@ class PostfixFactory(DecidingFactory):
         if query is None:
             self.decider.count("postfix", "other-state", "DUNNO")
             return DUNNO
-        answer = self.decider.decide(query, "postfix")
-        decision = answer.decision
-        step = None
-        # Moderation only ever changes a hold (``ModerationService.apply``): asked then.
-        if self.moderation is not None and self.moderation.asks_about(decision):
-            answer, step = self.moderation.apply(
-                answer, query, client=request.get("client_address"), modes=MODERATION_MODES)
-        config = self.config
-        # ``answer_action``, its usual case spelled out (a Python call less per request).
-        action = postfix_action(answer.decision, answer.reply, config.mode,
-                                config.accept_action) if step is None else \
-            answer_action(answer, step, config.mode, config.accept_action)
-        self._answers[action if action == "DUNNO" or action == "OK"
-                      else answer.reply.outcome._value_] += 1
-        decision_log = self.decision_log
-        if decision_log.enabled:
-            fields = self.client_fields(request)
-            decision_log.answered("postfix", query, answer, action, request.request_id,
-                                  fields if step is None else
-                                  fields + moderation_fields(step))
-        if self.latency is not None:
-            self.latency.observe(answer.started)
-        return format_response(action)
+        try:
+            answer = self.decider.decide(query, "postfix")
+            decision = answer.decision
+            step = None
+            # Moderation only ever changes a hold (``ModerationService.apply``): asked then.
+            if self.moderation is not None and self.moderation.asks_about(decision):
+                answer, step = self.moderation.apply(
+                    answer, query, client=request.get("client_address"),
+                    modes=MODERATION_MODES)
+            config = self.config
+            # ``answer_action``, its usual case spelled out (a Python call less per request).
+            action = postfix_action(answer.decision, answer.reply, config.mode,
+                                    config.accept_action) if step is None else \
+                answer_action(answer, step, config.mode, config.accept_action)
+            decision_log = self.decision_log
+            if decision_log.enabled:
+                fields = self.client_fields(request)
+                decision_log.answered("postfix", query, answer, action, request.request_id,
+                                      fields if step is None else
+                                      fields + moderation_fields(step))
+            if self.latency is not None:
+                self.latency.observe(answer.started)
+            data = format_response(action)
+            # Counted last: what is answered if nothing above failed.
+            self._answers[action if action == "DUNNO" or action == "OK"
+                          else answer.reply.outcome._value_] += 1
+            return data
+        except Exception as error:
+            return self.answer_failed(error, "postfix", query)
+
+    @staticmethod
+    def error_answer(reply: SmtpReply) -> bytes:
+        return format_response(reply.line())
 
     # How many clients' decision-line fields are remembered (then all forgotten at once).
     CLIENTS_REMEMBERED = 1024

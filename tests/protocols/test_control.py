@@ -143,6 +143,26 @@ def test_internal_error_is_answered():
     assert got[0]["ok"] is False and "internal error" in got[0]["error"]
 
 
+@pytest.mark.parametrize("later", [False, True])
+def test_a_query_that_raises_is_answered_with_an_error(later):
+    """An exception answering a query (at once, or in the Deferred of one that waits
+    for a password check) is an error answer, never a dropped connection: the next
+    request on it is answered."""
+    proto, transport, service, _ = connect()
+
+    def broken(query, client=None, *, message_id=None):
+        if later:
+            return defer.fail(ValueError("broken"))
+        raise ValueError("broken")
+    service.control_query = broken
+    proto.dataReceived(b'{"op": "query", "recipient": "l@x", "envelope_sender": ""}\n'
+                       b'{"op": "status"}\n')
+    got = lines(transport)
+    assert got[0]["ok"] is False and "internal error" in got[0]["error"]
+    assert got[1] == {"ok": True, "result": {"uptime": 1.5}}
+    assert not transport.disconnecting
+
+
 def test_overlong_line_answered_and_closed():
     proto, transport, _, _ = connect()
     proto.dataReceived(b"x" * (proto.MAX_LENGTH + 10))
