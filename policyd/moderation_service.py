@@ -29,6 +29,7 @@ syncs.
 from __future__ import annotations
 
 import re
+import time
 from collections import Counter
 from functools import lru_cache
 from typing import Callable
@@ -71,17 +72,25 @@ def moderation_fields(step) -> str:
 
 
 class ModerationService(TimerService):
-    """The moderation index of one daemon and its sync with the store."""
+    """The moderation index of one daemon and its sync with the store.
+
+    Two clocks: ``clock`` (the reactor) runs the sync and times the stays at a cap;
+    ``wall`` gives every time of the state, the times the store shares with other
+    daemons and ``policyctl`` (first seen, remembered until, decided at).  The daemon's
+    reactor is on the monotonic clock (``policyd.runtime.monotonic``), whose seconds
+    mean nothing outside the process.  Tests pass their ``Clock``'s ``seconds`` as both."""
 
     def __init__(self, snapshots, engine, *, run_in_thread: Callable[..., Deferred],
-                 clock, settings: Settings = Settings(), interval: float = 5.0,
+                 clock, wall: Callable[[], float] = time.time,
+                 settings: Settings = Settings(), interval: float = 5.0,
                  store=None) -> None:
         super().__init__(interval, self.sync)
         self.clock = clock
+        self.wall = wall
         self.snapshots = snapshots
         self.engine = engine
         self.run_in_thread = run_in_thread
-        self.state = ModerationState(settings, clock=clock.seconds)
+        self.state = ModerationState(settings, clock=wall)
         # ``None``: not loaded yet; False: the last load or write failed (an incident).
         self.usable: bool | None = None
         self._since = 0.0
@@ -247,7 +256,7 @@ class ModerationService(TimerService):
         store = self._store
         settings = self.state.settings
         try:
-            now = self.clock.seconds()
+            now = self.wall()
             if self.usable is None or (self.usable is False and self._since == 0.0):
                 rows = yield self.run_in_thread(store.load_state, self.engine, settings, now)
                 self.state.load(*rows)

@@ -351,7 +351,8 @@ class Moderated:
         self.store = FakeModerationStore()
         self.decider = Decider(snapshots, ReplyPolicy())
         self.service = ModerationService(
-            snapshots, engine=None, clock=self.clock, store=self.store,
+            snapshots, engine=None, clock=self.clock, wall=self.clock.seconds,
+            store=self.store,
             run_in_thread=lambda f, *a: defer.maybeDeferred(f, *a))
 
     def ask(self, to: str, sender: str = NONMEMBER):

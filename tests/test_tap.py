@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import signal
+import time
 
 import pytest
 from twisted.application.service import IServiceMaker
@@ -220,6 +221,22 @@ def test_control_query_and_status(tmp_path):
         assert status["pid"] == os.getpid()
     finally:
         service.stopService()
+
+
+def test_the_daemons_moderation_state_keeps_wall_clock_times(tmp_path):
+    """The daemon's reactor counts monotonic seconds (``runtime.monotonic``), which mean
+    nothing outside the process: SMTP-time moderation, whose times go to the store that
+    other daemons and ``policyctl`` read, takes them from the wall clock."""
+    reactor = MemoryReactorClock()
+    reactor.advance(5.0)  # seconds since boot, say
+    backend = FakeBackend()
+    backend.moderation_engine = object()
+    service = tap.makeService(options_for(write_config(tmp_path)), reactor=reactor,
+                              backend=backend)
+    before = time.time()
+    stamp = service.moderation.state.clock()
+    assert before <= stamp <= time.time()
+    assert service.moderation.clock is reactor  # the sync runs on the reactor
 
 
 def test_control_query_without_snapshot(tmp_path):

@@ -67,6 +67,7 @@ class Harness:
         self.decider = Decider(self.snapshots, ReplyPolicy())
         self.moderation = ModerationService(
             self.snapshots, self.backend.moderation_engine, clock=self.clock,
+            wall=self.clock.seconds,
             run_in_thread=lambda f, *a, **k: defer.maybeDeferred(f, *a, **k))
         self.moderation.sync()  # the first load
 
@@ -173,6 +174,32 @@ def test_exim_pending_rows_carry_subject_message_id_and_client(h):
         ticket, "Hello list", "<p1@example.net>", "192.0.2.7", "")  # keyed by Message-ID
 
 
+def test_the_store_gets_wall_clock_times_while_the_reactor_runs_the_sync(h):
+    """The daemon's reactor counts monotonic seconds (since boot, say), which mean
+    nothing to ``policyctl`` or another daemon: the rows get the wall clock's times, a
+    moderator's decision stamped by the wall clock reaches the sender's retry, and the
+    sync is still run by the reactor."""
+    wall = Clock()
+    wall.advance(1_800_000_000)
+    h.moderation = ModerationService(
+        h.snapshots, h.backend.moderation_engine, clock=h.clock, wall=wall.seconds,
+        interval=5.0, run_in_thread=lambda f, *a, **k: defer.maybeDeferred(f, *a, **k))
+    h.moderation.startService()  # the first load
+    try:
+        ticket = ticket_of(h.exim(MODERATED))
+        h.clock.advance(5)  # the reactor's sync writes the ticket
+        with h.store().read() as session:
+            [row] = store_moderation.pending_tickets(session, MODERATED)
+        assert (row.id, row.first_seen) == (ticket, 1_800_000_000)
+        wall.advance(60)
+        with h.store().write() as session:
+            store_moderation.decide_ticket(session, ticket, Decision.APPROVE, wall.seconds())
+        h.clock.advance(5)  # the next sync reads the decision
+        assert h.exim(MODERATED).startswith(b"ACCEPT 250 2.1.5 approved by a moderator")
+    finally:
+        h.moderation.stopService()
+
+
 def test_exim_greylist_defers_then_passes_after_min_delay(h):
     """Greylist: the first attempt is deferred, a retry after min_delay gets the list's
     normal outcome (held for Mailman)."""
@@ -238,6 +265,7 @@ def test_another_daemon_sees_the_first_attempt(h, tmp_path):
     h.exim(GREY)
     h.moderation.sync()
     other = ModerationService(h.snapshots, h.backend.moderation_engine, clock=h.clock,
+                              wall=h.clock.seconds,
                               run_in_thread=lambda f, *a: defer.maybeDeferred(f, *a))
     h.clock.advance(400)
     other.sync()  # its first load

@@ -30,7 +30,7 @@ class Daemon:
         self.backend = NativeBackend(url)
         self.decider = Decider(snapshots, ReplyPolicy())
         self.moderation = ModerationService(
-            snapshots, self.backend.moderation_engine, clock=clock,
+            snapshots, self.backend.moderation_engine, clock=clock, wall=clock.seconds,
             run_in_thread=lambda f, *a: defer.maybeDeferred(f, *a))
         self.moderation.sync()  # the first load
 
