@@ -74,8 +74,12 @@ def makeService(options, reactor=None, backend=None) -> PolicyService:
     tuning = None
     if managed:
         from .logging import setup
+        from .runtime import monotonic
         from .runtime.tuning import Tuning
 
+        # Timers on the monotonic clock, given before anything is scheduled:
+        # ``policyd``'s reactor has it since ``install``, ``twist``'s gets it here.
+        clock_note = monotonic.use(reactor)
         launcher = getattr(options, "launcher", "twist")
         # Files the daemon creates (its log, SQLite's journal) are not for other users.
         os.umask(0o027)
@@ -83,6 +87,8 @@ def makeService(options, reactor=None, backend=None) -> PolicyService:
                      primary=launcher == "policyd")
         raise_nofile_limit()
         notes = list(getattr(options, "runtime_notes", ()))
+        if clock_note is not None:
+            notes.append(f"timers on the wall clock (a clock step moves them): {clock_note}")
         if launcher != "policyd" and config.runtime.reactor and not _tuned_reactor(reactor):
             notes.append("reactor: twist runs its own reactor here; "
                          "`twist --reactor=policyd policyd` runs policyd's")

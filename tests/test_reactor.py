@@ -1,11 +1,19 @@
-"""policyd's reactor (epoll without the per-event legacy log context), in a child process:
-the test process runs pytest-twisted's own reactor."""
+"""policyd's reactor (epoll without the per-event legacy log context, its timers on the
+monotonic clock), run in a child process: the test process runs pytest-twisted's own
+reactor."""
 
 from __future__ import annotations
 
 import subprocess
 import sys
 import textwrap
+import time
+
+import pytest
+from twisted.internet import base
+from twisted.internet.task import Clock
+
+from policyd.runtime import monotonic
 
 CHILD = textwrap.dedent('''
     import socket, sys, tempfile, os
@@ -155,3 +163,101 @@ def test_a_read_event_is_handled_as_twisted_handles_it():
                          text=True, timeout=60)
     assert out.returncode == 0, out.stderr
     assert "LOST [[], ['ConnectionDone'], ['RuntimeError']]" in out.stdout, out.stdout
+
+
+CLOCK_STEP = textwrap.dedent('''
+    import sys, threading, time
+    # The wall clock as the test steps it; set before Twisted reads ``time.time``.
+    offset = 0.0
+    wall = time.time
+    time.time = lambda: wall() + offset
+    from policyd.runtime.reactor import install
+    reactor, why = install(sys.argv[1] == "policyd")
+    assert why is None
+    fired = []
+
+    def step(seconds):
+        global offset
+        offset += seconds
+
+    def stop(what):
+        fired.append(what)
+        if reactor.running:
+            reactor.stop()
+
+    reactor.callLater(600, fired.append, "ten minutes early")
+    step(3600)
+    reactor.callLater(0.1, step, -7200)
+    reactor.callLater(0.2, stop, "on time")
+    # Not on the reactor's clock: it must end the test however the timers go.
+    watchdog = threading.Timer(30, reactor.callFromThread, (stop, "late"))
+    watchdog.daemon = True
+    watchdog.start()
+    reactor.run()
+    print("FIRED", fired)
+''')
+
+
+@pytest.mark.parametrize("reactor", ["policyd", "stock"])
+def test_wall_clock_steps_move_no_timer(reactor):
+    """The daemon's reactor (policyd's, or Twisted's stock one that ``install`` takes when
+    policyd's is switched off or steps aside) times its calls on the monotonic clock: a
+    wall clock stepped an hour forward fires no ten-minute timer early, then stepped two
+    hours back delays no timer."""
+    out = subprocess.run([sys.executable, "-c", CLOCK_STEP, reactor], capture_output=True,
+                         text=True, timeout=60)
+    assert out.returncode == 0, out.stderr
+    assert "FIRED ['on time']" in out.stdout, out.stdout
+
+
+class _Bare(base.ReactorBase):
+    """A reactor that only keeps time: no waker, nothing to close."""
+
+    def installWaker(self) -> None:
+        pass
+
+
+def test_the_monotonic_clock_check_accepts_the_running_twisted():
+    """``ReactorBase`` reads the time only through ``self.seconds``: the reactor gets
+    ``time.monotonic``, and giving it again changes nothing."""
+    reactor = _Bare()
+    assert monotonic.use(reactor) is None
+    assert reactor.seconds is time.monotonic
+    assert monotonic.use(reactor) is None
+
+
+def test_timers_already_scheduled_keep_the_wall_clock():
+    """A reactor with calls scheduled keeps its clock, and says why: changing it would
+    compare their wall-clock times with monotonic ones."""
+    reactor = _Bare()
+    reactor.callLater(5, lambda: None)
+    assert monotonic.use(reactor) == "calls are already scheduled on the wall clock"
+    assert reactor.seconds is not time.monotonic
+
+
+def test_a_reactor_that_keeps_its_own_time_is_left_alone():
+    """A reactor class with its own ``timeout`` (or not a ``ReactorBase`` at all, like
+    the tests' ``Clock``) may read the time elsewhere: it keeps its clock."""
+
+    class Own(_Bare):
+        def timeout(self):
+            return None
+
+    own = Own()
+    assert monotonic.use(own) == "Own has its own timeout"
+    assert own.seconds is not time.monotonic
+    clock = Clock()
+    assert monotonic.use(clock) == "Clock is not a Twisted ReactorBase"
+    clock.advance(3)
+    assert clock.seconds() == 3
+
+
+def test_the_monotonic_clock_check_refuses_a_changed_upstream(monkeypatch):
+    """A Twisted whose ``ReactorBase`` no longer reads the time where this was written
+    against keeps the wall clock."""
+    monkeypatch.setattr(monotonic, "_UPSTREAM", (
+        ("timeout", ("delay = self._pendingTimedCalls[0].time - time.time()",)),))
+    reactor = _Bare()
+    why = monotonic.use(reactor)
+    assert why is not None and "ReactorBase.timeout changed" in why
+    assert reactor.seconds is not time.monotonic

@@ -24,7 +24,7 @@ from time import perf_counter
 from twisted.internet import epollreactor, posixbase
 from twisted.logger import Logger
 
-from . import fastio
+from . import fastio, monotonic
 from .pacing import turns
 from .upstream import changed
 
@@ -145,8 +145,10 @@ def check(upstream=epollreactor.EPollReactor) -> str | None:
 
 def install(enabled: bool = True) -> tuple[object, str | None]:
     """Install the global reactor (before anything imports ``reactor``): this one when
-    ``enabled`` and ``check()`` passes, else Twisted's stock epoll reactor.  Returns the
-    reactor and, when the stock one was taken although this one was asked for, why."""
+    ``enabled`` and ``check()`` passes, else Twisted's stock epoll reactor; either with
+    its timers on the monotonic clock (``monotonic``; ``policyd.tap.makeService`` notes
+    it when that steps aside).  Returns the reactor and, when the stock one was taken
+    although this one was asked for, why."""
     from twisted.internet.main import installReactor
 
     why = check() if enabled else None
@@ -154,5 +156,6 @@ def install(enabled: bool = True) -> tuple[object, str | None]:
         reactor = EPollReactor()
     else:
         reactor = epollreactor.EPollReactor()
+    monotonic.use(reactor)
     installReactor(reactor)
     return reactor, why

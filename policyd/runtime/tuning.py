@@ -22,6 +22,8 @@ part               what                                                       sw
                    old snapshots freed piecewise, ``malloc_trim``
 ``threads``        the store thread's niceness, the switch interval           ``store_niceness``,
                                                                               ``switch_interval``
+``monotonic``      the reactor's timers on the monotonic clock, not the wall  always
+                   clock (``reactor.install``, ``policyd.tap.makeService``)
 =================  =========================================================  ============
 
 A part that depends on private code of Twisted checks at start-up that the code is the
