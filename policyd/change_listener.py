@@ -58,7 +58,7 @@ class StoreWatch(Service):
         self._stop: threading.Event | None = None
 
     def status(self) -> dict:
-        now = time.time()
+        now = time.monotonic()
         return {
             "channel": self.channel,
             "listening": self.listening,
@@ -83,7 +83,7 @@ class StoreWatch(Service):
         self.last_error = f"{name}: {lines[0]}" if lines else name
         if self.lost_since is not None:
             return False
-        self.lost_since = time.time()
+        self.lost_since = time.monotonic()
         self.incidents += 1
         return True
 
@@ -170,11 +170,11 @@ class ChangeListener(StoreWatch):
 
     def _listening(self) -> None:
         self.listening = True
-        self.listening_since = time.time()
+        self.listening_since = time.monotonic()
         if self.lost_since is not None:
             self._call(log.info, "store notifications: listening again on {channel} after "
                        "{duration:.1f} s", channel=self.channel,
-                       duration=time.time() - self.lost_since, store=self.store)
+                       duration=time.monotonic() - self.lost_since, store=self.store)
             self.lost_since = None
             self.last_error = None
         else:

@@ -117,10 +117,10 @@ class SqliteWatcher(StoreWatch):
 
     def _watching(self) -> None:
         self.listening = True
-        self.listening_since = time.time()
+        self.listening_since = time.monotonic()
         if self.lost_since is not None:
             self._call(log.info, "store watch: reading {path} again after {duration:.1f} s",
-                       path=self.path, duration=time.time() - self.lost_since,
+                       path=self.path, duration=time.monotonic() - self.lost_since,
                        store=self.store)
             self.lost_since = None
             self.last_error = None
