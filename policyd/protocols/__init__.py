@@ -308,7 +308,10 @@ class TrackingFactory(Factory):
     silent connections, as above, else it is refused: never another peer's.  So one
     local client reconnecting with fresh partial requests cannot keep the MTA out, and
     the MTA (all Postfix smtpd processes are one peer, ``uid postfix``) is never starved
-    by the share when it is alone.  The peer is read only at a limit, once per
+    by the share when it is alone.  Buffered bytes are shared alike (``_buffer_share``):
+    a request from a peer within its share of ``max_buffered`` closes the incomplete
+    requests of peers over theirs, so fresh partial requests cannot get the MTA's
+    request arriving in several reads refused.  The peer is read only at a limit, once per
     connection (``peer_of``); a Unix or loopback newcomer's uid needs its socket, so its admission
     waits for ``track`` (``connectionMade``), and one refused then is closed at once.
     Each incident logs one line when it starts and one summary when it has been quiet
@@ -566,11 +569,15 @@ class TrackingFactory(Factory):
     def buffer_changed(self, protocol, size: int) -> bool:
         """``protocol`` now buffers ``size`` bytes of an incomplete request.  False when
         that puts all listeners over ``max_buffered`` even after closing the connections
-        idle longest: the protocol then answers 4xx and closes (``evict()``)."""
+        idle longest and what the per-peer share allows (``_buffer_share``): the
+        protocol then answers 4xx and closes (``evict()``)."""
         limits = self.limits
-        limits.buffered += size - protocol.buffered
+        grown = size - protocol.buffered
+        limits.buffered += grown
         protocol.buffered = size
-        if limits.buffered <= limits.max_buffered:
+        # A request giving bytes back never needs room (a connection closed for a limit
+        # does, from its ``evict()``, while the total may still be over).
+        if limits.buffered <= limits.max_buffered or grown <= 0:
             return True
         now = self.reactor.seconds()
         closed = 0
@@ -580,10 +587,79 @@ class TrackingFactory(Factory):
             closed += 1
             if limits.buffered <= limits.max_buffered:
                 break
+        what = (f"max_buffered = {limits.max_buffered} bytes of incomplete requests for "
+                "all listeners")
+        if limits.buffered > limits.max_buffered:
+            shared = self._buffer_share(protocol, now, what, closed)
+            if shared is not None:
+                return shared
         fits = limits.buffered <= limits.max_buffered
-        self.incident("buffered", now, f"max_buffered = {limits.max_buffered} bytes of "
-                      "incomplete requests for all listeners", closed=closed,
-                      refused=0 if fits else 1)
+        self.incident("buffered", now, what, closed=closed, refused=0 if fits else 1)
+        return fits
+
+    def _buffer_share(self, protocol, now: float, what: str, closed: int) -> bool | None:
+        """The per-peer share of ``max_buffered``, for ``protocol``'s request that does
+        not fit: whether it now fits, ``None`` when no other peer holds buffered bytes
+        (the limit then as for one peer).  Each peer holding bytes may hold an equal
+        share of them; while the requester's peer is within its share, the peers over
+        theirs lose their incomplete requests, of the peer holding the most the
+        largest first, even one begun within the second (never one being answered),
+        until the request fits; a request of a peer over its share is refused rather
+        than close another peer's.  Nothing is closed unless the request then fits."""
+        limits = self.limits
+        held: dict[str, list] = {}
+        for p in limits.connections():
+            if not p.buffered or (p.factory.evicting and p in p.factory.evicting):
+                continue
+            q = peer_of(p)
+            same = held.get(q)
+            if same is None:
+                held[q] = [p]
+            else:
+                same.append(p)
+        peer = peer_of(protocol)
+        own = held.pop(peer, [])
+        if not held:
+            return None
+        if protocol not in own:
+            own.append(protocol)
+        bytes_of = {q: sum(p.buffered for p in ps) for q, ps in held.items()}
+        mine = sum(p.buffered for p in own)
+        total = mine + sum(bytes_of.values())
+        holder, holds = max(bytes_of.items(), key=lambda item: item[1])
+        if mine > holds:
+            holder, holds = peer, mine
+        share = limits.max_buffered // (len(held) + 1)
+        victims = []
+        if mine <= share:
+            # Their closable requests, smallest first, so that ``pop`` takes the largest.
+            closable = {q: sorted((p for p in ps if p.idle_for(now) >= 0),
+                                  key=lambda p: p.buffered)
+                        for q, ps in held.items()}
+            excess = limits.buffered - limits.max_buffered
+            while excess > 0:
+                over = [q for q in closable if closable[q] and bytes_of[q] > share]
+                if not over:
+                    victims = []  # closing them would not make room: refused
+                    break
+                biggest = max(over, key=bytes_of.__getitem__)
+                victim = closable[biggest].pop()
+                bytes_of[biggest] -= victim.buffered
+                excess -= victim.buffered
+                victims.append(victim)
+        for victim in victims:
+            victim.factory._close(victim)
+            victim.factory.share_evicted += 1
+        fits = limits.buffered <= limits.max_buffered
+        if not fits and mine > share:  # else peers within their shares hold it all
+            self.share_refused += 1
+        self.incident(
+            "buffered share", now, f"{what}, shared between peers",
+            closed=closed + len(victims), refused=0 if fits else 1,
+            doing=f"the peer {holder} holds {holds} of the {total} bytes buffered, the most: "
+            "closing its incomplete requests first (the largest first, even one begun "
+            "within the second, never one being answered) for other peers' requests, "
+            "and refusing its requests that do not fit rather than closing another peer's")
         return fits
 
     @staticmethod

@@ -1,6 +1,7 @@
-"""The per-peer share at a connection limit (``TrackingFactory._share``): one local client
-that reconnects and keeps sending fresh partial requests cannot keep another peer (the
-MTA) out, and a peer alone may still use every connection.
+"""The per-peer share at a connection limit (``TrackingFactory._share``) and of the
+buffered bytes (``_buffer_share``): one local client that reconnects and keeps sending
+fresh partial requests cannot keep another peer (the MTA) out, nor get its request
+arriving in several reads refused, and a peer alone may still use every connection.
 
 Driven with ``StringTransport`` and ``Clock``; the peer is the transport's address (TCP)
 or, for a Unix socket, the uid a fake socket gives for ``SO_PEERCRED``.  The same attack
@@ -17,9 +18,10 @@ import struct
 from twisted.internet.address import IPv4Address, UNIXAddress
 from twisted.internet.testing import StringTransport
 
-from policyd.protocols import host_peer, loopback_owner, peer_identity
+from policyd.protocols import ProcessLimits, host_peer, loopback_owner, peer_identity
 
-from . import test_postfix
+from . import test_exim, test_postfix
+from . import test_password_off_reactor as passwords
 
 POSTFIX = dataclasses.replace(test_postfix.CONFIG, max_connections=5)
 BEGUN = b"request=smtpd_access_policy\nprotocol_state=RCPT\n"  # a request, not finished
@@ -253,3 +255,137 @@ def test_loopback_tcp_peers_are_told_apart_by_their_owner(monkeypatch):
     assert join(factory, local("127.0.0.1", 1000)) is None
     assert factory.share_refused == 1 and factory.share_evicted == 1
     assert not mta_t.disconnecting
+
+
+# --- the share of max_buffered ---------------------------------------------------------------
+
+EXIM_BUSY = b"DEFER 451 4.3.2 Policy service busy, please try again later"
+
+
+def buffering(factory, max_buffered: int):
+    """``factory`` (Exim, 100 connections) with limits of its own: ``max_buffered``."""
+    factory.connections.clear()
+    factory.max_connections = 100
+    factory.limits = ProcessLimits(max_buffered=max_buffered)
+    factory.limits.register(factory)
+    return factory.limits
+
+
+def exim_listener(max_buffered: int):
+    _, _, clock, factory = test_exim.connect()
+    return clock, factory, buffering(factory, max_buffered)
+
+
+def partial(factory, uid: int, size: int):
+    """A connection of ``uid`` holding ``size`` bytes of an Exim line, no newline yet."""
+    transport = UnixTransport(uid)
+    proto = join(factory, transport)
+    proto.dataReceived(b"POLICYD/1 list=" + b"a" * (size - 15))
+    return proto, transport
+
+
+def mta_request() -> bytes:
+    """An Exim request with a header block (as Exim's DATA ACL sends it), ending in its
+    newline, of about 2700 bytes."""
+    headers = f"From: {test_exim.NONMEMBER}\nSubject: x\nX-Pad: {'p' * 2000}\n"
+    return test_exim.line(extra=f"headers={test_exim.b64(headers)}") + b"\n"
+
+
+def buffer_share_lines(events):
+    return [e for e in events if e.get("log_namespace") == "policyd.limits"
+            and e.get("incident") == "buffered share"]
+
+
+def test_fresh_partial_requests_cannot_get_another_peers_request_refused(events):
+    """uid 65534 keeps the buffers just under ``max_buffered`` with partial lines, each
+    younger than a second (none idle, so none closed for the limit alone); the MTA's
+    request arriving in two reads (a header block) does not fit: uid 65534, over its
+    half, loses its largest partial lines (answered 4xx) and the MTA's request is
+    answered.  uid 65534's next partial line is then refused, the MTA's untouched.  One
+    warning names the peer."""
+    clock, factory, limits = exim_listener(10_000)
+    flood = []
+    for size in (1000, 1000, 1000, 1500, 1000, 1000, 1000, 1000, 1000):
+        flood.append(partial(factory, 65534, size))
+        clock.advance(0.05)
+    assert limits.buffered == 9500
+    request = mta_request()
+    mta_t = UnixTransport(107)
+    mta = join(factory, mta_t)
+    mta.dataReceived(request[:2500])
+    assert not mta_t.disconnecting
+    # 12000 bytes for 10000: the 1500 bytes of uid 65534 go first, then a 1000.
+    closed = [t.value() for _, t in flood if t.disconnecting]
+    assert closed == [EXIM_BUSY, EXIM_BUSY] and flood[3][1].disconnecting
+    assert limits.buffered <= 10_000
+    for proto, transport in flood:
+        if transport.disconnecting:
+            proto.connectionLost(None)
+    mta.dataReceived(request[2500:])
+    assert mta_t.value().startswith(b"REJECT 550")
+    mta.connectionLost(None)
+    second_t = UnixTransport(107)
+    second = join(factory, second_t)
+    second.dataReceived(request[:2000])
+    flood.append(partial(factory, 65534, 3000))  # uid 65534 over its half: refused
+    assert flood[-1][1].value() == EXIM_BUSY
+    assert not second_t.disconnecting
+    second.dataReceived(request[2000:])
+    assert second_t.value().startswith(b"REJECT 550")
+    assert factory.share_evicted == 2 and factory.share_refused == 1
+    lines = buffer_share_lines(events)
+    assert len(lines) == 1
+    assert "the peer uid 65534 holds 9500 of the 12000 bytes" in lines[0]["doing"]
+    clock.pump([1] * 15)
+    lines = buffer_share_lines(events)
+    assert len(lines) == 2 and lines[1]["closed"] == 2 and lines[1]["refused"] == 1
+
+
+def test_a_peer_within_its_share_is_refused_only_when_the_others_are_too():
+    """Three peers, a third each: uid 2000's request beyond its third is refused though
+    uid 1000 holds more, and nothing of the others is closed; uid 3000, within its third,
+    closes uid 1000's request, the one over its third, never uid 2000's."""
+    clock, factory, limits = exim_listener(9_000)
+    big = partial(factory, 1000, 4000)
+    middle = partial(factory, 2000, 3400)
+    small_t = UnixTransport(3000)
+    small = join(factory, small_t)
+    small.dataReceived(b"POLICYD/1 list=" + b"a" * 985)
+    clock.advance(0.2)
+    middle[0].dataReceived(b"b" * 700)  # uid 2000 would hold 4100 of the 9100
+    assert middle[1].value() == EXIM_BUSY
+    assert not big[1].disconnecting and not small_t.disconnecting
+    assert factory.share_refused == 1 and factory.share_evicted == 0
+    middle[0].connectionLost(None)
+    other = partial(factory, 2000, 2900)
+    small.dataReceived(b"c" * 1900)  # uid 3000 within its 3000: uid 1000 pays
+    assert not small_t.disconnecting and big[1].value() == EXIM_BUSY
+    assert not other[1].disconnecting
+    assert factory.share_evicted == 1 and factory.share_refused == 1
+
+
+def test_a_request_being_decided_is_never_closed_for_the_share():
+    """uid 1000's request arrived in two reads and waits for a password check in a
+    thread, its bytes still held: the MTA's request that does not fit is refused, and
+    nothing of uid 1000 is closed in vain (closing its small partial line would not
+    make room); the waiting request gets its answer."""
+    threads = passwords.Threads()
+    factory = passwords.factory(threads)
+    limits = buffering(factory, 1500)
+    headers = (f"From: stranger@outside.example\nTo: {passwords.LIST}\n"
+               f"Approved: right horse\nX-Pad: {'p' * 800}\n").encode()
+    request = (f"POLICYD/1 list={passwords.LIST} "
+               f"sender={passwords.b64(b'stranger@outside.example')} "
+               f"headers={passwords.b64(headers)}\n").encode()
+    waiting_t = UnixTransport(1000)
+    waiting = join(factory, waiting_t)
+    waiting.dataReceived(request[:900])
+    waiting.dataReceived(request[900:])
+    assert waiting.waiting and limits.buffered == 900
+    small = partial(factory, 1000, 100)
+    mta_t = UnixTransport(107)
+    join(factory, mta_t).dataReceived(b"POLICYD/1 list=" + b"a" * 685)
+    assert mta_t.value() == EXIM_BUSY
+    assert not waiting_t.disconnecting and not small[1].disconnecting
+    threads.run_all()
+    assert waiting_t.value().startswith(b"ACCEPT 250")

@@ -8,6 +8,7 @@ client's requests); it asserts correct answers, never timings.
 
 from __future__ import annotations
 
+import base64
 import os
 import shlex
 import shutil
@@ -18,6 +19,8 @@ import threading
 import time
 
 import pytest
+
+from tests.requirements import require
 
 from .conftest import BIN, LIST, MEMBER, NONMEMBER, PostfixClient, exim_ask, exim_line, \
     free_port, wait_until
@@ -508,6 +511,100 @@ def test_another_uid_flooding_leaves_the_mta_its_share(run, daemons, listen):
     assert share and f"the peer {flooder} holds" in share[0], share
     assert daemon.terminate() == 0
 
+
+
+#: A process of its own (run as another uid) keeping the buffers full: ``COUNT``
+#: connections to the Unix socket ``PATH``, each holding ``SIZE`` bytes of an Exim line
+#: never ended, each replaced by a fresh one after 0.8 s or as soon as the daemon closes
+#: it (none ever a second old: none idle); prints ``ready`` once it has opened ``COUNT``,
+#: runs until killed.
+PARTIAL_LINES = r"""
+import socket, sys, time
+path, count, size = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
+begun = b"POLICYD/1 list=" + b"a" * (size - 15)
+socks, opened, told = [], 0, False
+while True:
+    now = time.monotonic()
+    alive = []
+    for at, s in socks:
+        if now - at >= 0.8:
+            s.close()
+            continue
+        try:
+            s.recv(1, socket.MSG_PEEK)  # an answer (busy) or the close: replace it
+            s.close()
+            continue
+        except BlockingIOError:
+            pass
+        except OSError:
+            s.close()
+            continue
+        alive.append((at, s))
+    socks = alive
+    while len(socks) < count:
+        s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        try:
+            s.settimeout(1.0)
+            s.connect(path)
+            s.sendall(begun)
+            s.setblocking(False)
+        except OSError:
+            s.close()
+            break
+        socks.append((time.monotonic(), s))
+        opened += 1
+    if opened >= count and not told:
+        print("ready", flush=True)
+        told = True
+    time.sleep(0.005)
+"""
+
+
+def test_another_uid_keeping_the_buffers_full_leaves_the_mta_its_share(run, daemons):
+    """A process running as ``nobody`` keeps the buffered bytes of incomplete requests
+    at ``max_buffered`` (1 MiB) with Exim lines it never ends, each younger than a
+    second; the MTA's requests (this test's uid) with a 120 KB header block, which
+    always arrive in several reads, are all answered: the flooding uid, over its share
+    of the bytes, loses its partial lines for them.  The incident names the uid."""
+    require(os.geteuid() == 0, "running a client as another uid (nobody) needs root")
+    run.write_config(exim_listen=f"unix:{run.exim_socket}:mode=666", log_file=True)
+    text = run.config.read_text()
+    run.config.write_text(text.replace("[daemon]\n", "[daemon]\nmax_buffered = 1048576\n")
+                          .replace("timeout = 3\n", "timeout = 3\nmax_request = 262144\n"))
+    run.fill()
+    os.chmod(run.path, 0o711)  # nobody may reach the socket
+    daemon = daemons(run)
+    daemon.wait_ready()
+    headers = (f"From: {NONMEMBER}\nSubject: x\nX-Pad: " + "p" * 90000 + "\n").encode()
+    request = exim_line(LIST, NONMEMBER) + b" headers=" + base64.b64encode(headers) + b"\n"
+    python = shutil.which("python3", path="/usr/bin:/bin") or sys.executable
+    flood = subprocess.Popen([python, "-c", PARTIAL_LINES, str(run.exim_socket), "40",
+                              "30000"], stdout=subprocess.PIPE, user=65534, group=65534,
+                             cwd="/")
+    total = 20
+    answers: list[bytes] = []
+    try:
+        assert flood.stdout.readline() == b"ready\n"
+        for _ in range(total):
+            try:
+                answers.append(exim_ask(run.exim_socket, request))
+            except OSError as error:
+                answers.append(repr(error).encode())
+        status = daemon.status()
+    finally:
+        flood.kill()
+        flood.wait(10)
+    failures = [a[:80] for a in answers if not a.startswith(b"REJECT 550")]
+    print(f"\nbuffers kept full by uid 65534: {total - len(failures)} of {total} MTA "
+          f"requests with a 120 KB header block answered; {failures[:3]}")
+    assert not failures, failures[:10]
+    exim = [listener for listener in status["listeners"] if listener["kind"] == "exim"]
+    assert exim and exim[0]["share_evicted"] > 0, exim
+    share = [line for line in daemon.text().splitlines()
+             if "[policyd.limits]" in line and "max_buffered" in line
+             and "shared between peers" in line]
+    assert share and "the peer uid 65534 holds" in share[0], share
+    assert daemon.terminate() == 0
 
 class Trickler(Background):
     """A local client that keeps ``count`` connections to a TCP port open, each with a
