@@ -51,8 +51,8 @@ class StoreConfig:
     # Seconds without the store confirming the snapshot as its current state after which
     # every query gets the temporary failure (``SnapshotService.stale_reason``); 0: never.
     max_stale: float = 900.0
-    # Mailman 3 backend: a verification build (full, compared with the incremental
-    # result) every this many seconds; 0 disables it.
+    # Both backends: a verification build (full, compared with the incremental result)
+    # every this many seconds; 0 disables it.
     verify_interval: float = 600.0
     # Native store on PostgreSQL: LISTEN for the triggers' NOTIFY and refresh at once
     # (``policyd.change_listener``); ignored by a store that cannot notify.

@@ -14,11 +14,14 @@ Failure policy:
   ``quiet_interval`` seconds without a failure, so a store failing now and then is one
   incident, and ``status()`` stays unhealthy meanwhile instead of flipping at every
   refresh;
-* a verification build (``load_verified``, Mailman 3) that fails does not stop the
+* a verification build (``load_verified``) that fails does not stop the
   refresh: it loads what changed through the usual path, the failure is logged once
   until a verification build works again, and ``status()`` says since when it fails;
 * two refreshes never overlap: a tick that finds one running does nothing, a forced reload
   requested meanwhile runs right after it;
+* a store whose change detection cannot be trusted (the native store's triggers missing
+  or disabled: ``change_detection_problem``) keeps being served, from full builds; it is
+  logged once, and ``status()`` says unhealthy with the reason until it is fixed;
 * before the first snapshot ``current`` is ``None`` and ``unavailable_reason`` says why;
   the decision service then answers every query with the configured temporary failure;
 * a refresh still running after ``refresh_timeout`` seconds (a stuck store: a lock, a
@@ -231,6 +234,9 @@ class SnapshotService(Service):
         self.verify_error: str | None = None
         self.verify_error_at: float | None = None
         self.verified_at: float | None = None
+        # Why the store's change detection cannot be trusted (the backend's
+        # ``change_detection_problem`` after the last refresh), else None.
+        self.change_detection_problem: str | None = None
         self._forced: list[Deferred] = []
         self._attempt_waiters: list[Deferred] | None = []
         self._timer = TimerService(interval, self.tick)
@@ -362,16 +368,22 @@ class SnapshotService(Service):
         return d
 
     def _work(self, force: bool, current: Snapshot | None):
-        """In the store thread: (token, new snapshot or None, description or None, how,
-        what a verification build gave: None if none was tried, True, or its Failure).
+        """In the store thread: ``_load``'s result and the backend's
+        ``change_detection_problem`` as that left it."""
+        result = self._load(force, current)
+        return result + (getattr(self.backend, "change_detection_problem", None),)
+
+    def _load(self, force: bool, current: Snapshot | None):
+        """(token, new snapshot or None, description or None, how, what a verification
+        build gave: None if none was tried, True, or its Failure).
 
         A forced refresh (SIGHUP, ``reload``) is always a full build; a change seen by
         the token is an incremental one where the backend can do that safely
         (``load_changes``).  A backend whose change detection is inferred rather than
-        exact (Mailman 3) asks, through ``verification_due()``, for a periodic
-        verification build (``load_verified``): a full build compared with what the
-        incremental path serves; a divergence is logged (in ``_done``) and the full build
-        swapped in.  A verification build that fails takes the usual path in the same
+        exact (Mailman 3), or exact only while its triggers fire (the native store),
+        asks, through ``verification_due()``, for a periodic verification build
+        (``load_verified``): a full build compared with what the incremental path
+        serves; a divergence is logged (in ``_done``) and the full build swapped in.  A verification build that fails takes the usual path in the same
         refresh: the snapshot is never older than that path can make it."""
         full = force or current is None
         # A full build reads the token inside its own consistent read: none asked first.
@@ -431,8 +443,9 @@ class SnapshotService(Service):
         return token, snapshot, self.backend.describe(), how, verified
 
     def _done(self, result) -> bool:
-        token, snapshot, description, how, verified = result
+        token, snapshot, description, how, verified, problem = result
         now = self.monotonic()
+        self._change_detection(problem)
         divergence, self._divergence = self._divergence, []
         if divergence:
             log.warn("verification build: the incremental snapshot differed from the "
@@ -538,6 +551,18 @@ class SnapshotService(Service):
                  duration=now - (self.failing_since if self.failing_since is not None
                                  else now),
                  serving=serving)
+
+    def _change_detection(self, problem: str | None) -> None:
+        """The backend's ``change_detection_problem`` after a refresh: logged when it
+        begins or changes, and once when it ends."""
+        before, self.change_detection_problem = self.change_detection_problem, problem
+        if problem is not None and problem != before:
+            log.error("{problem}; until that is fixed every change is loaded with a full "
+                      "build and every refresh is a verification build, and status says "
+                      "the store is unhealthy", problem=problem)
+        elif problem is None and before is not None:
+            log.info("the store's change triggers all fire again; refreshes are "
+                     "incremental again")
 
     def _verification_done(self, verified, now: float) -> None:
         """What a verification build gave (``True`` or its Failure): a failure is logged
@@ -740,7 +765,7 @@ class SnapshotService(Service):
                     f"again after {self.quiet_interval:g} s without a failure")
         if self.checked_at is None:
             return "the store has not answered yet"
-        return None
+        return self.change_detection_problem
 
     def _unexpected(self, failure: Failure) -> bool:
         log.failure("unexpected error in the snapshot refresh", failure)
@@ -788,6 +813,7 @@ class SnapshotService(Service):
                 "last_load_seconds": (None if self.last_load_seconds is None
                                       else round(self.last_load_seconds, 3)),
                 "verification": self._verification_status(now),
+                "change_detection_problem": self.change_detection_problem,
                 "listen": self.listen_status(),
             },
         }

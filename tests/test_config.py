@@ -100,7 +100,7 @@ def test_missing_file(tmp_path):
 
 
 def test_verify_interval_defaults_to_ten_minutes_and_zero_disables():
-    """``[store] verify_interval``: the Mailman 3 backend's verification build period."""
+    """``[store] verify_interval``: the verification build period of both backends."""
     assert parse("", "x.conf").store.verify_interval == 600.0
     assert parse("[store]\nverify_interval = 0\n", "x.conf").store.verify_interval == 0.0
 

@@ -647,7 +647,7 @@ def test_the_mailman3_backend_backs_off_after_a_failed_verification(tmp_path):
                               verify_interval=600.0)
     try:
         assert not backend.verification_due()
-        backend._last_full -= 600.0
+        backend.verifications.last_full -= 600.0
         assert backend.verification_due()
         with pytest.raises(StoreUnavailable):  # no Mailman tables: the build fails
             backend.load_verified(FakeBackend().load_snapshot())

@@ -30,7 +30,8 @@ def open_backend(store_config: StoreConfig):
     exists)."""
     if store_config.backend == "native":
         return NativeBackend(store_config.url, store_config.timeouts,
-                             store_config.site_header_checks)
+                             store_config.site_header_checks,
+                             verify_interval=store_config.verify_interval)
     try:
         module = importlib.import_module(f"{__name__}.{store_config.backend}")
     except ModuleNotFoundError:

@@ -24,6 +24,10 @@ Mailman 3 reader's, gets its connect, statement and lock timeouts here
 A timeout is an ``SQLAlchemyError`` like any other store error, which every caller turns
 into ``StoreUnavailable`` (``policyctl`` exit 5); ``first_line`` names the key to tune.
 
+Health beyond the schema (``schema_problem``): ``trigger_problem`` names the change
+triggers (``expected_triggers``: each migration that creates some lists them in its
+``change_triggers(dialect)``) that are missing or, on PostgreSQL, disabled.
+
 A SQLite store file policyd creates (``policyctl init``, the demo, the daemon) is mode
 0640 whatever the umask (``create_store_file``, just before SQLite's first connection
 would create it), and when root creates it, it belongs to the owner and group of its
@@ -324,6 +328,69 @@ def schema_problem(connection: Connection) -> str | None:
         return (f"the store's schema is at revision {revision}, this policyd needs {head}; "
                 "run `policyctl migrate`")
     return None
+
+
+@lru_cache(maxsize=None)
+def expected_triggers(dialect: str) -> tuple[tuple[str, str], ...]:
+    """(table, trigger name) of every change trigger the schema at head has on
+    ``dialect``: the union of ``change_triggers(dialect)`` over the migrations that
+    define it (a migration that adds change triggers lists them there)."""
+    from alembic.script import ScriptDirectory
+
+    scripts = ScriptDirectory.from_config(_alembic_config(None))  # type: ignore[arg-type]
+    found: set[tuple[str, str]] = set()
+    for script in scripts.walk_revisions():
+        listed = getattr(script.module, "change_triggers", None)
+        if listed is not None:
+            found.update(listed(dialect))
+    return tuple(sorted(found))
+
+
+# PostgreSQL's ``pg_trigger.tgenabled``: "O" fires in ordinary sessions, "A" always; "D"
+# (``DISABLE TRIGGER``) never, "R" only in replica sessions (``ENABLE REPLICA TRIGGER``).
+_FIRES = ("O", "A")
+
+
+def _triggers_present(connection: Connection) -> dict[tuple[str, str], bool]:
+    """(table, trigger name) -> whether it fires for an ordinary writer."""
+    dialect = connection.dialect.name
+    if dialect == "postgresql":
+        rows = connection.execute(text(
+            "SELECT c.relname, t.tgname, t.tgenabled FROM pg_trigger t "
+            "JOIN pg_class c ON c.oid = t.tgrelid "
+            "WHERE NOT t.tgisinternal AND pg_table_is_visible(c.oid)"))
+        return {(table, name): str(enabled) in _FIRES for table, name, enabled in rows}
+    if dialect in ("mysql", "mariadb"):
+        rows = connection.execute(text(
+            "SELECT EVENT_OBJECT_TABLE, TRIGGER_NAME FROM information_schema.TRIGGERS "
+            "WHERE TRIGGER_SCHEMA = DATABASE()"))
+    else:
+        rows = connection.execute(text(
+            "SELECT tbl_name, name FROM sqlite_master WHERE type = 'trigger'"))
+    return {(table, name): True for table, name in rows}
+
+
+def trigger_problem(connection: Connection) -> str | None:
+    """Which of the store's change triggers (``expected_triggers``) are missing or
+    disabled, else ``None``.  Without them a write moves no list revision: the
+    incremental refresh and the change token miss it."""
+    present = _triggers_present(connection)
+    missing, disabled = [], []
+    for table, name in expected_triggers(connection.dialect.name):
+        fires = present.get((table, name))
+        if fires is None:
+            missing.append(f"{name} on {table}")
+        elif not fires:
+            disabled.append(f"{name} on {table}")
+    if not (missing or disabled):
+        return None
+    parts = []
+    if missing:
+        parts.append(f"missing: {', '.join(missing)}")
+    if disabled:
+        parts.append(f"disabled: {', '.join(disabled)} (ALTER TABLE ... ENABLE TRIGGER)")
+    return ("the store's change triggers do not all fire (" + "; ".join(parts)
+            + "): writes that bypass them are only seen by a full build")
 
 
 def ping(connection: Connection) -> None:

@@ -468,8 +468,7 @@ class Mailman3Backend:
         # Made on the first token, when the server's version is known (``_hashes_tid``).
         self._token_sql = None
         # The periodic verification build (``verification_due``, ``load_verified``).
-        self.verify_interval = verify_interval
-        self._last_full = time.monotonic()
+        self.verifications = refresh.VerificationSchedule(verify_interval)
         # SQLite only: PRAGMA data_version on one long-lived connection changes whenever
         # another connection (Mailman) commits; while it stays the same, the last token
         # still holds and the aggregates need not be recomputed.  It stays the same too
@@ -597,23 +596,17 @@ class Mailman3Backend:
         """Whether the next refresh should be a verification build (``load_verified``):
         ``verify_interval`` seconds after the last full build or failed verification
         build."""
-        return (self.verify_interval > 0
-                and time.monotonic() - self._last_full >= self.verify_interval)
+        return self.verifications.due()
 
     def load_verified(self, previous: Snapshot) -> tuple[Snapshot, list[str]]:
         """A full build, and how what the incremental path serves for the same state
         differs from it (``refresh.verify``); empty when they decide alike.  A failure
         counts as an attempt: the next one is due ``verify_interval`` later."""
         prior = refresh.prior_state(previous, self.url)
-        try:
-            return self._consistent_read(lambda connection, token: self._reading(
+        return self.verifications.attempt(lambda: self._consistent_read(
+            lambda connection, token: self._reading(
                 lambda: refresh.verify(previous, prior, self._source(connection, token),
-                                       version=token)))
-        except Exception:
-            # Retried at once, a build that fails for its size (a statement timeout on
-            # the big scan) would fail on every refresh, each costing the whole timeout.
-            self._last_full = time.monotonic()
-            raise
+                                       version=token))))
 
     # -- internals --------------------------------------------------------------------------
 
@@ -777,7 +770,7 @@ class _Source:
                          **({} if site is None else {"site_header_checks": site}))
         if problems:
             snapshot = replace(snapshot, problems=tuple(problems) + snapshot.problems)
-        self.backend._last_full = time.monotonic()
+        self.backend.verifications.built()
         return snapshot
 
     def lists(self, state: SourceState, changed):

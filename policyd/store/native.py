@@ -22,6 +22,7 @@ import hashlib
 import time
 from collections import defaultdict
 from contextlib import contextmanager
+from dataclasses import replace
 from typing import Collection, Iterator
 
 from sqlalchemy import SmallInteger, func, null, or_, select, type_coerce
@@ -354,6 +355,15 @@ def load_specs(connection: Connection, list_ids: Collection[int] | None = None
 # snapshot's ``SourceState`` holds, per list, its posting address, revision and nonce,
 # and the shared ones; ``refresh.load_changes`` rebuilds the lists whose revision or
 # nonce moved (a diverged copy of the store copied over it: same revision, other nonce).
+#
+# Exact as long as the triggers fire.  A writer can bypass them: a PostgreSQL session
+# with ``session_replication_role = replica`` (a logical replication subscriber,
+# ``pg_restore --disable-triggers``), ``ALTER TABLE ... DISABLE TRIGGER``, a trigger
+# dropped by hand.  So, as for Mailman 3, every ``[store] verify_interval`` seconds the
+# snapshot service asks for a verification build (``load_verified``).  And every load
+# looks for the triggers themselves (``engine.trigger_problem``): while one is missing or
+# disabled, ``change_detection_problem`` says which (``status`` shows the store
+# unhealthy), every change is a full build and every refresh a verification build.
 
 
 def read_state(connection: Connection, origin: str = "") -> SourceState:
@@ -376,8 +386,10 @@ class _NativeSource:
 
     def __init__(self, connection: Connection, origin: str, version: str,
                  started: float,
-                 site_header_checks=snapshot_module.NO_SITE_CHECKS) -> None:
+                 site_header_checks=snapshot_module.NO_SITE_CHECKS,
+                 verifications: refresh.VerificationSchedule | None = None) -> None:
         self.connection = connection
+        self.verifications = verifications
         self.site_header_checks = site_header_checks
         self.origin = origin
         self.version = version
@@ -394,6 +406,8 @@ class _NativeSource:
                                          source_state=state, pause=pace,
                                          site_header_checks=self.site_header_checks)
         heap.free_piecewise(specs, pause=pace)
+        if self.verifications is not None:
+            self.verifications.built()
         return snapshot
 
     def lists(self, state: SourceState, changed):
@@ -407,8 +421,14 @@ class NativeBackend:
     name = "native"
 
     def __init__(self, url: str, timeouts=None,
-                 site_header_checks=snapshot_module.NO_SITE_CHECKS) -> None:
+                 site_header_checks=snapshot_module.NO_SITE_CHECKS,
+                 verify_interval: float = 600.0) -> None:
         self.url = url
+        # The periodic verification build (``verification_due``, ``load_verified``).
+        self.verifications = refresh.VerificationSchedule(verify_interval)
+        # Why the triggers cannot be trusted (``engine.trigger_problem``), from the last
+        # load or check; None while they all fire.
+        self.change_detection_problem: str | None = None
         # ``[mailman] config_file``'s site header checks, put in every full build.
         self.site_header_checks = site_header_checks
         self.timeouts = timeouts
@@ -475,35 +495,69 @@ class NativeBackend:
         with self._connection() as connection:
             return read_token(connection, self._identity)
 
+    def _source(self, connection: Connection, started: float) -> tuple[_NativeSource, str]:
+        """(a ``_NativeSource`` over ``connection``, the change token), after looking
+        for the triggers."""
+        # After the connection: it notices a replaced SQLite file, and the store id
+        # another store copied over it or a recreated database (a new origin).
+        version, store_id = read_token_and_id(connection, self._identity)
+        self._check_triggers(connection)
+        return _NativeSource(connection, self._origin(store_id), version, started,
+                             self.site_header_checks, self.verifications), version
+
+    def _check_triggers(self, connection: Connection) -> None:
+        self.change_detection_problem = engine_module.trigger_problem(connection)
+
     def load_snapshot(self) -> Snapshot:
         started = time.time()
         with self._connection(consistent=True) as connection:
-            version, store_id = read_token_and_id(connection, self._identity)
-            source = _NativeSource(connection, self._origin(store_id), version, started,
-                                   self.site_header_checks)
+            source, _ = self._source(connection, started)
             return source.full(read_state(connection, source.origin))
 
     def load_changes(self, previous: Snapshot) -> Snapshot:
         """The snapshot after a change: ``previous`` with only the lists whose revision
-        moved rebuilt (``refresh.load_changes``), else a full build."""
+        moved rebuilt (``refresh.load_changes``), else a full build (always while the
+        triggers cannot be trusted)."""
         started = time.time()
         with self._connection(consistent=True) as connection:
-            # After the connection: it notices a replaced SQLite file, and the store id
-            # another store copied over it or a recreated database (a new origin).
-            version, store_id = read_token_and_id(connection, self._identity)
-            origin = self._origin(store_id)
-            prior = refresh.prior_state(previous, origin)
-            source = _NativeSource(connection, origin, version, started,
-                                   self.site_header_checks)
+            source, version = self._source(connection, started)
+            prior = refresh.prior_state(previous, source.origin)
             if prior is None:
                 return source.full(read_state(connection, source.origin))
+            if self.change_detection_problem is not None:
+                return replace(source.full(read_state(connection, source.origin)),
+                               built_how="full build: change triggers do not all fire")
             return refresh.load_changes(previous, prior, source, version=version,
                                         started=started)
 
+    def verification_due(self) -> bool:
+        """Whether the next refresh should be a verification build (``load_verified``):
+        ``verify_interval`` seconds after the last full build or failed verification
+        build, and at every refresh while the triggers cannot be trusted."""
+        return self.verifications.due(always=self.change_detection_problem is not None)
+
+    def load_verified(self, previous: Snapshot) -> tuple[Snapshot, list[str]]:
+        """A full build, and how what the incremental path serves for the same state
+        differs from it (``refresh.verify``): a write that bypassed the triggers shows
+        there.  A failure counts as an attempt (``VerificationSchedule.attempt``)."""
+        return self.verifications.attempt(lambda: self._verify(previous))
+
+    def _verify(self, previous: Snapshot) -> tuple[Snapshot, list[str]]:
+        started = time.time()
+        with self._connection(consistent=True) as connection:
+            source, version = self._source(connection, started)
+            return refresh.verify(previous, refresh.prior_state(previous, source.origin),
+                                  source, version=version, started=started)
+
     def check(self) -> None:
+        """``StoreUnavailable`` unless the store answers with the current schema; missing
+        or disabled triggers are not an error (full builds stay right): they are
+        ``change_detection_problem``, which ``describe()`` names."""
         with self._connection() as connection:
             engine_module.ping(connection)
             problem = engine_module.schema_problem(connection)
+            if problem is None:
+                self._check_triggers(connection)
         if problem is not None:
             raise StoreUnavailable(f"store {engine_module.safe_url(self.url)}: {problem}")
 
@@ -516,7 +570,9 @@ class NativeBackend:
             revision = self.revision() or "none"
         except StoreUnavailable:
             revision = "unknown"
-        return f"native {engine_module.safe_url(self.url)} (schema rev {revision})"
+        problem = self.change_detection_problem
+        return (f"native {engine_module.safe_url(self.url)} (schema rev {revision})"
+                + ("" if problem is None else f"; {problem}"))
 
     # --- notifications (PostgreSQL) -----------------------------------------------------
 

@@ -18,21 +18,24 @@ unchanged lists stay valid) or does a full build.  A full build whenever:
 * more than ``MAX_INCREMENTAL_LISTS`` lists changed (one full build is then cheaper).
 
 ``differences`` compares two snapshots by everything a decision reads: the periodic
-verification build of a backend without exact change detection (Mailman 3) uses it to
-check its incremental result against a full one.
+verification build (``verify``, scheduled by ``VerificationSchedule``) uses it to check a
+backend's incremental result against a full one.  Mailman 3 needs it because its change
+detection is inferred; the native store because its triggers can be bypassed (a
+PostgreSQL session with ``session_replication_role = replica``, a disabled or dropped
+trigger).
 """
 
 from __future__ import annotations
 
 import time
 from dataclasses import dataclass, replace
-from typing import Hashable, Iterable, Mapping, Protocol, Sequence
+from typing import Callable, Hashable, Iterable, Mapping, Protocol, Sequence, TypeVar
 
 from ..runtime.pacing import pace
 from ..core.snapshot import ListSpec, Snapshot, replace_lists
 
 __all__ = ["MAX_INCREMENTAL_LISTS", "SourceState", "Source", "Plan", "plan", "prior_state",
-           "load_changes", "verify", "content", "differences"]
+           "load_changes", "verify", "VerificationSchedule", "content", "differences"]
 
 MAX_INCREMENTAL_LISTS = 64
 
@@ -155,6 +158,44 @@ def verify(previous: Snapshot, prior: SourceState | None, source: Source, *, ver
         state = incremental.source_state
     full = source.full(state)
     return full, differences(incremental, full)
+
+
+T = TypeVar("T")
+
+
+class VerificationSchedule:
+    """When a backend's next verification build (``verify``) is due: ``interval`` seconds
+    (``[store] verify_interval``; 0: never) after its last full build or failed
+    verification build.  A backend calls ``built()`` from every full build and runs its
+    verification builds through ``attempt``."""
+
+    def __init__(self, interval: float) -> None:
+        self.interval = interval
+        self.last_full = time.monotonic()
+        # Whether the last verification build failed (no full build since).
+        self.failed = False
+
+    def due(self, always: bool = False) -> bool:
+        """``always``: due at every refresh (a backend that knows its change detection
+        is broken), unless the last attempt failed: then ``interval`` after it."""
+        if always and not self.failed:
+            return True
+        return self.interval > 0 and time.monotonic() - self.last_full >= self.interval
+
+    def built(self) -> None:
+        self.last_full = time.monotonic()
+        self.failed = False
+
+    def attempt(self, build: Callable[[], T]) -> T:
+        """``build()``; a failure counts as an attempt: retried at once, a build that
+        fails for its size (a statement timeout on the big scan) would fail on every
+        refresh, each costing the whole timeout."""
+        try:
+            return build()
+        except Exception:
+            self.last_full = time.monotonic()
+            self.failed = True
+            raise
 
 
 # --- comparing snapshots -------------------------------------------------------------------

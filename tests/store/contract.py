@@ -923,3 +923,129 @@ class StoreContract:
             assert all(0 <= n < 2 ** 60 for n in rows.values())
         finally:
             store.close()
+
+    # --- writes that bypass the triggers -------------------------------------------------
+
+    BYPASSED = ("addresses", "policyd_rev_addresses_au")
+
+    @staticmethod
+    def drop_trigger(connection, table: str, name: str) -> None:
+        if connection.dialect.name == "postgresql":
+            connection.exec_driver_sql(f"DROP TRIGGER {name} ON {table}")
+        else:
+            connection.exec_driver_sql(f"DROP TRIGGER {name}")
+
+    @staticmethod
+    def recreate_triggers(store) -> None:
+        """What re-running migration 0007's upgrade does: every trigger made again."""
+        import importlib
+
+        migration = importlib.import_module(
+            "policyd.store.migrations.versions.0002_list_revisions")
+        with store.engine.begin() as connection:
+            for statement in migration.statements(connection.dialect.name, nonce=True):
+                connection.exec_driver_sql(statement)
+
+    @staticmethod
+    def rename_member(connection, old: str, new: str) -> None:
+        a = Address.__table__
+        connection.execute(update(a).where(a.c.email == old).values(email=new, original=new))
+
+    @staticmethod
+    def serve(backend):
+        """A snapshot service over ``backend`` on a ``Clock``, the store thread run
+        synchronously."""
+        from twisted.internet.task import Clock
+
+        from policyd.snapshot_service import SnapshotService
+        from tests.protocols.fakes import run_now
+
+        clock = Clock()
+        service = SnapshotService(backend, interval=2.0, clock=clock, run_in_thread=run_now,
+                                  monotonic=clock.seconds)
+        service.startService()
+        return service, clock
+
+    @staticmethod
+    def logged(events, words: str) -> list:
+        return [e for e in events if words in e.get("log_format", "")]
+
+    def test_a_write_around_a_dropped_trigger_is_caught_by_the_verification_build(
+            self, store, backend, two_lists):
+        """A change trigger dropped by hand, then an address edited (a member renamed):
+        no revision moves, nor the change token, and the old code served the old member
+        for ever with a healthy status.  The next verification build (``[store]
+        verify_interval``) serves what the store holds and logs the divergence naming
+        the list; it also finds the trigger missing: status says unhealthy naming it
+        (logged once), and every refresh is a verification build until the trigger is
+        back, which ends it with one line."""
+        from tests.protocols.fakes import captured_events
+
+        service, clock = self.serve(backend)
+        try:
+            with store.engine.begin() as connection:
+                self.drop_trigger(connection, *self.BYPASSED)
+                self.rename_member(connection, "a@example.com", "mallory@example.com")
+            assert backend.change_token() == service.current.version
+            with captured_events() as events:
+                clock.advance(2)  # verification not due yet: the token alone is read
+                assert "a@example.com" in service.current.lists[LIST].members
+                backend.verifications.last_full -= 600
+                clock.advance(2)
+                clock.advance(2)
+            served = service.current.lists[LIST].members
+            assert "mallory@example.com" in served and "a@example.com" not in served
+            assert self.content(service.current) == self.content(backend.load_snapshot())
+            [divergence] = self.logged(events, "the incremental snapshot differed")
+            assert divergence["differences"] == LIST
+            [trouble] = self.logged(events, "until that is fixed")
+            assert "missing: policyd_rev_addresses_au on addresses" in trouble["problem"]
+            status = service.status()["store"]
+            assert status["healthy"] is False
+            assert "policyd_rev_addresses_au on addresses" in status["unhealthy_reason"]
+            assert backend.verification_due()
+
+            # Without the trigger, a rename back is still seen at the next refresh.
+            with store.engine.begin() as connection:
+                self.rename_member(connection, "mallory@example.com", "a@example.com")
+            clock.advance(2)
+            assert "a@example.com" in service.current.lists[LIST].members
+
+            self.recreate_triggers(store)
+            with captured_events() as events:
+                clock.advance(2)
+            assert self.logged(events, "change triggers all fire again")
+            assert service.status()["store"]["healthy"] is True
+            assert not backend.verification_due()
+        finally:
+            service.stopService()
+
+    def test_check_and_describe_name_a_dropped_trigger(self, store, backend, mlist):
+        """``check()`` (``policyctl status --offline``, ``query --offline``) still passes
+        with a change trigger missing (full builds stay right), and ``describe()`` names
+        the trigger and its table; with the triggers back it says nothing of them."""
+        backend.check()
+        assert "trigger" not in backend.describe()
+        with store.engine.begin() as connection:
+            self.drop_trigger(connection, "lists", "policyd_rev_lists_au")
+        backend.check()
+        assert "missing: policyd_rev_lists_au on lists" in backend.describe()
+        assert backend.change_detection_problem in backend.describe()
+        self.recreate_triggers(store)
+        backend.check()
+        assert backend.change_detection_problem is None
+        assert "trigger" not in backend.describe()
+
+    def test_the_expected_change_triggers_are_the_ones_the_migrations_make(self, store):
+        """``engine.expected_triggers`` (what the daemon looks for) is exactly the set of
+        policyd's triggers a migrated store has, the NOTIFY ones aside: a migration that
+        adds a change trigger without listing it in its ``change_triggers`` fails here."""
+        from policyd.store import engine as engine_module
+
+        with store.engine.connect() as connection:
+            expected = engine_module.expected_triggers(connection.dialect.name)
+            made = {(table, name) for table, name
+                    in engine_module._triggers_present(connection)
+                    if name.startswith("policyd_") and not name.startswith("policyd_notify_")}
+            assert engine_module.trigger_problem(connection) is None
+        assert set(expected) == made

@@ -12,7 +12,7 @@ import uuid
 import pytest
 
 from tests.requirements import require
-from tests.store.contract import StoreContract
+from tests.store.contract import LIST, StoreContract
 
 PG = ("127.0.0.1", 5432)
 MARIADB = ("127.0.0.1", 3306)
@@ -91,3 +91,92 @@ class TestMariadbStore(StoreContract):
     @pytest.fixture
     def fresh_database(self, mariadb_databases):
         return mariadb_databases
+
+
+@pytest.mark.integration
+@pytest.mark.postgres
+class TestPostgresTriggerBypass:
+    """Writes PostgreSQL lets bypass the native store's triggers."""
+
+    @pytest.fixture
+    def store(self, postgres_databases):
+        from policyd.store import Store
+        from policyd.store import queries as q
+        from policyd.store.models import MemberRole
+
+        store = Store(postgres_databases())
+        store.upgrade()
+        with store.write() as session:
+            q.add_list(session, LIST)
+            q.add_members(session, q.find_list(session, LIST),
+                          q.entries_from(["alice@example.com", "bob@example.com"], None),
+                          MemberRole.MEMBER)
+        yield store
+        store.close()
+
+    @pytest.fixture
+    def backend(self, store):
+        from policyd.store import NativeBackend
+
+        backend = NativeBackend(store.url)
+        yield backend
+        backend.close()
+
+    def test_a_replica_session_write_is_caught_by_the_next_verification_build(
+            self, store, backend):
+        """A session with ``session_replication_role = replica`` (a logical replication
+        subscriber's apply worker, ``pg_restore --disable-triggers``) fires no trigger:
+        a member renamed there moves neither a revision nor the token, and the triggers
+        all exist, so only the verification build can see it.  The next one (``[store]
+        verify_interval``) serves what the store holds and logs the divergence; the
+        store stays healthy (nothing is wrong with the triggers) and the refreshes after
+        it read the token alone again."""
+        from tests.protocols.fakes import captured_events
+
+        service, clock = StoreContract.serve(backend)
+        try:
+            with store.engine.begin() as connection:
+                connection.exec_driver_sql("SET LOCAL session_replication_role = replica")
+                StoreContract.rename_member(connection, "alice@example.com",
+                                            "mallory@example.com")
+            assert backend.change_token() == service.current.version
+            backend.verifications.last_full -= 600
+            with captured_events() as events:
+                clock.advance(2)
+            served = service.current.lists[LIST].members
+            assert "mallory@example.com" in served and "alice@example.com" not in served
+            assert (StoreContract.content(service.current)
+                    == StoreContract.content(backend.load_snapshot()))
+            [divergence] = StoreContract.logged(events, "the incremental snapshot differed")
+            assert divergence["differences"] == LIST
+            assert service.status()["store"]["healthy"] is True
+            assert not backend.verification_due()
+        finally:
+            service.stopService()
+
+    def test_a_disabled_trigger_is_reported(self, store, backend):
+        """``ALTER TABLE ... DISABLE TRIGGER`` (and ``ENABLE REPLICA TRIGGER``, which
+        fires only in replica sessions) leaves the trigger in place but silent:
+        ``describe()`` and the daemon's status name it as disabled, and the write it
+        missed is served after the next refresh."""
+        backend.check()
+        service, clock = StoreContract.serve(backend)
+        try:
+            with store.engine.begin() as connection:
+                connection.exec_driver_sql(
+                    "ALTER TABLE addresses DISABLE TRIGGER policyd_rev_addresses_au")
+                connection.exec_driver_sql(
+                    "ALTER TABLE memberships ENABLE REPLICA TRIGGER policyd_rev_memberships_ai")
+            backend.check()
+            assert ("disabled: policyd_rev_addresses_au on addresses, "
+                    "policyd_rev_memberships_ai on memberships") in backend.describe()
+            with store.engine.begin() as connection:
+                StoreContract.rename_member(connection, "bob@example.com",
+                                            "mallory@example.com")
+            clock.advance(2)
+            assert "mallory@example.com" in service.current.lists[LIST].members
+            status = service.status()["store"]
+            assert status["healthy"] is False
+            assert "policyd_rev_addresses_au on addresses" in status["unhealthy_reason"]
+        finally:
+            service.stopService()

@@ -34,6 +34,10 @@ when it re-creates a missing row).  A different store copied over an SQLite file
 database dropped and recreated under the same URL, has another id; the daemon's change
 token and snapshot origin carry it, so it rebuilds in full.
 
+``change_triggers``: the (table, trigger) pairs the daemon expects to find
+(``policyd.store.engine.trigger_problem``); every migration that creates change
+triggers defines its own.
+
 Creating the triggers is idempotent (dropped if they exist, then created): running this
 migration's ``upgrade`` again, or ``policyctl migrate`` on a store whose triggers were
 dropped by hand, recreates them.
@@ -116,6 +120,14 @@ TRIGGERS: dict[tuple[str, str, str], list[str]] = {
 
 def trigger_name(table: str, timing: str, event: str) -> str:
     return f"policyd_rev_{table}_{timing[0].lower()}{event[0].lower()}"
+
+
+def change_triggers(dialect: str) -> list[tuple[str, str]]:
+    """(table, trigger name) of the triggers that keep ``list_revisions``: without one of
+    them the daemon cannot trust its incremental refresh (``engine.trigger_problem``).
+    The NOTIFY triggers are not listed: without them changes are still polled."""
+    return [(table, trigger_name(table, timing, event))
+            for table, timing, event in TRIGGERS]
 
 
 # Migration 0007: a random value below 2**60, drawn anew for each row.  SQLite's random()
