@@ -656,6 +656,66 @@ def test_the_mailman3_backend_backs_off_after_a_failed_verification(tmp_path):
         backend.close()
 
 
+def test_verification_at_every_refresh_backs_off_after_a_failure():
+    """``VerificationSchedule.due(always=True)`` (the native store with a trigger missing):
+    due at every refresh, except right after a failed verification build, which waits
+    ``interval`` like any other (or the next full build) instead of costing every refresh
+    the whole failing build."""
+    import pytest
+
+    from policyd.store.refresh import VerificationSchedule
+
+    schedule = VerificationSchedule(600.0)
+    assert not schedule.due() and schedule.due(always=True)
+
+    def fails():
+        raise TimeoutError("statement timeout")
+
+    with pytest.raises(TimeoutError):
+        schedule.attempt(fails)
+    assert not schedule.due(always=True)
+    schedule.built()
+    assert schedule.due(always=True)
+
+
+# --- change detection that cannot be trusted (the native store's triggers) ----------------
+
+
+class UntrustedBackend(VerifyingBackend):
+    """Says, after each load, whether its change detection can be trusted."""
+
+    change_detection_problem: str | None = None
+
+
+def test_untrusted_change_detection_is_unhealthy_logged_once_and_still_served():
+    """A backend whose change triggers do not all fire (``change_detection_problem``):
+    queries are still answered from its snapshots, ``status`` says unhealthy with the
+    backend's words, one error line says so however many refreshes see it, and one info
+    line says when it ends."""
+    service, backend, clock = make(UntrustedBackend())
+    service.startService()
+    problem = ("the store's change triggers do not all fire (missing: "
+               "policyd_rev_lists_au on lists): writes that bypass them are only seen "
+               "by a full build")
+    backend.change_detection_problem = problem
+    with captured_events() as events:
+        for _ in range(3):
+            backend.due = True
+            clock.advance(2)
+    logged = [e for e in events if e.get("problem") == problem]
+    assert len(logged) == 1 and logged[0]["log_level"] is LogLevel.error
+    status = service.status()["store"]
+    assert status["healthy"] is False and status["unhealthy_reason"] == problem
+    assert status["change_detection_problem"] == problem
+    assert service.current is not None and service.unavailable_reason == ""
+    backend.change_detection_problem = None
+    with captured_events() as events:
+        backend.due = True
+        clock.advance(2)
+    assert [e for e in events if "all fire again" in e.get("log_format", "")]
+    assert service.status()["store"]["healthy"] is True
+
+
 # --- a flapping store ------------------------------------------------------------------
 
 
