@@ -383,8 +383,9 @@ class SnapshotService(Service):
         exact (Mailman 3), or exact only while its triggers fire (the native store),
         asks, through ``verification_due()``, for a periodic verification build
         (``load_verified``): a full build compared with what the incremental path
-        serves; a divergence is logged (in ``_done``) and the full build swapped in.  A verification build that fails takes the usual path in the same
-        refresh: the snapshot is never older than that path can make it."""
+        serves; a divergence is logged (in ``_done``) and the full build swapped in.  A
+        verification build that fails takes the usual path in the same refresh: the
+        snapshot is never older than that path can make it."""
         full = force or current is None
         # A full build reads the token inside its own consistent read: none asked first.
         token = None if full else self.backend.change_token()
