@@ -40,6 +40,7 @@ from twisted.logger import Logger
 
 from .core.moderation import AT_CAP, NETWORK_AT_CAP, Key, ModerationState, Outcome, \
     Settings, SmtpModeration, network_of
+from .core.addresses import CACHED_MAX
 from .core.replies import Outcome as Reply, SmtpReply, clean_text
 from .core.verdict import Verdict
 
@@ -314,15 +315,24 @@ class _CapIncident:
 _CONTROL = re.compile(r"[\x00-\x1f\x7f]+")
 
 
-@lru_cache(maxsize=8192)
 def _field(text: str, limit: int = 255) -> str:
     """A value the peer chose, made storable in any database: undecodable bytes and
     control characters replaced, at most ``limit`` characters (a row that cannot be
-    written would stop the whole batch)."""
+    written would stop the whole batch).  Remembered up to ``CACHED_MAX`` characters:
+    an entry costs its key, and a sender can be kilobytes long."""
+    if len(text) > CACHED_MAX:
+        return _storable(text, limit)
+    return _field_cached(text, limit)
+
+
+def _storable(text: str, limit: int) -> str:
     if not text:
         return ""
     text = text.encode("utf-8", "surrogateescape").decode("utf-8", "replace")
     return _CONTROL.sub(" ", text).strip()[:limit]
+
+
+_field_cached = lru_cache(maxsize=8192)(_storable)
 
 
 def _reply(step) -> SmtpReply | None:

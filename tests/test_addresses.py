@@ -350,3 +350,72 @@ def test_decoding_skips_only_fields_without_encoded_words(raw):
         "From", raw.encode("utf-8", "surrogateescape").decode("ascii", "surrogateescape"))
     assert decode_like_mailman(raw) == str(make_header(decode_header(value))).replace(
         "\r", "").replace("\n", "")
+
+
+# --- caches bounded in bytes, not only in entries -------------------------------------------
+
+from policyd.core import addresses as _addresses  # noqa: E402
+from policyd.core.addresses import (CACHED_MAX, first_address_mailman2,  # noqa: E402
+                                    parse_header_mailman3)
+
+LONG = 8000
+DISTINCT = 40
+
+
+def _retained(make, count: int = DISTINCT) -> int:
+    """Bytes still allocated after ``make(i)`` for ``count`` distinct values."""
+    import gc
+    import tracemalloc
+
+    gc.collect()
+    tracemalloc.start()
+    try:
+        before = tracemalloc.get_traced_memory()[0]
+        for i in range(count):
+            make(i)
+        gc.collect()
+        return tracemalloc.get_traced_memory()[0] - before
+    finally:
+        tracemalloc.stop()
+
+
+HEADER = '"{}" <A@x.example>, b@y.example'
+
+
+@pytest.mark.parametrize("parse, value, expected", [
+    (normalise, '"{}"@Example.COM', lambda name: f"{name}@example.com"),
+    (parse_header, HEADER, lambda name: ("a@x.example", "b@y.example")),
+    (first_address_mailman2, HEADER + ", c@z.example", lambda name: "a@x.example"),
+    (parse_header_mailman3, HEADER, lambda name: ("a@x.example", "b@y.example")),
+])
+def test_values_longer_than_cached_max_are_decided_but_not_kept(parse, value, expected):
+    """A client's sender or header can be tens of kilobytes: 16 384 cache entries of
+    such keys held a daemon's memory at a gigabyte.  A value longer than ``CACHED_MAX``
+    is parsed each time, to the same result."""
+    names = [f"{'x' * LONG}{i}" for i in range(DISTINCT)]
+    assert len(value.format(names[0])) > CACHED_MAX
+    for name in names[:3]:
+        assert parse(value.format(name)) == expected(name)
+    assert _retained(lambda i: parse(value.format(names[i]))) < 100_000
+
+
+def test_values_up_to_cached_max_are_still_cached():
+    value = '"' + "x" * (CACHED_MAX - len('""@example.com')) + '"@example.com'
+    assert len(value) == CACHED_MAX
+    _addresses._normalise_cached.cache_clear()
+    normalise(value)
+    normalise(value)
+    assert _addresses._normalise_cached.cache_info().hits == 1
+
+
+def test_snapshot_resolves_long_recipients_without_keeping_them():
+    """``Snapshot.resolve`` remembers recipients; a recipient longer than ``CACHED_MAX``
+    (a ``+tag`` of kilobytes still names the list) is resolved each time."""
+    from tests.protocols.fakes import LIST, sample_snapshot
+
+    snapshot = sample_snapshot()
+    local, _, domain = LIST.partition("@")
+    target = snapshot.resolve(f"{local}+{'t' * LONG}@{domain}")
+    assert target.list is not None and target.list is snapshot.resolve(LIST).list
+    assert _retained(lambda i: snapshot.resolve(f"{local}+{'t' * LONG}{i}@{domain}")) \
+        < 100_000

@@ -111,3 +111,28 @@ def test_remembered_replies_are_bounded(monkeypatch):
                                       list=f"list{i}@lists.example.com"))
         assert f"list{i}@" in reply.text
     assert len(policy._by_list) <= 50
+
+
+@pytest.mark.parametrize("policy, decision", [
+    (ReplyPolicy(), lambda i: Decision(Verdict.REJECT, "unknown-list", "r",
+                                       list=f"{'x' * 8000}{i}@lists.example.com")),
+    (ReplyPolicy(reject_text="{sender} may not post to {list}"),
+     lambda i: Decision(Verdict.REJECT, "nonmember-moderation", "r",
+                        sender=f"{'x' * 8000}{i}@example.net", list="a@lists.example.com")),
+])
+def test_replies_for_long_recipients_or_senders_are_made_not_kept(policy, decision):
+    """The recipient of an unknown list and a sender the text names are a client's
+    words, kilobytes long if it likes: 4096 remembered replies keyed by them held a
+    quarter of a gigabyte.  Such a reply is made each time, the same."""
+    import tracemalloc
+
+    assert policy.reply(decision(0)) == _fresh(policy, decision(0))
+    tracemalloc.start()
+    try:
+        before = tracemalloc.get_traced_memory()[0]
+        for i in range(40):
+            policy.reply(decision(i))
+        retained = tracemalloc.get_traced_memory()[0] - before
+    finally:
+        tracemalloc.stop()
+    assert retained < 100_000

@@ -33,6 +33,10 @@ __all__ = ["canonical", "envelope_mailman3", "first_address_mailman2", "normalis
 # cache lookup plus its upkeep costs on a daemon that does a system call between any
 # two queries, and a stream of one-off senders would only churn a cache.
 CACHE_SIZE = 16384
+# The longest value a cache keeps: an entry costs its key, and a client may send a sender
+# tens of kilobytes long.  SMTP's path limit is 256 octets, with room for quoting and
+# encoded words; anything longer is parsed each time, with the same result.
+CACHED_MAX = 512
 
 _CONTROL = re.compile(r"[\x00-\x1f\x7f]")
 _WSP = " \t\r\n"
@@ -137,8 +141,9 @@ def _normalise(address: str) -> str | None:
 
 def normalise(address: str) -> str | None:
     """The canonical form of one addr-spec (see ``_normalise_slowly``); what takes the
-    slow path is cached."""
-    return _plain(address) or _normalise_cached(address)
+    slow path is cached, up to ``CACHED_MAX`` characters."""
+    return _plain(address) or (_normalise_cached(address) if len(address) <= CACHED_MAX
+                               else _normalise_slowly(address))
 
 
 def _normalise_slowly(address: str) -> str | None:
@@ -307,6 +312,8 @@ def parse_header_mailman3(value: str | None) -> tuple[str, ...]:
         if spec is not None:
             address = _mailman3_address(spec)
             return () if address is None else (address,)
+    if len(value) > CACHED_MAX:
+        return tuple(parse_header_mailman3_slowly(value))
     return _parse_header_mailman3_cached(value)
 
 
@@ -411,11 +418,13 @@ _FOLDED_MAILBOX = re.compile(
 def _addr_specs(value: str) -> list[str] | tuple[str, ...]:
     """The raw addresses of a header value as Mailman 2.1 reads them (``normalise``
     then drops what is no address): a fast path for the common shapes, else the full
-    tokenizer (``_addr_specs_slowly``), cached."""
+    tokenizer (``_addr_specs_slowly``), cached up to ``CACHED_MAX`` characters."""
     match = (_SIMPLE_MAILBOX.fullmatch(value) or _QUOTED_MAILBOX.fullmatch(value)
              or _BARE_SPEC.fullmatch(value) or _FOLDED_MAILBOX.fullmatch(value))
     if match is not None:
         return [match.group(1)]
+    if len(value) > CACHED_MAX:
+        return _addr_specs_slowly(value)
     return _addr_specs_cached(value)
 
 

@@ -12,6 +12,7 @@ import re
 import string
 from dataclasses import dataclass, field
 
+from .addresses import CACHED_MAX
 from .verdict import Decision, Verdict
 
 
@@ -94,7 +95,8 @@ class ReplyPolicy:
     _fixed: dict = field(default_factory=dict, init=False, repr=False, compare=False)
     # The others (reject, defer) name the list, and the sender where a text asks for it:
     # made once per (verdict, rule, list, the list's notice, sender or None), at most
-    # BY_LIST_MAX of them (then forgotten all at once).
+    # BY_LIST_MAX of them (then forgotten all at once), none for a list or sender longer
+    # than ``CACHED_MAX``.
     _by_list: dict = field(default_factory=dict, init=False, repr=False, compare=False)
     _texts_name_the_sender: bool = field(default=True, init=False, repr=False,
                                          compare=False)
@@ -130,9 +132,15 @@ class ReplyPolicy:
                decision.sender if self._texts_name_the_sender else None)
         reply = self._by_list.get(key)
         if reply is None:
-            if len(self._by_list) >= self.BY_LIST_MAX:
-                self._by_list.clear()
-            reply = self._by_list[key] = self._reply(decision)
+            reply = self._reply(decision)
+            # An entry costs its key: the list is the recipient as sent for an unknown
+            # list, and the sender is as sent too; a long one is made each time.
+            sender = key[4]
+            if len(decision.list or "") <= CACHED_MAX and (
+                    sender is None or len(sender) <= CACHED_MAX):
+                if len(self._by_list) >= self.BY_LIST_MAX:
+                    self._by_list.clear()
+                self._by_list[key] = reply
         return reply
 
     def _reply(self, decision: Decision) -> SmtpReply:

@@ -23,7 +23,7 @@ from dataclasses import dataclass, field
 from types import MappingProxyType
 from typing import Callable, ClassVar, Iterable, Mapping, NamedTuple
 
-from .addresses import canonical, normalise, split_address
+from .addresses import CACHED_MAX, canonical, normalise, split_address
 from .verdict import Action, Mode, Role
 from .moderation import SmtpModeration
 
@@ -253,7 +253,8 @@ class Snapshot:
     # shared data changed"), for the log line and the status; empty for a plain build.
     built_how: str = field(default="", compare=False)
     # Recipient -> Target, filled as queries come: MTAs ask about the same few list
-    # addresses all day.  Bounded, since a recipient is whatever the client typed.
+    # addresses all day.  Bounded in entries and in their keys' length (``CACHED_MAX``),
+    # since a recipient is whatever the client typed.
     _targets: dict = field(default_factory=dict, init=False, compare=False, repr=False)
 
     RESOLVED_MAX: ClassVar[int] = 16384
@@ -270,6 +271,8 @@ class Snapshot:
         """
         target = self._targets.get(recipient)
         if target is None:
+            if len(recipient) > CACHED_MAX:  # an entry costs its key: resolved each time
+                return self._resolve(recipient)
             if len(self._targets) >= self.RESOLVED_MAX:
                 self._targets.clear()
             target = self._targets[recipient] = self._resolve(recipient)

@@ -698,3 +698,22 @@ def test_policyctl_query_exim_line_without_moderation_to_apply(h):
         assert "exim" not in result.get("moderation", {}), to
         assert result["exim"].encode() == h.exim_wire(to, sender=sender), to
     assert not h.moderation.state.tickets and not h.moderation.state.entries
+
+
+def test_a_long_sender_is_made_storable_without_being_kept():
+    """The sender reached ``_field``'s cache whole: a client's sender can be tens of
+    kilobytes, and 8,192 of them stayed alive.  A value longer than ``CACHED_MAX`` is
+    made storable each time, the same way."""
+    import tracemalloc
+
+    long = "\x01" + "x" * 8000 + "@example.net"
+    assert _field(long) == "x" * 255
+    tracemalloc.start()
+    try:
+        before = tracemalloc.get_traced_memory()[0]
+        for i in range(40):
+            _field(f"{i}{long}")
+        retained = tracemalloc.get_traced_memory()[0] - before
+    finally:
+        tracemalloc.stop()
+    assert retained < 100_000
