@@ -106,6 +106,20 @@ def _hex_one(match: re.Match) -> str:
     return f"\\x{code:02x}" if code < 0x100 else f"\\u{code:04x}"
 
 
+# A value longer than this is cut where the decision line writes it (``capped``): a
+# client's sender or a Postfix attribute can be tens of kilobytes, and one request can
+# name many lists, each its own line.
+FIELD_MAX = 256
+
+
+def capped(value: str) -> str:
+    """``value``, or its first ``FIELD_MAX`` characters and ``...(+N)``, N the characters
+    left out (no space: a field of the decision line is one word)."""
+    if len(value) <= FIELD_MAX:
+        return value
+    return f"{value[:FIELD_MAX]}...(+{len(value) - FIELD_MAX})"
+
+
 def field_text(value: str) -> str:
     """A decision line's ``sender``, ``list`` or ``senders`` value as it is written:
     a space, ``<``, ``>`` and ``"`` escaped as ``\\xNN``, a backslash doubled, so that
@@ -260,13 +274,15 @@ _PLAIN_VALUE = re.compile(r"[A-Za-z0-9._:@+/\[\]-]+\Z")
 
 def log_fields(pairs) -> str:
     """`` name=value`` for each pair whose value is not empty or ``None``, appended to a
-    decision line: a value with anything but letters, digits and ``._:@+/[]-`` is quoted
-    with ``\\`` and ``\"`` escaped, so a peer's value (a SASL user name, a client name)
-    cannot forge another field; control characters are escaped with the whole line."""
+    decision line, each value cut at ``FIELD_MAX`` characters (``capped``): a value with
+    anything but letters, digits and ``._:@+/[]-`` is quoted with ``\\`` and ``\"``
+    escaped, so a peer's value (a SASL user name, a client name) cannot forge another
+    field; control characters are escaped with the whole line."""
     out = []
     for name, value in pairs:
         if not value:
             continue
+        value = capped(value)
         if _PLAIN_VALUE.match(value) is None:
             value = '"' + value.replace("\\", "\\\\").replace('"', '\\"') + '"'
         out.append(f" {name}={value}")
@@ -305,22 +321,34 @@ class DecisionLog:
                  extra: str = "") -> None:
         """The line for one ``Answer`` of the ``Decider``, as ``wire`` was sent: the one
         call each protocol makes per decision.  ``extra``: ``log_fields`` text for the
-        end of the line."""
+        end of the line.  The client's values (list, sender, senders, request id) are
+        cut at ``FIELD_MAX`` characters each (``capped``); ``wire`` is bounded where the
+        reply is made (``replies.MAX_TEXT``)."""
         if not self.enabled:
             return
         decision = answer.decision
         elapsed = (perf_counter() - answer.started) * 1000.0
         sender = query.envelope_sender
+        if request_id and len(request_id) > FIELD_MAX:
+            request_id = capped(request_id)
         if decision is None:
             list_ = query.recipient
-            if _forgeable(list_ + sender):
+            fields = list_ + sender
+            if len(fields) > FIELD_MAX:
+                list_, sender = capped(list_), capped(sender)
+                fields = list_ + sender
+            if _forgeable(fields):
                 list_, sender = field_text(list_), field_text(sender)
             self.trouble(protocol, answer.trouble, list_, sender, answer.reason, wire,
                          elapsed, request_id, extra)
         else:
             list_ = decision.list or query.recipient
             senders = ",".join(decision.senders) or "-"
-            if _forgeable(list_ + sender + senders):
+            fields = list_ + sender + senders
+            if len(fields) > FIELD_MAX:
+                list_, sender, senders = capped(list_), capped(sender), capped(senders)
+                fields = list_ + sender + senders
+            if _forgeable(fields):
                 list_, sender, senders = field_text(list_), field_text(sender), \
                     field_text(senders)
             (self.decision if self.writer is None else self.writer.decision)(
@@ -336,7 +364,7 @@ class DecisionLog:
         # what any sender can repeat (a header too deep for the parser).
         self.log.info(
             TROUBLE_FORMAT, protocol=protocol, verdict=label, list=list_, sender=sender,
-            reason=reason, reply=reply, elapsed=elapsed,
+            reason=capped(reason), reply=reply, elapsed=elapsed,
             request=(f" id={request_id}" if request_id else "") + extra,
             request_id=request_id)
 

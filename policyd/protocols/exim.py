@@ -8,7 +8,7 @@ Request, terminated by ``\\n`` or by the client's half-close (Exim's default
 
 * the version word comes first; then space-separated ``key=value`` in any order; unknown
   keys are ignored;
-* ``list`` (required): plain list addresses, comma-separated;
+* ``list`` (required): plain list addresses, comma-separated, at most ``MAX_LISTS``;
 * ``sender`` (required): base64 of the envelope sender (``$sender_address``); empty is
   the null sender ``<>``;
 * ``from``, ``reply_to``, ``sender_header``: base64 of the raw header values
@@ -86,8 +86,10 @@ _CONTROL_BYTES = bytes(range(0x20)) + b"\x7f"
 # the only reason a value continues over words), "@", a domain.  Exim's ACL refuses local
 # parts with white space, comma, quote or backslash before it asks.
 _LIST_ADDRESS = re.compile(rb'(?:"[^"\\]+"|[^\s"\\,@]+)@[^\s"\\,@]+')
-#: More lists than this in one request is malformed: Exim's ACLs ask about one.
-MAX_LISTS = 100
+#: More lists than this in one request is malformed.  contrib/exim's ACLs ask about one
+#: (one list per message); an ACL of one's own may ask about a crosspost, but each list
+#: is a decision and a log line of its own, so a request may not ask for hundreds.
+MAX_LISTS = 20
 #: The ``smtp_moderation`` settings Exim's DATA-time question applies (it has the
 #: message, so a ticket can follow the post by its Message-ID); ``policyctl query``
 #: previews the same.

@@ -33,7 +33,7 @@ from twisted.logger import Logger
 from ..core.replies import Outcome, SmtpReply, clean_text
 from ..core.verdict import Decision, Query
 from ..core.moderation import SmtpModeration
-from ..logging import DecisionLog, log_fields
+from ..logging import FIELD_MAX, DecisionLog, log_fields
 from ..moderation_service import moderation_fields
 from . import (EVICT_MIN_IDLE, SILENT_GRACE, DecidingFactory, ProtocolError, abort_stuck,
                hold_reads_while_answers_wait, peer_text)
@@ -52,8 +52,8 @@ _ESC = "surrogateescape"
 #: The attributes a decision line carries, to find the message in the mail log.
 _LOGGED_ATTRIBUTES = (b"client_address", b"client_name", b"queue_id", b"sasl_username")
 _LOGGED_NAMES = tuple((name, f" {name.decode('ascii')}=") for name in _LOGGED_ATTRIBUTES)
-# A value ``log_fields`` would write as it is (its _PLAIN_VALUE, in bytes).
-_PLAIN_BYTES = re.compile(rb"[A-Za-z0-9._:@+/\[\]-]+")
+# A value ``log_fields`` would write as it is (its _PLAIN_VALUE, in bytes, not cut).
+_PLAIN_BYTES = re.compile(rb"[A-Za-z0-9._:@+/\[\]-]{1,%d}" % FIELD_MAX)
 
 
 class PostfixRequest(NamedTuple):
