@@ -24,7 +24,12 @@ forge a line or a terminal sequence (``escape_controls``).
 Events an outsider can trigger by the thousand (a malformed or over-long request,
 Twisted's accept errors at the descriptor limit, an event with ``rate_limit=<kind>``)
 pass ``RateLimit``: the first few per kind and interval are written, the rest counted
-and summed up in one line per interval.
+and summed up in one line per interval.  A decision line cuts each value a client chose
+at ``FIELD_MAX`` characters (``capped``).
+
+Under ``twist``, whose own observer writes the log, ``guard_launcher_log`` puts the
+``RateLimit`` and the escaping (``Escaped``) in front of that observer: the same promises
+hold whichever command started the daemon.
 """
 
 from __future__ import annotations
@@ -553,6 +558,56 @@ def make_observer(level: str, stream: IO[str], *, journal: bool = False,
     writer = LineWriter(stream, journal=journal)
     observer = LevelFilter(RateLimit(writer, interval=rate_interval), level)
     return writer, observer
+
+
+class Escaped:
+    """An observer in front of one that formats events its own way (twist's text or
+    JSON observer): an event whose text holds a control or invisible character
+    (``escape_controls``) is handed on as a copy whose format is that text escaped, so
+    what the observer writes is the line ``LineWriter`` would write.  The fields stay as
+    they were, for an observer that writes them (JSON escapes them itself)."""
+
+    def __init__(self, observer) -> None:
+        self.observer = observer
+
+    def __call__(self, event: dict) -> None:
+        text = _format(event)
+        if not (text.isascii() and text.isprintable()):  # C-level checks: nearly always
+            escaped = escape_controls(text)
+            if escaped != text:
+                event = dict(event, log_format=escaped.replace("{", "{{").replace("}", "}}"))
+        self.observer(event)
+
+
+def guard_launcher_log(launcher_options, *, rate_interval: float = 60.0
+                       ) -> RateLimit | None:
+    """Under ``twist``, whose own observer writes the log: put policyd's ``RateLimit``
+    and ``Escaped`` in front of it, so that its log keeps the same promises (one event
+    one line, outsiders' warnings a few a minute) as policyd's own writer.
+
+    twist makes the service first and only then builds its observer with the factory
+    in its options (``Twist.main``: ``service()``, then ``run()`` reads
+    ``fileLogObserverFactory``), so wrapping that factory here puts the filter before
+    every event, the ones logged while starting included (replayed from the start-up
+    buffer).  ``launcher_options``: twist's options (``Options.parent``).  The limiter
+    to ``tick()`` every second, or ``None`` if the launcher has no such factory
+    (nothing changed then)."""
+    if launcher_options is None:
+        return None
+    try:
+        factory = launcher_options["fileLogObserverFactory"]
+    except (KeyError, TypeError):
+        return None
+    if not callable(factory):
+        return None
+    limiter = RateLimit(None, interval=rate_interval)
+
+    def guarded_factory(log_file):
+        limiter.observer = Escaped(factory(log_file))
+        return limiter
+
+    launcher_options["fileLogObserverFactory"] = guarded_factory
+    return limiter
 
 
 def setup(daemon_config, stream: IO[str] | None = None,

@@ -63,7 +63,8 @@ def makeService(options, reactor=None, backend=None) -> PolicyService:
 
     With ``reactor=None`` (both commands) the global reactor is used, SIGHUP is handled
     (reload the data, reopen the log file), the log is set up (``policyd`` owns the
-    global log; under ``twist`` only a configured ``log_file`` gets policyd's writer) and
+    global log; under ``twist`` only a configured ``log_file`` gets policyd's writer, and
+    twist's own observer gets policyd's rate limit and escaping in front of it) and
     ``[runtime]`` tuning is applied.  Tests pass their own reactor and backend and get
     none of that."""
     config = getattr(options, "loaded", None) or load_config(options["config"])
@@ -71,9 +72,10 @@ def makeService(options, reactor=None, backend=None) -> PolicyService:
     if reactor is None:
         from twisted.internet import reactor
     logs = None
+    launcher_limiter = None
     tuning = None
     if managed:
-        from .logging import setup
+        from .logging import guard_launcher_log, setup
         from .runtime import monotonic
         from .runtime.tuning import Tuning
 
@@ -85,6 +87,8 @@ def makeService(options, reactor=None, backend=None) -> PolicyService:
         os.umask(0o027)
         logs = setup(config.daemon, sys.stdout, options.environ,
                      primary=launcher == "policyd")
+        if launcher != "policyd":
+            launcher_limiter = guard_launcher_log(getattr(options, "parent", None))
         raise_nofile_limit()
         notes = list(getattr(options, "runtime_notes", ()))
         if clock_note is not None:
@@ -111,6 +115,10 @@ def makeService(options, reactor=None, backend=None) -> PolicyService:
         flusher = TimerService(1.0, logs.flush)
         flusher.clock = reactor
         flusher.setServiceParent(service)
+    if launcher_limiter is not None:
+        ticker = TimerService(1.0, launcher_limiter.tick)
+        ticker.clock = reactor
+        ticker.setServiceParent(service)
     return service
 
 

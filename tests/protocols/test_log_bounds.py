@@ -1,14 +1,20 @@
 """The log's bounds, whatever a client sends: each value of a decision line cut at
-``FIELD_MAX`` characters, at most ``MAX_LISTS`` lists (each a line) per Exim request.
+``FIELD_MAX`` characters, at most ``MAX_LISTS`` lists (each a line) per Exim request, and
+under ``twist`` policyd's escaping and rate limit in front of twist's own observer.
+
+The same with a real daemon under both launchers:
+``tests/integration/daemon/test_log_bounds.py``.
 """
 
 from __future__ import annotations
 
 import io
+import json
 
 import pytest
+from twisted.logger import LogLevel, jsonFileLogObserver, textFileLogObserver
 
-from policyd.logging import FIELD_MAX, capped, log_fields, make_observer
+from policyd.logging import FIELD_MAX, capped, guard_launcher_log, log_fields, make_observer
 from policyd.protocols import ProtocolError
 from policyd.protocols import exim as exim_codec
 from policyd.protocols.postfix import PostfixRequest
@@ -81,3 +87,67 @@ def test_an_exim_request_names_at_most_max_lists_lists():
         f"POLICYD/1 list={lists} sender={sender}".encode()).lists) == exim_codec.MAX_LISTS
     with pytest.raises(ProtocolError, match="more than 20"):
         exim_codec.parse_request(f"POLICYD/1 list={lists},{LIST} sender={sender}".encode())
+
+
+# --- under twist: its observer behind policyd's escaping and rate limit -------------------
+
+
+def malformed(n: int) -> dict:
+    return {"log_namespace": "policyd.exim", "log_level": LogLevel.warn, "log_time": 0.0,
+            "log_format": "malformed Exim policy request from {peer}: {reason}",
+            "peer": "unix", "reason": f"empty request {n}"}
+
+
+def forged_decision() -> dict:
+    return {"log_namespace": "policyd.decision", "log_level": LogLevel.info,
+            "log_time": 0.0, "log_format": "exim accept sender=<{sender}> reply={reply!r}",
+            "sender": "evil\r\n2026-12-07T00:00:00.000 info [policyd] FORGED\x1b[2J@x",
+            "reply": "ACCEPT\r\n"}
+
+
+def twist_observer(factory, out):
+    """What twist's ``Runner`` does with its options' factory once the service is made."""
+    options = {"fileLogObserverFactory": factory}
+    limiter = guard_launcher_log(options)
+    observer = options["fileLogObserverFactory"](out)
+    return limiter, observer
+
+
+def test_twist_text_log_is_rate_limited_and_one_line_per_event():
+    """twist's text observer wrote every malformed-request warning and a CR/LF from a
+    sender as a line of its own; behind policyd's guard: five warnings, then one summary,
+    and every event one line, its controls escaped as policyd's own writer does."""
+    out = io.StringIO()
+    limiter, observer = twist_observer(textFileLogObserver, out)
+    now = [0.0]
+    limiter.clock = lambda: now[0]
+    for n in range(100):
+        observer(malformed(n))
+    observer(forged_decision())
+    now[0] = 61.0
+    limiter.tick()
+    lines = out.getvalue().splitlines()
+    assert len(lines) == 5 + 1 + 1, lines
+    assert sum("malformed Exim policy request" in line for line in lines) == 5
+    assert "left out 95 similar lines" in lines[-1]
+    assert "\r" not in out.getvalue() and "\x1b" not in out.getvalue()
+    assert "sender=<evil\\r\\n2026-12-07T00:00:00.000 info [policyd] FORGED\\x1b[2J@x>" \
+        in lines[5]
+    assert "reply='ACCEPT\\r\\n'" in lines[5]  # repr's escapes, not escaped twice
+
+
+def test_twist_json_log_keeps_the_fields():
+    """With twist's JSON output the event's fields are written as they were (JSON
+    escapes them); only the text to read is escaped."""
+    out = io.StringIO()
+    _, observer = twist_observer(jsonFileLogObserver, out)
+    observer(forged_decision())
+    [record] = [json.loads(line.strip("\x1e")) for line in out.getvalue().split("\n")
+                if line]
+    assert record["sender"] == forged_decision()["sender"]
+    assert "\r" not in record["log_format"] and "\\r\\n2026" in record["log_format"]
+
+
+def test_twist_log_is_left_alone_for_a_launcher_without_the_factory():
+    assert guard_launcher_log(None) is None
+    assert guard_launcher_log({}) is None
