@@ -27,7 +27,8 @@ generation + 1 WHERE id = 1`` in the same transaction as its change (``policyd.s
 queries.bump`` does; ``Store.write()`` calls it).  The daemon's cheap change token also
 carries the list revisions and the sums of their nonces, which the triggers move on any
 writer's change, and the row count and highest id of every table (a TRUNCATE fires no
-row trigger).
+row trigger: on PostgreSQL a TRUNCATE trigger bumps the shared revision, on MariaDB the
+tables' InnoDB ids show it; migration 0010, ``native.table_ids``).
 """
 
 from __future__ import annotations

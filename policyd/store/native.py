@@ -25,9 +25,10 @@ from contextlib import contextmanager
 from dataclasses import replace
 from typing import Collection, Iterator
 
-from sqlalchemy import SmallInteger, func, null, or_, select, type_coerce
+from sqlalchemy import (SmallInteger, column, func, null, or_, select, table,
+                        type_coerce)
 from sqlalchemy.engine import Connection
-from sqlalchemy.exc import SQLAlchemyError
+from sqlalchemy.exc import DBAPIError, SQLAlchemyError
 
 from ..core import snapshot as snapshot_module
 from ..errors import StoreUnavailable
@@ -369,16 +370,60 @@ def load_specs(connection: Connection, list_ids: Collection[int] | None = None
 def read_state(connection: Connection, origin: str = "") -> SourceState:
     """The current ``SourceState``: every list's (posting address, (revision, nonce)) and
     the shared (revision, nonce).  The nonce tells apart two lists at the same revision
-    in diverged copies of the store (migration 0007)."""
+    in diverged copies of the store (migration 0007).  MariaDB: the shared fingerprint
+    also carries the tables' InnoDB ids (``table_ids``)."""
     lt, r = MailingList.__table__, ListRevision.__table__
     lists = {id_: (posting, (revision or 0, int(nonce or 0)))
              for id_, posting, revision, nonce in connection.execute(
                  select(lt.c.id, lt.c.posting_address, r.c.revision, r.c.nonce)
                  .select_from(lt.outerjoin(r, r.c.list_id == lt.c.id)))}
-    shared = connection.execute(
+    row = connection.execute(
         select(r.c.revision, r.c.nonce).where(r.c.list_id == SHARED_REVISION)).first()
-    return SourceState(origin, lists,
-                       (0, 0) if shared is None else (shared[0] or 0, int(shared[1] or 0)))
+    shared = (0, 0) if row is None else (row[0] or 0, int(row[1] or 0))
+    if connection.dialect.name in ("mysql", "mariadb"):
+        shared += (table_ids(connection),)
+    return SourceState(origin, lists, shared)
+
+
+# MariaDB fires no trigger for a TRUNCATE (it re-creates the table), and a sync job that
+# reloads a table re-inserts only some lists' rows, whose triggers then explain the
+# token's move: the emptied lists would keep their old members.  A re-created table has
+# a new InnoDB table id, so the shared fingerprint carries the ids, and a TRUNCATE makes
+# the next refresh a full build (migration 0010 does the same with PostgreSQL's TRUNCATE
+# triggers).  Reading them needs the PROCESS privilege; without it a full build says so.
+INNODB_TABLES = table("INNODB_SYS_TABLES", column("NAME"), column("TABLE_ID"),
+                      schema="information_schema")
+TRUNCATE_UNSEEN = ("store: cannot read information_schema.INNODB_SYS_TABLES (grant the "
+                   "PROCESS privilege): a TRUNCATE of a store table is not noticed until "
+                   "a full build")
+
+
+def _innodb_name(database: str, name: str) -> str | None:
+    """InnoDB's ``database/table`` name: other ASCII characters than letters, digits and
+    ``_`` are ``@`` and four hex digits (None for a name outside ASCII)."""
+    if not database.isascii():
+        return None
+    return "".join(c if c.isalnum() or c == "_" else f"@{ord(c):04x}"
+                   for c in database) + "/" + name
+
+
+def table_ids(connection: Connection) -> tuple | None:
+    """MariaDB: the InnoDB ids of the tracked tables and ``list_revisions``, in a fixed
+    order, or None when the server does not show them (no PROCESS privilege)."""
+    database = connection.execute(select(func.database())).scalar() or ""
+    names = [_innodb_name(database, model.__table__.name)
+             for model in TRACKED + (ListRevision,)]
+    if None in names:
+        return None
+    try:
+        ids = dict(connection.execute(select(INNODB_TABLES.c.NAME, INNODB_TABLES.c.TABLE_ID)
+                                      .where(INNODB_TABLES.c.NAME.in_(names))).all())
+    except DBAPIError:
+        # MariaDB keeps the transaction of a failed statement.
+        return None
+    if not ids:
+        return None
+    return tuple(ids.get(name) for name in names)
 
 
 class _NativeSource:
@@ -408,6 +453,8 @@ class _NativeSource:
         heap.free_piecewise(specs, pause=pace)
         if self.verifications is not None:
             self.verifications.built()
+        if len(state.shared) > 2 and state.shared[2] is None:
+            snapshot = replace(snapshot, problems=(TRUNCATE_UNSEEN,) + snapshot.problems)
         return snapshot
 
     def lists(self, state: SourceState, changed):

@@ -815,11 +815,13 @@ class StoreContract:
         draws a new nonce (migration 0007's triggers)."""
         import importlib
 
-        migration = importlib.import_module(
-            "policyd.store.migrations.versions.0002_list_revisions")
+        versions = "policyd.store.migrations.versions."
+        migration = importlib.import_module(versions + "0002_list_revisions")
+        later = importlib.import_module(versions + "0010_truncate_and_replace")
         r = ListRevision.__table__
         with store.engine.begin() as connection:
-            for statement in migration.statements(connection.dialect.name, nonce=True):
+            for statement in (migration.statements(connection.dialect.name, nonce=True)
+                              + later.statements(connection.dialect.name)):
                 connection.exec_driver_sql(statement)
         with store.engine.connect() as connection:
             list_id = connection.execute(select(MailingList.__table__.c.id)).scalar_one()
@@ -831,6 +833,142 @@ class StoreContract:
                 select(r.c.revision, r.c.nonce).where(r.c.list_id == list_id)).one()
         assert after[0] == revision + 1
         assert after[1] != nonce and 0 <= after[1] < 2 ** 60
+
+    # --- writes that remove rows without their delete triggers (migration 0010) ----------
+
+    def _foreign_write(self, store, statement: str, rows: list[dict] = ()) -> None:
+        """``statement`` (named parameters) for each of ``rows``, as another writer runs
+        it: on SQLite the ``sqlite3`` module, whose connections (like the ``sqlite3``
+        shell's) leave foreign keys and recursive triggers off."""
+        if store.engine.dialect.name == "sqlite":
+            import sqlite3
+
+            connection = sqlite3.connect(store.engine.url.database, isolation_level=None)
+            try:
+                for row in rows or [{}]:
+                    connection.execute(statement, row)
+            finally:
+                connection.close()
+        else:
+            with store.engine.begin() as connection:
+                for row in rows or [{}]:
+                    connection.execute(text(statement), row)
+
+    def _row(self, store, table, where) -> dict:
+        with store.engine.connect() as connection:
+            return dict(connection.execute(select(table).where(where)).one()._mapping)
+
+    def _replace(self, store, table, row: dict) -> None:
+        """Write ``row`` over the row with its id (and any other it conflicts with) as
+        each database's "replace" does: SQLite's ``INSERT OR REPLACE``, MariaDB's
+        ``REPLACE INTO``, PostgreSQL's ``INSERT ... ON CONFLICT DO UPDATE``."""
+        columns = ", ".join(row)
+        values = ", ".join(f":{c}" for c in row)
+        dialect = store.engine.dialect.name
+        if dialect == "sqlite":
+            statement = f"INSERT OR REPLACE INTO {table.name} ({columns}) VALUES ({values})"
+        elif dialect == "postgresql":
+            updates = ", ".join(f"{c} = excluded.{c}" for c in row if c != "id")
+            statement = (f"INSERT INTO {table.name} ({columns}) VALUES ({values}) "
+                         f"ON CONFLICT (id) DO UPDATE SET {updates}")
+        else:
+            statement = f"REPLACE INTO {table.name} ({columns}) VALUES ({values})"
+        self._foreign_write(store, statement, [row])
+
+    @pytest.mark.parametrize("change", ["user", "membership", "address"])
+    def test_a_replaced_row_rebuilds_the_lists_it_left(self, store, backend, two_lists,
+                                                       change):
+        """A sync job "upserts" rows: the user bo's row with another preferred address, a's
+        membership row (same id) onto the other list, a's address row (same id) with
+        another email.  SQLite's REPLACE deleted the old row without firing its delete
+        trigger (the old code served bo@one, a on the first list, a's old address); the
+        refresh now equals a full build, on every database."""
+        a, m, u = Address.__table__, Membership.__table__, User.__table__
+        with store.write() as session:
+            user = q.add_user(session, "bo", q.entries_from(
+                ["bo@one.example", "bo@two.example"], None))
+            q.subscribe_user(session, q.find_list(session, LIST), user)
+        before = backend.load_snapshot()
+        assert {"bo@one.example", "a@example.com"} <= set(before.lists[LIST].members)
+        if change == "user":
+            row = self._row(store, u, u.c.name == "bo")
+            row["preferred_address_id"] = self._row(
+                store, a, a.c.email == "bo@two.example")["id"]
+            self._replace(store, u, row)
+        elif change == "membership":
+            address = self._row(store, a, a.c.email == "a@example.com")["id"]
+            row = self._row(store, m, m.c.address_id == address)
+            row["list_id"] = self._row(store, MailingList.__table__,
+                                       MailingList.__table__.c.posting_address
+                                       == self.OTHER)["id"]
+            self._replace(store, m, row)
+        else:
+            row = self._row(store, a, a.c.email == "a@example.com")
+            row.update(email="a2@example.com", original="a2@example.com")
+            self._replace(store, a, row)
+        assert backend.change_token() != before.version
+        after = backend.load_changes(before)
+        assert self.content(after) == self.content(backend.load_snapshot())
+        members = set(after.lists[LIST].members)
+        assert ("bo@one.example" in members) is (change != "user")
+        assert ("a@example.com" in members) is (change == "user")
+
+    @pytest.mark.parametrize("reloaded", ["memberships", "bans"])
+    def test_a_table_reloaded_after_truncate_is_read_again(self, store, backend, two_lists,
+                                                           reloaded):
+        """A sync job reloads a table: TRUNCATE (SQLite: DELETE without WHERE), then only
+        the rows of the other list.  The TRUNCATE fired no row trigger (PostgreSQL:
+        only a notification; MariaDB: none), the other list's inserts explained the
+        token's move, and the old code went on serving the first list's members and
+        ban; now the refresh is a full build, equal to a fresh one."""
+        with store.write() as session:
+            q.add_ban(session, q.find_list(session, LIST), "troll@example.net")
+            q.add_ban(session, q.find_list(session, self.OTHER), "spam@example.net")
+        table = Base.metadata.tables[reloaded]
+        other = self._row(store, MailingList.__table__,
+                          MailingList.__table__.c.posting_address == self.OTHER)["id"]
+        with store.engine.connect() as connection:
+            kept = [dict(r._mapping) for r in connection.execute(
+                select(table).where(table.c.list_id == other))]
+        before = backend.load_snapshot()
+        dialect = store.engine.dialect.name
+        self._foreign_write(store, {"sqlite": f"DELETE FROM {reloaded}",
+                                    "postgresql": f"TRUNCATE {reloaded}"}.get(
+                                        dialect, f"TRUNCATE TABLE {reloaded}"))
+        columns = ", ".join(kept[0])
+        values = ", ".join(f":{c}" for c in kept[0])
+        self._foreign_write(store, f"INSERT INTO {reloaded} ({columns}) VALUES ({values})",
+                            kept)
+        assert backend.change_token() != before.version
+        after = backend.load_changes(before)
+        assert self.content(after) == self.content(backend.load_snapshot())
+        if reloaded == "memberships":
+            assert set(after.lists[LIST].members) == set()
+        else:
+            assert after.lists[LIST].bans.exact == frozenset()
+        assert after.lists[self.OTHER] == backend.load_snapshot().lists[self.OTHER]
+
+    def test_migration_0010_downgrades_and_upgrades_again(self, store, backend, two_lists):
+        """Downgrading 0010 puts 0007's triggers back (a change still bumps its list);
+        upgrading again brings 0010's back: a REPLACE is seen again."""
+        from alembic import command
+
+        from policyd.store import engine as engine_module
+
+        with store.engine.begin() as connection:
+            command.downgrade(engine_module._alembic_config(connection),
+                              "0009_mailman2_root")
+        assert store.revision() == "0009_mailman2_root"
+        before = backend.load_snapshot()
+        m = Membership.__table__
+        with store.engine.begin() as connection:
+            connection.execute(update(m).values(moderation_action=int(Action.HOLD)))
+        after = backend.load_changes(before)
+        assert after.built_how == "incremental: 2 lists read again"
+        assert set(after.lists[LIST].member_actions.values()) == {Action.HOLD}
+        assert store.upgrade() == ("0009_mailman2_root", head_revision())
+        self.test_a_replaced_row_rebuilds_the_lists_it_left(store, backend, two_lists,
+                                                            "membership")
 
     # --- a diverged copy of the store ----------------------------------------------------
 

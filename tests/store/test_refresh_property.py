@@ -3,7 +3,8 @@
 A hypothesis state machine applies random batches of changes of every kind to a native
 store (members and nonmembers added, removed, their action and role changed; addresses
 linked to and unlinked from users, preferred addresses, addresses and users deleted;
-patterns; list and site bans; list settings; lists added and removed; alias domains),
+patterns; list and site bans; list settings; lists added and removed; alias domains;
+rows replaced as each database's "replace" does; a table reloaded after a TRUNCATE),
 half of them through ``policyctl``'s queries (which bump the generation) and half as raw
 SQL (which only the triggers see).  Between batches it refreshes the way the daemon does
 (the change token first, then ``load_changes``) and checks that the snapshot holds
@@ -23,7 +24,7 @@ import pytest
 from hypothesis import HealthCheck, settings
 from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, rule
-from sqlalchemy import delete, insert, select, update
+from sqlalchemy import delete, insert, select, text, update
 from sqlalchemy.exc import IntegrityError
 
 from policyd.core.verdict import Action
@@ -194,6 +195,68 @@ class RefreshMachine(RuleBasedStateMachine):
     @rule(user=st.integers(0, 2))
     def add_user(self, user):
         self.sql(insert(u).values(name=USERS[user]))
+
+    # --- rules: what a sync job does (migration 0010) ------------------------------------
+    #
+    # Each refreshes at once: a later change to the same list would bump it and hide a
+    # change the refresh missed.
+
+    def replace(self, table, row: dict):
+        """``row`` over the row with its id: SQLite's ``INSERT OR REPLACE``, MariaDB's
+        ``REPLACE INTO``, PostgreSQL's ``INSERT ... ON CONFLICT DO UPDATE``; then a
+        refresh."""
+        columns, values = ", ".join(row), ", ".join(f":{c}" for c in row)
+        dialect = self.store.engine.dialect.name
+        if dialect == "sqlite":
+            sql = f"INSERT OR REPLACE INTO {table.name} ({columns}) VALUES ({values})"
+        elif dialect == "postgresql":
+            sql = (f"INSERT INTO {table.name} ({columns}) VALUES ({values}) "
+                   "ON CONFLICT (id) DO UPDATE SET "
+                   + ", ".join(f"{c} = excluded.{c}" for c in row if c != "id"))
+        else:
+            sql = f"REPLACE INTO {table.name} ({columns}) VALUES ({values})"
+        self.sql(text(sql).bindparams(**row))
+        self.check_refresh()
+
+    def row(self, table, pick):
+        with self.store.engine.connect() as connection:
+            rows = [dict(r._mapping) for r in connection.execute(
+                select(table).order_by(table.c.id))]
+        return rows[pick % len(rows)] if rows else None
+
+    @rule(pick=st.integers(0, 15), list_=st.integers(0, 3))
+    def replace_a_membership(self, pick, list_):
+        row, list_id = self.row(m, pick), self.list_id(list_)
+        if row is not None and list_id is not None:
+            self.replace(m, {**row, "list_id": list_id})
+
+    @rule(pick=st.integers(0, 7), email=st.integers(0, 7), user=st.integers(-1, 2))
+    def replace_an_address(self, pick, email, user):
+        row = self.row(a, pick)
+        if row is not None:
+            self.replace(a, {**row, "email": ADDRESSES[email], "original": ADDRESSES[email],
+                             "user_id": None if user < 0 else self.user_id(user)})
+
+    @rule(pick=st.integers(0, 2), address=st.integers(-1, 7))
+    def replace_a_user(self, pick, address):
+        row = self.row(u, pick)
+        if row is not None:
+            self.replace(u, {**row, "preferred_address_id":
+                             None if address < 0 else self.address_id(address)})
+
+    @rule(table=st.sampled_from([m, b]), keep=st.sets(st.integers(0, 3)))
+    def reload_after_truncate(self, table, keep):
+        """TRUNCATE (SQLite has none: DELETE without WHERE), then only the rows of the
+        lists ``keep``; then a refresh."""
+        ids = [self.list_id(i) for i in keep]
+        with self.store.engine.connect() as connection:
+            rows = [dict(r._mapping) for r in connection.execute(
+                select(table).where(table.c.list_id.in_(ids)))]
+        empty = {"sqlite": f"DELETE FROM {table.name}",
+                 "postgresql": f"TRUNCATE {table.name}"}.get(
+                     self.store.engine.dialect.name, f"TRUNCATE TABLE {table.name}")
+        self.sql(text(empty), *[insert(table).values(**row) for row in rows])
+        self.check_refresh()
 
     # --- rules: patterns, bans, settings, lists, domains -------------------------------------
 

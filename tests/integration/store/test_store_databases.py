@@ -92,6 +92,30 @@ class TestMariadbStore(StoreContract):
     def fresh_database(self, mariadb_databases):
         return mariadb_databases
 
+    def test_a_server_hiding_the_table_ids_is_still_read(self, store, backend, two_lists,
+                                                         monkeypatch):
+        """A database user without the PROCESS privilege cannot read the InnoDB table ids
+        that show a TRUNCATE (here: the table is unknown, as it is to MySQL 8): the
+        store is still read, incrementally too, and a full build says what is not
+        noticed."""
+        from sqlalchemy import column, table
+
+        from policyd.store import native, queries as q
+
+        monkeypatch.setattr(native, "INNODB_TABLES", table(
+            "NO_SUCH_TABLE", column("NAME"), column("TABLE_ID"),
+            schema="information_schema"))
+        before = backend.load_snapshot()
+        assert native.TRUNCATE_UNSEEN in before.problems
+        self.add(store, ["x@example.com"], target=self.OTHER)
+        after = backend.load_changes(before)
+        assert after.built_how == "incremental: 1 list read again"
+        assert "x@example.com" in after.lists[self.OTHER].members
+        assert native.TRUNCATE_UNSEEN in after.problems
+        with store.write() as session:
+            q.add_domain(session, "lists.example.net")
+        assert native.TRUNCATE_UNSEEN in backend.load_changes(after).problems
+
 
 @pytest.mark.integration
 @pytest.mark.postgres

@@ -185,25 +185,36 @@ def statements(dialect: str, nonce: bool = False) -> list[str]:
     migration 0007, which also draw a new ``list_revisions.nonce`` with each bump."""
     out = _notify_statements() if dialect == "postgresql" else []
     for (table, timing, event), selects in TRIGGERS.items():
-        name = trigger_name(table, timing, event)
-        body = _upsert(dialect, selects, nonce)
-        if dialect == "postgresql":
-            # A BEFORE trigger's function must return the row, or the delete is skipped.
-            result = "OLD" if timing == "BEFORE" else "NULL"
-            out.append(f"CREATE OR REPLACE FUNCTION {name}() RETURNS trigger "
-                       f"LANGUAGE plpgsql AS $$ BEGIN {body}; RETURN {result}; END $$")
-            out.append(f"DROP TRIGGER IF EXISTS {name} ON {table}")
-            out.append(f"CREATE TRIGGER {name} {timing} {event} ON {table} "
-                       f"FOR EACH ROW EXECUTE FUNCTION {name}()")
-        elif dialect in ("mysql", "mariadb"):
-            out.append(f"DROP TRIGGER IF EXISTS {name}")
-            out.append(f"CREATE TRIGGER {name} {timing} {event} ON {table} "
-                       f"FOR EACH ROW {body}")
-        else:
-            out.append(f"DROP TRIGGER IF EXISTS {name}")
-            out.append(f"CREATE TRIGGER {name} {timing} {event} ON {table} "
-                       f"FOR EACH ROW BEGIN {body}; END")
+        out.extend(trigger_statements(dialect, table, timing, event, selects, nonce))
     return out
+
+
+def trigger_statements(dialect: str, table: str, timing: str, event: str,
+                       selects: list[str], nonce: bool = False) -> list[str]:
+    """(Re)create one row trigger that bumps the lists ``selects`` name."""
+    name = trigger_name(table, timing, event)
+    body = _upsert(dialect, selects, nonce)
+    if dialect == "postgresql":
+        # A BEFORE trigger's function must return the row, or the change is skipped.
+        result = "NULL" if timing == "AFTER" else "OLD" if event == "DELETE" else "NEW"
+        return [f"CREATE OR REPLACE FUNCTION {name}() RETURNS trigger "
+                f"LANGUAGE plpgsql AS $$ BEGIN {body}; RETURN {result}; END $$",
+                f"DROP TRIGGER IF EXISTS {name} ON {table}",
+                f"CREATE TRIGGER {name} {timing} {event} ON {table} "
+                f"FOR EACH ROW EXECUTE FUNCTION {name}()"]
+    if dialect in ("mysql", "mariadb"):
+        return [f"DROP TRIGGER IF EXISTS {name}",
+                f"CREATE TRIGGER {name} {timing} {event} ON {table} FOR EACH ROW {body}"]
+    return [f"DROP TRIGGER IF EXISTS {name}",
+            f"CREATE TRIGGER {name} {timing} {event} ON {table} "
+            f"FOR EACH ROW BEGIN {body}; END"]
+
+
+def drop_trigger_statements(dialect: str, table: str, timing: str, event: str) -> list[str]:
+    name = trigger_name(table, timing, event)
+    if dialect == "postgresql":
+        return [f"DROP TRIGGER IF EXISTS {name} ON {table}", f"DROP FUNCTION IF EXISTS {name}()"]
+    return [f"DROP TRIGGER IF EXISTS {name}"]
 
 
 def drop_statements(dialect: str) -> list[str]:
@@ -215,12 +226,7 @@ def drop_statements(dialect: str) -> list[str]:
             out.append(f"DROP TRIGGER IF EXISTS policyd_notify_{table}_truncate ON {table}")
         out.append(f"DROP FUNCTION IF EXISTS {NOTIFY_FUNCTION}()")
     for table, timing, event in TRIGGERS:
-        name = trigger_name(table, timing, event)
-        if dialect == "postgresql":
-            out.append(f"DROP TRIGGER IF EXISTS {name} ON {table}")
-            out.append(f"DROP FUNCTION IF EXISTS {name}()")
-        else:
-            out.append(f"DROP TRIGGER IF EXISTS {name}")
+        out.extend(drop_trigger_statements(dialect, table, timing, event))
     return out
 
 
