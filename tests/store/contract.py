@@ -963,8 +963,10 @@ class StoreContract:
         m = Membership.__table__
         with store.engine.begin() as connection:
             connection.execute(update(m).values(moderation_action=int(Action.HOLD)))
+        # 0007's triggers moved the token; the daemon reads it with a full build while
+        # 0010's triggers are missing (``engine.trigger_problem``).
+        assert backend.change_token() != before.version
         after = backend.load_changes(before)
-        assert after.built_how == "incremental: 2 lists read again"
         assert set(after.lists[LIST].member_actions.values()) == {Action.HOLD}
         assert store.upgrade() == ("0009_mailman2_root", head_revision())
         self.test_a_replaced_row_rebuilds_the_lists_it_left(store, backend, two_lists,
@@ -1075,13 +1077,16 @@ class StoreContract:
 
     @staticmethod
     def recreate_triggers(store) -> None:
-        """What re-running migration 0007's upgrade does: every trigger made again."""
+        """What re-running migrations 0007's and 0010's upgrades does: every trigger made
+        again."""
         import importlib
 
-        migration = importlib.import_module(
-            "policyd.store.migrations.versions.0002_list_revisions")
+        versions = "policyd.store.migrations.versions."
+        migration = importlib.import_module(versions + "0002_list_revisions")
+        later = importlib.import_module(versions + "0010_truncate_and_replace")
         with store.engine.begin() as connection:
-            for statement in migration.statements(connection.dialect.name, nonce=True):
+            for statement in (migration.statements(connection.dialect.name, nonce=True)
+                              + later.statements(connection.dialect.name)):
                 connection.exec_driver_sql(statement)
 
     @staticmethod
@@ -1123,6 +1128,9 @@ class StoreContract:
         try:
             with store.engine.begin() as connection:
                 self.drop_trigger(connection, *self.BYPASSED)
+                if connection.dialect.name == "sqlite":
+                    # Migration 0010's trigger for a REPLACE sees an update too.
+                    self.drop_trigger(connection, "addresses", "policyd_rev_addresses_bu")
                 self.rename_member(connection, "a@example.com", "mallory@example.com")
             assert backend.change_token() == service.current.version
             with captured_events() as events:
