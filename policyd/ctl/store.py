@@ -73,6 +73,9 @@ def cmd_migrate(ctx: Context) -> int:
         raise StoreUnavailable(f"no store at {path}; run `policyctl init`")
     before, after = store.upgrade()
     _report_schema(ctx, store, before, after)
+    repaired = store.repair_triggers()
+    if repaired is not None:
+        ctx.print(f"store {store.describe()}: change triggers made again ({repaired})")
     return EXIT_OK
 
 

@@ -62,6 +62,9 @@ class Store:
     def upgrade(self) -> tuple[str | None, str]:
         return engine_module.upgrade(self.engine)
 
+    def repair_triggers(self) -> str | None:
+        return engine_module.repair_triggers(self.engine)
+
     def require_schema(self) -> None:
         """``StoreUnavailable`` unless the store exists with the current schema."""
         path = engine_module.sqlite_path(self.engine)

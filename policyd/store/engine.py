@@ -390,7 +390,37 @@ def trigger_problem(connection: Connection) -> str | None:
     if disabled:
         parts.append(f"disabled: {', '.join(disabled)} (ALTER TABLE ... ENABLE TRIGGER)")
     return ("the store's change triggers do not all fire (" + "; ".join(parts)
-            + "): writes that bypass them are only seen by a full build")
+            + "): writes that bypass them are only seen by a full build; `policyctl "
+            "migrate` makes them again")
+
+
+def repair_triggers(engine: Engine) -> str | None:
+    """On a store at the head revision whose change triggers do not all fire
+    (``trigger_problem``): make them again, each migration's ``recreate_triggers`` oldest
+    first, in one transaction.  Returns the problem repaired, else ``None``."""
+    from alembic.script import ScriptDirectory
+
+    try:
+        with engine.begin() as connection:
+            if schema_problem(connection) is not None:
+                return None
+            problem = trigger_problem(connection)
+            if problem is None:
+                return None
+            dialect = connection.dialect.name
+            scripts = ScriptDirectory.from_config(_alembic_config(None))  # type: ignore
+            for script in reversed(list(scripts.walk_revisions())):
+                recreate = getattr(script.module, "recreate_triggers", None)
+                for statement in recreate(dialect) if recreate is not None else ():
+                    connection.exec_driver_sql(statement)
+            left = trigger_problem(connection)
+            if left is not None:
+                raise StoreUnavailable(f"cannot recreate the change triggers of the store "
+                                       f"at {safe_url(engine.url)}: {left}")
+    except SQLAlchemyError as error:
+        raise StoreUnavailable(f"cannot recreate the change triggers of the store at "
+                               f"{safe_url(engine.url)}: {first_line(error)}") from None
+    return problem
 
 
 def ping(connection: Connection) -> None:

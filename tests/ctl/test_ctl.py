@@ -78,6 +78,31 @@ def test_init_creates_then_reports_up_to_date(run):
     assert run.token() == token
 
 
+def test_migrate_makes_dropped_change_triggers_again(initialised):
+    """A change trigger dropped by hand (the daemon then reports it and reads every
+    change with a full build): ``policyctl migrate`` at the head revision makes the
+    triggers again and says so; a second run has nothing to repair."""
+    import sqlite3
+
+    from sqlalchemy import create_engine
+
+    from policyd.store import engine as engine_module
+
+    with sqlite3.connect(initialised.path) as connection:
+        connection.execute("DROP TRIGGER policyd_rev_addresses_au")
+    out = initialised.ok("migrate")
+    assert "up to date" in out
+    assert "change triggers made again" in out
+    assert "policyd_rev_addresses_au on addresses" in out
+    engine = create_engine(initialised.url)
+    try:
+        with engine.connect() as connection:
+            assert engine_module.trigger_problem(connection) is None
+    finally:
+        engine.dispose()
+    assert "made again" not in initialised.ok("migrate")
+
+
 def test_init_demo_loads_once(run):
     """init --demo loads the demo data into an empty store, and not a second time."""
     out = run.ok("init", "--demo")

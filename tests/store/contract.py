@@ -1166,6 +1166,28 @@ class StoreContract:
         finally:
             service.stopService()
 
+    def test_repair_makes_dropped_and_disabled_triggers_again(self, store, backend,
+                                                               two_lists):
+        """``engine.repair_triggers`` (``policyctl migrate``): a dropped trigger (and on
+        PostgreSQL a disabled one) made again as the schema at head has them; a write
+        moves the token again; nothing to repair afterwards."""
+        from policyd.store import engine as engine_module
+
+        with store.engine.begin() as connection:
+            self.drop_trigger(connection, *self.BYPASSED)
+            if connection.dialect.name == "postgresql":
+                connection.exec_driver_sql(
+                    "ALTER TABLE lists DISABLE TRIGGER policyd_rev_lists_au")
+        repaired = store.repair_triggers()
+        assert "policyd_rev_addresses_au on addresses" in repaired
+        with store.engine.connect() as connection:
+            assert engine_module.trigger_problem(connection) is None
+        before = backend.change_token()
+        with store.engine.begin() as connection:
+            self.rename_member(connection, "a@example.com", "mallory@example.com")
+        assert backend.change_token() != before
+        assert store.repair_triggers() is None
+
     def test_check_and_describe_name_a_dropped_trigger(self, store, backend, mlist):
         """``check()`` (``policyctl status --offline``, ``query --offline``) still passes
         with a change trigger missing (full builds stay right), and ``describe()`` names

@@ -35,12 +35,13 @@ database dropped and recreated under the same URL, has another id; the daemon's 
 token and snapshot origin carry it, so it rebuilds in full.
 
 ``change_triggers``: the (table, trigger) pairs the daemon expects to find
-(``policyd.store.engine.trigger_problem``); every migration that creates change
-triggers defines its own.
+(``policyd.store.engine.trigger_problem``), and ``recreate_triggers``: the SQL that makes
+them as the schema at head has them; every migration that creates change triggers
+defines both.
 
-Creating the triggers is idempotent (dropped if they exist, then created): running this
-migration's ``upgrade`` again, or ``policyctl migrate`` on a store whose triggers were
-dropped by hand, recreates them.
+Creating the triggers is idempotent (dropped if they exist, then created): ``policyctl
+migrate`` on a store whose triggers were dropped or disabled by hand recreates them
+(``engine.repair_triggers``: each migration's ``recreate_triggers``, oldest first).
 
 Revision ID: 0002
 Revises: 0001
@@ -178,6 +179,11 @@ def _notify_statements() -> list[str]:
         out.append(f"CREATE TRIGGER {name} AFTER TRUNCATE ON {table} "
                    f"FOR EACH STATEMENT EXECUTE FUNCTION {NOTIFY_FUNCTION}()")
     return out
+
+
+def recreate_triggers(dialect: str) -> list[str]:
+    """This migration's triggers as the schema at head has them (0007's, with nonces)."""
+    return statements(dialect, nonce=True)
 
 
 def statements(dialect: str, nonce: bool = False) -> list[str]:

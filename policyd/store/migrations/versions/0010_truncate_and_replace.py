@@ -137,6 +137,10 @@ def change_triggers(dialect: str) -> list[tuple[str, str]]:
     return out
 
 
+def recreate_triggers(dialect: str) -> list[str]:
+    return statements(dialect)
+
+
 def statements(dialect: str) -> list[str]:
     """The SQL that (re)creates this migration's triggers, idempotently."""
     triggers = _triggers()
