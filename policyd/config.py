@@ -49,7 +49,7 @@ class StoreConfig:
     # A refresh still running after this many seconds makes ``status`` unhealthy.
     refresh_timeout: float = 30.0
     # Seconds without the store confirming the snapshot as its current state after which
-    # every query gets the temporary failure (``SnapshotService.stale_reason``); 0: never.
+    # every list query gets the temporary failure (``SnapshotService.stale_reason``); 0: never.
     max_stale: float = 900.0
     # Both backends: a verification build (full, compared with the incremental result)
     # every this many seconds; 0 disables it.

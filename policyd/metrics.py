@@ -120,7 +120,7 @@ class PolicydCollector:
             yield _gauge("policyd_snapshot_confirmed_age_seconds",
                          "Seconds since the store last confirmed the snapshot being served "
                          "as its current state (a refresh that succeeded); past [store] "
-                         "max_stale every query gets the temporary failure.", confirmed)
+                         "max_stale every list query gets the temporary failure.", confirmed)
         if snapshots.last_load_seconds is not None:
             yield _gauge("policyd_snapshot_build_duration_seconds",
                          "How long the last refresh that loaded a snapshot took.",

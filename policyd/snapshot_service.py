@@ -672,8 +672,9 @@ class SnapshotService(Service):
     def _stale_began(self, since: float) -> None:
         self.stale_since = since
         log.error("snapshot {version} has not been confirmed as the store's current state "
-                  "for {max_stale:g} s ([store] max_stale): every query gets the temporary "
-                  "failure until a store refresh succeeds (logged again when one does); "
+                  "for {max_stale:g} s ([store] max_stale): every list query gets the "
+                  "temporary failure until a store refresh succeeds (logged again when one "
+                  "does); "
                   "{trouble}", version=self.current.version if self.current else None,
                   max_stale=self.max_stale, trouble=self._trouble_text(),
                   store=self.store_description)

@@ -276,6 +276,21 @@ class _Incident:
         self.closed = self.refused = 0
 
 
+def _by_peer(connections) -> dict[str, list]:
+    """``connections`` by peer (``peer_of``), those being evicted left out."""
+    held: dict[str, list] = {}
+    for p in connections:
+        if p.factory.evicting and p in p.factory.evicting:
+            continue
+        q = peer_of(p)
+        same = held.get(q)
+        if same is None:
+            held[q] = [p]
+        else:
+            same.append(p)
+    return held
+
+
 class TrackingFactory(Factory):
     """A factory that knows its open connections, so shutdown can let them finish.
 
@@ -483,16 +498,7 @@ class TrackingFactory(Factory):
         holding the most closes that peer's least useful connections; else only its
         own peer's idle or silent ones, and it is refused rather than close another
         peer's."""
-        held: dict[str, list] = {}
-        for p in (self.limits.connections() if pool is None else pool):
-            if p.factory.evicting and p in p.factory.evicting:
-                continue
-            q = peer_of(p)
-            same = held.get(q)
-            if same is None:
-                held[q] = [p]
-            else:
-                same.append(p)
+        held = _by_peer(self.limits.connections() if pool is None else pool)
         own = held.pop(peer, [])
         if not held:
             return None
@@ -607,16 +613,7 @@ class TrackingFactory(Factory):
         until the request fits; a request of a peer over its share is refused rather
         than close another peer's.  Nothing is closed unless the request then fits."""
         limits = self.limits
-        held: dict[str, list] = {}
-        for p in limits.connections():
-            if not p.buffered or (p.factory.evicting and p in p.factory.evicting):
-                continue
-            q = peer_of(p)
-            same = held.get(q)
-            if same is None:
-                held[q] = [p]
-            else:
-                same.append(p)
+        held = _by_peer(p for p in limits.connections() if p.buffered)
         peer = peer_of(protocol)
         own = held.pop(peer, [])
         if not held:

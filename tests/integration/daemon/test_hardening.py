@@ -411,17 +411,20 @@ def test_a_peer_flooding_fresh_partial_requests_leaves_the_mta_its_share(run, da
     assert daemon.terminate() == 0
 
 
-#: ``PartialFlood`` on a Unix socket (``PATH``) or from 127.0.0.1 to a TCP port
-#: (``tcp:PORT``), as a process of its own (run as another uid): prints ``ready`` once it
-#: has opened 200 connections (``stuck`` if it cannot within 20 s), runs until killed.
-LOCAL_FLOOD = r"""
+#: Incomplete requests kept open by a process of its own (run as another uid): ``COUNT``
+#: connections to the Unix socket ``PATH`` or from 127.0.0.1 to a TCP port (``tcp:PORT``),
+#: each holding the bytes ``BEGUN`` (hex) of a request never ended, each replaced by a
+#: fresh one after ``MAX_AGE`` seconds or as soon as the daemon answers or closes it;
+#: prints ``ready`` once it has opened ``READY`` (``stuck`` if it cannot within 20 s),
+#: runs until killed.
+CHURN = r"""
 import socket, sys, time
-path, count = sys.argv[1], int(sys.argv[2])
+path, count, max_age, ready = sys.argv[1], int(sys.argv[2]), float(sys.argv[3]), int(sys.argv[4])
+begun = bytes.fromhex(sys.argv[5])
 if path.startswith("tcp:"):
     family, path = socket.AF_INET, ("127.0.0.1", int(path[4:]))
 else:
     family = socket.AF_UNIX
-begun = b"request=smtpd_access_policy\nprotocol_state=RCPT\nsender="
 socks, opened, told, start = [], 0, False, time.monotonic()
 while True:
     if not told and time.monotonic() - start > 20:
@@ -430,11 +433,11 @@ while True:
     now = time.monotonic()
     alive = []
     for at, s in socks:
-        if now - at >= 0.5:
+        if now - at >= max_age:
             s.close()
             continue
         try:
-            s.recv(1, socket.MSG_PEEK)
+            s.recv(1, socket.MSG_PEEK)  # an answer (busy) or the close: replace it
             s.close()
             continue
         except BlockingIOError:
@@ -456,11 +459,21 @@ while True:
             break
         socks.append((time.monotonic(), s))
         opened += 1
-    if opened >= 200 and not told:
+    if opened >= ready and not told:
         print("ready", flush=True)
         told = True
-    time.sleep(0.01)
+    time.sleep(0.005)
 """
+
+
+def churn(target, count: int, max_age: float, ready: int, begun: bytes) -> subprocess.Popen:
+    """``CHURN`` as ``nobody``, with the system's Python from /: nobody cannot reach the
+    checkout's virtualenv (CI clones into a folder only root may enter), and the flood
+    needs only the standard library."""
+    python = shutil.which("python3", path="/usr/bin:/bin") or sys.executable
+    return subprocess.Popen([python, "-c", CHURN, str(target), str(count), str(max_age),
+                             str(ready), begun.hex()],
+                            stdout=subprocess.PIPE, user=65534, group=65534, cwd="/")
 
 
 @pytest.mark.skipif(os.geteuid() != 0, reason="another uid needs root (setuid)")
@@ -486,12 +499,8 @@ def test_another_uid_flooding_leaves_the_mta_its_share(run, daemons, listen):
     os.chmod(run.path, 0o711)  # nobody may reach the socket
     daemon = daemons(run)
     daemon.wait_ready()
-    # The system's Python, from /: nobody cannot reach the checkout's
-    # virtualenv (CI clones into a folder only root may enter); the flood needs only the
-    # standard library.
-    python = shutil.which("python3", path="/usr/bin:/bin") or sys.executable
-    flood = subprocess.Popen([python, "-c", LOCAL_FLOOD, str(target), "40"],
-                             stdout=subprocess.PIPE, user=65534, group=65534, cwd="/")
+    flood = churn(target, 40, 0.5, 200,
+                  b"request=smtpd_access_policy\nprotocol_state=RCPT\nsender=")
     total = 100
     failures: list[str] = []
     try:
@@ -513,53 +522,6 @@ def test_another_uid_flooding_leaves_the_mta_its_share(run, daemons, listen):
 
 
 
-#: A process of its own (run as another uid) keeping the buffers full: ``COUNT``
-#: connections to the Unix socket ``PATH``, each holding ``SIZE`` bytes of an Exim line
-#: never ended, each replaced by a fresh one after 0.8 s or as soon as the daemon closes
-#: it (none ever a second old: none idle); prints ``ready`` once it has opened ``COUNT``,
-#: runs until killed.
-PARTIAL_LINES = r"""
-import socket, sys, time
-path, count, size = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
-begun = b"POLICYD/1 list=" + b"a" * (size - 15)
-socks, opened, told = [], 0, False
-while True:
-    now = time.monotonic()
-    alive = []
-    for at, s in socks:
-        if now - at >= 0.8:
-            s.close()
-            continue
-        try:
-            s.recv(1, socket.MSG_PEEK)  # an answer (busy) or the close: replace it
-            s.close()
-            continue
-        except BlockingIOError:
-            pass
-        except OSError:
-            s.close()
-            continue
-        alive.append((at, s))
-    socks = alive
-    while len(socks) < count:
-        s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        try:
-            s.settimeout(1.0)
-            s.connect(path)
-            s.sendall(begun)
-            s.setblocking(False)
-        except OSError:
-            s.close()
-            break
-        socks.append((time.monotonic(), s))
-        opened += 1
-    if opened >= count and not told:
-        print("ready", flush=True)
-        told = True
-    time.sleep(0.005)
-"""
-
-
 def test_another_uid_keeping_the_buffers_full_leaves_the_mta_its_share(run, daemons):
     """A process running as ``nobody`` keeps the buffered bytes of incomplete requests
     at ``max_buffered`` (1 MiB) with Exim lines it never ends, each younger than a
@@ -577,10 +539,9 @@ def test_another_uid_keeping_the_buffers_full_leaves_the_mta_its_share(run, daem
     daemon.wait_ready()
     headers = (f"From: {NONMEMBER}\nSubject: x\nX-Pad: " + "p" * 90000 + "\n").encode()
     request = exim_line(LIST, NONMEMBER) + b" headers=" + base64.b64encode(headers) + b"\n"
-    python = shutil.which("python3", path="/usr/bin:/bin") or sys.executable
-    flood = subprocess.Popen([python, "-c", PARTIAL_LINES, str(run.exim_socket), "40",
-                              "30000"], stdout=subprocess.PIPE, user=65534, group=65534,
-                             cwd="/")
+    # Each connection holds 30,000 bytes of an Exim line, none ever a second old (none
+    # idle).
+    flood = churn(run.exim_socket, 40, 0.8, 40, b"POLICYD/1 list=" + b"a" * 29985)
     total = 20
     answers: list[bytes] = []
     try:
