@@ -375,6 +375,12 @@ def trigger_problem(connection: Connection) -> str | None:
     disabled, else ``None``.  Without them a write moves no list revision: the
     incremental refresh and the change token miss it."""
     present = _triggers_present(connection)
+    if connection.dialect.name in ("mysql", "mariadb") and not any(
+            name.startswith("policyd_") for _, name in present):
+        # MariaDB shows a table's triggers only to a user with more than SELECT on it:
+        # a read-only store user sees none.  Unknown, not missing: the verification
+        # build still catches a write that bypassed them.
+        return None
     missing, disabled = [], []
     for table, name in expected_triggers(connection.dialect.name):
         fires = present.get((table, name))

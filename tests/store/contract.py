@@ -10,7 +10,7 @@ from __future__ import annotations
 import pytest
 from alembic.autogenerate import compare_metadata
 from alembic.migration import MigrationContext
-from sqlalchemy import delete, insert, select, text, update
+from sqlalchemy import delete, func, insert, select, text, update
 
 from policyd import demo
 from policyd.core.chain import decide
@@ -947,6 +947,40 @@ class StoreContract:
         else:
             assert after.lists[LIST].bans.exact == frozenset()
         assert after.lists[self.OTHER] == backend.load_snapshot().lists[self.OTHER]
+
+    def test_migration_0009_downgrades_without_losing_rows_or_triggers(self, store,
+                                                                       two_lists):
+        """Downgrading past 0009 (``lists.mailman2_root`` dropped) through policyd's own
+        engine (foreign keys on, on SQLite) keeps every membership and 0002's triggers
+        on ``lists``: Alembic's batch mode rebuilt the table, and its DROP TABLE
+        cascaded to the memberships and dropped those triggers."""
+        from alembic import command
+
+        from policyd.store import engine as engine_module
+
+        with store.engine.connect() as connection:
+            members = connection.execute(select(func.count()).select_from(
+                Membership.__table__)).scalar()
+            before = set(engine_module._triggers_present(connection))
+        assert members > 0
+        with store.engine.begin() as connection:
+            command.downgrade(engine_module._alembic_config(connection),
+                              "0008_dmarc_quarantine")
+        assert store.revision() == "0008_dmarc_quarantine"
+        with store.engine.connect() as connection:
+            assert connection.execute(select(func.count()).select_from(
+                Membership.__table__)).scalar() == members
+            after = set(engine_module._triggers_present(connection))
+        import importlib
+
+        first = importlib.import_module("policyd.store.migrations.versions.0002_list_revisions")
+        lists_triggers = {t for t in first.change_triggers(store.engine.dialect.name)
+                          if t[0] == "lists"}
+        assert lists_triggers and lists_triggers <= before
+        assert lists_triggers <= after
+        assert store.upgrade() == ("0008_dmarc_quarantine", head_revision())
+        with store.engine.connect() as connection:
+            assert engine_module.trigger_problem(connection) is None
 
     def test_migration_0010_downgrades_and_upgrades_again(self, store, backend, two_lists):
         """Downgrading 0010 puts 0007's triggers back (a change still bumps its list);

@@ -29,5 +29,11 @@ def upgrade() -> None:
 
 
 def downgrade() -> None:
-    with op.batch_alter_table("lists") as batch:
-        batch.drop_column("mailman2_root")
+    # SQLite drops the column in place (3.35 and later): Alembic's batch mode would
+    # rebuild ``lists``, and the DROP TABLE of that rebuild deletes every membership,
+    # pattern and ban through their ON DELETE CASCADE on a connection with foreign keys
+    # on (policyd's), and drops 0002's triggers on ``lists``.
+    if op.get_bind().dialect.name == "sqlite":
+        op.execute("ALTER TABLE lists DROP COLUMN mailman2_root")
+    else:
+        op.drop_column("lists", "mailman2_root")
