@@ -31,7 +31,18 @@ def upgrade() -> None:
 
 
 def downgrade() -> None:
-    with op.batch_alter_table("lists") as batch:
-        batch.drop_column("dmarc_addresses")
-        batch.drop_column("dmarc_mitigate_unconditionally")
-        batch.drop_column("dmarc_mitigate_action")
+    _drop_list_columns(["dmarc_addresses", "dmarc_mitigate_unconditionally",
+                        "dmarc_mitigate_action"])
+
+
+def _drop_list_columns(names) -> None:
+    """SQLite drops each column in place (3.35 and later): Alembic's batch mode would
+    rebuild ``lists``, and the DROP TABLE of that rebuild deletes every membership,
+    pattern and ban through their ON DELETE CASCADE on a connection with foreign keys
+    on (policyd's), and drops the triggers on ``lists``."""
+    if op.get_bind().dialect.name == "sqlite":
+        for name in names:
+            op.execute(f"ALTER TABLE lists DROP COLUMN {name}")
+    else:
+        for name in names:
+            op.drop_column("lists", name)

@@ -29,5 +29,17 @@ def upgrade() -> None:
 
 
 def downgrade() -> None:
-    with op.batch_alter_table("lists") as batch:
-        batch.drop_column("dmarc_quarantine")
+    _drop_list_columns(["dmarc_quarantine"])
+
+
+def _drop_list_columns(names) -> None:
+    """SQLite drops each column in place (3.35 and later): Alembic's batch mode would
+    rebuild ``lists``, and the DROP TABLE of that rebuild deletes every membership,
+    pattern and ban through their ON DELETE CASCADE on a connection with foreign keys
+    on (policyd's), and drops the triggers on ``lists``."""
+    if op.get_bind().dialect.name == "sqlite":
+        for name in names:
+            op.execute(f"ALTER TABLE lists DROP COLUMN {name}")
+    else:
+        for name in names:
+            op.drop_column("lists", name)
