@@ -121,6 +121,17 @@ class PolicydCollector:
                          "Seconds since the store last confirmed the snapshot being served "
                          "as its current state (a refresh that succeeded); past [store] "
                          "max_stale every list query gets the temporary failure.", confirmed)
+        # What an alert on the confirmed age compares it with (policyd-alerts.yml): a
+        # fixed threshold misfires on a site with a long refresh_interval.
+        yield _gauge("policyd_store_slowest_confirmation_seconds",
+                     "refresh_interval + 2 x refresh_timeout: the longest a store answering "
+                     "every refresh in time leaves policyd_snapshot_confirmed_age_seconds "
+                     "growing.",
+                     snapshots.interval + 2 * (snapshots.refresh_timeout or 0.0))
+        if snapshots.max_stale is not None:
+            yield _gauge("policyd_snapshot_max_stale_seconds",
+                         "[store] max_stale in effect: the confirmed age at which every "
+                         "list query gets the temporary failure.", snapshots.max_stale)
         if snapshots.last_load_seconds is not None:
             yield _gauge("policyd_snapshot_build_duration_seconds",
                          "How long the last refresh that loaded a snapshot took.",

@@ -263,6 +263,50 @@ def test_alert_rules_use_only_metrics_the_endpoint_has(tmp_path):
     assert used <= set(samples), used - set(samples)
 
 
+def stale_alert_fires(samples) -> bool:
+    """contrib/prometheus/policyd-alerts.yml's PolicydSnapshotStale expression evaluated
+    on one scrape (its one shape: ``AGE > LIMIT + C``)."""
+    import re
+    from pathlib import Path
+
+    rules = (Path(__file__).resolve().parents[1] / "contrib" / "prometheus"
+             / "policyd-alerts.yml").read_text()
+    expr = re.search(r"alert: PolicydSnapshotStale\n\s+expr: (.*)\n", rules).group(1)
+    shape = re.fullmatch(r'(\w+)\{job="policyd"\} > (\w+)\{job="policyd"\} \+ (\d+)', expr)
+    assert shape, f"PolicydSnapshotStale has a new shape; teach this test: {expr}"
+    age, limit, constant = shape.groups()
+    if value(samples, age) is None:
+        return False
+    return value(samples, age) > value(samples, limit) + int(constant)
+
+
+def test_stale_alert_follows_refresh_interval(tmp_path):
+    """PolicydSnapshotStale stays silent on a healthy daemon whose refresh_interval is
+    longer than its old fixed threshold (300 s), just before each refresh, and fires a
+    minute after the slowest confirmation a healthy store gives, before max_stale."""
+    service, reactor, backend = build(
+        tmp_path, text=METRICS + "[store]\nrefresh_interval = 600\n")
+    service.startService()
+    try:
+        for _ in range(3):
+            reactor.advance(599)
+            samples = scrape(service)
+            assert value(samples, "policyd_store_slowest_confirmation_seconds") == 660
+            assert value(samples, "policyd_snapshot_confirmed_age_seconds") == 599
+            assert not stale_alert_fires(samples)
+            reactor.advance(1)
+        backend.fail = ConnectionError("refused")
+        reactor.advance(660 + 59)
+        assert not stale_alert_fires(scrape(service))
+        reactor.advance(2)
+        samples = scrape(service)
+        assert stale_alert_fires(samples)
+        assert value(samples, "policyd_snapshot_max_stale_seconds") == 900
+        assert service.snapshots.stale_reason() is None  # the 4xx begin later
+    finally:
+        service.stopService()
+
+
 def test_documented_scrape_excerpts_name_only_served_samples(tmp_path):
     """The scrape excerpts in docs/configuration.md and docs/monitoring.md: every sample
     name they show is served, after the same kind of answers (one Exim, two Postfix)."""
