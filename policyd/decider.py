@@ -59,6 +59,15 @@ class Answer(NamedTuple):
 _new_answer = partial(tuple.__new__, Answer)
 
 
+def _take_one(counts, key) -> None:
+    """One less of ``key`` in ``counts``, gone at zero (never a label counting 0)."""
+    left = counts.get(key, 0) - 1
+    if left > 0:
+        counts[key] = left
+    elif left == 0:
+        del counts[key]
+
+
 class Decider:
     """Decide one query on the current snapshot and count it."""
 
@@ -317,6 +326,18 @@ class Decider:
         counts[label] += 1
         if answer is not None:
             self.count_answer(protocol, answer)
+
+    def uncount(self, protocol: str, answers) -> None:
+        """Take back what ``decide`` counted for ``answers`` (a request whose answering
+        then failed is counted once, as the ``error`` it was answered with)."""
+        for answer in answers:
+            decision = answer.decision
+            if decision is not None:
+                verdict = decision.verdict._value_
+                _take_one(self.by_rule, (protocol, verdict, decision.rule))
+                _take_one(self.by_list, (protocol, decision.list, verdict))
+            elif answer.pending is None:  # what ``trouble`` counted
+                _take_one(self._labels.get(protocol, {}), answer.trouble)
 
     def count_answer(self, protocol: str, answer: str) -> None:
         self.answer_counter(protocol)[answer] += 1

@@ -778,16 +778,19 @@ class DecidingFactory(TrackingFactory):
         self.config = config
         self.decision_log = decision_log if decision_log is not None else DecisionLog()
 
-    def answer_failed(self, error: Exception, protocol: str, query=None) -> bytes:
+    def answer_failed(self, error: Exception, protocol: str, query=None,
+                      decided=()) -> bytes:
         """The answer to a request whose answering raised ``error`` (moderation, the
         decision line, the reply's text: whatever follows ``Decider.decide``, which
         never raises), called in the ``except`` block that caught it: as an exception
         inside the decision is, logged once per incident (``Decider.failed``), counted
         as ``error`` and answered with the configured temporary failure, so that a bug
         on the answer path is a 4xx, never a dropped connection nor one traceback per
-        request."""
+        request.  ``decided``: the answers ``Decider.decide`` gave (and counted) for the
+        request, counted instead as this one ``error``."""
         decider = self.decider
         decider.failed(error, protocol, query, "answering")
+        decider.uncount(protocol, decided)
         reply = decider.policy.error()
         decider.count(protocol, "error", reply.outcome._value_)
         return self.error_answer(reply)

@@ -553,6 +553,7 @@ class EximFactory(DecidingFactory):
         except ProtocolError as error:
             return self.malformed(error, transport)
         query = None
+        answers = ()
         try:
             decide = self.decider.decide
             queries = request.queries()
@@ -603,7 +604,7 @@ class EximFactory(DecidingFactory):
                 self.latency.observe(started)
             return line_text.encode("utf-8", "replace")
         except Exception as error:
-            return self.answer_failed(error, "exim", query)
+            return self.answer_failed(error, "exim", query, answers)
 
     @staticmethod
     def error_answer(reply: SmtpReply) -> bytes:

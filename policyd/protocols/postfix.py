@@ -556,8 +556,9 @@ class PostfixFactory(DecidingFactory):
         if query is None:
             self.decider.count("postfix", "other-state", "DUNNO")
             return DUNNO
+        decided = None
         try:
-            answer = self.decider.decide(query, "postfix")
+            answer = decided = self.decider.decide(query, "postfix")
             decision = answer.decision
             step = None
             # Moderation only ever changes a hold (``ModerationService.apply``): asked then.
@@ -584,7 +585,8 @@ class PostfixFactory(DecidingFactory):
                           else answer.reply.outcome._value_] += 1
             return data
         except Exception as error:
-            return self.answer_failed(error, "postfix", query)
+            return self.answer_failed(error, "postfix", query,
+                                      () if decided is None else (decided,))
 
     @staticmethod
     def error_answer(reply: SmtpReply) -> bytes:

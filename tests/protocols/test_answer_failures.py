@@ -75,7 +75,8 @@ def failures(events) -> list:
 
 
 def decider() -> Decider:
-    return Decider(StaticSnapshots(sample_snapshot()), ReplyPolicy(), clock=Clock())
+    return Decider(StaticSnapshots(sample_snapshot()), ReplyPolicy(), clock=Clock(),
+                   per_list=True)
 
 
 PLACES = ["decision log", "moderation", "reply"]
@@ -102,7 +103,11 @@ def test_postfix_answer_path_exception_is_a_4xx_and_the_connection_goes_on(
     assert not transport.disconnecting
     assert len(failures(events)) == 1
     counters = factory.decider.counters()
-    assert counters["by_protocol"]["postfix"]["error"] == 101
+    # Each request counted once, as the error it was answered with (not also as its
+    # decision), and MEMBER's as the accept it was.
+    assert counters["by_protocol"]["postfix"] == {"error": 101, "accept": 1}
+    assert factory.decider.by_rule == {("postfix", "accept", "accept"): 1}
+    assert set(factory.decider.by_list.values()) == {1}
     assert counters["answers"]["postfix"] == {"DEFER": 101, "DUNNO": 1}
 
 
@@ -143,7 +148,8 @@ def test_exim_answer_path_exception_is_a_4xx(where, events, monkeypatch):
     proto.dataReceived(test_exim.line(sender=MEMBER) + b"\n")
     assert transport.value().startswith(b"ACCEPT 250")
     counters = factory.decider.counters()
-    assert counters["by_protocol"]["exim"]["error"] == 100
+    assert counters["by_protocol"]["exim"] == {"error": 100, "accept": 1}
+    assert [key[2] for key in factory.decider.by_list] == ["accept"]
     assert counters["answers"]["exim"] == {"DEFER": 100, "ACCEPT": 1}
 
 
