@@ -28,8 +28,9 @@ and summed up in one line per interval.  A decision line cuts each value a clien
 at ``FIELD_MAX`` characters (``capped``).
 
 Under ``twist``, whose own observer writes the log, ``guard_launcher_log`` puts the
-``RateLimit`` and the escaping (``Escaped``) in front of that observer: the same promises
-hold whichever command started the daemon.
+``RateLimit`` and the escaping (``Escaped``, which also hands twist's text observer the
+bounded traceback) in front of that observer: the same promises hold whichever command
+started the daemon.
 """
 
 from __future__ import annotations
@@ -567,8 +568,9 @@ class Escaped:
     what the observer writes is the line ``LineWriter`` would write.  The fields stay as
     they were, for an observer that writes them (JSON escapes them itself)."""
 
-    def __init__(self, observer) -> None:
+    def __init__(self, observer, *, tracebacks: bool = False) -> None:
         self.observer = observer
+        self.tracebacks = tracebacks
 
     def __call__(self, event: dict) -> None:
         text = _format(event)
@@ -576,7 +578,25 @@ class Escaped:
             escaped = escape_controls(text)
             if escaped != text:
                 event = dict(event, log_format=escaped.replace("{", "{{").replace("}", "}}"))
+        if self.tracebacks and event.get("log_failure") is not None:
+            event = dict(event, log_failure=_BoundedFailure(event["log_failure"]))
         self.observer(event)
+
+
+class _BoundedFailure:
+    """A failure as a text observer reads it (``getTraceback``, all twist's text observer
+    asks of one): ``bounded_traceback``, whose exception text, which a peer may have
+    chosen, is escaped and cut, and whose frames are bounded, as ``LineWriter`` writes
+    it.  A JSON observer gets the real failure: it serialises it and escapes itself."""
+
+    def __init__(self, failure) -> None:
+        self.failure = failure
+
+    def getTraceback(self, *args, **kwargs) -> str:  # noqa: N802 (Failure's name)
+        return bounded_traceback(self.failure)
+
+    def __getattr__(self, name):
+        return getattr(self.failure, name)
 
 
 def guard_launcher_log(launcher_options, *, rate_interval: float = 60.0
@@ -601,9 +621,11 @@ def guard_launcher_log(launcher_options, *, rate_interval: float = 60.0
     if not callable(factory):
         return None
     limiter = RateLimit(None, interval=rate_interval)
+    from twisted.logger import jsonFileLogObserver
 
     def guarded_factory(log_file):
-        limiter.observer = Escaped(factory(log_file))
+        limiter.observer = Escaped(factory(log_file),
+                                   tracebacks=factory is not jsonFileLogObserver)
         return limiter
 
     launcher_options["fileLogObserverFactory"] = guarded_factory

@@ -13,6 +13,7 @@ import json
 
 import pytest
 from twisted.logger import LogLevel, jsonFileLogObserver, textFileLogObserver
+from twisted.python.failure import Failure
 
 from policyd.logging import FIELD_MAX, capped, guard_launcher_log, log_fields, make_observer
 from policyd.protocols import ProtocolError
@@ -134,6 +135,35 @@ def test_twist_text_log_is_rate_limited_and_one_line_per_event():
     assert "sender=<evil\\r\\n2026-12-07T00:00:00.000 info [policyd] FORGED\\x1b[2J@x>" \
         in lines[5]
     assert "reply='ACCEPT\\r\\n'" in lines[5]  # repr's escapes, not escaped twice
+
+
+def failing_event() -> dict:
+    """A failure whose exception text a peer chose (a CR/LF and a forged line in it),
+    raised 300 frames deep."""
+    def recurse(n):
+        if n:
+            recurse(n - 1)
+        raise ValueError("bad sender evil\r\n2026-12-07T00:00:00.000 info [policyd] FORGED")
+    try:
+        recurse(300)
+    except ValueError:
+        failure = Failure()
+    return {"log_namespace": "policyd.decider", "log_level": LogLevel.critical,
+            "log_time": 0.0, "log_format": "the decision failed", "log_failure": failure}
+
+
+def test_twist_text_log_writes_a_bounded_escaped_traceback():
+    """twist's text observer wrote a failure's traceback as Twisted makes it: every frame
+    of a deep recursion, and the exception's text raw (a CR/LF in it a forged line);
+    behind policyd's guard it is the bounded traceback policyd's own writer writes."""
+    out = io.StringIO()
+    _, observer = twist_observer(textFileLogObserver, out)
+    observer(failing_event())
+    text = out.getvalue()
+    assert "\r" not in text and "\n2026-12-07" not in text
+    assert "bad sender evil\\r\\n2026-12-07T00:00:00.000 info [policyd] FORGED" in text
+    assert "more frames left out" in text or "more times]" in text
+    assert len(text.splitlines()) < 80, len(text.splitlines())
 
 
 def test_twist_json_log_keeps_the_fields():
