@@ -118,6 +118,20 @@ def cpu_times(pid: int) -> tuple[float, float]:
     return int(fields[11]) / tick, int(fields[12]) / tick
 
 
+def _store_events(daemon) -> dict | None:
+    """A policyd daemon's snapshot loads so far and how long ago its last verification
+    build worked (``policyctl status``), or None (not a daemon, or no answer)."""
+    if daemon is None:
+        return None
+    try:
+        store = daemon.status()["store"]
+    except Exception:
+        return None
+    verification = store.get("verification") or {}
+    return {"loads": store.get("loads", 0),
+            "verified_age": verification.get("last_verified_age")}
+
+
 def cpu_seconds(pid: int) -> float:
     return sum(cpu_times(pid))
 
@@ -505,6 +519,9 @@ class Bench:
                                poisson=poisson, seed=seed, timeout=timeout)
         cpu0 = cpu_seconds(server_pid) if server_pid else None
         delay0 = run_delay(server_pid) if server_pid else None
+        daemon = next((s["daemon"] for s in self.servers.values()
+                       if "daemon" in s and s["pid"] == server_pid), None)
+        store0 = _store_events(daemon)
         steal0 = steal_seconds()
         with self.others_paused(server_pid):
             wall0 = time.monotonic()
@@ -523,6 +540,15 @@ class Bench:
             total = result["qps"] * wall
             result["server_cpu_us_per_req"] = round(used / total * 1e6, 1) if total else None
             result["server_off_cpu_share"] = round((run_delay(server_pid) - delay0) / wall, 4)
+        if daemon is not None:
+            # What the store thread did meanwhile (a snapshot loaded, a verification
+            # build): work that competes with the reactor, reported beside the figures.
+            after = _store_events(daemon)
+            if store0 is not None and after is not None:
+                age = after["verified_age"]
+                result["store_loads"] = after["loads"] - store0["loads"]
+                result["verification_build"] = age is not None and age < wall + 0.5 and (
+                    store0["verified_age"] is None or age < store0["verified_age"])
         self.results["runs"].append(result)
         return result
 
@@ -682,7 +708,11 @@ class Bench:
                             f"{result['p999_ms']:8.3f}  max {result['max_ms']:8.2f} ms  "
                             f"off-CPU {100 * result.get('server_off_cpu_share', 0):4.1f}%  "
                             f"steal {100 * result['steal_share']:4.1f}%  errors "
-                            f"{result['errors'] + result['bad_replies']}")
+                            f"{result['errors'] + result['bad_replies']}"
+                            + ("  [verification build]" if result.get("verification_build")
+                               else "")
+                            + (f"  [{result['store_loads']} snapshot loads]"
+                               if result.get("store_loads") else ""))
                 row = {"rate": rate, "fraction": fraction}
                 for server, rs in runs.items():
                     for key in ("p50_ms", "p99_ms", "p999_ms", "max_ms", "qps"):
