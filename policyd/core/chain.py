@@ -35,10 +35,14 @@ from .rules import (
     mode_senders,
 )
 from .message_rules import (
+    APPROVED_OUTCOMES,
     CONTENT_HOLDS,
+    PASSED_ON,
     Approved,
     HeaderMatchRule,
     Loop,
+    Mailman2Approved,
+    header_match_outcomes,
 )
 from .dmarc import DECIDING, DmarcMitigation, Mailman2DmarcModeration
 from .snapshot import Snapshot
@@ -71,6 +75,7 @@ MAILMAN3_CHAIN: tuple[Rule, ...] = (
 # (dmarc_moderation_addresses) runs before both.
 MAILMAN2_CHAIN: tuple[Rule, ...] = (
     Mailman2DmarcModeration(),
+    Mailman2Approved(),
     Mailman2MemberModeration(),
     Mailman2NonmemberModeration(),
     Emergency(),
@@ -118,24 +123,54 @@ MISS_WITHOUT_MESSAGE = frozenset({
 NEED_WHOLE_HEADER = MISS_WITHOUT_MESSAGE - {"dmarc-mitigation", "max-size"}
 
 
+_CUT = ("not evaluated: the MTA cut the header block (Exim's POLICYD_MAX_HEADERS); "
+        "Mailman decides this on the whole message")
+
+
 class _NotEvaluated:
-    """In the trace of a query whose header block was cut (explain): the rule's place,
-    and why it was not run."""
+    """In place of a rule that reads the whole header block, for a query whose block was
+    cut: a miss that says why; for ``approved`` (a list with a moderator password) and
+    ``header-match`` (an entry or site line that accepts or holds), one that says what
+    the rule could have done, so that a later rule's reject or discard is left to Mailman
+    (``decide``) rather than refusing a post Mailman would take."""
 
     def __init__(self, name: str) -> None:
         self.name = name
-        self._miss = Miss("not evaluated: the MTA cut the header block (Exim's "
-                          "POLICYD_MAX_HEADERS); Mailman decides this on the whole message")
+        self._miss = Miss(_CUT)
 
     def check(self, ctx) -> Miss:
+        if self.name == "approved":
+            # A Mailman 2 list always has its administrator's password.
+            if (ctx.policy.content.moderator_password is not None
+                    or ctx.policy.mode is Mode.MAILMAN2):
+                return Miss(_CUT, note="approved: the header block was cut",
+                            unseen=APPROVED_OUTCOMES)
+        elif self.name == "header-match":
+            outcomes = header_match_outcomes(ctx)
+            if outcomes & PASSED_ON:
+                return Miss(_CUT, note="header-match: the header block was cut",
+                            unseen=outcomes)
         return self._miss
 
 
+# Of the rules a cut header block leaves out, those whose hit can pass a post on that a
+# later rule would refuse: they stay in the chain, as ``_NotEvaluated``.
+_MAY_PASS_ON = frozenset({"approved", "header-match"})
+
+
 def _whole_header_rules_left_out(chain: tuple[Rule, ...], explain: bool) -> tuple[Rule, ...]:
-    if explain:
-        return tuple(_NotEvaluated(rule.name) if rule.name in NEED_WHOLE_HEADER else rule
-                     for rule in chain)
-    return tuple(rule for rule in chain if rule.name not in NEED_WHOLE_HEADER)
+    return tuple(_NotEvaluated(rule.name) if rule.name in NEED_WHOLE_HEADER else rule
+                 for rule in chain
+                 if explain or rule.name not in NEED_WHOLE_HEADER
+                 or rule.name in _MAY_PASS_ON)
+
+
+# A verdict, and what a rule that could not be evaluated would have to be able to give
+# for it to be left to Mailman: a refusal by a post that might have been accepted or held
+# (Mailman's ``approved`` comes before every refusing rule), a hold by one that might
+# have been accepted.
+_OVERRIDDEN_BY = {Verdict.REJECT: PASSED_ON, Verdict.DISCARD: PASSED_ON,
+                  Verdict.HOLD: frozenset({Verdict.ACCEPT})}
 
 
 def _envelope_only(chain: tuple[Rule, ...]) -> tuple[Rule, ...]:
@@ -260,17 +295,24 @@ def decide(snapshot: Snapshot, query: Query, *, explain: bool = True,
             chain = _with_roles(chain, frozenset(roles))
     trace: list[TraceStep] | None = [] if explain else None
     note: Miss | None = None
+    unseen: list[tuple[str, Miss]] | None = None
     for rule in chain:
         result = rule.check(ctx)
         if type(result) is Hit:
             if trace is not None:
                 trace.append(TraceStep(rule.name, True, result.reason))
+            if unseen is not None:
+                left = _left_to_mailman(ctx, rule.name, result, unseen, trace)
+                if left is not None:
+                    return left
             return _decision(ctx, rule.name, result.verdict, result.reason, result.action,
                              result.sender, trace)
         if trace is not None:
             trace.append(TraceStep(rule.name, False, result.detail))
         if result.note is not None:
             note = result
+            if result.unseen is not None:
+                unseen = (unseen or []) + [(rule.name, result)]
     reason = "no rule held, rejected or discarded the post"
     if trace is not None:
         if note is not None:
@@ -278,6 +320,30 @@ def decide(snapshot: Snapshot, query: Query, *, explain: bool = True,
         trace.append(TraceStep("accept", True, reason))
     return _decision(ctx, "accept", Verdict.ACCEPT, reason,
                      note.action if note else None, note.sender if note else None, trace)
+
+
+LEFT_TO_MAILMAN = "left-to-mailman"
+
+
+def _left_to_mailman(ctx: Context, name: str, hit: Hit, unseen, trace) -> Decision | None:
+    """``name``'s hit, when a rule before it could not read what it needs (``unseen``)
+    and could have given a verdict that overrides this one in Mailman's chain: the accept
+    that passes the post on, for Mailman to decide on the whole message (a moderator's
+    ``Approved:`` past the cut header block must not be refused here); else None."""
+    overridden = _OVERRIDDEN_BY.get(hit.verdict)
+    if overridden is None:
+        return None
+    could = [(rule, miss) for rule, miss in unseen if miss.unseen & overridden]
+    if not could:
+        return None
+    names = ", ".join(f"{rule} ({miss.note.partition(': ')[2] or miss.note})"
+                      for rule, miss in could)
+    reason = (f"{name} would {hit.verdict.value} the post, but {names} could not be "
+              f"evaluated and might have passed it on: left to Mailman, which decides on "
+              "the whole message")
+    if trace is not None:
+        trace.append(TraceStep(LEFT_TO_MAILMAN, True, reason))
+    return _decision(ctx, LEFT_TO_MAILMAN, Verdict.ACCEPT, reason, None, hit.sender, trace)
 
 
 # A Decision with every field given, built by ``tuple.__new__`` (in C) instead of the

@@ -107,23 +107,25 @@ class Approved:
         message: Message | None = ctx.query.message
         if message is None:
             return _NO_MESSAGE
-        password = None
-        for header in APPROVED_HEADERS:
-            values = message.get_all(header)
-            if values:
-                password = values[0]
-                break
-        if password is None:
-            if message.body is None:
-                return _NO_BODY
-            found = self._from_body(message)
-            if isinstance(found, Miss):
-                return found
-            password = found
+        password = self._password(message)
+        if isinstance(password, Miss):
+            return password
         if verify_password(password, hashed):
             return Hit(Verdict.ACCEPT, "approved with the list's moderator password",
                        Action.ACCEPT, ctx.senders[0] if ctx.senders else None)
         return _WRONG_PASSWORD
+
+    @classmethod
+    def _password(cls, message: Message):
+        """The password of the first ``Approved:``-like header, else of such a first
+        body line, or a ``Miss``."""
+        for header in APPROVED_HEADERS:
+            values = message.get_all(header)
+            if values:
+                return values[0]
+        if message.body is None:
+            return _NO_BODY
+        return cls._from_body(message)
 
     @staticmethod
     def _from_body(message: Message):
@@ -131,7 +133,8 @@ class Approved:
         part, or a ``Miss``."""
         part = _first_plain(email_message(message))
         if part is None:
-            return _NO_APPROVAL
+            # The first text/plain part may lie past the visible start.
+            return _NO_APPROVAL if message.body_complete else _UNSEEN_APPROVAL
         payload = _decoded(part, "us-ascii")
         if payload is None:
             return _NO_APPROVAL
@@ -152,11 +155,52 @@ class Approved:
         return _NO_APPROVAL
 
 
+class Mailman2Approved(Approved):
+    """Mailman 2.1's ``Approve`` handler, which runs before ``Moderate``: an
+    ``Approved:``/``Approve:`` header (or such a first body line) with the list's
+    moderator *or administrator* password approves the post.  policyd holds no Mailman 2
+    password (``mod_password`` and ``password`` are SHA-1 digests it does not import): a
+    password that is not the moderator password set with ``policyctl`` may be one of
+    those, so the post is left to Mailman 2 unless a later rule only holds or accepts."""
+
+    name = "approved"
+    description = ("Mailman 2.1's Approve handler: an Approved:/Approve: header (or first "
+                   "body line) with the moderator or administrator password approves "
+                   "the post; one policyd cannot verify leaves the post to Mailman 2.")
+
+    def check(self, ctx: Context) -> Hit | Miss:
+        message: Message | None = ctx.query.message
+        if message is None:
+            return _NO_MESSAGE
+        password = self._password(message)
+        if isinstance(password, Miss):
+            return password
+        hashed = ctx.policy.content.moderator_password
+        if hashed is not None and verify_password(password, hashed):
+            return Hit(Verdict.ACCEPT, "approved with the list's moderator password",
+                       Action.ACCEPT, ctx.senders[0] if ctx.senders else None)
+        return _MAILMAN2_UNVERIFIED
+
+
+_MAILMAN2_UNVERIFIED = Miss(
+    "an Approved: password policyd cannot verify (Mailman 2 also takes the list's "
+    "administrator password, and its own digest of the moderator password)",
+    note="approved: a password only Mailman 2 can verify",
+    unseen=frozenset({Verdict.ACCEPT}))
 _NO_PASSWORD = Miss("the list has no moderator password")
 _NO_APPROVAL = Miss("no Approved: header or first line")
 _WRONG_PASSWORD = Miss("an Approved: password that is not the list's moderator password")
-_TRUNCATED_APPROVAL = Miss("not evaluated: the body's first line is not within its "
-                           "visible start (message_body_visible)")
+_TRUNCATED_APPROVAL = Miss(
+    "not evaluated: the body's first line is not within its visible start "
+    "(message_body_visible)", note="approved: the body's first line was not seen",
+    unseen=frozenset({Verdict.ACCEPT}))
+_UNSEEN_APPROVAL = Miss(
+    "not evaluated: no text/plain part within the body's visible start "
+    "(message_body_visible); the first one may come after it",
+    note="approved: the first text/plain part was not seen",
+    unseen=frozenset({Verdict.ACCEPT}))
+# Mailman only ever passes the message on from ``approved`` (its hit accepts).
+APPROVED_OUTCOMES = frozenset({Verdict.ACCEPT})
 
 
 # --- what the rules after ``approved`` read ---------------------------------------------
@@ -363,9 +407,14 @@ class _DecodedHeaders:
 _decoded_headers = lru_cache(maxsize=64)(_DecodedHeaders)
 
 
-def _decode_values(msg, header: str) -> tuple[str, ...]:
-    """Every value of ``header`` (lower case) in every part, decoded (a value Mailman
-    could not decode is skipped: Mailman would fail on it)."""
+#: In a header's decoded values: one Mailman's ``HeaderMatchRule`` cannot decode (it
+#: raises there, and Mailman shunts the message).
+UNDECODABLE = None
+
+
+def _decode_values(msg, header: str) -> tuple[str | None, ...]:
+    """Every value of ``header`` (lower case) in every part, decoded, in Mailman's order
+    (``msg.walk()``); ``UNDECODABLE`` for one Mailman cannot decode."""
     out = []
     for part in msg.walk():
         # get_all's fields, before its policy makes a Header of an 8-bit value.
@@ -382,7 +431,7 @@ def _decode_values(msg, header: str) -> tuple[str, ...]:
             try:
                 out.append(str(make_header(decode_header(value))))
             except (HeaderParseError, LookupError, UnicodeError, ValueError):
-                continue
+                out.append(UNDECODABLE)
     return tuple(out)
 
 
@@ -427,7 +476,10 @@ class HeaderMatchRule:
         # chains/headers.py: every site line is a rule of its own whose hit defers; then
         # "any" jumps to jump_chain before a list entry is looked at.
         for line, entry in site.checks:
-            if _matches(headers, entry):
+            found = _matches(headers, entry)
+            if found is UNDECODABLE:
+                return _shunted(ctx, entry)
+            if found:
                 action = site.jump_chain
                 return Hit(ACTION_VERDICT[action],
                            f"site header_checks line {line} ({entry.header}: "
@@ -436,23 +488,64 @@ class HeaderMatchRule:
                            f"header-match-config-{line})", action,
                            ctx.senders[0] if ctx.senders else None)
         for index, entry in enumerate(matches):
-            if _matches(headers, entry):
+            found = _matches(headers, entry)
+            if found is UNDECODABLE:
+                return _shunted(ctx, entry)
+            if found:
                 action = site.jump_chain if entry.action is None else entry.action
                 return Hit(ACTION_VERDICT[action],
                            f"header_matches #{index} ({entry.header}: {entry.pattern}) "
                            f"matched: {action.label}", action,
                            ctx.senders[0] if ctx.senders else None)
         if message.body is not None and not message.body_complete:
+            outcomes = header_match_outcomes(ctx)
+            if outcomes & PASSED_ON:
+                return Miss(_HEADER_MATCH_PARTIAL.detail,
+                            note="header-match: the headers of MIME parts past the body's "
+                            "visible start were not seen", unseen=outcomes)
             return _HEADER_MATCH_PARTIAL
         return _NO_HEADER_MATCH
 
 
-def _matches(headers: _DecodedHeaders, entry) -> bool:
+#: What passes a post on to Mailman at SMTP time (its hold queue or the list).
+PASSED_ON = frozenset({Verdict.ACCEPT, Verdict.HOLD})
+
+
+def header_match_outcomes(ctx: Context) -> frozenset:
+    """The verdicts the ``header-match`` rule can give on this list (its entries' and the
+    site lines' actions), whatever the message."""
+    site = ctx.snapshot.site_header_checks
+    actions = {site.jump_chain} if site.checks else set()
+    actions.update(site.jump_chain if entry.action is None else entry.action
+                   for entry in ctx.policy.content.header_matches
+                   if entry.regex is not None)
+    return frozenset(ACTION_VERDICT[a] for a in actions if a in ACTION_VERDICT)
+
+
+def _matches(headers: _DecodedHeaders, entry):
     """Mailman's ``HeaderMatchRule.check``: ``re.search`` (case ignored) in the decoded
-    values of the header in every MIME part; a pattern that does not compile misses."""
-    if entry.regex is None:
-        return False
-    return any(entry.regex.search(value) for value in headers.get(entry.header))
+    values of the header in every MIME part, in order: True at the first that matches;
+    ``UNDECODABLE`` at a value Mailman cannot decode before that (its decoding raises,
+    before the pattern is compiled); a pattern that does not compile misses."""
+    regex = entry.regex
+    for value in headers.get(entry.header):
+        if value is UNDECODABLE:
+            return UNDECODABLE
+        if regex is None:
+            return False
+        if regex.search(value):
+            return True
+    return False
+
+
+def _shunted(ctx: Context, entry) -> Hit:
+    """Mailman's ``header-match`` raises on a value it cannot decode: the message goes
+    to its shunt queue (neither posted nor refused), an administrator's to look at.  The
+    SMTP answer that leaves it that way is to pass it on."""
+    return Hit(Verdict.ACCEPT,
+               f"a {entry.header}: value Mailman cannot decode (RFC 2047): its "
+               "header-match raises on it and shunts the message; left to Mailman",
+               None, ctx.senders[0] if ctx.senders else None)
 
 
 _NO_HEADER_MATCHES = Miss("no site header_checks and the list has no header_matches")

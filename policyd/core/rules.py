@@ -56,6 +56,11 @@ class Miss(NamedTuple):
     note: str | None = None
     action: Action | None = None
     sender: str | None = None
+    # A rule that could not read what it needs (the MTA cut the header block or the
+    # body) and could have hit with one of these verdicts: a later rule's harsher verdict
+    # is then not answered at SMTP time (``chain.decide``: left to Mailman).  Set only
+    # with a ``note``.
+    unseen: frozenset | None = None
 
 
 # The misses that say the same every time: made once (several per query otherwise).
