@@ -77,7 +77,8 @@ def _list_settings(p, creating: bool) -> None:
     p.add_argument("--require-explicit-destination", type=on_off, metavar="on|off")
     p.add_argument("--acceptable-alias", action="append", metavar="ADDRESS|^REGEX",
                    dest="acceptable_aliases",
-                   help="repeat for several; replaces the list's aliases ('' clears)")
+                   help="repeat for several; replaces the list's aliases ('' clears); "
+                   "stored lower-cased, as Mailman stores them")
     p.add_argument("--administrivia", type=on_off, metavar="on|off")
     p.add_argument("--newsgroup-moderated", type=on_off, metavar="on|off")
     p.add_argument("--bounce-matching-headers", metavar="TEXT",

@@ -260,8 +260,10 @@ def content_spec(values: dict) -> dict:
         "max_message_size": values.get("max_message_size") or 0,
         "max_num_recipients": values.get("max_num_recipients") or 0,
         "require_explicit_destination": bool(values.get("require_explicit_destination")),
-        "acceptable_aliases": tuple(line for line in (values.get("acceptable_aliases")
-                                                      or "").splitlines() if line),
+        # Lower-cased as Mailman's AcceptableAliasSet.add stores them (a regex's \S
+        # becomes \s there too): rows written before policyd did the same read alike.
+        "acceptable_aliases": tuple(line.lower() for line in (
+            values.get("acceptable_aliases") or "").splitlines() if line),
         "administrivia": bool(values.get("administrivia")),
         "bounce_matching_headers": values.get("bounce_matching_headers") or "",
         "newsgroup_moderated": bool(values.get("newsgroup_moderated")),
@@ -319,7 +321,13 @@ def _content_value(key: str, value):
         return json.dumps(out) if out else None
     if key == "acceptable_aliases":
         items = value if isinstance(value, (list, tuple)) else (value or "").splitlines()
-        return "\n".join(item.strip() for item in items if item.strip()) or None
+        aliases = [item.strip().lower() for item in items if item.strip()]
+        for alias in aliases:
+            # Mailman's AcceptableAliasSet.add: a regex (^...) or an address, lower-cased.
+            if not (alias.startswith("^") or "@" in alias):
+                raise BadInput(f"acceptable alias {alias!r}: neither a regular expression "
+                               "(^...) nor an address (Mailman refuses it)")
+        return "\n".join(aliases) or None
     return value or None
 
 
