@@ -9,7 +9,7 @@ passes untouched, and so does everything while the state is unusable (not loaded
 its last write failed): the list's normal outcome, never a 5xx and never a deferral that
 could not be remembered. Each such incident is logged once, with its end; so is each stay
 at a cap (``core.moderation``: a first attempt that finds no room gets the list's normal
-outcome, transition ``at-cap`` or ``network-at-cap``): one line when it starts, one
+outcome, transition ``at-cap``, ``network-at-cap`` or ``sender-at-cap``): one line when it starts, one
 summary when it has been quiet for ``CAP_QUIET`` seconds.
 
 ``sync`` (a ``TimerService`` every ``interval`` seconds, only while some list has
@@ -38,8 +38,8 @@ from twisted.application.internet import TimerService
 from twisted.internet.defer import Deferred, inlineCallbacks
 from twisted.logger import Logger
 
-from .core.moderation import AT_CAP, NETWORK_AT_CAP, Key, ModerationState, Outcome, \
-    Settings, SmtpModeration, network_of
+from .core.moderation import REFUSED, Key, ModerationState, Outcome, Settings, \
+    SmtpModeration, network_of
 from .core.addresses import CACHED_MAX
 from .core.replies import Outcome as Reply, SmtpReply, clean_text
 from .core.verdict import Verdict
@@ -166,7 +166,8 @@ class ModerationService(TimerService):
             message_id = _field(message_id)
             network = "" if mode is SmtpModeration.MODERATE and message_id else \
                 network_of(client)
-            step = self.state.preview(mode, Key(decision.list, sender, network, message_id))
+            step = self.state.preview(mode, Key(decision.list, sender, network, message_id),
+                                      client=_field(client or "", 64))
             reply = _reply(step)
             return (answer if reply is None else answer._replace(reply=reply)), step
         if mode is SmtpModeration.GREYLIST:
@@ -186,7 +187,7 @@ class ModerationService(TimerService):
         self.counts[mode][step.outcome][step.transition] += 1
         if step.evicted:
             self._at_cap(evicted=step.evicted)
-        elif step.transition in (AT_CAP, NETWORK_AT_CAP):
+        elif step.transition in REFUSED:
             self._at_cap(kept_out=1)
         reply = _reply(step)
         if reply is None:

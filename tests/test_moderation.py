@@ -218,7 +218,8 @@ def test_at_a_cap_what_expired_goes_first():
 def test_at_the_ticket_cap_expired_and_answered_tickets_go_first():
     """Tickets whose post got its final answer (a decision answered to a retry, or the
     fallback) and expired tickets make room; the undecided one waiting does not."""
-    st, clock = state(replace(SETTINGS, max_tickets=3))
+    # One network and tiny caps: the cap alone, not the network's share.
+    st, clock = state(replace(SETTINGS, max_tickets=3, ticket_network_share=1.0))
     answered, waiting, old = (KEY._replace(sender=f"{n}@x") for n in ("a", "w", "o"))
     st.check(MOD, old)                       # T00000: expires
     clock.now += SETTINGS.decide_within
@@ -405,7 +406,8 @@ def test_merge_keeps_the_caps():
     entry or a ticket an MTA waits for: new rows that find no room are left out (and
     stay in the store, nothing deleted), after the expired ones made what room they
     can."""
-    st, clock = state(replace(SETTINGS, max_entries=3, max_tickets=2))
+    st, clock = state(replace(SETTINGS, max_entries=3, max_tickets=2,
+                              ticket_network_share=1.0))
     stale = KEY._replace(sender="stale@x", network="198.51.100.0/24")
     st.check(GREY, stale)
     clock.now += SETTINGS.max_age + 1
@@ -689,3 +691,108 @@ def test_prune_between_any_attempts_keeps_the_live_and_drops_every_expired(monke
     for _ in range(40 // 3 + 2):
         st.prune()
     assert (set(st.entries), set(st.remembered), set(st.tickets)) == live
+
+
+class _NoScan(OrderedDict):
+    """An index that refuses to be walked: ``describe`` may only look items up."""
+
+    def __iter__(self):
+        raise AssertionError("describe walked the whole index")
+
+    values = items = __iter__
+
+
+def test_describe_looks_up_and_never_walks_the_index():
+    """``policyctl query`` runs ``describe`` on the reactor: it looks the sender's
+    entries and tickets up (at most ``DESCRIBE_LIMIT`` listed, with totals) and visits
+    none of the other senders' items, however full the index."""
+    st, clock = state()
+    flood(st, clock, GREY, 300)
+    flood(st, clock, MOD, 300)
+    for n in range(moderation.DESCRIBE_LIMIT + 5):
+        st.check(GREY, KEY._replace(network=f"10.9.{n}.0/24"))
+        st.check(MOD, KEY._replace(message_id=f"<{n}@x>"))
+    st.entries, st.tickets = _NoScan(st.entries), _NoScan(st.tickets)
+    out = st.describe(KEY.list, KEY.sender)
+    assert len(out["greylist"]) == len(out["tickets"]) == moderation.DESCRIBE_LIMIT
+    assert out["greylist_total"] == out["tickets_total"] == moderation.DESCRIBE_LIMIT + 5
+    assert st.describe(KEY.list, "who@else.example")["tickets"] == []
+
+
+def _scanned(st):
+    """The side indexes as a walk over the main ones builds them."""
+    by_sender, tickets, networks = {}, {}, {}
+    for key in st.entries:
+        by_sender.setdefault((key.list, key.sender), set()).add(key)
+    for tid, t in st.tickets.items():
+        tickets.setdefault((t.key.list, t.key.sender), set()).add(tid)
+        net = t.key.network or network_of(t.client)
+        if net:
+            networks.setdefault(net, set()).add(tid)
+    return by_sender, tickets, networks
+
+
+@pytest.mark.parametrize("seed", range(20))
+def test_the_side_indexes_agree_with_a_scan_after_any_operations(seed):
+    """Whatever mix of attempts, decisions, merges (another daemon's rows, a ticket id
+    both drew), loads, caps and prunes: the side indexes ``describe`` and the ticket
+    shares read hold exactly what a walk over the index finds."""
+    rng = random.Random(seed)
+    st, clock = state(replace(SETTINGS, max_entries=15, max_tickets=12))
+    other, _ = state(replace(SETTINGS, max_entries=15, max_tickets=12))
+    other.clock = clock
+    senders = [f"s{n}@x" for n in range(5)]
+    for _ in range(400):
+        clock.now += rng.choice([1, 60, 400, 3600, 86400])
+        key = Key(rng.choice(["a@l", "b@l"]), rng.choice(senders),
+                  rng.choice(["", "10.0.0.0/24", "10.0.1.0/24"]), f"<{rng.randrange(6)}@x>")
+        client = rng.choice(["", "192.0.2.7", "198.51.100.9"])
+        op = rng.randrange(7)
+        if op <= 1:
+            st.check(rng.choice([GREY, MOD]), key, client=client)
+        elif op == 2:
+            other.check(rng.choice([GREY, MOD]), key, client=client)
+        elif op == 3 and st.tickets:
+            st.decide(rng.choice(list(st.tickets)), rng.choice(list(Decision)))
+        elif op == 4:
+            st.merge(list(other.entries.values()), [], list(other.tickets.values()))
+        elif op == 5:
+            st.prune()
+        else:
+            st.load(list(other.entries.values()), [], list(other.tickets.values()))
+        by_sender, tickets, networks = _scanned(st)
+        assert {g: set(m) for g, m in st.entries_by_sender.items()} == by_sender
+        assert {g: set(m) for g, m in st.tickets_by_sender.items()} == tickets
+        assert {g: set(m) for g, m in st.tickets_by_network.items()} == networks
+
+
+def test_one_sender_cannot_fill_the_ticket_cap():
+    """A flood of new Message-IDs from one From: on one list holds at most its share of
+    ``max_tickets``, then keeps out only its own new attempts (``sender-at-cap``): a
+    real sender's first post still gets its ticket."""
+    st, clock = state(replace(SETTINGS, max_tickets=100))
+    steps = [st.check(MOD, Key(KEY.list, "spam@evil.example", "", f"<{n}@evil>"),
+                      client=f"203.0.{n}.9") for n in range(100)]
+    assert [s.transition for s in steps].count("first-attempt") == 10
+    assert steps[-1].transition == moderation.SENDER_AT_CAP
+    clock.now += SETTINGS.decide_within - 60
+    real = st.check(MOD, Key(KEY.list, "dave@example.org", "", "<d@example.org>"),
+                    client="198.51.100.1")
+    assert real.outcome is Outcome.HELD and real.transition == "first-attempt"
+
+
+def test_one_network_cannot_fill_the_ticket_cap():
+    """Made-up senders from one client network hold at most its share of the tickets;
+    the first posts from other networks still get theirs, and once the network's first
+    ticket is done with (expired) it makes room for that network again."""
+    st, clock = state(replace(SETTINGS, max_tickets=10))
+    steps = [st.check(MOD, Key(KEY.list, f"s{n}@evil.example", "", f"<{n}@e>"),
+                      client="203.0.113.9") for n in range(10)]
+    assert [s.transition for s in steps] == ["first-attempt"] * 5 + [NETWORK_AT_CAP] * 5
+    real = st.check(MOD, Key(KEY.list, "d@example.org", "", "<d@o>"), client="198.51.100.1")
+    assert real.transition == "first-attempt"
+    assert st.preview(MOD, Key(KEY.list, "x@evil.example", "", "<x@e>"),
+                      client="203.0.113.7").transition == NETWORK_AT_CAP
+    clock.now += SETTINGS.decide_within + SETTINGS.max_age + 1
+    again = st.check(MOD, Key(KEY.list, "t@evil.example", "", "<t@e>"), client="203.0.113.9")
+    assert again.transition == "first-attempt"

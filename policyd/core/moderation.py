@@ -41,6 +41,9 @@ kept. A first attempt that still finds no room is not recorded: ``AT_CAP``, the 
 normal outcome, as with ``smtp_moderation = off``. One network (a key's /24 or /64) holds
 at most ``NETWORK_SHARE`` of the greylist entries: a flood from one network keeps its own
 new attempts out first (``NETWORK_AT_CAP``), and the others are still greylisted.
+Tickets have such shares too (``Settings.ticket_network_share`` of one client network,
+``ticket_sender_share`` of one sender on one list: ``NETWORK_AT_CAP``, ``SENDER_AT_CAP``),
+so a host sending new Message-IDs for days cannot keep every other first post out.
 Remembered passes are idle state: at their cap the least recently remembered goes
 (``Step.evicted``).
 
@@ -58,11 +61,12 @@ import secrets
 from collections import Counter, OrderedDict
 from dataclasses import dataclass, field, replace
 from functools import lru_cache
+from itertools import islice
 from typing import Callable, Iterable, NamedTuple
 
 __all__ = ["SmtpModeration", "Settings", "Key", "Entry", "Ticket", "Decision",
            "Outcome", "Step", "Changes", "ModerationState", "network_of", "new_ticket_id",
-           "TICKET_ALPHABET", "AT_CAP", "NETWORK_AT_CAP"]
+           "TICKET_ALPHABET", "AT_CAP", "NETWORK_AT_CAP", "SENDER_AT_CAP", "REFUSED"]
 
 
 class SmtpModeration(enum.Enum):
@@ -109,6 +113,10 @@ class Settings:
     decide_within: float = 3 * 86400.0
     max_entries: int = 100_000
     max_tickets: int = 10_000
+    # The shares of ``max_tickets`` one client network and one sender on one list may
+    # hold (``NETWORK_SHARE``, ``SENDER_SHARE``; 1.0: no share, the cap alone).
+    ticket_network_share: float = 0.5
+    ticket_sender_share: float = 0.1
 
     def __post_init__(self) -> None:
         if not 0 <= self.min_delay < self.max_age:
@@ -117,6 +125,8 @@ class Settings:
             raise ValueError("remember must be at least 0 and decide_within above 0")
         if self.max_entries < 1 or self.max_tickets < 1:
             raise ValueError("max_entries and max_tickets must be at least 1")
+        if not (0 < self.ticket_network_share <= 1 and 0 < self.ticket_sender_share <= 1):
+            raise ValueError("the ticket shares must be above 0 and at most 1")
 
 
 class Key(NamedTuple):
@@ -177,8 +187,20 @@ _AT_CAP = Step(Outcome.PASS, AT_CAP)
 NETWORK_AT_CAP = "network-at-cap"
 _NETWORK_AT_CAP = Step(Outcome.PASS, NETWORK_AT_CAP)
 #: The share of ``max_entries`` one network may hold (keys without a network, unknown
-#: clients, are not a network and share the whole cap).
+#: clients, are not a network and share the whole cap); ``Settings.ticket_network_share``
+#: is the same for the tickets of one client network.
 NETWORK_SHARE = 0.5
+#: The transition of a new ticket kept out because one sender on one list holds
+#: ``Settings.ticket_sender_share`` of ``max_tickets`` (a flood of made-up Message-IDs
+#: from one From:).  That default share is far more posts than one person sends in
+#: ``decide_within``, far less than the cap every other nonmember's first post needs.
+SENDER_AT_CAP = "sender-at-cap"
+_SENDER_AT_CAP = Step(Outcome.PASS, SENDER_AT_CAP)
+#: The transitions of a first attempt kept out by a cap or a share (not recorded).
+REFUSED = frozenset({AT_CAP, NETWORK_AT_CAP, SENDER_AT_CAP})
+#: At most this many greylist entries and tickets of one sender ``describe`` lists
+#: (with their totals): ``policyctl query`` runs on the reactor.
+DESCRIBE_LIMIT = 20
 
 
 @dataclass
@@ -248,6 +270,24 @@ def _kept(a: "Ticket", b: "Ticket") -> "Ticket":
         (b.decision is None, b.first_seen, b.id) else b
 
 
+def _ticket_network(ticket: "Ticket") -> str:
+    """The client network a ticket counts against (its key's, else its client's: a
+    ticket keyed by Message-ID has no network in its key)."""
+    return ticket.key.network or network_of(ticket.client)
+
+
+def _group_add(index: dict, group, item) -> None:
+    index.setdefault(group, {})[item] = None
+
+
+def _group_drop(index: dict, group, item) -> None:
+    members = index.get(group)
+    if members is not None:
+        members.pop(item, None)
+        if not members:
+            del index[group]
+
+
 def _stale(since: float, now: float, lifetime: float) -> bool:
     """Expired: older than ``lifetime``, or from a future the clock has stepped back from."""
     return now - since > lifetime or since - now > CLOCK_SLACK
@@ -282,6 +322,14 @@ class ModerationState:
         self._ticket_round: OrderedDict[str, None] = OrderedDict()
         # Greylist entries by network, for ``NETWORK_SHARE``.
         self.by_network: Counter[str] = Counter()
+        # Side indexes, kept by ``_put_*``/``_drop_*`` alone (every change goes through
+        # them): greylist entries and ticket ids of each (list, sender), for
+        # ``describe`` (a look-up, not a walk over the whole index on the reactor) and
+        # ``SENDER_SHARE``; ticket ids of each client network, for ``NETWORK_SHARE``.
+        # Each group in insertion order: its first is the one to look at for room.
+        self.entries_by_sender: dict[tuple[str, str], dict[Key, None]] = {}
+        self.tickets_by_sender: dict[tuple[str, str], dict[str, None]] = {}
+        self.tickets_by_network: dict[str, dict[str, None]] = {}
         # Tickets whose post got its final answer (a decision or the fallback, answered
         # to a retry), the first answered first: what goes at the ticket cap.
         self.done: OrderedDict[str, None] = OrderedDict()
@@ -345,7 +393,7 @@ class ModerationState:
             mine = self.tickets.get(ticket.id)
             if mine is None:
                 other = self.tickets.get(self.ticket_by_key.get(ticket.key, ""))
-                if other is None and not self._room_for_ticket(now):
+                if other is None and self._room_for_ticket(now, ticket) is not None:
                     self.merge_evicted += 1
                     continue
                 if other is not None and other.id != ticket.id:
@@ -393,7 +441,7 @@ class ModerationState:
             return self._moderate(key, subject, client)
         return Step(Outcome.PASS, "off")
 
-    def preview(self, mode: SmtpModeration, key: Key) -> Step:
+    def preview(self, mode: SmtpModeration, key: Key, client: str = "") -> Step:
         """What ``check`` would answer for ``key`` now, changing nothing: no entry or
         ticket made, refreshed, counted or dropped, no change recorded (``policyctl
         query``).  A step whose transition is ``first-attempt`` or ``expired`` is one
@@ -421,8 +469,13 @@ class ModerationState:
             ticket_id = self.ticket_by_key.get(key)
             ticket = self.tickets.get(ticket_id) if ticket_id is not None else None
             if ticket is None or self._expired(ticket, now):
-                if ticket is None and self._full(self.tickets, s.max_tickets, now):
-                    return _AT_CAP
+                if ticket is None:
+                    if self._full(self.tickets, s.max_tickets, now):
+                        return _AT_CAP
+                    refused = self._share_refused(
+                        Ticket("", key, now, now, client=client), now, drop=False)
+                    if refused is not None:
+                        return refused
                 return Step(Outcome.HELD, "first-attempt" if ticket is None else "expired",
                             HELD_TEXT.format(ticket="(a new one)"))
             if ticket.decision is Decision.APPROVE:
@@ -496,9 +549,11 @@ class ModerationState:
         else:
             transition = "first-attempt"
         if ticket is None:
-            if not self._room_for_ticket(now):
-                return _AT_CAP
-            ticket = Ticket(self._fresh_id(), key, now, now, 1, subject[:200], client[:64])
+            ticket = Ticket("", key, now, now, 1, subject[:200], client[:64])
+            refused = self._room_for_ticket(now, ticket)
+            if refused is not None:
+                return refused
+            ticket = replace(ticket, id=self._fresh_id())
             self._put_ticket(ticket)
             return Step(Outcome.HELD, transition, HELD_TEXT.format(ticket=ticket.id),
                         ticket.id)
@@ -545,7 +600,9 @@ class ModerationState:
     def describe(self, list_: str, sender: str) -> dict:
         """What applies to ``sender`` on ``list_`` (``policyctl query``): remembered
         until when, the greylist entries (first attempt, waiting, passed soon) and the
-        tickets with their decisions.  A scan: for the admin, never per MTA query."""
+        tickets with their decisions, the first ``DESCRIBE_LIMIT`` of each and their
+        totals.  Look-ups in the side indexes: it runs on the reactor, and its work
+        must not grow with the index (a full one is 100,000 entries)."""
         now = self.clock()
         s = self.settings
 
@@ -556,21 +613,23 @@ class ModerationState:
             return "waiting" if age < s.min_delay else "passes at the next retry"
 
         until = self.remembered.get((list_, sender))
+        keys = self.entries_by_sender.get((list_, sender), {})
+        ids = self.tickets_by_sender.get((list_, sender), {})
+        entries = [self.entries[k] for k in islice(keys, DESCRIBE_LIMIT)]
+        tickets = [self.tickets[i] for i in islice(ids, DESCRIBE_LIMIT)]
         return {
             "remembered_until": until if until is not None and until > now else None,
             "greylist": [{"network": e.key.network, "message_id": e.key.message_id,
                           "first_seen": e.first_seen, "attempts": e.attempts,
-                          "state": entry_state(e)}
-                         for e in self.entries.values()
-                         if e.key.list == list_ and e.key.sender == sender],
+                          "state": entry_state(e)} for e in entries],
+            "greylist_total": len(keys),
             "tickets": [{"ticket": t.id, "network": t.key.network,
                          "message_id": t.key.message_id, "first_seen": t.first_seen,
                          "attempts": t.attempts,
                          "decision": t.decision.value if t.decision else
                          ("fallback" if now - t.first_seen >= s.decide_within
-                          else "pending")}
-                        for t in self.tickets.values()
-                        if t.key.list == list_ and t.key.sender == sender],
+                          else "pending")} for t in tickets],
+            "tickets_total": len(ids),
         }
 
     # --- housekeeping --------------------------------------------------------------------
@@ -663,10 +722,11 @@ class ModerationState:
             self._drop_entry(key)
             self.expired += 1
 
-    def _room_for_ticket(self, now: float) -> bool:
-        """Room for one more ticket: expired tickets make it, then tickets whose post got
-        its final answer (``done``); never one whose MTA still waits for a decision or
-        the fallback."""
+    def _room_for_ticket(self, now: float, ticket: Ticket) -> Step | None:
+        """Make room for ``ticket``, new: expired tickets make it, then tickets whose post
+        got its final answer (``done``); never one whose MTA still waits for a decision
+        or the fallback.  ``None``: there is room; else the step of the attempt kept
+        out (the cap, or the share of the ticket's network or sender)."""
         tickets = self.tickets
         while len(tickets) >= self.settings.max_tickets:
             oldest = next(iter(tickets.values()))
@@ -677,8 +737,30 @@ class ModerationState:
                 self._drop_ticket(tickets[next(iter(self.done))])
                 self.expired += 1
             else:
-                return False
-        return True
+                return _AT_CAP
+        return self._share_refused(ticket, now, drop=True)
+
+    def _share_refused(self, ticket: Ticket, now: float, *, drop: bool) -> Step | None:
+        """The step of ``ticket``, new, kept out because its client network holds
+        ``ticket_network_share`` or its sender on its list ``ticket_sender_share`` of
+        the tickets,
+        else ``None``.  At a share the group's first ticket goes if its post is done
+        with (expired, or answered) and ``drop``: one look per ticket dropped, so the
+        flood keeps its own newcomers out, never anyone else's."""
+        s = self.settings
+        network = _ticket_network(ticket)
+        groups = ((self.tickets_by_network.get(network) if network else None,
+                   max(1, int(s.max_tickets * s.ticket_network_share)), _NETWORK_AT_CAP),
+                  (self.tickets_by_sender.get((ticket.key.list, ticket.key.sender)),
+                   max(1, int(s.max_tickets * s.ticket_sender_share)), _SENDER_AT_CAP))
+        for members, share, refused in groups:
+            while members and len(members) >= share:
+                first = self.tickets[next(iter(members))]
+                if not drop or not (first.id in self.done or self._expired(first, now)):
+                    return refused
+                self._drop_ticket(first)
+                self.expired += 1
+        return None
 
     def _put_entry(self, entry: Entry, record: bool = True) -> None:
         # A new key goes to the end; a refreshed one keeps its place (first seen order).
@@ -686,6 +768,7 @@ class ModerationState:
         if key not in self.entries:
             self.by_network[key.network] += 1
             self._entry_round[key] = None
+            _group_add(self.entries_by_sender, (key.list, key.sender), key)
         self.entries[key] = entry
         if record:
             self.changes.entries[key] = entry
@@ -693,6 +776,7 @@ class ModerationState:
     def _drop_entry(self, key: Key, record: bool = True) -> None:
         del self.entries[key]
         self._entry_round.pop(key, None)
+        _group_drop(self.entries_by_sender, (key.list, key.sender), key)
         network = key.network
         if self.by_network[network] > 1:
             self.by_network[network] -= 1
@@ -732,19 +816,27 @@ class ModerationState:
         """Add or refresh a ticket (a refreshed one keeps its place); the caller made
         room for a new one."""
         old = self.tickets.get(ticket.id)
-        if old is not None and old.key != ticket.key:
-            self.ticket_by_key.pop(old.key, None)
+        if old is not None:
+            if old.key != ticket.key:
+                self.ticket_by_key.pop(old.key, None)
+            self._unindex_ticket(old)
         other = self.ticket_by_key.get(ticket.key)
         if other is not None and other != ticket.id:
             # Two tickets for one key (two daemons saw the first attempt): keep the newer.
             stale = self.tickets.pop(other, None)
             self._ticket_round.pop(other, None)
             self.done.pop(other, None)
-            if stale is not None and record:
-                self.changes.tickets[other] = None
+            if stale is not None:
+                self._unindex_ticket(stale)
+                if record:
+                    self.changes.tickets[other] = None
         if old is None:
             self._ticket_round[ticket.id] = None
         self.tickets[ticket.id] = ticket
+        _group_add(self.tickets_by_sender, (ticket.key.list, ticket.key.sender), ticket.id)
+        network = _ticket_network(ticket)
+        if network:
+            _group_add(self.tickets_by_network, network, ticket.id)
         self.ticket_by_key[ticket.key] = ticket.id
         if record:
             self.changes.tickets[ticket.id] = ticket
@@ -758,8 +850,16 @@ class ModerationState:
             return ticket.last_seen >= ticket.decided_at
         return ticket.last_seen - ticket.first_seen >= self.settings.decide_within
 
+    def _unindex_ticket(self, ticket: Ticket) -> None:
+        _group_drop(self.tickets_by_sender, (ticket.key.list, ticket.key.sender), ticket.id)
+        network = _ticket_network(ticket)
+        if network:
+            _group_drop(self.tickets_by_network, network, ticket.id)
+
     def _drop_ticket(self, ticket: Ticket, record: bool = True) -> None:
-        self.tickets.pop(ticket.id, None)
+        stored = self.tickets.pop(ticket.id, None)
+        if stored is not None:
+            self._unindex_ticket(stored)
         self._ticket_round.pop(ticket.id, None)
         self.done.pop(ticket.id, None)
         if self.ticket_by_key.get(ticket.key) == ticket.id:

@@ -171,9 +171,15 @@ def _moderation_text(moderation: dict) -> str:
     for entry in moderation.get("greylist", ()):
         parts.append(f"greylist entry {entry['network'] or '-'} {entry['state']} "
                      f"({entry['attempts']} attempts)")
+    more = moderation.get("greylist_total", 0) - len(moderation.get("greylist", ()))
+    if more > 0:
+        parts.append(f"{more} more greylist entries")
     for ticket in moderation.get("tickets", ()):
         parts.append(f"ticket {ticket['ticket']} {ticket['decision']} "
                      f"({ticket['attempts']} attempts)")
+    more = moderation.get("tickets_total", 0) - len(moderation.get("tickets", ()))
+    if more > 0:
+        parts.append(f"{more} more tickets")
     if not moderation.get("usable", True):
         parts.append("state unavailable: normal outcome")
     head = moderation["mode"] + (" (applies)" if moderation.get("applies") else
