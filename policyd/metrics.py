@@ -259,9 +259,13 @@ def _moderation(moderation):
     yield _counter("policyd_moderation_sync_failures",
                    "Syncs with the store that failed (the state is unusable until one "
                    "succeeds).", moderation.sync_failures)
-    yield _gauge("policyd_moderation_state_usable",
-                 "1 when the moderation state is loaded and its last sync worked, else 0 "
-                 "(lists then get their normal outcome).", 1 if moderation.usable else 0)
+    # Only while some list uses it: a site without SMTP-time moderation never loads the
+    # state, and a 0 there would fire the documented ``== 0`` alert for ever.
+    if moderation.in_use():
+        yield _gauge("policyd_moderation_state_usable",
+                     "1 when the moderation state is loaded and its last sync worked, else "
+                     "0 (lists then get their normal outcome); absent while no list has "
+                     "smtp_moderation.", 1 if moderation.usable else 0)
     state = moderation.state
     entries = GaugeMetricFamily("policyd_moderation_entries",
                                 "The moderation index: greylist entries, remembered "

@@ -239,6 +239,11 @@ class ModerationService(TimerService):
 
     # --- the sync, in the store thread -------------------------------------------------
 
+    def in_use(self) -> bool:
+        """Some list of the current snapshot has ``smtp_moderation`` on: the state is
+        loaded and synced (and its usability worth reporting) only then."""
+        return self._enabled()
+
     def _enabled(self) -> bool:
         snapshot = self.snapshots.current
         if snapshot is None:

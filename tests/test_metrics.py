@@ -732,3 +732,25 @@ def test_a_rendering_is_reused_for_a_second():
     clock.advance(MetricsPage.CACHE_SECONDS)
     assert b"policyd_probe 2.0" in _ask(page, b"GET / HTTP/1.1\r\n\r\n")
     assert len(renders) == 2
+
+
+def test_state_usable_is_served_only_while_moderation_is_in_use(tmp_path):
+    """A site where no list has ``smtp_moderation`` never loads the state: the gauge is
+    absent there (the documented ``== 0`` alert would fire for ever), 0 once a list uses
+    moderation and the state is not loaded yet, 1 once it is."""
+    from policyd.core.snapshot import ListSpec, build as build_snapshot
+
+    from .protocols.fakes import StaticSnapshots
+
+    m = Moderated()
+    in_use = m.service.snapshots
+    m.service.snapshots = StaticSnapshots(build_snapshot([ListSpec(PLAIN)], version="v2",
+                                                         built_at=0.0))
+    m.service.sync()
+    service, reactor, _ = build(tmp_path, text=METRICS)
+    service.moderation = m.service
+    assert "policyd_moderation_state_usable" not in scrape(service)
+    m.service.snapshots = in_use
+    assert value(scrape(service), "policyd_moderation_state_usable") == 0
+    m.service.sync()
+    assert value(scrape(service), "policyd_moderation_state_usable") == 1
