@@ -28,7 +28,6 @@ syncs.
 
 from __future__ import annotations
 
-import re
 import time
 from collections import Counter
 from functools import lru_cache
@@ -39,7 +38,7 @@ from twisted.internet.defer import Deferred, inlineCallbacks
 from twisted.logger import Logger
 
 from .core.moderation import REFUSED, Key, ModerationState, Outcome, Settings, \
-    SmtpModeration, network_of
+    SmtpModeration, displayable, network_of
 from .core.addresses import CACHED_MAX
 from .core.replies import Outcome as Reply, SmtpReply, clean_text
 from .core.verdict import Verdict
@@ -318,12 +317,10 @@ class _CapIncident:
         self.kept_out = self.evicted = 0
 
 
-_CONTROL = re.compile(r"[\x00-\x1f\x7f]+")
-
-
 def _field(text: str, limit: int = 255) -> str:
-    """A value the peer chose, made storable in any database: undecodable bytes and
-    control characters replaced, at most ``limit`` characters (a row that cannot be
+    """A value the peer chose, made storable in any database and showable on a
+    moderator's terminal: undecodable bytes replaced, control, format and line-separator
+    characters made spaces (``core.moderation.displayable``), at most ``limit`` characters (a row that cannot be
     written would stop the whole batch).  Remembered up to ``CACHED_MAX`` characters:
     an entry costs its key, and a sender can be kilobytes long."""
     if len(text) > CACHED_MAX:
@@ -335,7 +332,7 @@ def _storable(text: str, limit: int) -> str:
     if not text:
         return ""
     text = text.encode("utf-8", "surrogateescape").decode("utf-8", "replace")
-    return _CONTROL.sub(" ", text).strip()[:limit]
+    return displayable(text).strip()[:limit]
 
 
 _field_cached = lru_cache(maxsize=8192)(_storable)

@@ -58,6 +58,7 @@ from __future__ import annotations
 import enum
 import ipaddress
 import secrets
+import unicodedata
 from collections import Counter, OrderedDict
 from dataclasses import dataclass, field, replace
 from functools import lru_cache
@@ -66,7 +67,8 @@ from typing import Callable, Iterable, NamedTuple
 
 __all__ = ["SmtpModeration", "Settings", "Key", "Entry", "Ticket", "Decision",
            "Outcome", "Step", "Changes", "ModerationState", "network_of", "new_ticket_id",
-           "TICKET_ALPHABET", "AT_CAP", "NETWORK_AT_CAP", "SENDER_AT_CAP", "REFUSED"]
+           "TICKET_ALPHABET", "AT_CAP", "NETWORK_AT_CAP", "SENDER_AT_CAP", "REFUSED",
+           "displayable"]
 
 
 class SmtpModeration(enum.Enum):
@@ -244,6 +246,31 @@ def network_of(address: str | None) -> str:
         ip = ip.ipv4_mapped
     prefix = 24 if ip.version == 4 else 64
     return str(ipaddress.ip_network(f"{ip}/{prefix}", strict=False))
+
+
+# What a peer's text must not carry to a moderator's terminal (``policyctl pending``):
+# control characters, C0 and C1 (U+009B is a CSI), format characters (the bidi
+# overrides, U+202E, reorder what follows) and the line and paragraph separators.
+_HIDDEN = frozenset({"Cc", "Cf", "Zl", "Zp"})
+
+
+def displayable(text: str) -> str:
+    """``text`` with each run of control, format and line-separator characters (Unicode
+    categories Cc, Cf, Zl, Zp) made one space, for storing a peer's value and for
+    showing rows stored before that."""
+    if text.isprintable():  # everything hidden is unprintable: the usual text is done
+        return text
+    out = []
+    hidden = False
+    for ch in text:
+        if unicodedata.category(ch) in _HIDDEN:
+            if not hidden:
+                out.append(" ")
+            hidden = True
+        else:
+            out.append(ch)
+            hidden = False
+    return "".join(out)
 
 
 GREYLIST_TEXT = "Greylisted: temporary deferral of a first post to {list}, please retry later"

@@ -11,7 +11,7 @@ from __future__ import annotations
 import time
 from datetime import datetime, timezone
 
-from ..core.moderation import Decision
+from ..core.moderation import Decision, displayable
 from .arguments import command, json_flag
 from .output import EXIT_OK, Context
 
@@ -47,9 +47,11 @@ def cmd_pending(ctx: Context) -> int:
         if ctx.args.list:
             list_ = q.find_list(session, ctx.args.list).posting_address
         tickets = moderation.pending_tickets(session, list_)
-    rows = [{"ticket": t.id, "list": t.key.list, "sender": t.key.sender,
-             "subject": t.subject, "message_id": t.key.message_id, "client": t.client,
-             "first_seen": _when(t.first_seen), "attempts": t.attempts} for t in tickets]
+    # The peer's values as the daemon stores them now, whatever an older one stored.
+    rows = [{"ticket": t.id, "list": t.key.list, "sender": displayable(t.key.sender),
+             "subject": displayable(t.subject), "message_id": displayable(t.key.message_id),
+             "client": displayable(t.client), "first_seen": _when(t.first_seen),
+             "attempts": t.attempts} for t in tickets]
     if ctx.args.json:
         ctx.json(rows)
         return EXIT_OK

@@ -71,3 +71,25 @@ def test_pending_and_decisions(initialised):
                        third: ("discard", "")}
     assert ctl("approve", "NOSUCH")[0] == 4
     assert ctl("reject", first, "--reason", "two\nlines")[0] == 2
+
+
+def test_pending_shows_no_terminal_controls_from_old_rows(initialised):
+    """A row stored before the daemon replaced C1 controls and format characters (or by
+    any other writer) still reaches the moderator's terminal without them: U+009B (CSI),
+    U+202E (a bidi override) and U+2028 in the Subject, sender and Message-ID become
+    spaces, in the text and in ``--json``."""
+    ctl = initialised
+    evil = "a\x9b31m\u202eb\u2028c\u200bd"
+    state = ModerationState(clock=lambda: 1_800_000_000.0)
+    state.check(SmtpModeration.MODERATE, Key(LIST, f"x{evil}@x.example", "", f"<{evil}>"),
+                subject=evil, client="192.0.2.7")
+    backend = NativeBackend(ctl.url)
+    try:
+        store_moderation.write_changes(backend.moderation_engine, state.drain())
+    finally:
+        backend.close()
+    text = ctl.ok("pending")
+    [row] = json.loads(ctl.ok("pending", "--json"))
+    for shown in (text, row["subject"], row["sender"], row["message_id"]):
+        assert not {"\x9b", "\u202e", "\u2028", "\u200b"} & set(shown)
+    assert row["subject"] == "a 31m b c d"

@@ -330,6 +330,15 @@ def test_hostile_values_are_stored_without_breaking_the_batch(h):
     assert _field("\udcff\x00x") == "\ufffd x"
 
 
+def test_field_replaces_c1_controls_and_format_characters():
+    """What a peer chose reaches ``policyctl pending`` on a moderator's terminal: C1
+    controls (U+009B is a CSI), format characters (U+202E reverses what follows, U+200B
+    hides) and the line and paragraph separators become spaces, as C0 controls do;
+    letters of any script stay."""
+    assert _field("a\x9b31m\u202eb\u2028c\u2029d\u200be\x85f") == "a 31m b c d e f"
+    assert _field("Grüße ÄÖ 日本 \u00e9") == "Grüße ÄÖ 日本 \u00e9"
+
+
 NORMAL = b"ACCEPT 250 2.6.0 accepted for moderation by nonmember-moderation"
 
 
