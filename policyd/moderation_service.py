@@ -272,13 +272,20 @@ class ModerationService(TimerService):
             changes = self.state.drain()
             if changes:
                 try:
-                    yield self.run_in_thread(store.write_changes, self.engine, changes)
+                    conflicts = yield self.run_in_thread(store.write_changes, self.engine,
+                                                         changes)
                 except Exception:
                     self.state.restore(changes)
                     raise
+                self.state.redraw(conflicts or ())
             rows = yield self.run_in_thread(store.read_since, self.engine,
                                             self._since - SLACK, settings.remember)
             decided = self.state.merge(*rows)
+            redrawn = self.state.take_id_conflicts()
+            if redrawn:  # rare (30-bit ids): one line a sync at most
+                log.warn("{count} tickets drew an id another daemon's post holds in the "
+                         "store: they have new ids, the senders are told at their next "
+                         "retry", count=redrawn)
             merged_out = self.state.take_merge_evicted()
             if merged_out:  # other daemons' rows filled the caps: the same incident
                 self._at_cap(kept_out=merged_out)

@@ -344,6 +344,7 @@ class FakeModerationStore:
     def __init__(self) -> None:
         self.remote: tuple = ([], [], [])  # what the next read_since returns, once
         self.fail: Exception | None = None
+        self.conflicts: list[str] = []  # what the next write_changes returns, once
 
     def _check(self) -> None:
         if self.fail is not None:
@@ -353,8 +354,10 @@ class FakeModerationStore:
         self._check()
         return [], [], []
 
-    def write_changes(self, engine, changes) -> None:
+    def write_changes(self, engine, changes) -> list[str]:
         self._check()
+        conflicts, self.conflicts = self.conflicts, []
+        return conflicts
 
     def read_since(self, engine, since, remember):
         self._check()
@@ -754,3 +757,24 @@ def test_state_usable_is_served_only_while_moderation_is_in_use(tmp_path):
     assert value(scrape(service), "policyd_moderation_state_usable") == 0
     m.service.sync()
     assert value(scrape(service), "policyd_moderation_state_usable") == 1
+
+
+def test_a_ticket_id_the_store_holds_for_another_post_is_redrawn_at_the_sync():
+    """``write_changes`` reports an id another daemon's post holds in the store: the
+    sync gives the ticket a new id, which the sender's next retry is told, and logs it."""
+    from twisted.logger import globalLogPublisher
+
+    m = Moderated()
+    m.service.sync()
+    _, first = m.ask(MODERATED)
+    m.store.conflicts = [first.ticket]
+    events: list = []
+    globalLogPublisher.addObserver(events.append)
+    try:
+        m.service.sync()
+    finally:
+        globalLogPublisher.removeObserver(events.append)
+    _, again = m.ask(MODERATED)
+    assert again.transition == "waiting" and again.ticket not in (None, first.ticket)
+    assert [e["count"] for e in events if "another daemon" in e.get("log_format", "")] \
+        == [1]

@@ -796,3 +796,39 @@ def test_one_network_cannot_fill_the_ticket_cap():
     clock.now += SETTINGS.decide_within + SETTINGS.max_age + 1
     again = st.check(MOD, Key(KEY.list, "t@evil.example", "", "<t@e>"), client="203.0.113.9")
     assert again.transition == "first-attempt"
+
+
+def test_an_id_another_daemon_drew_for_another_post_is_redrawn_on_merge():
+    """Two daemons drew one ticket id for two posts, and a moderator approved the other
+    post: merging its row gives this daemon's ticket a new id (written as new, counted
+    for the log) instead of the other post's decision, and the other post's row is kept
+    under its id."""
+    st, clock = state()
+    st.ticket_id = iter(["K7Q2M9", "N3W1D2"]).__next__
+    mine = KEY._replace(sender="bob@x", network="", message_id="<b@x>")
+    assert st.check(MOD, mine).ticket == "K7Q2M9"
+    st.drain()
+    theirs = Ticket("K7Q2M9", KEY._replace(sender="alice@x", message_id="<a@x>"),
+                    clock.now - 1, clock.now - 1, 1, "A's post", "", Decision.APPROVE, "",
+                    clock.now)
+    clock.now += 2
+    st.merge(tickets=[theirs])
+    step = st.check(MOD, mine)
+    assert (step.transition, step.ticket) == ("waiting", "N3W1D2")
+    assert st.tickets["K7Q2M9"].key == theirs.key and st.take_id_conflicts() == 1
+    changes = st.drain().tickets
+    assert "K7Q2M9" not in changes and changes["N3W1D2"].key == mine
+
+
+def test_redraw_gives_conflicting_tickets_new_ids():
+    """The store reports an id it holds for another post (``write_changes``): the
+    ticket gets a new id, written as new, and the old id is no change of ours."""
+    st, clock = state()
+    held = st.check(MOD, KEY)
+    st.drain()
+    st.check(MOD, KEY)
+    assert st.redraw([held.ticket, "NOSUCH"]) == 1
+    new = st.ticket_by_key[KEY]
+    assert new != held.ticket and held.ticket not in st.tickets
+    assert set(st.drain().tickets) == {new}
+    assert st.check(MOD, KEY).ticket == new

@@ -366,6 +366,9 @@ class ModerationState:
         self.merge_evicted = 0
         # Expired rows dropped to make room at a cap (``take_expired``).
         self.expired = 0
+        # Own tickets given a new id because another daemon's post holds theirs
+        # (``redraw``; ``take_id_conflicts``).
+        self.id_conflicts = 0
 
     def take_merge_evicted(self) -> int:
         count, self.merge_evicted = self.merge_evicted, 0
@@ -373,6 +376,28 @@ class ModerationState:
 
     def take_expired(self) -> int:
         count, self.expired = self.expired, 0
+        return count
+
+    def take_id_conflicts(self) -> int:
+        count, self.id_conflicts = self.id_conflicts, 0
+        return count
+
+    def redraw(self, ticket_ids: Iterable[str]) -> int:
+        """Give each of these own tickets a new id: another daemon drew the same for
+        another post and the store holds that post under it (30-bit ids: rare, never
+        silent).  The store's row stays; the ticket under its new id is written as
+        new, and the sender's next retry is told that id.  How many were redrawn."""
+        count = 0
+        for tid in ticket_ids:
+            ticket = self.tickets.get(tid)
+            if ticket is None:
+                continue
+            fresh = self._fresh_id()  # drawn while ``tid`` is taken: never it again
+            self._drop_ticket(ticket, record=False)
+            self.changes.tickets.pop(tid, None)  # ours: it must not touch the other row
+            self._put_ticket(replace(ticket, id=fresh))
+            count += 1
+        self.id_conflicts += count
         return count
 
     # --- loading and draining ------------------------------------------------------------
@@ -418,6 +443,11 @@ class ModerationState:
         decided = 0
         for ticket in tickets:
             mine = self.tickets.get(ticket.id)
+            if mine is not None and mine.key != ticket.key:
+                # One id drawn by two daemons for two posts: the row is the other
+                # post's (its decision is not ours), ours draws a new id.
+                self.redraw([mine.id])
+                mine = None
             if mine is None:
                 other = self.tickets.get(self.ticket_by_key.get(ticket.key, ""))
                 if other is None and self._room_for_ticket(now, ticket) is not None:

@@ -99,12 +99,16 @@ def is_write_conflict(error: DBAPIError) -> bool:
     return bool(args) and args[0] in _CONFLICT_MYSQL
 
 
-def write_changes(engine: Engine, changes: Changes, *, sleep=time.sleep) -> None:
+def write_changes(engine: Engine, changes: Changes, *, sleep=time.sleep) -> list[str]:
     """One transaction: the entries and remembered senders replaced or deleted; new
     tickets inserted, known ones updated (``last_seen``, ``attempts`` only: a moderator's
     decision written meanwhile is never overwritten), dropped ones deleted.  Tried again
     on a conflict with another daemon's writes (``WRITE_ATTEMPTS``): the rows are whole
-    replacements, so the transaction that comes second simply replaces them again."""
+    replacements, so the transaction that comes second simply replaces them again.
+
+    The ids of tickets the store holds for another post (another daemon drew the same
+    id): neither updated, inserted nor deleted here (the row is that post's, its
+    decision too); ``ModerationState.redraw`` gives them new ids."""
     for attempt in range(1, WRITE_ATTEMPTS + 1):
         try:
             return _write_changes(engine, changes)
@@ -114,7 +118,7 @@ def write_changes(engine: Engine, changes: Changes, *, sleep=time.sleep) -> None
             sleep(random.uniform(0.005, 0.05) * attempt)
 
 
-def _write_changes(engine: Engine, changes: Changes) -> None:
+def _write_changes(engine: Engine, changes: Changes) -> list[str]:
     with engine.begin() as connection:
         hashes = {key_hash(key): (key, entry) for key, entry in changes.entries.items()}
         for chunk in _chunks(list(hashes)):
@@ -134,16 +138,28 @@ def _write_changes(engine: Engine, changes: Changes) -> None:
                 for h, (l, s, until) in senders.items() if until is not None]
         if rows:
             connection.execute(insert(R), rows)
+        # A dropped ticket is deleted by id (``Changes`` records no key for a drop).
         dropped = [tid for tid, ticket in changes.tickets.items() if ticket is None]
         for chunk in _chunks(dropped):
             connection.execute(delete(T).where(T.c.id.in_(chunk)))
         kept = {tid: ticket for tid, ticket in changes.tickets.items() if ticket is not None}
-        known: set[str] = set()
+        stored: dict[str, str] = {}
         for chunk in _chunks(list(kept)):
-            known.update(connection.scalars(select(T.c.id).where(T.c.id.in_(chunk))))
+            stored.update((tid, hash_) for tid, hash_ in connection.execute(
+                select(T.c.id, T.c.key_hash).where(T.c.id.in_(chunk))))
+        known: set[str] = set()
+        conflicts: list[str] = []
+        for tid, stored_hash in stored.items():
+            if stored_hash == key_hash(kept[tid].key):
+                known.add(tid)
+            else:
+                conflicts.append(tid)
         for tid in known:
             ticket = kept[tid]
-            connection.execute(update(T).where(T.c.id == tid).values(
+            # The key in the WHERE too: a row that changed hands since the select
+            # above is not updated with another post's attempts.
+            connection.execute(update(T).where(
+                T.c.id == tid, T.c.key_hash == key_hash(ticket.key)).values(
                 last_seen=_seconds(ticket.last_seen), attempts=ticket.attempts))
         rows = [{"id": t.id, "key_hash": key_hash(t.key), "list": t.key.list,
                  "sender": t.key.sender, "network": t.key.network,
@@ -152,9 +168,10 @@ def _write_changes(engine: Engine, changes: Changes) -> None:
                  "last_seen": _seconds(t.last_seen), "attempts": t.attempts,
                  "decision": t.decision.value if t.decision else None,
                  "reason": t.reason[:300], "decided_at": _seconds(t.decided_at)}
-                for tid, t in kept.items() if tid not in known]
+                for tid, t in kept.items() if tid not in stored]
         if rows:
             connection.execute(insert(T), rows)
+    return conflicts
 
 
 def read_since(engine: Engine, since: float, remember: float):

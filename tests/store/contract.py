@@ -124,6 +124,29 @@ class StoreContract:
             q.set_list(session, LIST, smtp_moderation="greylist")
         assert self.policy(backend).smtp_moderation is SmtpModeration.GREYLIST
 
+    def test_a_ticket_id_held_for_another_post_is_reported_not_updated(self, backend):
+        """Two daemons drew one ticket id for two posts: the second daemon's write
+        neither updates the first post's row (its attempts, its decision's post) nor
+        inserts over it, and returns the id as a conflict for ``redraw``."""
+        from policyd.core.moderation import Key, ModerationState, SmtpModeration
+        from policyd.store import moderation as sm
+
+        engine = backend.moderation_engine
+        rows = []
+        for attempts, sender in enumerate(("alice@x.example", "bob@x.example"), 2):
+            state = ModerationState(clock=lambda: 1_800_000_000.0,
+                                    ticket_id=iter(["K7Q2M9", "N3W1D2"]).__next__)
+            key = Key(LIST, sender, "", f"<{sender}>")
+            for _ in range(attempts):
+                state.check(SmtpModeration.MODERATE, key)
+            rows.append(sm.write_changes(engine, state.drain()))
+        assert rows == [[], ["K7Q2M9"]]
+        [ticket] = sm.read_since(engine, 0, 0)[2]
+        assert (ticket.key.sender, ticket.attempts) == ("alice@x.example", 2)
+        state.redraw(rows[1])
+        assert sm.write_changes(engine, state.drain()) == []
+        assert len(sm.read_since(engine, 0, 0)[2]) == 2
+
     def test_backend_check_fails_on_a_store_without_schema(self, url):
         """check() raises StoreUnavailable naming `policyctl init` for an empty database."""
         backend = NativeBackend(url)
