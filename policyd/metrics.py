@@ -237,7 +237,7 @@ def _moderation(moderation):
         "(deferred, held, passed, approved, rejected, discarded) and the transition "
         "(first-attempt, early-retry, retry-in-window, remembered, expired, waiting, "
         "approved, rejected, discarded, undecided-fallback, state-unusable, at-cap, "
-        "network-at-cap, sender-at-cap).",
+        "network-at-cap, sender-at-cap, other-post).",
         labels=["mode", "outcome", "transition"])
     for mode, outcomes in moderation.counts.items():
         for outcome, transitions in outcomes.items():

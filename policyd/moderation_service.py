@@ -38,7 +38,7 @@ from twisted.internet.defer import Deferred, inlineCallbacks
 from twisted.logger import Logger
 
 from .core.moderation import REFUSED, Key, ModerationState, Outcome, Settings, \
-    SmtpModeration, displayable, network_of
+    SmtpModeration, displayable, network_of, post_digest
 from .core.addresses import CACHED_MAX
 from .core.replies import Outcome as Reply, SmtpReply, clean_text
 from .core.verdict import Verdict
@@ -181,8 +181,10 @@ class ModerationService(TimerService):
         message_id = _field(message_id)
         network = "" if mode is SmtpModeration.MODERATE and message_id else network_of(client)
         key = Key(decision.list, sender, network, message_id)
-        step = self.state.check(mode, key, subject=_field(subject[:SUBJECT_LIMIT]),
-                                client=_field(client or "", 64))
+        subject = subject[:SUBJECT_LIMIT]
+        step = self.state.check(mode, key, subject=_field(subject),
+                                client=_field(client or "", 64),
+                                digest=post_digest(subject) if message_id else "")
         self.counts[mode][step.outcome][step.transition] += 1
         if step.evicted:
             self._at_cap(evicted=step.evicted)

@@ -778,3 +778,35 @@ def test_a_ticket_id_the_store_holds_for_another_post_is_redrawn_at_the_sync():
     assert again.transition == "waiting" and again.ticket not in (None, first.ticket)
     assert [e["count"] for e in events if "another daemon" in e.get("log_format", "")] \
         == [1]
+
+
+def test_an_approval_is_not_replayed_for_another_post_with_its_from_and_message_id():
+    """A moderator approved a post: its retry is accepted, but a later message with the
+    same From: and Message-ID and another Subject, from another network, is not that
+    post: the list's normal outcome (accepted into Mailman's hold queue), not the
+    approval."""
+    from dataclasses import replace
+
+    from policyd.core.moderation import Decision
+
+    m = Moderated()
+    m.service.sync()
+
+    def ask(client, subject):
+        query = Query(MODERATED, NONMEMBER, f"<{NONMEMBER}>")
+        answer = m.decider.decide(query, "exim")
+        return m.service.apply(answer, query, client=client, subject=subject,
+                               message_id="<legit@example.net>")
+
+    answer, step = ask("198.51.100.5", "Question about the release")
+    assert answer.reply.code == 451
+    ticket = m.service.state.tickets[step.ticket]
+    m.store.remote = ([], [], [replace(ticket, decision=Decision.APPROVE,
+                                       decided_at=m.clock.seconds())])
+    m.service.sync()
+    answer, step = ask("198.51.100.5", "Question about the release")
+    assert (answer.reply.code, step.transition) == (250, "approved")
+    m.clock.advance(6 * 3600)
+    answer, step = ask("203.0.113.66", "BUY CHEAP PILLS")
+    assert step.transition == "other-post"
+    assert "accepted for moderation" in answer.reply.text  # Mailman holds it

@@ -832,3 +832,25 @@ def test_redraw_gives_conflicting_tickets_new_ids():
     assert new != held.ticket and held.ticket not in st.tickets
     assert set(st.drain().tickets) == {new}
     assert st.check(MOD, KEY).ticket == new
+
+
+def test_a_decided_ticket_answers_only_its_own_post():
+    """A ticket remembers its post's digest: a retry of the post gets the decision,
+    another post under the same key (an approved post's From: and Message-ID reused)
+    gets no opinion (``other-post``: the list's normal outcome) and leaves the ticket as
+    it is; a ticket without a digest (stored before it existed) is not compared."""
+    st, clock = state()
+    held = st.check(MOD, KEY, subject="Question", digest=moderation.post_digest("Question"))
+    st.decide(held.ticket, Decision.APPROVE)
+    clock.now += 600
+    again = st.check(MOD, KEY, digest=moderation.post_digest("Question"))
+    assert again.transition == "approved"
+    attempts = st.tickets[held.ticket].attempts
+    clock.now += 6 * 3600
+    spam = st.check(MOD, KEY, digest=moderation.post_digest("BUY CHEAP PILLS"))
+    assert (spam.outcome, spam.transition) == (Outcome.PASS, moderation.OTHER_POST)
+    assert st.preview(MOD, KEY, digest=moderation.post_digest("x")).transition == \
+        moderation.OTHER_POST
+    assert st.tickets[held.ticket].attempts == attempts
+    st.tickets[held.ticket] = replace(st.tickets[held.ticket], digest="")
+    assert st.check(MOD, KEY, digest=moderation.post_digest("x")).transition == "approved"

@@ -23,6 +23,7 @@ Message-ID (``""`` on Postfix, which asks at RCPT).
     undecided, younger than decide_within  -> HELD   (same ticket; attempts counted)
     undecided, older than decide_within    -> PASS   (the fallback: the list's normal
                                                       outcome, i.e. Mailman's hold queue)
+    another post under the ticket's key    -> PASS   (``OTHER_POST``: the digest differs)
     approved                               -> ACCEPT
     rejected                               -> REJECT (550 5.7.1 with the reason)
     discarded                              -> DISCARD
@@ -56,6 +57,7 @@ stepped back), so whatever expired goes within a round, ``len / PRUNE_BATCH`` ca
 from __future__ import annotations
 
 import enum
+import hashlib
 import ipaddress
 import secrets
 import unicodedata
@@ -68,7 +70,7 @@ from typing import Callable, Iterable, NamedTuple
 __all__ = ["SmtpModeration", "Settings", "Key", "Entry", "Ticket", "Decision",
            "Outcome", "Step", "Changes", "ModerationState", "network_of", "new_ticket_id",
            "TICKET_ALPHABET", "AT_CAP", "NETWORK_AT_CAP", "SENDER_AT_CAP", "REFUSED",
-           "displayable"]
+           "displayable", "post_digest", "OTHER_POST"]
 
 
 class SmtpModeration(enum.Enum):
@@ -151,7 +153,9 @@ class Entry:
 @dataclass(frozen=True, slots=True)
 class Ticket:
     """A post held for a moderator.  ``subject`` and ``client`` are for ``policyctl
-    pending``; ``decision`` is ``None`` until a moderator decides."""
+    pending``; ``decision`` is ``None`` until a moderator decides.  ``digest``: what
+    identifies the post beyond its key (``post_digest`` of its Subject; ``""`` for a
+    ticket stored before migration 0011, which then answers any post with its key)."""
 
     id: str
     key: Key
@@ -163,6 +167,15 @@ class Ticket:
     decision: Decision | None = None
     reason: str = ""
     decided_at: float | None = None
+    digest: str = ""
+
+
+def post_digest(subject: str) -> str:
+    """What tells two posts with one key (list, From:, Message-ID) apart: a digest of the
+    Subject as the MTA sent it.  Anyone can reuse an approved post's From: and
+    Message-ID; a post that also copies its Subject is refused nothing more than it was
+    before, and one that does not is not the approved post."""
+    return hashlib.sha256(subject.encode("utf-8", "surrogateescape")).hexdigest()[:32]
 
 
 class Step(NamedTuple):
@@ -198,6 +211,11 @@ NETWORK_SHARE = 0.5
 #: ``decide_within``, far less than the cap every other nonmember's first post needs.
 SENDER_AT_CAP = "sender-at-cap"
 _SENDER_AT_CAP = Step(Outcome.PASS, SENDER_AT_CAP)
+#: The transition of a post whose key has a ticket for another post (its digest
+#: differs: a replay of an approved post's From: and Message-ID): no opinion, the
+#: list's normal outcome, and the ticket is left as it is.
+OTHER_POST = "other-post"
+_OTHER_POST = Step(Outcome.PASS, OTHER_POST)
 #: The transitions of a first attempt kept out by a cap or a share (not recorded).
 REFUSED = frozenset({AT_CAP, NETWORK_AT_CAP, SENDER_AT_CAP})
 #: At most this many greylist entries and tickets of one sender ``describe`` lists
@@ -313,6 +331,11 @@ def _group_drop(index: dict, group, item) -> None:
         members.pop(item, None)
         if not members:
             del index[group]
+
+
+def _other_post(ticket: "Ticket", digest: str) -> bool:
+    """``digest`` names another post than ``ticket``'s (either unknown: the same)."""
+    return bool(ticket.digest and digest and ticket.digest != digest)
 
 
 def _stale(since: float, now: float, lifetime: float) -> bool:
@@ -490,15 +513,17 @@ class ModerationState:
     # --- the MTA's attempts --------------------------------------------------------------
 
     def check(self, mode: SmtpModeration, key: Key, *, subject: str = "",
-              client: str = "") -> Step:
-        """One attempt of ``key`` on a list whose ``smtp_moderation`` is ``mode``."""
+              client: str = "", digest: str = "") -> Step:
+        """One attempt of ``key`` on a list whose ``smtp_moderation`` is ``mode``;
+        ``digest``: the post's ``post_digest`` (``""``: not compared)."""
         if mode is SmtpModeration.GREYLIST:
             return self._greylist(key)
         if mode is SmtpModeration.MODERATE:
-            return self._moderate(key, subject, client)
+            return self._moderate(key, subject, client, digest)
         return Step(Outcome.PASS, "off")
 
-    def preview(self, mode: SmtpModeration, key: Key, client: str = "") -> Step:
+    def preview(self, mode: SmtpModeration, key: Key, client: str = "", digest: str = ""
+                ) -> Step:
         """What ``check`` would answer for ``key`` now, changing nothing: no entry or
         ticket made, refreshed, counted or dropped, no change recorded (``policyctl
         query``).  A step whose transition is ``first-attempt`` or ``expired`` is one
@@ -535,6 +560,8 @@ class ModerationState:
                         return refused
                 return Step(Outcome.HELD, "first-attempt" if ticket is None else "expired",
                             HELD_TEXT.format(ticket="(a new one)"))
+            if _other_post(ticket, digest):
+                return _OTHER_POST
             if ticket.decision is Decision.APPROVE:
                 return Step(Outcome.ACCEPT, "approved", ticket=ticket.id)
             if ticket.decision is Decision.REJECT:
@@ -594,7 +621,7 @@ class ModerationState:
             if s.remember > 0 else 0
         return Step(Outcome.PASS, "retry-in-window", evicted=evicted)
 
-    def _moderate(self, key: Key, subject: str, client: str) -> Step:
+    def _moderate(self, key: Key, subject: str, client: str, digest: str) -> Step:
         now = self.clock()
         s = self.settings
         ticket_id = self.ticket_by_key.get(key)
@@ -606,7 +633,8 @@ class ModerationState:
         else:
             transition = "first-attempt"
         if ticket is None:
-            ticket = Ticket("", key, now, now, 1, subject[:200], client[:64])
+            ticket = Ticket("", key, now, now, 1, subject[:200], client[:64],
+                            digest=digest)
             refused = self._room_for_ticket(now, ticket)
             if refused is not None:
                 return refused
@@ -614,6 +642,9 @@ class ModerationState:
             self._put_ticket(ticket)
             return Step(Outcome.HELD, transition, HELD_TEXT.format(ticket=ticket.id),
                         ticket.id)
+        if _other_post(ticket, digest):
+            # Not this ticket's post: neither its decision nor a retry of it.
+            return _OTHER_POST
         ticket = replace(ticket, last_seen=now, attempts=ticket.attempts + 1)
         self._put_ticket(ticket)
         if ticket.decision is Decision.APPROVE:

@@ -354,6 +354,8 @@ class ModerationTicket(Base):
     decision: Mapped[str | None] = mapped_column(String(16), nullable=True)
     reason: Mapped[str] = mapped_column(String(300), nullable=False)
     decided_at: Mapped[int | None] = mapped_column(BigInteger, nullable=True)
+    # ``core.moderation.post_digest`` of the post (migration 0011; "" before it).
+    digest: Mapped[str] = mapped_column(String(32), nullable=False, server_default="")
 
 
 class ListRevision(Base):

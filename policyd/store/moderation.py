@@ -55,7 +55,8 @@ def _ticket(row) -> Ticket:
     return Ticket(row.id, Key(row.list, row.sender, row.network, row.message_id),
                   float(row.first_seen), float(row.last_seen), row.attempts, row.subject,
                   row.client, Decision(row.decision) if row.decision else None,
-                  row.reason, None if row.decided_at is None else float(row.decided_at))
+                  row.reason, None if row.decided_at is None else float(row.decided_at),
+                  row.digest)
 
 
 def _chunks(items: list, size: int = CHUNK):
@@ -167,7 +168,8 @@ def _write_changes(engine: Engine, changes: Changes) -> list[str]:
                  "client": t.client[:64], "first_seen": _seconds(t.first_seen),
                  "last_seen": _seconds(t.last_seen), "attempts": t.attempts,
                  "decision": t.decision.value if t.decision else None,
-                 "reason": t.reason[:300], "decided_at": _seconds(t.decided_at)}
+                 "reason": t.reason[:300], "decided_at": _seconds(t.decided_at),
+                 "digest": t.digest}
                 for tid, t in kept.items() if tid not in stored]
         if rows:
             connection.execute(insert(T), rows)

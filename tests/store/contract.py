@@ -147,6 +147,32 @@ class StoreContract:
         assert sm.write_changes(engine, state.drain()) == []
         assert len(sm.read_since(engine, 0, 0)[2]) == 2
 
+    def test_a_tickets_digest_round_trips_and_0011_downgrades(self, store, backend):
+        """A ticket's post digest (migration 0011) is written and read back; downgrading
+        0011 drops only the column (the ticket stays) and upgrading brings it back."""
+        from alembic import command
+
+        from policyd.core.moderation import Key, ModerationState, SmtpModeration
+        from policyd.store import engine as engine_module
+        from policyd.store import moderation as sm
+
+        engine = backend.moderation_engine
+        state = ModerationState(clock=lambda: 1_800_000_000.0)
+        held = state.check(SmtpModeration.MODERATE, Key(LIST, "a@x.example", "", "<a@x>"),
+                           digest="0123456789abcdef0123456789abcdef")
+        sm.write_changes(engine, state.drain())
+        [ticket] = sm.read_since(engine, 0, 0)[2]
+        assert (ticket.id, ticket.digest) == (held.ticket, "0123456789abcdef0123456789abcdef")
+        with store.engine.begin() as connection:
+            command.downgrade(engine_module._alembic_config(connection),
+                              "0010_truncate_and_replace")
+        with store.engine.connect() as connection:
+            assert connection.exec_driver_sql(
+                "SELECT id FROM moderation_tickets").scalars().all() == [held.ticket]
+        assert store.upgrade() == ("0010_truncate_and_replace", head_revision())
+        [ticket] = sm.read_since(engine, 0, 0)[2]
+        assert (ticket.id, ticket.digest) == (held.ticket, "")
+
     def test_backend_check_fails_on_a_store_without_schema(self, url):
         """check() raises StoreUnavailable naming `policyctl init` for an empty database."""
         backend = NativeBackend(url)
