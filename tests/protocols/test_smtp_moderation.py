@@ -453,6 +453,19 @@ def test_describe_for_policyctl_query(h):
     assert member["applies"] is False
 
 
+def test_policyctl_query_line_counts_what_describe_does_not_list():
+    """``describe`` lists at most ``DESCRIBE_LIMIT`` entries and tickets of a sender
+    with their totals: the line says how many more there are."""
+    from policyd.ctl.daemon import _moderation_text
+
+    ticket = {"ticket": "K7Q2M9", "decision": "pending", "attempts": 1}
+    described = {"mode": "moderate", "applies": True, "usable": True, "greylist": [],
+                 "greylist_total": 3, "tickets": [ticket], "tickets_total": 21}
+    assert _moderation_text(described) == ("moderate (applies): 3 more greylist entries; "
+                                           "ticket K7Q2M9 pending (1 attempts); "
+                                           "20 more tickets")
+
+
 def _query(h, to, sender=NONMEMBER, client="192.0.2.7", mode="safe", from_header=None,
            message_id=None):
     from policyd.core.verdict import Query
