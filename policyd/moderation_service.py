@@ -35,6 +35,7 @@ from typing import Callable
 
 from twisted.application.internet import TimerService
 from twisted.internet.defer import Deferred, inlineCallbacks
+from twisted.internet.task import deferLater
 from twisted.logger import Logger
 
 from .core.moderation import REFUSED, Key, ModerationState, Outcome, Settings, \
@@ -55,6 +56,9 @@ UNUSABLE = "state-unusable"
 SLACK = 30.0
 # Prune the store's expired rows every this many syncs (the index: every sync).
 PRUNE_EVERY = 60
+# Rows read from the store applied to the index in one turn of the reactor: a load at
+# start-up, or the first sync after an outage, reads up to the caps.
+BATCH = 2000
 # A stay at a cap is over (its summary logged) after this many seconds without an
 # attempt kept out or a row pushed out: a sustained flood is one incident, not one a sync.
 CAP_QUIET = 60.0
@@ -253,6 +257,19 @@ class ModerationService(TimerService):
                    for p in snapshot.lists.values())
 
     @inlineCallbacks
+    def _in_turns(self, steps):
+        """Run ``steps``, a generator that yields between two batches of rows
+        (``BATCH``), giving the reactor a turn at each yield, so that the MTAs' requests
+        waiting meanwhile are answered; its return value.  One batch: no turn given
+        (done at once, as before)."""
+        while True:
+            try:
+                next(steps)
+            except StopIteration as done:
+                return done.value
+            yield deferLater(self.clock, 0, lambda: None)
+
+    @inlineCallbacks
     def sync(self):
         """Load (first), write the changes, read back, prune now and then.  Catches and
         logs everything: an uncaught error would stop the ``TimerService``."""
@@ -267,7 +284,7 @@ class ModerationService(TimerService):
             now = self.wall()
             if self.usable is None or (self.usable is False and self._since == 0.0):
                 rows = yield self.run_in_thread(store.load_state, self.engine, settings, now)
-                self.state.load(*rows)
+                yield self._in_turns(self.state.load_batches(*rows, size=BATCH))
                 self._since = now
                 self._recovered()
                 return
@@ -282,7 +299,7 @@ class ModerationService(TimerService):
                 self.state.redraw(conflicts or ())
             rows = yield self.run_in_thread(store.read_since, self.engine,
                                             self._since - SLACK, settings.remember)
-            decided = self.state.merge(*rows)
+            decided = yield self._in_turns(self.state.merge_batches(*rows, size=BATCH))
             redrawn = self.state.take_id_conflicts()
             if redrawn:  # rare (30-bit ids): one line a sync at most
                 log.warn("{count} tickets drew an id another daemon's post holds in the "

@@ -65,7 +65,7 @@ from collections import Counter, OrderedDict
 from dataclasses import dataclass, field, replace
 from functools import lru_cache
 from itertools import islice
-from typing import Callable, Iterable, NamedTuple
+from typing import Callable, Generator, Iterable, Iterator, NamedTuple
 
 __all__ = ["SmtpModeration", "Settings", "Key", "Entry", "Ticket", "Decision",
            "Outcome", "Step", "Changes", "ModerationState", "network_of", "new_ticket_id",
@@ -303,6 +303,18 @@ REJECT_TEXT = "Your post to {list} was rejected by its moderator"
 # back; such an entry counts as expired instead (the sender starts over: a bounded wait).
 CLOCK_SLACK = 300.0
 
+
+def _batches(entries: list, remembered: list, tickets: list, size: int):
+    """(entries, remembered, tickets) in consecutive slices of at most ``size`` rows in
+    all, in that order; one empty batch when there are no rows."""
+    rows = [(0, r) for r in entries] + [(1, r) for r in remembered] + \
+        [(2, r) for r in tickets]
+    for start in range(0, max(len(rows), 1), size):
+        batch: tuple[list, list, list] = ([], [], [])
+        for kind, row in rows[start:start + size]:
+            batch[kind].append(row)
+        yield batch
+
 # How many items of each dict one ``prune`` looks at in line, and as many of its round
 # (it runs on the reactor, between MTA requests).
 PRUNE_BATCH = 250
@@ -439,6 +451,34 @@ class ModerationState:
             self._remembered_round[list_, sender] = None
         for ticket in sorted(tickets, key=lambda t: t.first_seen):
             self._put_ticket(ticket, record=False)
+
+    def load_batches(self, entries: Iterable[Entry] = (),
+                     remembered: Iterable[tuple[str, str, float]] = (),
+                     tickets: Iterable[Ticket] = (), *, size: int) -> Iterator[None]:
+        """``load`` in batches of at most ``size`` rows, yielding between two batches
+        (the service gives the reactor a turn there: a busy site's state is up to the
+        caps, ~100k rows, too much for one turn)."""
+        entries = sorted(entries, key=lambda e: e.first_seen)
+        remembered = sorted(remembered, key=lambda r: r[2])
+        tickets = sorted(tickets, key=lambda t: t.first_seen)
+        for index, batch in enumerate(_batches(entries, remembered, tickets, size)):
+            if index:
+                yield
+            self.load(*batch)
+
+    def merge_batches(self, entries: Iterable[Entry] = (),
+                      remembered: Iterable[tuple[str, str, float]] = (),
+                      tickets: Iterable[Ticket] = (), *, size: int
+                      ) -> Generator[None, None, int]:
+        """``merge`` in batches of at most ``size`` rows, yielding between two; returns
+        the number of decisions that arrived."""
+        decided = 0
+        for index, batch in enumerate(_batches(list(entries), list(remembered),
+                                               list(tickets), size)):
+            if index:
+                yield
+            decided += self.merge(*batch)
+        return decided
 
     def merge(self, entries: Iterable[Entry] = (), remembered: Iterable[tuple[str, str, float]]
               = (), tickets: Iterable[Ticket] = ()) -> int:

@@ -739,3 +739,55 @@ def test_a_long_sender_is_made_storable_without_being_kept():
     finally:
         tracemalloc.stop()
     assert retained < 100_000
+
+
+class RowsStore:
+    """A moderation store (``moderation_service._default_store``'s functions) whose
+    load and reads return ``count`` greylist entries."""
+
+    def __init__(self, count: int, now: float) -> None:
+        from policyd.core.moderation import Entry, Key
+
+        self.rows = ([Entry(Key(GREY, f"s{i}@x.example", "192.0.2.0/24"), now - i, now - i)
+                      for i in range(count)], [], [])
+
+    def load_state(self, engine, settings, now):
+        return self.rows
+
+    def read_since(self, engine, since, remember):
+        return self.rows
+
+    def write_changes(self, engine, changes):
+        return []
+
+    def prune_rows(self, engine, settings, now):
+        return 0
+
+
+def test_a_big_load_and_merge_are_applied_in_batches_between_which_mtas_are_answered(
+        h):
+    """The store's rows (up to the caps, ~100k at start-up or after an outage) go into
+    the index BATCH at a time, the reactor getting a turn between two batches (an MTA's
+    request is answered there), instead of in one call on the reactor."""
+    from policyd import moderation_service
+
+    rows = RowsStore(2 * moderation_service.BATCH + 5, h.clock.seconds())
+    service = ModerationService(h.snapshots, None, clock=h.clock, wall=h.clock.seconds,
+                                run_in_thread=lambda f, *a: defer.maybeDeferred(f, *a),
+                                store=rows)
+    done = service.sync()
+    assert not done.called  # the first batch is in; the rest wait for the next turns
+    assert len(service.state.entries) == moderation_service.BATCH
+    h.moderation = service
+    # Answered between two batches (the list's normal outcome while the state loads).
+    assert h.exim(GREY, sender="someone@y.example").startswith(b"ACCEPT 250 2.6.0")
+    h.clock.advance(0)
+    h.clock.advance(0)
+    assert done.called and service.usable
+    assert len(service.state.entries) == len(rows.rows[0])
+    # The next sync merges the same rows again, in batches too.
+    merged = service.sync()
+    assert not merged.called
+    h.clock.advance(0)
+    h.clock.advance(0)
+    assert merged.called
