@@ -1,17 +1,19 @@
-"""A rule that could not read what it needs never lets a later rule refuse a post Mailman
-would take: with the header block cut (Exim's POLICYD_MAX_HEADERS), a body cut before
-the first text/plain part or its first line, or MIME parts past the visible body, an
-``approved`` that might accept and a ``header-match`` that might accept or hold leave a
-later reject, discard (or, for ``approved``, hold) to Mailman (``left-to-mailman``, an
-accept); a header value Mailman cannot decode is Mailman's shunt, also passed on; a
-Mailman 2 list's ``Approved:`` password policyd cannot verify is left to Mailman 2.
-Before, each of these was refused at SMTP time (a 550 for a moderator's approved post)."""
+"""A rule that could not read what it needs never lets a later rule refuse for good a post
+Mailman might take: with the header block cut (Exim's POLICYD_MAX_HEADERS), a body cut
+before the first text/plain part of a multipart message or before the first line, or MIME
+parts past the visible body, an ``approved`` that might accept and a ``header-match``
+that might accept or hold turn a later reject or discard into the temporary failure
+(``incomplete-message``: doubt), never an accept anyone could get by padding a post.
+Before, each of these was a 550 (a moderator's approved post refused for good).  What
+cannot hide anything (a single part, a body whose size is not sent, a list without a
+moderator password, a header value Mailman cannot decode) decides as before, and a
+Mailman 2 list verifies the moderator password set with policyctl."""
 
 from __future__ import annotations
 
 import pytest
 
-from policyd.core.chain import LEFT_TO_MAILMAN, decide
+from policyd.core.chain import INCOMPLETE, decide
 from policyd.core.message import parse_message
 from policyd.core.passwords import hash_password
 from policyd.core.snapshot import HeaderMatch, ListSpec, MemberSpec, SiteHeaderChecks, build
@@ -42,15 +44,15 @@ HEAD = f"From: <{STRANGER}>\nTo: {LIST}\nSubject: hi\n"
 
 
 @pytest.mark.parametrize("explain", [True, False])
-def test_cut_header_block_with_a_moderator_password_is_left_to_mailman(explain):
-    """The Approved: header may lie past the cut: not a 550 for a nonmember."""
+def test_cut_header_block_with_a_moderator_password_is_doubt(explain):
+    """The Approved: header may lie past the cut: a 4xx for a nonmember, not a 550."""
     decision = decide(snapshot(moderator_password=HASHED), query(HEAD, cut=True),
                       explain=explain)
-    assert (decision.verdict, decision.rule) == (Verdict.ACCEPT, LEFT_TO_MAILMAN)
+    assert (decision.verdict, decision.rule) == (Verdict.DEFER, INCOMPLETE)
     if explain:
         assert "nonmember-moderation would reject" in decision.reason
         assert [s.rule for s in decision.trace if s.hit][-2:] == \
-            ["nonmember-moderation", LEFT_TO_MAILMAN]
+            ["nonmember-moderation", INCOMPLETE]
 
 
 @pytest.mark.parametrize("explain", [True, False])
@@ -66,7 +68,7 @@ def test_cut_header_block_without_anything_to_pass_it_on_is_refused(explain):
 def test_cut_header_block_with_a_passing_header_match_is_left_to_mailman(action):
     decision = decide(snapshot(header_matches=(("x-ok", "yes", action),)),
                       query(HEAD, cut=True), explain=False)
-    assert (decision.verdict, decision.rule) == (Verdict.ACCEPT, LEFT_TO_MAILMAN)
+    assert (decision.verdict, decision.rule) == (Verdict.DEFER, INCOMPLETE)
 
 
 def test_cut_header_block_site_lines_jump_to_hold():
@@ -75,19 +77,14 @@ def test_cut_header_block_site_lines_jump_to_hold():
                     default_nonmember_action=Action.DISCARD)
     decision = decide(build([spec], site_header_checks=checks), query(HEAD, cut=True),
                       explain=False)
-    assert (decision.verdict, decision.rule) == (Verdict.ACCEPT, LEFT_TO_MAILMAN)
+    assert (decision.verdict, decision.rule) == (Verdict.DEFER, INCOMPLETE)
 
 
-def test_a_hold_is_left_to_mailman_only_for_what_could_accept():
-    """Emergency moderation holds; an unseen approved could accept (Mailman's approved
-    comes first), an unseen hold-only header-match could not change a hold."""
+def test_a_hold_stays_a_hold():
+    """Emergency moderation holds: the post reaches Mailman, which runs approved itself."""
     held = decide(snapshot(moderator_password=HASHED, emergency=True,
                            default_nonmember_action=Action.ACCEPT), query(HEAD, cut=True))
-    assert (held.verdict, held.rule) == (Verdict.ACCEPT, LEFT_TO_MAILMAN)
-    kept = decide(snapshot(emergency=True, default_nonmember_action=Action.ACCEPT,
-                           header_matches=(("x-ok", "yes", Action.HOLD),)),
-                  query(HEAD, cut=True))
-    assert (kept.verdict, kept.rule) == (Verdict.HOLD, "emergency")
+    assert (held.verdict, held.rule) == (Verdict.HOLD, "emergency")
 
 
 MULTIPART = (HEAD + "MIME-Version: 1.0\n"
@@ -107,18 +104,18 @@ def body_cut_query() -> Query:
     return query(headers, visible, size=size)
 
 
-def test_approved_in_a_text_part_past_the_visible_body_is_left_to_mailman():
+def test_approved_in_a_text_part_past_the_visible_body_is_doubt():
     q = body_cut_query()
     assert not q.message.body_complete
     decision = decide(snapshot(moderator_password=HASHED), q)
-    assert (decision.verdict, decision.rule) == (Verdict.ACCEPT, LEFT_TO_MAILMAN)
+    assert (decision.verdict, decision.rule) == (Verdict.DEFER, INCOMPLETE)
     assert "first text/plain part was not seen" in decision.reason
 
 
-def test_header_match_in_a_part_past_the_visible_body_is_left_to_mailman():
+def test_header_match_in_a_part_past_the_visible_body_is_doubt():
     decision = decide(snapshot(header_matches=(("x-ok", "yes", Action.ACCEPT),)),
                       body_cut_query())
-    assert (decision.verdict, decision.rule) == (Verdict.ACCEPT, LEFT_TO_MAILMAN)
+    assert (decision.verdict, decision.rule) == (Verdict.DEFER, INCOMPLETE)
     refusing = decide(snapshot(header_matches=(("x-ok", "yes", Action.DISCARD),)),
                       body_cut_query())
     assert (refusing.verdict, refusing.rule) == (Verdict.REJECT, "nonmember-moderation")
@@ -134,13 +131,33 @@ def test_the_whole_body_decides_as_before():
     assert decide(snapshot(moderator_password=HASHED), wrong).verdict is Verdict.REJECT
 
 
-def test_a_header_value_mailman_cannot_decode_is_its_shunt_not_a_discard():
-    """Mailman's HeaderMatchRule raises on the first X-Spam: value (the message is
-    shunted); policyd skipped it and discarded on the second."""
+def test_what_cannot_hide_anything_is_refused_as_before():
+    """A single part (no part headers, no later text/plain part) and a body whose size
+    the ACL did not send are no doubt: a padded nonmember post is refused."""
+    big = "x" * 6000 + "\n"
+    single = query(HEAD, big[:4096], size=len(HEAD) + 1 + len(big))
+    assert not single.message.body_complete
+    for settings in ({"moderator_password": HASHED},
+                     {"header_matches": (("x-ok", "yes", Action.HOLD),)}):
+        assert decide(snapshot(**settings), single).verdict is Verdict.REJECT, settings
+    html = query(HEAD + "Content-Type: text/html\n", "<p>" + big[:4093],
+                 size=len(HEAD) + 30 + len(big))
+    assert decide(snapshot(moderator_password=HASHED), html).verdict is Verdict.REJECT
+    unsized = body_cut_query().message._replace(size=None, body_complete=False)
+    q = Query(LIST, STRANGER, STRANGER, None, None, message=unsized)
+    assert decide(snapshot(moderator_password=HASHED), q).verdict is Verdict.REJECT
+    assert decide(snapshot(header_matches=(("x-ok", "yes", Action.ACCEPT),)),
+                  q).verdict is Verdict.REJECT
+
+
+def test_a_header_value_mailman_cannot_decode_makes_the_entry_miss():
+    """Mailman's HeaderMatchRule raises on the first X-Spam: value (it shunts the
+    message): the entry misses there and the chain goes on; policyd used to read on and
+    discard on the second value, which Mailman never reaches.  Never an accept: any
+    sender could add such a header."""
     q = query(HEAD + "X-Spam: =?utf-8?b?a?=\nX-Spam: yes\n")
     decision = decide(snapshot(header_matches=(("x-spam", "yes", Action.DISCARD),)), q)
-    assert (decision.verdict, decision.rule) == (Verdict.ACCEPT, "header-match")
-    assert "shunts" in decision.reason
+    assert (decision.verdict, decision.rule) == (Verdict.REJECT, "nonmember-moderation")
     # A match before the bad value decides, as in Mailman.
     first = query(HEAD + "X-Spam: yes\nX-Spam: =?utf-8?b?a?=\n")
     assert decide(snapshot(header_matches=(("x-spam", "yes", Action.DISCARD),)),
@@ -148,21 +165,25 @@ def test_a_header_value_mailman_cannot_decode_is_its_shunt_not_a_discard():
 
 
 @pytest.mark.parametrize("explain", [True, False])
-def test_mailman2_list_approved_password_is_left_to_mailman2(explain):
-    """Mailman 2.1's Approve handler takes the moderator or the administrator password,
-    neither of which policyd has: an Approved: post is not refused; the moderator
-    password set with policyctl is verified; no Approved: is refused as before."""
+def test_mailman2_list_verifies_the_moderator_password_set_with_policyctl(explain):
+    """Mailman 2.1's Approve handler runs before Moderate: the moderator password set with
+    policyctl approves a nonmember's post (before, a Mailman 2 list had no approved rule
+    and refused it); any other password, an outsider's ``Approved: x`` included, is
+    refused as before."""
     mm2 = dict(mode=Mode.MAILMAN2)
-    approved = query(HEAD + "Approved: admin-pw\n")
-    decision = decide(snapshot(**mm2), approved, explain=explain)
-    assert (decision.verdict, decision.rule) == (Verdict.ACCEPT, LEFT_TO_MAILMAN)
     known = decide(snapshot(moderator_password=HASHED, **mm2),
                    query(HEAD + f"Approved: {PASSWORD}\n"), explain=explain)
     assert (known.verdict, known.rule) == (Verdict.ACCEPT, "approved")
-    plain = decide(snapshot(**mm2), query(HEAD), explain=explain)
-    assert plain.verdict is Verdict.REJECT
-    cut = decide(snapshot(**mm2), query(HEAD, cut=True), explain=explain)
-    assert (cut.verdict, cut.rule) == (Verdict.ACCEPT, LEFT_TO_MAILMAN)
+    other = decide(snapshot(moderator_password=HASHED, **mm2),
+                   query(HEAD + "Approved: x\n"), explain=explain)
+    assert other.verdict is Verdict.REJECT
+    none = decide(snapshot(**mm2), query(HEAD + "Approved: x\n"), explain=explain)
+    assert none.verdict is Verdict.REJECT
+    cut = decide(snapshot(moderator_password=HASHED, **mm2), query(HEAD, cut=True),
+                 explain=explain)
+    assert (cut.verdict, cut.rule) == (Verdict.DEFER, INCOMPLETE)
+    assert decide(snapshot(**mm2), query(HEAD, cut=True), explain=explain).verdict \
+        is Verdict.REJECT
 
 
 def test_envelope_only_queries_are_unchanged():

@@ -131,8 +131,8 @@ class _NotEvaluated:
     """In place of a rule that reads the whole header block, for a query whose block was
     cut: a miss that says why; for ``approved`` (a list with a moderator password) and
     ``header-match`` (an entry or site line that accepts or holds), one that says what
-    the rule could have done, so that a later rule's reject or discard is left to Mailman
-    (``decide``) rather than refusing a post Mailman would take."""
+    the rule could have done, so that a later rule's reject or discard becomes the
+    temporary failure (``decide``) rather than refusing a post Mailman might take."""
 
     def __init__(self, name: str) -> None:
         self.name = name
@@ -140,9 +140,7 @@ class _NotEvaluated:
 
     def check(self, ctx) -> Miss:
         if self.name == "approved":
-            # A Mailman 2 list always has its administrator's password.
-            if (ctx.policy.content.moderator_password is not None
-                    or ctx.policy.mode is Mode.MAILMAN2):
+            if ctx.policy.content.moderator_password is not None:
                 return Miss(_CUT, note="approved: the header block was cut",
                             unseen=APPROVED_OUTCOMES)
         elif self.name == "header-match":
@@ -166,11 +164,10 @@ def _whole_header_rules_left_out(chain: tuple[Rule, ...], explain: bool) -> tupl
 
 
 # A verdict, and what a rule that could not be evaluated would have to be able to give
-# for it to be left to Mailman: a refusal by a post that might have been accepted or held
-# (Mailman's ``approved`` comes before every refusing rule), a hold by one that might
-# have been accepted.
-_OVERRIDDEN_BY = {Verdict.REJECT: PASSED_ON, Verdict.DISCARD: PASSED_ON,
-                  Verdict.HOLD: frozenset({Verdict.ACCEPT})}
+# for it to be doubt: a refusal of a post that might have been accepted or held
+# (Mailman's ``approved`` comes before every refusing rule).  A hold needs nothing: it
+# passes the post on, and Mailman runs ``approved`` itself.
+_OVERRIDDEN_BY = {Verdict.REJECT: PASSED_ON, Verdict.DISCARD: PASSED_ON}
 
 
 def _envelope_only(chain: tuple[Rule, ...]) -> tuple[Rule, ...]:
@@ -302,9 +299,9 @@ def decide(snapshot: Snapshot, query: Query, *, explain: bool = True,
             if trace is not None:
                 trace.append(TraceStep(rule.name, True, result.reason))
             if unseen is not None:
-                left = _left_to_mailman(ctx, rule.name, result, unseen, trace)
-                if left is not None:
-                    return left
+                doubt = _unseen_doubt(ctx, rule.name, result, unseen, trace)
+                if doubt is not None:
+                    return doubt
             return _decision(ctx, rule.name, result.verdict, result.reason, result.action,
                              result.sender, trace)
         if trace is not None:
@@ -322,14 +319,18 @@ def decide(snapshot: Snapshot, query: Query, *, explain: bool = True,
                      note.action if note else None, note.sender if note else None, trace)
 
 
-LEFT_TO_MAILMAN = "left-to-mailman"
+#: The rule of a refusal turned into the temporary failure because a rule before it could
+#: not read what it needs (``_unseen_doubt``).
+INCOMPLETE = "incomplete-message"
 
 
-def _left_to_mailman(ctx: Context, name: str, hit: Hit, unseen, trace) -> Decision | None:
-    """``name``'s hit, when a rule before it could not read what it needs (``unseen``)
-    and could have given a verdict that overrides this one in Mailman's chain: the accept
-    that passes the post on, for Mailman to decide on the whole message (a moderator's
-    ``Approved:`` past the cut header block must not be refused here); else None."""
+def _unseen_doubt(ctx: Context, name: str, hit: Hit, unseen, trace) -> Decision | None:
+    """``name``'s refusal, when a rule before it could not read what it needs
+    (``unseen``: the header block or the body cut by the MTA) and might have passed the
+    post on in Mailman's chain (a moderator's ``Approved:`` past the cut): doubt, so
+    the temporary failure, never a 5xx (a moderator's post refused for good) nor an
+    accept (anyone could pad a post past the cut to get one); else None.  The reason
+    names both rules, and what the MTA should send for policyd to decide."""
     overridden = _OVERRIDDEN_BY.get(hit.verdict)
     if overridden is None:
         return None
@@ -339,11 +340,12 @@ def _left_to_mailman(ctx: Context, name: str, hit: Hit, unseen, trace) -> Decisi
     names = ", ".join(f"{rule} ({miss.note.partition(': ')[2] or miss.note})"
                       for rule, miss in could)
     reason = (f"{name} would {hit.verdict.value} the post, but {names} could not be "
-              f"evaluated and might have passed it on: left to Mailman, which decides on "
-              "the whole message")
+              f"evaluated and might have passed it on: the temporary failure (the MTA "
+              "must send more of the message: Exim's POLICYD_MAX_HEADERS, "
+              "message_body_visible)")
     if trace is not None:
-        trace.append(TraceStep(LEFT_TO_MAILMAN, True, reason))
-    return _decision(ctx, LEFT_TO_MAILMAN, Verdict.ACCEPT, reason, None, hit.sender, trace)
+        trace.append(TraceStep(INCOMPLETE, True, reason))
+    return _decision(ctx, INCOMPLETE, Verdict.DEFER, reason, None, hit.sender, trace)
 
 
 # A Decision with every field given, built by ``tuple.__new__`` (in C) instead of the

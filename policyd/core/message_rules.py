@@ -134,7 +134,7 @@ class Approved:
         part = _first_plain(email_message(message))
         if part is None:
             # The first text/plain part may lie past the visible start.
-            return _NO_APPROVAL if message.body_complete else _UNSEEN_APPROVAL
+            return _UNSEEN_APPROVAL if _parts_unseen(message) else _NO_APPROVAL
         payload = _decoded(part, "us-ascii")
         if payload is None:
             return _NO_APPROVAL
@@ -144,12 +144,13 @@ class Approved:
             if line.strip() != "":
                 break
         else:
-            if not message.body_complete:
+            if not message.body_complete and message.size is not None:
                 return _TRUNCATED_APPROVAL
         if ":" in line:
             header, value = line.split(":", 1)
             if header.lower() in APPROVED_HEADERS:
-                if not line.endswith(("\n", "\r")) and not message.body_complete:
+                if (not line.endswith(("\n", "\r")) and not message.body_complete
+                        and message.size is not None):
                     return _TRUNCATED_APPROVAL
                 return value.strip()
         return _NO_APPROVAL
@@ -158,35 +159,17 @@ class Approved:
 class Mailman2Approved(Approved):
     """Mailman 2.1's ``Approve`` handler, which runs before ``Moderate``: an
     ``Approved:``/``Approve:`` header (or such a first body line) with the list's
-    moderator *or administrator* password approves the post.  policyd holds no Mailman 2
-    password (``mod_password`` and ``password`` are SHA-1 digests it does not import): a
-    password that is not the moderator password set with ``policyctl`` may be one of
-    those, so the post is left to Mailman 2 unless a later rule only holds or accepts."""
+    moderator (or administrator) password approves the post.  policyd imports neither of
+    Mailman 2's passwords (SHA-1 digests): it verifies the moderator password set with
+    ``policyctl list set --moderator-password``, as for a Mailman 3 list; any other
+    password misses (an outsider's ``Approved: x`` must not get past the SMTP refusal)."""
 
     name = "approved"
     description = ("Mailman 2.1's Approve handler: an Approved:/Approve: header (or first "
-                   "body line) with the moderator or administrator password approves "
-                   "the post; one policyd cannot verify leaves the post to Mailman 2.")
-
-    def check(self, ctx: Context) -> Hit | Miss:
-        message: Message | None = ctx.query.message
-        if message is None:
-            return _NO_MESSAGE
-        password = self._password(message)
-        if isinstance(password, Miss):
-            return password
-        hashed = ctx.policy.content.moderator_password
-        if hashed is not None and verify_password(password, hashed):
-            return Hit(Verdict.ACCEPT, "approved with the list's moderator password",
-                       Action.ACCEPT, ctx.senders[0] if ctx.senders else None)
-        return _MAILMAN2_UNVERIFIED
+                   "body line) with the moderator password set with policyctl approves "
+                   "the post.")
 
 
-_MAILMAN2_UNVERIFIED = Miss(
-    "an Approved: password policyd cannot verify (Mailman 2 also takes the list's "
-    "administrator password, and its own digest of the moderator password)",
-    note="approved: a password only Mailman 2 can verify",
-    unseen=frozenset({Verdict.ACCEPT}))
 _NO_PASSWORD = Miss("the list has no moderator password")
 _NO_APPROVAL = Miss("no Approved: header or first line")
 _WRONG_PASSWORD = Miss("an Approved: password that is not the list's moderator password")
@@ -476,10 +459,7 @@ class HeaderMatchRule:
         # chains/headers.py: every site line is a rule of its own whose hit defers; then
         # "any" jumps to jump_chain before a list entry is looked at.
         for line, entry in site.checks:
-            found = _matches(headers, entry)
-            if found is UNDECODABLE:
-                return _shunted(ctx, entry)
-            if found:
+            if _matches(headers, entry):
                 action = site.jump_chain
                 return Hit(ACTION_VERDICT[action],
                            f"site header_checks line {line} ({entry.header}: "
@@ -488,16 +468,13 @@ class HeaderMatchRule:
                            f"header-match-config-{line})", action,
                            ctx.senders[0] if ctx.senders else None)
         for index, entry in enumerate(matches):
-            found = _matches(headers, entry)
-            if found is UNDECODABLE:
-                return _shunted(ctx, entry)
-            if found:
+            if _matches(headers, entry):
                 action = site.jump_chain if entry.action is None else entry.action
                 return Hit(ACTION_VERDICT[action],
                            f"header_matches #{index} ({entry.header}: {entry.pattern}) "
                            f"matched: {action.label}", action,
                            ctx.senders[0] if ctx.senders else None)
-        if message.body is not None and not message.body_complete:
+        if _parts_unseen(message):
             outcomes = header_match_outcomes(ctx)
             if outcomes & PASSED_ON:
                 return Miss(_HEADER_MATCH_PARTIAL.detail,
@@ -511,6 +488,16 @@ class HeaderMatchRule:
 PASSED_ON = frozenset({Verdict.ACCEPT, Verdict.HOLD})
 
 
+def _parts_unseen(message: Message) -> bool:
+    """MIME parts may lie past the body's visible start: a multipart (or message/*)
+    message whose size says the body was cut.  A single part has no part headers, and
+    without the size (an ACL that sends none) nothing says the body was cut."""
+    if message.body is None or message.size is None or message.body_complete:
+        return False
+    content_type = (message.first("content-type") or "").lstrip().lower()
+    return content_type.startswith(("multipart/", "message/"))
+
+
 def header_match_outcomes(ctx: Context) -> frozenset:
     """The verdicts the ``header-match`` rule can give on this list (its entries' and the
     site lines' actions), whatever the message."""
@@ -522,30 +509,23 @@ def header_match_outcomes(ctx: Context) -> frozenset:
     return frozenset(ACTION_VERDICT[a] for a in actions if a in ACTION_VERDICT)
 
 
-def _matches(headers: _DecodedHeaders, entry):
+def _matches(headers: _DecodedHeaders, entry) -> bool:
     """Mailman's ``HeaderMatchRule.check``: ``re.search`` (case ignored) in the decoded
-    values of the header in every MIME part, in order: True at the first that matches;
-    ``UNDECODABLE`` at a value Mailman cannot decode before that (its decoding raises,
-    before the pattern is compiled); a pattern that does not compile misses."""
+    values of the header in every MIME part, in order: True at the first that matches.
+    At a value Mailman cannot decode, before any match, Mailman raises (and shunts the
+    message): the entry misses there, the values after it unread, as Mailman never reads
+    them; the chain goes on (passing such a message on would let any sender past every
+    later rule, and fill Mailman's shunt queue).  A pattern that does not compile
+    misses."""
     regex = entry.regex
+    if regex is None:
+        return False
     for value in headers.get(entry.header):
         if value is UNDECODABLE:
-            return UNDECODABLE
-        if regex is None:
             return False
         if regex.search(value):
             return True
     return False
-
-
-def _shunted(ctx: Context, entry) -> Hit:
-    """Mailman's ``header-match`` raises on a value it cannot decode: the message goes
-    to its shunt queue (neither posted nor refused), an administrator's to look at.  The
-    SMTP answer that leaves it that way is to pass it on."""
-    return Hit(Verdict.ACCEPT,
-               f"a {entry.header}: value Mailman cannot decode (RFC 2047): its "
-               "header-match raises on it and shunts the message; left to Mailman",
-               None, ctx.senders[0] if ctx.senders else None)
 
 
 _NO_HEADER_MATCHES = Miss("no site header_checks and the list has no header_matches")
