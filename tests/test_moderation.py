@@ -854,3 +854,26 @@ def test_a_decided_ticket_answers_only_its_own_post():
     assert st.tickets[held.ticket].attempts == attempts
     st.tickets[held.ticket] = replace(st.tickets[held.ticket], digest="")
     assert st.check(MOD, KEY, digest=moderation.post_digest("x")).transition == "approved"
+
+
+def test_a_retry_keeps_its_tickets_place_and_preview_says_what_check_does():
+    """At its network's share, the oldest ticket is the one looked at: a retry refreshing
+    it kept it first in its group (it went to the end, and a pending newer one refused the
+    network's newcomers though the oldest was done with); ``policyctl query``'s preview
+    says what the MTA's attempt then gets (it said network-at-cap where check held)."""
+    st, clock = state(replace(SETTINGS, max_tickets=4))  # a network's share: 2 tickets
+    client = "203.0.113.9"
+    first = Key(KEY.list, "a@evil.example", "", "<a@e>")
+    second = Key(KEY.list, "b@evil.example", "", "<b@e>")
+    held = st.check(MOD, first, client=client)
+    st.check(MOD, second, client=client)
+    assert st.decide(held.ticket, Decision.REJECT, "spam") is not None
+    clock.now += SETTINGS.min_delay + 1
+    assert st.check(MOD, first, client=client).outcome is Outcome.REJECT  # answered
+    network = network_of(client)
+    assert next(iter(st.tickets_by_network[network])) == held.ticket
+    newcomer = Key(KEY.list, "c@evil.example", "", "<c@e>")
+    preview = st.preview(MOD, newcomer, client=client)
+    step = st.check(MOD, newcomer, client=client)
+    assert preview.transition == step.transition == "first-attempt"
+    assert held.ticket not in st.tickets  # the answered one made room

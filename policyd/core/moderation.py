@@ -882,9 +882,17 @@ class ModerationState:
                   (self.tickets_by_sender.get((ticket.key.list, ticket.key.sender)),
                    max(1, int(s.max_tickets * s.ticket_sender_share)), _SENDER_AT_CAP))
         for members, share, refused in groups:
+            if not drop:
+                # What ``check`` would drop (``preview``): the group's first tickets, as
+                # many as put it at its share, all done with.
+                if members and len(members) >= share and not all(
+                        tid in self.done or self._expired(self.tickets[tid], now)
+                        for tid in islice(members, len(members) - share + 1)):
+                    return refused
+                continue
             while members and len(members) >= share:
                 first = self.tickets[next(iter(members))]
-                if not drop or not (first.id in self.done or self._expired(first, now)):
+                if not (first.id in self.done or self._expired(first, now)):
                     return refused
                 self._drop_ticket(first)
                 self.expired += 1
@@ -944,10 +952,15 @@ class ModerationState:
         """Add or refresh a ticket (a refreshed one keeps its place); the caller made
         room for a new one."""
         old = self.tickets.get(ticket.id)
+        # A refresh keeps the ticket's place in its groups too (their first is the oldest,
+        # the one ``_share_refused`` looks at).
+        in_place = (old is not None and old.key == ticket.key
+                    and _ticket_network(old) == _ticket_network(ticket))
         if old is not None:
             if old.key != ticket.key:
                 self.ticket_by_key.pop(old.key, None)
-            self._unindex_ticket(old)
+            if not in_place:
+                self._unindex_ticket(old)
         other = self.ticket_by_key.get(ticket.key)
         if other is not None and other != ticket.id:
             # Two tickets for one key (two daemons saw the first attempt): keep the newer.
@@ -961,10 +974,12 @@ class ModerationState:
         if old is None:
             self._ticket_round[ticket.id] = None
         self.tickets[ticket.id] = ticket
-        _group_add(self.tickets_by_sender, (ticket.key.list, ticket.key.sender), ticket.id)
-        network = _ticket_network(ticket)
-        if network:
-            _group_add(self.tickets_by_network, network, ticket.id)
+        if not in_place:
+            _group_add(self.tickets_by_sender, (ticket.key.list, ticket.key.sender),
+                       ticket.id)
+            network = _ticket_network(ticket)
+            if network:
+                _group_add(self.tickets_by_network, network, ticket.id)
         self.ticket_by_key[ticket.key] = ticket.id
         if record:
             self.changes.tickets[ticket.id] = ticket
