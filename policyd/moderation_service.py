@@ -113,6 +113,8 @@ class ModerationService(TimerService):
         self.decisions_read = 0
         self.expired = 0
         self.sync_failures = 0
+        # When the last sync (or load) succeeded, by ``clock``: ``policyctl status``.
+        self.last_sync_at: float | None = None
 
     def stopService(self):
         """Stop syncing without waiting for a sync in progress: one stuck in a dead
@@ -333,6 +335,49 @@ class ModerationService(TimerService):
         if self.usable is False:
             log.info("the moderation state is usable again")
         self.usable = True
+        self.last_sync_at = self.clock.seconds()
+
+    # --- policyctl status --------------------------------------------------------------
+
+    def status(self) -> dict:
+        """``policyctl status``'s ``moderation``: whether some list uses it; then
+        whether the state is usable (loaded, its last sync worked), how long ago a sync
+        last succeeded, the failed syncs, the size of the index, and the rows the caps
+        pushed or kept out (with the stay at a cap going on, if any).  Counts and
+        lengths only: it runs on the reactor, and the index holds up to the caps."""
+        if not self.in_use():
+            return dict(NOT_IN_USE)
+        now = self.clock.seconds()
+        state = self.state
+        cap = self._cap
+        return {
+            "in_use": True,
+            "state": ("usable" if self.usable else
+                      "not loaded yet: lists with smtp_moderation get their normal outcome"
+                      if self.usable is None else
+                      "unusable, the last sync failed: lists with smtp_moderation get "
+                      "their normal outcome"),
+            "usable": bool(self.usable),
+            "last_sync_age": (None if self.last_sync_at is None
+                              else round(max(0.0, now - self.last_sync_at), 3)),
+            "sync_interval": self.step,
+            "sync_failures": self.sync_failures,
+            "greylist_entries": len(state.entries),
+            "remembered_senders": len(state.remembered),
+            "tickets": len(state.tickets),
+            "pending_tickets": state.undecided,
+            "max_entries": state.settings.max_entries,
+            "max_tickets": state.settings.max_tickets,
+            "evicted": self.evicted,
+            "at_cap": None if cap is None else {
+                "running_for": round(max(0.0, now - cap.started), 3),
+                "kept_out": cap.kept_out, "evicted": cap.evicted},
+        }
+
+
+#: ``ModerationService.status`` while no list has ``smtp_moderation`` set (or the store
+#: has no place for the state: ``PolicydService.moderation`` is ``None``).
+NOT_IN_USE = {"in_use": False, "state": "not in use (no list has smtp_moderation set)"}
 
 
 class _CapIncident:

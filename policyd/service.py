@@ -391,6 +391,12 @@ class PolicyService(MultiService):
             "counters": self.decider.counters(),
         }
         out.update(self.snapshots.status())
+        if self.moderation is not None:
+            out["moderation"] = self.moderation.status()
+        else:
+            from .moderation_service import NOT_IN_USE
+
+            out["moderation"] = dict(NOT_IN_USE)
         return out
 
     @defer.inlineCallbacks

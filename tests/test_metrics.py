@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import base64
 
+import pytest
 from prometheus_client.parser import text_string_to_metric_families
 from twisted.internet.testing import StringTransport
 
@@ -263,21 +264,39 @@ def test_alert_rules_use_only_metrics_the_endpoint_has(tmp_path):
     assert used <= set(samples), used - set(samples)
 
 
-def stale_alert_fires(samples) -> bool:
-    """contrib/prometheus/policyd-alerts.yml's PolicydSnapshotStale expression evaluated
-    on one scrape (its one shape: ``AGE > LIMIT + C``)."""
+def _stale_alert() -> tuple[str, float]:
+    """contrib/prometheus/policyd-alerts.yml's PolicydSnapshotStale: its expression (a
+    ``>-`` block folded into one line) and its ``for`` in seconds."""
     import re
     from pathlib import Path
 
     rules = (Path(__file__).resolve().parents[1] / "contrib" / "prometheus"
              / "policyd-alerts.yml").read_text()
-    expr = re.search(r"alert: PolicydSnapshotStale\n\s+expr: (.*)\n", rules).group(1)
-    shape = re.fullmatch(r'(\w+)\{job="policyd"\} > (\w+)\{job="policyd"\} \+ (\d+)', expr)
-    assert shape, f"PolicydSnapshotStale has a new shape; teach this test: {expr}"
-    age, limit, constant = shape.groups()
-    if value(samples, age) is None:
-        return False
-    return value(samples, age) > value(samples, limit) + int(constant)
+    rule = re.search(r"alert: PolicydSnapshotStale\n\s+expr: (>-\n(?:\s{10}.*\n)+|.*\n)"
+                     r"\s+for: (\d+)m\n", rules)
+    expr, minutes = rule.groups()
+    expr = " ".join(expr.removeprefix(">-").split())
+    return expr, 60.0 * int(minutes)
+
+
+def stale_alert_fires(samples) -> bool:
+    """PolicydSnapshotStale's expression evaluated on one scrape (its one shape: clauses
+    ``AGE > LIMIT + C`` or ``AGE > LIMIT - C`` joined by ``or``; a clause over a series
+    the scrape lacks is empty, as in PromQL)."""
+    import re
+
+    expr, _ = _stale_alert()
+    fires = False
+    for clause in expr.split(" or "):
+        shape = re.fullmatch(r'(\w+)\{job="policyd"\} > (\w+)\{job="policyd"\} '
+                             r'([+-]) (\d+)', clause)
+        assert shape, f"PolicydSnapshotStale has a new shape; teach this test: {expr}"
+        age, limit, sign, constant = shape.groups()
+        if value(samples, age) is None or value(samples, limit) is None:
+            continue
+        threshold = value(samples, limit) + (1 if sign == "+" else -1) * int(constant)
+        fires = fires or value(samples, age) > threshold
+    return fires
 
 
 def test_stale_alert_follows_refresh_interval(tmp_path):
@@ -303,6 +322,58 @@ def test_stale_alert_follows_refresh_interval(tmp_path):
         assert stale_alert_fires(samples)
         assert value(samples, "policyd_snapshot_max_stale_seconds") == 900
         assert service.snapshots.stale_reason() is None  # the 4xx begin later
+    finally:
+        service.stopService()
+
+
+def _firing_at(seconds: list[float], conditions: list[bool], hold: float) -> float | None:
+    """When an alert whose expression was ``conditions`` at the evaluations ``seconds``
+    (in order) fires with ``for: hold``: the first evaluation at least ``hold`` after the
+    first of an unbroken run of true ones (Prometheus's pending, then firing)."""
+    pending = None
+    for second, condition in zip(seconds, conditions):
+        if not condition:
+            pending = None
+            continue
+        pending = second if pending is None else pending
+        if second - pending >= hold:
+            return second
+    return None
+
+
+@pytest.mark.parametrize("phase", [0, 7, 14, 21, 28])
+def test_stale_alert_fires_before_the_4xx_of_a_tight_max_stale(tmp_path, phase):
+    """An explicit max_stale just above the slowest confirmation (62 s at the defaults):
+    PolicydSnapshotStale, scraped and evaluated every 30 s with its ``for``, stays silent
+    while the store answers and fires no later than the first temporary failure for a
+    stale snapshot (it fired a minute past the slowest confirmation plus its ``for``:
+    the MTAs had been deferred for 80 s).  ``phase``: where the 30 s grid falls."""
+    _, hold = _stale_alert()
+    service, reactor, backend = build(
+        tmp_path, text=METRICS + "[store]\nmax_stale = 100\n")
+    service.startService()
+    try:
+        seconds, conditions = [], []
+        for second in range(300):  # a healthy store, refreshed every 2 s
+            reactor.advance(1)
+            if second % 15 == 0:
+                seconds.append(reactor.seconds())
+                conditions.append(stale_alert_fires(scrape(service)))
+        assert _firing_at(seconds, conditions, hold) is None
+        backend.fail = ConnectionError("refused")
+        seconds, conditions, deferring = [], [], None
+        for second in range(300):
+            samples = scrape(service)
+            assert value(samples, "policyd_snapshot_max_stale_seconds") == 100
+            if deferring is None and service.snapshots.stale_reason() is not None:
+                deferring = reactor.seconds()
+            if (second + phase) % 30 == 0:
+                seconds.append(reactor.seconds())
+                conditions.append(stale_alert_fires(samples))
+            reactor.advance(1)
+        firing = _firing_at(seconds, conditions, hold)
+        assert deferring is not None and firing is not None
+        assert firing <= deferring, (firing, deferring)
     finally:
         service.stopService()
 
@@ -504,6 +575,33 @@ def test_scrape_shows_moderation(tmp_path):
     for kind, count in (("greylist", 1), ("remembered", 0), ("tickets", 1),
                         ("pending", 1)):
         assert value(samples, "policyd_moderation_entries", kind=kind) == count
+
+
+def test_scrape_counts_pending_tickets_without_walking_them(tmp_path):
+    """The pending gauge is the state's count, not a walk over every ticket on the
+    reactor at each scrape (a flood fills the cap: tens of thousands)."""
+    from collections import OrderedDict
+
+    from policyd.core.moderation import Decision
+
+    class NoWalk(OrderedDict):
+        def __iter__(self):
+            raise AssertionError("a scrape walked every ticket")
+
+        values = items = __iter__
+
+    m = Moderated()
+    m.service.sync()
+    for n in range(5):
+        m.ask(MODERATED, f"stranger{n}@example.net")
+    state = m.service.state
+    state.decide(next(iter(state.tickets)), Decision.REJECT)
+    state.tickets = NoWalk(state.tickets)
+    service, reactor, _ = build(tmp_path, text=METRICS)
+    service.moderation = m.service
+    samples = scrape(service)
+    assert value(samples, "policyd_moderation_entries", kind="tickets") == 5
+    assert value(samples, "policyd_moderation_entries", kind="pending") == 4
 
 
 def test_no_moderation_metrics_without_moderation(tmp_path):

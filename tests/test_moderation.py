@@ -877,3 +877,88 @@ def test_a_retry_keeps_its_tickets_place_and_preview_says_what_check_does():
     step = st.check(MOD, newcomer, client=client)
     assert preview.transition == step.transition == "first-attempt"
     assert held.ticket not in st.tickets  # the answered one made room
+
+
+# --- the undecided count (the metrics' and ``policyctl status``'s pending) ----------------
+
+from hypothesis import given, settings as hsettings, strategies as hst  # noqa: E402
+
+_KEYS = [Key("a@l", sender, net, mid) for sender in ("s1@x", "s2@x")
+         for net, mid in (("", "<1@x>"), ("", "<2@x>"), ("10.0.0.0/24", ""),
+                          ("10.0.1.0/24", ""))]
+_MODES = hst.sampled_from([GREY, MOD])
+_KEY = hst.sampled_from(_KEYS)
+_CLIENT = hst.sampled_from(["", "192.0.2.7", "198.51.100.9"])
+_DIGEST = hst.sampled_from(["", "d1", "d2"])
+_OPS = hst.one_of(
+    hst.tuples(hst.just("check"), _MODES, _KEY, _CLIENT, _DIGEST),
+    hst.tuples(hst.just("other-check"), _MODES, _KEY, _CLIENT, _DIGEST),
+    hst.tuples(hst.just("decide"), hst.integers(0, 20), hst.sampled_from(list(Decision))),
+    hst.tuples(hst.just("other-decide"), hst.integers(0, 20),
+               hst.sampled_from(list(Decision))),
+    hst.tuples(hst.just("merge")),
+    hst.tuples(hst.just("merge-batches"), hst.integers(1, 4)),
+    hst.tuples(hst.just("load")),
+    hst.tuples(hst.just("load-batches"), hst.integers(1, 4)),
+    hst.tuples(hst.just("prune")),
+    hst.tuples(hst.just("redraw"), hst.integers(0, 20)),
+    hst.tuples(hst.just("drain-restore")),
+    hst.tuples(hst.just("clock"), hst.sampled_from(
+        [1, 60, 400, 3600, 86400, 3 * 86400, 5 * 86400, -2 * CLOCK_SLACK])),
+)
+
+
+@hsettings(max_examples=300, deadline=None)
+@given(ops=hst.lists(_OPS, max_size=60), ids=hst.randoms(use_true_random=False))
+def test_the_undecided_count_agrees_with_a_scan_after_any_operations(ops, ids):
+    """``undecided`` (the pending gauge, ``policyctl status``: read on the reactor, so
+    counted, never walked) equals a scan of the tickets after every operation: attempts
+    (new, refreshed, expired, at the caps and shares), decisions, merges and loads of
+    another daemon's rows (whole or in batches; two tickets for one post; one id drawn
+    by both daemons for two posts), redraws, prunes, drains put back, clock jumps."""
+    pool = [f"T{n:02d}" for n in range(40)]  # a small pool: the two daemons draw alike
+    limits = replace(SETTINGS, max_entries=6, max_tickets=6, ticket_sender_share=0.5)
+    clock = Clock()
+    st = ModerationState(limits, clock=clock, ticket_id=lambda: ids.choice(pool))
+    other = ModerationState(limits, clock=clock, ticket_id=lambda: ids.choice(pool))
+
+    def rows():
+        return (list(other.entries.values()),
+                [(lst, who, until) for (lst, who), until in other.remembered.items()],
+                list(other.tickets.values()))
+
+    for op in ops:
+        name = op[0]
+        if name in ("check", "other-check"):
+            mode, key, client, digest = op[1:]
+            (st if name == "check" else other).check(mode, key, client=client,
+                                                      digest=digest)
+        elif name in ("decide", "other-decide"):
+            target = st if name == "decide" else other
+            if target.tickets:
+                tids = list(target.tickets)
+                target.decide(tids[op[1] % len(tids)], op[2], "no")
+        elif name == "merge":
+            st.merge(*rows())
+        elif name == "merge-batches":
+            for _ in st.merge_batches(*rows(), size=op[1]):
+                pass
+        elif name == "load":
+            st.load(*rows())
+        elif name == "load-batches":
+            for _ in st.load_batches(*rows(), size=op[1]):
+                pass
+        elif name == "prune":
+            st.prune()
+            other.prune()
+        elif name == "redraw":
+            if st.tickets:
+                tids = list(st.tickets)
+                st.redraw([tids[op[1] % len(tids)], "NOSUCH"])
+        elif name == "drain-restore":
+            st.restore(st.drain())
+        else:
+            clock.now += op[1]
+        for each in (st, other):
+            assert each.undecided == sum(1 for t in each.tickets.values()
+                                         if t.decision is None), op

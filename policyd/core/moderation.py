@@ -395,6 +395,10 @@ class ModerationState:
         # Tickets whose post got its final answer (a decision or the fallback, answered
         # to a retry), the first answered first: what goes at the ticket cap.
         self.done: OrderedDict[str, None] = OrderedDict()
+        # Undecided tickets among ``tickets``, kept by ``_put_ticket``/``_drop_ticket``
+        # (every change of ``tickets`` goes through them): the metrics and ``policyctl
+        # status`` read it on the reactor, and a walk would grow with the index.
+        self.undecided = 0
         self.changes = Changes()
         # Rows ``merge`` could not keep at a cap (other daemons' rows): the service
         # counts and logs them as it does its own (``take_merge_evicted``).
@@ -721,7 +725,8 @@ class ModerationState:
         return ticket
 
     def pending(self, list_: str | None = None) -> list[Ticket]:
-        """Undecided tickets, oldest first (of one list with ``list_``)."""
+        """Undecided tickets, oldest first (of one list with ``list_``): a walk over
+        every ticket, never on the reactor per request (``undecided`` counts them)."""
         return [t for t in self.tickets.values() if t.decision is None
                 and (list_ is None or t.key.list == list_)]
 
@@ -968,11 +973,15 @@ class ModerationState:
             self._ticket_round.pop(other, None)
             self.done.pop(other, None)
             if stale is not None:
+                self.undecided -= stale.decision is None
                 self._unindex_ticket(stale)
                 if record:
                     self.changes.tickets[other] = None
         if old is None:
             self._ticket_round[ticket.id] = None
+        else:
+            self.undecided -= old.decision is None
+        self.undecided += ticket.decision is None
         self.tickets[ticket.id] = ticket
         if not in_place:
             _group_add(self.tickets_by_sender, (ticket.key.list, ticket.key.sender),
@@ -1002,6 +1011,7 @@ class ModerationState:
     def _drop_ticket(self, ticket: Ticket, record: bool = True) -> None:
         stored = self.tickets.pop(ticket.id, None)
         if stored is not None:
+            self.undecided -= stored.decision is None
             self._unindex_ticket(stored)
         self._ticket_round.pop(ticket.id, None)
         self.done.pop(ticket.id, None)

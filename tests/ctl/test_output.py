@@ -117,6 +117,111 @@ def test_query_the_daemon_cannot_decide_exits_5(daemon, monkeypatch):
     assert "no snapshot loaded yet" in err and "temporary failure" in err
 
 
+# --- status: SMTP-time moderation -----------------------------------------------------------
+
+
+def _status_through_the_socket(service) -> dict:
+    """The daemon's answer to ``{"op": "status"}`` on its control socket."""
+    from twisted.internet.testing import StringTransport
+
+    protocol = service.control_factory.buildProtocol(None)
+    transport = StringTransport()
+    protocol.makeConnection(transport)
+    protocol.dataReceived(b'{"op": "status"}\n')
+    answer = json.loads(transport.value().splitlines()[0])
+    assert answer["ok"], answer
+    return answer["result"]
+
+
+def _block(out: str, name: str) -> dict:
+    """The ``key: value`` lines of the indented block under ``name:``."""
+    lines = out[out.index(f"\n{name}:\n") + len(name) + 3:].splitlines()
+    block = []
+    for line in lines:
+        if not line.startswith("  "):
+            break
+        key, _, value = line.strip().partition(": ")
+        block.append((key, value))
+    return dict(block)
+
+
+def test_status_shows_smtp_time_moderation(daemon, tmp_path, monkeypatch):
+    """``policyctl status`` (and ``--json``) has a ``moderation`` block: in use, whether
+    the state is usable (not loaded yet, last sync failed), the last good sync's age,
+    failed syncs, the index's sizes (pending: undecided tickets), the caps and the rows
+    they pushed out, and a stay at a cap going on.  Through the control socket."""
+    from dataclasses import replace
+
+    from policyd.core.moderation import Decision
+
+    from ..test_metrics import GREY, MODERATED, Moderated
+    from ..test_tap import build
+
+    (tmp_path / "daemon").mkdir()
+    service, reactor, _ = build(tmp_path / "daemon")
+    m = Moderated()
+    service.moderation = m.service
+    moderation = _status_through_the_socket(service)["moderation"]
+    assert moderation["in_use"] is True and moderation["usable"] is False
+    assert moderation["state"].startswith("not loaded yet")
+    assert moderation["last_sync_age"] is None
+    state = m.service.state
+    state.settings = replace(state.settings, max_tickets=4)  # a network's share: 2
+    m.service.sync()
+    m.ask(GREY)
+    for n in range(4):  # one network: the last two are kept out at its share
+        m.ask(MODERATED, f"stranger{n}@example.net")
+    state.decide(next(iter(state.tickets)), Decision.REJECT)
+    m.clock.advance(7)
+    result = _status_through_the_socket(service)
+    assert result["moderation"] == {
+        "in_use": True, "state": "usable", "usable": True, "last_sync_age": 7.0,
+        "sync_interval": 5.0, "sync_failures": 0, "greylist_entries": 1,
+        "remembered_senders": 0, "tickets": 2, "pending_tickets": 1,
+        "max_entries": 100_000, "max_tickets": 4, "evicted": 0,
+        "at_cap": {"running_for": 7.0, "kept_out": 2, "evicted": 0}}
+    monkeypatch.setattr(control_client, "status", lambda path, timeout=5.0: result)
+    code, out, err = daemon("status", store=False)
+    assert code == 0, err
+    lines = _block(out, "moderation")
+    assert lines["state"] == "usable" and lines["last_sync_age"] == "7.0 s"
+    assert (lines["tickets"], lines["pending_tickets"], lines["kept_out"]) == ("2", "1", "2")
+    assert lines["running_for"] == "7.0 s" and lines["sync_failures"] == "0"
+    code, out, err = daemon("status", "--json", store=False)
+    assert json.loads(out)["moderation"] == result["moderation"]
+
+    m.store.fail = ConnectionError("the database is down")
+    m.clock.advance(5)
+    m.service.sync()
+    moderation = _status_through_the_socket(service)["moderation"]
+    assert moderation["usable"] is False and moderation["sync_failures"] == 1
+    assert moderation["state"].startswith("unusable, the last sync failed")
+    assert moderation["last_sync_age"] == 12.0
+
+
+def test_status_says_moderation_is_not_in_use(daemon, tmp_path, monkeypatch):
+    """No list with ``smtp_moderation`` (or a store without a place for its state):
+    ``moderation`` says it is not in use, and nothing more."""
+    from ..protocols.fakes import StaticSnapshots, sample_snapshot
+    from ..test_metrics import Moderated
+    from ..test_tap import build
+
+    (tmp_path / "daemon").mkdir()
+    service, reactor, _ = build(tmp_path / "daemon")
+    assert service.moderation is None
+    result = _status_through_the_socket(service)
+    assert result["moderation"] == {"in_use": False,
+                                    "state": "not in use (no list has smtp_moderation set)"}
+    m = Moderated()
+    m.service.snapshots = StaticSnapshots(sample_snapshot())
+    service.moderation = m.service
+    assert _status_through_the_socket(service)["moderation"] == result["moderation"]
+    monkeypatch.setattr(control_client, "status", lambda path, timeout=5.0: result)
+    code, out, err = daemon("status", store=False)
+    assert code == 0, err
+    assert "\nmoderation:\n  in_use: off\n  state: not in use" in out
+
+
 @pytest.mark.parametrize("seconds, text", [
     (0, "0.0 s"), (0.04, "0.0 s"), (9.94, "9.9 s"), (9.96, "10 s"), (59.4, "59 s"),
     (59.6, "1 min 0 s"), (3599, "59 min 59 s"), (3600, "1 h 0 min"),
