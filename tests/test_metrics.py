@@ -281,21 +281,32 @@ def _stale_alert() -> tuple[str, float]:
 
 def stale_alert_fires(samples) -> bool:
     """PolicydSnapshotStale's expression evaluated on one scrape (its one shape: clauses
-    ``AGE > LIMIT + C`` or ``AGE > LIMIT - C`` joined by ``or``; a clause over a series
-    the scrape lacks is empty, as in PromQL)."""
+    joined by ``or``, each ``AGE > LIMIT + C``, ``AGE > LIMIT - C``, ``AGE > LIMIT``,
+    ``AGE > N`` or such comparisons joined by ``and`` in parentheses; a comparison over a series the
+    scrape lacks is empty, as in PromQL)."""
     import re
+
+    def holds(comparison: str) -> bool:
+        shape = re.fullmatch(r'(\w+)\{job="policyd"\} > (?:(\w+)\{job="policyd"\}'
+                             r'(?: ([+-]) (\d+))?|(\d+))', comparison)
+        assert shape, f"PolicydSnapshotStale has a new shape; teach this test: {expr}"
+        age, limit, sign, constant, number = shape.groups()
+        if value(samples, age) is None:
+            return False
+        if number is not None:
+            return value(samples, age) > int(number)
+        if value(samples, limit) is None:
+            return False
+        offset = 0 if sign is None else (1 if sign == "+" else -1) * int(constant)
+        return value(samples, age) > value(samples, limit) + offset
 
     expr, _ = _stale_alert()
     fires = False
     for clause in expr.split(" or "):
-        shape = re.fullmatch(r'(\w+)\{job="policyd"\} > (\w+)\{job="policyd"\} '
-                             r'([+-]) (\d+)', clause)
-        assert shape, f"PolicydSnapshotStale has a new shape; teach this test: {expr}"
-        age, limit, sign, constant = shape.groups()
-        if value(samples, age) is None or value(samples, limit) is None:
-            continue
-        threshold = value(samples, limit) + (1 if sign == "+" else -1) * int(constant)
-        fires = fires or value(samples, age) > threshold
+        if clause.startswith("(") and clause.endswith(")"):
+            fires = fires or all(holds(c) for c in clause[1:-1].split(" and "))
+        else:
+            fires = fires or holds(clause)
     return fires
 
 
@@ -342,7 +353,10 @@ def _firing_at(seconds: list[float], conditions: list[bool], hold: float) -> flo
 
 
 @pytest.mark.parametrize("phase", [0, 7, 14, 21, 28])
-def test_stale_alert_fires_before_the_4xx_of_a_tight_max_stale(tmp_path, phase):
+@pytest.mark.parametrize("store", ["max_stale = 100\n",
+                                   # under 90 s: max_stale - 90 is below zero
+                                   "refresh_timeout = 5\nmax_stale = 40\n"])
+def test_stale_alert_fires_before_the_4xx_of_a_tight_max_stale(tmp_path, phase, store):
     """An explicit max_stale just above the slowest confirmation (62 s at the defaults):
     PolicydSnapshotStale, scraped and evaluated every 30 s with its ``for``, stays silent
     while the store answers and fires no later than the first temporary failure for a
@@ -350,7 +364,7 @@ def test_stale_alert_fires_before_the_4xx_of_a_tight_max_stale(tmp_path, phase):
     the MTAs had been deferred for 80 s).  ``phase``: where the 30 s grid falls."""
     _, hold = _stale_alert()
     service, reactor, backend = build(
-        tmp_path, text=METRICS + "[store]\nmax_stale = 100\n")
+        tmp_path, text=METRICS + "[store]\n" + store)
     service.startService()
     try:
         seconds, conditions = [], []
@@ -361,10 +375,11 @@ def test_stale_alert_fires_before_the_4xx_of_a_tight_max_stale(tmp_path, phase):
                 conditions.append(stale_alert_fires(scrape(service)))
         assert _firing_at(seconds, conditions, hold) is None
         backend.fail = ConnectionError("refused")
+        failed_at = reactor.seconds()
         seconds, conditions, deferring = [], [], None
         for second in range(300):
             samples = scrape(service)
-            assert value(samples, "policyd_snapshot_max_stale_seconds") == 100
+            assert value(samples, "policyd_snapshot_max_stale_seconds") in (40, 100)
             if deferring is None and service.snapshots.stale_reason() is not None:
                 deferring = reactor.seconds()
             if (second + phase) % 30 == 0:
@@ -373,7 +388,10 @@ def test_stale_alert_fires_before_the_4xx_of_a_tight_max_stale(tmp_path, phase):
             reactor.advance(1)
         firing = _firing_at(seconds, conditions, hold)
         assert deferring is not None and firing is not None
-        assert firing <= deferring, (firing, deferring)
+        if "max_stale = 100" in store:
+            assert firing <= deferring, (firing, deferring)
+        else:  # 10 s without a confirmation, its ``for`` and one evaluation after that
+            assert firing - failed_at <= 10 + hold + 30, (firing, failed_at, deferring)
     finally:
         service.stopService()
 
