@@ -23,12 +23,15 @@ class ProtocolError(Exception):
         self.fatal = fatal
 
 
+import array  # noqa: E402
+import fcntl  # noqa: E402
 import heapq  # noqa: E402
 import ipaddress  # noqa: E402
 import itertools  # noqa: E402
 import resource  # noqa: E402
 import socket  # noqa: E402
 import struct  # noqa: E402
+import termios  # noqa: E402
 import weakref  # noqa: E402
 
 from twisted.internet import defer  # noqa: E402
@@ -180,6 +183,26 @@ def hold_reads_while_answers_wait(transport) -> None:
     register = getattr(transport, "registerProducer", None)
     if register is not None and getattr(transport, "producer", None) is None:
         register(transport, True)
+
+
+#: A sweep this many seconds late follows a long turn of the reactor (``spared``).
+SWEEP_LATE = 0.1
+
+
+def unread_bytes(transport) -> int:
+    """Bytes the kernel holds for ``transport`` that the reactor has not read yet
+    (``FIONREAD``; 0 for a transport without a socket, or on an error).  Twisted runs
+    the timers that are due before it polls for reads: after a long turn, a sweep would
+    take a request waiting there for the peer's silence and close the connection."""
+    fileno = getattr(transport, "fileno", None)
+    if fileno is None:
+        return 0
+    try:
+        count = array.array("i", [0])
+        fcntl.ioctl(fileno(), termios.FIONREAD, count, True)
+    except (OSError, ValueError, TypeError):
+        return 0
+    return count[0]
 
 
 #: Seconds a connection being closed may wait for its peer to take the answers queued
@@ -336,6 +359,10 @@ class TrackingFactory(Factory):
 
     noisy = False
     sweep_interval: float | None = None
+    # Seconds this sweep ran after it was due: a turn of the reactor that long just
+    # ended, and what peers sent meanwhile is not read yet (``spared``).
+    sweep_late = 0.0
+    _last_sweep = 0.0
     max_connections: int | None = None
     kind = "control"
     #: what the incident lines call this listener (``Listener`` sets its address).
@@ -405,10 +432,13 @@ class TrackingFactory(Factory):
         if self.sweep_interval:
             self._sweeping = LoopingCall(self._sweep)
             self._sweeping.clock = self.reactor
+            self._last_sweep = self.reactor.seconds()
             self._sweeping.start(self.sweep_interval, now=False)
 
     def _sweep(self) -> None:
         now = self.reactor.seconds()
+        self.sweep_late = now - self._last_sweep - self.sweep_interval
+        self._last_sweep = now
         self.sweep(now)
         if self.incidents:
             self.end_incidents(now)
@@ -421,6 +451,15 @@ class TrackingFactory(Factory):
 
     def sweep(self, now: float) -> None:
         """Time out what has to be (subclasses)."""
+
+    def spared(self, protocol) -> bool:
+        """Whether a sweep that ran late (after a long turn) leaves ``protocol`` alone this
+        time: bytes wait unread for it, though it reads (not held back for answers that
+        wait to leave), so its silence is the reactor's, not the peer's."""
+        transport = protocol.transport
+        return (self.sweep_late > SWEEP_LATE
+                and not getattr(transport, "producerPaused", False)
+                and unread_bytes(transport) > 0)
 
     # --- limits --------------------------------------------------------------------------
 

@@ -537,7 +537,8 @@ class EximFactory(DecidingFactory):
 
     def sweep(self, now: float) -> None:
         for protocol in [p for p in self.connections if not p.answered and p.deadline <= now]:
-            protocol.timeoutConnection()
+            if not self.spared(protocol):
+                protocol.timeoutConnection()
 
     # Times a request may wait for moderator passwords to be verified before it is
     # answered with what is known (several lists may each need one).

@@ -13,7 +13,8 @@ request per RCPT); every other state answers ``DUNNO``.  What the answer is for 
 Bad input is answered, never a silent hang-up (Postfix would wait out its 100 s timeout):
 ``action=451 4.3.0 Malformed policy request: <reason>``.  A request Postfix cannot have
 sent (a line without ``=``, too many attributes, a NUL, a duplicate attribute, a RCPT
-without recipient) is answered and the connection stays usable.  A line longer than
+without recipient) is answered and the connection stays usable, up to ``MALFORMED_MAX``
+of them.  Pipelined requests are answered ``PER_TURN`` per turn of the reactor.  A line longer than
 ``[postfix] max_line`` or a request longer than ``max_request`` bytes is answered the same
 way as soon as it is seen, then the connection is closed: its framing cannot be trusted.
 """
@@ -168,6 +169,14 @@ def parse_request(block: bytes, *, max_line: int = 4096, max_attributes: int = 1
     return PostfixRequest(attributes)
 
 
+def _bare(error: ProtocolError) -> ProtocolError:
+    """``error`` without its traceback and the exception it was raised in: they would
+    hold ``feed``'s frame, and the list of results holding the error, in a cycle only
+    the cyclic collector frees (one per malformed request)."""
+    error.__traceback__ = error.__context__ = error.__cause__ = None
+    return error
+
+
 def _show(raw: bytes, limit: int = 60) -> str:
     text = raw[:limit].decode(_UTF8, "backslashreplace")
     return repr(text + ("..." if len(raw) > limit else ""))
@@ -192,6 +201,8 @@ class RequestReader:
         self._buffer = bytearray()
         self._checked = 0  # lines of the buffered partial request before this are short
         self.broken = False
+        # ``feed`` stopped at its ``limit``: the buffer may hold whole requests still.
+        self.backlog = False
 
     @property
     def pending(self) -> bool:
@@ -202,7 +213,10 @@ class RequestReader:
     def buffered(self) -> int:
         return len(self._buffer)
 
-    def feed(self, data: bytes) -> list:
+    def feed(self, data: bytes, limit: int | None = None) -> list:
+        """The requests (or ``ProtocolError``) ``data`` completes, in order; with
+        ``limit``, at most that many, the rest kept (``backlog``) for a later call,
+        ``feed(b"", limit)`` if nothing more comes."""
         if self.broken:
             return []
         held = self._buffer
@@ -217,13 +231,14 @@ class RequestReader:
                 except ProtocolError as error:
                     if error.fatal:
                         self._fail()
-                    return [error]
+                    return [_bare(error)]
         if held:
             if b"\r" in data or held[-1] == 13:
                 if held[-1] == 13 and data[:1] == b"\n":
                     del held[-1]  # a CRLF split between two reads
                 data = data.replace(b"\r\n", b"\n")
-            search = max(len(held) - 1, 0)  # what is held has no b"\n\n"
+            # What is held has no b"\n\n", unless ``limit`` left requests in it.
+            search = 0 if self.backlog else max(len(held) - 1, 0)
             held += data
             buffer = held
         else:
@@ -235,9 +250,14 @@ class RequestReader:
         start = 0
         size = len(buffer)
         limits = (self.max_line, self.max_attributes, self.max_request)
+        self.backlog = False
         while True:
             while start < size and buffer[start] == 10:  # b"\n": stray empty line
                 start += 1
+            if limit is not None and len(out) >= limit:
+                self.backlog = buffer.find(b"\n\n", start) >= 0
+                if self.backlog:
+                    break
             end = buffer.find(b"\n\n", max(start, search))
             if end < 0:
                 break
@@ -247,7 +267,7 @@ class RequestReader:
                                          max_line=limits[0], max_attributes=limits[1],
                                          max_request=limits[2]))
             except ProtocolError as error:
-                out.append(error)
+                out.append(_bare(error))
                 if error.fatal:
                     self._fail()
                     return out
@@ -264,6 +284,10 @@ class RequestReader:
         else:
             rest = bytearray(buffer[start:] if start else buffer)
             self._checked = 0
+        if self.backlog:  # whole requests ahead of any incomplete one: checked later
+            self._checked = 0
+            self._buffer = rest
+            return out
         body = len(rest) - 1 if rest[-1] == 10 else len(rest)
         if body > self.max_line or body > self.max_request:
             reason = _overflow(rest, self._checked, self.max_line, self.max_request, body)
@@ -277,6 +301,7 @@ class RequestReader:
 
     def _fail(self) -> None:
         self.broken = True
+        self.backlog = False
         self._buffer = bytearray()
         self._checked = 0
 
@@ -358,6 +383,12 @@ def malformed_action(reason: str) -> str:
 DUNNO = b"action=DUNNO\n\n"
 #: What Postfix, at RCPT without the message, applies of SMTP-time moderation.
 MODERATION_MODES = (SmtpModeration.GREYLIST,)
+#: Requests of one connection answered in one turn of the reactor (Postfix sends one and
+#: waits for its answer; a client may pipeline): the rest wait for the next turn.
+PER_TURN = 32
+#: Malformed requests answered on one connection before it is closed (with the answer
+#: to the last): Postfix sends none, and each costs an answer and a log event.
+MALFORMED_MAX = 10
 #: The answer to a request begun on a connection closed at a limit.
 BUSY_ACTION = "451 4.3.2 Policy service busy, please try again later"
 
@@ -391,15 +422,24 @@ class PostfixPolicyProtocol(Protocol):
                                     max_attributes=config.max_attributes,
                                     max_request=config.max_request)
         self._close_when_idle = False
+        self._next_turn = None  # the delayed call that answers the backlog
+        self._eof = False  # the peer half-closed while a backlog waited
+        self.malformed = 0
 
     def connectionMade(self) -> None:
         hold_reads_while_answers_wait(self.transport)
         self.factory.track(self)
 
-    def dataReceived(self, data: bytes) -> None:
-        self.reads += 1
+    def dataReceived(self, data: bytes, _read: bool = True) -> None:
+        """Answer what ``data`` completes, at most ``PER_TURN`` requests: the rest wait
+        in the reader, the connection unread, for the next turn of the reactor
+        (``_go_on``, ``_read`` false), so that a client pipelining thousands of requests
+        in one read shares the reactor with the MTAs' requests and never has more than
+        one turn's answers queued by that read."""
+        if _read:
+            self.reads += 1
         reader = self.reader
-        items = reader.feed(data)
+        items = reader.feed(data, PER_TURN)
         if items:
             answer = self.factory.answer
             out = []
@@ -408,9 +448,16 @@ class PostfixPolicyProtocol(Protocol):
                     out.append(answer(item, self.transport))
                 else:
                     out.append(self.factory.malformed(item, self.transport))
+                    self.malformed += 1
+                    if self.malformed >= MALFORMED_MAX and not reader.broken:
+                        # No MTA sends these: a client testing limits, or probing.
+                        reader.discard()
+                        break
             self.factory.write(self.transport, out[0] if len(out) == 1 else b"".join(out))
             if reader.broken or (self._close_when_idle and not reader.pending):
                 self.transport.loseConnection()
+        if reader.backlog:
+            self._backlog_turn(reader)
         if reader._buffer or self.buffered:
             # Off the usual path (Postfix writes each request whole): a request left
             # incomplete, begun by this read when it completed others or none was held.
@@ -418,6 +465,31 @@ class PostfixPolicyProtocol(Protocol):
                 self.pending_since = self.factory.reactor.seconds()
             if not self.factory.buffer_changed(self, len(reader._buffer)):
                 self.factory._close(self)
+
+    def _go_on(self) -> None:
+        self._next_turn = None
+        if not self.transport.disconnecting:
+            self.dataReceived(b"", False)
+            if not self.reader.backlog:  # (else it waits for the next turn again)
+                self._backlog_turn(self.reader)
+
+    def _backlog_turn(self, reader: RequestReader) -> None:
+        """After a turn's answers: wait for the next turn while whole requests are left,
+        read again once none is; answer the half-close that came meanwhile."""
+        transport = self.transport
+        if transport.disconnecting:
+            return
+        if reader.backlog:
+            # (again if the transport resumed itself meanwhile, its answers gone)
+            transport.pauseProducing()
+            if self._next_turn is None:
+                self._next_turn = self.factory.reactor.callLater(0, self._go_on)
+        elif self._eof:
+            self.readConnectionLost()
+        elif self._next_turn is None and not getattr(transport, "producerPaused", False):
+            # The answers not piling up (else the transport, its own producer, resumes
+            # itself once they have left): read again.
+            transport.resumeProducing()
 
     def timeoutConnection(self) -> None:
         """Idle longer than ``idle_timeout`` between requests (the sweep logs a count)."""
@@ -467,7 +539,11 @@ class PostfixPolicyProtocol(Protocol):
             self.transport.loseConnection()
 
     def readConnectionLost(self) -> None:
-        """The peer sent all it will: answer an incomplete request 4xx, then close."""
+        """The peer sent all it will: answer an incomplete request 4xx, then close
+        (once the whole requests waiting for their turn are answered)."""
+        if self.reader.backlog:
+            self._eof = True  # ``_backlog_turn`` comes back here when they are
+            return
         if self.reader.pending:
             self.reader.discard()
             if self.buffered:
@@ -481,6 +557,9 @@ class PostfixPolicyProtocol(Protocol):
         self.transport.loseConnection()
 
     def connectionLost(self, reason=None) -> None:
+        if self._next_turn is not None:
+            self._next_turn.cancel()
+            self._next_turn = None
         if self.reader.pending:
             # Reset or closed by the peer mid-request: nothing can be answered.
             log.info("Postfix policy connection from {peer} lost with an incomplete "
@@ -524,6 +603,8 @@ class PostfixFactory(DecidingFactory):
         for protocol in list(self.connections):
             if protocol in self.evicting:
                 abort_stuck(protocol, now)  # its peer does not take its last answers
+            elif self.spared(protocol):
+                continue
             elif ((protocol.reader.pending
                    and now - protocol.pending_since >= request_timeout)
                   or (protocol.reads == 0 and now - protocol.idle_since >= request_timeout)):
@@ -540,8 +621,11 @@ class PostfixFactory(DecidingFactory):
                 protocol.timeoutConnection()
                 idle += 1
         if idle:
-            log.info("closed {count} Postfix connections idle for {timeout:g} s",
-                     count=idle, timeout=timeout)
+            # Postfix closes its own after max_idle (300 s, below idle_timeout): a client
+            # that opens connections and leaves them is one incident, not a line a sweep.
+            self.incident("idle_timeout", now, f"idle_timeout = {timeout:g} s "
+                          "(connections idle between requests)", closed=idle,
+                          doing="closing them")
         if stalled:
             self.incident("request_timeout", now, f"request_timeout = {request_timeout:g} s "
                           "(connections holding an incomplete request, or none)",
