@@ -33,6 +33,7 @@ from prometheus_client.exposition import CONTENT_TYPE_LATEST, generate_latest
 
 from . import __version__
 from .core.moderation import Outcome
+from .moderation_service import CLOCK_AGREE
 from .protocols.http import HttpFactory, HttpRequest, format_response
 
 __all__ = ["PolicydCollector", "MetricsPage", "MetricsFactory", "metrics_site"]
@@ -266,6 +267,12 @@ def _moderation(moderation):
                      "1 when the moderation state is loaded and its last sync worked, else "
                      "0 (lists then get their normal outcome); absent while no list has "
                      "smtp_moderation.", 1 if moderation.usable else 0)
+        if moderation.clock_offset is not None:
+            yield _gauge("policyd_moderation_clock_offset_seconds",
+                         "The daemon's wall clock minus the store's clock at the last "
+                         f"sync; beyond {CLOCK_AGREE:.0f} s either way the state is "
+                         "unusable and no moderation row is expired or deleted.",
+                         moderation.clock_offset)
     state = moderation.state
     entries = GaugeMetricFamily("policyd_moderation_entries",
                                 "The moderation index: greylist entries, remembered "

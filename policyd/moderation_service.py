@@ -15,7 +15,11 @@ summary when it has been quiet for ``CAP_QUIET`` seconds.
 ``sync`` (a ``TimerService`` every ``interval`` seconds, only while some list has
 ``smtp_moderation`` set) writes the changed rows in one batch, reads what other daemons
 and moderators wrote since the last sync, prunes a batch of the index, and now and then
-the store's expired rows.  The reactor never touches SQL.
+the store's expired rows (by the store's clock).  The reactor never touches SQL.  Each
+sync first reads the store's clock: while the daemon's wall clock differs from it by
+more than ``CLOCK_AGREE`` (a clock that jumped: NTP mis-step, a resumed VM) the state is
+unusable, an incident logged once with its end, and no shared row is expired or deleted
+(``_clocks_agree``); the offset is a metric.
 
 For the metrics (``metrics.PolicydCollector`` reads them at scrape time) the service
 counts every attempt it looked at in ``counts[mode][outcome][transition]`` (three dict
@@ -30,6 +34,7 @@ from __future__ import annotations
 
 import time
 from collections import Counter
+from datetime import datetime, timezone
 from functools import lru_cache
 from typing import Callable
 
@@ -38,7 +43,7 @@ from twisted.internet.defer import Deferred, inlineCallbacks
 from twisted.internet.task import deferLater
 from twisted.logger import Logger
 
-from .core.moderation import REFUSED, Key, ModerationState, Outcome, Settings, \
+from .core.moderation import CLOCK_SLACK, REFUSED, Key, ModerationState, Outcome, Settings, \
     SmtpModeration, displayable, network_of, post_digest
 from .core.addresses import CACHED_MAX
 from .core.replies import Outcome as Reply, SmtpReply, clean_text
@@ -54,6 +59,10 @@ UNUSABLE = "state-unusable"
 # Seconds of slack when reading back what changed (clocks of several hosts, rounding):
 # hosts sharing a store must keep their clocks closer than this (NTP).
 SLACK = 30.0
+# How far the wall clock may be from the store's clock: half of ``CLOCK_SLACK``, so that
+# two daemons that both agree with the store are within ``CLOCK_SLACK`` of each other,
+# and neither reads the other's fresh rows as from a future (expired, then deleted).
+CLOCK_AGREE = CLOCK_SLACK / 2
 # Prune the store's expired rows every this many syncs (the index: every sync).
 PRUNE_EVERY = 60
 # Rows read from the store applied to the index in one turn of the reactor: a load at
@@ -82,12 +91,16 @@ class ModerationService(TimerService):
     ``wall`` gives every time of the state, the times the store shares with other
     daemons and ``policyctl`` (first seen, remembered until, decided at).  The daemon's
     reactor is on the monotonic clock (``policyd.runtime.monotonic``), whose seconds
-    mean nothing outside the process.  Tests pass their ``Clock``'s ``seconds`` as both."""
+    mean nothing outside the process.  Tests pass their ``Clock``'s ``seconds`` as both.
+
+    A third, ``store_clock(engine)`` (in the store thread; by default the store's own,
+    ``store.moderation.store_clock``), is what every daemon sharing the store reads
+    alike: each sync compares ``wall`` with it first (``_clocks_agree``)."""
 
     def __init__(self, snapshots, engine, *, run_in_thread: Callable[..., Deferred],
                  clock, wall: Callable[[], float] = time.time,
                  settings: Settings = Settings(), interval: float = 5.0,
-                 store=None) -> None:
+                 store=None, store_clock: Callable[..., float] | None = None) -> None:
         super().__init__(interval, self.sync)
         self.clock = clock
         self.wall = wall
@@ -101,6 +114,13 @@ class ModerationService(TimerService):
         self._syncs = 0
         self._busy = False
         self._store = store if store is not None else _default_store()
+        self._store_clock = store_clock if store_clock is not None else \
+            self._store.store_clock
+        # ``wall`` minus the store's clock at the last sync (``None``: not read yet), and
+        # since when (reactor seconds) they disagree by more than ``CLOCK_AGREE``
+        # (``None``: they agree).
+        self.clock_offset: float | None = None
+        self._skewed_since: float | None = None
         # Rows a cap pushed out or kept out, in all; the open incident at a cap
         # (``_CapIncident``), ``None`` when there is none.
         self.evicted = 0
@@ -283,7 +303,13 @@ class ModerationService(TimerService):
         store = self._store
         settings = self.state.settings
         try:
+            store_now = yield self.run_in_thread(self._store_clock, self.engine)
+            # Read after the store's answer: every change drained below was made on the
+            # reactor before this reading, so with a clock that agrees none carries a
+            # time from a jump (one that came and went within a sync is not seen).
             now = self.wall()
+            if not self._clocks_agree(now, store_now):
+                return
             if self.usable is None or (self.usable is False and self._since == 0.0):
                 rows = yield self.run_in_thread(store.load_state, self.engine, settings, now)
                 yield self._in_turns(self.state.load_batches(*rows, size=BATCH))
@@ -319,7 +345,9 @@ class ModerationService(TimerService):
             # Every sync: one call prunes a bounded batch of the index (on the reactor).
             self.expired += self.state.prune()
             if self._syncs % PRUNE_EVERY == 0:
-                yield self.run_in_thread(store.prune_rows, self.engine, settings, now)
+                # By the store's clock: the rows are every daemon's.
+                yield self.run_in_thread(store.prune_rows, self.engine, settings,
+                                         store_now)
             self._recovered()
         except Exception as error:
             self.sync_failures += 1
@@ -330,6 +358,45 @@ class ModerationService(TimerService):
                             "({error})", error=error)
         finally:
             self._busy = False
+
+    def _clocks_agree(self, now: float, store_now: float) -> bool:
+        """Whether ``wall`` (``now``) and the store's clock agree within ``CLOCK_AGREE``.
+
+        While they do not, this daemon cannot tell which rows expired: its index
+        would expire (and delete from the store, by id) other daemons' rows and the
+        moderators' decisions, and write rows with times no other daemon can read.
+        So the incident is as an unusable state: nothing is written, read, expired or
+        pruned, the changes recorded since the last sync (made with a clock that may
+        have jumped already) are dropped, and lists get their normal outcome, never an
+        answer from an index read by a wrong clock.  When the clocks agree again the
+        index is loaded afresh from the store (what it dropped or aged while the clock
+        was wrong comes back).  One line for the start, one for the end."""
+        offset = now - store_now
+        self.clock_offset = offset
+        if abs(offset) > CLOCK_AGREE:
+            if self._skewed_since is None:
+                self._skewed_since = self.clock.seconds()
+                self.usable = False
+                log.warn("the wall clock ({wall}) and the store's clock ({store}) differ "
+                         "by {offset:+.0f} s, more than {slack:.0f} s: no moderation row "
+                         "is expired, written or pruned, and lists with smtp_moderation "
+                         "get their normal outcome until they agree again",
+                         wall=_utc(now), store=_utc(store_now), offset=offset,
+                         slack=CLOCK_AGREE)
+            self.state.drain()
+            return False
+        if self._skewed_since is not None:
+            log.warn("the wall clock and the store's clock agree again (offset "
+                     "{offset:+.1f} s, after {duration:.0f} s): the moderation state is "
+                     "loaded afresh from the store", offset=offset,
+                     duration=self.clock.seconds() - self._skewed_since)
+            self._skewed_since = None
+            # A fresh index: the one held through the jump expired rows by it, and
+            # what it began then carries the wrong times.
+            self.state = ModerationState(self.state.settings, clock=self.wall)
+            self.usable = False
+            self._since = 0.0  # the next step is the load
+        return True
 
     def _recovered(self) -> None:
         if self.usable is False:
@@ -378,6 +445,11 @@ class ModerationService(TimerService):
 #: ``ModerationService.status`` while no list has ``smtp_moderation`` set (or the store
 #: has no place for the state: ``PolicydService.moderation`` is ``None``).
 NOT_IN_USE = {"in_use": False, "state": "not in use (no list has smtp_moderation set)"}
+
+
+def _utc(seconds: float) -> str:
+    """Unix seconds as a UTC time for a log line (both clocks in one line)."""
+    return datetime.fromtimestamp(seconds, timezone.utc).isoformat(timespec="seconds")
 
 
 class _CapIncident:

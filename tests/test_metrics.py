@@ -488,7 +488,7 @@ class Moderated:
         self.decider = Decider(snapshots, ReplyPolicy())
         self.service = ModerationService(
             snapshots, engine=None, clock=self.clock, wall=self.clock.seconds,
-            store=self.store,
+            store=self.store, store_clock=lambda engine: self.clock.seconds(),
             run_in_thread=lambda f, *a: defer.maybeDeferred(f, *a))
 
     def ask(self, to: str, sender: str = NONMEMBER):
@@ -926,3 +926,19 @@ def test_an_approval_is_not_replayed_for_another_post_with_its_from_and_message_
     answer, step = ask("203.0.113.66", "BUY CHEAP PILLS")
     assert step.transition == "other-post"
     assert "accepted for moderation" in answer.reply.text  # Mailman holds it
+
+
+def test_clock_offset_is_served_while_moderation_is_in_use(tmp_path):
+    """The daemon's wall clock minus the store's, read at each sync: near 0 while they
+    agree; a day when the daemon's clock ran a day ahead (the state is then unusable,
+    and no moderation row is expired or deleted: docs/moderation.md)."""
+    m = Moderated()
+    service, reactor, _ = build(tmp_path, text=METRICS)
+    service.moderation = m.service
+    m.service.sync()
+    assert value(scrape(service), "policyd_moderation_clock_offset_seconds") == 0
+    m.service._store_clock = lambda engine: m.clock.seconds() - 86400
+    m.service.sync()
+    samples = scrape(service)
+    assert value(samples, "policyd_moderation_clock_offset_seconds") == 86400
+    assert value(samples, "policyd_moderation_state_usable") == 0

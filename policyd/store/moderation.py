@@ -15,8 +15,8 @@ import math
 import random
 import time
 
-from sqlalchemy import delete, insert, or_, select, update
-from sqlalchemy.engine import Engine
+from sqlalchemy import delete, insert, or_, select, text, update
+from sqlalchemy.engine import Connection, Engine
 from sqlalchemy.exc import DBAPIError
 from sqlalchemy.orm import Session
 
@@ -25,7 +25,7 @@ from ..errors import BadInput, NotFound
 from .models import ModerationEntry, ModerationSender, ModerationTicket
 
 __all__ = ["key_hash", "sender_hash", "load_state", "write_changes", "read_since",
-           "prune_rows", "pending_tickets", "decide_ticket"]
+           "prune_rows", "pending_tickets", "decide_ticket", "store_clock"]
 
 G = ModerationEntry.__table__
 R = ModerationSender.__table__
@@ -62,6 +62,31 @@ def _ticket(row) -> Ticket:
 def _chunks(items: list, size: int = CHUNK):
     for start in range(0, len(items), size):
         yield items[start:start + size]
+
+
+# The store's own clock as Unix seconds, by dialect: the one clock every daemon sharing
+# the store reads alike (the rows carry the writing daemon's wall clock; a daemon whose
+# clock jumped must not expire rows by it).  clock_timestamp(): the time now, not the
+# transaction's start; NOW(6) and julianday('now'): the statement's, with a fraction.
+_CLOCK_SQL = {
+    "postgresql": "SELECT extract(epoch from clock_timestamp())",
+    "mysql": "SELECT UNIX_TIMESTAMP(NOW(6))",
+    "mariadb": "SELECT UNIX_TIMESTAMP(NOW(6))",
+    "sqlite": "SELECT (julianday('now') - 2440587.5) * 86400.0",
+}
+
+
+def store_clock(bind: Engine | Connection) -> float:
+    """The database server's clock, Unix seconds (a float: PostgreSQL and MariaDB
+    answer a ``Decimal``).  On a ``Connection`` it runs in that connection (a
+    transaction reads the clock it deletes by)."""
+    sql = _CLOCK_SQL.get(bind.dialect.name)
+    if sql is None:
+        raise NotImplementedError(f"no clock query for the {bind.dialect.name} dialect")
+    if isinstance(bind, Connection):
+        return float(bind.execute(text(sql)).scalar_one())
+    with bind.connect() as connection:
+        return float(connection.execute(text(sql)).scalar_one())
 
 
 def load_state(engine: Engine, settings: Settings, now: float):
@@ -192,11 +217,18 @@ def read_since(engine: Engine, since: float, remember: float):
     return entries, remembered, tickets
 
 
-def prune_rows(engine: Engine, settings: Settings, now: float) -> int:
+def prune_rows(engine: Engine, settings: Settings, now: float | None = None) -> int:
     """Delete the expired rows (every daemon may; it is idempotent), and those written
-    with times the clock has stepped back from (``core.moderation.CLOCK_SLACK``)."""
-    future = now + CLOCK_SLACK
+    with times the clock has stepped back from (``core.moderation.CLOCK_SLACK``).
+
+    ``now``: the store's clock (``store_clock``; ``None``: read in this transaction),
+    never a daemon's wall clock alone: one daemon whose clock jumped a day ahead would
+    delete every other daemon's greylist entries and tickets, moderators' decisions
+    with them (and one stepped back, every row written since)."""
     with engine.begin() as connection:
+        if now is None:
+            now = store_clock(connection)
+        future = now + CLOCK_SLACK
         count = connection.execute(delete(G).where(or_(
             G.c.first_seen < now - settings.max_age, G.c.first_seen > future))).rowcount or 0
         count += connection.execute(delete(R).where(or_(

@@ -67,7 +67,7 @@ class Harness:
         self.decider = Decider(self.snapshots, ReplyPolicy())
         self.moderation = ModerationService(
             self.snapshots, self.backend.moderation_engine, clock=self.clock,
-            wall=self.clock.seconds,
+            wall=self.clock.seconds, store_clock=lambda engine: self.clock.seconds(),
             run_in_thread=lambda f, *a, **k: defer.maybeDeferred(f, *a, **k))
         self.moderation.sync()  # the first load
 
@@ -183,7 +183,8 @@ def test_the_store_gets_wall_clock_times_while_the_reactor_runs_the_sync(h):
     wall.advance(1_800_000_000)
     h.moderation = ModerationService(
         h.snapshots, h.backend.moderation_engine, clock=h.clock, wall=wall.seconds,
-        interval=5.0, run_in_thread=lambda f, *a, **k: defer.maybeDeferred(f, *a, **k))
+        store_clock=lambda engine: wall.seconds(), interval=5.0,
+        run_in_thread=lambda f, *a, **k: defer.maybeDeferred(f, *a, **k))
     h.moderation.startService()  # the first load
     try:
         ticket = ticket_of(h.exim(MODERATED))
@@ -266,6 +267,7 @@ def test_another_daemon_sees_the_first_attempt(h, tmp_path):
     h.moderation.sync()
     other = ModerationService(h.snapshots, h.backend.moderation_engine, clock=h.clock,
                               wall=h.clock.seconds,
+                              store_clock=lambda engine: h.clock.seconds(),
                               run_in_thread=lambda f, *a: defer.maybeDeferred(f, *a))
     h.clock.advance(400)
     other.sync()  # its first load
@@ -750,6 +752,10 @@ class RowsStore:
 
         self.rows = ([Entry(Key(GREY, f"s{i}@x.example", "192.0.2.0/24"), now - i, now - i)
                       for i in range(count)], [], [])
+        self.now = now
+
+    def store_clock(self, engine):
+        return self.now
 
     def load_state(self, engine, settings, now):
         return self.rows

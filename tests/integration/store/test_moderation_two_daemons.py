@@ -31,6 +31,7 @@ class Daemon:
         self.decider = Decider(snapshots, ReplyPolicy())
         self.moderation = ModerationService(
             snapshots, self.backend.moderation_engine, clock=clock, wall=clock.seconds,
+            store_clock=lambda engine: clock.seconds(),
             run_in_thread=lambda f, *a: defer.maybeDeferred(f, *a))
         self.moderation.sync()  # the first load
 
