@@ -422,9 +422,15 @@ class ModerationService(TimerService):
             "state": ("usable" if self.usable else
                       "not loaded yet: lists with smtp_moderation get their normal outcome"
                       if self.usable is None else
+                      f"unusable, the wall clock and the store's clock differ by "
+                      f"{self.clock_offset:+.0f} s (more than {CLOCK_AGREE:.0f} s): lists "
+                      "with smtp_moderation get their normal outcome"
+                      if self._skewed_since is not None else
                       "unusable, the last sync failed: lists with smtp_moderation get "
                       "their normal outcome"),
             "usable": bool(self.usable),
+            "clock_offset": (None if self.clock_offset is None
+                             else round(self.clock_offset, 3)),
             "last_sync_age": (None if self.last_sync_at is None
                               else round(max(0.0, now - self.last_sync_at), 3)),
             "sync_interval": self.step,

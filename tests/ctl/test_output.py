@@ -175,8 +175,8 @@ def test_status_shows_smtp_time_moderation(daemon, tmp_path, monkeypatch):
     m.clock.advance(7)
     result = _status_through_the_socket(service)
     assert result["moderation"] == {
-        "in_use": True, "state": "usable", "usable": True, "last_sync_age": 7.0,
-        "sync_interval": 5.0, "sync_failures": 0, "greylist_entries": 1,
+        "in_use": True, "state": "usable", "usable": True, "clock_offset": 0.0,
+        "last_sync_age": 7.0, "sync_interval": 5.0, "sync_failures": 0, "greylist_entries": 1,
         "remembered_senders": 0, "tickets": 2, "pending_tickets": 1,
         "max_entries": 100_000, "max_tickets": 4, "evicted": 0,
         "at_cap": {"running_for": 7.0, "kept_out": 2, "evicted": 0}}

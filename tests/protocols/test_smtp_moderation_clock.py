@@ -101,6 +101,10 @@ def test_a_jumped_clock_deletes_no_shared_row_and_says_so_once(h, jump):
             daemon.sync()
         assert shared_rows(h) == before
         assert daemon.usable is False and daemon.clock_offset == jump
+        status = daemon.status()  # policyctl status says why
+        assert status["clock_offset"] == jump
+        assert status["state"].startswith(
+            "unusable, the wall clock and the store's clock differ by")
         # The list's normal outcome (Mailman holds the post), counted as such.
         assert h.exim(MODERATED, message_id="<p1@example.net>").startswith(
             b"ACCEPT 250 2.6.0")
