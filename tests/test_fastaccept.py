@@ -181,9 +181,22 @@ def test_a_silent_connection_and_a_line_ended_by_half_close_go_the_usual_way(ser
 
 @pytest_twisted.inlineCallbacks
 def test_an_over_long_request_at_accept_is_refused_4xx(serve, tmp_path):
+    """Answered at once, then read to the client's half-close (Exim, still writing,
+    must not meet a closed socket): the usual way, not at accept."""
     factory, lines = serve()
     s = connect(tmp_path)
     s.sendall(b"POLICYD/1 list=" + b"x" * 5000)
+    s.shutdown(socket.SHUT_WR)
+    answer = yield answer_of(s)
+    assert answer.startswith(b"DEFER 451") and b"longer than 4096" in answer
+    s.close()
+
+
+@pytest_twisted.inlineCallbacks
+def test_an_over_long_whole_line_at_accept_is_refused_4xx_at_once(serve, tmp_path):
+    factory, lines = serve()
+    s = connect(tmp_path)
+    s.sendall(b"POLICYD/1 list=" + b"x" * 5000 + b"\n")
     answer = yield answer_of(s)
     assert answer.startswith(b"DEFER 451") and b"longer than 4096" in answer
     assert factory.built == []

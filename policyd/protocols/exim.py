@@ -35,7 +35,8 @@ DEFER > REJECT > DISCARD > HOLD > ACCEPT, ties to the first list in the request.
 
 A malformed request, an over-long one (``[exim] max_request`` bytes) or one that does not
 arrive within ``[exim] timeout`` seconds (checked every half second) is
-answered ``DEFER 451 4.3.0 <reason>``.  Malformed includes any control character (NUL,
+answered ``DEFER 451 4.3.0 <reason>`` (an over-long one as soon as that is seen, the rest
+of it then read and dropped until the half-close: ``EximPolicyProtocol.draining``).  Malformed includes any control character (NUL,
 tab, ESC...) in the line and any ``list=`` entry that is not one address (a stray word
 after it, an empty local part): such a request is never decided, so it never gets the
 ``ACCEPT`` of a list that is not managed.  Parsing is linear in the line's length.
@@ -361,6 +362,11 @@ def busy_reply() -> SmtpReply:
                      "Policy service busy, please try again later")
 
 
+#: Bytes read and dropped after an answer to a request longer than ``max_request``
+#: before the connection is closed anyway (Exim's own header limit is 1 MB).
+DRAIN_MAX = 4 << 20
+
+
 @implementer(IHalfCloseableProtocol)
 class EximPolicyProtocol(Protocol):
     """Reads one line (newline or half-close), answers it, closes.
@@ -378,6 +384,12 @@ class EximPolicyProtocol(Protocol):
     # every request arrives in one read).
     _buffer: bytes | bytearray = b""
     answered = False
+    # Answered before the whole request was read (longer than ``max_request``): the rest
+    # is read and dropped until the peer half-closes (``DRAIN_MAX`` bytes, ``deadline``
+    # at most), so that Exim, still writing, can finish and read the answer (closed at
+    # once, its next write failed: the ACL's fail string instead of our reason).
+    draining = False
+    drained = 0
     # The request is complete and being decided (a password check in a thread, a DMARC
     # lookup): ``_pending`` is the Deferred of its answer, cancelled if the connection is
     # answered (its deadline) or closed before it fires, so that a decision nobody
@@ -393,13 +405,21 @@ class EximPolicyProtocol(Protocol):
 
     def dataReceived(self, data: bytes) -> None:
         if self.answered or self.waiting:
+            if self.draining:
+                self.drained += len(data)
+                if self.drained > DRAIN_MAX:
+                    self.transport.loseConnection()
             return
         held = len(self._buffer)
         nl = data.find(b"\n")
         limit = self.factory.config.max_request
         if held + (nl if nl >= 0 else len(data)) > limit:
-            self._answer(self.factory.malformed(
-                ProtocolError(f"request longer than {limit} bytes"), self.transport))
+            reply = self.factory.malformed(
+                ProtocolError(f"request longer than {limit} bytes"), self.transport)
+            if nl >= 0:
+                self._answer(reply)  # the whole line is read: nothing more to wait for
+            else:
+                self._drain(reply)
         elif nl >= 0:
             line = bytes(self._buffer) + data[:nl] if held else data[:nl]
             self._answer(self.factory.answer(line, self.transport))
@@ -417,7 +437,18 @@ class EximPolicyProtocol(Protocol):
         of an answer that waits."""
         self._answer(reply)
 
+    def _drain(self, reply: bytes) -> None:
+        """Answer now, close when the peer has sent all it will (``draining``)."""
+        self.answered = self.draining = True
+        if self._buffer:
+            self._buffer = b""
+            self.factory.buffer_changed(self, 0)
+        self.transport.write(reply)
+
     def readConnectionLost(self) -> None:
+        if self.draining:
+            self.transport.loseConnection()
+            return
         if not self.answered and not self.waiting:
             self._answer(self.factory.answer(bytes(self._buffer), self.transport))
 
@@ -425,6 +456,8 @@ class EximPolicyProtocol(Protocol):
         """Seconds counted against this connection at a limit (``TrackingFactory``):
         never closed once answered; silent after ``SILENT_GRACE``: at once; half a
         line: after ``EVICT_MIN_IDLE``.  A request being decided is never closed."""
+        if self.draining:  # answered: what is left of its request is not kept
+            return now - self.started + EVICT_MIN_IDLE
         if self.answered or self.waiting:
             return -1.0
         age = now - self.started
@@ -524,10 +557,10 @@ class EximFactory(DecidingFactory):
         while no whole line has arrived (the connection then goes the usual way)."""
         nl = data.find(b"\n")
         limit = self.config.max_request
-        if (nl if nl >= 0 else len(data)) > limit:
-            return self.malformed(ProtocolError(f"request longer than {limit} bytes"), peer)
         if nl < 0:
-            return None
+            return None  # (longer than max_request: the protocol answers, then drains)
+        if nl > limit:
+            return self.malformed(ProtocolError(f"request longer than {limit} bytes"), peer)
         return self.answer(data[:nl], peer)
 
     def track(self, protocol) -> None:
@@ -536,8 +569,11 @@ class EximFactory(DecidingFactory):
         super().track(protocol)
 
     def sweep(self, now: float) -> None:
-        for protocol in [p for p in self.connections if not p.answered and p.deadline <= now]:
-            if not self.spared(protocol):
+        for protocol in [p for p in self.connections
+                         if (not p.answered or p.draining) and p.deadline <= now]:
+            if protocol.draining:
+                protocol.transport.loseConnection()
+            elif not self.spared(protocol):
                 protocol.timeoutConnection()
 
     # Times a request may wait for moderator passwords to be verified before it is

@@ -264,6 +264,35 @@ def test_oversized_request_is_deferred():
     proto.dataReceived(b"b" * 30)
     assert transport.value() == (b"DEFER 451 4.3.0 Malformed policy request: request longer "
                                  b"than 50 bytes")
+    # The rest of the request is read and dropped until Exim half-closes: closed now,
+    # its next write would fail and Exim would use the ACL's fail string instead.
+    assert not transport.disconnecting
+    proto.dataReceived(b"c" * 1000 + b"\n")
+    assert not transport.disconnecting and proto.buffered == 0
+    proto.readConnectionLost()
+    assert transport.disconnecting
+    assert transport.value().count(b"DEFER") == 1
+
+
+def test_an_oversized_request_that_goes_on_is_closed_at_a_bound():
+    from policyd.protocols.exim import DRAIN_MAX
+
+    config = EximConfig(listen=(), timeout=10.0, max_request=50)
+    proto, transport, clock, _ = connect(config)
+    proto.dataReceived(b"POLICYD/1 list=" + b"a" * 60)
+    assert transport.value().startswith(b"DEFER 451 4.3.0")
+    for _ in range(DRAIN_MAX // 65536):
+        proto.dataReceived(b"d" * 65536)
+    assert not transport.disconnecting
+    proto.dataReceived(b"d")  # past DRAIN_MAX
+    assert transport.disconnecting
+    # Or, sending slowly, at its deadline.
+    proto, transport, clock, _ = connect(config)
+    proto.dataReceived(b"POLICYD/1 list=" + b"a" * 60)
+    clock.advance(9.5)
+    proto.dataReceived(b"d")
+    assert not transport.disconnecting
+    clock.advance(1)
     assert transport.disconnecting
 
 

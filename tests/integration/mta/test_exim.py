@@ -115,6 +115,15 @@ CASES = {
     "big-header-block-long-reply-to-and-body-fit-the-request": Case(
         MEMBER, (ANNOUNCE,), TRACE + (f"From: Carol <{MEMBER}>", REPLY_TO), (OK,), OK,
         "lists", body="\n".join("body line %04d %s" % (i, "y" * 60) for i in range(90))),
+    # A Reply-To: of some 100 KB (Exim takes it; sent whole beside the cut block): the
+    # request passes policyd's max_request, and Exim gets policyd's own 451 with the
+    # reason, its request read to the end (closed at once, Exim's write failed and the
+    # ACL's fail string answered: "List policy service unavailable").
+    "request-past-max-request-gets-policyds-451-with-the-reason": Case(
+        MEMBER, (ANNOUNCE,), TRACE + (f"From: Carol <{MEMBER}>", "Reply-To: " + ", ".join(
+            f"<somebody.number{i:04d}@a-subdomain.elsewhere.example>" for i in range(2000))),
+        (OK,), (451, "4.3.0 Malformed policy request: request longer than 65536 bytes"),
+        None),
     "non-list-domain-untouched": Case(
         NONMEMBER, (SOMEONE,), (f"From: <{NONMEMBER}>",), (OK,), OK, "users"),
 }
