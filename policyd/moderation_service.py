@@ -43,7 +43,7 @@ from twisted.internet.defer import Deferred, inlineCallbacks
 from twisted.internet.task import deferLater
 from twisted.logger import Logger
 
-from .core.moderation import CLOCK_SLACK, REFUSED, Key, ModerationState, Outcome, Settings, \
+from .core.moderation import REFUSED, Key, ModerationState, Outcome, Settings, \
     SmtpModeration, displayable, network_of, post_digest
 from .core.addresses import CACHED_MAX
 from .core.replies import Outcome as Reply, SmtpReply, clean_text
@@ -59,10 +59,12 @@ UNUSABLE = "state-unusable"
 # Seconds of slack when reading back what changed (clocks of several hosts, rounding):
 # hosts sharing a store must keep their clocks closer than this (NTP).
 SLACK = 30.0
-# How far the wall clock may be from the store's clock: half of ``CLOCK_SLACK``, so that
-# two daemons that both agree with the store are within ``CLOCK_SLACK`` of each other,
-# and neither reads the other's fresh rows as from a future (expired, then deleted).
-CLOCK_AGREE = CLOCK_SLACK / 2
+# How far the wall clock may be from the store's clock: half of ``SLACK``, so that two
+# daemons that both agree with the store are within ``SLACK`` of each other and each
+# reads back what the other wrote (rows carry the writer's clock; a sync reads from
+# its last one less ``SLACK``), and far inside ``CLOCK_SLACK``, where a row from a
+# future counts as expired.
+CLOCK_AGREE = SLACK / 2
 # Prune the store's expired rows every this many syncs (the index: every sync).
 PRUNE_EVERY = 60
 # Rows read from the store applied to the index in one turn of the reactor: a load at

@@ -8,7 +8,6 @@ bounce from the list), discard accepts and drops it."""
 
 from __future__ import annotations
 
-import time
 from datetime import datetime, timezone
 
 from ..core.moderation import Decision, displayable
@@ -69,7 +68,10 @@ def _decide(ctx: Context, decision: Decision, reason: str = "") -> int:
     from ..store import moderation
 
     with ctx.store().write() as session:
-        ticket = moderation.decide_ticket(session, ctx.args.ticket, decision, time.time(),
+        # Stamped by the store's clock, which the daemons' clocks agree with (this
+        # host's may not: the daemons read back decisions by the time they carry).
+        ticket = moderation.decide_ticket(session, ctx.args.ticket, decision,
+                                          moderation.store_clock(session.connection()),
                                           reason)
     past = {Decision.APPROVE: "approved", Decision.REJECT: "rejected",
             Decision.DISCARD: "discarded"}[decision]

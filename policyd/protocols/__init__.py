@@ -362,7 +362,7 @@ class TrackingFactory(Factory):
     # Seconds this sweep ran after it was due: a turn of the reactor that long just
     # ended, and what peers sent meanwhile is not read yet (``spared``).
     sweep_late = 0.0
-    _last_sweep = 0.0
+    _sweep_start = _sweep_due = 0.0
     max_connections: int | None = None
     kind = "control"
     #: what the incident lines call this listener (``Listener`` sets its address).
@@ -432,13 +432,13 @@ class TrackingFactory(Factory):
         if self.sweep_interval:
             self._sweeping = LoopingCall(self._sweep)
             self._sweeping.clock = self.reactor
-            self._last_sweep = self.reactor.seconds()
+            self._sweep_start = self.reactor.seconds()
+            self._sweep_due = self._sweep_start + self.sweep_interval
             self._sweeping.start(self.sweep_interval, now=False)
 
     def _sweep(self) -> None:
         now = self.reactor.seconds()
-        self.sweep_late = now - self._last_sweep - self.sweep_interval
-        self._last_sweep = now
+        self.sweep_late = now - self._sweep_due
         self.sweep(now)
         if self.incidents:
             self.end_incidents(now)
@@ -448,6 +448,11 @@ class TrackingFactory(Factory):
         if not self.connections and not self.incidents and self._sweeping is not None:
             self._sweeping.stop()
             self._sweeping = None
+            return
+        # When the next sweep is due: as ``LoopingCall`` schedules it, the next point of
+        # start + k x interval after now (missed ones skipped).
+        after, interval = self.reactor.seconds(), self.sweep_interval
+        self._sweep_due = after + interval - (after - self._sweep_start) % interval
 
     def sweep(self, now: float) -> None:
         """Time out what has to be (subclasses)."""

@@ -166,6 +166,12 @@ def parse_request(block: bytes, *, max_line: int = 4096, max_attributes: int = 1
     kind = attributes.get(b"request")
     if kind is not None and kind != b"smtpd_access_policy":
         raise ProtocolError(f"unsupported request type {_show(kind)}")
+    if attributes.get(b"protocol_state") == b"RCPT":
+        # (``PostfixRequest.query`` says it too; here it counts for ``MALFORMED_MAX``)
+        if not attributes.get(b"recipient"):
+            raise ProtocolError("RCPT request without recipient=")
+        if b"sender" not in attributes:
+            raise ProtocolError("RCPT request without sender=")
     return PostfixRequest(attributes)
 
 
@@ -434,8 +440,9 @@ class PostfixPolicyProtocol(Protocol):
         """Answer what ``data`` completes, at most ``PER_TURN`` requests: the rest wait
         in the reader, the connection unread, for the next turn of the reactor
         (``_go_on``, ``_read`` false), so that a client pipelining thousands of requests
-        in one read shares the reactor with the MTAs' requests and never has more than
-        one turn's answers queued by that read."""
+        in one read shares the reactor with the MTAs' requests.  The answers of one read
+        may queue while the peer does not read them (one read's worth: the connection is
+        not read again until they have left)."""
         if _read:
             self.reads += 1
         reader = self.reader

@@ -67,11 +67,14 @@ def _chunks(items: list, size: int = CHUNK):
 # The store's own clock as Unix seconds, by dialect: the one clock every daemon sharing
 # the store reads alike (the rows carry the writing daemon's wall clock; a daemon whose
 # clock jumped must not expire rows by it).  clock_timestamp(): the time now, not the
-# transaction's start; NOW(6) and julianday('now'): the statement's, with a fraction.
+# transaction's start; UTC_TIMESTAMP(6) and julianday('now'): the statement's, with a
+# fraction.
 _CLOCK_SQL = {
     "postgresql": "SELECT extract(epoch from clock_timestamp())",
-    "mysql": "SELECT UNIX_TIMESTAMP(NOW(6))",
-    "mariadb": "SELECT UNIX_TIMESTAMP(NOW(6))",
+    # UTC_TIMESTAMP, not NOW(): the session's local time is ambiguous for an hour at
+    # each fall-back of a zone with summer time.
+    "mysql": "SELECT TIMESTAMPDIFF(MICROSECOND, '1970-01-01', UTC_TIMESTAMP(6)) / 1000000",
+    "mariadb": "SELECT TIMESTAMPDIFF(MICROSECOND, '1970-01-01', UTC_TIMESTAMP(6)) / 1000000",
     "sqlite": "SELECT (julianday('now') - 2440587.5) * 86400.0",
 }
 

@@ -297,3 +297,67 @@ def test_a_half_close_behind_a_backlog_waits_for_its_answers():
     assert got[:-1] == [b"action=DUNNO"] * (2 * PER_TURN + 3)
     assert got[-1].startswith(b"action=451 4.3.0 Malformed policy request: incomplete")
     assert transport.disconnecting
+
+
+class _SocketTransport(StringTransport):
+    """A ``StringTransport`` over a real socket's descriptor: what ``unread_bytes``
+    asks the kernel about."""
+
+    def __init__(self, sock) -> None:
+        super().__init__()
+        self._socket = sock
+
+    def fileno(self) -> int:
+        return self._socket.fileno()
+
+
+def test_a_late_sweep_after_a_late_sweep_still_spares_an_unread_request():
+    """Lateness was measured from the previous sweep: a sweep 1 s late, then one 0.6 s
+    late read as 0.4 s early, and closed a connection whose whole request waited unread.
+    It is measured from when the sweep was due."""
+    import dataclasses
+
+    config = dataclasses.replace(CONFIG, request_timeout=10.0)
+    proto, _, clock, factory = connect(config)
+    proto.dataReceived(request())  # the sweeps: due every 2.5 s from 0
+    assert factory.sweep_interval == 2.5
+    clock.advance(2.6)
+    ours, peer = socket.socketpair()
+    try:
+        victim = factory.buildProtocol(None)
+        transport = _SocketTransport(ours)
+        victim.makeConnection(transport)  # at 2.6, silent
+        clock.advance(10.0 - 2.6 - 0.001)
+        clock.advance(0.001 + 1.0)  # the sweep due at 10.0 runs 1 s late
+        assert not transport.disconnecting
+        clock.advance(12.5 - clock.seconds() - 0.001)
+        peer.sendall(request())  # during a long turn: not read yet
+        clock.advance(0.001 + 0.6)  # the sweep due at 12.5 runs 0.6 s late
+        assert factory.sweep_late > 0.5
+        assert not transport.disconnecting  # spared: its request is read next
+        victim.dataReceived(ours.recv(4096))
+        assert answers(transport) == [b"action=DUNNO"]
+        # A silent one is still closed by a sweep on time.
+        clock.advance(30)
+        assert not transport.disconnecting  # (it spoke)
+        silent = factory.buildProtocol(None)
+        silent_transport = _SocketTransport(peer)
+        silent.makeConnection(silent_transport)
+        clock.advance(12.5)
+        assert silent_transport.disconnecting
+    finally:
+        ours.close()
+        peer.close()
+
+
+def test_rcpt_requests_without_recipient_or_sender_count_as_malformed():
+    """They were malformed only when decided, and did not count: a thousand of them on
+    one connection got a thousand answers and warnings."""
+    proto, transport, clock, _ = connect()
+    proto.dataReceived(b"protocol_state=RCPT\nsender=\n\n" * 6
+                       + b"protocol_state=RCPT\nrecipient=l@x.example\n\n" * 994)
+    got = answers(transport)
+    assert len(got) == MALFORMED_MAX
+    assert got[0].endswith(b"RCPT request without recipient=")
+    assert got[-1].endswith(b"RCPT request without sender=")
+    assert transport.disconnecting

@@ -146,9 +146,9 @@ def test_the_index_expiry_by_a_jumped_clock_writes_no_deletion(h):
 
 
 def test_the_clocks_agree_within_half_the_slack_a_row_may_have(h):
-    """A daemon within ``CLOCK_AGREE`` (150 s) of the store's clock is usable: two such
-    daemons are within ``CLOCK_SLACK`` (300 s) of each other, so neither reads the
-    other's fresh rows as from a future; beyond it the state is unusable."""
+    """A daemon within ``CLOCK_AGREE`` (15 s) of the store's clock is usable: two such
+    daemons are within ``SLACK`` (30 s) of each other, so each reads back the other's
+    fresh rows (next test); beyond it the state is unusable."""
     from policyd.moderation_service import CLOCK_AGREE
 
     offset = [CLOCK_AGREE - 10]
@@ -158,3 +158,27 @@ def test_the_clocks_agree_within_half_the_slack_a_row_may_have(h):
     offset[0] = -(CLOCK_AGREE + 10)
     daemon.sync()
     assert daemon.usable is False
+
+
+def test_two_daemons_that_agree_with_the_store_read_each_others_rows(h):
+    """At ``CLOCK_AGREE`` (150 s then), one daemon 60 s ahead of the store and one 60 s
+    behind both counted as agreeing, but a sync reads back from its last one less
+    ``SLACK`` (30 s) by the times the rows carry (the writer's clock): the one ahead
+    never merged what the one behind wrote."""
+    from policyd.core.moderation import Key
+    from policyd.moderation_service import CLOCK_AGREE
+
+    ahead = jumping_daemon(h, [CLOCK_AGREE - 1])
+    behind = jumping_daemon(h, [-(CLOCK_AGREE - 1)])
+    ahead.sync()
+    behind.sync()
+    assert ahead.usable and behind.usable
+    h.clock.advance(5)
+    key = Key(GREY, "new@elsewhere.example", "192.0.2.0/24", "")
+    step = behind.state.check(SmtpModeration.GREYLIST, key, subject="", client="192.0.2.7",
+                              digest="")
+    assert step.outcome is Outcome.DEFER
+    behind.sync()
+    h.clock.advance(5)
+    ahead.sync()
+    assert key in ahead.state.entries

@@ -6,6 +6,8 @@ from __future__ import annotations
 
 import pytest
 
+from policyd.protocols.postfix import MALFORMED_MAX
+
 from .conftest import LIST, PostfixClient, b64, exim_ask, wait_until
 
 pytestmark = pytest.mark.integration
@@ -23,13 +25,16 @@ def test_a_client_can_neither_flood_nor_forge_the_log(run, daemons):
     daemon.wait_ready()
     for _ in range(FLOOD):
         assert exim_ask(run.exim_socket, b"BOGUS").startswith(b"DEFER 451 4.3.0 Malformed")
-    client = PostfixClient(run.postfix_socket)
-    try:
-        for _ in range(FLOOD):
-            client.send(b"garbage\n\n")
-            assert client.read_answer().startswith(b"action=451 4.3.0 Malformed")
-    finally:
-        client.close()
+    # A connection is closed at its MALFORMED_MAX-th malformed request: the flood
+    # reconnects.
+    for _ in range(FLOOD // MALFORMED_MAX):
+        client = PostfixClient(run.postfix_socket)
+        try:
+            for _ in range(MALFORMED_MAX):
+                client.send(b"garbage\n\n")
+                assert client.read_answer().startswith(b"action=451 4.3.0 Malformed")
+        finally:
+            client.close()
     forged = "evil\r\n2026-12-07T00:00:00.000 info [policyd] FORGED\rline\x1b[2J@x.example"
     exim_ask(run.exim_socket, f"POLICYD/1 list={LIST} sender={b64(forged)}".encode())
 
