@@ -17,20 +17,11 @@ from policyd.moderation_service import PRUNE_EVERY, ModerationService
 from policyd.store import moderation as store_moderation
 
 from .fakes import captured_events
-from .test_smtp_moderation import GREY, MODERATED, Harness, ticket_of
+from .test_smtp_moderation import GREY, MODERATED, h, ticket_of  # noqa: F401 (h: the fixture)
 
 DAY = 86400.0
 WAITING = "waiting@elsewhere.example"
 REMEMBERED = "remembered@elsewhere.example"
-
-
-@pytest.fixture
-def h(tmp_path):
-    harness = Harness(tmp_path)
-    yield harness
-    harness.backend.close()
-    for store in harness.stores:
-        store.close()
 
 
 def shared_rows(h) -> dict:
