@@ -610,11 +610,11 @@ class PostfixFactory(DecidingFactory):
         for protocol in list(self.connections):
             if protocol in self.evicting:
                 abort_stuck(protocol, now)  # its peer does not take its last answers
-            elif self.spared(protocol):
-                continue
             elif ((protocol.reader.pending
                    and now - protocol.pending_since >= request_timeout)
                   or (protocol.reads == 0 and now - protocol.idle_since >= request_timeout)):
+                if self.spared(protocol):
+                    continue
                 # An incomplete request counts from its first byte: one byte now and
                 # then must not hold a connection (and its buffer) for ever.
                 self.evicting.add(protocol)
@@ -624,6 +624,8 @@ class PostfixFactory(DecidingFactory):
                 protocol.reads_seen = protocol.reads
                 protocol.idle_since = now
             elif now - protocol.idle_since >= timeout:
+                if self.spared(protocol):
+                    continue
                 self.evicting.add(protocol)
                 protocol.timeoutConnection()
                 idle += 1

@@ -361,3 +361,22 @@ def test_rcpt_requests_without_recipient_or_sender_count_as_malformed():
     assert got[0].endswith(b"RCPT request without recipient=")
     assert got[-1].endswith(b"RCPT request without sender=")
     assert transport.disconnecting
+
+
+def test_a_late_sweep_asks_the_kernel_only_about_connections_it_would_close(monkeypatch):
+    """Sparing costs a system call: a late sweep over connections none of which is due
+    to close makes none (it asked about every connection)."""
+    import policyd.protocols
+
+    asked = []
+    monkeypatch.setattr(policyd.protocols, "unread_bytes",
+                        lambda transport: asked.append(transport) or 0)
+    proto, _, clock, factory = connect()
+    proto.dataReceived(request())
+    for _ in range(100):
+        other = factory.buildProtocol(None)
+        other.makeConnection(StringTransport())
+        other.dataReceived(request())
+    clock.advance(factory.sweep_interval + 1.0)  # a sweep 1 s late
+    assert factory.sweep_late > 0.5
+    assert asked == []
