@@ -17,7 +17,7 @@ from twisted.internet.testing import StringTransport
 
 from policyd.core.replies import ReplyPolicy
 from policyd.decider import Decider
-from policyd.protocols import ProtocolError
+from policyd.protocols import ProcessLimits, ProtocolError
 from policyd.protocols.postfix import (MALFORMED_MAX, PER_TURN, PostfixFactory,
                                        RequestReader)
 
@@ -262,6 +262,16 @@ def test_a_request_that_arrived_during_a_long_turn_is_answered_not_timed_out(tmp
         yield deferLater(reactor, 0.01, lambda: None)
 
 
+class _ClosingTransport(StringTransport):
+    """A ``StringTransport`` whose close reaches its protocol, as a socket's does: the
+    factory stops counting the connection (its slot against the descriptor limit)."""
+
+    def loseConnection(self) -> None:
+        if not self.disconnecting:
+            super().loseConnection()
+            self.protocol.connectionLost(None)
+
+
 def test_connections_left_idle_one_after_another_are_one_incident_in_the_log():
     """A client opening a connection per sweep, each sending one request and left idle:
     the sweep closed them at ``idle_timeout`` with a line per sweep that closed any
@@ -269,11 +279,14 @@ def test_connections_left_idle_one_after_another_are_one_incident_in_the_log():
     from .fakes import captured_events
 
     proto, transport, clock, factory = connect()
+    factory.limits = ProcessLimits()  # its own: these connections are not the suite's
     proto.dataReceived(request())
     with captured_events() as events:
         for _ in range(1440):  # an hour, a connection every 2.5 s
             other = factory.buildProtocol(None)
-            other.makeConnection(StringTransport())
+            closing = _ClosingTransport()
+            closing.protocol = other
+            other.makeConnection(closing)
             other.dataReceived(request())
             clock.advance(2.5)
         closed_by_now = factory.incidents["idle_timeout"].closed
@@ -372,6 +385,7 @@ def test_a_late_sweep_asks_the_kernel_only_about_connections_it_would_close(monk
     monkeypatch.setattr(policyd.protocols, "unread_bytes",
                         lambda transport: asked.append(transport) or 0)
     proto, _, clock, factory = connect()
+    factory.limits = ProcessLimits()  # its own: these connections are not the suite's
     proto.dataReceived(request())
     for _ in range(100):
         other = factory.buildProtocol(None)
