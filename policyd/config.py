@@ -212,24 +212,52 @@ def _nameservers(value: str) -> tuple[tuple[str, int], ...]:
     return tuple(out)
 
 
-def _positive_float(value: str) -> float:
-    try:
-        number = float(value)
-    except ValueError:
-        raise ValueError("allowed: a number of seconds greater than 0") from None
-    if not 0 < number < float("inf"):
-        raise ValueError("allowed: a number of seconds greater than 0")
-    return number
+# Upper bounds of durations, in seconds.  Every duration key has one: a value past what
+# its consumer can carry failed far from the configuration (PostgreSQL refuses a
+# ``statement_timeout`` or ``lock_timeout`` above 2147483647 ms, about 24.8 days, on every
+# connection; ``threading.Event.wait`` raises OverflowError past ``threading.TIMEOUT_MAX``
+# and ended the SQLite watcher's thread), and none of them is useful that long.
+SECOND = 1.0
+DAY = 86400.0
+WEEK = 7 * DAY
+YEAR = 365 * DAY
+_SPANS = {SECOND: "a second", DAY: "a day", WEEK: "a week", 30 * DAY: "30 days",
+          YEAR: "a year"}
 
 
-def _seconds_or_zero(value: str) -> float:
-    try:
-        number = float(value)
-    except ValueError:
-        raise ValueError("allowed: a number of seconds, 0 to disable") from None
-    if not number >= 0 or number == float("inf"):
-        raise ValueError("allowed: a number of seconds, 0 to disable")
-    return number
+def _at_most(maximum: float) -> str:
+    span = _SPANS.get(maximum)
+    return f"at most {maximum:g}" + (f" ({span})" if span else "")
+
+
+def _positive_float(maximum: float) -> Callable[[str], float]:
+    """Seconds above 0 and at most ``maximum``."""
+    allowed = f"allowed: a number of seconds greater than 0 and {_at_most(maximum)}"
+
+    def parse(value: str) -> float:
+        try:
+            number = float(value)
+        except ValueError:
+            raise ValueError(allowed) from None
+        if not 0 < number <= maximum:
+            raise ValueError(allowed)
+        return number
+    return parse
+
+
+def _seconds_or_zero(maximum: float) -> Callable[[str], float]:
+    """Seconds from 0 (off) to ``maximum``."""
+    allowed = f"allowed: a number of seconds, 0 to disable, {_at_most(maximum)}"
+
+    def parse(value: str) -> float:
+        try:
+            number = float(value)
+        except ValueError:
+            raise ValueError(allowed) from None
+        if not 0 <= number <= maximum:
+            raise ValueError(allowed)
+        return number
+    return parse
 
 
 def _positive_int(value: str) -> int:
@@ -360,15 +388,15 @@ SCHEMA: Mapping[str, Mapping[str, tuple[Callable[[str], object], str]]] = {
     "store": {
         "backend": (_choice("native", "mailman3"), "native"),
         "url": (_text, ""),
-        "refresh_interval": (_positive_float, "2"),
-        "connect_timeout": (_positive_float, "10"),
-        "statement_timeout": (_positive_float, "60"),
-        "lock_timeout": (_positive_float, "10"),
-        "refresh_timeout": (_positive_float, "30"),
-        "max_stale": (_seconds_or_zero, "900"),
-        "verify_interval": (_seconds_or_zero, "600"),
+        "refresh_interval": (_positive_float(DAY), "2"),
+        "connect_timeout": (_positive_float(DAY), "10"),
+        "statement_timeout": (_positive_float(DAY), "60"),
+        "lock_timeout": (_positive_float(DAY), "10"),
+        "refresh_timeout": (_positive_float(DAY), "30"),
+        "max_stale": (_seconds_or_zero(WEEK), "900"),
+        "verify_interval": (_seconds_or_zero(WEEK), "600"),
         "listen_notify": (_switch, "on"),
-        "watch_interval": (_seconds_or_zero, "0.25"),
+        "watch_interval": (_seconds_or_zero(DAY), "0.25"),
     },
     "daemon": {
         "state_dir": (_text, "/var/lib/policyd"),
@@ -377,12 +405,12 @@ SCHEMA: Mapping[str, Mapping[str, tuple[Callable[[str], object], str]]] = {
         "max_buffered": (_positive_int, str(32 << 20)),
         "log_file": (_text, ""),
         "log_level": (_choice("debug", "info", "warn", "error"), "info"),
-        "shutdown_grace": (_positive_float, "10"),
+        "shutdown_grace": (_positive_float(DAY), "10"),
         "fail_closed": (_switch, "on"),
     },
     "exim": {
         "listen": (_listeners, "unix:/run/policyd/exim.sock:mode=660"),
-        "timeout": (_positive_float, "10"),
+        "timeout": (_positive_float(DAY), "10"),
         "max_request": (_positive_int, "65536"),
         "max_connections": (_positive_int, "1000"),
     },
@@ -390,11 +418,11 @@ SCHEMA: Mapping[str, Mapping[str, tuple[Callable[[str], object], str]]] = {
         "listen": (_listeners, "unix:/run/policyd/postfix.sock:mode=660"),
         "mode": (_choice("safe", "envelope"), "safe"),
         "accept_action": (_choice("dunno", "ok"), "dunno"),
-        "idle_timeout": (_positive_float, "600"),
+        "idle_timeout": (_positive_float(DAY), "600"),
         "max_line": (_positive_int, "4096"),
         "max_attributes": (_positive_int, "100"),
         "max_request": (_positive_int, "65536"),
-        "request_timeout": (_positive_float, "10"),
+        "request_timeout": (_positive_float(DAY), "10"),
         "max_connections": (_positive_int, "1000"),
     },
     "metrics": {
@@ -409,19 +437,19 @@ SCHEMA: Mapping[str, Mapping[str, tuple[Callable[[str], object], str]]] = {
         "config_file": (_text, ""),
     },
     "moderation": {
-        "min_delay": (_seconds_or_zero, "300"),
-        "max_age": (_positive_float, "86400"),
-        "remember": (_seconds_or_zero, "2592000"),
-        "decide_within": (_positive_float, "259200"),
+        "min_delay": (_seconds_or_zero(30 * DAY), "300"),
+        "max_age": (_positive_float(30 * DAY), "86400"),
+        "remember": (_seconds_or_zero(YEAR), "2592000"),
+        "decide_within": (_positive_float(30 * DAY), "259200"),
         "max_entries": (_positive_int, "100000"),
         "max_tickets": (_positive_int, "10000"),
-        "sync_interval": (_positive_float, "5"),
+        "sync_interval": (_positive_float(DAY), "5"),
     },
     "dmarc": {
         "nameservers": (_nameservers, ""),
-        "timeout": (_positive_float, "2"),
-        "cache_ttl": (_positive_float, "3600"),
-        "failure_ttl": (_positive_float, "60"),
+        "timeout": (_positive_float(DAY), "2"),
+        "cache_ttl": (_positive_float(WEEK), "3600"),
+        "failure_ttl": (_positive_float(WEEK), "60"),
         "cache_size": (_positive_int, "10000"),
         "public_suffix_list": (_text, "/usr/share/publicsuffix/public_suffix_list.dat"),
     },
@@ -434,7 +462,7 @@ SCHEMA: Mapping[str, Mapping[str, tuple[Callable[[str], object], str]]] = {
         "pacing": (_switch, "on"),
         "heap": (_switch, "on"),
         "store_niceness": (_niceness, "19"),
-        "switch_interval": (_positive_float, "0.0005"),
+        "switch_interval": (_positive_float(SECOND), "0.0005"),
     },
     "smtp": {
         "hold": (_choice(*(o.value.lower() for o in HOLD_OUTCOMES)), "accept"),

@@ -40,7 +40,8 @@ import threading
 import time
 from typing import Callable
 
-from twisted.logger import Logger
+from twisted.logger import Logger, LogLevel
+from twisted.python.failure import Failure
 
 from .change_listener import StoreWatch
 
@@ -95,25 +96,39 @@ class SqliteWatcher(StoreWatch):
         return db.st_dev, db.st_ino, db.st_size, db.st_mtime_ns, wal_state
 
     def _loop(self, stop: threading.Event) -> None:
-        state = None
         try:
-            while not stop.is_set():
-                try:
-                    now = self._state()
-                except OSError as error:
-                    state = None
-                    self._lost(error)
-                    stop.wait(self.RETRY)
-                    continue
-                if state is None:
-                    self._watching()
-                elif now != state:
-                    self.received += 1
-                    self._call(self.on_change)
-                state = now
-                stop.wait(self.interval)
+            self._watch(stop)
+        except Exception as error:
+            # Not an unreadable file (that is retried in ``_watch``): the watch cannot go
+            # on.  Said through the daemon's logger (an exception left to the thread went
+            # to stderr only) and kept as an incident, so ``status`` and the metrics show
+            # the watch lost; the snapshot service's polling goes on.
+            failure = Failure()
+            self._incident(error)
+            self._call(log.failure, "store watch: watching {path} failed: {error}; polling "
+                       "the store every refresh_interval only", failure, LogLevel.error,
+                       path=self.path, error=self.last_error, store=self.store)
         finally:
             self.listening = False
+            self.listening_since = None
+
+    def _watch(self, stop: threading.Event) -> None:
+        state = None
+        while not stop.is_set():
+            try:
+                now = self._state()
+            except OSError as error:
+                state = None
+                self._lost(error)
+                stop.wait(self.RETRY)
+                continue
+            if state is None:
+                self._watching()
+            elif now != state:
+                self.received += 1
+                self._call(self.on_change)
+            state = now
+            stop.wait(self.interval)
 
     def _watching(self) -> None:
         self.listening = True

@@ -3,7 +3,7 @@ allowed."""
 
 import pytest
 
-from policyd.config import ConfigError, load, parse
+from policyd.config import SCHEMA, ConfigError, load, parse
 from policyd.core.replies import Outcome
 
 
@@ -205,3 +205,57 @@ def test_store_max_stale_errors_name_the_key_and_what_is_allowed(text, words):
         assert word in str(info.value)
     assert parse("[store]\nmax_stale = 63\n").store.max_stale == 63.0
     assert parse("[store]\nrefresh_timeout = 600\nmax_stale = 0\n").store.max_stale == 0
+
+
+def _duration_keys():
+    return [(section, key) for section, keys in SCHEMA.items()
+            for key, (convert, _) in keys.items()
+            if convert.__qualname__.split(".")[0] in ("_positive_float", "_seconds_or_zero")]
+
+
+@pytest.mark.parametrize("section, key", _duration_keys())
+def test_every_duration_has_an_upper_bound_named_at_start_up(section, key):
+    """A duration had no upper bound: ``[store] statement_timeout = 2147484`` started and
+    then every store connection failed (PostgreSQL's maximum is 2147483647 ms), and
+    ``watch_interval = 1e10`` ended the SQLite watcher's thread (OverflowError past
+    ``threading.TIMEOUT_MAX``).  Every duration key now refuses 1e10 at start-up, naming
+    the key and its maximum, and still reads its default."""
+    with pytest.raises(ConfigError) as error:
+        parse(f"[{section}]\n{key} = 1e10\n", "x.conf")
+    message = str(error.value)
+    assert f"x.conf: [{section}] {key} = '1e10' is not valid" in message
+    assert "at most " in message
+    convert, default = SCHEMA[section][key]
+    assert convert(default) == float(default)
+
+
+def test_the_store_timeouts_fit_what_the_databases_accept():
+    """The largest ``statement_timeout`` and ``lock_timeout`` accepted (a day) are sent
+    within PostgreSQL's 2147483647 ms and MariaDB's limits; one past PostgreSQL's is
+    refused naming the key and the maximum."""
+    from policyd.store.engine import connect_args_for, parse_url
+    with pytest.raises(ConfigError, match=r"\[store\] statement_timeout = '2147484' .*"
+                                          r"at most 86400"):
+        parse("[store]\nstatement_timeout = 2147484\n")
+    with pytest.raises(ConfigError, match=r"\[store\] lock_timeout .*at most 86400"):
+        parse("[store]\nlock_timeout = 3000000\n")
+    c = parse("[store]\nbackend = mailman3\nurl = postgresql://u@localhost/mailman\n"
+              "statement_timeout = 86400\nlock_timeout = 86400\nconnect_timeout = 86400\n")
+    options = connect_args_for(parse_url(c.store.url), c.store.timeouts)["options"]
+    values = dict(word.split("=") for word in options.split() if "=" in word)
+    assert 0 < int(values["statement_timeout"]) <= 2147483647
+    assert 0 < int(values["lock_timeout"]) <= 2147483647
+    # MariaDB: max_statement_time and lock_wait_timeout at most 31536000 s,
+    # innodb_lock_wait_timeout 1073741824 s; MySQL max_execution_time 4294967295 ms.
+    assert c.store.timeouts.statement <= 31536000 and c.store.timeouts.lock <= 31536000
+    assert c.store.timeouts.statement * 1000 <= 4294967295
+
+
+def test_the_longest_watch_interval_is_one_a_thread_can_wait():
+    """``[store] watch_interval = 1e10`` is refused at start-up; the longest accepted
+    (a day) is a wait ``threading.Event.wait`` can do."""
+    import threading
+    with pytest.raises(ConfigError, match=r"\[store\] watch_interval .*at most 86400"):
+        parse("[store]\nwatch_interval = 1e10\n")
+    longest = parse("[store]\nwatch_interval = 86400\n").store.watch_interval
+    assert longest == 86400 <= threading.TIMEOUT_MAX

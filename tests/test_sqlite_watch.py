@@ -231,3 +231,32 @@ def test_the_daemon_watches_a_native_sqlite_store_unless_told_not_to(tmp_path):
                 assert listen["channel"] == f"sqlite file changes every {expected:g} s"
         finally:
             backend.close()
+
+
+def test_an_error_that_ends_the_watch_is_logged_and_shown(tmp_path, monkeypatch):
+    """An interval past ``threading.TIMEOUT_MAX`` (``watch_interval = 1e10`` passed the
+    configuration then) raised OverflowError in the thread, which ended silently (only
+    ``threading.excepthook`` saw it) with ``status`` still saying listening.  Now any
+    unexpected error is logged through the daemon's logger (``log.failure``, by the
+    reactor) and kept as an incident: not listening, its error and the time lost shown."""
+    escaped = []
+    monkeypatch.setattr(threading, "excepthook", escaped.append)
+    w = Watched(tmp_path / "store.sqlite")
+    w.write(0)
+    w.watcher.interval = 1e10
+    w.watcher.startService()
+    try:
+        assert w.wait_for(lambda: w.watcher.status()["incidents"] == 1)
+        assert w.wait_for(lambda: not any(t.name == "policyd-watch"
+                                          for t in threading.enumerate()))
+        status = w.watcher.status()
+        assert status["listening"] is False and status["listening_for"] is None
+        assert status["last_error"].startswith("OverflowError")
+        assert status["lost_for"] is not None
+        (logged,) = w.log_calls("failed")
+        with w.reactor.lock:
+            (call,) = [(f, args) for f, args, kw in w.reactor.calls if kw is logged]
+        assert call[0].__name__ == "failure" and call[1][1].check(OverflowError)
+        assert logged["error"] == status["last_error"] and escaped == []
+    finally:
+        w.watcher.stopService()
