@@ -142,13 +142,15 @@ class ChangeListener(StoreWatch):
                     stop.wait(self.RETRY[min(attempt, len(self.RETRY) - 1)])
                     attempt += 1
                     continue
+                settled = False
                 try:
                     self._wait(connection, stop, wake_r)
                 except Exception as error:
+                    # Read before _lost(), which marks the connection not listening.
+                    settled = self.listening
                     if not stop.is_set():
                         self._lost(error, "lost its LISTEN connection")
                 finally:
-                    settled = self.listening
                     self.listening = False
                     self.listening_since = None
                     try:

@@ -182,3 +182,39 @@ def test_connections_that_fail_at_once_are_one_incident_with_growing_pauses():
     # 0.01 + 0.02 + 0.04 + 0.08 then every 0.5 s: a handful, not one per 0.01 s.
     assert 3 <= len(made) <= 8, len(made)
     assert listener.status()["incidents"] == 1
+
+
+def test_a_settled_connection_lost_restarts_the_pauses():
+    """A connection that had settled (after refused attempts had grown the pauses to the
+    longest) and is then lost reconnects after RETRY[0]: whether it had settled was read
+    after ``_lost()`` had marked it not listening, so the pauses never started again and
+    the reconnection waited the longest one."""
+    reactor = FakeReactor()
+    made: list[tuple[float, FakeConnection]] = []
+    refusals = [len(ChangeListener.RETRY) - 1]  # the next pause is the longest
+
+    def connect():
+        if refusals[0]:
+            refusals[0] -= 1
+            raise OSError("connection refused")
+        connection = FakeConnection()
+        made.append((time.monotonic(), connection))
+        return connection, connection.close
+
+    listener = ChangeListener(reactor, connect, lambda: None, channel="policyd_changes")
+    listener.RETRY = (0.01, 0.02, 0.04, 0.08, 30.0)
+    listener.SETTLE = 0.05
+    listener.startService()
+    try:
+        deadline = time.monotonic() + 5
+        while not listener.listening and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert listener.listening and len(made) == 1
+        lost_at = time.monotonic()
+        made[0][1].peer.close()  # the server ends the settled session
+        while len(made) < 2 and time.monotonic() < lost_at + 8:
+            time.sleep(0.01)
+        assert len(made) == 2, "no reconnection within 8 s (the longest pause is 30 s)"
+        assert made[1][0] - lost_at < 5
+    finally:
+        listener.stopService()
