@@ -34,6 +34,7 @@ from .core.passwords import VerificationNeeded, verify_and_remember, verify_else
 from .core.replies import ReplyPolicy, SmtpReply
 from .core.rules import ROLE_LOCAL_PARTS
 from .core.verdict import Decision, Query
+from .logging import capped
 
 __all__ = ["Answer", "Decider", "FixedSnapshot", "Incidents", "LatencyHistogram"]
 
@@ -180,7 +181,7 @@ class Decider:
                 log.warn("{protocol} asked about {domain}, which is not a list domain in "
                          "snapshot {version}: answering the temporary failure (check the "
                          "MTA's list domains and the store)", protocol=protocol,
-                         domain=domain, version=snapshot.version)
+                         domain=capped(domain), version=snapshot.version)
             return self.trouble(protocol, "not-managed",
                                 f"{domain or '(no domain)'} is not a list domain here",
                                 started)
@@ -207,7 +208,8 @@ class Decider:
         logged = self.failures.first(where)
         recipient = sender = None
         if query is not None:
-            recipient, sender = query.recipient, query.envelope_sender
+            # Cut like the decision line's fields: an address can be tens of kilobytes.
+            recipient, sender = capped(query.recipient), capped(query.envelope_sender)
         if logged and in_email and isinstance(error, RecursionError):
             # Not a bug of policyd's: a header nested too deep for the standard
             # library's parser (``a:a:a:...``), which any sender can send.

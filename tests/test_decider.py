@@ -315,3 +315,42 @@ def test_a_snapshot_stale_past_max_stale_gets_the_temporary_failure_until_a_chec
         "exim": {"reject": 1, "unavailable": 2}, "postfix": {"accept": 2, "unavailable": 1}}
     thread.step()  # it ends, having begun 898 s ago: the snapshot is confirmed
     assert decider.decide(post, "exim").decision.verdict.value == "reject"
+
+
+def _logged_lines(run) -> list[str]:
+    from twisted.logger import formatEvent, globalLogPublisher
+
+    events: list = []
+    globalLogPublisher.addObserver(events.append)
+    try:
+        run()
+    finally:
+        globalLogPublisher.removeObserver(events.append)
+    return [formatEvent(event) for event in events if event.get("log_namespace")
+            == "policyd.decision"]
+
+
+def test_a_failure_and_an_unmanaged_domain_log_bounded_lines():
+    """A 60 KB address (a client's recipient or sender) was written whole in the failure
+    line and the ``not a list domain`` warning: a line of ~64 KB.  Both now cut the
+    recipient, the sender and the domain like the decision line's fields (``capped``)."""
+    from policyd.logging import FIELD_MAX
+
+    huge = "x" * 60_000
+    bound = 6 * FIELD_MAX + 1000
+
+    def broken(snapshot, query, *, explain=True):
+        raise RuntimeError("bug")
+    decider = Decider(StaticSnapshots(sample_snapshot()), ReplyPolicy(), decide=broken)
+    lines = _logged_lines(lambda: decider.decide(
+        Query(f"{huge}@lists.example.com", f"{huge}@example.net"), "exim"))
+    failed = [line for line in lines if "the decision failed" in line]
+    assert len(failed) == 1 and len(failed[0]) < bound, len(failed[0])
+    assert "recipient='xxxx" in failed[0] and "...(+" in failed[0]
+
+    decider = Decider(StaticSnapshots(sample_snapshot()), ReplyPolicy())
+    lines = _logged_lines(lambda: decider.decide(
+        Query(f"list@{huge}.example", "a@example.net"), "exim", names_a_list=True))
+    warned = [line for line in lines if "not a list domain" in line]
+    assert len(warned) == 1 and len(warned[0]) < bound, len(warned[0])
+    assert "...(+" in warned[0]
