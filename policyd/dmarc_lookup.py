@@ -300,6 +300,8 @@ class DmarcLookup:
             del self._cache[name]
             return None
         self.counts["hits"] += 1
+        # The most recently used now: the cache evicts the least recently used name.
+        self._cache.move_to_end(name)
         return answer
 
     def lookup(self, names) -> Deferred:

@@ -169,7 +169,7 @@ KEY_HELP: dict[str, dict[str, str]] = {
                    "a DNS failure, which mitigates as in Mailman.",
         "cache_ttl": "Seconds an answer (a record, NXDOMAIN, no record) is cached.",
         "failure_ttl": "Seconds a failed lookup is cached.",
-        "cache_size": "At most this many names cached (least recently stored out first).",
+        "cache_size": "At most this many names cached (least recently used out first).",
         "public_suffix_list": "The public suffix list file for organizational domains "
                               "(Mailman downloads org_domain_data_url; policyd reads "
                               "Debian's publicsuffix package). Missing: the last two "

@@ -301,12 +301,29 @@ def test_lookup_caches_and_expires():
 
 
 def test_cache_is_bounded():
-    """At most max_entries names, the least recently stored out first."""
+    """At most max_entries names, the least recently used out first."""
     resolver = FakeResolver({f"_dmarc.{i}.com": [] for i in range(5)})
     lookup = DmarcLookup(Clock(), PSL, resolver=resolver, max_entries=3)
     lookup.lookup([f"_dmarc.{i}.com" for i in range(5)])
     assert [lookup.known(f"_dmarc.{i}.com") is None for i in range(5)] == \
         [True, True, False, False, False]
+
+
+def test_a_cache_hit_keeps_its_name_from_being_evicted():
+    """The cache evicts the least recently used name, as documented: a hit (``known``,
+    also asked by ``lookup`` for every name) makes a name the most recent.  It evicted
+    the oldest stored name whatever had been used since, so a domain asked about all
+    day was looked up again every ``max_entries`` new names."""
+    resolver = FakeResolver({f"_dmarc.{i}.com": [] for i in range(5)})
+    lookup = DmarcLookup(Clock(), PSL, resolver=resolver, max_entries=3)
+    lookup.lookup([f"_dmarc.{i}.com" for i in range(3)])
+    assert lookup.known("_dmarc.0.com") is not None  # 0 is now the most recent
+    lookup.lookup(["_dmarc.3.com"])                   # evicts 1, not 0
+    lookup.lookup(["_dmarc.0.com"])                   # a hit through lookup(): no query
+    lookup.lookup(["_dmarc.4.com"])                   # evicts 2
+    assert [lookup.known(f"_dmarc.{i}.com") is None for i in range(5)] == \
+        [False, True, True, False, False]
+    assert [n for n, _ in resolver.asked].count("_dmarc.0.com") == 1
 
 
 def test_failures_logged_once_per_incident():
