@@ -24,7 +24,7 @@ from .core.verdict import Query
 from .decider import Decider
 from .listeners import Listener
 from .logging import DecisionLog
-from .protocols.control import ControlFactory, query_result
+from .protocols.control import RELOAD_WAIT, ControlFactory, query_result
 from .protocols.exim import EximFactory
 from .protocols.postfix import PostfixFactory
 from .snapshot_service import SnapshotService, StoreThread
@@ -132,6 +132,8 @@ class PolicyService(MultiService):
         self.backend = backend
         self.install_signals = install_signals
         self.on_sighup = on_sighup
+        # A SIGHUP waits for its reload (to tell systemd): later ones meanwhile join it.
+        self._sighup_waiting = False
         # ``policyd.runtime.tuning.Tuning`` when the daemon applies runtime tuning.
         self.tuning = tuning
         self.store_thread = store_thread if store_thread is not None else StoreThread(reactor)
@@ -209,7 +211,8 @@ class PolicyService(MultiService):
             self.moderation.setServiceParent(self)
             for listener in listeners:
                 listener.factory.moderation = self.moderation
-        self.control_factory = ControlFactory(self, reactor)
+        self.control_factory = ControlFactory(
+            self, reactor, reload_wait=self.snapshots.refresh_timeout or RELOAD_WAIT)
         control = str(config.daemon.control_socket)
         listeners.append(Listener(
             reactor, "control", "[daemon] control_socket", control, self.control_factory,
@@ -331,16 +334,22 @@ class PolicyService(MultiService):
         """The factory of the first listener of ``kind`` (for tests)."""
         return next(l.factory for l in self.listeners if l.kind == kind)
 
-    def sighup(self) -> defer.Deferred:
+    def sighup(self) -> defer.Deferred | None:
         log.info("SIGHUP: reloading the data")
         if self.on_sighup is not None:
             try:
                 self.on_sighup()
             except Exception:
                 log.failure("SIGHUP hook failed")
+        if self._sighup_waiting:
+            # One SIGHUP already waits for the reload: this one joins it, nothing kept.
+            self.snapshots.reload(wait=False)
+            return None
+        self._sighup_waiting = True
         d = self.snapshots.reload()
 
         def tell_systemd(result):
+            self._sighup_waiting = False
             if self.notifier.is_ready:
                 self.notifier.update_status()
             return result
@@ -401,7 +410,19 @@ class PolicyService(MultiService):
 
     @defer.inlineCallbacks
     def reload(self):
-        ok = yield self.snapshots.reload()
-        status = self.snapshots.status()
-        return {"reloaded": bool(ok), "snapshot": status["snapshot"],
-                "error": None if ok else self.snapshots.last_error}
+        """``policyctl reload``'s answer.  Cancelled (the control socket gives up
+        waiting: ``ControlFactory.reload_wait``, or its connection is needed for
+        another), it answers that the reload is still running, and why; the reload
+        itself still runs."""
+        snapshots = self.snapshots
+        try:
+            ok = yield snapshots.reload()
+        except defer.CancelledError:
+            ok = None
+        status = snapshots.status()
+        if ok is None:
+            error = f"reload still running: {snapshots.reload_delay()}"
+        else:
+            error = None if ok else snapshots.last_error
+        return {"reloaded": bool(ok), "snapshot": status["snapshot"], "error": error,
+                **({"running": True} if ok is None else {})}

@@ -18,7 +18,8 @@ Failure policy:
   refresh: it loads what changed through the usual path, the failure is logged once
   until a verification build works again, and ``status()`` says since when it fails;
 * two refreshes never overlap: a tick that finds one running does nothing, a forced reload
-  requested meanwhile runs right after it;
+  requested meanwhile runs right after it, one for all the reloads requested meanwhile;
+  a caller that stops waiting for it is forgotten (see ``reload``);
 * a store whose change detection cannot be trusted (the native store's triggers missing
   or disabled: ``change_detection_problem``) keeps being served, from full builds; it is
   logged once, and ``status()`` says unhealthy with the reason until it is fixed;
@@ -161,6 +162,9 @@ class SnapshotService(Service):
     QUIET_MAX = 300.0
     # During an incident, what failed after its first line is summed up this often.
     SUMMARY_INTERVAL = 300.0
+    # Callers of ``reload`` waiting at once, at most (the control socket's connections
+    # and one SIGHUP need far fewer): past it the oldest stops waiting.
+    MAX_RELOAD_WAITERS = 64
 
     def __init__(self, backend, *, interval: float, clock, run_in_thread: RunInThread,
                  describe_store: str = "", refresh_timeout: float | None = None,
@@ -237,7 +241,14 @@ class SnapshotService(Service):
         # Why the store's change detection cannot be trusted (the backend's
         # ``change_detection_problem`` after the last refresh), else None.
         self.change_detection_problem: str | None = None
-        self._forced: list[Deferred] = []
+        # Reloads (``reload``) asked while a refresh runs share one forced refresh after
+        # it: ``_force_next`` says one is due; ``_forced`` holds the callers waiting for
+        # it, ``_forced_running`` those waiting for the forced refresh running now.  A
+        # caller that stops waiting (cancels its Deferred: its control connection gone,
+        # its answer given up) leaves both, and at most ``MAX_RELOAD_WAITERS`` wait.
+        self._force_next = False
+        self._forced: dict[Deferred, None] = {}
+        self._forced_running: dict[Deferred, None] = {}
         self._attempt_waiters: list[Deferred] | None = []
         self._timer = TimerService(interval, self.tick)
         self._timer.clock = clock
@@ -313,19 +324,57 @@ class SnapshotService(Service):
         d.addErrback(self._unexpected)
         return d
 
-    def reload(self) -> Deferred:
+    def reload(self, wait: bool = True) -> Deferred | None:
         """Load a new snapshot whatever the change token says (SIGHUP, ``reload``).
 
-        Fires with ``True`` once a snapshot is in place, ``False`` if the load failed (the
-        last good snapshot stays).  Never fails.
+        While a refresh runs, the reload is one full build right after it, shared by
+        every reload asked meanwhile however many (a SIGHUP storm during a stuck store
+        is one build, not thousands).  With ``wait`` (the default) the result is a
+        Deferred of the caller's own: ``True`` once a snapshot is in place, ``False`` if
+        the load failed (the last good snapshot stays), ``None`` if it stopped waiting
+        because more than ``MAX_RELOAD_WAITERS`` callers wait (the oldest stops; the
+        build still runs).  Cancelling it stops that caller's wait only (the build still
+        runs) and forgets the caller.  Without ``wait``: ``None``, and nothing kept
+        about the caller.  Never fails (but for the caller's own cancel).
         """
+        waiter = None
+        if wait:
+            waiter = Deferred(self._forget)
+            if len(self._forced) >= self.MAX_RELOAD_WAITERS:
+                oldest = next(iter(self._forced))
+                del self._forced[oldest]
+                oldest.callback(None)
+            self._forced[waiter] = None
         if self._busy is not None:
-            waiter: Deferred = Deferred()
-            self._forced.append(waiter)
+            self._force_next = True
             return waiter
+        self._force_now()
+        return waiter
+
+    def _force_now(self) -> None:
+        """Start the forced refresh that the callers in ``_forced`` wait for."""
+        self._force_next = False
+        self._forced_running, self._forced = self._forced, {}
         d = self.refresh(force=True)
         d.addErrback(self._unexpected)
-        return d
+
+    def _forget(self, waiter: Deferred) -> None:
+        """A caller of ``reload`` stopped waiting (cancelled its Deferred)."""
+        self._forced.pop(waiter, None)
+        self._forced_running.pop(waiter, None)
+
+    def reload_delay(self) -> str:
+        """Why a reload asked now is not done yet, for an answer that stops waiting."""
+        running = self.refresh_running_for()
+        if running is None:
+            return "the store refresh it waits for has not ended yet"
+        timeout = self.refresh_timeout
+        stuck = ""
+        if timeout is not None and running >= timeout:
+            stuck = (f" (more than [store] refresh_timeout = {timeout:g} s: the store is "
+                     "stuck or very slow)")
+        after = "; the reload runs when it ends" if self._force_next else ""
+        return f"a store refresh has been running for {running:.1f} s{stuck}{after}"
 
     def changed(self) -> None:
         """The store says it changed (a notification, or its listener is listening
@@ -605,17 +654,16 @@ class SnapshotService(Service):
         waiters, self._attempt_waiters = self._attempt_waiters, None
         for waiter in waiters or ():
             waiter.callback(None)
-        forced, self._forced = self._forced, []
-        if forced and self.running:
-            d = self.refresh(force=True)
-            d.addErrback(self._unexpected)
-
-            def wake(ok):
-                for waiter in forced:
-                    waiter.callback(ok)
-                return ok
-            d.addCallback(wake)
+        # Who waited for this refresh (a forced one): whether it loaded a snapshot.
+        ok = result if isinstance(result, bool) else False
+        woken, self._forced_running = self._forced_running, {}
+        for waiter in woken:
+            waiter.callback(ok)
+        if self._force_next and self.running:
+            self._force_now()
         else:
+            self._force_next = False
+            forced, self._forced = self._forced, {}
             for waiter in forced:
                 waiter.callback(False)
             check_again, self._check_again = self._check_again, False

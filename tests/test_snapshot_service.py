@@ -919,3 +919,83 @@ def test_a_stalled_refresh_timer_is_seen_on_the_monotonic_clock():
         assert "no store refresh has run for 120.0 s" in service.stale_reason()
     assert service.status()["store"]["healthy"] is False
     assert len(stale_lines(events)) == 1
+
+
+def stuck(thread):
+    """A service whose second refresh hangs in the store (``thread`` never steps it)."""
+    service, backend, clock = make(run=thread.run)
+    service.startService()
+    thread.step()  # the first load works
+    clock.advance(2)  # the next refresh starts, and the store hangs
+    assert service.refresh_running_for() is not None
+    backend.calls.clear()
+    return service, backend, clock
+
+
+def refreshes(thread, service) -> list:
+    """The refreshes queued in ``thread`` (not what else it runs: the old snapshot's
+    release)."""
+    return [job for job in thread.jobs if job[1] == service._work]
+
+
+def test_reloads_during_a_stuck_refresh_share_one_build_and_forget_who_gave_up():
+    """Reloads asked while a refresh hangs are one full build after it, whoever asked;
+    a caller that stops waiting (cancels: its control connection gone) is forgotten at
+    once, so what the service keeps is bounded by the callers still waiting."""
+    thread = ManualThread()
+    service, backend, clock = stuck(thread)
+    waiters = [service.reload() for _ in range(10)]
+    for _ in range(1000):
+        assert service.reload(wait=False) is None  # SIGHUP: asks, keeps nothing
+    gone = []
+    for waiter in waiters[1:]:
+        waiter.addErrback(lambda f: gone.append(f.trap(defer.CancelledError)))
+        waiter.cancel()
+    assert len(gone) == 9
+    assert len(service._forced) == 1
+    results = []
+    waiters[0].addCallback(results.append)
+    thread.step()  # the stuck refresh ends at last
+    assert len(refreshes(thread, service)) == 1 and results == []  # one for them all
+    thread.step()
+    assert results == [True]
+    assert backend.calls == ["change_token", "load_snapshot"]
+    assert not refreshes(thread, service)
+    assert not service._forced and not service._forced_running
+
+
+def test_a_reload_storm_during_a_stuck_refresh_keeps_a_bounded_number_of_waiters():
+    """100,000 reloads during a stuck refresh, none of them cancelled: at most
+    ``MAX_RELOAD_WAITERS`` are kept, the oldest stop waiting (``None``), and the one
+    build after the stuck refresh answers the rest."""
+    thread = ManualThread()
+    service, backend, clock = stuck(thread)
+    first = []
+    service.reload().addCallback(first.append)
+    last = [service.reload() for _ in range(100_000)][-1]
+    assert len(service._forced) == SnapshotService.MAX_RELOAD_WAITERS
+    assert first == [None]
+    results = []
+    last.addCallback(results.append)
+    thread.step()
+    thread.step()
+    assert results == [True] and not refreshes(thread, service)
+    assert backend.calls.count("load_snapshot") == 1
+
+
+def test_reload_delay_says_what_the_reload_waits_for():
+    """What a reload that stopped waiting is answered: the refresh it waits for, how
+    long it has run, and that it is past ``refresh_timeout``."""
+    thread = ManualThread()
+    clock = Clock()
+    service = SnapshotService(FakeBackend(), interval=2.0, clock=clock,
+                              run_in_thread=thread.run, monotonic=clock.seconds,
+                              refresh_timeout=30.0)
+    service.startService()
+    thread.step()
+    clock.advance(2)
+    service.reload(wait=False)
+    clock.advance(45)
+    assert service.reload_delay() == (
+        "a store refresh has been running for 45.0 s (more than [store] refresh_timeout "
+        "= 30 s: the store is stuck or very slow); the reload runs when it ends")

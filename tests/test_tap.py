@@ -279,6 +279,47 @@ def test_reload_and_sighup(tmp_path):
         service.stopService()
 
 
+def test_reload_on_a_stuck_store_is_answered_still_running_and_sighups_join(tmp_path):
+    """While a store refresh hangs: ``policyctl reload`` is answered after ``[store]
+    refresh_timeout`` that the reload still runs and why (``reloaded`` false: exit 5),
+    leaving no waiter behind; SIGHUPs meanwhile keep one waiter however many come; the
+    one build after the stuck refresh serves them all."""
+    from .protocols.fakes import ManualThread
+
+    service, reactor, backend = build(tmp_path)
+    service.startService()
+    try:
+        snapshots = service.snapshots
+        thread = ManualThread()
+        snapshots.run_in_thread = thread.run
+        reactor.advance(snapshots.interval)  # this refresh hangs
+        timeout = snapshots.refresh_timeout
+        assert service.control_factory.reload_wait == timeout
+        proto = service.control_factory.buildProtocol(None)
+        transport = StringTransport()
+        proto.makeConnection(transport)
+        proto.dataReceived(b'{"op": "reload"}\n')
+        for _ in range(1000):
+            service.sighup()
+        assert len(snapshots._forced) == 2  # the control client and the first SIGHUP
+        reactor.advance(timeout)
+        answer = json.loads(transport.value())["result"]
+        assert answer["reloaded"] is False and answer["running"] is True
+        assert answer["error"] == (
+            f"reload still running: a store refresh has been running for {timeout:.1f} s "
+            f"(more than [store] refresh_timeout = {timeout:g} s: the store is stuck or "
+            "very slow); the reload runs when it ends")
+        assert len(snapshots._forced) == 1
+        backend.calls.clear()
+        thread.step()
+        thread.step()
+        assert backend.calls.count("load_snapshot") == 1
+        assert not snapshots._forced and not snapshots._forced_running
+        assert not service._sighup_waiting
+    finally:
+        service.stopService()
+
+
 def test_signal_handler_installed_only_when_asked(tmp_path):
     service, reactor, backend = build(tmp_path)
     before = signal.getsignal(signal.SIGHUP)

@@ -22,6 +22,15 @@ Bounded as the MTA listeners are: a query field longer than an MTA can send
 (``FIELD_LIMITS``) is refused with an error naming it, a line longer than ``MAX_LINE``
 or not complete ``LINE_TIMEOUT`` after its first byte is answered with an error and the
 connection closed.
+
+A ``reload`` waits for the snapshot, but not for ever: after ``reload_wait`` seconds (the
+daemon's ``[store] refresh_timeout``), or when its connection is needed at the limit for
+a newcomer (a waiting reload may be closed for one like an idle connection, once it has
+waited ``EVICT_MIN_IDLE`` seconds: so that ``policyctl status`` is answered while a stuck
+store holds every reload), the control socket stops waiting and answers that the reload
+is still running (the service's answer says why; the reload itself still runs: its
+build is only queued behind the refresh in progress).  A client that goes away stops
+its wait too.
 """
 
 from __future__ import annotations
@@ -45,7 +54,7 @@ from .postfix import MODERATION_MODES as POSTFIX_MODES, answer_action, postfix_q
 
 log = Logger(namespace="policyd.control")
 
-__all__ = ["OPS", "FIELD_LIMITS", "ControlRequest", "parse_request", "format_response",
+__all__ = ["OPS", "RELOAD_WAIT", "FIELD_LIMITS", "ControlRequest", "parse_request", "format_response",
            "query_result", "preview_dict", "exim_preview_dict", "reply_dict",
            "ControlProtocol", "ControlFactory"]
 
@@ -85,6 +94,9 @@ LINE_TIMEOUT = 10.0
 #: A line longer than ``MAX_BYTES_PER_TURN`` is answered in a turn of its own.
 MAX_PER_TURN = 16
 MAX_BYTES_PER_TURN = 64 << 10
+#: How long a ``reload`` answer is waited for, unless the daemon sets its own
+#: (``[store] refresh_timeout``: a refresh running longer is a stuck store).
+RELOAD_WAIT = 30.0
 
 
 @dataclass(frozen=True)
@@ -292,6 +304,10 @@ class ControlProtocol(Protocol):
         # ``_buffer[:_searched]`` holds no newline: where the next search starts.
         self._searched = 0
         self._waiting: defer.Deferred | None = None  # an answer not given yet
+        # Whether that answer is a reload's, which the daemon may stop waiting for
+        # (``ControlFactory.gives_up``), and since when it is awaited.
+        self._may_give_up = False
+        self._waiting_since = 0.0
         self._next_turn = None  # the delayed call that goes on with the buffer
         self._output_full = False
         self._reading = True
@@ -401,10 +417,13 @@ class ControlProtocol(Protocol):
 
     def idle_for(self, now: float) -> float:
         """Seconds counted against this connection at the limit: never while a request
-        is being answered; half a line: since it began, however often bytes of it came
-        since; silent after ``SILENT_GRACE`` or done with its requests: closable at
-        once."""
+        is being answered, but for a reload waited for (since it was asked: it is
+        answered that it still runs, ``evict``); half a line: since it began, however
+        often bytes of it came since; silent after ``SILENT_GRACE`` or done with its
+        requests: closable at once."""
         if self.pending:
+            if self._may_give_up and self._waiting is not None:
+                return now - self._waiting_since
             return -1.0
         if self._buffer and self._reading:
             return now - self.line_began
@@ -418,8 +437,18 @@ class ControlProtocol(Protocol):
         return not self.reads
 
     def evict(self) -> None:
-        """Closed for the limit or idle past ``IDLE_TIMEOUT``: nothing is in progress."""
+        """Closed for the limit or idle past ``IDLE_TIMEOUT``: nothing is in progress but
+        perhaps a reload waited for, answered first that it still runs."""
+        self._closing = True
+        self._give_up()
         self._close()
+
+    def _give_up(self) -> None:
+        """Stop waiting for a reload (its answer, if the peer is still there, says that
+        it still runs)."""
+        if self._may_give_up and self._waiting is not None:
+            self._may_give_up = False
+            self._waiting.cancel()
 
     def _handle(self, line: bytes) -> None:
         self.pending += 1
@@ -429,14 +458,18 @@ class ControlProtocol(Protocol):
             log.failure("control request failed", failure,
                         rate_limit="failed control requests")
             return format_response(error=f"internal error: {failure.getErrorMessage()}")
+        may_give_up = self.factory.gives_up(d)
         d.addErrback(failed)
         d.addCallback(self._write)
         if not d.called:  # a reload, a moderator's password: later lines wait for it
             self._waiting = d
+            self._may_give_up = may_give_up
+            self._waiting_since = self.factory.reactor.seconds()
             d.addBoth(self._answered)
 
     def _answered(self, _) -> None:
         self._waiting = None
+        self._may_give_up = False
         self._process()
 
     def _write(self, data: bytes) -> None:
@@ -466,6 +499,8 @@ class ControlProtocol(Protocol):
 
     def connectionLost(self, reason=None) -> None:
         self._closing = True
+        self.connected = False
+        self._give_up()  # nobody reads the answer: the service forgets the wait
         if self._next_turn is not None and self._next_turn.active():
             self._next_turn.cancel()
         self._next_turn = None
@@ -477,7 +512,14 @@ class ControlFactory(TrackingFactory):
     closed for a newcomer, else the newcomer refused, one log line per incident), none
     idle past ``IDLE_TIMEOUT``, and at most ``CLOSING_SLACK`` more being closed.  Counted
     apart from the MTA listeners (a ``ProcessLimits`` of its own): they take from the
-    reserve, never from the MTAs' share."""
+    reserve, never from the MTAs' share.
+
+    A reload's answer is waited for at most ``reload_wait`` seconds; a connection whose
+    reload has been waited for ``EVICT_MIN_IDLE`` seconds counts at the limit as idle
+    since it asked, so that 16 reloads waiting on a stuck store cannot keep ``policyctl
+    status`` out (evicting one, rather than a reserve of connections for ``status``
+    beyond the limit: which op a newcomer sends is unknown when it is admitted, and the
+    evicted reload loses nothing but its wait)."""
 
     protocol = ControlProtocol
     max_connections = MAX_CONNECTIONS
@@ -485,7 +527,7 @@ class ControlFactory(TrackingFactory):
     # later; an idle connection after ``IDLE_TIMEOUT``.
     sweep_interval = LINE_TIMEOUT / 4
 
-    def __init__(self, service, reactor) -> None:
+    def __init__(self, service, reactor, reload_wait: float = RELOAD_WAIT) -> None:
         # Its own count (``max_open`` = ``MAX_CONNECTIONS``): at most ``CLOSING_SLACK``
         # more are held while being closed (their descriptors are freed on the reactor's
         # next turn), however many a burst brings in one turn.
@@ -493,6 +535,9 @@ class ControlFactory(TrackingFactory):
             descriptors=MAX_CONNECTIONS + RESERVED_DESCRIPTORS))
         self.limits.register(self)
         self.service = service
+        self.reload_wait = reload_wait
+        # The reloads' answers not given yet (``gives_up``).
+        self._reloads: set[defer.Deferred] = set()
 
     def sweep(self, now: float) -> None:
         stalled = 0
@@ -534,5 +579,27 @@ class ControlFactory(TrackingFactory):
         if request.op == "status":
             return format_response(self.service.status())
         d = defer.maybeDeferred(self.service.reload)
+        if not d.called:
+            asked = self.reactor.seconds()
+            d.addTimeout(self.reload_wait, self.reactor)
+            d.addErrback(self._still_running, asked)
+            self._reloads.add(d)
+            d.addBoth(self._reload_answered, d)
         d.addCallback(format_response)
         return d
+
+    def gives_up(self, answer) -> bool:
+        """Whether ``answer`` (what ``handle`` returned) is a reload's, which may be
+        stopped waiting for (cancelled: the service answers that it still runs)."""
+        return answer in self._reloads
+
+    def _reload_answered(self, result, d):
+        self._reloads.discard(d)
+        return result
+
+    def _still_running(self, failure, asked: float):
+        """A service whose reload does not say itself that it stopped waiting."""
+        failure.trap(defer.CancelledError, defer.TimeoutError)
+        waited = self.reactor.seconds() - asked
+        return {"reloaded": False, "running": True,
+                "error": f"reload still running after {waited:.1f} s"}

@@ -216,13 +216,16 @@ def test_at_the_limit_the_idle_longest_makes_room_never_a_request_in_progress():
     assert transports[1].disconnecting  # the answered one, idle longest
     assert not transports[0].disconnecting  # its reload is still in progress
     done.connectionLost(None)
-    # Every other one is busy now: the next newcomer is refused.
+    # Every other one is busy now, their reloads asked just now: the next newcomer is
+    # refused (the reload waited for 6 s would make room: it is answered first).
+    service.reloads[0].callback({"reloaded": True})
+    assert lines(transports[0]) == [{"ok": True, "result": {"reloaded": True}}]
+    transports[0].clear()
+    busy.dataReceived(b'{"op": "reload"}\n')
     for proto in [*rest, newcomer]:
         proto.dataReceived(b'{"op": "reload"}\n')
     assert _open(factory, transports) is None
     assert factory.refused == 1
-    service.reloads[0].callback({"reloaded": True})
-    assert lines(transports[0]) == [{"ok": True, "result": {"reloaded": True}}]
 
 
 def test_a_connection_idle_past_the_timeout_is_closed_one_in_progress_is_not():
@@ -442,7 +445,7 @@ def test_a_line_held_behind_an_awaited_answer_is_timed_from_when_reading_resumes
     proto, transport, service, factory = connect()
     clock = factory.reactor
     proto.dataReceived(b'{"op": "reload"}\n{"op": "sta')
-    clock.advance(3 * LINE_TIMEOUT)
+    clock.advance(2 * LINE_TIMEOUT)  # less than the reload's own wait (RELOAD_WAIT)
     assert not transport.disconnecting
     service.reloads[0].callback({"reloaded": True})
     clock.advance(LINE_TIMEOUT / 2)
@@ -536,3 +539,118 @@ def test_one_turn_answers_a_bounded_number_of_bytes():
     next_turn(factory2.reactor)
     assert len(lines(transport2)) == 3
     assert control.MAX_BYTES_PER_TURN == BYTES_PER_TURN
+
+
+# --- reloads waiting on a stuck store ------------------------------------------------------
+
+
+class CancellableService(FakeService):
+    """``reload`` as the daemon's: its Deferred may be cancelled (the caller stops
+    waiting), which the service notes in ``cancelled``."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.cancelled: list[defer.Deferred] = []
+
+    def reload(self):
+        d = defer.Deferred(self.cancelled.append)
+        self.reloads.append(d)
+        return d
+
+
+def test_a_reload_is_waited_for_at_most_reload_wait_then_answered_still_running():
+    """A reload whose snapshot does not come (a stuck store) is answered after
+    ``reload_wait`` seconds that it still runs, the service told to stop waiting (its
+    waiter cancelled), and the connection is usable again."""
+    clock = Clock()
+    service = CancellableService()
+    factory = ControlFactory(service, clock, reload_wait=30.0)
+    transports: list = []
+    proto = _open(factory, transports)
+    proto.dataReceived(b'{"op": "reload"}\n')
+    clock.advance(29)
+    assert transports[0].value() == b"" and not service.cancelled
+    clock.advance(1)
+    assert service.cancelled == service.reloads
+    assert lines(transports[0]) == [{"ok": True, "result": {
+        "reloaded": False, "running": True, "error": "reload still running after 30.0 s"}}]
+    transports[0].clear()
+    proto.dataReceived(STATUS)
+    assert lines(transports[0]) == [{"ok": True, "result": {"uptime": 1.5}}]
+
+
+def test_a_client_that_goes_away_stops_its_reload_wait():
+    """``policyctl reload`` giving up (its own timeout) closes its connection: the
+    service is told at once (the waiter cancelled), nothing is written."""
+    clock = Clock()
+    service = CancellableService()
+    factory = ControlFactory(service, clock)
+    transports: list = []
+    proto = _open(factory, transports)
+    proto.dataReceived(b'{"op": "reload"}\n')
+    clock.advance(5)
+    proto.connectionLost(None)
+    assert service.cancelled == service.reloads
+    assert transports[0].value() == b""
+    assert not factory.connections
+    clock.advance(60)  # no timer left behind writes to it
+    assert transports[0].value() == b""
+
+
+def test_status_is_answered_when_every_connection_waits_for_a_reload():
+    """Every connection of the control socket waits for a reload on a stuck store:
+    ``policyctl status`` is still admitted, the reload waited for longest (over
+    ``EVICT_MIN_IDLE``) making room, answered first that it still runs; the reload
+    itself is the service's and goes on."""
+    clock = Clock()
+    service = CancellableService()
+    factory = ControlFactory(service, clock)
+    transports: list = []
+    for _ in range(control.MAX_CONNECTIONS):
+        _open(factory, transports).dataReceived(b'{"op": "reload"}\n')
+        clock.advance(0.1)
+    clock.advance(2)
+    newcomer = _open(factory, transports)
+    assert newcomer is not None
+    newcomer.dataReceived(STATUS)
+    assert lines(transports[-1]) == [{"ok": True, "result": {"uptime": 1.5}}]
+    assert transports[0].disconnecting  # the first reload, waited for longest
+    assert not any(t.disconnecting for t in transports[1:])
+    assert lines(transports[0]) == [{"ok": True, "result": {
+        "reloaded": False, "running": True, "error": "reload still running after 3.6 s"}}]
+    assert service.cancelled == service.reloads[:1]
+
+
+def test_reloads_from_connections_that_went_away_leave_nothing_in_the_snapshot_service():
+    """With the real snapshot service: while a refresh hangs, control clients asking
+    for a reload and giving up leave no waiter behind; those still connected get the
+    one build that follows."""
+    from policyd.snapshot_service import SnapshotService
+
+    from .fakes import FakeBackend, ManualThread
+
+    clock = Clock()
+    thread = ManualThread()
+    snapshots = SnapshotService(FakeBackend(), interval=2.0, clock=clock,
+                                run_in_thread=thread.run, monotonic=clock.seconds)
+    snapshots.startService()
+    thread.step()
+    clock.advance(2)  # this refresh hangs
+
+    class Service(FakeService):
+        def reload(self):
+            return snapshots.reload()
+
+    factory = ControlFactory(Service(), clock)
+    for _ in range(1000):
+        proto = factory.buildProtocol(None)
+        proto.makeConnection(StringTransport())
+        proto.dataReceived(b'{"op": "reload"}\n')
+        proto.connectionLost(None)
+    assert not snapshots._forced
+    transports: list = []
+    _open(factory, transports).dataReceived(b'{"op": "reload"}\n')
+    assert len(snapshots._forced) == 1
+    thread.step()  # the hung refresh ends
+    thread.step()  # the reload's build
+    assert lines(transports[0]) == [{"ok": True, "result": True}]
