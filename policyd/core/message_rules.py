@@ -220,6 +220,10 @@ def lmtp_fields(message: Message, envelope_sender: str) -> tuple[tuple[str, str]
     return tuple(out)
 
 
+#: The fields ``add_message_hash`` replaces.
+_HASH_FIELDS = ("message-id-hash", "x-message-id-hash")
+
+
 def _fixed_message_id(value: str) -> str:
     # runners/lmtp.py: "Workaround for bogus Message-IDs. See #1065."
     return re.sub(r"^<?\[(.*)\]>?", r"<\1>", value)
@@ -246,6 +250,14 @@ def mailman_view(ctx: Context) -> Message:
 def _mailman_view(message: Message, envelope_sender: str, password: bool) -> Message:
     if password:
         message = _after_approved(message)
+    names = message._names()
+    if "message-id-hash" in names or "x-message-id-hash" in names:
+        # ``add_message_hash`` deletes every hash field the message came with before it
+        # adds its own: a forged one is never seen by Mailman's rules.
+        message = message._replace(
+            headers=tuple(pair for pair, name in zip(message.headers, names)
+                          if name not in _HASH_FIELDS),
+            names=tuple(name for name in names if name not in _HASH_FIELDS))
     headers = list(message.headers)
     message_id = message.first("message-id")
     if message_id is not None and _fixed_message_id(message_id) != message_id:

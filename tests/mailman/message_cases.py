@@ -79,6 +79,10 @@ def content_lists() -> list[dict]:
          "default_nonmember_action": "reject", "members": [{"address": MEMBER}],
          "content": {"header_matches": [["X-MailFrom", r"@trusted\.example$", "accept"],
                                         ["Approved", ".", "discard"],
+                                        # a hash the message itself carries: Mailman's
+                                        # LMTP runner deletes it before adding its own
+                                        ["Message-ID-Hash", "^FORGED$", "discard"],
+                                        ["X-Message-ID-Hash", "^FORGED$", "discard"],
                                         ["X-Message-ID-Hash", "^[A-Z2-7]{32}$", "hold"]]}},
     ]
 
@@ -297,6 +301,16 @@ def content_cases() -> list[dict]:
          _std(LMTP, extra=[("Approved", "x")]), STRANGER,
          "no moderator password: Approved: stays"),
         ("lmtp-hash", "header-match", _std(LMTP), STRANGER, "X-Message-ID-Hash:"),
+        ("lmtp-hash-written", "header-match",
+         _std(LMTP, extra=[("X-Message-ID-Hash", "FORGED")]), STRANGER,
+         "an X-Message-ID-Hash: of the message's own is replaced by Mailman's"),
+        ("lmtp-hash-written-both", "header-match",
+         _std(LMTP, extra=[("Message-ID-Hash", "FORGED"), ("x-message-id-hash", "FORGED")]),
+         STRANGER, "both hash fields of the message's own, any case, are replaced"),
+        ("lmtp-hash-written-no-message-id", "header-match",
+         [h for h in _std(LMTP, extra=[("Message-ID-Hash", "FORGED")])
+          if h[0] != "Message-ID"], STRANGER,
+         "no Message-ID: Mailman makes one, then replaces the hash fields"),
         ("lmtp-no-message-id", "header-match",
          [h for h in _std(LMTP) if h[0] != "Message-ID"], STRANGER,
          "Mailman makes a Message-ID, and its hash"),
