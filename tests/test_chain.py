@@ -237,6 +237,30 @@ def test_any_banned_sender_discards():
           "banned-address", "bad@x.example")
 
 
+@pytest.mark.parametrize("bans, site, sender, verdict", [
+    # Mailman's is_banned: exact bans (list, then site) before any pattern: no error.
+    (("^(bad", "bad@x.example"), (), "bad@x.example", Verdict.DISCARD),
+    (("^(bad",), ("bad@x.example",), "bad@x.example", Verdict.DISCARD),
+    # Else it reaches the entry that does not compile and raises: the post is shunted.
+    (("^(bad",), (), "anyone@x.example", Verdict.DEFER),
+    ((), ("^[bad",), "anyone@x.example", Verdict.DEFER),
+    # A list pattern that bans the sender comes before the site's patterns ...
+    (("^any",), ("^[bad",), "anyone@x.example", Verdict.DISCARD),
+    # ... but beside a bad list entry, the rows' order decides: doubt.
+    (("^any", "^(bad"), (), "anyone@x.example", Verdict.DEFER),
+])
+def test_a_ban_that_does_not_compile_is_doubt(bans, site, sender, verdict):
+    """Unlike a ``*_these_nonmembers`` entry, a ``^`` ban that does not compile is not
+    skipped by Mailman 3.3.10: ``BanManager.is_banned`` calls ``re.match`` on it, which
+    raises for every sender not banned exactly, and the post is shunted. policyd answers
+    the temporary failure (never an accept or a reject it cannot know), and says which."""
+    s = snap(bans=bans, site_bans=site, members=(MemberSpec("anyone@x.example", A),))
+    d = check(s, q(envelope=sender), verdict, "banned-address", sender)
+    if verdict is Verdict.DEFER:
+        assert "not a valid regular expression" in d.reason
+    assert any("not a valid regular expression" in p for p in s.problems)
+
+
 def test_emergency_holds_members():
     check(snap(emergency=True, members=(MemberSpec("m@x.example", A),)),
           q("m@x.example"), Verdict.HOLD, "emergency")

@@ -116,12 +116,20 @@ class Pattern:
 class BanList:
     exact: frozenset[str] = frozenset()
     patterns: tuple[Pattern, ...] = ()
+    # ``^`` entries that do not compile.  Unlike a ``*_these_nonmembers`` entry, Mailman
+    # does not skip one: ``BanManager.is_banned`` calls ``re.match`` on it unguarded, so
+    # a post whose sender is not banned exactly fails in ``banned-address`` (shunted).
+    invalid: tuple[str, ...] = ()
 
     def match(self, address: str) -> str | None:
         """Return the ban entry that bans ``address`` (Mailman: exact, or ``re.match``
         with IGNORECASE for ``^`` entries), else ``None``."""
         if address in self.exact:
             return address
+        return self.match_pattern(address)
+
+    def match_pattern(self, address: str) -> str | None:
+        """The ``^`` entry that bans ``address``, else ``None``."""
         for pattern in self.patterns:
             if pattern.regex.match(address):
                 return pattern.text
@@ -349,15 +357,20 @@ class _SearchRegex:
 def _ban_list(entries: Iterable[str], problems: list[str], where: str) -> BanList:
     exact = set()
     patterns = []
+    invalid = []
     for entry in entries:
         compiled = compile_pattern(entry, Mode.MAILMAN3, ban=True)
         if compiled is None:
-            problems.append(f"{where}: ban {entry!r} is not a valid regular expression")
+            if entry.startswith("^"):
+                invalid.append(entry)
+                problems.append(f"{where}: ban {entry!r} is not a valid regular expression "
+                                "(Mailman fails on a post whose sender it reaches: such "
+                                "posts get the temporary failure)")
         elif compiled.regex is not None:
             patterns.append(compiled)
         else:
             exact.add(compiled.exact)
-    return BanList(frozenset(exact), tuple(patterns))
+    return BanList(frozenset(exact), tuple(patterns), tuple(invalid))
 
 
 def _no_pause() -> None:

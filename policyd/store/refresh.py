@@ -205,7 +205,8 @@ def _policy_content(policy) -> tuple:
     return (set(policy.members), dict(policy.member_actions), dict(policy.member_aliases),
             dict(policy.nonmembers),
             [(a, [p.text for p in ps]) for a, ps in policy.nonmember_patterns],
-            policy.bans.exact, [p.text for p in policy.bans.patterns], policy.emergency,
+            policy.bans.exact, [p.text for p in policy.bans.patterns], policy.bans.invalid,
+            policy.emergency,
             policy.default_member_action, policy.default_nonmember_action,
             policy.rejection_notice, policy.mode, policy.display_name, policy.list_id,
             policy.smtp_moderation)
@@ -216,7 +217,8 @@ def content(snapshot: Snapshot) -> dict:
     return {
         "domains": dict(snapshot.domains),
         "site_bans": (snapshot.site_bans.exact,
-                      [p.text for p in snapshot.site_bans.patterns]),
+                      [p.text for p in snapshot.site_bans.patterns],
+                      snapshot.site_bans.invalid),
         "lists": {posting: _policy_content(policy)
                   for posting, policy in snapshot.lists.items()},
         "problems": sorted(snapshot.problems),
