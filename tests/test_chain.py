@@ -261,6 +261,20 @@ def test_a_ban_that_does_not_compile_is_doubt(bans, site, sender, verdict):
     assert any("not a valid regular expression" in p for p in s.problems)
 
 
+def test_a_ban_that_does_not_compile_waits_for_the_message_on_a_list_with_a_password():
+    """Mailman's ``approved`` runs before ``banned-address``: on a list with a moderator
+    password the envelope-only question (Exim's RCPT ACL, Postfix) cannot know that the
+    post will not pass, so the bad ban is no 4xx there; with the message, it is."""
+    from policyd.core.passwords import hash_password
+    from policyd.core.message import parse_message
+
+    s = snap(bans=("^(bad",), members=(MemberSpec("m@x.example", A),),
+             moderator_password=hash_password("secret"))
+    check(s, q(envelope="m@x.example"), Verdict.ACCEPT, "member-moderation")
+    message = parse_message(b"From: m@x.example\nSubject: hi\nMessage-ID: <1@x>\n")
+    check(s, Query(LIST, "m@x.example", message=message), Verdict.DEFER, "banned-address")
+
+
 def test_emergency_holds_members():
     check(snap(emergency=True, members=(MemberSpec("m@x.example", A),)),
           q("m@x.example"), Verdict.HOLD, "emergency")

@@ -444,7 +444,7 @@ class BannedAddress:
                 entry, scope = (None if bans.invalid else bans.match_pattern(sender)), "list"
                 if entry is None:
                     if bans.invalid or site.invalid:
-                        return _invalid_ban(bans if bans.invalid else site, sender)
+                        return _invalid_ban(bans if bans.invalid else site, sender, ctx)
                     entry, scope = site.match_pattern(sender), "site-wide"
             if entry is not None:
                 return Hit(Verdict.DISCARD, f"{sender} is banned ({scope} ban {entry!r})",
@@ -452,10 +452,16 @@ class BannedAddress:
         return _NOT_BANNED
 
 
-def _invalid_ban(bans: BanList, sender: str) -> Hit:
-    return Hit(Verdict.DEFER, f"ban {bans.invalid[0]!r} is not a valid regular expression: "
-               f"Mailman fails on a post from {sender} when it reaches it (banned-address "
-               "raises, the post is shunted)", None, sender)
+def _invalid_ban(bans: BanList, sender: str, ctx: Context) -> Hit | Miss:
+    what = f"ban {bans.invalid[0]!r} is not a valid regular expression"
+    if ctx.query.message is None and ctx.policy.content.moderator_password is not None:
+        # The envelope-only question (Exim's RCPT ACL, Postfix): Mailman's ``approved``,
+        # before this rule, may accept the post with the moderator password: a 4xx now
+        # would turn that post away too.  Left to the question with the message.
+        return Miss(f"not evaluated: {what}; without the message, an Approved: post "
+                    "may pass before it")
+    return Hit(Verdict.DEFER, f"{what}: Mailman fails on a post from {sender} when it "
+               "reaches it (banned-address raises, the post is shunted)", None, sender)
 
 
 class Emergency:
