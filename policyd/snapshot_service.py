@@ -352,7 +352,11 @@ class SnapshotService(Service):
         return waiter
 
     def _force_now(self) -> None:
-        """Start the forced refresh that the callers in ``_forced`` wait for."""
+        """Start the forced refresh that the callers in ``_forced`` wait for (after the
+        one running, if a caller woken by ``_idle`` started one meanwhile)."""
+        if self._busy is not None:
+            self._force_next = True
+            return
         self._force_next = False
         self._forced_running, self._forced = self._forced, {}
         d = self.refresh(force=True)
@@ -534,6 +538,10 @@ class SnapshotService(Service):
                 took = f", {self.last_load_seconds:.2f} s"
             log.info("snapshot {version} loaded ({how}{took}): {lists} lists, "
                      "{memberships} memberships{problems}", how=how, took=took, **fields)
+            if snapshot.caveat:
+                self.last_load_how = f"{how}; {snapshot.caveat}"
+                log.warn("snapshot {version}: {caveat}", version=snapshot.version,
+                         caveat=snapshot.caveat, rate_limit="snapshot caveat")
         self._confirmed(now if self.refresh_started is None else self.refresh_started)
         self.last_refresh_failed = False
         if self.failing_since is not None:

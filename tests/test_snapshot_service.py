@@ -176,6 +176,38 @@ def test_reload_during_refresh_runs_after_it():
     assert backend.calls == ["load_snapshot"]  # a full build: no token asked first
 
 
+def test_a_reload_asked_while_the_waiters_of_a_build_are_woken():
+    """Callers woken by a forced build ask again at once (a control client pipelining
+    ``reload`` twice): the first starts a build of its own, the second must wait for a
+    build that begins after it asked, not be answered by one that began before, nor be
+    left behind (``_force_now`` while a build runs)."""
+    thread = ManualThread()
+    service, backend, clock = make(run=thread.run)
+    service.startService()
+    thread.step()  # the first load
+    first, second = [], []
+
+    def again(result, into):
+        into.append(result)
+        service.reload().addCallback(
+            lambda ok: into.append(("again", ok, backend.calls.count("load_snapshot"))))
+
+    clock.advance(2)  # a refresh is running: both reloads wait for one build after it
+    service.reload().addCallback(again, first)
+    service.reload().addCallback(again, second)
+    thread.step()  # the refresh: the forced build is queued
+    thread.step()  # the forced build for both: both woken, both ask again
+    assert first == [True] and second == [True]
+    asked_at = backend.calls.count("load_snapshot")
+    while thread.jobs:
+        thread.step()
+    clock.advance(60)  # nothing left waiting for a timeout either
+    assert len(first) == len(second) == 2, (first, second)
+    for results in (first, second):
+        tag, ok, loads = results[1]
+        assert ok is True and loads > asked_at  # a build begun after it asked
+
+
 def test_reload_failure_reports_false():
     service, backend, clock = make()
     service.startService()
@@ -356,6 +388,29 @@ def test_the_load_line_and_status_say_how_each_snapshot_was_made():
     store = service.status()["store"]
     assert store["last_load"] == "full build: reload asked"
     assert store["last_load_seconds"] == 0.0  # the Clock did not move during the build
+
+
+class TornBackend(FakeBackend):
+    """A read that straddled the store's commits (``Snapshot.caveat``), as the Mailman 3
+    backend's SQLite read serves after its attempts."""
+
+    def load_snapshot(self):
+        return dataclasses.replace(super().load_snapshot(),
+                                   caveat="the rows may mix moments")
+
+
+def test_a_snapshot_with_a_caveat_is_said_as_it_loads():
+    """A snapshot that may not be one moment of the store is served, and said: a
+    warning (rate-limited) and ``status()``'s last load."""
+    from twisted.logger import LogLevel, formatEvent
+
+    service, backend, clock = make(TornBackend())
+    with captured_events() as events:
+        service.startService()
+    warned = [formatEvent(e) for e in events if e.get("log_level") == LogLevel.warn]
+    assert warned == ["snapshot 1: the rows may mix moments"]
+    assert service.status()["store"]["last_load"] == (
+        "full build: first load; the rows may mix moments")
 
 
 def test_old_snapshot_is_freed_through_the_store_thread():

@@ -260,6 +260,9 @@ class Snapshot:
     # How the refresh that made it went ("incremental: 1 list read again", "full build:
     # shared data changed"), for the log line and the status; empty for a plain build.
     built_how: str = field(default="", compare=False)
+    # Why this snapshot may not be one moment of the store (a read that straddled
+    # commits): logged when it is loaded; empty for a consistent read.
+    caveat: str = field(default="", compare=False)
     # Recipient -> Target, filled as queries come: MTAs ask about the same few list
     # addresses all day.  Bounded in entries and in their keys' length (``CACHED_MAX``),
     # since a recipient is whatever the client typed.

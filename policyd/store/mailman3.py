@@ -450,6 +450,11 @@ def _digest(row) -> tuple:
 # --- the backend ---------------------------------------------------------------------------
 
 
+#: Reads of a SQLite database tried before one that straddled Mailman's commits is
+#: served anyway (``_consistent_read``).
+TORN_ATTEMPTS = 3
+
+
 class Mailman3Backend:
     """``policyd.store`` Backend over a Mailman 3.3.x core database (read-only)."""
 
@@ -623,7 +628,7 @@ class Mailman3Backend:
                 snapshot = work(connection, token)
                 connection.rollback()
             return snapshot
-        for attempt in range(3):
+        for attempt in range(TORN_ATTEMPTS):
             before = self._data_version()
             gate = self._gate
             with self._connect() as connection:
@@ -639,9 +644,15 @@ class Mailman3Backend:
             if self._data_version() == before:
                 self._gate = (before, token, time.monotonic())
                 return snapshot
-        # Mailman kept committing during every attempt: serve the last build; its version
-        # is the token read before it, so the next refresh sees a change and reads again.
-        return snapshot
+        # Mailman kept committing during every attempt: the last build may mix rows read
+        # before and after a commit.  Served (its rows are moments apart), said (``caveat``:
+        # logged as it loads), and without its digests: its version is the token read
+        # before it, so the next refresh reads again, and then a full build, never an
+        # incremental one that trusts digests read at other moments than the rows.
+        return replace(snapshot, source_state=None, caveat=(
+            f"the Mailman 3 database changed during each of {TORN_ATTEMPTS} reads in a "
+            "row: the rows may mix moments before and after a change; the next refresh "
+            "reads everything again"))
 
     def _connect(self) -> Connection:
         try:

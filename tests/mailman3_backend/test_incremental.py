@@ -299,6 +299,39 @@ def test_a_commit_during_load_changes(built, monkeypatch):
         assert content(later) == content(backend.load_snapshot())
 
 
+def test_a_commit_during_every_read(built, monkeypatch):
+    """Mailman commits during every read of a refresh.  PostgreSQL and MariaDB: one
+    REPEATABLE READ transaction, a consistent state, nothing to say.  SQLite: after
+    ``TORN_ATTEMPTS`` reads the last one is served, but said (``caveat``) and without
+    its digests, so that the next refresh is a full build: an incremental one would trust
+    digests read at other moments than the rows, and keep a torn list for good."""
+    builder, backend = built
+    before = backend.load_snapshot()
+    builder.apply({"op": "subscribe", "list": FRIENDS, "email": "first@x.org"})
+    read_list_rows = mailman3._read_list_rows
+    calls = []
+
+    def commit_each_time(*args):
+        builder.apply({"op": "subscribe", "list": THIRD, "email": f"mid{len(calls)}@x.org"})
+        calls.append(args[2])
+        return read_list_rows(*args)
+
+    monkeypatch.setattr(mailman3, "_read_list_rows", commit_each_time)
+    after = backend.load_changes(before)
+    monkeypatch.undo()
+    if builder.url.startswith("sqlite"):
+        assert len(calls) == mailman3.TORN_ATTEMPTS
+        assert "changed during each of" in after.caveat
+        assert after.source_state is None
+        again = backend.load_changes(after)  # a full build, read once, consistent
+        assert again.caveat == "" and isinstance(again.source_state, SourceState)
+        assert content(again) == content(backend.load_snapshot())
+        assert f"mid{len(calls) - 1}@x.org" in again.lists[THIRD].members
+    else:
+        assert len(calls) == 1 and after.caveat == ""
+        assert isinstance(after.source_state, SourceState)
+
+
 def test_the_snapshot_service_refreshes_incrementally(built):
     """The daemon's snapshot service, on a timer tick after a subscription made through
     Mailman, swaps in a snapshot in which only that list is new."""
